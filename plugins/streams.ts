@@ -1,0 +1,210 @@
+import fp from 'fastify-plugin'
+import type { FastifyReply, FastifyRequest } from 'fastify'
+import { channel } from '../src/core/channels'
+import type { CloseReason, StreamConnection, StreamKind } from '../src/core/connection'
+import { parseCursor } from '../src/core/framing'
+import { Hub } from '../src/core/hub'
+import { Publisher } from '../src/core/publish'
+import type { ControlMessage } from '../src/core/state'
+import { StreamService, type StreamSpec } from '../src/core/streams'
+import { errors } from '../src/errors'
+import { authOf } from './auth'
+
+export interface OpenStreamOptions {
+  connectionId: string
+  kind: StreamKind
+  topics: string[]
+  channels: string[]
+  windowChannels?: string[]
+  extraTopics?: StreamSpec['extraTopics']
+  closeAfter?: StreamSpec['closeAfter']
+  prelude?: StreamSpec['prelude']
+  connectedExtra?: Record<string, unknown>
+}
+
+export interface StreamCounters {
+  opened (connection: StreamConnection): void
+  closed (connection: StreamConnection, reason: CloseReason): void
+  replayed (count: number): void
+  reset (reason: string): void
+}
+
+declare module 'fastify' {
+  interface FastifyInstance {
+    streams: StreamService
+    publisher: Publisher
+    /** Admits, hijacks and opens an SSE stream for an authenticated request. */
+    openStream: (request: FastifyRequest, reply: FastifyReply, options: OpenStreamOptions) => Promise<void>
+    /** Adds or removes topics on live streams of this instance. */
+    applyTopics: (message: Extract<ControlMessage, { type: 'topics' }>) => Promise<string[] | null>
+    /** Hooks for the metrics plugin. */
+    streamCounters: StreamCounters
+  }
+}
+
+const SSE_HEADERS = {
+  'content-type': 'text/event-stream; charset=utf-8',
+  'cache-control': 'no-cache, no-transform',
+  'x-accel-buffering': 'no',
+  connection: 'keep-alive'
+}
+
+/** `Last-Event-ID` header first (browsers send it), then `?lastEventId=`. */
+export function cursorOf (request: FastifyRequest): ReturnType<typeof parseCursor> {
+  const header = request.headers['last-event-id']
+  if (typeof header === 'string' && header !== '') return parseCursor(header.trim())
+  const query = request.query as Record<string, unknown> | undefined
+  const value = query?.lastEventId
+  return typeof value === 'string' ? parseCursor(value) : null
+}
+
+export default fp(async (app) => {
+  const { config, registry, bus, state } = app
+  const hub = new Hub(bus)
+  const publisher = new Publisher(bus, state)
+  const counters: StreamCounters = {
+    opened: () => {},
+    closed: () => {},
+    replayed: () => {},
+    reset: () => {}
+  }
+  app.decorate('streamCounters', counters)
+
+  const streams = new StreamService(bus, hub, registry, {
+    retryMs: config.retryMs,
+    keepaliveMs: config.keepaliveMs,
+    maxBufferedBytes: config.maxBufferedBytes,
+    historyTtlS: config.historyTtlS
+  }, {
+    opened: (connection) => {
+      app.streamCounters.opened(connection)
+      app.log.info({ connectionId: connection.id, userId: connection.userId, kind: connection.kind, remoteAddress: connection.remoteAddress }, 'stream opened')
+    },
+    closed: (connection) => {
+      const reason = connection.closeReason ?? 'client'
+      app.streamCounters.closed(connection, reason)
+      app.log.info({
+        connectionId: connection.id,
+        userId: connection.userId,
+        kind: connection.kind,
+        reason,
+        durationMs: Date.now() - connection.openedAt,
+        events: connection.eventsSent,
+        bytes: connection.bytesSent
+      }, 'stream closed')
+      state.release(connection.id, connection.userId, config.historyTtlS).catch((error: unknown) => {
+        app.log.warn({ err: error, connectionId: connection.id }, 'could not record stream close')
+      })
+    },
+    replayed: (_connection, count) => app.streamCounters.replayed(count),
+    reset: (connection, reason) => {
+      app.streamCounters.reset(reason)
+      app.log.info({ connectionId: connection.id, reason }, 'replay reset')
+    }
+  })
+  app.decorate('streams', streams)
+  app.decorate('publisher', publisher)
+
+  const announce = async (userId: string, event: 'user:online' | 'user:offline'): Promise<void> => {
+    const contacts = await state.contacts(userId)
+    if (contacts.length > 0) await publisher.emit(contacts.map(channel.user), event, { userId })
+  }
+  const announceSafely = (userId: string, event: 'user:online' | 'user:offline'): void => {
+    announce(userId, event).catch((error: unknown) => app.log.warn({ err: error, userId, event }, 'presence event not published'))
+  }
+  state.onOffline((userId) => announceSafely(userId, 'user:offline'))
+
+  const applyTopics = async (message: Extract<ControlMessage, { type: 'topics' }>): Promise<string[] | null> => {
+    const targets = message.connectionId !== null
+      ? [registry.get(message.connectionId)].filter((found): found is StreamConnection => found !== undefined && found.userId === message.userId)
+      : registry.ofUser(message.userId)
+    let answer: string[] | null = null
+    for (const connection of targets) {
+      if (connection.kind !== 'stream' || connection.closed) continue
+      const added = registry.addTopics(connection, message.add)
+      const removed = registry.removeTopics(connection, message.remove)
+      streams.leave(connection, removed.map(channel.topic))
+      await streams.join(connection, added.map(channel.topic))
+      if (added.length > 0 || removed.length > 0) {
+        await state.updateTopics(connection.id, connection.userId, [...connection.topics])
+      }
+      if (message.connectionId !== null) answer = [...connection.topics]
+    }
+    return answer
+  }
+  app.decorate('applyTopics', applyTopics)
+
+  state.onControl(async (message) => {
+    if (message.type === 'topics') return await applyTopics(message)
+    const connection = registry.get(message.connectionId)
+    if (connection !== undefined) streams.close(connection, 'evicted', 'evicted', { reason: message.reason })
+    return null
+  })
+
+  app.decorate('openStream', async (request: FastifyRequest, reply: FastifyReply, options: OpenStreamOptions) => {
+    const auth = authOf(request)
+    const retryAfterS = String(Math.max(1, Math.ceil(config.retryMs / 1000)))
+    if (streams.isDraining || !bus.isReady()) {
+      reply.header('retry-after', retryAfterS)
+      throw new errors.Unavailable(streams.isDraining ? 'the gateway is shutting down' : 'the gateway cannot serve streams right now')
+    }
+    if (registry.size >= config.maxConnections) {
+      reply.header('retry-after', retryAfterS)
+      throw new errors.Unavailable('this instance holds its maximum number of streams')
+    }
+    const admission = await state.admit({
+      connectionId: options.connectionId,
+      userId: auth.userId,
+      topics: options.topics,
+      openedAt: Date.now(),
+      limit: config.maxConnectionsPerUser,
+      policy: config.connectionLimitPolicy
+    })
+    if (!admission.admitted) {
+      reply.header('retry-after', retryAfterS)
+      throw new errors.Limited(`user already holds ${config.maxConnectionsPerUser} streams`)
+    }
+    if (admission.evict !== null) {
+      const message: ControlMessage = { type: 'evict', connectionId: admission.evict, reason: 'too many streams for this user' }
+      const local = registry.get(admission.evict)
+      if (local !== undefined) streams.close(local, 'evicted', 'evicted', { reason: message.reason })
+      else await state.broadcastControl(message)
+    }
+    // A stream id held by another live stream moves to this one.
+    const previous = registry.get(options.connectionId)
+    if (previous !== undefined) streams.close(previous, 'evicted', 'evicted', { reason: 'stream reopened elsewhere' })
+    if (admission.cameOnline) announceSafely(auth.userId, 'user:online')
+
+    reply.hijack()
+    const raw = reply.raw
+    const headers: Record<string, string | number | string[]> = {}
+    for (const [name, value] of Object.entries(reply.getHeaders())) {
+      if (value !== undefined) headers[name] = value
+    }
+    raw.writeHead(200, { ...headers, ...SSE_HEADERS })
+    raw.socket?.setNoDelay(true)
+    try {
+      await streams.open({
+        ...options,
+        userId: auth.userId,
+        sink: raw,
+        tokenExpiresAt: auth.expiresAt,
+        remoteAddress: request.ip,
+        cursor: cursorOf(request)
+      })
+    } catch (error) {
+      request.log.error({ err: error, connectionId: options.connectionId }, 'stream failed to open')
+      const connection = registry.get(options.connectionId)
+      if (connection !== undefined) connection.close('error')
+      else raw.destroy()
+    }
+  })
+
+  // Streams must end before the server closes, or close() waits on them forever.
+  app.addHook('preClose', async () => {
+    streams.drain()
+  })
+  app.addHook('onClose', async () => {
+    streams.stop()
+  })
+}, { name: 'streams', dependencies: ['config', 'registry', 'bus', 'auth'] })

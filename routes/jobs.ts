@@ -1,0 +1,105 @@
+import type { FastifyPluginAsync } from 'fastify'
+import { Type, type Static } from '@sinclair/typebox'
+import { authOf } from '../plugins/auth'
+import { channel } from '../src/core/channels'
+import { frameWithId, renderBody } from '../src/core/framing'
+import { isTerminal, JOB_STATUSES, publicJob, type JobState } from '../src/core/jobs'
+import { errorResponses, PathId, StreamQuery, UserId } from '../src/schemas/common'
+import { errors } from '../src/errors'
+import { cursorOf } from '../plugins/streams'
+import { newConnectionId } from '../src/core/ids'
+
+const JobParams = Type.Object({ jobId: PathId })
+const JobPut = Type.Object({
+  userId: UserId,
+  status: Type.Union(JOB_STATUSES.map((status) => Type.Literal(status))),
+  progress: Type.Optional(Type.Number({ minimum: 0, maximum: 100 })),
+  result: Type.Optional(Type.Unknown()),
+  error: Type.Optional(Type.String({ maxLength: 4096 })),
+  meta: Type.Optional(Type.Unknown())
+}, { additionalProperties: false })
+
+function terminalMarkers (jobId: string): Buffer[] {
+  // job_update data always starts with jobId then status (see transitionJob).
+  return ['completed', 'failed'].map((status) => Buffer.from(`data: {"jobId":${JSON.stringify(jobId)},"status":"${status}"`))
+}
+
+const jobRoutes: FastifyPluginAsync = async (app) => {
+  const { config, state } = app
+
+  app.put('/v1/jobs/:jobId', {
+    config: { auth: 'publisher', internal: true },
+    schema: { params: JobParams, body: JobPut, response: errorResponses }
+  }, async (request) => {
+    const { jobId } = request.params as Static<typeof JobParams>
+    if (jobId === 'stream') throw new errors.BadRequest('a job may not be named "stream"')
+    const update = request.body as Static<typeof JobPut>
+    const bytes = Buffer.byteLength(JSON.stringify(update))
+    if (bytes > config.maxEventBytes) throw new errors.TooLarge(`the job update is ${bytes} bytes, more than the ${config.maxEventBytes} allowed`)
+    const result = await state.putJob(jobId, update, config.jobTtlS)
+    if (!result.ok) throw new errors.Conflict(result.message)
+    app.onPublished('job', 1)
+    return result.state
+  })
+
+  app.get('/v1/jobs/stream', {
+    config: { auth: 'user' },
+    schema: { querystring: StreamQuery, response: errorResponses }
+  }, async (request, reply) => {
+    const { userId } = authOf(request)
+    await app.openStream(request, reply, {
+      connectionId: newConnectionId(),
+      kind: 'jobs',
+      topics: [],
+      channels: [channel.userJobs(userId)]
+    })
+  })
+
+  const visibleJob = async (jobId: string, userId: string, publisher: boolean): Promise<JobState> => {
+    const job = await state.getJob(jobId)
+    if (job === null || (job.userId !== userId && !publisher)) throw new errors.NotFound(`no job ${jobId}`)
+    return job
+  }
+
+  app.get('/v1/jobs/:jobId', {
+    config: { auth: 'user' },
+    schema: { params: JobParams, response: errorResponses }
+  }, async (request) => {
+    const auth = authOf(request)
+    const { jobId } = request.params as Static<typeof JobParams>
+    const publisher = auth.roles.has('publisher') || auth.roles.has('admin')
+    return publicJob(await visibleJob(jobId, auth.userId, publisher))
+  })
+
+  app.get('/v1/jobs/:jobId/stream', {
+    config: { auth: 'user' },
+    schema: { params: JobParams, querystring: StreamQuery, response: { 204: Type.Null(), ...errorResponses } }
+  }, async (request, reply) => {
+    const { userId } = authOf(request)
+    const { jobId } = request.params as Static<typeof JobParams>
+    const job = await visibleJob(jobId, userId, false)
+    const cursor = cursorOf(request)
+    // Browsers stop reconnecting on 204: the job has nothing more to say.
+    if (isTerminal(job.status) && typeof cursor === 'number' && cursor >= Number(job.eventId)) {
+      return await reply.code(204).send()
+    }
+    const markers = terminalMarkers(jobId)
+    await app.openStream(request, reply, {
+      connectionId: newConnectionId(),
+      kind: 'job',
+      topics: [],
+      channels: [channel.job(jobId)],
+      connectedExtra: { jobId },
+      closeAfter: (frame) => markers.some((marker) => frame.includes(marker)),
+      // Read after joining the job's channel: any later update arrives live.
+      prelude: async (connection) => {
+        const current = await state.getJob(jobId) ?? job
+        const id = Number(current.eventId)
+        await connection.replay([{ id, frame: frameWithId(id, renderBody('initial_status', JSON.stringify(publicJob(current)))) }])
+        if (isTerminal(current.status)) connection.close('completed')
+      }
+    })
+  })
+}
+
+export default jobRoutes

@@ -1,0 +1,16 @@
+import type { FastifyPluginAsync } from 'fastify'
+import { Type } from '@sinclair/typebox'
+
+const StatusSchema = Type.Object({ status: Type.String() })
+
+const opsRoutes: FastifyPluginAsync = async (app) => {
+  app.get('/health', { schema: { response: { 200: StatusSchema } } }, async () => ({ status: 'ok' }))
+
+  app.get('/ready', { schema: { response: { 200: StatusSchema, 503: StatusSchema } } }, async (_request, reply) => {
+    if (app.streams.isDraining) return await reply.code(503).send({ status: 'draining' })
+    if (!app.bus.isReady()) return await reply.code(503).send({ status: 'store unavailable' })
+    return { status: 'ready' }
+  })
+}
+
+export default opsRoutes

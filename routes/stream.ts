@@ -1,0 +1,48 @@
+import type { FastifyPluginAsync } from 'fastify'
+import { Type } from '@sinclair/typebox'
+import { authOf } from '../plugins/auth'
+import { channel } from '../src/core/channels'
+import { topicAllowed } from '../src/core/framing'
+import { newConnectionId } from '../src/core/ids'
+import { errorResponses, PathId, StreamQuery, type StreamQueryType } from '../src/schemas/common'
+import { errors } from '../src/errors'
+import { checkTopics, parseTopicList } from './topics'
+
+/** The user's stream: its own id, the user, its topics, broadcast. */
+const streamRoutes: FastifyPluginAsync = async (app) => {
+  const { state } = app
+
+  const open = async (request: Parameters<typeof app.openStream>[0], reply: Parameters<typeof app.openStream>[1], connectionId: string, reopened: boolean): Promise<void> => {
+    const auth = authOf(request)
+    const query = request.query as StreamQueryType
+    const topics = checkTopics(auth, parseTopicList(query.topics))
+    await app.openStream(request, reply, {
+      connectionId,
+      kind: 'stream',
+      topics,
+      channels: [channel.connection(connectionId), channel.user(auth.userId), channel.broadcast, ...topics.map(channel.topic)],
+      // User-wide subscriptions the token no longer allows are left out.
+      extraTopics: async () => (await state.userTopics(auth.userId)).filter((topic) => topicAllowed(topic, auth.topics)),
+      windowChannels: reopened ? [channel.connection(connectionId)] : undefined
+    })
+  }
+
+  app.get('/v1/stream', {
+    config: { auth: 'user' },
+    schema: { querystring: StreamQuery, response: errorResponses }
+  }, async (request, reply) => {
+    await open(request, reply, newConnectionId(), false)
+  })
+
+  app.get('/v1/stream/:connectionId', {
+    config: { auth: 'user' },
+    schema: { params: Type.Object({ connectionId: PathId }), querystring: StreamQuery, response: errorResponses }
+  }, async (request, reply) => {
+    const { connectionId } = request.params as { connectionId: string }
+    const owner = await state.connectionOwner(connectionId)
+    if (owner === null || owner !== authOf(request).userId) throw new errors.NotFound(`no stream ${connectionId}`)
+    await open(request, reply, connectionId, true)
+  })
+}
+
+export default streamRoutes

@@ -1,0 +1,53 @@
+import type { FastifyPluginAsync } from 'fastify'
+import { Type, type Static } from '@sinclair/typebox'
+import { authOf } from '../plugins/auth'
+import { errorResponses, PathId } from '../src/schemas/common'
+import { errors } from '../src/errors'
+import { checkTopics } from './topics'
+
+const SubscriptionBody = Type.Object({
+  topics: Type.Array(Type.String(), { minItems: 1, maxItems: 100 }),
+  connectionId: Type.Optional(PathId)
+}, { additionalProperties: false })
+const TopicsReply = Type.Object({ topics: Type.Array(Type.String()) })
+
+const subscriptionRoutes: FastifyPluginAsync = async (app) => {
+  const { config, state } = app
+
+  const change = async (userId: string, connectionId: string | undefined, add: string[], remove: string[]): Promise<{ topics: string[] }> => {
+    if (connectionId === undefined) {
+      const topics = add.length > 0
+        ? await state.subscribeUser(userId, add, config.historyTtlS)
+        : await state.unsubscribeUser(userId, remove)
+      // Every live stream of the user, on every instance, follows before we answer.
+      await state.broadcastControl({ type: 'topics', userId, connectionId: null, add, remove })
+      return { topics }
+    }
+    if (await state.connectionOwner(connectionId) !== userId) throw new errors.NotFound(`no stream ${connectionId}`)
+    const topics = await state.broadcastControl({ type: 'topics', userId, connectionId, add, remove })
+    if (topics === null) throw new errors.NotFound(`stream ${connectionId} is not open`)
+    return { topics }
+  }
+
+  app.post('/v1/subscriptions', {
+    config: { auth: 'user' },
+    schema: { body: SubscriptionBody, response: { 200: TopicsReply, ...errorResponses } }
+  }, async (request) => {
+    const auth = authOf(request)
+    const body = request.body as Static<typeof SubscriptionBody>
+    return await change(auth.userId, body.connectionId, checkTopics(auth, body.topics), [])
+  })
+
+  app.delete('/v1/subscriptions', {
+    config: { auth: 'user' },
+    schema: { body: SubscriptionBody, response: { 200: TopicsReply, ...errorResponses } }
+  }, async (request) => {
+    const auth = authOf(request)
+    const body = request.body as Static<typeof SubscriptionBody>
+    // Leaving a topic is always allowed, even one the token no longer grants.
+    const topics = checkTopics({ ...auth, topics: null }, body.topics)
+    return await change(auth.userId, body.connectionId, [], topics)
+  })
+}
+
+export default subscriptionRoutes

@@ -1,0 +1,20 @@
+import type { AuthContext } from '../plugins/auth'
+import { TOPIC_NAME, topicAllowed } from '../src/core/framing'
+import { errors } from '../src/errors'
+
+export const MAX_TOPICS_PER_REQUEST = 100
+
+/** Validates topic names and the token's `topics` claim: 400 for a bad name, 403 for one outside the claim. */
+export function checkTopics (auth: AuthContext, topics: string[]): string[] {
+  if (topics.length > MAX_TOPICS_PER_REQUEST) throw new errors.BadRequest(`at most ${MAX_TOPICS_PER_REQUEST} topics at once`)
+  for (const topic of topics) {
+    if (!TOPIC_NAME.test(topic)) throw new errors.BadRequest('a topic name is 1-128 characters of A-Z a-z 0-9 _ . : / -')
+    if (!topicAllowed(topic, auth.topics)) throw new errors.Forbidden(`the token does not allow topic ${topic}`)
+  }
+  return [...new Set(topics)]
+}
+
+export function parseTopicList (raw: string | undefined): string[] {
+  if (raw === undefined) return []
+  return raw.split(',').map((topic) => topic.trim()).filter((topic) => topic !== '')
+}

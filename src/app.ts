@@ -1,0 +1,168 @@
+import Fastify, { type FastifyInstance, type FastifyServerOptions } from 'fastify'
+import cors from '@fastify/cors'
+import { createServer, type Server } from 'node:http'
+import type { Socket } from 'node:net'
+import type { Config } from './config'
+import configPlugin from '../plugins/config'
+import authPlugin from '../plugins/auth'
+import registryPlugin from '../plugins/registry'
+import busPlugin from '../plugins/bus'
+import streamsPlugin from '../plugins/streams'
+import opsRoutes from '../routes/ops'
+import streamRoutes from '../routes/stream'
+import publishRoutes from '../routes/publish'
+import jobRoutes from '../routes/jobs'
+import subscriptionRoutes from '../routes/subscriptions'
+import conversationRoutes from '../routes/conversations'
+import connectionRoutes from '../routes/connections'
+import presenceRoutes from '../routes/presence'
+import statsRoutes from '../routes/stats'
+
+declare module 'fastify' {
+  interface FastifyContextConfig {
+    /** Served only on the internal listener when INTERNAL_PORT is set. */
+    internal?: boolean
+  }
+}
+
+export interface BuildOptions {
+  /** Where pino writes; tests capture it to prove what is and is not logged. */
+  logStream?: NodeJS.WritableStream
+  instanceId?: string
+}
+
+const internalSockets = new WeakSet<Socket>()
+
+/** A URL fit for logs: the query string's token (and cursor) replaced. */
+export function redactUrl (url: string): string {
+  return url.replace(/([?&](?:token|access_token)=)[^&#]*/gi, '$1[redacted]')
+}
+
+function loggerOptions (config: Config, stream?: NodeJS.WritableStream): FastifyServerOptions['logger'] {
+  return {
+    level: config.logLevel,
+    ...(stream !== undefined ? { stream } : {}),
+    serializers: {
+      // Only what helps an operator; never the headers, which carry tokens.
+      req: (request: { method: string, url: string, ip?: string, socket?: { remoteAddress?: string } }) => ({
+        method: request.method,
+        url: redactUrl(request.url),
+        remoteAddress: request.ip ?? request.socket?.remoteAddress
+      })
+    },
+    redact: ['req.headers.authorization', 'req.headers["x-auth-token"]']
+  }
+}
+
+export async function buildApp (config: Config, options: BuildOptions = {}): Promise<FastifyInstance> {
+  const app = Fastify({
+    logger: loggerOptions(config, options.logStream),
+    bodyLimit: config.maxBodyBytes,
+    trustProxy: config.trustProxy ?? false,
+    forceCloseConnections: true,
+    return503OnClosing: true,
+    requestIdHeader: 'x-request-id',
+    ajv: { customOptions: { removeAdditional: false, coerceTypes: false, allErrors: false } }
+  })
+
+  app.setErrorHandler((error: Error & { statusCode?: number, validation?: unknown, code?: string }, request, reply) => {
+    const statusCode = error.statusCode !== undefined && error.statusCode >= 400 && error.statusCode < 600 ? error.statusCode : 500
+    if (statusCode >= 500) {
+      request.log.error({ err: error }, 'request failed')
+      const message = statusCode === 503 ? error.message : 'Internal Server Error'
+      return reply.code(statusCode).send({ statusCode, error: statusCode === 503 ? 'Service Unavailable' : 'Internal Server Error', message })
+    }
+    request.log.info({ statusCode, code: error.code, reason: error.message }, 'request rejected')
+    return reply.code(statusCode).send({
+      statusCode,
+      code: error.code,
+      error: httpReason(statusCode),
+      message: error.message
+    })
+  })
+
+  app.setNotFoundHandler((request, reply) => {
+    reply.code(404).send({
+      statusCode: 404,
+      error: 'Not Found',
+      message: `Route ${request.method} ${redactUrl(request.url.split('?')[0])} not found`
+    })
+  })
+
+  await app.register(configPlugin, { config })
+  if (config.corsOrigins !== null) {
+    await app.register(cors, {
+      // "*" with credentials must echo the caller's origin, never send a literal "*".
+      origin: config.corsOrigins.includes('*') ? true : config.corsOrigins,
+      credentials: true,
+      methods: ['GET', 'POST', 'PUT', 'DELETE', 'OPTIONS'],
+      allowedHeaders: ['Authorization', 'X-Auth-Token', 'Content-Type', 'Last-Event-ID', 'X-Request-Id'],
+      maxAge: 600
+    })
+  }
+
+  if (config.internalPort !== null) {
+    // Publisher and admin routes do not exist on the public listener.
+    app.addHook('onRequest', async (request, reply) => {
+      if (request.routeOptions.config.internal === true && !internalSockets.has(request.raw.socket)) {
+        reply.callNotFound()
+        return reply
+      }
+    })
+  }
+
+  await app.register(authPlugin)
+  await app.register(registryPlugin, { instanceId: options.instanceId })
+  await app.register(busPlugin)
+  await app.register(streamsPlugin)
+
+  await app.register(opsRoutes)
+  await app.register(streamRoutes)
+  await app.register(publishRoutes)
+  await app.register(jobRoutes)
+  await app.register(subscriptionRoutes)
+  await app.register(conversationRoutes)
+  await app.register(connectionRoutes)
+  await app.register(presenceRoutes)
+  await app.register(statsRoutes)
+  return app
+}
+
+function httpReason (statusCode: number): string {
+  const reasons: Record<number, string> = {
+    400: 'Bad Request',
+    401: 'Unauthorized',
+    403: 'Forbidden',
+    404: 'Not Found',
+    405: 'Method Not Allowed',
+    406: 'Not Acceptable',
+    409: 'Conflict',
+    413: 'Payload Too Large',
+    414: 'URI Too Long',
+    415: 'Unsupported Media Type',
+    429: 'Too Many Requests',
+    431: 'Request Header Fields Too Large'
+  }
+  return reasons[statusCode] ?? 'Bad Request'
+}
+
+/**
+ * The second listener for publisher and admin routes. It hands requests to
+ * the same app, so both listeners share one set of streams and one bus.
+ */
+export async function listenInternal (app: FastifyInstance, port: number, host: string): Promise<Server> {
+  const server = createServer((request, response) => app.server.emit('request', request, response))
+  server.on('connection', (socket: Socket) => internalSockets.add(socket))
+  app.addHook('onClose', async () => {
+    server.closeAllConnections()
+    await new Promise<void>((resolve) => server.close(() => resolve()))
+  })
+  await new Promise<void>((resolve, reject) => {
+    server.once('error', reject)
+    server.listen(port, host, () => {
+      server.off('error', reject)
+      resolve()
+    })
+  })
+  return server
+}

@@ -1,0 +1,150 @@
+/**
+ * The gateway's configuration: every environment variable it reads, parsed and
+ * validated once at start-up. Nothing else in the code base reads `process.env`.
+ */
+
+export type LimitPolicy = 'reject' | 'evict-oldest'
+export type LogLevel = 'fatal' | 'error' | 'warn' | 'info' | 'debug' | 'trace' | 'silent'
+
+export interface Config {
+  port: number
+  host: string
+  internalPort: number | null
+  jwtSecret: string | null
+  jwtPublicKey: string | null
+  jwtIssuer: string | null
+  jwtAudience: string | null
+  jwtUserClaim: string
+  redisUrl: string | null
+  redisPrefix: string
+  corsOrigins: string[] | null
+  keepaliveMs: number
+  retryMs: number
+  historySize: number
+  historyTtlS: number
+  maxConnections: number
+  maxConnectionsPerUser: number
+  connectionLimitPolicy: LimitPolicy
+  maxBufferedBytes: number
+  maxEventBytes: number
+  maxBodyBytes: number
+  presenceGraceMs: number
+  jobTtlS: number
+  shutdownTimeoutMs: number
+  logLevel: LogLevel
+  /** Stream opens allowed per client address and minute (0 disables). */
+  rateLimitStreamsPerMin: number
+  /** Publish-route requests allowed per client address and minute (0 disables). */
+  rateLimitPublishPerMin: number
+  /** Proxies whose X-Forwarded-For is believed (comma list of addresses/CIDRs), or null. */
+  trustProxy: string[] | null
+  /** How long an instance's record in Redis outlives its last heartbeat. */
+  instanceTtlMs: number
+}
+
+export class ConfigError extends Error {
+  constructor (readonly variable: string, reason: string) {
+    super(`invalid configuration: ${variable} ${reason}`)
+    this.name = 'ConfigError'
+  }
+}
+
+type Env = Record<string, string | undefined>
+
+function read (env: Env, name: string): string | undefined {
+  const value = env[name]
+  return value === undefined || value.trim() === '' ? undefined : value.trim()
+}
+
+function integer (env: Env, name: string, fallback: number, min: number, max = Number.MAX_SAFE_INTEGER): number {
+  const raw = read(env, name)
+  if (raw === undefined) return fallback
+  if (!/^\d+$/.test(raw)) throw new ConfigError(name, `must be a whole number, got "${raw.slice(0, 40)}"`)
+  const value = Number(raw)
+  if (value < min || value > max) throw new ConfigError(name, `must be between ${min} and ${max}, got ${value}`)
+  return value
+}
+
+function port (env: Env, name: string, fallback: number | null): number | null {
+  const raw = read(env, name)
+  if (raw === undefined) return fallback
+  return integer(env, name, 0, 0, 65535)
+}
+
+function oneOf<T extends string> (env: Env, name: string, fallback: T, allowed: readonly T[]): T {
+  const raw = read(env, name)
+  if (raw === undefined) return fallback
+  if (!(allowed as readonly string[]).includes(raw)) {
+    throw new ConfigError(name, `must be one of ${allowed.join(', ')}, got "${raw.slice(0, 40)}"`)
+  }
+  return raw as T
+}
+
+function list (env: Env, name: string): string[] | null {
+  const raw = read(env, name)
+  if (raw === undefined) return null
+  const items = raw.split(',').map((item) => item.trim()).filter((item) => item !== '')
+  return items.length === 0 ? null : items
+}
+
+export function loadConfig (env: Env = process.env): Config {
+  const jwtSecret = read(env, 'JWT_SECRET') ?? null
+  // Keys are often passed through env files with literal "\n" sequences.
+  const jwtPublicKey = read(env, 'JWT_PUBLIC_KEY')?.replace(/\\n/g, '\n') ?? null
+  if (jwtSecret === null && jwtPublicKey === null) {
+    throw new ConfigError('JWT_SECRET', 'is required (or set JWT_PUBLIC_KEY)')
+  }
+  if (jwtPublicKey !== null && !jwtPublicKey.includes('-----BEGIN')) {
+    throw new ConfigError('JWT_PUBLIC_KEY', 'must be a PEM public key')
+  }
+  const redisUrl = read(env, 'REDIS_URL') ?? null
+  if (redisUrl !== null && !/^rediss?:\/\//.test(redisUrl)) {
+    throw new ConfigError('REDIS_URL', 'must start with redis:// or rediss://')
+  }
+  const redisPrefix = env.REDIS_PREFIX ?? 'sse:'
+  if (!/^[A-Za-z0-9_.:{}-]{0,64}$/.test(redisPrefix)) {
+    throw new ConfigError('REDIS_PREFIX', 'may hold only A-Z a-z 0-9 _ . : { } - (at most 64)')
+  }
+  const corsOrigins = list(env, 'CORS_ORIGINS')
+  for (const origin of corsOrigins ?? []) {
+    if (origin !== '*' && !/^https?:\/\/[^/\s]+$/.test(origin)) {
+      throw new ConfigError('CORS_ORIGINS', `holds "${origin.slice(0, 60)}", not an origin like https://app.example.com or *`)
+    }
+  }
+  const keepaliveMs = integer(env, 'KEEPALIVE_MS', 15000, 100, 3_600_000)
+  const config: Config = {
+    port: port(env, 'PORT', 3000) as number,
+    host: read(env, 'HOST') ?? '0.0.0.0',
+    internalPort: port(env, 'INTERNAL_PORT', null),
+    jwtSecret,
+    jwtPublicKey,
+    jwtIssuer: read(env, 'JWT_ISSUER') ?? null,
+    jwtAudience: read(env, 'JWT_AUDIENCE') ?? null,
+    jwtUserClaim: read(env, 'JWT_USER_CLAIM') ?? 'sub',
+    redisUrl,
+    redisPrefix,
+    corsOrigins,
+    keepaliveMs,
+    retryMs: integer(env, 'RETRY_MS', 3000, 0, 3_600_000),
+    historySize: integer(env, 'HISTORY_SIZE', 1000, 0, 1_000_000),
+    historyTtlS: integer(env, 'HISTORY_TTL_S', 3600, 1, 30 * 86400),
+    maxConnections: integer(env, 'MAX_CONNECTIONS', 100000, 1),
+    maxConnectionsPerUser: integer(env, 'MAX_CONNECTIONS_PER_USER', 20, 1),
+    connectionLimitPolicy: oneOf(env, 'CONNECTION_LIMIT_POLICY', 'reject', ['reject', 'evict-oldest'] as const),
+    maxBufferedBytes: integer(env, 'MAX_BUFFERED_BYTES', 1048576, 1024),
+    maxEventBytes: integer(env, 'MAX_EVENT_BYTES', 262144, 1),
+    maxBodyBytes: integer(env, 'MAX_BODY_BYTES', 1048576, 64),
+    presenceGraceMs: integer(env, 'PRESENCE_GRACE_MS', 2000, 0, 3_600_000),
+    jobTtlS: integer(env, 'JOB_TTL_S', 86400, 1),
+    shutdownTimeoutMs: integer(env, 'SHUTDOWN_TIMEOUT_MS', 10000, 100, 3_600_000),
+    logLevel: oneOf(env, 'LOG_LEVEL', 'info', ['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'] as const),
+    rateLimitStreamsPerMin: integer(env, 'RATE_LIMIT_STREAMS_PER_MIN', 600, 0),
+    rateLimitPublishPerMin: integer(env, 'RATE_LIMIT_PUBLISH_PER_MIN', 0, 0),
+    trustProxy: list(env, 'TRUST_PROXY'),
+    instanceTtlMs: integer(env, 'INSTANCE_TTL_MS', 10000, 1000, 600_000)
+  }
+  if (config.internalPort !== null && config.internalPort !== 0 && config.internalPort === config.port) {
+    throw new ConfigError('INTERNAL_PORT', 'must differ from PORT')
+  }
+  return config
+}

@@ -1,0 +1,67 @@
+/**
+ * The seam between the gateway and its event engine. Two operations matter:
+ *
+ *  - `publish`: assign an id, append to each channel's history, fan out;
+ *  - `replay`: read history after a cursor, merged across channels in id order.
+ *
+ * Ids are decimal integers seeded from the clock in microseconds and strictly
+ * increasing across every channel of the deployment, so one `Last-Event-ID`
+ * is a complete cursor for a stream that listens to many channels. The
+ * in-memory bus serves one process; the Redis bus serves many.
+ */
+
+export interface PublishItem {
+  /** Channels the event is appended to and fanned out on; one id for all. */
+  channels: string[]
+  /** Rendered `event:`/`data:` lines (see framing.ts), without the `id:` line. */
+  body: string
+}
+
+export interface HistoryEntry {
+  id: number
+  frame: Buffer
+}
+
+export type ReplayResult =
+  | { reset: null, events: HistoryEntry[] }
+  | { reset: ResetReason, events: [] }
+
+export type ResetReason = 'malformed' | 'future' | 'unknown' | 'expired' | 'trimmed' | 'unavailable'
+
+export type DeliveryListener = (channel: string, id: number, frame: Buffer) => void
+
+export interface EventBus {
+  readonly mode: 'memory' | 'redis'
+  /** Ids in the order of `items`; deliveries happen after the promise settles' caller regains control. */
+  publish (items: PublishItem[]): Promise<number[]>
+  /** Events of `channels` with an id above `after` that are still in the window, merged in id order. */
+  replay (channels: string[], after: number): Promise<ReplayResult>
+  /** Every event of `channels` still in the window, merged in id order. */
+  window (channels: string[]): Promise<HistoryEntry[]>
+  /** Start delivering `channel` to the listener; resolves once no later event can be missed. */
+  listen (channel: string): Promise<void>
+  unlisten (channel: string): void
+  onDelivery (listener: DeliveryListener): void
+  /** The highest id issued so far. */
+  lastId (): Promise<number>
+  isReady (): boolean
+  close (): Promise<void>
+}
+
+/** Microseconds since the epoch: ids stay increasing across restarts of the process or the store. */
+export function clockId (): number {
+  return Math.floor((performance.timeOrigin + performance.now()) * 1000)
+}
+
+/** Merges per-channel lists (each sorted by id) into one, dropping an event seen on two channels. */
+export function mergeById (lists: HistoryEntry[][]): HistoryEntry[] {
+  const nonEmpty = lists.filter((list) => list.length > 0)
+  if (nonEmpty.length === 0) return []
+  if (nonEmpty.length === 1) return nonEmpty[0]
+  const all = nonEmpty.flat().sort((a, b) => a.id - b.id)
+  const merged: HistoryEntry[] = []
+  for (const entry of all) {
+    if (merged.length === 0 || merged[merged.length - 1].id !== entry.id) merged.push(entry)
+  }
+  return merged
+}

@@ -1,0 +1,238 @@
+import type { HistoryEntry } from './bus'
+import { KEEPALIVE_FRAME } from './framing'
+
+/** The writable end of a stream: an HTTP response or a socket; the core needs no more. */
+export interface Sink {
+  write (chunk: Buffer | string): boolean
+  end (chunk?: Buffer | string): void
+  destroy (): void
+  readonly writableLength: number
+  readonly destroyed: boolean
+  once (event: 'drain' | 'close', listener: () => void): unknown
+  off (event: 'drain' | 'close', listener: () => void): unknown
+}
+
+export type CloseReason = 'client' | 'slow' | 'evicted' | 'expired' | 'shutdown' | 'completed' | 'error'
+export type StreamKind = 'stream' | 'job' | 'jobs'
+
+export interface ConnectionInit {
+  id: string
+  userId: string
+  kind: StreamKind
+  topics: Iterable<string>
+  sink: Sink
+  scheduler: WriteScheduler
+  maxBufferedBytes: number
+  /** When the token stops being valid, in ms since the epoch. */
+  tokenExpiresAt: number | null
+  remoteAddress: string
+}
+
+/**
+ * Coalesces the writes due on each socket within one turn of the event loop
+ * into a single `write`: one syscall and usually one TCP segment per socket,
+ * however many events arrived for it.
+ */
+export class WriteScheduler {
+  private dirty: StreamConnection[] = []
+  private scheduled = false
+
+  mark (connection: StreamConnection): void {
+    this.dirty.push(connection)
+    if (!this.scheduled) {
+      this.scheduled = true
+      setImmediate(this.flushAll)
+    }
+  }
+
+  private readonly flushAll = (): void => {
+    this.scheduled = false
+    const batch = this.dirty
+    this.dirty = []
+    for (const connection of batch) connection.flush()
+  }
+}
+
+const REPLAY_CHUNK_BYTES = 64 * 1024
+const DRAIN_WAIT_MS = 30_000
+
+export class StreamConnection {
+  readonly id: string
+  readonly userId: string
+  readonly kind: StreamKind
+  readonly topics: Set<string>
+  /** Channels this stream is joined to in the hub. */
+  readonly channels = new Set<string>()
+  readonly openedAt = Date.now()
+  readonly remoteAddress: string
+  tokenExpiresAt: number | null
+  /** Id of the last event written or queued: deliveries at or below it are duplicates. */
+  lastId = 0
+  eventsSent = 0
+  bytesSent = 0
+  lastWriteAt = Date.now()
+  closeReason: CloseReason | null = null
+  /** When set, the stream ends after the first event for which it returns true. */
+  closeAfter: ((frame: Buffer) => boolean) | null = null
+  /** Called once, when the stream closes for any reason. */
+  onClose: (connection: StreamConnection) => void = () => {}
+
+  private readonly sink: Sink
+  private readonly scheduler: WriteScheduler
+  private readonly maxBufferedBytes: number
+  /** Live events that arrive while history is being replayed; null once live. */
+  private held: HistoryEntry[] | null = []
+  private heldBytes = 0
+  private pending: Buffer[] = []
+  private pendingBytes = 0
+  private queued = false
+
+  constructor (init: ConnectionInit) {
+    this.id = init.id
+    this.userId = init.userId
+    this.kind = init.kind
+    this.topics = new Set(init.topics)
+    this.sink = init.sink
+    this.scheduler = init.scheduler
+    this.maxBufferedBytes = init.maxBufferedBytes
+    this.tokenExpiresAt = init.tokenExpiresAt
+    this.remoteAddress = init.remoteAddress
+    init.sink.once('close', () => this.close('client'))
+  }
+
+  get closed (): boolean {
+    return this.closeReason !== null
+  }
+
+  get live (): boolean {
+    return this.held === null && !this.closed
+  }
+
+  /** A published event from any of this stream's channels. */
+  deliver (id: number, frame: Buffer): void {
+    if (this.closed || id <= this.lastId) return
+    if (this.held !== null) {
+      this.held.push({ id, frame })
+      this.heldBytes += frame.length
+      if (this.heldBytes > this.maxBufferedBytes) this.close('slow')
+      return
+    }
+    this.lastId = id
+    this.eventsSent++
+    this.enqueue(frame)
+    if (this.closeAfter?.(frame) === true) this.close('completed')
+  }
+
+  /** A frame without an id (system event, comment), queued after what is already due. */
+  sendSystem (frame: Buffer | string): void {
+    if (this.closed) return
+    this.enqueue(typeof frame === 'string' ? Buffer.from(frame) : frame)
+  }
+
+  /** Writes history with backpressure: a slow reader is paced, not dropped. */
+  async replay (entries: HistoryEntry[]): Promise<number> {
+    // What is already queued (connected, reset) goes first.
+    this.flush()
+    let chunk: Buffer[] = []
+    let chunkBytes = 0
+    let sent = 0
+    for (const entry of entries) {
+      if (this.closed) return sent
+      if (entry.id <= this.lastId) continue
+      this.lastId = entry.id
+      chunk.push(entry.frame)
+      chunkBytes += entry.frame.length
+      sent++
+      if (chunkBytes >= REPLAY_CHUNK_BYTES) {
+        await this.writeAndPace(chunk, chunkBytes)
+        chunk = []
+        chunkBytes = 0
+      }
+    }
+    if (chunk.length > 0) await this.writeAndPace(chunk, chunkBytes)
+    this.eventsSent += sent
+    return sent
+  }
+
+  /** Ends the setup phase: events held during replay go out in order, then live delivery. */
+  goLive (): void {
+    const held = this.held
+    this.held = null
+    this.heldBytes = 0
+    if (held === null || this.closed) return
+    for (const { id, frame } of held) this.deliver(id, frame)
+  }
+
+  keepalive (idleSince: number): void {
+    if (!this.closed && this.lastWriteAt <= idleSince && this.pendingBytes === 0) this.enqueue(KEEPALIVE_FRAME)
+  }
+
+  flush (): void {
+    this.queued = false
+    if (this.closed || this.pendingBytes === 0) return
+    const chunk = this.pending.length === 1 ? this.pending[0] : Buffer.concat(this.pending, this.pendingBytes)
+    this.pending = []
+    this.pendingBytes = 0
+    this.writeRaw(chunk)
+    if (this.sink.writableLength > this.maxBufferedBytes) this.close('slow')
+  }
+
+  /** Closes the stream, after a last frame if the socket can still take it. */
+  close (reason: CloseReason, lastFrame?: Buffer): void {
+    if (this.closed) return
+    this.closeReason = reason
+    this.held = null
+    const pending = this.pending
+    this.pending = []
+    this.pendingBytes = 0
+    if (!this.sink.destroyed) {
+      if (reason === 'slow' || reason === 'error') {
+        // Whatever is unsent will never be read; release it now.
+        this.sink.destroy()
+      } else {
+        if (pending.length > 0) this.writeRaw(Buffer.concat(pending))
+        this.sink.end(lastFrame)
+      }
+    }
+    this.onClose(this)
+  }
+
+  private enqueue (frame: Buffer): void {
+    this.pending.push(frame)
+    this.pendingBytes += frame.length
+    if (this.pendingBytes + this.sink.writableLength > this.maxBufferedBytes) {
+      this.close('slow')
+      return
+    }
+    if (!this.queued) {
+      this.queued = true
+      this.scheduler.mark(this)
+    }
+  }
+
+  private writeRaw (chunk: Buffer): boolean {
+    this.bytesSent += chunk.length
+    this.lastWriteAt = Date.now()
+    return this.sink.write(chunk)
+  }
+
+  private async writeAndPace (chunk: Buffer[], bytes: number): Promise<void> {
+    const flushed = this.writeRaw(chunk.length === 1 ? chunk[0] : Buffer.concat(chunk, bytes))
+    if (flushed || this.closed) return
+    await new Promise<void>((resolve) => {
+      const done = (): void => {
+        clearTimeout(timer)
+        this.sink.off('drain', done)
+        this.sink.off('close', done)
+        resolve()
+      }
+      // A reader that stops reading altogether is a slow consumer after all.
+      const timer = setTimeout(() => {
+        done()
+        this.close('slow')
+      }, DRAIN_WAIT_MS)
+      this.sink.once('drain', done)
+      this.sink.once('close', done)
+    })
+  }
+}

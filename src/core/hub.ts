@@ -1,0 +1,73 @@
+import type { EventBus } from './bus'
+import type { StreamConnection } from './connection'
+
+/**
+ * Local fan-out: which of this process's streams listen to which channel. The
+ * bus is asked to listen to a channel when its first local stream joins and to
+ * stop when the last one leaves, so an instance receives only the traffic its
+ * own streams need.
+ */
+export class Hub {
+  private readonly members = new Map<string, Set<StreamConnection>>()
+  private readonly listening = new Map<string, Promise<void>>()
+
+  constructor (private readonly bus: EventBus) {
+    bus.onDelivery((name, id, frame) => {
+      const members = this.members.get(name)
+      if (members === undefined) return
+      for (const connection of members) connection.deliver(id, frame)
+    })
+  }
+
+  /** Resolves when every event published to these channels from now on will reach the connection. */
+  async join (connection: StreamConnection, channels: Iterable<string>): Promise<void> {
+    const waits: Array<Promise<void>> = []
+    for (const name of channels) {
+      if (connection.closed || connection.channels.has(name)) continue
+      connection.channels.add(name)
+      let members = this.members.get(name)
+      if (members === undefined) {
+        members = new Set()
+        this.members.set(name, members)
+        const listening = this.bus.listen(name)
+        this.listening.set(name, listening)
+        // Settled promises are not kept: the map holds only subscriptions in flight.
+        listening.then(() => {
+          if (this.listening.get(name) === listening) this.listening.delete(name)
+        }, () => {
+          if (this.listening.get(name) === listening) this.listening.delete(name)
+        })
+      }
+      members.add(connection)
+      const pending = this.listening.get(name)
+      if (pending !== undefined) waits.push(pending)
+    }
+    await Promise.all(waits)
+  }
+
+  leave (connection: StreamConnection, channels: Iterable<string>): void {
+    for (const name of channels) {
+      if (!connection.channels.delete(name)) continue
+      const members = this.members.get(name)
+      if (members === undefined) continue
+      members.delete(connection)
+      if (members.size === 0) {
+        this.members.delete(name)
+        this.listening.delete(name)
+        this.bus.unlisten(name)
+      }
+    }
+  }
+
+  leaveAll (connection: StreamConnection): void {
+    this.leave(connection, [...connection.channels])
+  }
+
+  channelCount (): number {
+    return this.members.size
+  }
+
+  listeners (name: string): number {
+    return this.members.get(name)?.size ?? 0
+  }
+}

@@ -1,0 +1,69 @@
+import { renderBody } from './framing'
+
+export const JOB_STATUSES = ['queued', 'active', 'completed', 'failed'] as const
+export type JobStatus = typeof JOB_STATUSES[number]
+
+export interface JobUpdate {
+  userId: string
+  status: JobStatus
+  progress?: number
+  result?: unknown
+  error?: string
+  meta?: unknown
+}
+
+export interface JobState {
+  jobId: string
+  userId: string
+  status: JobStatus
+  progress: number
+  result?: unknown
+  error?: string
+  meta?: unknown
+  createdAt: string
+  updatedAt: string
+  /** Id of the `job_update` event that produced this state. */
+  eventId: string
+}
+
+export type JobTransition =
+  | { ok: true, state: Omit<JobState, 'eventId'>, body: string }
+  | { ok: false, message: string }
+
+export function isTerminal (status: JobStatus): boolean {
+  return status === 'completed' || status === 'failed'
+}
+
+/** The next state of a job and the `job_update` event that announces it, or why the update is refused. */
+export function transitionJob (jobId: string, previous: JobState | null, update: JobUpdate, now: Date): JobTransition {
+  if (previous !== null) {
+    if (previous.userId !== update.userId) return { ok: false, message: `job ${jobId} belongs to another user` }
+    if (isTerminal(previous.status)) return { ok: false, message: `job ${jobId} has already ${previous.status}` }
+  }
+  const updatedAt = now.toISOString()
+  const progress = update.progress ?? (update.status === 'completed' ? 100 : previous?.progress ?? 0)
+  const state: Omit<JobState, 'eventId'> = {
+    jobId,
+    userId: update.userId,
+    status: update.status,
+    progress,
+    createdAt: previous?.createdAt ?? updatedAt,
+    updatedAt
+  }
+  if (update.result !== undefined) state.result = update.result
+  else if (previous?.result !== undefined) state.result = previous.result
+  if (update.error !== undefined) state.error = update.error
+  if (update.meta !== undefined) state.meta = update.meta
+  else if (previous?.meta !== undefined) state.meta = previous.meta
+  const event: Record<string, unknown> = { jobId, status: state.status, progress }
+  if (update.result !== undefined) event.result = update.result
+  if (update.error !== undefined) event.error = update.error
+  event.updatedAt = updatedAt
+  return { ok: true, state, body: renderBody('job_update', JSON.stringify(event)) }
+}
+
+/** What `initial_status` and `GET /v1/jobs/:id` show of a stored job. */
+export function publicJob (state: JobState): Omit<JobState, 'eventId'> {
+  const { eventId: _eventId, ...rest } = state
+  return rest
+}

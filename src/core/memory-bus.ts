@@ -1,0 +1,170 @@
+import { clockId, mergeById, type DeliveryListener, type EventBus, type HistoryEntry, type PublishItem, type ReplayResult } from './bus'
+import { frameWithId } from './framing'
+
+interface ChannelHistory {
+  entries: HistoryEntry[]
+  /** Index of the oldest kept entry; entries before it were dropped. */
+  head: number
+  /** Highest id dropped from this channel (by size or age); a cursor below it has a gap. */
+  droppedUpTo: number
+}
+
+export interface MemoryBusOptions {
+  historySize: number
+  historyTtlS: number
+}
+
+/**
+ * The embedded engine: one process, history in memory. Ids and appends happen
+ * synchronously inside `publish`; fan-out runs on the next turn of the event
+ * loop so a publisher is answered before subscribers are written to.
+ */
+export class MemoryBus implements EventBus {
+  readonly mode = 'memory' as const
+  private readonly histories = new Map<string, ChannelHistory>()
+  private listener: DeliveryListener = () => {}
+  private readonly outbox: Array<{ channels: string[], id: number, frame: Buffer }> = []
+  private flushScheduled = false
+  /** Nothing from before this store existed can be replayed. */
+  private readonly epoch = clockId()
+  private last = this.epoch
+  private readonly sweepTimer: NodeJS.Timeout
+
+  constructor (private readonly options: MemoryBusOptions) {
+    // Channels that went quiet are dropped once all their events are past the window.
+    this.sweepTimer = setInterval(() => this.sweep(), Math.min(60_000, options.historyTtlS * 1000)).unref()
+  }
+
+  /** Synchronous core of `publish`, for callers that must check state and publish in one step. */
+  publishNow (items: PublishItem[]): number[] {
+    const ids: number[] = []
+    for (const item of items) {
+      const id = Math.max(this.last + 1, clockId())
+      this.last = id
+      const frame = frameWithId(id, item.body)
+      if (this.options.historySize > 0) {
+        for (const name of item.channels) this.append(name, { id, frame })
+      }
+      this.outbox.push({ channels: item.channels, id, frame })
+      ids.push(id)
+    }
+    if (!this.flushScheduled) {
+      this.flushScheduled = true
+      setImmediate(() => this.flush())
+    }
+    return ids
+  }
+
+  async publish (items: PublishItem[]): Promise<number[]> {
+    return this.publishNow(items)
+  }
+
+  async replay (channels: string[], after: number): Promise<ReplayResult> {
+    if (after > this.last) return { reset: 'future', events: [] }
+    if (after < this.epoch) return { reset: 'unknown', events: [] }
+    const cutoff = this.cutoff()
+    if (after < cutoff) return { reset: 'expired', events: [] }
+    if (this.options.historySize === 0) return after === this.last ? { reset: null, events: [] } : { reset: 'trimmed', events: [] }
+    const lists: HistoryEntry[][] = []
+    for (const name of channels) {
+      const history = this.histories.get(name)
+      if (history === undefined) continue
+      this.prune(history, cutoff)
+      if (history.droppedUpTo > after) return { reset: 'trimmed', events: [] }
+      lists.push(this.after(history, after))
+    }
+    return { reset: null, events: mergeById(lists) }
+  }
+
+  async window (channels: string[]): Promise<HistoryEntry[]> {
+    const cutoff = this.cutoff()
+    const lists: HistoryEntry[][] = []
+    for (const name of channels) {
+      const history = this.histories.get(name)
+      if (history === undefined) continue
+      this.prune(history, cutoff)
+      lists.push(history.entries.slice(history.head))
+    }
+    return mergeById(lists)
+  }
+
+  async listen (): Promise<void> {}
+  unlisten (): void {}
+
+  onDelivery (listener: DeliveryListener): void {
+    this.listener = listener
+  }
+
+  async lastId (): Promise<number> {
+    return this.last
+  }
+
+  isReady (): boolean {
+    return true
+  }
+
+  async close (): Promise<void> {
+    clearInterval(this.sweepTimer)
+    this.histories.clear()
+  }
+
+  /** Ids are clock microseconds, so an id below this one is older than the window. */
+  private cutoff (): number {
+    return clockId() - this.options.historyTtlS * 1_000_000
+  }
+
+  private flush (): void {
+    this.flushScheduled = false
+    const batch = this.outbox.splice(0)
+    for (const { channels, id, frame } of batch) {
+      for (const name of channels) this.listener(name, id, frame)
+    }
+  }
+
+  private append (name: string, entry: HistoryEntry): void {
+    let history = this.histories.get(name)
+    if (history === undefined) {
+      history = { entries: [], head: 0, droppedUpTo: 0 }
+      this.histories.set(name, history)
+    }
+    history.entries.push(entry)
+    if (history.entries.length - history.head > this.options.historySize) {
+      history.droppedUpTo = history.entries[history.head].id
+      history.head++
+    }
+    this.prune(history, this.cutoff())
+  }
+
+  private prune (history: ChannelHistory, cutoff: number): void {
+    const { entries } = history
+    while (history.head < entries.length && entries[history.head].id < cutoff) {
+      history.droppedUpTo = entries[history.head].id
+      history.head++
+    }
+    // Compact now and then instead of shifting on every drop.
+    if (history.head > 64 && history.head * 2 > entries.length) {
+      history.entries = entries.slice(history.head)
+      history.head = 0
+    }
+  }
+
+  private after (history: ChannelHistory, cursor: number): HistoryEntry[] {
+    const { entries } = history
+    let low = history.head
+    let high = entries.length
+    while (low < high) {
+      const mid = (low + high) >>> 1
+      if (entries[mid].id <= cursor) low = mid + 1
+      else high = mid
+    }
+    return entries.slice(low)
+  }
+
+  private sweep (): void {
+    const cutoff = this.cutoff()
+    for (const [name, history] of this.histories) {
+      this.prune(history, cutoff)
+      if (history.head >= history.entries.length) this.histories.delete(name)
+    }
+  }
+}

@@ -1,0 +1,231 @@
+import { channel } from './channels'
+import { transitionJob, type JobState, type JobUpdate } from './jobs'
+import type { MemoryBus } from './memory-bus'
+import type { ConnectionInfo, Registry } from './registry'
+import type { Admission, AdmitRequest, ClusterStats, ControlListener, ControlMessage, JobPutResult, Presence, SharedState } from './state'
+
+interface Expiring<T> { value: T, expiresAt: number | null }
+
+/** Shared state for embedded mode: the process is the whole cluster. */
+export class MemoryState implements SharedState {
+  readonly instanceId: string
+  private readonly streamIds = new Map<string, Expiring<string>>()
+  private readonly liveByUser = new Map<string, Map<string, number>>()
+  private readonly graceTimers = new Map<string, NodeJS.Timeout>()
+  private readonly userTopicSets = new Map<string, Expiring<Set<string>>>()
+  private readonly conversations = new Map<string, Set<string>>()
+  private readonly conversationsOfUser = new Map<string, Set<string>>()
+  private readonly jobs = new Map<string, Expiring<JobState>>()
+  private offlineListener: (userId: string) => void = () => {}
+  private controlListener: ControlListener = async () => null
+  private readonly sweepTimer: NodeJS.Timeout
+
+  constructor (
+    private readonly bus: MemoryBus,
+    private readonly registry: Registry,
+    private readonly presenceGraceMs: number
+  ) {
+    this.instanceId = registry.instanceId
+    this.sweepTimer = setInterval(() => this.sweep(), 30_000).unref()
+  }
+
+  async createConnection (connectionId: string, userId: string, ttlS: number): Promise<void> {
+    this.streamIds.set(connectionId, { value: userId, expiresAt: Date.now() + ttlS * 1000 })
+  }
+
+  async connectionOwner (connectionId: string): Promise<string | null> {
+    return this.current(this.streamIds, connectionId)
+  }
+
+  async admit (request: AdmitRequest): Promise<Admission> {
+    let live = this.liveByUser.get(request.userId)
+    let evict: string | null = null
+    if (live !== undefined && live.size >= request.limit) {
+      if (request.policy === 'reject') return { admitted: false }
+      evict = oldest(live)
+      if (evict !== null) live.delete(evict)
+    }
+    const wasOnline = (live !== undefined && live.size > 0) || evict !== null || this.graceTimers.has(request.userId)
+    const grace = this.graceTimers.get(request.userId)
+    if (grace !== undefined) {
+      clearTimeout(grace)
+      this.graceTimers.delete(request.userId)
+    }
+    if (live === undefined) {
+      live = new Map()
+      this.liveByUser.set(request.userId, live)
+    }
+    live.set(request.connectionId, request.openedAt)
+    this.streamIds.set(request.connectionId, { value: request.userId, expiresAt: null })
+    const topics = this.userTopicSets.get(request.userId)
+    if (topics !== undefined) topics.expiresAt = null
+    return { admitted: true, cameOnline: !wasOnline, evict }
+  }
+
+  async release (connectionId: string, userId: string, ttlS: number): Promise<void> {
+    const expiresAt = Date.now() + ttlS * 1000
+    const record = this.streamIds.get(connectionId)
+    if (record !== undefined && record.value === userId) record.expiresAt = expiresAt
+    const live = this.liveByUser.get(userId)
+    if (live === undefined || !live.delete(connectionId) || live.size > 0) return
+    this.liveByUser.delete(userId)
+    const topics = this.userTopicSets.get(userId)
+    if (topics !== undefined) topics.expiresAt = expiresAt
+    const timer = setTimeout(() => {
+      this.graceTimers.delete(userId)
+      this.offlineListener(userId)
+    }, this.presenceGraceMs).unref()
+    this.graceTimers.set(userId, timer)
+  }
+
+  async updateTopics (): Promise<void> {}
+
+  onControl (listener: ControlListener): void {
+    this.controlListener = listener
+  }
+
+  async broadcastControl (message: ControlMessage): Promise<string[] | null> {
+    return await this.controlListener(message)
+  }
+
+  onOffline (listener: (userId: string) => void): void {
+    this.offlineListener = listener
+  }
+
+  async presence (userId: string): Promise<Presence> {
+    const connections = this.liveByUser.get(userId)?.size ?? 0
+    return { userId, online: connections > 0 || this.graceTimers.has(userId), connections }
+  }
+
+  async stats (): Promise<ClusterStats> {
+    return {
+      connections: this.registry.size,
+      users: this.registry.userCount,
+      topics: this.registry.topics(),
+      instances: 1
+    }
+  }
+
+  async connections (): Promise<ConnectionInfo[]> {
+    return [...this.registry.all()].map((connection) => this.registry.info(connection))
+  }
+
+  async userTopics (userId: string): Promise<string[]> {
+    return [...(this.current(this.userTopicSets, userId) ?? [])]
+  }
+
+  async subscribeUser (userId: string, topics: string[], ttlS: number): Promise<string[]> {
+    let record = this.userTopicSets.get(userId)
+    if (record === undefined || this.isExpired(record)) {
+      record = { value: new Set(), expiresAt: null }
+      this.userTopicSets.set(userId, record)
+    }
+    for (const topic of topics) record.value.add(topic)
+    record.expiresAt = this.liveByUser.has(userId) ? null : Date.now() + ttlS * 1000
+    return [...record.value]
+  }
+
+  async unsubscribeUser (userId: string, topics: string[]): Promise<string[]> {
+    const record = this.userTopicSets.get(userId)
+    if (record === undefined) return []
+    for (const topic of topics) record.value.delete(topic)
+    if (record.value.size === 0) this.userTopicSets.delete(userId)
+    return [...record.value]
+  }
+
+  async updateMembers (conversationId: string, op: 'set' | 'add' | 'remove', members: string[]): Promise<string[]> {
+    const current = this.conversations.get(conversationId) ?? new Set<string>()
+    const next = op === 'set' ? new Set(members) : new Set(current)
+    if (op === 'add') for (const member of members) next.add(member)
+    if (op === 'remove') for (const member of members) next.delete(member)
+    for (const member of current) if (!next.has(member)) this.link(member, conversationId, false)
+    for (const member of next) if (!current.has(member)) this.link(member, conversationId, true)
+    if (next.size === 0) this.conversations.delete(conversationId)
+    else this.conversations.set(conversationId, next)
+    return [...next]
+  }
+
+  async members (conversationId: string): Promise<string[]> {
+    return [...(this.conversations.get(conversationId) ?? [])]
+  }
+
+  async contacts (userId: string): Promise<string[]> {
+    const contacts = new Set<string>()
+    for (const conversationId of this.conversationsOfUser.get(userId) ?? []) {
+      for (const member of this.conversations.get(conversationId) ?? []) contacts.add(member)
+    }
+    contacts.delete(userId)
+    return [...contacts]
+  }
+
+  async getJob (jobId: string): Promise<JobState | null> {
+    return this.current(this.jobs, jobId)
+  }
+
+  async putJob (jobId: string, update: JobUpdate, ttlS: number): Promise<JobPutResult> {
+    // No await between reading and publishing: the check and the update are one step.
+    const previous = this.current(this.jobs, jobId)
+    const transition = transitionJob(jobId, previous, update, new Date())
+    if (!transition.ok) return transition
+    const [id] = this.bus.publishNow([{
+      channels: [channel.job(jobId), channel.userJobs(update.userId)],
+      body: transition.body
+    }])
+    const state: JobState = { ...transition.state, eventId: String(id) }
+    // A job nobody updates any more is forgotten after the TTL, finished or not.
+    this.jobs.set(jobId, { value: state, expiresAt: Date.now() + ttlS * 1000 })
+    return { ok: true, state }
+  }
+
+  async close (): Promise<void> {
+    clearInterval(this.sweepTimer)
+    for (const timer of this.graceTimers.values()) clearTimeout(timer)
+    this.graceTimers.clear()
+  }
+
+  private link (userId: string, conversationId: string, member: boolean): void {
+    let set = this.conversationsOfUser.get(userId)
+    if (member) {
+      if (set === undefined) {
+        set = new Set()
+        this.conversationsOfUser.set(userId, set)
+      }
+      set.add(conversationId)
+    } else if (set !== undefined) {
+      set.delete(conversationId)
+      if (set.size === 0) this.conversationsOfUser.delete(userId)
+    }
+  }
+
+  private isExpired (record: Expiring<unknown>): boolean {
+    return record.expiresAt !== null && record.expiresAt <= Date.now()
+  }
+
+  private current<T> (map: Map<string, Expiring<T>>, key: string): T | null {
+    const record = map.get(key)
+    if (record === undefined) return null
+    if (this.isExpired(record)) {
+      map.delete(key)
+      return null
+    }
+    return record.value
+  }
+
+  private sweep (): void {
+    for (const map of [this.streamIds, this.userTopicSets, this.jobs] as Array<Map<string, Expiring<unknown>>>) {
+      for (const [key, record] of map) if (this.isExpired(record)) map.delete(key)
+    }
+  }
+}
+
+function oldest (live: Map<string, number>): string | null {
+  let found: string | null = null
+  let at = Infinity
+  for (const [connectionId, openedAt] of live) {
+    if (openedAt < at) {
+      found = connectionId
+      at = openedAt
+    }
+  }
+  return found
+}

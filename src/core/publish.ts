@@ -1,0 +1,153 @@
+import { channel } from './channels'
+import type { EventBus, PublishItem } from './bus'
+import { dataText, EVENT_NAME, renderBody, TOPIC_NAME } from './framing'
+import type { SharedState } from './state'
+
+export type Target =
+  | { kind: 'user', id: string }
+  | { kind: 'users', ids: string[] }
+  | { kind: 'connection', id: string }
+  | { kind: 'conversation', id: string }
+  | { kind: 'topic', name: string }
+  | { kind: 'broadcast' }
+
+export interface PublishRequest {
+  target: Target
+  event: string
+  /** `data` as written on the wire. */
+  text: string
+}
+
+export type Validation<T> = { ok: true, value: T } | { ok: false, status: 400 | 413, message: string }
+
+export const MAX_BATCH = 1000
+/** Names the gateway itself sends; a publisher may not forge them. */
+export const RESERVED_EVENTS = new Set(['connected', 'reset', 'auth-expired', 'evicted', 'shutdown', 'initial_status'])
+const ITEM_KEYS = new Set(['to', 'event', 'data'])
+const TARGET_KEYS = ['user', 'users', 'connection', 'conversation', 'topic', 'broadcast'] as const
+
+/** User, conversation and connection ids: 1–256 characters, no control characters. */
+export function isEntityId (value: unknown): value is string {
+  // eslint-disable-next-line no-control-regex
+  return typeof value === 'string' && value.length > 0 && value.length <= 256 && !/[\u0000-\u001f\u007f]/.test(value)
+}
+
+function isPlainObject (value: unknown): value is Record<string, unknown> {
+  return typeof value === 'object' && value !== null && !Array.isArray(value)
+}
+
+function bad (message: string): Validation<never> {
+  return { ok: false, status: 400, message }
+}
+
+export function validateTarget (to: unknown): Validation<Target> {
+  if (!isPlainObject(to)) return bad('"to" must be an object naming one target')
+  const keys = Object.keys(to)
+  const known = keys.filter((key) => (TARGET_KEYS as readonly string[]).includes(key))
+  if (keys.length !== 1 || known.length !== 1) {
+    return bad(`"to" must have exactly one of ${TARGET_KEYS.join(', ')}`)
+  }
+  const key = known[0] as typeof TARGET_KEYS[number]
+  const value = to[key]
+  switch (key) {
+    case 'user':
+    case 'connection':
+    case 'conversation':
+      if (!isEntityId(value)) return bad(`"to.${key}" must be a non-empty id string`)
+      return { ok: true, value: { kind: key, id: value } }
+    case 'users': {
+      if (!Array.isArray(value) || value.length < 1 || value.length > 1000) return bad('"to.users" must be an array of 1 to 1000 user ids')
+      if (!value.every(isEntityId)) return bad('"to.users" must hold only non-empty id strings')
+      return { ok: true, value: { kind: 'users', ids: [...new Set(value)] } }
+    }
+    case 'topic':
+      if (typeof value !== 'string' || !TOPIC_NAME.test(value)) return bad('"to.topic" must be 1-128 characters of A-Z a-z 0-9 _ . : / -')
+      return { ok: true, value: { kind: 'topic', name: value } }
+    case 'broadcast':
+      if (value !== true) return bad('"to.broadcast" must be true')
+      return { ok: true, value: { kind: 'broadcast' } }
+  }
+}
+
+export function validateEventName (event: unknown): Validation<string> {
+  if (event === undefined) return { ok: true, value: 'message' }
+  if (typeof event !== 'string' || !EVENT_NAME.test(event)) {
+    return bad('"event" must be 1-64 characters of A-Z a-z 0-9 _ . : -')
+  }
+  if (RESERVED_EVENTS.has(event)) return bad(`"event" ${event} is reserved for the gateway`)
+  return { ok: true, value: event }
+}
+
+export function validatePublishItem (raw: unknown, maxEventBytes: number): Validation<PublishRequest> {
+  if (!isPlainObject(raw)) return bad('an event must be an object with "to" and "data"')
+  for (const key of Object.keys(raw)) {
+    if (!ITEM_KEYS.has(key)) return bad(`unknown field "${key.slice(0, 40)}"`)
+  }
+  const target = validateTarget(raw.to)
+  if (!target.ok) return target
+  const event = validateEventName(raw.event)
+  if (!event.ok) return event
+  if (!('data' in raw) || raw.data === undefined) return bad('"data" is required')
+  const text = dataText(raw.data)
+  const bytes = Buffer.byteLength(text)
+  if (bytes > maxEventBytes) {
+    return { ok: false, status: 413, message: `"data" is ${bytes} bytes, more than the ${maxEventBytes} allowed` }
+  }
+  return { ok: true, value: { target: target.value, event: event.value, text } }
+}
+
+/** One event or an array of 1–1000, all-or-nothing; errors name the failing index. */
+export function validatePublishBody (body: unknown, maxEventBytes: number): Validation<{ items: PublishRequest[], batch: boolean }> {
+  if (!Array.isArray(body)) {
+    const item = validatePublishItem(body, maxEventBytes)
+    return item.ok ? { ok: true, value: { items: [item.value], batch: false } } : item
+  }
+  if (body.length < 1 || body.length > MAX_BATCH) return bad(`an array must hold 1 to ${MAX_BATCH} events, got ${body.length}`)
+  const items: PublishRequest[] = []
+  let tooLarge: Validation<never> | null = null
+  for (let index = 0; index < body.length; index++) {
+    const item = validatePublishItem(body[index], maxEventBytes)
+    if (item.ok) {
+      items.push(item.value)
+      continue
+    }
+    const failure = { ok: false as const, status: item.status, message: `item ${index}: ${item.message}` }
+    // An invalid item anywhere makes it a 400; 413 only when size is the sole fault.
+    if (item.status === 400) return failure
+    tooLarge ??= failure
+  }
+  if (tooLarge !== null) return tooLarge
+  return { ok: true, value: { items, batch: true } }
+}
+
+/** Resolves targets to channels and hands events to the bus, in order. */
+export class Publisher {
+  constructor (private readonly bus: EventBus, private readonly state: SharedState) {}
+
+  async publish (requests: PublishRequest[]): Promise<number[]> {
+    const items: PublishItem[] = []
+    for (const request of requests) {
+      items.push({ channels: await this.channelsOf(request.target), body: renderBody(request.event, request.text) })
+    }
+    return await this.bus.publish(items)
+  }
+
+  /** Publishes an event the gateway itself emits (presence, for example). */
+  async emit (channels: string[], event: string, data: unknown): Promise<number> {
+    const [id] = await this.bus.publish([{ channels, body: renderBody(event, dataText(data)) }])
+    return id
+  }
+
+  private async channelsOf (target: Target): Promise<string[]> {
+    switch (target.kind) {
+      case 'user': return [channel.user(target.id)]
+      case 'users': return target.ids.map(channel.user)
+      case 'connection': return [channel.connection(target.id)]
+      case 'topic': return [channel.topic(target.name)]
+      case 'broadcast': return [channel.broadcast]
+      // Expanded to members now: membership changes apply at once, and replay
+      // never shows a newcomer what was said before it joined.
+      case 'conversation': return (await this.state.members(target.id)).map(channel.user)
+    }
+  }
+}

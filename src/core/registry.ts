@@ -1,0 +1,104 @@
+import type { StreamConnection } from './connection'
+
+export interface ConnectionInfo {
+  connectionId: string
+  userId: string
+  topics: string[]
+  openedAt: string
+  instance: string
+}
+
+/** This process's open streams, by id and by user, and how many streams hold each topic. */
+export class Registry {
+  private readonly byId = new Map<string, StreamConnection>()
+  private readonly byUser = new Map<string, Set<StreamConnection>>()
+  private readonly topicCounts = new Map<string, number>()
+
+  constructor (readonly instanceId: string) {}
+
+  get size (): number {
+    return this.byId.size
+  }
+
+  get userCount (): number {
+    return this.byUser.size
+  }
+
+  add (connection: StreamConnection): void {
+    this.byId.set(connection.id, connection)
+    let set = this.byUser.get(connection.userId)
+    if (set === undefined) {
+      set = new Set()
+      this.byUser.set(connection.userId, set)
+    }
+    set.add(connection)
+    this.countTopics(connection.topics, 1)
+  }
+
+  /** Returns false when the connection was not (or no longer) registered. */
+  remove (connection: StreamConnection): boolean {
+    if (this.byId.get(connection.id) !== connection) return false
+    this.byId.delete(connection.id)
+    const set = this.byUser.get(connection.userId)
+    if (set !== undefined) {
+      set.delete(connection)
+      if (set.size === 0) this.byUser.delete(connection.userId)
+    }
+    this.countTopics(connection.topics, -1)
+    return true
+  }
+
+  get (connectionId: string): StreamConnection | undefined {
+    return this.byId.get(connectionId)
+  }
+
+  ofUser (userId: string): StreamConnection[] {
+    const set = this.byUser.get(userId)
+    return set === undefined ? [] : [...set]
+  }
+
+  /** Adds topics to a registered stream; returns those that were new to it. */
+  addTopics (connection: StreamConnection, topics: Iterable<string>): string[] {
+    const added = [...topics].filter((topic) => !connection.topics.has(topic))
+    for (const topic of added) connection.topics.add(topic)
+    if (this.byId.get(connection.id) === connection) this.countTopics(added, 1)
+    return added
+  }
+
+  removeTopics (connection: StreamConnection, topics: Iterable<string>): string[] {
+    const removed = [...topics].filter((topic) => connection.topics.has(topic))
+    for (const topic of removed) connection.topics.delete(topic)
+    if (this.byId.get(connection.id) === connection) this.countTopics(removed, -1)
+    return removed
+  }
+
+  topics (): Record<string, number> {
+    return Object.fromEntries(this.topicCounts)
+  }
+
+  users (): Map<string, number> {
+    return new Map([...this.byUser].map(([userId, set]) => [userId, set.size]))
+  }
+
+  all (): IterableIterator<StreamConnection> {
+    return this.byId.values()
+  }
+
+  info (connection: StreamConnection): ConnectionInfo {
+    return {
+      connectionId: connection.id,
+      userId: connection.userId,
+      topics: [...connection.topics],
+      openedAt: new Date(connection.openedAt).toISOString(),
+      instance: this.instanceId
+    }
+  }
+
+  private countTopics (topics: Iterable<string>, delta: number): void {
+    for (const topic of topics) {
+      const count = (this.topicCounts.get(topic) ?? 0) + delta
+      if (count <= 0) this.topicCounts.delete(topic)
+      else this.topicCounts.set(topic, count)
+    }
+  }
+}

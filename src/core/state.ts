@@ -1,0 +1,85 @@
+import type { ConnectionInfo } from './registry'
+import type { JobState, JobUpdate } from './jobs'
+
+export type LimitPolicy = 'reject' | 'evict-oldest'
+
+export interface AdmitRequest {
+  connectionId: string
+  userId: string
+  topics: string[]
+  openedAt: number
+  limit: number
+  policy: LimitPolicy
+}
+
+export type Admission =
+  | { admitted: false }
+  | { admitted: true, cameOnline: boolean, evict: string | null }
+
+export interface ClusterStats {
+  connections: number
+  users: number
+  topics: Record<string, number>
+  instances: number
+}
+
+export interface Presence {
+  userId: string
+  online: boolean
+  connections: number
+}
+
+/** Something every instance must apply to its own streams. */
+export type ControlMessage =
+  | { type: 'evict', connectionId: string, reason: string }
+  | { type: 'topics', userId: string, connectionId: string | null, add: string[], remove: string[] }
+
+/** An instance's answer to a control message: the targeted stream's topics, if it holds that stream. */
+export type ControlListener = (message: ControlMessage) => Promise<string[] | null>
+
+export type JobPutResult = { ok: true, state: JobState } | { ok: false, message: string }
+
+/**
+ * State every instance must see alike: stream ids, user-wide topics,
+ * conversation members, jobs, and who is connected where. In embedded mode it
+ * lives in this process; in Redis mode, in Redis with its TTLs.
+ */
+export interface SharedState {
+  readonly instanceId: string
+
+  /** Pre-creates a stream id a backend can publish into before the browser joins. */
+  createConnection (connectionId: string, userId: string, ttlS: number): Promise<void>
+  /** Owner of a pre-created, live or recently closed stream id; null when unknown or expired. */
+  connectionOwner (connectionId: string): Promise<string | null>
+
+  /** Admits a stream under the per-user limit and records it; says whether the user just came online. */
+  admit (request: AdmitRequest): Promise<Admission>
+  /** Forgets a closed stream; its id stays reopenable for `ttlS`. */
+  release (connectionId: string, userId: string, ttlS: number): Promise<void>
+  /** A live stream's topics changed (for cluster-wide counts and listings). */
+  updateTopics (connectionId: string, userId: string, topics: string[]): Promise<void>
+  /** Registers how this instance applies control messages to its own streams. */
+  onControl (listener: ControlListener): void
+  /** Applies a control message on every instance; resolves with the first non-null answer once all have. */
+  broadcastControl (message: ControlMessage): Promise<string[] | null>
+  /** Registers the callback fired when a user's grace period ends with no stream. */
+  onOffline (listener: (userId: string) => void): void
+  presence (userId: string): Promise<Presence>
+  stats (): Promise<ClusterStats>
+  connections (): Promise<ConnectionInfo[]>
+
+  userTopics (userId: string): Promise<string[]>
+  subscribeUser (userId: string, topics: string[], ttlS: number): Promise<string[]>
+  unsubscribeUser (userId: string, topics: string[]): Promise<string[]>
+
+  updateMembers (conversationId: string, op: 'set' | 'add' | 'remove', members: string[]): Promise<string[]>
+  members (conversationId: string): Promise<string[]>
+  /** Other members of every conversation the user belongs to. */
+  contacts (userId: string): Promise<string[]>
+
+  getJob (jobId: string): Promise<JobState | null>
+  /** Applies a job update and publishes its `job_update` event in one step. */
+  putJob (jobId: string, update: JobUpdate, ttlS: number): Promise<JobPutResult>
+
+  close (): Promise<void>
+}

@@ -1,0 +1,209 @@
+import type { EventBus, HistoryEntry } from './bus'
+import { channel } from './channels'
+import { StreamConnection, WriteScheduler, type CloseReason, type Sink, type StreamKind } from './connection'
+import { retryFrame, systemFrame } from './framing'
+import type { Hub } from './hub'
+import type { Registry } from './registry'
+
+export interface StreamSpec {
+  connectionId: string
+  userId: string
+  kind: StreamKind
+  topics: string[]
+  channels: string[]
+  sink: Sink
+  tokenExpiresAt: number | null
+  remoteAddress: string
+  /** `Last-Event-ID` as parsed; 'malformed' gets a reset. */
+  cursor: number | 'malformed' | null
+  /** Without a cursor, replay these channels' whole window (a reopened stream's own events). */
+  windowChannels?: string[]
+  /** Topics looked up once the stream is registered, so no concurrent subscription is missed. */
+  extraTopics?: () => Promise<string[]>
+  /** Closes a job stream after the event that ends its job. */
+  closeAfter?: (frame: Buffer) => boolean
+  /** Runs after the stream has joined its channels and sent `connected`, instead of replay. */
+  prelude?: (connection: StreamConnection) => Promise<void>
+  /** Extra fields of the `connected` event. */
+  connectedExtra?: Record<string, unknown>
+}
+
+export interface StreamEvents {
+  opened (connection: StreamConnection): void
+  closed (connection: StreamConnection): void
+  replayed (connection: StreamConnection, count: number): void
+  reset (connection: StreamConnection, reason: string): void
+}
+
+export interface StreamServiceOptions {
+  retryMs: number
+  keepaliveMs: number
+  maxBufferedBytes: number
+  historyTtlS: number
+}
+
+const EXPIRY_TICK_MS = 250
+
+/**
+ * Opens, feeds and closes streams. One timer drives keepalives and one drives
+ * token expiry for every stream; nothing here holds a timer per connection.
+ */
+export class StreamService {
+  readonly scheduler = new WriteScheduler()
+  private readonly expiries = new Map<number, Set<StreamConnection>>()
+  private readonly keepaliveTimer: NodeJS.Timeout
+  private readonly expiryTimer: NodeJS.Timeout
+  private draining = false
+
+  constructor (
+    private readonly bus: EventBus,
+    private readonly hub: Hub,
+    private readonly registry: Registry,
+    private readonly options: StreamServiceOptions,
+    private readonly events: StreamEvents
+  ) {
+    // Ticking at half the interval, writing to streams idle for half of it,
+    // bounds every gap between writes by the interval.
+    const half = Math.max(50, Math.floor(options.keepaliveMs / 2))
+    this.keepaliveTimer = setInterval(() => this.keepalive(Date.now() - half), half).unref()
+    this.expiryTimer = setInterval(() => this.expire(Date.now()), EXPIRY_TICK_MS).unref()
+  }
+
+  get isDraining (): boolean {
+    return this.draining
+  }
+
+  async open (spec: StreamSpec): Promise<StreamConnection> {
+    const connection = new StreamConnection({
+      id: spec.connectionId,
+      userId: spec.userId,
+      kind: spec.kind,
+      topics: spec.topics,
+      sink: spec.sink,
+      scheduler: this.scheduler,
+      maxBufferedBytes: this.options.maxBufferedBytes,
+      tokenExpiresAt: spec.tokenExpiresAt,
+      remoteAddress: spec.remoteAddress
+    })
+    connection.onClose = (closed) => this.cleanup(closed)
+    this.registry.add(connection)
+    this.trackExpiry(connection)
+    this.events.opened(connection)
+    if (spec.sink.destroyed) connection.close('client')
+    if (spec.closeAfter !== undefined) connection.closeAfter = spec.closeAfter
+    const channels = [...spec.channels]
+    if (spec.extraTopics !== undefined) {
+      const added = this.registry.addTopics(connection, await spec.extraTopics())
+      channels.push(...added.map(channel.topic))
+    }
+    await this.hub.join(connection, channels)
+    if (connection.closed) return connection
+    connection.sendSystem(retryFrame(this.options.retryMs))
+    connection.sendSystem(systemFrame('connected', {
+      connectionId: connection.id,
+      userId: connection.userId,
+      topics: [...connection.topics],
+      ...spec.connectedExtra
+    }))
+    if (spec.prelude !== undefined) {
+      await spec.prelude(connection)
+    } else if (spec.cursor !== null) {
+      await this.replay(connection, [...connection.channels], spec.cursor)
+    } else if (spec.windowChannels !== undefined && spec.windowChannels.length > 0) {
+      await this.sendHistory(connection, await this.bus.window(spec.windowChannels))
+    }
+    connection.goLive()
+    return connection
+  }
+
+  /** Adds channels to a live stream; what they publish from now on reaches it. */
+  async join (connection: StreamConnection, channels: string[]): Promise<void> {
+    await this.hub.join(connection, channels)
+  }
+
+  leave (connection: StreamConnection, channels: string[]): void {
+    this.hub.leave(connection, channels)
+  }
+
+  close (connection: StreamConnection, reason: CloseReason, event?: string, data?: unknown): void {
+    connection.close(reason, event === undefined ? undefined : systemFrame(event, data ?? {}))
+  }
+
+  /** Refuses new streams and ends every open one with `shutdown`, so clients reconnect elsewhere. */
+  drain (): void {
+    this.draining = true
+    const frame = systemFrame('shutdown', { reason: 'server shutting down' })
+    for (const connection of [...this.registry.all()]) connection.close('shutdown', frame)
+  }
+
+  stop (): void {
+    clearInterval(this.keepaliveTimer)
+    clearInterval(this.expiryTimer)
+    this.expiries.clear()
+  }
+
+  private async replay (connection: StreamConnection, channels: string[], cursor: number | 'malformed'): Promise<void> {
+    const result = cursor === 'malformed'
+      ? { reset: 'malformed' as const, events: [] }
+      : await this.bus.replay(channels, cursor).catch(() => ({ reset: 'unavailable' as const, events: [] }))
+    if (result.reset !== null) {
+      this.events.reset(connection, result.reset)
+      connection.sendSystem(systemFrame('reset', { reason: result.reset }))
+      return
+    }
+    await this.sendHistory(connection, result.events)
+  }
+
+  private async sendHistory (connection: StreamConnection, events: HistoryEntry[]): Promise<void> {
+    if (events.length === 0) return
+    const count = await connection.replay(events)
+    this.events.replayed(connection, count)
+  }
+
+  private cleanup (connection: StreamConnection): void {
+    this.untrackExpiry(connection)
+    this.hub.leaveAll(connection)
+    if (this.registry.remove(connection)) this.events.closed(connection)
+  }
+
+  private keepalive (idleSince: number): void {
+    for (const connection of this.registry.all()) connection.keepalive(idleSince)
+  }
+
+  private bucketOf (at: number): number {
+    return Math.floor(at / EXPIRY_TICK_MS)
+  }
+
+  private trackExpiry (connection: StreamConnection): void {
+    if (connection.tokenExpiresAt === null) return
+    const bucket = this.bucketOf(connection.tokenExpiresAt)
+    let set = this.expiries.get(bucket)
+    if (set === undefined) {
+      set = new Set()
+      this.expiries.set(bucket, set)
+    }
+    set.add(connection)
+  }
+
+  private untrackExpiry (connection: StreamConnection): void {
+    if (connection.tokenExpiresAt === null) return
+    const bucket = this.bucketOf(connection.tokenExpiresAt)
+    const set = this.expiries.get(bucket)
+    if (set === undefined) return
+    set.delete(connection)
+    if (set.size === 0) this.expiries.delete(bucket)
+  }
+
+  private expire (now: number): void {
+    const due = this.bucketOf(now)
+    const expired: StreamConnection[] = []
+    for (const [bucket, set] of this.expiries) {
+      if (bucket > due) continue
+      for (const connection of set) {
+        if (connection.tokenExpiresAt !== null && connection.tokenExpiresAt <= now) expired.push(connection)
+      }
+    }
+    const frame = systemFrame('auth-expired', { reason: 'token expired' })
+    for (const connection of expired) connection.close('expired', frame)
+  }
+}

@@ -1,0 +1,13 @@
+import createError from '@fastify/error'
+
+/** Every error the gateway answers with; the body is `{ statusCode, code, error, message }`. */
+export const errors = {
+  BadRequest: createError('GW_BAD_REQUEST', '%s', 400),
+  Unauthorized: createError('GW_UNAUTHORIZED', '%s', 401),
+  Forbidden: createError('GW_FORBIDDEN', '%s', 403),
+  NotFound: createError('GW_NOT_FOUND', '%s', 404),
+  Conflict: createError('GW_CONFLICT', '%s', 409),
+  TooLarge: createError('GW_TOO_LARGE', '%s', 413),
+  Limited: createError('GW_LIMITED', '%s', 429),
+  Unavailable: createError('GW_UNAVAILABLE', '%s', 503)
+}

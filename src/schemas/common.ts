@@ -1,0 +1,32 @@
+import { Type, type Static } from '@sinclair/typebox'
+
+export const ErrorSchema = Type.Object({
+  statusCode: Type.Integer(),
+  code: Type.Optional(Type.String()),
+  error: Type.String(),
+  message: Type.String()
+})
+
+/** Ids in paths: jobs, conversations, connections. */
+export const PathId = Type.String({ pattern: '^[A-Za-z0-9_.:@=+-]{1,128}$' })
+/** User ids: what a token's claim may hold. */
+export const UserId = Type.String({ minLength: 1, maxLength: 256, pattern: '^[^\\u0000-\\u001f\\u007f]+$' })
+export const TopicName = Type.String({ pattern: '^[A-Za-z0-9_.:/-]{1,128}$' })
+
+export const StreamQuery = Type.Object({
+  token: Type.Optional(Type.String()),
+  topics: Type.Optional(Type.String({ maxLength: 8192 })),
+  lastEventId: Type.Optional(Type.String({ maxLength: 64 }))
+})
+export type StreamQueryType = Static<typeof StreamQuery>
+
+export const errorResponses = {
+  400: ErrorSchema,
+  401: ErrorSchema,
+  403: ErrorSchema,
+  404: ErrorSchema,
+  409: ErrorSchema,
+  413: ErrorSchema,
+  429: ErrorSchema,
+  503: ErrorSchema
+}

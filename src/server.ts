@@ -1,0 +1,49 @@
+import { buildApp, listenInternal } from './app'
+import { ConfigError, loadConfig, type Config } from './config'
+
+async function main (): Promise<void> {
+  let config: Config
+  try {
+    config = loadConfig()
+  } catch (error) {
+    if (error instanceof ConfigError) {
+      process.stderr.write(`${error.message}\n`)
+      process.exit(1)
+    }
+    throw error
+  }
+
+  const app = await buildApp(config)
+  await app.listen({ port: config.port, host: config.host })
+  if (config.internalPort !== null) {
+    const server = await listenInternal(app, config.internalPort, config.host)
+    app.log.info({ address: server.address() }, 'internal listener (publish, admin, metrics)')
+  }
+  app.log.info({ mode: app.bus.mode, instance: app.registry.instanceId }, 'gateway ready')
+
+  let closing = false
+  const shutdown = (signal: string): void => {
+    if (closing) return
+    closing = true
+    app.log.info({ signal, streams: app.registry.size }, 'draining')
+    const deadline = setTimeout(() => {
+      app.log.warn('drain timed out; exiting')
+      process.exit(0)
+    }, config.shutdownTimeoutMs)
+    deadline.unref()
+    app.close().then(() => {
+      app.log.info('stopped')
+      process.exit(0)
+    }, (error: unknown) => {
+      app.log.error({ err: error }, 'error while stopping')
+      process.exit(1)
+    })
+  }
+  process.on('SIGTERM', () => shutdown('SIGTERM'))
+  process.on('SIGINT', () => shutdown('SIGINT'))
+}
+
+main().catch((error: unknown) => {
+  process.stderr.write(`gateway failed to start: ${error instanceof Error ? error.message : String(error)}\n`)
+  process.exit(1)
+})
