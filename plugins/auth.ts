@@ -22,10 +22,6 @@ declare module 'fastify' {
   interface FastifyContextConfig {
     auth?: AuthLevel
   }
-  interface FastifyInstance {
-    /** Counts failed authentications by reason; replaced by the metrics plugin. */
-    onAuthFailure: (reason: string) => void
-  }
 }
 
 type Claims = Record<string, unknown>
@@ -98,10 +94,9 @@ export default fp(async (app) => {
   })
 
   app.decorateRequest('auth', null)
-  app.decorate('onAuthFailure', (_reason: string) => {})
 
   const unauthorized = (reason: string, message = MESSAGES[reason] ?? 'unauthorized'): Error => {
-    app.onAuthFailure(reason)
+    app.metrics.authFailure(reason)
     return new errors.Unauthorized(message)
   }
 
@@ -133,12 +128,12 @@ export default fp(async (app) => {
       expiresAt: typeof claims.exp === 'number' ? claims.exp * 1000 : null
     }
     if (!hasRole(auth, level)) {
-      app.onAuthFailure('forbidden')
+      app.metrics.authFailure('forbidden')
       throw new errors.Forbidden(`this route needs the ${level} role`)
     }
     request.auth = auth
   })
-}, { name: 'auth', dependencies: ['config'] })
+}, { name: 'auth', dependencies: ['config', 'metrics'] })
 
 /** The authenticated caller of a route declared with an auth level. */
 export function authOf (request: FastifyRequest): AuthContext {

@@ -2,6 +2,7 @@ import fp from 'fastify-plugin'
 import type { EventBus } from '../src/core/bus'
 import { MemoryBus } from '../src/core/memory-bus'
 import { MemoryState } from '../src/core/memory-state'
+import type { IngressLeader } from '../src/core/redis/engine'
 import type { SharedState } from '../src/core/state'
 
 declare module 'fastify' {
@@ -10,20 +11,37 @@ declare module 'fastify' {
     bus: EventBus
     /** State every instance sees alike. */
     state: SharedState
+    /** Redis mode only: the lease that makes one instance handle each ingress message. */
+    ingress: IngressLeader | null
   }
 }
 
 export default fp(async (app) => {
   const { config, registry } = app
   if (config.redisUrl !== null) {
-    throw new Error('REDIS_URL is set but Redis mode is not available in this build')
+    // Loaded only in Redis mode, so embedded mode never opens a Redis client.
+    const { connectRedis } = await import('../src/core/redis/engine')
+    const engine = await connectRedis({
+      url: config.redisUrl,
+      prefix: config.redisPrefix,
+      historySize: config.historySize,
+      historyTtlS: config.historyTtlS,
+      presenceGraceMs: config.presenceGraceMs,
+      instanceTtlMs: config.instanceTtlMs
+    }, registry, app.log)
+    app.decorate('bus', engine.bus)
+    app.decorate('state', engine.state)
+    app.decorate('ingress', engine.ingress)
+    app.addHook('onClose', async () => await engine.close())
   } else {
     const bus = new MemoryBus({ historySize: config.historySize, historyTtlS: config.historyTtlS })
+    const state = new MemoryState(bus, registry, config.presenceGraceMs)
     app.decorate('bus', bus)
-    app.decorate('state', new MemoryState(bus, registry, config.presenceGraceMs))
+    app.decorate('state', state)
+    app.decorate('ingress', null)
+    app.addHook('onClose', async () => {
+      await state.close()
+      await bus.close()
+    })
   }
-  app.addHook('onClose', async () => {
-    await app.state.close()
-    await app.bus.close()
-  })
 }, { name: 'bus', dependencies: ['config', 'registry'] })

@@ -1,7 +1,7 @@
 import fp from 'fastify-plugin'
 import type { FastifyReply, FastifyRequest } from 'fastify'
 import { channel } from '../src/core/channels'
-import type { CloseReason, StreamConnection, StreamKind } from '../src/core/connection'
+import type { StreamConnection, StreamKind } from '../src/core/connection'
 import { parseCursor } from '../src/core/framing'
 import { Hub } from '../src/core/hub'
 import { Publisher } from '../src/core/publish'
@@ -22,13 +22,6 @@ export interface OpenStreamOptions {
   connectedExtra?: Record<string, unknown>
 }
 
-export interface StreamCounters {
-  opened (connection: StreamConnection): void
-  closed (connection: StreamConnection, reason: CloseReason): void
-  replayed (count: number): void
-  reset (reason: string): void
-}
-
 declare module 'fastify' {
   interface FastifyInstance {
     streams: StreamService
@@ -37,8 +30,6 @@ declare module 'fastify' {
     openStream: (request: FastifyRequest, reply: FastifyReply, options: OpenStreamOptions) => Promise<void>
     /** Adds or removes topics on live streams of this instance. */
     applyTopics: (message: Extract<ControlMessage, { type: 'topics' }>) => Promise<string[] | null>
-    /** Hooks for the metrics plugin. */
-    streamCounters: StreamCounters
   }
 }
 
@@ -62,14 +53,6 @@ export default fp(async (app) => {
   const { config, registry, bus, state } = app
   const hub = new Hub(bus)
   const publisher = new Publisher(bus, state)
-  const counters: StreamCounters = {
-    opened: () => {},
-    closed: () => {},
-    replayed: () => {},
-    reset: () => {}
-  }
-  app.decorate('streamCounters', counters)
-
   const streams = new StreamService(bus, hub, registry, {
     retryMs: config.retryMs,
     keepaliveMs: config.keepaliveMs,
@@ -77,12 +60,12 @@ export default fp(async (app) => {
     historyTtlS: config.historyTtlS
   }, {
     opened: (connection) => {
-      app.streamCounters.opened(connection)
+      app.metrics.streamOpened(connection)
       app.log.info({ connectionId: connection.id, userId: connection.userId, kind: connection.kind, remoteAddress: connection.remoteAddress }, 'stream opened')
     },
     closed: (connection) => {
       const reason = connection.closeReason ?? 'client'
-      app.streamCounters.closed(connection, reason)
+      app.metrics.streamClosed(connection, reason)
       app.log.info({
         connectionId: connection.id,
         userId: connection.userId,
@@ -96,9 +79,9 @@ export default fp(async (app) => {
         app.log.warn({ err: error, connectionId: connection.id }, 'could not record stream close')
       })
     },
-    replayed: (_connection, count) => app.streamCounters.replayed(count),
+    replayed: (_connection, count) => app.metrics.replayed(count),
     reset: (connection, reason) => {
-      app.streamCounters.reset(reason)
+      app.metrics.reset(reason)
       app.log.info({ connectionId: connection.id, reason }, 'replay reset')
     }
   })
@@ -207,4 +190,4 @@ export default fp(async (app) => {
   app.addHook('onClose', async () => {
     streams.stop()
   })
-}, { name: 'streams', dependencies: ['config', 'registry', 'bus', 'auth'] })
+}, { name: 'streams', dependencies: ['config', 'registry', 'bus', 'auth', 'metrics'] })

@@ -38,7 +38,7 @@ const jobRoutes: FastifyPluginAsync = async (app) => {
     if (bytes > config.maxEventBytes) throw new errors.TooLarge(`the job update is ${bytes} bytes, more than the ${config.maxEventBytes} allowed`)
     const result = await state.putJob(jobId, update, config.jobTtlS)
     if (!result.ok) throw new errors.Conflict(result.message)
-    app.onPublished('job', 1)
+    app.metrics.published('job', 1)
     return result.state
   })
 

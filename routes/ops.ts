@@ -11,6 +11,11 @@ const opsRoutes: FastifyPluginAsync = async (app) => {
     if (!app.bus.isReady()) return await reply.code(503).send({ status: 'store unavailable' })
     return { status: 'ready' }
   })
+
+  app.get('/metrics', { config: { internal: true } }, async (_request, reply) => {
+    reply.header('content-type', app.metrics.registry.contentType)
+    return await app.metrics.registry.metrics()
+  })
 }
 
 export default opsRoutes

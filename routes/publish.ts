@@ -4,16 +4,8 @@ import { validatePublishBody } from '../src/core/publish'
 import { errorResponses } from '../src/schemas/common'
 import { errors } from '../src/errors'
 
-declare module 'fastify' {
-  interface FastifyInstance {
-    /** Counts accepted events by target kind; replaced by the metrics plugin. */
-    onPublished: (kind: string, count: number) => void
-  }
-}
-
 const publishRoutes: FastifyPluginAsync = async (app) => {
   const { config, publisher } = app
-  if (!app.hasDecorator('onPublished')) app.decorate('onPublished', () => {})
 
   app.post('/v1/publish', {
     config: { auth: 'publisher', internal: true },
@@ -33,7 +25,7 @@ const publishRoutes: FastifyPluginAsync = async (app) => {
     }
     const { items, batch } = validation.value
     const ids = (await publisher.publish(items)).map(String)
-    for (const item of items) app.onPublished(item.target.kind, 1)
+    for (const item of items) app.metrics.published(item.target.kind, 1)
     reply.code(202)
     return batch ? { ids } : { id: ids[0] }
   })

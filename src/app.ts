@@ -6,8 +6,10 @@ import type { Config } from './config'
 import configPlugin from '../plugins/config'
 import authPlugin from '../plugins/auth'
 import registryPlugin from '../plugins/registry'
+import metricsPlugin from '../plugins/metrics'
 import busPlugin from '../plugins/bus'
 import streamsPlugin from '../plugins/streams'
+import ingressPlugin from '../plugins/ingress'
 import opsRoutes from '../routes/ops'
 import streamRoutes from '../routes/stream'
 import publishRoutes from '../routes/publish'
@@ -111,14 +113,16 @@ export async function buildApp (config: Config, options: BuildOptions = {}): Pro
     })
   }
 
-  await app.register(authPlugin)
   await app.register(registryPlugin, { instanceId: options.instanceId })
   await app.register(busPlugin)
+  await app.register(metricsPlugin)
+  await app.register(authPlugin)
   await app.register(streamsPlugin)
 
   await app.register(opsRoutes)
   await app.register(streamRoutes)
   await app.register(publishRoutes)
+  await app.register(ingressPlugin)
   await app.register(jobRoutes)
   await app.register(subscriptionRoutes)
   await app.register(conversationRoutes)

@@ -1,0 +1,46 @@
+import fp from 'fastify-plugin'
+import { validateEventName, validatePublishBody, type PublishRequest } from '../src/core/publish'
+import { dataText } from '../src/core/framing'
+
+/**
+ * Redis ingress: `PUBLISH <prefix>publish <json>` takes the body of
+ * POST /v1/publish; `PUBLISH stream:<connectionId> {"event","data"}` is seed
+ * 000's contract. A bad message is counted and logged without its data.
+ */
+export default fp(async (app) => {
+  const { ingress, config, publisher } = app
+  if (ingress === null) return
+
+  const reject = (source: string, reason: string): void => {
+    app.metrics.ingressRejected(source, reason)
+    app.log.warn({ source, reason }, 'ingress message dropped')
+  }
+
+  ingress.onMessage(async (source, payload) => {
+    const kind = source.kind === 'publish' ? 'publish' : 'stream'
+    if (Buffer.byteLength(payload) > config.maxBodyBytes) return reject(kind, 'too large')
+    let body: unknown
+    try {
+      body = JSON.parse(payload)
+    } catch {
+      return reject(kind, 'not JSON')
+    }
+    let requests: PublishRequest[]
+    if (source.kind === 'publish') {
+      const validation = validatePublishBody(body, config.maxEventBytes)
+      if (!validation.ok) return reject(kind, validation.message)
+      requests = validation.value.items
+    } else {
+      const message = body as { event?: unknown, data?: unknown } | null
+      if (typeof message !== 'object' || message === null || Array.isArray(message)) return reject(kind, 'not an object')
+      const event = validateEventName(message.event)
+      if (!event.ok) return reject(kind, event.message)
+      if (message.data === undefined) return reject(kind, '"data" is required')
+      const text = dataText(message.data)
+      if (Buffer.byteLength(text) > config.maxEventBytes) return reject(kind, 'data too large')
+      requests = [{ target: { kind: 'connection', id: source.connectionId }, event: event.value, text }]
+    }
+    await publisher.publish(requests)
+    for (const request of requests) app.metrics.published(request.target.kind, 1)
+  })
+}, { name: 'ingress', dependencies: ['bus', 'streams', 'metrics'] })

@@ -1,0 +1,78 @@
+import fp from 'fastify-plugin'
+import { collectDefaultMetrics, Counter, Gauge, Registry as PromRegistry } from 'prom-client'
+import type { StreamConnection } from '../src/core/connection'
+
+/** What the gateway counts; each method is cheap enough for hot paths. */
+export interface GatewayMetrics {
+  readonly registry: PromRegistry
+  authFailure (reason: string): void
+  published (targetKind: string, count: number): void
+  ingressRejected (source: string, reason: string): void
+  streamOpened (connection: StreamConnection): void
+  streamClosed (connection: StreamConnection, reason: string): void
+  replayed (count: number): void
+  reset (reason: string): void
+}
+
+declare module 'fastify' {
+  interface FastifyInstance {
+    metrics: GatewayMetrics
+  }
+}
+
+export default fp(async (app) => {
+  // One registry per app: several gateways may live in one process (tests, benchmarks).
+  const registry = new PromRegistry()
+  const instance = app.registry.instanceId
+  registry.setDefaultLabels({ instance })
+  collectDefaultMetrics({ register: registry, prefix: 'sse_gateway_process_' })
+
+  let deliveredByClosed = 0
+  const gauge = <T extends string>(name: string, help: string, collect: (this: Gauge<T>) => void): Gauge<T> =>
+    new Gauge<T>({ name, help, registers: [registry], collect })
+
+  gauge('sse_connections', 'Streams open on this instance now', function () {
+    this.set(app.registry.size)
+  })
+  gauge('sse_users', 'Users with a stream open on this instance now', function () {
+    this.set(app.registry.userCount)
+  })
+  gauge('sse_redis_up', '1 when the event store answers (always 1 in embedded mode)', function () {
+    this.set(app.bus.isReady() ? 1 : 0)
+  })
+  // Summed at scrape time so delivery itself counts nothing beyond each stream's own tally.
+  new Counter({
+    name: 'sse_events_delivered_total',
+    help: 'Events written to streams (live and replayed)',
+    registers: [registry],
+    collect () {
+      let live = 0
+      for (const connection of app.registry.all()) live += connection.eventsSent
+      this.reset()
+      this.inc(deliveredByClosed + live)
+    }
+  })
+  const opened = new Counter({ name: 'sse_connections_opened_total', help: 'Streams opened', registers: [registry] })
+  const closed = new Counter<'reason'>({ name: 'sse_connections_closed_total', help: 'Streams closed, by reason', labelNames: ['reason'], registers: [registry] })
+  const slow = new Counter({ name: 'sse_slow_consumer_drops_total', help: 'Streams closed because their unsent bytes passed MAX_BUFFERED_BYTES', registers: [registry] })
+  const published = new Counter<'target'>({ name: 'sse_events_published_total', help: 'Events accepted, by target kind', labelNames: ['target'], registers: [registry] })
+  const replayed = new Counter({ name: 'sse_events_replayed_total', help: 'Events sent from history to reconnecting streams', registers: [registry] })
+  const resets = new Counter<'reason'>({ name: 'sse_replay_resets_total', help: 'Reconnects answered with reset, by reason', labelNames: ['reason'], registers: [registry] })
+  const authFailures = new Counter<'reason'>({ name: 'sse_auth_failures_total', help: 'Rejected authentications, by reason', labelNames: ['reason'], registers: [registry] })
+  const ingressRejects = new Counter<'source'>({ name: 'sse_ingress_rejected_total', help: 'Redis ingress messages dropped as invalid', labelNames: ['source'], registers: [registry] })
+
+  app.decorate('metrics', {
+    registry,
+    authFailure: (reason) => authFailures.inc({ reason }),
+    published: (targetKind, count) => published.inc({ target: targetKind }, count),
+    ingressRejected: (source) => ingressRejects.inc({ source }),
+    streamOpened: () => opened.inc(),
+    streamClosed: (connection, reason) => {
+      deliveredByClosed += connection.eventsSent
+      closed.inc({ reason })
+      if (reason === 'slow') slow.inc()
+    },
+    replayed: (count) => replayed.inc(count),
+    reset: (reason) => resets.inc({ reason })
+  } satisfies GatewayMetrics)
+}, { name: 'metrics', dependencies: ['config', 'registry'] })

@@ -1,0 +1,60 @@
+import Redis, { type RedisOptions } from 'ioredis'
+import * as scripts from './scripts'
+
+export type ScriptName = 'PUBLISH' | 'INIT' | 'REPLAY' | 'PUT_JOB' | 'ADMIT' | 'RELEASE' | 'END_GRACE' | 'PRESENCE' | 'USER_TOPICS' | 'MEMBERS' | 'CONTACTS' | 'LEASE'
+
+/** Raised when Redis cannot be reached: routes answer 503, not 500. */
+export class StoreUnavailableError extends Error {
+  readonly statusCode = 503
+  constructor (cause: unknown) {
+    super('the event store (Redis) is unavailable')
+    this.cause = cause
+  }
+}
+
+export function redisOptions (): RedisOptions {
+  return {
+    // Fail fast while Redis is down instead of queueing commands without bound.
+    enableOfflineQueue: false,
+    maxRetriesPerRequest: 1,
+    // Reconnect forever, backing off to 2 s between attempts.
+    retryStrategy: (attempt) => Math.min(100 * attempt, 2000),
+    lazyConnect: true,
+    connectionName: 'sse-gateway'
+  }
+}
+
+/** A Redis connection with the gateway's scripts loaded as commands (EVALSHA, falling back to EVAL). */
+export class ScriptedRedis {
+  readonly redis: Redis
+
+  constructor (url: string, options: RedisOptions = redisOptions()) {
+    this.redis = new Redis(url, options)
+    for (const name of Object.keys(scripts) as ScriptName[]) {
+      this.redis.defineCommand(`gw${name}`, { numberOfKeys: 0, lua: scripts[name] })
+    }
+  }
+
+  async run (name: ScriptName, args: Array<string | number>): Promise<unknown> {
+    // defineCommand adds methods ioredis cannot type; the name is one we defined above.
+    const command = (this.redis as unknown as Record<string, (...a: Array<string | number>) => Promise<unknown>>)[`gw${name}`]
+    try {
+      return await command.apply(this.redis, args)
+    } catch (error) {
+      throw this.translate(error)
+    }
+  }
+
+  translate (error: unknown): Error {
+    if (this.redis.status !== 'ready') return new StoreUnavailableError(error)
+    return error instanceof Error ? error : new Error(String(error))
+  }
+
+  async call<T> (work: (redis: Redis) => Promise<T>): Promise<T> {
+    try {
+      return await work(this.redis)
+    } catch (error) {
+      throw this.translate(error)
+    }
+  }
+}

@@ -1,0 +1,156 @@
+import Redis from 'ioredis'
+import type { Registry } from '../registry'
+import { redisOptions, ScriptedRedis } from './client'
+import { RedisBus } from './redis-bus'
+import { RedisState } from './redis-state'
+
+export interface RedisEngineOptions {
+  url: string
+  prefix: string
+  historySize: number
+  historyTtlS: number
+  presenceGraceMs: number
+  instanceTtlMs: number
+}
+
+interface Log {
+  info: (obj: object, msg: string) => void
+  warn: (obj: object, msg: string) => void
+}
+
+/** A message that arrived on an ingress channel: `<prefix>publish` or `stream:<connectionId>`. */
+export type IngressHandler = (source: { kind: 'publish' } | { kind: 'stream', connectionId: string }, payload: string) => Promise<void>
+
+/**
+ * Every instance receives a PUBLISH on an ingress channel, yet each message
+ * must be handled once. One instance holds a lease in Redis (`<prefix>leader`)
+ * and only it subscribes to the ingress channels; the others keep trying to
+ * take the lease, so one takes over within a lease when the holder dies.
+ * The same holder clears what dead instances left behind.
+ */
+export class IngressLeader {
+  private holding = false
+  /** Local deadline: past it this instance stops acting even if Redis is unreachable. */
+  private validUntil = 0
+  private readonly timer: NodeJS.Timeout
+  private handler: IngressHandler = async () => {}
+
+  constructor (
+    private readonly commands: ScriptedRedis,
+    private readonly subscriber: Redis,
+    private readonly state: RedisState,
+    private readonly prefix: string,
+    private readonly leaseMs: number,
+    private readonly log: Log
+  ) {
+    subscriber.on('message', (name: string, message: string) => {
+      if (name === `${prefix}publish`) this.dispatch({ kind: 'publish' }, message)
+    })
+    subscriber.on('pmessage', (_pattern: string, name: string, message: string) => {
+      if (name.startsWith('stream:')) this.dispatch({ kind: 'stream', connectionId: name.slice('stream:'.length) }, message)
+    })
+    this.timer = setInterval(() => {
+      this.tick().catch((error: unknown) => this.log.warn({ err: error }, 'ingress lease check failed'))
+    }, Math.max(100, Math.floor(leaseMs / 3))).unref()
+  }
+
+  get isLeader (): boolean {
+    return this.holding && Date.now() < this.validUntil
+  }
+
+  onMessage (handler: IngressHandler): void {
+    this.handler = handler
+  }
+
+  async tick (): Promise<void> {
+    if (this.commands.redis.status !== 'ready') return this.step(false)
+    const startedAt = Date.now()
+    const held = await this.commands.run('LEASE', [this.prefix, this.state.instanceId, this.leaseMs]) === 1
+    if (held) this.validUntil = startedAt + this.leaseMs - 200
+    await this.step(held)
+    if (held) await this.reapDead()
+  }
+
+  async stop (): Promise<void> {
+    clearInterval(this.timer)
+    if (this.holding && this.commands.redis.status === 'ready') {
+      await this.step(false)
+      // Hand the lease over at once rather than after it expires.
+      await this.commands.redis.eval(
+        "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0",
+        1, `${this.prefix}leader`, this.state.instanceId
+      ).catch(() => {})
+    }
+  }
+
+  private async step (held: boolean): Promise<void> {
+    if (held === this.holding) return
+    this.holding = held
+    if (held) {
+      this.log.info({ instance: this.state.instanceId }, 'took the ingress lease')
+      await this.subscriber.subscribe(`${this.prefix}publish`)
+      await this.subscriber.psubscribe('stream:*')
+    } else {
+      this.log.info({ instance: this.state.instanceId }, 'gave up the ingress lease')
+      await this.subscriber.unsubscribe(`${this.prefix}publish`).catch(() => {})
+      await this.subscriber.punsubscribe('stream:*').catch(() => {})
+    }
+  }
+
+  private dispatch (source: Parameters<IngressHandler>[0], payload: string): void {
+    if (!this.isLeader) return
+    this.handler(source, payload).catch((error: unknown) => this.log.warn({ err: error, source: source.kind }, 'ingress message failed'))
+  }
+
+  private async reapDead (): Promise<void> {
+    for (const instance of await this.state.deadInstances()) {
+      this.log.info({ instance }, 'clearing a dead instance')
+      await this.state.reap(instance)
+    }
+  }
+}
+
+export interface RedisEngine {
+  bus: RedisBus
+  state: RedisState
+  ingress: IngressLeader
+  close: () => Promise<void>
+}
+
+export async function connectRedis (options: RedisEngineOptions, registry: Registry, log: Log): Promise<RedisEngine> {
+  const commands = new ScriptedRedis(options.url)
+  // A subscriber connection cannot run commands, so publishing and reading use the other one.
+  const subscriber = new Redis(options.url, { ...redisOptions(), connectionName: 'sse-gateway-sub' })
+  for (const [name, client] of [['commands', commands.redis], ['subscriber', subscriber]] as const) {
+    client.on('error', (error: Error) => log.warn({ connection: name, reason: error.message }, 'redis error'))
+  }
+  const bus = new RedisBus(commands, subscriber, options)
+  const state = new RedisState(commands, subscriber, registry, options, log)
+  const ingress = new IngressLeader(commands, subscriber, state, options.prefix, Math.max(1000, Math.floor(options.instanceTtlMs / 2)), log)
+
+  let everReady = false
+  commands.redis.on('ready', () => {
+    if (!everReady) return
+    log.info({}, 'redis is back')
+    // Redis may have restarted empty: restart the id epoch and re-record our streams.
+    Promise.all([bus.lastId(), state.resync()]).catch((error: unknown) => log.warn({ err: error }, 'resync after reconnect failed'))
+  })
+
+  await Promise.all([commands.redis.connect(), subscriber.connect()])
+  await bus.lastId()
+  await state.start()
+  everReady = true
+  await ingress.tick()
+
+  return {
+    bus,
+    state,
+    ingress,
+    close: async () => {
+      await ingress.stop()
+      await state.close()
+      commands.redis.disconnect()
+      subscriber.disconnect()
+    }
+  }
+}

@@ -1,0 +1,100 @@
+import type Redis from 'ioredis'
+import type { DeliveryListener, EventBus, HistoryEntry, PublishItem, ReplayResult, ResetReason } from '../bus'
+import { frameWithId } from '../framing'
+import type { ScriptedRedis } from './client'
+
+const ID_PREFIX = Buffer.from('id: ')
+const NEWLINE = 0x0a
+
+export interface RedisBusOptions {
+  prefix: string
+  historySize: number
+  historyTtlS: number
+}
+
+/**
+ * The distributed engine. Publishing is one Lua script per batch (id, history,
+ * PUBLISH); each instance SUBSCRIBEs to `<prefix>ch:<channel>` only while one
+ * of its own streams listens to that channel.
+ */
+export class RedisBus implements EventBus {
+  readonly mode = 'redis' as const
+  private listener: DeliveryListener = () => {}
+  private readonly channelPrefix: string
+
+  constructor (
+    private readonly commands: ScriptedRedis,
+    private readonly subscriber: Redis,
+    private readonly options: RedisBusOptions
+  ) {
+    this.channelPrefix = `${options.prefix}ch:`
+    const skip = Buffer.byteLength(this.channelPrefix)
+    subscriber.on('messageBuffer', (channelName: Buffer, message: Buffer) => {
+      if (channelName.length <= skip || channelName.toString('latin1', 0, skip) !== this.channelPrefix) return
+      const newline = message.indexOf(NEWLINE)
+      if (newline <= 0) return
+      const id = Number(message.toString('latin1', 0, newline))
+      // "<id>\n<body>" becomes "id: <id>\n<body>": one copy, shared by every local recipient.
+      this.listener(channelName.toString('utf8', skip), id, Buffer.concat([ID_PREFIX, message]))
+    })
+  }
+
+  async publish (items: PublishItem[]): Promise<number[]> {
+    if (items.length === 0) return []
+    const args: Array<string | number> = [this.options.prefix, this.options.historySize, this.options.historyTtlS]
+    for (const item of items) args.push(item.channels.length, ...item.channels, item.body)
+    const ids = await this.commands.run('PUBLISH', args) as string[]
+    return ids.map(Number)
+  }
+
+  async replay (channels: string[], after: number): Promise<ReplayResult> {
+    const result = await this.read(channels, String(after))
+    if (result[0] === 'reset') return { reset: result[1] as ResetReason, events: [] }
+    return { reset: null, events: this.entries(result) }
+  }
+
+  async window (channels: string[]): Promise<HistoryEntry[]> {
+    return this.entries(await this.read(channels, ''))
+  }
+
+  async listen (channel: string): Promise<void> {
+    try {
+      await this.subscriber.subscribe(this.channelPrefix + channel)
+    } catch (error) {
+      throw this.commands.translate(error)
+    }
+  }
+
+  unlisten (channel: string): void {
+    // While Redis is down the subscription is dropped anyway; ioredis forgets it too.
+    this.subscriber.unsubscribe(this.channelPrefix + channel).catch(() => {})
+  }
+
+  onDelivery (listener: DeliveryListener): void {
+    this.listener = listener
+  }
+
+  async lastId (): Promise<number> {
+    return Number(await this.commands.run('INIT', [this.options.prefix]))
+  }
+
+  isReady (): boolean {
+    return this.commands.redis.status === 'ready' && this.subscriber.status === 'ready'
+  }
+
+  async close (): Promise<void> {}
+
+  private async read (channels: string[], cursor: string): Promise<string[]> {
+    if (channels.length === 0 && cursor === '') return ['ok']
+    return await this.commands.run('REPLAY', [this.options.prefix, cursor, this.options.historyTtlS, ...channels]) as string[]
+  }
+
+  private entries (result: string[]): HistoryEntry[] {
+    const events: HistoryEntry[] = []
+    for (let index = 1; index + 1 < result.length; index += 2) {
+      const id = Number(result[index])
+      events.push({ id, frame: frameWithId(id, result[index + 1]) })
+    }
+    return events
+  }
+}

@@ -1,0 +1,336 @@
+import type Redis from 'ioredis'
+import { randomBytes } from 'node:crypto'
+import { channel } from '../channels'
+import { transitionJob, type JobState, type JobUpdate } from '../jobs'
+import type { ConnectionInfo, Registry } from '../registry'
+import type { Admission, AdmitRequest, ClusterStats, ControlListener, ControlMessage, JobPutResult, Presence, SharedState } from '../state'
+import type { ScriptedRedis } from './client'
+
+export interface RedisStateOptions {
+  prefix: string
+  historySize: number
+  historyTtlS: number
+  presenceGraceMs: number
+  instanceTtlMs: number
+  /** How long an instance waits for the others to apply a control message. */
+  controlTimeoutMs?: number
+}
+
+interface ControlEnvelope { requestId: string, from: string, message: ControlMessage }
+interface ControlReply { requestId: string, answer: string[] | null }
+
+const JOB_CAS_ATTEMPTS = 8
+
+/**
+ * Shared state in Redis. Instances announce themselves with a heartbeat
+ * (`<prefix>instances`, a sorted set scored by last beat) and keep their
+ * streams in `<prefix>i:<instance>:conns`; anything of an instance whose beat
+ * is older than INSTANCE_TTL_MS is ignored, so a killed instance drops out of
+ * counts and limits by itself.
+ */
+export class RedisState implements SharedState {
+  readonly instanceId: string
+  private controlListener: ControlListener = async () => null
+  private offlineListener: (userId: string) => void = () => {}
+  private readonly graceTimers = new Map<string, NodeJS.Timeout>()
+  private readonly waiting = new Map<string, { expected: number, answers: Array<string[] | null>, done: (answer: string[] | null) => void }>()
+  private readonly heartbeatTimer: NodeJS.Timeout
+  private readonly prefix: string
+
+  constructor (
+    private readonly commands: ScriptedRedis,
+    private readonly subscriber: Redis,
+    private readonly registry: Registry,
+    private readonly options: RedisStateOptions,
+    private readonly log: { warn: (obj: object, msg: string) => void }
+  ) {
+    this.instanceId = registry.instanceId
+    this.prefix = options.prefix
+    subscriber.on('message', (name: string, message: string) => {
+      if (name === `${this.prefix}ctl`) this.onControlMessage(message)
+      else if (name === `${this.prefix}reply:${this.instanceId}`) this.onReply(message)
+    })
+    this.heartbeatTimer = setInterval(() => {
+      this.heartbeat().catch((error: unknown) => this.log.warn({ err: error }, 'heartbeat failed'))
+    }, Math.max(200, Math.floor(options.instanceTtlMs / 3))).unref()
+  }
+
+  /** Subscribes to control traffic and announces this instance. */
+  async start (): Promise<void> {
+    await this.subscriber.subscribe(`${this.prefix}ctl`, `${this.prefix}reply:${this.instanceId}`)
+    await this.heartbeat()
+  }
+
+  /** After Redis comes back (maybe empty), this instance's streams are recorded again. */
+  async resync (): Promise<void> {
+    await this.heartbeat()
+    const pipeline = this.commands.redis.pipeline()
+    for (const connection of this.registry.all()) {
+      pipeline.zadd(`${this.prefix}uc:${connection.userId}`, connection.openedAt, `${this.instanceId}|${connection.id}`)
+      pipeline.hset(this.connsKey(this.instanceId), connection.id, JSON.stringify(this.registry.info(connection)))
+      pipeline.set(`${this.prefix}conn:${connection.id}`, connection.userId)
+    }
+    await pipeline.exec()
+  }
+
+  async heartbeat (): Promise<void> {
+    const now = Date.now()
+    const ttlS = Math.ceil((this.options.instanceTtlMs * 10) / 1000)
+    await this.commands.redis.multi()
+      .zadd(`${this.prefix}instances`, now, this.instanceId)
+      .expire(this.connsKey(this.instanceId), ttlS)
+      .exec()
+  }
+
+  async createConnection (connectionId: string, userId: string, ttlS: number): Promise<void> {
+    await this.commands.call(async (redis) => await redis.set(`${this.prefix}conn:${connectionId}`, userId, 'EX', ttlS))
+  }
+
+  async connectionOwner (connectionId: string): Promise<string | null> {
+    return await this.commands.call(async (redis) => await redis.get(`${this.prefix}conn:${connectionId}`))
+  }
+
+  async admit (request: AdmitRequest): Promise<Admission> {
+    const info: ConnectionInfo = {
+      connectionId: request.connectionId,
+      userId: request.userId,
+      topics: request.topics,
+      openedAt: new Date(request.openedAt).toISOString(),
+      instance: this.instanceId
+    }
+    const [admitted, cameOnline, evicted] = await this.commands.run('ADMIT', [
+      this.prefix, request.userId, this.instanceId, request.connectionId, request.openedAt,
+      request.limit, request.policy, this.options.instanceTtlMs, JSON.stringify(info)
+    ]) as [number, number, string]
+    if (admitted !== 1) return { admitted: false }
+    this.cancelGrace(request.userId)
+    return { admitted: true, cameOnline: cameOnline === 1, evict: evicted === '' ? null : evicted.slice(evicted.indexOf('|') + 1) }
+  }
+
+  async release (connectionId: string, userId: string, ttlS: number): Promise<void> {
+    const token = randomBytes(8).toString('hex')
+    const last = await this.commands.run('RELEASE', [
+      this.prefix, userId, this.instanceId, connectionId, ttlS, this.options.instanceTtlMs, this.options.presenceGraceMs, token
+    ])
+    if (last !== 1) return
+    this.cancelGrace(userId)
+    const timer = setTimeout(() => {
+      this.graceTimers.delete(userId)
+      this.endGrace(userId, token).catch((error: unknown) => this.log.warn({ err: error, userId }, 'presence grace not settled'))
+    }, this.options.presenceGraceMs).unref()
+    this.graceTimers.set(userId, timer)
+  }
+
+  async updateTopics (connectionId: string, userId: string, topics: string[]): Promise<void> {
+    const connection = this.registry.get(connectionId)
+    if (connection === undefined || connection.userId !== userId) return
+    await this.commands.call(async (redis) => await redis.hset(this.connsKey(this.instanceId), connectionId, JSON.stringify({ ...this.registry.info(connection), topics })))
+  }
+
+  onControl (listener: ControlListener): void {
+    this.controlListener = listener
+  }
+
+  async broadcastControl (message: ControlMessage): Promise<string[] | null> {
+    const requestId = randomBytes(8).toString('hex')
+    const envelope: ControlEnvelope = { requestId, from: this.instanceId, message }
+    return await new Promise<string[] | null>((resolve, reject) => {
+      const timer = setTimeout(() => finish(), this.options.controlTimeoutMs ?? 3000)
+      const entry = { expected: Infinity, answers: [] as Array<string[] | null>, done: (answer: string[] | null) => { clearTimeout(timer); resolve(answer) } }
+      const finish = (): void => {
+        this.waiting.delete(requestId)
+        entry.done(entry.answers.find((answer) => answer !== null) ?? null)
+      }
+      this.waiting.set(requestId, entry)
+      this.commands.redis.publish(`${this.prefix}ctl`, JSON.stringify(envelope)).then((receivers) => {
+        // PUBLISH answers how many instances received it: wait for that many replies.
+        entry.expected = receivers
+        if (entry.answers.length >= receivers) finish()
+      }, (error: unknown) => {
+        clearTimeout(timer)
+        this.waiting.delete(requestId)
+        reject(this.commands.translate(error))
+      })
+    })
+  }
+
+  onOffline (listener: (userId: string) => void): void {
+    this.offlineListener = listener
+  }
+
+  async presence (userId: string): Promise<Presence> {
+    const [connections, grace] = await this.commands.run('PRESENCE', [this.prefix, userId, this.options.instanceTtlMs]) as [number, number]
+    return { userId, online: connections > 0 || grace === 1, connections }
+  }
+
+  async stats (): Promise<ClusterStats> {
+    const { instances, connections } = await this.liveConnections()
+    const users = new Set<string>()
+    const topics: Record<string, number> = {}
+    for (const info of connections) {
+      users.add(info.userId)
+      for (const topic of info.topics) topics[topic] = (topics[topic] ?? 0) + 1
+    }
+    return { connections: connections.length, users: users.size, topics, instances }
+  }
+
+  async connections (): Promise<ConnectionInfo[]> {
+    return (await this.liveConnections()).connections
+  }
+
+  async userTopics (userId: string): Promise<string[]> {
+    return await this.commands.call(async (redis) => await redis.smembers(`${this.prefix}ut:${userId}`))
+  }
+
+  async subscribeUser (userId: string, topics: string[], ttlS: number): Promise<string[]> {
+    return await this.commands.run('USER_TOPICS', [this.prefix, userId, ttlS, 'add', ...topics]) as string[]
+  }
+
+  async unsubscribeUser (userId: string, topics: string[]): Promise<string[]> {
+    return await this.commands.run('USER_TOPICS', [this.prefix, userId, 0, 'remove', ...topics]) as string[]
+  }
+
+  async updateMembers (conversationId: string, op: 'set' | 'add' | 'remove', members: string[]): Promise<string[]> {
+    return await this.commands.run('MEMBERS', [this.prefix, conversationId, op, ...members]) as string[]
+  }
+
+  async members (conversationId: string): Promise<string[]> {
+    return await this.commands.call(async (redis) => await redis.smembers(`${this.prefix}cv:${conversationId}`))
+  }
+
+  async contacts (userId: string): Promise<string[]> {
+    return await this.commands.run('CONTACTS', [this.prefix, userId]) as string[]
+  }
+
+  async getJob (jobId: string): Promise<JobState | null> {
+    const [json, eventId] = await this.commands.call(async (redis) => await redis.hmget(`${this.prefix}job:${jobId}`, 'json', 'eventId'))
+    if (json === null || eventId === null) return null
+    return { ...JSON.parse(json) as Omit<JobState, 'eventId'>, eventId }
+  }
+
+  async putJob (jobId: string, update: JobUpdate, ttlS: number): Promise<JobPutResult> {
+    const key = `${this.prefix}job:${jobId}`
+    // Optimistic: the script applies the update only if nobody changed the job since we read it.
+    for (let attempt = 0; attempt < JOB_CAS_ATTEMPTS; attempt++) {
+      const [json, eventId, version] = await this.commands.call(async (redis) => await redis.hmget(key, 'json', 'eventId', 'version'))
+      const previous = json !== null && eventId !== null ? { ...JSON.parse(json) as Omit<JobState, 'eventId'>, eventId } : null
+      const transition = transitionJob(jobId, previous, update, new Date())
+      if (!transition.ok) return transition
+      const channels = [channel.job(jobId), channel.userJobs(update.userId)]
+      const result = await this.commands.run('PUT_JOB', [
+        this.prefix, this.options.historySize, this.options.historyTtlS, jobId, version ?? '0',
+        JSON.stringify(transition.state), ttlS, channels.length, ...channels, transition.body
+      ]) as [string, string?]
+      if (result[0] === 'ok') return { ok: true, state: { ...transition.state, eventId: result[1] as string } }
+    }
+    return { ok: false, message: `job ${jobId} is being updated concurrently; retry` }
+  }
+
+  async close (): Promise<void> {
+    clearInterval(this.heartbeatTimer)
+    for (const timer of this.graceTimers.values()) clearTimeout(timer)
+    this.graceTimers.clear()
+    for (const entry of this.waiting.values()) entry.done(null)
+    this.waiting.clear()
+    if (this.commands.redis.status === 'ready') {
+      // A clean stop leaves the instance list at once instead of after its TTL.
+      await this.commands.redis.multi()
+        .zrem(`${this.prefix}instances`, this.instanceId)
+        .del(this.connsKey(this.instanceId))
+        .exec()
+        .catch(() => {})
+    }
+  }
+
+  /** Instances whose heartbeat is recent enough to count. */
+  async liveInstances (): Promise<string[]> {
+    return await this.commands.call(async (redis) => await redis.zrangebyscore(`${this.prefix}instances`, Date.now() - this.options.instanceTtlMs, '+inf'))
+  }
+
+  /** Instances that stopped beating: their streams are gone. */
+  async deadInstances (): Promise<string[]> {
+    return await this.commands.call(async (redis) => await redis.zrangebyscore(`${this.prefix}instances`, '-inf', `(${Date.now() - this.options.instanceTtlMs}`))
+  }
+
+  /**
+   * Clears what a dead instance left (run by the lease holder): its streams
+   * leave the per-user sets, and users left with no stream go offline.
+   */
+  async reap (instance: string): Promise<void> {
+    const conns = await this.commands.call(async (redis) => await redis.hgetall(this.connsKey(instance)))
+    const users = new Set<string>()
+    for (const [connectionId, json] of Object.entries(conns)) {
+      const info = JSON.parse(json) as ConnectionInfo
+      users.add(info.userId)
+      await this.commands.call(async (redis) => await redis.zrem(`${this.prefix}uc:${info.userId}`, `${instance}|${connectionId}`))
+    }
+    await this.commands.call(async (redis) => await redis.multi().del(this.connsKey(instance)).zrem(`${this.prefix}instances`, instance).exec())
+    for (const userId of users) {
+      const presence = await this.presence(userId)
+      if (!presence.online) this.offlineListener(userId)
+    }
+  }
+
+  private async liveConnections (): Promise<{ instances: number, connections: ConnectionInfo[] }> {
+    const instances = await this.liveInstances()
+    const pipeline = this.commands.redis.pipeline()
+    for (const instance of instances) pipeline.hvals(this.connsKey(instance))
+    const results = await this.commands.call(async () => await pipeline.exec()) ?? []
+    const connections: ConnectionInfo[] = []
+    for (const [error, values] of results) {
+      if (error !== null) continue
+      for (const json of values as string[]) connections.push(JSON.parse(json) as ConnectionInfo)
+    }
+    return { instances: instances.length, connections }
+  }
+
+  private connsKey (instance: string): string {
+    return `${this.prefix}i:${instance}:conns`
+  }
+
+  private cancelGrace (userId: string): void {
+    const timer = this.graceTimers.get(userId)
+    if (timer !== undefined) {
+      clearTimeout(timer)
+      this.graceTimers.delete(userId)
+    }
+  }
+
+  private async endGrace (userId: string, token: string): Promise<void> {
+    const offline = await this.commands.run('END_GRACE', [this.prefix, userId, token, this.options.instanceTtlMs])
+    if (offline === 1) this.offlineListener(userId)
+  }
+
+  private onControlMessage (raw: string): void {
+    let envelope: ControlEnvelope
+    try {
+      envelope = JSON.parse(raw) as ControlEnvelope
+    } catch {
+      return
+    }
+    const reply = (answer: string[] | null): void => {
+      const body: ControlReply = { requestId: envelope.requestId, answer }
+      this.commands.redis.publish(`${this.prefix}reply:${envelope.from}`, JSON.stringify(body)).catch(() => {})
+    }
+    this.controlListener(envelope.message).then(reply, (error: unknown) => {
+      this.log.warn({ err: error, type: envelope.message.type }, 'control message failed')
+      reply(null)
+    })
+  }
+
+  private onReply (raw: string): void {
+    let reply: ControlReply
+    try {
+      reply = JSON.parse(raw) as ControlReply
+    } catch {
+      return
+    }
+    const entry = this.waiting.get(reply.requestId)
+    if (entry === undefined) return
+    entry.answers.push(reply.answer)
+    if (entry.answers.length >= entry.expected) {
+      this.waiting.delete(reply.requestId)
+      entry.done(entry.answers.find((answer) => answer !== null) ?? null)
+    }
+  }
+}

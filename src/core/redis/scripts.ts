@@ -1,0 +1,341 @@
+/**
+ * Lua scripts run inside Redis. Each runs atomically, which is what makes
+ * ids, history and fan-out agree across instances: the script that assigns
+ * an id also appends the event to every channel's history and PUBLISHes it,
+ * so every subscriber connection receives events in id order.
+ *
+ * Key layout (all under the configured prefix, written `P` here):
+ *   P id                 last id issued (microseconds since the epoch, or above)
+ *   P epoch              first id of this store's life: older cursors cannot be served
+ *   P e:<id>             an event's body, stored once whatever its channel count (TTL = window)
+ *   P h:<channel>        sorted set of the channel's event ids, capped at HISTORY_SIZE (TTL = window)
+ *   P d:<channel>        highest id trimmed from that history by the size cap
+ *   P ch:<channel>       pub/sub channel carrying "<id>\n<body>"
+ * Ids are formatted with %.0f: Lua numbers are doubles, exact below 2^53,
+ * and microsecond timestamps stay far below it.
+ */
+
+/** Shared by every script that publishes: assigns ids, appends, publishes. */
+const PUBLISH_FUNCTIONS = `
+local function clock_us()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000000 + tonumber(t[2])
+end
+
+local function fmt(n)
+  return string.format('%.0f', n)
+end
+
+-- Starts the id counter and the epoch if the store is new (or lost its data).
+local function ensure_epoch(prefix, now)
+  local last = redis.call('GET', prefix .. 'id')
+  if not last then
+    redis.call('SET', prefix .. 'id', fmt(now))
+    redis.call('SET', prefix .. 'epoch', fmt(now))
+    return now
+  end
+  return tonumber(last)
+end
+
+-- Publishes one event on its channels; returns its id.
+local function publish_event(prefix, size, ttl_s, last, now, channels, body)
+  local id = math.max(last + 1, now)
+  local ids = fmt(id)
+  if size > 0 and #channels > 0 then
+    redis.call('SET', prefix .. 'e:' .. ids, body, 'EX', ttl_s)
+  end
+  local message = ids .. '\\n' .. body
+  for _, ch in ipairs(channels) do
+    if size > 0 then
+      local hk = prefix .. 'h:' .. ch
+      redis.call('ZADD', hk, id, ids)
+      local extra = redis.call('ZCARD', hk) - size
+      if extra > 0 then
+        local dropped = redis.call('ZRANGE', hk, extra - 1, extra - 1)
+        redis.call('ZREMRANGEBYRANK', hk, 0, extra - 1)
+        redis.call('SET', prefix .. 'd:' .. ch, dropped[1], 'EX', ttl_s)
+      end
+      redis.call('ZREMRANGEBYSCORE', hk, '-inf', '(' .. fmt(now - ttl_s * 1000000))
+      redis.call('EXPIRE', hk, ttl_s)
+    end
+    redis.call('PUBLISH', prefix .. 'ch:' .. ch, message)
+  end
+  return id
+end
+`
+
+/**
+ * ARGV: prefix, historySize, historyTtlS, then per event: channel count,
+ * the channels, the body. Returns the ids as strings, in order.
+ */
+export const PUBLISH = `${PUBLISH_FUNCTIONS}
+local prefix = ARGV[1]
+local size = tonumber(ARGV[2])
+local ttl_s = tonumber(ARGV[3])
+local now = clock_us()
+local last = ensure_epoch(prefix, now)
+local ids = {}
+local i = 4
+while i <= #ARGV do
+  local n = tonumber(ARGV[i])
+  local channels = {}
+  for c = 1, n do channels[c] = ARGV[i + c] end
+  last = publish_event(prefix, size, ttl_s, last, now, channels, ARGV[i + n + 1])
+  ids[#ids + 1] = fmt(last)
+  i = i + n + 2
+end
+redis.call('SET', prefix .. 'id', fmt(last))
+return ids
+`
+
+/** ARGV: prefix. Starts the counter and epoch if missing; returns the last id. */
+export const INIT = `${PUBLISH_FUNCTIONS}
+return fmt(ensure_epoch(ARGV[1], clock_us()))
+`
+
+/**
+ * ARGV: prefix, cursor ('' for the whole window), historyTtlS, channels...
+ * Returns { 'reset', reason } or { 'ok', id1, body1, id2, body2, ... } merged in id order.
+ */
+export const REPLAY = `
+local prefix = ARGV[1]
+local has_cursor = ARGV[2] ~= ''
+local after = tonumber(ARGV[2]) or 0
+local ttl_s = tonumber(ARGV[3])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local cutoff = now - ttl_s * 1000000
+if has_cursor then
+  local last = tonumber(redis.call('GET', prefix .. 'id') or '-1')
+  local epoch = tonumber(redis.call('GET', prefix .. 'epoch') or '-1')
+  if last < 0 or epoch < 0 then return { 'reset', 'unknown' } end
+  if after > last then return { 'reset', 'future' } end
+  if after < epoch then return { 'reset', 'unknown' } end
+  if after < cutoff then return { 'reset', 'expired' } end
+  for i = 4, #ARGV do
+    local dropped = tonumber(redis.call('GET', prefix .. 'd:' .. ARGV[i]) or '0')
+    if dropped > after then return { 'reset', 'trimmed' } end
+  end
+end
+local low = '(' .. string.format('%.0f', math.max(after, cutoff - 1))
+local seen = {}
+local ids = {}
+for i = 4, #ARGV do
+  local found = redis.call('ZRANGEBYSCORE', prefix .. 'h:' .. ARGV[i], low, '+inf')
+  for _, id in ipairs(found) do
+    if not seen[id] then
+      seen[id] = true
+      ids[#ids + 1] = tonumber(id)
+    end
+  end
+end
+table.sort(ids)
+local out = { 'ok' }
+for _, id in ipairs(ids) do
+  local key = string.format('%.0f', id)
+  local body = redis.call('GET', prefix .. 'e:' .. key)
+  if body then
+    out[#out + 1] = key
+    out[#out + 1] = body
+  end
+end
+return out
+`
+
+/**
+ * Compare-and-set of a job's state with its job_update event, in one step.
+ * ARGV: prefix, historySize, historyTtlS, jobId, expectedVersion ('0' if new),
+ * stateJson, jobTtlS, channel count, channels..., body.
+ * Returns { 'ok', id } or { 'conflict' }.
+ */
+export const PUT_JOB = `${PUBLISH_FUNCTIONS}
+local prefix = ARGV[1]
+local size = tonumber(ARGV[2])
+local ttl_s = tonumber(ARGV[3])
+local key = prefix .. 'job:' .. ARGV[4]
+local version = tonumber(redis.call('HGET', key, 'version') or '0')
+if version ~= tonumber(ARGV[5]) then return { 'conflict' } end
+local n = tonumber(ARGV[8])
+local channels = {}
+for c = 1, n do channels[c] = ARGV[8 + c] end
+local now = clock_us()
+local last = ensure_epoch(prefix, now)
+local id = publish_event(prefix, size, ttl_s, last, now, channels, ARGV[9 + n])
+redis.call('SET', prefix .. 'id', fmt(id))
+redis.call('HSET', key, 'json', ARGV[6], 'eventId', fmt(id), 'version', version + 1)
+redis.call('EXPIRE', key, tonumber(ARGV[7]))
+return { 'ok', fmt(id) }
+`
+
+/** Drops members of instances whose heartbeat is older than the TTL; returns the live ones, oldest first. */
+const LIVE_MEMBERS = `
+local function live_members(prefix, uk, now_ms, inst_ttl)
+  local members = redis.call('ZRANGE', uk, 0, -1)
+  local live = {}
+  for _, m in ipairs(members) do
+    local inst = string.match(m, '^(.-)|')
+    local beat = inst and redis.call('ZSCORE', prefix .. 'instances', inst)
+    if beat and tonumber(beat) > now_ms - inst_ttl then
+      live[#live + 1] = m
+    else
+      redis.call('ZREM', uk, m)
+    end
+  end
+  return live
+end
+`
+
+/**
+ * Admits a stream under the per-user limit, cluster-wide.
+ * ARGV: prefix, userId, instance, connectionId, openedAtMs, limit, policy,
+ * instanceTtlMs, infoJson. Returns { admitted(0|1), cameOnline(0|1), evicted member or '' }.
+ */
+export const ADMIT = `${LIVE_MEMBERS}
+local prefix, user, inst, conn = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local t = redis.call('TIME')
+local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local uk = prefix .. 'uc:' .. user
+local live = live_members(prefix, uk, now_ms, tonumber(ARGV[8]))
+local evict = ''
+if #live >= tonumber(ARGV[6]) then
+  if ARGV[7] == 'reject' then return { 0, 0, '' } end
+  evict = live[1]
+  redis.call('ZREM', uk, evict)
+  local evicted_conn = string.match(evict, '|(.*)$')
+  local evicted_inst = string.match(evict, '^(.-)|')
+  redis.call('HDEL', prefix .. 'i:' .. evicted_inst .. ':conns', evicted_conn)
+end
+local grace = prefix .. 'grace:' .. user
+local was_online = #live > 0 or redis.call('EXISTS', grace) == 1
+redis.call('DEL', grace)
+redis.call('ZADD', uk, tonumber(ARGV[5]), inst .. '|' .. conn)
+redis.call('SET', prefix .. 'conn:' .. conn, user)
+redis.call('PERSIST', prefix .. 'ut:' .. user)
+redis.call('HSET', prefix .. 'i:' .. inst .. ':conns', conn, ARGV[9])
+return { 1, was_online and 0 or 1, evict }
+`
+
+/**
+ * Forgets a closed stream. ARGV: prefix, userId, instance, connectionId,
+ * reopenTtlS, instanceTtlMs, graceMs, graceToken.
+ * Returns 1 when it was the user's last stream (a grace period starts), else 0.
+ */
+export const RELEASE = `${LIVE_MEMBERS}
+local prefix, user, inst, conn = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local t = redis.call('TIME')
+local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local uk = prefix .. 'uc:' .. user
+local removed = redis.call('ZREM', uk, inst .. '|' .. conn)
+redis.call('HDEL', prefix .. 'i:' .. inst .. ':conns', conn)
+if redis.call('GET', prefix .. 'conn:' .. conn) == user then
+  redis.call('EXPIRE', prefix .. 'conn:' .. conn, tonumber(ARGV[5]))
+end
+if removed == 0 then return 0 end
+if #live_members(prefix, uk, now_ms, tonumber(ARGV[6])) > 0 then return 0 end
+redis.call('SET', prefix .. 'grace:' .. user, ARGV[8], 'PX', tonumber(ARGV[7]) + 60000)
+redis.call('EXPIRE', prefix .. 'ut:' .. user, tonumber(ARGV[5]))
+return 1
+`
+
+/**
+ * Ends a grace period. ARGV: prefix, userId, graceToken, instanceTtlMs.
+ * Returns 1 when the user is now offline (nobody reconnected meanwhile).
+ */
+export const END_GRACE = `${LIVE_MEMBERS}
+local prefix, user = ARGV[1], ARGV[2]
+local grace = prefix .. 'grace:' .. user
+if redis.call('GET', grace) ~= ARGV[3] then return 0 end
+redis.call('DEL', grace)
+local t = redis.call('TIME')
+local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+if #live_members(prefix, prefix .. 'uc:' .. user, now_ms, tonumber(ARGV[4])) > 0 then return 0 end
+return 1
+`
+
+/** ARGV: prefix, userId, instanceTtlMs. Returns { live streams, in grace (0|1) }. */
+export const PRESENCE = `${LIVE_MEMBERS}
+local prefix, user = ARGV[1], ARGV[2]
+local t = redis.call('TIME')
+local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local live = live_members(prefix, prefix .. 'uc:' .. user, now_ms, tonumber(ARGV[3]))
+return { #live, redis.call('EXISTS', prefix .. 'grace:' .. user) }
+`
+
+/**
+ * User-wide topics. ARGV: prefix, userId, ttlS, 'add'|'remove', topics...
+ * The set does not expire while the user has streams; it expires ttlS after
+ * the later of this change and the last stream closing.
+ */
+export const USER_TOPICS = `
+local prefix, user = ARGV[1], ARGV[2]
+local key = prefix .. 'ut:' .. user
+for i = 5, #ARGV do
+  if ARGV[4] == 'add' then redis.call('SADD', key, ARGV[i]) else redis.call('SREM', key, ARGV[i]) end
+end
+if redis.call('EXISTS', key) == 1 then
+  if redis.call('ZCARD', prefix .. 'uc:' .. user) > 0 then
+    redis.call('PERSIST', key)
+  elseif ARGV[4] == 'add' then
+    redis.call('EXPIRE', key, tonumber(ARGV[3]))
+  end
+end
+return redis.call('SMEMBERS', key)
+`
+
+/** ARGV: prefix, conversationId, 'set'|'add'|'remove', members... Returns the members. */
+export const MEMBERS = `
+local prefix, id, op = ARGV[1], ARGV[2], ARGV[3]
+local key = prefix .. 'cv:' .. id
+local before = redis.call('SMEMBERS', key)
+local wanted = {}
+for i = 4, #ARGV do wanted[ARGV[i]] = true end
+if op == 'set' then
+  for _, m in ipairs(before) do
+    if not wanted[m] then
+      redis.call('SREM', key, m)
+      redis.call('SREM', prefix .. 'ucv:' .. m, id)
+    end
+  end
+end
+for i = 4, #ARGV do
+  local m = ARGV[i]
+  if op == 'remove' then
+    redis.call('SREM', key, m)
+    redis.call('SREM', prefix .. 'ucv:' .. m, id)
+  else
+    redis.call('SADD', key, m)
+    redis.call('SADD', prefix .. 'ucv:' .. m, id)
+  end
+end
+return redis.call('SMEMBERS', key)
+`
+
+/** ARGV: prefix, userId. Other members of every conversation the user is in. */
+export const CONTACTS = `
+local prefix, user = ARGV[1], ARGV[2]
+local seen, out = {}, {}
+for _, id in ipairs(redis.call('SMEMBERS', prefix .. 'ucv:' .. user)) do
+  for _, m in ipairs(redis.call('SMEMBERS', prefix .. 'cv:' .. id)) do
+    if m ~= user and not seen[m] then
+      seen[m] = true
+      out[#out + 1] = m
+    end
+  end
+end
+return out
+`
+
+/** ARGV: prefix, instance, leaseMs. Takes or renews the ingress lease; returns 1 if held. */
+export const LEASE = `
+local key = ARGV[1] .. 'leader'
+local holder = redis.call('GET', key)
+if holder == ARGV[2] then
+  redis.call('PEXPIRE', key, tonumber(ARGV[3]))
+  return 1
+end
+if not holder then
+  redis.call('SET', key, ARGV[2], 'PX', tonumber(ARGV[3]))
+  return 1
+end
+return 0
+`
