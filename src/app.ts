@@ -7,6 +7,7 @@ import configPlugin from '../plugins/config'
 import authPlugin from '../plugins/auth'
 import registryPlugin from '../plugins/registry'
 import metricsPlugin from '../plugins/metrics'
+import rateLimitPlugin from '../plugins/rate-limit'
 import busPlugin from '../plugins/bus'
 import streamsPlugin from '../plugins/streams'
 import ingressPlugin from '../plugins/ingress'
@@ -117,6 +118,7 @@ export async function buildApp (config: Config, options: BuildOptions = {}): Pro
   await app.register(busPlugin)
   await app.register(metricsPlugin)
   await app.register(authPlugin)
+  await app.register(rateLimitPlugin)
   await app.register(streamsPlugin)
 
   await app.register(opsRoutes)

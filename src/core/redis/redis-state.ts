@@ -64,7 +64,10 @@ export class RedisState implements SharedState {
   /** After Redis comes back (maybe empty), this instance's streams are recorded again. */
   async resync (): Promise<void> {
     await this.heartbeat()
-    const pipeline = this.commands.redis.pipeline()
+    // The instance's list is rebuilt from what it really holds: streams whose
+    // release was lost during the outage stop counting against their users.
+    const pipeline = this.commands.redis.multi()
+    pipeline.del(this.connsKey(this.instanceId))
     for (const connection of this.registry.all()) {
       pipeline.zadd(`${this.prefix}uc:${connection.userId}`, connection.openedAt, `${this.instanceId}|${connection.id}`)
       pipeline.hset(this.connsKey(this.instanceId), connection.id, JSON.stringify(this.registry.info(connection)))

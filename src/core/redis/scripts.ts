@@ -167,15 +167,17 @@ redis.call('EXPIRE', key, tonumber(ARGV[7]))
 return { 'ok', fmt(id) }
 `
 
-/** Drops members of instances whose heartbeat is older than the TTL; returns the live ones, oldest first. */
+/** Drops members whose instance stopped beating or forgot them; returns the live ones, oldest first. */
 const LIVE_MEMBERS = `
 local function live_members(prefix, uk, now_ms, inst_ttl)
   local members = redis.call('ZRANGE', uk, 0, -1)
   local live = {}
   for _, m in ipairs(members) do
-    local inst = string.match(m, '^(.-)|')
+    local inst, conn = string.match(m, '^(.-)|(.*)$')
     local beat = inst and redis.call('ZSCORE', prefix .. 'instances', inst)
-    if beat and tonumber(beat) > now_ms - inst_ttl then
+    -- A stream counts while its instance beats and still lists it.
+    if beat and tonumber(beat) > now_ms - inst_ttl
+      and redis.call('HEXISTS', prefix .. 'i:' .. inst .. ':conns', conn) == 1 then
       live[#live + 1] = m
     else
       redis.call('ZREM', uk, m)
