@@ -2,7 +2,7 @@ import fp from 'fastify-plugin'
 import type { EventBus } from '../src/core/bus'
 import { MemoryBus } from '../src/core/memory-bus'
 import { MemoryState } from '../src/core/memory-state'
-import type { IngressLeader } from '../src/core/redis/engine'
+import type { DurableIngress, IngressLeader } from '../src/core/redis/engine'
 import type { SharedState } from '../src/core/state'
 
 declare module 'fastify' {
@@ -13,6 +13,8 @@ declare module 'fastify' {
     state: SharedState
     /** Redis mode only: the lease that makes one instance handle each ingress message. */
     ingress: IngressLeader | null
+    /** Redis mode only: the consumer-group reader of `<prefix>ingress`. */
+    durableIngress: DurableIngress | null
   }
 }
 
@@ -32,6 +34,7 @@ export default fp(async (app) => {
     app.decorate('bus', engine.bus)
     app.decorate('state', engine.state)
     app.decorate('ingress', engine.ingress)
+    app.decorate('durableIngress', engine.durable)
     app.addHook('onClose', async () => await engine.close())
   } else {
     const bus = new MemoryBus({ historySize: config.historySize, historyTtlS: config.historyTtlS })
@@ -39,6 +42,7 @@ export default fp(async (app) => {
     app.decorate('bus', bus)
     app.decorate('state', state)
     app.decorate('ingress', null)
+    app.decorate('durableIngress', null)
     app.addHook('onClose', async () => {
       await state.close()
       await bus.close()

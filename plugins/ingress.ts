@@ -5,19 +5,20 @@ import { dataText } from '../src/core/framing'
 /**
  * Redis ingress: `PUBLISH <prefix>publish <json>` takes the body of
  * POST /v1/publish; `PUBLISH stream:<connectionId> {"event","data"}` is seed
- * 000's contract. A bad message is counted and logged without its data.
+ * 000's contract; `XADD <prefix>ingress * payload <json>` is the durable
+ * form of the first. A bad message is counted and logged without its data.
  */
 export default fp(async (app) => {
-  const { ingress, config, publisher } = app
-  if (ingress === null) return
+  const { ingress, durableIngress, config, publisher } = app
+  if (ingress === null || durableIngress === null) return
 
   const reject = (source: string, reason: string): void => {
     app.metrics.ingressRejected(source, reason)
     app.log.warn({ source, reason }, 'ingress message dropped')
   }
 
-  ingress.onMessage(async (source, payload) => {
-    const kind = source.kind === 'publish' ? 'publish' : 'stream'
+  const handle = async (source: { kind: 'publish' | 'durable' } | { kind: 'stream', connectionId: string }, payload: string): Promise<void> => {
+    const kind = source.kind
     if (Buffer.byteLength(payload) > config.maxBodyBytes) return reject(kind, 'too large')
     let body: unknown
     try {
@@ -26,7 +27,7 @@ export default fp(async (app) => {
       return reject(kind, 'not JSON')
     }
     let requests: PublishRequest[]
-    if (source.kind === 'publish') {
+    if (source.kind !== 'stream') {
       const validation = validatePublishBody(body, config.maxEventBytes)
       if (!validation.ok) return reject(kind, validation.message)
       requests = validation.value.items
@@ -42,5 +43,7 @@ export default fp(async (app) => {
     }
     await publisher.publish(requests)
     for (const request of requests) app.metrics.published(request.target.kind, 1)
-  })
+  }
+  ingress.onMessage(handle)
+  durableIngress.onMessage(async (payload) => await handle({ kind: 'durable' }, payload))
 }, { name: 'ingress', dependencies: ['bus', 'streams', 'metrics'] })

@@ -110,10 +110,80 @@ export class IngressLeader {
   }
 }
 
+const DURABLE_GROUP = 'gateway'
+const DURABLE_CLAIM_IDLE_MS = 30_000
+
+/**
+ * The durable ingress: `XADD <prefix>ingress * payload <json>`, read through a
+ * consumer group so each entry goes to one instance and is acknowledged only
+ * once published. Entries an instance took but never acknowledged (it died)
+ * are claimed by another after 30 s: delivery is at least once.
+ */
+export class DurableIngress {
+  private running = true
+  private handler: (payload: string) => Promise<void> = async () => {}
+  private readonly loop: Promise<void>
+
+  constructor (
+    private readonly reader: Redis,
+    private readonly key: string,
+    private readonly consumer: string,
+    private readonly log: Log
+  ) {
+    this.loop = this.run()
+  }
+
+  onMessage (handler: (payload: string) => Promise<void>): void {
+    this.handler = handler
+  }
+
+  async stop (): Promise<void> {
+    this.running = false
+    this.reader.disconnect()
+    await this.loop
+  }
+
+  private async run (): Promise<void> {
+    let lastClaim = 0
+    while (this.running) {
+      try {
+        if (this.reader.status !== 'ready') {
+          await new Promise((resolve) => setTimeout(resolve, 500).unref())
+          continue
+        }
+        await this.reader.xgroup('CREATE', this.key, DURABLE_GROUP, '$', 'MKSTREAM').catch((error: Error) => {
+          if (!error.message.includes('BUSYGROUP')) throw error
+        })
+        if (Date.now() - lastClaim > DURABLE_CLAIM_IDLE_MS) {
+          lastClaim = Date.now()
+          const claimed = await this.reader.xautoclaim(this.key, DURABLE_GROUP, this.consumer, DURABLE_CLAIM_IDLE_MS, '0-0', 'COUNT', 100) as [string, Array<[string, string[]]>]
+          await this.handle(claimed[1])
+        }
+        const batch = await this.reader.xreadgroup('GROUP', DURABLE_GROUP, this.consumer, 'COUNT', 100, 'BLOCK', 1000, 'STREAMS', this.key, '>') as Array<[string, Array<[string, string[]]>]> | null
+        if (batch !== null) for (const [, entries] of batch) await this.handle(entries)
+      } catch (error) {
+        if (!this.running) return
+        this.log.warn({ err: error }, 'durable ingress read failed')
+        await new Promise((resolve) => setTimeout(resolve, 500).unref())
+      }
+    }
+  }
+
+  private async handle (entries: Array<[string, string[] | null]>): Promise<void> {
+    for (const [entryId, fields] of entries) {
+      if (fields === null) continue
+      const index = fields.indexOf('payload')
+      if (index !== -1 && index + 1 < fields.length) await this.handler(fields[index + 1])
+      await this.reader.xack(this.key, DURABLE_GROUP, entryId)
+    }
+  }
+}
+
 export interface RedisEngine {
   bus: RedisBus
   state: RedisState
   ingress: IngressLeader
+  durable: DurableIngress
   close: () => Promise<void>
 }
 
@@ -141,12 +211,19 @@ export async function connectRedis (options: RedisEngineOptions, registry: Regis
   await state.start()
   everReady = true
   await ingress.tick()
+  // Blocking reads need a connection of their own.
+  const reader = new Redis(options.url, { ...redisOptions(), connectionName: 'sse-gateway-ingress' })
+  reader.on('error', (error: Error) => log.warn({ connection: 'ingress', reason: error.message }, 'redis error'))
+  await reader.connect()
+  const durable = new DurableIngress(reader, `${options.prefix}ingress`, state.instanceId, log)
 
   return {
     bus,
     state,
     ingress,
+    durable,
     close: async () => {
+      await durable.stop()
       await ingress.stop()
       await state.close()
       commands.redis.disconnect()
