@@ -25,7 +25,7 @@ export default fp(async (app) => {
   const registry = new PromRegistry()
   const instance = app.registry.instanceId
   registry.setDefaultLabels({ instance })
-  collectDefaultMetrics({ register: registry, prefix: 'sse_gateway_process_' })
+  collectDefaultMetrics({ register: registry, prefix: 'sse_gateway_' })
 
   let deliveredByClosed = 0
   const gauge = <T extends string>(name: string, help: string, collect: (this: Gauge<T>) => void): Gauge<T> =>

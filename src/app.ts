@@ -22,6 +22,10 @@ import presenceRoutes from '../routes/presence'
 import statsRoutes from '../routes/stats'
 
 declare module 'fastify' {
+  interface FastifyInstance {
+    /** The internal listener's server when INTERNAL_PORT is set (listening once listenInternal ran). */
+    internalServer: Server | null
+  }
   interface FastifyContextConfig {
     /** Served only on the internal listener when INTERNAL_PORT is set. */
     internal?: boolean
@@ -104,7 +108,16 @@ export async function buildApp (config: Config, options: BuildOptions = {}): Pro
     })
   }
 
+  let internalServer: Server | null = null
   if (config.internalPort !== null) {
+    const server = createServer((request, response) => app.server.emit('request', request, response))
+    server.on('connection', (socket: Socket) => internalSockets.add(socket))
+    app.addHook('onClose', async () => {
+      if (!server.listening) return
+      server.closeAllConnections()
+      await new Promise<void>((resolve) => server.close(() => resolve()))
+    })
+    internalServer = server
     // Publisher and admin routes do not exist on the public listener.
     app.addHook('onRequest', async (request, reply) => {
       if (request.routeOptions.config.internal === true && !internalSockets.has(request.raw.socket)) {
@@ -117,6 +130,7 @@ export async function buildApp (config: Config, options: BuildOptions = {}): Pro
   await app.register(registryPlugin, { instanceId: options.instanceId })
   await app.register(busPlugin)
   await app.register(metricsPlugin)
+  app.decorate('internalServer', internalServer)
   await app.register(authPlugin)
   await app.register(rateLimitPlugin)
   await app.register(streamsPlugin)
@@ -153,16 +167,13 @@ function httpReason (statusCode: number): string {
 }
 
 /**
- * The second listener for publisher and admin routes. It hands requests to
- * the same app, so both listeners share one set of streams and one bus.
+ * Starts the second listener for publisher and admin routes (INTERNAL_PORT).
+ * It hands requests to the same app, so both listeners share one set of
+ * streams and one bus.
  */
 export async function listenInternal (app: FastifyInstance, port: number, host: string): Promise<Server> {
-  const server = createServer((request, response) => app.server.emit('request', request, response))
-  server.on('connection', (socket: Socket) => internalSockets.add(socket))
-  app.addHook('onClose', async () => {
-    server.closeAllConnections()
-    await new Promise<void>((resolve) => server.close(() => resolve()))
-  })
+  const server = app.internalServer
+  if (server === null) throw new Error('INTERNAL_PORT is not configured')
   await new Promise<void>((resolve, reject) => {
     server.once('error', reject)
     server.listen(port, host, () => {

@@ -1,0 +1,98 @@
+import { spawn, type ChildProcess } from 'node:child_process'
+import { createServer } from 'node:net'
+import { randomBytes } from 'node:crypto'
+import Redis from 'ioredis'
+
+type Test = {
+  teardown: (fn: () => unknown) => void
+  skip: (message?: string) => void
+  fail: (message?: string) => void
+}
+
+export const REDIS_URL = process.env.REDIS_TEST_URL ?? 'redis://127.0.0.1:6379'
+
+/** A key prefix no other test uses, so tests can share one Redis. */
+export function uniquePrefix (name = 't'): string {
+  return `test:${name}:${randomBytes(4).toString('hex')}:`
+}
+
+export async function redisAnswers (url = REDIS_URL): Promise<boolean> {
+  const client = new Redis(url, { lazyConnect: true, maxRetriesPerRequest: 0, retryStrategy: () => null, enableOfflineQueue: false })
+  client.on('error', () => {})
+  try {
+    await client.connect()
+    return await client.ping() === 'PONG'
+  } catch {
+    return false
+  } finally {
+    client.disconnect()
+  }
+}
+
+/**
+ * Redis-mode tests run when a Redis answers. In CI they must never be skipped:
+ * a missing Redis there is a failure.
+ */
+export async function needRedis (t: Test): Promise<boolean> {
+  if (await redisAnswers()) return true
+  if (process.env.CI === 'true') t.fail(`no Redis at ${REDIS_URL} (CI must provide one)`)
+  else t.skip(`no Redis at ${REDIS_URL}`)
+  return false
+}
+
+export async function freePort (): Promise<number> {
+  return await new Promise((resolve, reject) => {
+    const server = createServer()
+    server.once('error', reject)
+    server.listen(0, '127.0.0.1', () => {
+      const address = server.address()
+      server.close(() => resolve(typeof address === 'object' && address !== null ? address.port : 0))
+    })
+  })
+}
+
+/** A redis-server of the test's own, which it may stop and start again. */
+export class OwnRedis {
+  private process: ChildProcess | null = null
+  constructor (readonly port: number) {}
+
+  get url (): string {
+    return `redis://127.0.0.1:${this.port}`
+  }
+
+  async start (): Promise<void> {
+    const child = spawn('redis-server', ['--port', String(this.port), '--bind', '127.0.0.1', '--save', '', '--appendonly', 'no'], { stdio: 'ignore' })
+    this.process = child
+    const deadline = Date.now() + 10_000
+    while (Date.now() < deadline) {
+      if (await redisAnswers(this.url)) return
+      if (child.exitCode !== null) throw new Error(`redis-server exited with ${child.exitCode}`)
+      await new Promise((resolve) => setTimeout(resolve, 50))
+    }
+    throw new Error('redis-server did not answer within 10 s')
+  }
+
+  async stop (): Promise<void> {
+    const child = this.process
+    this.process = null
+    if (child === null || child.exitCode !== null) return
+    const exited = new Promise((resolve) => child.once('exit', resolve))
+    child.kill('SIGKILL')
+    await exited
+  }
+}
+
+export async function startOwnRedis (t: Test): Promise<OwnRedis> {
+  const redis = new OwnRedis(await freePort())
+  await redis.start()
+  t.teardown(async () => await redis.stop())
+  return redis
+}
+
+/** A plain client for a test to look at or drive Redis directly; closed in teardown. */
+export function redisClient (t: Test, url = REDIS_URL): Redis {
+  const client = new Redis(url)
+  client.on('error', () => {})
+  t.teardown(() => client.disconnect())
+  return client
+}
