@@ -2,7 +2,7 @@ import fp from 'fastify-plugin'
 import type { FastifyReply, FastifyRequest } from 'fastify'
 import { channel } from '../src/core/channels'
 import type { StreamConnection, StreamKind } from '../src/core/connection'
-import { parseCursor } from '../src/core/framing'
+import { parseCursor, streamHead } from '../src/core/framing'
 import { Hub } from '../src/core/hub'
 import { Publisher } from '../src/core/publish'
 import type { ControlMessage } from '../src/core/state'
@@ -159,18 +159,21 @@ export default fp(async (app) => {
     if (admission.cameOnline) announceSafely(auth.userId, 'user:online')
 
     reply.hijack()
-    const raw = reply.raw
+    const socket = reply.raw.socket
+    if (socket === null) return
     const headers: Record<string, string | number | string[]> = {}
     for (const [name, value] of Object.entries(reply.getHeaders())) {
       if (value !== undefined) headers[name] = value
     }
-    raw.writeHead(200, { ...headers, ...SSE_HEADERS })
-    raw.socket?.setNoDelay(true)
+    // Events are written straight to the socket: Node's response object would
+    // re-frame every write for every recipient.
+    socket.setNoDelay(true)
     try {
       await streams.open({
         ...options,
         userId: auth.userId,
-        sink: raw,
+        sink: socket,
+        head: streamHead({ ...headers, ...SSE_HEADERS }),
         tokenExpiresAt: auth.expiresAt,
         remoteAddress: request.ip,
         cursor: cursorOf(request)
@@ -179,7 +182,7 @@ export default fp(async (app) => {
       request.log.error({ err: error, connectionId: options.connectionId }, 'stream failed to open')
       const connection = registry.get(options.connectionId)
       if (connection !== undefined) connection.close('error')
-      else raw.destroy()
+      else socket.destroy()
     }
   })
 

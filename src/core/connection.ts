@@ -1,10 +1,10 @@
 import type { HistoryEntry } from './bus'
-import { KEEPALIVE_FRAME } from './framing'
+import { END_CHUNK, KEEPALIVE_FRAME } from './framing'
 
-/** The writable end of a stream: an HTTP response or a socket; the core needs no more. */
+/** The writable end of a stream (a socket); frames written to it are complete chunks. */
 export interface Sink {
-  write (chunk: Buffer | string): boolean
-  end (chunk?: Buffer | string): void
+  write (chunk: Buffer): boolean
+  end (): void
   destroy (): void
   readonly writableLength: number
   readonly destroyed: boolean
@@ -29,27 +29,42 @@ export interface ConnectionInit {
 }
 
 /**
- * Coalesces the writes due on each socket within one turn of the event loop
- * into a single `write`: one syscall and usually one TCP segment per socket,
- * however many events arrived for it.
+ * Coalesces the writes due on each socket into a single `write`: one syscall
+ * and usually one TCP segment per socket, however many events arrived for it.
+ * A large fan-out is flushed in slices with I/O in between, so publishers keep
+ * being answered and events that arrive meanwhile join the writes still due.
  */
 export class WriteScheduler {
   private dirty: StreamConnection[] = []
+  private cursor = 0
   private scheduled = false
+
+  constructor (private readonly sliceMs = 4) {}
 
   mark (connection: StreamConnection): void {
     this.dirty.push(connection)
     if (!this.scheduled) {
       this.scheduled = true
-      setImmediate(this.flushAll)
+      setImmediate(this.flushSome)
     }
   }
 
-  private readonly flushAll = (): void => {
-    this.scheduled = false
-    const batch = this.dirty
+  private readonly flushSome = (): void => {
+    const deadline = performance.now() + this.sliceMs
+    const dirty = this.dirty
+    let index = this.cursor
+    while (index < dirty.length) {
+      dirty[index++].flush()
+      if ((index & 63) === 0 && performance.now() > deadline) break
+    }
+    if (index < dirty.length) {
+      this.cursor = index
+      setImmediate(this.flushSome)
+      return
+    }
     this.dirty = []
-    for (const connection of batch) connection.flush()
+    this.cursor = 0
+    this.scheduled = false
   }
 }
 
@@ -123,10 +138,10 @@ export class StreamConnection {
     if (this.closeAfter?.(frame) === true) this.close('completed')
   }
 
-  /** A frame without an id (system event, comment), queued after what is already due. */
-  sendSystem (frame: Buffer | string): void {
+  /** Bytes without an id (response head, system event, comment), queued after what is already due. */
+  sendSystem (frame: Buffer): void {
     if (this.closed) return
-    this.enqueue(typeof frame === 'string' ? Buffer.from(frame) : frame)
+    this.enqueue(frame)
   }
 
   /** Writes history with backpressure: a slow reader is paced, not dropped. */
@@ -190,8 +205,10 @@ export class StreamConnection {
         // Whatever is unsent will never be read; release it now.
         this.sink.destroy()
       } else {
-        if (pending.length > 0) this.writeRaw(Buffer.concat(pending))
-        this.sink.end(lastFrame)
+        if (lastFrame !== undefined) pending.push(lastFrame)
+        pending.push(END_CHUNK)
+        this.writeRaw(Buffer.concat(pending))
+        this.sink.end()
       }
     }
     this.onClose(this)

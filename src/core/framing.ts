@@ -3,6 +3,11 @@
  * and `data:` lines and the blank line that ends it); the `id:` line is put in
  * front when the id is known, and the result is one Buffer shared by every
  * recipient.
+ *
+ * Streams are written straight to the socket as an HTTP/1.1 chunked body, and
+ * every frame is already a complete chunk: any run of frames is a valid body,
+ * so one Buffer goes to every recipient as is and several coalesce into one
+ * write without re-framing.
  */
 
 export const EVENT_NAME = /^[A-Za-z0-9_.:-]{1,64}$/
@@ -28,20 +33,56 @@ export function renderBody (event: string, text: string): string {
   return out + '\n'
 }
 
+/** `<size in hex>\r\n<payload>\r\n`, with room for `prefix` written before the payload. */
+export function chunkOf (payload: Buffer, prefix: Buffer | null = null): Buffer {
+  const length = payload.length + (prefix?.length ?? 0)
+  const size = length.toString(16)
+  const out = Buffer.allocUnsafe(size.length + length + 4)
+  let offset = out.write(size, 0, 'latin1')
+  out[offset++] = 13
+  out[offset++] = 10
+  if (prefix !== null) offset += prefix.copy(out, offset)
+  offset += payload.copy(out, offset)
+  out[offset++] = 13
+  out[offset] = 10
+  return out
+}
+
+export function chunkOfText (text: string): Buffer {
+  return chunkOf(Buffer.from(text))
+}
+
+/** The chunk that ends a chunked body. */
+export const END_CHUNK = Buffer.from('0\r\n\r\n')
+
 export function frameWithId (id: number, body: string): Buffer {
-  return Buffer.from(`id: ${id}\n${body}`)
+  return chunkOfText(`id: ${id}\n${body}`)
 }
 
 /** System events carry no `id:` line, so they never move the browser's cursor. */
 export function systemFrame (event: string, data: unknown): Buffer {
-  return Buffer.from(renderBody(event, dataText(data)))
+  return chunkOfText(renderBody(event, dataText(data)))
 }
 
-export function retryFrame (retryMs: number): string {
-  return `retry: ${retryMs}\n\n`
+export function retryFrame (retryMs: number): Buffer {
+  return chunkOfText(`retry: ${retryMs}\n\n`)
 }
 
-export const KEEPALIVE_FRAME = Buffer.from(': keepalive\n\n')
+export const KEEPALIVE_FRAME = chunkOfText(': keepalive\n\n')
+
+/** Status line and headers of a stream response; the body that follows is chunked. */
+export function streamHead (headers: Record<string, string | number | string[]>): Buffer {
+  let head = 'HTTP/1.1 200 OK\r\n'
+  for (const [name, value] of Object.entries(headers)) {
+    for (const item of Array.isArray(value) ? value : [value]) {
+      const text = String(item)
+      // Header values come from our own config and CORS; never let one split the head.
+      if (/[\r\n]/.test(name) || /[\r\n]/.test(text)) continue
+      head += `${name}: ${text}\r\n`
+    }
+  }
+  return Buffer.from(`${head}transfer-encoding: chunked\r\n\r\n`, 'latin1')
+}
 
 /** Parses a `Last-Event-ID` cursor; anything but a positive decimal integer is malformed. */
 export function parseCursor (raw: string | undefined): number | 'malformed' | null {

@@ -24,6 +24,8 @@ export interface StreamSpec {
   closeAfter?: (frame: Buffer) => boolean
   /** Runs after the stream has joined its channels and sent `connected`, instead of replay. */
   prelude?: (connection: StreamConnection) => Promise<void>
+  /** Status line and headers, written with the first events in one write. */
+  head: Buffer
   /** Extra fields of the `connected` event. */
   connectedExtra?: Record<string, unknown>
 }
@@ -86,6 +88,8 @@ export class StreamService {
       remoteAddress: spec.remoteAddress
     })
     connection.onClose = (closed) => this.cleanup(closed)
+    // Queued first, so whatever ends the stream from here on follows a head.
+    connection.sendSystem(spec.head)
     this.registry.add(connection)
     this.trackExpiry(connection)
     this.events.opened(connection)

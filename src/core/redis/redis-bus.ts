@@ -1,6 +1,6 @@
 import type Redis from 'ioredis'
 import type { DeliveryListener, EventBus, HistoryEntry, PublishItem, ReplayResult, ResetReason } from '../bus'
-import { frameWithId } from '../framing'
+import { chunkOf, frameWithId } from '../framing'
 import type { ScriptedRedis } from './client'
 
 const ID_PREFIX = Buffer.from('id: ')
@@ -34,8 +34,8 @@ export class RedisBus implements EventBus {
       const newline = message.indexOf(NEWLINE)
       if (newline <= 0) return
       const id = Number(message.toString('latin1', 0, newline))
-      // "<id>\n<body>" becomes "id: <id>\n<body>": one copy, shared by every local recipient.
-      this.listener(channelName.toString('utf8', skip), id, Buffer.concat([ID_PREFIX, message]))
+      // "<id>\n<body>" becomes the chunk "id: <id>\n<body>": one copy, shared by every local recipient.
+      this.listener(channelName.toString('utf8', skip), id, chunkOf(message, ID_PREFIX))
     })
   }
 
