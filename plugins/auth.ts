@@ -69,6 +69,7 @@ const MESSAGES: Record<string, string> = {
 
 export default fp(async (app) => {
   const { config } = app
+  const pendingTokens = new WeakMap<FastifyRequest, string>()
   const algorithms: string[] = []
   if (config.jwtSecret !== null) algorithms.push('HS256', 'HS384', 'HS512')
   if (config.jwtPublicKey !== null) algorithms.push('RS256', 'RS384', 'RS512', 'ES256', 'ES384', 'ES512', 'PS256', 'PS384', 'PS512')
@@ -86,7 +87,9 @@ export default fp(async (app) => {
       algorithms: algorithms as never,
       ...(config.jwtIssuer !== null ? { allowedIss: config.jwtIssuer } : {}),
       ...(config.jwtAudience !== null ? { allowedAud: config.jwtAudience } : {}),
-      clockTolerance: 0
+      clockTolerance: 0,
+      // Verifying with the plugin's own options keeps its cached verifier per key.
+      extractToken: (request: FastifyRequest) => pendingTokens.get(request)
     },
     // The secret callback needs the header to pick the key by algorithm.
     decode: { complete: true },
@@ -108,7 +111,8 @@ export default fp(async (app) => {
     if (token === '') throw unauthorized('malformed')
     let claims: Claims
     try {
-      claims = await request.jwtVerify<Claims>({ verify: { extractToken: () => token } } as never)
+      pendingTokens.set(request, token)
+      claims = await request.jwtVerify<Claims>()
     } catch (error) {
       request.log.debug({ code: (error as { code?: string }).code, reason: (error as Error).message }, 'token rejected')
       throw unauthorized(failureReason(error as { code?: string }))
