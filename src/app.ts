@@ -20,6 +20,7 @@ import conversationRoutes from '../routes/conversations'
 import connectionRoutes from '../routes/connections'
 import presenceRoutes from '../routes/presence'
 import statsRoutes from '../routes/stats'
+import pageRoutes from '../routes/pages'
 
 declare module 'fastify' {
   interface FastifyInstance {
@@ -145,6 +146,7 @@ export async function buildApp (config: Config, options: BuildOptions = {}): Pro
   await app.register(connectionRoutes)
   await app.register(presenceRoutes)
   await app.register(statsRoutes)
+  await app.register(pageRoutes)
   return app
 }
 
