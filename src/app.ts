@@ -41,7 +41,7 @@ export interface BuildOptions {
 
 const internalSockets = new WeakSet<Socket>()
 
-/** A URL fit for logs: the query string's token (and cursor) replaced. */
+/** A URL fit for logs: the query string's token replaced. */
 export function redactUrl (url: string): string {
   return url.replace(/([?&](?:token|access_token)=)[^&#]*/gi, '$1[redacted]')
 }

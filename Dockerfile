@@ -1,0 +1,41 @@
+# syntax=docker/dockerfile:1
+# SSE gateway image. Every RUN step is a plain shell step, so it can also be
+# run (and is tested) outside Docker.
+
+# --- build: compile TypeScript with the dev dependencies ----------------------
+FROM node:20-bookworm-slim AS build
+WORKDIR /app
+COPY package.json package-lock.json ./
+RUN npm ci --no-audit --no-fund
+COPY . .
+RUN npm run build \
+ && mkdir -p public
+
+# --- runtime: production dependencies and compiled code only ------------------
+FROM node:20-bookworm-slim
+ENV NODE_ENV=production PORT=3000 HOST=0.0.0.0
+WORKDIR /app
+COPY package.json package-lock.json ./
+RUN npm ci --omit=dev --no-audit --no-fund \
+ && npm cache clean --force
+COPY --from=build /app/dist ./dist
+COPY --from=build /app/public ./public
+COPY --from=build /app/scripts ./scripts
+
+# Files stay owned by root; the process runs as the image's unprivileged user.
+USER node
+EXPOSE 3000
+
+# No curl in the slim image: Node's fetch does the probe.
+HEALTHCHECK --interval=10s --timeout=3s --start-period=10s --retries=3 \
+  CMD node -e "fetch('http://127.0.0.1:'+(process.env.PORT||3000)+'/health').then(r=>process.exit(r.ok?0:1),()=>process.exit(1))"
+
+# On SIGTERM the gateway stops accepting streams, sends `shutdown` to each open
+# stream, closes them and exits 0 within SHUTDOWN_TIMEOUT_MS (default 10 s).
+# Keep SHUTDOWN_TIMEOUT_MS below the orchestrator's grace period (`docker stop -t`,
+# compose `stop_grace_period`, Kubernetes `terminationGracePeriodSeconds`), or
+# the process is SIGKILLed mid-drain. Docker's default grace is 10 s, so the
+# compose file sets stop_grace_period: 15s.
+STOPSIGNAL SIGTERM
+# Exec form: node is PID 1 and receives the signal itself.
+CMD ["node", "dist/src/server.js"]
