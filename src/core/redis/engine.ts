@@ -115,9 +115,10 @@ const DURABLE_CLAIM_IDLE_MS = 30_000
 
 /**
  * The durable ingress: `XADD <prefix>ingress * payload <json>`, read through a
- * consumer group so each entry goes to one instance and is acknowledged only
- * once published. Entries an instance took but never acknowledged (it died)
- * are claimed by another after 30 s: delivery is at least once.
+ * consumer group and acknowledged only once published. Only the lease holder
+ * reads, so entries get ids in the order they were added. Entries a holder
+ * took but never acknowledged (it died) are claimed by the next one after
+ * 30 s: delivery is at least once.
  */
 export class DurableIngress {
   private running = true
@@ -128,6 +129,7 @@ export class DurableIngress {
     private readonly reader: Redis,
     private readonly key: string,
     private readonly consumer: string,
+    private readonly leader: IngressLeader,
     private readonly log: Log
   ) {
     this.loop = this.run()
@@ -147,7 +149,7 @@ export class DurableIngress {
     let lastClaim = 0
     while (this.running) {
       try {
-        if (this.reader.status !== 'ready') {
+        if (this.reader.status !== 'ready' || !this.leader.isLeader) {
           await new Promise((resolve) => setTimeout(resolve, 500).unref())
           continue
         }
@@ -215,7 +217,7 @@ export async function connectRedis (options: RedisEngineOptions, registry: Regis
   const reader = new Redis(options.url, { ...redisOptions(), connectionName: 'sse-gateway-ingress' })
   reader.on('error', (error: Error) => log.warn({ connection: 'ingress', reason: error.message }, 'redis error'))
   await reader.connect()
-  const durable = new DurableIngress(reader, `${options.prefix}ingress`, state.instanceId, log)
+  const durable = new DurableIngress(reader, `${options.prefix}ingress`, state.instanceId, ingress, log)
 
   return {
     bus,
