@@ -87,6 +87,8 @@ export default fp(async (app) => {
       algorithms: algorithms as never,
       ...(config.jwtIssuer !== null ? { allowedIss: config.jwtIssuer } : {}),
       ...(config.jwtAudience !== null ? { allowedAud: config.jwtAudience } : {}),
+      // Without this, a token lacking the claim altogether would pass the check.
+      requiredClaims: [...(config.jwtIssuer !== null ? ['iss'] : []), ...(config.jwtAudience !== null ? ['aud'] : [])],
       clockTolerance: 0,
       // Verifying with the plugin's own options keeps its cached verifier per key.
       extractToken: (request: FastifyRequest) => pendingTokens.get(request)

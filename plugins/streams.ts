@@ -1,4 +1,6 @@
 import fp from 'fastify-plugin'
+import type { ServerResponse } from 'node:http'
+import { Socket as NetSocket, type Socket } from 'node:net'
 import type { FastifyReply, FastifyRequest } from 'fastify'
 import { channel } from '../src/core/channels'
 import type { StreamConnection, StreamKind } from '../src/core/connection'
@@ -38,6 +40,36 @@ const SSE_HEADERS = {
   'cache-control': 'no-cache, no-transform',
   'x-accel-buffering': 'no',
   connection: 'keep-alive'
+}
+
+// Node's own HTTP helpers, as the 'upgrade' path uses them; not in the typings.
+// eslint-disable-next-line @typescript-eslint/no-require-imports
+const httpCommon = require('_http_common') as { freeParser: (parser: unknown, req: unknown, socket: unknown) => void }
+
+/**
+ * A stream holds its socket for hours, so it lets go of what Node's HTTP
+ * server keeps per connection, as Node itself does when a connection is
+ * upgraded: the response object, the parser and its bound callbacks. What
+ * remains is the socket; its reads are discarded and its end closes it.
+ */
+function releaseHttpState (response: ServerResponse, socket: Socket): void {
+  response.detachSocket(socket)
+  const parser = (socket as unknown as { parser?: { unconsume?: () => void, finish?: () => void } | null }).parser
+  for (const event of ['data', 'end', 'drain', 'timeout', 'resume', 'pause', 'error']) socket.removeAllListeners(event)
+  socket.removeAllListeners('close')
+  // The server replaced these with wrappers for its own bookkeeping. (Deleting
+  // them would turn the socket into a slow dictionary object, 1.6 KB larger.)
+  socket.on = NetSocket.prototype.on
+  socket.addListener = NetSocket.prototype.addListener
+  socket.prependListener = NetSocket.prototype.prependListener
+  if (parser !== null && parser !== undefined) {
+    parser.finish?.()
+    httpCommon.freeParser(parser, null, socket)
+  }
+  socket.on('error', () => socket.destroy())
+  // The server allows half-open sockets; a client that ends its side is gone.
+  socket.on('end', () => socket.destroy())
+  socket.resume()
 }
 
 /** `Last-Event-ID` header first (browsers send it), then `?lastEventId=`. */
@@ -168,6 +200,7 @@ export default fp(async (app) => {
     // Events are written straight to the socket: Node's response object would
     // re-frame every write for every recipient.
     socket.setNoDelay(true)
+    releaseHttpState(reply.raw, socket)
     try {
       await streams.open({
         ...options,

@@ -8,7 +8,7 @@ export interface Sink {
   destroy (): void
   readonly writableLength: number
   readonly destroyed: boolean
-  once (event: 'drain' | 'close', listener: () => void): unknown
+  once (event: 'drain' | 'close' | 'finish', listener: () => void): unknown
   off (event: 'drain' | 'close', listener: () => void): unknown
 }
 
@@ -209,6 +209,8 @@ export class StreamConnection {
         pending.push(END_CHUNK)
         this.writeRaw(Buffer.concat(pending))
         this.sink.end()
+        // Once flushed, the socket goes: a client keeping its side open must not hold it.
+        this.sink.once('finish', () => this.sink.destroy())
       }
     }
     this.onClose(this)
