@@ -167,6 +167,14 @@ export default fp(async (app) => {
       reply.header('retry-after', retryAfterS)
       throw new errors.Unavailable('this instance holds its maximum number of streams')
     }
+    if (options.windowChannels !== undefined) {
+      // A reopened stream id held by a live stream (a tab the browser has not
+      // noticed is dead, maybe on another instance) moves to this request.
+      const previous = registry.get(options.connectionId)
+      const message: ControlMessage = { type: 'evict', connectionId: options.connectionId, reason: 'stream reopened elsewhere' }
+      if (previous !== undefined) streams.close(previous, 'evicted', 'evicted', { reason: message.reason })
+      else await state.broadcastControl(message)
+    }
     const admission = await state.admit({
       connectionId: options.connectionId,
       userId: auth.userId,
@@ -185,9 +193,6 @@ export default fp(async (app) => {
       if (local !== undefined) streams.close(local, 'evicted', 'evicted', { reason: message.reason })
       else await state.broadcastControl(message)
     }
-    // A stream id held by another live stream moves to this one.
-    const previous = registry.get(options.connectionId)
-    if (previous !== undefined) streams.close(previous, 'evicted', 'evicted', { reason: 'stream reopened elsewhere' })
     if (admission.cameOnline) announceSafely(auth.userId, 'user:online')
 
     reply.hijack()

@@ -103,7 +103,7 @@ export class RedisState implements SharedState {
     }
     const [admitted, cameOnline, evicted] = await this.commands.run('ADMIT', [
       this.prefix, request.userId, this.instanceId, request.connectionId, request.openedAt,
-      request.limit, request.policy, this.options.instanceTtlMs, JSON.stringify(info)
+      request.limit, request.policy, this.options.instanceTtlMs, JSON.stringify(info), this.options.historyTtlS
     ]) as [number, number, string]
     if (admitted !== 1) return { admitted: false }
     this.cancelGrace(request.userId)

@@ -190,13 +190,17 @@ end
 /**
  * Admits a stream under the per-user limit, cluster-wide.
  * ARGV: prefix, userId, instance, connectionId, openedAtMs, limit, policy,
- * instanceTtlMs, infoJson. Returns { admitted(0|1), cameOnline(0|1), evicted member or '' }.
+ * instanceTtlMs, infoJson, reopenTtlS. Returns { admitted(0|1), cameOnline(0|1), evicted member or '' }.
  */
 export const ADMIT = `${LIVE_MEMBERS}
 local prefix, user, inst, conn = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local t = redis.call('TIME')
 local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local uk = prefix .. 'uc:' .. user
+-- A reopened stream id replaces its earlier holder, wherever that was.
+for _, m in ipairs(redis.call('ZRANGE', uk, 0, -1)) do
+  if string.sub(m, -(#conn + 1)) == '|' .. conn then redis.call('ZREM', uk, m) end
+end
 local live = live_members(prefix, uk, now_ms, tonumber(ARGV[8]))
 local evict = ''
 if #live >= tonumber(ARGV[6]) then
@@ -206,6 +210,7 @@ if #live >= tonumber(ARGV[6]) then
   local evicted_conn = string.match(evict, '|(.*)$')
   local evicted_inst = string.match(evict, '^(.-)|')
   redis.call('HDEL', prefix .. 'i:' .. evicted_inst .. ':conns', evicted_conn)
+  redis.call('EXPIRE', prefix .. 'conn:' .. evicted_conn, tonumber(ARGV[10]))
 end
 local grace = prefix .. 'grace:' .. user
 local was_online = #live > 0 or redis.call('EXISTS', grace) == 1
@@ -229,10 +234,11 @@ local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local uk = prefix .. 'uc:' .. user
 local removed = redis.call('ZREM', uk, inst .. '|' .. conn)
 redis.call('HDEL', prefix .. 'i:' .. inst .. ':conns', conn)
+-- Not listed any more: the id was reopened elsewhere and its new holder owns it.
+if removed == 0 then return 0 end
 if redis.call('GET', prefix .. 'conn:' .. conn) == user then
   redis.call('EXPIRE', prefix .. 'conn:' .. conn, tonumber(ARGV[5]))
 end
-if removed == 0 then return 0 end
 if #live_members(prefix, uk, now_ms, tonumber(ARGV[6])) > 0 then return 0 end
 redis.call('SET', prefix .. 'grace:' .. user, ARGV[8], 'PX', tonumber(ARGV[7]) + 60000)
 redis.call('EXPIRE', prefix .. 'ut:' .. user, tonumber(ARGV[5]))
