@@ -1,13 +1,9 @@
 import { spawn, type ChildProcess } from 'node:child_process'
-import { createServer } from 'node:net'
 import { randomBytes } from 'node:crypto'
 import Redis from 'ioredis'
+import { freePort } from './process'
 
-type Test = {
-  teardown: (fn: () => unknown) => void
-  skip: (message?: string) => void
-  fail: (message?: string) => void
-}
+import type { Test } from 'tap'
 
 export const REDIS_URL = process.env.REDIS_TEST_URL ?? 'redis://127.0.0.1:6379'
 
@@ -36,19 +32,8 @@ export async function redisAnswers (url = REDIS_URL): Promise<boolean> {
 export async function needRedis (t: Test): Promise<boolean> {
   if (await redisAnswers()) return true
   if (process.env.CI === 'true') t.fail(`no Redis at ${REDIS_URL} (CI must provide one)`)
-  else t.skip(`no Redis at ${REDIS_URL}`)
+  else t.plan(0, `skipped: no Redis at ${REDIS_URL}`)
   return false
-}
-
-export async function freePort (): Promise<number> {
-  return await new Promise((resolve, reject) => {
-    const server = createServer()
-    server.once('error', reject)
-    server.listen(0, '127.0.0.1', () => {
-      const address = server.address()
-      server.close(() => resolve(typeof address === 'object' && address !== null ? address.port : 0))
-    })
-  })
 }
 
 /** A redis-server of the test's own, which it may stop and start again. */
@@ -82,7 +67,7 @@ export class OwnRedis {
   }
 }
 
-export async function startOwnRedis (t: Test): Promise<OwnRedis> {
+export async function startOwnRedis (t: Pick<Test, 'teardown'>): Promise<OwnRedis> {
   const redis = new OwnRedis(await freePort())
   await redis.start()
   t.teardown(async () => await redis.stop())
@@ -90,7 +75,7 @@ export async function startOwnRedis (t: Test): Promise<OwnRedis> {
 }
 
 /** A plain client for a test to look at or drive Redis directly; closed in teardown. */
-export function redisClient (t: Test, url = REDIS_URL): Redis {
+export function redisClient (t: Pick<Test, 'teardown'>, url = REDIS_URL): Redis {
   const client = new Redis(url)
   client.on('error', () => {})
   t.teardown(() => client.disconnect())

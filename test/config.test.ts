@@ -1,0 +1,179 @@
+import t from 'tap'
+import { ConfigError, loadConfig } from '../src/config'
+import { openConnected, publishOk, publisherToken, request, rsaKeyPair, runServerToExit, spawnServer, TEST_SECRET, userToken } from './helpers'
+
+t.test('defaults: only JWT_SECRET set', async (t) => {
+  const config = loadConfig({ JWT_SECRET: 's3cret' })
+  t.match(config, {
+    port: 3000,
+    host: '0.0.0.0',
+    internalPort: null,
+    jwtSecret: 's3cret',
+    jwtPublicKey: null,
+    jwtIssuer: null,
+    jwtAudience: null,
+    jwtUserClaim: 'sub',
+    redisUrl: null,
+    redisPrefix: 'sse:',
+    corsOrigins: null,
+    keepaliveMs: 15000,
+    retryMs: 3000,
+    historySize: 1000,
+    historyTtlS: 3600,
+    maxConnections: 100000,
+    maxConnectionsPerUser: 20,
+    connectionLimitPolicy: 'reject',
+    maxBufferedBytes: 1048576,
+    maxEventBytes: 262144,
+    maxBodyBytes: 1048576,
+    presenceGraceMs: 2000,
+    jobTtlS: 86400,
+    shutdownTimeoutMs: 10000,
+    logLevel: 'info'
+  })
+})
+
+t.test('every variable is read', async (t) => {
+  const config = loadConfig({
+    PORT: '8080',
+    HOST: '127.0.0.1',
+    INTERNAL_PORT: '8081',
+    JWT_SECRET: 'x',
+    JWT_ISSUER: 'iss',
+    JWT_AUDIENCE: 'aud',
+    JWT_USER_CLAIM: 'uid',
+    REDIS_PREFIX: 'gw:',
+    CORS_ORIGINS: 'https://a.example.com, https://b.example.com',
+    KEEPALIVE_MS: '5000',
+    RETRY_MS: '1000',
+    HISTORY_SIZE: '50',
+    HISTORY_TTL_S: '60',
+    MAX_CONNECTIONS: '10',
+    MAX_CONNECTIONS_PER_USER: '2',
+    CONNECTION_LIMIT_POLICY: 'evict-oldest',
+    MAX_BUFFERED_BYTES: '65536',
+    MAX_EVENT_BYTES: '1000',
+    MAX_BODY_BYTES: '2000',
+    PRESENCE_GRACE_MS: '0',
+    JOB_TTL_S: '10',
+    SHUTDOWN_TIMEOUT_MS: '500',
+    LOG_LEVEL: 'debug'
+  })
+  t.match(config, {
+    port: 8080,
+    host: '127.0.0.1',
+    internalPort: 8081,
+    jwtIssuer: 'iss',
+    jwtAudience: 'aud',
+    jwtUserClaim: 'uid',
+    redisPrefix: 'gw:',
+    corsOrigins: ['https://a.example.com', 'https://b.example.com'],
+    keepaliveMs: 5000,
+    retryMs: 1000,
+    historySize: 50,
+    historyTtlS: 60,
+    maxConnections: 10,
+    maxConnectionsPerUser: 2,
+    connectionLimitPolicy: 'evict-oldest',
+    maxBufferedBytes: 65536,
+    maxEventBytes: 1000,
+    maxBodyBytes: 2000,
+    presenceGraceMs: 0,
+    jobTtlS: 10,
+    shutdownTimeoutMs: 500,
+    logLevel: 'debug'
+  })
+})
+
+t.test('JWT_PUBLIC_KEY alone is enough (and "\\n" escapes become newlines)', async (t) => {
+  const { publicKeyPem } = rsaKeyPair()
+  const config = loadConfig({ JWT_PUBLIC_KEY: publicKeyPem.replace(/\n/g, '\\n') })
+  t.equal(config.jwtSecret, null)
+  t.equal(config.jwtPublicKey, publicKeyPem)
+})
+
+/** Asserts that `env` is refused with a ConfigError naming `variable`. */
+function refuses (t: tap.Test, env: Record<string, string>, variable: string): void {
+  let caught: unknown
+  try {
+    loadConfig(env)
+  } catch (error) {
+    caught = error
+  }
+  t.ok(caught instanceof ConfigError, `${JSON.stringify(env)} throws a ConfigError`)
+  if (caught instanceof ConfigError) {
+    t.equal(caught.variable, variable, `it names ${variable}`)
+    t.match(caught.message, variable, 'the message names the variable')
+    t.notMatch(caught.message, /\n/, 'the message is one line')
+  }
+}
+
+t.test('invalid values throw a ConfigError naming the variable', async (t) => {
+  const base = { JWT_SECRET: 'x' }
+  refuses(t, { ...base, PORT: 'abc' }, 'PORT')
+  refuses(t, { ...base, PORT: '3000x' }, 'PORT')
+  refuses(t, { ...base, PORT: '-1' }, 'PORT')
+  refuses(t, { ...base, PORT: '65536' }, 'PORT')
+  refuses(t, { ...base, PORT: '1.5' }, 'PORT')
+  refuses(t, { ...base, INTERNAL_PORT: 'internal' }, 'INTERNAL_PORT')
+  refuses(t, { ...base, CONNECTION_LIMIT_POLICY: 'drop-newest' }, 'CONNECTION_LIMIT_POLICY')
+  refuses(t, { ...base, KEEPALIVE_MS: 'often' }, 'KEEPALIVE_MS')
+  refuses(t, { ...base, RETRY_MS: '3s' }, 'RETRY_MS')
+  refuses(t, { ...base, HISTORY_SIZE: '-5' }, 'HISTORY_SIZE')
+  refuses(t, { ...base, HISTORY_TTL_S: 'forever' }, 'HISTORY_TTL_S')
+  refuses(t, { ...base, MAX_CONNECTIONS: 'lots' }, 'MAX_CONNECTIONS')
+  refuses(t, { ...base, MAX_EVENT_BYTES: '256k' }, 'MAX_EVENT_BYTES')
+  refuses(t, { ...base, MAX_BODY_BYTES: '1e6' }, 'MAX_BODY_BYTES')
+  refuses(t, { ...base, SHUTDOWN_TIMEOUT_MS: 'soon' }, 'SHUTDOWN_TIMEOUT_MS')
+  refuses(t, { ...base, LOG_LEVEL: 'loud' }, 'LOG_LEVEL')
+  refuses(t, { ...base, REDIS_URL: 'localhost:6379' }, 'REDIS_URL')
+  refuses(t, { ...base, JWT_PUBLIC_KEY: 'not a pem' }, 'JWT_PUBLIC_KEY')
+})
+
+t.test('neither JWT_SECRET nor JWT_PUBLIC_KEY: a ConfigError naming JWT_SECRET and JWT_PUBLIC_KEY', async (t) => {
+  refuses(t, {}, 'JWT_SECRET')
+  refuses(t, { JWT_SECRET: '   ' }, 'JWT_SECRET')
+  let message = ''
+  try {
+    loadConfig({ PORT: '3000' })
+  } catch (error) {
+    message = (error as Error).message
+  }
+  t.match(message, /JWT_PUBLIC_KEY/, 'the message mentions the alternative')
+})
+
+t.test('the compiled server refuses a bad environment: exit code 1 and one stderr line naming the variable', async (t) => {
+  const cases: Array<[string, Record<string, string>, string]> = [
+    ['no JWT_SECRET nor JWT_PUBLIC_KEY', {}, 'JWT_SECRET'],
+    ['a non-number PORT', { JWT_SECRET: 'x', PORT: 'eighty' }, 'PORT'],
+    ['an unknown CONNECTION_LIMIT_POLICY', { JWT_SECRET: 'x', CONNECTION_LIMIT_POLICY: 'random' }, 'CONNECTION_LIMIT_POLICY']
+  ]
+  for (const [name, env, variable] of cases) {
+    t.test(name, async (t) => {
+      const exit = await runServerToExit(t, env)
+      t.equal(exit.code, 1, 'exit code 1')
+      const lines = exit.stderr.trimEnd().split('\n')
+      t.equal(lines.length, 1, `one line on stderr: ${JSON.stringify(exit.stderr)}`)
+      t.match(lines[0], variable, `it names ${variable}`)
+      t.notMatch(exit.stderr, /\bat .*\.js:\d+/, 'no stack trace')
+    })
+  }
+})
+
+t.test('the compiled server starts with only JWT_SECRET (and a free PORT) and serves the API in embedded mode', async (t) => {
+  const server = await spawnServer(t, { JWT_SECRET: TEST_SECRET })
+  const health = await request(`${server.url}/health`)
+  t.equal(health.status, 200)
+  t.same(health.json, { status: 'ok' })
+  const ready = await request(`${server.url}/ready`)
+  t.equal(ready.status, 200)
+  const { stream, connected } = await openConnected(`${server.url}/v1/stream?token=${userToken('u1')}`, { t })
+  t.equal(connected.userId, 'u1')
+  const [id] = await publishOk(server.url, publisherToken(), { to: { user: 'u1' }, event: 'hello', data: 'from a child process' })
+  const event = await stream.nextEvent('hello')
+  t.equal(event.id, id)
+  t.equal(event.data, 'from a child process')
+  stream.close()
+  server.child.kill('SIGTERM')
+  t.equal((await server.waitExit(15_000)).code, 0)
+})

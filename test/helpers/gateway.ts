@@ -1,0 +1,101 @@
+/**
+ * Builds and starts a gateway inside the test process. Mode-agnostic: pass
+ * `REDIS_URL` (and a `REDIS_PREFIX` of the test's own) in `env` for Redis mode.
+ */
+import { Writable } from 'node:stream'
+import type { FastifyInstance } from 'fastify'
+import { buildApp } from '../../src/app'
+import { loadConfig, type Config } from '../../src/config'
+import { closeStreamsTo } from './sse'
+
+/** What the helpers need of a tap test: somewhere to register clean-up. */
+export interface TestLike {
+  teardown: (fn: () => unknown) => void
+}
+
+export const TEST_SECRET = 'test-secret'
+
+/** A config for tests: a known secret, no logs, an ephemeral port on loopback; `env` overrides. */
+export function testConfig (env: Record<string, string> = {}): Config {
+  return loadConfig({
+    JWT_SECRET: TEST_SECRET,
+    LOG_LEVEL: 'silent',
+    PORT: '0',
+    HOST: '127.0.0.1',
+    ...env
+  })
+}
+
+export interface GatewayOptions {
+  /** Capture every log line (level `trace` unless `env.LOG_LEVEL` says otherwise). */
+  captureLogs?: boolean
+  instanceId?: string
+}
+
+export interface Gateway {
+  app: FastifyInstance
+  /** `http://127.0.0.1:<port>`, no trailing slash. */
+  url: string
+  port: number
+  /** Captured log lines (empty unless `captureLogs`). */
+  logs: string[]
+  logText: () => string
+}
+
+/** A Writable that keeps each line pino writes. */
+export function logCollector (): { stream: Writable, lines: string[] } {
+  const lines: string[] = []
+  let partial = ''
+  const stream = new Writable({
+    write (chunk: Buffer | string, _encoding, callback) {
+      const text = partial + chunk.toString()
+      const parts = text.split('\n')
+      partial = parts.pop() ?? ''
+      for (const line of parts) if (line !== '') lines.push(line)
+      callback()
+    }
+  })
+  return { stream, lines }
+}
+
+/**
+ * Builds the app from `testConfig(env)`, listens on an ephemeral port and
+ * closes the app (and every test stream opened to it) in teardown.
+ */
+export async function startGateway (t: TestLike, env: Record<string, string> = {}, options: GatewayOptions = {}): Promise<Gateway> {
+  const collector = options.captureLogs === true ? logCollector() : null
+  const config = testConfig(collector !== null && env.LOG_LEVEL === undefined ? { ...env, LOG_LEVEL: 'trace' } : env)
+  const app = await buildApp(config, {
+    ...(collector !== null ? { logStream: collector.stream } : {}),
+    ...(options.instanceId !== undefined ? { instanceId: options.instanceId } : {})
+  })
+  let url = ''
+  t.teardown(async () => {
+    if (url !== '') closeStreamsTo(url)
+    await app.close()
+  })
+  await app.listen({ port: 0, host: '127.0.0.1' })
+  const address = app.server.address()
+  if (address === null || typeof address === 'string') throw new Error('the gateway has no TCP address')
+  url = `http://127.0.0.1:${address.port}`
+  const logs = collector?.lines ?? []
+  return { app, url, port: address.port, logs, logText: () => logs.join('\n') }
+}
+
+/**
+ * Polls a state check until it holds or the deadline passes (for state that no
+ * event announces, such as the registry emptying after a socket closes).
+ */
+export async function eventually (
+  check: () => boolean | Promise<boolean>,
+  what: string,
+  timeoutMs = 5000,
+  intervalMs = 10
+): Promise<void> {
+  const deadline = Date.now() + timeoutMs
+  for (;;) {
+    if (await check()) return
+    if (Date.now() > deadline) throw new Error(`timed out after ${timeoutMs} ms waiting for ${what}`)
+    await new Promise<void>((resolve) => setTimeout(resolve, intervalMs))
+  }
+}

@@ -1,0 +1,107 @@
+/**
+ * The compiled server (dist/src/server.js) as a child process, for what only a
+ * real process shows: start-up errors, exit codes, signals.
+ */
+import { spawn, type ChildProcess } from 'node:child_process'
+import { createServer } from 'node:net'
+import { join } from 'node:path'
+import type { TestLike } from './gateway'
+
+export const SERVER_JS = join(__dirname, '..', '..', 'src', 'server.js')
+
+export async function freePort (): Promise<number> {
+  return await new Promise((resolve, reject) => {
+    const server = createServer()
+    server.once('error', reject)
+    server.listen(0, '127.0.0.1', () => {
+      const address = server.address()
+      server.close(() => resolve(typeof address === 'object' && address !== null ? address.port : 0))
+    })
+  })
+}
+
+export interface Exit {
+  code: number | null
+  signal: NodeJS.Signals | null
+}
+
+export interface ServerProcess {
+  child: ChildProcess
+  port: number
+  url: string
+  stdout: () => string
+  stderr: () => string
+  /** Settles when the process has exited. */
+  exited: Promise<Exit>
+  /** The exit, or a rejection after `timeoutMs`. */
+  waitExit: (timeoutMs: number) => Promise<Exit>
+}
+
+/** Only what the test passes: nothing of the test runner's environment leaks in. */
+function childEnv (env: Record<string, string>): NodeJS.ProcessEnv {
+  return { PATH: process.env.PATH ?? '/usr/bin:/bin', ...env }
+}
+
+function launch (t: TestLike, env: Record<string, string>, port: number): ServerProcess {
+  const child = spawn(process.execPath, [SERVER_JS], { env: childEnv(env), stdio: ['ignore', 'pipe', 'pipe'] })
+  let stdout = ''
+  let stderr = ''
+  child.stdout?.setEncoding('utf8').on('data', (chunk: string) => { stdout += chunk })
+  child.stderr?.setEncoding('utf8').on('data', (chunk: string) => { stderr += chunk })
+  const exited = new Promise<Exit>((resolve) => {
+    child.once('exit', (code, signal) => resolve({ code, signal }))
+  })
+  t.teardown(async () => {
+    if (child.exitCode === null && child.signalCode === null) {
+      child.kill('SIGKILL')
+      await exited
+    }
+  })
+  const waitExit = async (timeoutMs: number): Promise<Exit> => {
+    let timer: NodeJS.Timeout | undefined
+    const timeout = new Promise<never>((_resolve, reject) => {
+      timer = setTimeout(() => reject(new Error(`the server did not exit within ${timeoutMs} ms; stderr: ${stderr}`)), timeoutMs)
+    })
+    try {
+      return await Promise.race([exited, timeout])
+    } finally {
+      clearTimeout(timer)
+    }
+  }
+  return { child, port, url: `http://127.0.0.1:${port}`, stdout: () => stdout, stderr: () => stderr, exited, waitExit }
+}
+
+/** Runs the server with `env` and waits for it to exit (for configurations that must fail). */
+export async function runServerToExit (t: TestLike, env: Record<string, string>, timeoutMs = 15_000): Promise<Exit & { stdout: string, stderr: string }> {
+  const server = launch(t, env, 0)
+  const exit = await server.waitExit(timeoutMs)
+  return { ...exit, stdout: server.stdout(), stderr: server.stderr() }
+}
+
+/**
+ * Starts the server on a free port (PORT is set here; HOST stays the default
+ * unless `env` sets it) and resolves once GET /health answers 200. A start
+ * lost to a port taken in between is retried on another port.
+ */
+export async function spawnServer (t: TestLike, env: Record<string, string>, timeoutMs = 20_000): Promise<ServerProcess> {
+  for (let attempt = 1; ; attempt++) {
+    const port = await freePort()
+    const server = launch(t, { ...env, PORT: String(port) }, port)
+    const deadline = Date.now() + timeoutMs
+    let exit: Exit | null = null
+    void server.exited.then((value) => { exit = value })
+    while (exit === null) {
+      try {
+        const response = await fetch(`${server.url}/health`, { signal: AbortSignal.timeout(2000) })
+        await response.arrayBuffer()
+        if (response.status === 200) return server
+      } catch {
+        // Not listening yet.
+      }
+      if (Date.now() > deadline) throw new Error(`the server did not answer /health within ${timeoutMs} ms; stderr: ${server.stderr()}`)
+      await new Promise<void>((resolve) => setTimeout(resolve, 50))
+    }
+    if (attempt < 3 && server.stderr().includes('EADDRINUSE')) continue
+    throw new Error(`the server exited (${JSON.stringify(exit)}) before answering; stderr: ${server.stderr()}`)
+  }
+}

@@ -1,0 +1,253 @@
+import t, { type Test } from 'tap'
+import {
+  adminToken, eventually, openConnected, openStream, publishOk, publisherToken, request, spawnServer, startGateway, userToken,
+  type Gateway, type SseEvent
+} from './helpers'
+import { needRedis, redisClient, REDIS_URL, startOwnRedis, uniquePrefix } from './helpers/redis'
+
+const publisher = publisherToken()
+const admin = adminToken()
+
+async function cluster (t: Test, count: number, env: Record<string, string> = {}): Promise<{ gateways: Gateway[], prefix: string }> {
+  const prefix = uniquePrefix('redis')
+  const gateways: Gateway[] = []
+  for (let index = 0; index < count; index++) {
+    gateways.push(await startGateway(t, { REDIS_URL, REDIS_PREFIX: prefix, INSTANCE_TTL_MS: '2000', ...env }))
+  }
+  return { gateways, prefix }
+}
+
+function ids (events: SseEvent[]): string[] {
+  return events.map((event) => event.id ?? '')
+}
+
+function strictlyIncreasing (values: string[]): boolean {
+  return values.every((value, index) => index === 0 || BigInt(value) > BigInt(values[index - 1]))
+}
+
+interface Stats { connections: number, users: number, topics: Record<string, number>, instances: number }
+
+async function stats (gateway: Gateway): Promise<Stats> {
+  const answer = await request<Stats>(`${gateway.url}/v1/stats`, { token: admin })
+  return answer.json
+}
+
+const MARKDOWN = '# Title\n\nFirst paragraph with `code`.\r\n\r\n- item: one\n- data: not a field\nid: 7\n\n```js\nconsole.log("hi")\n```\n'
+
+t.test('an event published on instance B reaches a stream on instance A', async (t) => {
+  if (!(await needRedis(t))) return
+  const { gateways: [a, b] } = await cluster(t, 2)
+  const { stream } = await openConnected(`${a.url}/v1/stream?token=${userToken('u1')}`, { t })
+  const [id] = await publishOk(b.url, publisher, { to: { user: 'u1' }, event: 'note', data: { from: 'B' } })
+  const event = await stream.nextEvent('note')
+  t.equal(event.id, id)
+  t.same(JSON.parse(event.data), { from: 'B' })
+})
+
+t.test('one user with tabs on A and B: both receive user, topic and broadcast events, once each, in order', async (t) => {
+  if (!(await needRedis(t))) return
+  const { gateways: [a, b] } = await cluster(t, 2)
+  const tabA = (await openConnected(`${a.url}/v1/stream?token=${userToken('u1')}&topics=news`, { t })).stream
+  const tabB = (await openConnected(`${b.url}/v1/stream?token=${userToken('u1')}&topics=news`, { t })).stream
+  const published = [
+    ...await publishOk(a.url, publisher, { to: { user: 'u1' }, event: 'n', data: 1 }),
+    ...await publishOk(b.url, publisher, { to: { topic: 'news' }, event: 'n', data: 2 }),
+    ...await publishOk(a.url, publisher, [{ to: { broadcast: true }, event: 'n', data: 3 }, { to: { users: ['u1', 'u2'] }, event: 'n', data: 4 }]),
+    ...await publishOk(b.url, publisher, { to: { user: 'u1' }, event: 'end', data: 5 })
+  ]
+  for (const tab of [tabA, tabB]) {
+    await tab.nextEvent('end')
+    const received = tab.events.filter((event) => event.id !== undefined)
+    t.same(ids(received), published, 'every event once, in publish order')
+    t.same(received.map((event) => event.data), ['1', '2', '3', '4', '5'])
+  }
+})
+
+t.test('ids are strictly increasing across instances and channels', async (t) => {
+  if (!(await needRedis(t))) return
+  const { gateways: [a, b, c] } = await cluster(t, 3)
+  const { stream } = await openConnected(`${c.url}/v1/stream?token=${userToken('u1')}&topics=t1`, { t })
+  const bodies = [a, b, a, b, c].map((gateway, index) => ({ gateway, body: index % 2 === 0 ? { to: { user: 'u1' }, data: index } : { to: { topic: 't1' }, data: index } }))
+  const published = await Promise.all(bodies.map(async ({ gateway, body }) => (await publishOk(gateway.url, publisher, body))[0]))
+  const received = ids(await stream.take(5))
+  t.equal(received.length, 5)
+  t.ok(strictlyIncreasing(received), `received ids increase: ${received.join(', ')}`)
+  t.same([...received].sort(), [...published].sort(), 'each published event arrived once')
+})
+
+t.test('a client that reconnects to another instance with Last-Event-ID gets exactly what it missed', async (t) => {
+  if (!(await needRedis(t))) return
+  const { gateways: [a, b] } = await cluster(t, 2)
+  const first = (await openConnected(`${a.url}/v1/stream?token=${userToken('u1')}&topics=news`, { t })).stream
+  const before = await publishOk(a.url, publisher, [1, 2].map((n) => ({ to: { user: 'u1' }, data: n })))
+  await first.next((event) => event.id === before[1])
+  first.close()
+  await eventually(async () => (await stats(a)).connections === 0, 'the first stream to be gone')
+  const missed = [
+    ...await publishOk(a.url, publisher, { to: { user: 'u1' }, data: 3 }),
+    ...await publishOk(b.url, publisher, { to: { topic: 'news' }, data: 4 }),
+    ...await publishOk(a.url, publisher, { to: { broadcast: true }, data: 5 }),
+    ...await publishOk(b.url, publisher, { to: { user: 'someone-else' }, data: 'not for u1' })
+  ]
+  const second = await openStream(`${b.url}/v1/stream?token=${userToken('u1')}&topics=news`, { t, headers: { 'last-event-id': before[1] } })
+  await second.nextEvent('connected')
+  const replayed = await second.take(3)
+  t.same(ids(replayed), missed.slice(0, 3), 'the three missed events, in order, none of the other user')
+  const [live] = await publishOk(a.url, publisher, { to: { user: 'u1' }, data: 6 })
+  const next = await second.next((event) => event.id !== undefined)
+  t.equal(next.id, live, 'then live, with no duplicate')
+  t.notOk(second.events.some((event) => event.event === 'reset'), 'no reset')
+})
+
+t.test('each instance subscribes only to the channels its own streams need, and unsubscribes after the last one', async (t) => {
+  if (!(await needRedis(t))) return
+  const { gateways: [a, b], prefix } = await cluster(t, 2)
+  const redis = redisClient(t)
+  const subscribers = async (channel: string): Promise<number> => {
+    const [, count] = await redis.pubsub('NUMSUB', `${prefix}ch:${channel}`) as [string, number]
+    return count
+  }
+  const one = (await openConnected(`${a.url}/v1/stream?token=${userToken('solo')}&topics=rare`, { t })).stream
+  const two = (await openConnected(`${a.url}/v1/stream?token=${userToken('solo')}&topics=rare`, { t })).stream
+  t.equal(await subscribers('u:solo'), 1, 'instance A subscribes once for two streams')
+  t.equal(await subscribers('t:rare'), 1)
+  t.equal(await subscribers('b'), 1, 'B holds no stream, so only A listens to broadcast')
+  await openConnected(`${b.url}/v1/stream?token=${userToken('other')}`, { t })
+  t.equal(await subscribers('b'), 2, 'both instances listen to broadcast once each holds a stream')
+  t.equal(await subscribers('u:solo'), 1, 'B never subscribes to a user it does not hold')
+  one.close()
+  await eventually(async () => a.app.registry.size === 1, 'one stream left on A')
+  t.equal(await subscribers('u:solo'), 1, 'still needed by the second stream')
+  two.close()
+  await eventually(async () => await subscribers('u:solo') === 0, 'A to unsubscribe from u:solo')
+  t.equal(await subscribers('t:rare'), 0)
+})
+
+t.test('Redis ingress: <prefix>publish and stream:<id> are each delivered exactly once across three instances', async (t) => {
+  if (!(await needRedis(t))) return
+  const { gateways: [a, b, c], prefix } = await cluster(t, 3)
+  const redis = redisClient(t)
+  const { stream, connected } = await openConnected(`${b.url}/v1/stream?token=${userToken('writer')}`, { t })
+  await eventually(async () => [a, b, c].some((gateway) => gateway.app.ingress?.isLeader === true), 'an ingress lease holder')
+  t.equal([a, b, c].filter((gateway) => gateway.app.ingress?.isLeader === true).length, 1, 'exactly one instance holds the lease')
+  t.equal(await redis.publish(`${prefix}publish`, JSON.stringify({ to: { user: 'writer' }, event: 'content-chunk', data: MARKDOWN })), 1, 'one instance listens to the ingress channel')
+  const chunks = ['## Part one\n\nline\r\nline', '\n', 'data: looks like a field\n\nid: 99', 'last chunk ✓']
+  for (const chunk of chunks) await redis.publish(`stream:${connected.connectionId}`, JSON.stringify({ event: 'content-chunk', data: chunk }))
+  await redis.publish(`${prefix}publish`, JSON.stringify({ to: { connection: connected.connectionId }, event: 'done', data: {} }))
+  await stream.nextEvent('done')
+  const received = stream.events.filter((event) => event.event === 'content-chunk')
+  t.same(received.map((event) => event.data), [MARKDOWN, ...chunks].map((text) => text.replace(/\r\n|\r/g, '\n')), 'markdown intact, in order, each once')
+  t.ok(strictlyIncreasing(ids(received)), 'one id each, increasing')
+})
+
+t.test('the durable ingress (XADD <prefix>ingress) delivers each entry once', async (t) => {
+  if (!(await needRedis(t))) return
+  const { gateways: [a, b], prefix } = await cluster(t, 2)
+  const redis = redisClient(t)
+  const { stream } = await openConnected(`${a.url}/v1/stream?token=${userToken('durable')}`, { t })
+  for (let n = 0; n < 20; n++) {
+    await redis.xadd(`${prefix}ingress`, '*', 'payload', JSON.stringify({ to: { user: 'durable' }, event: 'seq', data: n }))
+  }
+  await stream.next((event) => event.data === '19', 10_000)
+  await publishOk(b.url, publisher, { to: { user: 'durable' }, event: 'marker', data: 0 })
+  await stream.nextEvent('marker')
+  t.same(stream.events.filter((event) => event.event === 'seq').map((event) => Number(event.data)), [...Array(20).keys()])
+})
+
+t.test('bad ingress messages are counted, logged without their data, dropped; the gateway goes on', async (t) => {
+  if (!(await needRedis(t))) return
+  const prefix = uniquePrefix('badingress')
+  const gateway = await startGateway(t, { REDIS_URL, REDIS_PREFIX: prefix }, { captureLogs: true })
+  const redis = redisClient(t)
+  await eventually(async () => gateway.app.ingress?.isLeader === true, 'the only instance to take the lease')
+  const { stream, connected } = await openConnected(`${gateway.url}/v1/stream?token=${userToken('u1')}`, { t })
+  const secret = 'SECRET-DATA-93f1'
+  await redis.publish(`${prefix}publish`, `not json ${secret}`)
+  await redis.publish(`${prefix}publish`, JSON.stringify({ to: { user: 'u1' }, event: 'bad\nname', data: secret }))
+  await redis.publish(`${prefix}publish`, JSON.stringify([{ to: { user: 'u1' }, data: secret }, { to: {}, data: secret }]))
+  await redis.publish(`stream:${connected.connectionId}`, JSON.stringify({ event: 'x', data: 'y'.repeat(300_000) + secret }))
+  await redis.publish(`stream:${connected.connectionId}`, JSON.stringify({ event: 'ok', data: 'after the bad ones' }))
+  const ok = await stream.nextEvent('ok')
+  t.equal(ok.data, 'after the bad ones')
+  t.notOk(stream.events.some((event) => event.data.includes(secret)), 'nothing of a bad message was delivered')
+  const metrics = (await request(`${gateway.url}/metrics`)).text
+  const rejected = [...metrics.matchAll(/^sse_ingress_rejected_total\{[^}]*\} (\d+)/gm)].reduce((sum, match) => sum + Number(match[1]), 0)
+  t.equal(rejected, 4, 'four rejects counted')
+  t.equal(gateway.logs.filter((line) => line.includes('ingress message dropped')).length, 4, 'four rejects logged')
+  t.notOk(gateway.logText().includes(secret), 'no data in the logs')
+})
+
+t.test('shared state: a stream id pre-created on A is joined on B; stats are cluster-wide', async (t) => {
+  if (!(await needRedis(t))) return
+  const { gateways: [a, b] } = await cluster(t, 2)
+  const created = await request<{ connectionId: string }>(`${a.url}/v1/connections`, { method: 'POST', token: publisher, body: { userId: 'joiner' } })
+  t.equal(created.status, 201)
+  const { connectionId } = created.json
+  await publishOk(a.url, publisher, { to: { connection: connectionId }, event: 'early', data: 'before join' })
+  const { stream, connected } = await openConnected(`${b.url}/v1/stream/${connectionId}?token=${userToken('joiner')}`, { t })
+  t.equal(connected.connectionId, connectionId)
+  t.equal((await stream.nextEvent('early')).data, 'before join')
+  await openConnected(`${a.url}/v1/stream?token=${userToken('other')}&topics=x`, { t })
+  const seen = await stats(a)
+  t.match(seen, { connections: 2, users: 2, topics: { x: 1 }, instances: 2 })
+  t.same(await stats(b), seen, 'both instances see the same cluster')
+})
+
+t.test('Redis stopped and restarted: /ready turns 503 then 200, open streams survive and keep receiving, old cursors reset', async (t) => {
+  if (!(await needRedis(t))) return
+  const redis = await startOwnRedis(t)
+  const prefix = uniquePrefix('outage')
+  const env = { REDIS_URL: redis.url, REDIS_PREFIX: prefix, INSTANCE_TTL_MS: '2000' }
+  const a = await startGateway(t, env)
+  const b = await startGateway(t, env)
+  const { stream } = await openConnected(`${a.url}/v1/stream?token=${userToken('u1')}&topics=news`, { t })
+  const [before] = await publishOk(b.url, publisher, { to: { user: 'u1' }, data: 'before' })
+  await stream.next((event) => event.id === before)
+
+  await redis.stop()
+  await eventually(async () => (await request(`${a.url}/ready`)).status === 503, '/ready to answer 503 while Redis is down')
+  const refused = await request(`${b.url}/v1/publish`, { method: 'POST', token: publisher, body: { to: { user: 'u1' }, data: 'x' } })
+  t.equal(refused.status, 503, 'publishing answers 503, not 500')
+  t.equal((await openStream(`${b.url}/v1/stream?token=${userToken('u2')}`, { t })).status, 503, 'new streams are refused with 503')
+  t.equal(stream.ended, false, 'the open stream stays open')
+
+  await redis.start()
+  await eventually(async () => (await request(`${a.url}/ready`)).status === 200 && (await request(`${b.url}/ready`)).status === 200, 'both instances ready again', 20_000)
+  // The subscriber connection re-subscribes on reconnect; publish until the open stream hears it.
+  let after = ''
+  await eventually(async () => {
+    after = (await publishOk(b.url, publisher, { to: { topic: 'news' }, data: 'after' }))[0]
+    return stream.events.some((event) => event.data === 'after')
+  }, 'the old stream to receive again', 15_000, 200)
+  t.ok(BigInt(after) > BigInt(before), 'ids go on increasing after Redis lost everything')
+  const reconnect = await openStream(`${b.url}/v1/stream?token=${userToken('u1')}`, { t, headers: { 'last-event-id': before } })
+  await reconnect.nextEvent('connected')
+  const reset = await reconnect.next(() => true)
+  t.equal(reset.event, 'reset', 'a cursor from before the store lost its history gets reset')
+  t.same(JSON.parse(reset.data), { reason: 'unknown' })
+})
+
+t.test('an instance killed with SIGKILL leaves the instance list and the counts within its TTL', async (t) => {
+  if (!(await needRedis(t))) return
+  const prefix = uniquePrefix('sigkill')
+  const env = { REDIS_URL, REDIS_PREFIX: prefix, INSTANCE_TTL_MS: '2000', MAX_CONNECTIONS_PER_USER: '2', PRESENCE_GRACE_MS: '200' }
+  const survivor = await startGateway(t, env)
+  const doomed = await spawnServer(t, { ...env, JWT_SECRET: 'test-secret', LOG_LEVEL: 'warn', HOST: '127.0.0.1' })
+  await request(`${survivor.url}/v1/conversations/c1/members`, { method: 'PUT', token: publisher, body: { members: ['victim', 'friend'] } })
+  const friend = (await openConnected(`${survivor.url}/v1/stream?token=${userToken('friend')}`, { t })).stream
+  await openConnected(`${doomed.url}/v1/stream?token=${userToken('victim')}&topics=gone`, { t })
+  await openConnected(`${doomed.url}/v1/stream?token=${userToken('victim')}`, { t })
+  await friend.nextEvent('user:online')
+  t.match(await stats(survivor), { connections: 3, users: 2, instances: 2, topics: { gone: 1 } })
+  t.equal((await openStream(`${survivor.url}/v1/stream?token=${userToken('victim')}`, { t })).status, 429, 'the per-user limit counts streams on the other instance')
+
+  doomed.child.kill('SIGKILL')
+  await doomed.exited
+  await eventually(async () => {
+    const now = await stats(survivor)
+    return now.instances === 1 && now.connections === 1 && now.topics.gone === undefined
+  }, 'the dead instance and its streams to stop counting', 10_000, 100)
+  const offline = await friend.nextEvent('user:offline', 10_000)
+  t.same(JSON.parse(offline.data), { userId: 'victim' }, 'the members of its conversations learn it went offline')
+  t.equal((await openStream(`${survivor.url}/v1/stream?token=${userToken('victim')}`, { t })).status, 200, 'its streams no longer count against the user')
+})

@@ -1,0 +1,53 @@
+import t from 'tap'
+import { openConnected, openStream, request, spawnServer, TEST_SECRET, userToken, type SseClient } from './helpers'
+
+const SHUTDOWN_TIMEOUT_MS = 10_000
+
+/** /ready (or a new stream) during or after the drain: refused, never served. */
+async function refused (url: string): Promise<string> {
+  try {
+    const answer = await request(url)
+    return String(answer.status)
+  } catch (error) {
+    const cause = (error as { cause?: { code?: string } }).cause
+    return cause?.code ?? 'network error'
+  }
+}
+
+for (const signal of ['SIGTERM', 'SIGINT'] as const) {
+  t.test(`${signal}: every stream gets \`shutdown\` and ends, /ready stops answering 200, exit 0 within SHUTDOWN_TIMEOUT_MS`, async (t) => {
+    const server = await spawnServer(t, {
+      JWT_SECRET: TEST_SECRET,
+      HOST: '127.0.0.1',
+      SHUTDOWN_TIMEOUT_MS: String(SHUTDOWN_TIMEOUT_MS),
+      LOG_LEVEL: 'info'
+    })
+    const streams: SseClient[] = []
+    for (const user of ['u1', 'u2', 'u2']) streams.push((await openConnected(`${server.url}/v1/stream?token=${userToken(user)}`, { t })).stream)
+    t.equal((await request(`${server.url}/ready`)).status, 200, 'ready before the signal')
+
+    t.ok(server.child.kill(signal), `${signal} sent`)
+    for (const [n, stream] of streams.entries()) {
+      const event = await stream.nextEvent('shutdown', SHUTDOWN_TIMEOUT_MS)
+      t.equal(event.id, undefined, `stream ${n}: shutdown carries no id line`)
+      await stream.waitEnd(SHUTDOWN_TIMEOUT_MS)
+      t.ok(stream.ended, `stream ${n}: ended by the server`)
+      t.equal(stream.unread().length, 0, `stream ${n}: nothing after shutdown`)
+    }
+    const ready = await refused(`${server.url}/ready`)
+    t.not(ready, '200', `/ready during or after the drain: ${ready}`)
+    t.match(ready, /^(503|ECONNREFUSED|ECONNRESET|UND_ERR_SOCKET|network error)$/)
+    const late = await openStream(`${server.url}/v1/stream?token=${userToken('u3')}`).catch((error: Error) => error)
+    if (late instanceof Error) t.pass(`a new stream is refused (${late.message})`)
+    else {
+      t.not(late.status, 200, `a new stream is refused (${late.status})`)
+      late.close()
+    }
+
+    const exit = await server.waitExit(SHUTDOWN_TIMEOUT_MS + 5000)
+    t.same(exit, { code: 0, signal: null }, 'exit code 0')
+    t.match(server.stdout(), /"msg":"stopped"/, 'the drain finished by itself')
+    t.notMatch(server.stdout(), /drain timed out/, 'not by the shutdown deadline')
+    t.equal(server.stderr(), '', 'nothing on stderr')
+  })
+}

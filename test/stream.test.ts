@@ -1,0 +1,131 @@
+import t from 'tap'
+import { openConnected, openStream, publishOk, publisherToken, startGateway, userToken, type SseEvent } from './helpers'
+
+const publisher = publisherToken()
+
+function assertIncreasing (t: tap.Test, events: SseEvent[]): void {
+  let previous = 0n
+  for (const event of events) {
+    const id = BigInt(event.id ?? '0')
+    if (id <= previous) {
+      t.fail(`ids must strictly increase: ${String(previous)} then ${event.id ?? '(none)'}`)
+      return
+    }
+    previous = id
+  }
+  t.pass(`${events.length} ids strictly increasing`)
+}
+
+t.test('a stream answers 200 with the exact SSE headers', async (t) => {
+  const { url } = await startGateway(t)
+  const stream = await openStream(`${url}/v1/stream?token=${userToken('u1')}`, { t })
+  t.equal(stream.status, 200)
+  t.equal(stream.headers['content-type'], 'text/event-stream; charset=utf-8')
+  t.equal(stream.headers['cache-control'], 'no-cache, no-transform')
+  t.equal(stream.headers['x-accel-buffering'], 'no')
+  t.equal(stream.headers.connection, 'keep-alive')
+})
+
+t.test('the first bytes are `retry: 3000` then `connected` (connectionId, userId, topics) with no id line, flushed without any publish', async (t) => {
+  const { url } = await startGateway(t)
+  const stream = await openStream(`${url}/v1/stream?token=${userToken('u1')}&topics=news,chat`, { t })
+  const connected = await stream.nextEvent('connected')
+  t.match(stream.text, /^retry: 3000\n\nevent: connected\ndata: \{[^\n]*\}\n\n/, 'retry block, then the connected block')
+  t.same(stream.retries, [3000])
+  t.equal(stream.events[0], connected, 'connected is the first event')
+  t.equal(connected.id, undefined, 'connected has no id line')
+  t.notMatch(connected.raw, /^id:/m)
+  t.equal(stream.lastEventId, '', 'the browser cursor is not moved')
+  const data = JSON.parse(connected.data) as { connectionId: string, userId: string, topics: string[] }
+  t.match(data.connectionId, /^c_[A-Za-z0-9_-]+$/)
+  t.equal(data.userId, 'u1')
+  t.same([...data.topics].sort(), ['chat', 'news'])
+})
+
+t.test('a stream without topics says topics: []', async (t) => {
+  const { url } = await startGateway(t)
+  const { connected } = await openConnected(`${url}/v1/stream?token=${userToken('u1')}`, { t })
+  t.same(connected.topics, [])
+})
+
+t.test('RETRY_MS sets the retry: value', async (t) => {
+  const { url } = await startGateway(t, { RETRY_MS: '1234' })
+  const stream = await openStream(`${url}/v1/stream?token=${userToken('u1')}`, { t })
+  await stream.nextEvent('connected')
+  t.match(stream.text, /^retry: 1234\n\n/)
+  t.same(stream.retries, [1234])
+})
+
+t.test('an idle stream receives keepalive comments (KEEPALIVE_MS=200)', async (t) => {
+  const { url } = await startGateway(t, { KEEPALIVE_MS: '200' })
+  const stream = await openStream(`${url}/v1/stream?token=${userToken('u1')}`, { t })
+  await stream.nextEvent('connected')
+  await stream.until(() => stream.comments.length >= 2, 5000, 'two keepalive comments')
+  t.same(stream.comments.slice(0, 2), ['keepalive', 'keepalive'])
+  t.match(stream.text, /\n\n: keepalive\n\n/, 'a comment line in its own block')
+  t.equal(stream.events.length, 1, 'comments dispatch no event')
+})
+
+t.test('published events carry a decimal id line; system events none', async (t) => {
+  const { url } = await startGateway(t)
+  const { stream } = await openConnected(`${url}/v1/stream?token=${userToken('u1')}`, { t })
+  const [id] = await publishOk(url, publisher, { to: { user: 'u1' }, event: 'note', data: { n: 1 } })
+  t.match(id, /^[1-9]\d*$/, 'the 202 answer holds a decimal id')
+  const event = await stream.nextEvent('note')
+  t.equal(event.id, id, 'the event carries the id the publisher got')
+  t.match(event.raw, new RegExp(`^id: ${id}\nevent: note\ndata: \\{"n":1\\}$`))
+  t.equal(stream.lastEventId, id)
+  t.equal(stream.events.filter((item) => item.event === 'connected' && item.id !== undefined).length, 0)
+})
+
+t.test('an event without a name arrives as `message` with no event line', async (t) => {
+  const { url } = await startGateway(t)
+  const { stream } = await openConnected(`${url}/v1/stream?token=${userToken('u1')}`, { t })
+  await publishOk(url, publisher, { to: { user: 'u1' }, data: 'plain' })
+  const event = await stream.next()
+  t.equal(event.event, 'message')
+  t.equal(event.data, 'plain')
+})
+
+t.test('ids are strictly increasing per connection across user, users, broadcast and connection targets', async (t) => {
+  const { url } = await startGateway(t)
+  const { stream, connected } = await openConnected(`${url}/v1/stream?token=${userToken('u1')}`, { t })
+  const { stream: sibling } = await openConnected(`${url}/v1/stream?token=${userToken('u1')}`, { t })
+  const targets = [
+    { user: 'u1' },
+    { broadcast: true },
+    { connection: connected.connectionId },
+    { users: ['u2', 'u1'] }
+  ]
+  // Concurrent publishers, so the targets interleave however the gateway accepts them.
+  const answers = await Promise.all(Array.from({ length: 40 }, async (_, n) =>
+    await publishOk(url, publisher, { to: targets[n % targets.length], event: 'tick', data: { n } })))
+  const toConnection = answers.filter((_, n) => n % targets.length === 2).flat()
+  const events = await stream.take(40)
+  t.equal(events.filter((event) => event.event === 'tick').length, 40, 'the stream gets all 40')
+  assertIncreasing(t, events)
+  t.same(new Set(events.map((event) => event.id)), new Set(answers.flat()), 'exactly the ids the publishers got')
+  const siblingEvents = await sibling.take(30)
+  assertIncreasing(t, siblingEvents)
+  t.notOk(siblingEvents.some((event) => toConnection.includes(event.id ?? '')), 'the other stream of the user gets no connection-targeted event')
+})
+
+t.test('a user has several streams (tabs): every one receives the user events', async (t) => {
+  const { url } = await startGateway(t)
+  const tabs = await Promise.all([1, 2, 3].map(async () => (await openConnected(`${url}/v1/stream?token=${userToken('u1')}`, { t })).stream))
+  const [id] = await publishOk(url, publisher, { to: { user: 'u1' }, event: 'hello', data: 'all tabs' })
+  for (const tab of tabs) {
+    const event = await tab.nextEvent('hello')
+    t.equal(event.id, id)
+    t.equal(event.data, 'all tabs')
+  }
+})
+
+t.test('a rejected stream (no token) opens nothing: 401 JSON and the registry stays empty', async (t) => {
+  const { url, app } = await startGateway(t)
+  const stream = await openStream(`${url}/v1/stream`, { t })
+  t.equal(stream.status, 401)
+  t.match(stream.headers['content-type'], /^application\/json/)
+  t.match(stream.json(), { statusCode: 401, error: 'Unauthorized', message: String })
+  t.equal(app.registry.size, 0)
+})
