@@ -1,0 +1,268 @@
+/**
+ * Headless Chromium (Debian's, driven by playwright-core): native EventSource
+ * against the gateway, reconnection across a gateway restart in Redis mode,
+ * CORS, and the admin and demo pages driven as a person would.
+ */
+import t from 'tap'
+import {
+  freePort,
+  publishOk,
+  publisherToken,
+  adminToken,
+  spawnServer,
+  startGateway,
+  TEST_SECRET,
+  userToken
+} from './helpers'
+import type { Page } from 'playwright-core'
+import { needRedis, REDIS_URL, uniquePrefix } from './helpers/redis'
+import { launchBrowser, needChromium, pageEventSource, startOrigin, startServerOnPort, within, type PageRecord } from './helpers/browser'
+
+const publisher = publisherToken()
+
+const parse = (record: PageRecord): unknown => JSON.parse(record.data ?? 'null')
+
+t.test('a page opens a native EventSource with ?token= and receives named events', async (t) => {
+  if (!needChromium(t)) return
+  const gateway = await startGateway(t)
+  const browser = await launchBrowser(t)
+  const page = await browser.newPage()
+  await page.goto(`${gateway.url}/demo`)
+  const user = 'u-browser'
+  const recorder = await pageEventSource(page, `/v1/stream?token=${encodeURIComponent(userToken(user))}`, {
+    names: ['connected', 'notification', 'message:new', 'message', 'reset']
+  })
+  const [connected] = await recorder.waitEvents('connected', 1)
+  t.match(parse(connected), { userId: user, topics: [] }, 'connected names the user')
+  t.equal(connected.lastEventId, '', 'connected carries no id')
+
+  const ids = await publishOk(gateway.url, publisher, [
+    { to: { user }, event: 'notification', data: { text: 'hello' } },
+    { to: { user }, event: 'message:new', data: { conversationId: 'c1', text: 'hi' } },
+    { to: { user }, data: 'line one\nline two\r\nline three' }
+  ])
+  const [notification] = await recorder.waitEvents('notification', 1)
+  const [message] = await recorder.waitEvents('message:new', 1)
+  const [plain] = await recorder.waitEvents('message', 1)
+  t.same(parse(notification), { text: 'hello' })
+  t.equal(notification.lastEventId, ids[0], 'the notification carries its id')
+  t.same(parse(message), { conversationId: 'c1', text: 'hi' })
+  t.equal(message.lastEventId, ids[1])
+  t.equal(plain.data, 'line one\nline two\nline three', 'a multi-line string arrives intact as one event')
+  t.equal(plain.lastEventId, ids[2])
+  t.same(recorder.events().map((record) => record.type), ['connected', 'notification', 'message:new', 'message'], 'in order, nothing else')
+  t.same(browser.problems, [], 'no page errors')
+})
+
+t.test('Redis mode: after the gateway restarts, the page reconnects by itself and gets what was published while it was down, once', async (t) => {
+  if (!needChromium(t) || !(await needRedis(t))) return
+  const env = {
+    JWT_SECRET: TEST_SECRET,
+    HOST: '127.0.0.1',
+    REDIS_URL,
+    REDIS_PREFIX: uniquePrefix('browser'),
+    INSTANCE_TTL_MS: '3000',
+    RETRY_MS: '500',
+    LOG_LEVEL: 'warn'
+  }
+  // The instance that stays up while the page's one restarts.
+  const other = await spawnServer(t, env)
+  const port = await freePort()
+  const first = await startServerOnPort(t, env, port)
+  const browser = await launchBrowser(t)
+  const page = await browser.newPage()
+  await page.goto(`${first.url}/demo`)
+  const user = 'u-restart'
+  const recorder = await pageEventSource(page, `/v1/stream?token=${encodeURIComponent(userToken(user))}`, {
+    names: ['connected', 'tick', 'shutdown', 'reset']
+  })
+  const [connected] = await recorder.waitEvents('connected', 1)
+  t.match(parse(connected), { userId: user })
+
+  const published: string[] = []
+  const tick = async (url: string, k: number): Promise<void> => {
+    published.push(...await publishOk(url, publisher, { to: { user }, event: 'tick', data: { k } }))
+  }
+  await tick(first.url, 1)
+  await tick(other.url, 2)
+  await recorder.waitEvents('tick', 2)
+
+  first.child.kill('SIGTERM')
+  await recorder.waitEvents('shutdown', 1)
+  t.pass('the page got shutdown when the gateway was stopped')
+  const exit = await first.waitExit(15_000)
+  t.same(exit, { code: 0, signal: null }, 'the gateway exited 0 after draining')
+
+  // The page's gateway is down; another instance accepts the events.
+  for (const k of [3, 4, 5]) await tick(other.url, k)
+  // Wait for at least one failed reconnect attempt while it is down.
+  await recorder.until(() => recorder.records.filter((record) => record.kind === 'error').length >= 2, 'a failed reconnect attempt while the gateway is down')
+
+  const second = await startServerOnPort(t, env, port)
+  await recorder.waitEvents('connected', 2, 15_000)
+  t.pass('the EventSource reconnected by itself to the restarted gateway')
+  await recorder.waitEvents('tick', 5)
+  await tick(second.url, 6)
+  const ticks = await recorder.waitEvents('tick', 6)
+  t.same(ticks.map((record) => record.lastEventId), published, 'every event exactly once, in order')
+  t.same(ticks.map((record) => (parse(record) as { k: number }).k), [1, 2, 3, 4, 5, 6])
+  t.same(recorder.events('reset'), [], 'no reset: the replay was complete')
+  t.same(recorder.records.filter((record) => record.kind === 'error' && record.readyState === 2), [], 'the EventSource never gave up (readyState never CLOSED)')
+  t.comment(`the page recorded: ${recorder.records.map((record) => record.kind === 'event' ? record.type : `${record.kind}(${String(record.readyState)})`).join(' ')}`)
+  t.same(browser.problems.filter((problem) => !problem.includes('ERR_CONNECTION_REFUSED')), [], 'no page errors besides the refused reconnects')
+})
+
+t.test('a cross-origin page allowed by CORS_ORIGINS streams and fetches; a disallowed origin is refused', async (t) => {
+  if (!needChromium(t)) return
+  const allowed = await startOrigin(t, 'allowed origin')
+  const denied = await startOrigin(t, 'denied origin')
+  const gateway = await startGateway(t, { CORS_ORIGINS: allowed })
+  const browser = await launchBrowser(t)
+  const user = 'u-cors'
+  const token = userToken(user)
+  const streamUrl = `${gateway.url}/v1/stream?token=${encodeURIComponent(token)}`
+
+  const fetchStream = `async (setup) => {
+    try {
+      const response = await fetch(setup.url + '/v1/stream', { headers: { Authorization: 'Bearer ' + setup.token }, credentials: 'include' });
+      const reader = response.body.getReader();
+      const decoder = new TextDecoder();
+      let text = '';
+      while (!text.includes('event: connected')) {
+        const { value, done } = await reader.read();
+        if (done) break;
+        text += decoder.decode(value, { stream: true });
+      }
+      await reader.cancel();
+      return { ok: true, status: response.status, contentType: response.headers.get('content-type'), text };
+    } catch (error) {
+      return { ok: false, error: String(error) };
+    }
+  }`
+  const subscribe = `async (setup) => {
+    try {
+      const response = await fetch(setup.url + '/v1/subscriptions', {
+        method: 'POST',
+        headers: { Authorization: 'Bearer ' + setup.token, 'Content-Type': 'application/json' },
+        body: JSON.stringify({ topics: ['news'] }),
+        credentials: 'include'
+      });
+      return { ok: true, status: response.status, body: await response.json() };
+    } catch (error) {
+      return { ok: false, error: String(error) };
+    }
+  }`
+  interface FetchResult { ok: boolean, status?: number, contentType?: string, text?: string, body?: unknown, error?: string }
+  const run = async (page: Page, source: string): Promise<FetchResult> =>
+    await within(page.evaluate(`(${source})(${JSON.stringify({ url: gateway.url, token })})`) as Promise<FetchResult>, 10_000, 'a fetch in the page')
+
+  t.test('allowed origin', async (t) => {
+    const page = await browser.newPage()
+    await page.goto(`${allowed}/`)
+    const recorder = await pageEventSource(page, streamUrl, { names: ['connected', 'notice'], withCredentials: true })
+    await recorder.waitEvents('connected', 1)
+    t.pass('EventSource (withCredentials) from the allowed origin opens')
+    const [id] = await publishOk(gateway.url, publisher, { to: { user }, event: 'notice', data: { n: 1 } })
+    const [notice] = await recorder.waitEvents('notice', 1)
+    t.equal(notice.lastEventId, id, 'and receives events')
+
+    const streamed = await run(page, fetchStream)
+    t.equal(streamed.ok, true, `fetch streaming with an Authorization header passes the preflight (${streamed.error ?? ''})`)
+    t.equal(streamed.status, 200)
+    t.match(streamed.contentType, /^text\/event-stream/)
+    t.match(streamed.text, /event: connected/, 'the fetch reads the stream')
+
+    const subscribed = await run(page, subscribe)
+    t.equal(subscribed.ok, true, `a JSON POST with credentials works (${subscribed.error ?? ''})`)
+    t.equal(subscribed.status, 200)
+    t.same(subscribed.body, { topics: ['news'] })
+  })
+
+  t.test('disallowed origin', async (t) => {
+    const page = await browser.newPage()
+    await page.goto(`${denied}/`)
+    for (const withCredentials of [true, false]) {
+      const recorder = await pageEventSource(page, streamUrl, { names: ['connected'], withCredentials })
+      await recorder.until(() => recorder.records.some((record) => record.kind === 'error' && record.readyState === 2), `the EventSource (withCredentials: ${String(withCredentials)}) to fail`)
+      t.same(recorder.events(), [], `EventSource (withCredentials: ${String(withCredentials)}) is refused: no event reaches the page`)
+    }
+    const streamed = await run(page, fetchStream)
+    t.equal(streamed.ok, false, 'fetch streaming is refused')
+    t.match(streamed.error, /TypeError/)
+    const subscribed = await run(page, subscribe)
+    t.equal(subscribed.ok, false, 'a JSON POST is refused')
+  })
+})
+
+t.test('the pages: an event sent from /admin appears on /demo', async (t) => {
+  if (!needChromium(t)) return
+  const gateway = await startGateway(t)
+  const browser = await launchBrowser(t)
+  const stamp = `${Date.now()}-${Math.random().toString(36).slice(2, 8)}`
+
+  // The dashboard first: the stream opened after it must show up by its own refresh.
+  const admin = await browser.newPage()
+  await admin.goto(`${gateway.url}/admin`)
+  await admin.fill('#token', adminToken())
+  await admin.click('#connect')
+  await admin.waitForFunction('document.querySelector("#updated")?.textContent?.startsWith("updated")')
+  t.pass('the dashboard loaded with the admin token')
+
+  const demo = await browser.newPage()
+  await demo.goto(`${gateway.url}/demo`)
+  await demo.fill('#token', userToken('u1'))
+  await demo.fill('#topics', 'news')
+  await demo.click('#connect')
+  await demo.waitForSelector('#state[data-state="open"]')
+  await demo.waitForSelector('#current-topics li[data-topic="news"]')
+  t.pass('the demo page is connected as u1 with topic news')
+
+  // Playwright's actionability checks use animation frames, which a background tab throttles.
+  await admin.bringToFront()
+  await admin.waitForSelector('#connections tbody tr[data-user-id="u1"]')
+  await admin.waitForSelector('#topics tbody tr[data-topic="news"]')
+  t.pass('the dashboard, refreshing by itself, lists u1\'s live connection and the topic news')
+  t.equal(await admin.textContent('#stat-users'), '1', 'and counts one user')
+
+  await admin.selectOption('#target-kind', 'user')
+  await admin.fill('#target', 'u1')
+  await admin.fill('#event', 'notification')
+  await admin.fill('#data', JSON.stringify({ title: 'Hello u1', body: `from the dashboard ${stamp}` }))
+  await admin.click('#send-button')
+  const sent = await admin.waitForSelector('#send-result[data-id]')
+  const id = await sent.getAttribute('data-id')
+  t.match(id, /^\d+$/, 'the dashboard shows the event id')
+  const item = await demo.waitForSelector(`#events li[data-event="notification"][data-id="${id ?? ''}"]`)
+  t.match(await item.textContent(), `from the dashboard ${stamp}`, 'the demo page shows the event sent to user u1')
+
+  await admin.selectOption('#target-kind', 'topic')
+  await admin.fill('#target', 'news')
+  await admin.fill('#event', 'announcement')
+  await admin.fill('#data', `plain text for news ${stamp}`)
+  // The previous id stays until the answer replaces it: wait for a different one.
+  await admin.click('#send-button')
+  const topicId = await within((async () => {
+    for (;;) {
+      const value = await admin.getAttribute('#send-result', 'data-id')
+      if (value !== null && value !== id) return value
+      await new Promise<void>((resolve) => setTimeout(resolve, 50))
+    }
+  })(), 10_000, 'the dashboard to show the second event id')
+  const topicItem = await demo.waitForSelector(`#events li[data-event="announcement"][data-id="${topicId}"]`)
+  t.match(await topicItem.textContent(), `plain text for news ${stamp}`, 'the demo page shows the event sent to its topic')
+
+  await admin.selectOption('#target-kind', 'broadcast')
+  await admin.fill('#event', 'notification')
+  await admin.fill('#data', JSON.stringify({ title: 'Everyone', body: `broadcast ${stamp}` }))
+  await admin.click('#send-button')
+  const broadcastId = await within((async () => {
+    for (;;) {
+      const value = await admin.getAttribute('#send-result', 'data-id')
+      if (value !== null && value !== id && value !== topicId) return value
+      await new Promise<void>((resolve) => setTimeout(resolve, 50))
+    }
+  })(), 10_000, 'the dashboard to show the third event id')
+  const broadcastItem = await demo.waitForSelector(`#events li[data-event="notification"][data-id="${broadcastId}"]`)
+  t.match(await broadcastItem.textContent(), `broadcast ${stamp}`, 'the demo page shows the event sent to everyone')
+  t.same(browser.problems, [], 'no page errors on either page')
+})

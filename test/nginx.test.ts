@@ -1,0 +1,295 @@
+/**
+ * The real nginx (Debian's package) running deploy/nginx.conf in front of two
+ * gateway processes in Redis mode, as docker-compose.yml deploys them: public
+ * port behind nginx, publish routes on INTERNAL_PORT, TRUST_PROXY set to
+ * nginx's address.
+ */
+import t, { type Test } from 'tap'
+import {
+  freePort,
+  openStream,
+  publishOk,
+  publisherToken,
+  request,
+  spawnServer,
+  TEST_SECRET,
+  userToken,
+  eventually,
+  type ServerProcess,
+  type ConnectedData
+} from './helpers'
+import { readFile } from 'node:fs/promises'
+import { NGINX_CONF, nginxBinary, startNginx, type Nginx } from './helpers/nginx'
+import { needRedis, REDIS_URL, uniquePrefix } from './helpers/redis'
+
+interface LogLine {
+  msg?: string
+  reqId?: string
+  req?: { method?: string, url?: string, remoteAddress?: string }
+  res?: { statusCode?: number }
+  connectionId?: string
+  userId?: string
+  remoteAddress?: string
+}
+
+/** pino's JSON lines from a process's stdout. */
+function logLines (text: string): LogLine[] {
+  const lines: LogLine[] = []
+  for (const line of text.split('\n')) {
+    if (!line.startsWith('{')) continue
+    try {
+      lines.push(JSON.parse(line) as LogLine)
+    } catch {
+      // A line still being written.
+    }
+  }
+  return lines
+}
+
+interface StackGateway extends ServerProcess {
+  /** The internal listener (publish, admin), never reached through nginx. */
+  internalUrl: string
+}
+
+interface Stack {
+  gateways: [StackGateway, StackGateway]
+  nginx: Nginx
+}
+
+async function startGatewayProcess (t: Test, prefix: string, env: Record<string, string>): Promise<StackGateway> {
+  const internalPort = await freePort()
+  const server = await spawnServer(t, {
+    JWT_SECRET: TEST_SECRET,
+    HOST: '127.0.0.1',
+    REDIS_URL,
+    REDIS_PREFIX: prefix,
+    INSTANCE_TTL_MS: '3000',
+    INTERNAL_PORT: String(internalPort),
+    // nginx runs on this machine: its address is loopback.
+    TRUST_PROXY: '127.0.0.1',
+    LOG_LEVEL: 'info',
+    ...env
+  })
+  return Object.assign(server, { internalUrl: `http://127.0.0.1:${internalPort}` })
+}
+
+/** Two gateways of one cluster (a fresh Redis prefix) and nginx in front of them. */
+async function startStack (t: Test, env: Record<string, string> = {}): Promise<Stack> {
+  const prefix = uniquePrefix('nginx')
+  const a = await startGatewayProcess(t, prefix, env)
+  const b = await startGatewayProcess(t, prefix, env)
+  const nginx = await startNginx(t, [`127.0.0.1:${a.port}`, `127.0.0.1:${b.port}`])
+  return { gateways: [a, b], nginx }
+}
+
+async function haveNginx (t: Test): Promise<boolean> {
+  if (nginxBinary() !== null) return true
+  if (process.env.CI === 'true') t.fail('nginx is not installed (.ci/run must install it)')
+  else t.plan(0, 'skipped: nginx is not installed')
+  return false
+}
+
+function streamOpenedLine (gateways: readonly ServerProcess[], connectionId: string): LogLine | undefined {
+  for (const gateway of gateways) {
+    const line = logLines(gateway.stdout()).find((entry) => entry.msg === 'stream opened' && entry.connectionId === connectionId)
+    if (line !== undefined) return line
+  }
+  return undefined
+}
+
+const publisher = publisherToken()
+
+t.test('through nginx (deploy/nginx.conf) in front of two Redis-mode gateways', async (t) => {
+  if (!(await haveNginx(t)) || !(await needRedis(t))) return
+  const { gateways, nginx } = await startStack(t)
+
+  t.test('the config under test is deploy/nginx.conf with only its three marked lines changed', async (t) => {
+    const original = (await readFile(NGINX_CONF, 'utf8')).split('\n')
+    const running = nginx.config.split('\n')
+    t.equal(running.length, original.length)
+    const changed = original.filter((line, index) => line !== running[index]).map((line) => line.trim())
+    t.same(changed, ['server gateway-a:3000;', 'server gateway-b:3000;', 'listen 80;'])
+    for (const directive of ['proxy_buffering off;', 'proxy_http_version 1.1;', 'proxy_set_header Connection "";', 'proxy_read_timeout 1h;', 'proxy_set_header X-Forwarded-For   $proxy_add_x_forwarded_for;']) {
+      t.ok(running.some((line) => line.trim().startsWith(directive)), `keeps ${directive}`)
+    }
+  })
+
+  t.test('events arrive one by one without buffering: each is received through nginx before the next is published', async (t) => {
+    const user = 'u-nobuffer'
+    const stream = await openStream(`${nginx.url}/v1/stream?token=${userToken(user)}`, {
+      t,
+      // nginx's gzip is off in the config: a compressing proxy would hold events back.
+      headers: { 'accept-encoding': 'gzip' }
+    })
+    t.equal(stream.status, 200, 'the stream opens through nginx')
+    t.match(stream.headers['content-type'], /^text\/event-stream/, 'content type passes through')
+    t.equal(stream.headers['cache-control'], 'no-cache, no-transform', 'cache-control passes through')
+    t.notOk(stream.headers['content-encoding'], 'nginx does not compress the stream')
+    await stream.nextEvent('connected')
+    for (let k = 1; k <= 5; k++) {
+      // Alternate the instance that accepts the publish: Redis carries it to the stream's instance.
+      const gateway = gateways[k % 2]
+      const [id] = await publishOk(gateway.internalUrl, publisher, { to: { user }, event: 'tick', data: { k } })
+      // Event k+1 is published only once event k came out of nginx: no buffer could have held it.
+      const event = await stream.nextEvent('tick', 5000)
+      t.equal(event.id, id, `event ${k} arrives with its id before event ${k + 1} is published`)
+      t.same(JSON.parse(event.data), { k }, `event ${k} carries its data`)
+    }
+    t.same(stream.unread(), [], 'nothing else arrived')
+  })
+
+  t.test('Last-Event-ID replay through nginx: a reconnect gets exactly the missed events, in order', async (t) => {
+    const user = 'u-replay'
+    const url = `${nginx.url}/v1/stream?token=${userToken(user)}`
+    const first = await openStream(url, { t })
+    t.equal(first.status, 200)
+    await first.nextEvent('connected')
+    const early = await publishOk(gateways[0].internalUrl, publisher, [
+      { to: { user }, event: 'note', data: { k: 1 } },
+      { to: { user }, event: 'note', data: { k: 2 } }
+    ])
+    const read = [await first.nextEvent('note'), await first.nextEvent('note')]
+    t.same(read.map((event) => event.id), early, 'the first two events arrive')
+    const cursor = read[1].id ?? ''
+    first.close()
+
+    const missed = await publishOk(gateways[1].internalUrl, publisher, [
+      { to: { user }, event: 'note', data: { k: 3 } },
+      { to: { user }, event: 'note', data: { k: 4 } },
+      { to: { user }, event: 'note', data: { k: 5 } }
+    ])
+    const second = await openStream(url, { t, headers: { 'last-event-id': cursor } })
+    t.equal(second.status, 200, 'the reconnect opens through nginx')
+    await second.nextEvent('connected')
+    const replayed = await second.take(3)
+    t.same(replayed.map((event) => event.event), ['note', 'note', 'note'], 'no reset: the three missed events follow connected')
+    t.same(replayed.map((event) => event.id), missed, 'exactly the missed ids, in order')
+    t.same(replayed.map((event) => JSON.parse(event.data) as unknown), [{ k: 3 }, { k: 4 }, { k: 5 }], 'with their data')
+    // Nothing doubled or extra after them: the next event is a live one published now.
+    const [live] = await publishOk(gateways[0].internalUrl, publisher, { to: { user }, event: 'note', data: { k: 6 } })
+    const next = await second.next()
+    t.equal(next.id, live, 'the next event after the replay is the live one')
+  })
+
+  t.test('the client address from X-Forwarded-For reaches the gateway log; the token reaches no log', async (t) => {
+    const user = 'u-xff'
+    const token = userToken(user)
+    const stream = await openStream(`${nginx.url}/v1/stream?token=${token}`, { t, headers: { 'x-forwarded-for': '203.0.113.7' } })
+    t.equal(stream.status, 200)
+    const connected = JSON.parse((await stream.nextEvent('connected')).data) as ConnectedData
+    await eventually(() => streamOpenedLine(gateways, connected.connectionId) !== undefined, 'the gateway\'s "stream opened" log line')
+    const line = streamOpenedLine(gateways, connected.connectionId)
+    t.equal(line?.remoteAddress, '203.0.113.7', 'the stream is logged with the client\'s forwarded address, not nginx\'s')
+    t.equal(line?.userId, user)
+    stream.close()
+    // nginx writes its access log line when the request ends.
+    await eventually(() => nginx.stdout().includes('"GET /v1/stream HTTP/1.1" 200'), 'nginx\'s access log line for the stream')
+    t.notOk(nginx.stdout().includes(token), 'nginx\'s access log holds no token')
+    t.notOk(nginx.stdout().includes('token='), 'nginx\'s access log holds no query string')
+    for (const gateway of gateways) t.notOk(gateway.stdout().includes(token), 'the gateway log holds no token')
+  })
+
+  t.test('publisher routes are not reachable through nginx', async (t) => {
+    const response = await request(`${nginx.url}/v1/publish`, { method: 'POST', token: publisher, body: { to: { broadcast: true }, data: 'x' } })
+    t.equal(response.status, 404)
+    const admin = await request(`${nginx.url}/admin`)
+    t.equal(admin.status, 404)
+  })
+})
+
+t.test('through nginx, the stream rate limit is keyed by the forwarded client address', async (t) => {
+  if (!(await haveNginx(t)) || !(await needRedis(t))) return
+  const { gateways, nginx } = await startStack(t, { RATE_LIMIT_STREAMS_PER_MIN: '2' })
+  const url = `${nginx.url}/v1/stream?token=${userToken('u-limit')}`
+  const clientA = '203.0.113.7'
+  const clientB = '198.51.100.23'
+
+  // The limit is per instance and nginx spreads the opens over both: open as A
+  // until each instance has answered A with 429 (read from its own log).
+  const refusedIds = (gateway: ServerProcess, address: string): string[] => {
+    const lines = logLines(gateway.stdout())
+    const ids = new Set(lines.filter((line) => line.msg === 'incoming request' && line.req?.remoteAddress === address).map((line) => line.reqId))
+    return lines.filter((line) => line.msg === 'request completed' && line.res?.statusCode === 429 && ids.has(line.reqId)).map((line) => line.reqId ?? '')
+  }
+  const openedFor = (gateway: ServerProcess, address: string): number =>
+    logLines(gateway.stdout()).filter((line) => line.msg === 'stream opened' && line.remoteAddress === address).length
+  const limitedFor = (gateway: ServerProcess, address: string): boolean => refusedIds(gateway, address).length > 0
+  const statuses: number[] = []
+  for (let attempt = 0; attempt < 12 && !gateways.every((gateway) => limitedFor(gateway, clientA)); attempt++) {
+    const stream = await openStream(url, { t, headers: { 'x-forwarded-for': clientA } })
+    statuses.push(stream.status)
+    if (stream.status === 200) await stream.nextEvent('connected')
+    else t.equal(stream.json<{ statusCode: number }>().statusCode, 429, 'a refused open answers the JSON 429 body')
+    stream.close()
+    // Each answer so far is in some instance's log (opened, or refused) before deciding whether to go on.
+    await eventually(() => gateways.reduce((sum, gateway) => sum + openedFor(gateway, clientA) + refusedIds(gateway, clientA).length, 0) >= statuses.length,
+      'the gateways\' log lines for client A\'s opens')
+  }
+  t.ok(statuses.includes(429), `client A is limited (statuses ${statuses.join(', ')})`)
+  t.ok(gateways.every((gateway) => limitedFor(gateway, clientA)), 'both instances limited client A')
+  for (const gateway of gateways) {
+    const opened = openedFor(gateway, clientA)
+    t.ok(opened <= 2, `an instance opened at most 2 streams for client A (${opened})`)
+  }
+
+  // Client B, behind the same nginx (same peer address), is not limited by A's opens.
+  for (let index = 0; index < 2; index++) {
+    const stream = await openStream(url, { t, headers: { 'x-forwarded-for': clientB } })
+    t.equal(stream.status, 200, `client B's open ${index + 1} is accepted while A is limited`)
+    if (stream.status !== 200) continue
+    const connected = JSON.parse((await stream.nextEvent('connected')).data) as ConnectedData
+    await eventually(() => streamOpenedLine(gateways, connected.connectionId) !== undefined, 'the "stream opened" log line')
+    t.equal(streamOpenedLine(gateways, connected.connectionId)?.remoteAddress, clientB, 'logged with client B\'s address')
+    stream.close()
+  }
+})
+
+t.test('through nginx, a client that stops reading is still seen by the gateway as a slow consumer (nginx holds no backlog)', async (t) => {
+  if (!(await haveNginx(t)) || !(await needRedis(t))) return
+  // A small history: the large events below need not stay in Redis.
+  const { gateways, nginx } = await startStack(t, { HISTORY_SIZE: '5', HISTORY_TTL_S: '60', MAX_BUFFERED_BYTES: '1048576' })
+  const user = 'u-slow'
+  const stream = await openStream(`${nginx.url}/v1/stream?token=${userToken(user)}`, { t })
+  t.equal(stream.status, 200)
+  const connected = JSON.parse((await stream.nextEvent('connected')).data) as ConnectedData
+  stream.pause()
+  const closedSlow = (): boolean => gateways.some((gateway) => logLines(gateway.stdout())
+    .some((line) => line.msg === 'stream closed' && line.connectionId === connected.connectionId && (line as { reason?: string }).reason === 'slow'))
+  // With proxy_buffering on, nginx would spool up to proxy_max_temp_file_size (1 GiB)
+  // and the gateway would never see the backlog. With it off, nginx holds one
+  // buffer and only the sockets' kernel buffers can absorb: well under 60 MiB.
+  const chunk = 'x'.repeat(200_000)
+  let published = 0
+  for (; published < 300 && !closedSlow(); published++) {
+    await publishOk(gateways[published % 2].internalUrl, publisher, { to: { user }, event: 'bulk', data: chunk })
+  }
+  await eventually(closedSlow, 'the gateway closing the stream as a slow consumer', 10_000)
+  t.ok(closedSlow(), `the gateway closed the paused stream as slow after ${published} events of 200 kB`)
+  stream.close()
+})
+
+t.test('X-Forwarded-For from a peer that is not a trusted proxy changes neither the logged address nor the limit', async (t) => {
+  const cases: Array<{ name: string, env: Record<string, string> }> = [
+    { name: 'no TRUST_PROXY', env: {} },
+    { name: 'TRUST_PROXY names another proxy', env: { TRUST_PROXY: '192.0.2.1' } }
+  ]
+  for (const { name, env } of cases) {
+    t.test(name, async (t) => {
+      const gateway = await spawnServer(t, { JWT_SECRET: TEST_SECRET, HOST: '127.0.0.1', LOG_LEVEL: 'info', RATE_LIMIT_STREAMS_PER_MIN: '2', ...env })
+      const url = `${gateway.url}/v1/stream?token=${userToken('u-spoof')}`
+      const first = await openStream(url, { t, headers: { 'x-forwarded-for': '203.0.113.7' } })
+      t.equal(first.status, 200)
+      const connected = JSON.parse((await first.nextEvent('connected')).data) as ConnectedData
+      await eventually(() => streamOpenedLine([gateway], connected.connectionId) !== undefined, 'the "stream opened" log line')
+      t.equal(streamOpenedLine([gateway], connected.connectionId)?.remoteAddress, '127.0.0.1', 'the peer\'s own address is logged, not the spoofed one')
+      t.notOk(gateway.stdout().includes('203.0.113.7'), 'the spoofed address appears in no log line')
+      first.close()
+      const second = await openStream(url, { t, headers: { 'x-forwarded-for': '203.0.113.8' } })
+      t.equal(second.status, 200)
+      second.close()
+      const third = await openStream(url, { t, headers: { 'x-forwarded-for': '203.0.113.9' } })
+      t.equal(third.status, 429, 'a third open is limited although it claims yet another address')
+      third.close()
+    })
+  }
+})
