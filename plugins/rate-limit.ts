@@ -1,23 +1,18 @@
 import fp from 'fastify-plugin'
 import rateLimit from '@fastify/rate-limit'
+import type { onRequestHookHandler, RouteOptions } from 'fastify'
 
 const STREAM_ROUTE = /\/stream(\/|$)/
 
 /**
  * Per-address limits on stream opens and on publisher routes, counted per
- * instance. The client address is the socket's, or X-Forwarded-For's when the
- * proxy is trusted (TRUST_PROXY).
+ * instance. Each group shares one counter across its routes, so a client
+ * cannot multiply its allowance by spreading requests over several routes.
+ * The client address is the socket's, or X-Forwarded-For's when the proxy is
+ * trusted (TRUST_PROXY).
  */
 export default fp(async (app) => {
   const { config } = app
-  // Runs before @fastify/rate-limit's own onRoute hook, which reads config.rateLimit.
-  app.addHook('onRoute', (route) => {
-    const routeConfig = (route.config ?? {}) as { auth?: string, rateLimit?: unknown }
-    const isStream = route.method === 'GET' && STREAM_ROUTE.test(route.url)
-    const isPublisher = routeConfig.auth === 'publisher'
-    const max = isStream ? config.rateLimitStreamsPerMin : isPublisher ? config.rateLimitPublishPerMin : 0
-    if (max > 0) route.config = { ...routeConfig, rateLimit: { max, timeWindow: 60_000, groupId: isStream ? 'streams' : 'publish' } } as typeof route.config
-  })
   await app.register(rateLimit, {
     global: false,
     errorResponseBuilder: (_request, context) => ({
@@ -25,5 +20,17 @@ export default fp(async (app) => {
       error: 'Too Many Requests',
       message: `rate limit exceeded, retry in ${context.after}`
     })
+  })
+  const limiter = (max: number): onRequestHookHandler | null => max > 0 ? app.rateLimit({ max, timeWindow: 60_000 }) : null
+  const streams = limiter(config.rateLimitStreamsPerMin)
+  const publishers = limiter(config.rateLimitPublishPerMin)
+
+  app.addHook('onRoute', (route: RouteOptions) => {
+    const auth = (route.config as { auth?: string } | undefined)?.auth
+    const methods = Array.isArray(route.method) ? route.method : [route.method]
+    const handler = methods.includes('GET') && STREAM_ROUTE.test(route.url) ? streams : auth === 'publisher' ? publishers : null
+    if (handler === null) return
+    const existing = route.onRequest === undefined ? [] : Array.isArray(route.onRequest) ? route.onRequest : [route.onRequest]
+    route.onRequest = [...existing, handler]
   })
 }, { name: 'rate-limit', dependencies: ['config'] })

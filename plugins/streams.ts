@@ -4,7 +4,7 @@ import { Socket as NetSocket, type Socket } from 'node:net'
 import type { FastifyReply, FastifyRequest } from 'fastify'
 import { channel } from '../src/core/channels'
 import type { StreamConnection, StreamKind } from '../src/core/connection'
-import { parseCursor, streamHead } from '../src/core/framing'
+import { parseCursor, streamHead, topicAllowed } from '../src/core/framing'
 import { Hub } from '../src/core/hub'
 import { Publisher } from '../src/core/publish'
 import type { ControlMessage } from '../src/core/state'
@@ -93,12 +93,13 @@ export default fp(async (app) => {
   }, {
     opened: (connection) => {
       app.metrics.streamOpened(connection)
-      app.log.info({ connectionId: connection.id, userId: connection.userId, kind: connection.kind, remoteAddress: connection.remoteAddress }, 'stream opened')
+      app.log.info({ reqId: connection.requestId, connectionId: connection.id, userId: connection.userId, kind: connection.kind, remoteAddress: connection.remoteAddress }, 'stream opened')
     },
     closed: (connection) => {
       const reason = connection.closeReason ?? 'client'
       app.metrics.streamClosed(connection, reason)
       app.log.info({
+        reqId: connection.requestId,
         connectionId: connection.id,
         userId: connection.userId,
         kind: connection.kind,
@@ -115,6 +116,11 @@ export default fp(async (app) => {
     reset: (connection, reason) => {
       app.metrics.reset(reason)
       app.log.info({ connectionId: connection.id, reason }, 'replay reset')
+    },
+    topicsChanged: (connection) => {
+      state.updateTopics(connection.id, connection.userId, [...connection.topics]).catch((error: unknown) => {
+        app.log.warn({ err: error, connectionId: connection.id }, 'could not record stream topics')
+      })
     }
   })
   app.decorate('streams', streams)
@@ -136,7 +142,8 @@ export default fp(async (app) => {
     let answer: string[] | null = null
     for (const connection of targets) {
       if (connection.kind !== 'stream' || connection.closed) continue
-      const added = registry.addTopics(connection, message.add)
+      // A user-wide subscription reaches only the streams whose token allows the topic.
+      const added = registry.addTopics(connection, message.add.filter((topic) => topicAllowed(topic, connection.allowedTopics)))
       const removed = registry.removeTopics(connection, message.remove)
       streams.leave(connection, removed.map(channel.topic))
       await streams.join(connection, added.map(channel.topic))
@@ -213,7 +220,9 @@ export default fp(async (app) => {
         sink: socket,
         head: streamHead({ ...headers, ...SSE_HEADERS }),
         tokenExpiresAt: auth.expiresAt,
+        allowedTopics: auth.topics,
         remoteAddress: request.ip,
+        requestId: request.id,
         cursor: cursorOf(request)
       })
     } catch (error) {

@@ -25,7 +25,11 @@ export interface ConnectionInit {
   maxBufferedBytes: number
   /** When the token stops being valid, in ms since the epoch. */
   tokenExpiresAt: number | null
+  /** Topic patterns the token allows (`*` wildcard), or null for any. */
+  allowedTopics?: readonly string[] | null
   remoteAddress: string
+  /** The id of the request that opened the stream, to tie log lines together. */
+  requestId?: string
 }
 
 /**
@@ -80,6 +84,8 @@ export class StreamConnection {
   readonly channels = new Set<string>()
   readonly openedAt = Date.now()
   readonly remoteAddress: string
+  readonly allowedTopics: readonly string[] | null
+  readonly requestId: string | undefined
   tokenExpiresAt: number | null
   /** Id of the last event written or queued: deliveries at or below it are duplicates. */
   lastId = 0
@@ -112,6 +118,8 @@ export class StreamConnection {
     this.maxBufferedBytes = init.maxBufferedBytes
     this.tokenExpiresAt = init.tokenExpiresAt
     this.remoteAddress = init.remoteAddress
+    this.allowedTopics = init.allowedTopics ?? null
+    this.requestId = init.requestId
     init.sink.once('close', () => this.close('client'))
   }
 

@@ -13,7 +13,9 @@ export interface StreamSpec {
   channels: string[]
   sink: Sink
   tokenExpiresAt: number | null
+  allowedTopics: readonly string[] | null
   remoteAddress: string
+  requestId?: string
   /** `Last-Event-ID` as parsed; 'malformed' gets a reset. */
   cursor: number | 'malformed' | null
   /** Without a cursor, replay these channels' whole window (a reopened stream's own events). */
@@ -35,6 +37,7 @@ export interface StreamEvents {
   closed (connection: StreamConnection): void
   replayed (connection: StreamConnection, count: number): void
   reset (connection: StreamConnection, reason: string): void
+  topicsChanged (connection: StreamConnection): void
 }
 
 export interface StreamServiceOptions {
@@ -85,7 +88,9 @@ export class StreamService {
       scheduler: this.scheduler,
       maxBufferedBytes: this.options.maxBufferedBytes,
       tokenExpiresAt: spec.tokenExpiresAt,
-      remoteAddress: spec.remoteAddress
+      allowedTopics: spec.allowedTopics,
+      remoteAddress: spec.remoteAddress,
+      requestId: spec.requestId
     })
     connection.onClose = (closed) => this.cleanup(closed)
     // Queued first, so whatever ends the stream from here on follows a head.
@@ -99,6 +104,7 @@ export class StreamService {
     if (spec.extraTopics !== undefined) {
       const added = this.registry.addTopics(connection, await spec.extraTopics())
       channels.push(...added.map(channel.topic))
+      if (added.length > 0) this.events.topicsChanged(connection)
     }
     await this.hub.join(connection, channels)
     if (connection.closed) return connection
