@@ -1,0 +1,159 @@
+import t from 'tap'
+import type { Test } from 'tap'
+import http from 'node:http'
+import { openConnected, openStream, publisherToken, startGateway, userToken } from './helpers'
+
+const ALLOWED = 'https://app.example.com'
+const ALSO_ALLOWED = 'https://admin.example.com:8443'
+const DENIED = 'https://evil.example.net'
+
+interface Head {
+  status: number
+  headers: http.IncomingHttpHeaders
+}
+
+/** A request whose headers are sent exactly as given (an Origin above all); the body is read and dropped. */
+async function send (url: string, method: string, headers: Record<string, string>, body?: string): Promise<Head> {
+  return await new Promise((resolve, reject) => {
+    const req = http.request(url, { method, headers, agent: false, timeout: 5000 }, (response) => {
+      response.resume()
+      response.on('end', () => resolve({ status: response.statusCode ?? 0, headers: response.headers }))
+    })
+    req.on('timeout', () => req.destroy(new Error(`${method} ${url} timed out`)))
+    req.on('error', reject)
+    req.end(body)
+  })
+}
+
+function assertAllowed (t: Test, headers: http.IncomingHttpHeaders, origin: string, what: string): void {
+  t.equal(headers['access-control-allow-origin'], origin, `${what}: the origin is echoed`)
+  t.equal(headers['access-control-allow-credentials'], 'true', `${what}: credentials allowed`)
+  t.match(String(headers.vary ?? ''), /origin/i, `${what}: Vary: Origin`)
+}
+
+function assertDenied (t: Test, headers: http.IncomingHttpHeaders, what: string): void {
+  // (@fastify/cors still sends Access-Control-Allow-Credentials: true; without an
+  // allowed origin a browser blocks the answer anyway.)
+  t.equal(headers['access-control-allow-origin'], undefined, `${what}: no Access-Control-Allow-Origin`)
+}
+
+async function preflight (url: string, path: string, origin: string, method: string, requestHeaders: string): Promise<Head> {
+  return await send(`${url}${path}`, 'OPTIONS', {
+    origin,
+    'access-control-request-method': method,
+    'access-control-request-headers': requestHeaders
+  })
+}
+
+t.test('CORS_ORIGINS list: an allowed origin is echoed with credentials on JSON routes, preflights and streams', async (t) => {
+  const { url } = await startGateway(t, { CORS_ORIGINS: `${ALLOWED}, ${ALSO_ALLOWED}` })
+
+  t.test('a JSON route without auth (/health)', async (t) => {
+    const head = await send(`${url}/health`, 'GET', { origin: ALLOWED })
+    t.equal(head.status, 200)
+    assertAllowed(t, head.headers, ALLOWED, 'GET /health')
+  })
+
+  t.test('the second origin of the list', async (t) => {
+    const head = await send(`${url}/health`, 'GET', { origin: ALSO_ALLOWED })
+    assertAllowed(t, head.headers, ALSO_ALLOWED, 'GET /health')
+  })
+
+  t.test('an authenticated JSON route (POST /v1/subscriptions)', async (t) => {
+    const head = await send(`${url}/v1/subscriptions`, 'POST', {
+      origin: ALLOWED,
+      authorization: `Bearer ${userToken('u1')}`,
+      'content-type': 'application/json'
+    }, JSON.stringify({ topics: ['news'] }))
+    t.equal(head.status, 200)
+    assertAllowed(t, head.headers, ALLOWED, 'POST /v1/subscriptions')
+  })
+
+  t.test('an error answer carries the headers too, so the page can read it (401)', async (t) => {
+    const head = await send(`${url}/v1/subscriptions`, 'POST', { origin: ALLOWED, 'content-type': 'application/json' }, JSON.stringify({ topics: ['news'] }))
+    t.equal(head.status, 401)
+    assertAllowed(t, head.headers, ALLOWED, '401')
+  })
+
+  t.test('a publish from an allowed origin', async (t) => {
+    const head = await send(`${url}/v1/publish`, 'POST', {
+      origin: ALLOWED,
+      authorization: `Bearer ${publisherToken()}`,
+      'content-type': 'application/json'
+    }, JSON.stringify({ to: { user: 'u1' }, data: 1 }))
+    t.equal(head.status, 202)
+    assertAllowed(t, head.headers, ALLOWED, 'POST /v1/publish')
+  })
+
+  t.test('preflight OPTIONS for a JSON POST with Authorization', async (t) => {
+    const head = await preflight(url, '/v1/subscriptions', ALLOWED, 'POST', 'authorization,content-type')
+    t.ok(head.status === 204 || head.status === 200, `preflight answered ${head.status}`)
+    assertAllowed(t, head.headers, ALLOWED, 'preflight')
+    t.match(String(head.headers['access-control-allow-methods']), /POST/)
+    t.match(String(head.headers['access-control-allow-headers']).toLowerCase(), /authorization/)
+    t.match(String(head.headers['access-control-allow-headers']).toLowerCase(), /content-type/)
+  })
+
+  t.test('preflight OPTIONS for a stream with Last-Event-ID and Authorization (EventSource polyfills)', async (t) => {
+    const head = await preflight(url, '/v1/stream', ALLOWED, 'GET', 'authorization,last-event-id')
+    t.ok(head.status === 204 || head.status === 200, `preflight answered ${head.status}`)
+    assertAllowed(t, head.headers, ALLOWED, 'stream preflight')
+    t.match(String(head.headers['access-control-allow-headers']).toLowerCase(), /last-event-id/)
+  })
+
+  t.test('preflight for DELETE /v1/subscriptions', async (t) => {
+    const head = await preflight(url, '/v1/subscriptions', ALLOWED, 'DELETE', 'authorization,content-type')
+    assertAllowed(t, head.headers, ALLOWED, 'DELETE preflight')
+    t.match(String(head.headers['access-control-allow-methods']), /DELETE/)
+  })
+
+  t.test('the stream response (EventSource withCredentials)', async (t) => {
+    const stream = await openStream(`${url}/v1/stream?token=${userToken('u1')}`, { t, headers: { origin: ALLOWED } })
+    t.equal(stream.status, 200)
+    assertAllowed(t, stream.headers, ALLOWED, 'stream')
+    t.equal(stream.headers['content-type'], 'text/event-stream; charset=utf-8', 'still an event stream')
+    await stream.nextEvent('connected')
+  })
+
+  t.test('a refused stream (401) carries the headers too', async (t) => {
+    const stream = await openStream(`${url}/v1/stream`, { t, headers: { origin: ALLOWED } })
+    t.equal(stream.status, 401)
+    assertAllowed(t, stream.headers, ALLOWED, 'refused stream')
+  })
+})
+
+t.test('CORS_ORIGINS list: a disallowed origin gets no Access-Control-Allow-Origin anywhere', async (t) => {
+  const { url } = await startGateway(t, { CORS_ORIGINS: `${ALLOWED},${ALSO_ALLOWED}` })
+  assertDenied(t, (await send(`${url}/health`, 'GET', { origin: DENIED })).headers, 'GET /health')
+  assertDenied(t, (await preflight(url, '/v1/subscriptions', DENIED, 'POST', 'authorization,content-type')).headers, 'preflight')
+  assertDenied(t, (await preflight(url, '/v1/stream', DENIED, 'GET', 'authorization')).headers, 'stream preflight')
+  const stream = await openStream(`${url}/v1/stream?token=${userToken('u1')}`, { t, headers: { origin: DENIED } })
+  assertDenied(t, stream.headers, 'stream')
+  // A look-alike of an allowed origin is not allowed.
+  assertDenied(t, (await send(`${url}/health`, 'GET', { origin: `${ALLOWED}.evil.example.net` })).headers, 'a suffixed look-alike')
+  assertDenied(t, (await send(`${url}/health`, 'GET', { origin: 'http://app.example.com' })).headers, 'another scheme')
+})
+
+t.test('CORS_ORIGINS=*: the request origin is echoed (never a literal *) with credentials', async (t) => {
+  const { url } = await startGateway(t, { CORS_ORIGINS: '*' })
+  const origin = 'https://anything.example.org'
+  const health = await send(`${url}/health`, 'GET', { origin })
+  assertAllowed(t, health.headers, origin, 'GET /health')
+  t.not(health.headers['access-control-allow-origin'], '*')
+
+  const pre = await preflight(url, '/v1/publish', origin, 'POST', 'authorization,content-type')
+  assertAllowed(t, pre.headers, origin, 'preflight')
+
+  const { stream } = await openConnected(`${url}/v1/stream?token=${userToken('u1')}`, { t, headers: { origin } })
+  assertAllowed(t, stream.headers, origin, 'stream')
+
+  const other = 'http://localhost:5173'
+  assertAllowed(t, (await send(`${url}/health`, 'GET', { origin: other })).headers, other, 'another origin')
+})
+
+t.test('CORS_ORIGINS unset: no CORS headers', async (t) => {
+  const { url } = await startGateway(t)
+  assertDenied(t, (await send(`${url}/health`, 'GET', { origin: ALLOWED })).headers, 'GET /health')
+  const stream = await openStream(`${url}/v1/stream?token=${userToken('u1')}`, { t, headers: { origin: ALLOWED } })
+  assertDenied(t, stream.headers, 'stream')
+})

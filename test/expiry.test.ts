@@ -1,0 +1,66 @@
+import t from 'tap'
+import {
+  eventually, forEachMode, nowS, openConnected, openStream, publishOk, publisherToken, startCluster, token
+} from './helpers'
+import { metricValue, scrape } from './helpers/raw'
+
+const publisher = publisherToken()
+
+forEachMode(t, 'a stream whose token expires in 2 s receives `auth-expired` (no id) and is closed', async (t, mode) => {
+  const [gateway] = await startCluster(t, mode, 1, { KEEPALIVE_MS: '60000' })
+  const { url, app } = gateway
+  const exp = nowS() + 2
+  const { stream, connected } = await openConnected(`${url}/v1/stream?token=${token({ sub: 'u1', exp })}`, { t })
+
+  // Still served before it expires.
+  const [id] = await publishOk(url, publisher, { to: { user: 'u1' }, event: 'before', data: 'still valid' })
+  t.equal((await stream.nextEvent('before')).id, id)
+
+  const expired = await stream.nextEvent('auth-expired', 8000)
+  t.equal(expired.id, undefined, '`auth-expired` carries no id line')
+  t.equal(stream.lastEventId, id, 'the browser cursor still points at the last real event')
+  t.doesNotThrow(() => JSON.parse(expired.data), 'its data is JSON')
+  t.ok(Date.now() >= exp * 1000, 'not before exp')
+  await stream.waitEnd(3000)
+  t.ok(stream.ended, 'the stream is closed')
+  t.equal(stream.unread().length, 0, 'nothing after `auth-expired`')
+
+  await eventually(() => app.registry.get(connected.connectionId) === undefined, 'the expired stream to leave the registry')
+  const samples = await scrape(url)
+  t.equal(metricValue(samples, 'sse_connections_closed_total', { reason: 'expired' }), 1, 'closed with reason expired')
+  t.equal(metricValue(samples, 'sse_connections'), 0)
+})
+
+t.test('expiry closes only the expiring stream: one with a longer-lived token stays open and keeps receiving', async (t) => {
+  const [gateway] = await startCluster(t, 'memory', 1)
+  const { url } = gateway
+  const { stream: short } = await openConnected(`${url}/v1/stream?token=${token({ sub: 'u1', exp: nowS() + 2 })}`, { t })
+  const { stream: long } = await openConnected(`${url}/v1/stream?token=${token({ sub: 'u1' })}`, { t })
+  await short.nextEvent('auth-expired', 8000)
+  await short.waitEnd(3000)
+  const [id] = await publishOk(url, publisher, { to: { user: 'u1' }, event: 'after', data: 1 })
+  t.equal((await long.nextEvent('after')).id, id, 'the other tab of the same user still receives')
+  t.notOk(long.events.some((event) => event.event === 'auth-expired'))
+})
+
+t.test('a job stream is a stream: its token expiring closes it with `auth-expired`', async (t) => {
+  const [gateway] = await startCluster(t, 'memory', 1)
+  const { url } = gateway
+  const { stream } = await openConnected(`${url}/v1/jobs/stream?token=${token({ sub: 'u1', exp: nowS() + 2 })}`, { t })
+  await stream.nextEvent('auth-expired', 8000)
+  await stream.waitEnd(3000)
+  t.ok(stream.ended)
+})
+
+t.test('a token that has already expired opens nothing: 401 with the JSON error shape', async (t) => {
+  const [gateway] = await startCluster(t, 'memory', 1)
+  const { url, app } = gateway
+  for (const [name, exp] of [['a minute ago', nowS() - 60], ['one second ago', nowS() - 1], ['exactly now (no leeway)', nowS()]] as const) {
+    const stream = await openStream(`${url}/v1/stream?token=${token({ sub: 'u1', exp })}`, { t })
+    t.equal(stream.status, 401, `exp ${name}: 401`)
+    t.match(stream.json(), { statusCode: 401, error: 'Unauthorized', message: String })
+    t.notMatch(stream.text, /event: connected/)
+  }
+  t.equal(app.registry.size, 0, 'no stream was opened')
+  t.ok(metricValue(await scrape(url), 'sse_auth_failures_total') >= 3, 'counted as auth failures')
+})

@@ -1,0 +1,163 @@
+import t from 'tap'
+import type { Test } from 'tap'
+import {
+  eventually, forEachMode, openConnected, openStream, publishOk, publisherToken, startCluster, userToken,
+  type SseClient
+} from './helpers'
+
+const publisher = publisherToken()
+
+function streamUrl (url: string, userId: string): string {
+  return `${url}/v1/stream?token=${userToken(userId)}`
+}
+
+/** A refused stream: the status, `Retry-After` (whole seconds) and the JSON error shape. */
+function assertRefused (t: Test, stream: SseClient, status: number, error: string): void {
+  t.equal(stream.status, status, `answered ${status}`)
+  t.match(stream.headers['retry-after'], /^\d+$/, 'Retry-After in whole seconds')
+  t.ok(Number(stream.headers['retry-after']) >= 1, 'Retry-After at least 1')
+  t.match(stream.headers['content-type'], /^application\/json/)
+  t.match(stream.json(), { statusCode: status, error, message: String })
+  t.notMatch(stream.text, /event: connected/, 'no stream was opened')
+}
+
+/** The `evicted` event (no id line), then the end of the stream. */
+async function assertEvicted (t: Test, stream: SseClient): Promise<void> {
+  const event = await stream.nextEvent('evicted')
+  t.equal(event.id, undefined, '`evicted` carries no id line')
+  t.doesNotThrow(() => JSON.parse(event.data), '`evicted` data is JSON')
+  await stream.waitEnd()
+  t.ok(stream.ended, 'the evicted stream is closed')
+}
+
+forEachMode(t, 'MAX_CONNECTIONS: past it a new stream gets 503 with Retry-After; a freed slot opens again', async (t, mode) => {
+  const [gateway] = await startCluster(t, mode, 1, { MAX_CONNECTIONS: '2' })
+  const { url, app } = gateway
+  const { stream: first } = await openConnected(streamUrl(url, 'u1'), { t })
+  await openConnected(streamUrl(url, 'u2'), { t })
+  const refused = await openStream(streamUrl(url, 'u3'), { t })
+  assertRefused(t, refused, 503, 'Service Unavailable')
+  t.equal(app.registry.size, 2, 'the refused stream holds no slot')
+
+  first.close()
+  await eventually(() => app.registry.size === 1, 'the closed stream to free its slot')
+  const { connected } = await openConnected(streamUrl(url, 'u3'), { t })
+  t.equal(connected.userId, 'u3', 'a freed slot takes a new stream')
+})
+
+forEachMode(t, 'MAX_CONNECTIONS is per instance: a full instance refuses while another of the cluster accepts', async (t) => {
+  const [a, b] = await startCluster(t, 'redis', 2, { MAX_CONNECTIONS: '1' })
+  await openConnected(streamUrl(a.url, 'u1'), { t })
+  assertRefused(t, await openStream(streamUrl(a.url, 'u2'), { t }), 503, 'Service Unavailable')
+  const { connected } = await openConnected(streamUrl(b.url, 'u2'), { t })
+  t.equal(connected.userId, 'u2', 'the other instance still has room')
+}, ['redis'])
+
+forEachMode(t, 'MAX_CONNECTIONS_PER_USER with reject: the third tab gets 429 with Retry-After; other users are not affected; a closed tab frees a slot', async (t, mode) => {
+  const [gateway] = await startCluster(t, mode, 1, { MAX_CONNECTIONS_PER_USER: '2', CONNECTION_LIMIT_POLICY: 'reject' })
+  const { url, app } = gateway
+  const { stream: first } = await openConnected(streamUrl(url, 'u1'), { t })
+  const { stream: second } = await openConnected(streamUrl(url, 'u1'), { t })
+  const refused = await openStream(streamUrl(url, 'u1'), { t })
+  assertRefused(t, refused, 429, 'Too Many Requests')
+  t.notOk(first.ended || second.ended, 'reject leaves the open tabs alone')
+  t.equal(first.events.filter((event) => event.event === 'evicted').length, 0, 'nobody is evicted')
+
+  await openConnected(streamUrl(url, 'u2'), { t })
+  t.pass('another user opens')
+
+  // Job streams are streams: they count against the user too.
+  assertRefused(t, await openStream(`${url}/v1/jobs/stream?token=${userToken('u1')}`, { t }), 429, 'Too Many Requests')
+
+  first.close()
+  await eventually(() => app.registry.ofUser('u1').length === 1, 'the closed tab to leave')
+  // In Redis mode the release is recorded asynchronously: the slot frees shortly after.
+  let reopened: SseClient | null = null
+  await eventually(async () => {
+    const stream = await openStream(streamUrl(url, 'u1'), { t })
+    if (stream.status === 200) reopened = stream
+    else stream.close()
+    return stream.status === 200
+  }, 'a slot for u1 again')
+  t.ok(reopened, 'a closed tab frees its slot')
+})
+
+forEachMode(t, 'MAX_CONNECTIONS_PER_USER counts every tab of the user cluster-wide: a tab on A and a tab on B fill a limit of 2', async (t) => {
+  const [a, b] = await startCluster(t, 'redis', 2, { MAX_CONNECTIONS_PER_USER: '2', CONNECTION_LIMIT_POLICY: 'reject' })
+  await openConnected(streamUrl(a.url, 'u1'), { t })
+  await openConnected(streamUrl(b.url, 'u1'), { t })
+  assertRefused(t, await openStream(streamUrl(a.url, 'u1'), { t }), 429, 'Too Many Requests')
+  assertRefused(t, await openStream(streamUrl(b.url, 'u1'), { t }), 429, 'Too Many Requests')
+  await openConnected(streamUrl(b.url, 'u2'), { t })
+  t.pass('another user opens on either instance')
+}, ['redis'])
+
+forEachMode(t, 'evict-oldest: the oldest tab gets `evicted` then closes, the new one opens, the others keep receiving', async (t, mode) => {
+  const [gateway] = await startCluster(t, mode, 1, { MAX_CONNECTIONS_PER_USER: '2', CONNECTION_LIMIT_POLICY: 'evict-oldest' })
+  const { url, app } = gateway
+  const { stream: oldest, connected: oldestInfo } = await openConnected(streamUrl(url, 'u1'), { t })
+  const { stream: middle } = await openConnected(streamUrl(url, 'u1'), { t })
+  const { stream: newest, connected } = await openConnected(streamUrl(url, 'u1'), { t })
+  t.equal(newest.status, 200, 'the new tab opens')
+  t.equal(connected.userId, 'u1')
+  await assertEvicted(t, oldest)
+  t.notOk(middle.ended, 'the middle tab stays')
+  await eventually(() => app.registry.get(oldestInfo.connectionId) === undefined, 'the evicted stream to leave the registry')
+  t.equal(app.registry.ofUser('u1').length, 2)
+
+  const [id] = await publishOk(url, publisher, { to: { user: 'u1' }, event: 'after', data: 'x' })
+  t.equal((await middle.nextEvent('after')).id, id)
+  t.equal((await newest.nextEvent('after')).id, id)
+  t.notOk(oldest.events.some((event) => event.event === 'after'), 'the evicted tab gets nothing more')
+
+  // And again: now the middle one is the oldest.
+  await openConnected(streamUrl(url, 'u1'), { t })
+  await assertEvicted(t, middle)
+  t.notOk(newest.ended, 'the newer tab stays')
+})
+
+forEachMode(t, 'evict-oldest across instances: the oldest tab, on A, is evicted by a new tab on B', async (t) => {
+  const [a, b] = await startCluster(t, 'redis', 2, { MAX_CONNECTIONS_PER_USER: '2', CONNECTION_LIMIT_POLICY: 'evict-oldest' })
+  const { stream: onA, connected: infoA } = await openConnected(streamUrl(a.url, 'u1'), { t })
+  const { stream: onB } = await openConnected(streamUrl(b.url, 'u1'), { t })
+  const { stream: newest } = await openConnected(streamUrl(b.url, 'u1'), { t })
+  t.equal(newest.status, 200)
+  await assertEvicted(t, onA)
+  await eventually(() => a.app.registry.get(infoA.connectionId) === undefined, 'A to drop the evicted stream')
+  t.notOk(onB.ended, 'the younger tab on B stays')
+
+  // Later the oldest is on B, the new tab on A.
+  await openConnected(streamUrl(a.url, 'u1'), { t })
+  await assertEvicted(t, onB)
+  t.notOk(newest.ended)
+}, ['redis'])
+
+forEachMode(t, 'seed 004: MAX_CONNECTIONS_PER_USER=1 with evict-oldest keeps exactly one stream per user, the latest', async (t, mode) => {
+  const [gateway] = await startCluster(t, mode, 1, { MAX_CONNECTIONS_PER_USER: '1', CONNECTION_LIMIT_POLICY: 'evict-oldest' })
+  const { url, app } = gateway
+  const { stream: first } = await openConnected(`${streamUrl(url, 'u1')}&topics=news`, { t })
+  const { stream: other } = await openConnected(`${streamUrl(url, 'u2')}&topics=news`, { t })
+  const { stream: second } = await openConnected(`${streamUrl(url, 'u1')}&topics=news`, { t })
+  await assertEvicted(t, first)
+  t.notOk(other.ended, 'another user is not affected')
+  await eventually(() => app.registry.ofUser('u1').length === 1, 'one stream for u1')
+
+  const [id] = await publishOk(url, publisher, { to: { topic: 'news' }, event: 'headline', data: { n: 1 } })
+  t.equal((await second.nextEvent('headline')).id, id, 'the latest stream receives')
+  t.equal((await other.nextEvent('headline')).id, id)
+
+  const { stream: third } = await openConnected(`${streamUrl(url, 'u1')}&topics=news`, { t })
+  await assertEvicted(t, second)
+  t.equal(third.status, 200)
+  await eventually(() => app.registry.ofUser('u1').length === 1, 'still one stream for u1')
+})
+
+forEachMode(t, 'seed 004 across instances: one stream per user cluster-wide', async (t) => {
+  const [a, b] = await startCluster(t, 'redis', 2, { MAX_CONNECTIONS_PER_USER: '1', CONNECTION_LIMIT_POLICY: 'evict-oldest' })
+  const { stream: onA } = await openConnected(streamUrl(a.url, 'u1'), { t })
+  const { stream: onB } = await openConnected(streamUrl(b.url, 'u1'), { t })
+  await assertEvicted(t, onA)
+  await eventually(() => a.app.registry.size + b.app.registry.size === 1, 'one stream left in the cluster')
+  const [id] = await publishOk(a.url, publisher, { to: { user: 'u1' }, event: 'ping', data: 1 })
+  t.equal((await onB.nextEvent('ping')).id, id, 'the surviving stream on B receives what A accepted')
+}, ['redis'])

@@ -1,0 +1,130 @@
+import t from 'tap'
+import type { Test } from 'tap'
+import {
+  eventually, forEachMode, nowS, openConnected, publish, publishOk, publisherToken, request, startCluster, startGateway,
+  token, userToken, type Gateway
+} from './helpers'
+import { redisClient } from './helpers/redis'
+import { flood, floodMaxBytes, metricValue, neverReadingStream, scrape } from './helpers/raw'
+
+/** A string no log line may ever hold: it only travels as event data. */
+const SECRET_DATA = 'PAYLOAD-7f3a9c1e-never-log-me'
+
+type LogLine = Record<string, unknown> & { msg?: string, reqId?: unknown }
+
+function lines (gateway: Gateway): LogLine[] {
+  return gateway.logs.map((line) => JSON.parse(line) as LogLine)
+}
+
+function streamLines (gateway: Gateway, msg: string): LogLine[] {
+  return lines(gateway).filter((line) => line.msg === msg)
+}
+
+/** Neither a token nor any of its three parts appears in any line. */
+function assertNoToken (t: Test, gateway: Gateway, tokens: string[]): void {
+  const text = gateway.logText()
+  for (const jwt of tokens) {
+    t.notOk(text.includes(jwt), 'no token in the logs')
+    // The header part is shared by every token; the payload and signature are each token's own.
+    const [, payload, signature] = jwt.split('.')
+    t.notOk(text.includes(payload), 'no token payload in the logs')
+    t.notOk(text.includes(signature), 'no token signature in the logs')
+  }
+  t.notMatch(text, /Bearer\s+\S/i, 'no Authorization value in the logs')
+}
+
+t.test('pino JSON: one line per stream open and per close (reason, durationMs, events, bytes); request ids; no token, no event data', async (t) => {
+  const gateway = await startGateway(t, { MAX_EVENT_BYTES: '256' }, { captureLogs: true })
+  const { url } = gateway
+  const publisher = publisherToken()
+  const queryToken = userToken('u1')
+  const headerToken = userToken('u1')
+  const xAuthToken = userToken('u2')
+
+  const viaQuery = await openConnected(`${url}/v1/stream?token=${queryToken}`, { t, headers: { 'x-request-id': 'req-by-query' } })
+  const viaHeader = await openConnected(`${url}/v1/stream`, { t, headers: { authorization: `Bearer ${headerToken}` } })
+  const viaXAuth = await openConnected(`${url}/v1/stream?topics=news`, { t, headers: { 'x-auth-token': xAuthToken } })
+
+  const [id] = await publishOk(url, publisher, { to: { user: 'u1' }, event: 'note', data: SECRET_DATA })
+  await publishOk(url, publisher, { to: { topic: 'news' }, event: 'note', data: { text: SECRET_DATA } })
+  t.equal((await viaQuery.stream.nextEvent('note')).data, SECRET_DATA, 'the data did travel')
+  t.equal((await viaHeader.stream.nextEvent('note')).id, id)
+  await viaXAuth.stream.nextEvent('note')
+
+  // Rejected publishes whose bodies hold the data: invalid event name, too large, not JSON.
+  t.equal((await publish(url, publisher, { to: { user: 'u1' }, event: 'bad name', data: SECRET_DATA })).status, 400)
+  t.equal((await publish(url, publisher, { to: { user: 'u1' }, data: `${SECRET_DATA}${'x'.repeat(300)}` })).status, 413)
+  t.equal((await publish(url, publisher, `{"to":{"user":"u1"},"data":"${SECRET_DATA}"`)).status, 400, 'truncated JSON: 400')
+  t.equal((await publish(url, publisher, `${SECRET_DATA}`)).status, 400, 'not JSON at all: 400')
+  // A bad token in the query string and in a header.
+  const badToken = token({ sub: 'u3' }, { secret: 'not-the-secret' })
+  t.equal((await request(`${url}/v1/subscriptions?token=${badToken}`, { method: 'POST', body: { topics: ['a'] } })).status, 401)
+  t.equal((await request(`${url}/v1/subscriptions`, { method: 'POST', token: badToken, body: { topics: ['a'] } })).status, 401)
+
+  viaQuery.stream.close()
+  viaHeader.stream.close()
+  viaXAuth.stream.close()
+  await eventually(() => streamLines(gateway, 'stream closed').length === 3, 'three close lines')
+
+  const all = lines(gateway)
+  t.ok(all.length > 0, `${all.length} JSON lines`)
+  t.ok(all.every((line) => typeof line.level === 'number' && typeof line.time === 'number'), 'every line is pino JSON')
+
+  const opened = streamLines(gateway, 'stream opened')
+  t.same(opened.map((line) => line.connectionId).sort(), [viaQuery, viaHeader, viaXAuth].map((s) => s.connected.connectionId).sort(), 'one open line per stream, naming it')
+  const closed = streamLines(gateway, 'stream closed')
+  t.same(closed.map((line) => line.connectionId).sort(), [viaQuery, viaHeader, viaXAuth].map((s) => s.connected.connectionId).sort(), 'one close line per stream, naming it')
+  for (const line of closed) {
+    t.equal(line.reason, 'client', 'reason: client')
+    t.type(line.durationMs, 'number')
+    t.ok((line.durationMs as number) >= 0, 'durationMs')
+    t.equal(line.events, 1, 'events: the one event it was sent')
+    t.type(line.bytes, 'number')
+    t.ok((line.bytes as number) > 0, 'bytes written')
+  }
+
+  const requestLines = all.filter((line) => line.req !== undefined || line.res !== undefined)
+  t.ok(requestLines.length > 0, 'request lines exist')
+  t.ok(requestLines.every((line) => typeof line.reqId === 'string' && line.reqId !== ''), 'every request line has a reqId')
+  t.ok(all.some((line) => line.reqId === 'req-by-query'), 'an X-Request-Id sent by the caller is the request id')
+
+  assertNoToken(t, gateway, [publisher, queryToken, headerToken, xAuthToken, badToken])
+  t.notOk(gateway.logText().includes(SECRET_DATA), 'no event data in any line')
+  const leaks = gateway.logs.filter((line) => line.includes('PAYLOAD-7f3a9c1e'))
+  t.same(leaks, [], 'not even a part of it')
+})
+
+t.test('close lines carry the reason: evicted, expired, slow', async (t) => {
+  const gateway = await startGateway(t, {
+    MAX_CONNECTIONS_PER_USER: '1', CONNECTION_LIMIT_POLICY: 'evict-oldest', MAX_BUFFERED_BYTES: String(128 * 1024)
+  }, { captureLogs: true })
+  const { url, port, app } = gateway
+  const { stream: evicted, connected: evictedInfo } = await openConnected(`${url}/v1/stream?token=${userToken('u1')}`, { t })
+  await openConnected(`${url}/v1/stream?token=${userToken('u1')}`, { t })
+  await evicted.nextEvent('evicted')
+  const expiringToken = token({ sub: 'u2', exp: nowS() + 1 })
+  const { stream: expiring, connected: expiringInfo } = await openConnected(`${url}/v1/stream?token=${expiringToken}`, { t })
+  await expiring.nextEvent('auth-expired', 5000)
+  const slow = await neverReadingStream(t, url, port, 'u3')
+  await flood(url, { user: 'u3' }, () => app.registry.get(slow.connectionId) === undefined, floodMaxBytes(128 * 1024))
+  await eventually(async () => metricValue(await scrape(url), 'sse_slow_consumer_drops_total') === 1, 'the slow consumer to be dropped', 10_000)
+
+  await eventually(() => streamLines(gateway, 'stream closed').length >= 3, 'three close lines')
+  const reasons = Object.fromEntries(streamLines(gateway, 'stream closed').map((line) => [line.connectionId, line]))
+  t.equal(reasons[evictedInfo.connectionId]?.reason, 'evicted')
+  t.equal(reasons[expiringInfo.connectionId]?.reason, 'expired')
+  t.equal(reasons[slow.connectionId]?.reason, 'slow')
+  t.ok((reasons[slow.connectionId]?.bytes as number) > 0, 'the slow close line says how much it was sent')
+  assertNoToken(t, gateway, [expiringToken])
+  t.notOk(gateway.logText().includes('#0:xxxx'), 'no flood data in the logs')
+})
+
+forEachMode(t, 'a rejected Redis ingress message is logged without its data', async (t) => {
+  const [gateway] = await startCluster(t, 'redis', 1, {}, { captureLogs: true })
+  const redis = redisClient(t)
+  const prefix = gateway.app.config.redisPrefix
+  await redis.xadd(`${prefix}ingress`, '*', 'payload', JSON.stringify({ to: { user: 'u1' }, event: 'bad name', data: SECRET_DATA }))
+  await redis.xadd(`${prefix}ingress`, '*', 'payload', `{"to":{"user":"u1"},"data":"${SECRET_DATA}"`)
+  await eventually(() => streamLines(gateway, 'ingress message dropped').length >= 2, 'two ingress drops logged', 10_000)
+  t.notOk(gateway.logText().includes(SECRET_DATA), 'no event data in any line')
+}, ['redis'])

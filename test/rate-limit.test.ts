@@ -1,0 +1,128 @@
+import t from 'tap'
+import type { Test } from 'tap'
+import {
+  openConnected, openStream, publish, publisherToken, request, startGateway, userToken, type JsonResponse
+} from './helpers'
+import { getRequest, rawExchange } from './helpers/raw'
+
+const publisher = publisherToken()
+
+function assert429 (t: Test, status: number, retryAfter: string | null | undefined, body: unknown): void {
+  t.equal(status, 429, '429')
+  t.match(retryAfter, /^\d+$/, 'Retry-After in whole seconds')
+  t.ok(Number(retryAfter) >= 1 && Number(retryAfter) <= 60, `Retry-After within the minute (${String(retryAfter)})`)
+  t.match(body, { statusCode: 429, error: 'Too Many Requests', message: String })
+}
+
+t.test('stream opens past RATE_LIMIT_STREAMS_PER_MIN from one address: 429 with Retry-After and the JSON error shape', async (t) => {
+  const { url, app } = await startGateway(t, { RATE_LIMIT_STREAMS_PER_MIN: '3' })
+  for (let n = 0; n < 3; n++) await openConnected(`${url}/v1/stream?token=${userToken(`u${n}`)}`, { t })
+  const refused = await openStream(`${url}/v1/stream?token=${userToken('u9')}`, { t })
+  assert429(t, refused.status, refused.headers['retry-after'], refused.json())
+  t.match(refused.headers['content-type'], /^application\/json/)
+  t.equal(app.registry.size, 3, 'the limited open holds no stream')
+
+  // JSON routes are not stream opens.
+  t.equal((await request(`${url}/health`)).status, 200)
+  t.equal((await publish(url, publisher, { to: { user: 'u0' }, data: 1 })).status, 202, 'publishing is not limited by the stream limit')
+})
+
+t.test('the stream limit counts opens on every stream route together (per address, not per route)', async (t) => {
+  const { url } = await startGateway(t, { RATE_LIMIT_STREAMS_PER_MIN: '2' })
+  t.equal((await request(`${url}/v1/jobs/j1`, { method: 'PUT', token: publisher, body: { userId: 'u1', status: 'active' } })).status, 200)
+  const opens = [
+    `${url}/v1/stream?token=${userToken('u1')}`,
+    `${url}/v1/jobs/stream?token=${userToken('u1')}`,
+    `${url}/v1/jobs/j1/stream?token=${userToken('u1')}`,
+    `${url}/v1/stream?token=${userToken('u1')}`
+  ]
+  const statuses: number[] = []
+  for (const open of opens) statuses.push((await openStream(open, { t })).status)
+  t.same(statuses, [200, 200, 429, 429], `two opens a minute from this address, whatever the route (got ${statuses.join(', ')})`)
+})
+
+t.test('the publish limit counts every publisher route together (per address, not per route)', async (t) => {
+  const { url } = await startGateway(t, { RATE_LIMIT_PUBLISH_PER_MIN: '2' })
+  const statuses = [
+    (await publish(url, publisher, { to: { user: 'u1' }, data: 1 })).status,
+    (await request(`${url}/v1/jobs/j1`, { method: 'PUT', token: publisher, body: { userId: 'u1', status: 'active' } })).status,
+    (await request(`${url}/v1/conversations/c1/members`, { method: 'PUT', token: publisher, body: { members: ['u1'] } })).status,
+    (await publish(url, publisher, { to: { user: 'u1' }, data: 2 })).status
+  ]
+  t.same(statuses, [202, 200, 429, 429], `two publisher calls a minute from this address, whatever the route (got ${statuses.join(', ')})`)
+})
+
+t.test('the stream limit is per client address (X-Forwarded-For from a trusted proxy)', async (t) => {
+  const { url } = await startGateway(t, { RATE_LIMIT_STREAMS_PER_MIN: '2', TRUST_PROXY: '127.0.0.1' })
+  const from = (address: string): { headers: Record<string, string>, t: Test } => ({ headers: { 'x-forwarded-for': address }, t })
+  await openConnected(`${url}/v1/stream?token=${userToken('a')}`, from('203.0.113.1'))
+  await openConnected(`${url}/v1/stream?token=${userToken('a')}`, from('203.0.113.1'))
+  const limited = await openStream(`${url}/v1/stream?token=${userToken('a')}`, from('203.0.113.1'))
+  t.equal(limited.status, 429, 'the third open from 203.0.113.1 is limited')
+  const other = await openStream(`${url}/v1/stream?token=${userToken('a')}`, from('203.0.113.2'))
+  t.equal(other.status, 200, 'another address is not')
+})
+
+t.test('publish past RATE_LIMIT_PUBLISH_PER_MIN: 429 with Retry-After and the JSON error shape', async (t) => {
+  const { url } = await startGateway(t, { RATE_LIMIT_PUBLISH_PER_MIN: '3' })
+  for (let n = 0; n < 3; n++) {
+    t.equal((await publish(url, publisher, { to: { user: 'u1' }, data: n })).status, 202, `publish ${n + 1} accepted`)
+  }
+  const limited: JsonResponse = await request(`${url}/v1/publish`, { method: 'POST', token: publisher, body: { to: { user: 'u1' }, data: 4 } })
+  assert429(t, limited.status, limited.headers.get('retry-after'), limited.json)
+  t.match(limited.headers.get('content-type'), /^application\/json/)
+
+  // Streams are not limited by the publish limit.
+  await openConnected(`${url}/v1/stream?token=${userToken('u1')}`, { t })
+  t.pass('a stream still opens')
+})
+
+t.test('a request head over Node\'s header limit (a 20 KB header) gets a clean 4xx and the gateway keeps serving', async (t) => {
+  const { url, port } = await startGateway(t)
+  const client = await rawExchange(port, getRequest(`/v1/stream?token=${userToken('u1')}`, port, { 'x-padding': 'p'.repeat(20 * 1024) }))
+  const answer = client.response()
+  t.ok(answer.complete, `an HTTP answer arrived (error: ${client.error?.message ?? 'none'})`)
+  t.ok(answer.status >= 400 && answer.status < 500, `a 4xx (got ${answer.status})`)
+  t.equal(answer.status, 431, '431 Request Header Fields Too Large')
+  t.notMatch(answer.body, /event: connected/, 'no stream opened')
+
+  t.equal((await request(`${url}/health`)).status, 200, 'the gateway still answers')
+  await openConnected(`${url}/v1/stream?token=${userToken('u1')}`, { t })
+  t.pass('and still opens streams')
+})
+
+t.test('a 20 KB query string gets a clean 4xx and the gateway keeps serving', async (t) => {
+  const { url, port } = await startGateway(t)
+  const path = `/v1/stream?token=${userToken('u1')}&topics=${'a'.repeat(20 * 1024)}`
+  const client = await rawExchange(port, getRequest(path, port))
+  const answer = client.response()
+  t.ok(answer.complete, `an HTTP answer arrived (error: ${client.error?.message ?? 'none'})`)
+  t.ok(answer.status >= 400 && answer.status < 500, `a 4xx (got ${answer.status})`)
+  t.notMatch(answer.body, /event: connected/, 'no stream opened')
+  t.equal((await request(`${url}/health`)).status, 200, 'the gateway still answers')
+})
+
+t.test('a body over MAX_BODY_BYTES: 413 with the JSON error shape, on publish and on a user route', async (t) => {
+  const { url } = await startGateway(t, { MAX_BODY_BYTES: '1024', MAX_EVENT_BYTES: '4096' })
+  const big = { to: { user: 'u1' }, data: 'x'.repeat(2048) }
+  const response = await request(`${url}/v1/publish`, { method: 'POST', token: publisher, body: big })
+  t.equal(response.status, 413)
+  t.match(response.json, { statusCode: 413, error: 'Payload Too Large', message: String })
+
+  const subscribe = await request(`${url}/v1/subscriptions`, { method: 'POST', token: userToken('u1'), body: { topics: Array.from({ length: 100 }, (_, n) => `topic-${n}-padding`) } })
+  t.equal(subscribe.status, 413, 'a user route too')
+  t.match(subscribe.json, { statusCode: 413, error: 'Payload Too Large', message: String })
+
+  // Just under the limit still passes.
+  t.equal((await publish(url, publisher, { to: { user: 'u1' }, data: 'x'.repeat(900) })).status, 202)
+})
+
+t.test('the default MAX_BODY_BYTES is 1 MiB: 1 MiB + 1 byte is 413', async (t) => {
+  const { url } = await startGateway(t)
+  const body = JSON.stringify({ to: { user: 'u1' }, data: 'x' })
+  const padded = body.slice(0, -1) + ' '.repeat(1024 * 1024 + 1 - body.length) + '}'
+  t.equal(Buffer.byteLength(padded), 1024 * 1024 + 1)
+  const response = await request(`${url}/v1/publish`, { method: 'POST', token: publisher, body: padded })
+  t.equal(response.status, 413)
+  t.match(response.json, { statusCode: 413, error: 'Payload Too Large' })
+})

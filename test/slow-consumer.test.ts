@@ -1,0 +1,115 @@
+import t from 'tap'
+import { readFileSync } from 'node:fs'
+import {
+  eventually, forEachMode, openConnected, openStream, publishOk, publisherToken, spawnServer, startCluster,
+  TEST_SECRET, userToken
+} from './helpers'
+import {
+  flood, FLOOD_EVENT_BYTES as EVENT_BYTES, FLOOD_MIN_BYTES, FLOOD_PER_REQUEST as PER_REQUEST, floodData as bigData,
+  floodMaxBytes, metricValue, neverReadingStream, scrape
+} from './helpers/raw'
+
+const publisher = publisherToken()
+
+forEachMode(t, 'a client that never reads while 2 MiB (and more, as long as the kernel absorbs it) are published to it is dropped as a slow consumer, another user gets everything in order, and a reconnect replays what it missed', async (t, mode) => {
+  const maxBuffered = 1024 * 1024
+  const [gateway] = await startCluster(t, mode, 1, { MAX_BUFFERED_BYTES: String(maxBuffered), KEEPALIVE_MS: '60000' })
+  const { url, port, app } = gateway
+  const { raw, connectionId, markerId } = await neverReadingStream(t, url, port, 'slow')
+  const { stream: other } = await openConnected(`${url}/v1/stream?token=${userToken('fast')}`, { t })
+
+  const maxBytes = floodMaxBytes(maxBuffered)
+  const ids = await flood(url, { users: ['slow', 'fast'] }, () => app.registry.get(connectionId) === undefined, maxBytes)
+  const count = ids.length
+  t.ok(count * EVENT_BYTES >= FLOOD_MIN_BYTES, `published ${((count * EVENT_BYTES) / 1048576).toFixed(2)} MiB (at most ${(maxBytes / 1048576).toFixed(2)} MiB)`)
+
+  // The gateway drops the slow stream on its own: its registry and its metrics say so.
+  await eventually(() => app.registry.get(connectionId) === undefined, 'the slow stream to leave the registry', 10_000)
+  const samples = await scrape(url)
+  t.equal(metricValue(samples, 'sse_slow_consumer_drops_total'), 1, 'sse_slow_consumer_drops_total is 1')
+  t.equal(metricValue(samples, 'sse_connections_closed_total', { reason: 'slow' }), 1, 'closed with reason slow')
+  t.equal(metricValue(samples, 'sse_connections'), 1, 'only the reading stream is left')
+
+  // The other user's stream got every event, in order, with the ids the publisher got.
+  const received = await other.take(count, 20_000)
+  t.same(received.map((event) => event.id), ids, 'the reader got every id in order')
+  t.ok(received.every((event, n) => event.event === 'chunk' && event.data === bigData(n)), 'and every payload intact')
+  t.notOk(other.ended, 'the reading stream is still open')
+
+  // Reading again, the dropped client finds the server closed the socket part-way.
+  raw.resume()
+  await raw.waitClose(10_000)
+  const got = raw.events().filter((event) => event.event === 'chunk')
+  t.ok(got.length < count, `the dropped client got only part of the flood (${got.length} of ${count})`)
+  t.same(got.map((event) => event.id), ids.slice(0, got.length), 'what it got is a prefix of the flood, in order')
+  const cursor = got.at(-1)?.id ?? markerId
+
+  // A reconnect with its cursor replays exactly the rest (HISTORY_SIZE 1000 holds it all).
+  const replay = await openStream(`${url}/v1/stream?token=${userToken('slow')}`, { t, headers: { 'last-event-id': cursor } })
+  t.equal(replay.status, 200)
+  await replay.nextEvent('connected')
+  const missed = ids.slice(got.length)
+  const replayed = await replay.take(missed.length, 20_000)
+  t.same(replayed.map((event) => event.id), missed, 'every missed id, in order, no duplicate, no gap')
+  t.notOk(replayed.some((event) => event.event === 'reset'), 'no reset')
+  t.ok(replayed.every((event, n) => event.data === bigData(got.length + n)), 'payloads intact')
+  await eventually(async () => metricValue(await scrape(url), 'sse_events_replayed_total') >= missed.length, 'the replayed counter')
+  t.equal(metricValue(await scrape(url), 'sse_slow_consumer_drops_total'), 1, 'the replaying stream was paced, not dropped')
+})
+
+t.test('a lower MAX_BUFFERED_BYTES (128 KiB) also drops a never-reading client; a reader of the same broadcasts stays', async (t) => {
+  const maxBuffered = 128 * 1024
+  const [gateway] = await startCluster(t, 'memory', 1, { MAX_BUFFERED_BYTES: String(maxBuffered) })
+  const { url, port, app } = gateway
+  const { connectionId } = await neverReadingStream(t, url, port, 'slow')
+  const { stream: other } = await openConnected(`${url}/v1/stream?token=${userToken('fast')}`, { t })
+  const ids = await flood(url, { broadcast: true }, () => app.registry.get(connectionId) === undefined, floodMaxBytes(maxBuffered))
+  await eventually(() => app.registry.get(connectionId) === undefined, 'the slow stream to be dropped', 10_000)
+  const received = await other.take(ids.length, 20_000)
+  t.same(received.map((event) => event.id), ids)
+  t.equal(metricValue(await scrape(url), 'sse_slow_consumer_drops_total'), 1)
+})
+
+/** The resident set of a process, in bytes. */
+function rssOf (pid: number): number {
+  const match = /^VmRSS:\s+(\d+)\s+kB$/m.exec(readFileSync(`/proc/${pid}/status`, 'utf8'))
+  if (match === null) throw new Error(`no VmRSS for ${pid}`)
+  return Number(match[1]) * 1024
+}
+
+t.test('the gateway process (a child) drops a never-reading client and its RSS returns near its earlier level', {
+  skip: process.platform !== 'linux' ? 'reads /proc' : false
+}, async (t) => {
+  const server = await spawnServer(t, { JWT_SECRET: TEST_SECRET, HOST: '127.0.0.1', LOG_LEVEL: 'silent', HISTORY_SIZE: '16' })
+  const pid = server.child.pid
+  if (pid === undefined) throw new Error('no child pid')
+  // Warm up every path the measured part uses, so the baseline is not the cold process.
+  for (let round = 0; round < 3; round++) {
+    const { stream } = await openConnected(`${server.url}/v1/stream?token=${userToken('warm')}`, { t })
+    await publishOk(server.url, publisher, Array.from({ length: PER_REQUEST }, (_, n) => ({ to: { user: 'warm' }, data: bigData(n) })))
+    await stream.take(PER_REQUEST, 10_000)
+    stream.close()
+  }
+  await scrape(server.url)
+  const before = rssOf(pid)
+
+  const { raw } = await neverReadingStream(t, server.url, server.port, 'slow')
+  const { stream: other } = await openConnected(`${server.url}/v1/stream?token=${userToken('fast')}`, { t })
+  const dropped = async (): Promise<boolean> => metricValue(await scrape(server.url), 'sse_slow_consumer_drops_total') === 1
+  const ids = await flood(server.url, { users: ['slow', 'fast'] }, dropped, floodMaxBytes(1024 * 1024))
+  await eventually(dropped, 'the child to drop the slow consumer', 10_000)
+  const received = await other.take(ids.length, 20_000)
+  t.same(received.map((event) => event.id), ids, 'the other stream got every event in order')
+  raw.resume()
+  await raw.waitClose(10_000)
+  t.pass('the child closed the slow socket')
+
+  // Generous: the point is that nothing of the flood stays held for the dead reader.
+  const bound = before + 48 * 1024 * 1024
+  let after = rssOf(pid)
+  await eventually(() => {
+    after = rssOf(pid)
+    return after <= bound
+  }, 'the RSS to come back near its earlier level', 15_000, 250).catch(() => {})
+  t.ok(after <= bound, `RSS ${(after / 1048576).toFixed(1)} MiB, at most ${(bound / 1048576).toFixed(1)} MiB (before: ${(before / 1048576).toFixed(1)} MiB, flood ${((ids.length * EVENT_BYTES) / 1048576).toFixed(1)} MiB)`)
+})

@@ -1,0 +1,166 @@
+import t from 'tap'
+import type { Test } from 'tap'
+import {
+  adminToken, eventually, forEachMode, openConnected, publisherToken, request, startCluster, userToken
+} from './helpers'
+
+const admin = adminToken()
+
+interface Stats {
+  connections: number
+  users: number
+  averageConnectionsPerUser: number
+  topics: Record<string, number>
+  instances: number
+}
+
+interface ConnectionEntry {
+  connectionId: string
+  userId: string
+  topics: string[]
+  openedAt: string
+  instance: string
+}
+
+const ISO_8601 = /^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?(Z|[+-]\d{2}:\d{2})$/
+
+async function stats (url: string): Promise<Stats> {
+  const response = await request<Stats>(`${url}/v1/stats`, { token: admin })
+  if (response.status !== 200) throw new Error(`GET /v1/stats answered ${response.status}: ${response.text}`)
+  return response.json
+}
+
+async function connections (url: string): Promise<ConnectionEntry[]> {
+  const response = await request<{ connections: ConnectionEntry[] }>(`${url}/v1/connections`, { token: admin })
+  if (response.status !== 200) throw new Error(`GET /v1/connections answered ${response.status}: ${response.text}`)
+  return response.json.connections
+}
+
+/** Exactly the contract fields; the average may be rounded (to 0.01). */
+function assertStats (t: Test, actual: Stats, expected: Stats, what: string): void {
+  t.same(Object.keys(actual).sort(), ['averageConnectionsPerUser', 'connections', 'instances', 'topics', 'users'], `${what}: exactly the contract fields`)
+  const { averageConnectionsPerUser: average, ...rest } = actual
+  const { averageConnectionsPerUser: expectedAverage, ...expectedRest } = expected
+  t.same(rest, expectedRest, what)
+  t.ok(Math.abs(average - expectedAverage) <= 0.01, `${what}: averageConnectionsPerUser ${average} ≈ ${expectedAverage}`)
+}
+
+function streamUrl (url: string, userId: string, topics?: string): string {
+  return `${url}/v1/stream?token=${userToken(userId)}${topics !== undefined ? `&topics=${topics}` : ''}`
+}
+
+forEachMode(t, 'GET /v1/stats and GET /v1/connections are admin routes: user 403, publisher 403, none 401', async (t, mode) => {
+  const [gateway] = await startCluster(t, mode, 1)
+  for (const path of ['/v1/stats', '/v1/connections']) {
+    const user = await request(`${gateway.url}${path}`, { token: userToken('u1') })
+    t.equal(user.status, 403, `${path} with a user token`)
+    t.match(user.json, { statusCode: 403, error: 'Forbidden', message: String })
+    t.equal((await request(`${gateway.url}${path}`, { token: publisherToken() })).status, 403, `${path} with a publisher token`)
+    const none = await request(`${gateway.url}${path}`)
+    t.equal(none.status, 401, `${path} without a token`)
+    t.match(none.json, { statusCode: 401, error: 'Unauthorized', message: String })
+    t.equal((await request(`${gateway.url}${path}`, { token: admin })).status, 200, `${path} with an admin token`)
+  }
+})
+
+forEachMode(t, 'GET /v1/stats: exactly the contract fields, counted from the open streams', async (t, mode) => {
+  const [gateway] = await startCluster(t, mode, 1)
+  const { url } = gateway
+  assertStats(t, await stats(url), { connections: 0, users: 0, averageConnectionsPerUser: 0, topics: {}, instances: 1 }, 'empty')
+
+  await openConnected(streamUrl(url, 'u1', 'news'), { t })
+  await openConnected(streamUrl(url, 'u1', 'news,sports'), { t })
+  await openConnected(streamUrl(url, 'u2', 'news'), { t })
+  await openConnected(streamUrl(url, 'u3'), { t })
+  assertStats(t, await stats(url), {
+    connections: 4,
+    users: 3,
+    averageConnectionsPerUser: 4 / 3,
+    topics: { news: 3, sports: 1 },
+    instances: 1
+  }, 'four streams of three users')
+})
+
+forEachMode(t, 'GET /v1/stats follows closes and subscriptions', async (t, mode) => {
+  const [gateway] = await startCluster(t, mode, 1)
+  const { url } = gateway
+  const { stream: a } = await openConnected(streamUrl(url, 'u1', 'news'), { t })
+  const { connected: b } = await openConnected(streamUrl(url, 'u2', 'news'), { t })
+  t.match(await stats(url), { connections: 2, users: 2, averageConnectionsPerUser: 1, topics: { news: 2 } })
+
+  const subscribed = await request(`${url}/v1/subscriptions`, { method: 'POST', token: userToken('u2'), body: { topics: ['sports'], connectionId: b.connectionId } })
+  t.equal(subscribed.status, 200)
+  await eventually(async () => (await stats(url)).topics.sports === 1, 'stats to count the new subscription')
+
+  a.close()
+  await eventually(async () => (await stats(url)).connections === 1, 'stats to drop the closed stream')
+  assertStats(t, await stats(url), { connections: 1, users: 1, averageConnectionsPerUser: 1, topics: { news: 1, sports: 1 }, instances: 1 }, 'after a close')
+})
+
+forEachMode(t, 'GET /v1/connections lists every stream: connectionId, userId, topics, openedAt (ISO 8601), instance', async (t, mode) => {
+  const [gateway] = await startCluster(t, mode, 1)
+  const { url, app } = gateway
+  t.same(await connections(url), [], 'empty')
+  const before = Date.now()
+  const { connected: a } = await openConnected(streamUrl(url, 'u1', 'news,sports'), { t })
+  const { stream: second, connected: b } = await openConnected(streamUrl(url, 'u2'), { t })
+  const after = Date.now()
+
+  const list = await connections(url)
+  t.equal(list.length, 2)
+  const byId = new Map(list.map((entry) => [entry.connectionId, entry]))
+  const first = byId.get(a.connectionId)
+  t.ok(first, 'the first stream is listed by its connectionId')
+  t.same(Object.keys(first ?? {}).sort(), ['connectionId', 'instance', 'openedAt', 'topics', 'userId'], 'exactly the contract fields')
+  t.equal(first?.userId, 'u1')
+  t.same([...(first?.topics ?? [])].sort(), ['news', 'sports'])
+  t.match(first?.openedAt, ISO_8601, 'openedAt is ISO 8601')
+  const openedAt = Date.parse(first?.openedAt ?? '')
+  t.ok(openedAt >= before - 1000 && openedAt <= after + 1000, 'openedAt is when it opened')
+  t.equal(first?.instance, app.registry.instanceId, 'instance names this gateway')
+  t.type(first?.instance, 'string')
+  t.same(byId.get(b.connectionId)?.topics, [], 'a stream without topics lists []')
+
+  second.close()
+  await eventually(async () => (await connections(url)).length === 1, 'the closed stream to leave the list')
+  t.equal((await connections(url))[0].connectionId, a.connectionId)
+})
+
+forEachMode(t, 'two instances: stats and connections are cluster-wide, on either instance', async (t) => {
+  const [a, b] = await startCluster(t, 'redis', 2)
+  const { connected: onA1 } = await openConnected(streamUrl(a.url, 'u1', 'news'), { t })
+  const { connected: onA2 } = await openConnected(streamUrl(a.url, 'u2', 'news,sports'), { t })
+  const { stream: onBStream, connected: onB } = await openConnected(streamUrl(b.url, 'u1', 'sports'), { t })
+
+  const expected: Stats = { connections: 3, users: 2, averageConnectionsPerUser: 1.5, topics: { news: 2, sports: 2 }, instances: 2 }
+  assertStats(t, await stats(a.url), expected, 'stats on A')
+  assertStats(t, await stats(b.url), expected, 'stats on B')
+
+  for (const gateway of [a, b]) {
+    const list = await connections(gateway.url)
+    const instances = Object.fromEntries(list.map((entry) => [entry.connectionId, entry.instance]))
+    t.same(instances, {
+      [onA1.connectionId]: a.app.registry.instanceId,
+      [onA2.connectionId]: a.app.registry.instanceId,
+      [onB.connectionId]: b.app.registry.instanceId
+    }, `every stream of the cluster, with its instance (asked at ${gateway.app.registry.instanceId})`)
+    t.ok(list.every((entry) => ISO_8601.test(entry.openedAt)), 'openedAt ISO 8601')
+  }
+  t.not(a.app.registry.instanceId, b.app.registry.instanceId, 'instances are told apart')
+
+  onBStream.close()
+  await eventually(async () => (await stats(a.url)).connections === 2, 'A to see the stream on B close')
+  assertStats(t, await stats(a.url), { connections: 2, users: 2, averageConnectionsPerUser: 1, topics: { news: 2, sports: 1 }, instances: 2 }, 'after a close on B')
+}, ['redis'])
+
+forEachMode(t, 'job streams are streams: they count in stats and are listed', async (t, mode) => {
+  const [gateway] = await startCluster(t, mode, 1)
+  const { url } = gateway
+  const put = await request(`${url}/v1/jobs/job-1`, { method: 'PUT', token: publisherToken(), body: { userId: 'u1', status: 'active' } })
+  t.equal(put.status, 200)
+  const { connected: jobStream } = await openConnected(`${url}/v1/jobs/job-1/stream?token=${userToken('u1')}`, { t })
+  const { connected: jobsStream } = await openConnected(`${url}/v1/jobs/stream?token=${userToken('u2')}`, { t })
+  assertStats(t, await stats(url), { connections: 2, users: 2, averageConnectionsPerUser: 1, topics: {}, instances: 1 }, 'a job stream and a jobs stream')
+  const ids = (await connections(url)).map((entry) => entry.connectionId).sort()
+  t.same(ids, [jobStream.connectionId, jobsStream.connectionId].sort())
+})
