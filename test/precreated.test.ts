@@ -1,0 +1,262 @@
+/**
+ * Pre-created and reopenable streams, and streamed content (seed 000):
+ * POST /v1/connections, events published into an id before the browser
+ * joins, GET /v1/stream/:connectionId (only its owner), expiry of unjoined
+ * ids, and `content-chunk` string events that must arrive exactly as sent,
+ * in order, through the POST and (Redis mode) the Redis ingress channels.
+ * Every test runs in embedded and Redis mode.
+ */
+import { setTimeout as delay } from 'node:timers/promises'
+import t, { type Test } from 'tap'
+import { publish, request, userToken, type SseEvent } from './helpers'
+import {
+  connect, namesOf, nonce, pair, publishTo, PUBLISHER, settle, tryOpen
+} from './helpers/channels'
+import { forEachMode } from './helpers/modes'
+import { redisClient } from './helpers/redis'
+import type { Gateway } from './helpers/gateway'
+
+interface Created { connectionId: string, expiresAt: string }
+
+async function precreate (gateway: Gateway, userId: string): Promise<Created> {
+  const answer = await request<Created>(`${gateway.url}/v1/connections`, { method: 'POST', token: PUBLISHER, body: { userId } })
+  if (answer.status !== 201) throw new Error(`POST /v1/connections answered ${answer.status}: ${answer.text}`)
+  return answer.json
+}
+
+/** Published events, markers and system events left out. */
+function published (events: SseEvent[]): SseEvent[] {
+  return events.filter((event) => event.id !== undefined && event.event !== 'marker')
+}
+
+/**
+ * Markdown chunks as a blog generator streams them: line breaks of every
+ * kind, blank lines, text that looks like SSE fields or comments, leading
+ * spaces, trailing newlines, empty chunks, unicode of several planes, and one
+ * large multi-line chunk that spans many TCP segments.
+ */
+export const CHUNKS: string[] = [
+  '# The Title\n\n',
+  'First paragraph with **bold** and `code`.\n',
+  '\n',
+  '',
+  'data: x',
+  'id: 5\nevent: y\nretry: 10\n: not a comment\n',
+  'data:no-space\ndata:  two spaces',
+  '   leading spaces\n\ttab\n',
+  '- item one\r\n- item two\r\n\r\n',
+  'old mac\rline\r',
+  '\n\n\nthree blank lines before',
+  'trailing spaces   ',
+  'unicode: caf\u00e9 \u4e2d\u6587 \u0639\u0631\u0628\u064a \ud83d\ude80\ud83c\udff3\ufe0f\u200d\ud83c\udf08 e\u0301 \u2028 \u0085 end',
+  '```js\nconsole.log("data: in code")\n```\n',
+  '{"looks":"like json"}',
+  Array.from({ length: 2000 }, (_, n) => `line ${n}: ${'lorem ipsum '.repeat(3)}`).join('\n')
+]
+
+/** What a browser's MessageEvent.data holds for a string: SSE has no CR, so CR and CRLF arrive as LF. */
+export function asReceived (chunk: string): string {
+  return chunk.replace(/\r\n|\r/g, '\n')
+}
+
+/** Checks the content chunks a stream received: every one, in order, as sent. */
+export function checkChunks (t: Test, events: SseEvent[], expected: string[], what: string): void {
+  const chunks = events.filter((event) => event.event === 'content-chunk')
+  t.equal(chunks.length, expected.length, `${what}: every chunk arrived, once`)
+  let identical = 0
+  for (let index = 0; index < Math.min(chunks.length, expected.length); index++) {
+    const want = expected[index]
+    if (chunks[index].data !== asReceived(want)) {
+      t.fail(`${what}: chunk ${index} differs`, { found: chunks[index].data.slice(0, 200), wanted: asReceived(want).slice(0, 200) })
+      return
+    }
+    if (!/\r/.test(want)) identical++
+  }
+  t.pass(`${what}: all ${chunks.length} chunks intact and in order (${identical} without CR byte-identical)`)
+  const ids = chunks.map((event) => BigInt(event.id ?? '0'))
+  t.ok(ids.every((id, index) => index === 0 || id > ids[index - 1]), `${what}: ids strictly increase`)
+}
+
+forEachMode(t, 'POST /v1/connections pre-creates a stream id (201 { connectionId, expiresAt }); only a publisher may', async (t, mode) => {
+  const [a] = await pair(t, mode, { HISTORY_TTL_S: '600' })
+  const before = Date.now()
+  const created = await precreate(a, 'alice')
+  t.match(created.connectionId, /^[A-Za-z0-9_.:@=+-]{1,128}$/, 'an id usable in the stream path')
+  const expiresAt = Date.parse(created.expiresAt)
+  t.ok(expiresAt >= before + 590_000 && expiresAt <= Date.now() + 610_000, 'expiresAt is HISTORY_TTL_S ahead')
+  t.not((await precreate(a, 'alice')).connectionId, created.connectionId, 'each id is new')
+  t.equal((await request(`${a.url}/v1/connections`, { method: 'POST', token: userToken('alice'), body: { userId: 'alice' } })).status, 403)
+  t.equal((await request(`${a.url}/v1/connections`, { method: 'POST', token: PUBLISHER, body: {} })).status, 400)
+  t.equal((await request(`${a.url}/v1/connections`, { method: 'POST', token: PUBLISHER, body: { userId: '' } })).status, 400)
+})
+
+forEachMode(t, 'events published to a pre-created id before the browser joins are delivered on join, in order, then it continues live', async (t, mode) => {
+  const [backend, browser] = await pair(t, mode)
+  const { connectionId } = await precreate(backend, 'alice')
+  const early = [
+    await publishTo(backend, { to: { connection: connectionId }, event: 'progress', data: { step: 1 } }),
+    await publishTo(backend, { to: { connection: connectionId }, event: 'content-chunk', data: '# Title\n\nbody' }),
+    await publishTo(backend, { to: { connection: connectionId }, event: 'progress', data: { step: 2 } })
+  ]
+  // History of the user and broadcast is not the connection's own: not delivered without a cursor.
+  await publishTo(backend, { to: { user: 'alice' }, event: 'user-note', data: 1 })
+  await publishTo(backend, { to: { broadcast: true }, event: 'announcement', data: 1 })
+
+  const joined = await connect(t, browser, 'alice', { path: `/v1/stream/${connectionId}` })
+  t.equal(joined.connectionId, connectionId, 'connected names the pre-created id')
+  t.equal(joined.connected.userId, 'alice')
+  const live = await publishTo(backend, { to: { connection: connectionId }, event: 'progress', data: { step: 3 } })
+  const received = published(await settle(browser, joined.stream, connectionId))
+  t.same(received.map((event) => event.id), [...early, live], 'the early events in order, then live, nothing else')
+  t.same(received[1].data, '# Title\n\nbody')
+})
+
+forEachMode(t, 'only the owner may join a pre-created id: another user and an unknown id get 404', async (t, mode) => {
+  const [backend, browser] = await pair(t, mode)
+  const { connectionId } = await precreate(backend, 'alice')
+  await publishTo(backend, { to: { connection: connectionId }, event: 'secret', data: 'for alice' })
+  const foreign = await tryOpen(t, browser, 'mallory', { path: `/v1/stream/${connectionId}` })
+  t.equal(foreign.status, 404, "another user's pre-created stream: 404")
+  t.match(foreign.json(), { statusCode: 404, error: 'Not Found', message: String })
+  t.notMatch(foreign.text, 'for alice')
+  t.equal((await tryOpen(t, browser, 'alice', { path: '/v1/stream/c_unknown123' })).status, 404, 'an unknown id: 404')
+  t.equal((await tryOpen(t, browser, 'alice', { path: '/v1/stream/bad%20id' })).status, 400, 'a malformed id: 400')
+  const own = await connect(t, browser, 'alice', { path: `/v1/stream/${connectionId}` })
+  t.equal((await own.stream.nextEvent('secret')).data, 'for alice', 'the owner still can')
+})
+
+forEachMode(t, 'an unjoined pre-created id expires after HISTORY_TTL_S', async (t, mode) => {
+  const [backend, browser] = await pair(t, mode, { HISTORY_TTL_S: '1' })
+  const kept = await precreate(backend, 'alice')
+  const unjoined = await precreate(backend, 'alice')
+  const joined = await connect(t, browser, 'alice', { path: `/v1/stream/${kept.connectionId}` })
+  t.equal(joined.connectionId, kept.connectionId, 'joinable before it expires')
+  // The TTL is time passing: wait it out (1 s) plus a margin.
+  await delay(1300)
+  const late = await tryOpen(t, browser, 'alice', { path: `/v1/stream/${unjoined.connectionId}` })
+  t.equal(late.status, 404, 'after HISTORY_TTL_S the unjoined id is gone')
+  t.equal((await settle(browser, joined.stream, joined.connectionId)).length, 1, 'a joined id keeps working')
+})
+
+forEachMode(t, 'GET /v1/stream/:connectionId reopens a stream the user opened before: same id, its own events published meanwhile delivered', async (t, mode) => {
+  const [a, b] = await pair(t, mode)
+  const first = await connect(t, a, 'alice')
+  const id = first.connectionId
+  first.stream.close()
+  const meanwhile = [
+    await publishTo(a, { to: { connection: id }, event: 'content-chunk', data: 'while away 1' }),
+    await publishTo(b, { to: { connection: id }, event: 'content-chunk', data: 'while away 2' })
+  ]
+  await publishTo(a, { to: { user: 'alice' }, event: 'user-note', data: 'not replayed without a cursor' })
+
+  // Reopened on the other instance (Redis mode).
+  const again = await connect(t, b, 'alice', { path: `/v1/stream/${id}` })
+  t.equal(again.connectionId, id, 'the id stays the same across reconnects')
+  const received = published(await settle(b, again.stream, id))
+  t.same(received.map((event) => event.id), meanwhile, "the connection's own events; not the user's history")
+
+  const foreign = await tryOpen(t, a, 'mallory', { path: `/v1/stream/${id}` })
+  t.equal(foreign.status, 404, "another user cannot reopen alice's stream id")
+})
+
+forEachMode(t, 'reopening a stream id with Last-Event-ID replays its own, the user\'s and broadcast events after the cursor', async (t, mode) => {
+  const [a, b] = await pair(t, mode)
+  const first = await connect(t, a, 'alice')
+  const id = first.connectionId
+  const cursor = await publishTo(a, { to: { connection: id }, event: 'content-chunk', data: 'seen' })
+  await first.stream.nextEvent('content-chunk')
+  first.stream.close()
+  const missed = [
+    await publishTo(b, { to: { user: 'alice' }, event: 'note', data: 1 }),
+    await publishTo(a, { to: { connection: id }, event: 'content-chunk', data: 'missed' }),
+    await publishTo(b, { to: { broadcast: true }, event: 'announcement', data: 2 })
+  ]
+  await publishTo(a, { to: { user: 'bob' }, event: 'note', data: 'not alice' })
+  const again = await connect(t, b, 'alice', { path: `/v1/stream/${id}`, lastEventId: cursor })
+  t.equal(again.connectionId, id)
+  const received = published(await settle(b, again.stream, id))
+  t.same(received.map((event) => event.id), missed)
+})
+
+forEachMode(t, 'reopening a stream id that is still open (on another instance) moves it: the old stream gets evicted and closes, the new one receives', async (t, mode) => {
+  const [a, b] = await pair(t, mode)
+  const first = await connect(t, a, 'alice')
+  const second = await connect(t, b, 'alice', { path: `/v1/stream/${first.connectionId}` })
+  t.equal(second.connectionId, first.connectionId)
+  const id = await publishTo(a, { to: { connection: first.connectionId }, event: 'content-chunk', data: 'to the new one' })
+  t.equal((await second.stream.nextEvent('content-chunk')).id, id, 'the new holder receives')
+  try {
+    await first.stream.waitEnd(3000)
+    t.pass('the old holder was closed')
+  } catch {
+    t.fail('the old holder of the id is still open')
+  }
+  t.ok(first.stream.events.some((event) => event.event === 'evicted'), 'the old holder got `evicted`')
+  t.notOk(first.stream.events.some((event) => event.event === 'content-chunk'), 'the old holder did not receive the event as well')
+})
+
+forEachMode(t, 'streamed content: content-chunk strings (markdown, blank lines, CRLF, SSE-like text, unicode) arrive intact and in order', async (t, mode) => {
+  const [backend, browser] = await pair(t, mode)
+  const { stream, connectionId } = await connect(t, browser, 'alice')
+  for (const chunk of CHUNKS) await publishTo(backend, { to: { connection: connectionId }, event: 'content-chunk', data: chunk })
+  checkChunks(t, await settle(backend, stream, connectionId), CHUNKS, 'POST /v1/publish, one by one')
+
+  const batch = CHUNKS.map((data) => ({ to: { connection: connectionId }, event: 'content-chunk', data }))
+  t.equal((await publish(backend.url, PUBLISHER, batch)).status, 202)
+  checkChunks(t, await settle(backend, stream, connectionId), CHUNKS, 'POST /v1/publish, one array')
+
+  // Concurrent publishers: each event still arrives whole, in the order of its id.
+  const ids = await Promise.all(CHUNKS.map(async (data) => await publishTo(backend, { to: { connection: connectionId }, event: 'content-chunk', data })))
+  const received = (await settle(backend, stream, connectionId)).filter((event) => event.event === 'content-chunk')
+  const byId = new Map(ids.map((id, index) => [id, CHUNKS[index]]))
+  t.same(received.map((event) => event.data), received.map((event) => asReceived(byId.get(event.id ?? '') ?? '?')), 'each chunk whole under its own id')
+  t.equal(new Set(received.map((event) => event.id)).size, CHUNKS.length)
+})
+
+forEachMode(t, 'streamed content through Redis ingress: PUBLISH stream:<connectionId> and <prefix>publish deliver every chunk once, intact, in order', async (t, mode) => {
+  const [a, b] = await pair(t, mode)
+  const redis = redisClient(t)
+  const prefix = a.app.config.redisPrefix
+  // The stream lives on the second instance; whichever instance holds the ingress lease handles the PUBLISH.
+  const { stream, connectionId } = await connect(t, b, 'alice')
+  // Ingress is asynchronous: each marker goes through the same path as the chunks it follows.
+  const through = async (send: (event: string, data: string) => Promise<void>): Promise<SseEvent[]> => {
+    const from = stream.events.length - stream.unread().length
+    const value = nonce()
+    await send('marker', value)
+    const marker = await stream.next((event) => event.event === 'marker' && event.data === value, 5000, `marker ${value}`)
+    return stream.events.slice(from, stream.events.indexOf(marker) + 1)
+  }
+  const toStream = async (event: string, data: string): Promise<void> => {
+    await redis.publish(`stream:${connectionId}`, JSON.stringify({ event, data }))
+  }
+  const item = (event: string, data: string): Record<string, unknown> => ({ to: { connection: connectionId }, event, data })
+  const toPublish = async (event: string, data: string): Promise<void> => {
+    await redis.publish(`${prefix}publish`, JSON.stringify(item(event, data)))
+  }
+
+  checkChunks(t, await through(async (event, data) => {
+    for (const chunk of CHUNKS) await toStream('content-chunk', chunk)
+    await toStream(event, data)
+  }), CHUNKS, 'PUBLISH stream:<id>')
+
+  checkChunks(t, await through(async (event, data) => {
+    for (const chunk of CHUNKS) await toPublish('content-chunk', chunk)
+    await toPublish(event, data)
+  }), CHUNKS, 'PUBLISH <prefix>publish, one by one')
+
+  checkChunks(t, await through(async (event, data) => {
+    await redis.publish(`${prefix}publish`, JSON.stringify([...CHUNKS.map((chunk) => item('content-chunk', chunk)), item(event, data)]))
+  }), CHUNKS, 'PUBLISH <prefix>publish, one array')
+  t.same(namesOf(await settle(a, stream, connectionId)), [], 'nothing twice')
+
+  // A pre-created id fed over Redis before the browser joins.
+  const created = await precreate(a, 'alice')
+  for (const data of CHUNKS.slice(0, 5)) await redis.publish(`stream:${created.connectionId}`, JSON.stringify({ event: 'content-chunk', data }))
+  // The PUBLISH is handled asynchronously: a marker through the same path tells when all are in.
+  await redis.publish(`stream:${created.connectionId}`, JSON.stringify({ event: 'ingress-done', data: 'x' }))
+  const joined = await connect(t, a, 'alice', { path: `/v1/stream/${created.connectionId}` })
+  await joined.stream.nextEvent('ingress-done')
+  checkChunks(t, joined.stream.events, CHUNKS.slice(0, 5), 'stream:<id> before the browser joined')
+  t.same(namesOf(await settle(a, joined.stream, created.connectionId)), [], 'nothing twice')
+}, ['redis'])

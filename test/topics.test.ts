@@ -1,0 +1,206 @@
+/**
+ * Topics (seed 004): `?topics=` at open, per-stream and user-wide
+ * subscriptions, publish to a topic, the token's `topics` claim, topic-name
+ * validation and per-topic counts. Every test runs in embedded and Redis mode;
+ * in Redis mode two instances share the work wherever that proves something.
+ */
+import t from 'tap'
+import { eventually, publish, userToken } from './helpers'
+import {
+  connect, namesOf, pair, presence, publishTo, PUBLISHER, settle, stats, subscriptions, tryOpen
+} from './helpers/channels'
+import { forEachMode } from './helpers/modes'
+
+const sorted = (values: string[]): string[] => [...values].sort()
+
+forEachMode(t, '?topics=a,b subscribes at open: a topic event reaches the streams subscribed to it and no other', async (t, mode) => {
+  const [a, b] = await pair(t, mode)
+  const alice = await connect(t, a, 'alice', { topics: 'news,sport' })
+  const bob = await connect(t, b, 'bob', { topics: 'weather' })
+  const carol = await connect(t, b, 'carol')
+  t.same(sorted(alice.connected.topics), ['news', 'sport'], 'connected lists the topics')
+  t.same(bob.connected.topics, ['weather'])
+
+  const news = await publishTo(b, { to: { topic: 'news' }, event: 'headline', data: { n: 1 } })
+  const sport = await publishTo(a, { to: { topic: 'sport' }, event: 'score', data: { n: 2 } })
+  const received = (await settle(a, alice.stream, alice.connectionId)).filter((event) => event.event !== 'marker')
+  t.same(received.map((event) => [event.id, event.event, event.data]), [[news, 'headline', '{"n":1}'], [sport, 'score', '{"n":2}']])
+  t.same(namesOf(await settle(b, bob.stream, bob.connectionId)), [], 'a stream subscribed to another topic receives nothing')
+  t.same(namesOf(await settle(b, carol.stream, carol.connectionId)), [], 'a stream with no topics receives nothing')
+})
+
+forEachMode(t, 'POST /v1/subscriptions with a connectionId adds topics to that stream only; DELETE removes them', async (t, mode) => {
+  const [a, b] = await pair(t, mode)
+  const token = userToken('alice')
+  const tab1 = await connect(t, b, 'alice', { topics: 'news' })
+  const tab2 = await connect(t, b, 'alice')
+
+  // Subscribed through instance A, the stream lives on instance B.
+  const added = await subscriptions(a, token, 'POST', { topics: ['live', 'scores'], connectionId: tab1.connectionId })
+  t.equal(added.status, 200)
+  t.same(sorted(added.json.topics), ['live', 'news', 'scores'], "the answer lists that stream's topics")
+  const goal = await publishTo(a, { to: { topic: 'live' }, event: 'goal', data: { minute: 12 } })
+  t.same((await settle(a, tab1.stream, tab1.connectionId)).filter((event) => event.event === 'goal').map((event) => event.id), [goal])
+  t.same(namesOf(await settle(a, tab2.stream, tab2.connectionId)), [], 'the other tab of the same user did not join')
+
+  const removed = await subscriptions(a, token, 'DELETE', { topics: ['live'], connectionId: tab1.connectionId })
+  t.equal(removed.status, 200)
+  t.same(sorted(removed.json.topics), ['news', 'scores'])
+  await publishTo(b, { to: { topic: 'live' }, event: 'goal', data: { minute: 80 } })
+  const score = await publishTo(b, { to: { topic: 'scores' }, event: 'score', data: '2-1' })
+  t.same((await settle(b, tab1.stream, tab1.connectionId)).filter((event) => event.id !== undefined && event.event !== 'marker').map((event) => [event.event, event.id]),
+    [['score', score]], 'after DELETE only the topics it kept reach it')
+})
+
+forEachMode(t, 'POST /v1/subscriptions for another user\'s or an unknown connectionId is 404 and changes nothing', async (t, mode) => {
+  const [a, b] = await pair(t, mode)
+  const bob = await connect(t, b, 'bob')
+  const foreign = await subscriptions(a, userToken('mallory'), 'POST', { topics: ['spy'], connectionId: bob.connectionId })
+  t.equal(foreign.status, 404)
+  t.match(foreign.json, { statusCode: 404, error: 'Not Found', message: String })
+  const unknown = await subscriptions(a, userToken('mallory'), 'POST', { topics: ['spy'], connectionId: 'c_doesnotexist' })
+  t.equal(unknown.status, 404)
+  await publishTo(a, { to: { topic: 'spy' }, event: 'leak', data: 1 })
+  t.same(namesOf(await settle(a, bob.stream, bob.connectionId)), [], "bob's stream did not join the topic")
+})
+
+forEachMode(t, 'a user-wide subscription joins every live stream of the user cluster-wide and the streams opened later, until DELETE', async (t, mode) => {
+  const [a, b] = await pair(t, mode)
+  const token = userToken('alice')
+  const onA = await connect(t, a, 'alice')
+  const onB = await connect(t, b, 'alice')
+  const bob = await connect(t, b, 'bob')
+
+  // Made through instance A: the stream on instance B must join as well.
+  const answer = await subscriptions(a, token, 'POST', { topics: ['alerts'] })
+  t.equal(answer.status, 200)
+  t.same(answer.json.topics, ['alerts'], 'the answer lists the user-wide topics')
+  const first = await publishTo(b, { to: { topic: 'alerts' }, event: 'alert', data: { level: 'high' } })
+  for (const tab of [onA, onB]) t.equal((await tab.stream.nextEvent('alert')).id, first)
+  t.same(namesOf(await settle(b, bob.stream, bob.connectionId)), [], 'another user does not join')
+
+  const later = await connect(t, b, 'alice')
+  t.same(later.connected.topics, ['alerts'], 'a stream opened later joins the user-wide topic')
+  const second = await publishTo(a, { to: { topic: 'alerts' }, event: 'alert', data: { level: 'low' } })
+  for (const tab of [onA, onB, later]) t.equal((await tab.stream.nextEvent('alert')).id, second)
+
+  const removed = await subscriptions(b, token, 'DELETE', { topics: ['alerts'] })
+  t.equal(removed.status, 200)
+  t.same(removed.json.topics, [])
+  await publishTo(a, { to: { topic: 'alerts' }, event: 'alert', data: { level: 'gone' } })
+  for (const [gateway, tab] of [[a, onA], [b, onB], [b, later]] as const) {
+    t.same(namesOf(await settle(gateway, tab.stream, tab.connectionId)), [], 'after DELETE no stream of the user receives the topic')
+  }
+  const fresh = await connect(t, a, 'alice')
+  t.same(fresh.connected.topics, [], 'nor does a stream opened after DELETE')
+})
+
+forEachMode(t, 'a user-wide subscription made while the user has no stream applies to the next one, replay included (reconnecting to the other instance)', async (t, mode) => {
+  const [a, b] = await pair(t, mode)
+  const token = userToken('alice')
+  const first = await connect(t, a, 'alice')
+  const cursor = await publishTo(a, { to: { user: 'alice' }, event: 'hello', data: 1 })
+  await first.stream.nextEvent('hello')
+  first.stream.close()
+  await eventually(async () => (await presence(a, 'alice')).connections === 0, 'the stream to be released')
+
+  const answer = await subscriptions(b, token, 'POST', { topics: ['digest'] })
+  t.equal(answer.status, 200)
+  t.same(answer.json.topics, ['digest'])
+  const missed = [
+    await publishTo(a, { to: { topic: 'digest' }, event: 'digest', data: { n: 1 } }),
+    await publishTo(b, { to: { user: 'alice' }, event: 'note', data: { n: 2 } }),
+    await publishTo(a, { to: { topic: 'digest' }, event: 'digest', data: { n: 3 } })
+  ]
+  await publishTo(a, { to: { topic: 'other' }, event: 'digest', data: { n: 4 } })
+
+  const back = await connect(t, b, 'alice', { lastEventId: cursor })
+  t.same(back.connected.topics, ['digest'])
+  const replayed = await back.stream.take(3)
+  t.same(replayed.map((event) => event.id), missed, 'the topic and user events after the cursor, in id order')
+  t.same(namesOf(await settle(b, back.stream, back.connectionId)), [], 'nothing else (no other topic, no duplicate)')
+})
+
+forEachMode(t, 'the token\'s topics claim (patterns with *) restricts topics: 403 at open via ?topics= and at POST /v1/subscriptions', async (t, mode) => {
+  const [a, b] = await pair(t, mode)
+  const limited = userToken('alice', { topics: ['news.*', 'public'] })
+  const ok = await connect(t, a, 'alice', { token: limited, topics: 'news.sport,public' })
+  t.same(sorted(ok.connected.topics), ['news.sport', 'public'], 'topics matching the claim are allowed')
+
+  for (const topics of ['public,secret', 'news', 'sports.news', 'public-x']) {
+    const denied = await tryOpen(t, b, 'alice', { token: limited, topics })
+    t.equal(denied.status, 403, `?topics=${topics} outside the claim: 403`)
+    t.match(denied.json(), { statusCode: 403, error: 'Forbidden', message: String })
+  }
+
+  const userWide = await subscriptions(b, limited, 'POST', { topics: ['secret'] })
+  t.equal(userWide.status, 403, 'a user-wide subscription outside the claim: 403')
+  const mixed = await subscriptions(b, limited, 'POST', { topics: ['news.tech', 'secret'], connectionId: ok.connectionId })
+  t.equal(mixed.status, 403, 'a per-stream subscription with one topic outside the claim: 403')
+  await publishTo(a, { to: { topic: 'news.tech' }, event: 'headline', data: 'early' })
+  t.same(namesOf(await settle(a, ok.stream, ok.connectionId)), [], 'a refused subscription adds none of its topics')
+
+  const allowed = await subscriptions(b, limited, 'POST', { topics: ['news.tech'], connectionId: ok.connectionId })
+  t.equal(allowed.status, 200)
+  t.same(sorted(allowed.json.topics), ['news.sport', 'news.tech', 'public'])
+  const id = await publishTo(b, { to: { topic: 'news.tech' }, event: 'headline', data: 'late' })
+  t.equal((await ok.stream.nextEvent('headline')).id, id)
+  t.same((await subscriptions(b, limited, 'POST', { topics: ['public'] })).json.topics, ['public'], 'a user-wide topic inside the claim: 200')
+})
+
+forEachMode(t, 'a stream never joins a user-wide topic its own token does not allow', async (t, mode) => {
+  const [a, b] = await pair(t, mode)
+  const limited = userToken('alice', { topics: ['public'] })
+  const live = await connect(t, a, 'alice', { token: limited })
+  // Another token of the same user (say, a backend-minted one) may subscribe to `secret`.
+  const answer = await subscriptions(b, userToken('alice'), 'POST', { topics: ['secret'] })
+  t.equal(answer.status, 200)
+  const later = await connect(t, b, 'alice', { token: limited })
+  t.same(later.connected.topics, [], 'a stream opened later with the limited token leaves it out')
+  await publishTo(a, { to: { topic: 'secret' }, event: 'classified', data: 1 })
+  t.same(namesOf(await settle(b, later.stream, later.connectionId)), [], 'the later stream does not receive it')
+  t.same(namesOf(await settle(a, live.stream, live.connectionId)), [], 'the stream already open with the limited token does not receive it either')
+})
+
+forEachMode(t, 'bad topic names are 400 at open, at subscribe and at publish', async (t, mode) => {
+  const [a] = await pair(t, mode)
+  const token = userToken('alice')
+  const bad = ['has space', 'star*', 'x'.repeat(129), 'semi;colon', 'caf\u00e9', 'new\nline']
+  for (const name of bad) {
+    const label = JSON.stringify(name.length > 20 ? `${name.slice(0, 10)}…(${name.length})` : name)
+    const stream = await tryOpen(t, a, 'alice', { topics: `ok,${name}` })
+    t.equal(stream.status, 400, `open with ${label}: 400`)
+    t.match(stream.json(), { statusCode: 400, error: 'Bad Request', message: String })
+    t.equal((await subscriptions(a, token, 'POST', { topics: [name] })).status, 400, `subscribe to ${label}: 400`)
+    t.equal((await publish(a.url, PUBLISHER, { to: { topic: name }, data: 1 })).status, 400, `publish to ${label}: 400`)
+  }
+  for (const body of [{ topics: [] }, { topics: [''] }, { topics: 'news' }, { topics: [42] }, {}]) {
+    t.equal((await subscriptions(a, token, 'POST', body)).status, 400, `subscribe with ${JSON.stringify(body)}: 400`)
+  }
+  const longest = 'a:b/c-d_e.'.repeat(12) + 'x'.repeat(8)
+  t.equal(longest.length, 128)
+  t.equal((await subscriptions(a, token, 'POST', { topics: [longest] })).status, 200, 'a 128-character name of every allowed character is fine')
+})
+
+forEachMode(t, 'GET /v1/stats counts the streams subscribed to each topic, cluster-wide, whichever way they joined', async (t, mode) => {
+  const [a, b] = await pair(t, mode)
+  const news1 = await connect(t, a, 'alice', { topics: 'news' })
+  await connect(t, b, 'alice', { topics: 'news,sport' })
+  const bob = await connect(t, b, 'bob')
+  t.equal((await subscriptions(a, userToken('bob'), 'POST', { topics: ['sport'], connectionId: bob.connectionId })).status, 200)
+  t.equal((await subscriptions(b, userToken('carol'), 'POST', { topics: ['alerts'] })).status, 200)
+  await connect(t, a, 'carol')
+
+  for (const gateway of [a, b]) {
+    // Cluster counts are recorded as streams change; give them a moment, then compare.
+    await eventually(async () => (await stats(gateway)).topics.alerts === 1, 'the counts to settle', 2000).catch(() => {})
+    const answer = await stats(gateway)
+    t.same(answer.topics, { news: 2, sport: 2, alerts: 1 }, 'per-topic counts (at open, per stream, user-wide)')
+    t.equal(answer.connections, 4)
+    t.equal(answer.users, 3)
+    t.equal(answer.instances, mode === 'redis' ? 2 : 1)
+  }
+  news1.stream.close()
+  await eventually(async () => (await stats(b)).topics.news === 1, 'the closed stream to leave the count')
+  t.same((await stats(b)).topics, { news: 1, sport: 2, alerts: 1 })
+})
