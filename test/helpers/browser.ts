@@ -13,6 +13,7 @@ import { join } from 'node:path'
 import type { Test } from 'tap'
 import { chromium, type BrowserContext, type Page } from 'playwright-core'
 import type { TestLike } from './gateway'
+import { Waiters } from './wait'
 import { SERVER_JS, type Exit } from './process'
 
 export const CHROMIUM = '/usr/bin/chromium'
@@ -87,11 +88,11 @@ export interface PageRecord {
 /** Records from the page, with bounded waits (the page calls an exposed function). */
 export class PageRecorder {
   readonly records: PageRecord[] = []
-  private readonly waiters = new Set<() => void>()
+  private readonly waiters = new Waiters()
 
   push (record: PageRecord): void {
     this.records.push(record)
-    for (const waiter of [...this.waiters]) waiter()
+    this.waiters.wake()
   }
 
   events (type?: string): PageRecord[] {
@@ -100,21 +101,9 @@ export class PageRecorder {
 
   /** Resolves once `check` holds; rejects after `timeoutMs`, naming `what` and the last records. */
   async until (check: () => boolean, what: string, timeoutMs = 10_000): Promise<void> {
-    if (check()) return
-    await new Promise<void>((resolve, reject) => {
-      const wake = (): void => {
-        if (!check()) return
-        clearTimeout(timer)
-        this.waiters.delete(wake)
-        resolve()
-      }
-      const timer = setTimeout(() => {
-        this.waiters.delete(wake)
-        reject(new Error(`timed out after ${timeoutMs} ms waiting for ${what}; the page recorded: ${this.describe()}`))
-      }, timeoutMs)
-      this.waiters.add(wake)
-    })
+    await this.waiters.until(check, { timeoutMs, what, describe: () => `the page recorded: ${this.describe()}` })
   }
+
 
   /** Waits until the page has dispatched `count` events of `type`; returns them. */
   async waitEvents (type: string, count: number, timeoutMs = 10_000): Promise<PageRecord[]> {

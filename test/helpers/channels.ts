@@ -11,6 +11,7 @@ import { publishOk, request, type JsonResponse } from './http'
 import { startCluster, type Mode } from './modes'
 import { openConnected, openStream, type ConnectedData, type OpenStreamOptions, type SseClient, type SseEvent } from './sse'
 import { adminToken, publisherToken, userToken } from './tokens'
+import type { JobState } from '../../src/core/jobs'
 
 export const PUBLISHER = publisherToken()
 export const ADMIN = adminToken()
@@ -121,17 +122,8 @@ export interface JobBody {
   meta?: unknown
 }
 
-export interface JobStateReply {
-  jobId: string
-  userId: string
-  status: string
-  progress: number
-  result?: unknown
-  error?: string
-  meta?: unknown
-  createdAt: string
-  updatedAt: string
-}
+/** What the job routes answer: the stored state (PUT adds the id of its event). */
+export type JobStateReply = Omit<JobState, 'eventId'> & { eventId?: string }
 
 export async function putJob (gateway: Gateway, jobId: string, body: JobBody | Record<string, unknown>, token = PUBLISHER): Promise<JsonResponse<JobStateReply>> {
   return await request<JobStateReply>(`${gateway.url}/v1/jobs/${encodeURIComponent(jobId)}`, { method: 'PUT', token, body })

@@ -8,6 +8,7 @@
 import { readFileSync } from 'node:fs'
 import net from 'node:net'
 import type { TestLike } from './gateway'
+import { Waiters } from './wait'
 import { publishOk } from './http'
 import { publisherToken, userToken } from './tokens'
 
@@ -49,7 +50,7 @@ export class RawClient {
   error: Error | null = null
 
   private readonly chunks: Buffer[] = []
-  private readonly waiters = new Set<() => void>()
+  private readonly waiters = new Waiters()
 
   constructor (readonly port: number, host = '127.0.0.1') {
     this.socket = net.connect({ port, host })
@@ -114,21 +115,13 @@ export class RawClient {
 
   /** Resolves when `check` holds; rejects after `timeoutMs`. */
   async until (check: () => boolean, timeoutMs = 5000, what = 'a condition'): Promise<void> {
-    if (check()) return
-    await new Promise<void>((resolve, reject) => {
-      const wake = (): void => {
-        if (!check()) return
-        clearTimeout(timer)
-        this.waiters.delete(wake)
-        resolve()
-      }
-      const timer = setTimeout(() => {
-        this.waiters.delete(wake)
-        reject(new Error(`timed out after ${timeoutMs} ms waiting for ${what} (read ${this.bytes} bytes${this.ended ? ', ended' : ''}${this.closed ? ', closed' : ''}${this.error !== null ? `, ${this.error.message}` : ''})`))
-      }, timeoutMs)
-      this.waiters.add(wake)
+    await this.waiters.until(check, {
+      timeoutMs,
+      what,
+      describe: () => `read ${this.bytes} bytes${this.ended ? ', ended' : ''}${this.closed ? ', closed' : ''}${this.error !== null ? `, ${this.error.message}` : ''}`
     })
   }
+
 
   /** Resolves when the socket is closed (reading must be on for a FIN to be seen). */
   async waitClose (timeoutMs = 5000): Promise<void> {
@@ -140,7 +133,7 @@ export class RawClient {
   }
 
   private wake (): void {
-    for (const waiter of [...this.waiters]) waiter()
+    this.waiters.wake()
   }
 }
 

@@ -7,6 +7,7 @@
 import http from 'node:http'
 import type { Socket } from 'node:net'
 import { StringDecoder } from 'node:string_decoder'
+import { Waiters } from './wait'
 
 export interface SseEvent {
   /** The value of this event's own `id:` line, or undefined when its block had none. */
@@ -62,7 +63,7 @@ export class SseClient {
   private readonly request: http.ClientRequest
   private response: http.IncomingMessage | null = null
   private readonly decoder = new StringDecoder('utf8')
-  private readonly waiters = new Set<() => void>()
+  private readonly waiters = new Waiters()
   /** Index of the first event `next` has not consumed. */
   private cursor = 0
   // Parser state.
@@ -136,29 +137,14 @@ export class SseClient {
 
   /** Resolves when `check` holds; rejects when the stream ends first or after `timeoutMs`. */
   async until (check: () => boolean, timeoutMs = DEFAULT_TIMEOUT_MS, what = 'a condition'): Promise<void> {
-    if (check()) return
-    await new Promise<void>((resolve, reject) => {
-      const done = (): void => {
-        clearTimeout(timer)
-        this.waiters.delete(wake)
-      }
-      const wake = (): void => {
-        if (check()) {
-          done()
-          resolve()
-        } else if (this.ended) {
-          done()
-          reject(new Error(`stream ended before ${what} (${this.describe()})`))
-        }
-      }
-      const timer = setTimeout(() => {
-        done()
-        reject(new Error(`timed out after ${timeoutMs} ms waiting for ${what} (${this.describe()})`))
-      }, timeoutMs)
-      this.waiters.add(wake)
-      if (this.ended) wake()
+    await this.waiters.until(check, {
+      timeoutMs,
+      what,
+      describe: () => this.describe(),
+      gaveUp: () => this.ended ? 'stream ended' : null
     })
   }
+
 
   /**
    * The first event not yet consumed by `next` that matches `predicate`; it and
@@ -243,7 +229,7 @@ export class SseClient {
   }
 
   private wake (): void {
-    for (const waiter of [...this.waiters]) waiter()
+    this.waiters.wake()
   }
 
   private receive (chunk: string, final = false): void {
