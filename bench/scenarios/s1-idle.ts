@@ -1,0 +1,92 @@
+/** S1 idle: open N streams, 32 handshakes in flight; memory per stream, time to open. */
+import { readFileSync } from 'node:fs'
+import { sleep } from '../lib/clock'
+import type { TargetKind } from '../lib/server'
+import { coreMetrics, coreValues, CpuMeter, disturbance, fdNote, ms, plan, serverCpuPct, defineScenario, type Context, type TargetRun } from './common'
+
+/** Linux's connect() takes even ports of ip_local_port_range first; how many there are. */
+function evenEphemeralPorts (): number | null {
+  try {
+    const [low, high] = readFileSync('/proc/sys/net/ipv4/ip_local_port_range', 'utf8').trim().split(/\s+/).map(Number)
+    return Math.floor((high - low + 1) / 2)
+  } catch {
+    return null
+  }
+}
+
+export const s1 = defineScenario({
+  id: 's1',
+  title: 'S1 idle streams',
+  metrics: [
+    { key: 'established', label: 'streams open', unit: '', better: null },
+    { key: 'failed', label: 'failed opens', unit: '', better: 'lower' },
+    { key: 'open_all_s', label: 'time to open all', unit: 's', better: 'lower', target: '≤ 1 s at 10k' },
+    { key: 'handshake_p50_ms', label: 'handshake p50', unit: 'ms', better: 'lower' },
+    { key: 'handshake_p99_ms', label: 'handshake p99', unit: 'ms', better: 'lower' },
+    { key: 'rss_per_stream_kb', label: 'RSS per stream', unit: 'KB', better: 'lower', target: '≤ 8 KB' },
+    { key: 'rss_before_mb', label: 'RSS before', unit: 'MB', better: 'lower' },
+    { key: 'rss_after_mb', label: 'RSS with streams', unit: 'MB', better: 'lower' },
+    { key: 'rss_per_stream_gc_kb', label: 'RSS per stream, after full GC', unit: 'KB', better: 'lower' },
+    { key: 'heap_per_stream_kb', label: 'JS heap per stream, after full GC', unit: 'KB', better: 'lower' },
+    { key: 'server_cpu_open_pct', label: 'server CPU while opening', unit: '% core', better: null },
+    { key: 'client_cpu_open_pct', label: 'client CPU while opening', unit: '% core', better: null },
+    ...coreMetrics
+  ],
+  params (ctx) {
+    const { options } = ctx
+    return { subscribers: options.subscribers ?? (options.quick ? 500 : 10_000), inFlight: options.inFlight }
+  },
+  async run (ctx: Context, kind: TargetKind, params: { subscribers: number, inFlight: number }): Promise<TargetRun> {
+    const notes: string[] = []
+    const { count, note } = fdNote(ctx, params.subscribers)
+    if (note !== null) notes.push(note)
+    const server = await ctx.startServer(kind, { label: `s1-${kind}`, cpu: ctx.options.serverCpu })
+    try {
+      await sleep(ctx.options.quick ? 300 : 1000)
+      const before = await server.snapshot(ctx.adminToken)
+      await server.collectGarbage()
+      const beforeGc = await server.snapshot(ctx.adminToken)
+      const meter = new CpuMeter()
+      const opened = await ctx.pool.open(plan(ctx, [server], ctx.streamTokens(count)), count, params.inFlight)
+      const cpu = meter.read()
+      const duringOpen = await server.snapshot(ctx.adminToken)
+      await sleep(ctx.options.settleMs)
+      const after = await server.snapshot(ctx.adminToken)
+      await server.collectGarbage()
+      const afterGc = await server.snapshot(ctx.adminToken)
+      if (opened.failed > 0) notes.push(`failed opens: ${JSON.stringify(opened.errors)}`)
+      const evenPorts = evenEphemeralPorts()
+      if (evenPorts !== null && opened.established > evenPorts * 0.9) {
+        notes.push(`${opened.established} streams from one address exceed the ~${evenPorts} even ephemeral ports connect() prefers: ` +
+          'past them the client kernel searches for a port on every connect, so time to open measures the client, not the server')
+      }
+      if (after.connections !== null && after.connections !== opened.established) {
+        notes.push(`server reports ${after.connections} streams, client holds ${opened.established}`)
+      }
+      const perStream = (a: number | null, b: number | null, unit: number): number | null =>
+        a === null || b === null || opened.established === 0 ? null : ((b - a) / unit) / opened.established
+      const values: Record<string, number | null> = {
+        established: opened.established,
+        failed: opened.failed,
+        open_all_s: opened.elapsedMs / 1000,
+        handshake_p50_ms: ms(opened.handshake.quantile(0.5)),
+        handshake_p99_ms: ms(opened.handshake.quantile(0.99)),
+        rss_per_stream_kb: perStream(before.rssKb, after.rssKb, 1),
+        rss_per_stream_gc_kb: perStream(beforeGc.rssKb, afterGc.rssKb, 1),
+        rss_before_mb: before.rssKb === null ? null : before.rssKb / 1024,
+        rss_after_mb: after.rssKb === null ? null : after.rssKb / 1024,
+        heap_per_stream_kb: perStream(beforeGc.heapUsedBytes, afterGc.heapUsedBytes, 1024),
+        server_cpu_open_pct: serverCpuPct(before, duringOpen, opened.elapsedMs / 1000),
+        client_cpu_open_pct: cpu.pct
+      }
+      Object.assign(values, coreValues(ctx, cpu, values.server_cpu_open_pct))
+      const disturbed = disturbance(values)
+      if (disturbed !== null) notes.push(disturbed)
+      await ctx.pool.closeAll(true)
+      return { values, details: { before, after, beforeGc, afterGc, open: { ...opened, handshake: opened.handshake.toJSON() } }, notes }
+    } finally {
+      await ctx.pool.closeAll(true)
+      await ctx.stopServer(server)
+    }
+  }
+})
