@@ -2,7 +2,9 @@ import Fastify, { type FastifyInstance, type FastifyServerOptions } from 'fastif
 import cors from '@fastify/cors'
 import { createServer, type Server } from 'node:http'
 import type { Socket } from 'node:net'
+import type { DestinationStream } from 'pino'
 import type { Config } from './config'
+import { GatewayLogController } from './logging'
 import configPlugin from '../plugins/config'
 import authPlugin from '../plugins/auth'
 import registryPlugin from '../plugins/registry'
@@ -35,7 +37,7 @@ declare module 'fastify' {
 
 export interface BuildOptions {
   /** Where pino writes; tests capture it to prove what is and is not logged. */
-  logStream?: NodeJS.WritableStream
+  logStream?: DestinationStream
   instanceId?: string
 }
 
@@ -46,7 +48,7 @@ export function redactUrl (url: string): string {
   return url.replace(/([?&](?:token|access_token)=)[^&#]*/gi, '$1[redacted]')
 }
 
-function loggerOptions (config: Config, stream?: NodeJS.WritableStream): FastifyServerOptions['logger'] {
+function loggerOptions (config: Config, stream?: DestinationStream): FastifyServerOptions['logger'] {
   return {
     level: config.logLevel,
     ...(stream !== undefined ? { stream } : {}),
@@ -65,6 +67,7 @@ function loggerOptions (config: Config, stream?: NodeJS.WritableStream): Fastify
 export async function buildApp (config: Config, options: BuildOptions = {}): Promise<FastifyInstance> {
   const app = Fastify({
     logger: loggerOptions(config, options.logStream),
+    logController: new GatewayLogController(),
     bodyLimit: config.maxBodyBytes,
     trustProxy: config.trustProxy ?? false,
     forceCloseConnections: true,

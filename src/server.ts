@@ -1,3 +1,4 @@
+import pino from 'pino'
 import { buildApp, listenInternal } from './app'
 import { ConfigError, loadConfig, type Config } from './config'
 
@@ -13,7 +14,10 @@ async function main (): Promise<void> {
     throw error
   }
 
-  const app = await buildApp(config)
+  // Lines are written asynchronously, so a burst of stream opens costs one
+  // write per batch of lines rather than a blocking write each; pino flushes
+  // what is left when the process exits.
+  const app = await buildApp(config, { logStream: pino.destination({ dest: 1, sync: false }) })
   await app.listen({ port: config.port, host: config.host })
   if (config.internalPort !== null) {
     const server = await listenInternal(app, config.internalPort, config.host)
