@@ -66,10 +66,15 @@ function releaseHttpState (response: ServerResponse, socket: Socket): void {
     parser.finish?.()
     httpCommon.freeParser(parser, null, socket)
   }
-  socket.on('error', () => socket.destroy())
+  socket.on('error', destroySelf)
   // The server allows half-open sockets; a client that ends its side is gone.
-  socket.on('end', () => socket.destroy())
+  socket.on('end', destroySelf)
   socket.resume()
+}
+
+// Shared by every stream's socket, which is `this`: no closure per socket.
+function destroySelf (this: Socket): void {
+  this.destroy()
 }
 
 /** `Last-Event-ID` header first (browsers send it), then `?lastEventId=`. */

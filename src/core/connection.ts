@@ -8,6 +8,7 @@ export interface Sink {
   destroy (): void
   readonly writableLength: number
   readonly destroyed: boolean
+  on (event: 'close', listener: () => void): unknown
   once (event: 'drain' | 'close' | 'finish', listener: () => void): unknown
   off (event: 'drain' | 'close', listener: () => void): unknown
 }
@@ -72,6 +73,8 @@ export class WriteScheduler {
   }
 }
 
+function ignore (): void {}
+
 const REPLAY_CHUNK_BYTES = 64 * 1024
 const DRAIN_WAIT_MS = 30_000
 
@@ -79,9 +82,10 @@ export class StreamConnection {
   readonly id: string
   readonly userId: string
   readonly kind: StreamKind
-  readonly topics: Set<string>
-  /** Channels this stream is joined to in the hub. */
-  readonly channels = new Set<string>()
+  // Topics and channels are short lists on every one of tens of thousands of
+  // streams: arrays cost a fraction of a Set's hash table.
+  private topicList: string[]
+  private channelList: string[] = []
   readonly openedAt = Date.now()
   readonly remoteAddress: string
   readonly allowedTopics: readonly string[] | null
@@ -95,8 +99,8 @@ export class StreamConnection {
   closeReason: CloseReason | null = null
   /** When set, the stream ends after the first event for which it returns true. */
   closeAfter: ((frame: Buffer) => boolean) | null = null
-  /** Called once, when the stream closes for any reason. */
-  onClose: (connection: StreamConnection) => void = () => {}
+  /** Called once, when the stream closes for any reason (one function shared by every stream). */
+  onClose: (connection: StreamConnection) => void = ignore
 
   private readonly sink: Sink
   private readonly scheduler: WriteScheduler
@@ -112,7 +116,7 @@ export class StreamConnection {
     this.id = init.id
     this.userId = init.userId
     this.kind = init.kind
-    this.topics = new Set(init.topics)
+    this.topicList = [...new Set(init.topics)]
     this.sink = init.sink
     this.scheduler = init.scheduler
     this.maxBufferedBytes = init.maxBufferedBytes
@@ -120,7 +124,53 @@ export class StreamConnection {
     this.remoteAddress = init.remoteAddress
     this.allowedTopics = init.allowedTopics ?? null
     this.requestId = init.requestId
-    init.sink.once('close', () => this.close('client'))
+    // 'close' fires once; `on` spares the wrapper objects `once` allocates.
+    init.sink.on('close', this.onSinkClose)
+  }
+
+  get topics (): readonly string[] {
+    return this.topicList
+  }
+
+  /** Channels this stream is joined to in the hub. */
+  get channels (): readonly string[] {
+    return this.channelList
+  }
+
+  hasTopic (topic: string): boolean {
+    return this.topicList.includes(topic)
+  }
+
+  /** Returns false when the stream already had the topic. */
+  addTopic (topic: string): boolean {
+    if (this.topicList.includes(topic)) return false
+    this.topicList.push(topic)
+    return true
+  }
+
+  /** Returns false when the stream did not have the topic. */
+  removeTopic (topic: string): boolean {
+    const index = this.topicList.indexOf(topic)
+    if (index === -1) return false
+    this.topicList.splice(index, 1)
+    return true
+  }
+
+  hasChannel (name: string): boolean {
+    return this.channelList.includes(name)
+  }
+
+  addChannel (name: string): boolean {
+    if (this.channelList.includes(name)) return false
+    this.channelList.push(name)
+    return true
+  }
+
+  removeChannel (name: string): boolean {
+    const index = this.channelList.indexOf(name)
+    if (index === -1) return false
+    this.channelList.splice(index, 1)
+    return true
   }
 
   get closed (): boolean {
@@ -223,6 +273,8 @@ export class StreamConnection {
     }
     this.onClose(this)
   }
+
+  private readonly onSinkClose = (): void => this.close('client')
 
   private enqueue (frame: Buffer): void {
     this.pending.push(frame)

@@ -23,8 +23,7 @@ export class Hub {
   async join (connection: StreamConnection, channels: Iterable<string>): Promise<void> {
     const waits: Array<Promise<void>> = []
     for (const name of channels) {
-      if (connection.closed || connection.channels.has(name)) continue
-      connection.channels.add(name)
+      if (connection.closed || !connection.addChannel(name)) continue
       let members = this.members.get(name)
       if (members === undefined) {
         members = new Set()
@@ -47,7 +46,7 @@ export class Hub {
 
   leave (connection: StreamConnection, channels: Iterable<string>): void {
     for (const name of channels) {
-      if (!connection.channels.delete(name)) continue
+      if (!connection.removeChannel(name)) continue
       const members = this.members.get(name)
       if (members === undefined) continue
       members.delete(connection)

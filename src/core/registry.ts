@@ -59,15 +59,13 @@ export class Registry {
 
   /** Adds topics to a registered stream; returns those that were new to it. */
   addTopics (connection: StreamConnection, topics: Iterable<string>): string[] {
-    const added = [...topics].filter((topic) => !connection.topics.has(topic))
-    for (const topic of added) connection.topics.add(topic)
+    const added = [...topics].filter((topic) => connection.addTopic(topic))
     if (this.byId.get(connection.id) === connection) this.countTopics(added, 1)
     return added
   }
 
   removeTopics (connection: StreamConnection, topics: Iterable<string>): string[] {
-    const removed = [...topics].filter((topic) => connection.topics.has(topic))
-    for (const topic of removed) connection.topics.delete(topic)
+    const removed = [...topics].filter((topic) => connection.removeTopic(topic))
     if (this.byId.get(connection.id) === connection) this.countTopics(removed, -1)
     return removed
   }

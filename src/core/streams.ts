@@ -92,7 +92,7 @@ export class StreamService {
       remoteAddress: spec.remoteAddress,
       requestId: spec.requestId
     })
-    connection.onClose = (closed) => this.cleanup(closed)
+    connection.onClose = this.cleanupClosed
     // Queued first, so whatever ends the stream from here on follows a head.
     connection.sendSystem(spec.head)
     this.registry.add(connection)
@@ -169,6 +169,8 @@ export class StreamService {
     const count = await connection.replay(events)
     this.events.replayed(connection, count)
   }
+
+  private readonly cleanupClosed = (connection: StreamConnection): void => this.cleanup(connection)
 
   private cleanup (connection: StreamConnection): void {
     this.untrackExpiry(connection)
