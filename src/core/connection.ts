@@ -108,8 +108,14 @@ export class StreamConnection {
   /** Live events that arrive while history is being replayed; null once live. */
   private held: HistoryEntry[] | null = []
   private heldBytes = 0
-  private pending: Buffer[] = []
+  // What the next write holds: earlier pieces, then a run of frames that lie
+  // back to back in one buffer (see FrameArena), which goes out as one view.
+  private pieces: Buffer[] | null = null
+  private run: Buffer | null = null
+  private runBytes = 0
   private pendingBytes = 0
+  /** Bytes Node held unsent for the socket after the last write; it only shrinks until the next. */
+  private unsentAtLastWrite = 0
   private queued = false
 
   constructor (init: ConnectionInit) {
@@ -242,12 +248,14 @@ export class StreamConnection {
 
   flush (): void {
     this.queued = false
-    if (this.closed || this.pendingBytes === 0) return
-    const chunk = this.pending.length === 1 ? this.pending[0] : Buffer.concat(this.pending, this.pendingBytes)
-    this.pending = []
-    this.pendingBytes = 0
+    if (this.closed) return
+    let chunk = this.takePending()
+    if (chunk === null) return
+    // Behind a backed-up socket Node queues the write, and a view would keep
+    // its whole slab alive for as long: such a socket gets its own copy.
+    if (this.unsentAtLastWrite > 0 && chunk.buffer.byteLength > 2 * chunk.length) chunk = Buffer.from(chunk)
     this.writeRaw(chunk)
-    if (this.sink.writableLength > this.maxBufferedBytes) this.close('slow')
+    if (this.unsentAtLastWrite > this.maxBufferedBytes) this.close('slow')
   }
 
   /** Closes the stream, after a last frame if the socket can still take it. */
@@ -255,17 +263,16 @@ export class StreamConnection {
     if (this.closed) return
     this.closeReason = reason
     this.held = null
-    const pending = this.pending
-    this.pending = []
-    this.pendingBytes = 0
+    const pending = this.takePending()
     if (!this.sink.destroyed) {
       if (reason === 'slow' || reason === 'error') {
         // Whatever is unsent will never be read; release it now.
         this.sink.destroy()
       } else {
-        if (lastFrame !== undefined) pending.push(lastFrame)
-        pending.push(END_CHUNK)
-        this.writeRaw(Buffer.concat(pending))
+        const last: Buffer[] = pending === null ? [] : [pending]
+        if (lastFrame !== undefined) last.push(lastFrame)
+        last.push(END_CHUNK)
+        this.writeRaw(Buffer.concat(last))
         this.sink.end()
         // Once flushed, the socket goes: a client keeping its side open must not hold it.
         this.sink.once('finish', () => this.sink.destroy())
@@ -277,11 +284,22 @@ export class StreamConnection {
   private readonly onSinkClose = (): void => this.close('client')
 
   private enqueue (frame: Buffer): void {
-    this.pending.push(frame)
+    const run = this.run
+    if (run !== null && frame.buffer === run.buffer && frame.byteOffset === run.byteOffset + this.runBytes) {
+      this.runBytes += frame.length
+    } else {
+      if (run !== null) (this.pieces ??= []).push(this.runView(run))
+      this.run = frame
+      this.runBytes = frame.length
+    }
     this.pendingBytes += frame.length
-    if (this.pendingBytes + this.sink.writableLength > this.maxBufferedBytes) {
-      this.close('slow')
-      return
+    if (this.pendingBytes + this.unsentAtLastWrite > this.maxBufferedBytes) {
+      // The bound may be stale: ask the socket before calling it slow.
+      this.unsentAtLastWrite = this.sink.writableLength
+      if (this.pendingBytes + this.unsentAtLastWrite > this.maxBufferedBytes) {
+        this.close('slow')
+        return
+      }
     }
     if (!this.queued) {
       this.queued = true
@@ -289,10 +307,32 @@ export class StreamConnection {
     }
   }
 
+  private runView (run: Buffer): Buffer {
+    return this.runBytes === run.length ? run : Buffer.from(run.buffer, run.byteOffset, this.runBytes)
+  }
+
+  /** Everything due, as one Buffer, and nothing due any more. */
+  private takePending (): Buffer | null {
+    const run = this.run
+    if (run === null) return null
+    const last = this.runView(run)
+    const pieces = this.pieces
+    const bytes = this.pendingBytes
+    this.run = null
+    this.runBytes = 0
+    this.pieces = null
+    this.pendingBytes = 0
+    if (pieces === null) return last
+    pieces.push(last)
+    return Buffer.concat(pieces, bytes)
+  }
+
   private writeRaw (chunk: Buffer): boolean {
     this.bytesSent += chunk.length
     this.lastWriteAt = Date.now()
-    return this.sink.write(chunk)
+    const flushed = this.sink.write(chunk)
+    this.unsentAtLastWrite = this.sink.writableLength
+    return flushed
   }
 
   private async writeAndPace (chunk: Buffer[], bytes: number): Promise<void> {

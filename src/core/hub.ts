@@ -1,4 +1,5 @@
 import type { EventBus } from './bus'
+import { FrameArena } from './arena'
 import type { StreamConnection } from './connection'
 
 /**
@@ -10,12 +11,14 @@ import type { StreamConnection } from './connection'
 export class Hub {
   private readonly members = new Map<string, Set<StreamConnection>>()
   private readonly listening = new Map<string, Promise<void>>()
+  private readonly arena = new FrameArena()
 
   constructor (private readonly bus: EventBus) {
     bus.onDelivery((name, id, frame) => {
       const members = this.members.get(name)
       if (members === undefined) return
-      for (const connection of members) connection.deliver(id, frame)
+      const placed = this.arena.place(frame)
+      for (const connection of members) connection.deliver(id, placed)
     })
   }
 
