@@ -150,7 +150,8 @@ export class StreamConnection {
   /** Returns false when the stream already had the topic. */
   addTopic (topic: string): boolean {
     if (this.topicList.includes(topic)) return false
-    this.topicList.push(topic)
+    // A copy of exact size: push would reserve room for 16 more on every stream.
+    this.topicList = [...this.topicList, topic]
     return true
   }
 
@@ -158,7 +159,7 @@ export class StreamConnection {
   removeTopic (topic: string): boolean {
     const index = this.topicList.indexOf(topic)
     if (index === -1) return false
-    this.topicList.splice(index, 1)
+    this.topicList = this.topicList.filter((_, at) => at !== index)
     return true
   }
 
@@ -168,14 +169,14 @@ export class StreamConnection {
 
   addChannel (name: string): boolean {
     if (this.channelList.includes(name)) return false
-    this.channelList.push(name)
+    this.channelList = [...this.channelList, name]
     return true
   }
 
   removeChannel (name: string): boolean {
     const index = this.channelList.indexOf(name)
     if (index === -1) return false
-    this.channelList.splice(index, 1)
+    this.channelList = this.channelList.filter((_, at) => at !== index)
     return true
   }
 

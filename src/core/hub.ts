@@ -1,6 +1,7 @@
 import type { EventBus } from './bus'
 import { FrameArena } from './arena'
 import type { StreamConnection } from './connection'
+import { Groups } from './groups'
 
 /**
  * Local fan-out: which of this process's streams listen to which channel. The
@@ -9,16 +10,20 @@ import type { StreamConnection } from './connection'
  * own streams need.
  */
 export class Hub {
-  private readonly members = new Map<string, Set<StreamConnection>>()
+  private readonly members = new Groups<StreamConnection>()
   private readonly listening = new Map<string, Promise<void>>()
   private readonly arena = new FrameArena()
 
   constructor (private readonly bus: EventBus) {
     bus.onDelivery((name, id, frame) => {
-      const members = this.members.get(name)
+      const members = this.members.lookup(name)
       if (members === undefined) return
       const placed = this.arena.place(frame)
-      for (const connection of members) connection.deliver(id, placed)
+      if (members instanceof Set) {
+        for (const connection of members) connection.deliver(id, placed)
+      } else {
+        members.deliver(id, placed)
+      }
     })
   }
 
@@ -27,10 +32,7 @@ export class Hub {
     const waits: Array<Promise<void>> = []
     for (const name of channels) {
       if (connection.closed || !connection.addChannel(name)) continue
-      let members = this.members.get(name)
-      if (members === undefined) {
-        members = new Set()
-        this.members.set(name, members)
+      if (!this.members.has(name)) {
         const listening = this.bus.listen(name)
         this.listening.set(name, listening)
         // Settled promises are not kept: the map holds only subscriptions in flight.
@@ -40,7 +42,7 @@ export class Hub {
           if (this.listening.get(name) === listening) this.listening.delete(name)
         })
       }
-      members.add(connection)
+      this.members.add(name, connection)
       const pending = this.listening.get(name)
       if (pending !== undefined) waits.push(pending)
     }
@@ -50,11 +52,8 @@ export class Hub {
   leave (connection: StreamConnection, channels: Iterable<string>): void {
     for (const name of channels) {
       if (!connection.removeChannel(name)) continue
-      const members = this.members.get(name)
-      if (members === undefined) continue
-      members.delete(connection)
-      if (members.size === 0) {
-        this.members.delete(name)
+      this.members.delete(name, connection)
+      if (!this.members.has(name)) {
         this.listening.delete(name)
         this.bus.unlisten(name)
       }
@@ -70,6 +69,6 @@ export class Hub {
   }
 
   listeners (name: string): number {
-    return this.members.get(name)?.size ?? 0
+    return this.members.count(name)
   }
 }

@@ -1,4 +1,5 @@
 import type { StreamConnection } from './connection'
+import { Groups } from './groups'
 
 export interface ConnectionInfo {
   connectionId: string
@@ -11,7 +12,7 @@ export interface ConnectionInfo {
 /** This process's open streams, by id and by user, and how many streams hold each topic. */
 export class Registry {
   private readonly byId = new Map<string, StreamConnection>()
-  private readonly byUser = new Map<string, Set<StreamConnection>>()
+  private readonly byUser = new Groups<StreamConnection>()
   private readonly topicCounts = new Map<string, number>()
 
   constructor (readonly instanceId: string) {}
@@ -26,12 +27,7 @@ export class Registry {
 
   add (connection: StreamConnection): void {
     this.byId.set(connection.id, connection)
-    let set = this.byUser.get(connection.userId)
-    if (set === undefined) {
-      set = new Set()
-      this.byUser.set(connection.userId, set)
-    }
-    set.add(connection)
+    this.byUser.add(connection.userId, connection)
     this.countTopics(connection.topics, 1)
   }
 
@@ -39,11 +35,7 @@ export class Registry {
   remove (connection: StreamConnection): boolean {
     if (this.byId.get(connection.id) !== connection) return false
     this.byId.delete(connection.id)
-    const set = this.byUser.get(connection.userId)
-    if (set !== undefined) {
-      set.delete(connection)
-      if (set.size === 0) this.byUser.delete(connection.userId)
-    }
+    this.byUser.delete(connection.userId, connection)
     this.countTopics(connection.topics, -1)
     return true
   }
@@ -53,8 +45,7 @@ export class Registry {
   }
 
   ofUser (userId: string): StreamConnection[] {
-    const set = this.byUser.get(userId)
-    return set === undefined ? [] : [...set]
+    return this.byUser.members(userId)
   }
 
   /** Adds topics to a registered stream; returns those that were new to it. */
@@ -75,7 +66,7 @@ export class Registry {
   }
 
   users (): Map<string, number> {
-    return new Map([...this.byUser].map(([userId, set]) => [userId, set.size]))
+    return this.byUser.counts()
   }
 
   all (): IterableIterator<StreamConnection> {
