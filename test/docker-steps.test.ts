@@ -22,6 +22,15 @@ interface Stage {
   lines: string[]
 }
 
+/** The stage's exec-form CMD (`CMD ["node", ...]`) as its argument list, or null. */
+function execCommand (stage: Stage): string[] | null {
+  const line = stage.lines.find((item) => item.startsWith('CMD'))
+  const form = line === undefined ? null : /^CMD\s+(\[.*\])$/.exec(line)
+  if (form === null) return null
+  const parsed = JSON.parse(form[1]) as unknown
+  return Array.isArray(parsed) && parsed.every((item) => typeof item === 'string') ? parsed as string[] : null
+}
+
 /** The Dockerfile's instructions (continuation lines joined, comments dropped), per stage. */
 function stages (dockerfile: string): Stage[] {
   const instructions = dockerfile
@@ -87,7 +96,11 @@ t.test('the Dockerfile has what the deployment needs', async (t) => {
   t.ok(user !== undefined && !/^(root|0)(:|$)/.test(user), `runs as a non-root user (USER ${user ?? 'missing'})`)
   t.ok(runtime.lines.some((line) => /^HEALTHCHECK\s.*\bCMD\b.*\/health\b/.test(line)), 'HEALTHCHECK probes /health')
   t.ok(runtime.lines.some((line) => /^STOPSIGNAL\s+SIGTERM$/.test(line)), 'STOPSIGNAL SIGTERM')
-  t.ok(runtime.lines.some((line) => /^CMD\s+\["node",\s*"dist\/src\/server\.js"\]$/.test(line)), 'exec-form CMD: node itself is PID 1 and gets the signal')
+  const command = execCommand(runtime)
+  t.equal(command?.[0], 'node', 'exec-form CMD: node itself is PID 1 and gets the signal')
+  t.equal(command?.at(-1), 'dist/src/server.js', 'CMD runs the compiled server')
+  const start = (JSON.parse(await readFile(join(ROOT, 'package.json'), 'utf8')) as { scripts: Record<string, string> }).scripts.start
+  t.equal(command?.join(' '), start, 'CMD is what `npm start` runs, Node flags included')
   t.ok(runtime.lines.some((line) => /^ENV\s.*\bPORT=\d+/.test(line)), 'PORT is set in the image (and read at start)')
 
   // The drain must fit the orchestrator's grace period (compose's stop_grace_period).
@@ -149,9 +162,11 @@ t.test('the runtime stage, step by step outside Docker: npm ci --omit=dev, copy,
     for (const path of paths) await cp(join(ROOT, path), join(dir, path), { recursive: true })
   }
 
-  // CMD ["node", "dist/src/server.js"], with the image's ENV (HOST narrowed to loopback on a shared machine).
+  // CMD as written, with the image's ENV (HOST narrowed to loopback on a shared machine).
+  const command = execCommand(runtime)
+  if (command === null) throw new Error('the Dockerfile has no exec-form CMD')
   const port = await freePort()
-  const server = spawn(process.execPath, ['dist/src/server.js'], {
+  const server = spawn(process.execPath, command.slice(1), {
     cwd: dir,
     env: { PATH: process.env.PATH ?? '/usr/bin:/bin', NODE_ENV: 'production', PORT: String(port), HOST: '127.0.0.1', JWT_SECRET: TEST_SECRET, LOG_LEVEL: 'warn' },
     stdio: ['ignore', 'pipe', 'pipe']

@@ -89,6 +89,8 @@ export class ServerProcess {
     const { kind, cpu, env, logFile, cpuProfDir } = this.options
     const script = kind === 'gateway' ? join(ROOT, 'dist', 'src', 'server.js') : join(ROOT, 'dist', 'bench', 'baseline-server.js')
     const nodeArgs = ['--expose-gc', '-r', join(__dirname, 'gc-on-signal.js')]
+    // The gateway runs with the Node flags `npm start` gives it; the baseline with Node's defaults.
+    if (kind === 'gateway') nodeArgs.push(...gatewayNodeFlags())
     if (cpuProfDir !== undefined) nodeArgs.push('--cpu-prof', `--cpu-prof-dir=${cpuProfDir}`, `--cpu-prof-name=${this.options.label}.${Date.now()}.cpuprofile`)
     const command = [process.execPath, ...nodeArgs, script]
     if (cpu !== null && hasTaskset()) command.unshift('taskset', '-c', cpu)
@@ -176,4 +178,10 @@ export class ServerProcess {
     await this.exited
     clearTimeout(timer)
   }
+}
+
+/** The `--` flags between `node` and the script in package.json's start script. */
+export function gatewayNodeFlags (): string[] {
+  const pkg = JSON.parse(readFileSync(join(ROOT, 'package.json'), 'utf8')) as { scripts?: Record<string, string> }
+  return (pkg.scripts?.start ?? '').split(/\s+/).filter((word) => word.startsWith('--'))
 }
