@@ -113,6 +113,43 @@ t.test('the Dockerfile has what the deployment needs', async (t) => {
   }
 })
 
+/** The lines nested under `key:` found at `indent` spaces (a reader for this file's plain YAML). */
+function yamlBlock (lines: string[], key: string, indent: number): string[] {
+  const start = lines.findIndex((line) => line === `${' '.repeat(indent)}${key}:` || line.startsWith(`${' '.repeat(indent)}${key}: `))
+  if (start === -1) return []
+  const block: string[] = []
+  for (const line of lines.slice(start + 1)) {
+    if (line.trim() === '' || line.trim().startsWith('#')) continue
+    if (line.length - line.trimStart().length <= indent) break
+    block.push(line)
+  }
+  return block
+}
+
+t.test('docker-compose.yml: Redis, two gateways in Redis mode, nginx in front with deploy/nginx.conf, the publish port kept inside', async (t) => {
+  const lines = (await readFile(join(ROOT, 'docker-compose.yml'), 'utf8')).split('\n')
+  const services = yamlBlock(lines, 'services', 0)
+  const names = services.filter((line) => /^ {2}[a-z][\w-]*:$/.test(line)).map((line) => line.trim().slice(0, -1))
+  t.same(names.sort(), ['gateway-a', 'gateway-b', 'nginx', 'redis'], 'the four services')
+  const gateway = yamlBlock(lines, 'x-gateway', 0)
+  for (const name of ['gateway-a', 'gateway-b']) {
+    t.same(yamlBlock(services, name, 2).map((line) => line.trim()), ['<<: *gateway'], `${name} is the shared gateway definition`)
+  }
+  const environment = yamlBlock(gateway, 'environment', 2).map((line) => line.trim())
+  t.ok(environment.includes('REDIS_URL: redis://redis:6379'), 'the gateways share the compose Redis')
+  t.ok(environment.includes('INTERNAL_PORT: "3001"'), 'publish and admin routes on the internal port')
+  t.same(yamlBlock(gateway, 'expose', 2).map((line) => line.trim()).sort(), ['- "3000"', '- "3001"'], 'ports exposed to the compose network only')
+  t.same(yamlBlock(gateway, 'ports', 2), [], 'no gateway port is published on the host')
+  const nginx = yamlBlock(services, 'nginx', 2)
+  t.ok(yamlBlock(nginx, 'volumes', 4).some((line) => line.trim() === '- ./deploy/nginx.conf:/etc/nginx/nginx.conf:ro'), 'nginx runs deploy/nginx.conf')
+  t.equal(yamlBlock(nginx, 'ports', 4).length, 1, 'nginx is the one published port')
+  const nginxAddress = /ipv4_address:\s*([\d.]+)/.exec(nginx.join('\n'))?.[1]
+  t.ok(environment.includes(`TRUST_PROXY: ${nginxAddress ?? 'missing'}`), 'the gateways trust X-Forwarded-For from nginx\'s fixed address only')
+  const conf = await readFile(join(ROOT, 'deploy', 'nginx.conf'), 'utf8')
+  const upstreams = [...conf.matchAll(/^\s*server\s+([\w.-]+:\d+);/gm)].map((match) => match[1])
+  t.same(upstreams.sort(), ['gateway-a:3000', 'gateway-b:3000'], 'nginx proxies to both gateways\' public port, never the internal one')
+})
+
 t.test('the runtime stage, step by step outside Docker: npm ci --omit=dev, copy, start, health, SIGTERM', async (t) => {
   const dockerfile = await readFile(join(ROOT, 'Dockerfile'), 'utf8')
   const runtime = stages(dockerfile).at(-1) as Stage

@@ -138,6 +138,21 @@ forEachMode(t, 'an unjoined pre-created id expires after HISTORY_TTL_S', async (
   t.equal((await settle(browser, joined.stream, joined.connectionId)).length, 1, 'a joined id keeps working')
 })
 
+forEachMode(t, 'a closed stream id can be reopened for HISTORY_TTL_S after it closed, and not after', async (t, mode) => {
+  const [a, b] = await pair(t, mode, { HISTORY_TTL_S: '1' })
+  const soon = await connect(t, a, 'alice')
+  const late = await connect(t, a, 'alice')
+  soon.stream.close()
+  late.stream.close()
+  const reopened = await connect(t, b, 'alice', { path: `/v1/stream/${soon.connectionId}` })
+  t.equal(reopened.connectionId, soon.connectionId, 'reopened at once, on another instance in Redis mode')
+  // Each id's clock starts when its stream closes: wait out the TTL (1 s) plus a margin.
+  await delay(1300)
+  const refused = await tryOpen(t, b, 'alice', { path: `/v1/stream/${late.connectionId}` })
+  t.equal(refused.status, 404, 'HISTORY_TTL_S after it closed, the id is gone')
+  t.match(refused.json(), { statusCode: 404, error: 'Not Found' })
+})
+
 forEachMode(t, 'GET /v1/stream/:connectionId reopens a stream the user opened before: same id, its own events published meanwhile delivered', async (t, mode) => {
   const [a, b] = await pair(t, mode)
   const first = await connect(t, a, 'alice')

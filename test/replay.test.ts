@@ -1,5 +1,5 @@
 import t from 'tap'
-import { openConnected, openStream, publishOk, publisherToken, startGateway, userToken, type SseClient, type SseEvent } from './helpers'
+import { forEachMode, openConnected, openStream, publishOk, publisherToken, startCluster, startGateway, userToken, type SseClient, type SseEvent } from './helpers'
 
 const publisher = publisherToken()
 const streamUrl = (url: string, user: string, query = ''): string => `${url}/v1/stream?token=${userToken(user)}${query}`
@@ -146,21 +146,21 @@ t.test('reset: right after connected, with {reason}, no id line, nothing older, 
     await checkReset(t, url, 'u1', String(hourAgo), /^(unknown|expired)$/)
   })
 
-  t.test('a cursor older than the window (HISTORY_SIZE=3, 10 published): trimmed', async (t) => {
-    const { url } = await startGateway(t, { HISTORY_SIZE: '3' })
+  forEachMode(t, 'a cursor older than the window (HISTORY_SIZE=3, 10 published): trimmed', async (t, mode) => {
+    const [{ url }] = await startCluster(t, mode, 1, { HISTORY_SIZE: '3' })
     const ids = await publishTo(url, 'u1', 10)
     await checkReset(t, url, 'u1', ids[0], 'trimmed')
   })
 
-  t.test('HISTORY_SIZE=3: a cursor still inside the window replays', async (t) => {
-    const { url } = await startGateway(t, { HISTORY_SIZE: '3' })
+  forEachMode(t, 'HISTORY_SIZE=3: a cursor still inside the window replays', async (t, mode) => {
+    const [{ url }] = await startCluster(t, mode, 1, { HISTORY_SIZE: '3' })
     const ids = await publishTo(url, 'u1', 10)
     const stream = await reconnect(t, url, 'u1', ids[6], 'header')
     t.same(idsOf(await stream.take(3)), ids.slice(7))
   })
 
-  t.test('a cursor older than HISTORY_TTL_S', async (t) => {
-    const { url } = await startGateway(t, { HISTORY_TTL_S: '1' })
+  forEachMode(t, 'a cursor older than HISTORY_TTL_S', async (t, mode) => {
+    const [{ url }] = await startCluster(t, mode, 1, { HISTORY_TTL_S: '1' })
     const ids = await publishTo(url, 'u1', 3)
     // Ids are clock microseconds: wait (bounded) until the clock is a full TTL past the last one.
     const expiredAt = Number(BigInt(ids[2]) / 1000n) + 1000 + 50

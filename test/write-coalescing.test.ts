@@ -10,7 +10,10 @@ import { createServer, connect, type Server, type Socket } from 'node:net'
 import { once } from 'node:events'
 import { FrameArena } from '../src/core/arena'
 import { StreamConnection, WriteScheduler } from '../src/core/connection'
-import { chunkOfText, frameWithId } from '../src/core/framing'
+import { channel } from '../src/core/channels'
+import { chunkOfText, frameWithId, renderBody } from '../src/core/framing'
+import { Hub } from '../src/core/hub'
+import { MemoryBus } from '../src/core/memory-bus'
 import { Waiters } from './helpers/wait'
 
 interface Pair {
@@ -52,9 +55,9 @@ async function socketPair (t: Test): Promise<Pair> {
   return { server, client, writes, received: () => Buffer.concat(chunks), waiters }
 }
 
-function streamOn (pair: Pair, scheduler: WriteScheduler, maxBufferedBytes = 64 * 1024 * 1024): StreamConnection {
+function streamOn (pair: Pair, scheduler: WriteScheduler, maxBufferedBytes = 64 * 1024 * 1024, id = 'c1'): StreamConnection {
   const connection = new StreamConnection({
-    id: 'c1',
+    id,
     userId: 'u1',
     kind: 'stream',
     topics: [],
@@ -141,3 +144,26 @@ t.test('a socket that is behind gets copies, so its queue cannot pin the arena\'
   t.ok(late[0].equals(Buffer.concat([first, second])), 'with the same bytes')
   connection.close('slow')
 })
+
+t.test('an event to many streams is rendered once: every stream writes the same bytes in memory', async (t) => {
+  const bus = new MemoryBus({ historySize: 10, historyTtlS: 60 })
+  t.teardown(async () => await bus.close())
+  const hub = new Hub(bus)
+  const scheduler = new WriteScheduler()
+  const pairs = await Promise.all([0, 1, 2].map(async () => await socketPair(t)))
+  const connections = pairs.map((pair, index) => streamOn(pair, scheduler, undefined, `c${index}`))
+  for (const connection of connections) await hub.join(connection, [channel.topic('news')])
+  const [id] = bus.publishNow([{ channels: [channel.topic('news')], body: renderBody('note', 'hello') }])
+  const expected = frameWithId(id, renderBody('note', 'hello'))
+  for (const pair of pairs) await receivedAll(pair, expected)
+  const writes = pairs.map((pair) => pair.writes)
+  t.same(writes.map((list) => list.length), [1, 1, 1], 'one write per stream')
+  for (const pair of pairs) t.ok(pair.received().equals(expected), 'each stream receives the event exactly')
+  const [first] = writes[0]
+  for (const [write] of writes.slice(1)) {
+    t.equal(write.buffer, first.buffer, 'the same memory')
+    t.equal(write.byteOffset, first.byteOffset, 'at the same place')
+  }
+  for (const connection of connections) connection.close('shutdown')
+})
+
