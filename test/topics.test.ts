@@ -121,6 +121,24 @@ forEachMode(t, 'a user-wide subscription made while the user has no stream appli
   t.same(namesOf(await settle(b, back.stream, back.connectionId)), [], 'nothing else (no other topic, no duplicate)')
 })
 
+forEachMode(t, 'a user-wide subscription lapses HISTORY_TTL_S after the later of the subscribe and the user\'s last stream closing', async (t, mode) => {
+  const [a, b] = await pair(t, mode, { HISTORY_TTL_S: '1' })
+  const token = userToken('alice')
+  const first = await connect(t, a, 'alice')
+  t.equal((await subscriptions(b, token, 'POST', { topics: ['digest'] })).status, 200)
+  // Longer than the TTL with a stream open: the subscription holds while the user is connected.
+  await new Promise((resolve) => setTimeout(resolve, 1300))
+  const second = await connect(t, b, 'alice')
+  t.same(second.connected.topics, ['digest'], 'kept while a stream of the user is open')
+  first.stream.close()
+  second.stream.close()
+  await eventually(async () => (await presence(a, 'alice')).connections === 0, 'the streams to be released')
+  await new Promise((resolve) => setTimeout(resolve, 1300))
+  const later = await connect(t, a, 'alice')
+  t.same(later.connected.topics, [], 'gone HISTORY_TTL_S after the last stream closed')
+  t.same((await subscriptions(b, token, 'POST', { topics: ['other'] })).json.topics, ['other'], 'a new subscription starts from an empty list')
+})
+
 forEachMode(t, 'the token\'s topics claim (patterns with *) restricts topics: 403 at open via ?topics= and at POST /v1/subscriptions', async (t, mode) => {
   const [a, b] = await pair(t, mode)
   const limited = userToken('alice', { topics: ['news.*', 'public'] })
