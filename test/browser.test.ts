@@ -264,5 +264,30 @@ t.test('the pages: an event sent from /admin appears on /demo', async (t) => {
   })(), 10_000, 'the dashboard to show the third event id')
   const broadcastItem = await demo.waitForSelector(`#events li[data-event="notification"][data-id="${broadcastId}"]`)
   t.match(await broadcastItem.textContent(), `broadcast ${stamp}`, 'the demo page shows the event sent to everyone')
+
+  // The demo page changes its topics on the live stream: subscribe to sports, leave news.
+  await demo.bringToFront()
+  await demo.fill('#topic', 'sports')
+  await demo.click('#subscribe')
+  await demo.waitForSelector('#current-topics li[data-topic="sports"]')
+  await demo.fill('#topic', 'news')
+  await demo.click('#unsubscribe')
+  await demo.waitForSelector('#current-topics li[data-topic="news"]', { state: 'detached' })
+  t.pass('the demo page subscribed its stream to sports and left news')
+  await admin.bringToFront()
+  await admin.selectOption('#target-kind', 'topic')
+  await admin.fill('#target', 'sports')
+  await admin.fill('#event', 'announcement')
+  await admin.fill('#data', `sports ${stamp}`)
+  await admin.click('#send-button')
+  const sportsId = await within((async () => {
+    for (;;) {
+      const value = await admin.getAttribute('#send-result', 'data-id')
+      if (value !== null && value !== id && value !== topicId && value !== broadcastId) return value
+      await new Promise<void>((resolve) => setTimeout(resolve, 50))
+    }
+  })(), 10_000, 'the dashboard to show the fourth event id')
+  const sportsItem = await demo.waitForSelector(`#events li[data-event="announcement"][data-id="${sportsId}"]`)
+  t.match(await sportsItem.textContent(), `sports ${stamp}`, 'the demo page shows the event sent to the topic it subscribed to')
   t.same(browser.problems, [], 'no page errors on either page')
 })
