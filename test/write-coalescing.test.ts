@@ -118,7 +118,7 @@ t.test('a run of arena frames is written as a view of the slab, not a copy', asy
   connection.close('shutdown')
 })
 
-t.test('a socket that is behind gets copies, so its queue cannot pin the arena\'s slabs', async (t) => {
+t.test('a socket that is already behind gets copies, so its queue does not pin more of the arena\'s slabs', async (t) => {
   const pair = await socketPair(t)
   pair.client.pause()
   const arena = new FrameArena()

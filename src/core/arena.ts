@@ -5,8 +5,11 @@
  * streams the events go to.
  *
  * A slab lives as long as any view of it: pending writes, replay buffers and
- * Node's queue of a socket that is behind (which gets copies instead, see
- * StreamConnection.flush), so slabs are kept small.
+ * Node's queue of a socket. A socket already behind gets copies (see
+ * StreamConnection.flush), but the one write that falls behind can still hold
+ * its slab until the client reads or the socket closes; slabs are therefore
+ * the size of Node's own Buffer pool (8 KB), which a pooled frame would hold
+ * in the same place.
  */
 export class FrameArena {
   private slab: Buffer
@@ -14,7 +17,7 @@ export class FrameArena {
   private lastSource: Buffer | null = null
   private lastPlaced: Buffer | null = null
 
-  constructor (private readonly slabBytes = 32 * 1024) {
+  constructor (private readonly slabBytes = 8 * 1024) {
     this.slab = Buffer.allocUnsafeSlow(slabBytes)
   }
 
