@@ -178,7 +178,7 @@ export const coreMetrics: MetricDef[] = [
  * figure; busy less the process's own CPU and the softirq share is other
  * processes intruding (this machine may be shared).
  */
-export function coreValues (ctx: Context, reading: CpuReading, serverProcessPct: number | null): Record<string, number | null> {
+function coreValues (ctx: Context, reading: CpuReading, serverProcessPct: number | null): Record<string, number | null> {
   const server = ctx.options.serverCpu === null ? undefined : reading.cores[ctx.options.serverCpu]
   const client = ctx.options.clientCpu === null ? undefined : reading.cores[ctx.options.clientCpu]
   const other = (core: { busyPct: number, irqPct: number } | undefined, own: number | null): number | null =>
@@ -192,8 +192,15 @@ export function coreValues (ctx: Context, reading: CpuReading, serverProcessPct:
   }
 }
 
+/** Adds the core figures to `values`, and a note to `notes` when the run was disturbed. */
+export function addCoreValues (ctx: Context, reading: CpuReading, values: Record<string, number | null>, serverProcessPct: number | null, notes: string[]): void {
+  Object.assign(values, coreValues(ctx, reading, serverProcessPct))
+  const disturbed = disturbance(values)
+  if (disturbed !== null) notes.push(disturbed)
+}
+
 /** A note when other processes took a noticeable share of a measured core. */
-export function disturbance (values: Record<string, number | null>): string | null {
+function disturbance (values: Record<string, number | null>): string | null {
   const server = values.server_core_other_pct ?? 0
   const client = values.client_core_other_pct ?? 0
   if (server < 10 && client < 10) return null

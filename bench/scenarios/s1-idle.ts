@@ -2,7 +2,7 @@
 import { readFileSync } from 'node:fs'
 import { sleep } from '../lib/clock'
 import type { TargetKind } from '../lib/server'
-import { coreMetrics, coreValues, CpuMeter, disturbance, fdNote, ms, plan, serverCpuPct, defineScenario, type Context, type TargetRun } from './common'
+import { addCoreValues, coreMetrics, CpuMeter, fdNote, ms, plan, serverCpuPct, defineScenario, type Context, type TargetRun } from './common'
 
 /** Linux's connect() takes even ports of ip_local_port_range first; how many there are. */
 function evenEphemeralPorts (): number | null {
@@ -79,9 +79,7 @@ export const s1 = defineScenario({
         server_cpu_open_pct: serverCpuPct(before, duringOpen, opened.elapsedMs / 1000),
         client_cpu_open_pct: cpu.pct
       }
-      Object.assign(values, coreValues(ctx, cpu, values.server_cpu_open_pct))
-      const disturbed = disturbance(values)
-      if (disturbed !== null) notes.push(disturbed)
+      addCoreValues(ctx, cpu, values, values.server_cpu_open_pct, notes)
       await ctx.pool.closeAll(true)
       return { values, details: { before, after, beforeGc, afterGc, open: { ...opened, handshake: opened.handshake.toJSON() } }, notes }
     } finally {

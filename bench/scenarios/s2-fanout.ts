@@ -4,7 +4,7 @@ import { cpuSeconds } from '../lib/proc'
 import { Publisher, type PublishSummary } from '../lib/publisher'
 import type { ServerProcess, ServerSnapshot, TargetKind } from '../lib/server'
 import {
-  awaitDeliveries, clientLoopMetrics, coreMetrics, coreValues, CpuMeter, disturbance, deliveryValues, fdNote, ms, plan, serverCpuPct, TOPIC,
+  addCoreValues, awaitDeliveries, clientLoopMetrics, coreMetrics, CpuMeter, deliveryValues, fdNote, ms, plan, serverCpuPct, TOPIC,
   defineScenario, type Context, type MetricDef, type TargetRun
 } from './common'
 
@@ -79,9 +79,7 @@ export async function fanOutBurst (ctx: Context, servers: ServerProcess[], subsc
   }
   if (servers.length === 1) {
     // One server on its core, the client on the other: per-core figures mean something.
-    Object.assign(values, coreValues(ctx, cpu, values.server_cpu_pct))
-    const disturbed = disturbance(values)
-    if (disturbed !== null) notes.push(disturbed)
+    addCoreValues(ctx, cpu, values, values.server_cpu_pct, notes)
   }
   await ctx.pool.closeAll(true)
   return {

@@ -3,7 +3,7 @@ import { sleep } from '../lib/clock'
 import { Publisher } from '../lib/publisher'
 import type { TargetKind } from '../lib/server'
 import {
-  awaitDeliveries, clientLoopMetrics, coreMetrics, coreValues, CpuMeter, disturbance, deliveryValues, fdNote, ms, plan, serverCpuPct, TOPIC,
+  addCoreValues, awaitDeliveries, clientLoopMetrics, coreMetrics, CpuMeter, deliveryValues, fdNote, ms, plan, serverCpuPct, TOPIC,
   defineScenario, type Context, type TargetRun
 } from './common'
 
@@ -66,9 +66,7 @@ export const s3 = defineScenario({
         server_cpu_pct: serverCpuPct(before, after, cpu.wallS),
         client_cpu_pct: cpu.pct
       }
-      Object.assign(values, coreValues(ctx, cpu, values.server_cpu_pct))
-      const disturbed = disturbance(values)
-      if (disturbed !== null) notes.push(disturbed)
+      addCoreValues(ctx, cpu, values, values.server_cpu_pct, notes)
       return {
         values,
         details: { outcome, publish: { ...published, rtt: published.rtt.toJSON() }, report: { ...report, latency: report.latency.toJSON() }, client_cpu: cpu },

@@ -7,7 +7,7 @@
 import { sleep } from '../lib/clock'
 import { Publisher } from '../lib/publisher'
 import type { ServerProcess, ServerSnapshot, TargetKind } from '../lib/server'
-import { coreMetrics, coreValues, CpuMeter, disturbance, fdNote, ms, plan, serverCpuPct, TOPIC, defineScenario, type Context, type TargetRun } from './common'
+import { addCoreValues, coreMetrics, CpuMeter, fdNote, ms, plan, serverCpuPct, TOPIC, defineScenario, type Context, type TargetRun } from './common'
 
 interface ChurnParams extends Record<string, unknown> {
   streams: number
@@ -194,9 +194,7 @@ export const s5 = defineScenario({
         server_cpu_pct: serverCpuPct(start, end, cpu.wallS),
         client_cpu_pct: cpu.pct
       }
-      Object.assign(values, coreValues(ctx, cpu, values.server_cpu_pct))
-      const disturbed = disturbance(values)
-      if (disturbed !== null) notes.push(disturbed)
+      addCoreValues(ctx, cpu, values, values.server_cpu_pct, notes)
       return {
         values,
         details: {
