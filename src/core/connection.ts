@@ -78,6 +78,18 @@ export class WriteScheduler {
 
 function ignore (): void {}
 
+// Copies of exact size: a push would reserve room for 16 more on every stream.
+/** The list with `item` added, or null when it already holds it. */
+function withItem (list: string[], item: string): string[] | null {
+  return list.includes(item) ? null : [...list, item]
+}
+
+/** The list without `item`, or null when it does not hold it. */
+function withoutItem (list: string[], item: string): string[] | null {
+  const index = list.indexOf(item)
+  return index === -1 ? null : list.filter((_, at) => at !== index)
+}
+
 const REPLAY_CHUNK_BYTES = 64 * 1024
 const DRAIN_WAIT_MS = 30_000
 
@@ -146,40 +158,33 @@ export class StreamConnection {
     return this.channelList
   }
 
-  hasTopic (topic: string): boolean {
-    return this.topicList.includes(topic)
-  }
-
   /** Returns false when the stream already had the topic. */
   addTopic (topic: string): boolean {
-    if (this.topicList.includes(topic)) return false
-    // A copy of exact size: push would reserve room for 16 more on every stream.
-    this.topicList = [...this.topicList, topic]
+    const next = withItem(this.topicList, topic)
+    if (next === null) return false
+    this.topicList = next
     return true
   }
 
   /** Returns false when the stream did not have the topic. */
   removeTopic (topic: string): boolean {
-    const index = this.topicList.indexOf(topic)
-    if (index === -1) return false
-    this.topicList = this.topicList.filter((_, at) => at !== index)
+    const next = withoutItem(this.topicList, topic)
+    if (next === null) return false
+    this.topicList = next
     return true
   }
 
-  hasChannel (name: string): boolean {
-    return this.channelList.includes(name)
-  }
-
   addChannel (name: string): boolean {
-    if (this.channelList.includes(name)) return false
-    this.channelList = [...this.channelList, name]
+    const next = withItem(this.channelList, name)
+    if (next === null) return false
+    this.channelList = next
     return true
   }
 
   removeChannel (name: string): boolean {
-    const index = this.channelList.indexOf(name)
-    if (index === -1) return false
-    this.channelList = this.channelList.filter((_, at) => at !== index)
+    const next = withoutItem(this.channelList, name)
+    if (next === null) return false
+    this.channelList = next
     return true
   }
 
