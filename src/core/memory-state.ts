@@ -57,10 +57,11 @@ export class MemoryState implements SharedState {
     }
     live.set(request.connectionId, request.openedAt)
     this.streamIds.set(request.connectionId, { value: request.userId, expiresAt: null })
-    // A live stream holds the user-wide topics; one that lapsed stays gone.
-    if (this.current(this.userTopicSets, request.userId) !== null) {
-      const topics = this.userTopicSets.get(request.userId)
-      if (topics !== undefined) topics.expiresAt = null
+    // A live stream holds the user-wide topics; ones that lapsed stay gone.
+    const topics = this.userTopicSets.get(request.userId)
+    if (topics !== undefined) {
+      if (this.isExpired(topics)) this.userTopicSets.delete(request.userId)
+      else topics.expiresAt = null
     }
     return { admitted: true, cameOnline: !wasOnline, evict }
   }
