@@ -45,8 +45,7 @@ export class Groups<Member extends object> {
 
   count (key: string): number {
     const group = this.groups.get(key)
-    if (group === undefined) return 0
-    return group instanceof Set ? group.size : 1
+    return group === undefined ? 0 : sizeOf(group)
   }
 
   members (key: string): Member[] {
@@ -57,7 +56,11 @@ export class Groups<Member extends object> {
 
   counts (): Map<string, number> {
     const counts = new Map<string, number>()
-    for (const [key, group] of this.groups) counts.set(key, group instanceof Set ? group.size : 1)
+    for (const [key, group] of this.groups) counts.set(key, sizeOf(group))
     return counts
   }
+}
+
+function sizeOf<Member> (group: Member | Set<Member>): number {
+  return group instanceof Set ? group.size : 1
 }
