@@ -83,19 +83,18 @@ t.test('events due in one turn go out in one write, in order, arena runs and oth
   const pair = await socketPair(t)
   const arena = new FrameArena()
   const connection = streamOn(pair, new WriteScheduler())
-  const frames = [
-    arena.place(frameWithId(1, 'data: one\n\n')),
-    arena.place(frameWithId(2, 'data: two\n\n')),
-    chunkOfText(': a comment from elsewhere\n\n'),
-    arena.place(frameWithId(3, 'data: three\n\n')),
-    arena.place(frameWithId(4, 'data: four\n\n'))
-  ]
-  connection.deliver(1, frames[0])
-  connection.deliver(2, frames[1])
-  connection.sendSystem(frames[2])
-  connection.deliver(3, frames[3])
-  connection.deliver(4, frames[4])
-  const expected = Buffer.concat(frames)
+  const placed = (body: string): [Buffer, number] => [arena.place(frameWithId(1, body)), arena.placement]
+  const one = placed('data: one\n\n')
+  const two = placed('data: two\n\n')
+  const comment = chunkOfText(': a comment from elsewhere\n\n')
+  const three = placed('data: three\n\n')
+  const four = placed('data: four\n\n')
+  connection.deliver(1, ...one)
+  connection.deliver(2, ...two)
+  connection.sendSystem(comment)
+  connection.deliver(3, ...three)
+  connection.deliver(4, ...four)
+  const expected = Buffer.concat([one[0], two[0], comment, three[0], four[0]])
   await receivedAll(pair, expected)
   t.equal(pair.writes.length, 1, 'one write for five frames')
   t.ok(pair.received().equals(expected), 'the bytes arrive exactly, in order')
@@ -107,9 +106,9 @@ t.test('a run of arena frames is written as a view of the slab, not a copy', asy
   const arena = new FrameArena()
   const connection = streamOn(pair, new WriteScheduler())
   const first = arena.place(frameWithId(10, 'data: a\n\n'))
+  connection.deliver(10, first, arena.placement)
   const second = arena.place(frameWithId(11, 'data: b\n\n'))
-  connection.deliver(10, first)
-  connection.deliver(11, second)
+  connection.deliver(11, second, arena.placement)
   await receivedAll(pair, Buffer.concat([first, second]))
   t.equal(pair.writes.length, 1)
   t.equal(pair.writes[0].buffer, first.buffer, 'the write shares the arena\'s memory')
@@ -134,15 +133,65 @@ t.test('a socket that is already behind gets copies, so its queue does not pin m
   t.ok(pair.server.writableLength > 0, `Node queues for this socket (${pair.server.writableLength} bytes unsent)`)
   const writesBefore = pair.writes.length
   const first = arena.place(frameWithId(++id, 'data: late one\n\n'))
-  connection.deliver(id, first)
+  connection.deliver(id, first, arena.placement)
   const second = arena.place(frameWithId(++id, 'data: late two\n\n'))
-  connection.deliver(id, second)
+  connection.deliver(id, second, arena.placement)
   connection.flush()
   const late = pair.writes.slice(writesBefore)
   t.equal(late.length, 1, 'one write for both frames')
   t.not(late[0].buffer, first.buffer, 'written from its own copy')
   t.ok(late[0].equals(Buffer.concat([first, second])), 'with the same bytes')
   connection.close('slow')
+})
+
+t.test('arena placements: consecutive numbers always mean neighbouring bytes, across slabs, big frames and arenas', async (t) => {
+  const small = new FrameArena(256)
+  const other = new FrameArena(256)
+  const placed: Array<{ frame: Buffer, placement: number }> = []
+  const slabsSeen = new Set<ArrayBufferLike>()
+  for (let index = 0; index < 400; index++) {
+    // Sizes that cross slab ends at odd places, a frame too big for a slab now
+    // and then, and a second arena numbering in between.
+    const arena = index % 7 === 3 ? other : small
+    const size = index % 23 === 11 ? 200 : 5 + (index * 37) % 50
+    const frame = arena.place(chunkOfText('x'.repeat(size)))
+    placed.push({ frame, placement: arena.placement })
+    slabsSeen.add(frame.buffer)
+  }
+  t.ok(slabsSeen.size > 20, `the frames span many slabs (${slabsSeen.size})`)
+  const numbers = new Map(placed.map((entry) => [entry.placement, entry.frame]))
+  t.equal(numbers.size, placed.length, 'every placement has its own number')
+  let neighbours = 0
+  for (const { frame, placement } of placed) {
+    const next = numbers.get(placement + 1)
+    if (next === undefined) continue
+    neighbours++
+    t.equal(next.buffer, frame.buffer, `${placement + 1} is in the slab of ${placement}`)
+    t.equal(next.byteOffset, frame.byteOffset + frame.length, `${placement + 1} starts where ${placement} ends`)
+  }
+  t.ok(neighbours > 200, `most frames have a numbered neighbour (${neighbours})`)
+})
+
+t.test('frames delivered across slab ends, big frames and system frames arrive exactly, in one write', async (t) => {
+  const pair = await socketPair(t)
+  const arena = new FrameArena(256)
+  const connection = streamOn(pair, new WriteScheduler())
+  const expected: Buffer[] = []
+  for (let id = 1; id <= 60; id++) {
+    const frame = arena.place(frameWithId(id, `data: ${'y'.repeat(id % 13 === 0 ? 120 : id % 40)}\n\n`))
+    connection.deliver(id, frame, arena.placement)
+    expected.push(frame)
+    if (id % 17 === 0) {
+      const comment = chunkOfText(`: between ${id}\n\n`)
+      connection.sendSystem(comment)
+      expected.push(comment)
+    }
+  }
+  const all = Buffer.concat(expected)
+  await receivedAll(pair, all)
+  t.equal(pair.writes.length, 1, 'one write')
+  t.ok(pair.received().equals(all), 'every byte in order')
+  connection.close('shutdown')
 })
 
 t.test('an event to many streams is rendered once: every stream writes the same bytes in memory', async (t) => {

@@ -1,4 +1,5 @@
 import type { HistoryEntry } from './bus'
+import { NOT_PLACED } from './arena'
 import { END_CHUNK, KEEPALIVE_FRAME } from './framing'
 
 /** The writable end of a stream (a socket); frames written to it are complete chunks. */
@@ -128,6 +129,8 @@ export class StreamConnection {
   private pieces: Buffer[] | null = null
   private run: Buffer | null = null
   private runBytes = 0
+  /** The arena placement of the run's last frame. */
+  private runPlacement = NOT_PLACED
   private pendingBytes = 0
   /** Bytes Node held unsent for the socket after the last write; it only shrinks until the next. */
   private unsentAtLastWrite = 0
@@ -196,8 +199,8 @@ export class StreamConnection {
     return this.held === null && !this.closed
   }
 
-  /** A published event from any of this stream's channels. */
-  deliver (id: number, frame: Buffer): void {
+  /** A published event from any of this stream's channels; `placement` as FrameArena numbers it. */
+  deliver (id: number, frame: Buffer, placement = NOT_PLACED): void {
     if (this.closed || id <= this.lastId) return
     if (this.held !== null) {
       this.held.push({ id, frame })
@@ -207,14 +210,14 @@ export class StreamConnection {
     }
     this.lastId = id
     this.eventsSent++
-    this.enqueue(frame)
+    this.enqueue(frame, placement)
     if (this.closeAfter?.(frame) === true) this.close('completed')
   }
 
   /** Bytes without an id (response head, system event, comment), queued after what is already due. */
   sendSystem (frame: Buffer): void {
     if (this.closed) return
-    this.enqueue(frame)
+    this.enqueue(frame, NOT_PLACED)
   }
 
   /** Writes history with backpressure: a slow reader is paced, not dropped. */
@@ -252,7 +255,7 @@ export class StreamConnection {
   }
 
   keepalive (idleSince: number): void {
-    if (!this.closed && this.lastWriteAt <= idleSince && this.pendingBytes === 0) this.enqueue(KEEPALIVE_FRAME)
+    if (!this.closed && this.lastWriteAt <= idleSince && this.pendingBytes === 0) this.enqueue(KEEPALIVE_FRAME, NOT_PLACED)
   }
 
   flush (): void {
@@ -292,15 +295,16 @@ export class StreamConnection {
 
   private readonly onSinkClose = (): void => this.close('client')
 
-  private enqueue (frame: Buffer): void {
+  private enqueue (frame: Buffer, placement: number): void {
     const run = this.run
-    if (run !== null && frame.buffer === run.buffer && frame.byteOffset === run.byteOffset + this.runBytes) {
+    if (run !== null && placement === this.runPlacement + 1) {
       this.runBytes += frame.length
     } else {
       if (run !== null) (this.pieces ??= []).push(this.runView(run))
       this.run = frame
       this.runBytes = frame.length
     }
+    this.runPlacement = placement
     this.pendingBytes += frame.length
     if (this.pendingBytes + this.unsentAtLastWrite > this.maxBufferedBytes) {
       // The bound may be stale: ask the socket before calling it slow.

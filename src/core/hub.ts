@@ -19,10 +19,11 @@ export class Hub {
       const members = this.members.lookup(name)
       if (members === undefined) return
       const placed = this.arena.place(frame)
+      const placement = this.arena.placement
       if (members instanceof Set) {
-        for (const connection of members) connection.deliver(id, placed)
+        for (const connection of members) connection.deliver(id, placed, placement)
       } else {
-        members.deliver(id, placed)
+        members.deliver(id, placed, placement)
       }
     })
   }
