@@ -8,8 +8,6 @@
 import type { Histogram } from './histogram'
 
 const HEAD_END = Buffer.from('\r\n\r\n')
-const EVENT_END = Buffer.from('\n\n')
-const PAYLOAD = Buffer.from('{"t":')
 const SEQ = Buffer.from(',"seq":')
 const CONNECTED = Buffer.from('event: connected\n')
 
@@ -75,7 +73,7 @@ export class StreamReader {
       if (chunk.length === 0) return
     }
     if (!this.chunked) {
-      this.body(chunk, rxUs)
+      this.body(chunk, 0, chunk.length, rxUs)
       return
     }
     this.dechunk(chunk, rxUs)
@@ -116,7 +114,7 @@ export class StreamReader {
         }
         case Chunk.Data: {
           const take = Math.min(this.chunkLeft, length - pos)
-          this.body(data.subarray(pos, pos + take), rxUs)
+          this.body(data, pos, pos + take, rxUs)
           pos += take
           this.chunkLeft -= take
           if (this.chunkLeft === 0) {
@@ -136,31 +134,41 @@ export class StreamReader {
     }
   }
 
-  /** SSE bytes: only complete events (up to the last blank line) are looked at. */
-  private body (data: Buffer, rxUs: number): void {
+  /**
+   * SSE bytes `data[from, to)`: only complete events (up to the last blank
+   * line) are looked at. Offsets rather than views, and byte loops rather than
+   * `indexOf`: a server writes one HTTP chunk per event, so this runs once per
+   * event, and a native call or a view per event would cost the client more
+   * than the server spends delivering it.
+   */
+  private body (data: Buffer, from: number, to: number, rxUs: number): void {
     let buffer = data
+    let start = from
+    let stop = to
     if (this.carry !== null) {
-      buffer = Buffer.concat([this.carry, data])
+      buffer = Buffer.concat([this.carry, data.subarray(from, to)])
       this.carry = null
+      start = 0
+      stop = buffer.length
     }
-    const last = buffer.lastIndexOf(EVENT_END)
-    if (last < 0) {
-      this.carry = Buffer.from(buffer)
+    let last = stop - 2
+    while (last >= start && !(buffer[last] === 0x0a && buffer[last + 1] === 0x0a)) last--
+    if (last < start) {
+      this.carry = Buffer.from(buffer.subarray(start, stop))
       return
     }
     const end = last + 2
-    if (end < buffer.length) this.carry = Buffer.from(buffer.subarray(end))
+    if (end < stop) this.carry = Buffer.from(buffer.subarray(end, stop))
     if (!this.connected) {
-      const at = buffer.indexOf(CONNECTED)
+      const at = buffer.indexOf(CONNECTED, start)
       if (at >= 0 && at < end) this.connected = true
     }
     const totals = this.totals
-    let pos = 0
     let found = 0
-    for (;;) {
-      const at = buffer.indexOf(PAYLOAD, pos)
-      if (at < 0 || at >= end) break
-      let p = at + PAYLOAD.length
+    // Payloads are `{"t":<digits>` with an optional `,"seq":<digits>` after.
+    for (let p = start; p + 5 <= end; p++) {
+      if (buffer[p] !== 0x7b || buffer[p + 1] !== 0x22 || buffer[p + 2] !== 0x74 || buffer[p + 3] !== 0x22 || buffer[p + 4] !== 0x3a) continue
+      p += 5
       let t = 0
       let byte = buffer[p]
       while (byte >= 0x30 && byte <= 0x39) {
@@ -168,7 +176,7 @@ export class StreamReader {
         byte = buffer[++p]
       }
       let seq = -1
-      if (buffer[p] === SEQ[0] && p + SEQ.length <= buffer.length && buffer.compare(SEQ, 0, SEQ.length, p, p + SEQ.length) === 0) {
+      if (p + SEQ.length <= end && matchesAt(buffer, p, SEQ)) {
         p += SEQ.length
         seq = 0
         byte = buffer[p]
@@ -177,7 +185,6 @@ export class StreamReader {
           byte = buffer[++p]
         }
       }
-      pos = p
       found++
       totals.latency.record(rxUs - t)
       if (seq >= 0) {
@@ -201,4 +208,11 @@ export class StreamReader {
       totals.lastRxUs = rxUs
     }
   }
+}
+
+function matchesAt (buffer: Buffer, at: number, expected: Buffer): boolean {
+  for (let index = 0; index < expected.length; index++) {
+    if (buffer[at + index] !== expected[index]) return false
+  }
+  return true
 }
