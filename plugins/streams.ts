@@ -77,6 +77,20 @@ function destroySelf (this: Socket): void {
   this.destroy()
 }
 
+// Most streams carry no header of their own (CORS adds some): they share one head.
+const PLAIN_HEAD = streamHead(SSE_HEADERS)
+
+/** The stream's status line and headers: what hooks set on the reply, then the SSE ones. */
+function headOf (reply: FastifyReply): Buffer {
+  const own = reply.getHeaders()
+  let headers: Record<string, string | number | string[]> | null = null
+  for (const name in own) {
+    const value = own[name]
+    if (value !== undefined) (headers ??= {})[name] = value
+  }
+  return headers === null ? PLAIN_HEAD : streamHead({ ...headers, ...SSE_HEADERS })
+}
+
 /** `Last-Event-ID` header first (browsers send it), then `?lastEventId=`. */
 export function cursorOf (request: FastifyRequest): ReturnType<typeof parseCursor> {
   const header = request.headers['last-event-id']
@@ -210,25 +224,32 @@ export default fp(async (app) => {
     reply.hijack()
     const socket = reply.raw.socket
     if (socket === null) return
-    const headers: Record<string, string | number | string[]> = {}
-    for (const [name, value] of Object.entries(reply.getHeaders())) {
-      if (value !== undefined) headers[name] = value
-    }
+    const head = headOf(reply)
     // Events are written straight to the socket: Node's response object would
     // re-frame every write for every recipient.
     socket.setNoDelay(true)
     releaseHttpState(reply.raw, socket)
     try {
+      // Every field named, in one order: spreading the options into a bigger
+      // literal built a slow-mode object per open (≈ 10 µs in a profile).
       await streams.open({
-        ...options,
+        connectionId: options.connectionId,
         userId: auth.userId,
+        kind: options.kind,
+        topics: options.topics,
+        channels: options.channels,
         sink: socket,
-        head: streamHead({ ...headers, ...SSE_HEADERS }),
         tokenExpiresAt: auth.expiresAt,
         allowedTopics: auth.topics,
         remoteAddress: request.ip,
         requestId: request.id,
-        cursor: cursorOf(request)
+        cursor: cursorOf(request),
+        windowChannels: options.windowChannels,
+        extraTopics: options.extraTopics,
+        closeAfter: options.closeAfter,
+        prelude: options.prelude,
+        head,
+        connectedExtra: options.connectedExtra
       })
     } catch (error) {
       request.log.error({ err: error, connectionId: options.connectionId }, 'stream failed to open')
