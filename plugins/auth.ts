@@ -1,5 +1,5 @@
 import fp from 'fastify-plugin'
-import fastifyJwt from '@fastify/jwt'
+import fastifyJwt, { type JWT } from '@fastify/jwt'
 import type { FastifyRequest } from 'fastify'
 import { errors } from '../src/errors'
 
@@ -51,15 +51,6 @@ function hasRole (auth: AuthContext, level: AuthLevel): boolean {
   return level === 'publisher' && auth.roles.has('publisher')
 }
 
-function failureReason (error: { code?: string }): string {
-  switch (error.code) {
-    case 'FST_JWT_AUTHORIZATION_TOKEN_EXPIRED': return 'expired'
-    case 'FAST_JWT_MISSING_SIGNATURE': return 'unsigned'
-    case 'FST_JWT_AUTHORIZATION_TOKEN_INVALID': return 'invalid'
-    default: return 'malformed'
-  }
-}
-
 const MESSAGES: Record<string, string> = {
   expired: 'token expired',
   unsigned: 'token is not signed',
@@ -67,36 +58,76 @@ const MESSAGES: Record<string, string> = {
   malformed: 'token is malformed'
 }
 
+declare module '@fastify/jwt' {
+  interface JWT {
+    /** Verifies HS256/384/512 tokens with JWT_SECRET. */
+    hmac?: JWT
+    /** Verifies RS, ES and PS tokens with JWT_PUBLIC_KEY. */
+    publicKey?: JWT
+  }
+}
+
+// fast-jwt's codes, as the verifier throws them.
+const INVALID_CODES = new Set(['FAST_JWT_INVALID_SIGNATURE', 'FAST_JWT_INVALID_KEY', 'FAST_JWT_INVALID_CLAIM_VALUE', 'FAST_JWT_MISSING_REQUIRED_CLAIM'])
+
+function failureReason (error: { code?: string }): string {
+  if (error.code === 'FAST_JWT_EXPIRED') return 'expired'
+  if (error.code === 'FAST_JWT_MISSING_SIGNATURE') return 'unsigned'
+  if (error.code !== undefined && INVALID_CODES.has(error.code)) return 'invalid'
+  return 'malformed'
+}
+
+/** The `alg` of a token's header ('' when it names none), or null when the header does not parse. */
+function algorithmOf (token: string): string | null {
+  const end = token.indexOf('.')
+  if (end <= 0) return null
+  try {
+    const header: unknown = JSON.parse(Buffer.from(token.slice(0, end), 'base64url').toString())
+    if (typeof header !== 'object' || header === null) return null
+    const alg = (header as { alg?: unknown }).alg
+    return typeof alg === 'string' ? alg : ''
+  } catch {
+    return null
+  }
+}
+
 export default fp(async (app) => {
   const { config } = app
-  const pendingTokens = new WeakMap<FastifyRequest, string>()
-  const algorithms: string[] = []
-  if (config.jwtSecret !== null) algorithms.push('HS256', 'HS384', 'HS512')
-  if (config.jwtPublicKey !== null) algorithms.push('RS256', 'RS384', 'RS512', 'ES256', 'ES384', 'ES512', 'PS256', 'PS384', 'PS512')
+  const verifyOptions = {
+    ...(config.jwtIssuer !== null ? { allowedIss: config.jwtIssuer } : {}),
+    ...(config.jwtAudience !== null ? { allowedAud: config.jwtAudience } : {}),
+    // Without this, a token lacking the claim altogether would pass the check.
+    requiredClaims: [...(config.jwtIssuer !== null ? ['iss'] : []), ...(config.jwtAudience !== null ? ['aud'] : [])],
+    clockTolerance: 0
+  }
+  // One verifier per kind of key, each built once with a fixed key and its own
+  // algorithms, and called synchronously: the key follows the token's
+  // algorithm, so an HS token is never checked against the public key
+  // (algorithm confusion) and `none` has no key at all. A key callback would
+  // decode every token twice and verify it through a callback chain.
+  if (config.jwtSecret !== null) {
+    await app.register(fastifyJwt, {
+      namespace: 'hmac',
+      secret: config.jwtSecret,
+      verify: { ...verifyOptions, algorithms: ['HS256', 'HS384', 'HS512'] as never }
+    })
+  }
+  if (config.jwtPublicKey !== null) {
+    await app.register(fastifyJwt, {
+      namespace: 'publicKey',
+      secret: { public: config.jwtPublicKey },
+      verify: { ...verifyOptions, algorithms: ['RS256', 'RS384', 'RS512', 'ES256', 'ES384', 'ES512', 'PS256', 'PS384', 'PS512'] as never }
+    })
+  }
 
-  await app.register(fastifyJwt, {
-    // The key follows the token's algorithm, so an HS token is never checked
-    // against the public key (algorithm confusion) and `none` has no key at all.
-    secret: async (_request: FastifyRequest, token: unknown) => {
-      const alg = (token as { header?: { alg?: unknown } }).header?.alg
-      if (typeof alg === 'string' && HMAC.test(alg) && config.jwtSecret !== null) return config.jwtSecret
-      if (typeof alg === 'string' && ASYMMETRIC.test(alg) && config.jwtPublicKey !== null) return config.jwtPublicKey
-      throw Object.assign(new Error('unsupported algorithm'), { code: 'FST_JWT_AUTHORIZATION_TOKEN_INVALID' })
-    },
-    verify: {
-      algorithms: algorithms as never,
-      ...(config.jwtIssuer !== null ? { allowedIss: config.jwtIssuer } : {}),
-      ...(config.jwtAudience !== null ? { allowedAud: config.jwtAudience } : {}),
-      // Without this, a token lacking the claim altogether would pass the check.
-      requiredClaims: [...(config.jwtIssuer !== null ? ['iss'] : []), ...(config.jwtAudience !== null ? ['aud'] : [])],
-      clockTolerance: 0,
-      // Verifying with the plugin's own options keeps its cached verifier per key.
-      extractToken: (request: FastifyRequest) => pendingTokens.get(request)
-    },
-    // The secret callback needs the header to pick the key by algorithm.
-    decode: { complete: true },
-    decoratorName: 'jwtClaims'
-  })
+  /** The verifier for the token's algorithm, or why there is none. */
+  const verifierFor = (token: string): JWT | 'malformed' | 'invalid' => {
+    const alg = algorithmOf(token)
+    if (alg === null) return 'malformed'
+    if (HMAC.test(alg)) return app.jwt.hmac ?? 'invalid'
+    if (ASYMMETRIC.test(alg)) return app.jwt.publicKey ?? 'invalid'
+    return 'invalid'
+  }
 
   app.decorateRequest('auth', null)
 
@@ -111,10 +142,11 @@ export default fp(async (app) => {
     const token = extractToken(request)
     if (token === null) throw unauthorized('missing', 'no token: send Authorization: Bearer <jwt>, X-Auth-Token or ?token=')
     if (token === '') throw unauthorized('malformed')
+    const verifier = verifierFor(token)
+    if (typeof verifier === 'string') throw unauthorized(verifier)
     let claims: Claims
     try {
-      pendingTokens.set(request, token)
-      claims = await request.jwtVerify<Claims>()
+      claims = verifier.verify<Claims>(token)
     } catch (error) {
       request.log.debug({ code: (error as { code?: string }).code, reason: (error as Error).message }, 'token rejected')
       throw unauthorized(failureReason(error as { code?: string }))
