@@ -291,3 +291,14 @@ export function fdNote (ctx: Context, requested: number): { count: number, note:
     note: `asked for ${requested} streams but this process may open only ${ctx.maxStreams} (ulimit -n, less a reserve): ran with ${ctx.maxStreams}`
   }
 }
+
+/** Polls the server (bounded) until it reports no stream open. */
+export async function waitForZero (ctx: Context, server: ServerProcess, timeoutMs: number): Promise<ServerSnapshot> {
+  const deadline = Date.now() + timeoutMs
+  let snapshot = await server.snapshot(ctx.adminToken)
+  while (snapshot.connections !== 0 && Date.now() < deadline) {
+    await sleep(250)
+    snapshot = await server.snapshot(ctx.adminToken)
+  }
+  return snapshot
+}

@@ -1,8 +1,13 @@
-/** S1 idle: open N streams, 32 handshakes in flight; memory per stream, time to open. */
+/**
+ * S1 idle: open N streams, 32 handshakes in flight; memory per stream, time to
+ * open. Then close them all and open N again in the same process: the first
+ * round is a reconnect storm right after a deploy (the JIT still compiling the
+ * open path), the second one during normal operation.
+ */
 import { readFileSync } from 'node:fs'
 import { sleep } from '../lib/clock'
-import type { TargetKind } from '../lib/server'
-import { addCoreValues, coreMetrics, CpuMeter, fdNote, ms, plan, serverCpuPct, defineScenario, type Context, type TargetRun } from './common'
+import type { ServerSnapshot, TargetKind } from '../lib/server'
+import { addCoreValues, coreMetrics, CpuMeter, fdNote, ms, plan, serverCpuPct, defineScenario, waitForZero, type Context, type TargetRun } from './common'
 
 /** Linux's connect() takes even ports of ip_local_port_range first; how many there are. */
 function evenEphemeralPorts (): number | null {
@@ -12,6 +17,12 @@ function evenEphemeralPorts (): number | null {
   } catch {
     return null
   }
+}
+
+/** Server CPU between two snapshots per stream opened, in µs (the snapshots' own requests included). */
+function cpuPerOpenUs (before: ServerSnapshot, after: ServerSnapshot, opened: number): number | null {
+  if (before.cpuS === null || after.cpuS === null || opened === 0) return null
+  return ((after.cpuS - before.cpuS) * 1e6) / opened
 }
 
 export const s1 = defineScenario({
@@ -29,6 +40,9 @@ export const s1 = defineScenario({
     { key: 'rss_per_stream_gc_kb', label: 'RSS per stream, after full GC', unit: 'KB', better: 'lower' },
     { key: 'heap_per_stream_kb', label: 'JS heap per stream, after full GC', unit: 'KB', better: 'lower' },
     { key: 'server_cpu_open_pct', label: 'server CPU while opening', unit: '% core', better: null },
+    { key: 'server_cpu_per_open_us', label: 'server CPU per stream opened', unit: 'µs', better: 'lower' },
+    { key: 'open_all_warm_s', label: 'time to open all again, warm process', unit: 's', better: 'lower' },
+    { key: 'server_cpu_per_open_warm_us', label: 'server CPU per stream opened, warm', unit: 'µs', better: 'lower' },
     { key: 'client_cpu_open_pct', label: 'client CPU while opening', unit: '% core', better: null },
     ...coreMetrics
   ],
@@ -79,9 +93,29 @@ export const s1 = defineScenario({
         server_cpu_open_pct: serverCpuPct(before, duringOpen, opened.elapsedMs / 1000),
         client_cpu_open_pct: cpu.pct
       }
+      values.server_cpu_per_open_us = cpuPerOpenUs(before, duringOpen, opened.established)
       addCoreValues(ctx, cpu, values, values.server_cpu_open_pct, notes)
       await ctx.pool.closeAll(true)
-      return { values, details: { before, after, beforeGc, afterGc, open: { ...opened, handshake: opened.handshake.toJSON() } }, notes }
+
+      const closed = await waitForZero(ctx, server, 15_000)
+      let warm: Awaited<ReturnType<typeof ctx.pool.open>> | null = null
+      if (closed.connections === 0 || closed.connections === null) {
+        await sleep(ctx.options.quick ? 300 : 1000)
+        const beforeWarm = await server.snapshot(ctx.adminToken)
+        warm = await ctx.pool.open(plan(ctx, [server], ctx.streamTokens(count)), count, params.inFlight)
+        const afterWarm = await server.snapshot(ctx.adminToken)
+        values.open_all_warm_s = warm.elapsedMs / 1000
+        values.server_cpu_per_open_warm_us = cpuPerOpenUs(beforeWarm, afterWarm, warm.established)
+        if (warm.failed > 0) notes.push(`failed opens in the warm round: ${JSON.stringify(warm.errors)}`)
+        await ctx.pool.closeAll(true)
+      } else {
+        notes.push(`warm round not run: ${closed.connections} streams still open 15 s after the client closed them`)
+      }
+      return {
+        values,
+        details: { before, after, beforeGc, afterGc, open: { ...opened, handshake: opened.handshake.toJSON() }, warm: warm === null ? null : { ...warm, handshake: warm.handshake.toJSON() } },
+        notes
+      }
     } finally {
       await ctx.pool.closeAll(true)
       await ctx.stopServer(server)

@@ -6,8 +6,8 @@
  */
 import { sleep } from '../lib/clock'
 import { Publisher } from '../lib/publisher'
-import type { ServerProcess, ServerSnapshot, TargetKind } from '../lib/server'
-import { addCoreValues, coreMetrics, CpuMeter, fdNote, ms, plan, serverCpuPct, TOPIC, defineScenario, type Context, type TargetRun } from './common'
+import type { ServerSnapshot, TargetKind } from '../lib/server'
+import { addCoreValues, coreMetrics, CpuMeter, fdNote, ms, plan, serverCpuPct, TOPIC, defineScenario, waitForZero, type Context, type TargetRun } from './common'
 
 interface ChurnParams extends Record<string, unknown> {
   streams: number
@@ -58,16 +58,6 @@ function slopeMbPerMin (samples: Sample[]): number | null {
 function average (values: Array<number | null>): number | null {
   const known = values.filter((value): value is number => value !== null)
   return known.length === 0 ? null : known.reduce((sum, value) => sum + value, 0) / known.length
-}
-
-async function waitForZero (ctx: Context, server: ServerProcess, timeoutMs: number): Promise<ServerSnapshot> {
-  const deadline = Date.now() + timeoutMs
-  let snapshot = await server.snapshot(ctx.adminToken)
-  while (snapshot.connections !== 0 && Date.now() < deadline) {
-    await sleep(250)
-    snapshot = await server.snapshot(ctx.adminToken)
-  }
-  return snapshot
 }
 
 export const s5 = defineScenario({
