@@ -1,0 +1,84 @@
+/**
+ * `npm run bench -- --quick` end to end: every scenario runs against both
+ * servers and its load is delivered completely and in order. Only
+ * correctness is asserted here; speed is what the bench itself reports.
+ */
+import t, { type Test } from 'tap'
+import { spawn } from 'node:child_process'
+import { mkdtempSync, readFileSync, rmSync } from 'node:fs'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
+import { REDIS_URL, redisAnswers } from './helpers/redis'
+
+const RUN_JS = join(__dirname, '..', 'bench', 'run.js')
+const BENCH_TIMEOUT_MS = 100_000
+
+type Values = Record<string, number | null>
+interface Result {
+  scenarios: Array<{ id: string, runs: Record<string, { values: Values, notes: string[] }> }>
+}
+
+async function runBench (t: Test, args: string[]): Promise<{ code: number | null, output: string }> {
+  const child = spawn(process.execPath, [RUN_JS, ...args], { stdio: ['ignore', 'pipe', 'pipe'] })
+  let output = ''
+  child.stdout.on('data', (chunk: Buffer) => { output += chunk.toString() })
+  child.stderr.on('data', (chunk: Buffer) => { output += chunk.toString() })
+  const exited = new Promise<number | null>((resolve) => child.once('exit', (code) => resolve(code)))
+  const timer = setTimeout(() => child.kill('SIGTERM'), BENCH_TIMEOUT_MS)
+  t.teardown(async () => {
+    clearTimeout(timer)
+    if (child.exitCode === null && child.signalCode === null) {
+      child.kill('SIGKILL')
+      await exited
+    }
+  })
+  const code = await exited
+  clearTimeout(timer)
+  return { code, output }
+}
+
+t.test('npm run bench -- --quick: every scenario, both servers, all events delivered in order', { timeout: BENCH_TIMEOUT_MS + 10_000 }, async (t) => {
+  const scenarios = ['s1', 's2', 's3', 's4', 's5']
+  if (!await redisAnswers()) {
+    // In CI, S4 must run: a missing Redis there is a failure.
+    if (process.env.CI === 'true') t.fail(`no Redis at ${REDIS_URL} (CI must provide one)`)
+    else t.comment(`S4 left out: no Redis at ${REDIS_URL}`)
+    scenarios.splice(scenarios.indexOf('s4'), 1)
+  }
+  const dir = mkdtempSync(join(tmpdir(), 'bench-smoke-'))
+  t.teardown(() => rmSync(dir, { recursive: true, force: true }))
+  const out = join(dir, 'result.json')
+  const { code, output } = await runBench(t, ['--quick', '--scenario', scenarios.join(','), '--duration', '3', '--redis-url', REDIS_URL, '--out', out])
+  t.equal(code, 0, `the bench exits with 0${code === 0 ? '' : `:\n${output.slice(-3000)}`}`)
+  const result = JSON.parse(readFileSync(out, 'utf8')) as Result
+  t.same(result.scenarios.map((scenario) => scenario.id), scenarios, 'one result per scenario asked for')
+
+  for (const scenario of result.scenarios) {
+    for (const target of ['baseline', 'gateway']) {
+      const run = scenario.runs[target]
+      const what = `${scenario.id} ${target}`
+      if (!t.ok(run, `${what} ran`)) continue
+      const v = run.values
+      switch (scenario.id) {
+        case 's1':
+          t.equal(v.established, 500, `${what}: 500 streams open`)
+          t.equal(v.failed, 0, `${what}: no failed open`)
+          t.type(v.open_all_warm_s, 'number', `${what}: the warm round ran`)
+          break
+        case 's5':
+          t.equal(v.failed, 0, `${what}: no failed open`)
+          t.ok((v.opened ?? 0) > (v.streams ?? 0), `${what}: streams were replaced while events flowed`)
+          t.equal(v.out_of_order, 0, `${what}: in order`)
+          t.equal(v.gaps, 0, `${what}: no gaps`)
+          t.equal(v.fds_after_close, v.fds_start, `${what}: descriptors back to where they started`)
+          t.equal(v.handles_after_close, v.handles_start, `${what}: handles back to where they started`)
+          t.equal(v.connections_after_close, 0, `${what}: no stream left in the server's registry`)
+          break
+        default:
+          t.equal(v.completeness_pct, 100, `${what}: every event reached every stream`)
+          t.equal(v.out_of_order, 0, `${what}: in order`)
+          t.equal(v.gaps, 0, `${what}: no gaps`)
+      }
+    }
+  }
+})
