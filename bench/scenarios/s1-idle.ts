@@ -91,9 +91,9 @@ export const s1 = defineScenario({
         rss_after_mb: after.rssKb === null ? null : after.rssKb / 1024,
         heap_per_stream_kb: perStream(beforeGc.heapUsedBytes, afterGc.heapUsedBytes, 1024),
         server_cpu_open_pct: serverCpuPct(before, duringOpen, opened.elapsedMs / 1000),
+        server_cpu_per_open_us: cpuPerOpenUs(before, duringOpen, opened.established),
         client_cpu_open_pct: cpu.pct
       }
-      values.server_cpu_per_open_us = cpuPerOpenUs(before, duringOpen, opened.established)
       addCoreValues(ctx, cpu, values, values.server_cpu_open_pct, notes)
       await ctx.pool.closeAll(true)
 
@@ -107,7 +107,6 @@ export const s1 = defineScenario({
         values.open_all_warm_s = warm.elapsedMs / 1000
         values.server_cpu_per_open_warm_us = cpuPerOpenUs(beforeWarm, afterWarm, warm.established)
         if (warm.failed > 0) notes.push(`failed opens in the warm round: ${JSON.stringify(warm.errors)}`)
-        await ctx.pool.closeAll(true)
       } else {
         notes.push(`warm round not run: ${closed.connections} streams still open 15 s after the client closed them`)
       }
