@@ -6,6 +6,9 @@
  * gateway for what the bench uses; no authentication (the token is ignored),
  * no history, no limits.
  *
+ * It also answers `POST /bench/floor`, which measures the machine rather than
+ * a server: see writeFloor.
+ *
  * With REDIS_URL set, a publish goes through one Redis PUBLISH per event and
  * every instance writes it to its own subscribers (the minimal multi-instance
  * design), so scenario S4 has a baseline too.
@@ -111,10 +114,42 @@ function publish (req: IncomingMessage, res: ServerResponse): void {
   })
 }
 
+/**
+ * The loopback write floor: what one bare `socket.write` to every open stream
+ * costs on this machine, with nothing around it (no framing per recipient, no
+ * routing, no bookkeeping). Each pass writes one SSE comment, which clients
+ * ignore, the size of an event, as one HTTP chunk on each stream's socket, and
+ * is timed in CPU and wall time. A server that writes once per subscriber per
+ * event cannot fan an event out faster than one such pass.
+ */
+async function writeFloor (res: ServerResponse, url: URL): Promise<void> {
+  const passes = Math.min(20, Math.max(1, Number(url.searchParams.get('passes') ?? 5) || 5))
+  const bytes = Math.min(4096, Math.max(8, Number(url.searchParams.get('bytes') ?? 100) || 100))
+  const comment = `: ${'f'.repeat(bytes - 4)}\n\n`
+  const chunk = Buffer.from(`${Buffer.byteLength(comment).toString(16)}\r\n${comment}\r\n`)
+  const sockets = [...streams].flatMap((stream) => stream.socket === null || stream.socket.destroyed ? [] : [stream.socket])
+  const results: Array<{ cpuUsPerWrite: number, wallMs: number }> = []
+  for (let pass = 0; pass < passes && sockets.length > 0; pass++) {
+    // The client reads the previous pass meanwhile, so no socket is backed up.
+    await new Promise((resolve) => setTimeout(resolve, 50))
+    const cpuBefore = process.cpuUsage()
+    const wallBefore = performance.now()
+    for (const socket of sockets) socket.write(chunk)
+    const wallMs = performance.now() - wallBefore
+    const cpu = process.cpuUsage(cpuBefore)
+    results.push({ cpuUsPerWrite: (cpu.user + cpu.system) / sockets.length, wallMs })
+  }
+  json(res, 200, { writes: sockets.length, chunkBytes: chunk.length, passes: results })
+}
+
 const server = createServer((req, res) => {
   const url = new URL(req.url ?? '/', 'http://localhost')
   if (req.method === 'GET' && url.pathname === '/v1/stream') return openStream(req, res, url)
   if (req.method === 'POST' && url.pathname === '/v1/publish') return publish(req, res)
+  if (req.method === 'POST' && url.pathname === '/bench/floor') {
+    writeFloor(res, url).catch((error: unknown) => json(res, 500, { statusCode: 500, error: 'Internal Server Error', message: String(error) }))
+    return
+  }
   if (req.method === 'GET' && url.pathname === '/health') return json(res, 200, { status: 'ok' })
   if (req.method === 'GET' && url.pathname === '/stats') {
     return json(res, 200, { connections: streams.size, handles: process.getActiveResourcesInfo().length, heapUsed: process.memoryUsage().heapUsed })

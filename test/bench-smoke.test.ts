@@ -79,6 +79,12 @@ t.test('npm run bench -- --quick: every scenario, both servers, all events deliv
           t.equal(v.out_of_order, 0, `${what}: in order`)
           t.equal(v.gaps, 0, `${what}: no gaps`)
       }
+      // The machine's write floor is measured by the baseline, with one server on its core.
+      if (target === 'baseline' && (scenario.id === 's2' || scenario.id === 's3')) {
+        t.ok((v.floor_us_per_write ?? 0) > 0, `${what}: the write floor was measured`)
+        const derived = scenario.id === 's2' ? v.floor_pass_ms : v.floor_core_pct
+        t.ok((derived ?? 0) > 0, `${what}: and what it implies for the scenario`)
+      }
     }
   }
 })

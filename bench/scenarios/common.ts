@@ -4,6 +4,7 @@ import type { StreamPlan } from '../lib/client-protocol'
 import type { Clock } from '../lib/clock'
 import { sleep } from '../lib/clock'
 import type { Histogram } from '../lib/histogram'
+import { httpRequest } from '../lib/http'
 import { cpuBusy, cpuTimes } from '../lib/proc'
 import type { ServerProcess, ServerSnapshot, TargetKind } from '../lib/server'
 
@@ -301,4 +302,49 @@ export async function waitForZero (ctx: Context, server: ServerProcess, timeoutM
     snapshot = await server.snapshot(ctx.adminToken)
   }
   return snapshot
+}
+
+export const writeFloorMetrics: { perWrite: MetricDef, pass: MetricDef, coreShare: MetricDef } = {
+  perWrite: { key: 'floor_us_per_write', label: 'write floor: bare socket.write', unit: 'µs', better: null },
+  pass: { key: 'floor_pass_ms', label: 'write floor: one write to each', unit: 'ms', better: null },
+  coreShare: { key: 'floor_core_pct', label: 'write floor: 1 write/event/stream', unit: '% core', better: null }
+}
+
+export interface WriteFloor {
+  /** Server CPU (user + kernel) per write, median of the passes. */
+  usPerWrite: number
+  /** Wall time of one write to every open stream, median of the passes. */
+  passMs: number
+  writes: number
+}
+
+function median (values: number[]): number {
+  const sorted = [...values].sort((a, b) => a - b)
+  const middle = sorted.length >> 1
+  return sorted.length % 2 === 1 ? sorted[middle] : (sorted[middle - 1] + sorted[middle]) / 2
+}
+
+/**
+ * What one bare `socket.write` per open stream costs on this machine, measured
+ * by the baseline server (`POST /bench/floor`) with its streams still open.
+ * Null for the gateway, which does not answer it; a failure is a note, not a
+ * lost scenario.
+ */
+export async function measureWriteFloor (ctx: Context, server: ServerProcess, notes: string[]): Promise<WriteFloor | null> {
+  if (server.options.kind !== 'baseline') return null
+  const passes = ctx.options.quick ? 3 : 7
+  try {
+    const answer = await httpRequest(`${server.url}/bench/floor?passes=${passes}`, { method: 'POST', timeoutMs: 60_000 })
+    if (answer.status !== 200) throw new Error(`status ${answer.status}`)
+    const body = JSON.parse(answer.body) as { writes: number, passes: Array<{ cpuUsPerWrite: number, wallMs: number }> }
+    if (body.writes === 0 || body.passes.length === 0) throw new Error('no stream to write to')
+    return {
+      usPerWrite: median(body.passes.map((pass) => pass.cpuUsPerWrite)),
+      passMs: median(body.passes.map((pass) => pass.wallMs)),
+      writes: body.writes
+    }
+  } catch (error) {
+    notes.push(`write floor not measured: ${error instanceof Error ? error.message : String(error)}`)
+    return null
+  }
 }

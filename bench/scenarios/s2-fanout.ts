@@ -4,8 +4,8 @@ import { cpuSeconds } from '../lib/proc'
 import { Publisher, type PublishSummary } from '../lib/publisher'
 import type { ServerProcess, ServerSnapshot, TargetKind } from '../lib/server'
 import {
-  addCoreValues, awaitDeliveries, clientLoopMetrics, coreMetrics, CpuMeter, deliveryValues, fdNote, ms, plan, serverCpuPct, TOPIC,
-  defineScenario, type Context, type MetricDef, type TargetRun
+  addCoreValues, awaitDeliveries, clientLoopMetrics, coreMetrics, CpuMeter, deliveryValues, fdNote, measureWriteFloor, ms, plan, serverCpuPct, TOPIC,
+  writeFloorMetrics, defineScenario, type Context, type MetricDef, type TargetRun
 } from './common'
 
 export const fanOutMetrics: MetricDef[] = [
@@ -23,7 +23,9 @@ export const fanOutMetrics: MetricDef[] = [
   { key: 'server_cpu_us_per_delivery', label: 'server CPU per delivery', unit: 'µs', better: 'lower' },
   { key: 'client_cpu_pct', label: 'client CPU (all threads)', unit: '% core', better: null },
   ...clientLoopMetrics,
-  ...coreMetrics
+  ...coreMetrics,
+  writeFloorMetrics.perWrite,
+  writeFloorMetrics.pass
 ]
 
 export interface BurstResult {
@@ -80,6 +82,12 @@ export async function fanOutBurst (ctx: Context, servers: ServerProcess[], subsc
   if (servers.length === 1) {
     // One server on its core, the client on the other: per-core figures mean something.
     addCoreValues(ctx, cpu, values, values.server_cpu_pct, notes)
+    // Measured after the burst, with the same streams open, so it disturbs nothing above.
+    const floor = await measureWriteFloor(ctx, servers[0], notes)
+    if (floor !== null) {
+      values.floor_us_per_write = floor.usPerWrite
+      values.floor_pass_ms = floor.passMs
+    }
   }
   await ctx.pool.closeAll(true)
   return {

@@ -3,8 +3,8 @@ import { sleep } from '../lib/clock'
 import { Publisher } from '../lib/publisher'
 import type { TargetKind } from '../lib/server'
 import {
-  addCoreValues, awaitDeliveries, clientLoopMetrics, coreMetrics, CpuMeter, deliveryValues, fdNote, ms, plan, serverCpuPct, TOPIC,
-  defineScenario, type Context, type TargetRun
+  addCoreValues, awaitDeliveries, clientLoopMetrics, coreMetrics, CpuMeter, deliveryValues, fdNote, measureWriteFloor, ms, plan, serverCpuPct, TOPIC,
+  writeFloorMetrics, defineScenario, type Context, type TargetRun
 } from './common'
 
 export const s3 = defineScenario({
@@ -24,7 +24,9 @@ export const s3 = defineScenario({
     { key: 'server_cpu_pct', label: 'server CPU', unit: '% core', better: 'lower' },
     { key: 'client_cpu_pct', label: 'client CPU (all threads)', unit: '% core', better: null },
     ...clientLoopMetrics,
-    ...coreMetrics
+    ...coreMetrics,
+    writeFloorMetrics.perWrite,
+    writeFloorMetrics.coreShare
   ],
   params (ctx) {
     const { options } = ctx
@@ -67,6 +69,12 @@ export const s3 = defineScenario({
         client_cpu_pct: cpu.pct
       }
       addCoreValues(ctx, cpu, values, values.server_cpu_pct, notes)
+      const floor = await measureWriteFloor(ctx, server, notes)
+      if (floor !== null) {
+        values.floor_us_per_write = floor.usPerWrite
+        // The share of a core that one write per event per subscriber takes at this rate, before any other work.
+        values.floor_core_pct = (rate * opened.established * floor.usPerWrite) / 1e4
+      }
       return {
         values,
         details: { outcome, publish: { ...published, rtt: published.rtt.toJSON() }, report: { ...report, latency: report.latency.toJSON() }, client_cpu: cpu },
