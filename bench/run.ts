@@ -38,6 +38,8 @@ Scenarios (default: all, in order; each against the baseline, then the gateway):
   s4  Redis mode: 2 instances, subscribers split across them, a burst as in s2 (needs Redis)
   s5  churn / soak: N streams living a few seconds each while events flow, for D s;
       RSS over time, descriptors, handles, registry back to zero
+  In s2 and s3 the baseline run also measures the machine's write floor: one bare
+  socket.write to each open stream, and what that alone costs at the scenario's size.
 
 Options:
   --scenario s1,s2     which scenarios (repeatable or comma list)
