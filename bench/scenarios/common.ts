@@ -315,7 +315,6 @@ export interface WriteFloor {
   usPerWrite: number
   /** Wall time of one write to every open stream, median of the passes. */
   passMs: number
-  writes: number
 }
 
 function median (values: number[]): number {
@@ -340,8 +339,7 @@ export async function measureWriteFloor (ctx: Context, server: ServerProcess, no
     if (body.writes === 0 || body.passes.length === 0) throw new Error('no stream to write to')
     return {
       usPerWrite: median(body.passes.map((pass) => pass.cpuUsPerWrite)),
-      passMs: median(body.passes.map((pass) => pass.wallMs)),
-      writes: body.writes
+      passMs: median(body.passes.map((pass) => pass.wallMs))
     }
   } catch (error) {
     notes.push(`write floor not measured: ${error instanceof Error ? error.message : String(error)}`)
