@@ -1,9 +1,9 @@
 /**
  * The benchmark suite: `npm run bench -- [flags]` (see --help). Each scenario
- * runs against the baseline (bench/baseline-server.ts) and the gateway, each a
- * fresh child process pinned to one core, with this process (load client and
- * publisher) pinned to the other; prints a table and writes
- * bench/results/<timestamp>.json.
+ * runs against the baseline (bench/baseline-server.ts), the gateway and, where
+ * installed, nginx + Nchan, each a fresh child process pinned to one core, with
+ * this process (load client and publisher) pinned to the other; prints a table
+ * and writes bench/results/<timestamp>.json.
  */
 import { spawnSync } from 'node:child_process'
 import { randomBytes } from 'node:crypto'
@@ -15,10 +15,11 @@ import { ClientPool } from './lib/client-pool'
 import { clockWith, epochOffsetUs, sleep } from './lib/clock'
 import { fileLimit, hasTaskset, machine, pinSelf } from './lib/proc'
 import { renderProfile } from './lib/profile'
-import { freePort, ROOT, ServerProcess, type TargetKind } from './lib/server'
-import { formatNumber, ratio, renderTable } from './lib/table'
+import { findNchan } from './lib/nchan'
+import { freePort, ROOT, ServerProcess, TARGET_KINDS, type TargetKind } from './lib/server'
+import { formatNumber, ratio, renderTable, runOf } from './lib/table'
 import { signToken, userTokens } from './lib/token'
-import { awaitQuiet, type Context, type Options, type Scenario, type ScenarioResult } from './scenarios/common'
+import { awaitQuiet, TOPIC, type Context, type Options, type Scenario, type ScenarioResult } from './scenarios/common'
 import { s1 } from './scenarios/s1-idle'
 import { s2 } from './scenarios/s2-fanout'
 import { s3 } from './scenarios/s3-steady'
@@ -31,7 +32,7 @@ const FD_RESERVE = 200
 
 const HELP = `npm run bench -- [options]
 
-Scenarios (default: all, in order; each against the baseline, then the gateway):
+Scenarios (default: all, in order; each against the baseline, the gateway, then nginx + Nchan):
   s1  idle: open N streams (32 handshakes in flight); RSS per stream, time to open all
   s2  fan-out burst: N subscribers of one topic, E events back to back; deliveries/s, completeness, order, p50/p99
   s3  steady latency: N subscribers, R events/s for D s; p50/p99
@@ -43,7 +44,11 @@ Scenarios (default: all, in order; each against the baseline, then the gateway):
 
 Options:
   --scenario s1,s2     which scenarios (repeatable or comma list)
-  --targets LIST       gateway,baseline (default both)
+  --targets LIST       baseline,gateway,nchan (default: all three, nchan only where
+                       nginx and Nchan's module are installed: Debian's nginx and
+                       libnginx-mod-nchan, or $NGINX and $NCHAN_MODULE). Nchan runs
+                       s1-s3 with one nginx worker; s4 and s5 measure the Node
+                       servers only
   --quick              small sizes: a smoke run in under a minute
   --subscribers N      streams per scenario (defaults: s1 10000, s2 10000, s3 1000, s4 10000, s5 5000)
   --events E           events of the s2/s4 burst (default 200)
@@ -110,10 +115,12 @@ function parseOptions (argv: string[]): Options {
   for (const id of scenarios) {
     if (!SCENARIOS.some((scenario) => scenario.id === id)) throw new Error(`unknown scenario "${id}" (s1..s5)`)
   }
-  const targets = (values.targets ?? 'baseline,gateway').split(',').map((item) => item.trim())
+  const nchan = findNchan() !== null
+  const targets = (values.targets ?? (nchan ? 'baseline,gateway,nchan' : 'baseline,gateway')).split(',').map((item) => item.trim())
   for (const target of targets) {
-    if (target !== 'gateway' && target !== 'baseline') throw new Error(`unknown target "${target}" (gateway, baseline)`)
+    if (!(TARGET_KINDS as readonly string[]).includes(target)) throw new Error(`unknown target "${target}" (${TARGET_KINDS.join(', ')})`)
   }
+  if (targets.includes('nchan') && !nchan) throw new Error('target nchan: nginx with Nchan\'s module was not found (Debian: apt-get install nginx libnginx-mod-nchan; or set NGINX and NCHAN_MODULE)')
   const gatewayEnv: Record<string, string> = {}
   for (const item of values['gateway-env'] ?? []) {
     const match = /^([A-Z_][A-Z0-9_]*)=(.*)$/.exec(item)
@@ -123,7 +130,7 @@ function parseOptions (argv: string[]): Options {
   const pin = values['no-pin'] !== true && cpus().length >= 2 && hasTaskset()
   return {
     scenarios: SCENARIOS.map((scenario) => scenario.id).filter((id) => scenarios.includes(id)),
-    targets: (['baseline', 'gateway'] as const).filter((target) => targets.includes(target)),
+    targets: TARGET_KINDS.filter((target) => targets.includes(target)),
     quick: values.quick === true,
     subscribers: number('subscribers', values.subscribers, 1, 1_000_000),
     events: number('events', values.events, 1, 1_000_000),
@@ -264,6 +271,7 @@ async function main (): Promise<void> {
         cpu: start.cpu,
         env,
         logFile: join(logDir, `${start.label}.log`),
+        topic: TOPIC,
         cpuProfDir: options.cpuProf && kind === 'gateway' ? profDir : undefined
       })
       servers.add(server)
@@ -302,6 +310,7 @@ async function main (): Promise<void> {
     const params = scenario.params(ctx)
     const result: ScenarioResult = { id: scenario.id, title: scenario.title, params, metrics: scenario.metrics, runs: {}, notes: [] }
     for (const kind of options.targets) {
+      if (scenario.supports !== undefined && !scenario.supports.includes(kind)) continue
       log(`${scenario.title} → ${kind} ${JSON.stringify(params)}`)
       const begun = Date.now()
       try {
@@ -364,12 +373,16 @@ async function main (): Promise<void> {
     scenarios: results.map((result) => ({
       ...result,
       ratios: Object.fromEntries(result.metrics.map((metric) => {
-        const gateway = result.runs.gateway
-        const baseline = result.runs.baseline
-        const g = gateway !== undefined && !('error' in gateway) ? gateway.values[metric.key] : null
-        const b = baseline !== undefined && !('error' in baseline) ? baseline.values[metric.key] : null
-        return [metric.key, ratio(metric, g, b)]
-      }))
+        const g = runOf(result, 'gateway')?.values[metric.key]
+        return [metric.key, ratio(metric, g, runOf(result, 'baseline')?.values[metric.key])]
+      })),
+      // gateway ÷ nginx + Nchan, where Nchan ran.
+      ratiosToNchan: result.runs.nchan === undefined
+        ? null
+        : Object.fromEntries(result.metrics.map((metric) => {
+          const g = runOf(result, 'gateway')?.values[metric.key]
+          return [metric.key, ratio(metric, g, runOf(result, 'nchan')?.values[metric.key])]
+        }))
     })),
     profiles
   }

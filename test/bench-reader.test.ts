@@ -75,3 +75,19 @@ t.test('a body that is not chunked (the baseline may write either) and multi-lin
   t.equal(reader.gaps + reader.outOfOrder, 0)
   t.ok(reader.connected)
 })
+
+t.test('a stream is open when its server\'s ready marker arrives: Nchan greets with a comment, not `connected`', async (t) => {
+  const nchanHead = Buffer.from('HTTP/1.1 200 OK\r\ncontent-type: text/event-stream; charset=utf-8\r\ntransfer-encoding: chunked\r\n\r\n')
+  const greeting = chunkOfText(': hi\n\n')
+  const nchan = new StreamReader(totals(), Buffer.from(': hi\n'))
+  nchan.feed(nchanHead, 10)
+  t.notOk(nchan.connected, 'not open on the head alone')
+  nchan.feed(greeting, 10)
+  t.ok(nchan.connected, 'open on Nchan\'s greeting')
+  nchan.feed(chunkOfText('id: 1796283158:0\nevent: bench\ndata: {"t":1,"seq":1}\n\n'), 10)
+  t.equal(nchan.events, 1, 'its events count like the gateway\'s')
+
+  const gatewayReader = new StreamReader(totals())
+  gatewayReader.feed(Buffer.concat([nchanHead, greeting]), 10)
+  t.notOk(gatewayReader.connected, 'a reader waiting for the gateway\'s `connected` is not fooled by a comment')
+})

@@ -4,6 +4,12 @@ import type { SerializedHistogram } from './histogram'
 export interface Endpoint {
   host: string
   port: number
+  /**
+   * What a publish request's body is: the gateway's envelope
+   * (`{"to":…,"event":…,"data":…}`), or only the event's data (Nchan, which
+   * publishes a request's body as is).
+   */
+  publishBody?: 'envelope' | 'data'
 }
 
 export interface StreamPlan {
@@ -11,6 +17,8 @@ export interface StreamPlan {
   endpoints: Endpoint[]
   /** Request path up to the token, e.g. `/v1/stream?topics=bench&token=`. */
   pathPrefix: string
+  /** Bytes that tell the stream is open end to end (`event: connected\n` from the gateway). */
+  readyMarker: string
   /** Connection i uses tokens[i % tokens.length] (one token per user). */
   tokens: string[]
   /** Source addresses to spread connections over (empty: let the kernel choose). */

@@ -52,6 +52,7 @@ interface Opener {
 }
 
 function opener (plan: StreamPlan): Opener {
+  const readyMarker = Buffer.from(plan.readyMarker)
   const errors: Record<string, number> = {}
   const handshake = new Histogram()
   const open = (index: number, settled: (conn: Conn | null) => void): void => {
@@ -65,7 +66,7 @@ function opener (plan: StreamPlan): Opener {
       localAddress,
       onread: { buffer: READ_BUFFER, callback: (length: number, buffer: Uint8Array) => { onRead(buffer, length); return true } }
     })
-    const conn: Conn = { index, socket, reader: new StreamReader(totals), startUs: now(), leaving: false, done: false, closeAtMs: 0 }
+    const conn: Conn = { index, socket, reader: new StreamReader(totals, readyMarker), startUs: now(), leaving: false, done: false, closeAtMs: 0 }
     let pending = true
     const settle = (ok: boolean, reason?: string): void => {
       if (!pending) return

@@ -41,6 +41,25 @@ export function cpuSeconds (pid: number): number | null {
   return (utime + stime) / ticksPerSecond()
 }
 
+/** Processes whose parent is `pid` (nginx's workers under its master), in pid order. */
+export function childPids (pid: number): number[] {
+  const children: number[] = []
+  let entries: string[]
+  try {
+    entries = readdirSync('/proc')
+  } catch {
+    return children
+  }
+  for (const entry of entries) {
+    if (!/^\d+$/.test(entry)) continue
+    const stat = readText(`/proc/${entry}/stat`)
+    if (stat === null) continue
+    const parent = Number(stat.slice(stat.lastIndexOf(')') + 2).split(' ')[1])
+    if (parent === pid) children.push(Number(entry))
+  }
+  return children.sort((a, b) => a - b)
+}
+
 /** Open file descriptors of a process (sockets included), or null. */
 export function fdCount (pid: number): number | null {
   try {

@@ -45,7 +45,8 @@ export class Publisher {
     const endpoint = this.endpoints[this.turn++ % this.endpoints.length]
     const seq = ++this.seq
     const sentAt = this.clock()
-    const body = `{"to":{"topic":"${this.topic}"},"event":"bench","data":{"t":${sentAt},"seq":${seq}}}`
+    const data = `{"t":${sentAt},"seq":${seq}}`
+    const body = endpoint.publishBody === 'data' ? data : `{"to":{"topic":"${this.topic}"},"event":"bench","data":${data}}`
     this.sent++
     return new Promise<void>((resolve) => {
       const req = request({
@@ -57,7 +58,9 @@ export class Publisher {
         headers: {
           'content-type': 'application/json',
           'content-length': Buffer.byteLength(body),
-          authorization: `Bearer ${this.token}`
+          authorization: `Bearer ${this.token}`,
+          // Nchan names the event from this header, so both servers send `event: bench`.
+          ...(endpoint.publishBody === 'data' ? { 'x-eventsource-event': 'bench' } : {})
         }
       }, (res) => {
         res.resume()
@@ -65,7 +68,8 @@ export class Publisher {
           this.rtt.record(this.clock() - sentAt)
           const status = String(res.statusCode)
           this.statuses[status] = (this.statuses[status] ?? 0) + 1
-          if (res.statusCode === 202) this.accepted++
+          // The gateway answers 202; Nchan 201 once a subscriber got the message.
+          if (res.statusCode === 202 || res.statusCode === 201) this.accepted++
           resolve()
         })
       })

@@ -1,19 +1,23 @@
 /**
- * A server under test as a child process: the gateway (`node dist/src/server.js`)
- * or the baseline (`node dist/bench/baseline-server.js`), pinned to a CPU with
- * taskset when it can be, its file limit raised to the hard limit, its logs
- * sent to a file (so reading them costs the load client nothing).
+ * A server under test as a child process: the gateway (`node dist/src/server.js`),
+ * the baseline (`node dist/bench/baseline-server.js`) or nginx + Nchan, pinned
+ * to a CPU with taskset when it can be, its file limit raised to the hard
+ * limit, its logs sent to a file (so reading them costs the load client nothing).
  */
 import { spawn, type ChildProcess } from 'node:child_process'
-import { closeSync, openSync, readFileSync, statSync } from 'node:fs'
+import { closeSync, mkdirSync, openSync, readFileSync, statSync, writeFileSync } from 'node:fs'
 import { createServer } from 'node:net'
-import { join } from 'node:path'
+import { dirname, join } from 'node:path'
 import { sleep } from './clock'
 import type { Endpoint } from './client-protocol'
 import { httpRequest, parsePrometheus } from './http'
-import { cpuSeconds, fdCount, hasTaskset, rssKb } from './proc'
+import { findNchan, nchanConfig, stubStatusSubscribers } from './nchan'
+import { childPids, cpuSeconds, fdCount, fileLimit, hasTaskset, rssKb } from './proc'
 
-export type TargetKind = 'gateway' | 'baseline'
+export type TargetKind = 'gateway' | 'baseline' | 'nchan'
+
+/** Every target, in the order a run measures them. */
+export const TARGET_KINDS: readonly TargetKind[] = ['baseline', 'gateway', 'nchan']
 
 /** The project's root, from dist/bench/lib. */
 export const ROOT = join(__dirname, '..', '..', '..')
@@ -30,6 +34,8 @@ export interface ServerOptions {
   logFile: string
   /** Write a V8 CPU profile into this directory at exit. */
   cpuProfDir?: string
+  /** nginx + Nchan only: the channel publishes go to. */
+  topic?: string
 }
 
 export interface ServerSnapshot {
@@ -69,12 +75,26 @@ export class ServerProcess {
     this.exited = new Promise((resolve) => { this.markExited = resolve })
   }
 
+  /** nginx's worker, where Nchan holds the streams: what memory and CPU are read from. */
+  private workerPid = 0
+
   get pid (): number {
     return this.child?.pid ?? 0
   }
 
+  /** The process holding the streams: the server itself, or nginx's one worker. */
+  get measuredPid (): number {
+    return this.options.kind === 'nchan' ? this.workerPid : this.pid
+  }
+
   get endpoint (): Endpoint {
-    return { host: this.options.host, port: this.options.port }
+    return { host: this.options.host, port: this.options.port, publishBody: this.options.kind === 'nchan' ? 'data' : 'envelope' }
+  }
+
+  /** What a stream's first bytes hold once the server has it open end to end. */
+  get readyMarker (): string {
+    // Nchan's EventSource subscriber greets with a comment; it has no `connected` event.
+    return this.options.kind === 'nchan' ? ': hi\n' : 'event: connected\n'
   }
 
   get url (): string {
@@ -86,13 +106,9 @@ export class ServerProcess {
   }
 
   async start (readyTimeoutMs = 20_000): Promise<void> {
-    const { kind, cpu, env, logFile, cpuProfDir } = this.options
-    const script = kind === 'gateway' ? join(ROOT, 'dist', 'src', 'server.js') : join(ROOT, 'dist', 'bench', 'baseline-server.js')
-    const nodeArgs = ['--expose-gc', '-r', join(__dirname, 'gc-on-signal.js')]
-    // The gateway runs with the Node flags `npm start` gives it; the baseline with Node's defaults.
-    if (kind === 'gateway') nodeArgs.push(...gatewayNodeFlags())
-    if (cpuProfDir !== undefined) nodeArgs.push('--cpu-prof', `--cpu-prof-dir=${cpuProfDir}`, `--cpu-prof-name=${this.options.label}.${Date.now()}.cpuprofile`)
-    const command = [process.execPath, ...nodeArgs, script]
+    const { kind, cpu, env, logFile } = this.options
+    const command = kind === 'nchan' ? this.nginxCommand() : this.nodeCommand()
+    // taskset pins nginx's master and, through it, the worker it forks.
     if (cpu !== null && hasTaskset()) command.unshift('taskset', '-c', cpu)
     const log = openSync(logFile, 'a')
     // sh raises the soft file limit to the hard one, then becomes the server (same pid).
@@ -112,7 +128,10 @@ export class ServerProcess {
       if (!this.running) throw new Error(`${this.options.label} exited (${String(this.exitCode)}) while starting:\n${this.logTail()}`)
       try {
         const answer = await httpRequest(`${this.url}/health`, { timeoutMs: 1000 })
-        if (answer.status === 200) return
+        if (answer.status === 200) {
+          if (kind === 'nchan') this.workerPid = childPids(this.pid)[0] ?? 0
+          return
+        }
       } catch {
         // not listening yet
       }
@@ -120,6 +139,37 @@ export class ServerProcess {
     }
     await this.stop()
     throw new Error(`${this.options.label} did not answer /health within ${readyTimeoutMs} ms:\n${this.logTail()}`)
+  }
+
+  private nodeCommand (): string[] {
+    const { kind, cpuProfDir } = this.options
+    const script = kind === 'gateway' ? join(ROOT, 'dist', 'src', 'server.js') : join(ROOT, 'dist', 'bench', 'baseline-server.js')
+    const nodeArgs = ['--expose-gc', '-r', join(__dirname, 'gc-on-signal.js')]
+    // The gateway runs with the Node flags `npm start` gives it; the baseline with Node's defaults.
+    if (kind === 'gateway') nodeArgs.push(...gatewayNodeFlags())
+    if (cpuProfDir !== undefined) nodeArgs.push('--cpu-prof', `--cpu-prof-dir=${cpuProfDir}`, `--cpu-prof-name=${this.options.label}.${Date.now()}.cpuprofile`)
+    return [process.execPath, ...nodeArgs, script]
+  }
+
+  /** nginx in the foreground with a config of its own, beside the run's logs. */
+  private nginxCommand (): string[] {
+    const install = findNchan()
+    if (install === null) throw new Error('nginx with Nchan\'s module is not installed (Debian: apt-get install nginx libnginx-mod-nchan)')
+    const dir = join(dirname(this.options.logFile), `${this.options.label}.nginx`)
+    mkdirSync(dir, { recursive: true })
+    const config = join(dir, 'nginx.conf')
+    // The shell raises the file limit to the hard one before nginx starts; the worker may use all of it.
+    const hard = fileLimit()?.hard ?? 1024
+    writeFileSync(config, nchanConfig({
+      module: install.module,
+      host: this.options.host,
+      port: this.options.port,
+      dir,
+      errorLog: this.options.logFile,
+      topic: this.options.topic ?? 'bench',
+      connections: Math.min(hard, 1_000_000)
+    }))
+    return [install.nginx, '-p', dir, '-c', config, '-e', this.options.logFile]
   }
 
   logTail (bytes = 3000): string {
@@ -134,14 +184,15 @@ export class ServerProcess {
 
   /** Asks the server for a full garbage collection (see gc-on-signal.ts) and gives it time to finish. */
   async collectGarbage (waitMs = 500): Promise<void> {
-    if (!this.running) return
+    // nginx has no garbage collector, and SIGUSR2 would tell it to upgrade its binary.
+    if (!this.running || this.options.kind === 'nchan') return
     this.child?.kill('SIGUSR2')
     await sleep(waitMs)
   }
 
   /** Memory, CPU time and descriptors from /proc; the stream count from the server itself. */
   async snapshot (adminToken: string): Promise<ServerSnapshot> {
-    const pid = this.pid
+    const pid = this.measuredPid
     const base: ServerSnapshot = { rssKb: rssKb(pid), cpuS: cpuSeconds(pid), fds: fdCount(pid), connections: null, statsConnections: null, handles: null, heapUsedBytes: null }
     try {
       if (this.options.kind === 'gateway') {
@@ -156,6 +207,9 @@ export class ServerProcess {
           const parsed = JSON.parse(stats.body) as { connections?: unknown }
           if (typeof parsed.connections === 'number') base.statsConnections = parsed.connections
         }
+      } else if (this.options.kind === 'nchan') {
+        const answer = await httpRequest(`${this.url}/stats`, { timeoutMs: 10_000 })
+        base.connections = stubStatusSubscribers(answer.body)
       } else {
         const answer = await httpRequest(`${this.url}/stats`, { timeoutMs: 10_000 })
         const parsed = JSON.parse(answer.body) as { connections: number, handles: number, heapUsed: number }

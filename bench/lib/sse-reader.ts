@@ -9,7 +9,7 @@ import type { Histogram } from './histogram'
 
 const HEAD_END = Buffer.from('\r\n\r\n')
 const SEQ = Buffer.from(',"seq":')
-const CONNECTED = Buffer.from('event: connected\n')
+const GATEWAY_READY = Buffer.from('event: connected\n')
 
 const enum Chunk { Size, Data, DataEnd }
 
@@ -26,7 +26,7 @@ export interface ReaderTotals {
 export class StreamReader {
   /** HTTP status, 0 until the head has arrived. */
   status = 0
-  /** Set once the `connected` event arrived (the stream is open end to end). */
+  /** Set once the server's ready marker arrived (the stream is open end to end). */
   connected = false
   /** True after the terminating zero-size chunk. */
   ended = false
@@ -44,7 +44,8 @@ export class StreamReader {
   private sizeDigits = true
   private carry: Buffer | null = null
 
-  constructor (private readonly totals: ReaderTotals) {}
+  /** `readyMarker`: the bytes that say the stream is open end to end, shared by every reader of a plan. */
+  constructor (private readonly totals: ReaderTotals, private readonly readyMarker: Buffer = GATEWAY_READY) {}
 
   /** Forgets counts (not the connection state), at the start of a measured phase. */
   resetCounts (): void {
@@ -160,7 +161,7 @@ export class StreamReader {
     const end = last + 2
     if (end < stop) this.carry = Buffer.from(buffer.subarray(end, stop))
     if (!this.connected) {
-      const at = buffer.indexOf(CONNECTED, start)
+      const at = buffer.indexOf(this.readyMarker, start)
       if (at >= 0 && at < end) this.connected = true
     }
     const totals = this.totals

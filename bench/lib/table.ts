@@ -1,5 +1,6 @@
 /** The results table printed at the end of a run. */
 import type { MetricDef, ScenarioResult, TargetRun } from '../scenarios/common'
+import type { TargetKind } from './server'
 
 export function formatNumber (value: number | null | undefined): string {
   if (value === null || value === undefined || !Number.isFinite(value)) return '—'
@@ -16,50 +17,59 @@ function withUnit (value: number | null | undefined, unit: string): string {
   return text === '—' || unit === '' ? text : `${text} ${unit}`
 }
 
-function runOf (result: ScenarioResult, kind: 'gateway' | 'baseline'): TargetRun | null {
+export function runOf (result: ScenarioResult, kind: TargetKind): TargetRun | null {
   const run = result.runs[kind]
   return run === undefined || 'error' in run ? null : run
 }
 
-/** gateway ÷ baseline, or null when either side is missing or zero. */
-export function ratio (metric: MetricDef, gateway: number | null | undefined, baseline: number | null | undefined): number | null {
+/** gateway ÷ another target, or null when either side is missing or zero. */
+export function ratio (metric: MetricDef, gateway: number | null | undefined, other: number | null | undefined): number | null {
   if (metric.better === null) return null
-  if (gateway === null || gateway === undefined || baseline === null || baseline === undefined || baseline <= 0 || gateway < 0) return null
-  return gateway / baseline
+  if (gateway === null || gateway === undefined || other === null || other === undefined || other <= 0 || gateway < 0) return null
+  return gateway / other
 }
 
+function ratioCell (metric: MetricDef, r: number | null): string {
+  if (r === null) return ''
+  const better = metric.better === 'higher' ? r >= 1 : r <= 1
+  return `${r.toFixed(2)}×${better ? ' ✓' : ''}`
+}
+
+function cellOf (result: ScenarioResult, kind: TargetKind, metric: MetricDef): string {
+  const run = result.runs[kind]
+  if (run === undefined) return 'not run'
+  if ('error' in run) return 'error'
+  return withUnit(run.values[metric.key], metric.unit)
+}
+
+/** One row per metric: each target's figure, the gateway's ratio to the baseline (and to Nchan, where it ran), the target. */
 export function renderTable (results: ScenarioResult[]): string {
-  const rows: string[][] = [['scenario', 'metric', 'baseline', 'gateway', 'gw/base', 'issue 7 target']]
+  const withNchan = results.some((result) => result.runs.nchan !== undefined)
+  const kinds: TargetKind[] = withNchan ? ['baseline', 'gateway', 'nchan'] : ['baseline', 'gateway']
+  const header = ['scenario', 'metric', ...kinds, 'gw/base', ...(withNchan ? ['gw/nchan'] : []), 'issue 7 target']
+  const rows: string[][] = [header]
   for (const result of results) {
-    const gateway = runOf(result, 'gateway')
-    const baseline = runOf(result, 'baseline')
     let first = true
     for (const metric of result.metrics) {
-      const g = gateway?.values[metric.key]
-      const b = baseline?.values[metric.key]
-      if ((g === undefined || g === null) && (b === undefined || b === null)) continue
-      const r = ratio(metric, g, b)
-      const mark = r === null ? '' : metric.better === 'higher' ? (r >= 1 ? ' ✓' : '') : (r <= 1 ? ' ✓' : '')
-      rows.push([
-        first ? result.id.toUpperCase() : '',
-        metric.label,
-        result.runs.baseline === undefined ? 'not run' : baseline === null ? 'error' : withUnit(b, metric.unit),
-        result.runs.gateway === undefined ? 'not run' : gateway === null ? 'error' : withUnit(g, metric.unit),
-        r === null ? '' : `${r.toFixed(2)}×${mark}`,
-        metric.target ?? ''
-      ])
+      const values = kinds.map((kind) => runOf(result, kind)?.values[metric.key])
+      if (values.every((value) => value === undefined || value === null)) continue
+      const g = runOf(result, 'gateway')?.values[metric.key]
+      const ratios = [ratioCell(metric, ratio(metric, g, runOf(result, 'baseline')?.values[metric.key]))]
+      if (withNchan) ratios.push(result.runs.nchan === undefined ? '' : ratioCell(metric, ratio(metric, g, runOf(result, 'nchan')?.values[metric.key])))
+      rows.push([first ? result.id.toUpperCase() : '', metric.label, ...kinds.map((kind) => cellOf(result, kind, metric)), ...ratios, metric.target ?? ''])
       first = false
     }
-    if (first) rows.push([result.id.toUpperCase(), '(no figures)', errorOf(result, 'baseline'), errorOf(result, 'gateway'), '', ''])
+    if (first) rows.push([result.id.toUpperCase(), '(no figures)', ...kinds.map((kind) => errorOf(result, kind)), ...(withNchan ? ['', ''] : ['']), ''])
   }
-  const widths = rows[0].map((_, column) => Math.max(...rows.map((row) => [...row[column]].length)))
-  const line = (row: string[]): string => row.map((cell, column) => column >= 2 && column <= 4 ? cell.padStart(widths[column]) : cell.padEnd(widths[column])).join('  ')
-  const out = [line(rows[0]), widths.map((width) => '-'.repeat(width)).join('  ')]
+  const numeric = (column: number): boolean => column >= 2 && column < header.length - 1
+  const widths = header.map((_, column) => Math.max(...rows.map((row) => [...row[column]].length)))
+  const line = (row: string[]): string => row.map((cell, column) => numeric(column) ? cell.padStart(widths[column]) : cell.padEnd(widths[column])).join('  ')
+  const out = [line(header), widths.map((width) => '-'.repeat(width)).join('  ')]
   for (const row of rows.slice(1)) out.push(line(row))
   return out.join('\n')
 }
 
-function errorOf (result: ScenarioResult, kind: 'gateway' | 'baseline'): string {
+function errorOf (result: ScenarioResult, kind: TargetKind): string {
   const run = result.runs[kind]
   if (run === undefined) return 'not run'
   return 'error' in run ? 'error' : ''

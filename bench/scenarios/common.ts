@@ -97,8 +97,10 @@ export interface ScenarioDef<P extends Record<string, unknown>> {
   metrics: MetricDef[]
   params (ctx: Context): P
   run (ctx: Context, target: TargetKind, params: P): Promise<TargetRun>
-  /** Runs after both targets, to add cross-target or cross-scenario notes. */
+  /** Runs after every target, to add cross-target or cross-scenario notes. */
   finish?: (ctx: Context, result: ScenarioResult) => void
+  /** The targets this scenario can measure, when not all of them. */
+  supports?: readonly TargetKind[]
 }
 
 /** A scenario as the runner sees it, its parameter type hidden. */
@@ -109,6 +111,7 @@ export interface Scenario {
   params (ctx: Context): Record<string, unknown>
   run (ctx: Context, target: TargetKind): Promise<TargetRun>
   finish?: (ctx: Context, result: ScenarioResult) => void
+  supports?: readonly TargetKind[]
 }
 
 export function defineScenario<P extends Record<string, unknown>> (def: ScenarioDef<P>): Scenario {
@@ -119,7 +122,8 @@ export function defineScenario<P extends Record<string, unknown>> (def: Scenario
     params: (ctx) => def.params(ctx),
     // Parameters depend only on the options, so they are derived again rather than passed through untyped.
     run: async (ctx, target) => await def.run(ctx, target, def.params(ctx)),
-    finish: def.finish
+    finish: def.finish,
+    supports: def.supports
   }
 }
 
@@ -128,6 +132,7 @@ export function plan (ctx: Context, servers: ServerProcess[], tokens: string[], 
   return {
     endpoints: servers.map((server) => server.endpoint),
     pathPrefix: `/v1/stream?topics=${topic}&token=`,
+    readyMarker: servers[0].readyMarker,
     tokens,
     localAddresses,
     handshakeTimeoutMs: 15_000

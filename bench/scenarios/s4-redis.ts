@@ -58,6 +58,8 @@ export async function redisAnswers (url: string): Promise<boolean> {
 export const s4 = defineScenario({
   id: 's4',
   title: 'S4 Redis mode, 2 instances',
+  // Nchan's own Redis mode is not set up here: S4 compares the gateway's Redis mode with the baseline's.
+  supports: ['baseline', 'gateway'],
   metrics: ([
     ...fanOutMetrics.map((metric) => metric.key === 'deliveries_per_s' || metric.key === 'latency_p99_ms' ? { ...metric, target: undefined } : metric),
     { key: 'deliveries_per_server_cpu_s', label: 'deliveries per server CPU-second', unit: '/cpu-s', better: 'higher' },

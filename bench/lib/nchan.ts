@@ -1,0 +1,103 @@
+/**
+ * nginx + Nchan, the peer issue 7 sets the gateway's targets against, as an
+ * optional third target. Run in the same invocation as the gateway, on the
+ * same core and with the same client, its figures give a ratio that holds
+ * when the machine is slower or faster than on the day a table was written.
+ *
+ * It needs nginx and Nchan's dynamic module (Debian: `nginx` and
+ * `libnginx-mod-nchan`). One worker process, as in the issue's figures; the
+ * streams subscribe with Nchan's EventSource subscriber and the bench's
+ * publisher posts to Nchan's publisher location.
+ */
+import { execFileSync } from 'node:child_process'
+import { existsSync } from 'node:fs'
+
+export interface NchanInstall {
+  nginx: string
+  module: string
+}
+
+const MODULE_PATHS = [
+  '/usr/lib/nginx/modules/ngx_nchan_module.so',
+  '/usr/lib64/nginx/modules/ngx_nchan_module.so',
+  '/usr/local/nginx/modules/ngx_nchan_module.so'
+]
+
+let found: NchanInstall | null | undefined
+
+/** nginx and Nchan's module, from $NGINX / $NCHAN_MODULE or the usual places; null when either is missing. */
+export function findNchan (): NchanInstall | null {
+  if (found !== undefined) return found
+  const nginx = process.env.NGINX ?? ['/usr/sbin/nginx', '/usr/local/sbin/nginx', '/usr/local/nginx/sbin/nginx'].find((path) => existsSync(path)) ?? 'nginx'
+  const module = process.env.NCHAN_MODULE ?? MODULE_PATHS.find((path) => existsSync(path))
+  found = null
+  if (module === undefined || !existsSync(module)) return found
+  try {
+    execFileSync(nginx, ['-v'], { stdio: 'ignore' })
+    found = { nginx, module }
+  } catch {
+    // no nginx to load the module into
+  }
+  return found
+}
+
+export interface NchanConfigOptions {
+  module: string
+  host: string
+  port: number
+  /** Directory for the pid file and nginx's temporary files. */
+  dir: string
+  errorLog: string
+  /** The channel every publish goes to: the bench's scenarios publish to one topic each. */
+  topic: string
+  /** worker_connections: the streams plus the publisher and the bench's own requests. */
+  connections: number
+}
+
+/**
+ * The bench's routes, in Nchan: `GET /v1/stream?topics=T` subscribes to channel
+ * T; `POST /v1/publish` publishes its body to the scenario's topic; `/health`
+ * answers the readiness check; `/stats` is Nchan's stub status (its
+ * `subscribers:` line is the server's own stream count).
+ */
+export function nchanConfig (options: NchanConfigOptions): string {
+  const { dir } = options
+  return `load_module ${options.module};
+daemon off;
+master_process on;
+worker_processes 1;
+pid ${dir}/nginx.pid;
+error_log ${options.errorLog} warn;
+events {
+  worker_connections ${options.connections};
+  multi_accept on;
+}
+http {
+  access_log off;
+  client_body_temp_path ${dir}/client_body;
+  proxy_temp_path ${dir}/proxy;
+  fastcgi_temp_path ${dir}/fastcgi;
+  uwsgi_temp_path ${dir}/uwsgi;
+  scgi_temp_path ${dir}/scgi;
+  server {
+    listen ${options.host}:${options.port};
+    location = /health { return 200 "ok\\n"; }
+    location = /stats { nchan_stub_status; }
+    location = /v1/stream {
+      nchan_subscriber eventsource;
+      nchan_channel_id $arg_topics;
+    }
+    location = /v1/publish {
+      nchan_publisher;
+      nchan_channel_id ${options.topic};
+    }
+  }
+}
+`
+}
+
+/** The `subscribers:` count in Nchan's stub status, or null. */
+export function stubStatusSubscribers (body: string): number | null {
+  const match = /^subscribers:\s*(\d+)/m.exec(body)
+  return match === null ? null : Number(match[1])
+}
