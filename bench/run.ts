@@ -19,7 +19,7 @@ import { findNchan } from './lib/nchan'
 import { freePort, ROOT, ServerProcess, TARGET_KINDS, type TargetKind } from './lib/server'
 import { formatNumber, ratio, renderTable, runOf } from './lib/table'
 import { signToken, userTokens } from './lib/token'
-import { awaitQuiet, TOPIC, type Context, type Options, type Scenario, type ScenarioResult } from './scenarios/common'
+import { awaitQuiet, type Context, type Options, type Scenario, type ScenarioResult } from './scenarios/common'
 import { s1 } from './scenarios/s1-idle'
 import { s2 } from './scenarios/s2-fanout'
 import { s3 } from './scenarios/s3-steady'
@@ -271,7 +271,7 @@ async function main (): Promise<void> {
         cpu: start.cpu,
         env,
         logFile: join(logDir, `${start.label}.log`),
-        topic: TOPIC,
+        maxConnections: largestStreams(options) + FD_RESERVE,
         cpuProfDir: options.cpuProf && kind === 'gateway' ? profDir : undefined
       })
       servers.add(server)
@@ -376,7 +376,6 @@ async function main (): Promise<void> {
         const g = runOf(result, 'gateway')?.values[metric.key]
         return [metric.key, ratio(metric, g, runOf(result, 'baseline')?.values[metric.key])]
       })),
-      // gateway ÷ nginx + Nchan, where Nchan ran.
       ratiosToNchan: result.runs.nchan === undefined
         ? null
         : Object.fromEntries(result.metrics.map((metric) => {

@@ -89,6 +89,15 @@ t.test('npm run bench -- --quick: every scenario, every server, all events deliv
           t.equal(v.out_of_order, 0, `${what}: in order`)
           t.equal(v.gaps, 0, `${what}: no gaps`)
       }
+      // Nchan's memory and CPU are read from its worker process: blanks would mean the wrong pid.
+      if (target === 'nchan') {
+        if (scenario.id === 's1') {
+          t.ok((v.rss_per_stream_kb ?? 0) > 0, `${what}: RSS per stream was measured`)
+          t.ok((v.server_cpu_per_open_us ?? 0) > 0, `${what}: CPU per open was measured`)
+        } else {
+          t.ok((v.server_cpu_pct ?? 0) > 0, `${what}: server CPU was measured`)
+        }
+      }
       // The machine's write floor is measured by the baseline, with one server on its core.
       if (target === 'baseline' && (scenario.id === 's2' || scenario.id === 's3')) {
         t.ok((v.floor_us_per_write ?? 0) > 0, `${what}: the write floor was measured`)

@@ -10,7 +10,9 @@
  * publisher posts to Nchan's publisher location.
  */
 import { execFileSync } from 'node:child_process'
-import { existsSync } from 'node:fs'
+import { existsSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
 
 export interface NchanInstall {
   nginx: string
@@ -25,18 +27,27 @@ const MODULE_PATHS = [
 
 let found: NchanInstall | null | undefined
 
-/** nginx and Nchan's module, from $NGINX / $NCHAN_MODULE or the usual places; null when either is missing. */
+/**
+ * nginx and Nchan's module, from $NGINX / $NCHAN_MODULE or the usual places,
+ * once `nginx -t` has loaded the module (a module built for another nginx
+ * fails there, not in every run); null otherwise.
+ */
 export function findNchan (): NchanInstall | null {
   if (found !== undefined) return found
+  found = null
   const nginx = process.env.NGINX ?? ['/usr/sbin/nginx', '/usr/local/sbin/nginx', '/usr/local/nginx/sbin/nginx'].find((path) => existsSync(path)) ?? 'nginx'
   const module = process.env.NCHAN_MODULE ?? MODULE_PATHS.find((path) => existsSync(path))
-  found = null
   if (module === undefined || !existsSync(module)) return found
+  const dir = mkdtempSync(join(tmpdir(), 'bench-nchan-'))
   try {
-    execFileSync(nginx, ['-v'], { stdio: 'ignore' })
+    const config = join(dir, 'nginx.conf')
+    writeFileSync(config, nchanConfig({ module, host: '127.0.0.1', port: 1, dir, errorLog: join(dir, 'error.log'), connections: 16 }))
+    execFileSync(nginx, ['-t', '-q', '-p', dir, '-c', config, '-e', join(dir, 'error.log')], { stdio: 'ignore' })
     found = { nginx, module }
   } catch {
-    // no nginx to load the module into
+    // no nginx, or one that cannot load this module
+  } finally {
+    rmSync(dir, { recursive: true, force: true })
   }
   return found
 }
@@ -48,17 +59,18 @@ export interface NchanConfigOptions {
   /** Directory for the pid file and nginx's temporary files. */
   dir: string
   errorLog: string
-  /** The channel every publish goes to: the bench's scenarios publish to one topic each. */
-  topic: string
   /** worker_connections: the streams plus the publisher and the bench's own requests. */
   connections: number
 }
 
 /**
  * The bench's routes, in Nchan: `GET /v1/stream?topics=T` subscribes to channel
- * T; `POST /v1/publish` publishes its body to the scenario's topic; `/health`
+ * T; `POST /v1/publish?topic=T` publishes its body to channel T; `/health`
  * answers the readiness check; `/stats` is Nchan's stub status (its
- * `subscribers:` line is the server's own stream count).
+ * `subscribers:` line is the server's own stream count). Everything else is
+ * Nchan's and nginx's defaults, but for `multi_accept on`: a connect burst is
+ * S1's whole load, and accepting every pending connection per wake-up is how
+ * nginx is set up for one.
  */
 export function nchanConfig (options: NchanConfigOptions): string {
   const { dir } = options
@@ -89,7 +101,7 @@ http {
     }
     location = /v1/publish {
       nchan_publisher;
-      nchan_channel_id ${options.topic};
+      nchan_channel_id $arg_topic;
     }
   }
 }

@@ -53,7 +53,8 @@ export class Publisher {
         host: endpoint.host,
         port: endpoint.port,
         method: 'POST',
-        path: '/v1/publish',
+        // Nchan takes the channel from the query; the gateway from the body.
+        path: endpoint.publishBody === 'data' ? `/v1/publish?topic=${encodeURIComponent(this.topic)}` : '/v1/publish',
         agent: this.agent,
         headers: {
           'content-type': 'application/json',
@@ -68,7 +69,7 @@ export class Publisher {
           this.rtt.record(this.clock() - sentAt)
           const status = String(res.statusCode)
           this.statuses[status] = (this.statuses[status] ?? 0) + 1
-          // The gateway answers 202; Nchan 201 once a subscriber got the message.
+          // The gateway answers 202; Nchan 201 once a subscriber got the message, 202 when it had none.
           if (res.statusCode === 202 || res.statusCode === 201) this.accepted++
           resolve()
         })

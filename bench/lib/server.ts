@@ -34,8 +34,8 @@ export interface ServerOptions {
   logFile: string
   /** Write a V8 CPU profile into this directory at exit. */
   cpuProfDir?: string
-  /** nginx + Nchan only: the channel publishes go to. */
-  topic?: string
+  /** nginx + Nchan only: its worker_connections, the most streams a run opens plus a reserve. */
+  maxConnections?: number
 }
 
 export interface ServerSnapshot {
@@ -70,13 +70,12 @@ export class ServerProcess {
   private exitCode: number | string | null = null
   private readonly exited: Promise<void>
   private markExited: () => void = () => {}
+  /** nginx's worker, where Nchan holds the streams: what memory and CPU are read from. */
+  private workerPid = 0
 
   constructor (readonly options: ServerOptions) {
     this.exited = new Promise((resolve) => { this.markExited = resolve })
   }
-
-  /** nginx's worker, where Nchan holds the streams: what memory and CPU are read from. */
-  private workerPid = 0
 
   get pid (): number {
     return this.child?.pid ?? 0
@@ -129,7 +128,7 @@ export class ServerProcess {
       try {
         const answer = await httpRequest(`${this.url}/health`, { timeoutMs: 1000 })
         if (answer.status === 200) {
-          if (kind === 'nchan') this.workerPid = childPids(this.pid)[0] ?? 0
+          if (kind === 'nchan') this.findWorker()
           return
         }
       } catch {
@@ -139,6 +138,13 @@ export class ServerProcess {
     }
     await this.stop()
     throw new Error(`${this.options.label} did not answer /health within ${readyTimeoutMs} ms:\n${this.logTail()}`)
+  }
+
+  /** nginx's one worker; without it, memory and CPU would be read from nowhere and print as blanks. */
+  private findWorker (): void {
+    const workers = childPids(this.pid)
+    if (workers.length !== 1) throw new Error(`${this.options.label}: expected one nginx worker under pid ${this.pid}, found ${workers.length}`)
+    this.workerPid = workers[0]
   }
 
   private nodeCommand (): string[] {
@@ -158,7 +164,8 @@ export class ServerProcess {
     const dir = join(dirname(this.options.logFile), `${this.options.label}.nginx`)
     mkdirSync(dir, { recursive: true })
     const config = join(dir, 'nginx.conf')
-    // The shell raises the file limit to the hard one before nginx starts; the worker may use all of it.
+    // nginx allocates every connection slot up front, so the worker's memory
+    // follows this number: sized to the run, not to the machine's file limit.
     const hard = fileLimit()?.hard ?? 1024
     writeFileSync(config, nchanConfig({
       module: install.module,
@@ -166,8 +173,7 @@ export class ServerProcess {
       port: this.options.port,
       dir,
       errorLog: this.options.logFile,
-      topic: this.options.topic ?? 'bench',
-      connections: Math.min(hard, 1_000_000)
+      connections: Math.min(hard, this.options.maxConnections ?? 1024)
     }))
     return [install.nginx, '-p', dir, '-c', config, '-e', this.options.logFile]
   }
@@ -182,12 +188,16 @@ export class ServerProcess {
     }
   }
 
-  /** Asks the server for a full garbage collection (see gc-on-signal.ts) and gives it time to finish. */
-  async collectGarbage (waitMs = 500): Promise<void> {
+  /**
+   * Asks the server for a full garbage collection (see gc-on-signal.ts) and
+   * gives it time to finish; false when there is none to ask for.
+   */
+  async collectGarbage (waitMs = 500): Promise<boolean> {
     // nginx has no garbage collector, and SIGUSR2 would tell it to upgrade its binary.
-    if (!this.running || this.options.kind === 'nchan') return
+    if (!this.running || this.options.kind === 'nchan') return false
     this.child?.kill('SIGUSR2')
     await sleep(waitMs)
+    return true
   }
 
   /** Memory, CPU time and descriptors from /proc; the stream count from the server itself. */
@@ -228,9 +238,24 @@ export class ServerProcess {
     const child = this.child
     if (child === null || this.exitCode !== null) return
     child.kill('SIGTERM')
-    const timer = setTimeout(() => child.kill('SIGKILL'), graceMs)
+    const timer = setTimeout(() => {
+      child.kill('SIGKILL')
+      // A killed nginx master leaves its worker running, holding the port and the pinned CPU.
+      this.killWorker()
+    }, graceMs)
     await this.exited
     clearTimeout(timer)
+    this.killWorker()
+  }
+
+  private killWorker (): void {
+    if (this.workerPid === 0) return
+    try {
+      process.kill(this.workerPid, 'SIGKILL')
+    } catch {
+      // already gone, as after a clean shutdown
+    }
+    this.workerPid = 0
   }
 }
 

@@ -128,6 +128,8 @@ export function defineScenario<P extends Record<string, unknown>> (def: Scenario
 }
 
 export function plan (ctx: Context, servers: ServerProcess[], tokens: string[], topic = TOPIC): StreamPlan {
+  // Every stream of a plan waits for the same ready marker.
+  if (servers.some((server) => server.options.kind !== servers[0].options.kind)) throw new Error('a stream plan spans servers of different kinds')
   const localAddresses = ctx.options.srcIps > 1 ? Array.from({ length: ctx.options.srcIps }, (_, index) => `127.0.0.${index + 1}`) : []
   return {
     endpoints: servers.map((server) => server.endpoint),

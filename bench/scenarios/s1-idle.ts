@@ -58,7 +58,7 @@ export const s1 = defineScenario({
     try {
       await sleep(ctx.options.quick ? 300 : 1000)
       const before = await server.snapshot(ctx.adminToken)
-      await server.collectGarbage()
+      const collects = await server.collectGarbage()
       const beforeGc = await server.snapshot(ctx.adminToken)
       const meter = new CpuMeter()
       const opened = await ctx.pool.open(plan(ctx, [server], ctx.streamTokens(count)), count, params.inFlight)
@@ -86,7 +86,7 @@ export const s1 = defineScenario({
         handshake_p50_ms: ms(opened.handshake.quantile(0.5)),
         handshake_p99_ms: ms(opened.handshake.quantile(0.99)),
         rss_per_stream_kb: perStream(before.rssKb, after.rssKb, 1),
-        rss_per_stream_gc_kb: perStream(beforeGc.rssKb, afterGc.rssKb, 1),
+        rss_per_stream_gc_kb: collects ? perStream(beforeGc.rssKb, afterGc.rssKb, 1) : null,
         rss_before_mb: before.rssKb === null ? null : before.rssKb / 1024,
         rss_after_mb: after.rssKb === null ? null : after.rssKb / 1024,
         heap_per_stream_kb: perStream(beforeGc.heapUsedBytes, afterGc.heapUsedBytes, 1024),
