@@ -125,14 +125,15 @@ export class ServerProcess {
     const deadline = Date.now() + readyTimeoutMs
     while (Date.now() < deadline) {
       if (!this.running) throw new Error(`${this.options.label} exited (${String(this.exitCode)}) while starting:\n${this.logTail()}`)
+      let ready = false
       try {
-        const answer = await httpRequest(`${this.url}/health`, { timeoutMs: 1000 })
-        if (answer.status === 200) {
-          if (kind === 'nchan') this.findWorker()
-          return
-        }
+        ready = (await httpRequest(`${this.url}/health`, { timeoutMs: 1000 })).status === 200
       } catch {
         // not listening yet
+      }
+      if (ready) {
+        if (kind === 'nchan') await this.findWorkerOrStop()
+        return
       }
       await sleep(100)
     }
@@ -141,10 +142,14 @@ export class ServerProcess {
   }
 
   /** nginx's one worker; without it, memory and CPU would be read from nowhere and print as blanks. */
-  private findWorker (): void {
+  private async findWorkerOrStop (): Promise<void> {
     const workers = childPids(this.pid)
-    if (workers.length !== 1) throw new Error(`${this.options.label}: expected one nginx worker under pid ${this.pid}, found ${workers.length}`)
-    this.workerPid = workers[0]
+    if (workers.length === 1) {
+      this.workerPid = workers[0]
+      return
+    }
+    await this.stop()
+    throw new Error(`${this.options.label}: expected one nginx worker under pid ${this.pid}, found ${workers.length}`)
   }
 
   private nodeCommand (): string[] {
