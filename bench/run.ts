@@ -17,7 +17,7 @@ import { fileLimit, hasTaskset, machine, pinSelf } from './lib/proc'
 import { renderProfile } from './lib/profile'
 import { findNchan } from './lib/nchan'
 import { freePort, ROOT, ServerProcess, TARGET_KINDS, type TargetKind } from './lib/server'
-import { formatNumber, ratio, renderTable, runOf } from './lib/table'
+import { formatNumber, gatewayRatio, renderTable } from './lib/table'
 import { signToken, userTokens } from './lib/token'
 import { awaitQuiet, type Context, type Options, type Scenario, type ScenarioResult } from './scenarios/common'
 import { s1 } from './scenarios/s1-idle'
@@ -115,12 +115,12 @@ function parseOptions (argv: string[]): Options {
   for (const id of scenarios) {
     if (!SCENARIOS.some((scenario) => scenario.id === id)) throw new Error(`unknown scenario "${id}" (s1..s5)`)
   }
-  const nchan = findNchan() !== null
-  const targets = (values.targets ?? (nchan ? 'baseline,gateway,nchan' : 'baseline,gateway')).split(',').map((item) => item.trim())
+  // Looking for nginx runs `nginx -t`: only when Nchan is asked for or the default may include it.
+  const targets = (values.targets ?? (findNchan() !== null ? 'baseline,gateway,nchan' : 'baseline,gateway')).split(',').map((item) => item.trim())
   for (const target of targets) {
     if (!(TARGET_KINDS as readonly string[]).includes(target)) throw new Error(`unknown target "${target}" (${TARGET_KINDS.join(', ')})`)
   }
-  if (targets.includes('nchan') && !nchan) throw new Error('target nchan: nginx with Nchan\'s module was not found (Debian: apt-get install nginx libnginx-mod-nchan; or set NGINX and NCHAN_MODULE)')
+  if (targets.includes('nchan') && findNchan() === null) throw new Error('target nchan: nginx with Nchan\'s module was not found (Debian: apt-get install nginx libnginx-mod-nchan; or set NGINX and NCHAN_MODULE)')
   const gatewayEnv: Record<string, string> = {}
   for (const item of values['gateway-env'] ?? []) {
     const match = /^([A-Z_][A-Z0-9_]*)=(.*)$/.exec(item)
@@ -372,16 +372,10 @@ async function main (): Promise<void> {
     options,
     scenarios: results.map((result) => ({
       ...result,
-      ratios: Object.fromEntries(result.metrics.map((metric) => {
-        const g = runOf(result, 'gateway')?.values[metric.key]
-        return [metric.key, ratio(metric, g, runOf(result, 'baseline')?.values[metric.key])]
-      })),
+      ratios: Object.fromEntries(result.metrics.map((metric) => [metric.key, gatewayRatio(result, metric, 'baseline')])),
       ratiosToNchan: result.runs.nchan === undefined
         ? null
-        : Object.fromEntries(result.metrics.map((metric) => {
-          const g = runOf(result, 'gateway')?.values[metric.key]
-          return [metric.key, ratio(metric, g, runOf(result, 'nchan')?.values[metric.key])]
-        }))
+        : Object.fromEntries(result.metrics.map((metric) => [metric.key, gatewayRatio(result, metric, 'nchan')]))
     })),
     profiles
   }

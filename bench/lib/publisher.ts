@@ -46,22 +46,23 @@ export class Publisher {
     const seq = ++this.seq
     const sentAt = this.clock()
     const data = `{"t":${sentAt},"seq":${seq}}`
-    const body = endpoint.publishBody === 'data' ? data : `{"to":{"topic":"${this.topic}"},"event":"bench","data":${data}}`
+    // Nchan publishes a request's body as is and takes the channel from the query; the gateway reads both from its envelope.
+    const bare = endpoint.publishBody === 'data'
+    const body = bare ? data : `{"to":{"topic":"${this.topic}"},"event":"bench","data":${data}}`
     this.sent++
     return new Promise<void>((resolve) => {
       const req = request({
         host: endpoint.host,
         port: endpoint.port,
         method: 'POST',
-        // Nchan takes the channel from the query; the gateway from the body.
-        path: endpoint.publishBody === 'data' ? `/v1/publish?topic=${encodeURIComponent(this.topic)}` : '/v1/publish',
+        path: bare ? `/v1/publish?topic=${encodeURIComponent(this.topic)}` : '/v1/publish',
         agent: this.agent,
         headers: {
           'content-type': 'application/json',
           'content-length': Buffer.byteLength(body),
           authorization: `Bearer ${this.token}`,
           // Nchan names the event from this header, so both servers send `event: bench`.
-          ...(endpoint.publishBody === 'data' ? { 'x-eventsource-event': 'bench' } : {})
+          ...(bare ? { 'x-eventsource-event': 'bench' } : {})
         }
       }, (res) => {
         res.resume()

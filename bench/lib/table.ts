@@ -17,7 +17,7 @@ function withUnit (value: number | null | undefined, unit: string): string {
   return text === '—' || unit === '' ? text : `${text} ${unit}`
 }
 
-export function runOf (result: ScenarioResult, kind: TargetKind): TargetRun | null {
+function runOf (result: ScenarioResult, kind: TargetKind): TargetRun | null {
   const run = result.runs[kind]
   return run === undefined || 'error' in run ? null : run
 }
@@ -27,6 +27,11 @@ export function ratio (metric: MetricDef, gateway: number | null | undefined, ot
   if (metric.better === null) return null
   if (gateway === null || gateway === undefined || other === null || other === undefined || other <= 0 || gateway < 0) return null
   return gateway / other
+}
+
+/** The gateway's figure ÷ another target's for one metric, null where either did not run. */
+export function gatewayRatio (result: ScenarioResult, metric: MetricDef, other: TargetKind): number | null {
+  return ratio(metric, runOf(result, 'gateway')?.values[metric.key], runOf(result, other)?.values[metric.key])
 }
 
 function ratioCell (metric: MetricDef, r: number | null): string {
@@ -46,20 +51,19 @@ function cellOf (result: ScenarioResult, kind: TargetKind, metric: MetricDef): s
 export function renderTable (results: ScenarioResult[]): string {
   const withNchan = results.some((result) => result.runs.nchan !== undefined)
   const kinds: TargetKind[] = withNchan ? ['baseline', 'gateway', 'nchan'] : ['baseline', 'gateway']
-  const header = ['scenario', 'metric', ...kinds, 'gw/base', ...(withNchan ? ['gw/nchan'] : []), 'issue 7 target']
+  const comparedTo: TargetKind[] = withNchan ? ['baseline', 'nchan'] : ['baseline']
+  const header = ['scenario', 'metric', ...kinds, ...comparedTo.map((other) => other === 'baseline' ? 'gw/base' : 'gw/nchan'), 'issue 7 target']
   const rows: string[][] = [header]
   for (const result of results) {
     let first = true
     for (const metric of result.metrics) {
       const values = kinds.map((kind) => runOf(result, kind)?.values[metric.key])
       if (values.every((value) => value === undefined || value === null)) continue
-      const g = runOf(result, 'gateway')?.values[metric.key]
-      const ratios = [ratioCell(metric, ratio(metric, g, runOf(result, 'baseline')?.values[metric.key]))]
-      if (withNchan) ratios.push(result.runs.nchan === undefined ? '' : ratioCell(metric, ratio(metric, g, runOf(result, 'nchan')?.values[metric.key])))
+      const ratios = comparedTo.map((other) => ratioCell(metric, gatewayRatio(result, metric, other)))
       rows.push([first ? result.id.toUpperCase() : '', metric.label, ...kinds.map((kind) => cellOf(result, kind, metric)), ...ratios, metric.target ?? ''])
       first = false
     }
-    if (first) rows.push([result.id.toUpperCase(), '(no figures)', ...kinds.map((kind) => errorOf(result, kind)), ...(withNchan ? ['', ''] : ['']), ''])
+    if (first) rows.push([result.id.toUpperCase(), '(no figures)', ...kinds.map((kind) => errorOf(result, kind)), ...comparedTo.map(() => ''), ''])
   }
   const numeric = (column: number): boolean => column >= 2 && column < header.length - 1
   const widths = header.map((_, column) => Math.max(...rows.map((row) => [...row[column]].length)))
