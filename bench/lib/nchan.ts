@@ -59,7 +59,7 @@ export interface NchanConfigOptions {
   /** Directory for the pid file and nginx's temporary files. */
   dir: string
   errorLog: string
-  /** worker_connections: the streams plus the publisher and the bench's own requests. */
+  /** worker_connections (see workerConnectionsFor). */
   connections: number
 }
 
@@ -106,6 +106,17 @@ http {
   }
 }
 `
+}
+
+/**
+ * worker_connections for `inUse` connections at once. nginx keeps a sixteenth
+ * of its slots in reserve: once fewer are free, it closes connections that
+ * are still waiting for their request (ngx_drain_connections, logged as
+ * "worker_connections are not enough, reusing connections"). Streams opening
+ * in a burst are such connections, so the slots must hold 16/15 of them.
+ */
+export function workerConnectionsFor (inUse: number): number {
+  return Math.ceil(inUse * 16 / 15) + 16
 }
 
 /** The `subscribers:` count in Nchan's stub status, or null. */

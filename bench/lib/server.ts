@@ -11,7 +11,7 @@ import { dirname, join } from 'node:path'
 import { sleep } from './clock'
 import type { Endpoint } from './client-protocol'
 import { httpRequest, parsePrometheus } from './http'
-import { findNchan, nchanConfig, stubStatusSubscribers } from './nchan'
+import { findNchan, nchanConfig, stubStatusSubscribers, workerConnectionsFor } from './nchan'
 import { childPids, cpuSeconds, fdCount, fileLimit, hasTaskset, rssKb } from './proc'
 
 export type TargetKind = 'gateway' | 'baseline' | 'nchan'
@@ -34,7 +34,7 @@ export interface ServerOptions {
   logFile: string
   /** Write a V8 CPU profile into this directory at exit. */
   cpuProfDir?: string
-  /** nginx + Nchan only: its worker_connections, the most streams a run opens plus a reserve. */
+  /** nginx + Nchan only: the most connections a run holds at once (its streams plus a reserve); worker_connections follow from it. */
   maxConnections?: number
 }
 
@@ -171,9 +171,6 @@ export class ServerProcess {
     const config = join(dir, 'nginx.conf')
     // nginx allocates every connection slot up front, so the worker's memory
     // follows this number: sized to the run, not to the machine's file limit.
-    // Twice the streams, because slots run out before the streams do: at
-    // 10 200 slots for 10 000 streams nginx logged "worker_connections are not
-    // enough" and dropped 414 of them; at 12 000 it dropped none.
     const hard = fileLimit()?.hard ?? 1024
     writeFileSync(config, nchanConfig({
       module: install.module,
@@ -181,7 +178,7 @@ export class ServerProcess {
       port: this.options.port,
       dir,
       errorLog: this.options.logFile,
-      connections: Math.min(hard, 2 * (this.options.maxConnections ?? 1024))
+      connections: Math.min(hard, workerConnectionsFor(this.options.maxConnections ?? 1024))
     }))
     return [install.nginx, '-p', dir, '-c', config, '-e', this.options.logFile]
   }
