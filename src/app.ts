@@ -43,9 +43,39 @@ export interface BuildOptions {
 
 const internalSockets = new WeakSet<Socket>()
 
-/** A URL fit for logs: the query string's token replaced. */
+const TOKEN_PARAMETERS = new Set(['token', 'access_token'])
+// Every JWT starts with the base64url of '{"': what a token is, whatever the
+// parameter that carries it is called.
+const JWT_SHAPE = /^eyJ[\w-]*\.[\w-]*\.[\w-]*$/
+
+function decodedComponent (text: string): string {
+  try {
+    return decodeURIComponent(text.replace(/\+/g, ' ')).trim()
+  } catch {
+    return text
+  }
+}
+
+/**
+ * A URL fit for logs: the value of every query parameter that is named
+ * `token` or `access_token` or that holds a JWT is replaced. Names are
+ * compared decoded, as the query parser decodes them (`%74oken` is `token`).
+ */
 export function redactUrl (url: string): string {
-  return url.replace(/([?&](?:token|access_token)=)[^&#]*/gi, '$1[redacted]')
+  const start = url.indexOf('?')
+  if (start === -1) return url
+  const pairs = url.slice(start + 1).split('&')
+  for (let index = 0; index < pairs.length; index++) {
+    const pair = pairs[index]
+    const equals = pair.indexOf('=')
+    const name = decodedComponent(equals === -1 ? pair : pair.slice(0, equals))
+    if (equals === -1) {
+      if (JWT_SHAPE.test(name)) pairs[index] = '[redacted]'
+    } else if (TOKEN_PARAMETERS.has(name.toLowerCase()) || JWT_SHAPE.test(decodedComponent(pair.slice(equals + 1)))) {
+      pairs[index] = `${pair.slice(0, equals)}=[redacted]`
+    }
+  }
+  return `${url.slice(0, start)}?${pairs.join('&')}`
 }
 
 function loggerOptions (config: Config, stream?: DestinationStream): FastifyServerOptions['logger'] {

@@ -5,6 +5,7 @@ import {
   token, userToken, type Gateway
 } from './helpers'
 import { redisClient } from './helpers/redis'
+import { redactUrl } from '../src/app'
 import { flood, floodMaxBytes, metricValue, neverReadingStream, scrape } from './helpers/raw'
 
 /** A string no log line may ever hold: it only travels as event data. */
@@ -30,7 +31,8 @@ function assertNoToken (t: Test, gateway: Gateway, tokens: string[]): void {
     t.notOk(text.includes(payload), 'no token payload in the logs')
     t.notOk(text.includes(signature), 'no token signature in the logs')
   }
-  t.notMatch(text, /Bearer\s+\S/i, 'no Authorization value in the logs')
+  // The 401 for a missing token names the header's form, `Bearer <jwt>`.
+  t.notMatch(text, /Bearer\s+(?!<jwt>)\S/i, 'no Authorization value in the logs')
 }
 
 t.test('pino JSON: one line per stream open and per close (reason, durationMs, events, bytes); request ids; no token, no event data', async (t) => {
@@ -92,6 +94,45 @@ t.test('pino JSON: one line per stream open and per close (reason, durationMs, e
   t.notOk(gateway.logText().includes(SECRET_DATA), 'no event data in any line')
   const leaks = gateway.logs.filter((line) => line.includes('PAYLOAD-7f3a9c1e'))
   t.same(leaks, [], 'not even a part of it')
+})
+
+t.test('a token under an encoded, differently cased or unusual parameter name never reaches the logs', async (t) => {
+  const gateway = await startGateway(t, {}, { captureLogs: true })
+  const { url } = gateway
+  // The query parser decodes names, so each of these authenticates as ?token=.
+  const encodedName = userToken('u1')
+  const encodedLetter = userToken('u2')
+  const t1 = await request(`${url}/v1/stream?%74oken=${encodedName}&topics=bad!`)
+  t.equal(t1.status, 400, '%74oken= authenticated (then the topic was refused)')
+  const t2 = await request(`${url}/v1/subscriptions?tok%65n=${encodedLetter}`, { method: 'POST', body: { topics: ['bad!'] } })
+  t.equal(t2.status, 400, 'tok%65n= authenticated (then the topic was refused)')
+  // These do not authenticate, but still carry a token into the URL.
+  const others = [userToken('u3'), userToken('u4'), userToken('u5'), userToken('u6'), userToken('u7')]
+  const urls = [
+    `${url}/v1/stream?TOKEN=${others[0]}`,
+    `${url}/v1/stream?access%5Ftoken=${others[1]}`,
+    `${url}/v1/stream?jwt=${others[2]}`,
+    `${url}/v1/stream?${others[3]}`,
+    `${url}/v1/no-such-route?token=${others[4]}`
+  ]
+  for (const target of urls) t.ok((await request(target)).status >= 400, `refused: ${target.slice(url.length, url.length + 30)}…`)
+
+  await eventually(() => lines(gateway).filter((line) => line.msg === 'request completed').length >= 7, 'a completion line per request')
+  const redacted = lines(gateway).filter((line) => JSON.stringify(line.req ?? '').includes('[redacted]'))
+  t.ok(redacted.length >= 6, `${redacted.length} request lines carry [redacted] where the token was`)
+  assertNoToken(t, gateway, [encodedName, encodedLetter, ...others])
+})
+
+t.test('redactUrl: token parameters and JWT values replaced, the rest kept as sent', async (t) => {
+  const jwt = userToken('u1')
+  t.equal(redactUrl('/v1/stream?topics=a,b&token=abc'), '/v1/stream?topics=a,b&token=[redacted]')
+  t.equal(redactUrl('/v1/stream?%74%6Fken=abc&x=1'), '/v1/stream?%74%6Fken=[redacted]&x=1')
+  t.equal(redactUrl('/v1/stream?Access_Token=abc'), '/v1/stream?Access_Token=[redacted]')
+  t.equal(redactUrl(`/v1/stream?t=${jwt}&lastEventId=5`), '/v1/stream?t=[redacted]&lastEventId=5')
+  t.equal(redactUrl(`/v1/stream?t=${encodeURIComponent(jwt).replace('e', '%65')}`), '/v1/stream?t=[redacted]')
+  t.equal(redactUrl(`/v1/stream?${jwt}`), '/v1/stream?[redacted]')
+  t.equal(redactUrl('/v1/stream?topics=%E0%A4%A&token'), '/v1/stream?topics=%E0%A4%A&token', 'a malformed escape is kept, not thrown on')
+  t.equal(redactUrl('/v1/stream'), '/v1/stream')
 })
 
 t.test('close lines carry the reason: evicted, expired, slow', async (t) => {
