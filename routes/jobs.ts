@@ -42,7 +42,9 @@ const jobRoutes: FastifyPluginAsync = async (app) => {
     return result.state
   })
 
+  // Stream routes have no HEAD twin (see routes/stream.ts).
   app.get('/v1/jobs/stream', {
+    exposeHeadRoute: false,
     config: { auth: 'user' },
     schema: { querystring: StreamQuery, response: errorResponses }
   }, async (request, reply) => {
@@ -72,6 +74,7 @@ const jobRoutes: FastifyPluginAsync = async (app) => {
   })
 
   app.get('/v1/jobs/:jobId/stream', {
+    exposeHeadRoute: false,
     config: { auth: 'user' },
     schema: { params: JobParams, querystring: StreamQuery, response: { 204: Type.Null(), ...errorResponses } }
   }, async (request, reply) => {

@@ -27,7 +27,10 @@ const streamRoutes: FastifyPluginAsync = async (app) => {
     })
   }
 
+  // No HEAD twin (Fastify adds one to every GET): its handler would open a
+  // real stream, answer HEAD with a body, and escape the stream-open limit.
   app.get('/v1/stream', {
+    exposeHeadRoute: false,
     config: { auth: 'user' },
     schema: { querystring: StreamQuery, response: errorResponses }
   }, async (request, reply) => {
@@ -35,6 +38,7 @@ const streamRoutes: FastifyPluginAsync = async (app) => {
   })
 
   app.get('/v1/stream/:connectionId', {
+    exposeHeadRoute: false,
     config: { auth: 'user' },
     schema: { params: Type.Object({ connectionId: PathId }), querystring: StreamQuery, response: errorResponses }
   }, async (request, reply) => {

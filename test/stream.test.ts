@@ -129,3 +129,19 @@ t.test('a rejected stream (no token) opens nothing: 401 JSON and the registry st
   t.match(stream.json(), { statusCode: 401, error: 'Unauthorized', message: String })
   t.equal(app.registry.size, 0)
 })
+
+t.test('HEAD on a stream route opens nothing and does not get round the stream-open limit', async (t) => {
+  const { url, app } = await startGateway(t, { RATE_LIMIT_STREAMS_PER_MIN: '2' })
+  const user = userToken('u1')
+  const first = await openStream(`${url}/v1/stream?token=${user}`, { t })
+  t.equal(first.status, 200, 'a GET opens a stream')
+  for (const path of ['/v1/stream', '/v1/stream/c_headcheck00000000', '/v1/jobs/stream', '/v1/jobs/job-1/stream']) {
+    const response = await fetch(`${url}${path}?token=${user}`, { method: 'HEAD' })
+    t.equal(response.status, 404, `HEAD ${path}: 404`)
+    t.notMatch(response.headers.get('content-type') ?? '', /event-stream/, `HEAD ${path}: not a stream`)
+    t.equal(await response.text(), '', `HEAD ${path}: no body`)
+  }
+  t.equal(app.registry.size, 1, 'only the GET stream is open')
+  t.equal((await openStream(`${url}/v1/stream?token=${user}`, { t })).status, 200, 'the second GET is within the limit')
+  t.equal((await openStream(`${url}/v1/stream?token=${user}`, { t })).status, 429, 'the third is over it: HEADs did not count, and did not get past it')
+})
