@@ -1,7 +1,10 @@
 import t from 'tap'
 import { createHook } from 'node:async_hooks'
+import type { Socket } from 'node:net'
 import type { FastifyInstance } from 'fastify'
-import { eventually, openConnected, publishOk, publisherToken, request, startGateway, token, type SseClient } from './helpers'
+import { CLOSE_GRACE_MS } from '../src/core/connection'
+import { eventually, openConnected, publishOk, publisherToken, request, startGateway, token, userToken, type SseClient } from './helpers'
+import { flood, floodMaxBytes, neverReadingStream } from './helpers/raw'
 
 const publisher = publisherToken()
 
@@ -159,4 +162,30 @@ t.test('a stream whose socket dies while events are being written is removed', a
   await publishOk(url, publisher, Array.from({ length: 10 }, () => ({ to: { user: 'busy' }, event: 'big', data: big })))
   await eventually(() => empty(app), 'the dead stream to be removed').catch((error: Error) => t.fail(error.message, leftovers(app)))
   t.equal((await request(`${url}/health`)).status, 200, 'the gateway keeps serving')
+})
+
+t.test('a stream the gateway closes while its client has stopped reading still lets go of its socket', async (t) => {
+  const { app, url, port } = await startGateway(t, {
+    MAX_CONNECTIONS_PER_USER: '1',
+    CONNECTION_LIMIT_POLICY: 'evict-oldest',
+    // Far above what is published here: the stream is never dropped as slow.
+    MAX_BUFFERED_BYTES: String(64 * 1024 * 1024)
+  })
+  const serverSockets: Socket[] = []
+  const track = (socket: Socket): void => { serverSockets.push(socket) }
+  app.server.on('connection', track)
+  t.teardown(() => { app.server.off('connection', track) })
+
+  const { raw, connectionId } = await neverReadingStream(t, url, port, 'u1')
+  const serverSide = serverSockets.find((socket) => socket.remotePort === raw.socket.localPort)
+  if (serverSide === undefined) throw new Error('the stream\'s server-side socket was not seen')
+  // Past what the kernel holds on both ends, so Node keeps bytes it cannot send.
+  await flood(url, { user: 'u1' }, () => serverSide.writableLength > 0, floodMaxBytes(0) + 4 * 1024 * 1024)
+  t.ok(serverSide.writableLength > 0, `${serverSide.writableLength} bytes wait in the gateway for a reader that does not read`)
+
+  // A second stream of the same user evicts the first: a graceful close, with a last frame that cannot flush.
+  await openConnected(`${url}/v1/stream?token=${userToken('u1')}`, { t })
+  await eventually(() => app.registry.get(connectionId) === undefined, 'the first stream evicted')
+  await eventually(() => serverSide.destroyed, 'its socket destroyed', CLOSE_GRACE_MS + 5000)
+  t.pass('the evicted stream\'s socket was destroyed though its client never read')
 })

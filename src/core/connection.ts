@@ -93,6 +93,8 @@ function withoutItem (list: string[], item: string): string[] | null {
 
 const REPLAY_CHUNK_BYTES = 64 * 1024
 const DRAIN_WAIT_MS = 30_000
+/** How long a closed stream's last bytes may take to flush before the socket is destroyed anyway. */
+export const CLOSE_GRACE_MS = 5000
 
 export class StreamConnection {
   readonly id: string
@@ -286,8 +288,18 @@ export class StreamConnection {
         last.push(END_CHUNK)
         this.writeRaw(Buffer.concat(last))
         this.sink.end()
-        // Once flushed, the socket goes: a client keeping its side open must not hold it.
-        this.sink.once('finish', () => this.sink.destroy())
+        // Once flushed, the socket goes: a client keeping its side open must
+        // not hold it. One that stopped reading never lets it flush, so it
+        // goes after a grace period, with what it never read.
+        const sink = this.sink
+        const destroy = (): void => {
+          clearTimeout(grace)
+          sink.destroy()
+        }
+        const grace = setTimeout(destroy, CLOSE_GRACE_MS)
+        grace.unref()
+        sink.once('finish', destroy)
+        sink.once('close', destroy)
       }
     }
     this.onClose(this)
