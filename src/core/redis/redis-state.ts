@@ -47,8 +47,15 @@ export class RedisState implements SharedState {
     this.instanceId = registry.instanceId
     this.prefix = options.prefix
     subscriber.on('message', (name: string, message: string) => {
-      if (name === `${this.prefix}ctl`) this.onControlMessage(message)
-      else if (name === `${this.prefix}reply:${this.instanceId}`) this.onReply(message)
+      // Anyone who can PUBLISH reaches every instance here, and a throw would
+      // surface through ioredis's parser as an uncaught exception: nothing
+      // may escape, whatever arrives.
+      try {
+        if (name === `${this.prefix}ctl`) this.onControlMessage(message)
+        else if (name === `${this.prefix}reply:${this.instanceId}`) this.onReply(message)
+      } catch (error: unknown) {
+        this.log.warn({ err: error, channel: name }, 'control traffic not handled')
+      }
     })
     this.heartbeatTimer = setInterval(() => {
       this.heartbeat().catch((error: unknown) => this.log.warn({ err: error }, 'heartbeat failed'))
@@ -169,12 +176,15 @@ export class RedisState implements SharedState {
   async stats (): Promise<ClusterStats> {
     const { instances, connections } = await this.liveConnections()
     const users = new Set<string>()
-    const topics: Record<string, number> = {}
+    // A Map, not a `{}`: topic names are user input, and `constructor` or
+    // `__proto__` would read or hit Object.prototype instead of a count.
+    const topics = new Map<string, number>()
     for (const info of connections) {
       users.add(info.userId)
-      for (const topic of info.topics) topics[topic] = (topics[topic] ?? 0) + 1
+      for (const topic of info.topics) topics.set(topic, (topics.get(topic) ?? 0) + 1)
     }
-    return { connections: connections.length, users: users.size, topics, instances }
+    // fromEntries defines own properties, so `__proto__` stays an ordinary key.
+    return { connections: connections.length, users: users.size, topics: Object.fromEntries(topics), instances }
   }
 
   async connections (): Promise<ConnectionInfo[]> {
@@ -305,27 +315,27 @@ export class RedisState implements SharedState {
   }
 
   private onControlMessage (raw: string): void {
-    let envelope: ControlEnvelope
-    try {
-      envelope = JSON.parse(raw) as ControlEnvelope
-    } catch {
+    const envelope = parseControlEnvelope(raw)
+    if (envelope === null) {
+      // The payload is not logged: it is whatever a stranger chose to publish.
+      this.log.warn({ channel: `${this.prefix}ctl`, bytes: Buffer.byteLength(raw) }, 'malformed control message dropped')
       return
     }
     const reply = (answer: string[] | null): void => {
       const body: ControlReply = { requestId: envelope.requestId, answer }
       this.commands.redis.publish(`${this.prefix}reply:${envelope.from}`, JSON.stringify(body)).catch(() => {})
     }
+    // The last catch: a throw in either handler would be an unhandled rejection, which ends the process.
     this.controlListener(envelope.message).then(reply, (error: unknown) => {
       this.log.warn({ err: error, type: envelope.message.type }, 'control message failed')
       reply(null)
-    })
+    }).catch((error: unknown) => this.log.warn({ err: error }, 'control reply not sent'))
   }
 
   private onReply (raw: string): void {
-    let reply: ControlReply
-    try {
-      reply = JSON.parse(raw) as ControlReply
-    } catch {
+    const reply = parseControlReply(raw)
+    if (reply === null) {
+      this.log.warn({ channel: `${this.prefix}reply:${this.instanceId}`, bytes: Buffer.byteLength(raw) }, 'malformed control reply dropped')
       return
     }
     const entry = this.waiting.get(reply.requestId)
@@ -336,4 +346,60 @@ export class RedisState implements SharedState {
       entry.done(entry.answers.find((answer) => answer !== null) ?? null)
     }
   }
+}
+
+/*
+ * Control traffic crosses Redis as JSON, and any Redis client may PUBLISH on
+ * these channels: a message is used only once it has the exact shape this
+ * code sends, rebuilt field by field so nothing unexpected rides along.
+ */
+
+function isRecord (value: unknown): value is Record<string, unknown> {
+  return typeof value === 'object' && value !== null && !Array.isArray(value)
+}
+
+function isStringArray (value: unknown): value is string[] {
+  return Array.isArray(value) && value.every((item) => typeof item === 'string')
+}
+
+function parseJson (raw: string): unknown {
+  try {
+    return JSON.parse(raw)
+  } catch {
+    return undefined
+  }
+}
+
+function toControlMessage (value: unknown): ControlMessage | null {
+  if (!isRecord(value)) return null
+  if (value.type === 'evict') {
+    const { connectionId, reason } = value
+    if (typeof connectionId !== 'string' || typeof reason !== 'string') return null
+    return { type: 'evict', connectionId, reason }
+  }
+  if (value.type === 'topics') {
+    const { userId, connectionId, add, remove } = value
+    if (typeof userId !== 'string' || (connectionId !== null && typeof connectionId !== 'string')) return null
+    if (!isStringArray(add) || !isStringArray(remove)) return null
+    return { type: 'topics', userId, connectionId, add, remove }
+  }
+  return null
+}
+
+function parseControlEnvelope (raw: string): ControlEnvelope | null {
+  const value = parseJson(raw)
+  if (!isRecord(value)) return null
+  const { requestId, from } = value
+  if (typeof requestId !== 'string' || typeof from !== 'string') return null
+  const message = toControlMessage(value.message)
+  return message === null ? null : { requestId, from, message }
+}
+
+function parseControlReply (raw: string): ControlReply | null {
+  const value = parseJson(raw)
+  if (!isRecord(value)) return null
+  const { requestId, answer } = value
+  if (typeof requestId !== 'string') return null
+  if (answer !== null && !isStringArray(answer)) return null
+  return { requestId, answer }
 }
