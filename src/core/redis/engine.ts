@@ -29,7 +29,22 @@ export type IngressHandler = (source: { kind: 'publish' } | { kind: 'stream', co
  * The same holder clears what dead instances left behind.
  */
 export class IngressLeader {
+  /** Holds the lease and is subscribed to the ingress channels: only both together make it the holder. */
   private holding = false
+  /**
+   * The ingress subscriptions may be in place while this instance does not
+   * hold the lease: an unsubscribe that failed while the subscriber was down
+   * is undone by ioredis restoring them on reconnect, so it is tried again.
+   */
+  private subscribed = false
+  /**
+   * The subscriber (re)connected. ioredis resubscribes by itself, but loses
+   * that if the connection drops again before Redis answers: the holder
+   * subscribes again, which Redis takes as a no-op when nothing was lost.
+   */
+  private reconnected = false
+  /** Ticks must not interleave: one's unsubscribe could land after another's subscribe. */
+  private ticking = false
   /** Local deadline: past it this instance stops acting even if Redis is unreachable. */
   private validUntil = 0
   private readonly timer: NodeJS.Timeout
@@ -49,6 +64,7 @@ export class IngressLeader {
     subscriber.on('pmessage', (_pattern: string, name: string, message: string) => {
       if (name.startsWith('stream:')) this.dispatch({ kind: 'stream', connectionId: name.slice('stream:'.length) }, message)
     })
+    subscriber.on('ready', () => { this.reconnected = true })
     this.timer = setInterval(() => {
       this.tick().catch((error: unknown) => this.log.warn({ err: error }, 'ingress lease check failed'))
     }, Math.max(100, Math.floor(leaseMs / 3))).unref()
@@ -63,38 +79,69 @@ export class IngressLeader {
   }
 
   async tick (): Promise<void> {
-    if (this.commands.redis.status !== 'ready') return this.step(false)
-    const startedAt = Date.now()
-    const held = await this.commands.run('LEASE', [this.prefix, this.state.instanceId, this.leaseMs]) === 1
-    if (held) this.validUntil = startedAt + this.leaseMs - 200
-    await this.step(held)
-    if (held) await this.reapDead()
+    if (this.ticking) return
+    this.ticking = true
+    try {
+      if (this.commands.redis.status !== 'ready') return await this.step(false)
+      const startedAt = Date.now()
+      const held = await this.commands.run('LEASE', [this.prefix, this.state.instanceId, this.leaseMs]) === 1
+      if (held) this.validUntil = startedAt + this.leaseMs - 200
+      await this.step(held)
+      if (this.holding) await this.reapDead()
+    } finally {
+      this.ticking = false
+    }
   }
 
   async stop (): Promise<void> {
     clearInterval(this.timer)
     if (this.holding && this.commands.redis.status === 'ready') {
       await this.step(false)
-      // Hand the lease over at once rather than after it expires.
-      await this.commands.redis.eval(
-        "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0",
-        1, `${this.prefix}leader`, this.state.instanceId
-      ).catch(() => {})
+      await this.release()
     }
   }
 
+  /** Never rejects: a failure is logged or left for the next tick to retry. */
   private async step (held: boolean): Promise<void> {
-    if (held === this.holding) return
-    this.holding = held
+    const instance = this.state.instanceId
     if (held) {
-      this.log.info({ instance: this.state.instanceId }, 'took the ingress lease')
-      await this.subscriber.subscribe(`${this.prefix}publish`)
-      await this.subscriber.psubscribe('stream:*')
-    } else {
-      this.log.info({ instance: this.state.instanceId }, 'gave up the ingress lease')
-      await this.subscriber.unsubscribe(`${this.prefix}publish`).catch(() => {})
-      await this.subscriber.punsubscribe('stream:*').catch(() => {})
+      if (this.holding && !this.reconnected) return
+      this.reconnected = false
+      this.subscribed = true
+      try {
+        await this.subscriber.subscribe(`${this.prefix}publish`)
+        await this.subscriber.psubscribe('stream:*')
+      } catch (error) {
+        // Renewing a lease while unsubscribed would drop every ingress message
+        // cluster-wide: let another instance take it, and retry on the next tick.
+        if (this.holding) this.log.info({ instance }, 'gave up the ingress lease')
+        this.holding = false
+        this.log.warn({ instance, reason: error instanceof Error ? error.message : String(error) }, 'could not subscribe to the ingress channels')
+        await this.release()
+        return
+      }
+      if (!this.holding) this.log.info({ instance }, 'took the ingress lease')
+      this.holding = true
+      return
     }
+    if (this.holding) this.log.info({ instance }, 'gave up the ingress lease')
+    this.holding = false
+    if (!this.subscribed) return
+    try {
+      await this.subscriber.unsubscribe(`${this.prefix}publish`)
+      await this.subscriber.punsubscribe('stream:*')
+      this.subscribed = false
+    } catch {
+      // The subscriber is down; `subscribed` stays set, so the next tick tries again.
+    }
+  }
+
+  /** Hands the lease over at once rather than after it expires. */
+  private async release (): Promise<void> {
+    await this.commands.redis.eval(
+      "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0",
+      1, `${this.prefix}leader`, this.state.instanceId
+    ).catch(() => {})
   }
 
   private dispatch (source: Parameters<IngressHandler>[0], payload: string): void {

@@ -1,0 +1,190 @@
+import { once } from 'node:events'
+import { randomBytes } from 'node:crypto'
+import t, { type Test } from 'tap'
+import Redis, { type RedisOptions } from 'ioredis'
+import { Registry } from '../src/core/registry'
+import { redisOptions, ScriptedRedis } from '../src/core/redis/client'
+import { IngressLeader } from '../src/core/redis/engine'
+import { RedisState } from '../src/core/redis/redis-state'
+import { eventually, openConnected, startGateway, userToken } from './helpers'
+import { needRedis, redisClient, REDIS_URL, startOwnRedis, uniquePrefix } from './helpers/redis'
+import { Waiters } from './helpers/wait'
+
+const WAIT_MS = 5000
+
+async function within<T> (promise: Promise<T>, what: string, timeoutMs = WAIT_MS): Promise<T> {
+  let timer: NodeJS.Timeout | undefined
+  const timeout = new Promise<never>((_resolve, reject) => {
+    timer = setTimeout(() => reject(new Error(`timed out after ${timeoutMs} ms waiting for ${what}`)), timeoutMs)
+  })
+  try {
+    return await Promise.race([promise, timeout])
+  } finally {
+    clearTimeout(timer)
+  }
+}
+
+async function subscribers (redis: Redis, channel: string): Promise<number> {
+  const [, count] = await redis.pubsub('NUMSUB', channel) as [string, number]
+  return Number(count)
+}
+
+interface Rig {
+  leader: IngressLeader
+  subscriber: Redis
+  prefix: string
+  warnings: string[]
+  received: Array<{ source: string, payload: string }>
+  /** Resolves once `count` ingress messages reached the handler. */
+  receivedCount: (count: number) => Promise<void>
+}
+
+/**
+ * An IngressLeader on real Redis connections the test controls. Its lease is
+ * long, so its own timer ticks only every 10 s: the test drives each tick.
+ */
+async function rig (t: Test, subscriberOptions: RedisOptions = {}): Promise<Rig> {
+  const prefix = uniquePrefix('lease')
+  const commands = new ScriptedRedis(REDIS_URL)
+  // Gateway options, but a longer pause before each reconnect: room to tick while the subscriber is down.
+  const subscriber = new Redis(REDIS_URL, { ...redisOptions(), connectionName: 'ingress-lease-test', retryStrategy: () => 300, ...subscriberOptions })
+  for (const client of [commands.redis, subscriber]) client.on('error', () => {})
+  const warnings: string[] = []
+  const log = {
+    info: () => {},
+    warn: (obj: object, msg: string) => { warnings.push(`${msg} ${JSON.stringify(obj)}`) }
+  }
+  const state = new RedisState(commands, subscriber, new Registry(`lease-${randomBytes(4).toString('hex')}`), {
+    prefix, historySize: 100, historyTtlS: 60, presenceGraceMs: 100, instanceTtlMs: 60_000
+  }, log)
+  const leader = new IngressLeader(commands, subscriber, state, prefix, 30_000, log)
+  t.teardown(async () => {
+    await leader.stop()
+    await state.close()
+    commands.redis.disconnect()
+    subscriber.disconnect()
+  })
+  await Promise.all([commands.redis.connect(), subscriber.connect()])
+  const received: Rig['received'] = []
+  const waiters = new Waiters()
+  leader.onMessage(async (source, payload) => {
+    received.push({ source: source.kind === 'stream' ? `stream:${source.connectionId}` : 'publish', payload })
+    waiters.wake()
+  })
+  const receivedCount = async (count: number): Promise<void> => {
+    await waiters.until(() => received.length >= count, { timeoutMs: WAIT_MS, what: `${count} ingress messages`, describe: () => `${received.length} received` })
+  }
+  return { leader, subscriber, prefix, warnings, received, receivedCount }
+}
+
+/** Kills the subscriber's connection from the server side and waits for ioredis to see it. */
+async function killSubscriber (t: Test, redis: Redis, subscriber: Redis, until: 'reconnecting' | 'ready'): Promise<void> {
+  const seen = once(subscriber, until)
+  t.equal(await redis.client('KILL', 'ADDR', `127.0.0.1:${subscriber.stream.localPort ?? 0}`), 1, 'the subscriber connection is killed')
+  await within(seen, `the subscriber to be ${until}`)
+}
+
+/**
+ * One tick, as the leader's own timer runs it: a rejection is a failure, yet
+ * the test goes on to check the state the tick left behind.
+ */
+async function tick (t: Test, leader: IngressLeader): Promise<void> {
+  await leader.tick().catch((error: unknown) => t.fail(`the tick rejected: ${error instanceof Error ? error.message : String(error)}`))
+}
+
+/** The ingress channels reach the leader's handler: each message once. */
+async function ingressFlows (t: Test, redis: Redis, setup: Rig): Promise<void> {
+  const before = setup.received.length
+  t.equal(await subscribers(redis, `${setup.prefix}publish`), 1, `PUBSUB NUMSUB ${setup.prefix}publish is 1`)
+  t.equal(await redis.publish(`${setup.prefix}publish`, '{"to":{"user":"u1"},"data":1}'), 1, 'a PUBLISH reaches one receiver')
+  const connectionId = `lease-${randomBytes(4).toString('hex')}`
+  await redis.publish(`stream:${connectionId}`, '{"event":"x","data":2}')
+  await setup.receivedCount(before + 2)
+  t.same(setup.received.slice(before), [
+    { source: 'publish', payload: '{"to":{"user":"u1"},"data":1}' },
+    { source: `stream:${connectionId}`, payload: '{"event":"x","data":2}' }
+  ], 'both ingress channels are handled')
+}
+
+t.test('a lease taken while the subscriber cannot subscribe is not held; the next tick subscribes and ingress flows', async (t) => {
+  if (!(await needRedis(t))) return
+  const redis = redisClient(t)
+  const setup = await rig(t)
+  await killSubscriber(t, redis, setup.subscriber, 'reconnecting')
+  const ready = once(setup.subscriber, 'ready')
+  await tick(t, setup.leader)
+  t.not(setup.subscriber.status, 'ready', 'the lease was taken while the subscriber was still reconnecting')
+  t.notOk(setup.leader.isLeader, 'not the holder while not subscribed')
+  t.ok(setup.warnings.some((line) => line.includes('ingress') && line.includes('enableOfflineQueue')), 'the failed subscribe is logged with its reason')
+  await within(ready, 'the subscriber to reconnect')
+  await tick(t, setup.leader)
+  t.ok(setup.leader.isLeader, 'the next tick takes the lease and subscribes')
+  await ingressFlows(t, redis, setup)
+})
+
+t.test('a holder whose subscriber reconnected without its subscriptions subscribes again', async (t) => {
+  if (!(await needRedis(t))) return
+  const redis = redisClient(t)
+  // ioredis resubscribes on reconnect, but loses it when the connection drops again
+  // before Redis answers; turning it off stands for that, deterministically.
+  const setup = await rig(t, { autoResubscribe: false })
+  await tick(t, setup.leader)
+  t.ok(setup.leader.isLeader, 'the first tick takes the lease')
+  await killSubscriber(t, redis, setup.subscriber, 'ready')
+  t.equal(await subscribers(redis, `${setup.prefix}publish`), 0, 'the reconnected subscriber lost its subscriptions')
+  await tick(t, setup.leader)
+  t.ok(setup.leader.isLeader, 'still the holder')
+  await ingressFlows(t, redis, setup)
+})
+
+t.test('a lease given up while unsubscribing fails: the subscriptions ioredis restores are dropped on the next tick', async (t) => {
+  if (!(await needRedis(t))) return
+  const redis = redisClient(t)
+  const setup = await rig(t)
+  await tick(t, setup.leader)
+  t.ok(setup.leader.isLeader, 'the first tick takes the lease')
+  await redis.set(`${setup.prefix}leader`, 'another-instance', 'PX', 60_000)
+  await killSubscriber(t, redis, setup.subscriber, 'reconnecting')
+  const ready = once(setup.subscriber, 'ready')
+  await tick(t, setup.leader)
+  t.notOk(setup.leader.isLeader, 'the lease moved away')
+  await within(ready, 'the subscriber to reconnect')
+  await tick(t, setup.leader)
+  // Replies come in order: once this answers, the resubscription ioredis sent on reconnect is done.
+  await setup.subscriber.ping()
+  t.equal(await subscribers(redis, `${setup.prefix}publish`), 0, 'no subscription left on an instance that does not hold the lease')
+  t.equal(await redis.publish(`${setup.prefix}publish`, '{"to":{"user":"u1"},"data":1}'), 0, 'a PUBLISH reaches no one here')
+})
+
+t.test('gateway: the pubsub connection killed as the lease is taken; once it is back, an ingress message reaches a stream', async (t) => {
+  if (!(await needRedis(t))) return
+  // A Redis of the test's own: killing every pubsub client there touches no other test.
+  const own = await startOwnRedis(t)
+  const redis = redisClient(t, own.url)
+  const prefix = uniquePrefix('lease-gw')
+  // The lease lasts 30 s and its timer ticks every 10 s: the test drives each tick.
+  const gateway = await startGateway(t, { REDIS_URL: own.url, REDIS_PREFIX: prefix, INSTANCE_TTL_MS: '60000' })
+  const ingress = gateway.app.ingress
+  if (ingress === null) throw new Error('no ingress leader in Redis mode')
+  t.ok(ingress.isLeader, 'the only instance takes the lease at start')
+  const { stream } = await openConnected(`${gateway.url}/v1/stream?token=${userToken('u1')}`, { t })
+
+  // The lease moves away, then comes back free just as the pubsub connection drops.
+  await redis.set(`${prefix}leader`, 'another-instance', 'PX', 60_000)
+  await tick(t, ingress)
+  t.notOk(ingress.isLeader, 'the lease moved away')
+  await redis.del(`${prefix}leader`)
+  t.equal(await redis.client('KILL', 'TYPE', 'pubsub'), 1, 'the gateway pubsub connection is killed')
+  await eventually(() => !gateway.app.bus.isReady(), 'the gateway to see its pubsub connection drop')
+  await tick(t, ingress)
+  t.notOk(ingress.isLeader, 'not the holder while not subscribed')
+
+  await eventually(() => gateway.app.bus.isReady(), 'the pubsub connection to be back')
+  await tick(t, ingress)
+  t.ok(ingress.isLeader, 'the next tick takes the lease')
+  t.equal(await subscribers(redis, `${prefix}publish`), 1, `PUBSUB NUMSUB ${prefix}publish is 1`)
+  t.equal(await redis.publish(`${prefix}publish`, JSON.stringify({ to: { user: 'u1' }, event: 'after-outage', data: { n: 1 } })), 1, 'one instance listens')
+  const event = await stream.nextEvent('after-outage', WAIT_MS)
+  t.same(JSON.parse(event.data), { n: 1 })
+  t.ok(event.id !== undefined, 'it got an id')
+})
