@@ -243,7 +243,7 @@ export async function connectRedis (options: RedisEngineOptions, registry: Regis
   for (const [name, client] of [['commands', commands.redis], ['subscriber', subscriber]] as const) {
     client.on('error', (error: Error) => log.warn({ connection: name, reason: error.message }, 'redis error'))
   }
-  const bus = new RedisBus(commands, subscriber, options)
+  const bus = new RedisBus(commands, subscriber, options, log)
   const state = new RedisState(commands, subscriber, registry, options, log)
   const ingress = new IngressLeader(commands, subscriber, state, options.prefix, Math.max(1000, Math.floor(options.instanceTtlMs / 2)), log)
 

@@ -5,6 +5,8 @@ import type { ScriptedRedis } from './client'
 
 const ID_PREFIX = Buffer.from('id: ')
 const NEWLINE = 0x0a
+/** SUBSCRIBE takes any number of channels; bounded, so one command stays a modest size however many streams listen. */
+const RESUBSCRIBE_BATCH = 1000
 
 export interface RedisBusOptions {
   prefix: string
@@ -21,11 +23,18 @@ export class RedisBus implements EventBus {
   readonly mode = 'redis' as const
   private listener: DeliveryListener = () => {}
   private readonly channelPrefix: string
+  /**
+   * The channels the hub listens to, one entry per channel. A channel whose
+   * listen failed stays in: the hub counts it as listened and will not ask
+   * again, so only the next resubscription can mend it.
+   */
+  private readonly channels = new Set<string>()
 
   constructor (
     private readonly commands: ScriptedRedis,
     private readonly subscriber: Redis,
-    private readonly options: RedisBusOptions
+    private readonly options: RedisBusOptions,
+    private readonly log: { warn: (obj: object, msg: string) => void }
   ) {
     this.channelPrefix = `${options.prefix}ch:`
     const skip = Buffer.byteLength(this.channelPrefix)
@@ -36,6 +45,15 @@ export class RedisBus implements EventBus {
       const id = Number(message.toString('latin1', 0, newline))
       // "<id>\n<body>" becomes the chunk "id: <id>\n<body>": one copy, shared by every local recipient.
       this.listener(channelName.toString('utf8', skip), id, chunkOf(message, ID_PREFIX))
+    })
+    // ioredis resubscribes after a reconnect by itself, but loses that if the
+    // connection drops again before Redis answers, and the streams would then
+    // silently stop receiving. Subscribing again costs nothing when nothing was
+    // lost; a failure waits for the next 'ready', which the next reconnect brings.
+    subscriber.on('ready', () => {
+      this.resubscribe().catch((error: unknown) => {
+        this.log.warn({ channels: this.channels.size, reason: error instanceof Error ? error.message : String(error) }, 'could not subscribe again to the bus channels')
+      })
     })
   }
 
@@ -58,6 +76,7 @@ export class RedisBus implements EventBus {
   }
 
   async listen (channel: string): Promise<void> {
+    this.channels.add(channel)
     try {
       await this.subscriber.subscribe(this.channelPrefix + channel)
     } catch (error) {
@@ -66,7 +85,9 @@ export class RedisBus implements EventBus {
   }
 
   unlisten (channel: string): void {
-    // While Redis is down the subscription is dropped anyway; ioredis forgets it too.
+    this.channels.delete(channel)
+    // If this fails while Redis is down, ioredis may restore the subscription on
+    // reconnect: its traffic then arrives for no stream here and is dropped.
     this.subscriber.unsubscribe(this.channelPrefix + channel).catch(() => {})
   }
 
@@ -83,6 +104,15 @@ export class RedisBus implements EventBus {
   }
 
   async close (): Promise<void> {}
+
+  private async resubscribe (): Promise<void> {
+    const names = [...this.channels]
+    for (let start = 0; start < names.length; start += RESUBSCRIBE_BATCH) {
+      // Checked again at send time: a channel unlistened since must not come back.
+      const batch = names.slice(start, start + RESUBSCRIBE_BATCH).filter((name) => this.channels.has(name))
+      if (batch.length > 0) await this.subscriber.subscribe(...batch.map((name) => this.channelPrefix + name))
+    }
+  }
 
   private async read (channels: string[], cursor: string): Promise<string[]> {
     if (channels.length === 0 && cursor === '') return ['ok']

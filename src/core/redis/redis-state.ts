@@ -36,6 +36,8 @@ export class RedisState implements SharedState {
   private readonly waiting = new Map<string, { expected: number, answers: Array<string[] | null>, done: (answer: string[] | null) => void }>()
   private readonly heartbeatTimer: NodeJS.Timeout
   private readonly prefix: string
+  /** start() has subscribed (or tried to): from then on every reconnect subscribes again. */
+  private started = false
 
   constructor (
     private readonly commands: ScriptedRedis,
@@ -57,6 +59,15 @@ export class RedisState implements SharedState {
         this.log.warn({ err: error, channel: name }, 'control traffic not handled')
       }
     })
+    // Without these subscriptions this instance neither applies nor answers
+    // control messages. ioredis's own resubscription is lost if the connection
+    // drops again before Redis answers it; a failure here waits for the next 'ready'.
+    subscriber.on('ready', () => {
+      if (!this.started) return
+      this.subscribeControl().catch((error: unknown) => {
+        this.log.warn({ reason: error instanceof Error ? error.message : String(error) }, 'could not subscribe again to the control channels')
+      })
+    })
     this.heartbeatTimer = setInterval(() => {
       this.heartbeat().catch((error: unknown) => this.log.warn({ err: error }, 'heartbeat failed'))
     }, Math.max(200, Math.floor(options.instanceTtlMs / 3))).unref()
@@ -64,7 +75,8 @@ export class RedisState implements SharedState {
 
   /** Subscribes to control traffic and announces this instance. */
   async start (): Promise<void> {
-    await this.subscriber.subscribe(`${this.prefix}ctl`, `${this.prefix}reply:${this.instanceId}`)
+    this.started = true
+    await this.subscribeControl()
     await this.heartbeat()
   }
 
@@ -295,6 +307,10 @@ export class RedisState implements SharedState {
       for (const json of values as string[]) connections.push(JSON.parse(json) as ConnectionInfo)
     }
     return { instances: instances.length, connections }
+  }
+
+  private async subscribeControl (): Promise<void> {
+    await this.subscriber.subscribe(`${this.prefix}ctl`, `${this.prefix}reply:${this.instanceId}`)
   }
 
   private connsKey (instance: string): string {
