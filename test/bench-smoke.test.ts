@@ -93,7 +93,8 @@ t.test('npm run bench -- --quick: every scenario, every server, all events deliv
       if (target === 'nchan') {
         if (scenario.id === 's1') {
           t.ok((v.rss_per_stream_kb ?? 0) > 0, `${what}: RSS per stream was measured`)
-          t.ok((v.server_cpu_per_open_us ?? 0) > 0, `${what}: CPU per open was measured`)
+          // 500 opens cost Nchan about one 10 ms clock tick, so 0 is a real reading; a wrong pid reads as null.
+          t.ok(typeof v.server_cpu_per_open_us === 'number' && v.server_cpu_per_open_us >= 0, `${what}: CPU per open was measured`)
         } else {
           t.ok((v.server_cpu_pct ?? 0) > 0, `${what}: server CPU was measured`)
         }
