@@ -45,6 +45,8 @@ export class IngressLeader {
   private reconnected = false
   /** Ticks must not interleave: one's unsubscribe could land after another's subscribe. */
   private ticking = false
+  /** The last ingress message's handling: the next one starts when it ends. */
+  private pending: Promise<void> = Promise.resolve()
   /** Local deadline: past it this instance stops acting even if Redis is unreachable. */
   private validUntil = 0
   private readonly timer: NodeJS.Timeout
@@ -146,7 +148,12 @@ export class IngressLeader {
 
   private dispatch (source: Parameters<IngressHandler>[0], payload: string): void {
     if (!this.isLeader) return
-    this.handler(source, payload).catch((error: unknown) => this.log.warn({ err: error, source: source.kind }, 'ingress message failed'))
+    // One message at a time, in arrival order: a batch or a conversation
+    // target takes more round trips before it is published than a single
+    // event sent after it, and ids must follow the order messages came in.
+    this.pending = this.pending
+      .then(async () => await this.handler(source, payload))
+      .catch((error: unknown) => this.log.warn({ err: error, source: source.kind }, 'ingress message failed'))
   }
 
   private async reapDead (): Promise<void> {
