@@ -182,6 +182,8 @@ export default fp(async (app) => {
     return null
   })
 
+  /** Streams past the MAX_CONNECTIONS check that are not in the registry yet. */
+  let opening = 0
   app.decorate('openStream', async (request: FastifyRequest, reply: FastifyReply, options: OpenStreamOptions) => {
     const auth = authOf(request)
     const retryAfterS = String(Math.max(1, Math.ceil(config.retryMs / 1000)))
@@ -189,10 +191,26 @@ export default fp(async (app) => {
       reply.header('retry-after', retryAfterS)
       throw new errors.Unavailable(streams.isDraining ? 'the gateway is shutting down' : 'the gateway cannot serve streams right now')
     }
-    if (registry.size >= config.maxConnections) {
+    // Streams between this check and the registry wait on Redis (admission,
+    // control messages): counted here, concurrent opens cannot all pass it.
+    if (registry.size + opening >= config.maxConnections) {
       reply.header('retry-after', retryAfterS)
       throw new errors.Unavailable('this instance holds its maximum number of streams')
     }
+    opening++
+    let counted = true
+    const registered = (): void => {
+      if (counted) opening--
+      counted = false
+    }
+    try {
+      await admitAndOpen(request, reply, options, auth, retryAfterS, registered)
+    } finally {
+      registered()
+    }
+  })
+
+  const admitAndOpen = async (request: FastifyRequest, reply: FastifyReply, options: OpenStreamOptions, auth: ReturnType<typeof authOf>, retryAfterS: string, registered: () => void): Promise<void> => {
     if (options.windowChannels !== undefined) {
       // A reopened stream id held by a live stream (a tab the browser has not
       // noticed is dead, maybe on another instance) moves to this request.
@@ -232,7 +250,7 @@ export default fp(async (app) => {
     try {
       // Every field named, in one order: spreading the options into a bigger
       // literal built a slow-mode object per open (≈ 10 µs in a profile).
-      await streams.open({
+      const opened = streams.open({
         connectionId: options.connectionId,
         userId: auth.userId,
         kind: options.kind,
@@ -251,13 +269,16 @@ export default fp(async (app) => {
         head,
         connectedExtra: options.connectedExtra
       })
+      // open() puts the stream in the registry before its first await.
+      registered()
+      await opened
     } catch (error) {
       request.log.error({ err: error, connectionId: options.connectionId }, 'stream failed to open')
       const connection = registry.get(options.connectionId)
       if (connection !== undefined) connection.close('error')
       else socket.destroy()
     }
-  })
+  }
 
   // Streams must end before the server closes, or close() waits on them forever.
   app.addHook('preClose', async () => {

@@ -45,6 +45,16 @@ forEachMode(t, 'MAX_CONNECTIONS: past it a new stream gets 503 with Retry-After;
   t.equal(connected.userId, 'u3', 'a freed slot takes a new stream')
 })
 
+forEachMode(t, 'MAX_CONNECTIONS holds when many streams open at once: concurrent opens cannot all pass the check while admission waits', async (t, mode) => {
+  const [gateway] = await startCluster(t, mode, 1, { MAX_CONNECTIONS: '2' })
+  const streams = await Promise.all(Array.from({ length: 40 }, async (_, index) => await openStream(streamUrl(gateway.url, `storm${index}`), { t })))
+  const statuses = streams.map((stream) => stream.status)
+  t.equal(statuses.filter((status) => status === 200).length, 2, 'two streams opened')
+  t.equal(statuses.filter((status) => status === 503).length, 38, 'the other 38 got 503')
+  t.equal(gateway.app.registry.size, 2, 'the registry holds two')
+  for (const stream of streams) if (stream.status === 503) assertRefused(t, stream, 503, 'Service Unavailable')
+})
+
 forEachMode(t, 'MAX_CONNECTIONS is per instance: a full instance refuses while another of the cluster accepts', async (t) => {
   const [a, b] = await startCluster(t, 'redis', 2, { MAX_CONNECTIONS: '1' })
   await openConnected(streamUrl(a.url, 'u1'), { t })
