@@ -127,6 +127,15 @@ t.test('reset: right after connected, with {reason}, no id line, nothing older, 
     for (const cursor of ['12abc', '-5', '1.5']) await checkReset(t, url, 'u1', cursor, 'malformed', 'query')
   })
 
+  t.test('a long malformed cursor gets the same reset by query as by header (70 and 4000 digits)', async (t) => {
+    const { url } = await startGateway(t)
+    await publishTo(url, 'u1', 3)
+    for (const cursor of ['9'.repeat(70), '9'.repeat(4000)]) {
+      await checkReset(t, url, 'u1', cursor, 'malformed', 'header')
+      await checkReset(t, url, 'u1', cursor, 'malformed', 'query')
+    }
+  })
+
   t.test('a cursor from the future', async (t) => {
     const { url } = await startGateway(t)
     const ids = await publishTo(url, 'u1', 3)

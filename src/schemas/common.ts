@@ -16,7 +16,8 @@ export const TopicName = Type.String({ pattern: '^[A-Za-z0-9_.:/-]{1,128}$' })
 export const StreamQuery = Type.Object({
   token: Type.Optional(Type.String()),
   topics: Type.Optional(Type.String({ maxLength: 8192 })),
-  lastEventId: Type.Optional(Type.String({ maxLength: 64 }))
+  // No length limit of its own: one that does not parse gets `reset`, as the header does.
+  lastEventId: Type.Optional(Type.String())
 })
 export type StreamQueryType = Static<typeof StreamQuery>
 
