@@ -139,6 +139,19 @@ forEachMode(t, 'a user-wide subscription lapses HISTORY_TTL_S after the later of
   t.same((await subscriptions(b, token, 'POST', { topics: ['other'] })).json.topics, ['other'], 'a new subscription starts from an empty list')
 })
 
+forEachMode(t, 'DELETE after a user-wide subscription lapsed answers an empty list, like a read does', async (t, mode) => {
+  const [a] = await pair(t, mode, { HISTORY_TTL_S: '1' })
+  const token = userToken('dora')
+  t.same((await subscriptions(a, token, 'POST', { topics: ['a', 'b'] })).json.topics.sort(), ['a', 'b'])
+  // The lapse is a point in time; reading the subscription to see it would
+  // itself clear the lapsed record in embedded mode, hiding what is tested.
+  await new Promise((resolve) => setTimeout(resolve, 1300))
+  const deleted = await subscriptions(a, token, 'DELETE', { topics: ['a'] })
+  t.equal(deleted.status, 200)
+  t.same(deleted.json.topics, [], 'nothing is left: b lapsed with a')
+  t.same((await connect(t, a, 'dora')).connected.topics, [], 'and the next stream joins nothing')
+})
+
 forEachMode(t, 'the token\'s topics claim (patterns with *) restricts topics: 403 at open via ?topics= and at POST /v1/subscriptions', async (t, mode) => {
   const [a, b] = await pair(t, mode)
   const limited = userToken('alice', { topics: ['news.*', 'public'] })

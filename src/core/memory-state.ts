@@ -132,6 +132,10 @@ export class MemoryState implements SharedState {
   async unsubscribeUser (userId: string, topics: string[]): Promise<string[]> {
     const record = this.userTopicSets.get(userId)
     if (record === undefined) return []
+    if (this.isExpired(record)) {
+      this.userTopicSets.delete(userId)
+      return []
+    }
     for (const topic of topics) record.value.delete(topic)
     if (record.value.size === 0) this.userTopicSets.delete(userId)
     return [...record.value]
