@@ -5,7 +5,10 @@ interface ChannelHistory {
   entries: HistoryEntry[]
   /** Index of the oldest kept entry; entries before it were dropped. */
   head: number
-  /** Highest id dropped from this channel (by size or age); a cursor below it has a gap. */
+  /**
+   * Highest id dropped from this channel (by size or age; with HISTORY_SIZE=0,
+   * its latest id, as nothing is kept); a cursor below it has a gap.
+   */
   droppedUpTo: number
 }
 
@@ -42,8 +45,9 @@ export class MemoryBus implements EventBus {
       const id = Math.max(this.last + 1, clockId())
       this.last = id
       const frame = frameWithId(id, item.body)
-      if (this.options.historySize > 0) {
-        for (const name of item.channels) this.append(name, { id, frame })
+      for (const name of item.channels) {
+        if (this.options.historySize > 0) this.append(name, { id, frame })
+        else this.history(name).droppedUpTo = id
       }
       this.outbox.push({ channels: item.channels, id, frame })
       ids.push(id)
@@ -64,7 +68,6 @@ export class MemoryBus implements EventBus {
     if (after < this.epoch) return { reset: 'unknown', events: [] }
     const cutoff = this.cutoff()
     if (after < cutoff) return { reset: 'expired', events: [] }
-    if (this.options.historySize === 0) return after === this.last ? { reset: null, events: [] } : { reset: 'trimmed', events: [] }
     const lists: HistoryEntry[][] = []
     for (const name of channels) {
       const history = this.histories.get(name)
@@ -121,12 +124,17 @@ export class MemoryBus implements EventBus {
     }
   }
 
-  private append (name: string, entry: HistoryEntry): void {
+  private history (name: string): ChannelHistory {
     let history = this.histories.get(name)
     if (history === undefined) {
       history = { entries: [], head: 0, droppedUpTo: 0 }
       this.histories.set(name, history)
     }
+    return history
+  }
+
+  private append (name: string, entry: HistoryEntry): void {
+    const history = this.history(name)
     history.entries.push(entry)
     if (history.entries.length - history.head > this.options.historySize) {
       history.droppedUpTo = history.entries[history.head].id
@@ -164,7 +172,8 @@ export class MemoryBus implements EventBus {
     const cutoff = this.cutoff()
     for (const [name, history] of this.histories) {
       this.prune(history, cutoff)
-      if (history.head >= history.entries.length) this.histories.delete(name)
+      // Kept while its drop mark is inside the window: a cursor below it must still get 'trimmed'.
+      if (history.head >= history.entries.length && history.droppedUpTo < cutoff) this.histories.delete(name)
     }
   }
 }

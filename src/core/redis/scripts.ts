@@ -9,7 +9,8 @@
  *   P epoch              first id of this store's life: older cursors cannot be served
  *   P e:<id>             an event's body, stored once whatever its channel count (TTL = window)
  *   P h:<channel>        sorted set of the channel's event ids, capped at HISTORY_SIZE (TTL = window)
- *   P d:<channel>        highest id trimmed from that history by the size cap
+ *   P d:<channel>        highest id trimmed from that history by the size cap (with
+ *                        HISTORY_SIZE=0: the channel's latest id, as nothing is kept)
  *   P ch:<channel>       pub/sub channel carrying "<id>\n<body>"
  * Ids are formatted with %.0f: Lua numbers are doubles, exact below 2^53,
  * and microsecond timestamps stay far below it.
@@ -57,6 +58,10 @@ local function publish_event(prefix, size, ttl_s, last, now, channels, body)
       end
       redis.call('ZREMRANGEBYSCORE', hk, '-inf', '(' .. fmt(now - ttl_s * 1000000))
       redis.call('EXPIRE', hk, ttl_s)
+    else
+      -- No history: the event is trimmed as it is published, so a cursor
+      -- below it gets 'trimmed' and one at or past it misses nothing here.
+      redis.call('SET', prefix .. 'd:' .. ch, ids, 'EX', ttl_s)
     end
     redis.call('PUBLISH', prefix .. 'ch:' .. ch, message)
   end
