@@ -222,8 +222,21 @@ export class StreamConnection {
     this.enqueue(frame, NOT_PLACED)
   }
 
-  /** Writes history with backpressure: a slow reader is paced, not dropped. */
-  async replay (entries: HistoryEntry[]): Promise<number> {
+  /**
+   * Writes history with backpressure: a slow reader is paced, not dropped.
+   * With `withHeld`, the live events held so far are written with it, in id
+   * order; only later arrivals stay held. A caller whose history does not
+   * cover every channel needs it: an event held with an id below the
+   * history's newest would otherwise be taken for a duplicate by `goLive`.
+   */
+  async replay (entries: HistoryEntry[], withHeld = false): Promise<number> {
+    if (withHeld && this.held !== null && this.held.length > 0) {
+      // Held arrivals may repeat an id (one event on two channels) or one of
+      // `entries`: sorted, the lastId check below writes each once.
+      entries = [...entries, ...this.held].sort((a, b) => a.id - b.id)
+      this.held = []
+      this.heldBytes = 0
+    }
     // What is already queued (connected, reset) goes first.
     this.flush()
     let chunk: Buffer[] = []

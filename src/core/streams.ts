@@ -1,4 +1,4 @@
-import type { EventBus, HistoryEntry } from './bus'
+import { mergeById, type EventBus, type HistoryEntry } from './bus'
 import { channel } from './channels'
 import { StreamConnection, WriteScheduler, type CloseReason, type Sink, type StreamKind } from './connection'
 import { retryFrame, systemFrame } from './framing'
@@ -106,6 +106,11 @@ export class StreamService {
       channels.push(...added.map(channel.topic))
       if (added.length > 0) this.events.topicsChanged(connection)
     }
+    // A reopen without a cursor replays only the window of `windowChannels`,
+    // yet its other channels' events published from here on must not be lost:
+    // noting the last id before joining lets sendWindow read them back.
+    const windowed = spec.prelude === undefined && spec.cursor === null && spec.windowChannels !== undefined && spec.windowChannels.length > 0
+    const joinedAfter = windowed ? await this.bus.lastId().catch((): null => null) : null
     await this.hub.join(connection, channels)
     if (connection.closed) return connection
     connection.sendSystem(retryFrame(this.options.retryMs))
@@ -119,8 +124,8 @@ export class StreamService {
       await spec.prelude(connection)
     } else if (spec.cursor !== null) {
       await this.replay(connection, [...connection.channels], spec.cursor)
-    } else if (spec.windowChannels !== undefined && spec.windowChannels.length > 0) {
-      await this.sendHistory(connection, await this.bus.window(spec.windowChannels))
+    } else if (windowed && spec.windowChannels !== undefined) {
+      await this.sendWindow(connection, spec.windowChannels, joinedAfter)
     }
     connection.goLive()
     return connection
@@ -162,6 +167,27 @@ export class StreamService {
       return
     }
     await this.sendHistory(connection, result.events)
+  }
+
+  /**
+   * The window of `windowChannels`, merged with every event the stream's
+   * channels published since `joinedAfter` and with what it holds, in id order.
+   * Writing the window alone moves the stream past ids it never sent: a
+   * user, topic or broadcast event that arrived (or is still on its way)
+   * with an id below the window's newest would then be dropped as a
+   * duplicate. The second read comes after the window's, so it holds every
+   * event older than the window's newest that was published after the join,
+   * whichever connection brings its live copy and whenever that arrives.
+   */
+  private async sendWindow (connection: StreamConnection, windowChannels: string[], joinedAfter: number | null): Promise<void> {
+    const window = await this.bus.window(windowChannels)
+    // A reset or a failed read leaves what the stream holds as the only
+    // source of the join gap: still merged, only late arrivals may be missed.
+    const recent = joinedAfter === null || connection.closed
+      ? []
+      : (await this.bus.replay([...connection.channels], joinedAfter).catch(() => ({ events: [] }))).events
+    const count = await connection.replay(mergeById([window, recent]), true)
+    if (count > 0) this.events.replayed(connection, count)
   }
 
   private async sendHistory (connection: StreamConnection, events: HistoryEntry[]): Promise<void> {
