@@ -12,7 +12,7 @@ import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { findNchan, nchanConfig, workerConnectionsFor } from '../bench/lib/nchan'
 import { freePort } from './helpers/process'
-import { within } from './helpers/browser'
+import { within } from './helpers/wait'
 
 const STREAMS = 400
 const IN_FLIGHT = 32

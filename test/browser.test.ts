@@ -16,7 +16,8 @@ import {
 } from './helpers'
 import type { Page } from 'playwright-core'
 import { needRedis, REDIS_URL, uniquePrefix } from './helpers/redis'
-import { launchBrowser, needChromium, pageEventSource, startOrigin, startServerOnPort, within, type PageRecord } from './helpers/browser'
+import { launchBrowser, needChromium, pageEventSource, startOrigin, startServerOnPort, type PageRecord } from './helpers/browser'
+import { within } from './helpers/wait'
 
 const publisher = publisherToken()
 

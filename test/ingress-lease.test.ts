@@ -7,27 +7,12 @@ import { redisOptions, ScriptedRedis } from '../src/core/redis/client'
 import { IngressLeader } from '../src/core/redis/engine'
 import { RedisState } from '../src/core/redis/redis-state'
 import { eventually, openConnected, startGateway, userToken } from './helpers'
-import { needRedis, redisClient, REDIS_URL, startOwnRedis, uniquePrefix } from './helpers/redis'
-import { Waiters } from './helpers/wait'
+import { needRedis, redisClient, REDIS_URL, startOwnRedis, subscriberCount, uniquePrefix } from './helpers/redis'
+import { Waiters, within } from './helpers/wait'
 
 const WAIT_MS = 5000
 
-async function within<T> (promise: Promise<T>, what: string, timeoutMs = WAIT_MS): Promise<T> {
-  let timer: NodeJS.Timeout | undefined
-  const timeout = new Promise<never>((_resolve, reject) => {
-    timer = setTimeout(() => reject(new Error(`timed out after ${timeoutMs} ms waiting for ${what}`)), timeoutMs)
-  })
-  try {
-    return await Promise.race([promise, timeout])
-  } finally {
-    clearTimeout(timer)
-  }
-}
 
-async function subscribers (redis: Redis, channel: string): Promise<number> {
-  const [, count] = await redis.pubsub('NUMSUB', channel) as [string, number]
-  return Number(count)
-}
 
 interface Rig {
   leader: IngressLeader
@@ -81,7 +66,7 @@ async function rig (t: Test, subscriberOptions: RedisOptions = {}): Promise<Rig>
 async function killSubscriber (t: Test, redis: Redis, subscriber: Redis, until: 'reconnecting' | 'ready'): Promise<void> {
   const seen = once(subscriber, until)
   t.equal(await redis.client('KILL', 'ADDR', `127.0.0.1:${subscriber.stream.localPort ?? 0}`), 1, 'the subscriber connection is killed')
-  await within(seen, `the subscriber to be ${until}`)
+  await within(seen, WAIT_MS, `the subscriber to be ${until}`)
 }
 
 /**
@@ -95,7 +80,7 @@ async function tick (t: Test, leader: IngressLeader): Promise<void> {
 /** The ingress channels reach the leader's handler: each message once. */
 async function ingressFlows (t: Test, redis: Redis, setup: Rig): Promise<void> {
   const before = setup.received.length
-  t.equal(await subscribers(redis, `${setup.prefix}publish`), 1, `PUBSUB NUMSUB ${setup.prefix}publish is 1`)
+  t.equal(await subscriberCount(redis, `${setup.prefix}publish`), 1, `PUBSUB NUMSUB ${setup.prefix}publish is 1`)
   t.equal(await redis.publish(`${setup.prefix}publish`, '{"to":{"user":"u1"},"data":1}'), 1, 'a PUBLISH reaches one receiver')
   const connectionId = `lease-${randomBytes(4).toString('hex')}`
   await redis.publish(`stream:${connectionId}`, '{"event":"x","data":2}')
@@ -116,7 +101,7 @@ t.test('a lease taken while the subscriber cannot subscribe is not held; the nex
   t.not(setup.subscriber.status, 'ready', 'the lease was taken while the subscriber was still reconnecting')
   t.notOk(setup.leader.isLeader, 'not the holder while not subscribed')
   t.ok(setup.warnings.some((line) => line.includes('ingress') && line.includes('enableOfflineQueue')), 'the failed subscribe is logged with its reason')
-  await within(ready, 'the subscriber to reconnect')
+  await within(ready, WAIT_MS, 'the subscriber to reconnect')
   await tick(t, setup.leader)
   t.ok(setup.leader.isLeader, 'the next tick takes the lease and subscribes')
   await ingressFlows(t, redis, setup)
@@ -131,7 +116,7 @@ t.test('a holder whose subscriber reconnected without its subscriptions subscrib
   await tick(t, setup.leader)
   t.ok(setup.leader.isLeader, 'the first tick takes the lease')
   await killSubscriber(t, redis, setup.subscriber, 'ready')
-  t.equal(await subscribers(redis, `${setup.prefix}publish`), 0, 'the reconnected subscriber lost its subscriptions')
+  t.equal(await subscriberCount(redis, `${setup.prefix}publish`), 0, 'the reconnected subscriber lost its subscriptions')
   await tick(t, setup.leader)
   t.ok(setup.leader.isLeader, 'still the holder')
   await ingressFlows(t, redis, setup)
@@ -148,11 +133,11 @@ t.test('a lease given up while unsubscribing fails: the subscriptions ioredis re
   const ready = once(setup.subscriber, 'ready')
   await tick(t, setup.leader)
   t.notOk(setup.leader.isLeader, 'the lease moved away')
-  await within(ready, 'the subscriber to reconnect')
+  await within(ready, WAIT_MS, 'the subscriber to reconnect')
   await tick(t, setup.leader)
   // Replies come in order: once this answers, the resubscription ioredis sent on reconnect is done.
   await setup.subscriber.ping()
-  t.equal(await subscribers(redis, `${setup.prefix}publish`), 0, 'no subscription left on an instance that does not hold the lease')
+  t.equal(await subscriberCount(redis, `${setup.prefix}publish`), 0, 'no subscription left on an instance that does not hold the lease')
   t.equal(await redis.publish(`${setup.prefix}publish`, '{"to":{"user":"u1"},"data":1}'), 0, 'a PUBLISH reaches no one here')
 })
 
@@ -182,7 +167,7 @@ t.test('gateway: the pubsub connection killed as the lease is taken; once it is 
   await eventually(() => gateway.app.bus.isReady(), 'the pubsub connection to be back')
   await tick(t, ingress)
   t.ok(ingress.isLeader, 'the next tick takes the lease')
-  t.equal(await subscribers(redis, `${prefix}publish`), 1, `PUBSUB NUMSUB ${prefix}publish is 1`)
+  t.equal(await subscriberCount(redis, `${prefix}publish`), 1, `PUBSUB NUMSUB ${prefix}publish is 1`)
   t.equal(await redis.publish(`${prefix}publish`, JSON.stringify({ to: { user: 'u1' }, event: 'after-outage', data: { n: 1 } })), 1, 'one instance listens')
   const event = await stream.nextEvent('after-outage', WAIT_MS)
   t.same(JSON.parse(event.data), { n: 1 })

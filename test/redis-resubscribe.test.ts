@@ -14,8 +14,8 @@ import { redisOptions, ScriptedRedis } from '../src/core/redis/client'
 import { RedisBus } from '../src/core/redis/redis-bus'
 import { RedisState } from '../src/core/redis/redis-state'
 import { eventually } from './helpers'
-import { needRedis, redisClient, REDIS_URL, startOwnRedis, uniquePrefix } from './helpers/redis'
-import { Waiters } from './helpers/wait'
+import { needRedis, redisClient, REDIS_URL, startOwnRedis, subscriberCount, uniquePrefix } from './helpers/redis'
+import { Waiters, within } from './helpers/wait'
 
 const WAIT_MS = 5000
 
@@ -28,22 +28,7 @@ process.on('uncaughtExceptionMonitor', (error, origin) => {
   crashes.push(`${origin}: ${error instanceof Error ? error.stack ?? error.message : String(error)}`)
 })
 
-async function within<T> (promise: Promise<T>, what: string, timeoutMs = WAIT_MS): Promise<T> {
-  let timer: NodeJS.Timeout | undefined
-  const timeout = new Promise<never>((_resolve, reject) => {
-    timer = setTimeout(() => reject(new Error(`timed out after ${timeoutMs} ms waiting for ${what}`)), timeoutMs)
-  })
-  try {
-    return await Promise.race([promise, timeout])
-  } finally {
-    clearTimeout(timer)
-  }
-}
 
-async function subscribers (redis: Redis, channel: string): Promise<number> {
-  const [, count] = await redis.pubsub('NUMSUB', channel) as [string, number]
-  return Number(count)
-}
 
 interface Rig {
   bus: RedisBus
@@ -103,7 +88,7 @@ async function kill (t: Test, redis: Redis, subscriber: Redis): Promise<void> {
  */
 async function settled (setup: Rig, redis: Redis, expected: string[]): Promise<void> {
   await eventually(async () => {
-    const counts = await Promise.all(expected.map(async (name) => await subscribers(redis, name)))
+    const counts = await Promise.all(expected.map(async (name) => await subscriberCount(redis, name)))
     return counts.every((count) => count === 1)
   }, 'the subscriptions to be back').catch(() => {})
   await setup.subscriber.ping()
@@ -114,8 +99,8 @@ async function subscribedExactly (t: Test, redis: Redis, setup: Rig, listened: s
   const control = [`${setup.prefix}ctl`, `${setup.prefix}reply:${setup.state.instanceId}`]
   const bus = (name: string): string => `${setup.prefix}ch:${name}`
   await settled(setup, redis, [...listened.map(bus), ...control])
-  for (const name of [...listened.map(bus), ...control]) t.equal(await subscribers(redis, name), 1, `PUBSUB NUMSUB ${name} is 1`)
-  for (const name of not.map(bus)) t.equal(await subscribers(redis, name), 0, `PUBSUB NUMSUB ${name} is 0`)
+  for (const name of [...listened.map(bus), ...control]) t.equal(await subscriberCount(redis, name), 1, `PUBSUB NUMSUB ${name} is 1`)
+  for (const name of not.map(bus)) t.equal(await subscriberCount(redis, name), 0, `PUBSUB NUMSUB ${name} is 0`)
 }
 
 /** A publish through the bus reaches its delivery listener. */
@@ -136,7 +121,7 @@ t.test('after a reconnect that lost them, the bus channels and the control chann
 
   const ready = once(setup.subscriber, 'ready')
   await kill(t, redis, setup.subscriber)
-  await within(ready, 'the subscriber to be ready again')
+  await within(ready, WAIT_MS, 'the subscriber to be ready again')
   await subscribedExactly(t, redis, setup, ['a', 'b', 'c'], ['left'])
   await flows(t, setup, 'b')
   t.same(setup.warnings, [], 'nothing failed')
@@ -151,11 +136,11 @@ t.test('a listen that failed and an unlisten made while the subscriber was down 
   const down = once(setup.subscriber, 'reconnecting')
   const ready = once(setup.subscriber, 'ready')
   await kill(t, redis, setup.subscriber)
-  await within(down, 'the subscriber to be reconnecting')
+  await within(down, WAIT_MS, 'the subscriber to be reconnecting')
   // The hub keeps a channel whose listen failed as listened, and will not ask again.
   await t.rejects(setup.bus.listen('late'), 'a listen fails while the subscriber is down')
   setup.bus.unlisten('gone')
-  await within(ready, 'the subscriber to be ready again')
+  await within(ready, WAIT_MS, 'the subscriber to be ready again')
 
   await subscribedExactly(t, redis, setup, ['a', 'late'], ['gone'])
   await flows(t, setup, 'late')
@@ -175,17 +160,17 @@ t.test('a resubscription that fails is logged, without secrets, and retried on t
   const refused = once(setup.subscriber, 'ready')
   await redis.acl('SETUSER', 'resub', 'resetchannels')
   await redis.client('KILL', 'USER', 'resub')
-  await within(refused, 'the subscriber to be ready again')
+  await within(refused, WAIT_MS, 'the subscriber to be ready again')
   await eventually(() => setup.warnings.length >= 2, 'both failed resubscriptions to be logged')
   t.ok(setup.warnings.some((line) => line.includes('bus channels') && line.includes('NOPERM')), 'the failed bus resubscription is logged with its reason')
   t.ok(setup.warnings.some((line) => line.includes('control channels') && line.includes('NOPERM')), 'the failed control resubscription is logged with its reason')
   t.notOk(setup.warnings.some((line) => line.includes(password)), 'no log line holds the password')
-  t.equal(await subscribers(redis, `${setup.prefix}ch:a`), 0, 'not subscribed meanwhile')
+  t.equal(await subscriberCount(redis, `${setup.prefix}ch:a`), 0, 'not subscribed meanwhile')
 
   await redis.acl('SETUSER', 'resub', 'allchannels')
   const ready = once(setup.subscriber, 'ready')
   await kill(t, redis, setup.subscriber)
-  await within(ready, 'the subscriber to be ready again')
+  await within(ready, WAIT_MS, 'the subscriber to be ready again')
   await subscribedExactly(t, redis, setup, ['a', 'b'], [])
   await flows(t, setup, 'a')
   t.same(crashes, [], 'no unhandled rejection or uncaught exception')

@@ -13,7 +13,7 @@ import { join } from 'node:path'
 import type { Test } from 'tap'
 import { chromium, type BrowserContext, type Page } from 'playwright-core'
 import type { TestLike } from './gateway'
-import { Waiters } from './wait'
+import { Waiters, within } from './wait'
 import { SERVER_JS, type Exit } from './process'
 
 export const CHROMIUM = '/usr/bin/chromium'
@@ -156,18 +156,6 @@ export async function pageEventSource (page: Page, url: string, options: EventSo
   return recorder
 }
 
-/** Races `promise` against a timer, so no wait on a page is unbounded. */
-export async function within<T> (promise: Promise<T>, timeoutMs: number, what: string): Promise<T> {
-  let timer: NodeJS.Timeout | undefined
-  const timeout = new Promise<never>((_resolve, reject) => {
-    timer = setTimeout(() => reject(new Error(`timed out after ${timeoutMs} ms waiting for ${what}`)), timeoutMs)
-  })
-  try {
-    return await Promise.race([promise, timeout])
-  } finally {
-    clearTimeout(timer)
-  }
-}
 
 /** An origin of the test's own serving one blank HTML page at `/`; closed in teardown. */
 export async function startOrigin (t: TestLike, title = 'test origin'): Promise<string> {

@@ -81,3 +81,9 @@ export function redisClient (t: Pick<Test, 'teardown'>, url = REDIS_URL): Redis 
   t.teardown(() => client.disconnect())
   return client
 }
+
+/** How many connections are subscribed to `channel` (PUBSUB NUMSUB). */
+export async function subscriberCount (redis: Redis, channel: string): Promise<number> {
+  const [, count] = await redis.pubsub('NUMSUB', channel) as [string, number]
+  return Number(count)
+}
