@@ -199,86 +199,79 @@ export default fp(async (app) => {
     }
     opening++
     let counted = true
-    const registered = (): void => {
-      if (counted) opening--
-      counted = false
-    }
     try {
-      await admitAndOpen(request, reply, options, auth, retryAfterS, registered)
-    } finally {
-      registered()
-    }
-  })
-
-  const admitAndOpen = async (request: FastifyRequest, reply: FastifyReply, options: OpenStreamOptions, auth: ReturnType<typeof authOf>, retryAfterS: string, registered: () => void): Promise<void> => {
-    if (options.windowChannels !== undefined) {
-      // A reopened stream id held by a live stream (a tab the browser has not
-      // noticed is dead, maybe on another instance) moves to this request.
-      const previous = registry.get(options.connectionId)
-      const message: ControlMessage = { type: 'evict', connectionId: options.connectionId, reason: 'stream reopened elsewhere' }
-      if (previous !== undefined) streams.close(previous, 'evicted', 'evicted', { reason: message.reason })
-      else await state.broadcastControl(message)
-    }
-    const admission = await state.admit({
-      connectionId: options.connectionId,
-      userId: auth.userId,
-      topics: options.topics,
-      openedAt: Date.now(),
-      limit: config.maxConnectionsPerUser,
-      policy: config.connectionLimitPolicy
-    })
-    if (!admission.admitted) {
-      reply.header('retry-after', retryAfterS)
-      throw new errors.Limited(`user already holds ${config.maxConnectionsPerUser} streams`)
-    }
-    if (admission.evict !== null) {
-      const message: ControlMessage = { type: 'evict', connectionId: admission.evict, reason: 'too many streams for this user' }
-      const local = registry.get(admission.evict)
-      if (local !== undefined) streams.close(local, 'evicted', 'evicted', { reason: message.reason })
-      else await state.broadcastControl(message)
-    }
-    if (admission.cameOnline) announceSafely(auth.userId, 'user:online')
-
-    reply.hijack()
-    const socket = reply.raw.socket
-    if (socket === null) return
-    const head = headOf(reply)
-    // Events are written straight to the socket: Node's response object would
-    // re-frame every write for every recipient.
-    socket.setNoDelay(true)
-    releaseHttpState(reply.raw, socket)
-    try {
-      // Every field named, in one order: spreading the options into a bigger
-      // literal built a slow-mode object per open (≈ 10 µs in a profile).
-      const opened = streams.open({
+      if (options.windowChannels !== undefined) {
+        // A reopened stream id held by a live stream (a tab the browser has not
+        // noticed is dead, maybe on another instance) moves to this request.
+        const previous = registry.get(options.connectionId)
+        const message: ControlMessage = { type: 'evict', connectionId: options.connectionId, reason: 'stream reopened elsewhere' }
+        if (previous !== undefined) streams.close(previous, 'evicted', 'evicted', { reason: message.reason })
+        else await state.broadcastControl(message)
+      }
+      const admission = await state.admit({
         connectionId: options.connectionId,
         userId: auth.userId,
-        kind: options.kind,
         topics: options.topics,
-        channels: options.channels,
-        sink: socket,
-        tokenExpiresAt: auth.expiresAt,
-        allowedTopics: auth.topics,
-        remoteAddress: request.ip,
-        requestId: request.id,
-        cursor: cursorOf(request),
-        windowChannels: options.windowChannels,
-        extraTopics: options.extraTopics,
-        closeAfter: options.closeAfter,
-        prelude: options.prelude,
-        head,
-        connectedExtra: options.connectedExtra
+        openedAt: Date.now(),
+        limit: config.maxConnectionsPerUser,
+        policy: config.connectionLimitPolicy
       })
-      // open() puts the stream in the registry before its first await.
-      registered()
-      await opened
-    } catch (error) {
-      request.log.error({ err: error, connectionId: options.connectionId }, 'stream failed to open')
-      const connection = registry.get(options.connectionId)
-      if (connection !== undefined) connection.close('error')
-      else socket.destroy()
+      if (!admission.admitted) {
+        reply.header('retry-after', retryAfterS)
+        throw new errors.Limited(`user already holds ${config.maxConnectionsPerUser} streams`)
+      }
+      if (admission.evict !== null) {
+        const message: ControlMessage = { type: 'evict', connectionId: admission.evict, reason: 'too many streams for this user' }
+        const local = registry.get(admission.evict)
+        if (local !== undefined) streams.close(local, 'evicted', 'evicted', { reason: message.reason })
+        else await state.broadcastControl(message)
+      }
+      if (admission.cameOnline) announceSafely(auth.userId, 'user:online')
+
+      reply.hijack()
+      const socket = reply.raw.socket
+      if (socket === null) return
+      const head = headOf(reply)
+      // Events are written straight to the socket: Node's response object would
+      // re-frame every write for every recipient.
+      socket.setNoDelay(true)
+      releaseHttpState(reply.raw, socket)
+      try {
+        // Every field named, in one order: spreading the options into a bigger
+        // literal built a slow-mode object per open (≈ 10 µs in a profile).
+        const opened = streams.open({
+          connectionId: options.connectionId,
+          userId: auth.userId,
+          kind: options.kind,
+          topics: options.topics,
+          channels: options.channels,
+          sink: socket,
+          tokenExpiresAt: auth.expiresAt,
+          allowedTopics: auth.topics,
+          remoteAddress: request.ip,
+          requestId: request.id,
+          cursor: cursorOf(request),
+          windowChannels: options.windowChannels,
+          extraTopics: options.extraTopics,
+          closeAfter: options.closeAfter,
+          prelude: options.prelude,
+          head,
+          connectedExtra: options.connectedExtra
+        })
+        // open() puts the stream in the registry before its first await.
+        opening--
+        counted = false
+        await opened
+      } catch (error) {
+        request.log.error({ err: error, connectionId: options.connectionId }, 'stream failed to open')
+        const connection = registry.get(options.connectionId)
+        if (connection !== undefined) connection.close('error')
+        else socket.destroy()
+      }
+    } finally {
+      if (counted) opening--
     }
-  }
+  })
 
   // Streams must end before the server closes, or close() waits on them forever.
   app.addHook('preClose', async () => {

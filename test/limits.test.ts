@@ -47,6 +47,14 @@ forEachMode(t, 'MAX_CONNECTIONS: past it a new stream gets 503 with Retry-After;
 
 forEachMode(t, 'MAX_CONNECTIONS holds when many streams open at once: concurrent opens cannot all pass the check while admission waits', async (t, mode) => {
   const [gateway] = await startCluster(t, mode, 1, { MAX_CONNECTIONS: '2' })
+  // Admission made slow on purpose (the real one, delayed), so all 40 requests
+  // are in while the first ones wait on it: the window a Redis round trip opens.
+  const state = gateway.app.state
+  const admit = state.admit.bind(state)
+  state.admit = async (request) => {
+    await new Promise((resolve) => setTimeout(resolve, 100))
+    return await admit(request)
+  }
   const streams = await Promise.all(Array.from({ length: 40 }, async (_, index) => await openStream(streamUrl(gateway.url, `storm${index}`), { t })))
   const statuses = streams.map((stream) => stream.status)
   t.equal(statuses.filter((status) => status === 200).length, 2, 'two streams opened')
