@@ -12,12 +12,15 @@ export default fp(async (app) => {
   const { ingress, durableIngress, config, publisher } = app
   if (ingress === null || durableIngress === null) return
 
-  const reject = (source: string, reason: string): void => {
+  const dropped = { published: Promise.resolve() }
+  const reject = (source: string, reason: string): typeof dropped => {
     app.metrics.ingressRejected(source, reason)
     app.log.warn({ source, reason }, 'ingress message dropped')
+    return dropped
   }
 
-  const handle = async (source: { kind: 'publish' | 'durable' } | { kind: 'stream', connectionId: string }, payload: string): Promise<void> => {
+  // Resolves once the message is handed to Redis (see IngressHandler), with its publication.
+  const handle = async (source: { kind: 'publish' | 'durable' } | { kind: 'stream', connectionId: string }, payload: string): Promise<{ published: Promise<void> }> => {
     const kind = source.kind
     if (Buffer.byteLength(payload) > config.maxBodyBytes) return reject(kind, 'too large')
     let body: unknown
@@ -41,9 +44,12 @@ export default fp(async (app) => {
       if (Buffer.byteLength(text) > config.maxEventBytes) return reject(kind, 'data too large')
       requests = [{ target: { kind: 'connection', id: source.connectionId }, event: event.value, text }]
     }
-    await publisher.publish(requests)
-    for (const request of requests) app.metrics.published(request.target.kind, 1)
+    const items = await publisher.itemsOf(requests)
+    const published = publisher.publishItems(items).then(() => {
+      for (const request of requests) app.metrics.published(request.target.kind, 1)
+    })
+    return { published }
   }
   ingress.onMessage(handle)
-  durableIngress.onMessage(async (payload) => await handle({ kind: 'durable' }, payload))
+  durableIngress.onMessage(async (payload) => { await (await handle({ kind: 'durable' }, payload)).published })
 }, { name: 'ingress', dependencies: ['bus', 'streams', 'metrics'] })

@@ -55,6 +55,7 @@ async function rig (t: Test, subscriberOptions: RedisOptions = {}): Promise<Rig>
   leader.onMessage(async (source, payload) => {
     received.push({ source: source.kind === 'stream' ? `stream:${source.connectionId}` : 'publish', payload })
     waiters.wake()
+    return { published: Promise.resolve() }
   })
   const receivedCount = async (count: number): Promise<void> => {
     await waiters.until(() => received.length >= count, { timeoutMs: WAIT_MS, what: `${count} ingress messages`, describe: () => `${received.length} received` })

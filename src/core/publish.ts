@@ -125,10 +125,20 @@ export class Publisher {
   constructor (private readonly bus: EventBus, private readonly state: SharedState) {}
 
   async publish (requests: PublishRequest[]): Promise<number[]> {
+    return await this.publishItems(await this.itemsOf(requests))
+  }
+
+  /** What `requests` publish, their targets resolved to channels (a conversation reads its members). */
+  async itemsOf (requests: PublishRequest[]): Promise<PublishItem[]> {
     const items: PublishItem[] = []
     for (const request of requests) {
       items.push({ channels: await this.channelsOf(request.target), body: renderBody(request.event, request.text) })
     }
+    return items
+  }
+
+  /** Hands `items` to the bus at once (their ids follow this call's order); resolves with the ids. */
+  async publishItems (items: PublishItem[]): Promise<number[]> {
     return await this.bus.publish(items)
   }
 

@@ -19,7 +19,13 @@ interface Log {
 }
 
 /** A message that arrived on an ingress channel: `<prefix>publish` or `stream:<connectionId>`. */
-export type IngressHandler = (source: { kind: 'publish' } | { kind: 'stream', connectionId: string }, payload: string) => Promise<void>
+/**
+ * Handles one ingress message in two steps: it resolves once the message's
+ * events are handed to Redis (or the message is dropped), with the promise of
+ * their publication. Messages are handed over one after another, in arrival
+ * order, which orders their ids; their publications overlap.
+ */
+export type IngressHandler = (source: { kind: 'publish' } | { kind: 'stream', connectionId: string }, payload: string) => Promise<{ published: Promise<void> }>
 
 /**
  * Every instance receives a PUBLISH on an ingress channel, yet each message
@@ -45,12 +51,12 @@ export class IngressLeader {
   private reconnected = false
   /** Ticks must not interleave: one's unsubscribe could land after another's subscribe. */
   private ticking = false
-  /** The last ingress message's handling: the next one starts when it ends. */
+  /** The last ingress message's hand-over to Redis: the next one starts when it is done. */
   private pending: Promise<void> = Promise.resolve()
   /** Local deadline: past it this instance stops acting even if Redis is unreachable. */
   private validUntil = 0
   private readonly timer: NodeJS.Timeout
-  private handler: IngressHandler = async () => {}
+  private handler: IngressHandler = async () => ({ published: Promise.resolve() })
 
   constructor (
     private readonly commands: ScriptedRedis,
@@ -148,13 +154,18 @@ export class IngressLeader {
 
   private dispatch (source: Parameters<IngressHandler>[0], payload: string): void {
     if (!this.isLeader) return
-    // One message at a time, in arrival order: a batch or a conversation
-    // target takes more round trips before it is published than a single
-    // event sent after it, and ids must follow the order messages came in.
+    const failed = (error: unknown): void => this.log.warn({ err: error, source: source.kind }, 'ingress message failed')
+    // Each message is handed to Redis after the previous one: a batch or a
+    // conversation target takes more steps before it is handed over than a
+    // single event sent after it, and ids must follow the order messages came in.
     this.pending = this.pending
-      .then(async () => await this.handler(source, payload))
-      .catch((error: unknown) => this.log.warn({ err: error, source: source.kind }, 'ingress message failed'))
+      .then(async () => {
+        const { published } = await this.handler(source, payload)
+        published.catch(failed)
+      })
+      .catch(failed)
   }
+
 
   private async reapDead (): Promise<void> {
     for (const instance of await this.state.deadInstances()) {
