@@ -127,6 +127,8 @@ export default fp(async (app) => {
         events: connection.eventsSent,
         bytes: connection.bytesSent
       }, 'stream closed')
+      // Releasing a replaced stream's id would release the stream that holds it now.
+      if (connection.replaced) return
       state.release(connection.id, connection.userId, config.historyTtlS).catch((error: unknown) => {
         app.log.warn({ err: error, connectionId: connection.id }, 'could not record stream close')
       })

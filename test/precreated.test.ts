@@ -8,9 +8,9 @@
  */
 import { setTimeout as delay } from 'node:timers/promises'
 import t, { type Test } from 'tap'
-import { publish, request, userToken, type SseEvent } from './helpers'
+import { eventually, publish, request, userToken, type SseEvent } from './helpers'
 import {
-  connect, namesOf, nonce, pair, publishTo, PUBLISHER, settle, tryOpen
+  connect, namesOf, nonce, pair, presence, publishTo, PUBLISHER, settle, tryOpen
 } from './helpers/channels'
 import { forEachMode } from './helpers/modes'
 import { redisClient } from './helpers/redis'
@@ -208,6 +208,39 @@ forEachMode(t, 'reopening a stream id that is still open (on another instance) m
   }
   t.ok(first.stream.events.some((event) => event.event === 'evicted'), 'the old holder got `evicted`')
   t.notOk(first.stream.events.some((event) => event.event === 'content-chunk'), 'the old holder did not receive the event as well')
+})
+
+forEachMode(t, 'two reopens of one id at once on one instance: one holds it, the other is evicted, and the counts stay right', async (t, mode) => {
+  const [a] = await pair(t, mode)
+  const first = await connect(t, a, 'alice')
+  // Admission slowed on purpose (the real one, delayed), so both reopens are in
+  // flight together, past the check for a live holder of the id.
+  const state = a.app.state
+  const admit = state.admit.bind(state)
+  state.admit = async (request) => {
+    await new Promise((resolve) => setTimeout(resolve, 100))
+    return await admit(request)
+  }
+  const path = `/v1/stream/${first.connectionId}`
+  const both = await Promise.all([tryOpen(t, a, 'alice', { path }), tryOpen(t, a, 'alice', { path })])
+  t.same(both.map((stream) => stream.status), [200, 200], 'both reopens were admitted')
+  state.admit = admit
+  await first.stream.waitEnd(5000)
+  // The one evicted may have been evicted before its `connected`: it only has to end.
+  await eventually(() => both.filter((stream) => stream.ended).length === 1, 'one of the two reopens closed')
+  const survivor = both.find((stream) => !stream.ended) as (typeof both)[number]
+  const evicted = both.find((stream) => stream.ended) as (typeof both)[number]
+  t.ok(evicted.events.some((event) => event.event === 'evicted'), 'the closed one got `evicted`')
+  await survivor.nextEvent('connected')
+  t.equal(a.app.registry.size, 1, 'one stream in the registry')
+  t.equal(a.app.registry.userCount, 1, 'one user')
+  t.equal((await presence(a, 'alice')).connections, 1, 'the shared record still counts the holder')
+  const id = await publishTo(a, { to: { connection: first.connectionId }, event: 'content-chunk', data: 'once' })
+  t.equal((await survivor.nextEvent('content-chunk')).id, id, 'the holder receives')
+  t.notOk(survivor.ended, 'and stays open')
+  survivor.close()
+  await eventually(() => a.app.registry.size === 0 && a.app.registry.userCount === 0, 'nothing left in the registry')
+  await eventually(async () => (await presence(a, 'alice')).connections === 0, 'no stream left in the shared record')
 })
 
 forEachMode(t, 'streamed content: content-chunk strings (markdown, blank lines, CRLF, SSE-like text, unicode) arrive intact and in order', async (t, mode) => {

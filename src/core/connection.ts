@@ -117,6 +117,8 @@ export class StreamConnection {
   closeReason: CloseReason | null = null
   /** When set, the stream ends after the first event for which it returns true. */
   closeAfter: ((frame: Buffer) => boolean) | null = null
+  /** Another stream of this instance took over this id: the id's shared records are that stream's now. */
+  replaced = false
   /** Called once, when the stream closes for any reason (one function shared by every stream). */
   onClose: (connection: StreamConnection) => void = ignore
 

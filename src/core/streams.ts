@@ -95,6 +95,14 @@ export class StreamService {
     connection.onClose = this.cleanupClosed
     // Queued first, so whatever ends the stream from here on follows a head.
     connection.sendSystem(spec.head)
+    // Two reopens of one id can both pass the caller's check while it waits on
+    // Redis: one id has one holder, the latest, or the other would live on
+    // outside the registry and its counts.
+    const previous = this.registry.get(spec.connectionId)
+    if (previous !== undefined) {
+      previous.replaced = true
+      this.close(previous, 'evicted', 'evicted', { reason: 'stream reopened elsewhere' })
+    }
     this.registry.add(connection)
     this.trackExpiry(connection)
     this.events.opened(connection)
