@@ -3,6 +3,8 @@
  * validated once at start-up. Nothing else in the code base reads `process.env`.
  */
 
+import { createPublicKey } from 'node:crypto'
+
 export type LimitPolicy = 'reject' | 'evict-oldest'
 export type LogLevel = 'fatal' | 'error' | 'warn' | 'info' | 'debug' | 'trace' | 'silent'
 
@@ -87,6 +89,27 @@ function list (env: Env, name: string): string[] | null {
   return items.length === 0 ? null : items
 }
 
+// Checked here, so a bad value stops the start with the variable's name
+// rather than as an error from deep inside the JWT or Redis client.
+function isPublicKey (pem: string): boolean {
+  try {
+    createPublicKey(pem)
+    // A private key would verify too, but has no business in the gateway's environment.
+    return pem.includes('-----BEGIN') && !pem.includes('PRIVATE KEY-----')
+  } catch {
+    return false
+  }
+}
+
+function isRedisUrl (text: string): boolean {
+  try {
+    const url = new URL(text)
+    return url.hostname !== '' && /^(\/\d*)?$/.test(url.pathname)
+  } catch {
+    return false
+  }
+}
+
 export function loadConfig (env: Env = process.env): Config {
   const jwtSecret = read(env, 'JWT_SECRET') ?? null
   // Keys are often passed through env files with literal "\n" sequences.
@@ -94,12 +117,15 @@ export function loadConfig (env: Env = process.env): Config {
   if (jwtSecret === null && jwtPublicKey === null) {
     throw new ConfigError('JWT_SECRET', 'is required (or set JWT_PUBLIC_KEY)')
   }
-  if (jwtPublicKey !== null && !jwtPublicKey.includes('-----BEGIN')) {
+  if (jwtPublicKey !== null && !isPublicKey(jwtPublicKey)) {
     throw new ConfigError('JWT_PUBLIC_KEY', 'must be a PEM public key')
   }
   const redisUrl = read(env, 'REDIS_URL') ?? null
   if (redisUrl !== null && !/^rediss?:\/\//.test(redisUrl)) {
     throw new ConfigError('REDIS_URL', 'must start with redis:// or rediss://')
+  }
+  if (redisUrl !== null && !isRedisUrl(redisUrl)) {
+    throw new ConfigError('REDIS_URL', 'must be redis[s]://[user:password@]host[:port][/database number]')
   }
   const redisPrefix = env.REDIS_PREFIX ?? 'sse:'
   if (!/^[A-Za-z0-9_.:{}-]{0,64}$/.test(redisPrefix)) {

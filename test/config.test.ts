@@ -128,6 +128,17 @@ t.test('invalid values throw a ConfigError naming the variable', async (t) => {
   refuses(t, { ...base, LOG_LEVEL: 'loud' }, 'LOG_LEVEL')
   refuses(t, { ...base, REDIS_URL: 'localhost:6379' }, 'REDIS_URL')
   refuses(t, { ...base, JWT_PUBLIC_KEY: 'not a pem' }, 'JWT_PUBLIC_KEY')
+  refuses(t, { ...base, JWT_PUBLIC_KEY: '-----BEGIN PUBLIC KEY-----garbage-----END PUBLIC KEY-----' }, 'JWT_PUBLIC_KEY')
+  refuses(t, { ...base, JWT_PUBLIC_KEY: rsaKeyPair().privateKey.export({ type: 'pkcs8', format: 'pem' }).toString() }, 'JWT_PUBLIC_KEY')
+  refuses(t, { ...base, REDIS_URL: 'redis://127.0.0.1:6379/abc' }, 'REDIS_URL')
+  refuses(t, { ...base, REDIS_URL: 'redis://127.0.0.1:port' }, 'REDIS_URL')
+  refuses(t, { ...base, REDIS_URL: 'redis://' }, 'REDIS_URL')
+})
+
+t.test('REDIS_URL: host, port, credentials and a database number are accepted', async (t) => {
+  for (const url of ['redis://127.0.0.1:6379', 'redis://redis', 'rediss://user:secret@redis.example.com:6380/2', 'redis://:pw@10.0.0.1/', 'redis://[::1]:6379/15']) {
+    t.equal(loadConfig({ JWT_SECRET: 'x', REDIS_URL: url }).redisUrl, url, url)
+  }
 })
 
 t.test('neither JWT_SECRET nor JWT_PUBLIC_KEY: a ConfigError naming JWT_SECRET and JWT_PUBLIC_KEY', async (t) => {
