@@ -32,7 +32,8 @@ export type IngressHandler = (source: { kind: 'publish' } | { kind: 'stream', co
  * must be handled once. One instance holds a lease in Redis (`<prefix>leader`)
  * and only it subscribes to the ingress channels; the others keep trying to
  * take the lease, so one takes over within a lease when the holder dies.
- * The same holder clears what dead instances left behind.
+ * The same holder clears what dead instances left behind, and ends the
+ * presence graces their (or stopped instances') timers can no longer end.
  */
 export class IngressLeader {
   /** Holds the lease and is subscribed to the ingress channels: only both together make it the holder. */
@@ -95,7 +96,10 @@ export class IngressLeader {
       const held = await this.commands.run('LEASE', [this.prefix, this.state.instanceId, this.leaseMs]) === 1
       if (held) this.validUntil = startedAt + this.leaseMs - 200
       await this.step(held)
-      if (this.holding) await this.reapDead()
+      if (this.holding) {
+        await this.reapDead()
+        await this.state.endDueGraces()
+      }
     } finally {
       this.ticking = false
     }

@@ -20,6 +20,8 @@ interface ControlEnvelope { requestId: string, from: string, message: ControlMes
 interface ControlReply { requestId: string, answer: string[] | null }
 
 const JOB_CAS_ATTEMPTS = 8
+/** Overdue graces ended per script run: a mass drain's users are settled in slices, not one long script. */
+const GRACE_BATCH = 500
 
 /**
  * Shared state in Redis. Instances announce themselves with a heartbeat
@@ -31,13 +33,16 @@ const JOB_CAS_ATTEMPTS = 8
 export class RedisState implements SharedState {
   readonly instanceId: string
   private controlListener: ControlListener = async () => null
-  private offlineListener: (userId: string) => void = () => {}
+  /** Null until the streams plugin registers: a grace ended before that would go unannounced. */
+  private offlineListener: ((userId: string) => void) | null = null
   private readonly graceTimers = new Map<string, NodeJS.Timeout>()
   private readonly waiting = new Map<string, { expected: number, answers: Array<string[] | null>, done: (answer: string[] | null) => void }>()
   private readonly heartbeatTimer: NodeJS.Timeout
   private readonly prefix: string
   /** start() has subscribed (or tried to): from then on every reconnect subscribes again. */
   private started = false
+  /** close() has run: a release answered after it starts no timer, the lease holder ends that grace. */
+  private closed = false
 
   constructor (
     private readonly commands: ScriptedRedis,
@@ -134,8 +139,10 @@ export class RedisState implements SharedState {
     const last = await this.commands.run('RELEASE', [
       this.prefix, userId, this.instanceId, connectionId, ttlS, this.options.instanceTtlMs, this.options.presenceGraceMs, token
     ])
-    if (last !== 1) return
+    if (last !== 1 || this.closed) return
     this.cancelGrace(userId)
+    // The fast path; if this instance stops or dies first, the lease holder's
+    // sweep (endDueGraces) ends the grace instead, and only one of them can.
     const timer = setTimeout(() => {
       this.graceTimers.delete(userId)
       this.endGrace(userId, token).catch((error: unknown) => this.log.warn({ err: error, userId }, 'presence grace not settled'))
@@ -252,6 +259,7 @@ export class RedisState implements SharedState {
   }
 
   async close (): Promise<void> {
+    this.closed = true
     clearInterval(this.heartbeatTimer)
     for (const timer of this.graceTimers.values()) clearTimeout(timer)
     this.graceTimers.clear()
@@ -292,7 +300,23 @@ export class RedisState implements SharedState {
     await this.commands.call(async (redis) => await redis.multi().del(this.connsKey(instance)).zrem(`${this.prefix}instances`, instance).exec())
     for (const userId of users) {
       const presence = await this.presence(userId)
-      if (!presence.online) this.offlineListener(userId)
+      if (!presence.online) this.offlineListener?.(userId)
+    }
+  }
+
+  /**
+   * Ends every grace period past its deadline, whichever instance started it
+   * (run by the lease holder): the one that did may have stopped or died, and
+   * its timer with it.
+   */
+  async endDueGraces (): Promise<void> {
+    const listener = this.offlineListener
+    // Right after start the lease may be taken before anyone listens.
+    if (listener === null) return
+    for (;;) {
+      const [ended, ...offline] = await this.commands.run('END_GRACE', [this.prefix, this.options.instanceTtlMs, 'due', GRACE_BATCH]) as [number, ...string[]]
+      for (const userId of offline) listener(userId)
+      if (ended < GRACE_BATCH || this.closed) return
     }
   }
 
@@ -326,8 +350,8 @@ export class RedisState implements SharedState {
   }
 
   private async endGrace (userId: string, token: string): Promise<void> {
-    const offline = await this.commands.run('END_GRACE', [this.prefix, userId, token, this.options.instanceTtlMs])
-    if (offline === 1) this.offlineListener(userId)
+    const [, ...offline] = await this.commands.run('END_GRACE', [this.prefix, this.options.instanceTtlMs, 'user', userId, token]) as [number, ...string[]]
+    if (offline.length > 0) this.offlineListener?.(userId)
   }
 
   private onControlMessage (raw: string): void {

@@ -217,9 +217,9 @@ if #live >= tonumber(ARGV[6]) then
   redis.call('HDEL', prefix .. 'i:' .. evicted_inst .. ':conns', evicted_conn)
   redis.call('EXPIRE', prefix .. 'conn:' .. evicted_conn, tonumber(ARGV[10]))
 end
-local grace = prefix .. 'grace:' .. user
-local was_online = #live > 0 or redis.call('EXISTS', grace) == 1
-redis.call('DEL', grace)
+-- A reconnect within the grace cancels it, wherever it started.
+local in_grace = redis.call('DEL', prefix .. 'grace:' .. user) + redis.call('ZREM', prefix .. 'graces', user) > 0
+local was_online = #live > 0 or in_grace
 redis.call('ZADD', uk, tonumber(ARGV[5]), inst .. '|' .. conn)
 redis.call('SET', prefix .. 'conn:' .. conn, user)
 redis.call('PERSIST', prefix .. 'ut:' .. user)
@@ -231,6 +231,9 @@ return { 1, was_online and 0 or 1, evict }
  * Forgets a closed stream. ARGV: prefix, userId, instance, connectionId,
  * reopenTtlS, instanceTtlMs, graceMs, graceToken.
  * Returns 1 when it was the user's last stream (a grace period starts), else 0.
+ * The grace is `P grace:<user>` (its token) and the user's entry in `P graces`,
+ * scored by its deadline: the releasing instance may stop or die before the
+ * deadline, so any instance can end it from there (END_GRACE 'due').
  */
 export const RELEASE = `${LIVE_MEMBERS}
 local prefix, user, inst, conn = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
@@ -246,23 +249,38 @@ if redis.call('GET', prefix .. 'conn:' .. conn) == user then
 end
 if #live_members(prefix, uk, now_ms, tonumber(ARGV[6])) > 0 then return 0 end
 redis.call('SET', prefix .. 'grace:' .. user, ARGV[8], 'PX', tonumber(ARGV[7]) + 60000)
+redis.call('ZADD', prefix .. 'graces', now_ms + tonumber(ARGV[7]), user)
 redis.call('EXPIRE', prefix .. 'ut:' .. user, tonumber(ARGV[5]))
 return 1
 `
 
 /**
- * Ends a grace period. ARGV: prefix, userId, graceToken, instanceTtlMs.
- * Returns 1 when the user is now offline (nobody reconnected meanwhile).
+ * Ends grace periods, each once whoever asks: the one of a user if it still
+ * holds the token (the releasing instance's timer), or every one past its
+ * deadline, at most `batch` (the lease holder's sweep, for graces whose
+ * instance stopped or died).
+ * ARGV: prefix, instanceTtlMs, then 'user', userId, graceToken, or 'due', batch.
+ * Returns { graces ended, users now offline (nobody reconnected meanwhile)... }.
  */
 export const END_GRACE = `${LIVE_MEMBERS}
-local prefix, user = ARGV[1], ARGV[2]
-local grace = prefix .. 'grace:' .. user
-if redis.call('GET', grace) ~= ARGV[3] then return 0 end
-redis.call('DEL', grace)
+local prefix = ARGV[1]
+local graces = prefix .. 'graces'
 local t = redis.call('TIME')
 local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-if #live_members(prefix, prefix .. 'uc:' .. user, now_ms, tonumber(ARGV[4])) > 0 then return 0 end
-return 1
+local users
+if ARGV[3] == 'user' then
+  if redis.call('GET', prefix .. 'grace:' .. ARGV[4]) ~= ARGV[5] then return { 0 } end
+  users = { ARGV[4] }
+else
+  users = redis.call('ZRANGEBYSCORE', graces, '-inf', now_ms, 'LIMIT', 0, tonumber(ARGV[4]))
+end
+local out = { #users }
+for _, user in ipairs(users) do
+  redis.call('DEL', prefix .. 'grace:' .. user)
+  redis.call('ZREM', graces, user)
+  if #live_members(prefix, prefix .. 'uc:' .. user, now_ms, tonumber(ARGV[2])) == 0 then out[#out + 1] = user end
+end
+return out
 `
 
 /** ARGV: prefix, userId, instanceTtlMs. Returns { live streams, in grace (0|1) }. */
