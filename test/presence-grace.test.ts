@@ -39,16 +39,26 @@ async function openOn (t: Test, url: string, user: string, lastEventId?: string)
   return { stream, connectionId: connected.connectionId }
 }
 
-t.test('an instance stopped with SIGTERM: the grace its drain started still ends, with one user:offline', async (t) => {
-  if (!(await needRedis(t))) return
-  const { spawn, start } = cluster(t, 1000)
-  // Started first, A holds the ingress lease: B has to take it over to end the grace.
+/**
+ * A (a child process, started first so it holds the ingress lease) and B (in
+ * process) of one cluster; u1 on B and u2 on A share conversation c1, and u1
+ * has heard u2 come online.
+ */
+async function contactsOnTwoInstances (t: Test, graceMs: number): Promise<{ a: ServerProcess, b: Gateway, u1: Awaited<ReturnType<typeof connect>>, u2: { stream: SseClient, connectionId: string } }> {
+  const { spawn, start } = cluster(t, graceMs)
   const a = await spawn()
   const b = await start()
   await setMembers(b, 'c1', ['u1', 'u2'])
   const u1 = await connect(t, b, 'u1')
   const u2 = await openOn(t, a.url, 'u2')
   t.same(dataOf(await u1.stream.nextEvent('user:online')), { userId: 'u2' })
+  return { a, b, u1, u2 }
+}
+
+t.test('an instance stopped with SIGTERM: the grace its drain started still ends, with one user:offline', async (t) => {
+  if (!(await needRedis(t))) return
+  // A holds the ingress lease: B has to take it over to end the grace.
+  const { a, b, u1, u2 } = await contactsOnTwoInstances(t, 1000)
 
   t.ok(a.child.kill('SIGTERM'))
   await u2.stream.nextEvent('shutdown')
@@ -65,13 +75,7 @@ t.test('an instance killed with SIGKILL during a grace it started: the grace sti
   if (!(await needRedis(t))) return
   // Long enough that A is surely dead before its own timer would have fired.
   const graceMs = 1500
-  const { spawn, start } = cluster(t, graceMs)
-  const a = await spawn()
-  const b = await start()
-  await setMembers(b, 'c1', ['u1', 'u2'])
-  const u1 = await connect(t, b, 'u1')
-  const u2 = await openOn(t, a.url, 'u2')
-  t.same(dataOf(await u1.stream.nextEvent('user:online')), { userId: 'u2' })
+  const { a, b, u1, u2 } = await contactsOnTwoInstances(t, graceMs)
 
   u2.stream.close()
   const closedAt = Date.now()
@@ -91,13 +95,7 @@ t.test('an instance killed with SIGKILL during a grace it started: the grace sti
 t.test('a user who reconnects within the grace on another instance after a SIGTERM: no user:offline, then or later', async (t) => {
   if (!(await needRedis(t))) return
   const graceMs = 2000
-  const { spawn, start } = cluster(t, graceMs)
-  const a = await spawn()
-  const b = await start()
-  await setMembers(b, 'c1', ['u1', 'u2'])
-  const u1 = await connect(t, b, 'u1')
-  const u2 = await openOn(t, a.url, 'u2')
-  t.same(dataOf(await u1.stream.nextEvent('user:online')), { userId: 'u2' })
+  const { a, b, u1, u2 } = await contactsOnTwoInstances(t, graceMs)
 
   t.ok(a.child.kill('SIGTERM'))
   await u2.stream.nextEvent('shutdown')
