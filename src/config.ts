@@ -4,6 +4,7 @@
  */
 
 import { createPublicKey } from 'node:crypto'
+import { isIP } from 'node:net'
 
 export type LimitPolicy = 'reject' | 'evict-oldest'
 export type LogLevel = 'fatal' | 'error' | 'warn' | 'info' | 'debug' | 'trace' | 'silent'
@@ -110,6 +111,25 @@ function isRedisUrl (text: string): boolean {
   }
 }
 
+// proxy-addr's names for address ranges, as Fastify's trustProxy takes them.
+const PROXY_RANGE_NAMES = new Set(['loopback', 'linklocal', 'uniquelocal'])
+
+function isProxyEntry (entry: string): boolean {
+  if (PROXY_RANGE_NAMES.has(entry)) return true
+  const [address, prefix, extra] = entry.split('/')
+  const family = isIP(address)
+  if (family === 0 || extra !== undefined) return false
+  if (prefix === undefined) return true
+  return /^\d{1,3}$/.test(prefix) && Number(prefix) <= (family === 4 ? 32 : 128)
+}
+
+function proxyList (env: Env): string[] | null {
+  const entries = list(env, 'TRUST_PROXY')
+  const bad = entries?.find((entry) => !isProxyEntry(entry))
+  if (bad !== undefined) throw new ConfigError('TRUST_PROXY', `holds "${bad.slice(0, 60)}", not an address or CIDR like 10.0.0.0/8`)
+  return entries
+}
+
 export function loadConfig (env: Env = process.env): Config {
   const jwtSecret = read(env, 'JWT_SECRET') ?? null
   // Keys are often passed through env files with literal "\n" sequences.
@@ -166,7 +186,7 @@ export function loadConfig (env: Env = process.env): Config {
     logLevel: oneOf(env, 'LOG_LEVEL', 'info', ['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'] as const),
     rateLimitStreamsPerMin: integer(env, 'RATE_LIMIT_STREAMS_PER_MIN', 600, 0),
     rateLimitPublishPerMin: integer(env, 'RATE_LIMIT_PUBLISH_PER_MIN', 0, 0),
-    trustProxy: list(env, 'TRUST_PROXY'),
+    trustProxy: proxyList(env),
     instanceTtlMs: integer(env, 'INSTANCE_TTL_MS', 10000, 1000, 600_000)
   }
   if (config.internalPort !== null && config.internalPort !== 0 && config.internalPort === config.port) {

@@ -133,6 +133,13 @@ t.test('invalid values throw a ConfigError naming the variable', async (t) => {
   refuses(t, { ...base, REDIS_URL: 'redis://127.0.0.1:6379/abc' }, 'REDIS_URL')
   refuses(t, { ...base, REDIS_URL: 'redis://127.0.0.1:port' }, 'REDIS_URL')
   refuses(t, { ...base, REDIS_URL: 'redis://' }, 'REDIS_URL')
+  refuses(t, { ...base, TRUST_PROXY: 'true' }, 'TRUST_PROXY')
+  refuses(t, { ...base, TRUST_PROXY: '10.0.0.0/33' }, 'TRUST_PROXY')
+  refuses(t, { ...base, TRUST_PROXY: '127.0.0.1,nginx' }, 'TRUST_PROXY')
+})
+
+t.test('TRUST_PROXY: addresses, CIDRs and proxy-addr\'s range names are accepted', async (t) => {
+  t.same(loadConfig({ JWT_SECRET: 'x', TRUST_PROXY: '10.0.0.0/8, 127.0.0.1,::1,fd00::/8,loopback' }).trustProxy, ['10.0.0.0/8', '127.0.0.1', '::1', 'fd00::/8', 'loopback'])
 })
 
 t.test('REDIS_URL: host, port, credentials and a database number are accepted', async (t) => {
