@@ -1,6 +1,7 @@
 import fp from 'fastify-plugin'
 import fastifyJwt, { type JWT } from '@fastify/jwt'
 import type { FastifyRequest } from 'fastify'
+import { hasLoneSurrogate } from '../src/core/publish'
 import { errors } from '../src/errors'
 
 export type Role = 'publisher' | 'admin'
@@ -156,10 +157,14 @@ export default fp(async (app) => {
       (value) => (typeof value === 'string' && value !== '') || typeof value === 'number'
     )
     if (userId === undefined || String(userId).length > 256) throw unauthorized('no-user', 'token has no user id claim')
+    if (typeof userId === 'string' && hasLoneSurrogate(userId)) throw unauthorized('no-user', 'the token\'s user id is not well-formed Unicode')
     const roles = new Set<string>()
     if (Array.isArray(claims.roles)) for (const role of claims.roles) if (typeof role === 'string') roles.add(role)
     if (typeof claims.role === 'string') roles.add(claims.role)
-    const topics = Array.isArray(claims.topics) ? claims.topics.filter((topic): topic is string => typeof topic === 'string') : null
+    // A restriction that is not a list of patterns allows nothing rather than everything.
+    const topics = claims.topics === undefined
+      ? null
+      : Array.isArray(claims.topics) ? claims.topics.filter((topic): topic is string => typeof topic === 'string') : []
     const auth: AuthContext = {
       userId: String(userId),
       roles,

@@ -1,6 +1,5 @@
 import fp from 'fastify-plugin'
-import { validateEventName, validatePublishBody, type PublishRequest } from '../src/core/publish'
-import { dataText } from '../src/core/framing'
+import { encodable, validateEventName, validatePublishBody, type PublishRequest } from '../src/core/publish'
 
 /**
  * Redis ingress: `PUBLISH <prefix>publish <json>` takes the body of
@@ -40,7 +39,8 @@ export default fp(async (app) => {
       const event = validateEventName(message.event)
       if (!event.ok) return reject(kind, event.message)
       if (message.data === undefined) return reject(kind, '"data" is required')
-      const text = dataText(message.data)
+      const text = encodable(message.data)
+      if (text === null) return reject(kind, 'data nested too deeply')
       if (Buffer.byteLength(text) > config.maxEventBytes) return reject(kind, 'data too large')
       requests = [{ target: { kind: 'connection', id: source.connectionId }, event: event.value, text }]
     }

@@ -188,6 +188,9 @@ export default fp(async (app) => {
   let opening = 0
   app.decorate('openStream', async (request: FastifyRequest, reply: FastifyReply, options: OpenStreamOptions) => {
     const auth = authOf(request)
+    // Events go out as HTTP/1.1 chunks: an HTTP/1.0 client, or a proxy left at
+    // its default version, would read the chunk sizes as part of the stream.
+    if (request.raw.httpVersion !== '1.1') throw new errors.BadRequest('streams need HTTP/1.1 (behind nginx: proxy_http_version 1.1)')
     const retryAfterS = String(Math.max(1, Math.ceil(config.retryMs / 1000)))
     if (streams.isDraining || !bus.isReady()) {
       reply.header('retry-after', retryAfterS)

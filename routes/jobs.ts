@@ -4,6 +4,7 @@ import { authOf } from '../plugins/auth'
 import { channel } from '../src/core/channels'
 import { frameWithId, renderBody } from '../src/core/framing'
 import { isTerminal, JOB_STATUSES, publicJob, type JobState } from '../src/core/jobs'
+import { encodable } from '../src/core/publish'
 import { errorResponses, PathId, StreamQuery, UserId } from '../src/schemas/common'
 import { errors } from '../src/errors'
 import { cursorOf } from '../plugins/streams'
@@ -34,7 +35,9 @@ const jobRoutes: FastifyPluginAsync = async (app) => {
     const { jobId } = request.params as Static<typeof JobParams>
     if (jobId === 'stream') throw new errors.BadRequest('a job may not be named "stream"')
     const update = request.body as Static<typeof JobPut>
-    const bytes = Buffer.byteLength(JSON.stringify(update))
+    const text = encodable(update)
+    if (text === null) throw new errors.BadRequest('the job update is nested too deeply to encode')
+    const bytes = Buffer.byteLength(text)
     if (bytes > config.maxEventBytes) throw new errors.TooLarge(`the job update is ${bytes} bytes, more than the ${config.maxEventBytes} allowed`)
     const result = await state.putJob(jobId, update, config.jobTtlS)
     if (!result.ok) throw new errors.Conflict(result.message)

@@ -29,7 +29,28 @@ const TARGET_KEYS = ['user', 'users', 'connection', 'conversation', 'topic', 'br
 /** User, conversation and connection ids: 1–256 characters, no control characters. */
 export function isEntityId (value: unknown): value is string {
   // eslint-disable-next-line no-control-regex
-  return typeof value === 'string' && value.length > 0 && value.length <= 256 && !/[\u0000-\u001f\u007f]/.test(value)
+  return typeof value === 'string' && value.length > 0 && value.length <= 256 && !/[\u0000-\u001f\u007f]/.test(value) && !hasLoneSurrogate(value)
+}
+
+// A lone surrogate has no UTF-8 form: Redis channel names would turn it into
+// U+FFFD, and the stream's channel would never match the published one.
+const LONE_SURROGATE = /[\uD800-\uDBFF](?![\uDC00-\uDFFF])|(?<![\uD800-\uDBFF])[\uDC00-\uDFFF]/
+
+export function hasLoneSurrogate (value: string): boolean {
+  return LONE_SURROGATE.test(value)
+}
+
+/**
+ * `data` as it goes on the wire, or null when it cannot be encoded: JSON
+ * parses nesting thousands of levels deep, which JSON.stringify then
+ * overflows the stack on.
+ */
+export function encodable (data: unknown): string | null {
+  try {
+    return dataText(data)
+  } catch {
+    return null
+  }
 }
 
 function isPlainObject (value: unknown): value is Record<string, unknown> {
@@ -88,7 +109,8 @@ export function validatePublishItem (raw: unknown, maxEventBytes: number): Valid
   const event = validateEventName(raw.event)
   if (!event.ok) return event
   if (!('data' in raw) || raw.data === undefined) return bad('"data" is required')
-  const text = dataText(raw.data)
+  const text = encodable(raw.data)
+  if (text === null) return bad('"data" is nested too deeply to encode')
   const bytes = Buffer.byteLength(text)
   if (bytes > maxEventBytes) {
     return { ok: false, status: 413, message: `"data" is ${bytes} bytes, more than the ${maxEventBytes} allowed` }

@@ -1,0 +1,94 @@
+/**
+ * Input at the edges of what parses: data nested deeper than JSON.stringify
+ * can go, a token whose topics claim is not a list, ids that are not
+ * well-formed Unicode, and a stream asked for over HTTP/1.0. Each is refused
+ * with a 4xx in the contract's shape (or, through Redis ingress, counted and
+ * dropped) and nothing else is disturbed.
+ */
+import t from 'tap'
+import { eventually, openConnected, openStream, publish, publishOk, publisherToken, request, startGateway, token, userToken } from './helpers'
+import { metricValue, rawExchange, scrape } from './helpers/raw'
+import { needRedis, redisClient, REDIS_URL, uniquePrefix } from './helpers/redis'
+
+const publisher = publisherToken()
+// Parsed without trouble, but JSON.stringify overflows the stack on it.
+const DEEP = `${'['.repeat(20_000)}${']'.repeat(20_000)}`
+
+t.test('data nested too deeply to encode: 400 at POST /v1/publish and PUT /v1/jobs/:id, and the gateway goes on', async (t) => {
+  const { url } = await startGateway(t)
+  const { stream } = await openConnected(`${url}/v1/stream?token=${userToken('u1')}`, { t })
+  const published = await publish(url, publisher, `{"to":{"user":"u1"},"event":"deep","data":${DEEP}}`)
+  t.equal(published.status, 400)
+  t.match(published.json, { statusCode: 400, error: 'Bad Request', message: /nested too deeply/ })
+  const job = await request(`${url}/v1/jobs/deep-job`, { method: 'PUT', token: publisher, body: `{"userId":"u1","status":"active","result":${DEEP}}`, headers: { 'content-type': 'application/json' } })
+  t.equal(job.status, 400)
+  t.match(job.json, { statusCode: 400, error: 'Bad Request', message: /nested too deeply/ })
+  const [id] = await publishOk(url, publisher, { to: { user: 'u1' }, event: 'after', data: 1 })
+  t.equal((await stream.nextEvent('after')).id, id, 'the next event goes through')
+})
+
+t.test('Redis ingress: a too-deep message is counted and dropped, on pub/sub and on the durable stream; those behind it arrive', async (t) => {
+  if (!(await needRedis(t))) return
+  const prefix = uniquePrefix('deep')
+  const gateway = await startGateway(t, { REDIS_URL, REDIS_PREFIX: prefix })
+  await eventually(async () => gateway.app.ingress?.isLeader === true, 'the ingress lease taken')
+  const { stream } = await openConnected(`${gateway.url}/v1/stream?token=${userToken('u1')}`, { t })
+  const redis = redisClient(t)
+  const good = (n: number): string => JSON.stringify({ to: { user: 'u1' }, event: 'seq', data: n })
+  const deep = `{"to":{"user":"u1"},"event":"seq","data":${DEEP}}`
+
+  await redis.publish(`${prefix}publish`, good(1))
+  await redis.publish(`${prefix}publish`, deep)
+  await redis.publish(`${prefix}publish`, good(2))
+  // In one read of the consumer group: the bad entry sits between two good ones.
+  await redis.multi()
+    .xadd(`${prefix}ingress`, '*', 'payload', good(3))
+    .xadd(`${prefix}ingress`, '*', 'payload', deep)
+    .xadd(`${prefix}ingress`, '*', 'payload', good(4))
+    .exec()
+
+  await stream.next((event) => event.event === 'seq' && event.data === '4', 10_000)
+  t.same(stream.events.filter((event) => event.event === 'seq').map((event) => Number(event.data)), [1, 2, 3, 4], 'every good message, in order')
+  await eventually(async () => {
+    const pending = await redis.xpending(`${prefix}ingress`, 'gateway') as [number, ...unknown[]]
+    return pending[0] === 0
+  }, 'nothing left pending in the durable ingress')
+  const rejected = metricValue(await scrape(gateway.url), 'sse_ingress_rejected_total')
+  t.equal(rejected, 2, 'both too-deep messages counted as rejected')
+})
+
+t.test('a topics claim that is not a list of patterns allows no topic', async (t) => {
+  const { url } = await startGateway(t)
+  for (const claim of ['news', { news: true }, 7, null]) {
+    const jwt = token({ sub: 'u1', topics: claim })
+    const refused = await openStream(`${url}/v1/stream?topics=secret&token=${jwt}`, { t })
+    t.equal(refused.status, 403, `topics claim ${JSON.stringify(claim)}: a topic at open is refused`)
+    t.match(refused.json(), { statusCode: 403, error: 'Forbidden' })
+  }
+  const listed = await openStream(`${url}/v1/stream?topics=news&token=${token({ sub: 'u1', topics: ['news'] })}`, { t })
+  t.equal(listed.status, 200, 'a topic the list allows opens')
+  const unrestricted = await openStream(`${url}/v1/stream?topics=secret&token=${userToken('u1')}`, { t })
+  t.equal(unrestricted.status, 200, 'without the claim any topic opens')
+})
+
+t.test('ids that are not well-formed Unicode (a lone surrogate) are refused: as a token\'s user, as a publish target', async (t) => {
+  const { url } = await startGateway(t)
+  const lone = 'x\ud800y'
+  const stream = await openStream(`${url}/v1/stream?token=${token({ sub: lone })}`, { t })
+  t.equal(stream.status, 401, 'a token whose user id has a lone surrogate')
+  t.match(stream.json(), { statusCode: 401, message: /well-formed/ })
+  for (const to of [{ user: lone }, { users: ['ok', lone] }, { connection: `c_${lone}` }]) {
+    const answer = await publish(url, publisher, { to, event: 'x', data: 1 })
+    t.equal(answer.status, 400, `publish to ${JSON.stringify(to)}`)
+  }
+  t.equal((await openStream(`${url}/v1/stream?token=${token({ sub: 'üser✓' })}`, { t })).status, 200, 'well-formed unicode is fine')
+})
+
+t.test('a stream asked for over HTTP/1.0 gets a 400 JSON error, not a chunked stream', async (t) => {
+  const { port } = await startGateway(t)
+  const raw = await rawExchange(port, `GET /v1/stream?token=${userToken('u1')} HTTP/1.0\r\nHost: 127.0.0.1\r\nAccept: text/event-stream\r\n\r\n`)
+  const response = raw.response()
+  t.equal(response.status, 400)
+  t.equal(response.headers['transfer-encoding'], undefined, 'not chunked')
+  t.match(JSON.parse(response.body), { statusCode: 400, message: /HTTP\/1\.1/ })
+})
