@@ -117,8 +117,10 @@ export class StreamService {
     // A reopen without a cursor replays only the window of `windowChannels`,
     // yet its other channels' events published from here on must not be lost:
     // noting the last id before joining lets sendWindow read them back.
-    const windowed = spec.prelude === undefined && spec.cursor === null && spec.windowChannels !== undefined && spec.windowChannels.length > 0
-    const joinedAfter = windowed ? await this.bus.lastId().catch((): null => null) : null
+    const windowChannels = spec.prelude === undefined && spec.cursor === null && spec.windowChannels !== undefined && spec.windowChannels.length > 0
+      ? spec.windowChannels
+      : null
+    const joinedAfter = windowChannels !== null ? await this.bus.lastId().catch((): null => null) : null
     await this.hub.join(connection, channels)
     if (connection.closed) return connection
     connection.sendSystem(retryFrame(this.options.retryMs))
@@ -132,8 +134,8 @@ export class StreamService {
       await spec.prelude(connection)
     } else if (spec.cursor !== null) {
       await this.replay(connection, [...connection.channels], spec.cursor)
-    } else if (windowed && spec.windowChannels !== undefined) {
-      await this.sendWindow(connection, spec.windowChannels, joinedAfter)
+    } else if (windowChannels !== null) {
+      await this.sendWindow(connection, windowChannels, joinedAfter)
     }
     connection.goLive()
     return connection
@@ -194,13 +196,13 @@ export class StreamService {
     const recent = joinedAfter === null || connection.closed
       ? []
       : (await this.bus.replay([...connection.channels], joinedAfter).catch(() => ({ events: [] }))).events
-    const count = await connection.replay(mergeById([window, recent]), true)
-    if (count > 0) this.events.replayed(connection, count)
+    await this.sendHistory(connection, mergeById([window, recent]), true)
   }
 
-  private async sendHistory (connection: StreamConnection, events: HistoryEntry[]): Promise<void> {
+  /** `withHeld`: see StreamConnection.replay. With no history, held events go out in order when the stream goes live. */
+  private async sendHistory (connection: StreamConnection, events: HistoryEntry[], withHeld = false): Promise<void> {
     if (events.length === 0) return
-    const count = await connection.replay(events)
+    const count = await connection.replay(events, withHeld)
     this.events.replayed(connection, count)
   }
 
