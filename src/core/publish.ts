@@ -53,7 +53,8 @@ export function encodable (data: unknown): string | null {
   }
 }
 
-function isPlainObject (value: unknown): value is Record<string, unknown> {
+/** A JSON object: not null, not an array. */
+export function isPlainObject (value: unknown): value is Record<string, unknown> {
   return typeof value === 'object' && value !== null && !Array.isArray(value)
 }
 

@@ -3,6 +3,11 @@ import * as scripts from './scripts'
 
 export type ScriptName = 'PUBLISH' | 'INIT' | 'REPLAY' | 'PUT_JOB' | 'ADMIT' | 'RELEASE' | 'END_GRACE' | 'PRESENCE' | 'USER_TOPICS' | 'MEMBERS' | 'CONTACTS' | 'LEASE'
 
+/** What went wrong, in one line, for logs that must not carry a Redis error's command arguments. */
+export function reasonOf (error: unknown): string {
+  return error instanceof Error ? error.message : String(error)
+}
+
 /** Raised when Redis cannot be reached: routes answer 503, not 500. */
 export class StoreUnavailableError extends Error {
   readonly statusCode = 503

@@ -1,6 +1,6 @@
 import Redis from 'ioredis'
 import type { Registry } from '../registry'
-import { redisOptions, ScriptedRedis } from './client'
+import { reasonOf, redisOptions, ScriptedRedis } from './client'
 import { RedisBus } from './redis-bus'
 import { RedisState } from './redis-state'
 
@@ -18,9 +18,9 @@ interface Log {
   warn: (obj: object, msg: string) => void
 }
 
-/** A message that arrived on an ingress channel: `<prefix>publish` or `stream:<connectionId>`. */
 /**
- * Handles one ingress message in two steps: it resolves once the message's
+ * Handles one message that arrived on an ingress channel (`<prefix>publish`
+ * or `stream:<connectionId>`) in two steps: it resolves once the message's
  * events are handed to Redis (or the message is dropped), with the promise of
  * their publication. Messages are handed over one after another, in arrival
  * order, which orders their ids; their publications overlap.
@@ -128,7 +128,7 @@ export class IngressLeader {
         // cluster-wide: let another instance take it, and retry on the next tick.
         if (this.holding) this.log.info({ instance }, 'gave up the ingress lease')
         this.holding = false
-        this.log.warn({ instance, reason: error instanceof Error ? error.message : String(error) }, 'could not subscribe to the ingress channels')
+        this.log.warn({ instance, reason: reasonOf(error) }, 'could not subscribe to the ingress channels')
         await this.release()
         return
       }
@@ -169,7 +169,6 @@ export class IngressLeader {
       })
       .catch(failed)
   }
-
 
   private async reapDead (): Promise<void> {
     for (const instance of await this.state.deadInstances()) {

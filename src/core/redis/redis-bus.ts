@@ -1,7 +1,7 @@
 import type Redis from 'ioredis'
 import type { DeliveryListener, EventBus, HistoryEntry, PublishItem, ReplayResult, ResetReason } from '../bus'
 import { chunkOf, frameWithId } from '../framing'
-import type { ScriptedRedis } from './client'
+import { reasonOf, type ScriptedRedis } from './client'
 
 const ID_PREFIX = Buffer.from('id: ')
 const NEWLINE = 0x0a
@@ -52,7 +52,7 @@ export class RedisBus implements EventBus {
     // lost; a failure waits for the next 'ready', which the next reconnect brings.
     subscriber.on('ready', () => {
       this.resubscribe().catch((error: unknown) => {
-        this.log.warn({ channels: this.channels.size, reason: error instanceof Error ? error.message : String(error) }, 'could not subscribe again to the bus channels')
+        this.log.warn({ channels: this.channels.size, reason: reasonOf(error) }, 'could not subscribe again to the bus channels')
       })
     })
   }

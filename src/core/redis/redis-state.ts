@@ -1,10 +1,11 @@
 import type Redis from 'ioredis'
 import { randomBytes } from 'node:crypto'
 import { channel } from '../channels'
+import { isPlainObject } from '../publish'
 import { transitionJob, type JobState, type JobUpdate } from '../jobs'
 import type { ConnectionInfo, Registry } from '../registry'
 import type { Admission, AdmitRequest, ClusterStats, ControlListener, ControlMessage, JobPutResult, Presence, SharedState } from '../state'
-import type { ScriptedRedis } from './client'
+import { reasonOf, type ScriptedRedis } from './client'
 
 export interface RedisStateOptions {
   prefix: string
@@ -70,7 +71,7 @@ export class RedisState implements SharedState {
     subscriber.on('ready', () => {
       if (!this.started) return
       this.subscribeControl().catch((error: unknown) => {
-        this.log.warn({ reason: error instanceof Error ? error.message : String(error) }, 'could not subscribe again to the control channels')
+        this.log.warn({ reason: reasonOf(error) }, 'could not subscribe again to the control channels')
       })
     })
     this.heartbeatTimer = setInterval(() => {
@@ -394,10 +395,6 @@ export class RedisState implements SharedState {
  * code sends, rebuilt field by field so nothing unexpected rides along.
  */
 
-function isRecord (value: unknown): value is Record<string, unknown> {
-  return typeof value === 'object' && value !== null && !Array.isArray(value)
-}
-
 function isStringArray (value: unknown): value is string[] {
   return Array.isArray(value) && value.every((item) => typeof item === 'string')
 }
@@ -411,7 +408,7 @@ function parseJson (raw: string): unknown {
 }
 
 function toControlMessage (value: unknown): ControlMessage | null {
-  if (!isRecord(value)) return null
+  if (!isPlainObject(value)) return null
   if (value.type === 'evict') {
     const { connectionId, reason } = value
     if (typeof connectionId !== 'string' || typeof reason !== 'string') return null
@@ -428,7 +425,7 @@ function toControlMessage (value: unknown): ControlMessage | null {
 
 function parseControlEnvelope (raw: string): ControlEnvelope | null {
   const value = parseJson(raw)
-  if (!isRecord(value)) return null
+  if (!isPlainObject(value)) return null
   const { requestId, from } = value
   if (typeof requestId !== 'string' || typeof from !== 'string') return null
   const message = toControlMessage(value.message)
@@ -437,7 +434,7 @@ function parseControlEnvelope (raw: string): ControlEnvelope | null {
 
 function parseControlReply (raw: string): ControlReply | null {
   const value = parseJson(raw)
-  if (!isRecord(value)) return null
+  if (!isPlainObject(value)) return null
   const { requestId, answer } = value
   if (typeof requestId !== 'string') return null
   if (answer !== null && !isStringArray(answer)) return null
