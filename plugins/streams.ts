@@ -225,6 +225,16 @@ export default fp(async (app) => {
         reply.header('retry-after', retryAfterS)
         throw new errors.Limited(`user already holds ${config.maxConnectionsPerUser} streams`)
       }
+      // The drain began while admission waited on Redis: it has already ended
+      // every registered stream, so this one would outlive it. Its slot goes
+      // back before the answer, while Redis is still open.
+      if (streams.isDraining) {
+        await state.release(options.connectionId, auth.userId, config.historyTtlS).catch((error: unknown) => {
+          request.log.warn({ err: error, connectionId: options.connectionId }, 'could not record stream close')
+        })
+        reply.header('retry-after', retryAfterS)
+        throw new errors.Unavailable('the gateway is shutting down')
+      }
       if (admission.evict !== null) {
         const message: ControlMessage = { type: 'evict', connectionId: admission.evict, reason: 'too many streams for this user' }
         const local = registry.get(admission.evict)

@@ -100,7 +100,11 @@ export async function buildApp (config: Config, options: BuildOptions = {}): Pro
     logController: new GatewayLogController(),
     bodyLimit: config.maxBodyBytes,
     trustProxy: config.trustProxy ?? false,
-    forceCloseConnections: true,
+    // Closing ends idle keep-alive connections and lets requests in flight be
+    // answered (a publish its 202, an open its 503): destroying every socket
+    // would leave a publisher not knowing whether its event went out. Streams
+    // are not HTTP connections any more; the drain ends them.
+    forceCloseConnections: 'idle',
     return503OnClosing: true,
     requestIdHeader: 'x-request-id',
     ajv: { customOptions: { removeAdditional: false, coerceTypes: false, allErrors: false } }
@@ -130,6 +134,17 @@ export async function buildApp (config: Config, options: BuildOptions = {}): Pro
     })
   })
 
+  // Answers given while closing end their connection: a keep-alive connection
+  // left idle would hold the close until its timeout (72 s).
+  let closing = false
+  app.addHook('preClose', async () => {
+    closing = true
+  })
+  app.addHook('onSend', (_request, reply, payload, done) => {
+    if (closing) reply.header('connection', 'close')
+    done(null, payload)
+  })
+
   await app.register(configPlugin, { config })
   if (config.corsOrigins !== null) {
     await app.register(cors, {
@@ -146,11 +161,6 @@ export async function buildApp (config: Config, options: BuildOptions = {}): Pro
   if (config.internalPort !== null) {
     const server = createServer((request, response) => app.server.emit('request', request, response))
     server.on('connection', (socket: Socket) => internalSockets.add(socket))
-    app.addHook('onClose', async () => {
-      if (!server.listening) return
-      server.closeAllConnections()
-      await new Promise<void>((resolve) => server.close(() => resolve()))
-    })
     internalServer = server
     // Publisher and admin routes do not exist on the public listener.
     app.addHook('onRequest', async (request, reply) => {
@@ -180,6 +190,16 @@ export async function buildApp (config: Config, options: BuildOptions = {}): Pro
   await app.register(presenceRoutes)
   await app.register(statsRoutes)
   await app.register(pageRoutes)
+  if (internalServer !== null) {
+    const server = internalServer
+    // After the drain's preClose hook (hooks run in the order they are added),
+    // so no stream opens while this waits, and before Redis closes (onClose):
+    // requests in flight on this listener are answered first.
+    app.addHook('preClose', async () => {
+      if (!server.listening) return
+      await new Promise<void>((resolve) => server.close(() => resolve()))
+    })
+  }
   return app
 }
 

@@ -1,0 +1,87 @@
+import t from 'tap'
+import { listenInternal } from '../src/app'
+import type { Test } from 'tap'
+import { eventually, forEachMode, openStream, publisherToken, request, startCluster, userToken } from './helpers'
+import { redisClient } from './helpers/redis'
+import { within } from './helpers/wait'
+
+/**
+ * Holds calls to `target[method]` at a gate: `entered` resolves when the first
+ * call arrives, and every call waits for `open()` before running the real one.
+ */
+function gate<T extends object, K extends keyof T> (target: T, method: K): { entered: Promise<void>, open: () => void } {
+  const real = (target[method] as (...args: unknown[]) => Promise<unknown>).bind(target)
+  let signalEntered = (): void => {}
+  const entered = new Promise<void>((resolve) => { signalEntered = resolve })
+  let release = (): void => {}
+  const opened = new Promise<void>((resolve) => { release = resolve })
+  target[method] = (async (...args: unknown[]) => {
+    signalEntered()
+    await opened
+    return await real(...args)
+  }) as T[K]
+  return { entered, open: release }
+}
+
+/**
+ * Starts the drain as SIGTERM does (app.close()) and waits until it has begun;
+ * `closed` settles when the close has finished. (Wrapped: an async function
+ * returning the promise itself would wait for it.)
+ */
+async function beginDrain (t: Test, app: { close: () => Promise<unknown>, streams: { isDraining: boolean } }): Promise<{ closed: Promise<unknown> }> {
+  const closed = app.close()
+  await eventually(() => app.streams.isDraining, 'the drain to begin')
+  t.pass('draining')
+  return { closed }
+}
+
+forEachMode(t, 'a stream still waiting on admission when the drain begins is refused with 503, not reset, and holds no slot', async (t, mode) => {
+  const [draining] = await startCluster(t, mode)
+  const admission = gate(draining.app.state, 'admit')
+  // A reset would reject: kept as a value, so the test fails on it, not the process.
+  const opening = openStream(`${draining.url}/v1/stream?token=${userToken('late')}`, { t }).catch((error: Error) => error)
+  await admission.entered
+  const { closed } = await beginDrain(t, draining.app)
+  admission.open()
+
+  const stream = await opening
+  if (stream instanceof Error) throw new Error(`the open was not answered: ${stream.message}`)
+  t.equal(stream.status, 503, 'answered 503')
+  t.match(stream.headers['retry-after'], /^\d+$/, 'with Retry-After')
+  t.match(stream.json(), { statusCode: 503, error: 'Service Unavailable', message: /shutting down/ })
+  t.notMatch(stream.text, /event: (connected|shutdown)/, 'no stream was opened')
+  t.equal(stream.headers.connection, 'close', 'the answer ends its connection')
+  await within(closed, 10_000, 'the close to finish')
+
+  // The admission it was granted is given back before the answer: the user
+  // holds no stream (in Redis, the per-user set that limits and presence read).
+  if (mode === 'memory') t.match(await draining.app.state.presence('late'), { connections: 0 }, 'the user holds no stream')
+  else t.equal(await redisClient(t).zcard(`${draining.app.config.redisPrefix}uc:late`), 0, 'the user holds no stream in Redis')
+})
+
+for (const listener of ['public', 'internal'] as const) {
+  forEachMode(t, `a publish in flight on the ${listener} listener when the drain begins is answered 202, not reset`, async (t, mode) => {
+    const [gateway] = await startCluster(t, mode, 1, listener === 'internal' ? { INTERNAL_PORT: '0' } : {})
+    let url = gateway.url
+    if (listener === 'internal') {
+      const address = (await listenInternal(gateway.app, 0, '127.0.0.1')).address()
+      if (address === null || typeof address === 'string') throw new Error('the internal listener has no TCP address')
+      url = `http://127.0.0.1:${address.port}`
+    }
+    const publishing = gate(gateway.app.publisher, 'publish')
+    const body = { to: { user: 'u1' }, event: 'late', data: { n: 1 } }
+    const answer = request<{ id?: string }>(`${url}/v1/publish`, { token: publisherToken(), body }).catch((error: Error) => error)
+    await publishing.entered
+    const { closed } = await beginDrain(t, gateway.app)
+    publishing.open()
+
+    const answered = await answer
+    if (answered instanceof Error) throw new Error(`the publish was not answered: ${answered.message}`)
+    // In Redis mode the event goes out through Redis: still open when it is sent.
+    t.equal(answered.status, 202, 'answered 202')
+    t.match(answered.json, { id: /^\d+$/ }, 'with the event id')
+    // Or the keep-alive connection, idle, would hold the close for its timeout.
+    t.equal(answered.headers.get('connection'), 'close', 'the answer ends its connection')
+    await within(closed, 10_000, 'the close to finish')
+  })
+}
