@@ -1,5 +1,5 @@
 import fp from 'fastify-plugin'
-import { encodable, validateEventName, validatePublishBody, type PublishRequest } from '../src/core/publish'
+import { encodable, isEntityId, validateEventName, validatePublishBody, type PublishRequest } from '../src/core/publish'
 
 /**
  * Redis ingress: `PUBLISH <prefix>publish <json>` takes the body of
@@ -34,6 +34,8 @@ export default fp(async (app) => {
       if (!validation.ok) return reject(kind, validation.message)
       requests = validation.value.items
     } else {
+      // The id comes from the channel name: held to the POST's rule for `to.connection`.
+      if (!isEntityId(source.connectionId)) return reject(kind, 'connection id is not valid')
       const message = body as { event?: unknown, data?: unknown } | null
       if (typeof message !== 'object' || message === null || Array.isArray(message)) return reject(kind, 'not an object')
       const event = validateEventName(message.event)
@@ -51,5 +53,8 @@ export default fp(async (app) => {
     return { published }
   }
   ingress.onMessage(handle)
-  durableIngress.onMessage(async (payload) => { await (await handle({ kind: 'durable' }, payload)).published })
+  durableIngress.onMessage(async (payload) => {
+    if (payload === null) reject('durable', 'no payload field')
+    else await (await handle({ kind: 'durable' }, payload)).published
+  })
 }, { name: 'ingress', dependencies: ['bus', 'streams', 'metrics'] })

@@ -57,6 +57,44 @@ t.test('Redis ingress: a too-deep message is counted and dropped, on pub/sub and
   t.equal(rejected, 2, 'both too-deep messages counted as rejected')
 })
 
+t.test('durable ingress: only field names are read as names, and an entry with no payload is counted and logged', async (t) => {
+  if (!(await needRedis(t))) return
+  const prefix = uniquePrefix('fields')
+  const gateway = await startGateway(t, { REDIS_URL, REDIS_PREFIX: prefix }, { captureLogs: true })
+  const { stream } = await openConnected(`${gateway.url}/v1/stream?token=${userToken('u1')}`, { t })
+  const redis = redisClient(t)
+  const event = (n: number): string => JSON.stringify({ to: { user: 'u1' }, event: 'seq', data: n })
+  await redis.multi()
+    // A field whose value is the word "payload" comes before the real one.
+    .xadd(`${prefix}ingress`, '*', 'note', 'payload', 'payload', event(1))
+    .xadd(`${prefix}ingress`, '*', 'other', 'x')
+    .xadd(`${prefix}ingress`, '*', 'payload', event(2))
+    .exec()
+  await stream.next((received) => received.event === 'seq' && received.data === '2', 10_000)
+  t.same(stream.events.filter((received) => received.event === 'seq').map((received) => Number(received.data)), [1, 2], 'both events, in order')
+  await eventually(async () => metricValue(await scrape(gateway.url), 'sse_ingress_rejected_total') === 1, 'the entry without payload counted')
+  t.match(gateway.logText(), /"source":"durable","reason":"no payload field"/, 'and logged')
+})
+
+t.test('PUBLISH stream:<id> with an id the POST would refuse is counted and dropped', async (t) => {
+  if (!(await needRedis(t))) return
+  const prefix = uniquePrefix('streamid')
+  const gateway = await startGateway(t, { REDIS_URL, REDIS_PREFIX: prefix }, { captureLogs: true })
+  await eventually(async () => gateway.app.ingress?.isLeader === true, 'the ingress lease taken')
+  const { stream, connected } = await openConnected(`${gateway.url}/v1/stream?token=${userToken('u1')}`, { t })
+  const redis = redisClient(t)
+  const message = (n: number): string => JSON.stringify({ event: 'seq', data: n })
+  await redis.publish('stream:', message(0))
+  await redis.publish('stream:a\nb', message(0))
+  await redis.publish(`stream:${'c'.repeat(257)}`, message(0))
+  await redis.publish(`stream:${connected.connectionId}`, message(1))
+  await stream.next((received) => received.event === 'seq', 10_000)
+  t.same(stream.events.filter((received) => received.event === 'seq').map((received) => received.data), ['1'], 'the good one arrives')
+  await eventually(async () => metricValue(await scrape(gateway.url), 'sse_ingress_rejected_total', { source: 'stream' }) === 3, 'the three bad ids counted')
+  t.equal(metricValue(await scrape(gateway.url), 'sse_events_published_total', { target: 'connection' }), 1, 'only the good one published')
+  t.equal(await redis.exists(`${prefix}h:c:`, `${prefix}h:c:a\nb`), 0, 'no history kept under a bad id')
+})
+
 t.test('a topics claim that is not a list of patterns allows no topic', async (t) => {
   const { url } = await startGateway(t)
   for (const claim of ['news', { news: true }, 7, null]) {
@@ -82,6 +120,25 @@ t.test('ids that are not well-formed Unicode (a lone surrogate) are refused: as 
     t.equal(answer.status, 400, `publish to ${JSON.stringify(to)}`)
   }
   t.equal((await openStream(`${url}/v1/stream?token=${token({ sub: 'üser✓' })}`, { t })).status, 200, 'well-formed unicode is fine')
+})
+
+t.test('a user id with a lone surrogate is refused by every route that takes one in its body (in Redis it would become another user, U+FFFD)', async (t) => {
+  const { url } = await startGateway(t)
+  const lone = 'x\ud800y'
+  const calls = [
+    { what: 'conversation members (PUT)', method: 'PUT', path: '/v1/conversations/cv1/members', body: { members: ['ok', lone] } },
+    { what: 'conversation members (POST)', method: 'POST', path: '/v1/conversations/cv1/members', body: { members: [lone] } },
+    { what: 'conversation members (DELETE)', method: 'DELETE', path: '/v1/conversations/cv1/members', body: { members: [lone] } },
+    { what: 'a pre-created connection', method: 'POST', path: '/v1/connections', body: { userId: lone } },
+    { what: 'a job owner', method: 'PUT', path: '/v1/jobs/j1', body: { userId: lone, status: 'queued' } }
+  ]
+  for (const call of calls) {
+    const answer = await request(`${url}${call.path}`, { method: call.method, token: publisher, body: call.body })
+    t.equal(answer.status, 400, call.what)
+    t.match(answer.json, { statusCode: 400, error: 'Bad Request', message: String }, `${call.what}: the error shape`)
+  }
+  const fine = await request(`${url}/v1/conversations/cv1/members`, { method: 'PUT', token: publisher, body: { members: ['üser✓', 'a\ud83d\ude00b'] } })
+  t.equal(fine.status, 200, 'well-formed unicode (a surrogate pair too) is fine')
 })
 
 t.test('a stream asked for over HTTP/1.0 gets a 400 JSON error, not a chunked stream', async (t) => {

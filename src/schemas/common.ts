@@ -9,8 +9,12 @@ export const ErrorSchema = Type.Object({
 
 /** Ids in paths: jobs, conversations, connections. */
 export const PathId = Type.String({ pattern: '^[A-Za-z0-9_.:@=+-]{1,128}$' })
-/** User ids: what a token's claim may hold. */
-export const UserId = Type.String({ minLength: 1, maxLength: 256, pattern: '^[^\\u0000-\\u001f\\u007f]+$' })
+/**
+ * User ids: what a token's claim may hold. Patterns are Unicode regexps, where
+ * a surrogate pair is one character: the class refuses lone surrogates only,
+ * which Redis would turn into U+FFFD, another user's id.
+ */
+export const UserId = Type.String({ minLength: 1, maxLength: 256, pattern: '^[^\\u0000-\\u001f\\u007f\\ud800-\\udfff]+$' })
 export const TopicName = Type.String({ pattern: '^[A-Za-z0-9_.:/-]{1,128}$' })
 
 export const StreamQuery = Type.Object({

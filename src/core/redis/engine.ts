@@ -188,9 +188,20 @@ const DURABLE_CLAIM_IDLE_MS = 30_000
  * took but never acknowledged (it died) are claimed by the next one after
  * 30 s: delivery is at least once.
  */
+/** Gets each entry's `payload` field, or null for an entry without one (it is still acknowledged). */
+export type DurableHandler = (payload: string | null) => Promise<void>
+
+// Fields come as [name, value, name, value…]: a value may be the word "payload".
+function payloadOf (fields: string[]): string | null {
+  for (let index = 0; index + 1 < fields.length; index += 2) {
+    if (fields[index] === 'payload') return fields[index + 1]
+  }
+  return null
+}
+
 export class DurableIngress {
   private running = true
-  private handler: (payload: string) => Promise<void> = async () => {}
+  private handler: DurableHandler = async () => {}
   private readonly loop: Promise<void>
 
   constructor (
@@ -203,7 +214,7 @@ export class DurableIngress {
     this.loop = this.run()
   }
 
-  onMessage (handler: (payload: string) => Promise<void>): void {
+  onMessage (handler: DurableHandler): void {
     this.handler = handler
   }
 
@@ -242,8 +253,7 @@ export class DurableIngress {
   private async handle (entries: Array<[string, string[] | null]>): Promise<void> {
     for (const [entryId, fields] of entries) {
       if (fields === null) continue
-      const index = fields.indexOf('payload')
-      if (index !== -1 && index + 1 < fields.length) await this.handler(fields[index + 1])
+      await this.handler(payloadOf(fields))
       await this.reader.xack(this.key, DURABLE_GROUP, entryId)
     }
   }
