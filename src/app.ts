@@ -1,4 +1,4 @@
-import Fastify, { type FastifyInstance, type FastifyServerOptions } from 'fastify'
+import Fastify, { type FastifyInstance, type FastifyReply, type FastifyServerOptions } from 'fastify'
 import cors from '@fastify/cors'
 import { createServer, type Server } from 'node:http'
 import type { Socket } from 'node:net'
@@ -44,9 +44,10 @@ export interface BuildOptions {
 const internalSockets = new WeakSet<Socket>()
 
 const TOKEN_PARAMETERS = new Set(['token', 'access_token'])
-// Every JWT starts with the base64url of '{"': what a token is, whatever the
-// parameter that carries it is called.
-const JWT_SHAPE = /^eyJ[\w-]*\.[\w-]*\.[\w-]*$/
+// Every JWT starts with the base64url of '{"': what a token is, wherever it
+// sits in the URL (a stray '?' or ';' puts one inside another value).
+const JWT_INSIDE = /eyJ[\w-]*\.[\w-]*\.[\w-]*/
+const JWTS_INSIDE = new RegExp(JWT_INSIDE.source, 'g')
 
 function decodedComponent (text: string): string {
   try {
@@ -63,19 +64,51 @@ function decodedComponent (text: string): string {
  */
 export function redactUrl (url: string): string {
   const start = url.indexOf('?')
-  if (start === -1) return url
+  const path = (start === -1 ? url : url.slice(0, start)).replace(JWTS_INSIDE, '[redacted]')
+  if (start === -1) return path
   const pairs = url.slice(start + 1).split('&')
   for (let index = 0; index < pairs.length; index++) {
     const pair = pairs[index]
     const equals = pair.indexOf('=')
     const name = decodedComponent(equals === -1 ? pair : pair.slice(0, equals))
     if (equals === -1) {
-      if (JWT_SHAPE.test(name)) pairs[index] = '[redacted]'
-    } else if (TOKEN_PARAMETERS.has(name.toLowerCase()) || JWT_SHAPE.test(decodedComponent(pair.slice(equals + 1)))) {
+      if (JWT_INSIDE.test(name)) pairs[index] = '[redacted]'
+    } else if (TOKEN_PARAMETERS.has(name.toLowerCase()) || JWT_INSIDE.test(name) || JWT_INSIDE.test(decodedComponent(pair.slice(equals + 1)))) {
       pairs[index] = `${pair.slice(0, equals)}=[redacted]`
     }
   }
-  return `${url.slice(0, start)}?${pairs.join('&')}`
+  return `${path}?${pairs.join('&')}`
+}
+
+// A client's X-Request-Id is logged with every line of its request: taken
+// only when it looks like an id, never when it could be a token.
+const REQUEST_ID = /^[\w.:-]{1,128}$/
+let requestCount = 0
+
+function requestIdOf (request: { headers: Record<string, string | string[] | undefined> }): string {
+  const given = request.headers['x-request-id']
+  if (typeof given === 'string' && REQUEST_ID.test(given) && !JWT_INSIDE.test(given)) return given
+  requestCount = (requestCount + 1) % Number.MAX_SAFE_INTEGER
+  return `req-${requestCount.toString(36)}`
+}
+
+/**
+ * The router's own refusals (a malformed escape, a path parameter over
+ * maxParamLength), in the contract's error shape; Fastify's default echoes
+ * the path, which may hold a token.
+ */
+function routerError (error: Error & { code?: string }, _request: unknown, reply: FastifyReply): void {
+  const refusals: Record<string, [number, string]> = {
+    FST_ERR_BAD_URL: [400, 'the URL is not valid'],
+    FST_ERR_MAX_PARAM_LENGTH: [414, 'a path parameter is too long']
+  }
+  const refusal = error.code !== undefined ? refusals[error.code] : undefined
+  if (refusal === undefined) {
+    reply.code(500).send({ statusCode: 500, error: 'Internal Server Error', message: 'Internal Server Error' })
+    return
+  }
+  const [statusCode, message] = refusal
+  reply.code(statusCode).send({ statusCode, code: error.code, error: httpReason(statusCode), message })
 }
 
 function loggerOptions (config: Config, stream?: DestinationStream): FastifyServerOptions['logger'] {
@@ -106,7 +139,12 @@ export async function buildApp (config: Config, options: BuildOptions = {}): Pro
     // are not HTTP connections any more; the drain ends them.
     forceCloseConnections: 'idle',
     return503OnClosing: true,
-    requestIdHeader: 'x-request-id',
+    requestIdHeader: false,
+    genReqId: requestIdOf,
+    // Room for the longest id a schema allows (a user id: 256 characters, up
+    // to 9 each percent-encoded), so the schema, not the router, refuses.
+    maxParamLength: 2304,
+    frameworkErrors: routerError,
     ajv: { customOptions: { removeAdditional: false, coerceTypes: false, allErrors: false } }
   })
 

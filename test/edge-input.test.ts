@@ -141,6 +141,29 @@ t.test('a user id with a lone surrogate is refused by every route that takes one
   t.equal(fine.status, 200, 'well-formed unicode (a surrogate pair too) is fine')
 })
 
+t.test('path ids up to their schema\'s length work; longer ones and malformed escapes get 4xx in the contract\'s shape, the path not echoed', async (t) => {
+  const { url } = await startGateway(t)
+  const job = async (id: string): Promise<number> => (await request(`${url}/v1/jobs/${id}`, { method: 'PUT', token: publisher, body: { userId: 'u1', status: 'queued' } })).status
+  t.equal(await job('j'.repeat(128)), 200, 'a job id of 128 characters')
+  t.equal(await job('j'.repeat(129)), 400, 'one of 129: the schema refuses it')
+  const members = await request(`${url}/v1/conversations/${'c'.repeat(128)}/members`, { method: 'PUT', token: publisher, body: { members: ['u1'] } })
+  t.equal(members.status, 200, 'a conversation id of 128 characters')
+  // 256 characters, each three UTF-8 bytes percent-encoded: 2304 in the path.
+  const presence = await request(`${url}/v1/presence/${encodeURIComponent('ü'.repeat(85) + 'u'.repeat(171))}`, { token: publisher })
+  t.equal(presence.status, 200, 'presence of a user id of 256 characters')
+  t.match(presence.json, { online: false })
+
+  const secret = `SECRET-${'s'.repeat(3000)}`
+  const long = await request(`${url}/v1/presence/${secret}`, { token: publisher })
+  t.equal(long.status, 414)
+  t.match(long.json, { statusCode: 414, error: 'URI Too Long', message: String })
+  t.notMatch(long.text, /SECRET/, 'the path is not echoed')
+  const malformed = await request(`${url}/v1/jobs/SECRET%E0%A4%A`, { token: publisher })
+  t.equal(malformed.status, 400)
+  t.match(malformed.json, { statusCode: 400, error: 'Bad Request', message: String })
+  t.notMatch(malformed.text, /SECRET/, 'the path is not echoed')
+})
+
 t.test('a stream asked for over HTTP/1.0 gets a 400 JSON error, not a chunked stream', async (t) => {
   const { port } = await startGateway(t)
   const raw = await rawExchange(port, `GET /v1/stream?token=${userToken('u1')} HTTP/1.0\r\nHost: 127.0.0.1\r\nAccept: text/event-stream\r\n\r\n`)

@@ -123,6 +123,31 @@ t.test('a token under an encoded, differently cased or unusual parameter name ne
   assertNoToken(t, gateway, [encodedName, encodedLetter, ...others])
 })
 
+t.test('a token inside another parameter\'s value, in the path or as the request id never reaches the logs', async (t) => {
+  const gateway = await startGateway(t, {}, { captureLogs: true })
+  const { url } = gateway
+  const tokens = [userToken('u1'), userToken('u2'), userToken('u3'), userToken('u4'), userToken('u5')]
+  // A stray second '?' or a ';' keeps the token inside the value of `topics`.
+  t.ok((await request(`${url}/v1/stream?topics=news?token=${tokens[0]}`)).status >= 400, 'stray ?')
+  t.ok((await request(`${url}/v1/stream?topics=news;token=${tokens[1]}`)).status >= 400, 'stray ;')
+  t.ok((await request(`${url}/nothing/${tokens[2]}`)).status >= 400, 'in the path')
+  // The request id is taken from X-Request-Id only when it looks like one.
+  const { stream } = await openConnected(`${url}/v1/stream`, { t, headers: { authorization: `Bearer ${tokens[3]}`, 'x-request-id': tokens[4] } })
+  stream.close()
+  await eventually(() => streamLines(gateway, 'stream closed').length === 1, 'the close line')
+  const opened = streamLines(gateway, 'stream opened')[0]
+  t.match(opened.reqId, /^req-/, 'an id of the gateway\'s own in place of the token')
+  const long = await openConnected(`${url}/v1/stream?token=${userToken('u6')}`, { t, headers: { 'x-request-id': 'r'.repeat(129) } })
+  long.stream.close()
+  await eventually(() => streamLines(gateway, 'stream opened').length === 2, 'the second open line')
+  t.match(streamLines(gateway, 'stream opened')[1].reqId, /^req-/, 'nor an over-long one')
+  await openConnected(`${url}/v1/stream?token=${userToken('u7')}`, { t, headers: { 'x-request-id': 'trace-42.a:b_c' } })
+  await eventually(() => streamLines(gateway, 'stream opened').length === 3, 'the third open line')
+  t.equal(streamLines(gateway, 'stream opened')[2].reqId, 'trace-42.a:b_c', 'an ordinary request id is kept')
+  await eventually(() => lines(gateway).filter((line) => line.msg === 'request completed').length >= 3, 'a completion line per request')
+  assertNoToken(t, gateway, tokens)
+})
+
 t.test('redactUrl: token parameters and JWT values replaced, the rest kept as sent', async (t) => {
   const jwt = userToken('u1')
   t.equal(redactUrl('/v1/stream?topics=a,b&token=abc'), '/v1/stream?topics=a,b&token=[redacted]')
@@ -133,6 +158,9 @@ t.test('redactUrl: token parameters and JWT values replaced, the rest kept as se
   t.equal(redactUrl(`/v1/stream?${jwt}`), '/v1/stream?[redacted]')
   t.equal(redactUrl('/v1/stream?topics=%E0%A4%A&token'), '/v1/stream?topics=%E0%A4%A&token', 'a malformed escape is kept, not thrown on')
   t.equal(redactUrl('/v1/stream'), '/v1/stream')
+  t.equal(redactUrl(`/v1/stream?topics=news?token=${jwt}&x=1`), '/v1/stream?topics=[redacted]&x=1', 'a JWT inside a value')
+  t.equal(redactUrl(`/v1/x/${jwt}/y?a=1`), '/v1/x/[redacted]/y?a=1', 'a JWT in the path')
+  t.equal(redactUrl(`/v1/x/${jwt}`), '/v1/x/[redacted]')
 })
 
 t.test('close lines carry the reason: evicted, expired, slow', async (t) => {
