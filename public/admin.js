@@ -1,6 +1,6 @@
 // The admin dashboard: live connections and topics (polled every 2 s) and a
 // form that publishes an event to a user, a topic or everyone.
-import { $, age, api, clockTime, EVENT_NAME, h, peekClaims, session, setStatus, splitList } from './common.js'
+import { $, age, api, clockTime, EVENT_NAME, eventNames, h, peekClaims, session, setStatus, splitList } from './common.js'
 
 const TOKEN_KEY = 'sse-gateway.admin-token'
 const REFRESH_MS = 2000
@@ -177,6 +177,9 @@ async function send () {
     asString = true
   }
   const body = { to, data, ...(event !== '' ? { event } : {}) }
+  // Before the publish: a /demo page of this origin starts listening for the
+  // name ahead of the event itself.
+  if (event !== '') eventNames.postMessage({ event })
   const button = $('#send-button')
   button.disabled = true
   setStatus(sendResult, 'Sending…')

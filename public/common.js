@@ -134,6 +134,15 @@ export function peekClaims (token) {
 }
 
 export const EVENT_NAME = /^[A-Za-z0-9_.:-]{1,64}$/
+
+/**
+ * Pages of one origin tell each other the event names they are about to
+ * send: an EventSource delivers only the named events it listens for.
+ * (Browsers without BroadcastChannel get a stand-in that does nothing.)
+ */
+export const eventNames = typeof BroadcastChannel === 'function'
+  ? new BroadcastChannel('sse-gateway.event-names')
+  : { postMessage () {}, addEventListener () {} }
 export const TOPIC_NAME = /^[A-Za-z0-9_.:/-]{1,128}$/
 
 /** "a, b c" → ["a", "b", "c"], without duplicates. */

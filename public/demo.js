@@ -1,6 +1,6 @@
 // The demo client: a native EventSource on /v1/stream?token=…&topics=…, each
 // event shown as it arrives, topics changed on the live stream.
-import { $, api, clockTime, EVENT_NAME, gatewayUrl, h, peekClaims, session, setStatus, splitList, TOPIC_NAME } from './common.js'
+import { $, api, clockTime, EVENT_NAME, eventNames, gatewayUrl, h, peekClaims, session, setStatus, splitList, TOPIC_NAME } from './common.js'
 
 const TOKEN_KEY = 'sse-gateway.user-token'
 const TOPICS_KEY = 'sse-gateway.demo-topics'
@@ -8,7 +8,11 @@ const LISTEN_KEY = 'sse-gateway.demo-listen'
 const MAX_EVENTS = 500
 
 /** Named events a browser must ask for; unnamed ones arrive as `message`. */
-const DEFAULT_EVENTS = ['message', 'notification', 'message:new', 'user:online', 'user:offline', 'user:typing', 'job_update', 'content-chunk', 'announcement']
+const DEFAULT_EVENTS = [
+  'message', 'notification', 'announcement', 'message:new', 'message:updated', 'message:deleted',
+  'user:online', 'user:offline', 'user:typing', 'job_update', 'content-chunk',
+  'system-alert', 'maintenance-alert', 'newEvent', 'eventUpdate', 'newPost'
+]
 /** Sent by the gateway itself, without an id. */
 const SYSTEM_EVENTS = ['connected', 'reset', 'auth-expired', 'shutdown', 'evicted']
 
@@ -286,7 +290,7 @@ function renderListening () {
   session.set(LISTEN_KEY, JSON.stringify([...customEvents]))
 }
 
-function addListener (name) {
+function addListener (name, from) {
   if (!EVENT_NAME.test(name)) {
     setStatus(listenResult, 'An event name is 1–64 characters of A–Z a–z 0–9 _ . : -', 'error')
     return
@@ -302,7 +306,7 @@ function addListener (name) {
   customEvents.add(name)
   if (source !== null) source.addEventListener(name, onNamedEvent)
   renderListening()
-  setStatus(listenResult, `Listening for ${name}.`, 'ok')
+  setStatus(listenResult, `Listening for ${name}${from !== undefined ? ` (sent from ${from})` : ''}.`, 'ok')
 }
 
 function removeListener (name) {
@@ -341,6 +345,11 @@ $('#listen-form').addEventListener('submit', (event) => {
   listenInput.value = ''
 })
 $('#clear').addEventListener('click', clearEvents)
+// A name /admin is about to send (same origin only): listened for from now on.
+eventNames.addEventListener('message', (message) => {
+  const name = message.data?.event
+  if (typeof name === 'string' && !listenedEvents().includes(name) && !SYSTEM_EVENTS.includes(name)) addListener(name, 'the dashboard')
+})
 $('#notice-close').addEventListener('click', clearNotice)
 window.addEventListener('pagehide', () => { if (source !== null) source.close() })
 

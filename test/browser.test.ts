@@ -290,5 +290,23 @@ t.test('the pages: an event sent from /admin appears on /demo', async (t) => {
   })(), 10_000, 'the dashboard to show the fourth event id')
   const sportsItem = await demo.waitForSelector(`#events li[data-event="announcement"][data-id="${sportsId}"]`)
   t.match(await sportsItem.textContent(), `sports ${stamp}`, 'the demo page shows the event sent to the topic it subscribed to')
+
+  // A name the demo page does not know: the dashboard tells it before sending.
+  const customName = `custom-${stamp}`.slice(0, 64)
+  await admin.selectOption('#target-kind', 'user')
+  await admin.fill('#target', 'u1')
+  await admin.fill('#event', customName)
+  await admin.fill('#data', `custom ${stamp}`)
+  await admin.click('#send-button')
+  const customId = await within((async () => {
+    for (;;) {
+      const value = await admin.getAttribute('#send-result', 'data-id')
+      if (value !== null && ![id, topicId, broadcastId, sportsId].includes(value)) return value
+      await new Promise<void>((resolve) => setTimeout(resolve, 50))
+    }
+  })(), 10_000, 'the dashboard to show the fifth event id')
+  const customItem = await demo.waitForSelector(`#events li[data-event="${customName}"][data-id="${customId}"]`)
+  t.match(await customItem.textContent(), `custom ${stamp}`, 'the demo page shows an event whose name only the dashboard knew')
+  t.ok(await demo.$(`#listening li[data-event="${customName}"]`), 'and lists the name among those it listens for')
   t.same(browser.problems, [], 'no page errors on either page')
 })
