@@ -94,12 +94,14 @@ const jobRoutes: FastifyPluginAsync = async (app) => {
       connectionId: newConnectionId(),
       kind: 'job',
       topics: [],
-      channels: [channel.job(jobId)],
+      channels: [channel.job(jobId, job.userId)],
       connectedExtra: { jobId },
       closeAfter: (frame) => markers.some((marker) => frame.includes(marker)),
       // Read after joining the job's channel: any later update arrives live.
       prelude: async (connection) => {
-        const current = await state.getJob(jobId) ?? job
+        // The job may have expired meanwhile, and its id been taken by someone else.
+        const latest = await state.getJob(jobId)
+        const current = latest !== null && latest.userId === job.userId ? latest : job
         const id = Number(current.eventId)
         await connection.replay([{ id, frame: frameWithId(id, renderBody('initial_status', JSON.stringify(publicJob(current)))) }])
         if (isTerminal(current.status)) connection.close('completed')

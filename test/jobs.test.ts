@@ -224,3 +224,22 @@ forEachMode(t, 'finished job state is forgotten JOB_TTL_S after its last update'
   t.equal((await jobStream(t, browser, 'job-9', 'alice')).status, 404, 'its stream is gone too')
   t.equal((await putJob(worker, 'job-9', { userId: 'bob', status: 'queued' })).status, 200, 'the id may be reused')
 })
+
+forEachMode(t, 'a job id reused by another owner after it expired: the first owner\'s open job stream hears nothing of the new job', async (t, mode) => {
+  // Keepalives mark the end of what a stream was sent: all bytes before one have arrived.
+  const [worker, browser] = await pair(t, mode, { JOB_TTL_S: '1', KEEPALIVE_MS: '200' })
+  await putJobOk(worker, 'reused', { userId: 'alice', status: 'active', progress: 10 })
+  const alice = await jobStream(t, browser, 'reused', 'alice')
+  t.equal(alice.status, 200)
+  await alice.nextEvent('initial_status')
+  await eventually(async () => (await getJob(browser, 'reused', userToken('alice'))).status === 404, 'the job to expire', 5000, 100)
+
+  const bob = await jobStream(t, browser, 'stream', 'bob', undefined, '/v1/jobs/stream')
+  await bob.nextEvent('connected')
+  await putJobOk(worker, 'reused', { userId: 'bob', status: 'active', progress: 50, result: { secret: 'bob-data' } })
+  t.match(dataOf<JobEvent>(await bob.nextEvent('job_update')), { jobId: 'reused', result: { secret: 'bob-data' } }, 'the new owner hears of it')
+  const keepalives = alice.comments.length
+  await alice.until(() => alice.comments.length > keepalives, 5000, 'a keepalive after the update')
+  t.same(alice.events.filter((event) => event.event === 'job_update'), [], 'the first owner got none of the new owner\'s updates')
+  t.notOk(alice.text.includes('bob-data'), 'nor any of its data')
+})

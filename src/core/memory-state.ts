@@ -176,7 +176,7 @@ export class MemoryState implements SharedState {
     const transition = transitionJob(jobId, previous, update, new Date())
     if (!transition.ok) return transition
     const [id] = this.bus.publishNow([{
-      channels: [channel.job(jobId), channel.userJobs(update.userId)],
+      channels: [channel.job(jobId, update.userId), channel.userJobs(update.userId)],
       body: transition.body
     }])
     const state: JobState = { ...transition.state, eventId: String(id) }

@@ -249,7 +249,7 @@ export class RedisState implements SharedState {
       const previous = json !== null && eventId !== null ? { ...JSON.parse(json) as Omit<JobState, 'eventId'>, eventId } : null
       const transition = transitionJob(jobId, previous, update, new Date())
       if (!transition.ok) return transition
-      const channels = [channel.job(jobId), channel.userJobs(update.userId)]
+      const channels = [channel.job(jobId, update.userId), channel.userJobs(update.userId)]
       const result = await this.commands.run('PUT_JOB', [
         this.prefix, this.options.historySize, this.options.historyTtlS, jobId, version ?? '0',
         JSON.stringify(transition.state), ttlS, channels.length, ...channels, transition.body
