@@ -230,13 +230,16 @@ t.test('Redis stopped and restarted: /ready turns 503 then 200, open streams sur
 t.test('an instance killed with SIGKILL leaves the instance list and the counts within its TTL', async (t) => {
   if (!(await needRedis(t))) return
   const prefix = uniquePrefix('sigkill')
-  const env = { REDIS_URL, REDIS_PREFIX: prefix, INSTANCE_TTL_MS: '2000', MAX_CONNECTIONS_PER_USER: '2', PRESENCE_GRACE_MS: '200' }
+  const historyTtlS = 30
+  const env = { REDIS_URL, REDIS_PREFIX: prefix, INSTANCE_TTL_MS: '2000', MAX_CONNECTIONS_PER_USER: '2', PRESENCE_GRACE_MS: '200', HISTORY_TTL_S: String(historyTtlS) }
   const survivor = await startGateway(t, env)
   const doomed = await spawnServer(t, { ...env, JWT_SECRET: 'test-secret', LOG_LEVEL: 'warn', HOST: '127.0.0.1' })
   await request(`${survivor.url}/v1/conversations/c1/members`, { method: 'PUT', token: publisher, body: { members: ['victim', 'friend'] } })
   const friend = (await openConnected(`${survivor.url}/v1/stream?token=${userToken('friend')}`, { t })).stream
-  await openConnected(`${doomed.url}/v1/stream?token=${userToken('victim')}&topics=gone`, { t })
-  await openConnected(`${doomed.url}/v1/stream?token=${userToken('victim')}`, { t })
+  const first = await openConnected(`${doomed.url}/v1/stream?token=${userToken('victim')}&topics=gone`, { t })
+  const second = await openConnected(`${doomed.url}/v1/stream?token=${userToken('victim')}`, { t })
+  const subscribed = await request(`${survivor.url}/v1/subscriptions`, { method: 'POST', token: userToken('victim'), body: { topics: ['user-wide'] } })
+  t.equal(subscribed.status, 200, 'a user-wide subscription')
   await friend.nextEvent('user:online')
   t.match(await stats(survivor), { connections: 3, users: 2, instances: 2, topics: { gone: 1 } })
   t.equal((await openStream(`${survivor.url}/v1/stream?token=${userToken('victim')}`, { t })).status, 429, 'the per-user limit counts streams on the other instance')
@@ -249,5 +252,14 @@ t.test('an instance killed with SIGKILL leaves the instance list and the counts 
   }, 'the dead instance and its streams to stop counting', 10_000, 100)
   const offline = await friend.nextEvent('user:offline', 10_000)
   t.same(JSON.parse(offline.data), { userId: 'victim' }, 'the members of its conversations learn it went offline')
+  // As after a clean close: the ids stay reopenable, and the user-wide
+  // topics kept, for HISTORY_TTL_S, then they go.
+  const redis = redisClient(t)
+  for (const { connectionId } of [first.connected, second.connected]) {
+    const ttl = await redis.ttl(`${prefix}conn:${connectionId}`)
+    t.ok(ttl > 0 && ttl <= historyTtlS, `stream id ${connectionId} expires in ${ttl} s`)
+  }
+  const topicsTtl = await redis.ttl(`${prefix}ut:victim`)
+  t.ok(topicsTtl > 0 && topicsTtl <= historyTtlS, `the user-wide topics expire in ${topicsTtl} s`)
   t.equal((await openStream(`${survivor.url}/v1/stream?token=${userToken('victim')}`, { t })).status, 200, 'its streams no longer count against the user')
 })

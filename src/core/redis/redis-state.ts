@@ -292,17 +292,24 @@ export class RedisState implements SharedState {
    */
   async reap (instance: string): Promise<void> {
     const conns = await this.commands.call(async (redis) => await redis.hgetall(this.connsKey(instance)))
-    const users = new Set<string>()
+    const byUser = new Map<string, string[]>()
     for (const [connectionId, json] of Object.entries(conns)) {
-      const info = JSON.parse(json) as ConnectionInfo
-      users.add(info.userId)
-      await this.commands.call(async (redis) => await redis.zrem(`${this.prefix}uc:${info.userId}`, `${instance}|${connectionId}`))
+      const userId = (parseJson(json) as Partial<ConnectionInfo> | undefined)?.userId
+      if (typeof userId !== 'string') continue
+      const ids = byUser.get(userId)
+      if (ids === undefined) byUser.set(userId, [connectionId])
+      else ids.push(connectionId)
+    }
+    // One script per user: the check that the user is offline and the removal
+    // that made it so are one step, so a concurrent release cannot announce
+    // the same going-offline again.
+    for (const [userId, ids] of byUser) {
+      const tookOffline = await this.commands.run('REAP', [
+        this.prefix, userId, instance, this.options.instanceTtlMs, this.options.historyTtlS, ...ids
+      ])
+      if (tookOffline === 1) this.offlineListener?.(userId)
     }
     await this.commands.call(async (redis) => await redis.multi().del(this.connsKey(instance)).zrem(`${this.prefix}instances`, instance).exec())
-    for (const userId of users) {
-      const presence = await this.presence(userId)
-      if (!presence.online) this.offlineListener?.(userId)
-    }
   }
 
   /**

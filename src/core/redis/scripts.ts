@@ -283,6 +283,41 @@ end
 return out
 `
 
+/**
+ * Clears one user's streams of a dead instance, as RELEASE would have one by
+ * one. ARGV: prefix, userId, deadInstance, instanceTtlMs, reopenTtlS,
+ * connectionIds... Each id stays reopenable for reopenTtlS, unless it is live
+ * elsewhere now (reopened); with no stream left and no grace running, the
+ * user-wide topics expire as after a last close. Returns 1 when this call
+ * took the user offline: it removed a stream, and none is left (a release
+ * that already pruned the dead streams announced it, and a second reaper
+ * removes nothing), so each going-offline is announced once.
+ */
+export const REAP = `${LIVE_MEMBERS}
+local prefix, user, inst = ARGV[1], ARGV[2], ARGV[3]
+local ttl = tonumber(ARGV[5])
+local t = redis.call('TIME')
+local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local uk = prefix .. 'uc:' .. user
+local removed = 0
+for i = 6, #ARGV do
+  removed = removed + redis.call('ZREM', uk, inst .. '|' .. ARGV[i])
+end
+local live = live_members(prefix, uk, now_ms, tonumber(ARGV[4]))
+local held = {}
+for _, m in ipairs(live) do held[string.match(m, '|(.*)$')] = true end
+for i = 6, #ARGV do
+  local conn = ARGV[i]
+  if not held[conn] and redis.call('GET', prefix .. 'conn:' .. conn) == user then
+    redis.call('EXPIRE', prefix .. 'conn:' .. conn, ttl)
+  end
+end
+if #live > 0 or redis.call('EXISTS', prefix .. 'grace:' .. user) == 1 then return 0 end
+redis.call('EXPIRE', prefix .. 'ut:' .. user, ttl)
+if removed == 0 then return 0 end
+return 1
+`
+
 /** ARGV: prefix, userId, instanceTtlMs. Returns { live streams, in grace (0|1) }. */
 export const PRESENCE = `${LIVE_MEMBERS}
 local prefix, user = ARGV[1], ARGV[2]
