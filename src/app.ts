@@ -143,7 +143,7 @@ export async function buildApp (config: Config, options: BuildOptions = {}): Pro
     genReqId: requestIdOf,
     // Room for the longest id a schema allows (a user id: 256 characters, up
     // to 9 each percent-encoded), so the schema, not the router, refuses.
-    maxParamLength: 2304,
+    routerOptions: { maxParamLength: 2304 },
     frameworkErrors: routerError,
     ajv: { customOptions: { removeAdditional: false, coerceTypes: false, allErrors: false } }
   })

@@ -21,7 +21,13 @@ export function redisOptions (): RedisOptions {
   return {
     // Fail fast while Redis is down instead of queueing commands without bound.
     enableOfflineQueue: false,
-    maxRetriesPerRequest: 1,
+    // A command in flight when the connection drops may have run: sending it
+    // again would publish an event twice (with two ids) or apply a job update
+    // twice. With no retry it fails at once, and the caller answers 503.
+    // (ioredis drops, without settling, the commands it does not resend, so
+    // turning resending off alone would leave them hanging.)
+    maxRetriesPerRequest: 0,
+    autoResendUnfulfilledCommands: false,
     // Reconnect forever, backing off to 2 s between attempts.
     retryStrategy: (attempt) => Math.min(100 * attempt, 2000),
     lazyConnect: true,
