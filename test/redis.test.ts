@@ -152,6 +152,9 @@ t.test('the durable ingress (XADD <prefix>ingress) delivers each entry once', as
   await publishOk(b.url, publisher, { to: { user: 'durable' }, event: 'marker', data: 0 })
   await stream.nextEvent('marker')
   t.same(stream.events.filter((event) => event.event === 'seq').map((event) => Number(event.data)), [...Array(20).keys()])
+  // Handled entries are deleted: the stream does not grow by one per message forever.
+  await eventually(async () => await redis.xlen(`${prefix}ingress`) === 0, 'the handled entries deleted')
+  t.pass('the ingress stream is empty once its entries are handled')
 })
 
 t.test('bad ingress messages are counted, logged without their data, dropped; the gateway goes on', async (t) => {

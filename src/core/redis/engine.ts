@@ -254,7 +254,9 @@ export class DurableIngress {
     for (const [entryId, fields] of entries) {
       if (fields === null) continue
       await this.handler(payloadOf(fields))
-      await this.reader.xack(this.key, DURABLE_GROUP, entryId)
+      // Handled, the entry is deleted: the stream would otherwise keep every
+      // message ever sent, and publishers need not trim it themselves.
+      await this.reader.multi().xack(this.key, DURABLE_GROUP, entryId).xdel(this.key, entryId).exec()
     }
   }
 }
