@@ -134,6 +134,7 @@ export default fp(async (app) => {
       })
     },
     replayed: (_connection, count) => app.metrics.replayed(count),
+    catchingUp: (count) => app.log.warn({ streams: count }, 'bus subscription back: streams replay what they may have missed'),
     reset: (connection, reason) => {
       app.metrics.reset(reason)
       app.log.info({ connectionId: connection.id, reason }, 'replay reset')

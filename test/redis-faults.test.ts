@@ -34,3 +34,32 @@ t.test('a publish whose reply is lost when the connection drops is not run again
   await stream.nextEvent('marker')
   t.equal(stream.events.filter((event) => event.event === 'once').length, 1, 'the event went out once')
 })
+
+t.test('events published while an instance\'s bus subscription is down reach its open streams once it is back: in order, none twice, no reconnect', async (t) => {
+  if (!(await needRedis(t))) return
+  const prefix = uniquePrefix('gap')
+  const proxy = await FaultyProxy.start(t, redisPort)
+  const viaProxy = await startGateway(t, { REDIS_URL: proxy.url, REDIS_PREFIX: prefix }, { captureLogs: true })
+  const direct = await startGateway(t, { REDIS_URL, REDIS_PREFIX: prefix })
+  const { stream } = await openConnected(`${viaProxy.url}/v1/stream?token=${userToken('u1')}&topics=news`, { t })
+  const [before] = await publishOk(direct.url, publisher, { to: { user: 'u1' }, event: 'seq', data: 0 })
+  t.equal((await stream.nextEvent('seq')).id, before, 'live before the fault')
+
+  // Published while the instance hears nothing: its subscriber's traffic is held, then cut.
+  proxy.holdReplies()
+  const missed: string[] = []
+  for (let n = 1; n <= 5; n++) {
+    const body = n % 2 === 0 ? { to: { topic: 'news' }, event: 'seq', data: n } : { to: { user: 'u1' }, event: 'seq', data: n }
+    missed.push(...await publishOk(direct.url, publisher, body))
+  }
+  proxy.cut()
+  await eventually(async () => (await request(`${viaProxy.url}/ready`)).status === 200, 'the instance back on Redis', 10_000, 50)
+  const [after] = await publishOk(direct.url, publisher, { to: { user: 'u1' }, event: 'seq', data: 6 })
+
+  await stream.next((event) => event.id === after, 10_000, 'the event published after the fault')
+  const ids = stream.events.filter((event) => event.event === 'seq').map((event) => event.id)
+  t.same(ids, [before, ...missed, after], 'every event, in order, each once')
+  t.same(stream.events.filter((event) => event.event !== 'seq').map((event) => event.event), ['connected'], 'no reset, no other event')
+  t.notOk(stream.ended, 'the stream stayed open')
+  t.match(viaProxy.logText(), /bus subscription lost/, 'the loss is logged')
+})

@@ -124,7 +124,8 @@ t.test('after a reconnect that lost them, the bus channels and the control chann
   await within(ready, WAIT_MS, 'the subscriber to be ready again')
   await subscribedExactly(t, redis, setup, ['a', 'b', 'c'], ['left'])
   await flows(t, setup, 'b')
-  t.same(setup.warnings, [], 'nothing failed')
+  // The lost subscription itself is worth a warning; nothing else is.
+  t.same(setup.warnings.filter((warning) => !warning.startsWith('bus subscription lost')), [], 'nothing failed')
 })
 
 t.test('a listen that failed and an unlisten made while the subscriber was down are settled by the next reconnect', async (t) => {

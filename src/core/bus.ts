@@ -42,6 +42,12 @@ export interface EventBus {
   listen (channel: string): Promise<void>
   unlisten (channel: string): void
   onDelivery (listener: DeliveryListener): void
+  /**
+   * Called when deliveries may have been missed (the Redis bus lost its
+   * subscription and has it back): events with an id above `after` may not
+   * have reached the listener. The in-memory bus never misses any.
+   */
+  onGap (listener: (after: number) => void): void
   /** The highest id issued so far. */
   lastId (): Promise<number>
   isReady (): boolean

@@ -262,6 +262,16 @@ export class StreamConnection {
     return sent
   }
 
+  /**
+   * Back to the setup phase for a live stream, to replay what it may have
+   * missed: live events are held until `goLive`. False if it is not live.
+   */
+  hold (): boolean {
+    if (!this.live) return false
+    this.held = []
+    return true
+  }
+
   /** Ends the setup phase: events held during replay go out in order, then live delivery. */
   goLive (): void {
     const held = this.held

@@ -94,6 +94,8 @@ export class MemoryBus implements EventBus {
   async listen (): Promise<void> {}
   unlisten (): void {}
 
+  onGap (): void {}
+
   onDelivery (listener: DeliveryListener): void {
     this.listener = listener
   }

@@ -37,6 +37,8 @@ export interface StreamEvents {
   closed (connection: StreamConnection): void
   replayed (connection: StreamConnection, count: number): void
   reset (connection: StreamConnection, reason: string): void
+  /** The bus missed deliveries: `count` live streams catch up from history. */
+  catchingUp (count: number): void
   topicsChanged (connection: StreamConnection): void
 }
 
@@ -48,6 +50,8 @@ export interface StreamServiceOptions {
 }
 
 const EXPIRY_TICK_MS = 250
+/** Streams replaying at once after the bus missed deliveries: bounded, so Redis is not flooded. */
+const CATCH_UP_CONCURRENCY = 32
 
 /**
  * Opens, feeds and closes streams. One timer drives keepalives and one drives
@@ -72,6 +76,9 @@ export class StreamService {
     const half = Math.max(50, Math.floor(options.keepaliveMs / 2))
     this.keepaliveTimer = setInterval(() => this.keepalive(Date.now() - half), half).unref()
     this.expiryTimer = setInterval(() => this.expire(Date.now()), EXPIRY_TICK_MS).unref()
+    bus.onGap((after) => {
+      this.catchUp(after).catch(() => {})
+    })
   }
 
   get isDraining (): boolean {
@@ -204,6 +211,45 @@ export class StreamService {
     if (events.length === 0) return
     const count = await connection.replay(events, withHeld)
     this.events.replayed(connection, count)
+  }
+
+  /**
+   * After the bus missed deliveries (ids above `after`), every live stream
+   * replays from history what it may not have got, merged with what arrives
+   * meanwhile, and goes on live: no gap, no duplicate, no reconnect. A stream
+   * whose history is gone gets `reset`, as a reconnect would.
+   */
+  private async catchUp (after: number): Promise<void> {
+    const streams = [...this.registry.all()].filter((connection) => connection.hold())
+    this.events.catchingUp(streams.length)
+    let next = 0
+    const worker = async (): Promise<void> => {
+      while (next < streams.length) {
+        const connection = streams[next++]
+        // Events from before the stream opened were never its to receive.
+        const from = Math.max(connection.lastId, after, connection.openedAt * 1000)
+        try {
+          const channels = [...connection.channels]
+          const result = await this.bus.replay(channels, from)
+          if (result.reset === null) {
+            await this.sendHistory(connection, result.events, true)
+          } else if (result.reset === 'expired') {
+            // The cursor is older than the window, but what the gap may hold
+            // is newer: the window has it.
+            await this.sendHistory(connection, (await this.bus.window(channels)).filter((entry) => entry.id > from), true)
+          } else if (result.reset !== 'future') {
+            // ('future': nothing was issued after the cursor, so nothing was missed.)
+            this.events.reset(connection, result.reset)
+            connection.sendSystem(systemFrame('reset', { reason: result.reset }))
+          }
+        } catch {
+          this.events.reset(connection, 'unavailable')
+          connection.sendSystem(systemFrame('reset', { reason: 'unavailable' }))
+        }
+        connection.goLive()
+      }
+    }
+    await Promise.all(Array.from({ length: Math.min(CATCH_UP_CONCURRENCY, streams.length) }, worker))
   }
 
   private readonly cleanupClosed = (connection: StreamConnection): void => this.cleanup(connection)

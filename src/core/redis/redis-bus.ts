@@ -29,6 +29,15 @@ export class RedisBus implements EventBus {
    * again, so only the next resubscription can mend it.
    */
   private readonly channels = new Set<string>()
+  private gapListener: (after: number) => void = () => {}
+  /**
+   * The highest id this instance has seen delivered (or read as the last
+   * issued): pub/sub delivers in id order, so when the subscription drops,
+   * every event above it may be lost to this instance's streams.
+   */
+  private highestSeen = 0
+  /** The id from which deliveries may have been missed, while the subscription is down. */
+  private gapAfter: number | null = null
 
   constructor (
     private readonly commands: ScriptedRedis,
@@ -43,6 +52,7 @@ export class RedisBus implements EventBus {
       const newline = message.indexOf(NEWLINE)
       if (newline <= 0) return
       const id = Number(message.toString('latin1', 0, newline))
+      if (id > this.highestSeen) this.highestSeen = id
       // "<id>\n<body>" becomes the chunk "id: <id>\n<body>": one copy, shared by every local recipient.
       this.listener(channelName.toString('utf8', skip), id, chunkOf(message, ID_PREFIX))
     })
@@ -51,16 +61,32 @@ export class RedisBus implements EventBus {
     // silently stop receiving. Subscribing again costs nothing when nothing was
     // lost; a failure waits for the next 'ready', which the next reconnect brings.
     subscriber.on('ready', () => {
-      this.resubscribe().catch((error: unknown) => {
+      this.resubscribe().then(() => {
+        // Subscribed again: from here on nothing is missed, and what was
+        // published meanwhile is in the history for the streams to catch up.
+        const after = this.gapAfter
+        this.gapAfter = null
+        if (after !== null) this.gapListener(after)
+      }, (error: unknown) => {
         this.log.warn({ channels: this.channels.size, reason: reasonOf(error) }, 'could not subscribe again to the bus channels')
       })
     })
+    subscriber.on('close', () => {
+      if (this.gapAfter !== null || this.highestSeen === 0) return
+      this.gapAfter = this.highestSeen
+      this.log.warn({ channels: this.channels.size }, 'bus subscription lost; streams catch up from history once it is back')
+    })
+  }
+
+  onGap (listener: (after: number) => void): void {
+    this.gapListener = listener
   }
 
   async publish (items: PublishItem[]): Promise<number[]> {
     if (items.length === 0) return []
     const args: Array<string | number> = [this.options.prefix, this.options.historySize, this.options.historyTtlS]
     for (const item of items) args.push(item.channels.length, ...item.channels, item.body)
+    // Not counted in highestSeen: their deliveries may still be on the way.
     const ids = await this.commands.run('PUBLISH', args) as string[]
     return ids.map(Number)
   }
@@ -96,7 +122,9 @@ export class RedisBus implements EventBus {
   }
 
   async lastId (): Promise<number> {
-    return Number(await this.commands.run('INIT', [this.options.prefix]))
+    const id = Number(await this.commands.run('INIT', [this.options.prefix]))
+    if (id > this.highestSeen) this.highestSeen = id
+    return id
   }
 
   isReady (): boolean {
