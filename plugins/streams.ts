@@ -7,7 +7,7 @@ import type { StreamConnection, StreamKind } from '../src/core/connection'
 import { parseCursor, streamHead, topicAllowed } from '../src/core/framing'
 import { Hub } from '../src/core/hub'
 import { Publisher } from '../src/core/publish'
-import type { ControlMessage } from '../src/core/state'
+import type { ControlAnswer, ControlMessage } from '../src/core/state'
 import { StreamService, type StreamSpec } from '../src/core/streams'
 import { errors } from '../src/errors'
 import { authOf } from './auth'
@@ -31,7 +31,7 @@ declare module 'fastify' {
     /** Admits, hijacks and opens an SSE stream for an authenticated request. */
     openStream: (request: FastifyRequest, reply: FastifyReply, options: OpenStreamOptions) => Promise<void>
     /** Adds or removes topics on live streams of this instance. */
-    applyTopics: (message: Extract<ControlMessage, { type: 'topics' }>) => Promise<string[] | null>
+    applyTopics: (message: Extract<ControlMessage, { type: 'topics' }>) => Promise<ControlAnswer>
   }
 }
 
@@ -157,15 +157,24 @@ export default fp(async (app) => {
   }
   state.onOffline((userId) => announceSafely(userId, 'user:offline'))
 
-  const applyTopics = async (message: Extract<ControlMessage, { type: 'topics' }>): Promise<string[] | null> => {
+  const applyTopics = async (message: Extract<ControlMessage, { type: 'topics' }>): Promise<ControlAnswer> => {
     const targets = message.connectionId !== null
       ? [registry.get(message.connectionId)].filter((found): found is StreamConnection => found !== undefined && found.userId === message.userId)
       : registry.ofUser(message.userId)
-    let answer: string[] | null = null
+    let answer: ControlAnswer = null
     for (const connection of targets) {
       if (connection.kind !== 'stream' || connection.closed) continue
       // A user-wide subscription reaches only the streams whose token allows the topic.
-      const added = registry.addTopics(connection, message.add.filter((topic) => topicAllowed(topic, connection.allowedTopics)))
+      const adding = message.add.filter((topic) => topicAllowed(topic, connection.allowedTopics))
+      // One stream's own subscriptions are held to MAX_TOPICS, all or nothing.
+      // User-wide topics (held to MAX_TOPICS per user) join regardless.
+      if (message.connectionId !== null) {
+        const held = connection.topics
+        const removing = message.remove.filter((topic) => held.includes(topic)).length
+        const after = held.length - removing + adding.filter((topic) => !held.includes(topic)).length
+        if (after > config.maxTopics) return { refused: `a stream holds at most ${config.maxTopics} topics` }
+      }
+      const added = registry.addTopics(connection, adding)
       const removed = registry.removeTopics(connection, message.remove)
       streams.leave(connection, removed.map(channel.topic))
       await streams.join(connection, added.map(channel.topic))

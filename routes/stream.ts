@@ -15,7 +15,7 @@ const streamRoutes: FastifyPluginAsync = async (app) => {
   const open = async (request: Parameters<typeof app.openStream>[0], reply: Parameters<typeof app.openStream>[1], connectionId: string, reopened: boolean): Promise<void> => {
     const auth = authOf(request)
     const query = request.query as StreamQueryType
-    const topics = checkTopics(auth, parseTopicList(query.topics))
+    const topics = checkTopics(auth, parseTopicList(query.topics), app.config.maxTopics)
     await app.openStream(request, reply, {
       connectionId,
       kind: 'stream',

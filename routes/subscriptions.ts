@@ -17,16 +17,18 @@ const subscriptionRoutes: FastifyPluginAsync = async (app) => {
   const change = async (userId: string, connectionId: string | undefined, add: string[], remove: string[]): Promise<{ topics: string[] }> => {
     if (connectionId === undefined) {
       const topics = add.length > 0
-        ? await state.subscribeUser(userId, add, config.historyTtlS)
+        ? await state.subscribeUser(userId, add, config.historyTtlS, config.maxTopics)
         : await state.unsubscribeUser(userId, remove)
+      if (topics === null) throw new errors.Conflict(`a user holds at most ${config.maxTopics} user-wide topics`)
       // Every live stream of the user, on every instance, follows before we answer.
       await state.broadcastControl({ type: 'topics', userId, connectionId: null, add, remove })
       return { topics }
     }
     if (await state.connectionOwner(connectionId) !== userId) throw new errors.NotFound(`no stream ${connectionId}`)
-    const topics = await state.broadcastControl({ type: 'topics', userId, connectionId, add, remove })
-    if (topics === null) throw new errors.NotFound(`stream ${connectionId} is not open`)
-    return { topics }
+    const answer = await state.broadcastControl({ type: 'topics', userId, connectionId, add, remove })
+    if (answer === null) throw new errors.NotFound(`stream ${connectionId} is not open`)
+    if (!Array.isArray(answer)) throw new errors.Conflict(answer.refused)
+    return { topics: answer }
   }
 
   app.post('/v1/subscriptions', {

@@ -34,6 +34,8 @@ export interface Config {
   presenceGraceMs: number
   jobTtlS: number
   shutdownTimeoutMs: number
+  /** Topics one stream may hold, and user-wide topics one user may hold. */
+  maxTopics: number
   logLevel: LogLevel
   /** Stream opens allowed per client address and minute (0 disables). */
   rateLimitStreamsPerMin: number
@@ -183,6 +185,7 @@ export function loadConfig (env: Env = process.env): Config {
     presenceGraceMs: integer(env, 'PRESENCE_GRACE_MS', 2000, 0, 3_600_000),
     jobTtlS: integer(env, 'JOB_TTL_S', 86400, 1),
     shutdownTimeoutMs: integer(env, 'SHUTDOWN_TIMEOUT_MS', 10000, 100, 3_600_000),
+    maxTopics: integer(env, 'MAX_TOPICS', 256, 1, 10_000),
     logLevel: oneOf(env, 'LOG_LEVEL', 'info', ['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'] as const),
     rateLimitStreamsPerMin: integer(env, 'RATE_LIMIT_STREAMS_PER_MIN', 600, 0),
     rateLimitPublishPerMin: integer(env, 'RATE_LIMIT_PUBLISH_PER_MIN', 0, 0),

@@ -235,3 +235,29 @@ forEachMode(t, 'GET /v1/stats counts the streams subscribed to each topic, clust
   await eventually(async () => (await stats(b)).topics.news === 1, 'the closed stream to leave the count')
   t.same((await stats(b)).topics, { news: 1, sport: 2, alerts: 1 })
 })
+
+forEachMode(t, 'MAX_TOPICS bounds a stream\'s topics and a user\'s user-wide topics: past it, 409 and nothing added', async (t, mode) => {
+  const [a, b] = await pair(t, mode, { MAX_TOPICS: '3' })
+  const token = userToken('alice')
+  t.equal((await tryOpen(t, a, 'alice', { topics: 'a,b,c,d' })).status, 400, 'more than MAX_TOPICS at open: 400')
+  const tab = await connect(t, b, 'alice', { topics: 'a,b' })
+
+  // Subscribed through A, the stream lives on B (in Redis mode).
+  const third = await subscriptions(a, token, 'POST', { topics: ['c'], connectionId: tab.connectionId })
+  t.equal(third.status, 200, 'a third topic fits')
+  const fourth = await subscriptions(a, token, 'POST', { topics: ['d', 'e'], connectionId: tab.connectionId })
+  t.equal(fourth.status, 409, 'a fourth does not')
+  t.match(fourth.json, { statusCode: 409, error: 'Conflict', message: /at most 3 topics/ })
+  const again = await subscriptions(a, token, 'POST', { topics: ['c'], connectionId: tab.connectionId })
+  t.same(sorted(again.json.topics), ['a', 'b', 'c'], 'nothing was added; one it holds is fine')
+  await publishTo(a, { to: { topic: 'd' }, event: 'leak', data: 1 })
+  t.same(namesOf(await settle(b, tab.stream, tab.connectionId)), [], 'the refused topic was not joined')
+
+  const other = userToken('bob')
+  t.equal((await subscriptions(a, other, 'POST', { topics: ['x', 'y', 'z'] })).status, 200, 'three user-wide topics')
+  const over = await subscriptions(b, other, 'POST', { topics: ['w'] })
+  t.equal(over.status, 409, 'a fourth user-wide topic is refused')
+  t.match(over.json, { statusCode: 409, error: 'Conflict', message: /at most 3 user-wide topics/ })
+  t.same(sorted((await subscriptions(a, other, 'DELETE', { topics: ['x'] })).json.topics), ['y', 'z'], 'nothing was added')
+  t.same(sorted((await subscriptions(b, other, 'POST', { topics: ['w'] })).json.topics), ['w', 'y', 'z'], 'room again after a DELETE')
+})

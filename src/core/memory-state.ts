@@ -2,7 +2,7 @@ import { channel } from './channels'
 import { transitionJob, type JobState, type JobUpdate } from './jobs'
 import type { MemoryBus } from './memory-bus'
 import type { ConnectionInfo, Registry } from './registry'
-import type { Admission, AdmitRequest, ClusterStats, ControlListener, ControlMessage, JobPutResult, Presence, SharedState } from './state'
+import type { Admission, AdmitRequest, ClusterStats, ControlAnswer, ControlListener, ControlMessage, JobPutResult, Presence, SharedState } from './state'
 
 interface Expiring<T> { value: T, expiresAt: number | null }
 
@@ -88,7 +88,7 @@ export class MemoryState implements SharedState {
     this.controlListener = listener
   }
 
-  async broadcastControl (message: ControlMessage): Promise<string[] | null> {
+  async broadcastControl (message: ControlMessage): Promise<ControlAnswer> {
     return await this.controlListener(message)
   }
 
@@ -118,10 +118,13 @@ export class MemoryState implements SharedState {
     return [...(this.current(this.userTopicSets, userId) ?? [])]
   }
 
-  async subscribeUser (userId: string, topics: string[], ttlS: number): Promise<string[]> {
+  async subscribeUser (userId: string, topics: string[], ttlS: number, max: number): Promise<string[] | null> {
     let record = this.userTopicSets.get(userId)
-    if (record === undefined || this.isExpired(record)) {
-      record = { value: new Set(), expiresAt: null }
+    if (record !== undefined && this.isExpired(record)) record = undefined
+    const current = record?.value ?? new Set<string>()
+    if (current.size + topics.filter((topic) => !current.has(topic)).length > max) return null
+    if (record === undefined) {
+      record = { value: current, expiresAt: null }
       this.userTopicSets.set(userId, record)
     }
     for (const topic of topics) record.value.add(topic)

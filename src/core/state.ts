@@ -34,8 +34,12 @@ export type ControlMessage =
   | { type: 'evict', connectionId: string, reason: string }
   | { type: 'topics', userId: string, connectionId: string | null, add: string[], remove: string[] }
 
-/** An instance's answer to a control message: the targeted stream's topics, if it holds that stream. */
-export type ControlListener = (message: ControlMessage) => Promise<string[] | null>
+/**
+ * An instance's answer to a control message: the targeted stream's topics if
+ * it holds that stream, or why it refused the change.
+ */
+export type ControlAnswer = string[] | { refused: string } | null
+export type ControlListener = (message: ControlMessage) => Promise<ControlAnswer>
 
 export type JobPutResult = { ok: true, state: JobState } | { ok: false, message: string }
 
@@ -61,7 +65,7 @@ export interface SharedState {
   /** Registers how this instance applies control messages to its own streams. */
   onControl (listener: ControlListener): void
   /** Applies a control message on every instance; resolves with the first non-null answer once all have. */
-  broadcastControl (message: ControlMessage): Promise<string[] | null>
+  broadcastControl (message: ControlMessage): Promise<ControlAnswer>
   /** Registers the callback fired when a user's grace period ends with no stream. */
   onOffline (listener: (userId: string) => void): void
   presence (userId: string): Promise<Presence>
@@ -69,7 +73,8 @@ export interface SharedState {
   connections (): Promise<ConnectionInfo[]>
 
   userTopics (userId: string): Promise<string[]>
-  subscribeUser (userId: string, topics: string[], ttlS: number): Promise<string[]>
+  /** The user's user-wide topics after adding `topics`; null, and nothing added, when they would be more than `max`. */
+  subscribeUser (userId: string, topics: string[], ttlS: number, max: number): Promise<string[] | null>
   unsubscribeUser (userId: string, topics: string[]): Promise<string[]>
 
   updateMembers (conversationId: string, op: 'set' | 'add' | 'remove', members: string[]): Promise<string[]>

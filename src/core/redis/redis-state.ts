@@ -4,7 +4,7 @@ import { channel } from '../channels'
 import { isPlainObject } from '../publish'
 import { transitionJob, type JobState, type JobUpdate } from '../jobs'
 import type { ConnectionInfo, Registry } from '../registry'
-import type { Admission, AdmitRequest, ClusterStats, ControlListener, ControlMessage, JobPutResult, Presence, SharedState } from '../state'
+import type { Admission, AdmitRequest, ClusterStats, ControlAnswer, ControlListener, ControlMessage, JobPutResult, Presence, SharedState } from '../state'
 import { reasonOf, type ScriptedRedis } from './client'
 
 export interface RedisStateOptions {
@@ -18,7 +18,7 @@ export interface RedisStateOptions {
 }
 
 interface ControlEnvelope { requestId: string, from: string, message: ControlMessage }
-interface ControlReply { requestId: string, answer: string[] | null }
+interface ControlReply { requestId: string, answer: ControlAnswer }
 
 const JOB_CAS_ATTEMPTS = 8
 /** Overdue graces ended per script run: a mass drain's users are settled in slices, not one long script. */
@@ -37,7 +37,7 @@ export class RedisState implements SharedState {
   /** Null until the streams plugin registers: a grace ended before that would go unannounced. */
   private offlineListener: ((userId: string) => void) | null = null
   private readonly graceTimers = new Map<string, NodeJS.Timeout>()
-  private readonly waiting = new Map<string, { expected: number, answers: Array<string[] | null>, done: (answer: string[] | null) => void }>()
+  private readonly waiting = new Map<string, { expected: number, answers: ControlAnswer[], done: (answer: ControlAnswer) => void }>()
   private readonly heartbeatTimer: NodeJS.Timeout
   private readonly prefix: string
   /** start() has subscribed (or tried to): from then on every reconnect subscribes again. */
@@ -161,12 +161,12 @@ export class RedisState implements SharedState {
     this.controlListener = listener
   }
 
-  async broadcastControl (message: ControlMessage): Promise<string[] | null> {
+  async broadcastControl (message: ControlMessage): Promise<ControlAnswer> {
     const requestId = randomBytes(8).toString('hex')
     const envelope: ControlEnvelope = { requestId, from: this.instanceId, message }
-    return await new Promise<string[] | null>((resolve, reject) => {
+    return await new Promise<ControlAnswer>((resolve, reject) => {
       const timer = setTimeout(() => finish(), this.options.controlTimeoutMs ?? 3000)
-      const entry = { expected: Infinity, answers: [] as Array<string[] | null>, done: (answer: string[] | null) => { clearTimeout(timer); resolve(answer) } }
+      const entry = { expected: Infinity, answers: [] as ControlAnswer[], done: (answer: ControlAnswer) => { clearTimeout(timer); resolve(answer) } }
       const finish = (): void => {
         this.waiting.delete(requestId)
         entry.done(entry.answers.find((answer) => answer !== null) ?? null)
@@ -215,12 +215,13 @@ export class RedisState implements SharedState {
     return await this.commands.call(async (redis) => await redis.smembers(`${this.prefix}ut:${userId}`))
   }
 
-  async subscribeUser (userId: string, topics: string[], ttlS: number): Promise<string[]> {
-    return await this.commands.run('USER_TOPICS', [this.prefix, userId, ttlS, 'add', ...topics]) as string[]
+  async subscribeUser (userId: string, topics: string[], ttlS: number, max: number): Promise<string[] | null> {
+    const answer = await this.commands.run('USER_TOPICS', [this.prefix, userId, ttlS, 'add', max, ...topics]) as string[] | number
+    return typeof answer === 'number' ? null : answer
   }
 
   async unsubscribeUser (userId: string, topics: string[]): Promise<string[]> {
-    return await this.commands.run('USER_TOPICS', [this.prefix, userId, 0, 'remove', ...topics]) as string[]
+    return await this.commands.run('USER_TOPICS', [this.prefix, userId, 0, 'remove', 0, ...topics]) as string[]
   }
 
   async updateMembers (conversationId: string, op: 'set' | 'add' | 'remove', members: string[]): Promise<string[]> {
@@ -369,7 +370,7 @@ export class RedisState implements SharedState {
       this.log.warn({ channel: `${this.prefix}ctl`, bytes: Buffer.byteLength(raw) }, 'malformed control message dropped')
       return
     }
-    const reply = (answer: string[] | null): void => {
+    const reply = (answer: ControlAnswer): void => {
       const body: ControlReply = { requestId: envelope.requestId, answer }
       this.commands.redis.publish(`${this.prefix}reply:${envelope.from}`, JSON.stringify(body)).catch(() => {})
     }
@@ -444,6 +445,7 @@ function parseControlReply (raw: string): ControlReply | null {
   if (!isPlainObject(value)) return null
   const { requestId, answer } = value
   if (typeof requestId !== 'string') return null
-  if (answer !== null && !isStringArray(answer)) return null
-  return { requestId, answer }
+  if (answer === null || isStringArray(answer)) return { requestId, answer }
+  if (isPlainObject(answer) && typeof answer.refused === 'string') return { requestId, answer: { refused: answer.refused } }
+  return null
 }

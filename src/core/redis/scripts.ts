@@ -328,14 +328,22 @@ return { #live, redis.call('EXISTS', prefix .. 'grace:' .. user) }
 `
 
 /**
- * User-wide topics. ARGV: prefix, userId, ttlS, 'add'|'remove', topics...
+ * User-wide topics. ARGV: prefix, userId, ttlS, 'add'|'remove', max, topics...
  * The set does not expire while the user has streams; it expires ttlS after
- * the later of this change and the last stream closing.
+ * the later of this change and the last stream closing. An add that would
+ * leave more than max topics adds none and returns 0.
  */
 export const USER_TOPICS = `
 local prefix, user = ARGV[1], ARGV[2]
 local key = prefix .. 'ut:' .. user
-for i = 5, #ARGV do
+if ARGV[4] == 'add' then
+  local count = redis.call('SCARD', key)
+  for i = 6, #ARGV do
+    if redis.call('SISMEMBER', key, ARGV[i]) == 0 then count = count + 1 end
+  end
+  if count > tonumber(ARGV[5]) then return 0 end
+end
+for i = 6, #ARGV do
   if ARGV[4] == 'add' then redis.call('SADD', key, ARGV[i]) else redis.call('SREM', key, ARGV[i]) end
 end
 if redis.call('EXISTS', key) == 1 then
