@@ -174,3 +174,32 @@ t.test('gateway: the pubsub connection killed as the lease is taken; once it is 
   t.same(JSON.parse(event.data), { n: 1 })
   t.ok(event.id !== undefined, 'it got an id')
 })
+
+t.test('gateway: a holder that loses Redis stops counting itself the holder until a check renews the lease; after an empty restart each message is handled once', async (t) => {
+  if (!(await needRedis(t))) return
+  const own = await startOwnRedis(t)
+  const prefix = uniquePrefix('lease-restart')
+  // Lease checks every 10 s by the timer; reconnects start one at once.
+  const env = { REDIS_URL: own.url, REDIS_PREFIX: prefix, INSTANCE_TTL_MS: '60000' }
+  const a = await startGateway(t, env)
+  const b = await startGateway(t, env)
+  const [leaseA, leaseB] = [a.app.ingress, b.app.ingress]
+  if (leaseA === null || leaseB === null) throw new Error('no ingress leader in Redis mode')
+  t.ok(leaseA.isLeader && !leaseB.isLeader, 'A holds the lease')
+  const { stream } = await openConnected(`${b.url}/v1/stream?token=${userToken('u1')}`, { t })
+
+  // An empty Redis after a restart has no lease key: another instance may
+  // take it, so A's lease from before is worth nothing.
+  await own.stop()
+  await eventually(() => !a.app.bus.isReady(), 'A to see Redis gone')
+  t.notOk(leaseA.isLeader, 'A does not count itself the holder while Redis is gone')
+  await own.start()
+  await eventually(() => leaseA.isLeader !== leaseB.isLeader, 'one holder again', 10_000, 50)
+  t.pass(`${leaseA.isLeader ? 'A' : 'B'} holds the lease after the restart`)
+
+  const redis = redisClient(t, own.url)
+  await redis.publish(`${prefix}publish`, JSON.stringify({ to: { user: 'u1' }, event: 'once', data: 1 }))
+  await redis.publish(`${prefix}publish`, JSON.stringify({ to: { user: 'u1' }, event: 'marker', data: 2 }))
+  await stream.nextEvent('marker', WAIT_MS)
+  t.equal(stream.events.filter((event) => event.event === 'once').length, 1, 'the message was handled once')
+})

@@ -50,8 +50,13 @@ export class IngressLeader {
    * subscribes again, which Redis takes as a no-op when nothing was lost.
    */
   private reconnected = false
-  /** Ticks must not interleave: one's unsubscribe could land after another's subscribe. */
-  private ticking = false
+  /**
+   * Ticks must not interleave: one's unsubscribe could land after another's
+   * subscribe. A tick asked for while one runs runs after it (once, however
+   * many ask), so a caller always gets a check that started after its call.
+   */
+  private running: Promise<void> | null = null
+  private rerun: Promise<void> | null = null
   /** The last ingress message's hand-over to Redis: the next one starts when it is done. */
   private pending: Promise<void> = Promise.resolve()
   /** Local deadline: past it this instance stops acting even if Redis is unreachable. */
@@ -73,10 +78,24 @@ export class IngressLeader {
     subscriber.on('pmessage', (_pattern: string, name: string, message: string) => {
       if (name.startsWith('stream:')) this.dispatch({ kind: 'stream', connectionId: name.slice('stream:'.length) }, message)
     })
-    subscriber.on('ready', () => { this.reconnected = true })
-    this.timer = setInterval(() => {
-      this.tick().catch((error: unknown) => this.log.warn({ err: error }, 'ingress lease check failed'))
-    }, Math.max(100, Math.floor(leaseMs / 3))).unref()
+    // A dropped connection may mean a Redis that restarted empty, its lease
+    // key gone and free for another instance: the lease counts again only
+    // once a check renews it, which a reconnect starts at once. (Meanwhile an
+    // ingress message is dropped rather than handled twice.)
+    const unconfirm = (): void => { this.validUntil = 0 }
+    const recheck = (): void => { this.check() }
+    subscriber.on('close', unconfirm)
+    commands.redis.on('close', unconfirm)
+    subscriber.on('ready', () => {
+      this.reconnected = true
+      recheck()
+    })
+    commands.redis.on('ready', recheck)
+    this.timer = setInterval(recheck, Math.max(100, Math.floor(leaseMs / 3))).unref()
+  }
+
+  private check (): void {
+    this.tick().catch((error: unknown) => this.log.warn({ err: error }, 'ingress lease check failed'))
   }
 
   get isLeader (): boolean {
@@ -88,20 +107,28 @@ export class IngressLeader {
   }
 
   async tick (): Promise<void> {
-    if (this.ticking) return
-    this.ticking = true
-    try {
-      if (this.commands.redis.status !== 'ready') return await this.step(false)
-      const startedAt = Date.now()
-      const held = await this.commands.run('LEASE', [this.prefix, this.state.instanceId, this.leaseMs]) === 1
-      if (held) this.validUntil = startedAt + this.leaseMs - 200
-      await this.step(held)
-      if (this.holding) {
-        await this.reapDead()
-        await this.state.endDueGraces()
-      }
-    } finally {
-      this.ticking = false
+    const running = this.running
+    if (running === null) {
+      const run = this.checkLease().finally(() => { this.running = null })
+      this.running = run
+      return await run
+    }
+    this.rerun ??= running.catch(() => {}).then(async () => {
+      this.rerun = null
+      await this.tick()
+    })
+    return await this.rerun
+  }
+
+  private async checkLease (): Promise<void> {
+    if (this.commands.redis.status !== 'ready') return await this.step(false)
+    const startedAt = Date.now()
+    const held = await this.commands.run('LEASE', [this.prefix, this.state.instanceId, this.leaseMs]) === 1
+    if (held) this.validUntil = startedAt + this.leaseMs - 200
+    await this.step(held)
+    if (this.holding) {
+      await this.reapDead()
+      await this.state.endDueGraces()
     }
   }
 
