@@ -6,7 +6,7 @@
 import t from 'tap'
 import { eventually, openConnected, publish, publishOk, publisherToken, request, startGateway, userToken } from './helpers'
 import { FaultyProxy } from './helpers/proxy'
-import { needRedis, REDIS_URL, uniquePrefix } from './helpers/redis'
+import { needRedis, redisClient, REDIS_URL, uniquePrefix } from './helpers/redis'
 
 const publisher = publisherToken()
 const redisPort = Number(new URL(REDIS_URL).port || 6379)
@@ -62,4 +62,37 @@ t.test('events published while an instance\'s bus subscription is down reach its
   t.same(stream.events.filter((event) => event.event !== 'seq').map((event) => event.event), ['connected'], 'no reset, no other event')
   t.notOk(stream.ended, 'the stream stayed open')
   t.match(viaProxy.logText(), /bus subscription lost/, 'the loss is logged')
+})
+
+t.test('a stream that closes while its instance cannot reach Redis is released once Redis is back: its id expires, its contacts hear user:offline', async (t) => {
+  if (!(await needRedis(t))) return
+  const prefix = uniquePrefix('release')
+  const historyTtlS = 30
+  const env = { REDIS_PREFIX: prefix, HISTORY_TTL_S: String(historyTtlS), PRESENCE_GRACE_MS: '100' }
+  const proxy = await FaultyProxy.start(t, redisPort)
+  const viaProxy = await startGateway(t, { ...env, REDIS_URL: proxy.url })
+  const direct = await startGateway(t, { ...env, REDIS_URL })
+  await request(`${direct.url}/v1/conversations/c1/members`, { method: 'PUT', token: publisher, body: { members: ['leaver', 'friend'] } })
+  const friend = (await openConnected(`${direct.url}/v1/stream?token=${userToken('friend')}`, { t })).stream
+  const leaver = await openConnected(`${viaProxy.url}/v1/stream?token=${userToken('leaver')}`, { t })
+  await friend.nextEvent('user:online')
+  const subscribed = await request(`${viaProxy.url}/v1/subscriptions`, { method: 'POST', token: userToken('leaver'), body: { topics: ['kept'] } })
+  t.equal(subscribed.status, 200, 'a user-wide subscription')
+
+  // The instance cannot reach Redis (every connection cut, replies held) while the stream closes.
+  proxy.holdReplies()
+  proxy.cut()
+  proxy.holdReplies()
+  await eventually(() => !viaProxy.app.bus.isReady(), 'the instance to lose Redis')
+  leaver.stream.close()
+  await eventually(() => viaProxy.app.registry.size === 0, 'the stream to close')
+  proxy.cut()
+
+  const offline = await friend.nextEvent('user:offline', 10_000)
+  t.same(JSON.parse(offline.data), { userId: 'leaver' }, 'the contact hears user:offline once the release goes through')
+  const redis = redisClient(t)
+  const ttl = await redis.ttl(`${prefix}conn:${leaver.connected.connectionId}`)
+  t.ok(ttl > 0 && ttl <= historyTtlS, `the stream id expires in ${ttl} s`)
+  const topicsTtl = await redis.ttl(`${prefix}ut:leaver`)
+  t.ok(topicsTtl > 0 && topicsTtl <= historyTtlS, `the user-wide topics expire in ${topicsTtl} s`)
 })

@@ -44,6 +44,12 @@ export class RedisState implements SharedState {
   private started = false
   /** close() has run: a release answered after it starts no timer, the lease holder ends that grace. */
   private closed = false
+  /**
+   * Streams closed while Redis could not be told: released once it is back,
+   * or their ids would stay reopenable, the user-wide topics kept and the
+   * user online for ever.
+   */
+  private readonly unreleased = new Map<string, { userId: string, ttlS: number }>()
 
   constructor (
     private readonly commands: ScriptedRedis,
@@ -99,6 +105,18 @@ export class RedisState implements SharedState {
       pipeline.set(`${this.prefix}conn:${connection.id}`, connection.userId)
     }
     await pipeline.exec()
+    await this.releaseUnreleased()
+  }
+
+  private async releaseUnreleased (): Promise<void> {
+    const pending = [...this.unreleased]
+    this.unreleased.clear()
+    for (const [connectionId, { userId, ttlS }] of pending) {
+      // A stream of this instance reopened the id meanwhile: the id is its now.
+      if (this.registry.get(connectionId) !== undefined) continue
+      // A failure puts it back for the next reconnect.
+      await this.release(connectionId, userId, ttlS).catch(() => {})
+    }
   }
 
   async heartbeat (): Promise<void> {
@@ -137,9 +155,15 @@ export class RedisState implements SharedState {
 
   async release (connectionId: string, userId: string, ttlS: number): Promise<void> {
     const token = randomBytes(8).toString('hex')
-    const last = await this.commands.run('RELEASE', [
-      this.prefix, userId, this.instanceId, connectionId, ttlS, this.options.instanceTtlMs, this.options.presenceGraceMs, token
-    ])
+    let last: unknown
+    try {
+      last = await this.commands.run('RELEASE', [
+        this.prefix, userId, this.instanceId, connectionId, ttlS, this.options.instanceTtlMs, this.options.presenceGraceMs, token
+      ])
+    } catch (error) {
+      this.unreleased.set(connectionId, { userId, ttlS })
+      throw error
+    }
     if (last !== 1 || this.closed) return
     this.cancelGrace(userId)
     // The fast path; if this instance stops or dies first, the lease holder's
