@@ -82,8 +82,13 @@ export class IngressLeader {
     // key gone and free for another instance: the lease counts again only
     // once a check renews it, which a reconnect starts at once. (Meanwhile an
     // ingress message is dropped rather than handled twice.)
-    const unconfirm = (): void => { this.validUntil = 0 }
-    const recheck = (): void => { this.check() }
+    // (The first connections at start-up are not reconnects: start-up checks itself.)
+    let dropped = false
+    const unconfirm = (): void => {
+      dropped = true
+      this.validUntil = 0
+    }
+    const recheck = (): void => { if (dropped) this.check() }
     subscriber.on('close', unconfirm)
     commands.redis.on('close', unconfirm)
     subscriber.on('ready', () => {
@@ -91,7 +96,7 @@ export class IngressLeader {
       recheck()
     })
     commands.redis.on('ready', recheck)
-    this.timer = setInterval(recheck, Math.max(100, Math.floor(leaseMs / 3))).unref()
+    this.timer = setInterval(() => this.check(), Math.max(100, Math.floor(leaseMs / 3))).unref()
   }
 
   private check (): void {
