@@ -156,6 +156,7 @@ export default fp(async (app) => {
     announce(userId, event).catch((error: unknown) => app.log.warn({ err: error, userId, event }, 'presence event not published'))
   }
   state.onOffline((userId) => announceSafely(userId, 'user:offline'))
+  state.onOnline((userId) => announceSafely(userId, 'user:online'))
 
   const applyTopics = async (message: Extract<ControlMessage, { type: 'topics' }>): Promise<ControlAnswer> => {
     const targets = message.connectionId !== null

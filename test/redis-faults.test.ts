@@ -96,3 +96,29 @@ t.test('a stream that closes while its instance cannot reach Redis is released o
   const topicsTtl = await redis.ttl(`${prefix}ut:leaver`)
   t.ok(topicsTtl > 0 && topicsTtl <= historyTtlS, `the user-wide topics expire in ${topicsTtl} s`)
 })
+
+t.test('an instance cut off longer than INSTANCE_TTL_MS is taken for dead (user:offline); when it is back with the stream still open, the contacts hear user:online', async (t) => {
+  if (!(await needRedis(t))) return
+  const prefix = uniquePrefix('rejoin')
+  const env = { REDIS_PREFIX: prefix, INSTANCE_TTL_MS: '2000', PRESENCE_GRACE_MS: '100' }
+  const proxy = await FaultyProxy.start(t, redisPort)
+  const viaProxy = await startGateway(t, { ...env, REDIS_URL: proxy.url })
+  const direct = await startGateway(t, { ...env, REDIS_URL })
+  await request(`${direct.url}/v1/conversations/c1/members`, { method: 'PUT', token: publisher, body: { members: ['away', 'friend'] } })
+  const friend = (await openConnected(`${direct.url}/v1/stream?token=${userToken('friend')}`, { t })).stream
+  const away = await openConnected(`${viaProxy.url}/v1/stream?token=${userToken('away')}`, { t })
+  await friend.nextEvent('user:online')
+
+  proxy.holdReplies()
+  proxy.cut()
+  proxy.holdReplies()
+  const offline = await friend.nextEvent('user:offline', 15_000)
+  t.same(JSON.parse(offline.data), { userId: 'away' }, 'taken for dead, its user goes offline')
+  proxy.cut()
+
+  const online = await friend.nextEvent('user:online', 15_000)
+  t.same(JSON.parse(online.data), { userId: 'away' }, 'back with the stream open: user:online again')
+  t.notOk(away.stream.ended, 'the stream stayed open')
+  const presence = await request<{ online: boolean, connections: number }>(`${direct.url}/v1/presence/away`, { token: publisher })
+  t.match(presence.json, { online: true, connections: 1 }, 'presence agrees')
+})

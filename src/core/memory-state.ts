@@ -92,6 +92,9 @@ export class MemoryState implements SharedState {
     return await this.controlListener(message)
   }
 
+  // One process: a user comes online only by opening a stream.
+  onOnline (): void {}
+
   onOffline (listener: (userId: string) => void): void {
     this.offlineListener = listener
   }

@@ -67,6 +67,11 @@ export interface SharedState {
   /** Applies a control message on every instance; resolves with the first non-null answer once all have. */
   broadcastControl (message: ControlMessage): Promise<ControlAnswer>
   /** Registers the callback fired when a user's grace period ends with no stream. */
+  /**
+   * Registers the callback fired when a user comes online other than by
+   * opening a stream (an instance taken for dead comes back with its streams).
+   */
+  onOnline (listener: (userId: string) => void): void
   onOffline (listener: (userId: string) => void): void
   presence (userId: string): Promise<Presence>
   stats (): Promise<ClusterStats>

@@ -36,6 +36,7 @@ export class RedisState implements SharedState {
   private controlListener: ControlListener = async () => null
   /** Null until the streams plugin registers: a grace ended before that would go unannounced. */
   private offlineListener: ((userId: string) => void) | null = null
+  private onlineListener: ((userId: string) => void) | null = null
   private readonly graceTimers = new Map<string, NodeJS.Timeout>()
   private readonly waiting = new Map<string, { expected: number, answers: ControlAnswer[], done: (answer: ControlAnswer) => void }>()
   private readonly heartbeatTimer: NodeJS.Timeout
@@ -99,12 +100,21 @@ export class RedisState implements SharedState {
     // release was lost during the outage stop counting against their users.
     const pipeline = this.commands.redis.multi()
     pipeline.del(this.connsKey(this.instanceId))
+    const byUser = new Map<string, Array<string | number>>()
     for (const connection of this.registry.all()) {
-      pipeline.zadd(`${this.prefix}uc:${connection.userId}`, connection.openedAt, `${this.instanceId}|${connection.id}`)
       pipeline.hset(this.connsKey(this.instanceId), connection.id, JSON.stringify(this.registry.info(connection)))
-      pipeline.set(`${this.prefix}conn:${connection.id}`, connection.userId)
+      const streams = byUser.get(connection.userId)
+      if (streams === undefined) byUser.set(connection.userId, [connection.id, connection.openedAt])
+      else streams.push(connection.id, connection.openedAt)
     }
     await pipeline.exec()
+    // Listed first, so the users' streams count as live when each is rejoined.
+    // A user the cluster took for gone with this instance (user:offline was
+    // sent when it was reaped) is announced again.
+    await Promise.all([...byUser].map(async ([userId, streams]) => {
+      const cameBack = await this.commands.run('REJOIN', [this.prefix, userId, this.instanceId, this.options.instanceTtlMs, ...streams])
+      if (cameBack === 1) this.onlineListener?.(userId)
+    }))
     await this.releaseUnreleased()
   }
 
@@ -206,6 +216,10 @@ export class RedisState implements SharedState {
         reject(this.commands.translate(error))
       })
     })
+  }
+
+  onOnline (listener: (userId: string) => void): void {
+    this.onlineListener = listener
   }
 
   onOffline (listener: (userId: string) => void): void {

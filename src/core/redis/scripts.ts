@@ -318,6 +318,28 @@ if removed == 0 then return 0 end
 return 1
 `
 
+/**
+ * Records again one user's streams of this instance after Redis came back
+ * (maybe empty, maybe after this instance was taken for dead and reaped).
+ * ARGV: prefix, userId, instance, instanceTtlMs, then connectionId, openedAtMs
+ * pairs. Returns 1 when the user was offline until now (others were told so).
+ */
+export const REJOIN = `${LIVE_MEMBERS}
+local prefix, user, inst = ARGV[1], ARGV[2], ARGV[3]
+local t = redis.call('TIME')
+local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local uk = prefix .. 'uc:' .. user
+local was_online = #live_members(prefix, uk, now_ms, tonumber(ARGV[4])) > 0
+  or redis.call('EXISTS', prefix .. 'grace:' .. user) == 1
+for i = 5, #ARGV, 2 do
+  redis.call('ZADD', uk, tonumber(ARGV[i + 1]), inst .. '|' .. ARGV[i])
+  redis.call('SET', prefix .. 'conn:' .. ARGV[i], user)
+end
+redis.call('PERSIST', prefix .. 'ut:' .. user)
+if was_online then return 0 end
+return 1
+`
+
 /** ARGV: prefix, userId, instanceTtlMs. Returns { live streams, in grace (0|1) }. */
 export const PRESENCE = `${LIVE_MEMBERS}
 local prefix, user = ARGV[1], ARGV[2]
