@@ -63,6 +63,9 @@ export class StreamService {
   private readonly keepaliveTimer: NodeJS.Timeout
   private readonly expiryTimer: NodeJS.Timeout
   private draining = false
+  /** A catch-up is under way; a gap reported meanwhile waits for it (see gapAfter). */
+  private catchingUp = false
+  private nextGap: number | null = null
 
   constructor (
     private readonly bus: EventBus,
@@ -76,9 +79,7 @@ export class StreamService {
     const half = Math.max(50, Math.floor(options.keepaliveMs / 2))
     this.keepaliveTimer = setInterval(() => this.keepalive(Date.now() - half), half).unref()
     this.expiryTimer = setInterval(() => this.expire(Date.now()), EXPIRY_TICK_MS).unref()
-    bus.onGap((after) => {
-      this.catchUp(after).catch(() => {})
-    })
+    bus.onGap((after) => this.gapAfter(after))
   }
 
   get isDraining (): boolean {
@@ -211,6 +212,26 @@ export class StreamService {
     if (events.length === 0) return
     const count = await connection.replay(events, withHeld)
     this.events.replayed(connection, count)
+  }
+
+  /**
+   * One catch-up at a time: a stream still catching up from one gap is not
+   * live, so it would be skipped by a second one running beside it. A gap
+   * reported during a catch-up is caught up from once it ends, from the
+   * earliest such gap.
+   */
+  private gapAfter (after: number): void {
+    if (this.catchingUp) {
+      this.nextGap = Math.min(this.nextGap ?? after, after)
+      return
+    }
+    this.catchingUp = true
+    this.catchUp(after).catch(() => {}).finally(() => {
+      this.catchingUp = false
+      const next = this.nextGap
+      this.nextGap = null
+      if (next !== null) this.gapAfter(next)
+    })
   }
 
   /**
