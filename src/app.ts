@@ -42,6 +42,8 @@ export interface BuildOptions {
 }
 
 const internalSockets = new WeakSet<Socket>()
+/** How long requests in flight when the close begins may take (at most half of SHUTDOWN_TIMEOUT_MS). */
+const FORCE_CLOSE_AFTER_MS = 5000
 
 const TOKEN_PARAMETERS = new Set(['token', 'access_token'])
 // Every JWT starts with the base64url of '{"': what a token is, wherever it
@@ -228,6 +230,21 @@ export async function buildApp (config: Config, options: BuildOptions = {}): Pro
   await app.register(presenceRoutes)
   await app.register(statsRoutes)
   await app.register(pageRoutes)
+  // Requests in flight get a while to be answered; one that never ends (a
+  // client that sent half a request) must not hold the close, which would
+  // then end by the deadline, without closing Redis: after the grace every
+  // connection still open is cut.
+  const forceAfterMs = Math.min(FORCE_CLOSE_AFTER_MS, Math.floor(config.shutdownTimeoutMs / 2))
+  let forceTimer: NodeJS.Timeout | null = null
+  app.addHook('preClose', async () => {
+    forceTimer = setTimeout(() => {
+      app.server.closeAllConnections()
+      internalServer?.closeAllConnections()
+    }, forceAfterMs).unref()
+  })
+  app.addHook('onClose', async () => {
+    if (forceTimer !== null) clearTimeout(forceTimer)
+  })
   if (internalServer !== null) {
     const server = internalServer
     // After the drain's preClose hook (hooks run in the order they are added),

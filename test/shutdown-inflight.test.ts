@@ -1,7 +1,9 @@
+import { once } from 'node:events'
+import { connect } from 'node:net'
 import t from 'tap'
 import { listenInternal } from '../src/app'
 import type { Test } from 'tap'
-import { eventually, forEachMode, openStream, publisherToken, request, startCluster, userToken } from './helpers'
+import { eventually, forEachMode, openStream, publisherToken, request, startCluster, startGateway, userToken } from './helpers'
 import { redisClient } from './helpers/redis'
 import { within } from './helpers/wait'
 
@@ -85,3 +87,17 @@ for (const listener of ['public', 'internal'] as const) {
     await within(closed, 10_000, 'the close to finish')
   })
 }
+
+t.test('a request that never finishes arriving does not hold the close: cut after a grace', async (t) => {
+  const gateway = await startGateway(t, { SHUTDOWN_TIMEOUT_MS: '2000' })
+  const socket = connect(gateway.port, '127.0.0.1')
+  t.teardown(() => socket.destroy())
+  await once(socket, 'connect')
+  // Headers without the blank line that ends them.
+  socket.write('GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n')
+  const cut = once(socket, 'close')
+  await within(gateway.app.close(), 10_000, 'the close to finish')
+  t.pass('the close finished')
+  await within(cut, 5000, 'the half-sent request\'s connection to be cut')
+  t.pass('its connection was cut')
+})
