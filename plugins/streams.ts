@@ -236,7 +236,13 @@ export default fp(async (app) => {
         reply.header('retry-after', retryAfterS)
         throw new errors.Limited(`user already holds ${config.maxConnectionsPerUser} streams`)
       }
-      // The drain began while admission waited on Redis: it has already ended
+      if (admission.evict !== null) {
+        const message: ControlMessage = { type: 'evict', connectionId: admission.evict, reason: 'too many streams for this user' }
+        const local = registry.get(admission.evict)
+        if (local !== undefined) streams.close(local, 'evicted', 'evicted', { reason: message.reason })
+        else await state.broadcastControl(message)
+      }
+      // The drain began while this request waited on Redis: it has already ended
       // every registered stream, so this one would outlive it. Its slot goes
       // back before the answer, while Redis is still open.
       if (streams.isDraining) {
@@ -245,12 +251,6 @@ export default fp(async (app) => {
         })
         reply.header('retry-after', retryAfterS)
         throw new errors.Unavailable('the gateway is shutting down')
-      }
-      if (admission.evict !== null) {
-        const message: ControlMessage = { type: 'evict', connectionId: admission.evict, reason: 'too many streams for this user' }
-        const local = registry.get(admission.evict)
-        if (local !== undefined) streams.close(local, 'evicted', 'evicted', { reason: message.reason })
-        else await state.broadcastControl(message)
       }
       if (admission.cameOnline) announceSafely(auth.userId, 'user:online')
 
