@@ -122,3 +122,29 @@ t.test('an instance cut off longer than INSTANCE_TTL_MS is taken for dead (user:
   const presence = await request<{ online: boolean, connections: number }>(`${direct.url}/v1/presence/away`, { token: publisher })
   t.match(presence.json, { online: true, connections: 1 }, 'presence agrees')
 })
+
+t.test('a stream closed while Redis was unreachable, beside another of its user that stays open: its id expires once Redis is back', async (t) => {
+  if (!(await needRedis(t))) return
+  const prefix = uniquePrefix('release2')
+  const historyTtlS = 30
+  const proxy = await FaultyProxy.start(t, redisPort)
+  const viaProxy = await startGateway(t, { REDIS_PREFIX: prefix, HISTORY_TTL_S: String(historyTtlS), REDIS_URL: proxy.url })
+  const staying = await openConnected(`${viaProxy.url}/v1/stream?token=${userToken('two-tabs')}`, { t })
+  const closing = await openConnected(`${viaProxy.url}/v1/stream?token=${userToken('two-tabs')}`, { t })
+
+  proxy.holdReplies()
+  proxy.cut()
+  proxy.holdReplies()
+  await eventually(() => !viaProxy.app.bus.isReady(), 'the instance to lose Redis')
+  closing.stream.close()
+  await eventually(() => viaProxy.app.registry.size === 1, 'the stream to close')
+  proxy.cut()
+  await eventually(async () => (await request(`${viaProxy.url}/ready`)).status === 200, 'the instance back on Redis', 10_000, 50)
+
+  const redis = redisClient(t)
+  await eventually(async () => await redis.ttl(`${prefix}conn:${closing.connected.connectionId}`) > 0, 'the closed stream\'s id to get its TTL')
+  const ttl = await redis.ttl(`${prefix}conn:${closing.connected.connectionId}`)
+  t.ok(ttl > 0 && ttl <= historyTtlS, `the closed stream's id expires in ${ttl} s`)
+  t.equal(await redis.ttl(`${prefix}conn:${staying.connected.connectionId}`), -1, 'the open one\'s does not')
+  t.notOk(staying.stream.ended, 'the other stream stayed open')
+})

@@ -96,6 +96,10 @@ export class RedisState implements SharedState {
   /** After Redis comes back (maybe empty), this instance's streams are recorded again. */
   async resync (): Promise<void> {
     await this.heartbeat()
+    // First, while the instance's list still names them (so they count as
+    // live, and nobody has pruned them from their users' sets), the streams
+    // that closed unrecorded are released.
+    await this.releaseUnreleased()
     // The instance's list is rebuilt from what it really holds: streams whose
     // release was lost during the outage stop counting against their users.
     const pipeline = this.commands.redis.multi()
@@ -115,7 +119,6 @@ export class RedisState implements SharedState {
       const cameBack = await this.commands.run('REJOIN', [this.prefix, userId, this.instanceId, this.options.instanceTtlMs, ...streams])
       if (cameBack === 1) this.onlineListener?.(userId)
     }))
-    await this.releaseUnreleased()
   }
 
   private async releaseUnreleased (): Promise<void> {

@@ -242,8 +242,18 @@ local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local uk = prefix .. 'uc:' .. user
 local removed = redis.call('ZREM', uk, inst .. '|' .. conn)
 redis.call('HDEL', prefix .. 'i:' .. inst .. ':conns', conn)
--- Not listed any more: the id was reopened elsewhere and its new holder owns it.
-if removed == 0 then return 0 end
+if removed == 0 then
+  -- Not listed any more: reopened elsewhere (its new holder owns the id), or
+  -- pruned as stale (this instance was taken for dead). Unless a live stream
+  -- holds it now, the id expires as after any close.
+  for _, m in ipairs(live_members(prefix, uk, now_ms, tonumber(ARGV[6]))) do
+    if string.sub(m, -(#conn + 1)) == '|' .. conn then return 0 end
+  end
+  if redis.call('GET', prefix .. 'conn:' .. conn) == user then
+    redis.call('EXPIRE', prefix .. 'conn:' .. conn, tonumber(ARGV[5]))
+  end
+  return 0
+end
 if redis.call('GET', prefix .. 'conn:' .. conn) == user then
   redis.call('EXPIRE', prefix .. 'conn:' .. conn, tonumber(ARGV[5]))
 end
