@@ -344,14 +344,17 @@ export class RedisState implements SharedState {
     }
     // One script per user: the check that the user is offline and the removal
     // that made it so are one step, so a concurrent release cannot announce
-    // the same going-offline again.
+    // the same going-offline again. Each checks that the instance is still
+    // silent: one that comes back mid-reap keeps the streams it rejoined.
     for (const [userId, ids] of byUser) {
       const tookOffline = await this.commands.run('REAP', [
         this.prefix, userId, instance, this.options.instanceTtlMs, this.options.historyTtlS, ...ids
       ])
       if (tookOffline === 1) this.offlineListener?.(userId)
     }
-    await this.commands.call(async (redis) => await redis.multi().del(this.connsKey(instance)).zrem(`${this.prefix}instances`, instance).exec())
+    // Reaping takes a round trip per user: an instance that was only cut off
+    // may beat again meanwhile, and its list, rebuilt, must stay.
+    await this.commands.run('FORGET', [this.prefix, instance, this.options.instanceTtlMs])
   }
 
   /**

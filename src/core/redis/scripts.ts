@@ -308,6 +308,9 @@ local prefix, user, inst = ARGV[1], ARGV[2], ARGV[3]
 local ttl = tonumber(ARGV[5])
 local t = redis.call('TIME')
 local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+-- The instance beats again (it was cut off, not dead): its streams are live.
+local beat = redis.call('ZSCORE', prefix .. 'instances', inst)
+if beat and tonumber(beat) > now_ms - tonumber(ARGV[4]) then return 0 end
 local uk = prefix .. 'uc:' .. user
 local removed = 0
 for i = 6, #ARGV do
@@ -347,6 +350,21 @@ for i = 5, #ARGV, 2 do
 end
 redis.call('PERSIST', prefix .. 'ut:' .. user)
 if was_online then return 0 end
+return 1
+`
+
+/**
+ * Forgets a dead instance's list and its place among the instances, unless it
+ * beats again. ARGV: prefix, instance, instanceTtlMs. Returns 1 when forgotten.
+ */
+export const FORGET = `
+local prefix, inst = ARGV[1], ARGV[2]
+local t = redis.call('TIME')
+local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local beat = redis.call('ZSCORE', prefix .. 'instances', inst)
+if beat and tonumber(beat) > now_ms - tonumber(ARGV[3]) then return 0 end
+redis.call('DEL', prefix .. 'i:' .. inst .. ':conns')
+redis.call('ZREM', prefix .. 'instances', inst)
 return 1
 `
 
