@@ -4,7 +4,7 @@
  * every connection cut.
  */
 import t from 'tap'
-import { eventually, openConnected, publish, publishOk, publisherToken, request, startGateway, userToken } from './helpers'
+import { eventually, openConnected, openStream, publish, publishOk, publisherToken, request, startGateway, userToken } from './helpers'
 import { FaultyProxy } from './helpers/proxy'
 import { needRedis, redisClient, REDIS_URL, uniquePrefix } from './helpers/redis'
 
@@ -147,4 +147,54 @@ t.test('a stream closed while Redis was unreachable, beside another of its user 
   t.ok(ttl > 0 && ttl <= historyTtlS, `the closed stream's id expires in ${ttl} s`)
   t.equal(await redis.ttl(`${prefix}conn:${staying.connected.connectionId}`), -1, 'the open one\'s does not')
   t.notOk(staying.stream.ended, 'the other stream stayed open')
+})
+
+t.test('events keep coming while the subscription is restored: with those missed in the gap, each arrives once and in order', async (t) => {
+  if (!(await needRedis(t))) return
+  const prefix = uniquePrefix('gaplive')
+  const proxy = await FaultyProxy.start(t, redisPort)
+  const viaProxy = await startGateway(t, { REDIS_URL: proxy.url, REDIS_PREFIX: prefix })
+  const direct = await startGateway(t, { REDIS_URL, REDIS_PREFIX: prefix })
+  // Enough channels that resubscribing takes more than one batch.
+  const topics = Array.from({ length: 100 }, (_, n) => `t${n}`).join(',')
+  const { stream } = await openConnected(`${viaProxy.url}/v1/stream?token=${userToken('u1')}&topics=${topics}`, { t })
+  for (let n = 0; n < 12; n++) await openConnected(`${viaProxy.url}/v1/stream?token=${userToken(`other${n}`)}&topics=${topics.replace(/t/g, `o${n}-`)}`, { t })
+
+  const published: string[] = []
+  let n = 0
+  const send = async (): Promise<void> => { published.push(...await publishOk(direct.url, publisher, { to: { user: 'u1' }, event: 'seq', data: n++ })) }
+  await send()
+  proxy.holdReplies()
+  for (let i = 0; i < 5; i++) await send()
+  proxy.cut()
+  // Publishing on, as fast as the publisher is answered, until the instance is back.
+  let back = false
+  const ready = eventually(async () => (await request(`${viaProxy.url}/ready`)).status === 200, 'the instance back on Redis', 10_000, 20).then(() => { back = true })
+  while (!back) await send()
+  await ready
+  for (let i = 0; i < 20; i++) await send()
+  const last = published[published.length - 1]
+
+  await stream.next((event) => event.id === last, 10_000, 'the last event')
+  t.same(stream.events.filter((event) => event.event === 'seq').map((event) => event.id), published, `all ${published.length} events, in order, each once`)
+})
+
+t.test('a job stream whose terminal update came in the gap ends after it, as live', async (t) => {
+  if (!(await needRedis(t))) return
+  const prefix = uniquePrefix('gapjob')
+  const proxy = await FaultyProxy.start(t, redisPort)
+  const viaProxy = await startGateway(t, { REDIS_URL: proxy.url, REDIS_PREFIX: prefix })
+  const direct = await startGateway(t, { REDIS_URL, REDIS_PREFIX: prefix })
+  const put = async (status: string): Promise<number> => (await request(`${direct.url}/v1/jobs/gapjob`, { method: 'PUT', token: publisher, body: { userId: 'u1', status } })).status
+  t.equal(await put('active'), 200)
+  const job = await openStream(`${viaProxy.url}/v1/jobs/gapjob/stream`, { t, headers: { authorization: `Bearer ${userToken('u1')}` } })
+  await job.nextEvent('initial_status')
+
+  proxy.holdReplies()
+  t.equal(await put('completed'), 200, 'completed while the instance hears nothing')
+  proxy.cut()
+  const update = await job.nextEvent('job_update', 10_000)
+  t.match(JSON.parse(update.data), { status: 'completed' })
+  await job.waitEnd(10_000)
+  t.ok(job.ended, 'the job stream ended after its terminal update')
 })

@@ -30,6 +30,11 @@ export type ResetReason = 'malformed' | 'future' | 'unknown' | 'expired' | 'trim
 
 export type DeliveryListener = (channel: string, id: number, frame: Buffer) => void
 
+export interface SubscriptionListeners {
+  lost: () => void
+  restored: () => void
+}
+
 export interface EventBus {
   readonly mode: 'memory' | 'redis'
   /** Ids in the order of `items`; deliveries happen after the promise settles' caller regains control. */
@@ -43,11 +48,16 @@ export interface EventBus {
   unlisten (channel: string): void
   onDelivery (listener: DeliveryListener): void
   /**
-   * Called when deliveries may have been missed (the Redis bus lost its
-   * subscription and has it back): events with an id above `after` may not
-   * have reached the listener. The in-memory bus never misses any.
+   * Deliveries stop when the Redis bus loses its subscription (`lost`) and
+   * are whole again once it has it back (`restored`): what was published in
+   * between is in the history only. The in-memory bus never loses any.
    */
-  onGap (listener: (after: number) => void): void
+  onSubscription (listeners: SubscriptionListeners): void
+  /**
+   * The highest id delivered to this process so far (at start, the last one
+   * issued): every event delivered from now on has a higher id.
+   */
+  deliveredUpTo (): number
   /** The highest id issued so far. */
   lastId (): Promise<number>
   isReady (): boolean

@@ -111,6 +111,10 @@ export class StreamConnection {
   tokenExpiresAt: number | null
   /** Id of the last event written or queued: deliveries at or below it are duplicates. */
   lastId = 0
+  /** The bus had delivered up to this id when the stream opened: what it delivers later is above it. */
+  baseline = 0
+  /** Set while the stream catches up after the bus lost its subscription: replayed from above this id. */
+  catchUpFrom: number | null = null
   eventsSent = 0
   bytesSent = 0
   lastWriteAt = Date.now()
@@ -251,6 +255,13 @@ export class StreamConnection {
       chunk.push(entry.frame)
       chunkBytes += entry.frame.length
       sent++
+      // A job stream's terminal update ends it, replayed or live.
+      if (this.closeAfter?.(entry.frame) === true) {
+        await this.writeAndPace(chunk, chunkBytes)
+        this.eventsSent += sent
+        this.close('completed')
+        return sent
+      }
       if (chunkBytes >= REPLAY_CHUNK_BYTES) {
         await this.writeAndPace(chunk, chunkBytes)
         chunk = []

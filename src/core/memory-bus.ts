@@ -94,7 +94,11 @@ export class MemoryBus implements EventBus {
   async listen (): Promise<void> {}
   unlisten (): void {}
 
-  onGap (): void {}
+  onSubscription (): void {}
+
+  deliveredUpTo (): number {
+    return this.last
+  }
 
   onDelivery (listener: DeliveryListener): void {
     this.listener = listener

@@ -63,9 +63,10 @@ export class StreamService {
   private readonly keepaliveTimer: NodeJS.Timeout
   private readonly expiryTimer: NodeJS.Timeout
   private draining = false
-  /** A catch-up is under way; a gap reported meanwhile waits for it (see gapAfter). */
+  /** Times the bus lost its subscription: a catch-up overtaken by a new loss can tell. */
+  private lossCount = 0
   private catchingUp = false
-  private nextGap: number | null = null
+  private catchUpAgain = false
 
   constructor (
     private readonly bus: EventBus,
@@ -79,7 +80,7 @@ export class StreamService {
     const half = Math.max(50, Math.floor(options.keepaliveMs / 2))
     this.keepaliveTimer = setInterval(() => this.keepalive(Date.now() - half), half).unref()
     this.expiryTimer = setInterval(() => this.expire(Date.now()), EXPIRY_TICK_MS).unref()
-    bus.onGap((after) => this.gapAfter(after))
+    bus.onSubscription({ lost: () => this.subscriptionLost(), restored: () => this.subscriptionRestored() })
   }
 
   get isDraining (): boolean {
@@ -101,6 +102,7 @@ export class StreamService {
       requestId: spec.requestId
     })
     connection.onClose = this.cleanupClosed
+    connection.baseline = this.bus.deliveredUpTo()
     // Queued first, so whatever ends the stream from here on follows a head.
     connection.sendSystem(spec.head)
     // Two reopens of one id can both pass the caller's check while it waits on
@@ -215,51 +217,64 @@ export class StreamService {
   }
 
   /**
-   * One catch-up at a time: a stream still catching up from one gap is not
-   * live, so it would be skipped by a second one running beside it. A gap
-   * reported during a catch-up is caught up from once it ends, from the
-   * earliest such gap.
+   * The bus lost its subscription: from here on, until it is restored, events
+   * are in the history only. Each live stream holds what arrives and notes
+   * where it stands, so its catch-up starts from there whatever arrives in
+   * between (ioredis resubscribes some channels before the bus says all are
+   * back). One still being set up cannot be caught up beside its own replay:
+   * it is closed, and the browser reconnects with its Last-Event-ID.
    */
-  private gapAfter (after: number): void {
+  private subscriptionLost (): void {
+    this.lossCount++
+    for (const connection of [...this.registry.all()]) {
+      // One catching up from an earlier loss keeps its bound, which is lower.
+      if (connection.closed || connection.catchUpFrom !== null) continue
+      if (connection.hold()) connection.catchUpFrom = Math.max(connection.lastId, connection.baseline)
+      else connection.close('error')
+    }
+  }
+
+  /** One catch-up at a time: a restore during one runs another after it, for the streams still held. */
+  private subscriptionRestored (): void {
     if (this.catchingUp) {
-      this.nextGap = Math.min(this.nextGap ?? after, after)
+      this.catchUpAgain = true
       return
     }
     this.catchingUp = true
-    this.catchUp(after).catch(() => {}).finally(() => {
+    this.catchUp().catch(() => {}).finally(() => {
       this.catchingUp = false
-      const next = this.nextGap
-      this.nextGap = null
-      if (next !== null) this.gapAfter(next)
+      if (!this.catchUpAgain) return
+      this.catchUpAgain = false
+      this.subscriptionRestored()
     })
   }
 
   /**
-   * After the bus missed deliveries (ids above `after`), every live stream
-   * replays from history what it may not have got, merged with what arrives
-   * meanwhile, and goes on live: no gap, no duplicate, no reconnect. A stream
-   * whose history is gone gets `reset`, as a reconnect would.
+   * Every held stream replays from history what it may have missed, merged
+   * with what arrived meanwhile, and goes on live: no gap, no duplicate, no
+   * reconnect. A stream whose history is gone gets `reset`, as a reconnect
+   * would. One caught by a new loss before it is done stays held, from where
+   * it got to, for the next catch-up.
    */
-  private async catchUp (after: number): Promise<void> {
-    const streams = [...this.registry.all()].filter((connection) => connection.hold())
+  private async catchUp (): Promise<void> {
+    const losses = this.lossCount
+    const streams = [...this.registry.all()].filter((connection) => connection.catchUpFrom !== null && !connection.closed)
     this.events.catchingUp(streams.length)
     let next = 0
     const worker = async (): Promise<void> => {
       while (next < streams.length) {
         const connection = streams[next++]
-        // Events from before the stream opened were never its to receive.
-        const from = Math.max(connection.lastId, after, connection.openedAt * 1000)
+        const from = connection.catchUpFrom ?? connection.lastId
         try {
           const channels = [...connection.channels]
           const result = await this.bus.replay(channels, from)
           if (result.reset === null) {
             await this.sendHistory(connection, result.events, true)
           } else if (result.reset === 'expired') {
-            // The cursor is older than the window, but what the gap may hold
-            // is newer: the window has it.
+            // The bound is older than the window, but what was missed is newer: the window has it.
             await this.sendHistory(connection, (await this.bus.window(channels)).filter((entry) => entry.id > from), true)
           } else if (result.reset !== 'future') {
-            // ('future': nothing was issued after the cursor, so nothing was missed.)
+            // ('future': nothing was issued after the bound, so nothing was missed.)
             this.events.reset(connection, result.reset)
             connection.sendSystem(systemFrame('reset', { reason: result.reset }))
           }
@@ -267,6 +282,11 @@ export class StreamService {
           this.events.reset(connection, 'unavailable')
           connection.sendSystem(systemFrame('reset', { reason: 'unavailable' }))
         }
+        if (this.lossCount !== losses) {
+          connection.catchUpFrom = Math.max(from, connection.lastId)
+          continue
+        }
+        connection.catchUpFrom = null
         connection.goLive()
       }
     }

@@ -321,7 +321,7 @@ export async function connectRedis (options: RedisEngineOptions, registry: Regis
   })
 
   await Promise.all([commands.redis.connect(), subscriber.connect()])
-  await bus.lastId()
+  await bus.start()
   await state.start()
   everReady = true
   await ingress.tick()

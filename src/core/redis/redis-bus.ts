@@ -1,5 +1,5 @@
 import type Redis from 'ioredis'
-import type { DeliveryListener, EventBus, HistoryEntry, PublishItem, ReplayResult, ResetReason } from '../bus'
+import type { DeliveryListener, EventBus, HistoryEntry, PublishItem, ReplayResult, ResetReason, SubscriptionListeners } from '../bus'
 import { chunkOf, frameWithId } from '../framing'
 import { reasonOf, type ScriptedRedis } from './client'
 
@@ -29,15 +29,16 @@ export class RedisBus implements EventBus {
    * again, so only the next resubscription can mend it.
    */
   private readonly channels = new Set<string>()
-  private gapListener: (after: number) => void = () => {}
+  private subscription: SubscriptionListeners = { lost: () => {}, restored: () => {} }
   /**
-   * The highest id this instance has seen delivered (or read as the last
-   * issued): pub/sub delivers in id order, so when the subscription drops,
-   * every event above it may be lost to this instance's streams.
+   * The highest id delivered here (seeded at start with the last one issued,
+   * before anything is subscribed): pub/sub delivers in id order, so every
+   * later delivery has a higher id. Raised only by deliveries: an id issued
+   * but still on its way would otherwise be counted as delivered.
    */
-  private highestSeen = 0
-  /** The id from which deliveries may have been missed, while the subscription is down. */
-  private gapAfter: number | null = null
+  private delivered = 0
+  /** The subscription was lost and is not restored yet. */
+  private lost = false
 
   constructor (
     private readonly commands: ScriptedRedis,
@@ -52,7 +53,7 @@ export class RedisBus implements EventBus {
       const newline = message.indexOf(NEWLINE)
       if (newline <= 0) return
       const id = Number(message.toString('latin1', 0, newline))
-      if (id > this.highestSeen) this.highestSeen = id
+      if (id > this.delivered) this.delivered = id
       // "<id>\n<body>" becomes the chunk "id: <id>\n<body>": one copy, shared by every local recipient.
       this.listener(channelName.toString('utf8', skip), id, chunkOf(message, ID_PREFIX))
     })
@@ -64,29 +65,38 @@ export class RedisBus implements EventBus {
       this.resubscribe().then(() => {
         // Subscribed again: from here on nothing is missed, and what was
         // published meanwhile is in the history for the streams to catch up.
-        const after = this.gapAfter
-        this.gapAfter = null
-        if (after !== null) this.gapListener(after)
+        if (!this.lost) return
+        this.lost = false
+        this.subscription.restored()
       }, (error: unknown) => {
         this.log.warn({ channels: this.channels.size, reason: reasonOf(error) }, 'could not subscribe again to the bus channels')
       })
     })
     subscriber.on('close', () => {
-      if (this.gapAfter !== null || this.highestSeen === 0) return
-      this.gapAfter = this.highestSeen
+      if (this.lost || this.delivered === 0) return
+      this.lost = true
       this.log.warn({ channels: this.channels.size }, 'bus subscription lost; streams catch up from history once it is back')
+      this.subscription.lost()
     })
   }
 
-  onGap (listener: (after: number) => void): void {
-    this.gapListener = listener
+  onSubscription (listeners: SubscriptionListeners): void {
+    this.subscription = listeners
+  }
+
+  deliveredUpTo (): number {
+    return this.delivered
+  }
+
+  /** Seeds deliveredUpTo with the last id issued; called once, before any subscription. */
+  async start (): Promise<void> {
+    this.delivered = Math.max(this.delivered, await this.lastId())
   }
 
   async publish (items: PublishItem[]): Promise<number[]> {
     if (items.length === 0) return []
     const args: Array<string | number> = [this.options.prefix, this.options.historySize, this.options.historyTtlS]
     for (const item of items) args.push(item.channels.length, ...item.channels, item.body)
-    // Not counted in highestSeen: their deliveries may still be on the way.
     const ids = await this.commands.run('PUBLISH', args) as string[]
     return ids.map(Number)
   }
@@ -122,9 +132,7 @@ export class RedisBus implements EventBus {
   }
 
   async lastId (): Promise<number> {
-    const id = Number(await this.commands.run('INIT', [this.options.prefix]))
-    if (id > this.highestSeen) this.highestSeen = id
-    return id
+    return Number(await this.commands.run('INIT', [this.options.prefix]))
   }
 
   isReady (): boolean {
