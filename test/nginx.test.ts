@@ -197,6 +197,24 @@ t.test('through nginx (deploy/nginx.conf) in front of two Redis-mode gateways', 
   })
 })
 
+t.test('through nginx with one gateway down, its error log holds no token (its lines carry the whole request line)', async (t) => {
+  if (!(await haveNginx(t)) || !(await needRedis(t))) return
+  const prefix = uniquePrefix('nginx-down')
+  const up = await startGatewayProcess(t, prefix, {})
+  // A port nobody listens on: nginx's connect to it fails.
+  const down = await freePort()
+  const nginx = await startNginx(t, [`127.0.0.1:${up.port}`, `127.0.0.1:${down}`])
+  const token = userToken('u-down')
+  for (let attempt = 0; attempt < 4; attempt++) {
+    const stream = await openStream(`${nginx.url}/v1/stream?token=${token}`, { t })
+    t.equal(stream.status, 200, 'served by the gateway that is up')
+    stream.close()
+  }
+  await eventually(() => (nginx.stdout().match(/"GET \/v1\/stream HTTP\/1\.1" 200/g) ?? []).length === 4, 'nginx\'s access log lines')
+  t.notOk(nginx.stderr().includes(token), 'nginx\'s error log holds no token')
+  t.notOk(nginx.stderr().includes('token='), 'nor any query string')
+})
+
 t.test('through nginx, the stream rate limit is keyed by the forwarded client address', async (t) => {
   if (!(await haveNginx(t)) || !(await needRedis(t))) return
   const { gateways, nginx } = await startStack(t, { RATE_LIMIT_STREAMS_PER_MIN: '2' })
