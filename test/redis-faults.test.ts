@@ -3,13 +3,35 @@
  * proxy the test controls (test/helpers/proxy.ts): replies held back, then
  * every connection cut.
  */
-import t from 'tap'
-import { eventually, openConnected, openStream, publish, publishOk, publisherToken, request, startGateway, userToken } from './helpers'
+import t, { type Test } from 'tap'
+import { eventually, openConnected, openStream, publish, publishOk, publisherToken, request, startGateway, userToken, type Gateway, type SseClient } from './helpers'
 import { FaultyProxy } from './helpers/proxy'
 import { needRedis, redisClient, REDIS_URL, uniquePrefix } from './helpers/redis'
 
 const publisher = publisherToken()
 const redisPort = Number(new URL(REDIS_URL).port || 6379)
+
+/**
+ * Two contacts (members of one conversation): `user` with a stream on an
+ * instance that reaches Redis through a fault proxy, `friend` on one that
+ * reaches it directly, once it has heard `user` come online.
+ */
+async function contactsAcrossProxy (t: Test, user: string, env: Record<string, string>): Promise<{
+  proxy: FaultyProxy
+  viaProxy: Gateway
+  direct: Gateway
+  friend: SseClient
+  stream: Awaited<ReturnType<typeof openConnected>>
+}> {
+  const proxy = await FaultyProxy.start(t, redisPort)
+  const viaProxy = await startGateway(t, { ...env, REDIS_URL: proxy.url })
+  const direct = await startGateway(t, { ...env, REDIS_URL })
+  await request(`${direct.url}/v1/conversations/c1/members`, { method: 'PUT', token: publisher, body: { members: [user, 'friend'] } })
+  const friend = (await openConnected(`${direct.url}/v1/stream?token=${userToken('friend')}`, { t })).stream
+  const stream = await openConnected(`${viaProxy.url}/v1/stream?token=${userToken(user)}`, { t })
+  await friend.nextEvent('user:online')
+  return { proxy, viaProxy, direct, friend, stream }
+}
 
 t.test('a publish whose reply is lost when the connection drops is not run again: the event goes out once, and the publisher hears it may not have', async (t) => {
   if (!(await needRedis(t))) return
@@ -68,25 +90,16 @@ t.test('a stream that closes while its instance cannot reach Redis is released o
   if (!(await needRedis(t))) return
   const prefix = uniquePrefix('release')
   const historyTtlS = 30
-  const env = { REDIS_PREFIX: prefix, HISTORY_TTL_S: String(historyTtlS), PRESENCE_GRACE_MS: '100' }
-  const proxy = await FaultyProxy.start(t, redisPort)
-  const viaProxy = await startGateway(t, { ...env, REDIS_URL: proxy.url })
-  const direct = await startGateway(t, { ...env, REDIS_URL })
-  await request(`${direct.url}/v1/conversations/c1/members`, { method: 'PUT', token: publisher, body: { members: ['leaver', 'friend'] } })
-  const friend = (await openConnected(`${direct.url}/v1/stream?token=${userToken('friend')}`, { t })).stream
-  const leaver = await openConnected(`${viaProxy.url}/v1/stream?token=${userToken('leaver')}`, { t })
-  await friend.nextEvent('user:online')
+  const { proxy, viaProxy, friend, stream: leaver } = await contactsAcrossProxy(t, 'leaver', { REDIS_PREFIX: prefix, HISTORY_TTL_S: String(historyTtlS), PRESENCE_GRACE_MS: '100' })
   const subscribed = await request(`${viaProxy.url}/v1/subscriptions`, { method: 'POST', token: userToken('leaver'), body: { topics: ['kept'] } })
   t.equal(subscribed.status, 200, 'a user-wide subscription')
 
   // The instance cannot reach Redis (every connection cut, replies held) while the stream closes.
-  proxy.holdReplies()
-  proxy.cut()
-  proxy.holdReplies()
+  proxy.cutOff()
   await eventually(() => !viaProxy.app.bus.isReady(), 'the instance to lose Redis')
   leaver.stream.close()
   await eventually(() => viaProxy.app.registry.size === 0, 'the stream to close')
-  proxy.cut()
+  proxy.restore()
 
   const offline = await friend.nextEvent('user:offline', 10_000)
   t.same(JSON.parse(offline.data), { userId: 'leaver' }, 'the contact hears user:offline once the release goes through')
@@ -100,21 +113,12 @@ t.test('a stream that closes while its instance cannot reach Redis is released o
 t.test('an instance cut off longer than INSTANCE_TTL_MS is taken for dead (user:offline); when it is back with the stream still open, the contacts hear user:online', async (t) => {
   if (!(await needRedis(t))) return
   const prefix = uniquePrefix('rejoin')
-  const env = { REDIS_PREFIX: prefix, INSTANCE_TTL_MS: '2000', PRESENCE_GRACE_MS: '100' }
-  const proxy = await FaultyProxy.start(t, redisPort)
-  const viaProxy = await startGateway(t, { ...env, REDIS_URL: proxy.url })
-  const direct = await startGateway(t, { ...env, REDIS_URL })
-  await request(`${direct.url}/v1/conversations/c1/members`, { method: 'PUT', token: publisher, body: { members: ['away', 'friend'] } })
-  const friend = (await openConnected(`${direct.url}/v1/stream?token=${userToken('friend')}`, { t })).stream
-  const away = await openConnected(`${viaProxy.url}/v1/stream?token=${userToken('away')}`, { t })
-  await friend.nextEvent('user:online')
+  const { proxy, direct, friend, stream: away } = await contactsAcrossProxy(t, 'away', { REDIS_PREFIX: prefix, INSTANCE_TTL_MS: '2000', PRESENCE_GRACE_MS: '100' })
 
-  proxy.holdReplies()
-  proxy.cut()
-  proxy.holdReplies()
+  proxy.cutOff()
   const offline = await friend.nextEvent('user:offline', 15_000)
   t.same(JSON.parse(offline.data), { userId: 'away' }, 'taken for dead, its user goes offline')
-  proxy.cut()
+  proxy.restore()
 
   const online = await friend.nextEvent('user:online', 15_000)
   t.same(JSON.parse(online.data), { userId: 'away' }, 'back with the stream open: user:online again')
@@ -132,13 +136,11 @@ t.test('a stream closed while Redis was unreachable, beside another of its user 
   const staying = await openConnected(`${viaProxy.url}/v1/stream?token=${userToken('two-tabs')}`, { t })
   const closing = await openConnected(`${viaProxy.url}/v1/stream?token=${userToken('two-tabs')}`, { t })
 
-  proxy.holdReplies()
-  proxy.cut()
-  proxy.holdReplies()
+  proxy.cutOff()
   await eventually(() => !viaProxy.app.bus.isReady(), 'the instance to lose Redis')
   closing.stream.close()
   await eventually(() => viaProxy.app.registry.size === 1, 'the stream to close')
-  proxy.cut()
+  proxy.restore()
   await eventually(async () => (await request(`${viaProxy.url}/ready`)).status === 200, 'the instance back on Redis', 10_000, 50)
 
   const redis = redisClient(t)

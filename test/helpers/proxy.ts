@@ -45,6 +45,20 @@ export class FaultyProxy {
     this.pairs.clear()
   }
 
+  /**
+   * Redis out of reach: every connection cut, and the ones the gateway opens
+   * again hear nothing back (they never become ready) until `restore()`.
+   */
+  cutOff (): void {
+    this.cut()
+    this.holdReplies()
+  }
+
+  /** Redis reachable again: the silent connections are cut, and the next ones pass. */
+  restore (): void {
+    this.cut()
+  }
+
   async close (): Promise<void> {
     this.cut()
     await new Promise<void>((resolve) => this.server.close(() => resolve()))
