@@ -200,3 +200,30 @@ t.test('a job stream whose terminal update came in the gap ends after it, as liv
   await job.waitEnd(10_000)
   t.ok(job.ended, 'the job stream ended after its terminal update')
 })
+
+t.test('a stream quiet for longer than the history window, whose channel trimmed events it missed in the gap, gets reset, not a silent hole', async (t) => {
+  if (!(await needRedis(t))) return
+  const prefix = uniquePrefix('gaptrim')
+  const historyTtlS = 2
+  const env = { REDIS_PREFIX: prefix, HISTORY_SIZE: '3', HISTORY_TTL_S: String(historyTtlS) }
+  const proxy = await FaultyProxy.start(t, redisPort)
+  const viaProxy = await startGateway(t, { ...env, REDIS_URL: proxy.url })
+  const direct = await startGateway(t, { ...env, REDIS_URL })
+  const { stream } = await openConnected(`${viaProxy.url}/v1/stream?token=${userToken('quiet')}`, { t })
+  const busy = await openConnected(`${viaProxy.url}/v1/stream?token=${userToken('busy')}`, { t })
+  // The scenario is time itself: the quiet stream's opening falls out of the window.
+  await new Promise<void>((resolve) => setTimeout(resolve, historyTtlS * 1000 + 500))
+  const [seen] = await publishOk(direct.url, publisher, { to: { user: 'busy' }, event: 'seq', data: 0 })
+  t.equal((await busy.stream.nextEvent('seq')).id, seen, 'the instance had delivered an event')
+
+  proxy.cutOff()
+  await eventually(() => !viaProxy.app.bus.isReady(), 'the instance to lose Redis')
+  for (let n = 1; n <= 6; n++) await publishOk(direct.url, publisher, { to: { user: 'quiet' }, event: 'seq', data: n })
+  proxy.restore()
+  await eventually(async () => (await request(`${viaProxy.url}/ready`)).status === 200, 'the instance back on Redis', 10_000, 50)
+  const [marker] = await publishOk(direct.url, publisher, { to: { user: 'quiet' }, event: 'marker', data: 7 })
+  await stream.next((event) => event.id === marker, 10_000, 'the marker')
+  const reset = stream.events.find((event) => event.event === 'reset')
+  t.ok(reset !== undefined, 'the stream is told it missed events it cannot get')
+  t.match(JSON.parse(reset?.data ?? '{}'), { reason: 'trimmed' })
+})

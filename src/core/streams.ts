@@ -65,6 +65,7 @@ export class StreamService {
   private draining = false
   /** Times the bus lost its subscription: a catch-up overtaken by a new loss can tell. */
   private lossCount = 0
+  private subscriptionDown = false
   private catchingUp = false
   private catchUpAgain = false
 
@@ -114,6 +115,9 @@ export class StreamService {
       this.close(previous, 'evicted', 'evicted', { reason: 'stream reopened elsewhere' })
     }
     this.registry.add(connection)
+    // Registered while the bus is without its subscription: not held by
+    // subscriptionLost, so it is caught up like the others (below).
+    const openedDuringLoss = this.subscriptionDown
     this.trackExpiry(connection)
     this.events.opened(connection)
     if (spec.sink.destroyed) connection.close('client')
@@ -146,6 +150,12 @@ export class StreamService {
       await this.replay(connection, [...connection.channels], spec.cursor)
     } else if (windowChannels !== null) {
       await this.sendWindow(connection, windowChannels, joinedAfter)
+    }
+    if (!connection.closed && (openedDuringLoss || this.subscriptionDown)) {
+      connection.catchUpFrom = Math.max(connection.lastId, connection.baseline)
+      // Restored meanwhile, maybe caught up without it: once more, for it.
+      if (!this.subscriptionDown) this.subscriptionRestored()
+      return connection
     }
     connection.goLive()
     return connection
@@ -226,16 +236,23 @@ export class StreamService {
    */
   private subscriptionLost (): void {
     this.lossCount++
+    this.subscriptionDown = true
+    // Pub/sub delivers in id order: every event at or below this mark on a
+    // live stream's channels has reached it. (Its own opening mark would do
+    // too, but for a stream quiet longer than the history window that bound
+    // is out of the window, where trimming can no longer be told.)
+    const delivered = this.bus.deliveredUpTo()
     for (const connection of [...this.registry.all()]) {
       // One catching up from an earlier loss keeps its bound, which is lower.
       if (connection.closed || connection.catchUpFrom !== null) continue
-      if (connection.hold()) connection.catchUpFrom = Math.max(connection.lastId, connection.baseline)
+      if (connection.hold()) connection.catchUpFrom = Math.max(connection.lastId, delivered)
       else connection.close('error')
     }
   }
 
   /** One catch-up at a time: a restore during one runs another after it, for the streams still held. */
   private subscriptionRestored (): void {
+    this.subscriptionDown = false
     if (this.catchingUp) {
       this.catchUpAgain = true
       return
@@ -261,28 +278,29 @@ export class StreamService {
     const streams = [...this.registry.all()].filter((connection) => connection.catchUpFrom !== null && !connection.closed)
     this.events.catchingUp(streams.length)
     let next = 0
+    // Lost again: the streams not done stay held, from where they got to,
+    // for the next catch-up (a failed read then is no reason for a reset).
+    const lostAgain = (): boolean => this.lossCount !== losses
     const worker = async (): Promise<void> => {
-      while (next < streams.length) {
+      while (next < streams.length && !lostAgain()) {
         const connection = streams[next++]
         const from = connection.catchUpFrom ?? connection.lastId
         try {
-          const channels = [...connection.channels]
-          const result = await this.bus.replay(channels, from)
+          const result = await this.bus.replay([...connection.channels], from)
           if (result.reset === null) {
             await this.sendHistory(connection, result.events, true)
-          } else if (result.reset === 'expired') {
-            // The bound is older than the window, but what was missed is newer: the window has it.
-            await this.sendHistory(connection, (await this.bus.window(channels)).filter((entry) => entry.id > from), true)
-          } else if (result.reset !== 'future') {
+          } else if (result.reset !== 'future' && !lostAgain()) {
             // ('future': nothing was issued after the bound, so nothing was missed.)
             this.events.reset(connection, result.reset)
             connection.sendSystem(systemFrame('reset', { reason: result.reset }))
           }
         } catch {
-          this.events.reset(connection, 'unavailable')
-          connection.sendSystem(systemFrame('reset', { reason: 'unavailable' }))
+          if (!lostAgain()) {
+            this.events.reset(connection, 'unavailable')
+            connection.sendSystem(systemFrame('reset', { reason: 'unavailable' }))
+          }
         }
-        if (this.lossCount !== losses) {
+        if (lostAgain()) {
           connection.catchUpFrom = Math.max(from, connection.lastId)
           continue
         }
