@@ -227,3 +227,28 @@ t.test('a stream quiet for longer than the history window, whose channel trimmed
   t.ok(reset !== undefined, 'the stream is told it missed events it cannot get')
   t.match(JSON.parse(reset?.data ?? '{}'), { reason: 'trimmed' })
 })
+
+t.test('an instance that heard nothing for longer than the history window loses Redis briefly: its stream gets what it missed, no reset', async (t) => {
+  if (!(await needRedis(t))) return
+  const prefix = uniquePrefix('gapquiet')
+  const historyTtlS = 2
+  const env = { REDIS_PREFIX: prefix, HISTORY_TTL_S: String(historyTtlS) }
+  const proxy = await FaultyProxy.start(t, redisPort)
+  const viaProxy = await startGateway(t, { ...env, REDIS_URL: proxy.url })
+  const direct = await startGateway(t, { ...env, REDIS_URL })
+  const { stream } = await openConnected(`${viaProxy.url}/v1/stream?token=${userToken('u1')}`, { t })
+  const [first] = await publishOk(direct.url, publisher, { to: { user: 'u1' }, event: 'seq', data: 0 })
+  await stream.nextEvent('seq')
+  // The scenario is time itself: the last delivery falls out of the window.
+  await new Promise<void>((resolve) => setTimeout(resolve, historyTtlS * 1000 + 500))
+
+  proxy.cutOff()
+  await eventually(() => !viaProxy.app.bus.isReady(), 'the instance to lose Redis')
+  const [missed] = await publishOk(direct.url, publisher, { to: { user: 'u1' }, event: 'seq', data: 1 })
+  proxy.restore()
+  await eventually(async () => (await request(`${viaProxy.url}/ready`)).status === 200, 'the instance back on Redis', 10_000, 50)
+  const [marker] = await publishOk(direct.url, publisher, { to: { user: 'u1' }, event: 'seq', data: 2 })
+  await stream.next((event) => event.id === marker, 10_000, 'the marker')
+  t.same(stream.events.filter((event) => event.event !== 'connected').map((event) => [event.event, event.id]),
+    [['seq', first], ['seq', missed], ['seq', marker]], 'the missed event between the others, no reset')
+})

@@ -67,7 +67,7 @@ export class MemoryBus implements EventBus {
     if (after > this.last) return { reset: 'future', events: [] }
     if (after < this.epoch) return { reset: 'unknown', events: [] }
     const cutoff = this.cutoff()
-    if (after < cutoff) return { reset: 'expired', events: [] }
+    // Trimming first, as the Redis bus does.
     const lists: HistoryEntry[][] = []
     for (const name of channels) {
       const history = this.histories.get(name)
@@ -76,6 +76,7 @@ export class MemoryBus implements EventBus {
       if (history.droppedUpTo > after) return { reset: 'trimmed', events: [] }
       lists.push(this.after(history, after))
     }
+    if (after < cutoff) return { reset: 'expired', events: [] }
     return { reset: null, events: mergeById(lists) }
   }
 

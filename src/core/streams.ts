@@ -66,6 +66,8 @@ export class StreamService {
   /** Times the bus lost its subscription: a catch-up overtaken by a new loss can tell. */
   private lossCount = 0
   private subscriptionDown = false
+  /** When the subscription went down (the first loss of the current outage). */
+  private lostAt = 0
   private catchingUp = false
   private catchUpAgain = false
 
@@ -154,7 +156,7 @@ export class StreamService {
     if (!connection.closed && (openedDuringLoss || this.subscriptionDown)) {
       connection.catchUpFrom = Math.max(connection.lastId, connection.baseline)
       // Restored meanwhile, maybe caught up without it: once more, for it.
-      if (!this.subscriptionDown) this.subscriptionRestored()
+      if (!this.subscriptionDown) this.runCatchUp()
       return connection
     }
     connection.goLive()
@@ -236,6 +238,7 @@ export class StreamService {
    */
   private subscriptionLost (): void {
     this.lossCount++
+    if (!this.subscriptionDown) this.lostAt = Date.now()
     this.subscriptionDown = true
     // Pub/sub delivers in id order: every event at or below this mark on a
     // live stream's channels has reached it. (Its own opening mark would do
@@ -250,9 +253,17 @@ export class StreamService {
     }
   }
 
-  /** One catch-up at a time: a restore during one runs another after it, for the streams still held. */
   private subscriptionRestored (): void {
     this.subscriptionDown = false
+    this.runCatchUp()
+  }
+
+  /**
+   * One catch-up at a time: asked for during one, another runs after it for
+   * the streams still held, unless the subscription is down again (the next
+   * restore runs it then; nothing is lost by waiting).
+   */
+  private runCatchUp (): void {
     if (this.catchingUp) {
       this.catchUpAgain = true
       return
@@ -260,9 +271,9 @@ export class StreamService {
     this.catchingUp = true
     this.catchUp().catch(() => {}).finally(() => {
       this.catchingUp = false
-      if (!this.catchUpAgain) return
+      const again = this.catchUpAgain
       this.catchUpAgain = false
-      this.subscriptionRestored()
+      if (again && !this.subscriptionDown) this.runCatchUp()
     })
   }
 
@@ -274,6 +285,7 @@ export class StreamService {
    * it got to, for the next catch-up.
    */
   private async catchUp (): Promise<void> {
+    if (this.subscriptionDown) return
     const losses = this.lossCount
     const streams = [...this.registry.all()].filter((connection) => connection.catchUpFrom !== null && !connection.closed)
     this.events.catchingUp(streams.length)
@@ -289,6 +301,10 @@ export class StreamService {
           const result = await this.bus.replay([...connection.channels], from)
           if (result.reset === null) {
             await this.sendHistory(connection, result.events, true)
+          } else if (result.reset === 'expired' && Date.now() - this.lostAt < this.options.historyTtlS * 1000) {
+            // Nothing was trimmed, and what the loss can have missed is younger
+            // than the window: the window holds it (the bound is only older).
+            await this.sendHistory(connection, (await this.bus.window([...connection.channels])).filter((entry) => entry.id > from), true)
           } else if (result.reset !== 'future' && !lostAgain()) {
             // ('future': nothing was issued after the bound, so nothing was missed.)
             this.events.reset(connection, result.reset)

@@ -116,11 +116,13 @@ if has_cursor then
   if last < 0 or epoch < 0 then return { 'reset', 'unknown' } end
   if after > last then return { 'reset', 'future' } end
   if after < epoch then return { 'reset', 'unknown' } end
-  if after < cutoff then return { 'reset', 'expired' } end
+  -- Trimming first: a caller that knows nothing older than the window can
+  -- be missing (a catch-up) reads the window on 'expired', not on 'trimmed'.
   for i = 4, #ARGV do
     local dropped = tonumber(redis.call('GET', prefix .. 'd:' .. ARGV[i]) or '0')
     if dropped > after then return { 'reset', 'trimmed' } end
   end
+  if after < cutoff then return { 'reset', 'expired' } end
 end
 local low = '(' .. string.format('%.0f', math.max(after, cutoff - 1))
 local seen = {}
