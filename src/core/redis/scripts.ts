@@ -174,16 +174,33 @@ redis.call('EXPIRE', key, tonumber(ARGV[7]))
 return { 'ok', fmt(id) }
 `
 
-/** Drops members whose instance stopped beating or forgot them; returns the live ones, oldest first. */
+/**
+ * Presence helpers: Redis's clock in ms; whether an instance beat within its
+ * TTL; a user's live members (members whose instance stopped beating or forgot
+ * them are dropped), oldest first; whether any of them holds a stream id.
+ */
 const LIVE_MEMBERS = `
+local function clock_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+local function beating(prefix, inst, now_ms, inst_ttl)
+  local beat = redis.call('ZSCORE', prefix .. 'instances', inst)
+  return beat and tonumber(beat) > now_ms - inst_ttl
+end
+local function holds(members, conn)
+  for _, m in ipairs(members) do
+    if string.sub(m, -(#conn + 1)) == '|' .. conn then return true end
+  end
+  return false
+end
 local function live_members(prefix, uk, now_ms, inst_ttl)
   local members = redis.call('ZRANGE', uk, 0, -1)
   local live = {}
   for _, m in ipairs(members) do
     local inst, conn = string.match(m, '^(.-)|(.*)$')
-    local beat = inst and redis.call('ZSCORE', prefix .. 'instances', inst)
     -- A stream counts while its instance beats and still lists it.
-    if beat and tonumber(beat) > now_ms - inst_ttl
+    if inst and beating(prefix, inst, now_ms, inst_ttl)
       and redis.call('HEXISTS', prefix .. 'i:' .. inst .. ':conns', conn) == 1 then
       live[#live + 1] = m
     else
@@ -201,8 +218,7 @@ end
  */
 export const ADMIT = `${LIVE_MEMBERS}
 local prefix, user, inst, conn = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
-local t = redis.call('TIME')
-local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local now_ms = clock_ms()
 local uk = prefix .. 'uc:' .. user
 -- A reopened stream id replaces its earlier holder, wherever that was.
 for _, m in ipairs(redis.call('ZRANGE', uk, 0, -1)) do
@@ -239,27 +255,18 @@ return { 1, was_online and 0 or 1, evict }
  */
 export const RELEASE = `${LIVE_MEMBERS}
 local prefix, user, inst, conn = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
-local t = redis.call('TIME')
-local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local now_ms = clock_ms()
 local uk = prefix .. 'uc:' .. user
 local removed = redis.call('ZREM', uk, inst .. '|' .. conn)
 redis.call('HDEL', prefix .. 'i:' .. inst .. ':conns', conn)
-if removed == 0 then
-  -- Not listed any more: reopened elsewhere (its new holder owns the id), or
-  -- pruned as stale (this instance was taken for dead). Unless a live stream
-  -- holds it now, the id expires as after any close.
-  for _, m in ipairs(live_members(prefix, uk, now_ms, tonumber(ARGV[6]))) do
-    if string.sub(m, -(#conn + 1)) == '|' .. conn then return 0 end
-  end
-  if redis.call('GET', prefix .. 'conn:' .. conn) == user then
-    redis.call('EXPIRE', prefix .. 'conn:' .. conn, tonumber(ARGV[5]))
-  end
-  return 0
-end
-if redis.call('GET', prefix .. 'conn:' .. conn) == user then
+local live = live_members(prefix, uk, now_ms, tonumber(ARGV[6]))
+-- Not listed any more (removed == 0): reopened elsewhere, and then a live
+-- stream holds the id, or pruned as stale (this instance was taken for dead).
+-- Unless a live stream holds it, the id expires as after any close.
+if (removed == 1 or not holds(live, conn)) and redis.call('GET', prefix .. 'conn:' .. conn) == user then
   redis.call('EXPIRE', prefix .. 'conn:' .. conn, tonumber(ARGV[5]))
 end
-if #live_members(prefix, uk, now_ms, tonumber(ARGV[6])) > 0 then return 0 end
+if removed == 0 or #live > 0 then return 0 end
 redis.call('SET', prefix .. 'grace:' .. user, ARGV[8], 'PX', tonumber(ARGV[7]) + 60000)
 redis.call('ZADD', prefix .. 'graces', now_ms + tonumber(ARGV[7]), user)
 redis.call('EXPIRE', prefix .. 'ut:' .. user, tonumber(ARGV[5]))
@@ -277,8 +284,7 @@ return 1
 export const END_GRACE = `${LIVE_MEMBERS}
 local prefix = ARGV[1]
 local graces = prefix .. 'graces'
-local t = redis.call('TIME')
-local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local now_ms = clock_ms()
 local users
 if ARGV[3] == 'user' then
   if redis.call('GET', prefix .. 'grace:' .. ARGV[4]) ~= ARGV[5] then return { 0 } end
@@ -308,22 +314,18 @@ return out
 export const REAP = `${LIVE_MEMBERS}
 local prefix, user, inst = ARGV[1], ARGV[2], ARGV[3]
 local ttl = tonumber(ARGV[5])
-local t = redis.call('TIME')
-local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local now_ms = clock_ms()
 -- The instance beats again (it was cut off, not dead): its streams are live.
-local beat = redis.call('ZSCORE', prefix .. 'instances', inst)
-if beat and tonumber(beat) > now_ms - tonumber(ARGV[4]) then return 0 end
+if beating(prefix, inst, now_ms, tonumber(ARGV[4])) then return 0 end
 local uk = prefix .. 'uc:' .. user
 local removed = 0
 for i = 6, #ARGV do
   removed = removed + redis.call('ZREM', uk, inst .. '|' .. ARGV[i])
 end
 local live = live_members(prefix, uk, now_ms, tonumber(ARGV[4]))
-local held = {}
-for _, m in ipairs(live) do held[string.match(m, '|(.*)$')] = true end
 for i = 6, #ARGV do
   local conn = ARGV[i]
-  if not held[conn] and redis.call('GET', prefix .. 'conn:' .. conn) == user then
+  if not holds(live, conn) and redis.call('GET', prefix .. 'conn:' .. conn) == user then
     redis.call('EXPIRE', prefix .. 'conn:' .. conn, ttl)
   end
 end
@@ -341,8 +343,7 @@ return 1
  */
 export const REJOIN = `${LIVE_MEMBERS}
 local prefix, user, inst = ARGV[1], ARGV[2], ARGV[3]
-local t = redis.call('TIME')
-local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local now_ms = clock_ms()
 local uk = prefix .. 'uc:' .. user
 local was_online = #live_members(prefix, uk, now_ms, tonumber(ARGV[4])) > 0
   or redis.call('EXISTS', prefix .. 'grace:' .. user) == 1
@@ -359,12 +360,9 @@ return 1
  * Forgets a dead instance's list and its place among the instances, unless it
  * beats again. ARGV: prefix, instance, instanceTtlMs. Returns 1 when forgotten.
  */
-export const FORGET = `
+export const FORGET = `${LIVE_MEMBERS}
 local prefix, inst = ARGV[1], ARGV[2]
-local t = redis.call('TIME')
-local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local beat = redis.call('ZSCORE', prefix .. 'instances', inst)
-if beat and tonumber(beat) > now_ms - tonumber(ARGV[3]) then return 0 end
+if beating(prefix, inst, clock_ms(), tonumber(ARGV[3])) then return 0 end
 redis.call('DEL', prefix .. 'i:' .. inst .. ':conns')
 redis.call('ZREM', prefix .. 'instances', inst)
 return 1
@@ -373,8 +371,7 @@ return 1
 /** ARGV: prefix, userId, instanceTtlMs. Returns { live streams, in grace (0|1) }. */
 export const PRESENCE = `${LIVE_MEMBERS}
 local prefix, user = ARGV[1], ARGV[2]
-local t = redis.call('TIME')
-local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local now_ms = clock_ms()
 local live = live_members(prefix, prefix .. 'uc:' .. user, now_ms, tonumber(ARGV[3]))
 return { #live, redis.call('EXISTS', prefix .. 'grace:' .. user) }
 `
