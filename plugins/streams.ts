@@ -1,7 +1,7 @@
 import fp from 'fastify-plugin'
 import type { ServerResponse } from 'node:http'
 import { Socket as NetSocket, type Socket } from 'node:net'
-import type { FastifyReply, FastifyRequest } from 'fastify'
+import type { FastifyBaseLogger, FastifyReply, FastifyRequest } from 'fastify'
 import { channel } from '../src/core/channels'
 import type { StreamConnection, StreamKind } from '../src/core/connection'
 import { parseCursor, streamHead, topicAllowed } from '../src/core/framing'
@@ -104,6 +104,12 @@ export default fp(async (app) => {
   const { config, registry, bus, state } = app
   const hub = new Hub(bus)
   const publisher = new Publisher(bus, state)
+  /** Gives a closed (or refused) stream's id and slot back; a failure is logged, and retried by the Redis state once it reconnects. */
+  const recordClose = async (connectionId: string, userId: string, log: FastifyBaseLogger): Promise<void> => {
+    await state.release(connectionId, userId, config.historyTtlS).catch((error: unknown) => {
+      log.warn({ err: error, connectionId }, 'could not record stream close')
+    })
+  }
   const streams = new StreamService(bus, hub, registry, {
     retryMs: config.retryMs,
     keepaliveMs: config.keepaliveMs,
@@ -129,9 +135,7 @@ export default fp(async (app) => {
       }, 'stream closed')
       // Releasing a replaced stream's id would release the stream that holds it now.
       if (connection.replaced) return
-      state.release(connection.id, connection.userId, config.historyTtlS).catch((error: unknown) => {
-        app.log.warn({ err: error, connectionId: connection.id }, 'could not record stream close')
-      })
+      void recordClose(connection.id, connection.userId, app.log)
     },
     replayed: (_connection, count) => app.metrics.replayed(count),
     catchingUp: (count) => app.log.warn({ streams: count }, 'bus subscription back: streams replay what they may have missed'),
@@ -246,9 +250,7 @@ export default fp(async (app) => {
       // every registered stream, so this one would outlive it. Its slot goes
       // back before the answer, while Redis is still open.
       if (streams.isDraining) {
-        await state.release(options.connectionId, auth.userId, config.historyTtlS).catch((error: unknown) => {
-          request.log.warn({ err: error, connectionId: options.connectionId }, 'could not record stream close')
-        })
+        await recordClose(options.connectionId, auth.userId, request.log)
         reply.header('retry-after', retryAfterS)
         throw new errors.Unavailable('the gateway is shutting down')
       }

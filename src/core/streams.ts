@@ -1,4 +1,4 @@
-import { mergeById, type EventBus, type HistoryEntry } from './bus'
+import { mergeById, type EventBus, type HistoryEntry, type ResetReason } from './bus'
 import { channel } from './channels'
 import { StreamConnection, WriteScheduler, type CloseReason, type Sink, type StreamKind } from './connection'
 import { retryFrame, systemFrame } from './framing'
@@ -194,8 +194,7 @@ export class StreamService {
       ? { reset: 'malformed' as const, events: [] }
       : await this.bus.replay(channels, cursor).catch(() => ({ reset: 'unavailable' as const, events: [] }))
     if (result.reset !== null) {
-      this.events.reset(connection, result.reset)
-      connection.sendSystem(systemFrame('reset', { reason: result.reset }))
+      this.sendReset(connection, result.reset)
       return
     }
     await this.sendHistory(connection, result.events)
@@ -307,14 +306,10 @@ export class StreamService {
             await this.sendHistory(connection, (await this.bus.window([...connection.channels])).filter((entry) => entry.id > from), true)
           } else if (result.reset !== 'future' && !lostAgain()) {
             // ('future': nothing was issued after the bound, so nothing was missed.)
-            this.events.reset(connection, result.reset)
-            connection.sendSystem(systemFrame('reset', { reason: result.reset }))
+            this.sendReset(connection, result.reset)
           }
         } catch {
-          if (!lostAgain()) {
-            this.events.reset(connection, 'unavailable')
-            connection.sendSystem(systemFrame('reset', { reason: 'unavailable' }))
-          }
+          if (!lostAgain()) this.sendReset(connection, 'unavailable')
         }
         if (lostAgain()) {
           connection.catchUpFrom = Math.max(from, connection.lastId)
@@ -325,6 +320,12 @@ export class StreamService {
       }
     }
     await Promise.all(Array.from({ length: Math.min(CATCH_UP_CONCURRENCY, streams.length) }, worker))
+  }
+
+  /** Tells the stream it may have missed events it cannot be sent (see ResetReason). */
+  private sendReset (connection: StreamConnection, reason: ResetReason): void {
+    this.events.reset(connection, reason)
+    connection.sendSystem(systemFrame('reset', { reason }))
   }
 
   private readonly cleanupClosed = (connection: StreamConnection): void => this.cleanup(connection)
