@@ -39,6 +39,8 @@ export class RedisBus implements EventBus {
   private delivered = 0
   /** The subscription was lost and is not restored yet. */
   private lost = false
+  /** Subscribed again since the loss; restored once the commands connection (history reads) is up too. */
+  private resubscribed = false
 
   constructor (
     private readonly commands: ScriptedRedis,
@@ -65,19 +67,27 @@ export class RedisBus implements EventBus {
       this.resubscribe().then(() => {
         // Subscribed again: from here on nothing is missed, and what was
         // published meanwhile is in the history for the streams to catch up.
-        if (!this.lost) return
-        this.lost = false
-        this.subscription.restored()
+        this.resubscribed = true
+        this.restoreIfWhole()
       }, (error: unknown) => {
         this.log.warn({ channels: this.channels.size, reason: reasonOf(error) }, 'could not subscribe again to the bus channels')
       })
     })
+    // The catch-up reads history on the other connection, which may come back later.
+    commands.redis.on('ready', () => this.restoreIfWhole())
     subscriber.on('close', () => {
       if (this.lost || this.delivered === 0) return
       this.lost = true
+      this.resubscribed = false
       this.log.warn({ channels: this.channels.size }, 'bus subscription lost; streams catch up from history once it is back')
       this.subscription.lost()
     })
+  }
+
+  private restoreIfWhole (): void {
+    if (!this.lost || !this.resubscribed || this.commands.redis.status !== 'ready') return
+    this.lost = false
+    this.subscription.restored()
   }
 
   onSubscription (listeners: SubscriptionListeners): void {
