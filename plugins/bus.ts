@@ -29,7 +29,8 @@ export default fp(async (app) => {
       historySize: config.historySize,
       historyTtlS: config.historyTtlS,
       presenceGraceMs: config.presenceGraceMs,
-      instanceTtlMs: config.instanceTtlMs
+      instanceTtlMs: config.instanceTtlMs,
+      startupTimeoutMs: config.redisStartupTimeoutMs
     }, registry, app.log)
     app.decorate('bus', engine.bus)
     app.decorate('state', engine.state)

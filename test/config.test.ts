@@ -29,6 +29,7 @@ t.test('defaults: only JWT_SECRET set', async (t) => {
     presenceGraceMs: 2000,
     jobTtlS: 86400,
     shutdownTimeoutMs: 10000,
+    redisStartupTimeoutMs: 30000,
     logLevel: 'info'
   })
 })
@@ -57,6 +58,7 @@ t.test('every variable is read', async (t) => {
     PRESENCE_GRACE_MS: '0',
     JOB_TTL_S: '10',
     SHUTDOWN_TIMEOUT_MS: '500',
+    REDIS_STARTUP_TIMEOUT_MS: '0',
     LOG_LEVEL: 'debug'
   })
   t.match(config, {
@@ -81,6 +83,7 @@ t.test('every variable is read', async (t) => {
     presenceGraceMs: 0,
     jobTtlS: 10,
     shutdownTimeoutMs: 500,
+    redisStartupTimeoutMs: 0,
     logLevel: 'debug'
   })
 })
@@ -125,6 +128,7 @@ t.test('invalid values throw a ConfigError naming the variable', async (t) => {
   refuses(t, { ...base, MAX_EVENT_BYTES: '256k' }, 'MAX_EVENT_BYTES')
   refuses(t, { ...base, MAX_BODY_BYTES: '1e6' }, 'MAX_BODY_BYTES')
   refuses(t, { ...base, SHUTDOWN_TIMEOUT_MS: 'soon' }, 'SHUTDOWN_TIMEOUT_MS')
+  refuses(t, { ...base, REDIS_STARTUP_TIMEOUT_MS: '-1' }, 'REDIS_STARTUP_TIMEOUT_MS')
   refuses(t, { ...base, LOG_LEVEL: 'loud' }, 'LOG_LEVEL')
   refuses(t, { ...base, REDIS_URL: 'localhost:6379' }, 'REDIS_URL')
   refuses(t, { ...base, JWT_PUBLIC_KEY: 'not a pem' }, 'JWT_PUBLIC_KEY')

@@ -11,6 +11,8 @@ export interface RedisEngineOptions {
   historyTtlS: number
   presenceGraceMs: number
   instanceTtlMs: number
+  /** How long start-up waits for every connection to be ready (ioredis retries meanwhile). */
+  startupTimeoutMs?: number
 }
 
 interface Log {
@@ -301,6 +303,41 @@ export interface RedisEngine {
   close: () => Promise<void>
 }
 
+/**
+ * Connects `client` and resolves once it is ready. A refused or dropped first
+ * attempt does not end start-up: ioredis keeps reconnecting, and Redis
+ * started beside the gateway (compose, a pod) is waited for until `deadline`.
+ */
+async function untilReady (client: Redis, name: string, deadline: number, log: Log): Promise<void> {
+  let lastError = ''
+  const noteError = (error: Error): void => { lastError = error.message }
+  client.on('error', noteError)
+  try {
+    try {
+      await client.connect()
+      return
+    } catch (error) {
+      // The connection's own error ('ECONNREFUSED') says more than connect()'s.
+      if (lastError === '') lastError = reasonOf(error)
+    }
+    const waitMs = deadline - Date.now()
+    if (waitMs > 0 && client.status !== 'end') {
+      log.warn({ connection: name, reason: lastError, waitMs }, 'waiting for redis')
+      const ready = await new Promise<boolean>((resolve) => {
+        const timer = setTimeout(() => resolve(false), waitMs)
+        client.once('ready', () => {
+          clearTimeout(timer)
+          resolve(true)
+        })
+      })
+      if (ready) return
+    }
+    throw new Error(`redis did not become ready in time (REDIS_STARTUP_TIMEOUT_MS): ${lastError}`)
+  } finally {
+    client.off('error', noteError)
+  }
+}
+
 export async function connectRedis (options: RedisEngineOptions, registry: Registry, log: Log): Promise<RedisEngine> {
   const commands = new ScriptedRedis(options.url)
   // A subscriber connection cannot run commands, so publishing and reading use the other one.
@@ -320,15 +357,25 @@ export async function connectRedis (options: RedisEngineOptions, registry: Regis
     Promise.all([bus.lastId(), state.resync()]).catch((error: unknown) => log.warn({ err: error }, 'resync after reconnect failed'))
   })
 
-  await Promise.all([commands.redis.connect(), subscriber.connect()])
-  await bus.start()
-  await state.start()
-  everReady = true
-  await ingress.tick()
-  // Blocking reads need a connection of their own.
-  const reader = new Redis(options.url, { ...redisOptions(), connectionName: 'sse-gateway-ingress' })
-  reader.on('error', (error: Error) => log.warn({ connection: 'ingress', reason: error.message }, 'redis error'))
-  await reader.connect()
+  const startupDeadline = Date.now() + (options.startupTimeoutMs ?? 0)
+  let reader: Redis | null = null
+  try {
+    await Promise.all([untilReady(commands.redis, 'commands', startupDeadline, log), untilReady(subscriber, 'subscriber', startupDeadline, log)])
+    await bus.start()
+    await state.start()
+    everReady = true
+    await ingress.tick()
+    // Blocking reads need a connection of their own.
+    reader = new Redis(options.url, { ...redisOptions(), connectionName: 'sse-gateway-ingress' })
+    reader.on('error', (error: Error) => log.warn({ connection: 'ingress', reason: error.message }, 'redis error'))
+    await untilReady(reader, 'ingress', startupDeadline, log)
+  } catch (error) {
+    // A failed start leaves nothing reconnecting or ticking behind it.
+    await ingress.stop()
+    await state.close()
+    for (const client of [commands.redis, subscriber, reader]) client?.disconnect()
+    throw error
+  }
   const durable = new DurableIngress(reader, `${options.prefix}ingress`, state.instanceId, ingress, log)
 
   return {

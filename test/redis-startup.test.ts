@@ -1,0 +1,68 @@
+/**
+ * Start-up in Redis mode when Redis is not there yet (compose and pods start
+ * both at once): the gateway keeps trying until REDIS_STARTUP_TIMEOUT_MS, then
+ * serves as soon as Redis answers; past the timeout it exits 1 with one line.
+ */
+import { createServer, type Server } from 'node:net'
+import t from 'tap'
+import { freePort, openConnected, publisherToken, publishOk, runServerToExit, spawnServer, TEST_SECRET, userToken } from './helpers'
+import { needRedis, OwnRedis, uniquePrefix } from './helpers/redis'
+import { within } from './helpers/wait'
+
+/** A listener on `port` that drops every connection at once, as a Redis still starting does; counts them. */
+async function refusingRedis (port: number): Promise<{ attempts: (count: number) => Promise<void>, close: () => Promise<void> }> {
+  let seen = 0
+  let onAttempt = (): void => {}
+  const server: Server = createServer((socket) => {
+    seen++
+    socket.destroy()
+    onAttempt()
+  })
+  await new Promise<void>((resolve) => server.listen(port, '127.0.0.1', resolve))
+  return {
+    attempts: async (count) => {
+      await new Promise<void>((resolve) => {
+        onAttempt = () => { if (seen >= count) resolve() }
+        onAttempt()
+      })
+    },
+    close: async () => {
+      await new Promise<void>((resolve) => server.close(() => resolve()))
+    }
+  }
+}
+
+t.test('Redis coming up after the gateway: it waits, then serves streams and publishes', async (t) => {
+  if (!(await needRedis(t))) return
+  const redis = new OwnRedis(await freePort())
+  t.teardown(async () => await redis.stop())
+  const early = await refusingRedis(redis.port)
+  t.teardown(async () => await early.close())
+
+  const serving = spawnServer(t, { REDIS_URL: redis.url, REDIS_PREFIX: uniquePrefix('startup'), JWT_SECRET: TEST_SECRET, HOST: '127.0.0.1', LOG_LEVEL: 'warn' })
+  serving.catch(() => {})
+  // Two connections from each of the gateway's two first clients: it
+  // survived its first refusal and tried again.
+  await within(early.attempts(4), 15_000, 'the gateway retrying Redis')
+  await early.close()
+  await redis.start()
+
+  const gateway = await serving
+  t.equal(gateway.child.exitCode, null, 'still running')
+  const { stream } = await openConnected(`${gateway.url}/v1/stream?topics=news&token=${userToken('u1')}`, { t })
+  await publishOk(gateway.url, publisherToken(), { to: { topic: 'news' }, event: 'hello', data: { n: 1 } })
+  const event = await stream.nextEvent('hello')
+  t.same(JSON.parse(event.data), { n: 1 }, 'a published event reaches the stream')
+  t.match(gateway.stdout(), /waiting for redis/, 'the wait is logged')
+})
+
+t.test('Redis still absent after REDIS_STARTUP_TIMEOUT_MS: exit 1 with one line naming the setting', async (t) => {
+  const port = await freePort()
+  const early = await refusingRedis(port)
+  t.teardown(async () => await early.close())
+  const exit = await runServerToExit(t, { REDIS_URL: `redis://127.0.0.1:${port}`, REDIS_STARTUP_TIMEOUT_MS: '500', JWT_SECRET: TEST_SECRET, PORT: '0', HOST: '127.0.0.1', LOG_LEVEL: 'warn' })
+  t.equal(exit.code, 1)
+  const lines = exit.stderr.trim().split('\n')
+  t.equal(lines.length, 1, 'one line, no stack')
+  t.match(lines[0], /REDIS_STARTUP_TIMEOUT_MS/)
+})
