@@ -1,8 +1,28 @@
-import type { FastifyPluginAsync } from 'fastify'
+import { createHash } from 'node:crypto'
+import type { FastifyPluginAsync, FastifyRequest } from 'fastify'
 import { Type } from '@sinclair/typebox'
+import { authOf } from '../plugins/auth'
 import { validatePublishBody } from '../src/core/publish'
 import { errorResponses } from '../src/schemas/common'
 import { errors } from '../src/errors'
+
+// Printable ASCII, as Stripe's keys and the IETF draft's quoted strings are.
+const IDEMPOTENCY_KEY = /^[\x21\x23-\x5b\x5d-\x7e]{1,255}$/
+
+/** The request's Idempotency-Key (quotes taken off), or null when it has none. */
+function idempotencyKeyOf (request: FastifyRequest): string | null {
+  const header = request.headers['idempotency-key']
+  if (header === undefined) return null
+  const value = typeof header === 'string' && header.length >= 2 && header.startsWith('"') && header.endsWith('"') ? header.slice(1, -1) : header
+  if (typeof value !== 'string' || !IDEMPOTENCY_KEY.test(value)) {
+    throw new errors.BadRequest('Idempotency-Key must be 1-255 printable ASCII characters without spaces, quotes or backslashes')
+  }
+  return value
+}
+
+function sha256 (text: string): string {
+  return createHash('sha256').update(text).digest('base64url')
+}
 
 const publishRoutes: FastifyPluginAsync = async (app) => {
   const { config, publisher } = app
@@ -19,16 +39,38 @@ const publishRoutes: FastifyPluginAsync = async (app) => {
       }
     }
   }, async (request, reply) => {
+    const key = idempotencyKeyOf(request)
     const validation = validatePublishBody(request.body, config.maxEventBytes)
     if (!validation.ok) {
       throw validation.status === 413 ? new errors.TooLarge(validation.message) : new errors.BadRequest(validation.message)
     }
     const { items, batch } = validation.value
-    const ids = (await publisher.publish(items)).map(String)
+    let ids: number[]
+    if (key === null) {
+      ids = await publisher.publish(items)
+    } else {
+      // Keys are the publisher's own: two backends choosing the same key do not collide.
+      const outcome = await publisher.publishOnce(items, {
+        key: sha256(`${authOf(request).userId}\n${key}`),
+        fingerprint: sha256(JSON.stringify(request.body)),
+        windowS: config.idempotencyWindowS
+      })
+      if (outcome.kind === 'conflict') throw new errors.Unprocessable('this Idempotency-Key was used for another request')
+      if (outcome.kind === 'repeated') {
+        reply.header('idempotent-replayed', 'true')
+        reply.code(202)
+        return batchAnswer(outcome.ids, batch)
+      }
+      ids = outcome.ids
+    }
     for (const item of items) app.metrics.published(item.target.kind, 1)
     reply.code(202)
-    return batch ? { ids } : { id: ids[0] }
+    return batchAnswer(ids, batch)
   })
+}
+
+function batchAnswer (ids: number[], batch: boolean): { id: string } | { ids: string[] } {
+  return batch ? { ids: ids.map(String) } : { id: String(ids[0]) }
 }
 
 export default publishRoutes

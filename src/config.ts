@@ -45,6 +45,8 @@ export interface Config {
   trustProxy: string[] | null
   /** How long an instance's record in Redis outlives its last heartbeat. */
   instanceTtlMs: number
+  /** How long a publish's Idempotency-Key is remembered. */
+  idempotencyWindowS: number
   /** How long start-up waits for Redis to answer before giving up. */
   redisStartupTimeoutMs: number
 }
@@ -193,7 +195,8 @@ export function loadConfig (env: Env = process.env): Config {
     rateLimitPublishPerMin: integer(env, 'RATE_LIMIT_PUBLISH_PER_MIN', 0, 0),
     trustProxy: proxyList(env),
     instanceTtlMs: integer(env, 'INSTANCE_TTL_MS', 10000, 1000, 600_000),
-    redisStartupTimeoutMs: integer(env, 'REDIS_STARTUP_TIMEOUT_MS', 30000, 0, 3_600_000)
+    redisStartupTimeoutMs: integer(env, 'REDIS_STARTUP_TIMEOUT_MS', 30000, 0, 3_600_000),
+    idempotencyWindowS: integer(env, 'IDEMPOTENCY_WINDOW_S', 600, 1, 86_400)
   }
   if (config.internalPort !== null && config.internalPort !== 0 && config.internalPort === config.port) {
     throw new ConfigError('INTERNAL_PORT', 'must differ from PORT')

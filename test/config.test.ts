@@ -30,6 +30,7 @@ t.test('defaults: only JWT_SECRET set', async (t) => {
     jobTtlS: 86400,
     shutdownTimeoutMs: 10000,
     redisStartupTimeoutMs: 30000,
+    idempotencyWindowS: 600,
     logLevel: 'info'
   })
 })
@@ -59,6 +60,7 @@ t.test('every variable is read', async (t) => {
     JOB_TTL_S: '10',
     SHUTDOWN_TIMEOUT_MS: '500',
     REDIS_STARTUP_TIMEOUT_MS: '0',
+    IDEMPOTENCY_WINDOW_S: '5',
     LOG_LEVEL: 'debug'
   })
   t.match(config, {
@@ -84,6 +86,7 @@ t.test('every variable is read', async (t) => {
     jobTtlS: 10,
     shutdownTimeoutMs: 500,
     redisStartupTimeoutMs: 0,
+    idempotencyWindowS: 5,
     logLevel: 'debug'
   })
 })
@@ -129,6 +132,7 @@ t.test('invalid values throw a ConfigError naming the variable', async (t) => {
   refuses(t, { ...base, MAX_BODY_BYTES: '1e6' }, 'MAX_BODY_BYTES')
   refuses(t, { ...base, SHUTDOWN_TIMEOUT_MS: 'soon' }, 'SHUTDOWN_TIMEOUT_MS')
   refuses(t, { ...base, REDIS_STARTUP_TIMEOUT_MS: '-1' }, 'REDIS_STARTUP_TIMEOUT_MS')
+  refuses(t, { ...base, IDEMPOTENCY_WINDOW_S: '0' }, 'IDEMPOTENCY_WINDOW_S')
   refuses(t, { ...base, LOG_LEVEL: 'loud' }, 'LOG_LEVEL')
   refuses(t, { ...base, REDIS_URL: 'localhost:6379' }, 'REDIS_URL')
   refuses(t, { ...base, JWT_PUBLIC_KEY: 'not a pem' }, 'JWT_PUBLIC_KEY')

@@ -17,6 +17,23 @@ export interface PublishItem {
   body: string
 }
 
+/**
+ * A publish made at most once per key within a window, so a publisher that
+ * lost the answer can send it again without publishing it twice.
+ */
+export interface PublishOnce {
+  /** Already scoped to the publisher. */
+  key: string
+  /** Identifies the request: the key sent again with another request is refused. */
+  fingerprint: string
+  windowS: number
+}
+
+/** `repeated`: the key was used within the window; nothing new was published. */
+export type OnceOutcome =
+  | { kind: 'published' | 'repeated', ids: number[] }
+  | { kind: 'conflict' }
+
 export interface HistoryEntry {
   id: number
   frame: Buffer
@@ -39,6 +56,8 @@ export interface EventBus {
   readonly mode: 'memory' | 'redis'
   /** Ids in the order of `items`; deliveries happen after the promise settles' caller regains control. */
   publish (items: PublishItem[]): Promise<number[]>
+  /** `publish`, unless `once.key` was used within its window: then that publish's ids, atomically. */
+  publishOnce (items: PublishItem[], once: PublishOnce): Promise<OnceOutcome>
   /** Events of `channels` with an id above `after` that are still in the window, merged in id order. */
   replay (channels: string[], after: number): Promise<ReplayResult>
   /** Every event of `channels` still in the window, merged in id order. */

@@ -1,4 +1,4 @@
-import { clockId, mergeById, type DeliveryListener, type EventBus, type HistoryEntry, type PublishItem, type ReplayResult } from './bus'
+import { clockId, mergeById, type DeliveryListener, type EventBus, type HistoryEntry, type OnceOutcome, type PublishItem, type PublishOnce, type ReplayResult } from './bus'
 import { frameWithId } from './framing'
 
 interface ChannelHistory {
@@ -32,6 +32,8 @@ export class MemoryBus implements EventBus {
   private readonly epoch = clockId()
   private last = this.epoch
   private readonly sweepTimer: NodeJS.Timeout
+  /** Idempotency keys used within their window, oldest first. */
+  private readonly onceKeys = new Map<string, { fingerprint: string, ids: number[], expiresAt: number }>()
 
   constructor (private readonly options: MemoryBusOptions) {
     // Channels that went quiet are dropped once all their events are past the window.
@@ -61,6 +63,16 @@ export class MemoryBus implements EventBus {
 
   async publish (items: PublishItem[]): Promise<number[]> {
     return this.publishNow(items)
+  }
+
+  async publishOnce (items: PublishItem[], once: PublishOnce): Promise<OnceOutcome> {
+    const now = Date.now()
+    this.forgetOnceKeys(now)
+    const seen = this.onceKeys.get(once.key)
+    if (seen !== undefined) return seen.fingerprint === once.fingerprint ? { kind: 'repeated', ids: seen.ids } : { kind: 'conflict' }
+    const ids = this.publishNow(items)
+    this.onceKeys.set(once.key, { fingerprint: once.fingerprint, ids, expiresAt: now + once.windowS * 1000 })
+    return { kind: 'published', ids }
   }
 
   async replay (channels: string[], after: number): Promise<ReplayResult> {
@@ -175,7 +187,16 @@ export class MemoryBus implements EventBus {
     return entries.slice(low)
   }
 
+  private forgetOnceKeys (now: number): void {
+    // Every key gets the same window, so insertion order is expiry order.
+    for (const [key, seen] of this.onceKeys) {
+      if (seen.expiresAt > now) break
+      this.onceKeys.delete(key)
+    }
+  }
+
   private sweep (): void {
+    this.forgetOnceKeys(Date.now())
     const cutoff = this.cutoff()
     for (const [name, history] of this.histories) {
       this.prune(history, cutoff)

@@ -1,5 +1,5 @@
 import { channel } from './channels'
-import type { EventBus, PublishItem } from './bus'
+import type { EventBus, OnceOutcome, PublishItem, PublishOnce } from './bus'
 import { dataText, EVENT_NAME, renderBody, TOPIC_NAME } from './framing'
 import type { SharedState } from './state'
 
@@ -158,6 +158,11 @@ export class Publisher {
       items.push({ channels: await this.channelsOf(request.target), body: renderBody(request.event, request.text) })
     }
     return items
+  }
+
+  /** `publish`, at most once per `once.key` within its window. */
+  async publishOnce (requests: PublishRequest[], once: PublishOnce): Promise<OnceOutcome> {
+    return await this.bus.publishOnce(await this.itemsOf(requests), once)
   }
 
   /** Hands `items` to the bus at once (their ids follow this call's order); resolves with the ids. */

@@ -32,6 +32,7 @@ export const errorResponses = {
   404: ErrorSchema,
   409: ErrorSchema,
   413: ErrorSchema,
+  422: ErrorSchema,
   429: ErrorSchema,
   503: ErrorSchema
 }

@@ -1,5 +1,5 @@
 import type Redis from 'ioredis'
-import type { DeliveryListener, EventBus, HistoryEntry, PublishItem, ReplayResult, ResetReason, SubscriptionListeners } from '../bus'
+import type { DeliveryListener, EventBus, HistoryEntry, OnceOutcome, PublishItem, PublishOnce, ReplayResult, ResetReason, SubscriptionListeners } from '../bus'
 import { chunkOf, frameWithId } from '../framing'
 import { reasonOf, type ScriptedRedis } from './client'
 
@@ -109,6 +109,14 @@ export class RedisBus implements EventBus {
     for (const item of items) args.push(item.channels.length, ...item.channels, item.body)
     const ids = await this.commands.run('PUBLISH', args) as string[]
     return ids.map(Number)
+  }
+
+  async publishOnce (items: PublishItem[], once: PublishOnce): Promise<OnceOutcome> {
+    const args: Array<string | number> = [this.options.prefix, this.options.historySize, this.options.historyTtlS, once.key, once.fingerprint, once.windowS]
+    for (const item of items) args.push(item.channels.length, ...item.channels, item.body)
+    const [kind, ...ids] = await this.commands.run('PUBLISH_ONCE', args) as string[]
+    if (kind === 'conflict') return { kind }
+    return { kind: kind === 'repeated' ? 'repeated' : 'published', ids: ids.map(Number) }
   }
 
   async replay (channels: string[], after: number): Promise<ReplayResult> {

@@ -69,27 +69,54 @@ local function publish_event(prefix, size, ttl_s, last, now, channels, body)
 end
 `
 
+// Publishes the items from ARGV[first] on, each as (n, n channels, body); returns their ids.
+const PUBLISH_ITEMS = `
+local function publish_items(prefix, size, ttl_s, first)
+  local now = clock_us()
+  local last = ensure_epoch(prefix, now)
+  local ids = {}
+  local i = first
+  while i <= #ARGV do
+    local n = tonumber(ARGV[i])
+    local channels = {}
+    for c = 1, n do channels[c] = ARGV[i + c] end
+    last = publish_event(prefix, size, ttl_s, last, now, channels, ARGV[i + n + 1])
+    ids[#ids + 1] = fmt(last)
+    i = i + n + 2
+  end
+  redis.call('SET', prefix .. 'id', fmt(last))
+  return ids
+end
+`
+
 /**
  * ARGV: prefix, historySize, historyTtlS, then per event: channel count,
  * the channels, the body. Returns the ids as strings, in order.
  */
-export const PUBLISH = `${PUBLISH_FUNCTIONS}
+export const PUBLISH = `${PUBLISH_FUNCTIONS}${PUBLISH_ITEMS}
+return publish_items(ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), 4)
+`
+
+/**
+ * ARGV: prefix, historySize, historyTtlS, key, fingerprint, windowS, then the
+ * events as for PUBLISH. Returns { 'published', ids... } and remembers the key
+ * for the window; within it, { 'repeated', the first ids... } for the same
+ * fingerprint and { 'conflict' } for another, publishing nothing.
+ */
+export const PUBLISH_ONCE = `${PUBLISH_FUNCTIONS}${PUBLISH_ITEMS}
 local prefix = ARGV[1]
-local size = tonumber(ARGV[2])
-local ttl_s = tonumber(ARGV[3])
-local now = clock_us()
-local last = ensure_epoch(prefix, now)
-local ids = {}
-local i = 4
-while i <= #ARGV do
-  local n = tonumber(ARGV[i])
-  local channels = {}
-  for c = 1, n do channels[c] = ARGV[i + c] end
-  last = publish_event(prefix, size, ttl_s, last, now, channels, ARGV[i + n + 1])
-  ids[#ids + 1] = fmt(last)
-  i = i + n + 2
+local key = prefix .. 'once:' .. ARGV[4]
+local seen = redis.call('GET', key)
+if seen then
+  local cut = string.find(seen, '|', 1, true)
+  if string.sub(seen, 1, cut - 1) ~= ARGV[5] then return { 'conflict' } end
+  local result = { 'repeated' }
+  for id in string.gmatch(string.sub(seen, cut + 1), '[^,]+') do result[#result + 1] = id end
+  return result
 end
-redis.call('SET', prefix .. 'id', fmt(last))
+local ids = publish_items(prefix, tonumber(ARGV[2]), tonumber(ARGV[3]), 7)
+redis.call('SET', key, ARGV[5] .. '|' .. table.concat(ids, ','), 'EX', tonumber(ARGV[6]))
+table.insert(ids, 1, 'published')
 return ids
 `
 
