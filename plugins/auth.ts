@@ -47,6 +47,19 @@ export function extractToken (request: FastifyRequest): string | null {
   return null
 }
 
+/** The value of cookie `name` in the request's Cookie header (quotes taken off), or null. */
+function cookieValue (request: FastifyRequest, name: string): string | null {
+  const header = request.headers.cookie
+  if (header === undefined) return null
+  for (const pair of header.split(';')) {
+    const equals = pair.indexOf('=')
+    if (equals < 0 || pair.slice(0, equals).trim() !== name) continue
+    const value = pair.slice(equals + 1).trim()
+    return value.length >= 2 && value.startsWith('"') && value.endsWith('"') ? value.slice(1, -1) : value
+  }
+  return null
+}
+
 function hasRole (auth: AuthContext, level: AuthLevel): boolean {
   if (level === 'none' || level === 'user') return true
   if (auth.roles.has('admin')) return true
@@ -138,11 +151,17 @@ export default fp(async (app) => {
     return new errors.Unauthorized(message)
   }
 
+  const cookie = config.jwtCookie
+  const missingMessage = `no token: send Authorization: Bearer <jwt>, X-Auth-Token or ?token=${cookie !== null ? ` (or, on GET user routes, the ${cookie} cookie)` : ''}`
   app.addHook('onRequest', async (request) => {
     const level = request.routeOptions.config.auth ?? 'none'
     if (level === 'none') return
-    const token = extractToken(request)
-    if (token === null) throw unauthorized('missing', 'no token: send Authorization: Bearer <jwt>, X-Auth-Token or ?token=')
+    let token = extractToken(request)
+    // A browser sends cookies by itself, so a page on another site could make
+    // requests with them: the cookie is read only where a user reads (GET),
+    // and what such a page reads is left to CORS.
+    if (token === null && cookie !== null && level === 'user' && request.method === 'GET') token = cookieValue(request, cookie)
+    if (token === null) throw unauthorized('missing', missingMessage)
     if (token === '') throw unauthorized('malformed')
     const verifier = verifierFor(token)
     if (typeof verifier === 'string') throw unauthorized(verifier)

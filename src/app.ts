@@ -125,7 +125,7 @@ function loggerOptions (config: Config, stream?: DestinationStream): FastifyServ
         remoteAddress: request.ip ?? request.socket?.remoteAddress
       })
     },
-    redact: ['req.headers.authorization', 'req.headers["x-auth-token"]']
+    redact: ['req.headers.authorization', 'req.headers["x-auth-token"]', 'req.headers.cookie']
   }
 }
 

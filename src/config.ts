@@ -18,6 +18,8 @@ export interface Config {
   jwtIssuer: string | null
   jwtAudience: string | null
   jwtUserClaim: string
+  /** Cookie that may carry a user's token on GET routes (EventSource withCredentials), or null. */
+  jwtCookie: string | null
   redisUrl: string | null
   redisPrefix: string
   corsOrigins: string[] | null
@@ -136,6 +138,16 @@ function proxyList (env: Env): string[] | null {
   return entries
 }
 
+// RFC 6265's cookie-name characters (an HTTP token).
+const COOKIE_NAME = /^[!#$%&'*+.^_`|~0-9A-Za-z-]{1,64}$/
+
+function cookieName (env: Env): string | null {
+  const value = read(env, 'JWT_COOKIE')
+  if (value === undefined) return null
+  if (!COOKIE_NAME.test(value)) throw new ConfigError('JWT_COOKIE', 'must be a cookie name (1-64 letters, digits or !#$%&\'*+.^_`|~-)')
+  return value
+}
+
 export function loadConfig (env: Env = process.env): Config {
   const jwtSecret = read(env, 'JWT_SECRET') ?? null
   // Keys are often passed through env files with literal "\n" sequences.
@@ -173,6 +185,7 @@ export function loadConfig (env: Env = process.env): Config {
     jwtIssuer: read(env, 'JWT_ISSUER') ?? null,
     jwtAudience: read(env, 'JWT_AUDIENCE') ?? null,
     jwtUserClaim: read(env, 'JWT_USER_CLAIM') ?? 'sub',
+    jwtCookie: cookieName(env),
     redisUrl,
     redisPrefix,
     corsOrigins,

@@ -13,6 +13,7 @@ t.test('defaults: only JWT_SECRET set', async (t) => {
     jwtIssuer: null,
     jwtAudience: null,
     jwtUserClaim: 'sub',
+    jwtCookie: null,
     redisUrl: null,
     redisPrefix: 'sse:',
     corsOrigins: null,
@@ -44,6 +45,7 @@ t.test('every variable is read', async (t) => {
     JWT_ISSUER: 'iss',
     JWT_AUDIENCE: 'aud',
     JWT_USER_CLAIM: 'uid',
+    JWT_COOKIE: 'sse_token',
     REDIS_PREFIX: 'gw:',
     CORS_ORIGINS: 'https://a.example.com, https://b.example.com',
     KEEPALIVE_MS: '5000',
@@ -70,6 +72,7 @@ t.test('every variable is read', async (t) => {
     jwtIssuer: 'iss',
     jwtAudience: 'aud',
     jwtUserClaim: 'uid',
+    jwtCookie: 'sse_token',
     redisPrefix: 'gw:',
     corsOrigins: ['https://a.example.com', 'https://b.example.com'],
     keepaliveMs: 5000,
@@ -133,6 +136,8 @@ t.test('invalid values throw a ConfigError naming the variable', async (t) => {
   refuses(t, { ...base, SHUTDOWN_TIMEOUT_MS: 'soon' }, 'SHUTDOWN_TIMEOUT_MS')
   refuses(t, { ...base, REDIS_STARTUP_TIMEOUT_MS: '-1' }, 'REDIS_STARTUP_TIMEOUT_MS')
   refuses(t, { ...base, IDEMPOTENCY_WINDOW_S: '0' }, 'IDEMPOTENCY_WINDOW_S')
+  refuses(t, { ...base, JWT_COOKIE: 'sse token' }, 'JWT_COOKIE')
+  refuses(t, { ...base, JWT_COOKIE: 'a;b' }, 'JWT_COOKIE')
   refuses(t, { ...base, LOG_LEVEL: 'loud' }, 'LOG_LEVEL')
   refuses(t, { ...base, REDIS_URL: 'localhost:6379' }, 'REDIS_URL')
   refuses(t, { ...base, JWT_PUBLIC_KEY: 'not a pem' }, 'JWT_PUBLIC_KEY')

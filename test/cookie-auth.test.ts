@@ -1,0 +1,58 @@
+/**
+ * JWT_COOKIE: a browser's EventSource (withCredentials) can carry the user's
+ * token in a cookie instead of the URL, where proxies and histories log it.
+ * The cookie counts on GET user routes only; headers and ?token= come first.
+ */
+import t from 'tap'
+import { openStream, publisherToken, request, startGateway, token, userToken } from './helpers'
+
+const COOKIE = 'sse_token'
+
+t.test('the cookie opens a stream and reads a job; a header or ?token= still comes first', async (t) => {
+  const gateway = await startGateway(t, { JWT_COOKIE: COOKIE, CORS_ORIGINS: 'https://app.example.com' })
+  const stream = await openStream(`${gateway.url}/v1/stream`, { t, headers: { cookie: `theme=dark; ${COOKIE}=${userToken('alice')}; lang=en` } })
+  t.equal(stream.status, 200)
+  t.match(JSON.parse((await stream.nextEvent('connected')).data), { userId: 'alice' })
+
+  // Quoted, as some cookie libraries write it.
+  const quoted = await openStream(`${gateway.url}/v1/stream`, { t, headers: { cookie: `${COOKIE}="${userToken('bob')}"` } })
+  t.match(JSON.parse((await quoted.nextEvent('connected')).data), { userId: 'bob' })
+
+  await request(`${gateway.url}/v1/jobs/j1`, { method: 'PUT', token: publisherToken(), body: { userId: 'alice', status: 'queued' } })
+  const job = await request(`${gateway.url}/v1/jobs/j1`, { headers: { cookie: `${COOKIE}=${userToken('alice')}` } })
+  t.equal(job.status, 200, 'a GET user route reads the cookie')
+
+  const header = await openStream(`${gateway.url}/v1/stream?token=${userToken('carol')}`, { t, headers: { cookie: `${COOKIE}=${userToken('alice')}` } })
+  t.match(JSON.parse((await header.nextEvent('connected')).data), { userId: 'carol' }, '?token= wins over the cookie')
+  const badHeader = await openStream(`${gateway.url}/v1/stream`, { t, headers: { authorization: 'Bearer nope', cookie: `${COOKIE}=${userToken('alice')}` } })
+  t.equal(badHeader.status, 401, 'a bad header is not passed over for the cookie')
+
+  // What CORS tells a browser page of an allowed origin that sends credentials.
+  const cors = await request(`${gateway.url}/v1/stream`, { headers: { origin: 'https://app.example.com', cookie: `${COOKIE}=bad` } })
+  t.equal(cors.headers.get('access-control-allow-credentials'), 'true')
+  t.equal(cors.headers.get('access-control-allow-origin'), 'https://app.example.com')
+})
+
+t.test('the cookie is not read on other methods, publisher routes, or without JWT_COOKIE', async (t) => {
+  const gateway = await startGateway(t, { JWT_COOKIE: COOKIE })
+  const asCookie = (value: string): Record<string, string> => ({ cookie: `${COOKIE}=${value}` })
+
+  const subscribe = await request(`${gateway.url}/v1/subscriptions`, { method: 'POST', headers: asCookie(userToken('alice')), body: { topics: ['news'] } })
+  t.equal(subscribe.status, 401, 'POST: a page on another site could send it')
+  t.match(subscribe.json, { statusCode: 401, error: 'Unauthorized', message: /cookie/ })
+
+  const presence = await request(`${gateway.url}/v1/presence/alice`, { headers: asCookie(publisherToken()) })
+  t.equal(presence.status, 401, 'a publisher route')
+  const stats = await request(`${gateway.url}/v1/stats`, { headers: asCookie(token({ sub: 'op', roles: ['admin'] })) })
+  t.equal(stats.status, 401, 'an admin route')
+
+  const invalid = await openStream(`${gateway.url}/v1/stream`, { t, headers: asCookie('not-a-jwt') })
+  t.equal(invalid.status, 401, 'a cookie holding no valid token')
+  const otherName = await openStream(`${gateway.url}/v1/stream`, { t, headers: { cookie: `other=${userToken('alice')}` } })
+  t.equal(otherName.status, 401, 'another cookie')
+
+  const without = await startGateway(t, {})
+  const ignored = await openStream(`${without.url}/v1/stream`, { t, headers: asCookie(userToken('alice')) })
+  t.equal(ignored.status, 401, 'no JWT_COOKIE, no cookie auth')
+  t.notMatch(ignored.json<{ message: string }>().message, /cookie/)
+})
