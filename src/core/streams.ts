@@ -298,12 +298,25 @@ export class StreamService {
         const from = connection.catchUpFrom ?? connection.lastId
         try {
           const result = await this.bus.replay([...connection.channels], from)
+          // A read answered after a new loss must not be merged: what the
+          // stream held since may include events from after that loss's
+          // restore, and the events of the new gap are in neither, so the
+          // merge would move the stream past them. The next catch-up reads again.
+          if (lostAgain()) {
+            connection.catchUpFrom = from
+            continue
+          }
           if (result.reset === null) {
             await this.sendHistory(connection, result.events, true)
           } else if (result.reset === 'expired' && Date.now() - this.lostAt < this.options.historyTtlS * 1000) {
             // Nothing was trimmed, and what the loss can have missed is younger
             // than the window: the window holds it (the bound is only older).
-            await this.sendHistory(connection, (await this.bus.window([...connection.channels])).filter((entry) => entry.id > from), true)
+            const window = await this.bus.window([...connection.channels])
+            if (lostAgain()) {
+              connection.catchUpFrom = from
+              continue
+            }
+            await this.sendHistory(connection, window.filter((entry) => entry.id > from), true)
           } else if (result.reset !== 'future' && !lostAgain()) {
             // ('future': nothing was issued after the bound, so nothing was missed.)
             this.sendReset(connection, result.reset)

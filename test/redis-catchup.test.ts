@@ -1,0 +1,267 @@
+/**
+ * Redis mode: the catch-up after an instance's bus subscription is lost, in
+ * the cases where a loss meets a stream's setup or another catch-up. One of
+ * the instance's Redis connections is faulted at a time through a proxy
+ * (test/helpers/proxy.ts), so the order of events is the test's to choose.
+ */
+import type Redis from 'ioredis'
+import t, { type Test } from 'tap'
+import { channel } from '../src/core/channels'
+import { eventually, openConnected, openStream, publishOk, publisherToken, request, startGateway, userToken, type Gateway, type SseClient } from './helpers'
+import { FaultyProxy } from './helpers/proxy'
+import { needRedis, redisClient, REDIS_URL, subscriberCount, uniquePrefix } from './helpers/redis'
+
+const publisher = publisherToken()
+const redisPort = Number(new URL(REDIS_URL).port || 6379)
+/** The names the gateway gives its two Redis connections (CLIENT SETNAME). */
+const COMMANDS = 'sse-gateway'
+const SUBSCRIBER = 'sse-gateway-sub'
+const LOST = 'bus subscription lost'
+const CATCHING_UP = 'bus subscription back'
+
+/** How many captured log lines of `gateway` say `message`. */
+function logged (gateway: Gateway, message: string): number {
+  return gateway.logs.filter((line) => line.includes(message)).length
+}
+
+/** The ids of the stream's `seq` events, in the order received. */
+function seqIds (stream: SseClient): Array<string | undefined> {
+  return stream.events.filter((event) => event.event === 'seq').map((event) => event.id)
+}
+
+/** The types of the stream's other events. */
+function otherEvents (stream: SseClient): string[] {
+  return stream.events.filter((event) => event.event !== 'seq').map((event) => event.event)
+}
+
+interface Rig {
+  prefix: string
+  proxy: FaultyProxy
+  /** The instance under test: it reaches Redis through `proxy`. */
+  viaProxy: Gateway
+  /** Publishes, reaching Redis directly. */
+  direct: Gateway
+}
+
+async function startRig (t: Test, name: string): Promise<Rig> {
+  const prefix = uniquePrefix(name)
+  const proxy = await FaultyProxy.start(t, redisPort)
+  const viaProxy = await startGateway(t, { REDIS_URL: proxy.url, REDIS_PREFIX: prefix }, { captureLogs: true })
+  const direct = await startGateway(t, { REDIS_URL, REDIS_PREFIX: prefix })
+  // Torn down first: a test that fails with a fault in place leaves none for the gateways' close to wait on.
+  t.teardown(() => proxy.cut())
+  return { prefix, proxy, viaProxy, direct }
+}
+
+/** The instance's subscriber is lost (the `count`th time) and stays out of reach; its commands connection is untouched. */
+async function loseSubscription ({ proxy, viaProxy }: Rig, count: number): Promise<void> {
+  proxy.cutOff(SUBSCRIBER)
+  await eventually(() => logged(viaProxy, LOST) === count, `loss ${count} of the subscription`)
+}
+
+/**
+ * The lost subscriber connects again. Resolves with the id of an event
+ * published once its subscription to `u1`'s channel is back, after the
+ * instance has heard it: the answer to the SUBSCRIBE came before it, so the
+ * instance knows its subscription is restored.
+ */
+async function subscribeAgain ({ prefix, proxy, viaProxy, direct }: Rig, redis: Redis, data: number): Promise<string> {
+  const userChannel = `${prefix}ch:${channel.user('u1')}`
+  await eventually(async () => await subscriberCount(redis, userChannel) === 0, 'Redis to drop the lost subscriber')
+  proxy.restore(SUBSCRIBER)
+  await eventually(async () => await subscriberCount(redis, userChannel) === 1, 'the instance to subscribe again', 10_000)
+  const [probe] = await publishOk(direct.url, publisher, { to: { user: 'u1' }, event: 'seq', data })
+  await eventually(() => viaProxy.app.bus.deliveredUpTo() >= Number(probe), 'the instance to hear an event live')
+  return probe
+}
+
+t.test('a stream that joins its channels while the subscription is down gets, once it is back, the events they published meanwhile: in order, none twice', async (t) => {
+  if (!(await needRedis(t))) return
+  const { proxy, viaProxy, direct } = await startRig(t, 'openloss')
+  const { stream: first } = await openConnected(`${viaProxy.url}/v1/stream?token=${userToken('u1')}`, { t })
+  const [before] = await publishOk(direct.url, publisher, { to: { user: 'u1' }, event: 'seq', data: 0 })
+  await first.nextEvent('seq')
+
+  // The subscriber drops and connects again, but its subscriptions do not reach Redis.
+  proxy.holdSubscribes()
+  proxy.cut(SUBSCRIBER)
+  await eventually(() => proxy.heldSubscribers > 0, 'the instance to subscribe again')
+  t.equal(logged(viaProxy, LOST), 1, 'the instance lost its subscription')
+  const opening = openStream(`${viaProxy.url}/v1/stream?token=${userToken('u1')}`, { t, timeoutMs: 10_000 }).catch((error: Error) => error)
+  await eventually(() => viaProxy.app.registry.ofUser('u1').filter((connection) => connection.channels.includes(channel.user('u1'))).length === 2,
+    'the new stream to join its user\'s channel')
+  const missed: string[] = []
+  for (let n = 1; n <= 3; n++) missed.push(...await publishOk(direct.url, publisher, { to: { user: 'u1' }, event: 'seq', data: n }))
+
+  proxy.releaseSubscribes()
+  const second = await opening
+  if (second instanceof Error) throw second
+  await second.nextEvent('connected')
+  const [marker] = await publishOk(direct.url, publisher, { to: { user: 'u1' }, event: 'seq', data: 4 })
+  await second.next((event) => event.id === marker, 10_000, 'the marker on the new stream')
+  await first.next((event) => event.id === marker, 10_000, 'the marker on the first stream')
+  t.same(seqIds(second), [...missed, marker], 'the new stream: what its channel published once it had joined, then live, each once')
+  t.same(otherEvents(second), ['connected'], 'no reset')
+  t.same(seqIds(first), [before, ...missed, marker], 'the stream open before the loss: every event, each once')
+  t.same(otherEvents(first), ['connected'], 'no reset')
+  t.notOk(second.ended || first.ended, 'both streams stayed open')
+})
+
+t.test('a stream still replaying its history when the subscription is lost is closed; reconnecting with its Last-Event-ID, it gets what it missed', async (t) => {
+  if (!(await needRedis(t))) return
+  const { proxy, viaProxy, direct } = await startRig(t, 'setuploss')
+  const { stream: first } = await openConnected(`${viaProxy.url}/v1/stream?token=${userToken('u1')}`, { t })
+  const [cursor] = await publishOk(direct.url, publisher, { to: { user: 'u1' }, event: 'seq', data: 0 })
+  const history: string[] = []
+  for (let n = 1; n <= 2; n++) history.push(...await publishOk(direct.url, publisher, { to: { user: 'u1' }, event: 'seq', data: n }))
+  await first.next((event) => event.id === history[1], 5000, 'the history live on the first stream')
+
+  // The second stream reads its history from `cursor`; that read is answered only later.
+  proxy.holdReplies(SUBSCRIBER)
+  const opening = openStream(`${viaProxy.url}/v1/stream?token=${userToken('u1')}`, { t, headers: { 'last-event-id': cursor } }).catch((error: Error) => error)
+  await eventually(() => viaProxy.app.registry.ofUser('u1').filter((connection) => connection.channels.includes(channel.user('u1'))).length === 2,
+    'the second stream to join its channels')
+  proxy.holdReplies(COMMANDS)
+  proxy.releaseReplies(SUBSCRIBER)
+  const second = await opening
+  if (second instanceof Error) throw second
+  await second.nextEvent('connected')
+
+  proxy.cutOff(SUBSCRIBER)
+  await second.waitEnd()
+  t.equal(logged(viaProxy, LOST), 1, 'closed on the loss of the subscription')
+  t.same(seqIds(second), [], 'before it sent any of its history')
+  const missed: string[] = []
+  for (let n = 3; n <= 4; n++) missed.push(...await publishOk(direct.url, publisher, { to: { user: 'u1' }, event: 'seq', data: n }))
+  proxy.restore(SUBSCRIBER)
+  await eventually(() => logged(viaProxy, CATCHING_UP) === 1, 'the catch-up to start', 10_000)
+  // Its read is answered only now, with the subscription back: open still, it would go live past the gap.
+  proxy.releaseReplies(COMMANDS)
+
+  await eventually(async () => (await request(`${viaProxy.url}/ready`)).status === 200, 'the instance back on Redis', 10_000, 50)
+  const { stream: third } = await openConnected(`${viaProxy.url}/v1/stream?token=${userToken('u1')}`, { t, headers: { 'last-event-id': cursor } })
+  const [marker] = await publishOk(direct.url, publisher, { to: { user: 'u1' }, event: 'seq', data: 5 })
+  await third.next((event) => event.id === marker, 10_000, 'the marker on the reconnected stream')
+  await first.next((event) => event.id === marker, 10_000, 'the marker on the first stream')
+  t.same(seqIds(third), [...history, ...missed, marker], 'reconnected from its Last-Event-ID: its history, what it missed, then live, each once')
+  t.same(otherEvents(third), ['connected'], 'no reset')
+  t.same(seqIds(first), [cursor, ...history, ...missed, marker], 'the stream live at the loss is caught up')
+  t.same(otherEvents(first), ['connected'], 'no reset')
+})
+
+t.test('a catch-up asked for again while one runs waits while the subscription is down again: after the last restore every event arrives once, in order, no reset', async (t) => {
+  if (!(await needRedis(t))) return
+  const rig = await startRig(t, 'queued')
+  const { proxy, viaProxy, direct } = rig
+  const redis = redisClient(t)
+  const { stream } = await openConnected(`${viaProxy.url}/v1/stream?token=${userToken('u1')}`, { t })
+  const send = async (url: string, data: number): Promise<string> => (await publishOk(url, publisher, { to: { user: 'u1' }, event: 'seq', data }))[0]
+  const before = await send(direct.url, 0)
+  await stream.next((event) => event.id === before, 5000, 'the first event, live')
+
+  await loseSubscription(rig, 1)
+  const first = await send(direct.url, 1)
+  // Back, with the catch-up's read answered only later.
+  proxy.holdReplies(COMMANDS)
+  proxy.restore(SUBSCRIBER)
+  await eventually(() => logged(viaProxy, CATCHING_UP) === 1, 'the catch-up to start', 10_000)
+
+  // Lost and back while it runs: another catch-up is asked for.
+  await loseSubscription(rig, 2)
+  const probe = await subscribeAgain(rig, redis, 2)
+  // Lost again before the one asked for can run; then the running one ends.
+  await loseSubscription(rig, 3)
+  // The running one's read is answered after that loss: it is dropped, and
+  // its streams stay held for the next restore.
+  proxy.releaseReplies(COMMANDS)
+  // Through the instance's commands connection: answered after the held read
+  // and after any read a catch-up started meanwhile, so the running one is over.
+  const during = await send(viaProxy.url, 3)
+
+  proxy.restore(SUBSCRIBER)
+  await eventually(async () => (await request(`${viaProxy.url}/ready`)).status === 200, 'the instance back on Redis', 10_000, 50)
+  const marker = await send(direct.url, 4)
+  await stream.next((event) => event.id === marker, 10_000, 'the marker')
+  t.same(seqIds(stream), [before, first, probe, during, marker], 'every event, in order, each once')
+  t.same(otherEvents(stream), ['connected'], 'no reset')
+  t.notOk(stream.ended, 'the stream stayed open')
+})
+
+t.test('the subscription lost twice during one catch-up, the second time with the commands connection that reads the history: no reset, no gap, no duplicate', async (t) => {
+  if (!(await needRedis(t))) return
+  const rig = await startRig(t, 'twice')
+  const { proxy, viaProxy, direct } = rig
+  const redis = redisClient(t)
+  const { stream } = await openConnected(`${viaProxy.url}/v1/stream?token=${userToken('u1')}`, { t })
+  const { stream: other } = await openConnected(`${viaProxy.url}/v1/stream?token=${userToken('u2')}&topics=news`, { t })
+  const send = async (to: object, data: number): Promise<string> => (await publishOk(direct.url, publisher, { to, event: 'seq', data }))[0]
+  const user = { user: 'u1' }
+  const topic = { topic: 'news' }
+  const before = await send(user, 0)
+  await stream.next((event) => event.id === before, 5000, 'the first event, live')
+
+  await loseSubscription(rig, 1)
+  const gap1 = [await send(user, 1), await send(topic, 1)]
+  proxy.holdReplies(COMMANDS)
+  proxy.restore(SUBSCRIBER)
+  await eventually(() => logged(viaProxy, CATCHING_UP) === 1, 'the catch-up to start', 10_000)
+
+  await loseSubscription(rig, 2)
+  const gap2 = [await send(user, 2), await send(topic, 2)]
+  const probe = await subscribeAgain(rig, redis, 3)
+  // Lost again, and the commands connection with it: the catch-up's reads fail.
+  await loseSubscription(rig, 3)
+  proxy.cut(COMMANDS)
+  const gap3 = [await send(user, 4), await send(topic, 4)]
+
+  proxy.restore(SUBSCRIBER)
+  await eventually(async () => (await request(`${viaProxy.url}/ready`)).status === 200, 'the instance back on Redis', 10_000, 50)
+  const marker = await send({ broadcast: true }, 5)
+  await stream.next((event) => event.id === marker, 10_000, 'the marker on the user\'s stream')
+  await other.next((event) => event.id === marker, 10_000, 'the marker on the topic\'s stream')
+  t.same(seqIds(stream), [before, gap1[0], gap2[0], probe, gap3[0], marker], 'the user\'s stream: every event, in order, each once')
+  t.same(otherEvents(stream), ['connected'], 'no reset')
+  t.same(seqIds(other), [gap1[1], gap2[1], gap3[1], marker], 'the topic\'s stream: every event, in order, each once')
+  t.same(otherEvents(other), ['connected'], 'no reset')
+  t.notOk(stream.ended || other.ended, 'both streams stayed open')
+})
+
+t.test('a catch-up read answered after a new loss is not merged: the events published between that loss and its restore still arrive', async (t) => {
+  if (!(await needRedis(t))) return
+  const prefix = uniquePrefix('mergegap')
+  const proxy = await FaultyProxy.start(t, redisPort)
+  const viaProxy = await startGateway(t, { REDIS_URL: proxy.url, REDIS_PREFIX: prefix }, { captureLogs: true })
+  const direct = await startGateway(t, { REDIS_URL, REDIS_PREFIX: prefix })
+  t.teardown(() => proxy.cut())
+  const redis = redisClient(t)
+  const userChannel = `${prefix}ch:${channel.user('u1')}`
+  const { stream } = await openConnected(`${viaProxy.url}/v1/stream?token=${userToken('u1')}`, { t })
+  const send = async (data: number): Promise<string> => (await publishOk(direct.url, publisher, { to: { user: 'u1' }, event: 'seq', data }))[0]
+  const before = await send(0)
+  await stream.next((event) => event.id === before, 5000, 'the first event, live')
+
+  proxy.cutOff(SUBSCRIBER)
+  await eventually(() => logged(viaProxy, LOST) === 1, 'the first loss')
+  const first = await send(1)
+  // The catch-up's read reaches Redis; its answer is held.
+  proxy.holdReplies(COMMANDS)
+  proxy.restore(SUBSCRIBER)
+  await eventually(() => logged(viaProxy, CATCHING_UP) === 1, 'the catch-up to start', 10_000)
+
+  proxy.cutOff(SUBSCRIBER)
+  await eventually(() => logged(viaProxy, LOST) === 2, 'the second loss')
+  const second = await send(2)
+  await eventually(async () => await subscriberCount(redis, userChannel) === 0, 'Redis to drop the lost subscriber')
+  proxy.restore(SUBSCRIBER)
+  await eventually(async () => await subscriberCount(redis, userChannel) === 1, 'the instance to subscribe again', 10_000)
+  // Heard live and held: newer than the gap's event, which the held read does not have.
+  const live = await send(3)
+  await eventually(() => viaProxy.app.bus.deliveredUpTo() >= Number(live), 'the instance to hear an event live')
+
+  proxy.releaseReplies(COMMANDS)
+  await eventually(async () => (await request(`${viaProxy.url}/ready`)).status === 200, 'the instance ready', 10_000, 50)
+  const marker = await send(4)
+  await stream.next((event) => event.id === marker, 10_000, 'the marker')
+  t.same(seqIds(stream), [before, first, second, live, marker], 'every event, in order, each once')
+  t.same(otherEvents(stream), ['connected'], 'no reset')
+})
