@@ -60,6 +60,13 @@ function cookieValue (request: FastifyRequest, name: string): string | null {
   return null
 }
 
+function rolesOf (claims: Claims): Set<string> {
+  const roles = new Set<string>()
+  if (Array.isArray(claims.roles)) for (const role of claims.roles) if (typeof role === 'string') roles.add(role)
+  if (typeof claims.role === 'string') roles.add(claims.role)
+  return roles
+}
+
 function hasRole (auth: AuthContext, level: AuthLevel): boolean {
   if (level === 'none' || level === 'user') return true
   if (auth.roles.has('admin')) return true
@@ -152,15 +159,34 @@ export default fp(async (app) => {
   }
 
   const cookie = config.jwtCookie
+  const allowedOrigins = new Set(config.corsOrigins ?? [])
+  /** No Origin (a same-origin GET, a navigation), the gateway's own, or one CORS allows. */
+  const originMayUseCookie = (request: FastifyRequest): boolean => {
+    const origin = request.headers.origin
+    if (origin === undefined || allowedOrigins.has(origin)) return true
+    try {
+      return new URL(origin).host === request.headers.host
+    } catch {
+      return false
+    }
+  }
   const missingMessage = `no token: send Authorization: Bearer <jwt>, X-Auth-Token or ?token=${cookie !== null ? ` (or, on GET user routes, the ${cookie} cookie)` : ''}`
   app.addHook('onRequest', async (request) => {
     const level = request.routeOptions.config.auth ?? 'none'
     if (level === 'none') return
     let token = extractToken(request)
-    // A browser sends cookies by itself, so a page on another site could make
-    // requests with them: the cookie is read only where a user reads (GET),
-    // and what such a page reads is left to CORS.
-    if (token === null && cookie !== null && level === 'user' && request.method === 'GET') token = cookieValue(request, cookie)
+    // A browser sends cookies by itself, so another page could make requests
+    // with them: the cookie is read only where a user reads (GET), only from
+    // a page of an allowed origin, and it carries no role.
+    let fromCookie = false
+    if (token === null && cookie !== null && level === 'user' && request.method === 'GET') {
+      token = cookieValue(request, cookie)
+      fromCookie = token !== null
+      if (fromCookie && !originMayUseCookie(request)) {
+        app.metrics.authFailure('forbidden')
+        throw new errors.Forbidden(`the ${cookie} cookie is accepted only from the gateway's own origin or one in CORS_ORIGINS`)
+      }
+    }
     if (token === null) throw unauthorized('missing', missingMessage)
     if (token === '') throw unauthorized('malformed')
     const verifier = verifierFor(token)
@@ -177,9 +203,8 @@ export default fp(async (app) => {
     )
     if (userId === undefined || String(userId).length > 256) throw unauthorized('no-user', 'token has no user id claim')
     if (typeof userId === 'string' && hasLoneSurrogate(userId)) throw unauthorized('no-user', 'the token\'s user id is not well-formed Unicode')
-    const roles = new Set<string>()
-    if (Array.isArray(claims.roles)) for (const role of claims.roles) if (typeof role === 'string') roles.add(role)
-    if (typeof claims.role === 'string') roles.add(claims.role)
+    // Roles count only in tokens sent explicitly, never in the cookie.
+    const roles = fromCookie ? new Set<string>() : rolesOf(claims)
     // A restriction that is not a list of patterns allows nothing rather than everything.
     const topics = claims.topics === undefined
       ? null

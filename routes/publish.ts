@@ -52,7 +52,9 @@ const publishRoutes: FastifyPluginAsync = async (app) => {
       // Keys are the publisher's own: two backends choosing the same key do not collide.
       const outcome = await publisher.publishOnce(items, {
         key: sha256(`${authOf(request).userId}\n${key}`),
-        fingerprint: sha256(JSON.stringify(request.body)),
+        // Of the request as validated, so the same request whose JSON keys
+        // come in another order, or that spells out a default, is the same.
+        fingerprint: sha256(JSON.stringify([batch, items])),
         windowS: config.idempotencyWindowS
       })
       if (outcome.kind === 'conflict') throw new errors.Unprocessable('this Idempotency-Key was used for another request')

@@ -147,7 +147,11 @@ export async function buildApp (config: Config, options: BuildOptions = {}): Pro
     // to 9 each percent-encoded), so the schema, not the router, refuses.
     routerOptions: { maxParamLength: 2304 },
     frameworkErrors: routerError,
-    ajv: { customOptions: { removeAdditional: false, coerceTypes: false, allErrors: false } }
+    ajv: { customOptions: { removeAdditional: false, coerceTypes: false, allErrors: false } },
+    // Fastify gives up on a plugin after 10 s, but the bus's may wait for
+    // Redis this long; its own deadline must come first, so that a start
+    // given up on leaves nothing running.
+    pluginTimeout: Math.max(10_000, config.redisStartupTimeoutMs + 10_000)
   })
 
   app.setErrorHandler((error: Error & { statusCode?: number, validation?: unknown, code?: string }, request, reply) => {
@@ -192,7 +196,8 @@ export async function buildApp (config: Config, options: BuildOptions = {}): Pro
       origin: config.corsOrigins.includes('*') ? true : config.corsOrigins,
       credentials: true,
       methods: ['GET', 'POST', 'PUT', 'DELETE', 'OPTIONS'],
-      allowedHeaders: ['Authorization', 'X-Auth-Token', 'Content-Type', 'Last-Event-ID', 'X-Request-Id'],
+      allowedHeaders: ['Authorization', 'X-Auth-Token', 'Content-Type', 'Last-Event-ID', 'X-Request-Id', 'Idempotency-Key'],
+      exposedHeaders: ['Idempotent-Replayed', 'Retry-After'],
       maxAge: 600
     })
   }
@@ -270,6 +275,7 @@ function httpReason (statusCode: number): string {
     413: 'Payload Too Large',
     414: 'URI Too Long',
     415: 'Unsupported Media Type',
+    422: 'Unprocessable Entity',
     429: 'Too Many Requests',
     431: 'Request Header Fields Too Large'
   }

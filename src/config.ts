@@ -211,6 +211,10 @@ export function loadConfig (env: Env = process.env): Config {
     redisStartupTimeoutMs: integer(env, 'REDIS_STARTUP_TIMEOUT_MS', 30000, 0, 3_600_000),
     idempotencyWindowS: integer(env, 'IDEMPOTENCY_WINDOW_S', 600, 1, 86_400)
   }
+  // Any site could then read a user's streams with the browser's cookie.
+  if (config.jwtCookie !== null && config.corsOrigins?.includes('*') === true) {
+    throw new ConfigError('JWT_COOKIE', 'cannot be used with CORS_ORIGINS=*: list the origins allowed to use the cookie')
+  }
   if (config.internalPort !== null && config.internalPort !== 0 && config.internalPort === config.port) {
     throw new ConfigError('INTERNAL_PORT', 'must differ from PORT')
   }

@@ -1,3 +1,4 @@
+import type { FastifyInstance } from 'fastify'
 import pino from 'pino'
 import { buildApp, listenInternal } from './app'
 import { ConfigError, loadConfig, type Config } from './config'
@@ -19,34 +20,42 @@ async function main (): Promise<void> {
   // per line (each handed to a thread and back). pino flushes what is left when
   // the process exits.
   const logStream = pino.destination({ dest: 1, sync: false, minLength: 4096, periodicFlush: 250 })
-  const app = await buildApp(config, { logStream })
+  // Handled from the start: a stop signal while start-up waits for Redis,
+  // with nothing to drain yet, ends the process at once and cleanly.
+  let app: FastifyInstance | null = null
+  let closing = false
+  const shutdown = (signal: string): void => {
+    if (closing) return
+    closing = true
+    if (app === null) {
+      logStream.flushSync()
+      process.exit(0)
+    }
+    const running = app
+    running.log.info({ signal, streams: running.registry.size }, 'draining')
+    const deadline = setTimeout(() => {
+      running.log.warn('drain timed out; exiting')
+      process.exit(0)
+    }, config.shutdownTimeoutMs)
+    deadline.unref()
+    running.close().then(() => {
+      running.log.info('stopped')
+      process.exit(0)
+    }, (error: unknown) => {
+      running.log.error({ err: error }, 'error while stopping')
+      process.exit(1)
+    })
+  }
+  process.on('SIGTERM', () => shutdown('SIGTERM'))
+  process.on('SIGINT', () => shutdown('SIGINT'))
+
+  app = await buildApp(config, { logStream })
   await app.listen({ port: config.port, host: config.host })
   if (config.internalPort !== null) {
     const server = await listenInternal(app, config.internalPort, config.host)
     app.log.info({ address: server.address() }, 'internal listener (publish, admin, metrics)')
   }
   app.log.info({ mode: app.bus.mode, instance: app.registry.instanceId }, 'gateway ready')
-
-  let closing = false
-  const shutdown = (signal: string): void => {
-    if (closing) return
-    closing = true
-    app.log.info({ signal, streams: app.registry.size }, 'draining')
-    const deadline = setTimeout(() => {
-      app.log.warn('drain timed out; exiting')
-      process.exit(0)
-    }, config.shutdownTimeoutMs)
-    deadline.unref()
-    app.close().then(() => {
-      app.log.info('stopped')
-      process.exit(0)
-    }, (error: unknown) => {
-      app.log.error({ err: error }, 'error while stopping')
-      process.exit(1)
-    })
-  }
-  process.on('SIGTERM', () => shutdown('SIGTERM'))
-  process.on('SIGINT', () => shutdown('SIGINT'))
 }
 
 main().catch((error: unknown) => {

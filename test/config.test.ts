@@ -138,6 +138,7 @@ t.test('invalid values throw a ConfigError naming the variable', async (t) => {
   refuses(t, { ...base, IDEMPOTENCY_WINDOW_S: '0' }, 'IDEMPOTENCY_WINDOW_S')
   refuses(t, { ...base, JWT_COOKIE: 'sse token' }, 'JWT_COOKIE')
   refuses(t, { ...base, JWT_COOKIE: 'a;b' }, 'JWT_COOKIE')
+  refuses(t, { ...base, JWT_COOKIE: 'sse_token', CORS_ORIGINS: 'https://a.example.com,*' }, 'JWT_COOKIE')
   refuses(t, { ...base, LOG_LEVEL: 'loud' }, 'LOG_LEVEL')
   refuses(t, { ...base, REDIS_URL: 'localhost:6379' }, 'REDIS_URL')
   refuses(t, { ...base, JWT_PUBLIC_KEY: 'not a pem' }, 'JWT_PUBLIC_KEY')

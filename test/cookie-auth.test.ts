@@ -4,7 +4,7 @@
  * The cookie counts on GET user routes only; headers and ?token= come first.
  */
 import t from 'tap'
-import { openStream, publisherToken, request, startGateway, token, userToken } from './helpers'
+import { openConnected, openStream, publishOk, publisherToken, request, startGateway, token, userToken } from './helpers'
 
 const COOKIE = 'sse_token'
 
@@ -27,10 +27,38 @@ t.test('the cookie opens a stream and reads a job; a header or ?token= still com
   const badHeader = await openStream(`${gateway.url}/v1/stream`, { t, headers: { authorization: 'Bearer nope', cookie: `${COOKIE}=${userToken('alice')}` } })
   t.equal(badHeader.status, 401, 'a bad header is not passed over for the cookie')
 
-  // What CORS tells a browser page of an allowed origin that sends credentials.
-  const cors = await request(`${gateway.url}/v1/stream`, { headers: { origin: 'https://app.example.com', cookie: `${COOKIE}=bad` } })
-  t.equal(cors.headers.get('access-control-allow-credentials'), 'true')
-  t.equal(cors.headers.get('access-control-allow-origin'), 'https://app.example.com')
+  // A page of an allowed origin, sending credentials: the stream opens, and CORS lets the page read it.
+  const allowed = await openStream(`${gateway.url}/v1/stream`, { t, headers: { origin: 'https://app.example.com', cookie: `${COOKIE}=${userToken('alice')}` } })
+  t.equal(allowed.status, 200)
+  t.equal(allowed.headers['access-control-allow-credentials'], 'true')
+  t.equal(allowed.headers['access-control-allow-origin'], 'https://app.example.com')
+  // The gateway's own pages (/demo) send their own origin.
+  const own = await openStream(`${gateway.url}/v1/stream`, { t, headers: { origin: gateway.url, cookie: `${COOKIE}=${userToken('alice')}` } })
+  t.equal(own.status, 200)
+})
+
+t.test('a page of another origin cannot use the cookie, even to open a stream it could not read', async (t) => {
+  const gateway = await startGateway(t, { JWT_COOKIE: COOKIE, CORS_ORIGINS: 'https://app.example.com', CONNECTION_LIMIT_POLICY: 'evict-oldest', MAX_CONNECTIONS_PER_USER: '1' })
+  const { stream: mine } = await openConnected(`${gateway.url}/v1/stream?token=${userToken('alice')}`, { t })
+  for (const origin of ['https://evil.example', 'null', 'https://app.example.com.evil.example']) {
+    const answer = await openStream(`${gateway.url}/v1/stream`, { t, headers: { origin, cookie: `${COOKIE}=${userToken('alice')}` } })
+    t.equal(answer.status, 403, origin)
+    t.match(answer.json(), { statusCode: 403, error: 'Forbidden', message: /cookie/ })
+  }
+  await publishOk(gateway.url, publisherToken(), { to: { user: 'alice' }, event: 'marker', data: 1 })
+  await mine.nextEvent('marker')
+  t.same(mine.events.map((event) => event.event), ['connected', 'marker'], 'the user\'s stream was not evicted by them')
+  // A header token is the page's own business: CORS decides what it reads.
+  const withHeader = await openStream(`${gateway.url}/v1/stream`, { t, headers: { origin: 'https://evil.example', authorization: `Bearer ${userToken('bob')}` } })
+  t.equal(withHeader.status, 200)
+})
+
+t.test('a token in the cookie carries no role: a publisher\'s cannot read another user\'s job', async (t) => {
+  const gateway = await startGateway(t, { JWT_COOKIE: COOKIE })
+  await request(`${gateway.url}/v1/jobs/j2`, { method: 'PUT', token: publisherToken(), body: { userId: 'alice', status: 'queued' } })
+  t.equal((await request(`${gateway.url}/v1/jobs/j2`, { token: publisherToken() })).status, 200, 'in a header, it can')
+  const viaCookie = await request(`${gateway.url}/v1/jobs/j2`, { headers: { cookie: `${COOKIE}=${publisherToken()}` } })
+  t.equal(viaCookie.status, 404, 'in the cookie, it is only its subject')
 })
 
 t.test('the cookie is not read on other methods, publisher routes, or without JWT_COOKIE', async (t) => {

@@ -4,6 +4,7 @@
  * with the same key and gets the first answer, without a second event.
  */
 import t from 'tap'
+import { MemoryBus } from '../src/core/memory-bus'
 import { eventually, openConnected, publishOk, publisherToken, request, startGateway, token, userToken, type Gateway, type JsonResponse, type SseClient } from './helpers'
 import { forEachMode, startCluster } from './helpers/modes'
 import { FaultyProxy } from './helpers/proxy'
@@ -68,7 +69,14 @@ forEachMode(t, 'a key used for another request: 422, nothing published; other ke
 
   const other = await publishWithKey(gateway, 'k', { to: { user: 'u1' }, event: 'a', data: 2 })
   t.equal(other.status, 422)
-  t.match(other.json, { code: 'GW_UNPROCESSABLE', message: /Idempotency-Key/ })
+  t.match(other.json, { statusCode: 422, error: 'Unprocessable Entity', code: 'GW_UNPROCESSABLE', message: /Idempotency-Key/ })
+  // The same request written differently is the same request.
+  const reordered = await publishWithKey(gateway, 'k', { data: 1, event: 'a', to: { user: 'u1' } })
+  t.same([reordered.status, reordered.json], [202, first.json], 'keys in another order')
+  const plain = await publishWithKey(gateway, 'm', { to: { user: 'u1' }, data: 3 })
+  const spelledOut = await publishWithKey(gateway, 'm', { to: { user: 'u1' }, event: 'message', data: 3 })
+  t.same(spelledOut.json, plain.json, 'the default event name spelled out')
+  t.equal(spelledOut.headers.get('idempotent-replayed'), 'true')
 
   const otherKey = await publishWithKey(gateway, 'k2', { to: { user: 'u1' }, event: 'a', data: 1 })
   t.equal(otherKey.status, 202)
@@ -146,4 +154,32 @@ forEachMode(t, 'past IDEMPOTENCY_WINDOW_S the key is forgotten: the same request
   }, 'the key forgotten', 10_000, 100)
   t.not(later.id, first.json.id, 'a new event')
   t.type(later.id, 'string')
+})
+
+t.test('a browser page of an allowed origin may send the key and read the replay header', async (t) => {
+  const [gateway] = await startCluster(t, 'memory', 1, { CORS_ORIGINS: 'https://admin.example.com' })
+  const preflight = await request(`${gateway.url}/v1/publish`, {
+    method: 'OPTIONS',
+    headers: { origin: 'https://admin.example.com', 'access-control-request-method': 'POST', 'access-control-request-headers': 'authorization, content-type, idempotency-key' }
+  })
+  t.match(preflight.headers.get('access-control-allow-headers'), /Idempotency-Key/i)
+  const answer = await publishWithKey(gateway, 'cors', { to: { user: 'u1' }, data: 1 })
+  t.equal(answer.status, 202)
+  const again = await request<Answer>(`${gateway.url}/v1/publish`, { method: 'POST', token: publisher, headers: { origin: 'https://admin.example.com', 'idempotency-key': 'cors' }, body: { to: { user: 'u1' }, data: 1 } })
+  t.match(again.headers.get('access-control-expose-headers'), /Idempotent-Replayed/i)
+})
+
+t.test('embedded mode keeps a bounded number of keys, forgetting the oldest first', async (t) => {
+  const bus = new MemoryBus({ historySize: 10, historyTtlS: 60, maxOnceKeys: 2 })
+  t.teardown(async () => await bus.close())
+  const item = { channels: ['u:u1'], body: 'data: 1\n' }
+  const once = (key: string): { key: string, fingerprint: string, windowS: number } => ({ key, fingerprint: 'f', windowS: 600 })
+  const first = await bus.publishOnce([item], once('k1'))
+  await bus.publishOnce([item], once('k2'))
+  t.match(await bus.publishOnce([item], once('k2')), { kind: 'repeated' })
+  await bus.publishOnce([item], once('k3'))
+  t.match(await bus.publishOnce([item], once('k3')), { kind: 'repeated' }, 'the newest kept')
+  const again = await bus.publishOnce([item], once('k1'))
+  t.equal(again.kind, 'published', 'the oldest forgotten')
+  t.not(again.kind !== 'conflict' && again.ids[0], first.kind !== 'conflict' && first.ids[0])
 })

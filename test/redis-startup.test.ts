@@ -5,7 +5,7 @@
  */
 import { createServer, type Server } from 'node:net'
 import t from 'tap'
-import { freePort, openConnected, publisherToken, publishOk, runServerToExit, spawnServer, TEST_SECRET, userToken } from './helpers'
+import { freePort, launch, openConnected, publisherToken, publishOk, runServerToExit, spawnServer, TEST_SECRET, userToken } from './helpers'
 import { needRedis, OwnRedis, uniquePrefix } from './helpers/redis'
 import { within } from './helpers/wait'
 
@@ -21,6 +21,7 @@ async function refusingRedis (port: number): Promise<{ attempts: (count: number)
   await new Promise<void>((resolve) => server.listen(port, '127.0.0.1', resolve))
   return {
     attempts: async (count) => {
+      if (seen >= count) return
       await new Promise<void>((resolve) => {
         onAttempt = () => { if (seen >= count) resolve() }
         onAttempt()
@@ -65,4 +66,34 @@ t.test('Redis still absent after REDIS_STARTUP_TIMEOUT_MS: exit 1 with one line 
   const lines = exit.stderr.trim().split('\n')
   t.equal(lines.length, 1, 'one line, no stack')
   t.match(lines[0], /REDIS_STARTUP_TIMEOUT_MS/)
+})
+
+t.test('a wait longer than Fastify\'s 10 s plugin timeout: the gateway still starts once Redis answers', async (t) => {
+  if (!(await needRedis(t))) return
+  const redis = new OwnRedis(await freePort())
+  t.teardown(async () => await redis.stop())
+  const early = await refusingRedis(redis.port)
+  t.teardown(async () => await early.close())
+
+  const startedAt = Date.now()
+  const serving = spawnServer(t, { REDIS_URL: redis.url, REDIS_PREFIX: uniquePrefix('startup'), REDIS_STARTUP_TIMEOUT_MS: '60000', JWT_SECRET: TEST_SECRET, HOST: '127.0.0.1', LOG_LEVEL: 'warn' }, 60_000)
+  serving.catch(() => {})
+  // Retries come at most 2 s apart: keep refusing until past 11 s.
+  for (let count = 2; Date.now() - startedAt < 11_000; count += 2) {
+    await within(early.attempts(count), 15_000, 'the gateway retrying Redis')
+  }
+  await early.close()
+  await redis.start()
+  const gateway = await serving
+  t.equal((await fetch(`${gateway.url}/ready`)).status, 200, 'ready')
+})
+
+t.test('SIGTERM while waiting for Redis: exit 0 at once', async (t) => {
+  const port = await freePort()
+  const early = await refusingRedis(port)
+  t.teardown(async () => await early.close())
+  const server = launch(t, { REDIS_URL: `redis://127.0.0.1:${port}`, JWT_SECRET: TEST_SECRET, PORT: '0', HOST: '127.0.0.1', LOG_LEVEL: 'warn' }, 0)
+  await within(early.attempts(4), 15_000, 'the gateway retrying Redis')
+  server.child.kill('SIGTERM')
+  t.same(await server.waitExit(5000), { code: 0, signal: null })
 })

@@ -15,7 +15,11 @@ interface ChannelHistory {
 export interface MemoryBusOptions {
   historySize: number
   historyTtlS: number
+  /** Idempotency keys kept at most (the oldest go first); each costs ≈ 0.4 KB. */
+  maxOnceKeys?: number
 }
+
+const MAX_ONCE_KEYS = 100_000
 
 /**
  * The embedded engine: one process, history in memory. Ids and appends happen
@@ -71,6 +75,9 @@ export class MemoryBus implements EventBus {
     const seen = this.onceKeys.get(once.key)
     if (seen !== undefined) return seen.fingerprint === once.fingerprint ? { kind: 'repeated', ids: seen.ids } : { kind: 'conflict' }
     const ids = this.publishNow(items)
+    // Bounded: a publisher sending a new key with every event at a high rate
+    // would otherwise hold the whole window's keys in memory.
+    if (this.onceKeys.size >= (this.options.maxOnceKeys ?? MAX_ONCE_KEYS)) this.onceKeys.delete(this.onceKeys.keys().next().value as string)
     this.onceKeys.set(once.key, { fingerprint: once.fingerprint, ids, expiresAt: now + once.windowS * 1000 })
     return { kind: 'published', ids }
   }

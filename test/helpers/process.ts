@@ -42,7 +42,8 @@ function childEnv (env: Record<string, string>): NodeJS.ProcessEnv {
   return { PATH: process.env.PATH ?? '/usr/bin:/bin', ...env }
 }
 
-function launch (t: TestLike, env: Record<string, string>, port: number): ServerProcess {
+/** Starts the server with `env` and returns at once (PORT as given; `port` is where its URL points). */
+export function launch (t: TestLike, env: Record<string, string>, port: number): ServerProcess {
   const child = spawn(process.execPath, [SERVER_JS], { env: childEnv(env), stdio: ['ignore', 'pipe', 'pipe'] })
   let stdout = ''
   let stderr = ''

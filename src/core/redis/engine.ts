@@ -307,33 +307,33 @@ export interface RedisEngine {
  * Connects `client` and resolves once it is ready. A refused or dropped first
  * attempt does not end start-up: ioredis keeps reconnecting, and Redis
  * started beside the gateway (compose, a pod) is waited for until `deadline`.
+ * The wait is logged once, not at every retry.
  */
 async function untilReady (client: Redis, name: string, deadline: number, log: Log): Promise<void> {
   let lastError = ''
-  const noteError = (error: Error): void => { lastError = error.message }
+  let waitLogged = false
+  const noteError = (error: Error): void => {
+    lastError = error.message
+    if (waitLogged || deadline <= Date.now()) return
+    waitLogged = true
+    log.warn({ connection: name, reason: lastError, waitMs: Math.max(0, deadline - Date.now()) }, 'waiting for redis')
+  }
   client.on('error', noteError)
+  let timer: NodeJS.Timeout | undefined
   try {
-    try {
-      await client.connect()
-      return
-    } catch (error) {
-      // The connection's own error ('ECONNREFUSED') says more than connect()'s.
-      if (lastError === '') lastError = reasonOf(error)
-    }
-    const waitMs = deadline - Date.now()
-    if (waitMs > 0 && client.status !== 'end') {
-      log.warn({ connection: name, reason: lastError, waitMs }, 'waiting for redis')
-      const ready = await new Promise<boolean>((resolve) => {
-        const timer = setTimeout(() => resolve(false), waitMs)
-        client.once('ready', () => {
-          clearTimeout(timer)
-          resolve(true)
-        })
+    const ready = await new Promise<boolean>((resolve) => {
+      // With no time to wait (REDIS_STARTUP_TIMEOUT_MS=0), the first attempt decides.
+      if (deadline > Date.now()) timer = setTimeout(() => resolve(false), deadline - Date.now())
+      client.once('ready', () => resolve(true))
+      // A first attempt that fails is retried by ioredis; only the deadline ends the wait.
+      client.connect().catch((error: unknown) => {
+        if (lastError === '') lastError = reasonOf(error)
+        if (deadline <= Date.now()) resolve(false)
       })
-      if (ready) return
-    }
-    throw new Error(`redis did not become ready in time (REDIS_STARTUP_TIMEOUT_MS): ${lastError}`)
+    })
+    if (!ready) throw new Error(`redis did not become ready in time (REDIS_STARTUP_TIMEOUT_MS): ${lastError || 'no answer'}`)
   } finally {
+    clearTimeout(timer)
     client.off('error', noteError)
   }
 }
@@ -342,14 +342,15 @@ export async function connectRedis (options: RedisEngineOptions, registry: Regis
   const commands = new ScriptedRedis(options.url)
   // A subscriber connection cannot run commands, so publishing and reading use the other one.
   const subscriber = new Redis(options.url, { ...redisOptions(), connectionName: 'sse-gateway-sub' })
+  let everReady = false
   for (const [name, client] of [['commands', commands.redis], ['subscriber', subscriber]] as const) {
-    client.on('error', (error: Error) => log.warn({ connection: name, reason: error.message }, 'redis error'))
+    // Until start-up is over, untilReady says why it waits, once.
+    client.on('error', (error: Error) => { if (everReady) log.warn({ connection: name, reason: error.message }, 'redis error') })
   }
   const bus = new RedisBus(commands, subscriber, options, log)
   const state = new RedisState(commands, subscriber, registry, options, log)
   const ingress = new IngressLeader(commands, subscriber, state, options.prefix, Math.max(1000, Math.floor(options.instanceTtlMs / 2)), log)
 
-  let everReady = false
   commands.redis.on('ready', () => {
     if (!everReady) return
     log.info({}, 'redis is back')
@@ -367,8 +368,8 @@ export async function connectRedis (options: RedisEngineOptions, registry: Regis
     await ingress.tick()
     // Blocking reads need a connection of their own.
     reader = new Redis(options.url, { ...redisOptions(), connectionName: 'sse-gateway-ingress' })
-    reader.on('error', (error: Error) => log.warn({ connection: 'ingress', reason: error.message }, 'redis error'))
     await untilReady(reader, 'ingress', startupDeadline, log)
+    reader.on('error', (error: Error) => log.warn({ connection: 'ingress', reason: error.message }, 'redis error'))
   } catch (error) {
     // A failed start leaves nothing reconnecting or ticking behind it.
     await ingress.stop()
