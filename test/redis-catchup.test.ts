@@ -228,35 +228,25 @@ t.test('the subscription lost twice during one catch-up, the second time with th
 
 t.test('a catch-up read answered after a new loss is not merged: the events published between that loss and its restore still arrive', async (t) => {
   if (!(await needRedis(t))) return
-  const prefix = uniquePrefix('mergegap')
-  const proxy = await FaultyProxy.start(t, redisPort)
-  const viaProxy = await startGateway(t, { REDIS_URL: proxy.url, REDIS_PREFIX: prefix }, { captureLogs: true })
-  const direct = await startGateway(t, { REDIS_URL, REDIS_PREFIX: prefix })
-  t.teardown(() => proxy.cut())
+  const rig = await startRig(t, 'mergegap')
+  const { proxy, viaProxy, direct } = rig
   const redis = redisClient(t)
-  const userChannel = `${prefix}ch:${channel.user('u1')}`
   const { stream } = await openConnected(`${viaProxy.url}/v1/stream?token=${userToken('u1')}`, { t })
   const send = async (data: number): Promise<string> => (await publishOk(direct.url, publisher, { to: { user: 'u1' }, event: 'seq', data }))[0]
   const before = await send(0)
   await stream.next((event) => event.id === before, 5000, 'the first event, live')
 
-  proxy.cutOff(SUBSCRIBER)
-  await eventually(() => logged(viaProxy, LOST) === 1, 'the first loss')
+  await loseSubscription(rig, 1)
   const first = await send(1)
   // The catch-up's read reaches Redis; its answer is held.
   proxy.holdReplies(COMMANDS)
   proxy.restore(SUBSCRIBER)
   await eventually(() => logged(viaProxy, CATCHING_UP) === 1, 'the catch-up to start', 10_000)
 
-  proxy.cutOff(SUBSCRIBER)
-  await eventually(() => logged(viaProxy, LOST) === 2, 'the second loss')
+  await loseSubscription(rig, 2)
   const second = await send(2)
-  await eventually(async () => await subscriberCount(redis, userChannel) === 0, 'Redis to drop the lost subscriber')
-  proxy.restore(SUBSCRIBER)
-  await eventually(async () => await subscriberCount(redis, userChannel) === 1, 'the instance to subscribe again', 10_000)
   // Heard live and held: newer than the gap's event, which the held read does not have.
-  const live = await send(3)
-  await eventually(() => viaProxy.app.bus.deliveredUpTo() >= Number(live), 'the instance to hear an event live')
+  const live = await subscribeAgain(rig, redis, 3)
 
   proxy.releaseReplies(COMMANDS)
   await eventually(async () => (await request(`${viaProxy.url}/ready`)).status === 200, 'the instance ready', 10_000, 50)

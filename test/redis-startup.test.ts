@@ -4,7 +4,7 @@
  * serves as soon as Redis answers; past the timeout it exits 1 with one line.
  */
 import { createServer, type Server } from 'node:net'
-import t from 'tap'
+import t, { type Test } from 'tap'
 import { freePort, launch, openConnected, publisherToken, publishOk, runServerToExit, spawnServer, TEST_SECRET, userToken } from './helpers'
 import { needRedis, OwnRedis, uniquePrefix } from './helpers/redis'
 import { within } from './helpers/wait'
@@ -33,12 +33,18 @@ async function refusingRedis (port: number): Promise<{ attempts: (count: number)
   }
 }
 
-t.test('Redis coming up after the gateway: it waits, then serves streams and publishes', async (t) => {
-  if (!(await needRedis(t))) return
+/** A Redis of the test's own, not started yet; meanwhile its port drops every connection. */
+async function lateRedis (t: Test): Promise<{ redis: OwnRedis, early: Awaited<ReturnType<typeof refusingRedis>> }> {
   const redis = new OwnRedis(await freePort())
   t.teardown(async () => await redis.stop())
   const early = await refusingRedis(redis.port)
   t.teardown(async () => await early.close())
+  return { redis, early }
+}
+
+t.test('Redis coming up after the gateway: it waits, then serves streams and publishes', async (t) => {
+  if (!(await needRedis(t))) return
+  const { redis, early } = await lateRedis(t)
 
   const serving = spawnServer(t, { REDIS_URL: redis.url, REDIS_PREFIX: uniquePrefix('startup'), JWT_SECRET: TEST_SECRET, HOST: '127.0.0.1', LOG_LEVEL: 'warn' })
   serving.catch(() => {})
@@ -70,10 +76,7 @@ t.test('Redis still absent after REDIS_STARTUP_TIMEOUT_MS: exit 1 with one line 
 
 t.test('a wait longer than Fastify\'s 10 s plugin timeout: the gateway still starts once Redis answers', async (t) => {
   if (!(await needRedis(t))) return
-  const redis = new OwnRedis(await freePort())
-  t.teardown(async () => await redis.stop())
-  const early = await refusingRedis(redis.port)
-  t.teardown(async () => await early.close())
+  const { redis, early } = await lateRedis(t)
 
   const startedAt = Date.now()
   const serving = spawnServer(t, { REDIS_URL: redis.url, REDIS_PREFIX: uniquePrefix('startup'), REDIS_STARTUP_TIMEOUT_MS: '60000', JWT_SECRET: TEST_SECRET, HOST: '127.0.0.1', LOG_LEVEL: 'warn' }, 60_000)

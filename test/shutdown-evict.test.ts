@@ -7,41 +7,10 @@
  * stream: no `shutdown` for it, and the close held until its connections are cut.
  */
 import t from 'tap'
-import type { Test } from 'tap'
-import { eventually, forEachMode, openConnected, openStream, startCluster, userToken } from './helpers'
+import { forEachMode, openConnected, openStream, startCluster, userToken } from './helpers'
 import { redisClient } from './helpers/redis'
 import { within } from './helpers/wait'
-
-/**
- * Holds calls to `target[method]` at a gate: `entered` resolves with the first
- * call's arguments when it arrives, and every call waits for `open()` before
- * running the real one.
- */
-function gate<T extends object, K extends keyof T> (target: T, method: K): { entered: Promise<unknown[]>, open: () => void } {
-  const real = (target[method] as (...args: unknown[]) => Promise<unknown>).bind(target)
-  let signalEntered = (_args: unknown[]): void => {}
-  const entered = new Promise<unknown[]>((resolve) => { signalEntered = resolve })
-  let release = (): void => {}
-  const opened = new Promise<void>((resolve) => { release = resolve })
-  target[method] = (async (...args: unknown[]) => {
-    signalEntered(args)
-    await opened
-    return await real(...args)
-  }) as T[K]
-  return { entered, open: release }
-}
-
-/**
- * Starts the drain as SIGTERM does (app.close()) and waits until it has begun;
- * `closed` settles when the close has finished. (Wrapped: an async function
- * returning the promise itself would wait for it.)
- */
-async function beginDrain (t: Test, app: { close: () => Promise<unknown>, streams: { isDraining: boolean } }): Promise<{ closed: Promise<unknown> }> {
-  const closed = app.close()
-  await eventually(() => app.streams.isDraining, 'the drain to begin')
-  t.pass('draining')
-  return { closed }
-}
+import { beginDrain, gate } from './helpers/drain'
 
 forEachMode(t, 'a stream waiting on the evict-oldest control message when the drain begins is refused with 503, not opened, and holds no slot', async (t) => {
   const [holder, draining] = await startCluster(t, 'redis', 2, { MAX_CONNECTIONS_PER_USER: '1', CONNECTION_LIMIT_POLICY: 'evict-oldest' })

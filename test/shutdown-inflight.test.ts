@@ -2,40 +2,10 @@ import { once } from 'node:events'
 import { connect } from 'node:net'
 import t from 'tap'
 import { listenInternal } from '../src/app'
-import type { Test } from 'tap'
-import { eventually, forEachMode, openStream, publisherToken, request, startCluster, startGateway, userToken } from './helpers'
+import { forEachMode, openStream, publisherToken, request, startCluster, startGateway, userToken } from './helpers'
 import { redisClient } from './helpers/redis'
 import { within } from './helpers/wait'
-
-/**
- * Holds calls to `target[method]` at a gate: `entered` resolves when the first
- * call arrives, and every call waits for `open()` before running the real one.
- */
-function gate<T extends object, K extends keyof T> (target: T, method: K): { entered: Promise<void>, open: () => void } {
-  const real = (target[method] as (...args: unknown[]) => Promise<unknown>).bind(target)
-  let signalEntered = (): void => {}
-  const entered = new Promise<void>((resolve) => { signalEntered = resolve })
-  let release = (): void => {}
-  const opened = new Promise<void>((resolve) => { release = resolve })
-  target[method] = (async (...args: unknown[]) => {
-    signalEntered()
-    await opened
-    return await real(...args)
-  }) as T[K]
-  return { entered, open: release }
-}
-
-/**
- * Starts the drain as SIGTERM does (app.close()) and waits until it has begun;
- * `closed` settles when the close has finished. (Wrapped: an async function
- * returning the promise itself would wait for it.)
- */
-async function beginDrain (t: Test, app: { close: () => Promise<unknown>, streams: { isDraining: boolean } }): Promise<{ closed: Promise<unknown> }> {
-  const closed = app.close()
-  await eventually(() => app.streams.isDraining, 'the drain to begin')
-  t.pass('draining')
-  return { closed }
-}
+import { beginDrain, gate } from './helpers/drain'
 
 forEachMode(t, 'a stream still waiting on admission when the drain begins is refused with 503, not reset, and holds no slot', async (t, mode) => {
   const [draining] = await startCluster(t, mode)

@@ -1,0 +1,34 @@
+/** Holding a gateway's internals at a chosen point while it starts to drain. */
+import type { Test } from 'tap'
+import { eventually } from './gateway'
+
+/**
+ * Holds calls to `target[method]` at a gate: `entered` resolves with the first
+ * call's arguments when it arrives, and every call waits for `open()` before
+ * running the real one.
+ */
+export function gate<T extends object, K extends keyof T> (target: T, method: K): { entered: Promise<unknown[]>, open: () => void } {
+  const real = (target[method] as (...args: unknown[]) => Promise<unknown>).bind(target)
+  let signalEntered = (_args: unknown[]): void => {}
+  const entered = new Promise<unknown[]>((resolve) => { signalEntered = resolve })
+  let release = (): void => {}
+  const opened = new Promise<void>((resolve) => { release = resolve })
+  target[method] = (async (...args: unknown[]) => {
+    signalEntered(args)
+    await opened
+    return await real(...args)
+  }) as T[K]
+  return { entered, open: release }
+}
+
+/**
+ * Starts the drain as SIGTERM does (app.close()) and waits until it has begun;
+ * `closed` settles when the close has finished. (Wrapped: an async function
+ * returning the promise itself would wait for it.)
+ */
+export async function beginDrain (t: Test, app: { close: () => Promise<unknown>, streams: { isDraining: boolean } }): Promise<{ closed: Promise<unknown> }> {
+  const closed = app.close()
+  await eventually(() => app.streams.isDraining, 'the drain to begin')
+  t.pass('draining')
+  return { closed }
+}
