@@ -43,11 +43,11 @@ interface Rig {
   direct: Gateway
 }
 
-async function startRig (t: Test, name: string): Promise<Rig> {
+async function startRig (t: Test, name: string, env: Record<string, string> = {}): Promise<Rig> {
   const prefix = uniquePrefix(name)
   const proxy = await FaultyProxy.start(t, redisPort)
-  const viaProxy = await startGateway(t, { REDIS_URL: proxy.url, REDIS_PREFIX: prefix }, { captureLogs: true })
-  const direct = await startGateway(t, { REDIS_URL, REDIS_PREFIX: prefix })
+  const viaProxy = await startGateway(t, { ...env, REDIS_URL: proxy.url, REDIS_PREFIX: prefix }, { captureLogs: true })
+  const direct = await startGateway(t, { ...env, REDIS_URL, REDIS_PREFIX: prefix })
   // Torn down first: a test that fails with a fault in place leaves none for the gateways' close to wait on.
   t.teardown(() => proxy.cut())
   return { prefix, proxy, viaProxy, direct }
@@ -254,4 +254,39 @@ t.test('a catch-up read answered after a new loss is not merged: the events publ
   await stream.next((event) => event.id === marker, 10_000, 'the marker')
   t.same(seqIds(stream), [before, first, second, live, marker], 'every event, in order, each once')
   t.same(otherEvents(stream), ['connected'], 'no reset')
+})
+
+t.test('a stream held since an earlier outage, its read dropped by a new loss, whose missed event aged out of the window: reset, not a silent hole', async (t) => {
+  if (!(await needRedis(t))) return
+  const historyTtlS = 5
+  const rig = await startRig(t, 'agedgap', { HISTORY_TTL_S: String(historyTtlS) })
+  const { proxy, viaProxy, direct } = rig
+  const redis = redisClient(t)
+  const { stream } = await openConnected(`${viaProxy.url}/v1/stream?token=${userToken('u1')}`, { t })
+  const send = async (data: number): Promise<string> => (await publishOk(direct.url, publisher, { to: { user: 'u1' }, event: 'seq', data }))[0]
+  // Here the condition is time itself: how old an event or an outage is against the window.
+  const olderThan = async (since: number, ms: number, what: string): Promise<void> => await eventually(() => Date.now() - since > ms, what, ms + 5000, 50)
+  const before = await send(0)
+  await stream.next((event) => event.id === before, 5000, 'the first event, live')
+
+  await loseSubscription(rig, 1)
+  const missed = await send(1)
+  const missedAt = Date.now()
+  await olderThan(missedAt, 3000, 'the first outage to age')
+  proxy.holdReplies(COMMANDS)
+  proxy.restore(SUBSCRIBER)
+  await eventually(() => logged(viaProxy, CATCHING_UP) === 1, 'the catch-up to start', 10_000)
+  // Its read is dropped: answered after this loss.
+  await loseSubscription(rig, 2)
+  // The event is now past the window; the second outage is not.
+  await olderThan(missedAt, historyTtlS * 1000 + 700, 'the missed event to leave the window')
+  await subscribeAgain(rig, redis, 2)
+
+  proxy.releaseReplies(COMMANDS)
+  await eventually(async () => (await request(`${viaProxy.url}/ready`)).status === 200, 'the instance ready', 10_000, 50)
+  const marker = await send(3)
+  await stream.next((event) => event.id === marker, 10_000, 'the marker')
+  const resets = stream.events.filter((event) => event.event === 'reset')
+  t.ok(seqIds(stream).includes(missed) || resets.length > 0, 'the missed event arrived, or a reset says it cannot')
+  t.same(resets.map((event) => JSON.parse(event.data)), [{ reason: 'expired' }])
 })

@@ -155,6 +155,8 @@ export class StreamService {
     }
     if (!connection.closed && (openedDuringLoss || this.subscriptionDown)) {
       connection.catchUpFrom = Math.max(connection.lastId, connection.baseline)
+      // Its baseline dates from before the outage, not from its opening.
+      connection.catchUpSince = this.lostAt
       // Restored meanwhile, maybe caught up without it: once more, for it.
       if (!this.subscriptionDown) this.runCatchUp()
       return connection
@@ -247,8 +249,12 @@ export class StreamService {
     for (const connection of [...this.registry.all()]) {
       // One catching up from an earlier loss keeps its bound, which is lower.
       if (connection.closed || connection.catchUpFrom !== null) continue
-      if (connection.hold()) connection.catchUpFrom = Math.max(connection.lastId, delivered)
-      else connection.close('error')
+      if (connection.hold()) {
+        connection.catchUpFrom = Math.max(connection.lastId, delivered)
+        connection.catchUpSince = Date.now()
+      } else {
+        connection.close('error')
+      }
     }
   }
 
@@ -308,9 +314,11 @@ export class StreamService {
           }
           if (result.reset === null) {
             await this.sendHistory(connection, result.events, true)
-          } else if (result.reset === 'expired' && Date.now() - this.lostAt < this.options.historyTtlS * 1000) {
+          } else if (result.reset === 'expired' && Date.now() - connection.catchUpSince < this.options.historyTtlS * 1000) {
             // Nothing was trimmed, and what the loss can have missed is younger
             // than the window: the window holds it (the bound is only older).
+            // The stream's own outage counts: one held since an earlier loss
+            // (its read then overtaken) may have missed events older than this one.
             const window = await this.bus.window([...connection.channels])
             if (lostAgain()) {
               connection.catchUpFrom = from
