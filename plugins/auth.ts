@@ -160,15 +160,19 @@ export default fp(async (app) => {
 
   const cookie = config.jwtCookie
   const allowedOrigins = new Set(config.corsOrigins ?? [])
-  /** No Origin (a same-origin GET, a navigation), the gateway's own, or one CORS allows. */
+  /**
+   * The gateway's own origin or one CORS allows. A request without Origin (a
+   * same-origin GET, a navigation, an image) passes only when the browser
+   * says it comes from this origin or from no page (Sec-Fetch-Site), or is
+   * too old to say: a link on another site must not open streams as the user.
+   */
   const originMayUseCookie = (request: FastifyRequest): boolean => {
     const origin = request.headers.origin
-    if (origin === undefined || allowedOrigins.has(origin)) return true
-    try {
-      return new URL(origin).host === request.headers.host
-    } catch {
-      return false
+    if (origin === undefined) {
+      const site = request.headers['sec-fetch-site']
+      return site === undefined || site === 'same-origin' || site === 'none'
     }
+    return allowedOrigins.has(origin) || origin === `${request.protocol}://${request.host}`
   }
   const missingMessage = `no token: send Authorization: Bearer <jwt>, X-Auth-Token or ?token=${cookie !== null ? ` (or, on GET user routes, the ${cookie} cookie)` : ''}`
   app.addHook('onRequest', async (request) => {

@@ -32,17 +32,31 @@ t.test('the cookie opens a stream and reads a job; a header or ?token= still com
   t.equal(allowed.status, 200)
   t.equal(allowed.headers['access-control-allow-credentials'], 'true')
   t.equal(allowed.headers['access-control-allow-origin'], 'https://app.example.com')
-  // The gateway's own pages (/demo) send their own origin.
+  // The gateway's own pages (/demo) send their own origin; the address bar, none.
   const own = await openStream(`${gateway.url}/v1/stream`, { t, headers: { origin: gateway.url, cookie: `${COOKIE}=${userToken('alice')}` } })
   t.equal(own.status, 200)
+  for (const site of ['same-origin', 'none']) {
+    const answer = await openStream(`${gateway.url}/v1/stream`, { t, headers: { 'sec-fetch-site': site, cookie: `${COOKIE}=${userToken('alice')}` } })
+    t.equal(answer.status, 200, `Sec-Fetch-Site: ${site}`)
+  }
 })
 
 t.test('a page of another origin cannot use the cookie, even to open a stream it could not read', async (t) => {
   const gateway = await startGateway(t, { JWT_COOKIE: COOKIE, CORS_ORIGINS: 'https://app.example.com', CONNECTION_LIMIT_POLICY: 'evict-oldest', MAX_CONNECTIONS_PER_USER: '1' })
   const { stream: mine } = await openConnected(`${gateway.url}/v1/stream?token=${userToken('alice')}`, { t })
-  for (const origin of ['https://evil.example', 'null', 'https://app.example.com.evil.example']) {
-    const answer = await openStream(`${gateway.url}/v1/stream`, { t, headers: { origin, cookie: `${COOKIE}=${userToken('alice')}` } })
-    t.equal(answer.status, 403, origin)
+  const refused: Array<Record<string, string>> = [
+    { origin: 'https://evil.example' },
+    { origin: 'null' },
+    { origin: 'https://app.example.com.evil.example' },
+    // The gateway's own host under another scheme is another origin.
+    { origin: gateway.url.replace('http:', 'https:') },
+    // No Origin: a link or an image on another site, as the browser says.
+    { 'sec-fetch-site': 'cross-site', 'sec-fetch-mode': 'navigate' },
+    { 'sec-fetch-site': 'same-site', 'sec-fetch-mode': 'no-cors' }
+  ]
+  for (const headers of refused) {
+    const answer = await openStream(`${gateway.url}/v1/stream`, { t, headers: { ...headers, cookie: `${COOKIE}=${userToken('alice')}` } })
+    t.equal(answer.status, 403, JSON.stringify(headers))
     t.match(answer.json(), { statusCode: 403, error: 'Forbidden', message: /cookie/ })
   }
   await publishOk(gateway.url, publisherToken(), { to: { user: 'alice' }, event: 'marker', data: 1 })
