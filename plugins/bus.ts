@@ -18,7 +18,7 @@ declare module 'fastify' {
   }
 }
 
-export default fp(async (app) => {
+export default fp<{ startupSignal?: AbortSignal }>(async (app, options) => {
   const { config, registry } = app
   if (config.redisUrl !== null) {
     // Loaded only in Redis mode, so embedded mode never opens a Redis client.
@@ -30,7 +30,8 @@ export default fp(async (app) => {
       historyTtlS: config.historyTtlS,
       presenceGraceMs: config.presenceGraceMs,
       instanceTtlMs: config.instanceTtlMs,
-      startupTimeoutMs: config.redisStartupTimeoutMs
+      startupTimeoutMs: config.redisStartupTimeoutMs,
+      startupSignal: options.startupSignal
     }, registry, app.log)
     app.decorate('bus', engine.bus)
     app.decorate('state', engine.state)

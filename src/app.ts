@@ -39,6 +39,8 @@ export interface BuildOptions {
   /** Where pino writes; tests capture it to prove what is and is not logged. */
   logStream?: DestinationStream
   instanceId?: string
+  /** Aborting it ends a start-up still waiting for Redis (the build then rejects). */
+  startupSignal?: AbortSignal
 }
 
 const internalSockets = new WeakSet<Socket>()
@@ -217,7 +219,7 @@ export async function buildApp (config: Config, options: BuildOptions = {}): Pro
   }
 
   await app.register(registryPlugin, { instanceId: options.instanceId })
-  await app.register(busPlugin)
+  await app.register(busPlugin, { startupSignal: options.startupSignal })
   await app.register(metricsPlugin)
   app.decorate('internalServer', internalServer)
   await app.register(authPlugin)

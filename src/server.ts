@@ -20,16 +20,19 @@ async function main (): Promise<void> {
   // per line (each handed to a thread and back). pino flushes what is left when
   // the process exits.
   const logStream = pino.destination({ dest: 1, sync: false, minLength: 4096, periodicFlush: 250 })
-  // Handled from the start: a stop signal while start-up waits for Redis,
-  // with nothing to drain yet, ends the process at once and cleanly.
+  // Handled from the start. During start-up there is nothing to drain: a
+  // stop signal ends a wait for Redis, and what the start had set up (its
+  // instance record, the ingress lease) is closed before the exit.
   let app: FastifyInstance | null = null
   let closing = false
+  const startup = new AbortController()
   const shutdown = (signal: string): void => {
     if (closing) return
     closing = true
     if (app === null) {
-      logStream.flushSync()
-      process.exit(0)
+      startup.abort()
+      setTimeout(() => process.exit(0), config.shutdownTimeoutMs).unref()
+      return
     }
     const running = app
     running.log.info({ signal, streams: running.registry.size }, 'draining')
@@ -49,7 +52,18 @@ async function main (): Promise<void> {
   process.on('SIGTERM', () => shutdown('SIGTERM'))
   process.on('SIGINT', () => shutdown('SIGINT'))
 
-  app = await buildApp(config, { logStream })
+  try {
+    app = await buildApp(config, { logStream, startupSignal: startup.signal })
+  } catch (error) {
+    if (!startup.signal.aborted) throw error
+    logStream.flushSync()
+    process.exit(0)
+  }
+  if (startup.signal.aborted) {
+    // Stopped once the build was past its last wait.
+    await app.close()
+    process.exit(0)
+  }
   await app.listen({ port: config.port, host: config.host })
   if (config.internalPort !== null) {
     const server = await listenInternal(app, config.internalPort, config.host)

@@ -5,8 +5,9 @@
  */
 import { createServer, type Server } from 'node:net'
 import t, { type Test } from 'tap'
-import { freePort, launch, openConnected, publisherToken, publishOk, runServerToExit, spawnServer, TEST_SECRET, userToken } from './helpers'
-import { needRedis, OwnRedis, uniquePrefix } from './helpers/redis'
+import { eventually, freePort, launch, openConnected, publisherToken, publishOk, runServerToExit, spawnServer, TEST_SECRET, userToken } from './helpers'
+import { FaultyProxy } from './helpers/proxy'
+import { needRedis, OwnRedis, redisClient, REDIS_URL, uniquePrefix } from './helpers/redis'
 import { within } from './helpers/wait'
 
 /** A listener on `port` that drops every connection at once, as a Redis still starting does; counts them. */
@@ -99,4 +100,19 @@ t.test('SIGTERM while waiting for Redis: exit 0 at once', async (t) => {
   await within(early.attempts(4), 15_000, 'the gateway retrying Redis')
   server.child.kill('SIGTERM')
   t.same(await server.waitExit(5000), { code: 0, signal: null })
+})
+
+t.test('SIGTERM once the start has registered the instance and taken the ingress lease: both are given back, exit 0', async (t) => {
+  if (!(await needRedis(t))) return
+  const prefix = uniquePrefix('startstop')
+  const proxy = await FaultyProxy.start(t, Number(new URL(REDIS_URL).port || 6379))
+  // The last connection the start opens never becomes ready: the start waits there.
+  proxy.holdReplies('sse-gateway-ingress')
+  const server = launch(t, { REDIS_URL: proxy.url, REDIS_PREFIX: prefix, JWT_SECRET: TEST_SECRET, PORT: '0', HOST: '127.0.0.1', LOG_LEVEL: 'warn' }, 0)
+  const redis = redisClient(t)
+  await eventually(async () => await redis.zcard(`${prefix}instances`) === 1 && await redis.exists(`${prefix}leader`) === 1, 'the instance registered, holding the lease', 15_000, 50)
+  server.child.kill('SIGTERM')
+  t.same(await server.waitExit(10_000), { code: 0, signal: null })
+  t.equal(await redis.zcard(`${prefix}instances`), 0, 'the instance record is gone')
+  t.equal(await redis.exists(`${prefix}leader`), 0, 'the lease is free for the other instances')
 })

@@ -13,6 +13,8 @@ export interface RedisEngineOptions {
   instanceTtlMs: number
   /** How long start-up waits for every connection to be ready (ioredis retries meanwhile). */
   startupTimeoutMs?: number
+  /** Ends the start-up early (a stop signal): it then rejects, leaving nothing behind. */
+  startupSignal?: AbortSignal
 }
 
 interface Log {
@@ -309,7 +311,7 @@ export interface RedisEngine {
  * started beside the gateway (compose, a pod) is waited for until `deadline`.
  * The wait is logged once, not at every retry.
  */
-async function untilReady (client: Redis, name: string, deadline: number, log: Log): Promise<void> {
+async function untilReady (client: Redis, name: string, deadline: number, log: Log, signal?: AbortSignal): Promise<void> {
   let lastError = ''
   let waitLogged = false
   const noteError = (error: Error): void => {
@@ -325,12 +327,14 @@ async function untilReady (client: Redis, name: string, deadline: number, log: L
       // With no time to wait (REDIS_STARTUP_TIMEOUT_MS=0), the first attempt decides.
       if (deadline > Date.now()) timer = setTimeout(() => resolve(false), deadline - Date.now())
       client.once('ready', () => resolve(true))
+      signal?.addEventListener('abort', () => resolve(false), { once: true })
       // A first attempt that fails is retried by ioredis; only the deadline ends the wait.
       client.connect().catch((error: unknown) => {
         if (lastError === '') lastError = reasonOf(error)
         if (deadline <= Date.now()) resolve(false)
       })
     })
+    if (signal?.aborted === true) throw new Error('start-up stopped')
     if (!ready) throw new Error(`redis did not become ready in time (REDIS_STARTUP_TIMEOUT_MS): ${lastError || 'no answer'}`)
   } finally {
     clearTimeout(timer)
@@ -359,16 +363,20 @@ export async function connectRedis (options: RedisEngineOptions, registry: Regis
   })
 
   const startupDeadline = Date.now() + (options.startupTimeoutMs ?? 0)
+  const signal = options.startupSignal
+  const stopIfAsked = (): void => { if (signal?.aborted === true) throw new Error('start-up stopped') }
   let reader: Redis | null = null
   try {
-    await Promise.all([untilReady(commands.redis, 'commands', startupDeadline, log), untilReady(subscriber, 'subscriber', startupDeadline, log)])
+    await Promise.all([untilReady(commands.redis, 'commands', startupDeadline, log, signal), untilReady(subscriber, 'subscriber', startupDeadline, log, signal)])
     await bus.start()
     await state.start()
     everReady = true
+    stopIfAsked()
     await ingress.tick()
     // Blocking reads need a connection of their own.
     reader = new Redis(options.url, { ...redisOptions(), connectionName: 'sse-gateway-ingress' })
-    await untilReady(reader, 'ingress', startupDeadline, log)
+    await untilReady(reader, 'ingress', startupDeadline, log, signal)
+    stopIfAsked()
     reader.on('error', (error: Error) => log.warn({ connection: 'ingress', reason: error.message }, 'redis error'))
   } catch (error) {
     // A failed start leaves nothing reconnecting or ticking behind it.
