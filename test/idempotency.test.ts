@@ -169,17 +169,24 @@ t.test('a browser page of an allowed origin may send the key and read the replay
   t.match(again.headers.get('access-control-expose-headers'), /Idempotent-Replayed/i)
 })
 
-t.test('embedded mode keeps a bounded number of keys, forgetting the oldest first', async (t) => {
-  const bus = new MemoryBus({ historySize: 10, historyTtlS: 60, maxOnceKeys: 2 })
+t.test('embedded mode bounds the memory its keys take, forgetting the oldest first', async (t) => {
+  // Room for two keys of one event each.
+  const bus = new MemoryBus({ historySize: 10, historyTtlS: 60, maxOnceBytes: 2 * 431 })
   t.teardown(async () => await bus.close())
   const item = { channels: ['u:u1'], body: 'data: 1\n' }
   const once = (key: string): { key: string, fingerprint: string, windowS: number } => ({ key, fingerprint: 'f', windowS: 600 })
   const first = await bus.publishOnce([item], once('k1'))
   await bus.publishOnce([item], once('k2'))
-  t.match(await bus.publishOnce([item], once('k2')), { kind: 'repeated' })
+  t.match(await bus.publishOnce([item], once('k1')), { kind: 'repeated' }, 'two fit')
   await bus.publishOnce([item], once('k3'))
   t.match(await bus.publishOnce([item], once('k3')), { kind: 'repeated' }, 'the newest kept')
+  t.match(await bus.publishOnce([item], once('k2')), { kind: 'repeated' })
   const again = await bus.publishOnce([item], once('k1'))
   t.equal(again.kind, 'published', 'the oldest forgotten')
   t.not(again.kind !== 'conflict' && again.ids[0], first.kind !== 'conflict' && first.ids[0])
+
+  // A big batch counts for what it holds: it pushes out both single keys.
+  await bus.publishOnce(Array.from({ length: 30 }, () => item), once('batch'))
+  t.match(await bus.publishOnce([item], once('batch')), { kind: 'repeated' })
+  t.equal((await bus.publishOnce([item], once('k3'))).kind, 'published', 'pushed out by the batch')
 })

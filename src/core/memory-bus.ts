@@ -15,11 +15,16 @@ interface ChannelHistory {
 export interface MemoryBusOptions {
   historySize: number
   historyTtlS: number
-  /** Idempotency keys kept at most (the oldest go first); each costs ≈ 0.4 KB. */
-  maxOnceKeys?: number
+  /** Memory the idempotency keys may take, estimated (the oldest go first). */
+  maxOnceBytes?: number
 }
 
-const MAX_ONCE_KEYS = 100_000
+const MAX_ONCE_BYTES = 64 * 1024 * 1024
+
+/** What a remembered key costs, as measured with --expose-gc: ≈ 0.4 KB, and ≈ 10 bytes per id of a batch. */
+function onceCost (ids: number[]): number {
+  return 420 + 11 * ids.length
+}
 
 /**
  * The embedded engine: one process, history in memory. Ids and appends happen
@@ -38,6 +43,7 @@ export class MemoryBus implements EventBus {
   private readonly sweepTimer: NodeJS.Timeout
   /** Idempotency keys used within their window, oldest first. */
   private readonly onceKeys = new Map<string, { fingerprint: string, ids: number[], expiresAt: number }>()
+  private onceBytes = 0
 
   constructor (private readonly options: MemoryBusOptions) {
     // Channels that went quiet are dropped once all their events are past the window.
@@ -77,7 +83,13 @@ export class MemoryBus implements EventBus {
     const ids = this.publishNow(items)
     // Bounded: a publisher sending a new key with every event at a high rate
     // would otherwise hold the whole window's keys in memory.
-    if (this.onceKeys.size >= (this.options.maxOnceKeys ?? MAX_ONCE_KEYS)) this.onceKeys.delete(this.onceKeys.keys().next().value as string)
+    this.onceBytes += onceCost(ids)
+    const budget = this.options.maxOnceBytes ?? MAX_ONCE_BYTES
+    for (const [key, oldest] of this.onceKeys) {
+      if (this.onceBytes <= budget) break
+      this.onceKeys.delete(key)
+      this.onceBytes -= onceCost(oldest.ids)
+    }
     this.onceKeys.set(once.key, { fingerprint: once.fingerprint, ids, expiresAt: now + once.windowS * 1000 })
     return { kind: 'published', ids }
   }
@@ -199,6 +211,7 @@ export class MemoryBus implements EventBus {
     for (const [key, seen] of this.onceKeys) {
       if (seen.expiresAt > now) break
       this.onceKeys.delete(key)
+      this.onceBytes -= onceCost(seen.ids)
     }
   }
 
