@@ -161,18 +161,17 @@ export default fp(async (app) => {
   const cookie = config.jwtCookie
   const allowedOrigins = new Set(config.corsOrigins ?? [])
   /**
-   * The gateway's own origin or one CORS allows. A request without Origin (a
-   * same-origin GET, a navigation, an image) passes only when the browser
-   * says it comes from this origin or from no page (Sec-Fetch-Site), or is
-   * too old to say: a link on another site must not open streams as the user.
+   * Only a script's request (EventSource, fetch) of a page of the gateway's
+   * own origin, or of an origin CORS allows, as the browser's Fetch Metadata
+   * say: a link, a redirect, an image or a form elsewhere, or a link opened
+   * from outside the browser, must not open streams as the user. A request
+   * without those headers (no browser, or one too old) gets no cookie auth.
    */
   const originMayUseCookie = (request: FastifyRequest): boolean => {
-    const origin = request.headers.origin
-    if (origin === undefined) {
-      const site = request.headers['sec-fetch-site']
-      return site === undefined || site === 'same-origin' || site === 'none'
-    }
-    return allowedOrigins.has(origin) || origin === `${request.protocol}://${request.host}`
+    const headers = request.headers
+    if (headers['sec-fetch-mode'] !== 'cors' || headers['sec-fetch-dest'] !== 'empty') return false
+    if (headers['sec-fetch-site'] === 'same-origin') return true
+    return headers.origin !== undefined && allowedOrigins.has(headers.origin)
   }
   const missingMessage = `no token: send Authorization: Bearer <jwt>, X-Auth-Token or ?token=${cookie !== null ? ` (or, on GET user routes, the ${cookie} cookie)` : ''}`
   app.addHook('onRequest', async (request) => {
@@ -188,7 +187,7 @@ export default fp(async (app) => {
       fromCookie = token !== null
       if (fromCookie && !originMayUseCookie(request)) {
         app.metrics.authFailure('forbidden')
-        throw new errors.Forbidden(`the ${cookie} cookie is accepted only from the gateway's own origin or one in CORS_ORIGINS`)
+        throw new errors.Forbidden(`the ${cookie} cookie is accepted only from scripts of the gateway's own origin or of one in CORS_ORIGINS`)
       }
     }
     if (token === null) throw unauthorized('missing', missingMessage)
