@@ -290,3 +290,27 @@ t.test('a stream held since an earlier outage, its read dropped by a new loss, w
   t.ok(seqIds(stream).includes(missed) || resets.length > 0, 'the missed event arrived, or a reset says it cannot')
   t.same(resets.map((event) => JSON.parse(event.data)), [{ reason: 'expired' }])
 })
+
+t.test('a subscriber connection that goes silent without closing is taken for lost by itself: its streams get what they missed, no reset', async (t) => {
+  if (!(await needRedis(t))) return
+  // A window of 20 s: PINGs every 2 s, a connection silent for 6 s is lost.
+  const rig = await startRig(t, 'halfopen', { HISTORY_TTL_S: '20' })
+  const { proxy, viaProxy, direct } = rig
+  const { stream } = await openConnected(`${viaProxy.url}/v1/stream?token=${userToken('u1')}`, { t })
+  const send = async (data: number): Promise<string> => (await publishOk(direct.url, publisher, { to: { user: 'u1' }, event: 'seq', data }))[0]
+  const before = await send(0)
+  await stream.next((event) => event.id === before, 5000, 'the first event, live')
+
+  // The socket stays open; nothing comes through it any more.
+  proxy.holdReplies(SUBSCRIBER)
+  const missed = await send(1)
+  await eventually(() => logged(viaProxy, LOST) === 1, 'the instance to notice the silence', 15_000, 50)
+  t.ok(logged(viaProxy, 'bus subscriber does not answer') >= 1, 'it says why')
+  proxy.releaseReplies(SUBSCRIBER)
+
+  await eventually(async () => (await request(`${viaProxy.url}/ready`)).status === 200, 'the instance ready', 10_000, 50)
+  const marker = await send(2)
+  await stream.next((event) => event.id === marker, 10_000, 'the marker')
+  t.same(seqIds(stream), [before, missed, marker], 'the missed event between the others')
+  t.same(otherEvents(stream), ['connected'], 'no reset, no reconnect')
+})

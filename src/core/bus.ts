@@ -77,6 +77,13 @@ export interface EventBus {
    * issued): every event delivered from now on has a higher id.
    */
   deliveredUpTo (): number
+  /**
+   * When (performance.now()) the subscription was last known to work: every
+   * event published before then has been delivered. A loss can be noticed
+   * well after delivery stopped (a half-open connection); what it missed is
+   * no older than this.
+   */
+  heardAt (): number
   /** The highest id issued so far. */
   lastId (): Promise<number>
   isReady (): boolean

@@ -115,7 +115,7 @@ export class StreamConnection {
   baseline = 0
   /** Set while the stream catches up after the bus lost its subscription: replayed from above this id. */
   catchUpFrom: number | null = null
-  /** When the outage that set `catchUpFrom` began: nothing it missed is older. */
+  /** When (performance.now()) the bus last knew its subscription whole before the outage that set `catchUpFrom`: nothing it missed is older. */
   catchUpSince = 0
   eventsSent = 0
   bytesSent = 0

@@ -128,6 +128,10 @@ export class MemoryBus implements EventBus {
 
   onSubscription (): void {}
 
+  heardAt (): number {
+    return performance.now()
+  }
+
   deliveredUpTo (): number {
     return this.last
   }

@@ -239,7 +239,9 @@ export class StreamService {
    */
   private subscriptionLost (): void {
     this.lossCount++
-    if (!this.subscriptionDown) this.lostAt = Date.now()
+    // Noticed maybe well after delivery stopped: what it missed is no older than this.
+    const heard = this.bus.heardAt()
+    if (!this.subscriptionDown) this.lostAt = heard
     this.subscriptionDown = true
     // Pub/sub delivers in id order: every event at or below this mark on a
     // live stream's channels has reached it. (Its own opening mark would do
@@ -251,7 +253,7 @@ export class StreamService {
       if (connection.closed || connection.catchUpFrom !== null) continue
       if (connection.hold()) {
         connection.catchUpFrom = Math.max(connection.lastId, delivered)
-        connection.catchUpSince = Date.now()
+        connection.catchUpSince = heard
       } else {
         connection.close('error')
       }
@@ -314,11 +316,12 @@ export class StreamService {
           }
           if (result.reset === null) {
             await this.sendHistory(connection, result.events, true)
-          } else if (result.reset === 'expired' && Date.now() - connection.catchUpSince < this.options.historyTtlS * 1000) {
+          } else if (result.reset === 'expired' && performance.now() - connection.catchUpSince < this.options.historyTtlS * 900) {
             // Nothing was trimmed, and what the loss can have missed is younger
             // than the window: the window holds it (the bound is only older).
             // The stream's own outage counts: one held since an earlier loss
             // (its read then overtaken) may have missed events older than this one.
+            // (A tenth of the window is kept for the read to come, and clocks.)
             const window = await this.bus.window([...connection.channels])
             if (lostAgain()) {
               connection.catchUpFrom = from

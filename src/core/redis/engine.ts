@@ -382,6 +382,7 @@ export async function connectRedis (options: RedisEngineOptions, registry: Regis
     // A failed start leaves nothing reconnecting or ticking behind it.
     await ingress.stop()
     await state.close()
+    await bus.close()
     for (const client of [commands.redis, subscriber, reader]) client?.disconnect()
     throw error
   }
@@ -396,6 +397,7 @@ export async function connectRedis (options: RedisEngineOptions, registry: Regis
       await durable.stop()
       await ingress.stop()
       await state.close()
+      await bus.close()
       commands.redis.disconnect()
       subscriber.disconnect()
     }

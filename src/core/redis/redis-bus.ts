@@ -41,6 +41,10 @@ export class RedisBus implements EventBus {
   private lost = false
   /** Subscribed again since the loss; restored once the commands connection (history reads) is up too. */
   private resubscribed = false
+  /** When a PING sent on the subscriber (after everything published before it) was last answered. */
+  private heard = performance.now()
+  private pingSentAt: number | null = null
+  private readonly pingTimer: NodeJS.Timeout
 
   constructor (
     private readonly commands: ScriptedRedis,
@@ -68,11 +72,20 @@ export class RedisBus implements EventBus {
         // Subscribed again: from here on nothing is missed, and what was
         // published meanwhile is in the history for the streams to catch up.
         this.resubscribed = true
+        this.heard = performance.now()
         this.restoreIfWhole()
       }, (error: unknown) => {
         this.log.warn({ channels: this.channels.size, reason: reasonOf(error) }, 'could not subscribe again to the bus channels')
       })
     })
+    // A subscriber's socket can die silently (a NAT or a balancer dropping it,
+    // a paused VM): pub/sub then just goes quiet. A PING answered proves
+    // every earlier event came through; one unanswered for long is a lost
+    // connection, reconnected at once so its streams catch up. Paced to the
+    // history window, so a catch-up after a brief outage finds in the window
+    // all it can have missed.
+    const pingEveryMs = Math.min(2000, Math.floor(options.historyTtlS * 1000 / 4))
+    this.pingTimer = setInterval(() => this.checkSubscriber(pingEveryMs * 3), pingEveryMs).unref()
     // The catch-up reads history on the other connection, which may come back later.
     commands.redis.on('ready', () => this.restoreIfWhole())
     subscriber.on('close', () => {
@@ -82,6 +95,26 @@ export class RedisBus implements EventBus {
       this.log.warn({ channels: this.channels.size }, 'bus subscription lost; streams catch up from history once it is back')
       this.subscription.lost()
     })
+  }
+
+  private checkSubscriber (timeoutMs: number): void {
+    if (this.pingSentAt !== null) {
+      if (performance.now() - this.pingSentAt > timeoutMs && this.subscriber.status === 'ready') {
+        this.log.warn({ silentMs: Math.round(performance.now() - this.heard) }, 'bus subscriber does not answer; reconnecting')
+        this.subscriber.disconnect(true)
+      }
+      return
+    }
+    if (this.subscriber.status !== 'ready') return
+    const sentAt = performance.now()
+    this.pingSentAt = sentAt
+    this.subscriber.ping().then(() => { this.heard = Math.max(this.heard, sentAt) }, () => {}).finally(() => {
+      if (this.pingSentAt === sentAt) this.pingSentAt = null
+    })
+  }
+
+  heardAt (): number {
+    return this.heard
   }
 
   private restoreIfWhole (): void {
@@ -157,7 +190,9 @@ export class RedisBus implements EventBus {
     return this.commands.redis.status === 'ready' && this.subscriber.status === 'ready'
   }
 
-  async close (): Promise<void> {}
+  async close (): Promise<void> {
+    clearInterval(this.pingTimer)
+  }
 
   private async resubscribe (): Promise<void> {
     const names = [...this.channels]
