@@ -64,10 +64,17 @@ async function main (): Promise<void> {
     await app.close()
     process.exit(0)
   }
-  await app.listen({ port: config.port, host: config.host })
-  if (config.internalPort !== null) {
-    const server = await listenInternal(app, config.internalPort, config.host)
-    app.log.info({ address: server.address() }, 'internal listener (publish, admin, metrics)')
+  try {
+    await app.listen({ port: config.port, host: config.host })
+    if (config.internalPort !== null) {
+      const server = await listenInternal(app, config.internalPort, config.host)
+      app.log.info({ address: server.address() }, 'internal listener (publish, admin, metrics)')
+    }
+  } catch (error) {
+    // A port taken: what the start set up in Redis (the instance record, the
+    // ingress lease) is given back before the exit.
+    await app.close().catch(() => {})
+    throw error
   }
   app.log.info({ mode: app.bus.mode, instance: app.registry.instanceId }, 'gateway ready')
 }

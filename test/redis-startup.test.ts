@@ -116,3 +116,19 @@ t.test('SIGTERM once the start has registered the instance and taken the ingress
   t.equal(await redis.zcard(`${prefix}instances`), 0, 'the instance record is gone')
   t.equal(await redis.exists(`${prefix}leader`), 0, 'the lease is free for the other instances')
 })
+
+t.test('a port already taken: exit 1, and the instance record and the lease are given back', async (t) => {
+  if (!(await needRedis(t))) return
+  const prefix = uniquePrefix('porttaken')
+  const taken = createServer()
+  await new Promise<void>((resolve) => taken.listen(0, '127.0.0.1', resolve))
+  t.teardown(async () => await new Promise<void>((resolve) => taken.close(() => resolve())))
+  const address = taken.address()
+  const port = typeof address === 'object' && address !== null ? address.port : 0
+  const exit = await runServerToExit(t, { REDIS_URL, REDIS_PREFIX: prefix, JWT_SECRET: TEST_SECRET, PORT: String(port), HOST: '127.0.0.1', LOG_LEVEL: 'warn' })
+  t.equal(exit.code, 1)
+  t.match(exit.stderr, /EADDRINUSE/)
+  const redis = redisClient(t)
+  t.equal(await redis.zcard(`${prefix}instances`), 0, 'no instance record left')
+  t.equal(await redis.exists(`${prefix}leader`), 0, 'no lease left')
+})
