@@ -61,6 +61,7 @@ export class IngressLeader {
    */
   private running: Promise<void> | null = null
   private rerun: Promise<void> | null = null
+  private stopped = false
   /** The last ingress message's hand-over to Redis: the next one starts when it is done. */
   private pending: Promise<void> = Promise.resolve()
   /** Local deadline: past it this instance stops acting even if Redis is unreachable. */
@@ -104,6 +105,7 @@ export class IngressLeader {
   }
 
   private check (): void {
+    if (this.stopped) return
     this.tick().catch((error: unknown) => this.log.warn({ err: error }, 'ingress lease check failed'))
   }
 
@@ -130,6 +132,7 @@ export class IngressLeader {
   }
 
   private async checkLease (): Promise<void> {
+    if (this.stopped) return
     if (this.commands.redis.status !== 'ready') return await this.step(false)
     const startedAt = Date.now()
     const held = await this.commands.run('LEASE', [this.prefix, this.state.instanceId, this.leaseMs]) === 1
@@ -142,7 +145,11 @@ export class IngressLeader {
   }
 
   async stop (): Promise<void> {
+    this.stopped = true
     clearInterval(this.timer)
+    // A check in flight may take the lease after this looked: it ends first.
+    await this.rerun?.catch(() => {})
+    await this.running?.catch(() => {})
     if (this.holding && this.commands.redis.status === 'ready') {
       await this.step(false)
       await this.release()
@@ -327,6 +334,7 @@ async function untilReady (client: Redis, name: string, deadline: number, log: L
       // With no time to wait (REDIS_STARTUP_TIMEOUT_MS=0), the first attempt decides.
       if (deadline > Date.now()) timer = setTimeout(() => resolve(false), deadline - Date.now())
       client.once('ready', () => resolve(true))
+      if (signal?.aborted === true) resolve(false)
       signal?.addEventListener('abort', () => resolve(false), { once: true })
       // A first attempt that fails is retried by ioredis; only the deadline ends the wait.
       client.connect().catch((error: unknown) => {
