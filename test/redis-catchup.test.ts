@@ -314,3 +314,28 @@ t.test('a subscriber connection that goes silent without closing is taken for lo
   t.same(seqIds(stream), [before, missed, marker], 'the missed event between the others')
   t.same(otherEvents(stream), ['connected'], 'no reset, no reconnect')
 })
+
+t.test('a stream opened without a cursor while the subscription is down gets nothing published before it existed', async (t) => {
+  if (!(await needRedis(t))) return
+  const { proxy, viaProxy, direct } = await startRig(t, 'freshloss')
+  // Another user's stream: the instance has something to lose.
+  const { stream: other } = await openConnected(`${viaProxy.url}/v1/stream?token=${userToken('u2')}`, { t })
+  const [live] = await publishOk(direct.url, publisher, { to: { user: 'u2' }, event: 'seq', data: 0 })
+  await other.next((event) => event.id === live, 5000, 'u2 live')
+  // Published while u1 has no stream: nothing of u1's.
+  const [old] = await publishOk(direct.url, publisher, { to: { user: 'u1' }, event: 'old', data: 1 })
+
+  proxy.holdSubscribes()
+  proxy.cut(SUBSCRIBER)
+  await eventually(() => proxy.heldSubscribers > 0, 'the resubscription held')
+  const opening = openStream(`${viaProxy.url}/v1/stream?token=${userToken('u1')}`, { t, timeoutMs: 10_000 }).catch((error: Error) => error)
+  await eventually(() => viaProxy.app.registry.ofUser('u1').some((connection) => connection.channels.includes(channel.user('u1'))), 'u1 to join its channel')
+  proxy.releaseSubscribes()
+  const fresh = await opening
+  if (fresh instanceof Error) throw fresh
+  await fresh.nextEvent('connected')
+  const [marker] = await publishOk(direct.url, publisher, { to: { user: 'u1' }, event: 'seq', data: 2 })
+  await fresh.next((event) => event.id === marker, 10_000, 'the marker')
+  t.notOk(fresh.events.some((event) => event.id === old), 'not the event from before it opened')
+  t.same(otherEvents(fresh), ['connected'], 'no reset either')
+})

@@ -137,6 +137,14 @@ export class StreamService {
       ? spec.windowChannels
       : null
     const joinedAfter = windowChannels !== null ? await this.bus.lastId().catch((): null => null) : null
+    if (openedDuringLoss) {
+      // Its catch-up starts above its baseline, the bus's mark from before the
+      // outage: events its channels had then are not its own. What was issued
+      // before it joins is not (a failed read keeps the older mark: at worst
+      // it is sent some of them, never fewer).
+      const issued = joinedAfter ?? await this.bus.lastId().catch((): null => null)
+      if (issued !== null) connection.baseline = Math.max(connection.baseline, issued)
+    }
     await this.hub.join(connection, channels)
     if (connection.closed) return connection
     connection.sendSystem(retryFrame(this.options.retryMs))
