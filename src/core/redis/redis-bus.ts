@@ -99,10 +99,15 @@ export class RedisBus implements EventBus {
 
   private checkSubscriber (timeoutMs: number): void {
     if (this.pingSentAt !== null) {
-      if (performance.now() - this.pingSentAt > timeoutMs && this.subscriber.status === 'ready') {
+      const sentAt = this.pingSentAt
+      if (performance.now() - sentAt <= timeoutMs) return
+      // After this turn's I/O: an answer that came while the event loop was
+      // busy (timers run before sockets are read) is not taken for silence.
+      setImmediate(() => {
+        if (this.pingSentAt !== sentAt || this.subscriber.status !== 'ready') return
         this.log.warn({ silentMs: Math.round(performance.now() - this.heard) }, 'bus subscriber does not answer; reconnecting')
         this.subscriber.disconnect(true)
-      }
+      })
       return
     }
     if (this.subscriber.status !== 'ready') return
