@@ -44,6 +44,10 @@ export class RedisBus implements EventBus {
   /** When a PING sent on the subscriber (after everything published before it) was last answered. */
   private heard = performance.now()
   private pingSentAt: number | null = null
+  /** Messages read on the subscriber: a PONG queued behind many is late, not missing. */
+  private received = 0
+  private receivedMark = 0
+  private progressAt = 0
   private readonly pingTimer: NodeJS.Timeout
 
   constructor (
@@ -55,6 +59,7 @@ export class RedisBus implements EventBus {
     this.channelPrefix = `${options.prefix}ch:`
     const skip = Buffer.byteLength(this.channelPrefix)
     subscriber.on('messageBuffer', (channelName: Buffer, message: Buffer) => {
+      this.received++
       if (channelName.length <= skip || channelName.toString('latin1', 0, skip) !== this.channelPrefix) return
       const newline = message.indexOf(NEWLINE)
       if (newline <= 0) return
@@ -100,11 +105,20 @@ export class RedisBus implements EventBus {
   private checkSubscriber (timeoutMs: number): void {
     if (this.pingSentAt !== null) {
       const sentAt = this.pingSentAt
-      if (performance.now() - sentAt <= timeoutMs) return
+      const now = performance.now()
+      // Messages still coming: Redis answers the PING after those queued
+      // before it, which a busy instance may take long to read.
+      if (this.received !== this.receivedMark) {
+        this.receivedMark = this.received
+        this.progressAt = now
+        return
+      }
+      if (now - Math.max(sentAt, this.progressAt) <= timeoutMs) return
+      const received = this.received
       // After this turn's I/O: an answer that came while the event loop was
       // busy (timers run before sockets are read) is not taken for silence.
       setImmediate(() => {
-        if (this.pingSentAt !== sentAt || this.subscriber.status !== 'ready') return
+        if (this.pingSentAt !== sentAt || this.received !== received || this.subscriber.status !== 'ready') return
         this.log.warn({ silentMs: Math.round(performance.now() - this.heard) }, 'bus subscriber does not answer; reconnecting')
         this.subscriber.disconnect(true)
       })
@@ -113,6 +127,7 @@ export class RedisBus implements EventBus {
     if (this.subscriber.status !== 'ready') return
     const sentAt = performance.now()
     this.pingSentAt = sentAt
+    this.receivedMark = this.received
     this.subscriber.ping().then(() => { this.heard = Math.max(this.heard, sentAt) }, () => {}).finally(() => {
       if (this.pingSentAt === sentAt) this.pingSentAt = null
     })

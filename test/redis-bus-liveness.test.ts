@@ -1,0 +1,51 @@
+/**
+ * The bus PINGs its subscriber to notice a connection that died silently.
+ * Under load, Redis answers the PING only after the messages queued before
+ * it, which a busy instance can take longer to read than the PING's timeout:
+ * messages still arriving prove the connection alive.
+ */
+import t from 'tap'
+import { RedisBus } from '../src/core/redis/redis-bus'
+import { redisOptions, ScriptedRedis } from '../src/core/redis/client'
+import Redis from 'ioredis'
+import { eventually } from './helpers'
+import { needRedis, redisClient, REDIS_URL, uniquePrefix } from './helpers/redis'
+
+t.test('a subscriber slow to read a long queue of messages is not taken for dead', async (t) => {
+  if (!(await needRedis(t))) return
+  const prefix = uniquePrefix('liveness')
+  const commands = new ScriptedRedis(REDIS_URL)
+  const subscriber = new Redis(REDIS_URL, { ...redisOptions(), connectionName: 'liveness-sub' })
+  await Promise.all([commands.redis.connect(), subscriber.connect()])
+  const warnings: string[] = []
+  // A window of 4 s: PINGs every second, three unanswered and the connection is dropped.
+  const bus = new RedisBus(commands, subscriber, { prefix, historySize: 100, historyTtlS: 4 }, { warn: (_obj, msg) => warnings.push(msg) })
+  t.teardown(async () => {
+    await bus.close()
+    subscriber.disconnect()
+    commands.redis.disconnect()
+  })
+  let losses = 0
+  let delivered = 0
+  bus.onSubscription({ lost: () => { losses++ }, restored: () => {} })
+  // Each delivery holds the event loop 5 ms, as a fan-out to thousands of streams does.
+  bus.onDelivery(() => {
+    delivered++
+    const end = performance.now() + 5
+    while (performance.now() < end) { /* busy */ }
+  })
+  await bus.start()
+  await bus.listen('b')
+
+  // 1200 messages of 4 KB queued at once: 6 s of work, twice the PING timeout,
+  // and more than one turn's socket reads.
+  const count = 1200
+  const publisher = redisClient(t)
+  const pipeline = publisher.pipeline()
+  const first = bus.deliveredUpTo() + 1
+  for (let n = 0; n < count; n++) pipeline.publish(`${prefix}ch:b`, `${first + n}\n${JSON.stringify({ n, pad: 'x'.repeat(4000) })}`)
+  await pipeline.exec()
+  await eventually(() => delivered === count, 'every message delivered', 30_000, 50)
+  t.equal(losses, 0, 'no loss signalled')
+  t.same(warnings, [], 'nothing reconnected')
+})
