@@ -169,9 +169,11 @@ export default fp(async (app) => {
    */
   const originMayUseCookie = (request: FastifyRequest): boolean => {
     const headers = request.headers
-    if (headers['sec-fetch-mode'] !== 'cors' || headers['sec-fetch-dest'] !== 'empty') return false
-    if (headers['sec-fetch-site'] === 'same-origin') return true
-    return headers.origin !== undefined && allowedOrigins.has(headers.origin)
+    if (headers['sec-fetch-dest'] !== 'empty') return false
+    const mode = headers['sec-fetch-mode']
+    // fetch(url, { mode: 'same-origin' }) says so; only the page's own origin sends it.
+    if (headers['sec-fetch-site'] === 'same-origin') return mode === 'cors' || mode === 'same-origin'
+    return mode === 'cors' && headers.origin !== undefined && allowedOrigins.has(headers.origin)
   }
   const missingMessage = `no token: send Authorization: Bearer <jwt>, X-Auth-Token or ?token=${cookie !== null ? ` (or, on GET user routes, the ${cookie} cookie)` : ''}`
   app.addHook('onRequest', async (request) => {

@@ -41,6 +41,9 @@ t.test('the cookie opens a stream and reads a job; a header or ?token= still com
   // Chromium sends no Origin with an EventSource of the page's own origin (checked with /usr/bin/chromium).
   const own = await openStream(`${gateway.url}/v1/stream`, { t, headers: { ...SAME_ORIGIN_SCRIPT, cookie: `${COOKIE}=${userToken('alice')}` } })
   t.equal(own.status, 200)
+  // fetch(url, { mode: 'same-origin', credentials: 'include' }) from the gateway's own page.
+  const sameOriginMode = await request(`${gateway.url}/v1/jobs/j1`, { headers: { ...SAME_ORIGIN_SCRIPT, 'sec-fetch-mode': 'same-origin', cookie: `${COOKIE}=${userToken('alice')}` } })
+  t.equal(sameOriginMode.status, 200)
 })
 
 t.test('a page of another origin cannot use the cookie, even to open a stream it could not read', async (t) => {
