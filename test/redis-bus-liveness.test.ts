@@ -49,3 +49,37 @@ t.test('a subscriber slow to read a long queue of messages is not taken for dead
   t.equal(losses, 0, 'no loss signalled')
   t.same(warnings, [], 'nothing reconnected')
 })
+
+t.test('the same with the queue on a pattern subscription of the same connection (ingress\'s stream:*)', async (t) => {
+  if (!(await needRedis(t))) return
+  const prefix = uniquePrefix('livepattern')
+  const commands = new ScriptedRedis(REDIS_URL)
+  const subscriber = new Redis(REDIS_URL, { ...redisOptions(), connectionName: 'liveness-sub' })
+  await Promise.all([commands.redis.connect(), subscriber.connect()])
+  const warnings: string[] = []
+  const bus = new RedisBus(commands, subscriber, { prefix, historySize: 100, historyTtlS: 4 }, { warn: (_obj, msg) => warnings.push(msg) })
+  t.teardown(async () => {
+    await bus.close()
+    subscriber.disconnect()
+    commands.redis.disconnect()
+  })
+  let losses = 0
+  let handled = 0
+  bus.onSubscription({ lost: () => { losses++ }, restored: () => {} })
+  await bus.start()
+  await bus.listen('b')
+  await subscriber.psubscribe(`${prefix}stream:*`)
+  subscriber.on('pmessageBuffer', () => {
+    handled++
+    const end = performance.now() + 5
+    while (performance.now() < end) { /* busy */ }
+  })
+  const count = 1200
+  const publisher = redisClient(t)
+  const pipeline = publisher.pipeline()
+  for (let n = 0; n < count; n++) pipeline.publish(`${prefix}stream:c${n}`, JSON.stringify({ n, pad: 'x'.repeat(4000) }))
+  await pipeline.exec()
+  await eventually(() => handled === count, 'every message handled', 30_000, 50)
+  t.equal(losses, 0, 'no loss signalled')
+  t.same(warnings, [], 'nothing reconnected')
+})

@@ -48,6 +48,8 @@ export class RedisBus implements EventBus {
   private received = 0
   private receivedMark = 0
   private progressAt = 0
+  /** A silent connection is being dropped; the next one is checked once it is up. */
+  private dropping = false
   private readonly pingTimer: NodeJS.Timeout
 
   constructor (
@@ -58,6 +60,8 @@ export class RedisBus implements EventBus {
   ) {
     this.channelPrefix = `${options.prefix}ch:`
     const skip = Buffer.byteLength(this.channelPrefix)
+    // Whatever is read on the subscriber proves it alive, for any module's channels (ingress's patterns too).
+    subscriber.on('pmessageBuffer', () => { this.received++ })
     subscriber.on('messageBuffer', (channelName: Buffer, message: Buffer) => {
       this.received++
       if (channelName.length <= skip || channelName.toString('latin1', 0, skip) !== this.channelPrefix) return
@@ -94,6 +98,7 @@ export class RedisBus implements EventBus {
     // The catch-up reads history on the other connection, which may come back later.
     commands.redis.on('ready', () => this.restoreIfWhole())
     subscriber.on('close', () => {
+      this.dropping = false
       if (this.lost || this.delivered === 0) return
       this.lost = true
       this.resubscribed = false
@@ -120,11 +125,14 @@ export class RedisBus implements EventBus {
       setImmediate(() => {
         if (this.pingSentAt !== sentAt || this.received !== received || this.subscriber.status !== 'ready') return
         this.log.warn({ silentMs: Math.round(performance.now() - this.heard) }, 'bus subscriber does not answer; reconnecting')
+        // The old socket stays 'ready' until it is closed: one drop per silence.
+        this.pingSentAt = null
+        this.dropping = true
         this.subscriber.disconnect(true)
       })
       return
     }
-    if (this.subscriber.status !== 'ready') return
+    if (this.subscriber.status !== 'ready' || this.dropping) return
     const sentAt = performance.now()
     this.pingSentAt = sentAt
     this.receivedMark = this.received
