@@ -313,7 +313,7 @@ export class StreamService {
         const connection = streams[next++]
         const from = connection.catchUpFrom ?? connection.lastId
         try {
-          const result = await this.bus.replay([...connection.channels], from)
+          const missed = await this.missedSince(connection, from)
           // A read answered after a new loss must not be merged: what the
           // stream held since may include events from after that loss's
           // restore, and the events of the new gap are in neither, so the
@@ -322,24 +322,8 @@ export class StreamService {
             connection.catchUpFrom = from
             continue
           }
-          if (result.reset === null) {
-            await this.sendHistory(connection, result.events, true)
-          } else if (result.reset === 'expired' && performance.now() - connection.catchUpSince < this.options.historyTtlS * 900) {
-            // Nothing was trimmed, and what the loss can have missed is younger
-            // than the window: the window holds it (the bound is only older).
-            // The stream's own outage counts: one held since an earlier loss
-            // (its read then overtaken) may have missed events older than this one.
-            // (A tenth of the window is kept for the read to come, and clocks.)
-            const window = await this.bus.window([...connection.channels])
-            if (lostAgain()) {
-              connection.catchUpFrom = from
-              continue
-            }
-            await this.sendHistory(connection, window.filter((entry) => entry.id > from), true)
-          } else if (result.reset !== 'future' && !lostAgain()) {
-            // ('future': nothing was issued after the bound, so nothing was missed.)
-            this.sendReset(connection, result.reset)
-          }
+          if (Array.isArray(missed)) await this.sendHistory(connection, missed, true)
+          else this.sendReset(connection, missed)
         } catch {
           if (!lostAgain()) this.sendReset(connection, 'unavailable')
         }
@@ -352,6 +336,23 @@ export class StreamService {
       }
     }
     await Promise.all(Array.from({ length: Math.min(CATCH_UP_CONCURRENCY, streams.length) }, worker))
+  }
+
+  /** What a held stream may have missed since `from`, from history, or why it cannot be told. */
+  private async missedSince (connection: StreamConnection, from: number): Promise<HistoryEntry[] | ResetReason> {
+    const result = await this.bus.replay([...connection.channels], from)
+    if (result.reset === null) return result.events
+    // 'future': nothing was issued after the bound, so nothing was missed.
+    if (result.reset === 'future') return []
+    // Nothing was trimmed, and what the loss can have missed is younger
+    // than the window: the window holds it (the bound is only older).
+    // The stream's own outage counts: one held since an earlier loss
+    // (its read then overtaken) may have missed events older than this one.
+    // (A tenth of the window is kept for the read to come, and clocks.)
+    if (result.reset === 'expired' && performance.now() - connection.catchUpSince < this.options.historyTtlS * 900) {
+      return (await this.bus.window([...connection.channels])).filter((entry) => entry.id > from)
+    }
+    return result.reset
   }
 
   /** Tells the stream it may have missed events it cannot be sent (see ResetReason). */
