@@ -342,7 +342,7 @@ async function untilReady (client: Redis, name: string, deadline: number, log: L
         if (deadline <= Date.now()) resolve(false)
       })
     })
-    if (signal?.aborted === true) throw new Error('start-up stopped')
+    signal?.throwIfAborted()
     if (!ready) throw new Error(`redis did not become ready in time (REDIS_STARTUP_TIMEOUT_MS): ${lastError || 'no answer'}`)
   } finally {
     clearTimeout(timer)
@@ -372,26 +372,28 @@ export async function connectRedis (options: RedisEngineOptions, registry: Regis
 
   const startupDeadline = Date.now() + (options.startupTimeoutMs ?? 0)
   const signal = options.startupSignal
-  const stopIfAsked = (): void => { if (signal?.aborted === true) throw new Error('start-up stopped') }
   let reader: Redis | null = null
+  // What a stop, or a failed start, must end: nothing left reconnecting or ticking.
+  const closeEngine = async (): Promise<void> => {
+    await ingress.stop()
+    await state.close()
+    await bus.close()
+    for (const client of [commands.redis, subscriber, reader]) client?.disconnect()
+  }
   try {
     await Promise.all([untilReady(commands.redis, 'commands', startupDeadline, log, signal), untilReady(subscriber, 'subscriber', startupDeadline, log, signal)])
     await bus.start()
     await state.start()
     everReady = true
-    stopIfAsked()
+    signal?.throwIfAborted()
     await ingress.tick()
     // Blocking reads need a connection of their own.
     reader = new Redis(options.url, { ...redisOptions(), connectionName: 'sse-gateway-ingress' })
     await untilReady(reader, 'ingress', startupDeadline, log, signal)
-    stopIfAsked()
+    signal?.throwIfAborted()
     reader.on('error', (error: Error) => log.warn({ connection: 'ingress', reason: error.message }, 'redis error'))
   } catch (error) {
-    // A failed start leaves nothing reconnecting or ticking behind it.
-    await ingress.stop()
-    await state.close()
-    await bus.close()
-    for (const client of [commands.redis, subscriber, reader]) client?.disconnect()
+    await closeEngine()
     throw error
   }
   const durable = new DurableIngress(reader, `${options.prefix}ingress`, state.instanceId, ingress, log)
@@ -403,11 +405,7 @@ export async function connectRedis (options: RedisEngineOptions, registry: Regis
     durable,
     close: async () => {
       await durable.stop()
-      await ingress.stop()
-      await state.close()
-      await bus.close()
-      commands.redis.disconnect()
-      subscriber.disconnect()
+      await closeEngine()
     }
   }
 }
