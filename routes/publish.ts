@@ -46,6 +46,7 @@ const publishRoutes: FastifyPluginAsync = async (app) => {
     }
     const { items, batch } = validation.value
     let ids: number[]
+    let repeated = false
     if (key === null) {
       ids = await publisher.publish(items)
     } else {
@@ -58,21 +59,15 @@ const publishRoutes: FastifyPluginAsync = async (app) => {
         windowS: config.idempotencyWindowS
       })
       if (outcome.kind === 'conflict') throw new errors.Unprocessable('this Idempotency-Key was used for another request')
-      if (outcome.kind === 'repeated') {
-        reply.header('idempotent-replayed', 'true')
-        reply.code(202)
-        return batchAnswer(outcome.ids, batch)
-      }
       ids = outcome.ids
+      repeated = outcome.kind === 'repeated'
     }
-    for (const item of items) app.metrics.published(item.target.kind, 1)
+    // A repeat published nothing: it is said, not counted.
+    if (repeated) reply.header('idempotent-replayed', 'true')
+    else for (const item of items) app.metrics.published(item.target.kind, 1)
     reply.code(202)
-    return batchAnswer(ids, batch)
+    return batch ? { ids: ids.map(String) } : { id: String(ids[0]) }
   })
-}
-
-function batchAnswer (ids: number[], batch: boolean): { id: string } | { ids: string[] } {
-  return batch ? { ids: ids.map(String) } : { id: String(ids[0]) }
 }
 
 export default publishRoutes
