@@ -77,7 +77,7 @@ export class MemoryBus implements EventBus {
 
   async publishOnce (items: PublishItem[], once: PublishOnce): Promise<OnceOutcome> {
     const now = Date.now()
-    this.forgetOnceKeys(now)
+    this.forgetOldestOnceKeys((seen) => seen.expiresAt <= now)
     const seen = this.onceKeys.get(once.key)
     if (seen !== undefined) return seen.fingerprint === once.fingerprint ? { kind: 'repeated', ids: seen.ids } : { kind: 'conflict' }
     const ids = this.publishNow(items)
@@ -85,11 +85,7 @@ export class MemoryBus implements EventBus {
     // would otherwise hold the whole window's keys in memory.
     this.onceBytes += onceCost(ids)
     const budget = this.options.maxOnceBytes ?? MAX_ONCE_BYTES
-    for (const [key, oldest] of this.onceKeys) {
-      if (this.onceBytes <= budget) break
-      this.onceKeys.delete(key)
-      this.onceBytes -= onceCost(oldest.ids)
-    }
+    this.forgetOldestOnceKeys(() => this.onceBytes > budget)
     this.onceKeys.set(once.key, { fingerprint: once.fingerprint, ids, expiresAt: now + once.windowS * 1000 })
     return { kind: 'published', ids }
   }
@@ -210,17 +206,19 @@ export class MemoryBus implements EventBus {
     return entries.slice(low)
   }
 
-  private forgetOnceKeys (now: number): void {
+  /** Forgets idempotency keys, oldest first, while `forget` says so. */
+  private forgetOldestOnceKeys (forget: (seen: { ids: number[], expiresAt: number }) => boolean): void {
     // Every key gets the same window, so insertion order is expiry order.
     for (const [key, seen] of this.onceKeys) {
-      if (seen.expiresAt > now) break
+      if (!forget(seen)) break
       this.onceKeys.delete(key)
       this.onceBytes -= onceCost(seen.ids)
     }
   }
 
   private sweep (): void {
-    this.forgetOnceKeys(Date.now())
+    const now = Date.now()
+    this.forgetOldestOnceKeys((seen) => seen.expiresAt <= now)
     const cutoff = this.cutoff()
     for (const [name, history] of this.histories) {
       this.prune(history, cutoff)
