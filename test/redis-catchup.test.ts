@@ -75,6 +75,19 @@ async function subscribeAgain ({ prefix, proxy, viaProxy, direct }: Rig, redis: 
   return probe
 }
 
+/**
+ * `u1`'s stream on the instance under test, live: `send` publishes a `seq`
+ * event to `u1` (through `url`, by default the instance that reaches Redis
+ * directly); `before`, the first, has been received.
+ */
+async function liveStream (t: Test, { viaProxy, direct }: Rig): Promise<{ stream: SseClient, send: (data: number, url?: string) => Promise<string>, before: string }> {
+  const { stream } = await openConnected(`${viaProxy.url}/v1/stream?token=${userToken('u1')}`, { t })
+  const send = async (data: number, url = direct.url): Promise<string> => (await publishOk(url, publisher, { to: { user: 'u1' }, event: 'seq', data }))[0]
+  const before = await send(0)
+  await stream.next((event) => event.id === before, 5000, 'the first event, live')
+  return { stream, send, before }
+}
+
 t.test('a stream that joins its channels while the subscription is down gets, once it is back, the events they published meanwhile: in order, none twice', async (t) => {
   if (!(await needRedis(t))) return
   const { proxy, viaProxy, direct } = await startRig(t, 'openloss')
@@ -152,15 +165,12 @@ t.test('a stream still replaying its history when the subscription is lost is cl
 t.test('a catch-up asked for again while one runs waits while the subscription is down again: after the last restore every event arrives once, in order, no reset', async (t) => {
   if (!(await needRedis(t))) return
   const rig = await startRig(t, 'queued')
-  const { proxy, viaProxy, direct } = rig
+  const { proxy, viaProxy } = rig
   const redis = redisClient(t)
-  const { stream } = await openConnected(`${viaProxy.url}/v1/stream?token=${userToken('u1')}`, { t })
-  const send = async (url: string, data: number): Promise<string> => (await publishOk(url, publisher, { to: { user: 'u1' }, event: 'seq', data }))[0]
-  const before = await send(direct.url, 0)
-  await stream.next((event) => event.id === before, 5000, 'the first event, live')
+  const { stream, send, before } = await liveStream(t, rig)
 
   await loseSubscription(rig, 1)
-  const first = await send(direct.url, 1)
+  const first = await send(1)
   // Back, with the catch-up's read answered only later.
   proxy.holdReplies(COMMANDS)
   proxy.restore(SUBSCRIBER)
@@ -176,11 +186,11 @@ t.test('a catch-up asked for again while one runs waits while the subscription i
   proxy.releaseReplies(COMMANDS)
   // Through the instance's commands connection: answered after the held read
   // and after any read a catch-up started meanwhile, so the running one is over.
-  const during = await send(viaProxy.url, 3)
+  const during = await send(3, viaProxy.url)
 
   proxy.restore(SUBSCRIBER)
   await eventually(async () => (await request(`${viaProxy.url}/ready`)).status === 200, 'the instance back on Redis', 10_000, 50)
-  const marker = await send(direct.url, 4)
+  const marker = await send(4)
   await stream.next((event) => event.id === marker, 10_000, 'the marker')
   t.same(seqIds(stream), [before, first, probe, during, marker], 'every event, in order, each once')
   t.same(otherEvents(stream), ['connected'], 'no reset')
@@ -229,12 +239,9 @@ t.test('the subscription lost twice during one catch-up, the second time with th
 t.test('a catch-up read answered after a new loss is not merged: the events published between that loss and its restore still arrive', async (t) => {
   if (!(await needRedis(t))) return
   const rig = await startRig(t, 'mergegap')
-  const { proxy, viaProxy, direct } = rig
+  const { proxy, viaProxy } = rig
   const redis = redisClient(t)
-  const { stream } = await openConnected(`${viaProxy.url}/v1/stream?token=${userToken('u1')}`, { t })
-  const send = async (data: number): Promise<string> => (await publishOk(direct.url, publisher, { to: { user: 'u1' }, event: 'seq', data }))[0]
-  const before = await send(0)
-  await stream.next((event) => event.id === before, 5000, 'the first event, live')
+  const { stream, send, before } = await liveStream(t, rig)
 
   await loseSubscription(rig, 1)
   const first = await send(1)
@@ -260,14 +267,11 @@ t.test('a stream held since an earlier outage, its read dropped by a new loss, w
   if (!(await needRedis(t))) return
   const historyTtlS = 5
   const rig = await startRig(t, 'agedgap', { HISTORY_TTL_S: String(historyTtlS) })
-  const { proxy, viaProxy, direct } = rig
+  const { proxy, viaProxy } = rig
   const redis = redisClient(t)
-  const { stream } = await openConnected(`${viaProxy.url}/v1/stream?token=${userToken('u1')}`, { t })
-  const send = async (data: number): Promise<string> => (await publishOk(direct.url, publisher, { to: { user: 'u1' }, event: 'seq', data }))[0]
   // Here the condition is time itself: how old an event or an outage is against the window.
   const olderThan = async (since: number, ms: number, what: string): Promise<void> => await eventually(() => Date.now() - since > ms, what, ms + 5000, 50)
-  const before = await send(0)
-  await stream.next((event) => event.id === before, 5000, 'the first event, live')
+  const { stream, send } = await liveStream(t, rig)
 
   await loseSubscription(rig, 1)
   const missed = await send(1)
@@ -295,11 +299,8 @@ t.test('a subscriber connection that goes silent without closing is taken for lo
   if (!(await needRedis(t))) return
   // A window of 20 s: PINGs every 2 s, a connection silent for 6 s is lost.
   const rig = await startRig(t, 'halfopen', { HISTORY_TTL_S: '20' })
-  const { proxy, viaProxy, direct } = rig
-  const { stream } = await openConnected(`${viaProxy.url}/v1/stream?token=${userToken('u1')}`, { t })
-  const send = async (data: number): Promise<string> => (await publishOk(direct.url, publisher, { to: { user: 'u1' }, event: 'seq', data }))[0]
-  const before = await send(0)
-  await stream.next((event) => event.id === before, 5000, 'the first event, live')
+  const { proxy, viaProxy } = rig
+  const { stream, send, before } = await liveStream(t, rig)
 
   // The socket stays open; nothing comes through it any more.
   proxy.holdReplies(SUBSCRIBER)
