@@ -5,10 +5,10 @@
  */
 import t from 'tap'
 import { MemoryBus } from '../src/core/memory-bus'
-import { eventually, openConnected, publishOk, publisherToken, request, startGateway, token, userToken, type Gateway, type JsonResponse, type SseClient } from './helpers'
+import { eventually, openConnected, publishOk, publisherToken, request, token, userToken, type Gateway, type JsonResponse, type SseClient } from './helpers'
 import { forEachMode, startCluster } from './helpers/modes'
-import { FaultyProxy } from './helpers/proxy'
-import { needRedis, REDIS_URL, uniquePrefix } from './helpers/redis'
+import { proxiedCluster } from './helpers/proxy'
+import { needRedis, uniquePrefix } from './helpers/redis'
 
 const publisher = publisherToken()
 
@@ -120,9 +120,7 @@ t.test('across instances: a key used on one is repeated on the other [redis]', a
 t.test('a publish whose Redis reply was lost (503), sent again with its key: the first event\'s id, still one event', async (t) => {
   if (!(await needRedis(t))) return
   const prefix = uniquePrefix('oncelost')
-  const proxy = await FaultyProxy.start(t, Number(new URL(REDIS_URL).port || 6379))
-  const viaProxy = await startGateway(t, { REDIS_URL: proxy.url, REDIS_PREFIX: prefix })
-  const direct = await startGateway(t, { REDIS_URL, REDIS_PREFIX: prefix })
+  const { proxy, viaProxy, direct } = await proxiedCluster(t, { REDIS_PREFIX: prefix })
   const { stream } = await openConnected(`${direct.url}/v1/stream?token=${userToken('u1')}`, { t })
   const body = { to: { user: 'u1' }, event: 'charge', data: { amount: 5 } }
 

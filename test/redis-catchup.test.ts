@@ -7,12 +7,11 @@
 import type Redis from 'ioredis'
 import t, { type Test } from 'tap'
 import { channel } from '../src/core/channels'
-import { eventually, openConnected, openStream, publishOk, publisherToken, request, startGateway, userToken, type Gateway, type SseClient } from './helpers'
-import { FaultyProxy } from './helpers/proxy'
-import { needRedis, redisClient, REDIS_URL, subscriberCount, uniquePrefix } from './helpers/redis'
+import { eventually, openConnected, openStream, publishOk, publisherToken, request, userToken, type Gateway, type SseClient } from './helpers'
+import { FaultyProxy, proxiedCluster } from './helpers/proxy'
+import { needRedis, redisClient, subscriberCount, uniquePrefix } from './helpers/redis'
 
 const publisher = publisherToken()
-const redisPort = Number(new URL(REDIS_URL).port || 6379)
 /** The names the gateway gives its two Redis connections (CLIENT SETNAME). */
 const COMMANDS = 'sse-gateway'
 const SUBSCRIBER = 'sse-gateway-sub'
@@ -45,9 +44,7 @@ interface Rig {
 
 async function startRig (t: Test, name: string, env: Record<string, string> = {}): Promise<Rig> {
   const prefix = uniquePrefix(name)
-  const proxy = await FaultyProxy.start(t, redisPort)
-  const viaProxy = await startGateway(t, { ...env, REDIS_URL: proxy.url, REDIS_PREFIX: prefix }, { captureLogs: true })
-  const direct = await startGateway(t, { ...env, REDIS_URL, REDIS_PREFIX: prefix })
+  const { proxy, viaProxy, direct } = await proxiedCluster(t, { ...env, REDIS_PREFIX: prefix }, { captureLogs: true })
   // Torn down first: a test that fails with a fault in place leaves none for the gateways' close to wait on.
   t.teardown(() => proxy.cut())
   return { prefix, proxy, viaProxy, direct }

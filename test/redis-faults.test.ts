@@ -5,7 +5,7 @@
  */
 import t, { type Test } from 'tap'
 import { eventually, openConnected, openStream, publish, publishOk, publisherToken, request, startGateway, userToken, type Gateway, type SseClient } from './helpers'
-import { FaultyProxy } from './helpers/proxy'
+import { FaultyProxy, proxiedCluster } from './helpers/proxy'
 import { needRedis, redisClient, REDIS_URL, uniquePrefix } from './helpers/redis'
 
 const publisher = publisherToken()
@@ -23,9 +23,7 @@ async function contactsAcrossProxy (t: Test, user: string, env: Record<string, s
   friend: SseClient
   stream: Awaited<ReturnType<typeof openConnected>>
 }> {
-  const proxy = await FaultyProxy.start(t, redisPort)
-  const viaProxy = await startGateway(t, { ...env, REDIS_URL: proxy.url })
-  const direct = await startGateway(t, { ...env, REDIS_URL })
+  const { proxy, viaProxy, direct } = await proxiedCluster(t, env)
   await request(`${direct.url}/v1/conversations/c1/members`, { method: 'PUT', token: publisher, body: { members: [user, 'friend'] } })
   const friend = (await openConnected(`${direct.url}/v1/stream?token=${userToken('friend')}`, { t })).stream
   const stream = await openConnected(`${viaProxy.url}/v1/stream?token=${userToken(user)}`, { t })
@@ -36,9 +34,7 @@ async function contactsAcrossProxy (t: Test, user: string, env: Record<string, s
 t.test('a publish whose reply is lost when the connection drops is not run again: the event goes out once, and the publisher hears it may not have', async (t) => {
   if (!(await needRedis(t))) return
   const prefix = uniquePrefix('resend')
-  const proxy = await FaultyProxy.start(t, redisPort)
-  const viaProxy = await startGateway(t, { REDIS_URL: proxy.url, REDIS_PREFIX: prefix })
-  const direct = await startGateway(t, { REDIS_URL, REDIS_PREFIX: prefix })
+  const { proxy, viaProxy, direct } = await proxiedCluster(t, { REDIS_PREFIX: prefix })
   const { stream } = await openConnected(`${direct.url}/v1/stream?token=${userToken('u1')}`, { t })
 
   proxy.holdReplies()
@@ -60,9 +56,7 @@ t.test('a publish whose reply is lost when the connection drops is not run again
 t.test('events published while an instance\'s bus subscription is down reach its open streams once it is back: in order, none twice, no reconnect', async (t) => {
   if (!(await needRedis(t))) return
   const prefix = uniquePrefix('gap')
-  const proxy = await FaultyProxy.start(t, redisPort)
-  const viaProxy = await startGateway(t, { REDIS_URL: proxy.url, REDIS_PREFIX: prefix }, { captureLogs: true })
-  const direct = await startGateway(t, { REDIS_URL, REDIS_PREFIX: prefix })
+  const { proxy, viaProxy, direct } = await proxiedCluster(t, { REDIS_PREFIX: prefix }, { captureLogs: true })
   const { stream } = await openConnected(`${viaProxy.url}/v1/stream?token=${userToken('u1')}&topics=news`, { t })
   const [before] = await publishOk(direct.url, publisher, { to: { user: 'u1' }, event: 'seq', data: 0 })
   t.equal((await stream.nextEvent('seq')).id, before, 'live before the fault')
@@ -154,9 +148,7 @@ t.test('a stream closed while Redis was unreachable, beside another of its user 
 t.test('events keep coming while the subscription is restored: with those missed in the gap, each arrives once and in order', async (t) => {
   if (!(await needRedis(t))) return
   const prefix = uniquePrefix('gaplive')
-  const proxy = await FaultyProxy.start(t, redisPort)
-  const viaProxy = await startGateway(t, { REDIS_URL: proxy.url, REDIS_PREFIX: prefix })
-  const direct = await startGateway(t, { REDIS_URL, REDIS_PREFIX: prefix })
+  const { proxy, viaProxy, direct } = await proxiedCluster(t, { REDIS_PREFIX: prefix })
   // Enough channels that resubscribing takes more than one batch.
   const topics = Array.from({ length: 100 }, (_, n) => `t${n}`).join(',')
   const { stream } = await openConnected(`${viaProxy.url}/v1/stream?token=${userToken('u1')}&topics=${topics}`, { t })
@@ -184,9 +176,7 @@ t.test('events keep coming while the subscription is restored: with those missed
 t.test('a job stream whose terminal update came in the gap ends after it, as live', async (t) => {
   if (!(await needRedis(t))) return
   const prefix = uniquePrefix('gapjob')
-  const proxy = await FaultyProxy.start(t, redisPort)
-  const viaProxy = await startGateway(t, { REDIS_URL: proxy.url, REDIS_PREFIX: prefix })
-  const direct = await startGateway(t, { REDIS_URL, REDIS_PREFIX: prefix })
+  const { proxy, viaProxy, direct } = await proxiedCluster(t, { REDIS_PREFIX: prefix })
   const put = async (status: string): Promise<number> => (await request(`${direct.url}/v1/jobs/gapjob`, { method: 'PUT', token: publisher, body: { userId: 'u1', status } })).status
   t.equal(await put('active'), 200)
   const job = await openStream(`${viaProxy.url}/v1/jobs/gapjob/stream`, { t, headers: { authorization: `Bearer ${userToken('u1')}` } })
@@ -206,9 +196,7 @@ t.test('a stream quiet for longer than the history window, whose channel trimmed
   const prefix = uniquePrefix('gaptrim')
   const historyTtlS = 2
   const env = { REDIS_PREFIX: prefix, HISTORY_SIZE: '3', HISTORY_TTL_S: String(historyTtlS) }
-  const proxy = await FaultyProxy.start(t, redisPort)
-  const viaProxy = await startGateway(t, { ...env, REDIS_URL: proxy.url })
-  const direct = await startGateway(t, { ...env, REDIS_URL })
+  const { proxy, viaProxy, direct } = await proxiedCluster(t, env)
   const { stream } = await openConnected(`${viaProxy.url}/v1/stream?token=${userToken('quiet')}`, { t })
   const busy = await openConnected(`${viaProxy.url}/v1/stream?token=${userToken('busy')}`, { t })
   // The scenario is time itself: the quiet stream's opening falls out of the window.
@@ -233,9 +221,7 @@ t.test('an instance that heard nothing for longer than the history window loses 
   const prefix = uniquePrefix('gapquiet')
   const historyTtlS = 2
   const env = { REDIS_PREFIX: prefix, HISTORY_TTL_S: String(historyTtlS) }
-  const proxy = await FaultyProxy.start(t, redisPort)
-  const viaProxy = await startGateway(t, { ...env, REDIS_URL: proxy.url })
-  const direct = await startGateway(t, { ...env, REDIS_URL })
+  const { proxy, viaProxy, direct } = await proxiedCluster(t, env)
   const { stream } = await openConnected(`${viaProxy.url}/v1/stream?token=${userToken('u1')}`, { t })
   const [first] = await publishOk(direct.url, publisher, { to: { user: 'u1' }, event: 'seq', data: 0 })
   await stream.nextEvent('seq')

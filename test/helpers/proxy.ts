@@ -6,6 +6,8 @@
  * of a gateway's connections can fail while the other stays up.
  */
 import { createServer, connect, type Server, type Socket } from 'node:net'
+import { startGateway, type Gateway, type GatewayOptions, type TestLike } from './gateway'
+import { REDIS_URL } from './redis'
 import type { Test } from 'tap'
 
 /** `CLIENT SETNAME <name>` as RESP. */
@@ -172,4 +174,16 @@ export class FaultyProxy {
       socket.on('close', end)
     }
   }
+}
+
+/**
+ * Two gateways of one cluster (`env` names its REDIS_PREFIX): `viaProxy`
+ * reaches Redis through a fault proxy (started with `options`), `direct`
+ * straight.
+ */
+export async function proxiedCluster (t: TestLike & Pick<Test, 'teardown'>, env: Record<string, string>, options: GatewayOptions = {}): Promise<{ proxy: FaultyProxy, viaProxy: Gateway, direct: Gateway }> {
+  const proxy = await FaultyProxy.start(t, Number(new URL(REDIS_URL).port || 6379))
+  const viaProxy = await startGateway(t, { ...env, REDIS_URL: proxy.url }, options)
+  const direct = await startGateway(t, { ...env, REDIS_URL })
+  return { proxy, viaProxy, direct }
 }
