@@ -72,6 +72,13 @@ async function subscribeAgain ({ prefix, proxy, viaProxy, direct }: Rig, redis: 
   return probe
 }
 
+/** The lost subscriber back, with the commands connection's replies held: the first catch-up starts, its read unanswered. */
+async function restoreWithReadHeld ({ proxy, viaProxy }: Rig): Promise<void> {
+  proxy.holdReplies(COMMANDS)
+  proxy.restore(SUBSCRIBER)
+  await eventually(() => logged(viaProxy, CATCHING_UP) === 1, 'the catch-up to start', 10_000)
+}
+
 /**
  * `u1`'s stream on the instance under test, live: `send` publishes a `seq`
  * event to `u1` (through `url`, by default the instance that reaches Redis
@@ -169,9 +176,7 @@ t.test('a catch-up asked for again while one runs waits while the subscription i
   await loseSubscription(rig, 1)
   const first = await send(1)
   // Back, with the catch-up's read answered only later.
-  proxy.holdReplies(COMMANDS)
-  proxy.restore(SUBSCRIBER)
-  await eventually(() => logged(viaProxy, CATCHING_UP) === 1, 'the catch-up to start', 10_000)
+  await restoreWithReadHeld(rig)
 
   // Lost and back while it runs: another catch-up is asked for.
   await loseSubscription(rig, 2)
@@ -209,9 +214,7 @@ t.test('the subscription lost twice during one catch-up, the second time with th
 
   await loseSubscription(rig, 1)
   const gap1 = [await send(user, 1), await send(topic, 1)]
-  proxy.holdReplies(COMMANDS)
-  proxy.restore(SUBSCRIBER)
-  await eventually(() => logged(viaProxy, CATCHING_UP) === 1, 'the catch-up to start', 10_000)
+  await restoreWithReadHeld(rig)
 
   await loseSubscription(rig, 2)
   const gap2 = [await send(user, 2), await send(topic, 2)]
@@ -243,9 +246,7 @@ t.test('a catch-up read answered after a new loss is not merged: the events publ
   await loseSubscription(rig, 1)
   const first = await send(1)
   // The catch-up's read reaches Redis; its answer is held.
-  proxy.holdReplies(COMMANDS)
-  proxy.restore(SUBSCRIBER)
-  await eventually(() => logged(viaProxy, CATCHING_UP) === 1, 'the catch-up to start', 10_000)
+  await restoreWithReadHeld(rig)
 
   await loseSubscription(rig, 2)
   const second = await send(2)
@@ -274,9 +275,7 @@ t.test('a stream held since an earlier outage, its read dropped by a new loss, w
   const missed = await send(1)
   const missedAt = Date.now()
   await olderThan(missedAt, 3000, 'the first outage to age')
-  proxy.holdReplies(COMMANDS)
-  proxy.restore(SUBSCRIBER)
-  await eventually(() => logged(viaProxy, CATCHING_UP) === 1, 'the catch-up to start', 10_000)
+  await restoreWithReadHeld(rig)
   // Its read is dropped: answered after this loss.
   await loseSubscription(rig, 2)
   // The event is now past the window; the second outage is not.
