@@ -3,6 +3,7 @@ import fastifyJwt, { type JWT } from '@fastify/jwt'
 import type { FastifyRequest } from 'fastify'
 import { hasLoneSurrogate } from '../src/core/publish'
 import { errors } from '../src/errors'
+import { unquoted } from '../src/headers'
 
 export type Role = 'publisher' | 'admin'
 export type AuthLevel = 'none' | 'user' | 'publisher' | 'admin'
@@ -54,8 +55,7 @@ function cookieValue (request: FastifyRequest, name: string): string | null {
   for (const pair of header.split(';')) {
     const equals = pair.indexOf('=')
     if (equals < 0 || pair.slice(0, equals).trim() !== name) continue
-    const value = pair.slice(equals + 1).trim()
-    return value.length >= 2 && value.startsWith('"') && value.endsWith('"') ? value.slice(1, -1) : value
+    return unquoted(pair.slice(equals + 1).trim())
   }
   return null
 }

@@ -5,6 +5,7 @@ import { authOf } from '../plugins/auth'
 import { validatePublishBody } from '../src/core/publish'
 import { errorResponses } from '../src/schemas/common'
 import { errors } from '../src/errors'
+import { unquoted } from '../src/headers'
 
 // Printable ASCII, as Stripe's keys and the IETF draft's quoted strings are.
 const IDEMPOTENCY_KEY = /^[\x21\x23-\x5b\x5d-\x7e]{1,255}$/
@@ -13,7 +14,7 @@ const IDEMPOTENCY_KEY = /^[\x21\x23-\x5b\x5d-\x7e]{1,255}$/
 function idempotencyKeyOf (request: FastifyRequest): string | null {
   const header = request.headers['idempotency-key']
   if (header === undefined) return null
-  const value = typeof header === 'string' && header.length >= 2 && header.startsWith('"') && header.endsWith('"') ? header.slice(1, -1) : header
+  const value = typeof header === 'string' ? unquoted(header) : header
   if (typeof value !== 'string' || !IDEMPOTENCY_KEY.test(value)) {
     throw new errors.BadRequest('Idempotency-Key must be 1-255 printable ASCII characters without spaces, quotes or backslashes')
   }
