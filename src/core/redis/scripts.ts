@@ -203,8 +203,15 @@ return { 'ok', fmt(id) }
 
 /**
  * Presence helpers: Redis's clock in ms; whether an instance beat within its
- * TTL; a user's live members (members whose instance stopped beating or forgot
- * them are dropped), oldest first; whether any of them holds a stream id.
+ * TTL; a user's members, oldest first; whether any of them holds a stream id.
+ *
+ * A member is live while its instance beats and lists it. One whose instance
+ * stopped beating is only counted as pending: it no longer counts against the
+ * user's limit nor as online to a presence query, but the user's going
+ * offline is the reaper's to find and announce (REAP), once. Dropping it here
+ * would leave the reaper nothing to remove and nobody would tell the user's
+ * peers. A member nobody will reap (its instance was forgotten, or lists it no
+ * more) is dropped.
  */
 const LIVE_MEMBERS = `
 local function clock_ms()
@@ -224,17 +231,19 @@ end
 local function live_members(prefix, uk, now_ms, inst_ttl)
   local members = redis.call('ZRANGE', uk, 0, -1)
   local live = {}
+  local pending = 0
   for _, m in ipairs(members) do
     local inst, conn = string.match(m, '^(.-)|(.*)$')
-    -- A stream counts while its instance beats and still lists it.
-    if inst and beating(prefix, inst, now_ms, inst_ttl)
-      and redis.call('HEXISTS', prefix .. 'i:' .. inst .. ':conns', conn) == 1 then
+    local beat = inst and redis.call('ZSCORE', prefix .. 'instances', inst)
+    if not beat or redis.call('HEXISTS', prefix .. 'i:' .. inst .. ':conns', conn) == 0 then
+      redis.call('ZREM', uk, m)
+    elseif tonumber(beat) > now_ms - inst_ttl then
       live[#live + 1] = m
     else
-      redis.call('ZREM', uk, m)
+      pending = pending + 1
     end
   end
-  return live
+  return live, pending
 end
 `
 
@@ -248,10 +257,11 @@ local prefix, user, inst, conn = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local now_ms = clock_ms()
 local uk = prefix .. 'uc:' .. user
 -- A reopened stream id replaces its earlier holder, wherever that was.
+local replaced = 0
 for _, m in ipairs(redis.call('ZRANGE', uk, 0, -1)) do
-  if string.sub(m, -(#conn + 1)) == '|' .. conn then redis.call('ZREM', uk, m) end
+  if string.sub(m, -(#conn + 1)) == '|' .. conn then replaced = replaced + redis.call('ZREM', uk, m) end
 end
-local live = live_members(prefix, uk, now_ms, tonumber(ARGV[8]))
+local live, pending = live_members(prefix, uk, now_ms, tonumber(ARGV[8]))
 local evict = ''
 if #live >= tonumber(ARGV[6]) then
   if ARGV[7] == 'reject' then return { 0, 0, '' } end
@@ -264,7 +274,9 @@ if #live >= tonumber(ARGV[6]) then
 end
 -- A reconnect within the grace cancels it, wherever it started.
 local in_grace = redis.call('DEL', prefix .. 'grace:' .. user) + redis.call('ZREM', prefix .. 'graces', user) > 0
-local was_online = #live > 0 or in_grace
+-- Its peers were never told it left while a stream it replaces or one of a
+-- dead instance not reaped yet was listed.
+local was_online = #live > 0 or pending > 0 or replaced > 0 or in_grace
 redis.call('ZADD', uk, tonumber(ARGV[5]), inst .. '|' .. conn)
 redis.call('SET', prefix .. 'conn:' .. conn, user)
 redis.call('PERSIST', prefix .. 'ut:' .. user)
@@ -286,14 +298,15 @@ local now_ms = clock_ms()
 local uk = prefix .. 'uc:' .. user
 local removed = redis.call('ZREM', uk, inst .. '|' .. conn)
 redis.call('HDEL', prefix .. 'i:' .. inst .. ':conns', conn)
-local live = live_members(prefix, uk, now_ms, tonumber(ARGV[6]))
+local live, pending = live_members(prefix, uk, now_ms, tonumber(ARGV[6]))
 -- Not listed any more (removed == 0): reopened elsewhere, and then a live
 -- stream holds the id, or pruned as stale (this instance was taken for dead).
 -- Unless a live stream holds it, the id expires as after any close.
 if (removed == 1 or not holds(live, conn)) and redis.call('GET', prefix .. 'conn:' .. conn) == user then
   redis.call('EXPIRE', prefix .. 'conn:' .. conn, tonumber(ARGV[5]))
 end
-if removed == 0 or #live > 0 then return 0 end
+-- With a stream of a dead instance still listed, its reaper takes the user offline.
+if removed == 0 or #live > 0 or pending > 0 then return 0 end
 redis.call('SET', prefix .. 'grace:' .. user, ARGV[8], 'PX', tonumber(ARGV[7]) + 60000)
 redis.call('ZADD', prefix .. 'graces', now_ms + tonumber(ARGV[7]), user)
 redis.call('EXPIRE', prefix .. 'ut:' .. user, tonumber(ARGV[5]))
@@ -323,7 +336,8 @@ local out = { #users }
 for _, user in ipairs(users) do
   redis.call('DEL', prefix .. 'grace:' .. user)
   redis.call('ZREM', graces, user)
-  if #live_members(prefix, prefix .. 'uc:' .. user, now_ms, tonumber(ARGV[2])) == 0 then out[#out + 1] = user end
+  local live, pending = live_members(prefix, prefix .. 'uc:' .. user, now_ms, tonumber(ARGV[2]))
+  if #live == 0 and pending == 0 then out[#out + 1] = user end
 end
 return out
 `
@@ -334,9 +348,9 @@ return out
  * connectionIds... Each id stays reopenable for reopenTtlS, unless it is live
  * elsewhere now (reopened); with no stream left and no grace running, the
  * user-wide topics expire as after a last close. Returns 1 when this call
- * took the user offline: it removed a stream, and none is left (a release
- * that already pruned the dead streams announced it, and a second reaper
- * removes nothing), so each going-offline is announced once.
+ * took the user offline: it removed a stream, and none is left, live or of
+ * another dead instance (a second reaper removes nothing), so each
+ * going-offline is announced once.
  */
 export const REAP = `${LIVE_MEMBERS}
 local prefix, user, inst = ARGV[1], ARGV[2], ARGV[3]
@@ -349,14 +363,15 @@ local removed = 0
 for i = 6, #ARGV do
   removed = removed + redis.call('ZREM', uk, inst .. '|' .. ARGV[i])
 end
-local live = live_members(prefix, uk, now_ms, tonumber(ARGV[4]))
+local live, pending = live_members(prefix, uk, now_ms, tonumber(ARGV[4]))
 for i = 6, #ARGV do
   local conn = ARGV[i]
   if not holds(live, conn) and redis.call('GET', prefix .. 'conn:' .. conn) == user then
     redis.call('EXPIRE', prefix .. 'conn:' .. conn, ttl)
   end
 end
-if #live > 0 or redis.call('EXISTS', prefix .. 'grace:' .. user) == 1 then return 0 end
+-- Another dead instance's stream still listed: its reap takes the user offline.
+if #live > 0 or pending > 0 or redis.call('EXISTS', prefix .. 'grace:' .. user) == 1 then return 0 end
 redis.call('EXPIRE', prefix .. 'ut:' .. user, ttl)
 if removed == 0 then return 0 end
 return 1
@@ -372,7 +387,8 @@ export const REJOIN = `${LIVE_MEMBERS}
 local prefix, user, inst = ARGV[1], ARGV[2], ARGV[3]
 local now_ms = clock_ms()
 local uk = prefix .. 'uc:' .. user
-local was_online = #live_members(prefix, uk, now_ms, tonumber(ARGV[4])) > 0
+local live, pending = live_members(prefix, uk, now_ms, tonumber(ARGV[4]))
+local was_online = #live > 0 or pending > 0
   or redis.call('EXISTS', prefix .. 'grace:' .. user) == 1
 for i = 5, #ARGV, 2 do
   redis.call('ZADD', uk, tonumber(ARGV[i + 1]), inst .. '|' .. ARGV[i])
