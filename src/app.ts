@@ -2,7 +2,7 @@ import Fastify, { type FastifyInstance, type FastifyReply, type FastifyServerOpt
 import cors from '@fastify/cors'
 import { createServer, type Server } from 'node:http'
 import type { Socket } from 'node:net'
-import type { DestinationStream } from 'pino'
+import { stdSerializers, type DestinationStream } from 'pino'
 import type { Config } from './config'
 import { GatewayLogController } from './logging'
 import configPlugin from '../plugins/config'
@@ -50,8 +50,36 @@ const FORCE_CLOSE_AFTER_MS = 5000
 const TOKEN_PARAMETERS = new Set(['token', 'access_token'])
 // Every JWT starts with the base64url of '{"': what a token is, wherever it
 // sits in the URL (a stray '?' or ';' puts one inside another value).
-const JWT_INSIDE = /eyJ[\w-]*\.[\w-]*\.[\w-]*/
-const JWTS_INSIDE = new RegExp(JWT_INSIDE.source, 'g')
+// A pattern like /eyJ[\w-]*\.[\w-]*\./ takes time quadratic in a run of
+// 'eyJeyJ…' without dots, which anyone could send: runs of the characters a
+// JWT is made of are checked in one pass instead.
+const JWT_CHARACTER_RUNS = /[\w.-]+/g
+
+/** Whether a run of [\w.-] holds 'eyJ' followed by two dots: a JWT. */
+function runHoldsJwt (run: string): boolean {
+  const start = run.indexOf('eyJ')
+  if (start === -1) return false
+  const firstDot = run.indexOf('.', start + 3)
+  return firstDot !== -1 && run.indexOf('.', firstDot + 1) !== -1
+}
+
+function holdsJwt (text: string): boolean {
+  for (const [run] of text.matchAll(JWT_CHARACTER_RUNS)) if (runHoldsJwt(run)) return true
+  return false
+}
+
+/** The text with every run of JWT characters that holds a JWT replaced. */
+export function withoutJwts (text: string): string {
+  return text.replace(JWT_CHARACTER_RUNS, (run) => runHoldsJwt(run) ? '[redacted]' : run)
+}
+
+function decodedPathOf (path: string): string {
+  try {
+    return decodeURIComponent(path)
+  } catch {
+    return path
+  }
+}
 
 function decodedComponent (text: string): string {
   try {
@@ -68,7 +96,10 @@ function decodedComponent (text: string): string {
  */
 export function redactUrl (url: string): string {
   const start = url.indexOf('?')
-  const path = (start === -1 ? url : url.slice(0, start)).replace(JWTS_INSIDE, '[redacted]')
+  const rawPath = start === -1 ? url : url.slice(0, start)
+  // Checked decoded too: '%2E' for a dot or '%65yJ' must not carry a token past.
+  const decodedPath = decodedPathOf(rawPath)
+  const path = holdsJwt(decodedPath) ? withoutJwts(decodedPath) : rawPath
   if (start === -1) return path
   const pairs = url.slice(start + 1).split('&')
   for (let index = 0; index < pairs.length; index++) {
@@ -76,8 +107,8 @@ export function redactUrl (url: string): string {
     const equals = pair.indexOf('=')
     const name = decodedComponent(equals === -1 ? pair : pair.slice(0, equals))
     if (equals === -1) {
-      if (JWT_INSIDE.test(name)) pairs[index] = '[redacted]'
-    } else if (TOKEN_PARAMETERS.has(name.toLowerCase()) || JWT_INSIDE.test(name) || JWT_INSIDE.test(decodedComponent(pair.slice(equals + 1)))) {
+      if (holdsJwt(name)) pairs[index] = '[redacted]'
+    } else if (TOKEN_PARAMETERS.has(name.toLowerCase()) || holdsJwt(name) || holdsJwt(decodedComponent(pair.slice(equals + 1)))) {
       pairs[index] = `${pair.slice(0, equals)}=[redacted]`
     }
   }
@@ -91,7 +122,7 @@ let requestCount = 0
 
 function requestIdOf (request: { headers: Record<string, string | string[] | undefined> }): string {
   const given = request.headers['x-request-id']
-  if (typeof given === 'string' && REQUEST_ID.test(given) && !JWT_INSIDE.test(given)) return given
+  if (typeof given === 'string' && REQUEST_ID.test(given) && !holdsJwt(given)) return given
   requestCount = (requestCount + 1) % Number.MAX_SAFE_INTEGER
   return `req-${requestCount.toString(36)}`
 }
@@ -125,7 +156,13 @@ function loggerOptions (config: Config, stream?: DestinationStream): FastifyServ
         method: request.method,
         url: redactUrl(request.url),
         remoteAddress: request.ip ?? request.socket?.remoteAddress
-      })
+      }),
+      // Node's refusal of a malformed request carries the raw request bytes
+      // (rawPacket), headers and query string included; Fastify logs it at trace.
+      err: (error: Error) => {
+        const { rawPacket: _rawPacket, ...rest } = stdSerializers.err(error) as ReturnType<typeof stdSerializers.err> & { rawPacket?: unknown }
+        return rest
+      }
     },
     redact: ['req.headers.authorization', 'req.headers["x-auth-token"]', 'req.headers.cookie']
   }
@@ -163,7 +200,8 @@ export async function buildApp (config: Config, options: BuildOptions = {}): Pro
       const message = statusCode === 503 ? error.message : 'Internal Server Error'
       return reply.code(statusCode).send({ statusCode, error: statusCode === 503 ? 'Service Unavailable' : 'Internal Server Error', message })
     }
-    request.log.info({ statusCode, code: error.code, reason: error.message }, 'request rejected')
+    // A message may echo a path parameter or a query value, where a client may have put its token.
+    request.log.info({ statusCode, code: error.code, reason: withoutJwts(error.message) }, 'request rejected')
     return reply.code(statusCode).send({
       statusCode,
       code: error.code,

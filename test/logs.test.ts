@@ -6,7 +6,7 @@ import {
 } from './helpers'
 import { redisClient } from './helpers/redis'
 import { redactUrl } from '../src/app'
-import { flood, floodMaxBytes, metricValue, neverReadingStream, scrape } from './helpers/raw'
+import { flood, floodMaxBytes, metricValue, neverReadingStream, rawExchange, scrape } from './helpers/raw'
 
 /** A string no log line may ever hold: it only travels as event data. */
 const SECRET_DATA = 'PAYLOAD-7f3a9c1e-never-log-me'
@@ -161,6 +161,33 @@ t.test('redactUrl: token parameters and JWT values replaced, the rest kept as se
   t.equal(redactUrl(`/v1/stream?topics=news?token=${jwt}&x=1`), '/v1/stream?topics=[redacted]&x=1', 'a JWT inside a value')
   t.equal(redactUrl(`/v1/x/${jwt}/y?a=1`), '/v1/x/[redacted]/y?a=1', 'a JWT in the path')
   t.equal(redactUrl(`/v1/x/${jwt}`), '/v1/x/[redacted]')
+  t.equal(redactUrl(`/v1/x/${jwt.replace(/\./g, '%2E')}?a=1`), '/v1/x/[redacted]?a=1', 'a JWT in the path with its dots encoded')
+  t.equal(redactUrl('/v1/x/%41b/eyJ'), '/v1/x/%41b/eyJ', 'a path without a JWT is kept as sent')
+})
+
+t.test('a token as a path parameter, percent-encoded in a path or in a request Node refuses never reaches the logs', async (t) => {
+  const gateway = await startGateway(t, {}, { captureLogs: true })
+  const { url } = gateway
+  // Short enough (no iat) to pass as a stream id, so the refusal names it.
+  const asId = token({ sub: 'u1', iat: undefined })
+  t.ok(asId.length <= 128, `a ${asId.length}-character token fits an id`)
+  const tokens = [asId, userToken('u2'), userToken('u3'), userToken('u4'), userToken('u5')]
+  t.equal((await request(`${url}/v1/stream/${asId}`, { token: tokens[1] })).status, 404, 'no such stream')
+  t.equal((await request(`${url}/nothing/${tokens[2].replace(/\./g, '%2E')}`)).status, 404, 'dots percent-encoded')
+  t.equal((await request(`${url}/nothing/%65${tokens[3].slice(1)}`)).status, 404, 'a letter percent-encoded')
+  // A control character in a header: Node refuses the request before Fastify sees it.
+  const refused = await rawExchange(gateway.port, `GET /v1/stream?token=${tokens[4]} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${tokens[1]}\r\nX-A: a\u0001b\r\n\r\n`)
+  t.equal(refused.response().status, 400, 'Node answers 400')
+  await eventually(() => lines(gateway).some((line) => line.msg === 'client error'), 'the refusal logged (trace)')
+  await eventually(() => lines(gateway).filter((line) => line.msg === 'request completed').length >= 3, 'a completion line per request')
+  assertNoToken(t, gateway, tokens)
+})
+
+t.test('redactUrl: a path or a value made of many "eyJ" without dots is handled in one pass', { timeout: 20_000 }, async (t) => {
+  // Quadratic matching would take minutes on this; one pass takes milliseconds.
+  const run = 'eyJ'.repeat(200_000)
+  t.equal(redactUrl(`/x/${run}?a=${run}`), `/x/${run}?a=${run}`, 'no JWT in it, kept as sent')
+  t.equal(redactUrl(`/x/${run}.a.b`), '/x/[redacted]', 'with two dots after it, it is one')
 })
 
 t.test('close lines carry the reason: evicted, expired, slow', async (t) => {
