@@ -16,10 +16,20 @@ import {
   userToken,
   eventually,
   type ServerProcess,
-  type ConnectedData
+  type ConnectedData,
+  type SseClient
 } from './helpers'
 import { readFile } from 'node:fs/promises'
-import { NGINX_CONF, nginxBinary, startNginx, type Nginx } from './helpers/nginx'
+import {
+  hardFileLimit,
+  LISTEN_LINE,
+  NGINX_CONF,
+  nginxBinary,
+  startNginx,
+  UPSTREAM_LINES,
+  WORKER_PROCESSES_LINE,
+  type Nginx
+} from './helpers/nginx'
 import { needRedis, REDIS_URL, uniquePrefix } from './helpers/redis'
 
 interface LogLine {
@@ -89,6 +99,14 @@ async function haveNginx (t: Test): Promise<boolean> {
   return false
 }
 
+/** The lines of deploy/nginx.conf that the running config changed, trimmed. */
+async function changedLines (nginx: Nginx): Promise<string[]> {
+  const original = (await readFile(NGINX_CONF, 'utf8')).split('\n')
+  const running = nginx.config.split('\n')
+  if (running.length !== original.length) throw new Error(`the running config has ${running.length} lines, deploy/nginx.conf ${original.length}`)
+  return original.filter((line, index) => line !== running[index]).map((line) => line.trim())
+}
+
 function streamOpenedLine (gateways: readonly ServerProcess[], connectionId: string): LogLine | undefined {
   for (const gateway of gateways) {
     const line = logLines(gateway.stdout()).find((entry) => entry.msg === 'stream opened' && entry.connectionId === connectionId)
@@ -99,16 +117,26 @@ function streamOpenedLine (gateways: readonly ServerProcess[], connectionId: str
 
 const publisher = publisherToken()
 
+t.test('every line a test may substitute in deploy/nginx.conf is marked there as one', async (t) => {
+  const lines = (await readFile(NGINX_CONF, 'utf8')).split('\n').map((line) => line.trim())
+  const substitutable: string[] = [...UPSTREAM_LINES, LISTEN_LINE, WORKER_PROCESSES_LINE]
+  for (const line of substitutable) {
+    const index = lines.indexOf(line)
+    t.ok(index !== -1, `holds "${line}"`)
+    // The nearest marker above it, with only other substitutable lines in between.
+    let above = index - 1
+    while (above >= 0 && substitutable.includes(lines[above])) above--
+    t.match(lines[above] ?? '', /^# --- .*\(tests substitute th(is line|ese lines)\) ---$/, `"${line}" sits under a marker`)
+  }
+})
+
 t.test('through nginx (deploy/nginx.conf) in front of two Redis-mode gateways', async (t) => {
   if (!(await haveNginx(t)) || !(await needRedis(t))) return
   const { gateways, nginx } = await startStack(t)
 
   t.test('the config under test is deploy/nginx.conf with only its three marked lines changed', async (t) => {
-    const original = (await readFile(NGINX_CONF, 'utf8')).split('\n')
+    t.same(await changedLines(nginx), ['server gateway-a:3000;', 'server gateway-b:3000;', 'listen 80;'])
     const running = nginx.config.split('\n')
-    t.equal(running.length, original.length)
-    const changed = original.filter((line, index) => line !== running[index]).map((line) => line.trim())
-    t.same(changed, ['server gateway-a:3000;', 'server gateway-b:3000;', 'listen 80;'])
     for (const directive of ['proxy_buffering off;', 'proxy_http_version 1.1;', 'proxy_set_header Connection "";', 'proxy_read_timeout 1h;', 'proxy_set_header X-Forwarded-For   $proxy_add_x_forwarded_for;']) {
       t.ok(running.some((line) => line.trim().startsWith(directive)), `keeps ${directive}`)
     }
@@ -310,4 +338,48 @@ t.test('X-Forwarded-For from a peer that is not a trusted proxy changes neither 
       third.close()
     })
   }
+})
+
+t.test('through nginx started under a soft limit of 256 open files, its one worker holds 300 streams (worker_rlimit_nofile)', async (t) => {
+  if (!(await haveNginx(t)) || !(await needRedis(t))) return
+  const wanted = Number(/^\s*worker_rlimit_nofile\s+(\d+);/m.exec(await readFile(NGINX_CONF, 'utf8'))?.[1] ?? 0)
+  if (process.getuid?.() !== 0 && hardFileLimit() < wanted) {
+    // Only a root master may raise its workers' limit past the hard one.
+    const reason = `not root, and the hard limit of open files (${hardFileLimit()}) is below worker_rlimit_nofile (${wanted})`
+    if (process.env.CI === 'true') t.fail(reason)
+    else t.plan(0, `skipped: ${reason}`)
+    return
+  }
+  const prefix = uniquePrefix('nginx-nofile')
+  const a = await startGatewayProcess(t, prefix, {})
+  const b = await startGatewayProcess(t, prefix, {})
+  // One worker, so that all the streams below are its own: 300 streams are 600 connections.
+  const nginx = await startNginx(t, [`127.0.0.1:${a.port}`, `127.0.0.1:${b.port}`], { workerProcesses: 1, softFileLimit: 256 })
+  t.same(await changedLines(nginx), ['worker_processes auto;', 'server gateway-a:3000;', 'server gateway-b:3000;', 'listen 80;'], 'only marked lines changed')
+
+  const count = 300
+  const streams: SseClient[] = []
+  t.teardown(() => { for (const stream of streams) stream.close() })
+  const failed: string[] = []
+  let opened = 0
+  // In batches, and none after a batch with a failure: a worker out of files
+  // may leave opens to run out their timeout.
+  for (let from = 0; from < count && failed.length === 0; from += 50) {
+    await Promise.all(Array.from({ length: Math.min(50, count - from) }, async (_unused, offset) => {
+      const index = from + offset
+      try {
+        const stream = await openStream(`${nginx.url}/v1/stream?token=${userToken(`u-nofile-${index}`)}`)
+        streams.push(stream)
+        if (stream.status !== 200) throw new Error(`status ${stream.status}`)
+        await stream.nextEvent('connected')
+        opened++
+      } catch (error) {
+        failed.push(`stream ${index}: ${(error as Error).message}`)
+      }
+    }))
+  }
+  t.equal(opened, count, `every stream opens with 200 and gets its connected event${failed.length > 0 ? ` (${failed.length} failed, first: ${failed[0]})` : ''}`)
+  t.notMatch(nginx.stderr(), /Too many open files/, 'nginx does not run out of files')
+  t.notOk(nginx.stderr().includes('token='), 'nginx\'s error log holds no token')
+  for (const stream of streams) stream.close()
 })

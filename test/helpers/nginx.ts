@@ -1,8 +1,10 @@
 /**
  * The real nginx (Debian's package) in front of test gateways, running
  * deploy/nginx.conf with only its marked lines substituted: the two upstream
- * `server gateway-x:3000;` lines and `listen 80;`. Everything else (every SSE
- * directive) is the committed file, so a test through it proves that file.
+ * `server gateway-x:3000;` lines and `listen 80;` always, and for the tests
+ * that ask, `worker_processes auto;`.
+ * Everything else (every SSE directive) is the committed file, so a test
+ * through it proves that file.
  */
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process'
 import { closeSync, constants, existsSync, openSync } from 'node:fs'
@@ -18,6 +20,7 @@ export const NGINX_CONF = join(__dirname, '..', '..', '..', 'deploy', 'nginx.con
 
 export const UPSTREAM_LINES = ['server gateway-a:3000;', 'server gateway-b:3000;'] as const
 export const LISTEN_LINE = 'listen 80;'
+export const WORKER_PROCESSES_LINE = 'worker_processes auto;'
 
 /** The nginx binary: on PATH, or where Debian puts it (/usr/sbin is not on every PATH). */
 export function nginxBinary (): string | null {
@@ -39,16 +42,34 @@ function substituteLine (text: string, marked: string, replacement: string): str
   return lines.join('\n')
 }
 
+export interface NginxOptions {
+  /** Replaces `worker_processes auto;`: a known count of workers. */
+  workerProcesses?: number
+  /** Starts nginx under this soft limit of open files (the hard one is left as it is). */
+  softFileLimit?: number
+  probePath?: string
+  timeoutMs?: number
+}
+
 /**
  * The committed config pointed at `upstreams` (host:port, one per marked
- * upstream line) and listening on 127.0.0.1:`port`.
+ * upstream line), listening on 127.0.0.1:`port`, and with the other marked
+ * lines `options` asks for substituted.
  */
-export function nginxVariant (source: string, upstreams: readonly [string, string], port: number): string {
+export function nginxVariant (source: string, upstreams: readonly [string, string], port: number, options: NginxOptions = {}): string {
   let text = source
   UPSTREAM_LINES.forEach((line, index) => {
     text = substituteLine(text, line, `server ${upstreams[index]};`)
   })
-  return substituteLine(text, LISTEN_LINE, `listen 127.0.0.1:${port};`)
+  text = substituteLine(text, LISTEN_LINE, `listen 127.0.0.1:${port};`)
+  if (options.workerProcesses !== undefined) text = substituteLine(text, WORKER_PROCESSES_LINE, `worker_processes ${options.workerProcesses};`)
+  return text
+}
+
+/** This process's hard limit of open files (what a child may raise its soft limit to). */
+export function hardFileLimit (): number {
+  const shown = spawnSync('/bin/sh', ['-c', 'ulimit -H -n']).stdout.toString().trim()
+  return shown === 'unlimited' ? Infinity : Number(shown)
 }
 
 export interface Nginx {
@@ -67,10 +88,11 @@ export interface Nginx {
 
 /**
  * Starts nginx in the foreground with the committed config pointed at
- * `upstreams`, waits until GET `probePath` answers through it, and stops it
- * (then removes its prefix directory) in teardown.
+ * `upstreams`, waits until GET `probePath` (default /health) answers through
+ * it, and stops it (then removes its prefix directory) in teardown.
  */
-export async function startNginx (t: TestLike, upstreams: readonly [string, string], probePath = '/health', timeoutMs = 15_000): Promise<Nginx> {
+export async function startNginx (t: TestLike, upstreams: readonly [string, string], options: NginxOptions = {}): Promise<Nginx> {
+  const { probePath = '/health', timeoutMs = 15_000 } = options
   const binary = nginxBinary()
   if (binary === null) throw new Error('nginx is not installed (.ci/run installs Debian\'s nginx)')
   const source = await readFile(NGINX_CONF, 'utf8')
@@ -96,7 +118,7 @@ export async function startNginx (t: TestLike, upstreams: readonly [string, stri
 
   for (let attempt = 1; ; attempt++) {
     const port = await freePort()
-    const config = nginxVariant(source, upstreams, port)
+    const config = nginxVariant(source, upstreams, port, options)
     const configPath = join(dir, 'nginx.conf')
     await writeFile(configPath, config)
     // The config logs to /dev/stdout, which nginx opens by path: that fails
@@ -108,7 +130,12 @@ export async function startNginx (t: TestLike, upstreams: readonly [string, stri
     const readFd = openSync(fifo, constants.O_RDONLY | constants.O_NONBLOCK)
     const writeFd = openSync(fifo, constants.O_WRONLY)
     // pid, error_log and temp paths come from the file (relative to -p); daemon from the command line, as the file asks.
-    const process_ = spawn(binary, ['-e', 'stderr', '-p', `${dir}/`, '-c', configPath, '-g', 'daemon off;'], {
+    const args = ['-e', 'stderr', '-p', `${dir}/`, '-c', configPath, '-g', 'daemon off;']
+    // The shell lowers its own soft limit and becomes nginx (exec): the child's pid stays nginx's.
+    const command: [string, string[]] = options.softFileLimit === undefined
+      ? [binary, args]
+      : ['/bin/sh', ['-c', 'ulimit -S -n "$0" && exec "$@"', String(options.softFileLimit), binary, ...args]]
+    const process_ = spawn(command[0], command[1], {
       stdio: ['ignore', writeFd, 'pipe'],
       detached: true
     })
