@@ -25,6 +25,7 @@ import {
   LISTEN_LINE,
   NGINX_CONF,
   nginxBinary,
+  SHUTDOWN_TIMEOUT_LINE,
   startNginx,
   UPSTREAM_LINES,
   WORKER_PROCESSES_LINE,
@@ -119,7 +120,7 @@ const publisher = publisherToken()
 
 t.test('every line a test may substitute in deploy/nginx.conf is marked there as one', async (t) => {
   const lines = (await readFile(NGINX_CONF, 'utf8')).split('\n').map((line) => line.trim())
-  const substitutable: string[] = [...UPSTREAM_LINES, LISTEN_LINE, WORKER_PROCESSES_LINE]
+  const substitutable: string[] = [...UPSTREAM_LINES, LISTEN_LINE, WORKER_PROCESSES_LINE, SHUTDOWN_TIMEOUT_LINE]
   for (const line of substitutable) {
     const index = lines.indexOf(line)
     t.ok(index !== -1, `holds "${line}"`)
@@ -382,4 +383,35 @@ t.test('through nginx started under a soft limit of 256 open files, its one work
   t.notMatch(nginx.stderr(), /Too many open files/, 'nginx does not run out of files')
   t.notOk(nginx.stderr().includes('token='), 'nginx\'s error log holds no token')
   for (const stream of streams) stream.close()
+})
+
+t.test('through nginx, a reload ends the streams of the old workers after worker_shutdown_timeout; the reconnect replays what they missed', async (t) => {
+  if (!(await haveNginx(t)) || !(await needRedis(t))) return
+  const prefix = uniquePrefix('nginx-reload')
+  const a = await startGatewayProcess(t, prefix, {})
+  const b = await startGatewayProcess(t, prefix, {})
+  // 1s rather than 30s: the test waits it out.
+  const nginx = await startNginx(t, [`127.0.0.1:${a.port}`, `127.0.0.1:${b.port}`], { shutdownTimeout: '1s' })
+  t.same(await changedLines(nginx), ['worker_shutdown_timeout 30s;', 'server gateway-a:3000;', 'server gateway-b:3000;', 'listen 80;'], 'only marked lines changed')
+
+  const user = 'u-reload'
+  const url = `${nginx.url}/v1/stream?token=${userToken(user)}`
+  const before = await openStream(url, { t })
+  t.equal(before.status, 200)
+  await before.nextEvent('connected')
+  const [seen] = await publishOk(a.internalUrl, publisher, { to: { user }, event: 'note', data: { k: 1 } })
+  t.equal((await before.nextEvent('note')).id, seen, 'the stream is live before the reload')
+
+  // What `nginx -s reload` sends: the master starts new workers and tells the old ones to finish.
+  nginx.child.kill('SIGHUP')
+  const ended = await before.waitEnd(10_000).then(() => true, () => false)
+  t.ok(ended, 'the stream opened before the reload is closed within 10 s')
+  before.close()
+
+  const [missed] = await publishOk(b.internalUrl, publisher, { to: { user }, event: 'note', data: { k: 2 } })
+  const after = await openStream(url, { t, headers: { 'last-event-id': before.lastEventId } })
+  t.equal(after.status, 200, 'the reconnect opens through the new workers')
+  await after.nextEvent('connected')
+  t.equal((await after.nextEvent('note')).id, missed, 'and gets the event published while it was away')
+  t.equal(nginx.child.exitCode, null, 'the master runs on')
 })

@@ -2,7 +2,7 @@
  * The real nginx (Debian's package) in front of test gateways, running
  * deploy/nginx.conf with only its marked lines substituted: the two upstream
  * `server gateway-x:3000;` lines and `listen 80;` always, and for the tests
- * that ask, `worker_processes auto;`.
+ * that ask, `worker_processes auto;` and `worker_shutdown_timeout 30s;`.
  * Everything else (every SSE directive) is the committed file, so a test
  * through it proves that file.
  */
@@ -21,6 +21,7 @@ export const NGINX_CONF = join(__dirname, '..', '..', '..', 'deploy', 'nginx.con
 export const UPSTREAM_LINES = ['server gateway-a:3000;', 'server gateway-b:3000;'] as const
 export const LISTEN_LINE = 'listen 80;'
 export const WORKER_PROCESSES_LINE = 'worker_processes auto;'
+export const SHUTDOWN_TIMEOUT_LINE = 'worker_shutdown_timeout 30s;'
 
 /** The nginx binary: on PATH, or where Debian puts it (/usr/sbin is not on every PATH). */
 export function nginxBinary (): string | null {
@@ -45,6 +46,8 @@ function substituteLine (text: string, marked: string, replacement: string): str
 export interface NginxOptions {
   /** Replaces `worker_processes auto;`: a known count of workers. */
   workerProcesses?: number
+  /** Replaces `worker_shutdown_timeout 30s;` (an nginx time, e.g. `1s`). */
+  shutdownTimeout?: string
   /** Starts nginx under this soft limit of open files (the hard one is left as it is). */
   softFileLimit?: number
   probePath?: string
@@ -63,6 +66,7 @@ export function nginxVariant (source: string, upstreams: readonly [string, strin
   })
   text = substituteLine(text, LISTEN_LINE, `listen 127.0.0.1:${port};`)
   if (options.workerProcesses !== undefined) text = substituteLine(text, WORKER_PROCESSES_LINE, `worker_processes ${options.workerProcesses};`)
+  if (options.shutdownTimeout !== undefined) text = substituteLine(text, SHUTDOWN_TIMEOUT_LINE, `worker_shutdown_timeout ${options.shutdownTimeout};`)
   return text
 }
 
