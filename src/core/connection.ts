@@ -144,6 +144,15 @@ export class StreamConnection {
   private pendingBytes = 0
   /** Bytes Node held unsent for the socket after the last write; it only shrinks until the next. */
   private unsentAtLastWrite = 0
+  /**
+   * The largest frame among the bytes held, pending or unsent (an upper
+   * bound: it drops back only once a write leaves nothing unsent). One event
+   * may render larger than MAX_BUFFERED_BYTES (a string of many short lines
+   * gets a `data: ` prefix on each), and a reader keeping up must not be
+   * called slow for the size of that event: the bound is on what is behind
+   * it, MAX_BUFFERED_BYTES beyond the largest frame.
+   */
+  private largestFrame = 0
   private queued = false
 
   constructor (init: ConnectionInit) {
@@ -215,7 +224,8 @@ export class StreamConnection {
     if (this.held !== null) {
       this.held.push({ id, frame })
       this.heldBytes += frame.length
-      if (this.heldBytes > this.maxBufferedBytes) this.close('slow')
+      if (frame.length > this.largestFrame) this.largestFrame = frame.length
+      if (this.heldBytes > this.bufferBound()) this.close('slow')
       return
     }
     this.lastId = id
@@ -307,7 +317,12 @@ export class StreamConnection {
     // its whole slab alive for as long: such a socket gets its own copy.
     if (this.unsentAtLastWrite > 0 && chunk.buffer.byteLength > 2 * chunk.length) chunk = Buffer.from(chunk)
     this.writeRaw(chunk)
-    if (this.unsentAtLastWrite > this.maxBufferedBytes) this.close('slow')
+    if (this.unsentAtLastWrite === 0) this.largestFrame = 0
+    else if (this.unsentAtLastWrite > this.bufferBound()) this.close('slow')
+  }
+
+  private bufferBound (): number {
+    return this.maxBufferedBytes + this.largestFrame
   }
 
   /** Closes the stream, after a last frame if the socket can still take it. */
@@ -356,10 +371,11 @@ export class StreamConnection {
     }
     this.runPlacement = placement
     this.pendingBytes += frame.length
-    if (this.pendingBytes + this.unsentAtLastWrite > this.maxBufferedBytes) {
+    if (frame.length > this.largestFrame) this.largestFrame = frame.length
+    if (this.pendingBytes + this.unsentAtLastWrite > this.bufferBound()) {
       // The bound may be stale: ask the socket before calling it slow.
       this.unsentAtLastWrite = this.sink.writableLength
-      if (this.pendingBytes + this.unsentAtLastWrite > this.maxBufferedBytes) {
+      if (this.pendingBytes + this.unsentAtLastWrite > this.bufferBound()) {
         this.close('slow')
         return
       }
