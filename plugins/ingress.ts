@@ -1,5 +1,6 @@
 import fp from 'fastify-plugin'
 import { encodable, isEntityId, validateEventName, validatePublishBody, type PublishRequest } from '../src/core/publish'
+import type { PublishOnce } from '../src/core/bus'
 
 /**
  * Redis ingress: `PUBLISH <prefix>publish <json>` takes the body of
@@ -18,8 +19,10 @@ export default fp(async (app) => {
     return dropped
   }
 
-  // Resolves once the message is handed to Redis (see IngressHandler), with its publication.
-  const handle = async (source: { kind: 'publish' | 'durable' } | { kind: 'stream', connectionId: string }, payload: string): Promise<{ published: Promise<void> }> => {
+  // Resolves once the message is handed to Redis (see IngressHandler), with
+  // its publication; with `once`, a message published before (by a holder
+  // that died before acknowledging it) is not published again.
+  const handle = async (source: { kind: 'publish' | 'durable' } | { kind: 'stream', connectionId: string }, payload: string, once?: PublishOnce): Promise<{ published: Promise<void> }> => {
     const kind = source.kind
     if (Buffer.byteLength(payload) > config.maxBodyBytes) return reject(kind, 'too large')
     let body: unknown
@@ -47,14 +50,23 @@ export default fp(async (app) => {
       requests = [{ target: { kind: 'connection', id: source.connectionId }, event: event.value, text }]
     }
     const items = await publisher.itemsOf(requests)
-    const published = publisher.publishItems(items).then(() => {
-      for (const request of requests) app.metrics.published(request.target.kind, 1)
+    const publishing = once === undefined
+      ? publisher.publishItems(items).then(() => true)
+      : publisher.publishItemsOnce(items, once).then((outcome) => outcome.kind === 'published')
+    const published = publishing.then((fresh) => {
+      if (fresh) for (const request of requests) app.metrics.published(request.target.kind, 1)
     })
     return { published }
   }
   ingress.onMessage(handle)
-  durableIngress.onMessage(async (payload) => {
-    if (payload === null) reject('durable', 'no payload field')
-    else await (await handle({ kind: 'durable' }, payload)).published
+  durableIngress.onMessage(async (payload, entryId) => {
+    if (payload === null) {
+      reject('durable', 'no payload field')
+      return
+    }
+    // Keyed by the entry (a ':' never appears in a POST's hashed keys); one
+    // entry always holds the same payload, so the fingerprint never differs.
+    const once: PublishOnce = { key: `ingress:${entryId}`, fingerprint: 'durable', windowS: config.idempotencyWindowS }
+    await (await handle({ kind: 'durable' }, payload, once)).published
   })
 }, { name: 'ingress', dependencies: ['bus', 'streams', 'metrics'] })

@@ -120,12 +120,14 @@ t.test('an instance that beats again mid-reap keeps the streams it rejoined and 
  * by the cluster (its beat moved back past INSTANCE_TTL_MS), and a reaper
  * whose reap runs straight through.
  */
-async function deadInstanceWithStream (t: Test, name: string, user: string): Promise<{ reaper: Reaper, instanceId: string, proxy: FaultyProxy }> {
+async function deadInstanceWithStream (t: Test, name: string, user: string): Promise<{ reaper: Reaper, instanceId: string }> {
   const prefix = uniquePrefix(name)
   const redis = redisClient(t)
   const proxy = await FaultyProxy.start(t, redisPort)
   const instance = await startGateway(t, { REDIS_URL: proxy.url, REDIS_PREFIX: prefix, INSTANCE_TTL_MS: String(INSTANCE_TTL_MS) })
   const instanceId = instance.app.registry.instanceId
+  // Teardowns run last first: the instance gets Redis back before it is closed.
+  t.teardown(() => proxy.restore())
   await openConnected(`${instance.url}/v1/stream?token=${userToken(user)}`, { t })
   const reaper = await reaperOf(t, prefix)
   reaper.resume()
@@ -133,22 +135,20 @@ async function deadInstanceWithStream (t: Test, name: string, user: string): Pro
   await eventually(() => !instance.app.bus.isReady(), 'the instance to lose Redis')
   await redis.zadd(`${prefix}instances`, Date.now() - 10 * INSTANCE_TTL_MS, instanceId)
   t.same(await reaper.state.deadInstances(), [instanceId], 'the instance is taken for dead')
-  return { reaper, instanceId, proxy }
+  return { reaper, instanceId }
 }
 
 t.test('a presence read between an instance\'s death and its reap leaves the reap to announce the user offline', async (t) => {
   if (!(await needRedis(t))) return
-  const { reaper, instanceId, proxy } = await deadInstanceWithStream(t, 'reapread', 'u1')
+  const { reaper, instanceId } = await deadInstanceWithStream(t, 'reapread', 'u1')
   t.match(await reaper.state.presence('u1'), { online: false, connections: 0 }, 'the dead instance\'s stream no longer counts')
   await within(reaper.state.reap(instanceId), WAIT_MS, 'the reap')
   t.same(reaper.offline, ['u1'], 'the reap announces u1 offline')
-  // Back on Redis, the instance stops cleanly and the proxy can close.
-  proxy.restore()
 })
 
 t.test('a user who reconnects elsewhere before its dead instance is reaped is neither announced online again nor offline', async (t) => {
   if (!(await needRedis(t))) return
-  const { reaper, instanceId, proxy } = await deadInstanceWithStream(t, 'reapback', 'u1')
+  const { reaper, instanceId } = await deadInstanceWithStream(t, 'reapback', 'u1')
   // The reaper stands for the instance the user reconnects to.
   await reaper.state.heartbeat()
   const admission = await reaper.state.admit({ connectionId: 'back-1', userId: 'u1', topics: [], openedAt: Date.now(), limit: 1, policy: 'reject' })
@@ -156,5 +156,4 @@ t.test('a user who reconnects elsewhere before its dead instance is reaped is ne
   await within(reaper.state.reap(instanceId), WAIT_MS, 'the reap')
   t.same(reaper.offline, [], 'the reap announces nothing: u1 is still online')
   t.match(await reaper.state.presence('u1'), { online: true, connections: 1 }, 'online with its new stream')
-  proxy.restore()
 })

@@ -4,6 +4,7 @@ import {
   type Gateway, type SseEvent
 } from './helpers'
 import { needRedis, redisClient, REDIS_URL, startOwnRedis, uniquePrefix } from './helpers/redis'
+import { FaultyProxy } from './helpers/proxy'
 
 const publisher = publisherToken()
 const admin = adminToken()
@@ -155,6 +156,53 @@ t.test('the durable ingress (XADD <prefix>ingress) delivers each entry once', as
   // Handled entries are deleted: the stream does not grow by one per message forever.
   await eventually(async () => await redis.xlen(`${prefix}ingress`) === 0, 'the handled entries deleted')
   t.pass('the ingress stream is empty once its entries are handled')
+})
+
+t.test('durable ingress: entries added while its consumer group is missing (the stream deleted, or before any gateway ran) are delivered', async (t) => {
+  if (!(await needRedis(t))) return
+  const { gateways: [gateway], prefix } = await cluster(t, 1)
+  await eventually(() => gateway.app.ingress?.isLeader === true, 'the only instance to take the lease')
+  const { stream } = await openConnected(`${gateway.url}/v1/stream?token=${userToken('u1')}`, { t })
+  const redis = redisClient(t)
+  const entry = (n: number): string => JSON.stringify({ to: { user: 'u1' }, event: 'seq', data: n })
+  // Deleting the stream deletes its group: the next read makes it again, with these two already in.
+  await redis.multi().del(`${prefix}ingress`).xadd(`${prefix}ingress`, '*', 'payload', entry(1)).xadd(`${prefix}ingress`, '*', 'payload', entry(2)).exec()
+  await stream.next((event) => event.data === '2', 10_000, 'the second entry')
+  t.same(stream.events.filter((event) => event.event === 'seq').map((event) => event.data), ['1', '2'], 'both, in order')
+})
+
+t.test('durable ingress: an entry its holder published but never acknowledged is claimed by the next holder as it takes over, and not published again', async (t) => {
+  if (!(await needRedis(t))) return
+  const prefix = uniquePrefix('durclaim')
+  const proxy = await FaultyProxy.start(t, Number(new URL(REDIS_URL).port || 6379))
+  const env = { REDIS_PREFIX: prefix, INSTANCE_TTL_MS: '2000' }
+  const a = await startGateway(t, { ...env, REDIS_URL: proxy.url })
+  // Teardowns run last first: A gets Redis back before it is closed.
+  t.teardown(() => proxy.restore())
+  await eventually(() => a.app.ingress?.isLeader === true, 'A to take the lease')
+  const b = await startGateway(t, { ...env, REDIS_URL })
+  const { stream } = await openConnected(`${b.url}/v1/stream?token=${userToken('u1')}`, { t })
+  const redis = redisClient(t)
+
+  // A's commands connection hears nothing back: its publish of the entry
+  // runs in Redis, but A never gets to acknowledge the entry.
+  proxy.holdReplies('sse-gateway')
+  await redis.xadd(`${prefix}ingress`, '*', 'payload', JSON.stringify({ to: { user: 'u1' }, event: 'entry', data: 1 }))
+  await stream.nextEvent('entry', 10_000)
+  // Then A is gone for Redis: its lease runs out and B takes over.
+  proxy.cutOff()
+  await eventually(() => b.app.ingress?.isLeader === true, 'B to take the lease', 15_000)
+  // Well within the 30 s after which an idle entry is claimed anyway.
+  await eventually(async () => await redis.xlen(`${prefix}ingress`) === 0, 'B to claim, handle and delete the entry', 10_000)
+  await redis.xadd(`${prefix}ingress`, '*', 'payload', JSON.stringify({ to: { user: 'u1' }, event: 'marker', data: 2 }))
+  await stream.nextEvent('marker', 10_000)
+  t.equal(stream.events.filter((event) => event.event === 'entry').length, 1, 'the entry was published once')
+  proxy.restore()
+  await eventually(() => a.app.bus.isReady(), 'A back on Redis', 10_000)
+  // A's publish, sent again on its new connection, is a repeat too.
+  await redis.xadd(`${prefix}ingress`, '*', 'payload', JSON.stringify({ to: { user: 'u1' }, event: 'marker', data: 3 }))
+  await stream.next((event) => event.event === 'marker' && event.data === '3', 10_000, 'the last marker')
+  t.equal(stream.events.filter((event) => event.event === 'entry').length, 1, 'still once')
 })
 
 t.test('bad ingress messages are counted, logged without their data, dropped; the gateway goes on', async (t) => {

@@ -162,7 +162,12 @@ export class Publisher {
 
   /** `publish`, at most once per `once.key` within its window. */
   async publishOnce (requests: PublishRequest[], once: PublishOnce): Promise<OnceOutcome> {
-    return await this.bus.publishOnce(await this.itemsOf(requests), once)
+    return await this.publishItemsOnce(await this.itemsOf(requests), once)
+  }
+
+  /** `publishItems`, at most once per `once.key` within its window. */
+  async publishItemsOnce (items: PublishItem[], once: PublishOnce): Promise<OnceOutcome> {
+    return await this.bus.publishOnce(items, once)
   }
 
   /** Hands `items` to the bus at once (their ids follow this call's order); resolves with the ids. */

@@ -227,12 +227,19 @@ const DURABLE_CLAIM_IDLE_MS = 30_000
 /**
  * The durable ingress: `XADD <prefix>ingress * payload <json>`, read through a
  * consumer group and acknowledged only once published. Only the lease holder
- * reads, so entries get ids in the order they were added. Entries a holder
- * took but never acknowledged (it died) are claimed by the next one after
- * 30 s: delivery is at least once.
+ * reads, so entries get ids in the order they were added. The group starts
+ * at the stream's first entry: entries added before any gateway ran are
+ * read too. Entries a holder took but never acknowledged (it died, or lost
+ * the lease) are claimed by the next holder as it takes over, before any new
+ * entry, and by any holder once idle for 30 s. The handler publishes each
+ * entry at most once (keyed by its id), so a claimed entry that its first
+ * holder had already published is not published again.
  */
-/** Gets each entry's `payload` field, or null for an entry without one (it is still acknowledged). */
-export type DurableHandler = (payload: string | null) => Promise<void>
+/**
+ * Gets each entry's `payload` field, or null for an entry without one (it is
+ * still acknowledged), and the entry's id.
+ */
+export type DurableHandler = (payload: string | null, entryId: string) => Promise<void>
 
 // Fields come as [name, value, name, value…]: a value may be the word "payload".
 function payloadOf (fields: string[]): string | null {
@@ -269,19 +276,27 @@ export class DurableIngress {
 
   private async run (): Promise<void> {
     let lastClaim = 0
+    let leading = false
     while (this.running) {
       try {
         if (this.reader.status !== 'ready' || !this.leader.isLeader) {
+          leading = false
           await new Promise((resolve) => setTimeout(resolve, 500).unref())
           continue
         }
-        await this.reader.xgroup('CREATE', this.key, DURABLE_GROUP, '$', 'MKSTREAM').catch((error: Error) => {
+        // '0', not '$': only used when the group is made, and a publisher
+        // that started first has already added entries.
+        await this.reader.xgroup('CREATE', this.key, DURABLE_GROUP, '0', 'MKSTREAM').catch((error: Error) => {
           if (!error.message.includes('BUSYGROUP')) throw error
         })
-        if (Date.now() - lastClaim > DURABLE_CLAIM_IDLE_MS) {
+        if (!leading) {
+          // Taking over: what the last holder left unacknowledged comes first.
+          leading = true
           lastClaim = Date.now()
-          const claimed = await this.reader.xautoclaim(this.key, DURABLE_GROUP, this.consumer, DURABLE_CLAIM_IDLE_MS, '0-0', 'COUNT', 100) as [string, Array<[string, string[]]>]
-          await this.handle(claimed[1])
+          await this.claimPending(0)
+        } else if (Date.now() - lastClaim > DURABLE_CLAIM_IDLE_MS) {
+          lastClaim = Date.now()
+          await this.claimPending(DURABLE_CLAIM_IDLE_MS)
         }
         const batch = await this.reader.xreadgroup('GROUP', DURABLE_GROUP, this.consumer, 'COUNT', 100, 'BLOCK', 1000, 'STREAMS', this.key, '>') as Array<[string, Array<[string, string[]]>]> | null
         if (batch !== null) for (const [, entries] of batch) await this.handle(entries)
@@ -293,10 +308,20 @@ export class DurableIngress {
     }
   }
 
+  /** Claims and handles every entry pending for at least `minIdleMs`, oldest first. */
+  private async claimPending (minIdleMs: number): Promise<void> {
+    let cursor = '0-0'
+    do {
+      const [next, entries] = await this.reader.xautoclaim(this.key, DURABLE_GROUP, this.consumer, minIdleMs, cursor, 'COUNT', 100) as [string, Array<[string, string[] | null]>]
+      await this.handle(entries)
+      cursor = next
+    } while (cursor !== '0-0' && this.running && this.leader.isLeader)
+  }
+
   private async handle (entries: Array<[string, string[] | null]>): Promise<void> {
     for (const [entryId, fields] of entries) {
       if (fields === null) continue
-      await this.handler(payloadOf(fields))
+      await this.handler(payloadOf(fields), entryId)
       // Handled, the entry is deleted: the stream would otherwise keep every
       // message ever sent, and publishers need not trim it themselves.
       await this.reader.multi().xack(this.key, DURABLE_GROUP, entryId).xdel(this.key, entryId).exec()
