@@ -165,8 +165,10 @@ export function loadConfig (env: Env = process.env): Config {
   if (redisUrl !== null && !isRedisUrl(redisUrl)) {
     throw new ConfigError('REDIS_URL', 'must be redis[s]://[user:password@]host[:port][/database number]')
   }
-  const redisPrefix = env.REDIS_PREFIX ?? 'sse:'
-  if (!/^[A-Za-z0-9_.:{}-]{0,64}$/.test(redisPrefix)) {
+  // Empty means unset, as for every variable: no prefix at all would put the
+  // gateway's keys (`id`, `epoch`, `instances`…) among an application's own.
+  const redisPrefix = read(env, 'REDIS_PREFIX') ?? 'sse:'
+  if (!/^[A-Za-z0-9_.:{}-]{1,64}$/.test(redisPrefix)) {
     throw new ConfigError('REDIS_PREFIX', 'may hold only A-Z a-z 0-9 _ . : { } - (at most 64)')
   }
   const corsOrigins = list(env, 'CORS_ORIGINS')

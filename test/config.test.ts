@@ -152,6 +152,11 @@ t.test('invalid values throw a ConfigError naming the variable', async (t) => {
   refuses(t, { ...base, TRUST_PROXY: '127.0.0.1,nginx' }, 'TRUST_PROXY')
 })
 
+t.test('an empty REDIS_PREFIX is the default, as an empty value is for every variable', async (t) => {
+  t.equal(loadConfig({ JWT_SECRET: 's', REDIS_PREFIX: '' }).redisPrefix, 'sse:')
+  t.equal(loadConfig({ JWT_SECRET: 's', REDIS_PREFIX: '  ' }).redisPrefix, 'sse:')
+})
+
 t.test('TRUST_PROXY: addresses, CIDRs and proxy-addr\'s range names are accepted', async (t) => {
   t.same(loadConfig({ JWT_SECRET: 'x', TRUST_PROXY: '10.0.0.0/8, 127.0.0.1,::1,fd00::/8,loopback' }).trustProxy, ['10.0.0.0/8', '127.0.0.1', '::1', 'fd00::/8', 'loopback'])
 })
