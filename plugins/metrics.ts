@@ -23,8 +23,10 @@ declare module 'fastify' {
 export default fp(async (app) => {
   // One registry per app: several gateways may live in one process (tests, benchmarks).
   const registry = new PromRegistry()
-  const instance = app.registry.instanceId
-  registry.setDefaultLabels({ instance })
+  // Not `instance`: Prometheus sets that label to the scrape target itself
+  // and would rename ours to exported_instance. This one matches the
+  // `instance` of /v1/connections, and changes when the process restarts.
+  registry.setDefaultLabels({ gateway_instance: app.registry.instanceId })
   collectDefaultMetrics({ register: registry, prefix: 'sse_gateway_' })
 
   let deliveredByClosed = 0

@@ -31,7 +31,9 @@ forEachMode(t, 'open 7 streams: sse_connections is 7 (labelled with the instance
   for (let n = 0; n < 7; n++) streams.push((await openConnected(streamUrl(url, `u${n % 3}`), { t })).stream)
   let samples = await scrape(url)
   t.equal(metricValue(samples, 'sse_connections'), 7, 'sse_connections 7')
-  t.equal(metricValue(samples, 'sse_connections', { instance: app.registry.instanceId }), 7, 'by instance')
+  t.equal(metricValue(samples, 'sse_connections', { gateway_instance: app.registry.instanceId }), 7, 'by instance')
+  // Prometheus sets `instance` to the scrape target: a label of that name would be renamed.
+  t.notOk(samples.some((sample) => 'instance' in sample.labels), 'no sample has a label named instance')
   t.equal(metricValue(samples, 'sse_connections_opened_total'), 7, 'opened_total 7')
   t.equal(metricValue(samples, 'sse_connections_closed_total'), 0, 'nothing closed yet')
 
@@ -191,8 +193,8 @@ forEachMode(t, 'two instances: each exports its own sse_connections, labelled wi
   const onA = await scrape(a.url)
   const onB = await scrape(b.url)
   t.not(a.app.registry.instanceId, b.app.registry.instanceId)
-  t.equal(metricValue(onA, 'sse_connections', { instance: a.app.registry.instanceId }), 2)
-  t.equal(metricValue(onB, 'sse_connections', { instance: b.app.registry.instanceId }), 1)
+  t.equal(metricValue(onA, 'sse_connections', { gateway_instance: a.app.registry.instanceId }), 2)
+  t.equal(metricValue(onB, 'sse_connections', { gateway_instance: b.app.registry.instanceId }), 1)
 }, ['redis'])
 
 forEachMode(t, 'sse_redis_up turns 0 while Redis is down and 1 again once it is back; /metrics keeps answering', async (t) => {
