@@ -242,6 +242,20 @@ export async function buildApp (config: Config, options: BuildOptions = {}): Pro
     })
   }
 
+  if (config.trustProxy === null) {
+    // Behind a proxy that is not trusted, every client has the proxy's
+    // address: one bucket of RATE_LIMIT_STREAMS_PER_MIN for everyone, and
+    // browsers do not retry an EventSource refused with 429. Said once.
+    let warned = false
+    app.addHook('onRequest', (request, _reply, done) => {
+      if (!warned && request.headers['x-forwarded-for'] !== undefined) {
+        warned = true
+        request.log.warn({ remoteAddress: request.ip }, 'requests carry X-Forwarded-For but TRUST_PROXY is unset: rate limits and logs see the proxy\'s address for every client')
+      }
+      done()
+    })
+  }
+
   let internalServer: Server | null = null
   if (config.internalPort !== null) {
     const server = createServer((request, response) => app.server.emit('request', request, response))

@@ -183,6 +183,19 @@ t.test('a token as a path parameter, percent-encoded in a path or in a request N
   assertNoToken(t, gateway, tokens)
 })
 
+t.test('X-Forwarded-For without TRUST_PROXY: one warning naming TRUST_PROXY; with it set, none', async (t) => {
+  const untrusting = await startGateway(t, {}, { captureLogs: true })
+  const trusting = await startGateway(t, { TRUST_PROXY: '127.0.0.1' }, { captureLogs: true })
+  for (const gateway of [untrusting, trusting]) {
+    // Refused (401) requests are logged, so the lines after the warning show it was written.
+    for (let n = 0; n < 2; n++) t.equal((await request(`${gateway.url}/v1/stats`, { headers: { 'x-forwarded-for': '203.0.113.7' } })).status, 401)
+    await eventually(() => lines(gateway).filter((line) => line.msg === 'request completed').length >= 2, 'both requests logged')
+  }
+  const warnings = (gateway: Gateway): LogLine[] => lines(gateway).filter((line) => String(line.msg).includes('TRUST_PROXY is unset'))
+  t.equal(warnings(untrusting).length, 1, 'warned once')
+  t.equal(warnings(trusting).length, 0, 'not when the proxy is trusted')
+})
+
 t.test('redactUrl: a path or a value made of many "eyJ" without dots is handled in one pass', { timeout: 20_000 }, async (t) => {
   // Quadratic matching would take minutes on this; one pass takes milliseconds.
   const run = 'eyJ'.repeat(200_000)
