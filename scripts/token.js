@@ -15,7 +15,12 @@ if (!secret) {
   process.exit(1)
 }
 const now = Math.floor(Date.now() / 1000)
-const payload = { sub: option('sub', 'u1'), iat: now, exp: now + Number(option('ttl', '3600')) }
+const ttl = option('ttl', '3600')
+if (!/^\d+$/.test(ttl ?? '')) {
+  process.stderr.write(`--ttl takes whole seconds (e.g. --ttl 3600), not ${JSON.stringify(ttl ?? null)}\n`)
+  process.exit(1)
+}
+const payload = { sub: option('sub', 'u1'), iat: now, exp: now + Number(ttl) }
 const roles = option('roles')
 if (roles) payload.roles = roles.split(',').filter(Boolean)
 const topics = option('topics')
