@@ -35,7 +35,7 @@ interface Reaper {
  * A RedisState of the cluster on a connection of its own, as the lease holder
  * has, whose reap stops after the first user's REAP until `resume()`.
  */
-async function reaperOf (t: Test, prefix: string): Promise<Reaper> {
+async function reaperOf (t: Test, prefix: string, listening = true): Promise<Reaper> {
   const commands = new ScriptedRedis(REDIS_URL)
   // Never connected: reaping uses the commands connection only.
   const subscriber = new Redis(REDIS_URL, { ...redisOptions(), connectionName: 'redis-reap-test' })
@@ -51,7 +51,7 @@ async function reaperOf (t: Test, prefix: string): Promise<Reaper> {
   })
   await commands.redis.connect()
   const offline: string[] = []
-  state.onOffline((userId) => offline.push(userId))
+  if (listening) state.onOffline((userId) => offline.push(userId))
 
   let paused = (_userId: string): void => {}
   const pausedAfterFirstReap = new Promise<string>((resolve) => { paused = resolve })
@@ -120,7 +120,7 @@ t.test('an instance that beats again mid-reap keeps the streams it rejoined and 
  * by the cluster (its beat moved back past INSTANCE_TTL_MS), and a reaper
  * whose reap runs straight through.
  */
-async function deadInstanceWithStream (t: Test, name: string, user: string): Promise<{ reaper: Reaper, instanceId: string }> {
+async function deadInstanceWithStream (t: Test, name: string, user: string): Promise<{ reaper: Reaper, instanceId: string, prefix: string }> {
   const prefix = uniquePrefix(name)
   const redis = redisClient(t)
   const proxy = await FaultyProxy.start(t, redisPort)
@@ -135,7 +135,7 @@ async function deadInstanceWithStream (t: Test, name: string, user: string): Pro
   await eventually(() => !instance.app.bus.isReady(), 'the instance to lose Redis')
   await redis.zadd(`${prefix}instances`, Date.now() - 10 * INSTANCE_TTL_MS, instanceId)
   t.same(await reaper.state.deadInstances(), [instanceId], 'the instance is taken for dead')
-  return { reaper, instanceId }
+  return { reaper, instanceId, prefix }
 }
 
 t.test('a presence read between an instance\'s death and its reap leaves the reap to announce the user offline', async (t) => {
@@ -156,4 +156,15 @@ t.test('a user who reconnects elsewhere before its dead instance is reaped is ne
   await within(reaper.state.reap(instanceId), WAIT_MS, 'the reap')
   t.same(reaper.offline, [], 'the reap announces nothing: u1 is still online')
   t.match(await reaper.state.presence('u1'), { online: true, connections: 1 }, 'online with its new stream')
+})
+
+t.test('a reap before anyone listens for user:offline (right after start) leaves the dead instance for a later one, which announces', async (t) => {
+  if (!(await needRedis(t))) return
+  const { reaper, instanceId, prefix } = await deadInstanceWithStream(t, 'reapearly', 'u1')
+  const early = await reaperOf(t, prefix, false)
+  early.resume()
+  await within(early.state.reap(instanceId), WAIT_MS, 'the early reap')
+  t.same(await early.state.deadInstances(), [instanceId], 'the instance is still there to reap')
+  await within(reaper.state.reap(instanceId), WAIT_MS, 'the reap')
+  t.same(reaper.offline, ['u1'], 'the later reap announces u1 offline')
 })

@@ -333,6 +333,9 @@ export class RedisState implements SharedState {
    * leave the per-user sets, and users left with no stream go offline.
    */
   async reap (instance: string): Promise<void> {
+    // Right after start the lease may be taken before anyone listens: a user
+    // taken offline now would never be announced. The next tick reaps.
+    if (this.offlineListener === null) return
     const conns = await this.commands.call(async (redis) => await redis.hgetall(this.connsKey(instance)))
     const byUser = new Map<string, string[]>()
     for (const [connectionId, json] of Object.entries(conns)) {
