@@ -59,14 +59,13 @@ export default fp(async (app) => {
     return { published }
   }
   ingress.onMessage(handle)
-  durableIngress.onMessage(async (payload, entryId) => {
+  durableIngress.onMessage(async (payload, onceKey) => {
     if (payload === null) {
       reject('durable', 'no payload field')
       return
     }
-    // Keyed by the entry (a ':' never appears in a POST's hashed keys); one
-    // entry always holds the same payload, so the fingerprint never differs.
-    const once: PublishOnce = { key: `ingress:${entryId}`, fingerprint: 'durable', windowS: config.idempotencyWindowS }
+    // One entry always holds the same payload: the fingerprint never differs.
+    const once: PublishOnce = { key: onceKey, fingerprint: 'durable', windowS: config.idempotencyWindowS }
     await (await handle({ kind: 'durable' }, payload, once)).published
   })
 }, { name: 'ingress', dependencies: ['bus', 'streams', 'metrics'] })

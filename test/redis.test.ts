@@ -156,6 +156,32 @@ t.test('the durable ingress (XADD <prefix>ingress) delivers each entry once', as
   // Handled entries are deleted: the stream does not grow by one per message forever.
   await eventually(async () => await redis.xlen(`${prefix}ingress`) === 0, 'the handled entries deleted')
   t.pass('the ingress stream is empty once its entries are handled')
+  // Each was published once through a key of its own, kept a minute once acknowledged, not the whole window.
+  const onceKeys = await redis.keys(`${prefix}once:ingress:*`)
+  t.equal(onceKeys.length, 20, 'one once-key per entry')
+  const ttls = await Promise.all(onceKeys.map(async (key) => await redis.ttl(key)))
+  t.ok(ttls.every((ttl) => ttl > 0 && ttl <= 60), `each expires within 60 s (${Math.min(...ttls)}–${Math.max(...ttls)} s)`)
+})
+
+t.test('durable ingress: a pending entry deleted from the stream before any holder handled it is logged, and does not hold up the rest', async (t) => {
+  if (!(await needRedis(t))) return
+  const prefix = uniquePrefix('durdeleted')
+  const redis = redisClient(t)
+  const key = `${prefix}ingress`
+  const entry = (event: string): string => JSON.stringify({ to: { user: 'u1' }, event, data: 1 })
+  // A holder that is gone read it (it is pending to that holder), then a backend deleted it.
+  await redis.xgroup('CREATE', key, 'gateway', '0', 'MKSTREAM')
+  const lost = await redis.xadd(key, '*', 'payload', entry('lost'))
+  await redis.xreadgroup('GROUP', 'gateway', 'gone-holder', 'COUNT', 10, 'STREAMS', key, '>')
+  await redis.xdel(key, lost ?? '')
+  const gateway = await startGateway(t, { REDIS_URL, REDIS_PREFIX: prefix }, { captureLogs: true })
+  const { stream } = await openConnected(`${gateway.url}/v1/stream?token=${userToken('u1')}`, { t })
+  await eventually(() => gateway.logText().includes('deleted from the stream before they were handled'), 'the lost entry logged', 10_000)
+  await redis.xadd(key, '*', 'payload', entry('marker'))
+  await stream.nextEvent('marker', 10_000)
+  t.notOk(stream.events.some((event) => event.event === 'lost'), 'nothing for the deleted entry')
+  const [pending] = await redis.xpending(key, 'gateway') as [number]
+  t.equal(pending, 0, 'nothing left pending')
 })
 
 t.test('durable ingress: entries added while its consumer group is missing (the stream deleted, or before any gateway ran) are delivered', async (t) => {

@@ -11,6 +11,8 @@ export interface RedisEngineOptions {
   historyTtlS: number
   presenceGraceMs: number
   instanceTtlMs: number
+  /** How long an unacknowledged durable-ingress entry stays published at most once (IDEMPOTENCY_WINDOW_S). */
+  idempotencyWindowS?: number
   /** How long start-up waits for every connection to be ready (ioredis retries meanwhile). */
   startupTimeoutMs?: number
   /** Ends the start-up early (a stop signal): it then rejects, leaving nothing behind. */
@@ -237,9 +239,17 @@ const DURABLE_CLAIM_IDLE_MS = 30_000
  */
 /**
  * Gets each entry's `payload` field, or null for an entry without one (it is
- * still acknowledged), and the entry's id.
+ * still acknowledged), and the key to publish it once with (PUBLISH_ONCE's,
+ * without the prefix).
  */
-export type DurableHandler = (payload: string | null, entryId: string) => Promise<void>
+export type DurableHandler = (payload: string | null, onceKey: string) => Promise<void>
+
+/**
+ * Once an entry is acknowledged, no later holder claims it: its once-key
+ * need only outlive a holder that lost the lease mid-entry (a lease plus one
+ * blocking read), not the whole idempotency window.
+ */
+const ACKNOWLEDGED_ONCE_TTL_S = 60
 
 // Fields come as [name, value, name, value…]: a value may be the word "payload".
 function payloadOf (fields: string[]): string | null {
@@ -254,13 +264,17 @@ export class DurableIngress {
   private handler: DurableHandler = async () => {}
   private readonly loop: Promise<void>
 
+  private readonly key: string
+
   constructor (
     private readonly reader: Redis,
-    private readonly key: string,
+    private readonly prefix: string,
     private readonly consumer: string,
     private readonly leader: IngressLeader,
-    private readonly log: Log
+    private readonly log: Log,
+    private readonly onceWindowS: number
   ) {
+    this.key = `${prefix}ingress`
     this.loop = this.run()
   }
 
@@ -302,6 +316,9 @@ export class DurableIngress {
         if (batch !== null) for (const [, entries] of batch) await this.handle(entries)
       } catch (error) {
         if (!this.running) return
+        // A take-over claim cut short starts again: the last holder's
+        // entries still come before newer ones.
+        leading = false
         this.log.warn({ err: error }, 'durable ingress read failed')
         await new Promise((resolve) => setTimeout(resolve, 500).unref())
       }
@@ -312,7 +329,10 @@ export class DurableIngress {
   private async claimPending (minIdleMs: number): Promise<void> {
     let cursor = '0-0'
     do {
-      const [next, entries] = await this.reader.xautoclaim(this.key, DURABLE_GROUP, this.consumer, minIdleMs, cursor, 'COUNT', 100) as [string, Array<[string, string[] | null]>]
+      // Redis 7 adds the ids of pending entries deleted from the stream
+      // meanwhile (it drops them from the pending list itself).
+      const [next, entries, deleted] = await this.reader.xautoclaim(this.key, DURABLE_GROUP, this.consumer, minIdleMs, cursor, 'COUNT', 100) as [string, Array<[string, string[] | null]>, string[] | undefined]
+      if (deleted !== undefined && deleted.length > 0) this.lostEntries(deleted)
       await this.handle(entries)
       cursor = next
     } while (cursor !== '0-0' && this.running && this.leader.isLeader)
@@ -320,12 +340,28 @@ export class DurableIngress {
 
   private async handle (entries: Array<[string, string[] | null]>): Promise<void> {
     for (const [entryId, fields] of entries) {
-      if (fields === null) continue
-      await this.handler(payloadOf(fields), entryId)
+      if (fields === null) {
+        // Redis 6 lists a pending entry deleted from the stream with no
+        // fields: nothing to deliver, and unacknowledged it would come back
+        // at every claim.
+        this.lostEntries([entryId])
+        await this.reader.xack(this.key, DURABLE_GROUP, entryId)
+        continue
+      }
+      const onceKey = `ingress:${entryId}`
+      await this.handler(payloadOf(fields), onceKey)
       // Handled, the entry is deleted: the stream would otherwise keep every
       // message ever sent, and publishers need not trim it themselves.
-      await this.reader.multi().xack(this.key, DURABLE_GROUP, entryId).xdel(this.key, entryId).exec()
+      await this.reader.multi()
+        .xack(this.key, DURABLE_GROUP, entryId)
+        .xdel(this.key, entryId)
+        .expire(`${this.prefix}once:${onceKey}`, Math.min(ACKNOWLEDGED_ONCE_TTL_S, this.onceWindowS))
+        .exec()
     }
+  }
+
+  private lostEntries (entryIds: string[]): void {
+    this.log.warn({ entries: entryIds.slice(0, 10), count: entryIds.length }, 'durable ingress entries deleted from the stream before they were handled')
   }
 }
 
@@ -421,7 +457,7 @@ export async function connectRedis (options: RedisEngineOptions, registry: Regis
     await closeEngine()
     throw error
   }
-  const durable = new DurableIngress(reader, `${options.prefix}ingress`, state.instanceId, ingress, log)
+  const durable = new DurableIngress(reader, options.prefix, state.instanceId, ingress, log, options.idempotencyWindowS ?? 600)
 
   return {
     bus,
