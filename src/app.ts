@@ -73,20 +73,33 @@ export function withoutJwts (text: string): string {
   return text.replace(JWT_CHARACTER_RUNS, (run) => runHoldsJwt(run) ? '[redacted]' : run)
 }
 
-function decodedPathOf (path: string): string {
+const ESCAPE_RUNS = /(?:%[0-9A-Fa-f]{2})+/g
+
+/**
+ * Decoded as far as it can be: one malformed escape (`%ZZ`, a lone UTF-8
+ * byte) must not leave the rest encoded, where a token with its dots as
+ * `%2E` would pass the check unseen.
+ */
+function leniently (text: string): string {
   try {
-    return decodeURIComponent(path)
+    return decodeURIComponent(text)
   } catch {
-    return path
+    return text.replace(ESCAPE_RUNS, (run) => {
+      try {
+        return decodeURIComponent(run)
+      } catch {
+        return run.replace(/%2E/gi, '.')
+      }
+    })
   }
 }
 
+function decodedPathOf (path: string): string {
+  return leniently(path)
+}
+
 function decodedComponent (text: string): string {
-  try {
-    return decodeURIComponent(text.replace(/\+/g, ' ')).trim()
-  } catch {
-    return text
-  }
+  return leniently(text.replace(/\+/g, ' ')).trim()
 }
 
 /**

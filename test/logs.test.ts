@@ -163,6 +163,9 @@ t.test('redactUrl: token parameters and JWT values replaced, the rest kept as se
   t.equal(redactUrl(`/v1/x/${jwt}`), '/v1/x/[redacted]')
   t.equal(redactUrl(`/v1/x/${jwt.replace(/\./g, '%2E')}?a=1`), '/v1/x/[redacted]?a=1', 'a JWT in the path with its dots encoded')
   t.equal(redactUrl('/v1/x/%41b/eyJ'), '/v1/x/%41b/eyJ', 'a path without a JWT is kept as sent')
+  const dotsEncoded = jwt.replace(/\./g, '%2E')
+  t.equal(redactUrl(`/v1/stream?x=${dotsEncoded}%ZZ&y=1`), '/v1/stream?x=[redacted]&y=1', 'a malformed escape beside it does not hide a JWT in a value')
+  t.equal(redactUrl(`/v1/x/${dotsEncoded}%E0%A4`), '/v1/x/[redacted]%E0%A4', 'nor in the path')
 })
 
 t.test('a token as a path parameter, percent-encoded in a path or in a request Node refuses never reaches the logs', async (t) => {
