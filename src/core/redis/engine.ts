@@ -225,6 +225,7 @@ export class IngressLeader {
 
 const DURABLE_GROUP = 'gateway'
 const DURABLE_CLAIM_IDLE_MS = 30_000
+const DURABLE_BLOCK_MS = 1000
 
 /**
  * The durable ingress: `XADD <prefix>ingress * payload <json>`, read through a
@@ -291,6 +292,7 @@ export class DurableIngress {
   private async run (): Promise<void> {
     let lastClaim = 0
     let leading = false
+    let recheckAt = 0
     while (this.running) {
       try {
         if (this.reader.status !== 'ready' || !this.leader.isLeader) {
@@ -307,12 +309,18 @@ export class DurableIngress {
           // Taking over: what the last holder left unacknowledged comes first.
           leading = true
           lastClaim = Date.now()
+          // Its last blocking read may still hand it entries for a while
+          // after this claim: once more when that read is surely over.
+          recheckAt = lastClaim + 2 * DURABLE_BLOCK_MS
+          await this.claimPending(0)
+        } else if (recheckAt !== 0 && Date.now() >= recheckAt) {
+          recheckAt = 0
           await this.claimPending(0)
         } else if (Date.now() - lastClaim > DURABLE_CLAIM_IDLE_MS) {
           lastClaim = Date.now()
           await this.claimPending(DURABLE_CLAIM_IDLE_MS)
         }
-        const batch = await this.reader.xreadgroup('GROUP', DURABLE_GROUP, this.consumer, 'COUNT', 100, 'BLOCK', 1000, 'STREAMS', this.key, '>') as Array<[string, Array<[string, string[]]>]> | null
+        const batch = await this.reader.xreadgroup('GROUP', DURABLE_GROUP, this.consumer, 'COUNT', 100, 'BLOCK', DURABLE_BLOCK_MS, 'STREAMS', this.key, '>') as Array<[string, Array<[string, string[]]>]> | null
         if (batch !== null) for (const [, entries] of batch) await this.handle(entries)
       } catch (error) {
         if (!this.running) return
