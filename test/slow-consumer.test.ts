@@ -70,21 +70,19 @@ t.test('a lower MAX_BUFFERED_BYTES (128 KiB) also drops a never-reading client; 
   t.equal(metricValue(await scrape(url), 'sse_slow_consumer_drops_total'), 1)
 })
 
-forEachMode(t, 'events that render larger than MAX_BUFFERED_BYTES (strings of many short lines), alone or in a batch, reach readers that keep up; they stay open', async (t, mode) => {
+forEachMode(t, 'one event that renders larger than MAX_BUFFERED_BYTES (a string of many short lines) reaches readers that keep up; they stay open', async (t, mode) => {
   const maxBuffered = 64 * 1024
   const [gateway] = await startCluster(t, mode, 1, { MAX_BUFFERED_BYTES: String(maxBuffered) })
   const { url } = gateway
   const readers = await Promise.all(['a', 'b'].map(async (user) => (await openConnected(`${url}/v1/stream?token=${userToken(user)}`, { t })).stream))
   // 60 000 bytes of data, within MAX_EVENT_BYTES; each line gets `data: `, so the frame is ~420 KB.
   const lines = '\n'.repeat(60_000)
-  const to = { users: ['a', 'b'] }
-  const [big] = await publishOk(url, publisher, { to, event: 'lines', data: lines })
-  const batch = await publishOk(url, publisher, [{ to, event: 'lines', data: lines }, { to, event: 'lines', data: lines }])
-  const [after] = await publishOk(url, publisher, { to, event: 'after', data: 'x' })
+  const [big] = await publishOk(url, publisher, { to: { users: ['a', 'b'] }, event: 'lines', data: lines })
+  const [after] = await publishOk(url, publisher, { to: { users: ['a', 'b'] }, event: 'after', data: 'x' })
   for (const [index, reader] of readers.entries()) {
-    const received = await reader.take(4, 10_000)
-    t.same(received.map((event) => event.id), [big, ...batch, after], `reader ${index} got every event`)
-    t.ok(received.slice(0, 3).every((event) => event.data === lines), 'the lines intact')
+    const received = await reader.take(2, 10_000)
+    t.same(received.map((event) => event.id), [big, after], `reader ${index} got both events`)
+    t.equal(received[0].data, lines, 'the lines intact')
     t.notOk(reader.ended, 'still open')
   }
   t.equal(metricValue(await scrape(url), 'sse_slow_consumer_drops_total'), 0, 'nobody dropped as slow')

@@ -144,8 +144,15 @@ export class StreamConnection {
   private pendingBytes = 0
   /** Bytes Node held unsent for the socket after the last write; it only shrinks until the next. */
   private unsentAtLastWrite = 0
-  /** The largest frame held during setup: one event may render larger than MAX_BUFFERED_BYTES (see flush). */
-  private largestHeldFrame = 0
+  /**
+   * The largest frame among the bytes held, pending or unsent (an upper
+   * bound: it drops back only once a write leaves nothing unsent). One event
+   * may render larger than MAX_BUFFERED_BYTES (a string of many short lines
+   * gets a `data: ` prefix on each), and a reader keeping up must not be
+   * called slow for the size of that event: the bound is on what is behind
+   * it, MAX_BUFFERED_BYTES beyond the largest frame.
+   */
+  private largestFrame = 0
   private queued = false
 
   constructor (init: ConnectionInit) {
@@ -217,8 +224,8 @@ export class StreamConnection {
     if (this.held !== null) {
       this.held.push({ id, frame })
       this.heldBytes += frame.length
-      if (frame.length > this.largestHeldFrame) this.largestHeldFrame = frame.length
-      if (this.heldBytes > this.maxBufferedBytes + this.largestHeldFrame) this.close('slow')
+      if (frame.length > this.largestFrame) this.largestFrame = frame.length
+      if (this.heldBytes > this.bufferBound()) this.close('slow')
       return
     }
     this.lastId = id
@@ -310,12 +317,12 @@ export class StreamConnection {
     // its whole slab alive for as long: such a socket gets its own copy.
     if (this.unsentAtLastWrite > 0 && chunk.buffer.byteLength > 2 * chunk.length) chunk = Buffer.from(chunk)
     this.writeRaw(chunk)
-    // Slow is what was written before this write and is still unsent beyond
-    // MAX_BUFFERED_BYTES, not a large write: an event may render larger than
-    // that (a string of many short lines gets a `data: ` prefix on each), a
-    // batch of them larger still, and a reader keeping up must not be
-    // dropped for their size.
-    if (this.unsentAtLastWrite - chunk.length > this.maxBufferedBytes) this.close('slow')
+    if (this.unsentAtLastWrite === 0) this.largestFrame = 0
+    else if (this.unsentAtLastWrite > this.bufferBound()) this.close('slow')
+  }
+
+  private bufferBound (): number {
+    return this.maxBufferedBytes + this.largestFrame
   }
 
   /** Closes the stream, after a last frame if the socket can still take it. */
@@ -363,10 +370,16 @@ export class StreamConnection {
       this.runBytes = frame.length
     }
     this.runPlacement = placement
-    // Pending bytes are views of frames every recipient shares, and go out
-    // at this stream's turn in the pass; whether the reader is behind is
-    // judged there, on what the socket has not taken (see flush).
     this.pendingBytes += frame.length
+    if (frame.length > this.largestFrame) this.largestFrame = frame.length
+    if (this.pendingBytes + this.unsentAtLastWrite > this.bufferBound()) {
+      // The bound may be stale: ask the socket before calling it slow.
+      this.unsentAtLastWrite = this.sink.writableLength
+      if (this.pendingBytes + this.unsentAtLastWrite > this.bufferBound()) {
+        this.close('slow')
+        return
+      }
+    }
     if (!this.queued) {
       this.queued = true
       this.scheduler.mark(this)
