@@ -30,7 +30,6 @@ export default fp<{ startupSignal?: AbortSignal }>(async (app, options) => {
       historyTtlS: config.historyTtlS,
       presenceGraceMs: config.presenceGraceMs,
       instanceTtlMs: config.instanceTtlMs,
-      idempotencyWindowS: config.idempotencyWindowS,
       startupTimeoutMs: config.redisStartupTimeoutMs,
       startupSignal: options.startupSignal
     }, registry, app.log)

@@ -11,8 +11,6 @@ export interface RedisEngineOptions {
   historyTtlS: number
   presenceGraceMs: number
   instanceTtlMs: number
-  /** How long an unacknowledged durable-ingress entry stays published at most once (IDEMPOTENCY_WINDOW_S). */
-  idempotencyWindowS?: number
   /** How long start-up waits for every connection to be ready (ioredis retries meanwhile). */
   startupTimeoutMs?: number
   /** Ends the start-up early (a stop signal): it then rejects, leaving nothing behind. */
@@ -245,12 +243,6 @@ const DURABLE_BLOCK_MS = 1000
  */
 export type DurableHandler = (payload: string | null, onceKey: string) => Promise<void>
 
-/**
- * Once an entry is acknowledged, no later holder claims it: its once-key
- * need only outlive a holder that lost the lease mid-entry (a lease plus one
- * blocking read), not the whole idempotency window.
- */
-const ACKNOWLEDGED_ONCE_TTL_S = 60
 
 // Fields come as [name, value, name, value…]: a value may be the word "payload".
 function payloadOf (fields: string[]): string | null {
@@ -265,17 +257,13 @@ export class DurableIngress {
   private handler: DurableHandler = async () => {}
   private readonly loop: Promise<void>
 
-  private readonly key: string
-
   constructor (
     private readonly reader: Redis,
-    private readonly prefix: string,
+    private readonly key: string,
     private readonly consumer: string,
     private readonly leader: IngressLeader,
-    private readonly log: Log,
-    private readonly onceWindowS: number
+    private readonly log: Log
   ) {
-    this.key = `${prefix}ingress`
     this.loop = this.run()
   }
 
@@ -348,6 +336,11 @@ export class DurableIngress {
 
   private async handle (entries: Array<[string, string[] | null]>): Promise<void> {
     for (const [entryId, fields] of entries) {
+      // A holder that lost the lease mid-batch leaves the rest to the next
+      // one, which claims them. (One stalled inside a publish for longer than
+      // IDEMPOTENCY_WINDOW_S could still publish an entry twice: its key,
+      // kept that long, is what stops it.)
+      if (!this.running || !this.leader.isLeader) return
       if (fields === null) {
         // Redis 6 lists a pending entry deleted from the stream with no
         // fields: nothing to deliver, and unacknowledged it would come back
@@ -360,11 +353,7 @@ export class DurableIngress {
       await this.handler(payloadOf(fields), onceKey)
       // Handled, the entry is deleted: the stream would otherwise keep every
       // message ever sent, and publishers need not trim it themselves.
-      await this.reader.multi()
-        .xack(this.key, DURABLE_GROUP, entryId)
-        .xdel(this.key, entryId)
-        .expire(`${this.prefix}once:${onceKey}`, Math.min(ACKNOWLEDGED_ONCE_TTL_S, this.onceWindowS))
-        .exec()
+      await this.reader.multi().xack(this.key, DURABLE_GROUP, entryId).xdel(this.key, entryId).exec()
     }
   }
 
@@ -465,7 +454,7 @@ export async function connectRedis (options: RedisEngineOptions, registry: Regis
     await closeEngine()
     throw error
   }
-  const durable = new DurableIngress(reader, options.prefix, state.instanceId, ingress, log, options.idempotencyWindowS ?? 600)
+  const durable = new DurableIngress(reader, `${options.prefix}ingress`, state.instanceId, ingress, log)
 
   return {
     bus,
