@@ -168,13 +168,3 @@ t.test('a reap before anyone listens for user:offline (right after start) leaves
   await within(reaper.state.reap(instanceId), WAIT_MS, 'the reap')
   t.same(reaper.offline, ['u1'], 'the later reap announces u1 offline')
 })
-
-t.test('a dead instance whose list expired before anyone reaped it (the cluster down for long) still has its users announced offline', async (t) => {
-  if (!(await needRedis(t))) return
-  const { reaper, instanceId, prefix } = await deadInstanceWithStream(t, 'reapexpired', 'u1')
-  const redis = redisClient(t)
-  await redis.del(`${prefix}i:${instanceId}:conns`)
-  await within(reaper.state.reap(instanceId), WAIT_MS, 'the reap')
-  t.same(reaper.offline, ['u1'], 'the reap announces u1 offline')
-  t.equal(await redis.zcard(`${prefix}uc:u1`), 0, 'and clears its entry')
-})

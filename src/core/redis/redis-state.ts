@@ -338,20 +338,13 @@ export class RedisState implements SharedState {
     if (this.offlineListener === null) return
     const conns = await this.commands.call(async (redis) => await redis.hgetall(this.connsKey(instance)))
     const byUser = new Map<string, string[]>()
-    const add = (userId: string, connectionId: string): void => {
+    for (const [connectionId, json] of Object.entries(conns)) {
+      const userId = (parseJson(json) as Partial<ConnectionInfo> | undefined)?.userId
+      if (typeof userId !== 'string') continue
       const ids = byUser.get(userId)
       if (ids === undefined) byUser.set(userId, [connectionId])
       else ids.push(connectionId)
     }
-    for (const [connectionId, json] of Object.entries(conns)) {
-      const userId = (parseJson(json) as Partial<ConnectionInfo> | undefined)?.userId
-      if (typeof userId === 'string') add(userId, connectionId)
-    }
-    // The list expires 10 × INSTANCE_TTL_MS after the last heartbeat: an
-    // instance nobody reaped for that long (the whole cluster down) left only
-    // its users' entries. They are found by a scan, rare and slow, rather than
-    // dropped unannounced, which would leave those users online for good.
-    if (byUser.size === 0) for (const [userId, connectionId] of await this.membersOf(instance)) add(userId, connectionId)
     // One script per user: the check that the user is offline and the removal
     // that made it so are one step, so a concurrent release cannot announce
     // the same going-offline again. Each checks that the instance is still
@@ -365,26 +358,6 @@ export class RedisState implements SharedState {
     // Reaping takes a round trip per user: an instance that was only cut off
     // may beat again meanwhile, and its list, rebuilt, must stay.
     await this.commands.run('FORGET', [this.prefix, instance, this.options.instanceTtlMs])
-  }
-
-  /** [userId, connectionId] of every per-user stream entry of `instance`, by scanning the users' sets. */
-  private async membersOf (instance: string): Promise<Array<[string, string]>> {
-    const userKeys = `${this.prefix}uc:`
-    const mark = `${instance}|`
-    return await this.commands.call(async (redis) => {
-      const found: Array<[string, string]> = []
-      let cursor = '0'
-      do {
-        const [next, keys] = await redis.scan(cursor, 'MATCH', `${userKeys}*`, 'COUNT', 1000)
-        cursor = next
-        for (const key of keys) {
-          for (const member of await redis.zrange(key, 0, -1)) {
-            if (member.startsWith(mark)) found.push([key.slice(userKeys.length), member.slice(mark.length)])
-          }
-        }
-      } while (cursor !== '0')
-      return found
-    })
   }
 
   /**
