@@ -168,3 +168,16 @@ t.test('a reap before anyone listens for user:offline (right after start) leaves
   await within(reaper.state.reap(instanceId), WAIT_MS, 'the reap')
   t.same(reaper.offline, ['u1'], 'the later reap announces u1 offline')
 })
+
+t.test('an instance\'s list of streams outlives a long silence (a day), so a reap after the whole cluster was down still finds its users', async (t) => {
+  if (!(await needRedis(t))) return
+  const prefix = uniquePrefix('reaplist')
+  const redis = redisClient(t)
+  const instance = await startGateway(t, { REDIS_URL, REDIS_PREFIX: prefix, INSTANCE_TTL_MS: String(INSTANCE_TTL_MS) })
+  await openConnected(`${instance.url}/v1/stream?token=${userToken('u1')}`, { t })
+  const list = `${prefix}i:${instance.app.registry.instanceId}:conns`
+  // Each heartbeat sets the list's expiry.
+  await eventually(async () => await redis.ttl(list) > 0, 'a heartbeat to set the list\'s expiry', 10_000, 50)
+  const ttl = await redis.ttl(list)
+  t.ok(ttl > 86_000, `the list expires in ${ttl} s`)
+})

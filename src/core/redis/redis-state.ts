@@ -23,6 +23,8 @@ interface ControlReply { requestId: string, answer: ControlAnswer }
 const JOB_CAS_ATTEMPTS = 8
 /** Overdue graces ended per script run: a mass drain's users are settled in slices, not one long script. */
 const GRACE_BATCH = 500
+/** How long a silent instance's list of streams waits for a reap (see heartbeat). */
+const LIST_TTL_S = 86_400
 
 /**
  * Shared state in Redis. Instances announce themselves with a heartbeat
@@ -134,7 +136,11 @@ export class RedisState implements SharedState {
 
   async heartbeat (): Promise<void> {
     const now = Date.now()
-    const ttlS = Math.ceil((this.options.instanceTtlMs * 10) / 1000)
+    // The list outlives the instance until a lease holder reaps it: it is how
+    // the reap finds the users to announce offline, and if it expired first
+    // (the whole cluster down for that long) their entries would be dropped
+    // unannounced. The expiry only clears a list nobody will ever reap.
+    const ttlS = Math.max(LIST_TTL_S, Math.ceil((this.options.instanceTtlMs * 10) / 1000))
     await this.commands.redis.multi()
       .zadd(`${this.prefix}instances`, now, this.instanceId)
       .expire(this.connsKey(this.instanceId), ttlS)
