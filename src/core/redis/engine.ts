@@ -261,7 +261,7 @@ export class DurableIngress {
     private readonly reader: Redis,
     private readonly key: string,
     private readonly consumer: string,
-    private readonly leader: IngressLeader,
+    private readonly leader: Pick<IngressLeader, 'isLeader'>,
     private readonly log: Log
   ) {
     this.loop = this.run()
@@ -293,6 +293,10 @@ export class DurableIngress {
         await this.reader.xgroup('CREATE', this.key, DURABLE_GROUP, '0', 'MKSTREAM').catch((error: Error) => {
           if (!error.message.includes('BUSYGROUP')) throw error
         })
+        // Every claim or batch cut short by the lease's loss leaves entries
+        // pending to this consumer: whoever holds the lease next (this
+        // instance again, maybe at once) takes them over before new ones.
+        let complete = true
         if (!leading) {
           // Taking over: what the last holder left unacknowledged comes first.
           leading = true
@@ -300,16 +304,19 @@ export class DurableIngress {
           // Its last blocking read may still hand it entries for a while
           // after this claim: once more when that read is surely over.
           recheckAt = lastClaim + 2 * DURABLE_BLOCK_MS
-          await this.claimPending(0)
+          complete = await this.claimPending(0)
         } else if (recheckAt !== 0 && Date.now() >= recheckAt) {
           recheckAt = 0
-          await this.claimPending(0)
+          complete = await this.claimPending(0)
         } else if (Date.now() - lastClaim > DURABLE_CLAIM_IDLE_MS) {
           lastClaim = Date.now()
-          await this.claimPending(DURABLE_CLAIM_IDLE_MS)
+          complete = await this.claimPending(DURABLE_CLAIM_IDLE_MS)
         }
-        const batch = await this.reader.xreadgroup('GROUP', DURABLE_GROUP, this.consumer, 'COUNT', 100, 'BLOCK', DURABLE_BLOCK_MS, 'STREAMS', this.key, '>') as Array<[string, Array<[string, string[]]>]> | null
-        if (batch !== null) for (const [, entries] of batch) await this.handle(entries)
+        if (complete && this.leader.isLeader) {
+          const batch = await this.reader.xreadgroup('GROUP', DURABLE_GROUP, this.consumer, 'COUNT', 100, 'BLOCK', DURABLE_BLOCK_MS, 'STREAMS', this.key, '>') as Array<[string, Array<[string, string[]]>]> | null
+          if (batch !== null) for (const [, entries] of batch) if (complete) complete = await this.handle(entries)
+        }
+        if (!complete || !this.leader.isLeader) leading = false
       } catch (error) {
         if (!this.running) return
         // A take-over claim cut short starts again: the last holder's
@@ -321,26 +328,29 @@ export class DurableIngress {
     }
   }
 
-  /** Claims and handles every entry pending for at least `minIdleMs`, oldest first. */
-  private async claimPending (minIdleMs: number): Promise<void> {
+  /** Claims and handles every entry pending for at least `minIdleMs`, oldest first; false if cut short by the lease's loss. */
+  private async claimPending (minIdleMs: number): Promise<boolean> {
     let cursor = '0-0'
     do {
+      if (!this.running || !this.leader.isLeader) return false
       // Redis 7 adds the ids of pending entries deleted from the stream
       // meanwhile (it drops them from the pending list itself).
       const [next, entries, deleted] = await this.reader.xautoclaim(this.key, DURABLE_GROUP, this.consumer, minIdleMs, cursor, 'COUNT', 100) as [string, Array<[string, string[] | null]>, string[] | undefined]
       if (deleted !== undefined && deleted.length > 0) this.lostEntries(deleted)
-      await this.handle(entries)
+      if (!await this.handle(entries)) return false
       cursor = next
-    } while (cursor !== '0-0' && this.running && this.leader.isLeader)
+    } while (cursor !== '0-0')
+    return true
   }
 
-  private async handle (entries: Array<[string, string[] | null]>): Promise<void> {
+  /** Handles entries in order; false if the lease was lost before the last. */
+  private async handle (entries: Array<[string, string[] | null]>): Promise<boolean> {
     for (const [entryId, fields] of entries) {
       // A holder that lost the lease mid-batch leaves the rest to the next
       // one, which claims them. (One stalled inside a publish for longer than
       // IDEMPOTENCY_WINDOW_S could still publish an entry twice: its key,
       // kept that long, is what stops it.)
-      if (!this.running || !this.leader.isLeader) return
+      if (!this.running || !this.leader.isLeader) return false
       if (fields === null) {
         // Redis 6 lists a pending entry deleted from the stream with no
         // fields: nothing to deliver, and unacknowledged it would come back
@@ -355,6 +365,7 @@ export class DurableIngress {
       // message ever sent, and publishers need not trim it themselves.
       await this.reader.multi().xack(this.key, DURABLE_GROUP, entryId).xdel(this.key, entryId).exec()
     }
+    return true
   }
 
   private lostEntries (entryIds: string[]): void {
