@@ -92,6 +92,21 @@ async function liveStream (t: Test, { viaProxy, direct }: Rig): Promise<{ stream
   return { stream, send, before }
 }
 
+/**
+ * `u1`'s live stream (see liveStream) whose subscription was lost once, with
+ * `first` published meanwhile, then restored: its catch-up has started, and
+ * the catch-up's read is held.
+ */
+async function catchUpHeld (t: Test, name: string): Promise<Awaited<ReturnType<typeof liveStream>> & { rig: Rig, redis: Redis, first: string }> {
+  const rig = await startRig(t, name)
+  const redis = redisClient(t)
+  const live = await liveStream(t, rig)
+  await loseSubscription(rig, 1)
+  const first = await live.send(1)
+  await restoreWithReadHeld(rig)
+  return { ...live, rig, redis, first }
+}
+
 t.test('a stream that joins its channels while the subscription is down gets, once it is back, the events they published meanwhile: in order, none twice', async (t) => {
   if (!(await needRedis(t))) return
   const { proxy, viaProxy, direct } = await startRig(t, 'openloss')
@@ -168,15 +183,9 @@ t.test('a stream still replaying its history when the subscription is lost is cl
 
 t.test('a catch-up asked for again while one runs waits while the subscription is down again: after the last restore every event arrives once, in order, no reset', async (t) => {
   if (!(await needRedis(t))) return
-  const rig = await startRig(t, 'queued')
+  // Back after the first loss, with the catch-up's read answered only later.
+  const { rig, redis, stream, send, before, first } = await catchUpHeld(t, 'queued')
   const { proxy, viaProxy } = rig
-  const redis = redisClient(t)
-  const { stream, send, before } = await liveStream(t, rig)
-
-  await loseSubscription(rig, 1)
-  const first = await send(1)
-  // Back, with the catch-up's read answered only later.
-  await restoreWithReadHeld(rig)
 
   // Lost and back while it runs: another catch-up is asked for.
   await loseSubscription(rig, 2)
@@ -238,15 +247,9 @@ t.test('the subscription lost twice during one catch-up, the second time with th
 
 t.test('a catch-up read answered after a new loss is not merged: the events published between that loss and its restore still arrive', async (t) => {
   if (!(await needRedis(t))) return
-  const rig = await startRig(t, 'mergegap')
+  // Back after the first loss: the catch-up's read reaches Redis; its answer is held.
+  const { rig, redis, stream, send, before, first } = await catchUpHeld(t, 'mergegap')
   const { proxy, viaProxy } = rig
-  const redis = redisClient(t)
-  const { stream, send, before } = await liveStream(t, rig)
-
-  await loseSubscription(rig, 1)
-  const first = await send(1)
-  // The catch-up's read reaches Redis; its answer is held.
-  await restoreWithReadHeld(rig)
 
   await loseSubscription(rig, 2)
   const second = await send(2)
