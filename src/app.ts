@@ -69,7 +69,7 @@ function holdsJwt (text: string): boolean {
 }
 
 /** The text with every run of JWT characters that holds a JWT replaced. */
-export function withoutJwts (text: string): string {
+function withoutJwts (text: string): string {
   return text.replace(JWT_CHARACTER_RUNS, (run) => runHoldsJwt(run) ? '[redacted]' : run)
 }
 
@@ -94,10 +94,6 @@ function leniently (text: string): string {
   }
 }
 
-function decodedPathOf (path: string): string {
-  return leniently(path)
-}
-
 function decodedComponent (text: string): string {
   return leniently(text.replace(/\+/g, ' ')).trim()
 }
@@ -110,9 +106,11 @@ function decodedComponent (text: string): string {
 export function redactUrl (url: string): string {
   const start = url.indexOf('?')
   const rawPath = start === -1 ? url : url.slice(0, start)
-  // Checked decoded too: '%2E' for a dot or '%65yJ' must not carry a token past.
-  const decodedPath = decodedPathOf(rawPath)
-  const path = holdsJwt(decodedPath) ? withoutJwts(decodedPath) : rawPath
+  // Checked decoded: '%2E' for a dot or '%65yJ' must not carry a token past.
+  // A path without one is logged as sent.
+  const decodedPath = leniently(rawPath)
+  const redactedPath = withoutJwts(decodedPath)
+  const path = redactedPath === decodedPath ? rawPath : redactedPath
   if (start === -1) return path
   const pairs = url.slice(start + 1).split('&')
   for (let index = 0; index < pairs.length; index++) {

@@ -226,6 +226,21 @@ const DURABLE_CLAIM_IDLE_MS = 30_000
 const DURABLE_BLOCK_MS = 1000
 
 /**
+ * Gets each entry's `payload` field, or null for an entry without one (it is
+ * still acknowledged), and the key to publish it once with (PUBLISH_ONCE's,
+ * without the prefix).
+ */
+export type DurableHandler = (payload: string | null, onceKey: string) => Promise<void>
+
+// Fields come as [name, value, name, value…]: a value may be the word "payload".
+function payloadOf (fields: string[]): string | null {
+  for (let index = 0; index + 1 < fields.length; index += 2) {
+    if (fields[index] === 'payload') return fields[index + 1]
+  }
+  return null
+}
+
+/**
  * The durable ingress: `XADD <prefix>ingress * payload <json>`, read through a
  * consumer group and acknowledged only once published. Only the lease holder
  * reads, so entries get ids in the order they were added. The group starts
@@ -236,22 +251,6 @@ const DURABLE_BLOCK_MS = 1000
  * entry at most once (keyed by its id), so a claimed entry that its first
  * holder had already published is not published again.
  */
-/**
- * Gets each entry's `payload` field, or null for an entry without one (it is
- * still acknowledged), and the key to publish it once with (PUBLISH_ONCE's,
- * without the prefix).
- */
-export type DurableHandler = (payload: string | null, onceKey: string) => Promise<void>
-
-
-// Fields come as [name, value, name, value…]: a value may be the word "payload".
-function payloadOf (fields: string[]): string | null {
-  for (let index = 0; index + 1 < fields.length; index += 2) {
-    if (fields[index] === 'payload') return fields[index + 1]
-  }
-  return null
-}
-
 export class DurableIngress {
   private running = true
   private handler: DurableHandler = async () => {}
