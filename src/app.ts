@@ -198,6 +198,13 @@ export async function buildApp (config: Config, options: BuildOptions = {}): Pro
     routerOptions: { maxParamLength: 2304 },
     frameworkErrors: routerError,
     ajv: { customOptions: { removeAdditional: false, coerceTypes: false, allErrors: false } },
+    // Event data and job results pass through as the publisher wrote them, as
+    // they do through Redis ingress: JSON.parse makes `__proto__` an own key,
+    // and nothing here merges a body into another object, which is the only
+    // way such a key could reach a prototype. Refusing it would drop a map
+    // keyed by user names the day a user calls themself `__proto__`.
+    onProtoPoisoning: 'ignore',
+    onConstructorPoisoning: 'ignore',
     // Fastify gives up on a plugin after 10 s, but the bus's may wait for
     // Redis this long; its own deadline must come first, so that a start
     // given up on leaves nothing running.

@@ -172,3 +172,33 @@ t.test('a stream asked for over HTTP/1.0 gets a 400 JSON error, not a chunked st
   t.equal(response.headers['transfer-encoding'], undefined, 'not chunked')
   t.match(JSON.parse(response.body), { statusCode: 400, message: /HTTP\/1\.1/ })
 })
+
+t.test('data and job results holding `__proto__` or `constructor.prototype` keys pass through as written, and no prototype changes', async (t) => {
+  const { url } = await startGateway(t)
+  const { stream } = await openConnected(`${url}/v1/stream?token=${userToken('u1')}`, { t })
+  // Written as text: an object literal with `__proto__` would set the prototype, not a key.
+  const data = '{"__proto__":{"polluted":true},"constructor":{"prototype":{"polluted":true}},"names":{"__proto__":2}}'
+  const published = await publish(url, publisher, `{"to":{"user":"u1"},"event":"odd","data":${data}}`)
+  t.equal(published.status, 202, JSON.stringify(published.json))
+  const event = await stream.nextEvent('odd')
+  t.equal(event.data, data, 'the data arrives exactly as published')
+
+  const job = await request<Record<string, unknown>>(`${url}/v1/jobs/proto-job`, { method: 'PUT', token: publisher, body: `{"userId":"u1","status":"completed","result":${data}}` })
+  t.equal(job.status, 200, JSON.stringify(job.json))
+  const stored = await request(`${url}/v1/jobs/proto-job`, { token: userToken('u1') })
+  t.match(stored.text, `"result":${data}`, 'the stored result keeps its keys')
+
+  // A body's own fields are still held to their lists.
+  const item = await publish(url, publisher, '{"__proto__":{"x":1},"to":{"user":"u1"},"data":1}')
+  t.equal(item.status, 400)
+  t.match(item.json, { statusCode: 400, error: 'Bad Request', message: 'unknown field "__proto__"' })
+  const target = await publish(url, publisher, '{"to":{"user":"u1","__proto__":{}},"data":1}')
+  t.equal(target.status, 400)
+  t.match(target.json, { statusCode: 400, message: /exactly one of/ })
+  const jobField = await request(`${url}/v1/jobs/proto-job-2`, { method: 'PUT', token: publisher, body: '{"userId":"u1","status":"queued","__proto__":{"status":"completed"}}' })
+  t.equal(jobField.status, 400)
+  t.match(jobField.json, { statusCode: 400, error: 'Bad Request' })
+
+  t.equal(({} as Record<string, unknown>).polluted, undefined, 'Object.prototype is untouched')
+  t.equal((Object.prototype as Record<string, unknown>).polluted, undefined)
+})
