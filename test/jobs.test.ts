@@ -61,6 +61,8 @@ forEachMode(t, 'a job stream sends connected, initial_status, each job_update, a
     { jobId: 'job-1', status: 'completed', progress: 100, result: { characterId: 'abc123', name: 'Character Name' } }
   ])
   t.ok(increasing([initial.id, ...updates.map((event) => event.id)]), 'ids increase from initial_status on')
+  t.equal(initial.id, queued.eventId, 'a PUT answers the id of the job_update it emitted')
+  t.equal(updates[2].id, done.eventId)
   await stream.waitEnd()
   t.pass('the stream closed after the terminal update')
   t.same(stream.events.map((event) => event.event), ['connected', 'initial_status', 'job_update', 'job_update', 'job_update'])
