@@ -54,7 +54,14 @@ export default fp(async (app) => {
       ? publisher.publishItems(items).then(() => true)
       : publisher.publishItemsOnce(items, once).then((outcome) => outcome.kind === 'published')
     const published = publishing.then((fresh) => {
-      if (fresh) for (const request of requests) app.metrics.published(request.target.kind, 1)
+      if (fresh) {
+        for (const request of requests) app.metrics.published(request.target.kind, 1)
+      } else {
+        // Normal after a holder dies between publishing and acknowledging;
+        // frequent ones point at holders that keep losing the lease.
+        app.metrics.ingressRepeated()
+        app.log.info({ source: kind, entry: once?.key }, 'ingress entry already published: skipped')
+      }
     })
     return { published }
   }

@@ -8,6 +8,8 @@ export interface GatewayMetrics {
   authFailure (reason: string): void
   published (targetKind: string, count: number): void
   ingressRejected (source: string, reason: string): void
+  /** A durable entry handed over from a holder that had published it: not published again. */
+  ingressRepeated (): void
   streamOpened (connection: StreamConnection): void
   streamClosed (connection: StreamConnection, reason: string): void
   replayed (count: number): void
@@ -62,12 +64,14 @@ export default fp(async (app) => {
   const resets = new Counter<'reason'>({ name: 'sse_replay_resets_total', help: 'Reconnects answered with reset, by reason', labelNames: ['reason'], registers: [registry] })
   const authFailures = new Counter<'reason'>({ name: 'sse_auth_failures_total', help: 'Rejected authentications, by reason', labelNames: ['reason'], registers: [registry] })
   const ingressRejects = new Counter<'source'>({ name: 'sse_ingress_rejected_total', help: 'Redis ingress messages dropped as invalid', labelNames: ['source'], registers: [registry] })
+  const ingressRepeats = new Counter({ name: 'sse_ingress_repeats_total', help: 'Durable ingress entries handled again after a holder change, found already published and skipped', registers: [registry] })
 
   app.decorate('metrics', {
     registry,
     authFailure: (reason) => authFailures.inc({ reason }),
     published: (targetKind, count) => published.inc({ target: targetKind }, count),
     ingressRejected: (source) => ingressRejects.inc({ source }),
+    ingressRepeated: () => ingressRepeats.inc(),
     streamOpened: () => opened.inc(),
     streamClosed: (connection, reason) => {
       deliveredByClosed += connection.eventsSent

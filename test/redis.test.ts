@@ -5,6 +5,7 @@ import {
 } from './helpers'
 import { needRedis, redisClient, REDIS_URL, startOwnRedis, uniquePrefix } from './helpers/redis'
 import { FaultyProxy } from './helpers/proxy'
+import { metricValue, scrape } from './helpers/raw'
 
 const publisher = publisherToken()
 const admin = adminToken()
@@ -206,7 +207,7 @@ t.test('durable ingress: an entry its holder published but never acknowledged is
   // Teardowns run last first: A gets Redis back before it is closed.
   t.teardown(() => proxy.restore())
   await eventually(() => a.app.ingress?.isLeader === true, 'A to take the lease')
-  const b = await startGateway(t, { ...env, REDIS_URL })
+  const b = await startGateway(t, { ...env, REDIS_URL }, { captureLogs: true })
   const { stream } = await openConnected(`${b.url}/v1/stream?token=${userToken('u1')}`, { t })
   const redis = redisClient(t)
 
@@ -223,6 +224,8 @@ t.test('durable ingress: an entry its holder published but never acknowledged is
   await redis.xadd(`${prefix}ingress`, '*', 'payload', JSON.stringify({ to: { user: 'u1' }, event: 'marker', data: 2 }))
   await stream.nextEvent('marker', 10_000)
   t.equal(stream.events.filter((event) => event.event === 'entry').length, 1, 'the entry was published once')
+  t.equal(metricValue(await scrape(b.url), 'sse_ingress_repeats_total'), 1, 'B counts the repeat it skipped')
+  t.match(b.logText(), /"entry":"ingress:\d+-\d+".*"msg":"ingress entry already published: skipped"/, 'and logs it with its entry id')
   proxy.restore()
   await eventually(() => a.app.bus.isReady(), 'A back on Redis', 10_000)
   // A's publish, sent again on its new connection, is a repeat too.
