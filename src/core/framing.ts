@@ -95,10 +95,29 @@ export function parseCursor (raw: string | undefined): number | 'malformed' | nu
 /** `*` in a topic pattern matches any run of characters; nothing else is special. */
 export function topicAllowed (topic: string, patterns: readonly string[] | null): boolean {
   if (patterns === null) return true
-  return patterns.some((pattern) => {
-    if (pattern === '*') return true
-    if (!pattern.includes('*')) return pattern === topic
-    const source = pattern.split('*').map((part) => part.replace(/[.*+?^${}()|[\]\\/]/g, '\\$&')).join('.*')
-    return new RegExp(`^${source}$`).test(topic)
-  })
+  return patterns.some((pattern) => wildcardMatches(pattern, topic))
+}
+
+/**
+ * Matches without backtracking: the text between stars is found leftmost, in
+ * order, which is enough when a star matches anything. (A regular expression
+ * made of `.*` runs backtracks exponentially on a topic that almost matches,
+ * and the topic is the client's to choose.)
+ */
+function wildcardMatches (pattern: string, topic: string): boolean {
+  const parts = pattern.split('*')
+  if (parts.length === 1) return pattern === topic
+  const first = parts[0]
+  const last = parts[parts.length - 1]
+  if (topic.length < first.length + last.length || !topic.startsWith(first) || !topic.endsWith(last)) return false
+  const end = topic.length - last.length
+  let at = first.length
+  for (let index = 1; index < parts.length - 1; index++) {
+    const part = parts[index]
+    if (part === '') continue
+    const found = topic.indexOf(part, at)
+    if (found === -1 || found + part.length > end) return false
+    at = found + part.length
+  }
+  return true
 }
