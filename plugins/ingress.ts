@@ -1,6 +1,6 @@
 import fp from 'fastify-plugin'
-import { encodable, isEntityId, validateEventName, validatePublishBody, type PublishRequest } from '../src/core/publish'
-import type { PublishOnce } from '../src/core/bus'
+import { encodable, FanoutTooLargeError, isEntityId, validateEventName, validatePublishBody, type PublishRequest } from '../src/core/publish'
+import type { PublishItem, PublishOnce } from '../src/core/bus'
 
 /**
  * Redis ingress: `PUBLISH <prefix>publish <json>` takes the body of
@@ -49,7 +49,13 @@ export default fp(async (app) => {
       if (Buffer.byteLength(text) > config.maxEventBytes) return reject(kind, 'data too large')
       requests = [{ target: { kind: 'connection', id: source.connectionId }, event: event.value, text }]
     }
-    const items = await publisher.itemsOf(requests)
+    let items: PublishItem[]
+    try {
+      items = await publisher.itemsOf(requests)
+    } catch (error) {
+      if (error instanceof FanoutTooLargeError) return reject(kind, 'fan-out too large (MAX_PUBLISH_CHANNELS)')
+      throw error
+    }
     const publishing = once === undefined
       ? publisher.publishItems(items).then(() => true)
       : publisher.publishItemsOnce(items, once).then((outcome) => outcome.kind === 'published')

@@ -103,7 +103,7 @@ export function cursorOf (request: FastifyRequest): ReturnType<typeof parseCurso
 export default fp(async (app) => {
   const { config, registry, bus, state } = app
   const hub = new Hub(bus)
-  const publisher = new Publisher(bus, state)
+  const publisher = new Publisher(bus, state, config.maxPublishChannels)
   /** Gives a closed (or refused) stream's id and slot back; a failure is logged, and retried by the Redis state once it reconnects. */
   const recordClose = async (connectionId: string, userId: string, log: FastifyBaseLogger): Promise<void> => {
     await state.release(connectionId, userId, config.historyTtlS).catch((error: unknown) => {

@@ -2,7 +2,7 @@ import { createHash } from 'node:crypto'
 import type { FastifyPluginAsync, FastifyRequest } from 'fastify'
 import { Type } from '@sinclair/typebox'
 import { authOf } from '../plugins/auth'
-import { validatePublishBody } from '../src/core/publish'
+import { FanoutTooLargeError, validatePublishBody } from '../src/core/publish'
 import { errorResponses } from '../src/schemas/common'
 import { errors } from '../src/errors'
 import { unquoted } from '../src/headers'
@@ -46,13 +46,16 @@ const publishRoutes: FastifyPluginAsync = async (app) => {
       throw validation.status === 413 ? new errors.TooLarge(validation.message) : new errors.BadRequest(validation.message)
     }
     const { items, batch } = validation.value
+    const resolved = await publisher.itemsOf(items).catch((error: unknown) => {
+      throw error instanceof FanoutTooLargeError ? new errors.TooLarge(error.message) : error
+    })
     let ids: number[]
     let repeated = false
     if (key === null) {
-      ids = await publisher.publish(items)
+      ids = await publisher.publishItems(resolved)
     } else {
       // Keys are the publisher's own: two backends choosing the same key do not collide.
-      const outcome = await publisher.publishOnce(items, {
+      const outcome = await publisher.publishItemsOnce(resolved, {
         key: sha256(`${authOf(request).userId}\n${key}`),
         // Of the request as validated, so the same request whose JSON keys
         // come in another order, or that spells out a default, is the same.

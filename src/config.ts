@@ -33,6 +33,8 @@ export interface Config {
   maxBufferedBytes: number
   maxEventBytes: number
   maxBodyBytes: number
+  /** Channels one publish may write to, summed over its events. */
+  maxPublishChannels: number
   presenceGraceMs: number
   jobTtlS: number
   shutdownTimeoutMs: number
@@ -201,6 +203,7 @@ export function loadConfig (env: Env = process.env): Config {
     maxBufferedBytes: integer(env, 'MAX_BUFFERED_BYTES', 1048576, 1024),
     maxEventBytes: integer(env, 'MAX_EVENT_BYTES', 262144, 1),
     maxBodyBytes: integer(env, 'MAX_BODY_BYTES', 1048576, 64),
+    maxPublishChannels: integer(env, 'MAX_PUBLISH_CHANNELS', 100000, 1),
     presenceGraceMs: integer(env, 'PRESENCE_GRACE_MS', 2000, 0, 3_600_000),
     jobTtlS: integer(env, 'JOB_TTL_S', 86400, 1),
     shutdownTimeoutMs: integer(env, 'SHUTDOWN_TIMEOUT_MS', 10000, 100, 3_600_000),

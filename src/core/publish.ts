@@ -143,26 +143,41 @@ export function validatePublishBody (body: unknown, maxEventBytes: number): Vali
   return { ok: true, value: { items, batch: true } }
 }
 
+/** A publish would write to more channels than one may: its work (history, Redis) is refused, not done. */
+export class FanoutTooLargeError extends Error {
+  constructor (readonly channels: number, readonly limit: number) {
+    super(`the events go to ${channels} channels in all (a user, a topic: 1 each; a conversation: 1 per member), more than the ${limit} one publish may (MAX_PUBLISH_CHANNELS)`)
+  }
+}
+
 /** Resolves targets to channels and hands events to the bus, in order. */
 export class Publisher {
-  constructor (private readonly bus: EventBus, private readonly state: SharedState) {}
+  constructor (
+    private readonly bus: EventBus,
+    private readonly state: SharedState,
+    private readonly maxChannels = Number.POSITIVE_INFINITY
+  ) {}
 
   async publish (requests: PublishRequest[]): Promise<number[]> {
     return await this.publishItems(await this.itemsOf(requests))
   }
 
-  /** What `requests` publish, their targets resolved to channels (a conversation reads its members). */
+  /**
+   * What `requests` publish, their targets resolved to channels (a
+   * conversation reads its members). Each channel of each event costs a
+   * history append, in Redis inside one script that holds every other
+   * client up: past `maxChannels` in all, FanoutTooLargeError.
+   */
   async itemsOf (requests: PublishRequest[]): Promise<PublishItem[]> {
     const items: PublishItem[] = []
+    let channelCount = 0
     for (const request of requests) {
-      items.push({ channels: await this.channelsOf(request.target), body: renderBody(request.event, request.text) })
+      const channels = await this.channelsOf(request.target)
+      channelCount += channels.length
+      if (channelCount > this.maxChannels) throw new FanoutTooLargeError(channelCount, this.maxChannels)
+      items.push({ channels, body: renderBody(request.event, request.text) })
     }
     return items
-  }
-
-  /** `publish`, at most once per `once.key` within its window. */
-  async publishOnce (requests: PublishRequest[], once: PublishOnce): Promise<OnceOutcome> {
-    return await this.publishItemsOnce(await this.itemsOf(requests), once)
   }
 
   /** `publishItems`, at most once per `once.key` within its window. */

@@ -167,14 +167,14 @@ export class RedisBus implements EventBus {
   async publish (items: PublishItem[]): Promise<number[]> {
     if (items.length === 0) return []
     const args: Array<string | number> = [this.options.prefix, this.options.historySize, this.options.historyTtlS]
-    for (const item of items) args.push(item.channels.length, ...item.channels, item.body)
+    for (const item of items) args.push(JSON.stringify(item.channels), item.body)
     const ids = await this.commands.run('PUBLISH', args) as string[]
     return ids.map(Number)
   }
 
   async publishOnce (items: PublishItem[], once: PublishOnce): Promise<OnceOutcome> {
     const args: Array<string | number> = [this.options.prefix, this.options.historySize, this.options.historyTtlS, once.key, once.fingerprint, once.windowS]
-    for (const item of items) args.push(item.channels.length, ...item.channels, item.body)
+    for (const item of items) args.push(JSON.stringify(item.channels), item.body)
     const [kind, ...ids] = await this.commands.run('PUBLISH_ONCE', args) as string[]
     if (kind === 'conflict') return { kind }
     return { kind: kind === 'repeated' ? 'repeated' : 'published', ids: ids.map(Number) }

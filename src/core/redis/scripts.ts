@@ -69,20 +69,19 @@ local function publish_event(prefix, size, ttl_s, last, now, channels, body)
 end
 `
 
-// Publishes the items from ARGV[first] on, each as (n, n channels, body); returns their ids.
+// Publishes the items from ARGV[first] on, each as (its channels as a JSON
+// array, body); returns their ids. Two arguments per event whatever its
+// channel count: a call's argument list is built on the caller's stack, and
+// one per channel overflowed it on a batch to a large conversation.
 const PUBLISH_ITEMS = `
 local function publish_items(prefix, size, ttl_s, first)
   local now = clock_us()
   local last = ensure_epoch(prefix, now)
   local ids = {}
-  local i = first
-  while i <= #ARGV do
-    local n = tonumber(ARGV[i])
-    local channels = {}
-    for c = 1, n do channels[c] = ARGV[i + c] end
-    last = publish_event(prefix, size, ttl_s, last, now, channels, ARGV[i + n + 1])
+  for i = first, #ARGV, 2 do
+    local channels = cjson.decode(ARGV[i])
+    last = publish_event(prefix, size, ttl_s, last, now, channels, ARGV[i + 1])
     ids[#ids + 1] = fmt(last)
-    i = i + n + 2
   end
   redis.call('SET', prefix .. 'id', fmt(last))
   return ids
@@ -90,8 +89,8 @@ end
 `
 
 /**
- * ARGV: prefix, historySize, historyTtlS, then per event: channel count,
- * the channels, the body. Returns the ids as strings, in order.
+ * ARGV: prefix, historySize, historyTtlS, then per event: its channels as
+ * a JSON array, the body. Returns the ids as strings, in order.
  */
 export const PUBLISH = `${PUBLISH_FUNCTIONS}${PUBLISH_ITEMS}
 return publish_items(ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), 4)
