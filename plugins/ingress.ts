@@ -72,6 +72,7 @@ export default fp(async (app) => {
     return { published }
   }
   ingress.onMessage(handle)
+  durableIngress.onDropped(() => app.metrics.ingressRejected('durable', 'kept failing'))
   durableIngress.onMessage(async (payload, onceKey) => {
     if (payload === null) {
       reject('durable', 'no payload field')

@@ -4,7 +4,7 @@
  * ones once it is back, however soon that is.
  */
 import t from 'tap'
-import Redis from 'ioredis'
+import Redis, { ReplyError } from 'ioredis'
 import { DurableIngress } from '../src/core/redis/engine'
 import { redisOptions } from '../src/core/redis/client'
 import { needRedis, redisClient, REDIS_URL, uniquePrefix } from './helpers/redis'
@@ -23,7 +23,7 @@ t.test('a take-over claim cut short by the lease\'s loss, the lease back at once
   const reader = new Redis(REDIS_URL, { ...redisOptions(), connectionName: 'durable-ingress-test' })
   reader.on('error', () => {})
   await reader.connect()
-  const ingress = new DurableIngress(reader, key, 'new-holder', lease, { info: () => {}, warn: () => {} })
+  const ingress = new DurableIngress(reader, key, 'new-holder', lease, { info: () => {}, warn: () => {}, error: () => {} })
   t.teardown(async () => await ingress.stop())
   const handled: string[] = []
   const waiters = new Waiters()
@@ -42,4 +42,39 @@ t.test('a take-over claim cut short by the lease\'s loss, the lease back at once
   })
   await waiters.until(() => handled.length >= 5, { timeoutMs: 10_000, what: 'five entries handled', describe: () => handled.join(',') })
   t.same(handled, ['1', '2', '3', '4', '5'], 'in the order they were added')
+})
+
+t.test('an entry whose handling keeps failing for a reason of its own is dropped after 5 tries and the ones behind it flow; one Redis refuses for a while (OOM) is retried until it goes', async (t) => {
+  if (!(await needRedis(t))) return
+  const redis = redisClient(t)
+  const key = `${uniquePrefix('durpoison')}ingress`
+  const reader = new Redis(REDIS_URL, { ...redisOptions(), connectionName: 'durable-ingress-test' })
+  reader.on('error', () => {})
+  await reader.connect()
+  const errors: string[] = []
+  const ingress = new DurableIngress(reader, key, 'holder', { isLeader: true }, { info: () => {}, warn: () => {}, error: (_obj, msg) => errors.push(msg) })
+  t.teardown(async () => await ingress.stop())
+  const tries = new Map<string, number>()
+  const handled: string[] = []
+  const dropped: string[] = []
+  const waiters = new Waiters()
+  ingress.onDropped((entryId) => dropped.push(entryId))
+  ingress.onMessage(async (payload) => {
+    const name = payload ?? ''
+    tries.set(name, (tries.get(name) ?? 0) + 1)
+    if (name === 'poison') throw new RangeError('Maximum call stack size exceeded')
+    if (name === 'oom' && (tries.get(name) ?? 0) <= 7) throw new ReplyError('OOM command not allowed when used memory > \'maxmemory\'.')
+    handled.push(name)
+    waiters.wake()
+  })
+  const poison = await redis.xadd(key, '*', 'payload', 'poison')
+  await redis.xadd(key, '*', 'payload', 'oom')
+  await redis.xadd(key, '*', 'payload', 'after')
+  await waiters.until(() => handled.includes('after'), { timeoutMs: 20_000, what: 'the entry behind the failing ones', describe: () => JSON.stringify([...tries]) })
+  t.same(handled, ['oom', 'after'], 'the others, in order')
+  t.equal(tries.get('poison'), 5, 'the failing entry was tried 5 times')
+  t.equal(tries.get('oom'), 8, 'the one Redis refused, until it was handled')
+  t.same(dropped, [poison], 'only the failing entry was dropped')
+  t.same(errors, ['durable ingress entry dropped: its handling kept failing'], 'and logged as an error')
+  t.equal(await redis.xlen(key), 0, 'every entry deleted, the dropped one included')
 })

@@ -37,7 +37,8 @@ async function rig (t: Test, subscriberOptions: RedisOptions = {}): Promise<Rig>
   const warnings: string[] = []
   const log = {
     info: () => {},
-    warn: (obj: object, msg: string) => { warnings.push(`${msg} ${JSON.stringify(obj)}`) }
+    warn: (obj: object, msg: string) => { warnings.push(`${msg} ${JSON.stringify(obj)}`) },
+    error: (obj: object, msg: string) => { warnings.push(`${msg} ${JSON.stringify(obj)}`) }
   }
   const state = new RedisState(commands, subscriber, new Registry(`lease-${randomBytes(4).toString('hex')}`), {
     prefix, historySize: 100, historyTtlS: 60, presenceGraceMs: 100, instanceTtlMs: 60_000

@@ -1,6 +1,6 @@
-import Redis from 'ioredis'
+import Redis, { ReplyError } from 'ioredis'
 import type { Registry } from '../registry'
-import { reasonOf, redisOptions, ScriptedRedis } from './client'
+import { reasonOf, redisOptions, ScriptedRedis, StoreUnavailableError } from './client'
 import { RedisBus } from './redis-bus'
 import { RedisState } from './redis-state'
 
@@ -20,6 +20,7 @@ export interface RedisEngineOptions {
 interface Log {
   info: (obj: object, msg: string) => void
   warn: (obj: object, msg: string) => void
+  error: (obj: object, msg: string) => void
 }
 
 /**
@@ -223,6 +224,10 @@ export class IngressLeader {
 
 const DURABLE_GROUP = 'gateway'
 const DURABLE_CLAIM_IDLE_MS = 30_000
+/** Tries of an entry whose handling fails for a reason of its own before it is dropped. */
+const DURABLE_MAX_ATTEMPTS = 5
+/** Redis refusals that pass with time (memory, a busy script, a failover): retried for as long as they last. */
+const PASSING_REDIS_ERROR = /^(OOM|BUSY|LOADING|READONLY|MASTERDOWN|TRYAGAIN|CLUSTERDOWN|NOREPLICAS)\b/
 const DURABLE_BLOCK_MS = 1000
 
 /**
@@ -254,6 +259,8 @@ function payloadOf (fields: string[]): string | null {
 export class DurableIngress {
   private running = true
   private handler: DurableHandler = async () => {}
+  private droppedListener: (entryId: string) => void = () => {}
+  private failing = { entryId: '', attempts: 0 }
   private readonly loop: Promise<void>
 
   constructor (
@@ -268,6 +275,11 @@ export class DurableIngress {
 
   onMessage (handler: DurableHandler): void {
     this.handler = handler
+  }
+
+  /** Called for an entry dropped after failing DURABLE_MAX_ATTEMPTS times. */
+  onDropped (listener: (entryId: string) => void): void {
+    this.droppedListener = listener
   }
 
   async stop (): Promise<void> {
@@ -359,11 +371,30 @@ export class DurableIngress {
         continue
       }
       const onceKey = `ingress:${entryId}`
-      await this.handler(payloadOf(fields), onceKey)
+      try {
+        await this.handler(payloadOf(fields), onceKey)
+      } catch (error) {
+        if (!this.givesUp(entryId, error)) throw error
+      }
       // Handled, the entry is deleted: the stream would otherwise keep every
       // message ever sent, and publishers need not trim it themselves.
       await this.reader.multi().xack(this.key, DURABLE_GROUP, entryId).xdel(this.key, entryId).exec()
     }
+    return true
+  }
+
+  /**
+   * Whether a failed entry is dropped rather than tried again. Entries go out
+   * in order, so one that can never be handled (an error of its own, not
+   * Redis's state) would hold up every later one for good.
+   */
+  private givesUp (entryId: string, error: unknown): boolean {
+    if (error instanceof StoreUnavailableError) return false
+    if (error instanceof ReplyError && PASSING_REDIS_ERROR.test((error as Error).message)) return false
+    if (this.failing.entryId !== entryId) this.failing = { entryId, attempts: 0 }
+    if (++this.failing.attempts < DURABLE_MAX_ATTEMPTS) return false
+    this.log.error({ err: error, entry: entryId, attempts: this.failing.attempts }, 'durable ingress entry dropped: its handling kept failing')
+    this.droppedListener(entryId)
     return true
   }
 
