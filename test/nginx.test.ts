@@ -415,3 +415,23 @@ t.test('through nginx, a reload ends the streams of the old workers after worker
   t.equal((await after.nextEvent('note')).id, missed, 'and gets the event published while it was away')
   t.equal(nginx.child.exitCode, null, 'the master runs on')
 })
+
+t.test('through nginx, a stream one gateway refuses with 503 (here: MAX_CONNECTIONS reached) is opened on the other, since EventSource never retries a 503', async (t) => {
+  if (!(await haveNginx(t)) || !(await needRedis(t))) return
+  const prefix = uniquePrefix('nginx-503')
+  const full = await startGatewayProcess(t, prefix, { MAX_CONNECTIONS: '1' })
+  const other = await startGatewayProcess(t, prefix, {})
+  const nginx = await startNginx(t, [`127.0.0.1:${full.port}`, `127.0.0.1:${other.port}`])
+  // Opened directly: nginx does not count it, and keeps sending streams to the full gateway.
+  const filler = await openStream(`${full.url}/v1/stream?token=${userToken('filler')}`, { t })
+  t.equal(filler.status, 200)
+  const refused = await request(`${full.url}/v1/stream?token=${userToken('direct')}`)
+  t.equal(refused.status, 503, 'the full gateway refuses streams')
+  const statuses: number[] = []
+  for (let index = 0; index < 6; index++) {
+    const stream = await openStream(`${nginx.url}/v1/stream?token=${userToken(`u503-${index}`)}`, { t })
+    statuses.push(stream.status)
+    await stream.nextEvent('connected')
+  }
+  t.same(statuses, [200, 200, 200, 200, 200, 200], 'every stream opened through nginx')
+})
