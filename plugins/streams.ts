@@ -192,10 +192,19 @@ export default fp(async (app) => {
   }
   app.decorate('applyTopics', applyTopics)
 
+  /**
+   * Streams admitted (in the shared state) but not yet in the registry, with
+   * the reason of an eviction that came for one meanwhile: another open's
+   * admission can evict it while it still waits on Redis, and it must end
+   * once registered, or it would live on outside the per-user limit.
+   */
+  const admittedNotRegistered = new Map<string, string | null>()
+
   state.onControl(async (message) => {
     if (message.type === 'topics') return await applyTopics(message)
     const connection = registry.get(message.connectionId)
     if (connection !== undefined) streams.close(connection, 'evicted', 'evicted', { reason: message.reason })
+    else if (admittedNotRegistered.has(message.connectionId)) admittedNotRegistered.set(message.connectionId, message.reason)
     return null
   })
 
@@ -228,6 +237,7 @@ export default fp(async (app) => {
         if (previous !== undefined) streams.close(previous, 'evicted', 'evicted', { reason: message.reason })
         else await state.broadcastControl(message)
       }
+      admittedNotRegistered.set(options.connectionId, null)
       const admission = await state.admit({
         connectionId: options.connectionId,
         userId: auth.userId,
@@ -289,6 +299,10 @@ export default fp(async (app) => {
         // open() puts the stream in the registry before its first await.
         opening--
         counted = false
+        const evictedWith = admittedNotRegistered.get(options.connectionId)
+        admittedNotRegistered.delete(options.connectionId)
+        const connection = registry.get(options.connectionId)
+        if (evictedWith !== undefined && evictedWith !== null && connection !== undefined) streams.close(connection, 'evicted', 'evicted', { reason: evictedWith })
         await opened
       } catch (error) {
         request.log.error({ err: error, connectionId: options.connectionId }, 'stream failed to open')
@@ -298,6 +312,7 @@ export default fp(async (app) => {
       }
     } finally {
       if (counted) opening--
+      admittedNotRegistered.delete(options.connectionId)
     }
   })
 

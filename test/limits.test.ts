@@ -179,3 +179,21 @@ forEachMode(t, 'seed 004 across instances: one stream per user cluster-wide', as
   const [id] = await publishOk(a.url, publisher, { to: { user: 'u1' }, event: 'ping', data: 1 })
   t.equal((await onB.nextEvent('ping')).id, id, 'the surviving stream on B receives what A accepted')
 }, ['redis'])
+
+forEachMode(t, 'evict-oldest, one stream per user, six opens at once across two instances: one stream lives, on the limit, and only it receives', async (t) => {
+  const [a, b] = await startCluster(t, 'redis', 2, { MAX_CONNECTIONS_PER_USER: '1', CONNECTION_LIMIT_POLICY: 'evict-oldest' })
+  // A stream evicted while its own open still waits on Redis must end too,
+  // once it is registered; rounds make that window likely to be hit.
+  for (let round = 0; round < 3; round++) {
+    const user = `race-${round}`
+    const streams = await Promise.all([a, b, a, b, a, b].map(async (gateway) => await openStream(streamUrl(gateway.url, user), { t })))
+    t.same(streams.map((stream) => stream.status), [200, 200, 200, 200, 200, 200], `round ${round}: every open answered 200`)
+    await eventually(() => streams.filter((stream) => !stream.ended).length <= 1, `round ${round}: all but one stream ended`, 10_000)
+    await eventually(() => a.app.registry.ofUser(user).length + b.app.registry.ofUser(user).length === 1, `round ${round}: one stream registered in the cluster`)
+    const survivors = streams.filter((stream) => !stream.ended)
+    t.equal(survivors.length, 1, `round ${round}: one stream left open`)
+    const [id] = await publishOk(a.url, publisher, { to: { user }, event: 'ping', data: round })
+    t.equal((await survivors[0].nextEvent('ping')).id, id, `round ${round}: the survivor receives`)
+    for (const stream of streams) stream.close()
+  }
+}, ['redis'])
