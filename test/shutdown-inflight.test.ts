@@ -40,7 +40,7 @@ for (const listener of ['public', 'internal'] as const) {
       if (address === null || typeof address === 'string') throw new Error('the internal listener has no TCP address')
       url = `http://127.0.0.1:${address.port}`
     }
-    const publishing = gate(gateway.app.publisher, 'publish')
+    const publishing = gate(gateway.app.publisher, 'publishItems')
     const body = { to: { user: 'u1' }, event: 'late', data: { n: 1 } }
     const answer = request<{ id?: string }>(`${url}/v1/publish`, { token: publisherToken(), body }).catch((error: Error) => error)
     await publishing.entered
