@@ -1,9 +1,9 @@
 import fp from 'fastify-plugin'
-import type { ServerResponse } from 'node:http'
+import type { Server, ServerResponse } from 'node:http'
 import { Socket as NetSocket, type Socket } from 'node:net'
 import type { FastifyBaseLogger, FastifyReply, FastifyRequest } from 'fastify'
 import { channel } from '../src/core/channels'
-import type { StreamConnection, StreamKind } from '../src/core/connection'
+import type { Sink, StreamConnection, StreamKind } from '../src/core/connection'
 import { parseCursor, streamHead, topicAllowed } from '../src/core/framing'
 import { Hub } from '../src/core/hub'
 import { Publisher } from '../src/core/publish'
@@ -77,6 +77,26 @@ function destroySelf (this: Socket): void {
   this.destroy()
 }
 
+/**
+ * A stream's response has ended (its last chunk written): its connection
+ * goes back to the HTTP server that accepted it, as after any response, to
+ * serve the next request a keep-alive client sends. Idle, it closes after
+ * the server's keep-alive timeout.
+ */
+function handBack (sink: Sink): void {
+  const socket = sink as Socket & { server?: Server }
+  socket.removeListener('error', destroySelf)
+  socket.removeListener('end', destroySelf)
+  const server = socket.server
+  if (server === undefined || !server.listening) {
+    socket.end()
+    return
+  }
+  // The 'connection' event is how Node lets a socket be given to a server.
+  server.emit('connection', socket)
+  socket.setTimeout(server.keepAliveTimeout)
+}
+
 // Most streams carry no header of their own (CORS adds some): they share one head.
 const PLAIN_HEAD = streamHead(SSE_HEADERS)
 
@@ -114,7 +134,8 @@ export default fp(async (app) => {
     retryMs: config.retryMs,
     keepaliveMs: config.keepaliveMs,
     maxBufferedBytes: config.maxBufferedBytes,
-    historyTtlS: config.historyTtlS
+    historyTtlS: config.historyTtlS,
+    handBack
   }, {
     opened: (connection) => {
       app.metrics.streamOpened(connection)

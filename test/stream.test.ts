@@ -1,5 +1,6 @@
 import t from 'tap'
-import { openConnected, openStream, publishOk, publisherToken, startGateway, userToken, type SseEvent } from './helpers'
+import * as http from 'node:http'
+import { eventually, openConnected, openStream, publishOk, publisherToken, startGateway, userToken, type SseEvent } from './helpers'
 
 const publisher = publisherToken()
 
@@ -145,3 +146,46 @@ t.test('HEAD on a stream route opens nothing and does not get round the stream-o
   t.equal((await openStream(`${url}/v1/stream?token=${user}`, { t })).status, 200, 'the second GET is within the limit')
   t.equal((await openStream(`${url}/v1/stream?token=${user}`, { t })).status, 429, 'the third is over it: HEADs did not count, and did not get past it')
 })
+
+/** A GET over `agent`: the status, the body and whether it went over a connection used before. */
+async function agentGet (agent: http.Agent, url: string, headers: Record<string, string> = {}): Promise<{ status: number, body: string, reused: boolean }> {
+  return await new Promise((resolve, reject) => {
+    const request = http.get(url, { agent, headers, timeout: 10_000 }, (response) => {
+      let body = ''
+      response.setEncoding('utf8')
+      response.on('data', (chunk: string) => { body += chunk })
+      response.on('end', () => resolve({ status: response.statusCode ?? 0, body, reused: request.reusedSocket }))
+      response.on('error', reject)
+    })
+    request.on('timeout', () => request.destroy(new Error('timed out')))
+    request.on('error', reject)
+  })
+}
+
+t.test('a connection whose stream the gateway ended (a finished job, an eviction) serves the next request of a keep-alive client', async (t) => {
+  const { url, app } = await startGateway(t, { MAX_CONNECTIONS_PER_USER: '1', CONNECTION_LIMIT_POLICY: 'evict-oldest' })
+  const agent = new http.Agent({ keepAlive: true, maxSockets: 1 })
+  t.teardown(() => agent.destroy())
+  const put = await fetch(`${url}/v1/jobs/done-job`, { method: 'PUT', headers: { authorization: `Bearer ${publisher}`, 'content-type': 'application/json' }, body: JSON.stringify({ userId: 'u1', status: 'completed' }) })
+  t.equal(put.status, 200)
+  const token = userToken('u1')
+  for (let round = 0; round < 10; round++) {
+    // A finished job's stream: connected, initial_status, then the gateway ends it.
+    const job = await agentGet(agent, `${url}/v1/jobs/done-job/stream?token=${token}`)
+    t.equal(job.status, 200)
+    t.match(job.body, /event: initial_status\n/)
+    const health = await agentGet(agent, `${url}/health`)
+    t.same({ status: health.status, reused: health.reused }, { status: 200, reused: true }, `round ${round}: the next request goes over the same connection and is answered`)
+  }
+
+  // A stream evicted by the user's next one, opened on another connection.
+  const evicted = agentGet(agent, `${url}/v1/stream?token=${token}`)
+  await eventually(() => app.registry.ofUser('u1').length === 1, 'the first stream registered')
+  const { stream: newer } = await openConnected(`${url}/v1/stream?token=${token}`, { t })
+  const ended = await evicted
+  t.match(ended.body, /event: evicted\n/)
+  const after = await agentGet(agent, `${url}/health`)
+  t.same({ status: after.status, reused: after.reused }, { status: 200, reused: true }, 'the evicted stream\'s connection serves the next request')
+  newer.close()
+})
+

@@ -4,7 +4,7 @@ import { END_CHUNK, KEEPALIVE_FRAME } from './framing'
 
 /** The writable end of a stream (a socket); frames written to it are complete chunks. */
 export interface Sink {
-  write (chunk: Buffer): boolean
+  write (chunk: Buffer, callback?: (error?: Error | null) => void): boolean
   end (): void
   destroy (): void
   readonly writableLength: number
@@ -32,6 +32,12 @@ export interface ConnectionInit {
   remoteAddress: string
   /** The id of the request that opened the stream, to tie log lines together. */
   requestId?: string
+  /**
+   * Takes the sink back once the stream's response has ended and the
+   * connection may serve another request (one function for every stream);
+   * without it the sink is closed.
+   */
+  handBack?: ((sink: Sink) => void) | null
 }
 
 /**
@@ -129,6 +135,7 @@ export class StreamConnection {
   onClose: (connection: StreamConnection) => void = ignore
 
   private readonly sink: Sink
+  private readonly handBack: ((sink: Sink) => void) | null
   private readonly scheduler: WriteScheduler
   private readonly maxBufferedBytes: number
   /** Live events that arrive while history is being replayed; null once live. */
@@ -161,6 +168,7 @@ export class StreamConnection {
     this.kind = init.kind
     this.topicList = [...new Set(init.topics)]
     this.sink = init.sink
+    this.handBack = init.handBack ?? null
     this.scheduler = init.scheduler
     this.maxBufferedBytes = init.maxBufferedBytes
     this.tokenExpiresAt = init.tokenExpiresAt
@@ -339,20 +347,35 @@ export class StreamConnection {
         const last: Buffer[] = pending === null ? [] : [pending]
         if (lastFrame !== undefined) last.push(lastFrame)
         last.push(END_CHUNK)
-        this.writeRaw(Buffer.concat(last))
-        this.sink.end()
-        // Once flushed, the socket goes: a client keeping its side open must
-        // not hold it. One that stopped reading never lets it flush, so it
-        // goes after a grace period, with what it never read.
+        this.sink.off('close', this.onSinkClose)
+        // The response is complete, and a client or proxy keeping the
+        // connection alive may send its next request on it once it has read
+        // it: flushed, the connection is handed back to serve it like any
+        // other. Closing instead raced that request (ECONNRESET, or 502 for
+        // a POST through nginx's upstream keepalive). Not while the server
+        // shuts down, which must not be handed new connections.
+        const handBack = reason === 'shutdown' ? null : this.handBack
         const sink = this.sink
-        const destroy = (): void => {
+        // A client that stopped reading never lets the end flush: its socket
+        // goes after a grace period, with what it never read.
+        const done = (flushed: boolean): void => {
           clearTimeout(grace)
-          sink.destroy()
+          if (flushed && handBack !== null && !sink.destroyed) handBack(sink)
+          else sink.destroy()
         }
-        const grace = setTimeout(destroy, CLOSE_GRACE_MS)
+        const grace = setTimeout(done, CLOSE_GRACE_MS, false)
         grace.unref()
-        sink.once('finish', destroy)
-        sink.once('close', destroy)
+        const end = Buffer.concat(last)
+        this.bytesSent += end.length
+        if (handBack !== null) {
+          // Called once everything before it has gone to the kernel, or with an error.
+          sink.write(end, (error) => done(error === undefined || error === null))
+        } else {
+          sink.write(end)
+          sink.end()
+          sink.once('finish', () => done(true))
+          sink.once('close', () => done(false))
+        }
       }
     }
     this.onClose(this)

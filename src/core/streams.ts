@@ -47,6 +47,8 @@ export interface StreamServiceOptions {
   keepaliveMs: number
   maxBufferedBytes: number
   historyTtlS: number
+  /** See ConnectionInit.handBack. */
+  handBack?: (sink: Sink) => void
 }
 
 const EXPIRY_TICK_MS = 250
@@ -102,7 +104,8 @@ export class StreamService {
       tokenExpiresAt: spec.tokenExpiresAt,
       allowedTopics: spec.allowedTopics,
       remoteAddress: spec.remoteAddress,
-      requestId: spec.requestId
+      requestId: spec.requestId,
+      handBack: this.options.handBack
     })
     connection.onClose = this.cleanupClosed
     connection.baseline = this.bus.deliveredUpTo()
