@@ -19,7 +19,21 @@ async function main (): Promise<void> {
   // is light: a burst of stream opens costs one write per batch rather than one
   // per line (each handed to a thread and back). pino flushes what is left when
   // the process exits.
-  const logStream = pino.destination({ dest: 1, sync: false, minLength: 4096, periodicFlush: 250 })
+  // Past 16 MB unwritten (a log reader that stopped reading), lines are
+  // dropped rather than kept in memory without end.
+  const logStream = pino.destination({ dest: 1, sync: false, minLength: 4096, periodicFlush: 250, maxLength: 16 * 1024 * 1024 })
+  /**
+   * Exits once the lines still buffered are written, or at `deadline` with
+   * them unwritten: pino's own flush at exit writes synchronously, and to a
+   * reader that stopped reading it would block the exit for good.
+   */
+  const exitAfterLogs = (code: number, deadline: number): void => {
+    setTimeout(() => {
+      logStream.destroy()
+      process.exit(code)
+    }, Math.max(0, deadline - Date.now()))
+    logStream.flush(() => process.exit(code))
+  }
   // Handled from the start. During start-up there is nothing to drain: a
   // stop signal ends a wait for Redis, and what the start had set up (its
   // instance record, the ingress lease) is closed before the exit.
@@ -36,17 +50,20 @@ async function main (): Promise<void> {
     }
     const running = app
     running.log.info({ signal, streams: running.registry.size }, 'draining')
+    // The last lines get a share of the time, within SHUTDOWN_TIMEOUT_MS.
+    const exitBy = Date.now() + config.shutdownTimeoutMs
+    const drainBy = exitBy - Math.min(500, Math.floor(config.shutdownTimeoutMs / 4))
     const deadline = setTimeout(() => {
       running.log.warn('drain timed out; exiting')
-      process.exit(0)
-    }, config.shutdownTimeoutMs)
+      exitAfterLogs(0, exitBy)
+    }, drainBy - Date.now())
     deadline.unref()
     running.close().then(() => {
       running.log.info('stopped')
-      process.exit(0)
+      exitAfterLogs(0, exitBy)
     }, (error: unknown) => {
       running.log.error({ err: error }, 'error while stopping')
-      process.exit(1)
+      exitAfterLogs(1, exitBy)
     })
   }
   process.on('SIGTERM', () => shutdown('SIGTERM'))

@@ -1,5 +1,6 @@
 import t from 'tap'
-import { openConnected, openStream, request, spawnServer, TEST_SECRET, userToken, type SseClient } from './helpers'
+import { spawn } from 'node:child_process'
+import { eventually, freePort, openConnected, openStream, request, spawnServer, TEST_SECRET, userToken, type SseClient } from './helpers'
 
 const SHUTDOWN_TIMEOUT_MS = 10_000
 
@@ -51,3 +52,25 @@ for (const signal of ['SIGTERM', 'SIGINT'] as const) {
     t.equal(server.stderr(), '', 'nothing on stderr')
   })
 }
+
+t.test('a log reader that stopped reading: the gateway still serves, and SIGTERM still exits 0 (the unwritten lines are given up)', async (t) => {
+  const port = await freePort()
+  const child = spawn(process.execPath, ['dist/src/server.js'], {
+    env: { ...process.env, JWT_SECRET: TEST_SECRET, HOST: '127.0.0.1', PORT: String(port), SHUTDOWN_TIMEOUT_MS: '2000', LOG_LEVEL: 'info', REDIS_URL: '' },
+    // stdout is a pipe nobody reads: once its buffer is full, every write to it blocks or fails.
+    stdio: ['ignore', 'pipe', 'ignore']
+  })
+  const exited = new Promise<number | null>((resolve) => child.once('exit', (code) => resolve(code)))
+  t.teardown(() => { if (child.exitCode === null && child.signalCode === null) child.kill('SIGKILL') })
+  const url = `http://127.0.0.1:${port}`
+  await eventually(async () => (await fetch(`${url}/health`).then((response) => response.status, () => 0)) === 200, 'the gateway answering', 20_000)
+  // One log line each, far more than a pipe holds.
+  for (let batch = 0; batch < 40; batch++) {
+    const answers = await Promise.all(Array.from({ length: 100 }, async () => (await fetch(`${url}/v1/missing-${'x'.repeat(200)}`)).status))
+    if (answers.some((status) => status !== 404)) t.fail(`batch ${batch}: ${answers.join(',')}`)
+  }
+  t.equal((await fetch(`${url}/health`)).status, 200, 'still serving with its log blocked')
+  child.kill('SIGTERM')
+  const code = await Promise.race([exited, new Promise<string>((resolve) => setTimeout(() => resolve('still running 20 s after SIGTERM'), 20_000).unref())])
+  t.equal(code, 0, 'exited 0')
+})
