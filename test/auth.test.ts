@@ -1,4 +1,5 @@
 import t from 'tap'
+import { metricValue, scrape } from './helpers/raw'
 import {
   adminToken,
   ecKeyPair,
@@ -315,4 +316,17 @@ t.test('a stream whose token expires while open gets `auth-expired` (no id line)
   await stream.waitEnd(3000)
   t.ok(stream.ended, 'the server closed the stream')
   t.equal(app.registry.size, 0, 'and forgot it')
+})
+
+t.test('a token not valid yet and a token whose exp is not a number say why, in the answer and in sse_auth_failures_total', async (t) => {
+  const { url } = await startGateway(t)
+  const early = await request(`${url}/v1/stream?token=${token({ sub: 'u1', nbf: nowS() + 60 })}`)
+  t.equal(early.status, 401)
+  t.match(early.json, { statusCode: 401, error: 'Unauthorized', message: 'token is not valid yet (nbf)' })
+  const oddExp = await request(`${url}/v1/stream?token=${token({ sub: 'u1', exp: String(nowS() + 60) })}`)
+  t.equal(oddExp.status, 401)
+  t.match(oddExp.json, { message: 'token is invalid' })
+  const samples = await scrape(url)
+  t.equal(metricValue(samples, 'sse_auth_failures_total', { reason: 'inactive' }), 1)
+  t.equal(metricValue(samples, 'sse_auth_failures_total', { reason: 'invalid' }), 1)
 })
