@@ -4,7 +4,7 @@ import { createServer, type Server } from 'node:http'
 import type { Socket } from 'node:net'
 import { stdSerializers, type DestinationStream } from 'pino'
 import type { Config } from './config'
-import { GatewayLogController } from './logging'
+import { GatewayLogController, noteRefusal } from './logging'
 import configPlugin from '../plugins/config'
 import authPlugin from '../plugins/auth'
 import registryPlugin from '../plugins/registry'
@@ -213,13 +213,18 @@ export async function buildApp (config: Config, options: BuildOptions = {}): Pro
 
   app.setErrorHandler((error: Error & { statusCode?: number, validation?: unknown, code?: string }, request, reply) => {
     const statusCode = error.statusCode !== undefined && error.statusCode >= 400 && error.statusCode < 600 ? error.statusCode : 500
+    if (statusCode === 503) {
+      // Expected while Redis is away or the instance drains: one line, no stack,
+      // for every reconnect attempt of every browser.
+      noteRefusal(reply, error.code, error.message)
+      return reply.code(503).send({ statusCode, error: 'Service Unavailable', message: error.message })
+    }
     if (statusCode >= 500) {
       request.log.error({ err: error }, 'request failed')
-      const message = statusCode === 503 ? error.message : 'Internal Server Error'
-      return reply.code(statusCode).send({ statusCode, error: statusCode === 503 ? 'Service Unavailable' : 'Internal Server Error', message })
+      return reply.code(statusCode).send({ statusCode, error: 'Internal Server Error', message: 'Internal Server Error' })
     }
     // A message may echo a path parameter or a query value, where a client may have put its token.
-    request.log.info({ statusCode, code: error.code, reason: withoutJwts(error.message) }, 'request rejected')
+    noteRefusal(reply, error.code, withoutJwts(error.message))
     return reply.code(statusCode).send({
       statusCode,
       code: error.code,

@@ -15,7 +15,16 @@ export class GatewayLogController extends LogController {
     if (error !== null && error !== undefined) {
       reply.log.error({ req: request, res: reply, err: error, responseTime: reply.elapsedTime }, 'request errored')
     } else {
-      reply.log.info({ req: request, res: reply, responseTime: reply.elapsedTime }, 'request completed')
+      const refusal = refusals.get(reply)
+      reply.log.info({ req: request, res: reply, responseTime: reply.elapsedTime, code: refusal?.code, reason: refusal?.reason }, 'request completed')
     }
   }
+}
+
+// Why a request was refused, for its one line: kept only until it completes.
+const refusals = new WeakMap<FastifyReply, { code: string | undefined, reason: string }>()
+
+/** Records why `reply` refuses its request (a 4xx, a 503), for the line written when it completes. */
+export function noteRefusal (reply: FastifyReply, code: string | undefined, reason: string): void {
+  refusals.set(reply, { code, reason })
 }
