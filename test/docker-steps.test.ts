@@ -145,6 +145,10 @@ t.test('docker-compose.yml: Redis, two gateways in Redis mode, nginx in front wi
   t.equal(yamlBlock(nginx, 'ports', 4).length, 1, 'nginx is the one published port')
   const nginxAddress = /ipv4_address:\s*([\d.]+)/.exec(nginx.join('\n'))?.[1]
   t.ok(environment.includes(`TRUST_PROXY: ${nginxAddress ?? 'missing'}`), 'the gateways trust X-Forwarded-For from nginx\'s fixed address only')
+  // Docker assigns addresses in order: one inside the dynamic range could go to another container first.
+  const compose = await readFile(join(ROOT, 'docker-compose.yml'), 'utf8')
+  const range = /ip_range:\s*172\.30\.0\.(\d+)\/25/.exec(compose)
+  t.ok(range !== null && Number(nginxAddress?.split('.')[3]) < Number(range[1]), 'nginx\'s fixed address lies outside the range Docker assigns from')
   const conf = await readFile(join(ROOT, 'deploy', 'nginx.conf'), 'utf8')
   const upstreams = [...conf.matchAll(/^\s*server\s+([\w.-]+:\d+);/gm)].map((match) => match[1])
   t.same(upstreams.sort(), ['gateway-a:3000', 'gateway-b:3000'], 'nginx proxies to both gateways\' public port, never the internal one')
