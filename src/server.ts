@@ -81,10 +81,14 @@ async function main (): Promise<void> {
     await app.close()
     process.exit(0)
   }
+  // A listen error names neither variable (getaddrinfo ENOTFOUND x, EADDRINUSE).
+  const naming = (variables: string) => (error: unknown): never => {
+    throw new Error(`cannot listen on ${variables}: ${error instanceof Error ? error.message : String(error)}`)
+  }
   try {
-    await app.listen({ port: config.port, host: config.host })
+    await app.listen({ port: config.port, host: config.host }).catch(naming(`HOST=${config.host} PORT=${config.port}`))
     if (config.internalPort !== null) {
-      const server = await listenInternal(app, config.internalPort, config.host)
+      const server = await listenInternal(app, config.internalPort, config.host).catch(naming(`HOST=${config.host} INTERNAL_PORT=${config.internalPort}`))
       app.log.info({ address: server.address() }, 'internal listener (publish, admin, metrics)')
     }
   } catch (error) {

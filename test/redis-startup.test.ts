@@ -127,8 +127,15 @@ t.test('a port already taken: exit 1, and the instance record and the lease are 
   const port = typeof address === 'object' && address !== null ? address.port : 0
   const exit = await runServerToExit(t, { REDIS_URL, REDIS_PREFIX: prefix, JWT_SECRET: TEST_SECRET, PORT: String(port), HOST: '127.0.0.1', LOG_LEVEL: 'warn' })
   t.equal(exit.code, 1)
-  t.match(exit.stderr, /EADDRINUSE/)
+  t.match(exit.stderr, new RegExp(`cannot listen on HOST=127\\.0\\.0\\.1 PORT=${port}: .*EADDRINUSE`), 'the message names the variables')
   const redis = redisClient(t)
   t.equal(await redis.zcard(`${prefix}instances`), 0, 'no instance record left')
   t.equal(await redis.exists(`${prefix}leader`), 0, 'no lease left')
+})
+
+t.test('a HOST that names no address of this machine: exit 1 with one line naming HOST', async (t) => {
+  const exit = await runServerToExit(t, { JWT_SECRET: TEST_SECRET, PORT: '0', HOST: 'no-such-host.invalid', LOG_LEVEL: 'warn', REDIS_URL: '' })
+  t.equal(exit.code, 1)
+  t.match(exit.stderr, /^gateway failed to start: cannot listen on HOST=no-such-host\.invalid PORT=0: .*ENOTFOUND/)
+  t.equal(exit.stderr.trim().split('\n').length, 1, 'one line')
 })
