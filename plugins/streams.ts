@@ -200,8 +200,13 @@ export default fp(async (app) => {
         const after = held.length - removing + adding.filter((topic) => !held.includes(topic)).length
         if (after > config.maxTopics) return { refused: `a stream holds at most ${config.maxTopics} topics` }
       }
+      // A user-wide unsubscribe takes away only what the user-wide
+      // subscription brought: not a topic the stream asked for itself.
+      const userWide = message.connectionId === null
       const added = registry.addTopics(connection, adding)
-      const removed = registry.removeTopics(connection, message.remove)
+      if (userWide) for (const topic of added) connection.holdForUser(topic)
+      else for (const topic of adding) connection.keepTopic(topic)
+      const removed = registry.removeTopics(connection, userWide ? message.remove.filter((topic) => connection.heldForUser(topic)) : message.remove)
       streams.leave(connection, removed.map(channel.topic))
       await streams.join(connection, added.map(channel.topic))
       if (added.length > 0 || removed.length > 0) {

@@ -261,3 +261,25 @@ forEachMode(t, 'MAX_TOPICS bounds a stream\'s topics and a user\'s user-wide top
   t.same(sorted((await subscriptions(a, other, 'DELETE', { topics: ['x'] })).json.topics), ['y', 'z'], 'nothing was added')
   t.same(sorted((await subscriptions(b, other, 'POST', { topics: ['w'] })).json.topics), ['w', 'y', 'z'], 'room again after a DELETE')
 })
+
+forEachMode(t, 'a user-wide DELETE takes away only what the user-wide subscription brought, not a topic a stream asked for itself', async (t, mode) => {
+  const [a, b] = await pair(t, mode)
+  const token = userToken('carol')
+  const own = await connect(t, a, 'carol', { topics: 'scores' })
+  const plain = await connect(t, b, 'carol')
+  const joined = await connect(t, b, 'carol')
+  t.equal((await subscriptions(b, token, 'POST', { topics: ['news'], connectionId: joined.connectionId })).status, 200, 'one stream subscribes to news itself')
+
+  t.equal((await subscriptions(a, token, 'POST', { topics: ['scores', 'news'] })).status, 200, 'then the user subscribes to both')
+  const both = await publishTo(a, { to: { topic: 'scores' }, event: 'score', data: 1 })
+  for (const tab of [own, plain, joined]) t.equal((await tab.stream.nextEvent('score')).id, both, 'every stream of the user has scores')
+
+  t.equal((await subscriptions(b, token, 'DELETE', { topics: ['scores', 'news'] })).status, 200)
+  const score = await publishTo(b, { to: { topic: 'scores' }, event: 'score', data: 2 })
+  const headline = await publishTo(b, { to: { topic: 'news' }, event: 'headline', data: 3 })
+  t.equal((await own.stream.next((event) => event.id === score, 10_000, 'the second score')).event, 'score', 'the stream opened with ?topics=scores keeps it')
+  t.equal((await joined.stream.next((event) => event.id === headline, 10_000, 'the headline')).event, 'headline', 'the stream that subscribed to news itself keeps it')
+  const plainEvents = await settle(b, plain.stream, plain.connectionId)
+  t.same(namesOf(plainEvents), [], 'the stream that only had them user-wide loses both')
+  t.notOk(own.stream.events.some((event) => event.id === headline), 'nor did the first stream ever get news of its own')
+})

@@ -110,6 +110,8 @@ export class StreamConnection {
   // streams: arrays cost a fraction of a Set's hash table.
   private topicList: string[]
   private channelList: string[] = []
+  /** Topics held only for the user's user-wide subscription (null: none, the usual case). */
+  private userWideOnly: string[] | null = null
   readonly openedAt = Date.now()
   readonly remoteAddress: string
   readonly allowedTopics: readonly string[] | null
@@ -201,7 +203,24 @@ export class StreamConnection {
     const next = withoutItem(this.topicList, topic)
     if (next === null) return false
     this.topicList = next
+    this.keepTopic(topic)
     return true
+  }
+
+  /** Notes that the stream holds `topic` only for its user's user-wide subscription. */
+  holdForUser (topic: string): void {
+    this.userWideOnly = withItem(this.userWideOnly ?? [], topic) ?? this.userWideOnly
+  }
+
+  /** The stream holds `topic` of its own (`?topics=`, its own subscription), whatever its user's do. */
+  keepTopic (topic: string): void {
+    const next = this.userWideOnly === null ? null : withoutItem(this.userWideOnly, topic)
+    if (next !== null) this.userWideOnly = next.length === 0 ? null : next
+  }
+
+  /** Whether the stream holds `topic` only for its user's user-wide subscription, which may take it away. */
+  heldForUser (topic: string): boolean {
+    return this.userWideOnly?.includes(topic) === true
   }
 
   addChannel (name: string): boolean {

@@ -130,6 +130,7 @@ export class StreamService {
     const channels = [...spec.channels]
     if (spec.extraTopics !== undefined) {
       const added = this.registry.addTopics(connection, await spec.extraTopics())
+      for (const topic of added) connection.holdForUser(topic)
       channels.push(...added.map(channel.topic))
       if (added.length > 0) this.events.topicsChanged(connection)
     }
