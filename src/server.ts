@@ -19,6 +19,11 @@ async function main (): Promise<void> {
   // is light: a burst of stream opens costs one write per batch rather than one
   // per line (each handed to a thread and back). pino flushes what is left when
   // the process exits.
+  // Node makes a pipe or socket on stdout non-blocking once process.stdout
+  // is opened. The log's writes then wait for a reader that stopped reading
+  // on a timer, not in a thread-pool thread that process.exit() would wait
+  // for without end.
+  void process.stdout
   // Past 16 MB unwritten (a log reader that stopped reading), lines are
   // dropped rather than kept in memory without end.
   const logStream = pino.destination({ dest: 1, sync: false, minLength: 4096, periodicFlush: 250, maxLength: 16 * 1024 * 1024 })

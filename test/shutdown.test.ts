@@ -55,11 +55,15 @@ for (const signal of ['SIGTERM', 'SIGINT'] as const) {
 
 t.test('a log reader that stopped reading: the gateway still serves, and SIGTERM still exits 0 (the unwritten lines are given up)', async (t) => {
   const port = await freePort()
-  const child = spawn(process.execPath, ['dist/src/server.js'], {
+  // Through env(1), which drops NODE_OPTIONS: the test runner puts its preload
+  // back into any node it sees spawned, and that preload opens process.stdout,
+  // which a plain start does not.
+  const child = spawn('env', ['-u', 'NODE_OPTIONS', process.execPath, 'dist/src/server.js'], {
     env: { ...process.env, JWT_SECRET: TEST_SECRET, HOST: '127.0.0.1', PORT: String(port), SHUTDOWN_TIMEOUT_MS: '2000', LOG_LEVEL: 'info', REDIS_URL: '' },
     // stdout is a pipe nobody reads: once its buffer is full, every write to it blocks or fails.
-    stdio: ['ignore', 'pipe', 'ignore']
+    stdio: ['ignore', 'pipe', 'pipe']
   })
+  child.stderr.resume()
   const exited = new Promise<number | null>((resolve) => child.once('exit', (code) => resolve(code)))
   t.teardown(() => { if (child.exitCode === null && child.signalCode === null) child.kill('SIGKILL') })
   const url = `http://127.0.0.1:${port}`
