@@ -44,7 +44,7 @@ t.test('a take-over claim cut short by the lease\'s loss, the lease back at once
   t.same(handled, ['1', '2', '3', '4', '5'], 'in the order they were added')
 })
 
-t.test('an entry whose handling keeps failing for a reason of its own is dropped after 5 tries and the ones behind it flow; one Redis refuses for a while (OOM) is retried until it goes', async (t) => {
+t.test('an entry whose handling keeps failing for a reason of its own is set aside after 5 tries (to <key>:dead) and the ones behind it flow; one Redis refuses (OOM) is retried until it goes', async (t) => {
   if (!(await needRedis(t))) return
   const redis = redisClient(t)
   const key = `${uniquePrefix('durpoison')}ingress`
@@ -74,7 +74,12 @@ t.test('an entry whose handling keeps failing for a reason of its own is dropped
   t.same(handled, ['oom', 'after'], 'the others, in order')
   t.equal(tries.get('poison'), 5, 'the failing entry was tried 5 times')
   t.equal(tries.get('oom'), 8, 'the one Redis refused, until it was handled')
-  t.same(dropped, [poison], 'only the failing entry was dropped')
-  t.same(errors, ['durable ingress entry dropped: its handling kept failing'], 'and logged as an error')
-  t.equal(await redis.xlen(key), 0, 'every entry deleted, the dropped one included')
+  t.same(dropped, [poison], 'only the failing entry was set aside')
+  t.same(errors, ['durable ingress entry set aside: its handling kept failing'], 'and logged as an error')
+  t.equal(await redis.xlen(key), 0, 'every entry deleted from the ingress')
+  const dead = await redis.xrange(`${key}:dead`, '-', '+') as Array<[string, string[]]>
+  t.equal(dead.length, 1, 'the failing entry waits in the dead-letter stream')
+  t.same(dead[0][1].slice(0, 4), ['payload', 'poison', 'entry', poison], 'with its fields and its id')
+  t.match(dead[0][1].slice(4), ['error', /^RangeError: Maximum call stack size exceeded/], 'and the error')
+  await redis.del(`${key}:dead`)
 })

@@ -193,7 +193,7 @@ forEachMode(t, 'evict-oldest, one stream per user, six opens at once across two 
     const survivors = streams.filter((stream) => !stream.ended)
     t.equal(survivors.length, 1, `round ${round}: one stream left open`)
     const [id] = await publishOk(a.url, publisher, { to: { user }, event: 'ping', data: round })
-    t.equal((await survivors[0].nextEvent('ping')).id, id, `round ${round}: the survivor receives`)
+    t.equal((await survivors[0].nextEvent('ping', 15_000)).id, id, `round ${round}: the survivor receives`)
     for (const stream of streams) stream.close()
   }
 }, ['redis'])

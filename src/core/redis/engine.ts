@@ -224,10 +224,8 @@ export class IngressLeader {
 
 const DURABLE_GROUP = 'gateway'
 const DURABLE_CLAIM_IDLE_MS = 30_000
-/** Tries of an entry whose handling fails for a reason of its own before it is dropped. */
+/** Tries of an entry whose handling fails for a reason of its own before it is set aside. */
 const DURABLE_MAX_ATTEMPTS = 5
-/** Redis refusals that pass with time (memory, a busy script, a failover): retried for as long as they last. */
-const PASSING_REDIS_ERROR = /^(OOM|BUSY|LOADING|READONLY|MASTERDOWN|TRYAGAIN|CLUSTERDOWN|NOREPLICAS)\b/
 const DURABLE_BLOCK_MS = 1000
 
 /**
@@ -277,7 +275,7 @@ export class DurableIngress {
     this.handler = handler
   }
 
-  /** Called for an entry dropped after failing DURABLE_MAX_ATTEMPTS times. */
+  /** Called for an entry set aside after failing DURABLE_MAX_ATTEMPTS times. */
   onDropped (listener: (entryId: string) => void): void {
     this.droppedListener = listener
   }
@@ -375,6 +373,7 @@ export class DurableIngress {
         await this.handler(payloadOf(fields), onceKey)
       } catch (error) {
         if (!this.givesUp(entryId, error)) throw error
+        await this.setAside(entryId, fields, error)
       }
       // Handled, the entry is deleted: the stream would otherwise keep every
       // message ever sent, and publishers need not trim it themselves.
@@ -384,18 +383,25 @@ export class DurableIngress {
   }
 
   /**
-   * Whether a failed entry is dropped rather than tried again. Entries go out
-   * in order, so one that can never be handled (an error of its own, not
-   * Redis's state) would hold up every later one for good.
+   * Whether a failed entry is set aside rather than tried again. Entries go
+   * out in order, so one that can never be handled would hold up every later
+   * one for good. Only an error of the gateway's own counts (a stack
+   * overflow, say): anything Redis answers (out of memory, a wrong key type,
+   * an ACL) or Redis being away would fail every entry alike, and is waited
+   * out, however long, rather than emptying the stream.
    */
   private givesUp (entryId: string, error: unknown): boolean {
-    if (error instanceof StoreUnavailableError) return false
-    if (error instanceof ReplyError && PASSING_REDIS_ERROR.test((error as Error).message)) return false
+    if (error instanceof StoreUnavailableError || error instanceof ReplyError) return false
     if (this.failing.entryId !== entryId) this.failing = { entryId, attempts: 0 }
-    if (++this.failing.attempts < DURABLE_MAX_ATTEMPTS) return false
-    this.log.error({ err: error, entry: entryId, attempts: this.failing.attempts }, 'durable ingress entry dropped: its handling kept failing')
+    return ++this.failing.attempts >= DURABLE_MAX_ATTEMPTS
+  }
+
+  /** Moves an entry that kept failing to `<key>:dead`, with its id and the error, where it can be looked at and added again. */
+  private async setAside (entryId: string, fields: string[], error: unknown): Promise<void> {
+    const reason = error instanceof Error ? `${error.name}: ${error.message}` : String(error)
+    await this.reader.xadd(`${this.key}:dead`, '*', ...fields, 'entry', entryId, 'error', reason.slice(0, 500))
+    this.log.error({ err: error, entry: entryId, attempts: this.failing.attempts, deadLetter: `${this.key}:dead` }, 'durable ingress entry set aside: its handling kept failing')
     this.droppedListener(entryId)
-    return true
   }
 
   private lostEntries (entryIds: string[]): void {
