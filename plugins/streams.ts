@@ -69,7 +69,21 @@ function releaseHttpState (response: ServerResponse, socket: Socket): void {
   socket.on('error', destroySelf)
   // The server allows half-open sockets; a client that ends its side is gone.
   socket.on('end', destroySelf)
-  socket.resume()
+  // Reads are discarded; one marks the connection as not to be served again.
+  socket.on('data', markStray)
+}
+
+/**
+ * Connections a stream's end must close rather than hand back: the client
+ * asked for Connection: close, or sent bytes while the stream held it (a
+ * pipelined request, which was discarded and would wait for ever).
+ */
+const notReusable = new WeakSet<Socket>()
+/** Connections handed back to their server: no longer a stream's to close. */
+const handedBack = new WeakSet<Socket>()
+
+function markStray (this: Socket): void {
+  notReusable.add(this)
 }
 
 // Shared by every stream's socket, which is `this`: no closure per socket.
@@ -87,14 +101,21 @@ function handBack (sink: Sink): void {
   const socket = sink as Socket & { server?: Server }
   socket.removeListener('error', destroySelf)
   socket.removeListener('end', destroySelf)
+  socket.removeListener('data', markStray)
   const server = socket.server
-  if (server === undefined || !server.listening) {
-    socket.end()
+  // Everything is flushed: closing loses nothing. (An end() alone would
+  // leave a half-open socket that the server's close waits on.)
+  if (server === undefined || !server.listening || notReusable.has(socket)) {
+    socket.destroy()
     return
   }
+  handedBack.add(socket)
   // The 'connection' event is how Node lets a socket be given to a server.
   server.emit('connection', socket)
-  socket.setTimeout(server.keepAliveTimeout)
+  // Closed idle before the server's header timeout would answer it 408
+  // unasked (its fresh parser is timed from now).
+  const limits = [server.keepAliveTimeout, server.headersTimeout - 1000].filter((ms) => ms > 0)
+  socket.setTimeout(Math.max(1000, Math.min(...limits, 60_000)))
 }
 
 // Most streams carry no header of their own (CORS adds some): they share one head.
@@ -299,6 +320,7 @@ export default fp(async (app) => {
       // Events are written straight to the socket: Node's response object would
       // re-frame every write for every recipient.
       socket.setNoDelay(true)
+      if (/\bclose\b/i.test(request.headers.connection ?? '')) notReusable.add(socket)
       releaseHttpState(reply.raw, socket)
       try {
         // Every field named, in one order: spreading the options into a bigger
@@ -334,7 +356,8 @@ export default fp(async (app) => {
         request.log.error({ err: error, connectionId: options.connectionId }, 'stream failed to open')
         const connection = registry.get(options.connectionId)
         if (connection !== undefined) connection.close('error')
-        else socket.destroy()
+        // Unless its stream ended and it went back to serving requests.
+        else if (!handedBack.has(socket)) socket.destroy()
       }
     } finally {
       if (counted) opening--

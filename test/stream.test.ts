@@ -1,5 +1,6 @@
 import t from 'tap'
 import * as http from 'node:http'
+import { rawConnect } from './helpers/raw'
 import { eventually, openConnected, openStream, publishOk, publisherToken, startGateway, userToken, type SseEvent } from './helpers'
 
 const publisher = publisherToken()
@@ -189,3 +190,27 @@ t.test('a connection whose stream the gateway ended (a finished job, an eviction
   newer.close()
 })
 
+
+t.test('a stream\'s connection is closed, not served again, when its request said Connection: close or bytes came while the stream held it', async (t) => {
+  const { url, port, app } = await startGateway(t, { MAX_CONNECTIONS_PER_USER: '1', CONNECTION_LIMIT_POLICY: 'evict-oldest' })
+  const put = await fetch(`${url}/v1/jobs/closing-job`, { method: 'PUT', headers: { authorization: `Bearer ${publisher}`, 'content-type': 'application/json' }, body: JSON.stringify({ userId: 'u1', status: 'failed', error: 'x' }) })
+  t.equal(put.status, 200)
+  const token = userToken('u1')
+
+  const closing = await rawConnect(t, port)
+  closing.write(`GET /v1/jobs/closing-job/stream?token=${token} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n`)
+  await closing.waitClose()
+  t.match(closing.text(), /event: initial_status\n[\s\S]*0\r\n\r\n$/, 'the whole answer, then the connection closed')
+
+  // A request pipelined behind a live stream is never answered: the connection must not be left waiting.
+  const piped = await rawConnect(t, port)
+  piped.write(`GET /v1/stream?token=${token} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n`)
+  await piped.until(() => piped.events().some((event) => event.event === 'connected'), 5000, 'connected')
+  piped.write('GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n')
+  await eventually(() => app.registry.ofUser('u1').length === 1, 'the first stream registered')
+  const { stream: newer } = await openConnected(`${url}/v1/stream?token=${token}`, { t })
+  await piped.waitClose()
+  t.match(piped.text(), /event: evicted\n[\s\S]*0\r\n\r\n$/, 'evicted, the answer ended, the connection closed')
+  t.notMatch(piped.text(), /HTTP\/1\.1 200 OK[\s\S]*HTTP\/1\.1/, 'the pipelined request was not half-served')
+  newer.close()
+})
