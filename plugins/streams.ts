@@ -245,13 +245,16 @@ export default fp(async (app) => {
    * admission can evict it while it still waits on Redis, and it must end
    * once registered, or it would live on outside the per-user limit.
    */
-  const admittedNotRegistered = new Map<string, string | null>()
+  const admittedNotRegistered = new Map<string, { evictedWith: string | null }>()
 
   state.onControl(async (message) => {
     if (message.type === 'topics') return await applyTopics(message)
     const connection = registry.get(message.connectionId)
     if (connection !== undefined) streams.close(connection, 'evicted', 'evicted', { reason: message.reason })
-    else if (admittedNotRegistered.has(message.connectionId)) admittedNotRegistered.set(message.connectionId, message.reason)
+    else {
+      const pending = admittedNotRegistered.get(message.connectionId)
+      if (pending !== undefined) pending.evictedWith = message.reason
+    }
     return null
   })
 
@@ -275,6 +278,8 @@ export default fp(async (app) => {
     }
     opening++
     let counted = true
+    // Its own record: two opens of one id (a reopen racing another) each keep theirs.
+    const pending: { evictedWith: string | null } = { evictedWith: null }
     try {
       if (options.windowChannels !== undefined) {
         // A reopened stream id held by a live stream (a tab the browser has not
@@ -284,7 +289,7 @@ export default fp(async (app) => {
         if (previous !== undefined) streams.close(previous, 'evicted', 'evicted', { reason: message.reason })
         else await state.broadcastControl(message)
       }
-      admittedNotRegistered.set(options.connectionId, null)
+      admittedNotRegistered.set(options.connectionId, pending)
       const admission = await state.admit({
         connectionId: options.connectionId,
         userId: auth.userId,
@@ -347,10 +352,9 @@ export default fp(async (app) => {
         // open() puts the stream in the registry before its first await.
         opening--
         counted = false
-        const evictedWith = admittedNotRegistered.get(options.connectionId)
-        admittedNotRegistered.delete(options.connectionId)
+        if (admittedNotRegistered.get(options.connectionId) === pending) admittedNotRegistered.delete(options.connectionId)
         const connection = registry.get(options.connectionId)
-        if (evictedWith !== undefined && evictedWith !== null && connection !== undefined) streams.close(connection, 'evicted', 'evicted', { reason: evictedWith })
+        if (pending.evictedWith !== null && connection !== undefined) streams.close(connection, 'evicted', 'evicted', { reason: pending.evictedWith })
         await opened
       } catch (error) {
         request.log.error({ err: error, connectionId: options.connectionId }, 'stream failed to open')
@@ -361,7 +365,7 @@ export default fp(async (app) => {
       }
     } finally {
       if (counted) opening--
-      admittedNotRegistered.delete(options.connectionId)
+      if (admittedNotRegistered.get(options.connectionId) === pending) admittedNotRegistered.delete(options.connectionId)
     }
   })
 
