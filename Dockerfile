@@ -2,8 +2,10 @@
 # SSE gateway image. Every RUN step is a plain shell step, so it can also be
 # run (and is tested) outside Docker.
 
+# Node 24 (LTS): Node 20 reached its end of life in April 2026. The gateway
+# also runs on Node 20 and later (package.json engines).
 # --- build: compile TypeScript with the dev dependencies ----------------------
-FROM node:20-bookworm-slim AS build
+FROM node:24-bookworm-slim AS build
 WORKDIR /app
 COPY package.json package-lock.json ./
 RUN npm ci --no-audit --no-fund
@@ -12,7 +14,7 @@ RUN npm run build \
  && mkdir -p public
 
 # --- runtime: production dependencies and compiled code only ------------------
-FROM node:20-bookworm-slim
+FROM node:24-bookworm-slim
 ENV NODE_ENV=production PORT=3000 HOST=0.0.0.0
 WORKDIR /app
 COPY package.json package-lock.json ./
