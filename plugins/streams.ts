@@ -86,6 +86,9 @@ function markStray (this: Socket): void {
   notReusable.add(this)
 }
 
+/** The reason of an eviction by the per-user limit (evict-oldest). */
+const LIMIT_EVICTION = 'too many streams for this user'
+
 // Shared by every stream's socket, which is `this`: no closure per socket.
 function destroySelf (this: Socket): void {
   this.destroy()
@@ -251,7 +254,11 @@ export default fp(async (app) => {
     if (message.type === 'topics') return await applyTopics(message)
     const connection = registry.get(message.connectionId)
     if (connection !== undefined) streams.close(connection, 'evicted', 'evicted', { reason: message.reason })
-    else {
+    // Only the limit's evictions: a reopen's moves the id to a newer stream,
+    // and closing this one as evicted would give back the id's shared record
+    // that the newer one now holds. (Of two opens of one id here, the one
+    // registered last replaces the other.)
+    else if (message.reason === LIMIT_EVICTION) {
       const pending = admittedNotRegistered.get(message.connectionId)
       if (pending !== undefined) pending.evictedWith = message.reason
     }
@@ -303,7 +310,7 @@ export default fp(async (app) => {
         throw new errors.Limited(`user already holds ${config.maxConnectionsPerUser} streams`)
       }
       if (admission.evict !== null) {
-        const message: ControlMessage = { type: 'evict', connectionId: admission.evict, reason: 'too many streams for this user' }
+        const message: ControlMessage = { type: 'evict', connectionId: admission.evict, reason: LIMIT_EVICTION }
         const local = registry.get(admission.evict)
         if (local !== undefined) streams.close(local, 'evicted', 'evicted', { reason: message.reason })
         else await state.broadcastControl(message)

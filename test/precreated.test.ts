@@ -308,3 +308,29 @@ forEachMode(t, 'streamed content through Redis ingress: PUBLISH stream:<connecti
   checkChunks(t, joined.stream.events, CHUNKS.slice(0, 5), 'stream:<id> before the browser joined')
   t.same(namesOf(await settle(a, joined.stream, created.connectionId)), [], 'nothing twice')
 }, ['redis'])
+
+forEachMode(t, 'two reopens of one id at once on one instance, the second admitted first: the first replaces it, and the id\'s shared record stays', async (t, mode) => {
+  const [a] = await pair(t, mode)
+  const first = await connect(t, a, 'alice')
+  // The first reopen's admission comes back last: the second registers first.
+  const state = a.app.state
+  const admit = state.admit.bind(state)
+  const delays = [300, 50]
+  state.admit = async (request) => {
+    await new Promise((resolve) => setTimeout(resolve, delays.shift() ?? 0))
+    return await admit(request)
+  }
+  const path = `/v1/stream/${first.connectionId}`
+  const both = await Promise.all([tryOpen(t, a, 'alice', { path }), tryOpen(t, a, 'alice', { path })])
+  t.same(both.map((stream) => stream.status), [200, 200], 'both reopens were admitted')
+  state.admit = admit
+  await first.stream.waitEnd(5000)
+  await eventually(() => both.filter((stream) => stream.ended).length === 1, 'one of the two reopens closed')
+  const survivor = both.find((stream) => !stream.ended) as (typeof both)[number]
+  t.equal(survivor, both[0], 'the one registered last holds the id')
+  await eventually(() => a.app.registry.size === 1, 'one stream in the registry')
+  t.equal((await presence(a, 'alice')).connections, 1, 'the shared record still counts the holder')
+  const id = await publishTo(a, { to: { connection: first.connectionId }, event: 'content-chunk', data: 'once' })
+  t.equal((await survivor.nextEvent('content-chunk')).id, id, 'the holder receives')
+  survivor.close()
+})
