@@ -8,9 +8,9 @@
  */
 import { setTimeout as delay } from 'node:timers/promises'
 import t, { type Test } from 'tap'
-import { eventually, publish, request, userToken, type SseEvent } from './helpers'
+import { eventually, publish, request, userToken, type SseClient, type SseEvent } from './helpers'
 import {
-  connect, namesOf, nonce, pair, presence, publishTo, PUBLISHER, settle, tryOpen
+  connect, namesOf, nonce, pair, presence, publishTo, PUBLISHER, settle, tryOpen, type Connected
 } from './helpers/channels'
 import { forEachMode } from './helpers/modes'
 import { redisClient } from './helpers/redis'
@@ -210,22 +210,30 @@ forEachMode(t, 'reopening a stream id that is still open (on another instance) m
   t.notOk(first.stream.events.some((event) => event.event === 'content-chunk'), 'the old holder did not receive the event as well')
 })
 
-forEachMode(t, 'two reopens of one id at once on one instance: one holds it, the other is evicted, and the counts stay right', async (t, mode) => {
-  const [a] = await pair(t, mode)
-  const first = await connect(t, a, 'alice')
-  // Admission slowed on purpose (the real one, delayed), so both reopens are in
-  // flight together, past the check for a live holder of the id.
-  const state = a.app.state
+/**
+ * Alice's stream, then two reopens of its id at once on `gateway`. Admission
+ * is slowed on purpose (the real one, delayed by `delays` in call order), so
+ * both are in flight together, past the check for a live holder of the id.
+ */
+async function twoReopens (t: Test, gateway: Gateway, delays: number[]): Promise<{ first: Connected, both: SseClient[] }> {
+  const first = await connect(t, gateway, 'alice')
+  const state = gateway.app.state
   const admit = state.admit.bind(state)
   state.admit = async (request) => {
-    await new Promise((resolve) => setTimeout(resolve, 100))
+    await new Promise((resolve) => setTimeout(resolve, delays.shift() ?? 0))
     return await admit(request)
   }
   const path = `/v1/stream/${first.connectionId}`
-  const both = await Promise.all([tryOpen(t, a, 'alice', { path }), tryOpen(t, a, 'alice', { path })])
+  const both = await Promise.all([tryOpen(t, gateway, 'alice', { path }), tryOpen(t, gateway, 'alice', { path })])
   t.same(both.map((stream) => stream.status), [200, 200], 'both reopens were admitted')
   state.admit = admit
   await first.stream.waitEnd(5000)
+  return { first, both }
+}
+
+forEachMode(t, 'two reopens of one id at once on one instance: one holds it, the other is evicted, and the counts stay right', async (t, mode) => {
+  const [a] = await pair(t, mode)
+  const { first, both } = await twoReopens(t, a, [100, 100])
   // The one evicted may have been evicted before its `connected`: it only has to end.
   await eventually(() => both.filter((stream) => stream.ended).length === 1, 'one of the two reopens closed')
   const survivor = both.find((stream) => !stream.ended) as (typeof both)[number]
@@ -311,20 +319,8 @@ forEachMode(t, 'streamed content through Redis ingress: PUBLISH stream:<connecti
 
 forEachMode(t, 'two reopens of one id at once on one instance, the second admitted first: the first replaces it, and the id\'s shared record stays', async (t, mode) => {
   const [a] = await pair(t, mode)
-  const first = await connect(t, a, 'alice')
   // The first reopen's admission comes back last: the second registers first.
-  const state = a.app.state
-  const admit = state.admit.bind(state)
-  const delays = [300, 50]
-  state.admit = async (request) => {
-    await new Promise((resolve) => setTimeout(resolve, delays.shift() ?? 0))
-    return await admit(request)
-  }
-  const path = `/v1/stream/${first.connectionId}`
-  const both = await Promise.all([tryOpen(t, a, 'alice', { path }), tryOpen(t, a, 'alice', { path })])
-  t.same(both.map((stream) => stream.status), [200, 200], 'both reopens were admitted')
-  state.admit = admit
-  await first.stream.waitEnd(5000)
+  const { first, both } = await twoReopens(t, a, [300, 50])
   await eventually(() => both.filter((stream) => stream.ended).length === 1, 'one of the two reopens closed')
   const survivor = both.find((stream) => !stream.ended) as (typeof both)[number]
   t.equal(survivor, both[0], 'the one registered last holds the id')
