@@ -243,12 +243,12 @@ export default fp(async (app) => {
   app.decorate('applyTopics', applyTopics)
 
   /**
-   * Streams admitted (in the shared state) but not yet in the registry, with
-   * the reason of an eviction that came for one meanwhile: another open's
-   * admission can evict it while it still waits on Redis, and it must end
-   * once registered, or it would live on outside the per-user limit.
+   * Streams admitted (in the shared state) but not yet in the registry, each
+   * noting whether the limit evicted it meanwhile: another open's admission
+   * can evict it while it still waits on Redis, and it must end once
+   * registered, or it would live on outside the per-user limit.
    */
-  const admittedNotRegistered = new Map<string, { evictedWith: string | null }>()
+  const admittedNotRegistered = new Map<string, { evicted: boolean }>()
 
   state.onControl(async (message) => {
     if (message.type === 'topics') return await applyTopics(message)
@@ -260,7 +260,7 @@ export default fp(async (app) => {
     // registered last replaces the other.)
     else if (message.reason === LIMIT_EVICTION) {
       const pending = admittedNotRegistered.get(message.connectionId)
-      if (pending !== undefined) pending.evictedWith = message.reason
+      if (pending !== undefined) pending.evicted = true
     }
     return null
   })
@@ -286,7 +286,7 @@ export default fp(async (app) => {
     opening++
     let counted = true
     // Its own record: two opens of one id (a reopen racing another) each keep theirs.
-    const pending: { evictedWith: string | null } = { evictedWith: null }
+    const pending = { evicted: false }
     try {
       if (options.windowChannels !== undefined) {
         // A reopened stream id held by a live stream (a tab the browser has not
@@ -359,9 +359,8 @@ export default fp(async (app) => {
         // open() puts the stream in the registry before its first await.
         opening--
         counted = false
-        if (admittedNotRegistered.get(options.connectionId) === pending) admittedNotRegistered.delete(options.connectionId)
         const connection = registry.get(options.connectionId)
-        if (pending.evictedWith !== null && connection !== undefined) streams.close(connection, 'evicted', 'evicted', { reason: pending.evictedWith })
+        if (pending.evicted && connection !== undefined) streams.close(connection, 'evicted', 'evicted', { reason: LIMIT_EVICTION })
         await opened
       } catch (error) {
         request.log.error({ err: error, connectionId: options.connectionId }, 'stream failed to open')
