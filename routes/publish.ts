@@ -2,6 +2,7 @@ import { createHash } from 'node:crypto'
 import type { FastifyPluginAsync, FastifyRequest } from 'fastify'
 import { Type } from '@sinclair/typebox'
 import { authOf } from '../plugins/auth'
+import type { OnceOutcome, PublishOnce } from '../src/core/bus'
 import { FanoutTooLargeError, validatePublishBody } from '../src/core/publish'
 import { errorResponses } from '../src/schemas/common'
 import { errors } from '../src/errors'
@@ -46,26 +47,33 @@ const publishRoutes: FastifyPluginAsync = async (app) => {
       throw validation.status === 413 ? new errors.TooLarge(validation.message) : new errors.BadRequest(validation.message)
     }
     const { items, batch } = validation.value
-    const resolved = await publisher.itemsOf(items).catch((error: unknown) => {
-      throw error instanceof FanoutTooLargeError ? new errors.TooLarge(error.message) : error
-    })
-    let ids: number[]
-    let repeated = false
-    if (key === null) {
-      ids = await publisher.publishItems(resolved)
-    } else {
-      // Keys are the publisher's own: two backends choosing the same key do not collide.
-      const outcome = await publisher.publishItemsOnce(resolved, {
-        key: sha256(`${authOf(request).userId}\n${key}`),
-        // Of the request as validated, so the same request whose JSON keys
-        // come in another order, or that spells out a default, is the same.
-        fingerprint: sha256(JSON.stringify([batch, items])),
-        windowS: config.idempotencyWindowS
-      })
-      if (outcome.kind === 'conflict') throw new errors.Unprocessable('this Idempotency-Key was used for another request')
-      ids = outcome.ids
-      repeated = outcome.kind === 'repeated'
+    const once: PublishOnce | null = key === null
+      ? null
+      : {
+          // Keys are the publisher's own: two backends choosing the same key do not collide.
+          key: sha256(`${authOf(request).userId}\n${key}`),
+          // Of the request as validated, so the same request whose JSON keys
+          // come in another order, or that spells out a default, is the same.
+          fingerprint: sha256(JSON.stringify([batch, items])),
+          windowS: config.idempotencyWindowS
+        }
+    let outcome: OnceOutcome
+    try {
+      const resolved = await publisher.itemsOf(items)
+      outcome = once === null
+        ? { kind: 'published', ids: await publisher.publishItems(resolved) }
+        : await publisher.publishItemsOnce(resolved, once)
+    } catch (error) {
+      if (!(error instanceof FanoutTooLargeError)) throw error
+      // A conversation that has grown past the limit since the first try
+      // must not turn the retry of a publish that went through into a 413.
+      const used = once === null ? null : await publisher.usedOnce(once)
+      if (used === null) throw new errors.TooLarge(error.message)
+      outcome = used
     }
+    if (outcome.kind === 'conflict') throw new errors.Unprocessable('this Idempotency-Key was used for another request')
+    const { ids } = outcome
+    const repeated = outcome.kind === 'repeated'
     // A repeat published nothing: it is said, not counted.
     if (repeated) reply.header('idempotent-replayed', 'true')
     else for (const item of items) app.metrics.published(item.target.kind, 1)

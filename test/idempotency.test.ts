@@ -9,6 +9,7 @@ import { eventually, openConnected, publishOk, publisherToken, request, token, u
 import { forEachMode, startCluster } from './helpers/modes'
 import { proxiedCluster } from './helpers/proxy'
 import { needRedis, uniquePrefix } from './helpers/redis'
+import { connect, setMembers } from './helpers/channels'
 
 const publisher = publisherToken()
 
@@ -87,6 +88,29 @@ forEachMode(t, 'a key used for another request: 422, nothing published; other ke
 
   await countBeforeMarker(gateway, stream, 'a')
   t.same(stream.events.filter((event) => event.event === 'a').map((event) => event.data), ['1', '1', '2'], 'the refused one never went out')
+})
+
+forEachMode(t, 'a conversation grown past MAX_PUBLISH_CHANNELS since: the repeat still gets its ids; a new key is 413', async (t, mode) => {
+  const [gateway] = await startCluster(t, mode, 1, { MAX_PUBLISH_CHANNELS: '3' })
+  await setMembers(gateway, 'room', ['m0', 'm1'])
+  const member = await connect(t, gateway, 'm0')
+  const body = { to: { conversation: 'room' }, event: 'said', data: 'hi' }
+  const first = await publishWithKey(gateway, 'said-1', body)
+  t.equal(first.status, 202)
+
+  await setMembers(gateway, 'room', ['m0', 'm1', 'm2', 'm3'])
+  const again = await publishWithKey(gateway, 'said-1', body)
+  t.equal(again.status, 202, 'not 413: it was published within the limit')
+  t.same(again.json, first.json, 'the same id')
+  t.equal(again.headers.get('idempotent-replayed'), 'true')
+  const other = await publishWithKey(gateway, 'said-1', { ...body, data: 'bye' })
+  t.equal(other.status, 422, 'the key with another request is still a conflict')
+  const fresh = await publishWithKey(gateway, 'said-2', body)
+  t.equal(fresh.status, 413, 'a new key past the limit is refused')
+
+  await publishOk(gateway.url, publisher, { to: { user: 'm0' }, event: 'marker', data: 0 })
+  await member.stream.nextEvent('marker')
+  t.same(member.stream.events.filter((event) => event.event === 'said').map((event) => event.id), [first.json.id], 'delivered once')
 })
 
 forEachMode(t, 'a malformed key: 400 in the error shape, nothing published', async (t, mode) => {

@@ -58,6 +58,8 @@ export interface EventBus {
   publish (items: PublishItem[]): Promise<number[]>
   /** `publish`, unless `once.key` was used within its window: then that publish's ids, atomically. */
   publishOnce (items: PublishItem[], once: PublishOnce): Promise<OnceOutcome>
+  /** What `publishOnce` with `once` would answer without publishing, or null when its key is unused. */
+  usedOnce (once: PublishOnce): Promise<OnceOutcome | null>
   /** Events of `channels` with an id above `after` that are still in the window, merged in id order. */
   replay (channels: string[], after: number): Promise<ReplayResult>
   /** Every event of `channels` still in the window, merged in id order. */

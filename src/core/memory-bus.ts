@@ -78,8 +78,8 @@ export class MemoryBus implements EventBus {
   async publishOnce (items: PublishItem[], once: PublishOnce): Promise<OnceOutcome> {
     const now = Date.now()
     this.forgetOldestOnceKeys((seen) => seen.expiresAt <= now)
-    const seen = this.onceKeys.get(once.key)
-    if (seen !== undefined) return seen.fingerprint === once.fingerprint ? { kind: 'repeated', ids: seen.ids } : { kind: 'conflict' }
+    const seen = this.seenOnce(once)
+    if (seen !== null) return seen
     const ids = this.publishNow(items)
     // Bounded: a publisher sending a new key with every event at a high rate
     // would otherwise hold the whole window's keys in memory.
@@ -88,6 +88,18 @@ export class MemoryBus implements EventBus {
     this.forgetOldestOnceKeys(() => this.onceBytes > budget)
     this.onceKeys.set(once.key, { fingerprint: once.fingerprint, ids, expiresAt: now + once.windowS * 1000 })
     return { kind: 'published', ids }
+  }
+
+  async usedOnce (once: PublishOnce): Promise<OnceOutcome | null> {
+    const now = Date.now()
+    this.forgetOldestOnceKeys((seen) => seen.expiresAt <= now)
+    return this.seenOnce(once)
+  }
+
+  private seenOnce (once: PublishOnce): OnceOutcome | null {
+    const seen = this.onceKeys.get(once.key)
+    if (seen === undefined) return null
+    return seen.fingerprint === once.fingerprint ? { kind: 'repeated', ids: seen.ids } : { kind: 'conflict' }
   }
 
   async replay (channels: string[], after: number): Promise<ReplayResult> {

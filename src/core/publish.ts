@@ -185,6 +185,11 @@ export class Publisher {
     return await this.bus.publishOnce(items, once)
   }
 
+  /** What a `publishItemsOnce` with `once` answered within its window, or null when its key is unused. */
+  async usedOnce (once: PublishOnce): Promise<OnceOutcome | null> {
+    return await this.bus.usedOnce(once)
+  }
+
   /** Hands `items` to the bus at once (their ids follow this call's order); resolves with the ids. */
   async publishItems (items: PublishItem[]): Promise<number[]> {
     return await this.bus.publish(items)

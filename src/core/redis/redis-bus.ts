@@ -175,9 +175,12 @@ export class RedisBus implements EventBus {
   async publishOnce (items: PublishItem[], once: PublishOnce): Promise<OnceOutcome> {
     const args: Array<string | number> = [this.options.prefix, this.options.historySize, this.options.historyTtlS, once.key, once.fingerprint, once.windowS]
     for (const item of items) args.push(JSON.stringify(item.channels), item.body)
-    const [kind, ...ids] = await this.commands.run('PUBLISH_ONCE', args) as string[]
-    if (kind === 'conflict') return { kind }
-    return { kind: kind === 'repeated' ? 'repeated' : 'published', ids: ids.map(Number) }
+    return onceOutcomeOf(await this.commands.run('PUBLISH_ONCE', args) as string[])
+  }
+
+  async usedOnce (once: PublishOnce): Promise<OnceOutcome | null> {
+    const answer = await this.commands.run('ONCE_OUTCOME', [this.options.prefix, once.key, once.fingerprint]) as string[]
+    return answer[0] === 'unused' ? null : onceOutcomeOf(answer)
   }
 
   async replay (channels: string[], after: number): Promise<ReplayResult> {
@@ -244,4 +247,10 @@ export class RedisBus implements EventBus {
     }
     return events
   }
+}
+
+/** PUBLISH_ONCE's (and ONCE_OUTCOME's) answer: its kind, then the ids. */
+function onceOutcomeOf ([kind, ...ids]: string[]): OnceOutcome {
+  if (kind === 'conflict') return { kind }
+  return { kind: kind === 'repeated' ? 'repeated' : 'published', ids: ids.map(Number) }
 }

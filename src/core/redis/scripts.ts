@@ -96,27 +96,40 @@ export const PUBLISH = `${PUBLISH_FUNCTIONS}${PUBLISH_ITEMS}
 return publish_items(ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), 4)
 `
 
+// What a key used within its window answers: { 'repeated', its ids... } for
+// the same fingerprint, { 'conflict' } for another; nil when it is unused.
+const ONCE_SEEN = `
+local function once_seen(key, fingerprint)
+  local seen = redis.call('GET', key)
+  if not seen then return nil end
+  local cut = string.find(seen, '|', 1, true)
+  if string.sub(seen, 1, cut - 1) ~= fingerprint then return { 'conflict' } end
+  local result = { 'repeated' }
+  for id in string.gmatch(string.sub(seen, cut + 1), '[^,]+') do result[#result + 1] = id end
+  return result
+end
+`
+
 /**
  * ARGV: prefix, historySize, historyTtlS, key, fingerprint, windowS, then the
  * events as for PUBLISH. Returns { 'published', ids... } and remembers the key
  * for the window; within it, { 'repeated', the first ids... } for the same
  * fingerprint and { 'conflict' } for another, publishing nothing.
  */
-export const PUBLISH_ONCE = `${PUBLISH_FUNCTIONS}${PUBLISH_ITEMS}
+export const PUBLISH_ONCE = `${PUBLISH_FUNCTIONS}${PUBLISH_ITEMS}${ONCE_SEEN}
 local prefix = ARGV[1]
 local key = prefix .. 'once:' .. ARGV[4]
-local seen = redis.call('GET', key)
-if seen then
-  local cut = string.find(seen, '|', 1, true)
-  if string.sub(seen, 1, cut - 1) ~= ARGV[5] then return { 'conflict' } end
-  local result = { 'repeated' }
-  for id in string.gmatch(string.sub(seen, cut + 1), '[^,]+') do result[#result + 1] = id end
-  return result
-end
+local seen = once_seen(key, ARGV[5])
+if seen then return seen end
 local ids = publish_items(prefix, tonumber(ARGV[2]), tonumber(ARGV[3]), 7)
 redis.call('SET', key, ARGV[5] .. '|' .. table.concat(ids, ','), 'EX', tonumber(ARGV[6]))
 table.insert(ids, 1, 'published')
 return ids
+`
+
+/** ARGV: prefix, key, fingerprint. As PUBLISH_ONCE for a used key, publishing nothing; { 'unused' } otherwise. */
+export const ONCE_OUTCOME = `${ONCE_SEEN}
+return once_seen(ARGV[1] .. 'once:' .. ARGV[2], ARGV[3]) or { 'unused' }
 `
 
 /** ARGV: prefix. Starts the counter and epoch if missing; returns the last id. */
