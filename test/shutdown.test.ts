@@ -1,6 +1,7 @@
 import t from 'tap'
 import { spawn } from 'node:child_process'
 import { eventually, freePort, openConnected, openStream, request, spawnServer, TEST_SECRET, userToken, type SseClient } from './helpers'
+import { needRedis, REDIS_URL, uniquePrefix } from './helpers/redis'
 
 const SHUTDOWN_TIMEOUT_MS = 10_000
 
@@ -52,6 +53,26 @@ for (const signal of ['SIGTERM', 'SIGINT'] as const) {
     t.equal(server.stderr(), '', 'nothing on stderr')
   })
 }
+
+t.test('Redis mode: SIGTERM with streams open logs no warning or error (a stop is not a lost subscription)', async (t) => {
+  if (!(await needRedis(t))) return
+  const server = await spawnServer(t, {
+    JWT_SECRET: TEST_SECRET,
+    HOST: '127.0.0.1',
+    REDIS_URL,
+    REDIS_PREFIX: uniquePrefix('cleanstop'),
+    SHUTDOWN_TIMEOUT_MS: String(SHUTDOWN_TIMEOUT_MS),
+    LOG_LEVEL: 'info'
+  })
+  const streams: SseClient[] = []
+  for (const user of ['u1', 'u2']) streams.push((await openConnected(`${server.url}/v1/stream?token=${userToken(user)}`, { t })).stream)
+  t.ok(server.child.kill('SIGTERM'))
+  const exit = await server.waitExit(SHUTDOWN_TIMEOUT_MS + 5000)
+  t.same(exit, { code: 0, signal: null }, 'exit code 0')
+  const lines = server.stdout().split('\n').filter((line) => line !== '').map((line) => JSON.parse(line) as { level: number, msg: string })
+  t.ok(lines.some((line) => line.msg === 'stopped'), 'stopped')
+  t.same(lines.filter((line) => line.level >= 40).map((line) => line.msg), [], 'no line at warn or above')
+})
 
 t.test('a log reader that stopped reading: the gateway still serves, and SIGTERM still exits 0 (the unwritten lines are given up)', async (t) => {
   const port = await freePort()

@@ -50,6 +50,8 @@ export class RedisBus implements EventBus {
   private progressAt = 0
   /** A silent connection is being dropped; the next one is checked once it is up. */
   private dropping = false
+  /** close() has run: the subscriber closing after it is the stop, not a loss. */
+  private stopped = false
   private readonly pingTimer: NodeJS.Timeout
 
   constructor (
@@ -99,7 +101,8 @@ export class RedisBus implements EventBus {
     commands.redis.on('ready', () => this.restoreIfWhole())
     subscriber.on('close', () => {
       this.dropping = false
-      if (this.lost || this.delivered === 0) return
+      // Closed by close(): a stop, not a loss to warn about.
+      if (this.lost || this.delivered === 0 || this.stopped) return
       this.lost = true
       this.resubscribed = false
       this.log.warn({ channels: this.channels.size }, 'bus subscription lost; streams catch up from history once it is back')
@@ -222,6 +225,7 @@ export class RedisBus implements EventBus {
   }
 
   async close (): Promise<void> {
+    this.stopped = true
     clearInterval(this.pingTimer)
   }
 
