@@ -7,6 +7,7 @@ import type { Sink, StreamConnection, StreamKind } from '../src/core/connection'
 import { parseCursor, streamHead, topicAllowed } from '../src/core/framing'
 import { Hub } from '../src/core/hub'
 import { Publisher } from '../src/core/publish'
+import { StoreUnavailableError } from '../src/core/redis/client'
 import type { ControlAnswer, ControlMessage } from '../src/core/state'
 import { StreamService, type StreamSpec } from '../src/core/streams'
 import { errors } from '../src/errors'
@@ -148,11 +149,19 @@ export default fp(async (app) => {
   const { config, registry, bus, state } = app
   const hub = new Hub(bus)
   const publisher = new Publisher(bus, state, config.maxPublishChannels)
+  /** Closes that could not be recorded since the last one that was. */
+  let closesUnrecorded = 0
   /** Gives a closed (or refused) stream's id and slot back; a failure is logged, and retried by the Redis state once it reconnects. */
   const recordClose = async (connectionId: string, userId: string, log: FastifyBaseLogger): Promise<void> => {
-    await state.release(connectionId, userId, config.historyTtlS).catch((error: unknown) => {
-      log.warn({ err: error, connectionId }, 'could not record stream close')
-    })
+    try {
+      await state.release(connectionId, userId, config.historyTtlS)
+      closesUnrecorded = 0
+    } catch (error) {
+      // Unreachable, every stream that closes fails alike (all of them, at a
+      // shutdown): one line says so, not one per stream.
+      if (!(error instanceof StoreUnavailableError)) log.warn({ err: error, connectionId }, 'could not record stream close')
+      else if (closesUnrecorded++ === 0) log.warn({ reason: error.message }, 'stream closes are recorded once Redis is back')
+    }
   }
   const streams = new StreamService(bus, hub, registry, {
     retryMs: config.retryMs,

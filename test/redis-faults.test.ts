@@ -238,3 +238,17 @@ t.test('an instance that heard nothing for longer than the history window loses 
   t.same(stream.events.filter((event) => event.event !== 'connected').map((event) => [event.event, event.id]),
     [['seq', first], ['seq', missed], ['seq', marker]], 'the missed event between the others, no reset')
 })
+
+t.test('streams closing while Redis is unreachable, then a shutdown: one log line says their closes wait for Redis, not one per stream', async (t) => {
+  if (!(await needRedis(t))) return
+  const { proxy, viaProxy } = await proxiedCluster(t, { REDIS_PREFIX: uniquePrefix('unrecorded'), LOG_LEVEL: 'warn' }, { captureLogs: true })
+  const streams = await Promise.all(['a', 'b', 'c', 'd'].map(async (user) => (await openConnected(`${viaProxy.url}/v1/stream?token=${userToken(user)}`, { t })).stream))
+  proxy.cutOff()
+  await eventually(() => !viaProxy.app.bus.isReady(), 'the instance to lose Redis')
+  streams[0].close()
+  streams[1].close()
+  await eventually(() => viaProxy.app.registry.size === 2, 'two streams to close')
+  await viaProxy.app.close()
+  const aboutCloses = viaProxy.logs.map((line) => JSON.parse(line) as { msg: string }).filter((line) => /stream close/.test(line.msg))
+  t.same(aboutCloses.map((line) => line.msg), ['stream closes are recorded once Redis is back'], 'one line for the four closes')
+})
