@@ -1,4 +1,7 @@
 import t from 'tap'
+import { execFile } from 'node:child_process'
+import { join } from 'node:path'
+import { promisify } from 'node:util'
 import { request, startGateway } from './helpers'
 
 t.test('GET /health answers 200 {status: "ok"} without a token', async (t) => {
@@ -15,4 +18,19 @@ t.test('GET /ready answers 200 {status: "ready"} in embedded mode without a toke
   t.equal(response.status, 200)
   t.match(response.headers.get('content-type'), /^application\/json/)
   t.same(response.json, { status: 'ready' })
+})
+
+t.test('embedded mode never loads the Redis client library', async (t) => {
+  // In a process of its own: this one's module cache holds whatever other tests loaded.
+  const app = join(__dirname, '..', 'src', 'app.js')
+  const script = `
+    const { buildApp } = require(${JSON.stringify(app)})
+    const { loadConfig } = require(${JSON.stringify(join(__dirname, '..', 'src', 'config.js'))})
+    buildApp(loadConfig({ JWT_SECRET: 's', LOG_LEVEL: 'silent' })).then(async (app) => {
+      await app.ready()
+      await app.close()
+      console.log(Object.keys(require.cache).filter((file) => file.includes('/node_modules/ioredis/')).length)
+    })`
+  const { stdout } = await promisify(execFile)(process.execPath, ['-e', script], { timeout: 20_000 })
+  t.equal(stdout.trim(), '0', 'no module of ioredis was loaded')
 })

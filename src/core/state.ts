@@ -1,6 +1,19 @@
 import type { ConnectionInfo } from './registry'
 import type { JobState, JobUpdate } from './jobs'
 
+/**
+ * Raised when the shared store (Redis) cannot be reached: routes answer 503,
+ * not 500. Declared here, not beside the Redis client, so embedded mode can
+ * recognise it without loading ioredis.
+ */
+export class StoreUnavailableError extends Error {
+  readonly statusCode = 503
+  constructor (cause: unknown) {
+    super('the event store (Redis) is unavailable')
+    this.cause = cause
+  }
+}
+
 export type LimitPolicy = 'reject' | 'evict-oldest'
 
 export interface AdmitRequest {

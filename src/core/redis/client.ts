@@ -1,5 +1,8 @@
 import Redis, { type RedisOptions } from 'ioredis'
+import { StoreUnavailableError } from '../state'
 import * as scripts from './scripts'
+
+export { StoreUnavailableError }
 
 export type ScriptName = 'PUBLISH' | 'PUBLISH_ONCE' | 'ONCE_OUTCOME' | 'INIT' | 'REPLAY' | 'PUT_JOB' | 'ADMIT' | 'RELEASE' | 'REAP' | 'FORGET' | 'REJOIN' | 'END_GRACE' | 'PRESENCE' | 'USER_TOPICS' | 'MEMBERS' | 'CONTACTS' | 'LEASE'
 
@@ -8,14 +11,6 @@ export function reasonOf (error: unknown): string {
   return error instanceof Error ? error.message : String(error)
 }
 
-/** Raised when Redis cannot be reached: routes answer 503, not 500. */
-export class StoreUnavailableError extends Error {
-  readonly statusCode = 503
-  constructor (cause: unknown) {
-    super('the event store (Redis) is unavailable')
-    this.cause = cause
-  }
-}
 
 export function redisOptions (): RedisOptions {
   return {
