@@ -44,8 +44,12 @@ export interface Browser {
   problems: string[]
 }
 
-/** Headless Chromium with a fresh profile, closed (and the profile removed) in teardown. */
-export async function launchBrowser (t: TestLike): Promise<Browser> {
+/**
+ * Headless Chromium with a fresh profile, closed (and the profile removed) in
+ * teardown. `extraArgs` go after CHROMIUM_ARGS (e.g. `--ignore-certificate-errors`
+ * for a test's self-signed certificate).
+ */
+export async function launchBrowser (t: TestLike, extraArgs: string[] = []): Promise<Browser> {
   const profile = await mkdtemp(join(tmpdir(), 'sse-chromium-'))
   let context: BrowserContext | null = null
   t.teardown(async () => {
@@ -55,7 +59,7 @@ export async function launchBrowser (t: TestLike): Promise<Browser> {
   context = await chromium.launchPersistentContext(profile, {
     executablePath: CHROMIUM,
     headless: true,
-    args: CHROMIUM_ARGS,
+    args: [...CHROMIUM_ARGS, ...extraArgs],
     timeout: 30_000
   })
   const opened = context

@@ -2,16 +2,18 @@
  * The real nginx (Debian's package) in front of test gateways, running
  * deploy/nginx.conf with only its marked lines substituted: the two upstream
  * `server gateway-x:3000;` lines and `listen 80;` always, and for the tests
- * that ask, `worker_processes auto;` and `worker_shutdown_timeout 30s;`.
+ * that ask, `worker_processes auto;`, `worker_shutdown_timeout 30s;` and the
+ * commented-out HTTPS listener (uncommented on a free port, with a self-signed
+ * certificate made by openssl where its `ssl_certificate*` lines point).
  * Everything else (every SSE directive) is the committed file, so a test
  * through it proves that file.
  */
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process'
 import { closeSync, constants, existsSync, openSync } from 'node:fs'
 import { Socket } from 'node:net'
-import { chmod, mkdtemp, readFile, rm, writeFile } from 'node:fs/promises'
+import { chmod, mkdir, mkdtemp, readFile, rm, writeFile } from 'node:fs/promises'
 import { tmpdir } from 'node:os'
-import { join } from 'node:path'
+import { dirname, join, resolve } from 'node:path'
 import type { TestLike } from './gateway'
 import { freePort } from './process'
 
@@ -23,13 +25,40 @@ export const LISTEN_LINE = 'listen 80;'
 export const WORKER_PROCESSES_LINE = 'worker_processes auto;'
 export const SHUTDOWN_TIMEOUT_LINE = 'worker_shutdown_timeout 30s;'
 
-/** The nginx binary: on PATH, or where Debian puts it (/usr/sbin is not on every PATH). */
-export function nginxBinary (): string | null {
+/**
+ * The commented-out HTTPS listener, found by the start of each line: the
+ * `listen 443` line's parameters (`ssl http2`) and the certificate paths are
+ * whatever the file says, so a test through it proves them.
+ */
+export const TLS_LINE_PATTERNS = [/^# listen 443(\s[^;]*)?;$/, /^# ssl_certificate\s+\S+;$/, /^# ssl_certificate_key\s+\S+;$/] as const
+
+/** `name` on PATH, or where Debian puts it (/usr/sbin is not on every PATH). */
+function findBinary (name: string): string | null {
   for (const dir of [...(process.env.PATH ?? '').split(':').filter((entry) => entry !== ''), '/usr/sbin', '/usr/local/sbin', '/sbin']) {
-    const candidate = join(dir, 'nginx')
+    const candidate = join(dir, name)
     if (existsSync(candidate)) return candidate
   }
   return null
+}
+
+/** The nginx binary. */
+export function nginxBinary (): string | null {
+  return findBinary('nginx')
+}
+
+/** The openssl binary (makes the test certificate). */
+export function opensslBinary (): string | null {
+  return findBinary('openssl')
+}
+
+/** The HTTPS listener's lines of `source`, trimmed as the file has them (each must occur exactly once). */
+export function tlsLines (source: string): string[] {
+  const lines = source.split('\n').map((line) => line.trim())
+  return TLS_LINE_PATTERNS.map((pattern) => {
+    const hits = lines.filter((line) => pattern.test(line))
+    if (hits.length !== 1) throw new Error(`deploy/nginx.conf must hold one commented-out line matching ${String(pattern)} (found ${hits.length})`)
+    return hits[0]
+  })
 }
 
 /** Replaces `marked` (which must occur exactly once, as a whole line) by `replacement`. */
@@ -50,6 +79,12 @@ export interface NginxOptions {
   shutdownTimeout?: string
   /** Starts nginx under this soft limit of open files (the hard one is left as it is). */
   softFileLimit?: number
+  /**
+   * Uncomments the HTTPS listener, on 127.0.0.1 and a free port, and puts a
+   * fresh self-signed certificate (for 127.0.0.1 and localhost) where its
+   * `ssl_certificate*` lines point.
+   */
+  tls?: boolean
   probePath?: string
   timeoutMs?: number
 }
@@ -57,9 +92,9 @@ export interface NginxOptions {
 /**
  * The committed config pointed at `upstreams` (host:port, one per marked
  * upstream line), listening on 127.0.0.1:`port`, and with the other marked
- * lines `options` asks for substituted.
+ * lines `options` asks for substituted (the HTTPS listener on `tlsPort`).
  */
-export function nginxVariant (source: string, upstreams: readonly [string, string], port: number, options: NginxOptions = {}): string {
+export function nginxVariant (source: string, upstreams: readonly [string, string], port: number, options: NginxOptions = {}, tlsPort?: number): string {
   let text = source
   UPSTREAM_LINES.forEach((line, index) => {
     text = substituteLine(text, line, `server ${upstreams[index]};`)
@@ -67,7 +102,34 @@ export function nginxVariant (source: string, upstreams: readonly [string, strin
   text = substituteLine(text, LISTEN_LINE, `listen 127.0.0.1:${port};`)
   if (options.workerProcesses !== undefined) text = substituteLine(text, WORKER_PROCESSES_LINE, `worker_processes ${options.workerProcesses};`)
   if (options.shutdownTimeout !== undefined) text = substituteLine(text, SHUTDOWN_TIMEOUT_LINE, `worker_shutdown_timeout ${options.shutdownTimeout};`)
+  if (options.tls === true) {
+    if (tlsPort === undefined) throw new Error('the HTTPS listener needs a port')
+    const [listen, ...certificates] = tlsLines(source)
+    text = substituteLine(text, listen, listen.replace(/^# listen 443/, `listen 127.0.0.1:${tlsPort}`))
+    for (const line of certificates) text = substituteLine(text, line, line.slice(2))
+  }
   return text
+}
+
+/** The files the HTTPS listener's `ssl_certificate` and `ssl_certificate_key` lines name, relative to the config's directory as nginx reads them. */
+function certificatePaths (source: string, configDir: string): { certificate: string, key: string } {
+  const [, certificate, key] = tlsLines(source).map((line) => /\s(\S+);$/.exec(line)?.[1] ?? '')
+  return { certificate: resolve(configDir, certificate), key: resolve(configDir, key) }
+}
+
+/** A self-signed certificate (EC P-256, one day) for 127.0.0.1 and localhost, written where nginx will read it. */
+async function makeCertificate (paths: { certificate: string, key: string }): Promise<string> {
+  const binary = opensslBinary()
+  if (binary === null) throw new Error('openssl is not installed (.ci/run installs Debian\'s openssl)')
+  await mkdir(dirname(paths.certificate), { recursive: true })
+  await mkdir(dirname(paths.key), { recursive: true })
+  const made = spawnSync(binary, [
+    'req', '-x509', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:prime256v1', '-nodes', '-days', '1',
+    '-subj', '/CN=127.0.0.1', '-addext', 'subjectAltName=IP:127.0.0.1,DNS:localhost',
+    '-keyout', paths.key, '-out', paths.certificate
+  ], { timeout: 15_000 })
+  if (made.status !== 0) throw new Error(`openssl could not make the test certificate: ${made.stderr.toString()}`)
+  return await readFile(paths.certificate, 'utf8')
 }
 
 /** This process's hard limit of open files (what a child may raise its soft limit to). */
@@ -84,6 +146,8 @@ export interface Nginx {
   dir: string
   /** The generated config's text. */
   config: string
+  /** With `tls`: the HTTPS listener (`https://127.0.0.1:<port>`) and its self-signed certificate (PEM). */
+  https: { url: string, port: number, certificate: string } | null
   /** nginx's stdout: the access log (the config logs to /dev/stdout). */
   stdout: () => string
   stderr: () => string
@@ -120,10 +184,15 @@ export async function startNginx (t: TestLike, upstreams: readonly [string, stri
     await rm(dir, { recursive: true, force: true })
   })
 
+  const configPath = join(dir, 'nginx.conf')
+  // Inside the prefix directory, so the teardown above removes it (key included).
+  const certificate = options.tls === true ? await makeCertificate(certificatePaths(source, dir)) : null
+
   for (let attempt = 1; ; attempt++) {
     const port = await freePort()
-    const config = nginxVariant(source, upstreams, port, options)
-    const configPath = join(dir, 'nginx.conf')
+    let tlsPort: number | undefined
+    while (certificate !== null && (tlsPort === undefined || tlsPort === port)) tlsPort = await freePort()
+    const config = nginxVariant(source, upstreams, port, options, tlsPort)
     await writeFile(configPath, config)
     // The config logs to /dev/stdout, which nginx opens by path: that fails
     // (ENXIO) when stdout is a socket, as Node's 'pipe' stdio is. Give it a
@@ -161,7 +230,8 @@ export async function startNginx (t: TestLike, upstreams: readonly [string, stri
         const response = await fetch(`${url}${probePath}`, { signal: AbortSignal.timeout(2000) })
         await response.arrayBuffer()
         if (response.status === 200) {
-          return { url, port, dir, config, stdout: () => stdout, stderr: () => stderr, child: process_ }
+          const https = certificate !== null && tlsPort !== undefined ? { url: `https://127.0.0.1:${tlsPort}`, port: tlsPort, certificate } : null
+          return { url, port, dir, config, https, stdout: () => stdout, stderr: () => stderr, child: process_ }
         }
       } catch {
         // Not listening yet, or no upstream answered yet.
