@@ -3,7 +3,7 @@ import { Type, type Static } from '@sinclair/typebox'
 import { authOf } from '../plugins/auth'
 import { channel } from '../src/core/channels'
 import { frameWithId, renderBody } from '../src/core/framing'
-import { isTerminal, JOB_STATUSES, publicJob, type JobState } from '../src/core/jobs'
+import { isTerminal, JOB_STATUSES, jobKeptS, publicJob, type JobState } from '../src/core/jobs'
 import { encodable } from '../src/core/publish'
 import { errorResponses, PathId, StreamQuery, UserId } from '../src/schemas/common'
 import { errors } from '../src/errors'
@@ -39,7 +39,7 @@ const jobRoutes: FastifyPluginAsync = async (app) => {
     if (text === null) throw new errors.BadRequest('the job update is nested too deeply to encode')
     const bytes = Buffer.byteLength(text)
     if (bytes > config.maxEventBytes) throw new errors.TooLarge(`the job update is ${bytes} bytes, more than the ${config.maxEventBytes} allowed`)
-    const result = await state.putJob(jobId, update, config.jobTtlS)
+    const result = await state.putJob(jobId, update, jobKeptS(update.status, config.jobTtlS))
     if (!result.ok) throw new errors.Conflict(result.message)
     app.metrics.published('job', 1)
     return result.state

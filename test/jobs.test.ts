@@ -12,6 +12,7 @@ import type { Gateway } from './helpers/gateway'
 import { ADMIN, dataOf, increasing, pair, putJob, putJobOk, PUBLISHER } from './helpers/channels'
 import { forEachMode } from './helpers/modes'
 import { openStream } from './helpers/sse'
+import { redisClient } from './helpers/redis'
 
 interface JobEvent {
   jobId: string
@@ -227,13 +228,13 @@ forEachMode(t, 'finished job state is forgotten JOB_TTL_S after its last update'
   t.equal((await putJob(worker, 'job-9', { userId: 'bob', status: 'queued' })).status, 200, 'the id may be reused')
 })
 
-forEachMode(t, 'a job id reused by another owner after it expired: the first owner\'s open job stream hears nothing of the new job', async (t, mode) => {
+forEachMode(t, 'a job id reused by another owner after it expired: the first owner\'s open stream of its jobs hears nothing of the new job', async (t, mode) => {
   // Keepalives mark the end of what a stream was sent: all bytes before one have arrived.
   const [worker, browser] = await pair(t, mode, { JOB_TTL_S: '1', KEEPALIVE_MS: '200' })
-  await putJobOk(worker, 'reused', { userId: 'alice', status: 'active', progress: 10 })
-  const alice = await jobStream(t, browser, 'reused', 'alice')
-  t.equal(alice.status, 200)
-  await alice.nextEvent('initial_status')
+  const alice = await jobStream(t, browser, 'stream', 'alice', undefined, '/v1/jobs/stream')
+  await alice.nextEvent('connected')
+  await putJobOk(worker, 'reused', { userId: 'alice', status: 'completed', result: { mine: 'alice-data' } })
+  await alice.nextEvent('job_update')
   await eventually(async () => (await getJob(browser, 'reused', userToken('alice'))).status === 404, 'the job to expire', 5000, 100)
 
   const bob = await jobStream(t, browser, 'stream', 'bob', undefined, '/v1/jobs/stream')
@@ -242,6 +243,26 @@ forEachMode(t, 'a job id reused by another owner after it expired: the first own
   t.match(dataOf<JobEvent>(await bob.nextEvent('job_update')), { jobId: 'reused', result: { secret: 'bob-data' } }, 'the new owner hears of it')
   const keepalives = alice.comments.length
   await alice.until(() => alice.comments.length > keepalives, 5000, 'a keepalive after the update')
-  t.same(alice.events.filter((event) => event.event === 'job_update'), [], 'the first owner got none of the new owner\'s updates')
+  t.equal(alice.events.filter((event) => event.event === 'job_update').length, 1, 'the first owner got none of the new owner\'s updates')
   t.notOk(alice.text.includes('bob-data'), 'nor any of its data')
+})
+
+forEachMode(t, 'an unfinished job is kept past JOB_TTL_S without an update (it may wait in a queue); finished ones are not', async (t, mode) => {
+  const [worker, browser] = await pair(t, mode, { JOB_TTL_S: '1' })
+  await putJobOk(worker, 'waiting', { userId: 'alice', status: 'queued' })
+  await putJobOk(worker, 'running', { userId: 'alice', status: 'active', progress: 40 })
+  // Put after the two: once it has expired, so would they have under JOB_TTL_S.
+  await putJobOk(worker, 'done', { userId: 'alice', status: 'failed', error: 'boom' })
+  await eventually(async () => (await getJob(browser, 'done', userToken('alice'))).status === 404, 'the finished job to expire', 5000, 100)
+  t.equal((await getJob(browser, 'waiting', userToken('alice'))).status, 200, 'the queued job is still there')
+  t.equal((await getJob(browser, 'running', userToken('alice'))).status, 200, 'the active job is still there')
+  const stream = await jobStream(t, browser, 'running', 'alice')
+  t.equal(stream.status, 200, 'its stream opens')
+  t.match(dataOf<JobEvent>(await stream.nextEvent('initial_status')), { status: 'active', progress: 40 })
+  await putJobOk(worker, 'running', { userId: 'alice', status: 'completed' })
+  t.match(dataOf<JobEvent>(await stream.nextEvent('job_update')), { status: 'completed' }, 'and gets the terminal update')
+  if (mode === 'redis') {
+    const ttl = await redisClient(t).ttl(`${worker.app.config.redisPrefix}job:waiting`)
+    t.ok(ttl > 86400 && ttl <= 30 * 86400, `the queued job is still bounded in Redis (${ttl} s)`)
+  }
 })

@@ -34,6 +34,19 @@ export function isTerminal (status: JobStatus): boolean {
   return status === 'completed' || status === 'failed'
 }
 
+export const UNFINISHED_JOB_KEPT_S = 30 * 86400
+
+/**
+ * How long a job's state is kept after this update: JOB_TTL_S once it has
+ * finished. Until then, longer: a job may wait in a queue, or run, for more
+ * than JOB_TTL_S without an update, and one whose state was forgotten meanwhile
+ * would end its owner's job stream with a 404. Still bounded, for the jobs
+ * whose worker died and will never finish them.
+ */
+export function jobKeptS (status: JobStatus, jobTtlS: number): number {
+  return isTerminal(status) ? jobTtlS : Math.max(jobTtlS, UNFINISHED_JOB_KEPT_S)
+}
+
 /** The next state of a job and the `job_update` event that announces it, or why the update is refused. */
 export function transitionJob (jobId: string, previous: JobState | null, update: JobUpdate, now: Date): JobTransition {
   if (previous !== null) {

@@ -186,7 +186,6 @@ export class MemoryState implements SharedState {
       body: transition.body
     }])
     const state: JobState = { ...transition.state, eventId: String(id) }
-    // A job nobody updates any more is forgotten after the TTL, finished or not.
     this.jobs.set(jobId, { value: state, expiresAt: Date.now() + ttlS * 1000 })
     return { ok: true, state }
   }
