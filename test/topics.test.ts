@@ -240,6 +240,9 @@ forEachMode(t, 'MAX_TOPICS bounds a stream\'s topics and a user\'s user-wide top
   const [a, b] = await pair(t, mode, { MAX_TOPICS: '3' })
   const token = userToken('alice')
   t.equal((await tryOpen(t, a, 'alice', { topics: 'a,b,c,d' })).status, 400, 'more than MAX_TOPICS at open: 400')
+  const repeated = await connect(t, a, 'alice', { topics: 'a,b,c,a,b,c' })
+  t.same(sorted(repeated.connected.topics), ['a', 'b', 'c'], 'a name given twice at open counts once')
+  repeated.stream.close()
   const tab = await connect(t, b, 'alice', { topics: 'a,b' })
 
   // Subscribed through A, the stream lives on B (in Redis mode).
