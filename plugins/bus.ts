@@ -25,6 +25,8 @@ export default fp<{ startupSignal?: AbortSignal }>(async (app, options) => {
     const { connectRedis } = await import('../src/core/redis/engine')
     const engine = await connectRedis({
       url: config.redisUrl,
+      sentinels: config.redisSentinels,
+      sentinelPassword: config.redisSentinelPassword,
       prefix: config.redisPrefix,
       historySize: config.historySize,
       historyTtlS: config.historyTtlS,

@@ -21,6 +21,9 @@ export interface Config {
   /** Cookie that may carry a user's token on GET routes (EventSource withCredentials), or null. */
   jwtCookie: string | null
   redisUrl: string | null
+  /** Sentinels to ask for the master that REDIS_URL's host names; empty: REDIS_URL is the server. */
+  redisSentinels: RedisSentinel[]
+  redisSentinelPassword: string | null
   redisPrefix: string
   corsOrigins: string[] | null
   keepaliveMs: number
@@ -53,6 +56,11 @@ export interface Config {
   idempotencyWindowS: number
   /** How long start-up waits for Redis to answer before giving up. */
   redisStartupTimeoutMs: number
+}
+
+export interface RedisSentinel {
+  host: string
+  port: number
 }
 
 export class ConfigError extends Error {
@@ -112,6 +120,25 @@ function isPublicKey (pem: string): boolean {
   }
 }
 
+/** REDIS_SENTINELS: `host[:port]` (26379 by default), comma-separated; IPv6 hosts in brackets. */
+function sentinels (env: Env, redisUrl: string | null): RedisSentinel[] {
+  const raw = read(env, 'REDIS_SENTINELS')
+  if (raw === undefined) return []
+  if (redisUrl === null) throw new ConfigError('REDIS_SENTINELS', 'needs REDIS_URL=redis://[:password@]<master name>[/database number]')
+  const url = new URL(redisUrl)
+  // Sidekiq's and redis-rb's convention: with sentinels, the URL's host is the master group's name.
+  if (url.port !== '') throw new ConfigError('REDIS_URL', 'takes no port with REDIS_SENTINELS: its host names the master group the sentinels know')
+  if (url.protocol === 'rediss:') throw new ConfigError('REDIS_URL', 'rediss:// (TLS) is not supported with REDIS_SENTINELS')
+  return raw.split(',').map((entry) => {
+    const match = /^(?:\[([0-9A-Fa-f:.]+)\]|([A-Za-z0-9.-]+))(?::(\d{1,5}))?$/.exec(entry.trim())
+    const port = Number(match?.[3] ?? 26379)
+    if (match === null || port < 1 || port > 65535) {
+      throw new ConfigError('REDIS_SENTINELS', `must be a comma-separated list of host[:port], got "${entry.trim().slice(0, 40)}"`)
+    }
+    return { host: match[1] ?? match[2], port }
+  })
+}
+
 function isRedisUrl (text: string): boolean {
   try {
     const url = new URL(text)
@@ -167,6 +194,7 @@ export function loadConfig (env: Env = process.env): Config {
   if (redisUrl !== null && !isRedisUrl(redisUrl)) {
     throw new ConfigError('REDIS_URL', 'must be redis[s]://[user:password@]host[:port][/database number]')
   }
+  const redisSentinels = sentinels(env, redisUrl)
   // Empty means unset, as for every variable: no prefix at all would put the
   // gateway's keys (`id`, `epoch`, `instances`…) among an application's own.
   const redisPrefix = read(env, 'REDIS_PREFIX') ?? 'sse:'
@@ -191,6 +219,8 @@ export function loadConfig (env: Env = process.env): Config {
     jwtUserClaim: read(env, 'JWT_USER_CLAIM') ?? 'sub',
     jwtCookie: cookieName(env),
     redisUrl,
+    redisSentinels,
+    redisSentinelPassword: read(env, 'REDIS_SENTINEL_PASSWORD') ?? null,
     redisPrefix,
     corsOrigins,
     keepaliveMs,

@@ -167,6 +167,21 @@ t.test('REDIS_URL: host, port, credentials and a database number are accepted', 
   }
 })
 
+t.test('REDIS_SENTINELS: host[:port] entries (26379 by default); REDIS_URL then names the master group, without a port', async (t) => {
+  const config = loadConfig({ JWT_SECRET: 'x', REDIS_URL: 'redis://:pw@mymaster/2', REDIS_SENTINELS: ' 10.0.0.1:26380, sentinel-b ,[::1]:5000', REDIS_SENTINEL_PASSWORD: 'spw' })
+  t.same(config.redisSentinels, [{ host: '10.0.0.1', port: 26380 }, { host: 'sentinel-b', port: 26379 }, { host: '::1', port: 5000 }])
+  t.equal(config.redisSentinelPassword, 'spw')
+  t.same(loadConfig({ JWT_SECRET: 'x', REDIS_URL: 'redis://127.0.0.1:6379' }).redisSentinels, [], 'none by default')
+  const base = { JWT_SECRET: 'x', REDIS_URL: 'redis://mymaster' }
+  refuses(t, { JWT_SECRET: 'x', REDIS_SENTINELS: '10.0.0.1' }, 'REDIS_SENTINELS')
+  refuses(t, { ...base, REDIS_SENTINELS: '10.0.0.1:0' }, 'REDIS_SENTINELS')
+  refuses(t, { ...base, REDIS_SENTINELS: '10.0.0.1:65536' }, 'REDIS_SENTINELS')
+  refuses(t, { ...base, REDIS_SENTINELS: '10.0.0.1,,10.0.0.2' }, 'REDIS_SENTINELS')
+  refuses(t, { ...base, REDIS_SENTINELS: 'redis://10.0.0.1:26379' }, 'REDIS_SENTINELS')
+  refuses(t, { ...base, REDIS_URL: 'redis://mymaster:6379', REDIS_SENTINELS: '10.0.0.1' }, 'REDIS_URL')
+  refuses(t, { ...base, REDIS_URL: 'rediss://mymaster', REDIS_SENTINELS: '10.0.0.1' }, 'REDIS_URL')
+})
+
 t.test('neither JWT_SECRET nor JWT_PUBLIC_KEY: a ConfigError naming JWT_SECRET and JWT_PUBLIC_KEY', async (t) => {
   refuses(t, {}, 'JWT_SECRET')
   refuses(t, { JWT_SECRET: '   ' }, 'JWT_SECRET')

@@ -1,4 +1,4 @@
-import Redis, { ReplyError } from 'ioredis'
+import Redis, { ReplyError, type RedisOptions } from 'ioredis'
 import type { Registry } from '../registry'
 import { reasonOf, redisOptions, ScriptedRedis, StoreUnavailableError } from './client'
 import { RedisBus } from './redis-bus'
@@ -6,6 +6,9 @@ import { RedisState } from './redis-state'
 
 export interface RedisEngineOptions {
   url: string
+  /** Sentinels that name the master `url`'s host stands for; empty or absent: `url` is the server. */
+  sentinels?: Array<{ host: string, port: number }>
+  sentinelPassword?: string | null
   prefix: string
   historySize: number
   historyTtlS: number
@@ -455,10 +458,25 @@ async function untilReady (client: Redis, name: string, deadline: number, log: L
   }
 }
 
+/** Options for one of the engine's connections: to `url`, or to the master the sentinels name. */
+function connectionOptions (options: RedisEngineOptions, connectionName: string): RedisOptions {
+  const base = { ...redisOptions(), connectionName }
+  if (options.sentinels === undefined || options.sentinels.length === 0) return base
+  return {
+    ...base,
+    sentinels: options.sentinels,
+    name: new URL(options.url).hostname,
+    ...(options.sentinelPassword != null ? { sentinelPassword: options.sentinelPassword } : {}),
+    // A master demoted while its clients stay connected would answer
+    // READONLY to every publish: on the sentinels' +switch-master, move at once.
+    failoverDetector: true
+  }
+}
+
 export async function connectRedis (options: RedisEngineOptions, registry: Registry, log: Log): Promise<RedisEngine> {
-  const commands = new ScriptedRedis(options.url)
+  const commands = new ScriptedRedis(options.url, connectionOptions(options, 'sse-gateway'))
   // A subscriber connection cannot run commands, so publishing and reading use the other one.
-  const subscriber = new Redis(options.url, { ...redisOptions(), connectionName: 'sse-gateway-sub' })
+  const subscriber = new Redis(options.url, connectionOptions(options, 'sse-gateway-sub'))
   let everReady = false
   for (const [name, client] of [['commands', commands.redis], ['subscriber', subscriber]] as const) {
     // Until start-up is over, untilReady says why it waits, once.
@@ -493,7 +511,7 @@ export async function connectRedis (options: RedisEngineOptions, registry: Regis
     signal?.throwIfAborted()
     await ingress.tick()
     // Blocking reads need a connection of their own.
-    reader = new Redis(options.url, { ...redisOptions(), connectionName: 'sse-gateway-ingress' })
+    reader = new Redis(options.url, connectionOptions(options, 'sse-gateway-ingress'))
     await untilReady(reader, 'ingress', startupDeadline, log, signal)
     signal?.throwIfAborted()
     reader.on('error', (error: Error) => log.warn({ connection: 'ingress', reason: error.message }, 'redis error'))

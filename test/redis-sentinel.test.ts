@@ -1,0 +1,66 @@
+/**
+ * Redis mode behind Sentinel: REDIS_SENTINELS names the sentinels and
+ * REDIS_URL's host the master group. The gateway finds the master through
+ * them, and after a failover it publishes to, and delivers from, the new one.
+ * Real processes: a master, its replica and a Sentinel, all the test's own.
+ */
+import t from 'tap'
+import { eventually, openConnected, publish, publisherToken, request, startGateway, userToken } from './helpers'
+import { needRedis, redisClient, startSentinelGroup, uniquePrefix } from './helpers/redis'
+
+const publisher = publisherToken()
+
+/** Names of the gateway's connections on the Redis at `url` (CLIENT LIST). */
+async function gatewayConnections (t: Parameters<typeof redisClient>[0], url: string): Promise<string[]> {
+  const list = await redisClient(t, url).client('LIST') as string
+  return [...list.matchAll(/ name=(sse-gateway\S*)/g)].map((match) => match[1]).sort()
+}
+
+t.test('through Sentinel: the master is found, and after a failover events are published to the new one and still arrive, in order', async (t) => {
+  // The group is the test's own redis-servers; needRedis stands for "redis-server is installed and runs here".
+  if (!(await needRedis(t))) return
+  const group = await startSentinelGroup(t)
+  const gateway = await startGateway(t, {
+    REDIS_URL: `redis://${group.masterName}`,
+    REDIS_SENTINELS: `127.0.0.1:${group.sentinel.port}`,
+    REDIS_PREFIX: uniquePrefix('sentinel')
+  })
+  t.same(await gatewayConnections(t, group.master.url), ['sse-gateway', 'sse-gateway-ingress', 'sse-gateway-sub'], 'every connection is on the master')
+  const { stream } = await openConnected(`${gateway.url}/v1/stream?token=${userToken('u1')}`, { t })
+  const before = await publish(gateway.url, publisher, { to: { user: 'u1' }, event: 'note', data: 1 })
+  t.equal(before.status, 202)
+  await stream.nextEvent('note')
+
+  t.equal(await redisClient(t, group.sentinel.url).call('SENTINEL', 'FAILOVER', group.masterName), 'OK', 'failover asked for')
+  const replica = redisClient(t, group.replica.url)
+  await eventually(async () => (await replica.call('ROLE') as [string])[0] === 'master', 'the replica promoted', 20_000, 100)
+  // Until the gateway has moved, a publish may be refused (503): the publisher sends it again.
+  let after = await publish(gateway.url, publisher, { to: { user: 'u1' }, event: 'note', data: 2 })
+  await eventually(async () => {
+    if (after.status === 202) return true
+    t.equal(after.status, 503, 'refused, not failed, while the master changes')
+    after = await publish(gateway.url, publisher, { to: { user: 'u1' }, event: 'note', data: 2 })
+    return after.status === 202
+  }, 'a publish accepted after the failover', 20_000, 100)
+  await eventually(async () => (await gatewayConnections(t, group.replica.url)).length === 3, 'the gateway\'s three connections on the new master', 20_000, 100)
+
+  const note = await stream.nextEvent('note', 20_000)
+  t.same([note.id, note.data], [after.json.id, '2'], 'the event published to the new master arrives on the stream opened before the failover')
+  t.same(stream.events.filter((event) => event.event === 'note').map((event) => event.data), ['1', '2'], 'each once, in order')
+  t.equal((await request(`${gateway.url}/ready`)).status, 200, 'ready')
+})
+
+t.test('through Sentinel with passwords: the sentinels\' own (REDIS_SENTINEL_PASSWORD) and the master\'s (in REDIS_URL)', async (t) => {
+  if (!(await needRedis(t))) return
+  const group = await startSentinelGroup(t, { masterPassword: 'master-secret', sentinelPassword: 'sentinel-secret' })
+  const gateway = await startGateway(t, {
+    REDIS_URL: `redis://:master-secret@${group.masterName}`,
+    REDIS_SENTINELS: `127.0.0.1:${group.sentinel.port}`,
+    REDIS_SENTINEL_PASSWORD: 'sentinel-secret',
+    REDIS_PREFIX: uniquePrefix('sentinel-auth')
+  })
+  t.same(await gatewayConnections(t, group.master.url), ['sse-gateway', 'sse-gateway-ingress', 'sse-gateway-sub'], 'every connection is on the master')
+  const { stream } = await openConnected(`${gateway.url}/v1/stream?token=${userToken('u1')}`, { t })
+  t.equal((await publish(gateway.url, publisher, { to: { user: 'u1' }, event: 'note', data: 1 })).status, 202)
+  t.equal((await stream.nextEvent('note')).data, '1', 'delivered')
+})
