@@ -88,6 +88,8 @@ function markStray (this: Socket): void {
 
 /** The reason of an eviction by the per-user limit (evict-oldest). */
 const LIMIT_EVICTION = 'too many streams for this user'
+/** The reason of an eviction by a newer stream of the same id. */
+const REOPENED = 'stream reopened elsewhere'
 
 // Shared by every stream's socket, which is `this`: no closure per socket.
 function destroySelf (this: Socket): void {
@@ -256,19 +258,22 @@ export default fp(async (app) => {
    * can evict it while it still waits on Redis, and it must end once
    * registered, or it would live on outside the per-user limit.
    */
-  const admittedNotRegistered = new Map<string, { evicted: boolean }>()
+  const admittedNotRegistered = new Map<string, { evictedFor: string | null }>()
 
   state.onControl(async (message) => {
     if (message.type === 'topics') return await applyTopics(message)
+    if (message.instance !== null && message.instance !== state.instanceId) return null
     const connection = registry.get(message.connectionId)
     if (connection !== undefined) streams.close(connection, 'evicted', 'evicted', { reason: message.reason })
-    // Only the limit's evictions: a reopen's moves the id to a newer stream,
-    // and closing this one as evicted would give back the id's shared record
-    // that the newer one now holds. (Of two opens of one id here, the one
+    // The limit's evictions, and a reopen's aimed at this instance, whose
+    // entry in the shared record the newer stream elsewhere already took.
+    // Not an untargeted reopen's: it moves the id to a newer stream, and
+    // closing this one as evicted would give back the id's shared record
+    // that the newer one may hold. (Of two opens of one id here, the one
     // registered last replaces the other.)
-    else if (message.reason === LIMIT_EVICTION) {
+    else if (message.reason === LIMIT_EVICTION || message.instance !== null) {
       const pending = admittedNotRegistered.get(message.connectionId)
-      if (pending !== undefined) pending.evicted = true
+      if (pending !== undefined) pending.evictedFor = message.reason
     }
     return null
   })
@@ -294,13 +299,13 @@ export default fp(async (app) => {
     opening++
     let counted = true
     // Its own record: two opens of one id (a reopen racing another) each keep theirs.
-    const pending = { evicted: false }
+    const pending: { evictedFor: string | null } = { evictedFor: null }
     try {
       if (options.windowChannels !== undefined) {
         // A reopened stream id held by a live stream (a tab the browser has not
         // noticed is dead, maybe on another instance) moves to this request.
         const previous = registry.get(options.connectionId)
-        const message: ControlMessage = { type: 'evict', connectionId: options.connectionId, reason: 'stream reopened elsewhere' }
+        const message: ControlMessage = { type: 'evict', connectionId: options.connectionId, reason: REOPENED, instance: null }
         if (previous !== undefined) streams.close(previous, 'evicted', 'evicted', { reason: message.reason })
         else await state.broadcastControl(message)
       }
@@ -318,11 +323,15 @@ export default fp(async (app) => {
         throw new errors.Limited(`user already holds ${config.maxConnectionsPerUser} streams`)
       }
       if (admission.evict !== null) {
-        const message: ControlMessage = { type: 'evict', connectionId: admission.evict, reason: LIMIT_EVICTION }
+        const message: ControlMessage = { type: 'evict', connectionId: admission.evict, reason: LIMIT_EVICTION, instance: null }
         const local = registry.get(admission.evict)
         if (local !== undefined) streams.close(local, 'evicted', 'evicted', { reason: message.reason })
         else await state.broadcastControl(message)
       }
+      // Reopens of this id racing on other instances: the id is this one's now.
+      await Promise.all(admission.replacedOn.map(async (instance) => {
+        await state.broadcastControl({ type: 'evict', connectionId: options.connectionId, reason: REOPENED, instance })
+      }))
       // The drain began while this request waited on Redis: it has already ended
       // every registered stream, so this one would outlive it. Its slot goes
       // back before the answer, while Redis is still open.
@@ -368,7 +377,7 @@ export default fp(async (app) => {
         opening--
         counted = false
         const connection = registry.get(options.connectionId)
-        if (pending.evicted && connection !== undefined) streams.close(connection, 'evicted', 'evicted', { reason: LIMIT_EVICTION })
+        if (pending.evictedFor !== null && connection !== undefined) streams.close(connection, 'evicted', 'evicted', { reason: pending.evictedFor })
         await opened
       } catch (error) {
         request.log.error({ err: error, connectionId: options.connectionId }, 'stream failed to open')

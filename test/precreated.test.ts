@@ -13,7 +13,7 @@ import {
   connect, namesOf, nonce, pair, presence, publishTo, PUBLISHER, settle, tryOpen, type Connected
 } from './helpers/channels'
 import { forEachMode } from './helpers/modes'
-import { redisClient } from './helpers/redis'
+import { needRedis, redisClient } from './helpers/redis'
 import type { Gateway } from './helpers/gateway'
 
 interface Created { connectionId: string, expiresAt: string }
@@ -329,4 +329,64 @@ forEachMode(t, 'two reopens of one id at once on one instance, the second admitt
   const id = await publishTo(a, { to: { connection: first.connectionId }, event: 'content-chunk', data: 'once' })
   t.equal((await survivor.nextEvent('content-chunk')).id, id, 'the holder receives')
   survivor.close()
+})
+
+/**
+ * Alice's stream, closed, then its id reopened at once on `a` and on `b`
+ * (Redis mode). Each instance's admission is slowed on purpose by
+ * `[before, after]` ms around the real one, so both opens are past the
+ * check for a live holder before either is admitted.
+ */
+async function reopensOnTwoInstances (t: Test, a: Gateway, b: Gateway, delays: [[number, number], [number, number]]): Promise<{ id: string, both: SseClient[] }> {
+  const first = await connect(t, a, 'alice')
+  first.stream.close()
+  await eventually(async () => (await presence(a, 'alice')).connections === 0, 'the first stream closed')
+  const restore: Array<() => void> = []
+  for (const [index, gateway] of [a, b].entries()) {
+    const state = gateway.app.state
+    const admit = state.admit.bind(state)
+    const [before, after] = delays[index]
+    state.admit = async (request) => {
+      await delay(before)
+      const admission = await admit(request)
+      await delay(after)
+      return admission
+    }
+    restore.push(() => { state.admit = admit })
+  }
+  const path = `/v1/stream/${first.connectionId}`
+  const both = await Promise.all([tryOpen(t, a, 'alice', { path }), tryOpen(t, b, 'alice', { path })])
+  for (const undo of restore) undo()
+  t.same(both.map((stream) => stream.status), [200, 200], 'both reopens were admitted')
+  return { id: first.connectionId, both }
+}
+
+async function oneHolderOnTwoInstances (t: Test, a: Gateway, b: Gateway, id: string, both: SseClient[], expectedSurvivor: SseClient): Promise<void> {
+  await eventually(() => both.filter((stream) => stream.ended).length === 1, 'one of the two reopens closed')
+  const survivor = both.find((stream) => !stream.ended) as SseClient
+  const evicted = both.find((stream) => stream.ended) as SseClient
+  t.equal(survivor, expectedSurvivor, 'the one admitted last holds the id')
+  t.ok(evicted.events.some((event) => event.event === 'evicted'), 'the other got `evicted`')
+  await eventually(() => a.app.registry.size + b.app.registry.size === 1, 'one stream in the two registries')
+  t.equal((await presence(a, 'alice')).connections, 1, 'the shared record counts the holder')
+  await survivor.nextEvent('connected')
+  const eventId = await publishTo(a, { to: { connection: id }, event: 'content-chunk', data: 'once' })
+  t.equal((await survivor.nextEvent('content-chunk')).id, eventId, 'the holder receives')
+  t.notOk(evicted.events.some((event) => event.event === 'content-chunk'), 'the other does not')
+  survivor.close()
+  await eventually(async () => (await presence(a, 'alice')).connections === 0, 'no stream left in the shared record')
+}
+
+t.test('two reopens of one id at once on two instances: the one admitted last holds it, the other is evicted [redis]', async (t) => {
+  if (!(await needRedis(t))) return
+  const [a, b] = await pair(t, 'redis')
+  const { id, both } = await reopensOnTwoInstances(t, a, b, [[100, 0], [300, 0]])
+  await oneHolderOnTwoInstances(t, a, b, id, both, both[1])
+})
+
+t.test('two reopens of one id at once on two instances, the first still registering when the second takes the id: it is evicted as it registers [redis]', async (t) => {
+  if (!(await needRedis(t))) return
+  const [a, b] = await pair(t, 'redis')
+  const { id, both } = await reopensOnTwoInstances(t, a, b, [[0, 400], [100, 0]])
+  await oneHolderOnTwoInstances(t, a, b, id, both, both[1])
 })

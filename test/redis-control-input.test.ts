@@ -44,6 +44,7 @@ function badControl (connectionId: string): string[] {
     // Well formed but for `reason`: had it been applied, this stream would be evicted.
     envelope({ message: { type: 'evict', connectionId } }),
     envelope({ message: { type: 'evict', connectionId, reason: 7 } }),
+    envelope({ message: { type: 'evict', connectionId, reason: 'r', instance: 5 } }),
     envelope({ message: { type: 'topics' } }),
     envelope({ message: { type: 'topics', userId: 'u1', connectionId: null, add: 'news', remove: [] } }),
     envelope({ message: { type: 'topics', userId: 'u1', connectionId: null, add: ['leaked', 1], remove: [] } }),

@@ -63,7 +63,8 @@ export class MemoryState implements SharedState {
       if (this.isExpired(topics)) this.userTopicSets.delete(request.userId)
       else topics.expiresAt = null
     }
-    return { admitted: true, cameOnline: !wasOnline, evict }
+    // One process: a reopen racing another is settled in the registry.
+    return { admitted: true, cameOnline: !wasOnline, evict, replacedOn: [] }
   }
 
   async release (connectionId: string, userId: string, ttlS: number): Promise<void> {

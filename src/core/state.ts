@@ -27,7 +27,17 @@ export interface AdmitRequest {
 
 export type Admission =
   | { admitted: false }
-  | { admitted: true, cameOnline: boolean, evict: string | null }
+  | {
+    admitted: true
+    cameOnline: boolean
+    evict: string | null
+    /**
+     * Instances whose stream of this id the admission took the id from: a
+     * reopen racing another on another instance, which neither saw when it
+     * asked the holder to let go. They must close theirs.
+     */
+    replacedOn: string[]
+  }
 
 export interface ClusterStats {
   connections: number
@@ -44,7 +54,8 @@ export interface Presence {
 
 /** Something every instance must apply to its own streams. */
 export type ControlMessage =
-  | { type: 'evict', connectionId: string, reason: string }
+  /** `instance`: only that instance's stream of the id (null: whichever holds it). */
+  | { type: 'evict', connectionId: string, reason: string, instance: string | null }
   | { type: 'topics', userId: string, connectionId: string | null, add: string[], remove: string[] }
 
 /**

@@ -163,13 +163,13 @@ export class RedisState implements SharedState {
       openedAt: new Date(request.openedAt).toISOString(),
       instance: this.instanceId
     }
-    const [admitted, cameOnline, evicted] = await this.commands.run('ADMIT', [
+    const [admitted, cameOnline, evicted, ...replacedOn] = await this.commands.run('ADMIT', [
       this.prefix, request.userId, this.instanceId, request.connectionId, request.openedAt,
       request.limit, request.policy, this.options.instanceTtlMs, JSON.stringify(info), this.options.historyTtlS
-    ]) as [number, number, string]
+    ]) as [number, number, string, ...string[]]
     if (admitted !== 1) return { admitted: false }
     this.cancelGrace(request.userId)
-    return { admitted: true, cameOnline: cameOnline === 1, evict: evicted === '' ? null : evicted.slice(evicted.indexOf('|') + 1) }
+    return { admitted: true, cameOnline: cameOnline === 1, evict: evicted === '' ? null : evicted.slice(evicted.indexOf('|') + 1), replacedOn }
   }
 
   async release (connectionId: string, userId: string, ttlS: number): Promise<void> {
@@ -472,8 +472,10 @@ function toControlMessage (value: unknown): ControlMessage | null {
   if (!isPlainObject(value)) return null
   if (value.type === 'evict') {
     const { connectionId, reason } = value
-    if (typeof connectionId !== 'string' || typeof reason !== 'string') return null
-    return { type: 'evict', connectionId, reason }
+    // Absent from an instance that predates it: whichever holds the id.
+    const instance = value.instance ?? null
+    if (typeof connectionId !== 'string' || typeof reason !== 'string' || (instance !== null && typeof instance !== 'string')) return null
+    return { type: 'evict', connectionId, reason, instance }
   }
   if (value.type === 'topics') {
     const { userId, connectionId, add, remove } = value

@@ -262,16 +262,22 @@ end
 /**
  * Admits a stream under the per-user limit, cluster-wide.
  * ARGV: prefix, userId, instance, connectionId, openedAtMs, limit, policy,
- * instanceTtlMs, infoJson, reopenTtlS. Returns { admitted(0|1), cameOnline(0|1), evicted member or '' }.
+ * instanceTtlMs, infoJson, reopenTtlS. Returns { admitted(0|1), cameOnline(0|1), evicted member or '', then the other instances whose stream of the id it replaced }.
  */
 export const ADMIT = `${LIVE_MEMBERS}
 local prefix, user, inst, conn = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local now_ms = clock_ms()
 local uk = prefix .. 'uc:' .. user
--- A reopened stream id replaces its earlier holder, wherever that was.
+-- A reopened stream id replaces its earlier holder, wherever that was; the
+-- caller tells the holders on other instances to close theirs.
 local replaced = 0
+local replaced_on = {}
 for _, m in ipairs(redis.call('ZRANGE', uk, 0, -1)) do
-  if string.sub(m, -(#conn + 1)) == '|' .. conn then replaced = replaced + redis.call('ZREM', uk, m) end
+  if string.sub(m, -(#conn + 1)) == '|' .. conn then
+    replaced = replaced + redis.call('ZREM', uk, m)
+    local holder = string.sub(m, 1, #m - #conn - 1)
+    if holder ~= inst then replaced_on[#replaced_on + 1] = holder end
+  end
 end
 local live, pending = live_members(prefix, uk, now_ms, tonumber(ARGV[8]))
 local evict = ''
@@ -293,7 +299,9 @@ redis.call('ZADD', uk, tonumber(ARGV[5]), inst .. '|' .. conn)
 redis.call('SET', prefix .. 'conn:' .. conn, user)
 redis.call('PERSIST', prefix .. 'ut:' .. user)
 redis.call('HSET', prefix .. 'i:' .. inst .. ':conns', conn, ARGV[9])
-return { 1, was_online and 0 or 1, evict }
+local result = { 1, was_online and 0 or 1, evict }
+for _, holder in ipairs(replaced_on) do result[#result + 1] = holder end
+return result
 `
 
 /**
