@@ -64,6 +64,7 @@ const BAD_REPLIES = [
   '{"requestId":"r","answer":[1]}',
   '{"requestId":"r","answer":{}}',
   '{"requestId":null,"answer":null}',
+  '{"requestId":"r","answer":null,"from":5}',
   `{"answer":["${SECRET}"]}`
 ]
 
@@ -146,7 +147,7 @@ t.test('a well-formed control message still reaches the handler and is answered'
   // Validation must not reject what instances really send; an unknown stream id is a no-op.
   await redis.publish(`${prefix}ctl`, JSON.stringify({ requestId: 'q1', from: 'outsider', message: { type: 'evict', connectionId: 'c_none', reason: 'test' } }))
   await eventually(() => answers.length === 1, 'the instance to answer')
-  t.same(JSON.parse(answers[0]), { requestId: 'q1', answer: null }, 'a well-formed message from anyone is answered')
+  t.same(JSON.parse(answers[0]), { requestId: 'q1', answer: null, from: gateway.app.state.instanceId }, 'a well-formed message from anyone is answered, saying by whom')
   t.equal(count(gateway, 'malformed control message dropped'), 0, 'a good message is not reported as malformed')
   noCrash(t)
 })

@@ -252,3 +252,23 @@ t.test('streams closing while Redis is unreachable, then a shutdown: one log lin
   const aboutCloses = viaProxy.logs.map((line) => JSON.parse(line) as { msg: string }).filter((line) => /stream close/.test(line.msg))
   t.same(aboutCloses.map((line) => line.msg), ['stream closes are recorded once Redis is back'], 'one line for the four closes')
 })
+
+t.test('a receiver of control messages that is not a live instance (a frozen process keeps its subscription) does not hold up the others\' answers', async (t) => {
+  if (!(await needRedis(t))) return
+  const prefix = uniquePrefix('frozen')
+  const a = await startGateway(t, { REDIS_URL, REDIS_PREFIX: prefix })
+  const b = await startGateway(t, { REDIS_URL, REDIS_PREFIX: prefix })
+  // A subscriber that never answers: what a stopped or cut-off instance's subscription is.
+  const frozen = redisClient(t)
+  await frozen.subscribe(`${prefix}ctl`)
+  // Longer than the test waits: only the live instances' replies can end it.
+  const state = a.app.state as unknown as { options: { controlTimeoutMs?: number } }
+  state.options.controlTimeoutMs = 600_000
+  const tab = await openConnected(`${b.url}/v1/stream?token=${userToken('u1')}`, { t })
+  const answer = await Promise.race([
+    request<{ topics: string[] }>(`${a.url}/v1/subscriptions`, { method: 'POST', token: userToken('u1'), body: { topics: ['news'], connectionId: tab.connected.connectionId } }),
+    new Promise<null>((resolve) => { const timer = setTimeout(resolve, 20_000, null); t.teardown(() => clearTimeout(timer)) })
+  ])
+  t.not(answer, null, 'answered before the frozen receiver\'s control timeout')
+  t.same(answer?.json, { topics: ['news'] }, 'with the answer of the instance holding the stream')
+})

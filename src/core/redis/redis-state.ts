@@ -18,7 +18,31 @@ export interface RedisStateOptions {
 }
 
 interface ControlEnvelope { requestId: string, from: string, message: ControlMessage }
-interface ControlReply { requestId: string, answer: ControlAnswer }
+interface ControlReply {
+  requestId: string
+  answer: ControlAnswer
+  /** The instance replying; null from one that predates the field. */
+  from: string | null
+}
+
+/** A control message sent, waiting for the instances' replies. */
+interface PendingControl {
+  answers: ControlAnswer[]
+  repliedFrom: Set<string>
+  /** How many instances received it (PUBLISH's answer), once known. */
+  receivers: number
+  /**
+   * Instances with a recent heartbeat, once known. A frozen or cut-off
+   * process keeps its subscription, and so counts as a receiver, long after
+   * the cluster has taken it for dead: all of these replying is enough.
+   */
+  live: string[] | null
+  done: (answer: ControlAnswer) => void
+}
+
+function allReplied (entry: PendingControl): boolean {
+  return entry.answers.length >= entry.receivers || (entry.live !== null && entry.live.every((instance) => entry.repliedFrom.has(instance)))
+}
 
 const JOB_CAS_ATTEMPTS = 8
 /** Overdue graces ended per script run: a mass drain's users are settled in slices, not one long script. */
@@ -40,7 +64,7 @@ export class RedisState implements SharedState {
   private offlineListener: ((userId: string) => void) | null = null
   private onlineListener: ((userId: string) => void) | null = null
   private readonly graceTimers = new Map<string, NodeJS.Timeout>()
-  private readonly waiting = new Map<string, { expected: number, answers: ControlAnswer[], done: (answer: ControlAnswer) => void }>()
+  private readonly waiting = new Map<string, PendingControl>()
   private readonly heartbeatTimer: NodeJS.Timeout
   private readonly prefix: string
   /** start() has subscribed (or tried to): from then on every reconnect subscribes again. */
@@ -209,16 +233,28 @@ export class RedisState implements SharedState {
     const envelope: ControlEnvelope = { requestId, from: this.instanceId, message }
     return await new Promise<ControlAnswer>((resolve, reject) => {
       const timer = setTimeout(() => finish(), this.options.controlTimeoutMs ?? 3000)
-      const entry = { expected: Infinity, answers: [] as ControlAnswer[], done: (answer: ControlAnswer) => { clearTimeout(timer); resolve(answer) } }
+      const entry: PendingControl = {
+        answers: [],
+        repliedFrom: new Set(),
+        receivers: Infinity,
+        live: null,
+        done: (answer: ControlAnswer) => { clearTimeout(timer); resolve(answer) }
+      }
       const finish = (): void => {
+        if (this.waiting.get(requestId) !== entry) return
         this.waiting.delete(requestId)
         entry.done(entry.answers.find((answer) => answer !== null) ?? null)
       }
       this.waiting.set(requestId, entry)
+      // Without the list, the receivers' count or the timeout ends the wait.
+      this.liveInstances().then((live) => {
+        entry.live = live
+        if (allReplied(entry)) finish()
+      }, () => {})
       this.commands.redis.publish(`${this.prefix}ctl`, JSON.stringify(envelope)).then((receivers) => {
-        // PUBLISH answers how many instances received it: wait for that many replies.
-        entry.expected = receivers
-        if (entry.answers.length >= receivers) finish()
+        // PUBLISH answers how many instances received it: wait for at most that many replies.
+        entry.receivers = receivers
+        if (allReplied(entry)) finish()
       }, (error: unknown) => {
         clearTimeout(timer)
         this.waiting.delete(requestId)
@@ -424,7 +460,7 @@ export class RedisState implements SharedState {
       return
     }
     const reply = (answer: ControlAnswer): void => {
-      const body: ControlReply = { requestId: envelope.requestId, answer }
+      const body: ControlReply = { requestId: envelope.requestId, answer, from: this.instanceId }
       this.commands.redis.publish(`${this.prefix}reply:${envelope.from}`, JSON.stringify(body)).catch(() => {})
     }
     // The last catch: a throw in either handler would be an unhandled rejection, which ends the process.
@@ -443,7 +479,8 @@ export class RedisState implements SharedState {
     const entry = this.waiting.get(reply.requestId)
     if (entry === undefined) return
     entry.answers.push(reply.answer)
-    if (entry.answers.length >= entry.expected) {
+    if (reply.from !== null) entry.repliedFrom.add(reply.from)
+    if (allReplied(entry)) {
       this.waiting.delete(reply.requestId)
       entry.done(entry.answers.find((answer) => answer !== null) ?? null)
     }
@@ -499,8 +536,9 @@ function parseControlReply (raw: string): ControlReply | null {
   const value = parseJson(raw)
   if (!isPlainObject(value)) return null
   const { requestId, answer } = value
-  if (typeof requestId !== 'string') return null
-  if (answer === null || isStringArray(answer)) return { requestId, answer }
-  if (isPlainObject(answer) && typeof answer.refused === 'string') return { requestId, answer: { refused: answer.refused } }
+  const from = value.from ?? null
+  if (typeof requestId !== 'string' || (from !== null && typeof from !== 'string')) return null
+  if (answer === null || isStringArray(answer)) return { requestId, answer, from }
+  if (isPlainObject(answer) && typeof answer.refused === 'string') return { requestId, answer: { refused: answer.refused }, from }
   return null
 }
