@@ -329,9 +329,11 @@ export default fp(async (app) => {
         else await state.broadcastControl(message)
       }
       // Reopens of this id racing on other instances: the id is this one's now.
-      await Promise.all(admission.replacedOn.map(async (instance) => {
-        await state.broadcastControl({ type: 'evict', connectionId: options.connectionId, reason: REOPENED, instance })
-      }))
+      if (admission.replacedOn.length > 0) {
+        await Promise.all(admission.replacedOn.map(async (instance) => {
+          await state.broadcastControl({ type: 'evict', connectionId: options.connectionId, reason: REOPENED, instance })
+        }))
+      }
       // The drain began while this request waited on Redis: it has already ended
       // every registered stream, so this one would outlive it. Its slot goes
       // back before the answer, while Redis is still open.
