@@ -390,3 +390,16 @@ t.test('two reopens of one id at once on two instances, the first still register
   const { id, both } = await reopensOnTwoInstances(t, a, b, [[0, 400], [100, 0]])
   await oneHolderOnTwoInstances(t, a, b, id, both, both[1])
 })
+
+t.test('a reopen refused by the per-user limit leaves the id\'s holder on another instance as it was [redis]', async (t) => {
+  if (!(await needRedis(t))) return
+  const [a, b] = await pair(t, 'redis')
+  const held = await connect(t, a, 'alice')
+  await connect(t, a, 'alice')
+  // Straight to the shared state, as a reopen racing another open would reach it: past the holder check, with the user at its limit.
+  const admission = await b.app.state.admit({ connectionId: held.connectionId, userId: 'alice', topics: [], openedAt: Date.now(), limit: 1, policy: 'reject' })
+  t.same(admission, { admitted: false }, 'refused: the user holds another stream')
+  t.equal((await presence(a, 'alice')).connections, 2, 'the refused reopen took nothing from the holder\'s record')
+  held.stream.close()
+  await eventually(async () => (await presence(a, 'alice')).connections === 1, 'the holder\'s close given back')
+})

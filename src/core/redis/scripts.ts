@@ -268,33 +268,39 @@ export const ADMIT = `${LIVE_MEMBERS}
 local prefix, user, inst, conn = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local now_ms = clock_ms()
 local uk = prefix .. 'uc:' .. user
--- A reopened stream id replaces its earlier holder, wherever that was; the
--- caller tells the holders on other instances to close theirs.
-local replaced = 0
-local replaced_on = {}
-for _, m in ipairs(redis.call('ZRANGE', uk, 0, -1)) do
-  if string.sub(m, -(#conn + 1)) == '|' .. conn then
-    replaced = replaced + redis.call('ZREM', uk, m)
-    local holder = string.sub(m, 1, #m - #conn - 1)
-    if holder ~= inst then replaced_on[#replaced_on + 1] = holder end
-  end
-end
+local function of_conn(m) return string.sub(m, -(#conn + 1)) == '|' .. conn end
 local live, pending = live_members(prefix, uk, now_ms, tonumber(ARGV[8]))
+-- A reopened stream id takes its earlier holder's place, wherever that was:
+-- the holder does not count against the limit, and a refusal leaves it be.
+local others = {}
+for _, m in ipairs(live) do
+  if not of_conn(m) then others[#others + 1] = m end
+end
 local evict = ''
-if #live >= tonumber(ARGV[6]) then
+if #others >= tonumber(ARGV[6]) then
   if ARGV[7] == 'reject' then return { 0, 0, '' } end
-  evict = live[1]
+  evict = others[1]
   redis.call('ZREM', uk, evict)
   local evicted_conn = string.match(evict, '|(.*)$')
   local evicted_inst = string.match(evict, '^(.-)|')
   redis.call('HDEL', prefix .. 'i:' .. evicted_inst .. ':conns', evicted_conn)
   redis.call('EXPIRE', prefix .. 'conn:' .. evicted_conn, tonumber(ARGV[10]))
 end
+-- The caller tells the holders on other instances to close theirs.
+local replaced = 0
+local replaced_on = {}
+for _, m in ipairs(redis.call('ZRANGE', uk, 0, -1)) do
+  if of_conn(m) then
+    replaced = replaced + redis.call('ZREM', uk, m)
+    local holder = string.sub(m, 1, #m - #conn - 1)
+    if holder ~= inst then replaced_on[#replaced_on + 1] = holder end
+  end
+end
 -- A reconnect within the grace cancels it, wherever it started.
 local in_grace = redis.call('DEL', prefix .. 'grace:' .. user) + redis.call('ZREM', prefix .. 'graces', user) > 0
 -- Its peers were never told it left while a stream it replaces or one of a
 -- dead instance not reaped yet was listed.
-local was_online = #live > 0 or pending > 0 or replaced > 0 or in_grace
+local was_online = #others > 0 or pending > 0 or replaced > 0 or in_grace
 redis.call('ZADD', uk, tonumber(ARGV[5]), inst .. '|' .. conn)
 redis.call('SET', prefix .. 'conn:' .. conn, user)
 redis.call('PERSIST', prefix .. 'ut:' .. user)
