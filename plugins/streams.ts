@@ -150,18 +150,25 @@ export default fp(async (app) => {
   const { config, registry, bus, state } = app
   const hub = new Hub(bus)
   const publisher = new Publisher(bus, state, config.maxPublishChannels)
-  /** Closes that could not be recorded since the last one that was. */
-  let closesUnrecorded = 0
+  /** Unrecorded closes already logged: per outage (when the bus last heard Redis), and whether draining. */
+  let unrecordedLoggedFor: string | null = null
   /** Gives a closed (or refused) stream's id and slot back; a failure is logged, and retried by the Redis state once it reconnects. */
   const recordClose = async (connectionId: string, userId: string, log: FastifyBaseLogger): Promise<void> => {
     try {
       await state.release(connectionId, userId, config.historyTtlS)
-      closesUnrecorded = 0
     } catch (error) {
+      if (!(error instanceof StoreUnavailableError)) {
+        log.warn({ err: error, connectionId }, 'could not record stream close')
+        return
+      }
       // Unreachable, every stream that closes fails alike (all of them, at a
-      // shutdown): one line says so, not one per stream.
-      if (!(error instanceof StoreUnavailableError)) log.warn({ err: error, connectionId }, 'could not record stream close')
-      else if (closesUnrecorded++ === 0) log.warn({ reason: error.message }, 'stream closes are recorded once Redis is back')
+      // shutdown): one line per outage says so, not one per stream.
+      const draining = streams.isDraining
+      const key = `${bus.heardAt()}:${draining}`
+      if (unrecordedLoggedFor === key) return
+      unrecordedLoggedFor = key
+      if (draining) log.warn({ reason: error.message }, 'stream closes not recorded before stopping (Redis unavailable): this instance\'s streams are reaped once it has been silent for INSTANCE_TTL_MS')
+      else log.warn({ reason: error.message }, 'stream closes are recorded once Redis is back')
     }
   }
   const streams = new StreamService(bus, hub, registry, {

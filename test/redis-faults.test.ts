@@ -239,18 +239,32 @@ t.test('an instance that heard nothing for longer than the history window loses 
     [['seq', first], ['seq', missed], ['seq', marker]], 'the missed event between the others, no reset')
 })
 
-t.test('streams closing while Redis is unreachable, then a shutdown: one log line says their closes wait for Redis, not one per stream', async (t) => {
+t.test('streams closing while Redis is unreachable, in two outages, then a shutdown: one log line per outage and one at the shutdown, not one per stream', async (t) => {
   if (!(await needRedis(t))) return
   const { proxy, viaProxy } = await proxiedCluster(t, { REDIS_PREFIX: uniquePrefix('unrecorded'), LOG_LEVEL: 'warn' }, { captureLogs: true })
-  const streams = await Promise.all(['a', 'b', 'c', 'd'].map(async (user) => (await openConnected(`${viaProxy.url}/v1/stream?token=${userToken(user)}`, { t })).stream))
+  const streams = await Promise.all(['a', 'b', 'c', 'd', 'e'].map(async (user) => (await openConnected(`${viaProxy.url}/v1/stream?token=${userToken(user)}`, { t })).stream))
+  const aboutCloses = (): string[] => viaProxy.logs.map((line) => JSON.parse(line) as { msg: string }).filter((line) => /stream close/.test(line.msg)).map((line) => line.msg)
+  const recordedLater = 'stream closes are recorded once Redis is back'
+
   proxy.cutOff()
   await eventually(() => !viaProxy.app.bus.isReady(), 'the instance to lose Redis')
   streams[0].close()
   streams[1].close()
-  await eventually(() => viaProxy.app.registry.size === 2, 'two streams to close')
+  await eventually(() => viaProxy.app.registry.size === 3, 'two streams to close')
+  proxy.restore()
+  await eventually(() => viaProxy.app.bus.isReady(), 'Redis back')
+  t.same(aboutCloses(), [recordedLater], 'one line for the first outage\'s two closes')
+
+  proxy.cutOff()
+  await eventually(() => !viaProxy.app.bus.isReady(), 'the instance to lose Redis again')
+  streams[2].close()
+  await eventually(() => viaProxy.app.registry.size === 2, 'a third stream to close')
   await viaProxy.app.close()
-  const aboutCloses = viaProxy.logs.map((line) => JSON.parse(line) as { msg: string }).filter((line) => /stream close/.test(line.msg))
-  t.same(aboutCloses.map((line) => line.msg), ['stream closes are recorded once Redis is back'], 'one line for the four closes')
+  t.same(aboutCloses(), [
+    recordedLater,
+    recordedLater,
+    'stream closes not recorded before stopping (Redis unavailable): this instance\'s streams are reaped once it has been silent for INSTANCE_TTL_MS'
+  ], 'one more for the second outage, and one for the two closed by the shutdown')
 })
 
 t.test('a receiver of control messages that is not a live instance (a frozen process keeps its subscription) does not hold up the others\' answers', async (t) => {
