@@ -132,7 +132,6 @@ t.test('through nginx over HTTPS with HTTP/2 (deploy/nginx.conf, HTTPS listener 
     const connected = await Promise.all(streams.map(async (stream) => JSON.parse((await stream.nextEvent('connected')).data) as ConnectedData))
     t.equal(new Set(connected.map((entry) => entry.connectionId)).size, count, 'ten distinct gateway connections')
     t.ok(connected.every((entry) => entry.userId === user), 'all of the user')
-    t.equal(session.socket.remotePort, https.port, 'all on the one session, so one TCP connection to nginx')
 
     const ids = await publishOk(internalUrls[0], publisher, [1, 2, 3].map((k) => ({ to: { user }, event: 'note', data: { k } })))
     for (const [index, stream] of streams.entries()) {
