@@ -8,14 +8,10 @@ import t, { type Test } from 'tap'
 import { readFile } from 'node:fs/promises'
 import {
   eventually,
-  freePort,
   publishOk,
   publisherToken,
-  spawnServer,
-  TEST_SECRET,
   userToken,
-  type ConnectedData,
-  type ServerProcess
+  type ConnectedData
 } from './helpers'
 import { connectH2, negotiatedProtocol, openH2Stream, type H2SseStream } from './helpers/h2'
 import {
@@ -23,13 +19,15 @@ import {
   NGINX_CONF,
   nginxBinary,
   opensslBinary,
+  startGatewayProcess,
   startNginx,
   tlsLines,
   UPSTREAM_LINES,
-  type Nginx
+  type Nginx,
+  type StackGateway
 } from './helpers/nginx'
 import { launchBrowser, needChromium, pageEventSource, type PageRecorder } from './helpers/browser'
-import { needRedis, REDIS_URL, uniquePrefix } from './helpers/redis'
+import { needRedis, uniquePrefix } from './helpers/redis'
 
 const publisher = publisherToken()
 
@@ -44,7 +42,7 @@ async function haveTools (t: Test): Promise<boolean> {
 interface Stack {
   /** Their internal listeners (publish), never reached through nginx. */
   internalUrls: [string, string]
-  gateways: [ServerProcess, ServerProcess]
+  gateways: [StackGateway, StackGateway]
   nginx: Nginx
   https: NonNullable<Nginx['https']>
 }
@@ -52,25 +50,11 @@ interface Stack {
 /** Two gateways of one cluster, as docker-compose.yml runs them, and nginx in front with its HTTPS listener on. */
 async function startTlsStack (t: Test): Promise<Stack> {
   const prefix = uniquePrefix('nginx-h2')
-  const start = async (): Promise<[ServerProcess, string]> => {
-    const internalPort = await freePort()
-    const server = await spawnServer(t, {
-      JWT_SECRET: TEST_SECRET,
-      HOST: '127.0.0.1',
-      REDIS_URL,
-      REDIS_PREFIX: prefix,
-      INSTANCE_TTL_MS: '3000',
-      INTERNAL_PORT: String(internalPort),
-      TRUST_PROXY: '127.0.0.1',
-      LOG_LEVEL: 'info'
-    })
-    return [server, `http://127.0.0.1:${internalPort}`]
-  }
-  const [a, aInternal] = await start()
-  const [b, bInternal] = await start()
+  const a = await startGatewayProcess(t, prefix)
+  const b = await startGatewayProcess(t, prefix)
   const nginx = await startNginx(t, [`127.0.0.1:${a.port}`, `127.0.0.1:${b.port}`], { tls: true })
   if (nginx.https === null) throw new Error('nginx started without its HTTPS listener')
-  return { internalUrls: [aInternal, bInternal], gateways: [a, b], nginx, https: nginx.https }
+  return { internalUrls: [a.internalUrl, b.internalUrl], gateways: [a, b], nginx, https: nginx.https }
 }
 
 /** The lines of deploy/nginx.conf that the running config changed, trimmed. */

@@ -26,12 +26,14 @@ import {
   NGINX_CONF,
   nginxBinary,
   SHUTDOWN_TIMEOUT_LINE,
+  startGatewayProcess,
   startNginx,
   UPSTREAM_LINES,
   WORKER_PROCESSES_LINE,
-  type Nginx
+  type Nginx,
+  type StackGateway
 } from './helpers/nginx'
-import { needRedis, REDIS_URL, uniquePrefix } from './helpers/redis'
+import { needRedis, uniquePrefix } from './helpers/redis'
 
 interface LogLine {
   msg?: string
@@ -57,31 +59,9 @@ function logLines (text: string): LogLine[] {
   return lines
 }
 
-interface StackGateway extends ServerProcess {
-  /** The internal listener (publish, admin), never reached through nginx. */
-  internalUrl: string
-}
-
 interface Stack {
   gateways: [StackGateway, StackGateway]
   nginx: Nginx
-}
-
-async function startGatewayProcess (t: Test, prefix: string, env: Record<string, string>): Promise<StackGateway> {
-  const internalPort = await freePort()
-  const server = await spawnServer(t, {
-    JWT_SECRET: TEST_SECRET,
-    HOST: '127.0.0.1',
-    REDIS_URL,
-    REDIS_PREFIX: prefix,
-    INSTANCE_TTL_MS: '3000',
-    INTERNAL_PORT: String(internalPort),
-    // nginx runs on this machine: its address is loopback.
-    TRUST_PROXY: '127.0.0.1',
-    LOG_LEVEL: 'info',
-    ...env
-  })
-  return Object.assign(server, { internalUrl: `http://127.0.0.1:${internalPort}` })
 }
 
 /** Two gateways of one cluster (a fresh Redis prefix) and nginx in front of them. */

@@ -14,8 +14,9 @@ import { Socket } from 'node:net'
 import { chmod, mkdir, mkdtemp, readFile, rm, writeFile } from 'node:fs/promises'
 import { tmpdir } from 'node:os'
 import { dirname, join, resolve } from 'node:path'
-import type { TestLike } from './gateway'
-import { freePort } from './process'
+import { TEST_SECRET, type TestLike } from './gateway'
+import { freePort, spawnServer, type ServerProcess } from './process'
+import { REDIS_URL } from './redis'
 
 /** deploy/nginx.conf of this checkout (the compiled helper lives in dist/test/helpers). */
 export const NGINX_CONF = join(__dirname, '..', '..', '..', 'deploy', 'nginx.conf')
@@ -242,4 +243,27 @@ export async function startNginx (t: TestLike, upstreams: readonly [string, stri
     if (attempt < 3 && stderr.includes('Address already in use')) continue
     throw new Error(`nginx exited before answering (code ${String(process_.exitCode)}); stderr: ${stderr}`)
   }
+}
+
+export interface StackGateway extends ServerProcess {
+  /** The internal listener (publish, admin), never reached through nginx. */
+  internalUrl: string
+}
+
+/** A gateway process of a cluster behind nginx, as docker-compose.yml runs it: Redis mode, an internal port, nginx trusted. */
+export async function startGatewayProcess (t: TestLike, prefix: string, env: Record<string, string> = {}): Promise<StackGateway> {
+  const internalPort = await freePort()
+  const server = await spawnServer(t, {
+    JWT_SECRET: TEST_SECRET,
+    HOST: '127.0.0.1',
+    REDIS_URL,
+    REDIS_PREFIX: prefix,
+    INSTANCE_TTL_MS: '3000',
+    INTERNAL_PORT: String(internalPort),
+    // nginx runs on this machine: its address is loopback.
+    TRUST_PROXY: '127.0.0.1',
+    LOG_LEVEL: 'info',
+    ...env
+  })
+  return Object.assign(server, { internalUrl: `http://127.0.0.1:${internalPort}` })
 }
