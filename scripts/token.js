@@ -4,7 +4,27 @@
 'use strict'
 const { createHmac } = require('node:crypto')
 
+const USAGE = `usage: JWT_SECRET=... npm run token -- [--sub USER] [--roles publisher,admin] [--topics 'news,chat:*'] [--ttl SECONDS]
+  --sub     the user id (default u1)
+  --roles   comma-separated roles: publisher (publish routes), admin (admin routes)
+  --topics  comma-separated topic patterns the token allows (default: any)
+  --ttl     seconds until it expires (default 3600)
+JWT_ISSUER and JWT_AUDIENCE, when set, become its iss and aud.
+`
+const FLAGS = new Set(['--sub', '--roles', '--topics', '--ttl'])
 const args = process.argv.slice(2)
+if (args.includes('--help') || args.includes('-h')) {
+  process.stdout.write(USAGE)
+  process.exit(0)
+}
+// An unknown flag (--role, --user) would be dropped silently, and its token
+// then refused by the gateway for a reason far from the typo.
+for (let index = 0; index < args.length; index += 2) {
+  if (!FLAGS.has(args[index])) {
+    process.stderr.write(`unknown option ${JSON.stringify(args[index])}\n${USAGE}`)
+    process.exit(1)
+  }
+}
 const option = (name, fallback) => {
   const index = args.indexOf(`--${name}`)
   return index === -1 ? fallback : args[index + 1]

@@ -68,3 +68,15 @@ t.test('a --ttl that is not whole seconds, or none after the flag, is refused wi
     t.match(minted.stderr, /--ttl takes whole seconds/)
   }
 })
+
+t.test('--help prints the usage; an unknown option (a typo such as --role) is refused with exit 1 and no token', async (t) => {
+  const help = await run(['--help'])
+  t.equal(help.code, 0)
+  t.match(help.stdout, /^usage: .*--roles publisher,admin/)
+  for (const args of [['--role', 'publisher'], ['--sub', 'u1', '--user', 'u2'], ['u1']]) {
+    const minted = await run(args)
+    t.equal(minted.code, 1, `${args.join(' ')}: exit 1`)
+    t.equal(minted.stdout, '', 'no token')
+    t.match(minted.stderr, /^unknown option "/)
+  }
+})
