@@ -48,6 +48,10 @@ t.test('through Sentinel: the master is found, and after a failover events are p
   t.same([note.id, note.data], [after.json.id, '2'], 'the event published to the new master arrives on the stream opened before the failover')
   t.same(stream.events.filter((event) => event.event === 'note').map((event) => event.data), ['1', '2'], 'each once, in order')
   t.equal((await request(`${gateway.url}/ready`)).status, 200, 'ready')
+
+  // The durable ingress reads the new master too: its consumer group came over with the data.
+  await redisClient(t, group.replica.url).xadd(`${gateway.app.config.redisPrefix}ingress`, '*', 'payload', JSON.stringify({ to: { user: 'u1' }, event: 'note', data: 3 }))
+  t.equal((await stream.nextEvent('note', 20_000)).data, '3', 'an XADD to the new master\'s ingress arrives')
 })
 
 t.test('through Sentinel with passwords: the sentinels\' own (REDIS_SENTINEL_PASSWORD) and the master\'s (in REDIS_URL)', async (t) => {
