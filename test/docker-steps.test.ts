@@ -150,7 +150,7 @@ t.test('docker-compose.yml: Redis, two gateways in Redis mode, nginx in front wi
   const range = /ip_range:\s*172\.30\.0\.(\d+)\/25/.exec(compose)
   t.ok(range !== null && Number(nginxAddress?.split('.')[3]) < Number(range[1]), 'nginx\'s fixed address lies outside the range Docker assigns from')
   const conf = await readFile(join(ROOT, 'deploy', 'nginx.conf'), 'utf8')
-  const upstreams = [...conf.matchAll(/^\s*server\s+([\w.-]+:\d+);/gm)].map((match) => match[1])
+  const upstreams = [...conf.matchAll(/^\s*server\s+([\w.-]+:\d+)[^;]*;/gm)].map((match) => match[1])
   t.same(upstreams.sort(), ['gateway-a:3000', 'gateway-b:3000'], 'nginx proxies to both gateways\' public port, never the internal one')
 })
 

@@ -94,7 +94,7 @@ t.test('through nginx over HTTPS with HTTP/2 (deploy/nginx.conf, HTTPS listener 
 
   t.test('the running config is the committed one with the marked lines changed, the HTTPS ones only uncommented', async (t) => {
     const tls = tlsLines(await readFile(NGINX_CONF, 'utf8'))
-    t.same(await changedLines(nginx), ['server gateway-a:3000;', 'server gateway-b:3000;', 'listen 80;', ...tls])
+    t.same(await changedLines(nginx), [...UPSTREAM_LINES, 'listen 80;', ...tls])
     const running = nginx.config.split('\n').map((line) => line.trim())
     t.ok(running.includes(`listen 127.0.0.1:${https.port} ssl http2;`), 'the listen line keeps its parameters')
     t.ok(running.includes(tls[1].slice(2)) && running.includes(tls[2].slice(2)), 'the certificate lines keep their paths')

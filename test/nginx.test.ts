@@ -34,6 +34,7 @@ import {
   type StackGateway
 } from './helpers/nginx'
 import { needRedis, uniquePrefix } from './helpers/redis'
+import { metricValue, scrape } from './helpers/raw'
 
 interface LogLine {
   msg?: string
@@ -116,7 +117,7 @@ t.test('through nginx (deploy/nginx.conf) in front of two Redis-mode gateways', 
   const { gateways, nginx } = await startStack(t)
 
   t.test('the config under test is deploy/nginx.conf with only its three marked lines changed', async (t) => {
-    t.same(await changedLines(nginx), ['server gateway-a:3000;', 'server gateway-b:3000;', 'listen 80;'])
+    t.same(await changedLines(nginx), [...UPSTREAM_LINES, 'listen 80;'])
     const running = nginx.config.split('\n')
     for (const directive of ['proxy_buffering off;', 'proxy_http_version 1.1;', 'proxy_set_header Connection "";', 'proxy_read_timeout 1h;', 'proxy_set_header X-Forwarded-For   $proxy_add_x_forwarded_for;']) {
       t.ok(running.some((line) => line.trim().startsWith(directive)), `keeps ${directive}`)
@@ -336,7 +337,7 @@ t.test('through nginx started under a soft limit of 256 open files, its one work
   const b = await startGatewayProcess(t, prefix, {})
   // One worker, so that all the streams below are its own: 300 streams are 600 connections.
   const nginx = await startNginx(t, [`127.0.0.1:${a.port}`, `127.0.0.1:${b.port}`], { workerProcesses: 1, softFileLimit: 256 })
-  t.same(await changedLines(nginx), ['worker_processes auto;', 'server gateway-a:3000;', 'server gateway-b:3000;', 'listen 80;'], 'only marked lines changed')
+  t.same(await changedLines(nginx), ['worker_processes auto;', ...UPSTREAM_LINES, 'listen 80;'], 'only marked lines changed')
 
   const count = 300
   const streams: SseClient[] = []
@@ -372,7 +373,7 @@ t.test('through nginx, a reload ends the streams of the old workers after worker
   const b = await startGatewayProcess(t, prefix, {})
   // 1s rather than 30s: the test waits it out.
   const nginx = await startNginx(t, [`127.0.0.1:${a.port}`, `127.0.0.1:${b.port}`], { shutdownTimeout: '1s' })
-  t.same(await changedLines(nginx), ['worker_shutdown_timeout 30s;', 'server gateway-a:3000;', 'server gateway-b:3000;', 'listen 80;'], 'only marked lines changed')
+  t.same(await changedLines(nginx), ['worker_shutdown_timeout 30s;', ...UPSTREAM_LINES, 'listen 80;'], 'only marked lines changed')
 
   const user = 'u-reload'
   const url = `${nginx.url}/v1/stream?token=${userToken(user)}`
@@ -414,4 +415,27 @@ t.test('through nginx, a stream one gateway refuses with 503 (here: MAX_CONNECTI
     await stream.nextEvent('connected')
   }
   t.same(statuses, [200, 200, 200, 200, 200, 200], 'every stream opened through nginx')
+})
+
+t.test('through nginx, a gateway that once refused a stream is not shut out: with the other one gone, new streams still open on it', async (t) => {
+  if (!(await haveNginx(t)) || !(await needRedis(t))) return
+  const prefix = uniquePrefix('nginx-fails')
+  const once = await startGatewayProcess(t, prefix, { MAX_CONNECTIONS: '1' })
+  const other = await startGatewayProcess(t, prefix, {})
+  const nginx = await startNginx(t, [`127.0.0.1:${once.port}`, `127.0.0.1:${other.port}`])
+  // Full for a moment, as a restarting or draining gateway is: it answers 503, and nginx asks the other.
+  const filler = await openStream(`${once.url}/v1/stream?token=${userToken('filler')}`, { t })
+  t.equal(filler.status, 200)
+  for (let index = 0; index < 2; index++) {
+    const stream = await openStream(`${nginx.url}/v1/stream?token=${userToken(`early-${index}`)}`, { t })
+    t.equal(stream.status, 200, 'opened on the other gateway')
+    await stream.nextEvent('connected')
+  }
+  filler.close()
+  await eventually(async () => metricValue(await scrape(once.internalUrl), 'sse_connections') === 0, 'the gateway to take streams again')
+  other.child.kill('SIGKILL')
+  await other.exited
+  const late = await openStream(`${nginx.url}/v1/stream?token=${userToken('late')}`, { t })
+  t.equal(late.status, 200, 'the gateway left serves the new stream (nginx did not keep it marked down)')
+  t.equal(JSON.parse((await late.nextEvent('connected')).data).userId, 'late')
 })

@@ -21,7 +21,7 @@ import { REDIS_URL } from './redis'
 /** deploy/nginx.conf of this checkout (the compiled helper lives in dist/test/helpers). */
 export const NGINX_CONF = join(__dirname, '..', '..', '..', 'deploy', 'nginx.conf')
 
-export const UPSTREAM_LINES = ['server gateway-a:3000;', 'server gateway-b:3000;'] as const
+export const UPSTREAM_LINES = ['server gateway-a:3000 max_fails=0;', 'server gateway-b:3000 max_fails=0;'] as const
 export const LISTEN_LINE = 'listen 80;'
 export const WORKER_PROCESSES_LINE = 'worker_processes auto;'
 export const SHUTDOWN_TIMEOUT_LINE = 'worker_shutdown_timeout 30s;'
@@ -98,7 +98,8 @@ export interface NginxOptions {
 export function nginxVariant (source: string, upstreams: readonly [string, string], port: number, options: NginxOptions = {}, tlsPort?: number): string {
   let text = source
   UPSTREAM_LINES.forEach((line, index) => {
-    text = substituteLine(text, line, `server ${upstreams[index]};`)
+    // The address only: the line's parameters are part of what is tested.
+    text = substituteLine(text, line, line.replace(/gateway-[ab]:3000/, upstreams[index]))
   })
   text = substituteLine(text, LISTEN_LINE, `listen 127.0.0.1:${port};`)
   if (options.workerProcesses !== undefined) text = substituteLine(text, WORKER_PROCESSES_LINE, `worker_processes ${options.workerProcesses};`)
