@@ -286,3 +286,18 @@ t.test('a receiver of control messages that is not a live instance (a frozen pro
   t.not(answer, null, 'answered before the frozen receiver\'s control timeout')
   t.same(answer?.json, { topics: ['news'] }, 'with the answer of the instance holding the stream')
 })
+
+t.test('a command on a connection whose socket has just gone, before ioredis has noticed: StoreUnavailableError (503), not a plain error (500)', async (t) => {
+  if (!(await needRedis(t))) return
+  const { ScriptedRedis, StoreUnavailableError } = await import('../src/core/redis/client')
+  const commands = new ScriptedRedis(REDIS_URL)
+  commands.redis.on('error', () => {})
+  t.teardown(() => commands.redis.disconnect())
+  await commands.redis.connect()
+  t.equal(commands.redis.status, 'ready')
+  commands.redis.stream.destroy()
+  // Its status still says ready: the close is noticed on a later turn.
+  t.equal(commands.redis.status, 'ready')
+  const error = await commands.run('INIT', [uniquePrefix('lost')]).then(() => null, (caught: unknown) => caught)
+  t.ok(error instanceof StoreUnavailableError, `refused as unavailable (${String(error)})`)
+})

@@ -139,3 +139,11 @@ t.test('a HOST that names no address of this machine: exit 1 with one line namin
   t.match(exit.stderr, /^gateway failed to start: cannot listen on HOST=no-such-host\.invalid PORT=0: .*ENOTFOUND/)
   t.equal(exit.stderr.trim().split('\n').length, 1, 'one line')
 })
+
+t.test('through sentinels that do not answer, REDIS_STARTUP_TIMEOUT_MS=0 gives up at the first refusal too: exit 1 naming the setting', async (t) => {
+  const port = await freePort()
+  // Nothing listens there: every sentinel refuses.
+  const exit = await runServerToExit(t, { REDIS_URL: 'redis://mymaster', REDIS_SENTINELS: `127.0.0.1:${port}`, REDIS_STARTUP_TIMEOUT_MS: '0', JWT_SECRET: TEST_SECRET, PORT: '0', HOST: '127.0.0.1', LOG_LEVEL: 'warn' }, 8000)
+  t.equal(exit.code, 1)
+  t.match(exit.stderr, /REDIS_STARTUP_TIMEOUT_MS/)
+})

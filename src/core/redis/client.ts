@@ -30,6 +30,14 @@ export function redisOptions (): RedisOptions {
   }
 }
 
+/**
+ * ioredis's errors for a connection that went away under a command, which it
+ * may raise while its status still says ready (the socket ended first).
+ */
+function isConnectionLoss (error: unknown): boolean {
+  return error instanceof Error && (error.message === 'Connection is closed.' || error.message.startsWith("Stream isn't writeable"))
+}
+
 /** A Redis connection with the gateway's scripts loaded as commands (EVALSHA, falling back to EVAL). */
 export class ScriptedRedis {
   readonly redis: Redis
@@ -52,7 +60,7 @@ export class ScriptedRedis {
   }
 
   translate (error: unknown): Error {
-    if (this.redis.status !== 'ready') return new StoreUnavailableError(error)
+    if (this.redis.status !== 'ready' || isConnectionLoss(error)) return new StoreUnavailableError(error)
     return error instanceof Error ? error : new Error(String(error))
   }
 

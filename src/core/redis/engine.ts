@@ -429,8 +429,13 @@ export interface RedisEngine {
 async function untilReady (client: Redis, name: string, deadline: number, log: Log, signal?: AbortSignal): Promise<void> {
   let lastError = ''
   let waitLogged = false
+  let giveUp = (): void => {}
   const noteError = (error: Error): void => {
     lastError = error.message
+    // Past the deadline (at once with REDIS_STARTUP_TIMEOUT_MS=0), the first
+    // error decides; through sentinels the connect call itself only settles
+    // after ioredis has gone round all of them.
+    if (deadline <= Date.now()) giveUp()
     if (waitLogged || deadline <= Date.now()) return
     waitLogged = true
     log.warn({ connection: name, reason: lastError, waitMs: Math.max(0, deadline - Date.now()) }, 'waiting for redis')
@@ -439,6 +444,7 @@ async function untilReady (client: Redis, name: string, deadline: number, log: L
   let timer: NodeJS.Timeout | undefined
   try {
     const ready = await new Promise<boolean>((resolve) => {
+      giveUp = () => resolve(false)
       // With no time to wait (REDIS_STARTUP_TIMEOUT_MS=0), the first attempt decides.
       if (deadline > Date.now()) timer = setTimeout(() => resolve(false), deadline - Date.now())
       client.once('ready', () => resolve(true))
@@ -467,9 +473,15 @@ function connectionOptions (options: RedisEngineOptions, connectionName: string)
     sentinels: options.sentinels,
     name: new URL(options.url).hostname,
     ...(options.sentinelPassword != null ? { sentinelPassword: options.sentinelPassword } : {}),
-    // A master demoted while its clients stay connected would answer
-    // READONLY to every publish: on the sentinels' +switch-master, move at once.
-    failoverDetector: true
+    // A sentinel that hangs (its host frozen, or gone without a reset) would
+    // hold each reconnect for the whole connect timeout: ask the next one.
+    sentinelCommandTimeout: 2000
+    // Not ioredis's failoverDetector, which moves sooner on a failover: it
+    // reacts to every master group's switch (a failover of another group the
+    // sentinels watch dropped every connection), and a switch announced while
+    // a query to a hung sentinel was in flight ended the client for good.
+    // Sentinel closes the old master's clients as it demotes it, and they
+    // reconnect to the new one.
   }
 }
 
