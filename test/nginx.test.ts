@@ -397,15 +397,25 @@ t.test('through nginx, a reload ends the streams of the old workers after worker
   t.equal(nginx.child.exitCode, null, 'the master runs on')
 })
 
-t.test('through nginx, a stream one gateway refuses with 503 (here: MAX_CONNECTIONS reached) is opened on the other, since EventSource never retries a 503', async (t) => {
-  if (!(await haveNginx(t)) || !(await needRedis(t))) return
-  const prefix = uniquePrefix('nginx-503')
+/**
+ * Two gateways behind nginx, the first full (MAX_CONNECTIONS=1, held by a
+ * stream opened on it directly): it answers 503, as a restarting or draining
+ * gateway does.
+ */
+async function oneGatewayFull (t: Test, name: string): Promise<{ full: StackGateway, other: StackGateway, nginx: Nginx, filler: SseClient }> {
+  const prefix = uniquePrefix(name)
   const full = await startGatewayProcess(t, prefix, { MAX_CONNECTIONS: '1' })
   const other = await startGatewayProcess(t, prefix, {})
   const nginx = await startNginx(t, [`127.0.0.1:${full.port}`, `127.0.0.1:${other.port}`])
   // Opened directly: nginx does not count it, and keeps sending streams to the full gateway.
   const filler = await openStream(`${full.url}/v1/stream?token=${userToken('filler')}`, { t })
   t.equal(filler.status, 200)
+  return { full, other, nginx, filler }
+}
+
+t.test('through nginx, a stream one gateway refuses with 503 (here: MAX_CONNECTIONS reached) is opened on the other, since EventSource never retries a 503', async (t) => {
+  if (!(await haveNginx(t)) || !(await needRedis(t))) return
+  const { full, nginx } = await oneGatewayFull(t, 'nginx-503')
   const refused = await request(`${full.url}/v1/stream?token=${userToken('direct')}`)
   t.equal(refused.status, 503, 'the full gateway refuses streams')
   const statuses: number[] = []
@@ -419,13 +429,8 @@ t.test('through nginx, a stream one gateway refuses with 503 (here: MAX_CONNECTI
 
 t.test('through nginx, a gateway that once refused a stream is not shut out: with the other one gone, new streams still open on it', async (t) => {
   if (!(await haveNginx(t)) || !(await needRedis(t))) return
-  const prefix = uniquePrefix('nginx-fails')
-  const once = await startGatewayProcess(t, prefix, { MAX_CONNECTIONS: '1' })
-  const other = await startGatewayProcess(t, prefix, {})
-  const nginx = await startNginx(t, [`127.0.0.1:${once.port}`, `127.0.0.1:${other.port}`])
-  // Full for a moment, as a restarting or draining gateway is: it answers 503, and nginx asks the other.
-  const filler = await openStream(`${once.url}/v1/stream?token=${userToken('filler')}`, { t })
-  t.equal(filler.status, 200)
+  // Full for a moment: nginx asks the other gateway.
+  const { full: once, other, nginx, filler } = await oneGatewayFull(t, 'nginx-fails')
   for (let index = 0; index < 2; index++) {
     const stream = await openStream(`${nginx.url}/v1/stream?token=${userToken(`early-${index}`)}`, { t })
     t.equal(stream.status, 200, 'opened on the other gateway')
