@@ -301,3 +301,23 @@ t.test('a command on a connection whose socket has just gone, before ioredis has
   const error = await commands.run('INIT', [uniquePrefix('lost')]).then(() => null, (caught: unknown) => caught)
   t.ok(error instanceof StoreUnavailableError, `refused as unavailable (${String(error)})`)
 })
+
+t.test('the subscriber dropped again before Redis answers its resubscription: nothing is left unhandled (an unhandled rejection would end the process), and delivery resumes', async (t) => {
+  if (!(await needRedis(t))) return
+  const { proxy, viaProxy, direct } = await proxiedCluster(t, { REDIS_PREFIX: uniquePrefix('resub') })
+  const { stream } = await openConnected(`${viaProxy.url}/v1/stream?token=${userToken('u1')}`, { t })
+  const unhandled: string[] = []
+  const note = (reason: unknown): void => { unhandled.push(String(reason)) }
+  process.on('unhandledRejection', note)
+  t.teardown(() => { process.off('unhandledRejection', note) })
+
+  proxy.holdSubscribes()
+  proxy.cut('sse-gateway-sub')
+  await eventually(() => proxy.heldSubscribers > 0, 'a resubscription held back from Redis')
+  proxy.cut('sse-gateway-sub')
+  proxy.releaseSubscribes()
+  await eventually(() => viaProxy.app.bus.isReady(), 'the subscription back')
+  const [id] = await publishOk(direct.url, publisher, { to: { user: 'u1' }, event: 'after', data: 1 })
+  t.equal((await stream.nextEvent('after', 10_000)).id, id, 'delivered after the two drops')
+  t.same(unhandled, [], 'no rejection left unhandled')
+})

@@ -23,6 +23,11 @@ export function redisOptions (): RedisOptions {
     // turning resending off alone would leave them hanging.)
     maxRetriesPerRequest: 0,
     autoResendUnfulfilledCommands: false,
+    // The bus, the shared state and the ingress subscribe again on every
+    // 'ready' themselves. ioredis's own resubscription leaves its promises
+    // unhandled: a connection dropped again before Redis answered it made an
+    // unhandled rejection, which ends a Node process.
+    autoResubscribe: false,
     // Reconnect forever, backing off to 2 s between attempts.
     retryStrategy: (attempt) => Math.min(100 * attempt, 2000),
     lazyConnect: true,
