@@ -86,6 +86,9 @@ function markStray (this: Socket): void {
   notReusable.add(this)
 }
 
+/** How often closes that Redis could not be told of are logged while it stays unreachable. */
+const UNRECORDED_LOG_EVERY_MS = 60_000
+
 /** The reason of an eviction by the per-user limit (evict-oldest). */
 const LIMIT_EVICTION = 'too many streams for this user'
 /** The reason of an eviction by a newer stream of the same id. */
@@ -150,8 +153,10 @@ export default fp(async (app) => {
   const { config, registry, bus, state } = app
   const hub = new Hub(bus)
   const publisher = new Publisher(bus, state, config.maxPublishChannels)
-  /** Unrecorded closes already logged: per outage (when the bus last heard Redis), and whether draining. */
-  let unrecordedLoggedFor: string | null = null
+  /** When a close that could not be recorded was last logged (performance.now()), and how many since. */
+  let unrecordedLoggedAt = Number.NEGATIVE_INFINITY
+  let unrecordedSince = 0
+  let unrecordedAtShutdownLogged = false
   /** Gives a closed (or refused) stream's id and slot back; a failure is logged, and retried by the Redis state once it reconnects. */
   const recordClose = async (connectionId: string, userId: string, log: FastifyBaseLogger): Promise<void> => {
     try {
@@ -162,13 +167,18 @@ export default fp(async (app) => {
         return
       }
       // Unreachable, every stream that closes fails alike (all of them, at a
-      // shutdown): one line per outage says so, not one per stream.
-      const draining = streams.isDraining
-      const key = `${bus.heardAt()}:${draining}`
-      if (unrecordedLoggedFor === key) return
-      unrecordedLoggedFor = key
-      if (draining) log.warn({ reason: error.message }, 'stream closes not recorded before stopping (Redis unavailable): this instance\'s streams are reaped once it has been silent for INSTANCE_TTL_MS')
-      else log.warn({ reason: error.message }, 'stream closes are recorded once Redis is back')
+      // shutdown): a line a minute says so, not one per stream.
+      if (streams.isDraining) {
+        if (unrecordedAtShutdownLogged) return
+        unrecordedAtShutdownLogged = true
+        log.warn({ reason: error.message }, 'stream closes not recorded before stopping (Redis unavailable): this instance\'s streams are reaped once it has been silent for INSTANCE_TTL_MS')
+        return
+      }
+      unrecordedSince++
+      if (performance.now() - unrecordedLoggedAt < UNRECORDED_LOG_EVERY_MS) return
+      log.warn({ reason: error.message, closes: unrecordedSince }, 'stream closes are recorded once Redis is back')
+      unrecordedLoggedAt = performance.now()
+      unrecordedSince = 0
     }
   }
   const streams = new StreamService(bus, hub, registry, {
