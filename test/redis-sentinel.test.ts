@@ -42,7 +42,8 @@ t.test('through Sentinel: the master is found, and after a failover events are p
     after = await publish(gateway.url, publisher, { to: { user: 'u1' }, event: 'note', data: 2 })
     return after.status === 202
   }, 'a publish accepted after the failover', 20_000, 100)
-  await eventually(async () => (await gatewayConnections(t, group.replica.url)).length === 3, 'the gateway\'s three connections on the new master', 20_000, 100)
+  // Sentinel turns the old master into a replica, closing its clients, once it next reads its INFO (every 10 s): a wait of 10-11 s here.
+  await eventually(async () => (await gatewayConnections(t, group.replica.url)).length === 3, 'the gateway\'s three connections on the new master', 45_000, 100)
 
   const note = await stream.nextEvent('note', 20_000)
   t.same([note.id, note.data], [after.json.id, '2'], 'the event published to the new master arrives on the stream opened before the failover')
