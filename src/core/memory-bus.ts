@@ -77,8 +77,7 @@ export class MemoryBus implements EventBus {
 
   async publishOnce (items: PublishItem[], once: PublishOnce): Promise<OnceOutcome> {
     const now = Date.now()
-    this.forgetOldestOnceKeys((seen) => seen.expiresAt <= now)
-    const seen = this.seenOnce(once)
+    const seen = this.seenOnce(once, now)
     if (seen !== null) return seen
     const ids = this.publishNow(items)
     // Bounded: a publisher sending a new key with every event at a high rate
@@ -91,12 +90,12 @@ export class MemoryBus implements EventBus {
   }
 
   async usedOnce (once: PublishOnce): Promise<OnceOutcome | null> {
-    const now = Date.now()
-    this.forgetOldestOnceKeys((seen) => seen.expiresAt <= now)
-    return this.seenOnce(once)
+    return this.seenOnce(once, Date.now())
   }
 
-  private seenOnce (once: PublishOnce): OnceOutcome | null {
+  /** What the key answers at `now`, keys past their window forgotten first; null when it is unused. */
+  private seenOnce (once: PublishOnce, now: number): OnceOutcome | null {
+    this.forgetOldestOnceKeys((seen) => seen.expiresAt <= now)
     const seen = this.onceKeys.get(once.key)
     if (seen === undefined) return null
     return seen.fingerprint === once.fingerprint ? { kind: 'repeated', ids: seen.ids } : { kind: 'conflict' }

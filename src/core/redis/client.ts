@@ -11,7 +11,6 @@ export function reasonOf (error: unknown): string {
   return error instanceof Error ? error.message : String(error)
 }
 
-
 export function redisOptions (): RedisOptions {
   return {
     // Fail fast while Redis is down instead of queueing commands without bound.
