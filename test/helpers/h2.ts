@@ -7,7 +7,7 @@ import http2, { type ClientHttp2Session, type ClientHttp2Stream, type IncomingHt
 import tls from 'node:tls'
 import { StringDecoder } from 'node:string_decoder'
 import type { TestLike } from './gateway'
-import type { SseEvent } from './sse'
+import { SseReader } from './sse'
 import { Waiters, within } from './wait'
 
 export interface TlsTarget {
@@ -51,26 +51,19 @@ export async function connectH2 (t: TestLike, target: TlsTarget, timeoutMs = 500
   return session
 }
 
-export class H2SseStream {
+export class H2SseStream extends SseReader {
   status = 0
   headers: IncomingHttpHeaders = {}
-  readonly events: SseEvent[] = []
   /** Everything received, decoded as UTF-8. */
   text = ''
   ended = false
   error: Error | null = null
-  lastEventId = ''
 
   private readonly waiters = new Waiters()
   private readonly decoder = new StringDecoder('utf8')
-  private cursor = 0
-  private pending = ''
-  private blockLines: string[] = []
-  private data: string[] = []
-  private eventType = ''
-  private blockId: string | undefined = undefined
 
   constructor (readonly path: string, readonly stream: ClientHttp2Stream) {
+    super()
     stream.on('data', (chunk: Buffer) => this.receive(this.decoder.write(chunk)))
     stream.on('end', () => this.finish())
     stream.on('close', () => this.finish())
@@ -90,41 +83,13 @@ export class H2SseStream {
     }), timeoutMs, `the response head of ${this.path}`)
   }
 
-  /** The next event not yet consumed by `next`/`take` matching `predicate`; it and the ones before it count as consumed. */
-  async next (predicate: (event: SseEvent) => boolean = () => true, timeoutMs = 5000, what = 'an event'): Promise<SseEvent> {
-    let found: SseEvent | undefined
-    await this.until(() => {
-      for (let index = this.cursor; index < this.events.length; index++) {
-        if (predicate(this.events[index])) {
-          found = this.events[index]
-          this.cursor = index + 1
-          return true
-        }
-      }
-      return false
-    }, timeoutMs, what)
-    return found as SseEvent
-  }
-
-  async nextEvent (name: string, timeoutMs = 5000): Promise<SseEvent> {
-    return await this.next((event) => event.event === name, timeoutMs, `event "${name}"`)
-  }
-
-  /** The next `count` events, whatever they are. */
-  async take (count: number, timeoutMs = 5000): Promise<SseEvent[]> {
-    const from = this.cursor
-    await this.until(() => this.events.length >= from + count, timeoutMs, `${count} events`)
-    this.cursor = from + count
-    return this.events.slice(from, from + count)
-  }
-
   /** Cancels the stream (RST_STREAM), as a browser does when a tab closes; the session stays. */
   close (): void {
     if (!this.stream.closed) this.stream.close(http2.constants.NGHTTP2_CANCEL)
     this.finish()
   }
 
-  private async until (check: () => boolean, timeoutMs: number, what: string): Promise<void> {
+  async until (check: () => boolean, timeoutMs = 5000, what = 'a condition'): Promise<void> {
     await this.waiters.until(check, {
       timeoutMs,
       what: `${what} on ${this.path.replace(/token=[^&]*/, 'token=…')}`,
@@ -142,39 +107,8 @@ export class H2SseStream {
 
   private receive (chunk: string): void {
     this.text += chunk
-    const lines = (this.pending + chunk).split(/\r\n|\r|\n/)
-    this.pending = lines.pop() ?? ''
-    for (const line of lines) this.line(line)
+    this.parse(chunk, false)
     this.waiters.wake()
-  }
-
-  private line (line: string): void {
-    if (line === '') {
-      this.dispatch()
-      return
-    }
-    this.blockLines.push(line)
-    if (line.startsWith(':')) return
-    const colon = line.indexOf(':')
-    const field = colon === -1 ? line : line.slice(0, colon)
-    const value = colon === -1 ? '' : line.slice(colon + 1).replace(/^ /, '')
-    if (field === 'event') this.eventType = value
-    else if (field === 'data') this.data.push(value)
-    else if (field === 'id' && !value.includes('\u0000')) {
-      this.lastEventId = value
-      this.blockId = value
-    }
-  }
-
-  private dispatch (): void {
-    const raw = this.blockLines.join('\n')
-    const { data, eventType, blockId } = this
-    this.blockLines = []
-    this.data = []
-    this.eventType = ''
-    this.blockId = undefined
-    if (data.length === 0) return
-    this.events.push({ id: blockId, event: eventType === '' ? 'message' : eventType, data: data.join('\n'), raw, lastEventId: this.lastEventId })
   }
 }
 

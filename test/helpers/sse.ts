@@ -44,26 +44,20 @@ export function closeAllStreams (): void {
   for (const client of [...openClients]) client.close()
 }
 
-export class SseClient {
-  status = 0
-  headers: http.IncomingHttpHeaders = {}
+/**
+ * A response body read as a browser's EventSource reads it, with the events
+ * consumed in order by `next`/`take`. The transport (HTTP/1.1 here, HTTP/2 in
+ * h2.ts) feeds it text and says how to wait.
+ */
+export abstract class SseReader {
   /** Every event dispatched so far, in order. */
   readonly events: SseEvent[] = []
   /** Comment lines (without the leading `:` and one space). */
   readonly comments: string[] = []
   /** Values of valid `retry:` fields. */
   readonly retries: number[] = []
-  /** Everything received, decoded as UTF-8 (for a non-200 answer: its body). */
-  text = ''
-  ended = false
-  error: Error | null = null
   lastEventId = ''
-  socket: Socket | null = null
 
-  private readonly request: http.ClientRequest
-  private response: http.IncomingMessage | null = null
-  private readonly decoder = new StringDecoder('utf8')
-  private readonly waiters = new Waiters()
   /** Index of the first event `next` has not consumed. */
   private cursor = 0
   // Parser state.
@@ -74,77 +68,8 @@ export class SseClient {
   private eventType = ''
   private blockId: string | undefined = undefined
 
-  constructor (readonly url: string, private readonly options: OpenStreamOptions) {
-    this.request = http.request(url, {
-      method: 'GET',
-      agent: false,
-      headers: {
-        accept: 'text/event-stream',
-        'cache-control': 'no-cache',
-        connection: 'keep-alive',
-        ...options.headers
-      }
-    })
-    this.request.on('socket', (socket: Socket) => {
-      this.socket = socket
-    })
-    // Once a response exists, its own events end the stream.
-    this.request.on('error', (error) => {
-      if (this.response === null) this.finish(error)
-      else this.error ??= error
-    })
-    this.request.on('close', () => {
-      if (this.response === null) this.finish()
-    })
-    this.request.end()
-    openClients.add(this)
-  }
-
-  /** Resolves once the head arrived (and, for a non-200 answer, the whole body). */
-  async ready (): Promise<void> {
-    const timeoutMs = this.options.timeoutMs ?? DEFAULT_TIMEOUT_MS
-    await new Promise<void>((resolve, reject) => {
-      const timer = setTimeout(() => {
-        this.close()
-        reject(new Error(`no answer from ${this.url} within ${timeoutMs} ms`))
-      }, timeoutMs)
-      const settle = (error?: Error): void => {
-        clearTimeout(timer)
-        if (error !== undefined) reject(error)
-        else resolve()
-      }
-      this.request.once('error', (error) => settle(error))
-      this.request.once('response', (response: http.IncomingMessage) => {
-        this.response = response
-        this.status = response.statusCode ?? 0
-        this.headers = response.headers
-        response.on('data', (chunk: Buffer) => this.receive(this.decoder.write(chunk)))
-        response.on('end', () => this.finish())
-        response.on('error', (error) => this.finish(error))
-        response.on('close', () => this.finish())
-        if (this.status === 200) settle()
-        else {
-          this.until(() => this.ended, timeoutMs, 'the end of the answer').then(() => settle(), settle)
-        }
-      })
-    })
-  }
-
-  /** The body of a non-stream answer, parsed. */
-  json<T = Record<string, unknown>> (): T {
-    return JSON.parse(this.text) as T
-  }
-
   /** Resolves when `check` holds; rejects when the stream ends first or after `timeoutMs`. */
-  async until (check: () => boolean, timeoutMs = DEFAULT_TIMEOUT_MS, what = 'a condition'): Promise<void> {
-    await this.waiters.until(check, {
-      timeoutMs,
-      what,
-      describe: () => this.describe(),
-      gaveUp: () => this.ended ? 'stream ended' : null
-    })
-  }
-
+  abstract until (check: () => boolean, timeoutMs?: number, what?: string): Promise<void>
 
   /**
    * The first event not yet consumed by `next` that matches `predicate`; it and
@@ -185,63 +110,8 @@ export class SseClient {
     return this.events.slice(this.cursor)
   }
 
-  /** Resolves when the server has ended the stream. */
-  async waitEnd (timeoutMs = DEFAULT_TIMEOUT_MS): Promise<void> {
-    await this.until(() => this.ended, timeoutMs, 'the end of the stream')
-  }
-
-  /** Stops reading (the server then meets backpressure). */
-  pause (): void {
-    this.response?.pause()
-  }
-
-  resume (): void {
-    this.response?.resume()
-  }
-
-  /** Closes the stream the way a browser tab does. */
-  close (): void {
-    openClients.delete(this)
-    this.request.destroy()
-    this.response?.destroy()
-    this.finish()
-  }
-
-  /** Drops the connection abruptly with a TCP reset. */
-  reset (): void {
-    openClients.delete(this)
-    if (this.socket !== null && !this.socket.destroyed) this.socket.resetAndDestroy()
-    this.close()
-  }
-
-  private describe (): string {
-    const last = this.events.slice(-3).map((event) => `${event.event}#${event.id ?? '-'}`).join(', ')
-    return `status ${this.status}, ${this.events.length} events${last !== '' ? ` (last: ${last})` : ''}${this.ended ? ', ended' : ''}${this.error !== null ? `, error ${this.error.message}` : ''}`
-  }
-
-  private finish (error?: Error): void {
-    if (error !== undefined && this.error === null) this.error = error
-    if (this.ended) return
-    this.receive(this.decoder.end(), true)
-    this.ended = true
-    openClients.delete(this)
-    this.wake()
-  }
-
-  private wake (): void {
-    this.waiters.wake()
-  }
-
-  private receive (chunk: string, final = false): void {
-    if (chunk === '' && !final) return
-    this.text += chunk
-    if (this.status !== 200) return
-    this.parse(chunk, final)
-    this.wake()
-  }
-
   /** Splits into lines on CRLF, LF or CR, keeping a trailing CR until the next byte is known. */
-  private parse (chunk: string, final: boolean): void {
+  protected parse (chunk: string, final: boolean): void {
     const buffer = this.pending + chunk
     let start = 0
     let cr = buffer.indexOf('\r')
@@ -315,6 +185,149 @@ export class SseClient {
     if (data.endsWith('\n')) data = data.slice(0, -1)
     this.events.push({ id: blockId, event: eventType === '' ? 'message' : eventType, data, raw, lastEventId: this.lastEventId })
   }
+}
+
+export class SseClient extends SseReader {
+  status = 0
+  headers: http.IncomingHttpHeaders = {}
+  /** Everything received, decoded as UTF-8 (for a non-200 answer: its body). */
+  text = ''
+  ended = false
+  error: Error | null = null
+  socket: Socket | null = null
+
+  private readonly request: http.ClientRequest
+  private response: http.IncomingMessage | null = null
+  private readonly decoder = new StringDecoder('utf8')
+  private readonly waiters = new Waiters()
+
+  constructor (readonly url: string, private readonly options: OpenStreamOptions) {
+    super()
+    this.request = http.request(url, {
+      method: 'GET',
+      agent: false,
+      headers: {
+        accept: 'text/event-stream',
+        'cache-control': 'no-cache',
+        connection: 'keep-alive',
+        ...options.headers
+      }
+    })
+    this.request.on('socket', (socket: Socket) => {
+      this.socket = socket
+    })
+    // Once a response exists, its own events end the stream.
+    this.request.on('error', (error) => {
+      if (this.response === null) this.finish(error)
+      else this.error ??= error
+    })
+    this.request.on('close', () => {
+      if (this.response === null) this.finish()
+    })
+    this.request.end()
+    openClients.add(this)
+  }
+
+  /** Resolves once the head arrived (and, for a non-200 answer, the whole body). */
+  async ready (): Promise<void> {
+    const timeoutMs = this.options.timeoutMs ?? DEFAULT_TIMEOUT_MS
+    await new Promise<void>((resolve, reject) => {
+      const timer = setTimeout(() => {
+        this.close()
+        reject(new Error(`no answer from ${this.url} within ${timeoutMs} ms`))
+      }, timeoutMs)
+      const settle = (error?: Error): void => {
+        clearTimeout(timer)
+        if (error !== undefined) reject(error)
+        else resolve()
+      }
+      this.request.once('error', (error) => settle(error))
+      this.request.once('response', (response: http.IncomingMessage) => {
+        this.response = response
+        this.status = response.statusCode ?? 0
+        this.headers = response.headers
+        response.on('data', (chunk: Buffer) => this.receive(this.decoder.write(chunk)))
+        response.on('end', () => this.finish())
+        response.on('error', (error) => this.finish(error))
+        response.on('close', () => this.finish())
+        if (this.status === 200) settle()
+        else {
+          this.until(() => this.ended, timeoutMs, 'the end of the answer').then(() => settle(), settle)
+        }
+      })
+    })
+  }
+
+  /** The body of a non-stream answer, parsed. */
+  json<T = Record<string, unknown>> (): T {
+    return JSON.parse(this.text) as T
+  }
+
+  /** Resolves when `check` holds; rejects when the stream ends first or after `timeoutMs`. */
+  async until (check: () => boolean, timeoutMs = DEFAULT_TIMEOUT_MS, what = 'a condition'): Promise<void> {
+    await this.waiters.until(check, {
+      timeoutMs,
+      what,
+      describe: () => this.describe(),
+      gaveUp: () => this.ended ? 'stream ended' : null
+    })
+  }
+
+  /** Resolves when the server has ended the stream. */
+  async waitEnd (timeoutMs = DEFAULT_TIMEOUT_MS): Promise<void> {
+    await this.until(() => this.ended, timeoutMs, 'the end of the stream')
+  }
+
+  /** Stops reading (the server then meets backpressure). */
+  pause (): void {
+    this.response?.pause()
+  }
+
+  resume (): void {
+    this.response?.resume()
+  }
+
+  /** Closes the stream the way a browser tab does. */
+  close (): void {
+    openClients.delete(this)
+    this.request.destroy()
+    this.response?.destroy()
+    this.finish()
+  }
+
+  /** Drops the connection abruptly with a TCP reset. */
+  reset (): void {
+    openClients.delete(this)
+    if (this.socket !== null && !this.socket.destroyed) this.socket.resetAndDestroy()
+    this.close()
+  }
+
+  private describe (): string {
+    const last = this.events.slice(-3).map((event) => `${event.event}#${event.id ?? '-'}`).join(', ')
+    return `status ${this.status}, ${this.events.length} events${last !== '' ? ` (last: ${last})` : ''}${this.ended ? ', ended' : ''}${this.error !== null ? `, error ${this.error.message}` : ''}`
+  }
+
+  private finish (error?: Error): void {
+    if (error !== undefined && this.error === null) this.error = error
+    if (this.ended) return
+    this.receive(this.decoder.end(), true)
+    this.ended = true
+    openClients.delete(this)
+    this.wake()
+  }
+
+  private wake (): void {
+    this.waiters.wake()
+  }
+
+  private receive (chunk: string, final = false): void {
+    if (chunk === '' && !final) return
+    this.text += chunk
+    if (this.status !== 200) return
+    this.parse(chunk, final)
+    this.wake()
+  }
+
 }
 
 /** Opens a stream; resolves with the head (status, headers) received. */
