@@ -2,6 +2,7 @@ import fp from 'fastify-plugin'
 import type { Server, ServerResponse } from 'node:http'
 import { Socket as NetSocket, type Socket } from 'node:net'
 import type { FastifyBaseLogger, FastifyReply, FastifyRequest } from 'fastify'
+import { slabBytesFor } from '../src/core/arena'
 import { channel } from '../src/core/channels'
 import type { Sink, StreamConnection, StreamKind } from '../src/core/connection'
 import { parseCursor, streamHead, topicAllowed } from '../src/core/framing'
@@ -151,7 +152,7 @@ export function cursorOf (request: FastifyRequest): ReturnType<typeof parseCurso
 
 export default fp(async (app) => {
   const { config, registry, bus, state } = app
-  const hub = new Hub(bus)
+  const hub = new Hub(bus, slabBytesFor(config.maxBufferedBytes))
   const publisher = new Publisher(bus, state, config.maxPublishChannels)
   /** When a close that could not be recorded was last logged (performance.now()), and how many since. */
   let unrecordedLoggedAt = Number.NEGATIVE_INFINITY

@@ -7,14 +7,28 @@
  * A slab lives as long as any view of it: pending writes, replay buffers and
  * Node's queue of a socket. A socket already behind gets copies (see
  * StreamConnection.flush), but the one write that falls behind can still hold
- * its slab until the client reads or the socket closes; slabs are therefore
- * the size of Node's own Buffer pool (8 KB), which a pooled frame would hold
- * in the same place.
+ * its slab until the client reads or the socket closes: a slow stream may pin
+ * one slab beyond its MAX_BUFFERED_BYTES, so slabs are sized from that bound
+ * (see slabBytesFor).
  *
  * Each placed frame gets a number, `placement`; frames with consecutive
  * numbers lie back to back. Streams compare these integers per delivery
  * rather than asking each Buffer for its ArrayBuffer, which V8 answers in C++.
  */
+const MIN_SLAB_BYTES = 8 * 1024
+const MAX_SLAB_BYTES = 64 * 1024
+
+/**
+ * The slab size for streams that may hold `maxBufferedBytes` unsent: a
+ * sixteenth of it, from 8 KB (Node's own Buffer pool, which a pooled frame
+ * would pin alike) to 64 KB. A run that reaches a slab's end is written as a
+ * concatenated copy; in a burst to 10k streams, 8 KB slabs made that about
+ * every other write, and the copies' garbage doubled S2's p99 (bench/README.md).
+ */
+export function slabBytesFor (maxBufferedBytes: number): number {
+  return Math.min(MAX_SLAB_BYTES, Math.max(MIN_SLAB_BYTES, Math.floor(maxBufferedBytes / 16)))
+}
+
 /** Frames from elsewhere carry this placement: nothing ever follows it. */
 export const NOT_PLACED = -2
 
@@ -31,7 +45,7 @@ export class FrameArena {
   /** Whether the next frame that fits goes right after the last one placed. */
   private slabContinues = false
 
-  constructor (private readonly slabBytes = 8 * 1024) {
+  constructor (private readonly slabBytes = MIN_SLAB_BYTES) {
     this.slab = Buffer.allocUnsafeSlow(slabBytes)
   }
 

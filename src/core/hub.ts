@@ -12,9 +12,11 @@ import { Groups } from './groups'
 export class Hub {
   private readonly members = new Groups<StreamConnection>()
   private readonly listening = new Map<string, Promise<void>>()
-  private readonly arena = new FrameArena()
+  private readonly arena: FrameArena
 
-  constructor (private readonly bus: EventBus) {
+  /** `slabBytes`: see slabBytesFor. */
+  constructor (private readonly bus: EventBus, slabBytes?: number) {
+    this.arena = new FrameArena(slabBytes)
     bus.onDelivery((name, id, frame) => {
       const members = this.members.lookup(name)
       if (members === undefined) return
