@@ -83,3 +83,53 @@ t.test('an entry whose handling keeps failing for a reason of its own is set asi
   t.match(dead[0][1].slice(4), ['error', /^RangeError: Maximum call stack size exceeded/], 'and the error')
   await redis.del(`${key}:dead`)
 })
+
+t.test('an entry whose publish meets a key of the wrong type is set aside after 5 tries and the ones behind it flow; the same error right after one set aside is waited out', async (t) => {
+  if (!(await needRedis(t))) return
+  const redis = redisClient(t)
+  const prefix = uniquePrefix('durwrongtype')
+  const key = `${prefix}ingress`
+  // What an operator's stray write can leave where the gateway keeps a sorted set.
+  const clobbered = `${prefix}h:topic:clobbered`
+  await redis.set(clobbered, 'not a sorted set')
+  t.teardown(async () => await redis.del(clobbered, `${key}:dead`))
+  const reader = new Redis(REDIS_URL, { ...redisOptions(), connectionName: 'durable-ingress-test' })
+  reader.on('error', () => {})
+  await reader.connect()
+  const errors: string[] = []
+  const ingress = new DurableIngress(reader, key, 'holder', { isLeader: true }, { info: () => {}, warn: () => {}, error: (_obj, msg) => errors.push(msg) })
+  t.teardown(async () => await ingress.stop())
+  const tries = new Map<string, number>()
+  const handled: string[] = []
+  const dropped: string[] = []
+  const waiters = new Waiters()
+  ingress.onDropped((entryId) => dropped.push(entryId))
+  ingress.onMessage(async (payload) => {
+    const name = payload ?? ''
+    const tried = (tries.get(name) ?? 0) + 1
+    tries.set(name, tried)
+    if (name.startsWith('wrongtype')) {
+      // The operator repairs the key while the third one waits.
+      if (name === 'wrongtype-3' && tried === 8) await redis.del(clobbered)
+      await redis.zadd(clobbered, 1, name)
+    }
+    handled.push(name)
+    waiters.wake()
+  })
+  const first = await redis.xadd(key, '*', 'payload', 'wrongtype-1')
+  await redis.xadd(key, '*', 'payload', 'after-1')
+  const second = await redis.xadd(key, '*', 'payload', 'wrongtype-2')
+  await redis.xadd(key, '*', 'payload', 'wrongtype-3')
+  await redis.xadd(key, '*', 'payload', 'after-2')
+  await waiters.until(() => handled.includes('after-2'), { timeoutMs: 40_000, what: 'the last entry', describe: () => JSON.stringify([...tries]) })
+  t.same(handled, ['after-1', 'wrongtype-3', 'after-2'], 'the others, in order')
+  t.equal(tries.get('wrongtype-1'), 5, 'the first was tried 5 times')
+  t.equal(tries.get('wrongtype-2'), 5, 'so was the second: an entry went through between them')
+  t.equal(tries.get('wrongtype-3'), 8, 'the third, right after the second was set aside for the same error, until the key was repaired')
+  t.same(dropped, [first, second], 'only the first two were set aside')
+  t.same(errors, ['durable ingress entry set aside: its handling kept failing', 'durable ingress entry set aside: its handling kept failing'])
+  const dead = await redis.xrange(`${key}:dead`, '-', '+') as Array<[string, string[]]>
+  t.same(dead.map(([, fields]) => fields.slice(0, 4)), [['payload', 'wrongtype-1', 'entry', first], ['payload', 'wrongtype-2', 'entry', second]], 'both wait in the dead-letter stream')
+  t.match(dead[0][1].slice(4), ['error', /^ReplyError: WRONGTYPE/], 'with Redis\'s error')
+  t.equal(await redis.xlen(key), 0, 'every entry deleted from the ingress')
+})

@@ -232,11 +232,24 @@ const DURABLE_MAX_ATTEMPTS = 5
 const DURABLE_BLOCK_MS = 1000
 
 /**
+ * Redis errors that say Redis as a whole takes no such command now (memory,
+ * permissions, a replica or a master going away, loading, a busy script):
+ * every entry would fail alike until it passes.
+ */
+const REDIS_WIDE_ERROR = /^(OOM|NOPERM|NOAUTH|WRONGPASS|READONLY|MASTERDOWN|LOADING|BUSY|MISCONF|NOREPLICAS|CLUSTERDOWN|TRYAGAIN|MOVED|ASK|NOSCRIPT|UNBLOCKED|EXECABORT)\b|^ERR max number of clients/
+
+/**
  * Gets each entry's `payload` field, or null for an entry without one (it is
  * still acknowledged), and the key to publish it once with (PUBLISH_ONCE's,
  * without the prefix).
  */
 export type DurableHandler = (payload: string | null, onceKey: string) => Promise<void>
+
+/** The message of an error Redis answered, or null for any other error. */
+function replyMessage (error: unknown): string | null {
+  // ioredis types ReplyError loosely: instanceof does not narrow it.
+  return error instanceof ReplyError ? (error as Error).message : null
+}
 
 // Fields come as [name, value, name, value…]: a value may be the word "payload".
 function payloadOf (fields: string[]): string | null {
@@ -262,6 +275,8 @@ export class DurableIngress {
   private handler: DurableHandler = async () => {}
   private droppedListener: (entryId: string) => void = () => {}
   private failing = { entryId: '', attempts: 0 }
+  /** The Redis error of the entry set aside last, until an entry goes through. */
+  private setAsideFor: string | null = null
   private readonly loop: Promise<void>
 
   constructor (
@@ -374,6 +389,7 @@ export class DurableIngress {
       const onceKey = `ingress:${entryId}`
       try {
         await this.handler(payloadOf(fields), onceKey)
+        this.setAsideFor = null
       } catch (error) {
         if (!this.givesUp(entryId, error)) throw error
         await this.setAside(entryId, fields, error)
@@ -388,13 +404,22 @@ export class DurableIngress {
   /**
    * Whether a failed entry is set aside rather than tried again. Entries go
    * out in order, so one that can never be handled would hold up every later
-   * one for good. Only an error of the gateway's own counts (a stack
-   * overflow, say): anything Redis answers (out of memory, a wrong key type,
-   * an ACL) or Redis being away would fail every entry alike, and is waited
-   * out, however long, rather than emptying the stream.
+   * one for good; and a publish script that fails on one of its channels
+   * has already published on the ones before it, again at every try.
+   *
+   * Waited out, however long, rather than emptying the stream: Redis being
+   * away, and what it answers when it takes no such command at all (out of
+   * memory, an ACL). An error of the gateway's own (a stack overflow, say)
+   * or a Redis error of the entry's own (a key of the wrong type among its
+   * channels, which an operator's write can leave) counts toward setting it
+   * aside; but the same Redis error right after an entry was set aside for
+   * it (nothing handled since) more likely comes from a key every entry
+   * uses, and is waited out.
    */
   private givesUp (entryId: string, error: unknown): boolean {
-    if (error instanceof StoreUnavailableError || error instanceof ReplyError) return false
+    if (error instanceof StoreUnavailableError) return false
+    const redisError = replyMessage(error)
+    if (redisError !== null && (REDIS_WIDE_ERROR.test(redisError) || redisError === this.setAsideFor)) return false
     if (this.failing.entryId !== entryId) this.failing = { entryId, attempts: 0 }
     return ++this.failing.attempts >= DURABLE_MAX_ATTEMPTS
   }
@@ -403,6 +428,7 @@ export class DurableIngress {
   private async setAside (entryId: string, fields: string[], error: unknown): Promise<void> {
     const reason = error instanceof Error ? `${error.name}: ${error.message}` : String(error)
     await this.reader.xadd(`${this.key}:dead`, '*', ...fields, 'entry', entryId, 'error', reason.slice(0, 500))
+    this.setAsideFor = replyMessage(error)
     this.log.error({ err: error, entry: entryId, attempts: this.failing.attempts, deadLetter: `${this.key}:dead` }, 'durable ingress entry set aside: its handling kept failing')
     this.droppedListener(entryId)
   }
