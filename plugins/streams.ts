@@ -206,8 +206,9 @@ export default fp(async (app) => {
         events: connection.eventsSent,
         bytes: connection.bytesSent
       }, 'stream closed')
-      // Releasing a replaced stream's id would release the stream that holds it now.
-      if (connection.replaced) return
+      // Releasing a replaced stream's id would release the stream that holds
+      // it now (or that a pending reopen is about to hold).
+      if (connection.replaced || connection.pendingReopens > 0) return
       void recordClose(connection.id, connection.userId, app.log)
     },
     replayed: (_connection, count) => app.metrics.replayed(count),
@@ -318,15 +319,16 @@ export default fp(async (app) => {
     let counted = true
     // Its own record: two opens of one id (a reopen racing another) each keep theirs.
     const pending: { evictedFor: string | null } = { evictedFor: null }
+    // A reopened stream id held by a live stream (a tab the browser has not
+    // noticed is dead, maybe on another instance) moves to this request once
+    // it is admitted: the holder keeps its slot until then (admission does
+    // not count it), so a refused reopen leaves it be, and a new stream of
+    // the user cannot take the slot between the holder's close and this
+    // admission. Here, registering this stream replaces it; elsewhere, its
+    // instance is told below.
+    const previous = options.windowChannels !== undefined ? registry.get(options.connectionId) : undefined
+    if (previous !== undefined) previous.pendingReopens++
     try {
-      if (options.windowChannels !== undefined) {
-        // A reopened stream id held by a live stream (a tab the browser has not
-        // noticed is dead, maybe on another instance) moves to this request.
-        const previous = registry.get(options.connectionId)
-        const message: ControlMessage = { type: 'evict', connectionId: options.connectionId, reason: REOPENED, instance: null }
-        if (previous !== undefined) streams.close(previous, 'evicted', 'evicted', { reason: message.reason })
-        else await state.broadcastControl(message)
-      }
       admittedNotRegistered.set(options.connectionId, pending)
       const admission = await state.admit({
         connectionId: options.connectionId,
@@ -346,7 +348,8 @@ export default fp(async (app) => {
         if (local !== undefined) streams.close(local, 'evicted', 'evicted', { reason: message.reason })
         else await state.broadcastControl(message)
       }
-      // Reopens of this id racing on other instances: the id is this one's now.
+      // The id's holders on other instances (a live one, or reopens racing
+      // this one): the id is this one's now.
       if (admission.replacedOn.length > 0) {
         await Promise.all(admission.replacedOn.map(async (instance) => {
           await state.broadcastControl({ type: 'evict', connectionId: options.connectionId, reason: REOPENED, instance })
@@ -409,6 +412,11 @@ export default fp(async (app) => {
     } finally {
       if (counted) opening--
       if (admittedNotRegistered.get(options.connectionId) === pending) admittedNotRegistered.delete(options.connectionId)
+      // Not replaced by this open (refused, or ended before registering), the
+      // holder's own close, if it came meanwhile, gives back what it held.
+      if (previous !== undefined && --previous.pendingReopens === 0 && previous.closed && !previous.replaced && registry.get(options.connectionId) === undefined) {
+        void recordClose(previous.id, previous.userId, request.log)
+      }
     }
   })
 

@@ -4,6 +4,9 @@ import {
   eventually, forEachMode, openConnected, openStream, publishOk, publisherToken, startCluster, userToken,
   type SseClient
 } from './helpers'
+import { startGateway } from './helpers/gateway'
+import { modeEnv } from './helpers/modes'
+import { uniquePrefix } from './helpers/redis'
 
 const publisher = publisherToken()
 
@@ -212,3 +215,83 @@ forEachMode(t, 'evict-oldest, one stream per user, six opens at once across two 
     for (const stream of streams) stream.close()
   }
 }, ['redis'])
+
+/**
+ * A new stream of the user opened while a reopen of a live id waits on its
+ * admission (the real one, held until that open has been answered): the
+ * id's holder keeps its slot until the reopen is admitted, so the new stream
+ * is refused and the reopen takes the id. Were the holder closed first, the
+ * new stream would take its slot and the reopen would be refused, leaving
+ * the user without the stream it reopened.
+ */
+forEachMode(t, 'reject at the limit: a reopen of a live id keeps the holder\'s slot against a new stream opened while it is admitted', async (t, mode) => {
+  const gateways = await startCluster(t, mode, mode === 'redis' ? 2 : 1, { MAX_CONNECTIONS_PER_USER: '1', CONNECTION_LIMIT_POLICY: 'reject' })
+  const holderGateway = gateways[0]
+  const reopenGateway = gateways[gateways.length - 1]
+  const { stream: holder, connected } = await openConnected(streamUrl(holderGateway.url, 'u1'), { t })
+  const state = reopenGateway.app.state
+  const admit = state.admit.bind(state)
+  let newcomer: SseClient | null = null
+  state.admit = async (request) => {
+    state.admit = admit
+    newcomer = await openStream(streamUrl(holderGateway.url, 'u1'), { t })
+    return await admit(request)
+  }
+  t.teardown(() => {
+    state.admit = admit
+  })
+  const reopened = await openStream(`${reopenGateway.url}/v1/stream/${connected.connectionId}?token=${userToken('u1')}`, { t })
+  t.equal(reopened.status, 200, 'the reopen is admitted')
+  if (newcomer === null) throw new Error('the reopen was never admitted')
+  assertRefused(t, newcomer, 429, 'Too Many Requests')
+  await assertEvicted(t, holder)
+  const [id] = await publishOk(holderGateway.url, publisher, { to: { user: 'u1' }, event: 'after', data: 'x' })
+  t.equal((await reopened.nextEvent('after')).id, id, 'the reopened stream receives')
+  await eventually(() => gateways.reduce((sum, gateway) => sum + gateway.app.registry.ofUser('u1').length, 0) === 1, 'one stream of u1 left')
+})
+
+forEachMode(t, 'a reopen refused by the limit leaves the id\'s holder on another instance open and receiving', async (t) => {
+  // Two instances with different limits: the holder and another tab fit A's
+  // limit of 2, the reopen on B is held to B's limit of 1.
+  const prefix = uniquePrefix('reopenrefused')
+  const a = await startGateway(t, modeEnv('redis', prefix, { MAX_CONNECTIONS_PER_USER: '2', CONNECTION_LIMIT_POLICY: 'reject' }))
+  const b = await startGateway(t, modeEnv('redis', prefix, { MAX_CONNECTIONS_PER_USER: '1', CONNECTION_LIMIT_POLICY: 'reject' }))
+  const { stream: holder, connected } = await openConnected(streamUrl(a.url, 'u1'), { t })
+  const { stream: other } = await openConnected(streamUrl(a.url, 'u1'), { t })
+  const refused = await openStream(`${b.url}/v1/stream/${connected.connectionId}?token=${userToken('u1')}`, { t })
+  assertRefused(t, refused, 429, 'Too Many Requests')
+  const [id] = await publishOk(b.url, publisher, { to: { user: 'u1' }, event: 'after', data: 'x' })
+  t.equal((await holder.nextEvent('after')).id, id, 'the holder still receives')
+  t.equal((await other.nextEvent('after')).id, id)
+  t.notOk(holder.ended, 'the holder stays open')
+  t.notOk(holder.events.some((event) => event.event === 'evicted'), 'the holder was not evicted')
+  t.equal(a.app.registry.ofUser('u1').length, 2)
+}, ['redis'])
+
+forEachMode(t, 'a holder that closes while a reopen of its id is refused gives its slot back', async (t, mode) => {
+  const [gateway] = await startCluster(t, mode, 1, { MAX_CONNECTIONS_PER_USER: '1', CONNECTION_LIMIT_POLICY: 'reject' })
+  const { url, app } = gateway
+  const { stream: holder, connected } = await openConnected(streamUrl(url, 'u1'), { t })
+  const state = app.state
+  const admit = state.admit.bind(state)
+  // The holder's tab goes away while the reopen waits, and the reopen is refused.
+  state.admit = async () => {
+    state.admit = admit
+    holder.close()
+    await eventually(() => app.registry.get(connected.connectionId) === undefined, 'the holder to close')
+    return { admitted: false }
+  }
+  t.teardown(() => {
+    state.admit = admit
+  })
+  const refused = await openStream(`${url}/v1/stream/${connected.connectionId}?token=${userToken('u1')}`, { t })
+  assertRefused(t, refused, 429, 'Too Many Requests')
+  let next: SseClient | null = null
+  await eventually(async () => {
+    const stream = await openStream(streamUrl(url, 'u1'), { t })
+    if (stream.status === 200) next = stream
+    else stream.close()
+    return stream.status === 200
+  }, 'a slot for u1 again')
+  t.ok(next, 'the closed holder\'s slot is free')
+})

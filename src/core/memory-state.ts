@@ -40,9 +40,11 @@ export class MemoryState implements SharedState {
   async admit (request: AdmitRequest): Promise<Admission> {
     let live = this.liveByUser.get(request.userId)
     let evict: string | null = null
-    if (live !== undefined && live.size >= request.limit) {
+    // A reopened id takes its live holder's place: the holder does not count against the limit.
+    const others = live === undefined ? 0 : live.size - (live.has(request.connectionId) ? 1 : 0)
+    if (live !== undefined && others >= request.limit) {
       if (request.policy === 'reject') return { admitted: false }
-      evict = oldest(live)
+      evict = oldest(live, request.connectionId)
       if (evict !== null) live.delete(evict)
     }
     const wasOnline = (live !== undefined && live.size > 0) || evict !== null || this.graceTimers.has(request.userId)
@@ -232,11 +234,11 @@ export class MemoryState implements SharedState {
   }
 }
 
-function oldest (live: Map<string, number>): string | null {
+function oldest (live: Map<string, number>, except: string): string | null {
   let found: string | null = null
   let at = Infinity
   for (const [connectionId, openedAt] of live) {
-    if (openedAt < at) {
+    if (openedAt < at && connectionId !== except) {
       found = connectionId
       at = openedAt
     }
