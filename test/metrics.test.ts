@@ -208,3 +208,19 @@ forEachMode(t, 'sse_redis_up turns 0 while Redis is down and 1 again once it is 
   await eventually(async () => metricValue(await scrape(gateway.url), 'sse_redis_up') === 1, 'sse_redis_up 1 again', 15_000, 100)
   t.pass('back: 1')
 }, ['redis'])
+
+t.test('the event-loop lag summary stays finite when a scrape follows another before the loop ran', async (t) => {
+  const { app } = await startGateway(t)
+  await new Promise((resolve) => setTimeout(resolve, 50))
+  const lagOf = (text: string): Map<string, number> => new Map(parseMetrics(text)
+    .filter((sample) => /^sse_gateway_nodejs_eventloop_lag_(min|max|mean|stddev|p50|p90|p99)_seconds$/.test(sample.name))
+    .map((sample) => [sample.name, sample.value]))
+  const first = lagOf(await app.metrics.registry.metrics())
+  // No timer can fire between the two: the delay histogram has no new sample.
+  const second = lagOf(await app.metrics.registry.metrics())
+  t.equal(second.size, 7, 'all seven lag gauges are there')
+  for (const [name, value] of second) {
+    t.ok(Number.isFinite(value) && value >= 0 && value < 60, `${name} is a delay (${value})`)
+    t.equal(value, first.get(name), `${name} keeps the last scrape's value`)
+  }
+})
