@@ -60,6 +60,23 @@ function cookieValue (request: FastifyRequest, name: string): string | null {
   return null
 }
 
+/**
+ * A claim by name, or, when no claim has that name and it has dots, by path
+ * into nested claims: `user.id` reads `{"user":{"id":…}}`, as tokens signed
+ * with `{ user: { id } }` (a common Express pattern) carry the user id.
+ * Own properties only: a path never reaches into an object's prototype.
+ */
+function claimAt (claims: Claims, name: string): unknown {
+  if (Object.hasOwn(claims, name)) return claims[name]
+  if (!name.includes('.')) return undefined
+  let value: unknown = claims
+  for (const key of name.split('.')) {
+    if (typeof value !== 'object' || value === null || Array.isArray(value) || !Object.hasOwn(value, key)) return undefined
+    value = (value as Record<string, unknown>)[key]
+  }
+  return value
+}
+
 function rolesOf (claims: Claims): Set<string> {
   const roles = new Set<string>()
   if (Array.isArray(claims.roles)) for (const role of claims.roles) if (typeof role === 'string') roles.add(role)
@@ -206,7 +223,7 @@ export default fp(async (app) => {
       request.log.debug({ code: (error as { code?: string }).code, reason: (error as Error).message }, 'token rejected')
       throw unauthorized(failureReason(error as { code?: string }))
     }
-    const userId = [claims[config.jwtUserClaim], claims.userId, claims.id].find(
+    const userId = [claimAt(claims, config.jwtUserClaim), claims.userId, claims.id].find(
       (value) => (typeof value === 'string' && value !== '') || typeof value === 'number'
     )
     if (userId === undefined || String(userId).length > 256) throw unauthorized('no-user', 'token has no user id claim')

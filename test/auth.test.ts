@@ -238,6 +238,21 @@ t.test('the user id comes from JWT_USER_CLAIM (default sub), falling back to use
     const withId = token({ sub: 'from-sub', id: 'from-id' })
     t.equal(await connectedUser(t, await openStream(`${url}/v1/stream?token=${withId}`, { t })), 'from-id')
   })
+  t.test('JWT_USER_CLAIM=user.id reads a nested claim ({"user":{"id"}}); a claim named user.id wins; no such path falls back', async (t) => {
+    const { url } = await startGateway(t, { JWT_USER_CLAIM: 'user.id' })
+    const nested = token({ user: { id: 'from-nested' }, sub: 'from-sub' })
+    t.equal(await connectedUser(t, await openStream(`${url}/v1/stream?token=${nested}`, { t })), 'from-nested')
+    const numeric = token({ user: { id: 42 } })
+    t.equal(await connectedUser(t, await openStream(`${url}/v1/stream?token=${numeric}`, { t })), '42')
+    const dotted = token({ 'user.id': 'from-dotted', user: { id: 'from-nested' } })
+    t.equal(await connectedUser(t, await openStream(`${url}/v1/stream?token=${dotted}`, { t })), 'from-dotted')
+    const noPath = token({ user: 'not-an-object', userId: 'from-userId' })
+    t.equal(await connectedUser(t, await openStream(`${url}/v1/stream?token=${noPath}`, { t })), 'from-userId')
+    const emptyUser = token({ user: {}, sub: 'from-sub' })
+    const refused = await openStream(`${url}/v1/stream?token=${emptyUser}`, { t })
+    t.equal(refused.status, 401, 'no user id at the path, nor userId or id: 401')
+    t.match(refused.json(), { statusCode: 401, error: 'Unauthorized' })
+  })
 })
 
 t.test('tokens never appear in any log line', async (t) => {
