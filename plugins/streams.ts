@@ -282,20 +282,30 @@ export default fp(async (app) => {
   state.onControl(async (message) => {
     if (message.type === 'topics') return await applyTopics(message)
     if (message.instance !== null && message.instance !== state.instanceId) return null
-    const connection = registry.get(message.connectionId)
-    if (connection !== undefined) streams.close(connection, 'evicted', 'evicted', { reason: message.reason })
     // The limit's evictions, and a reopen's aimed at this instance, whose
-    // entry in the shared record the newer stream elsewhere already took.
-    // Not an untargeted reopen's: it moves the id to a newer stream, and
-    // closing this one as evicted would give back the id's shared record
-    // that the newer one may hold. (Of two opens of one id here, the one
-    // registered last replaces the other.)
-    else if (message.reason === LIMIT_EVICTION || message.instance !== null) {
-      const pending = admittedNotRegistered.get(message.connectionId)
-      if (pending !== undefined) pending.evictedFor = message.reason
-    }
+    // entry in the shared record the newer stream elsewhere already took,
+    // also end an open of the id still waiting to register. Not an
+    // untargeted reopen's (from an instance of an earlier version): it moves
+    // the id to a newer stream, and closing this one as evicted would give
+    // back the id's shared record that the newer one may hold. (Of two opens
+    // of one id here, the one registered last replaces the other.)
+    evictHere(message.connectionId, message.reason, message.reason === LIMIT_EVICTION || message.instance !== null)
     return null
   })
+
+  /**
+   * Ends this instance's stream of an id that lost its entry in the shared
+   * record, and, with `pendingToo`, the open of the id that has not
+   * registered yet: a fresh one, or a reopen about to replace the stream
+   * (which holds on to it until then, so it is found here first).
+   */
+  const evictHere = (connectionId: string, reason: string, pendingToo: boolean): void => {
+    const connection = registry.get(connectionId)
+    if (connection !== undefined) streams.close(connection, 'evicted', 'evicted', { reason })
+    if (!pendingToo || (connection !== undefined && connection.pendingReopens === 0)) return
+    const pending = admittedNotRegistered.get(connectionId)
+    if (pending !== undefined) pending.evictedFor = reason
+  }
 
   /** Streams past the MAX_CONNECTIONS check that are not in the registry yet. */
   let opening = 0
@@ -344,8 +354,7 @@ export default fp(async (app) => {
       }
       if (admission.evict !== null) {
         const message: ControlMessage = { type: 'evict', connectionId: admission.evict, reason: LIMIT_EVICTION, instance: null }
-        const local = registry.get(admission.evict)
-        if (local !== undefined) streams.close(local, 'evicted', 'evicted', { reason: message.reason })
+        if (registry.get(admission.evict) !== undefined) evictHere(admission.evict, LIMIT_EVICTION, true)
         else await state.broadcastControl(message)
       }
       // The id's holders on other instances (a live one, or reopens racing

@@ -295,3 +295,40 @@ forEachMode(t, 'a holder that closes while a reopen of its id is refused gives i
   }, 'a slot for u1 again')
   t.ok(next, 'the closed holder\'s slot is free')
 })
+
+/**
+ * evict-oldest, one stream per user: a new stream opens after a reopen of a
+ * live id was admitted and before it registered (its admission's answer held
+ * back). The new stream's admission evicts the id; the holder, still
+ * registered until the reopen replaces it, is found first, and the reopen
+ * must end too, or it would live on outside the limit.
+ */
+forEachMode(t, 'evict-oldest: a reopen evicted while it registers ends, with the holder it was replacing', async (t, mode) => {
+  const gateways = await startCluster(t, mode, mode === 'redis' ? 2 : 1, { MAX_CONNECTIONS_PER_USER: '1', CONNECTION_LIMIT_POLICY: 'evict-oldest' })
+  const holderGateway = gateways[0]
+  const newcomerGateway = gateways[gateways.length - 1]
+  const { stream: holder, connected } = await openConnected(streamUrl(holderGateway.url, 'u1'), { t })
+  const state = holderGateway.app.state
+  const admit = state.admit.bind(state)
+  let newcomer: SseClient | null = null
+  state.admit = async (request) => {
+    state.admit = admit
+    const admission = await admit(request)
+    // Its open has evicted the reopened id (and told this instance) once it is connected.
+    newcomer = (await openConnected(streamUrl(newcomerGateway.url, 'u1'), { t })).stream
+    return admission
+  }
+  t.teardown(() => {
+    state.admit = admit
+  })
+  const reopened = await openStream(`${holderGateway.url}/v1/stream/${connected.connectionId}?token=${userToken('u1')}`, { t })
+  t.equal(reopened.status, 200, 'the reopen was admitted')
+  if (newcomer === null) throw new Error('the reopen was never admitted')
+  const survivor: SseClient = newcomer
+  await assertEvicted(t, reopened)
+  await holder.waitEnd()
+  await eventually(() => gateways.reduce((sum, gateway) => sum + gateway.app.registry.ofUser('u1').length, 0) === 1, 'one stream of u1 registered')
+  const [id] = await publishOk(newcomerGateway.url, publisher, { to: { user: 'u1' }, event: 'after', data: 'x' })
+  t.equal((await survivor.nextEvent('after')).id, id, 'the newest stream receives')
+  t.notOk(reopened.events.some((event) => event.event === 'after'), 'the evicted reopen does not')
+})

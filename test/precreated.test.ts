@@ -332,15 +332,17 @@ forEachMode(t, 'two reopens of one id at once on one instance, the second admitt
 })
 
 /**
- * Alice's stream, closed, then its id reopened at once on `a` and on `b`
- * (Redis mode). Each instance's admission is slowed on purpose by
- * `[before, after]` ms around the real one, so both opens are past the
- * check for a live holder before either is admitted.
+ * Alice's stream on `a`, closed unless `holderLive`, then its id reopened at
+ * once on `a` and on `b` (Redis mode). Each instance's admission is slowed
+ * on purpose by `[before, after]` ms around the real one, so both opens are
+ * past the check for a live holder before either is admitted.
  */
-async function reopensOnTwoInstances (t: Test, a: Gateway, b: Gateway, delays: [[number, number], [number, number]]): Promise<{ id: string, both: SseClient[] }> {
+async function reopensOnTwoInstances (t: Test, a: Gateway, b: Gateway, delays: [[number, number], [number, number]], holderLive = false): Promise<{ id: string, both: SseClient[] }> {
   const first = await connect(t, a, 'alice')
-  first.stream.close()
-  await eventually(async () => (await presence(a, 'alice')).connections === 0, 'the first stream closed')
+  if (!holderLive) {
+    first.stream.close()
+    await eventually(async () => (await presence(a, 'alice')).connections === 0, 'the first stream closed')
+  }
   const restore: Array<() => void> = []
   for (const [index, gateway] of [a, b].entries()) {
     const state = gateway.app.state
@@ -388,6 +390,15 @@ t.test('two reopens of one id at once on two instances, the first still register
   if (!(await needRedis(t))) return
   const [a, b] = await pair(t, 'redis')
   const { id, both } = await reopensOnTwoInstances(t, a, b, [[0, 400], [100, 0]])
+  await oneHolderOnTwoInstances(t, a, b, id, both, both[1])
+})
+
+t.test('two reopens of a live id on two instances, the one on the holder\'s instance still registering when the other takes the id: only the other holds it [redis]', async (t) => {
+  if (!(await needRedis(t))) return
+  const [a, b] = await pair(t, 'redis')
+  // The holder stays registered until the reopen on `a` registers: the
+  // eviction from `b` finds it first, and must end that reopen as well.
+  const { id, both } = await reopensOnTwoInstances(t, a, b, [[0, 400], [100, 0]], true)
   await oneHolderOnTwoInstances(t, a, b, id, both, both[1])
 })
 
