@@ -3,7 +3,7 @@
  * entries left pending when the lease is lost mid-claim go out before newer
  * ones once it is back, however soon that is.
  */
-import t from 'tap'
+import t, { type Test } from 'tap'
 import Redis, { ReplyError } from 'ioredis'
 import { DurableIngress } from '../src/core/redis/engine'
 import { redisOptions } from '../src/core/redis/client'
@@ -44,10 +44,15 @@ t.test('a take-over claim cut short by the lease\'s loss, the lease back at once
   t.same(handled, ['1', '2', '3', '4', '5'], 'in the order they were added')
 })
 
-t.test('an entry whose handling keeps failing for a reason of its own is set aside after 5 tries (to <key>:dead) and the ones behind it flow; one Redis refuses (OOM) is retried until it goes', async (t) => {
-  if (!(await needRedis(t))) return
-  const redis = redisClient(t)
-  const key = `${uniquePrefix('durpoison')}ingress`
+/**
+ * A durable ingress that holds the lease on `key`, handling each entry with
+ * `handle(payload, tries so far)`: an entry is handled once `handle` returns,
+ * and fails that try when it throws. What it handled, tried, set aside and
+ * logged as errors is recorded.
+ */
+async function holdIngress (t: Test, key: string, handle: (name: string, tried: number) => Promise<void>): Promise<{
+  errors: string[], tries: Map<string, number>, handled: string[], dropped: string[], waiters: Waiters
+}> {
   const reader = new Redis(REDIS_URL, { ...redisOptions(), connectionName: 'durable-ingress-test' })
   reader.on('error', () => {})
   await reader.connect()
@@ -61,11 +66,22 @@ t.test('an entry whose handling keeps failing for a reason of its own is set asi
   ingress.onDropped((entryId) => dropped.push(entryId))
   ingress.onMessage(async (payload) => {
     const name = payload ?? ''
-    tries.set(name, (tries.get(name) ?? 0) + 1)
-    if (name === 'poison') throw new RangeError('Maximum call stack size exceeded')
-    if (name === 'oom' && (tries.get(name) ?? 0) <= 7) throw new ReplyError('OOM command not allowed when used memory > \'maxmemory\'.')
+    const tried = (tries.get(name) ?? 0) + 1
+    tries.set(name, tried)
+    await handle(name, tried)
     handled.push(name)
     waiters.wake()
+  })
+  return { errors, tries, handled, dropped, waiters }
+}
+
+t.test('an entry whose handling keeps failing for a reason of its own is set aside after 5 tries (to <key>:dead) and the ones behind it flow; one Redis refuses (OOM) is retried until it goes', async (t) => {
+  if (!(await needRedis(t))) return
+  const redis = redisClient(t)
+  const key = `${uniquePrefix('durpoison')}ingress`
+  const { errors, tries, handled, dropped, waiters } = await holdIngress(t, key, async (name, tried) => {
+    if (name === 'poison') throw new RangeError('Maximum call stack size exceeded')
+    if (name === 'oom' && tried <= 7) throw new ReplyError('OOM command not allowed when used memory > \'maxmemory\'.')
   })
   const poison = await redis.xadd(key, '*', 'payload', 'poison')
   await redis.xadd(key, '*', 'payload', 'oom')
@@ -93,28 +109,11 @@ t.test('an entry whose publish meets a key of the wrong type is set aside after 
   const clobbered = `${prefix}h:topic:clobbered`
   await redis.set(clobbered, 'not a sorted set')
   t.teardown(async () => await redis.del(clobbered, `${key}:dead`))
-  const reader = new Redis(REDIS_URL, { ...redisOptions(), connectionName: 'durable-ingress-test' })
-  reader.on('error', () => {})
-  await reader.connect()
-  const errors: string[] = []
-  const ingress = new DurableIngress(reader, key, 'holder', { isLeader: true }, { info: () => {}, warn: () => {}, error: (_obj, msg) => errors.push(msg) })
-  t.teardown(async () => await ingress.stop())
-  const tries = new Map<string, number>()
-  const handled: string[] = []
-  const dropped: string[] = []
-  const waiters = new Waiters()
-  ingress.onDropped((entryId) => dropped.push(entryId))
-  ingress.onMessage(async (payload) => {
-    const name = payload ?? ''
-    const tried = (tries.get(name) ?? 0) + 1
-    tries.set(name, tried)
-    if (name.startsWith('wrongtype')) {
-      // The operator repairs the key while the third one waits.
-      if (name === 'wrongtype-3' && tried === 8) await redis.del(clobbered)
-      await redis.zadd(clobbered, 1, name)
-    }
-    handled.push(name)
-    waiters.wake()
+  const { errors, tries, handled, dropped, waiters } = await holdIngress(t, key, async (name, tried) => {
+    if (!name.startsWith('wrongtype')) return
+    // The operator repairs the key while the third one waits.
+    if (name === 'wrongtype-3' && tried === 8) await redis.del(clobbered)
+    await redis.zadd(clobbered, 1, name)
   })
   const first = await redis.xadd(key, '*', 'payload', 'wrongtype-1')
   await redis.xadd(key, '*', 'payload', 'after-1')

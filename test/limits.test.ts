@@ -4,7 +4,7 @@ import {
   eventually, forEachMode, openConnected, openStream, publishOk, publisherToken, startCluster, userToken,
   type SseClient
 } from './helpers'
-import { startGateway } from './helpers/gateway'
+import { startGateway, type Gateway } from './helpers/gateway'
 import { modeEnv } from './helpers/modes'
 import { uniquePrefix } from './helpers/redis'
 
@@ -12,6 +12,18 @@ const publisher = publisherToken()
 
 function streamUrl (url: string, userId: string): string {
   return `${url}/v1/stream?token=${userToken(userId)}`
+}
+
+/** A stream of `userId` opened once its slot is free: in Redis mode a close is recorded asynchronously. */
+async function openWhenFree (t: Test, url: string, userId: string): Promise<SseClient> {
+  let opened: SseClient | null = null
+  await eventually(async () => {
+    const stream = await openStream(streamUrl(url, userId), { t })
+    if (stream.status === 200) opened = stream
+    else stream.close()
+    return stream.status === 200
+  }, `a slot for ${userId} again`)
+  return opened as unknown as SseClient
 }
 
 /** A refused stream: the status, `Retry-After` (whole seconds) and the JSON error shape. */
@@ -93,14 +105,7 @@ forEachMode(t, 'MAX_CONNECTIONS_PER_USER with reject: the third tab gets 429 wit
   first.close()
   await eventually(() => app.registry.ofUser('u1').length === 1, 'the closed tab to leave')
   // In Redis mode the release is recorded asynchronously: the slot frees shortly after.
-  let reopened: SseClient | null = null
-  await eventually(async () => {
-    const stream = await openStream(streamUrl(url, 'u1'), { t })
-    if (stream.status === 200) reopened = stream
-    else stream.close()
-    return stream.status === 200
-  }, 'a slot for u1 again')
-  t.ok(reopened, 'a closed tab frees its slot')
+  t.equal((await openWhenFree(t, url, 'u1')).status, 200, 'a closed tab frees its slot')
 })
 
 forEachMode(t, 'MAX_CONNECTIONS_PER_USER counts every tab of the user cluster-wide: a tab on A and a tab on B fill a limit of 2', async (t) => {
@@ -217,6 +222,33 @@ forEachMode(t, 'evict-oldest, one stream per user, six opens at once across two 
 }, ['redis'])
 
 /**
+ * u1's stream on `holderAt`, then a reopen of its id on `reopenAt` whose
+ * real admission is run `order` the opening of a new stream of u1 (awaited
+ * by `openNewcomer`), so that the new stream's open falls in that window.
+ */
+async function reopenWithNewcomer (t: Test, holderAt: Gateway, reopenAt: Gateway, order: 'before' | 'after', openNewcomer: () => Promise<SseClient>): Promise<{
+  holder: SseClient, reopened: SseClient, newcomer: SseClient
+}> {
+  const { stream: holder, connected } = await openConnected(streamUrl(holderAt.url, 'u1'), { t })
+  const state = reopenAt.app.state
+  const admit = state.admit.bind(state)
+  let newcomer: SseClient | null = null
+  state.admit = async (request) => {
+    state.admit = admit
+    if (order === 'before') newcomer = await openNewcomer()
+    const admission = await admit(request)
+    if (order === 'after') newcomer = await openNewcomer()
+    return admission
+  }
+  t.teardown(() => {
+    state.admit = admit
+  })
+  const reopened = await openStream(`${reopenAt.url}/v1/stream/${connected.connectionId}?token=${userToken('u1')}`, { t })
+  if (newcomer === null) throw new Error(`the reopen answered ${reopened.status} without being admitted`)
+  return { holder, reopened, newcomer }
+}
+
+/**
  * A new stream of the user opened while a reopen of a live id waits on its
  * admission (the real one, held until that open has been answered): the
  * id's holder keeps its slot until the reopen is admitted, so the new stream
@@ -227,22 +259,8 @@ forEachMode(t, 'evict-oldest, one stream per user, six opens at once across two 
 forEachMode(t, 'reject at the limit: a reopen of a live id keeps the holder\'s slot against a new stream opened while it is admitted', async (t, mode) => {
   const gateways = await startCluster(t, mode, mode === 'redis' ? 2 : 1, { MAX_CONNECTIONS_PER_USER: '1', CONNECTION_LIMIT_POLICY: 'reject' })
   const holderGateway = gateways[0]
-  const reopenGateway = gateways[gateways.length - 1]
-  const { stream: holder, connected } = await openConnected(streamUrl(holderGateway.url, 'u1'), { t })
-  const state = reopenGateway.app.state
-  const admit = state.admit.bind(state)
-  let newcomer: SseClient | null = null
-  state.admit = async (request) => {
-    state.admit = admit
-    newcomer = await openStream(streamUrl(holderGateway.url, 'u1'), { t })
-    return await admit(request)
-  }
-  t.teardown(() => {
-    state.admit = admit
-  })
-  const reopened = await openStream(`${reopenGateway.url}/v1/stream/${connected.connectionId}?token=${userToken('u1')}`, { t })
+  const { holder, reopened, newcomer } = await reopenWithNewcomer(t, holderGateway, gateways[gateways.length - 1], 'before', async () => await openStream(streamUrl(holderGateway.url, 'u1'), { t }))
   t.equal(reopened.status, 200, 'the reopen is admitted')
-  if (newcomer === null) throw new Error('the reopen was never admitted')
   assertRefused(t, newcomer, 429, 'Too Many Requests')
   await assertEvicted(t, holder)
   const [id] = await publishOk(holderGateway.url, publisher, { to: { user: 'u1' }, event: 'after', data: 'x' })
@@ -286,14 +304,7 @@ forEachMode(t, 'a holder that closes while a reopen of its id is refused gives i
   })
   const refused = await openStream(`${url}/v1/stream/${connected.connectionId}?token=${userToken('u1')}`, { t })
   assertRefused(t, refused, 429, 'Too Many Requests')
-  let next: SseClient | null = null
-  await eventually(async () => {
-    const stream = await openStream(streamUrl(url, 'u1'), { t })
-    if (stream.status === 200) next = stream
-    else stream.close()
-    return stream.status === 200
-  }, 'a slot for u1 again')
-  t.ok(next, 'the closed holder\'s slot is free')
+  t.equal((await openWhenFree(t, url, 'u1')).status, 200, 'the closed holder\'s slot is free')
 })
 
 /**
@@ -307,24 +318,9 @@ forEachMode(t, 'evict-oldest: a reopen evicted while it registers ends, with the
   const gateways = await startCluster(t, mode, mode === 'redis' ? 2 : 1, { MAX_CONNECTIONS_PER_USER: '1', CONNECTION_LIMIT_POLICY: 'evict-oldest' })
   const holderGateway = gateways[0]
   const newcomerGateway = gateways[gateways.length - 1]
-  const { stream: holder, connected } = await openConnected(streamUrl(holderGateway.url, 'u1'), { t })
-  const state = holderGateway.app.state
-  const admit = state.admit.bind(state)
-  let newcomer: SseClient | null = null
-  state.admit = async (request) => {
-    state.admit = admit
-    const admission = await admit(request)
-    // Its open has evicted the reopened id (and told this instance) once it is connected.
-    newcomer = (await openConnected(streamUrl(newcomerGateway.url, 'u1'), { t })).stream
-    return admission
-  }
-  t.teardown(() => {
-    state.admit = admit
-  })
-  const reopened = await openStream(`${holderGateway.url}/v1/stream/${connected.connectionId}?token=${userToken('u1')}`, { t })
+  // The new stream's open has evicted the reopened id (and told every instance) once it is connected.
+  const { holder, reopened, newcomer: survivor } = await reopenWithNewcomer(t, holderGateway, holderGateway, 'after', async () => (await openConnected(streamUrl(newcomerGateway.url, 'u1'), { t })).stream)
   t.equal(reopened.status, 200, 'the reopen was admitted')
-  if (newcomer === null) throw new Error('the reopen was never admitted')
-  const survivor: SseClient = newcomer
   await assertEvicted(t, reopened)
   await holder.waitEnd()
   await eventually(() => gateways.reduce((sum, gateway) => sum + gateway.app.registry.ofUser('u1').length, 0) === 1, 'one stream of u1 registered')
