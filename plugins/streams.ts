@@ -95,6 +95,15 @@ const LIMIT_EVICTION = 'too many streams for this user'
 /** The reason of an eviction by a newer stream of the same id. */
 const REOPENED = 'stream reopened elsewhere'
 
+/** An open past its admission check that is not in the registry yet. */
+interface PendingOpen {
+  /** Its admission's seq, once admitted. */
+  seq: number | null
+  /** Evicted meanwhile: why, and by the admission of which seq (the latest; Infinity: unknown). */
+  evictedFor: string | null
+  evictedAt: number
+}
+
 // Shared by every stream's socket, which is `this`: no closure per socket.
 function destroySelf (this: Socket): void {
   this.destroy()
@@ -272,12 +281,13 @@ export default fp(async (app) => {
   app.decorate('applyTopics', applyTopics)
 
   /**
-   * Streams admitted (in the shared state) but not yet in the registry, each
-   * noting whether the limit evicted it meanwhile: another open's admission
-   * can evict it while it still waits on Redis, and it must end once
-   * registered, or it would live on outside the per-user limit.
+   * Opens of each id past the admission check and not yet in the registry
+   * (two reopens of one id can be), each noting whether it was evicted
+   * meanwhile: another open's admission can evict it while it still waits
+   * on Redis, and it must end once registered, or it would live on outside
+   * the per-user limit.
    */
-  const admittedNotRegistered = new Map<string, { evictedFor: string | null }>()
+  const admittedNotRegistered = new Map<string, Set<PendingOpen>>()
 
   state.onControl(async (message) => {
     if (message.type === 'topics') return await applyTopics(message)
@@ -289,22 +299,31 @@ export default fp(async (app) => {
     // the id to a newer stream, and closing this one as evicted would give
     // back the id's shared record that the newer one may hold. (Of two opens
     // of one id here, the one registered last replaces the other.)
-    evictHere(message.connectionId, message.reason, message.reason === LIMIT_EVICTION || message.instance !== null)
+    evictHere(message.connectionId, message.reason, message.decidedAt, message.reason === LIMIT_EVICTION || message.instance !== null)
     return null
   })
 
   /**
    * Ends this instance's stream of an id that lost its entry in the shared
-   * record, and, with `pendingToo`, the open of the id that has not
-   * registered yet: a fresh one, or a reopen about to replace the stream
-   * (which holds on to it until then, so it is found here first).
+   * record, and, with `pendingToo`, the opens of the id that have not
+   * registered yet (fresh ones, or reopens about to replace the stream,
+   * which holds on to it until then). Only those admitted before the
+   * eviction was decided (`decidedAt`, an admission's seq; null: all): an
+   * eviction still in flight as the id is admitted again is not the newer
+   * stream's.
    */
-  const evictHere = (connectionId: string, reason: string, pendingToo: boolean): void => {
+  const evictHere = (connectionId: string, reason: string, decidedAt: number | null, pendingToo: boolean): void => {
     const connection = registry.get(connectionId)
-    if (connection !== undefined) streams.close(connection, 'evicted', 'evicted', { reason })
-    if (!pendingToo || (connection !== undefined && connection.pendingReopens === 0)) return
-    const pending = admittedNotRegistered.get(connectionId)
-    if (pending !== undefined) pending.evictedFor = reason
+    if (connection !== undefined && (decidedAt === null || connection.admissionSeq < decidedAt)) {
+      streams.close(connection, 'evicted', 'evicted', { reason })
+    }
+    if (!pendingToo) return
+    for (const pending of admittedNotRegistered.get(connectionId) ?? []) {
+      // Not admitted yet: whether the eviction is its own is known once it is.
+      if (pending.seq !== null && decidedAt !== null && pending.seq > decidedAt) continue
+      pending.evictedFor = reason
+      pending.evictedAt = Math.max(pending.evictedAt, decidedAt ?? Infinity)
+    }
   }
 
   /** Streams past the MAX_CONNECTIONS check that are not in the registry yet. */
@@ -328,7 +347,7 @@ export default fp(async (app) => {
     opening++
     let counted = true
     // Its own record: two opens of one id (a reopen racing another) each keep theirs.
-    const pending: { evictedFor: string | null } = { evictedFor: null }
+    const pending: PendingOpen = { seq: null, evictedFor: null, evictedAt: -Infinity }
     // A reopened stream id held by a live stream (a tab the browser has not
     // noticed is dead, maybe on another instance) moves to this request once
     // it is admitted: the holder keeps its slot until then (admission does
@@ -339,7 +358,9 @@ export default fp(async (app) => {
     const previous = options.windowChannels !== undefined ? registry.get(options.connectionId) : undefined
     if (previous !== undefined) previous.pendingReopens++
     try {
-      admittedNotRegistered.set(options.connectionId, pending)
+      let pendingOfId = admittedNotRegistered.get(options.connectionId)
+      if (pendingOfId === undefined) admittedNotRegistered.set(options.connectionId, pendingOfId = new Set())
+      pendingOfId.add(pending)
       const admission = await state.admit({
         connectionId: options.connectionId,
         userId: auth.userId,
@@ -352,16 +373,17 @@ export default fp(async (app) => {
         reply.header('retry-after', retryAfterS)
         throw new errors.Limited(`user already holds ${config.maxConnectionsPerUser} streams`)
       }
+      pending.seq = admission.seq
       if (admission.evict !== null) {
-        const message: ControlMessage = { type: 'evict', connectionId: admission.evict, reason: LIMIT_EVICTION, instance: null }
-        if (registry.get(admission.evict) !== undefined) evictHere(admission.evict, LIMIT_EVICTION, true)
+        const message: ControlMessage = { type: 'evict', connectionId: admission.evict, reason: LIMIT_EVICTION, instance: null, decidedAt: admission.seq }
+        if (registry.get(admission.evict) !== undefined) evictHere(admission.evict, LIMIT_EVICTION, admission.seq, true)
         else await state.broadcastControl(message)
       }
       // The id's holders on other instances (a live one, or reopens racing
       // this one): the id is this one's now.
       if (admission.replacedOn.length > 0) {
         await Promise.all(admission.replacedOn.map(async (instance) => {
-          await state.broadcastControl({ type: 'evict', connectionId: options.connectionId, reason: REOPENED, instance })
+          await state.broadcastControl({ type: 'evict', connectionId: options.connectionId, reason: REOPENED, instance, decidedAt: admission.seq })
         }))
       }
       // The drain began while this request waited on Redis: it has already ended
@@ -409,7 +431,11 @@ export default fp(async (app) => {
         opening--
         counted = false
         const connection = registry.get(options.connectionId)
-        if (pending.evictedFor !== null && connection !== undefined) streams.close(connection, 'evicted', 'evicted', { reason: pending.evictedFor })
+        if (connection !== undefined) connection.admissionSeq = admission.seq
+        // Evicted meanwhile by an admission after its own.
+        if (pending.evictedFor !== null && pending.evictedAt > admission.seq && connection !== undefined) {
+          streams.close(connection, 'evicted', 'evicted', { reason: pending.evictedFor })
+        }
         await opened
       } catch (error) {
         request.log.error({ err: error, connectionId: options.connectionId }, 'stream failed to open')
@@ -420,7 +446,8 @@ export default fp(async (app) => {
       }
     } finally {
       if (counted) opening--
-      if (admittedNotRegistered.get(options.connectionId) === pending) admittedNotRegistered.delete(options.connectionId)
+      const pendingOfId = admittedNotRegistered.get(options.connectionId)
+      if (pendingOfId !== undefined && pendingOfId.delete(pending) && pendingOfId.size === 0) admittedNotRegistered.delete(options.connectionId)
       // Not replaced by this open (refused, or ended before registering), the
       // holder's own close, if it came meanwhile, gives back what it held.
       if (previous !== undefined && --previous.pendingReopens === 0 && previous.closed && !previous.replaced && registry.get(options.connectionId) === undefined) {

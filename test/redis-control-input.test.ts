@@ -45,6 +45,8 @@ function badControl (connectionId: string): string[] {
     envelope({ message: { type: 'evict', connectionId } }),
     envelope({ message: { type: 'evict', connectionId, reason: 7 } }),
     envelope({ message: { type: 'evict', connectionId, reason: 'r', instance: 5 } }),
+    // Past every admission's seq: applied, it would evict this stream.
+    envelope({ message: { type: 'evict', connectionId, reason: 'r', instance: null, decidedAt: 1e300 } }),
     envelope({ message: { type: 'topics' } }),
     envelope({ message: { type: 'topics', userId: 'u1', connectionId: null, add: 'news', remove: [] } }),
     envelope({ message: { type: 'topics', userId: 'u1', connectionId: null, add: ['leaked', 1], remove: [] } }),

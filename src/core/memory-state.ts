@@ -37,6 +37,9 @@ export class MemoryState implements SharedState {
     return this.current(this.streamIds, connectionId)
   }
 
+  /** Admissions so far: each one's seq. */
+  private admissions = 0
+
   async admit (request: AdmitRequest): Promise<Admission> {
     let live = this.liveByUser.get(request.userId)
     let evict: string | null = null
@@ -66,7 +69,7 @@ export class MemoryState implements SharedState {
       else topics.expiresAt = null
     }
     // One process: a reopen racing another is settled in the registry.
-    return { admitted: true, cameOnline: !wasOnline, evict, replacedOn: [] }
+    return { admitted: true, cameOnline: !wasOnline, evict, replacedOn: [], seq: ++this.admissions }
   }
 
   async release (connectionId: string, userId: string, ttlS: number): Promise<void> {

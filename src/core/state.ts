@@ -37,6 +37,12 @@ export type Admission =
      * asked the holder to let go. They must close theirs.
      */
     replacedOn: string[]
+    /**
+     * Where this admission stands among all admissions of the cluster: an
+     * eviction decided by an earlier one (still in flight as it is
+     * admitted) is not this stream's.
+     */
+    seq: number
   }
 
 export interface ClusterStats {
@@ -54,8 +60,13 @@ export interface Presence {
 
 /** Something every instance must apply to its own streams. */
 export type ControlMessage =
-  /** `instance`: only that instance's stream of the id (null: whichever holds it). */
-  | { type: 'evict', connectionId: string, reason: string, instance: string | null }
+  /**
+   * `instance`: only that instance's stream of the id (null: whichever holds
+   * it). `decidedAt`: the seq of the admission that decided it; it ends only
+   * streams of the id admitted before (null, from an instance that predates
+   * it: whichever).
+   */
+  | { type: 'evict', connectionId: string, reason: string, instance: string | null, decidedAt: number | null }
   | { type: 'topics', userId: string, connectionId: string | null, add: string[], remove: string[] }
 
 /**

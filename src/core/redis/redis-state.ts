@@ -187,13 +187,13 @@ export class RedisState implements SharedState {
       openedAt: new Date(request.openedAt).toISOString(),
       instance: this.instanceId
     }
-    const [admitted, cameOnline, evicted, ...replacedOn] = await this.commands.run('ADMIT', [
+    const [admitted, cameOnline, evicted, seq, ...replacedOn] = await this.commands.run('ADMIT', [
       this.prefix, request.userId, this.instanceId, request.connectionId, request.openedAt,
       request.limit, request.policy, this.options.instanceTtlMs, JSON.stringify(info), this.options.historyTtlS
-    ]) as [number, number, string, ...string[]]
+    ]) as [number, number, string, number, ...string[]]
     if (admitted !== 1) return { admitted: false }
     this.cancelGrace(request.userId)
-    return { admitted: true, cameOnline: cameOnline === 1, evict: evicted === '' ? null : evicted.slice(evicted.indexOf('|') + 1), replacedOn }
+    return { admitted: true, cameOnline: cameOnline === 1, evict: evicted === '' ? null : evicted.slice(evicted.indexOf('|') + 1), replacedOn, seq }
   }
 
   async release (connectionId: string, userId: string, ttlS: number): Promise<void> {
@@ -509,10 +509,12 @@ function toControlMessage (value: unknown): ControlMessage | null {
   if (!isPlainObject(value)) return null
   if (value.type === 'evict') {
     const { connectionId, reason } = value
-    // Absent from an instance that predates it: whichever holds the id.
+    // Absent from an instance that predates them: whichever holds the id.
     const instance = value.instance ?? null
+    const decidedAt = value.decidedAt ?? null
     if (typeof connectionId !== 'string' || typeof reason !== 'string' || (instance !== null && typeof instance !== 'string')) return null
-    return { type: 'evict', connectionId, reason, instance }
+    if (decidedAt !== null && !Number.isSafeInteger(decidedAt)) return null
+    return { type: 'evict', connectionId, reason, instance, decidedAt: decidedAt as number | null }
   }
   if (value.type === 'topics') {
     const { userId, connectionId, add, remove } = value

@@ -1,0 +1,130 @@
+/**
+ * Evictions that cross a reopen of a live stream id (GET /v1/stream/:id).
+ * The reopen's holder stays registered until the reopen registers, and an
+ * eviction message can still be in flight when the id is admitted again:
+ * such an eviction ends only streams of the id admitted before it was
+ * decided. Each race is forced: the real admissions run, and the messages
+ * and answers between them are held back until the step they race with.
+ */
+import t, { type Test } from 'tap'
+import {
+  forEachMode, openConnected, openStream, publishOk, publisherToken, startCluster, userToken,
+  type Gateway, type SseClient
+} from './helpers'
+
+const publisher = publisherToken()
+
+function streamUrl (url: string, userId: string): string {
+  return `${url}/v1/stream?token=${userToken(userId)}`
+}
+
+function reopenUrl (url: string, connectionId: string): string {
+  return `${url}/v1/stream/${connectionId}?token=${userToken('u1')}`
+}
+
+function registered (gateways: Gateway[]): number {
+  return gateways.reduce((sum, gateway) => sum + gateway.app.registry.ofUser('u1').length, 0)
+}
+
+/** Holds `gateway`'s eviction messages until `release()`. */
+function holdEvictions (t: Test, gateway: Gateway): { release: () => void } {
+  const state = gateway.app.state
+  const broadcast = state.broadcastControl.bind(state)
+  let release = (): void => {}
+  const released = new Promise<void>((resolve) => { release = resolve })
+  state.broadcastControl = async (message) => {
+    if (message.type === 'evict') await released
+    return await broadcast(message)
+  }
+  t.teardown(() => {
+    release()
+    state.broadcastControl = broadcast
+  })
+  return { release }
+}
+
+/** Runs `after` once the next admission on `gateway` has run in the shared state, before the open goes on. */
+function afterNextAdmission (t: Test, gateway: Gateway, after: () => Promise<void>): void {
+  const state = gateway.app.state
+  const admit = state.admit.bind(state)
+  state.admit = async (request) => {
+    state.admit = admit
+    const admission = await admit(request)
+    await after()
+    return admission
+  }
+  t.teardown(() => {
+    state.admit = admit
+  })
+}
+
+async function assertSurvivor (t: Test, gateways: Gateway[], survivor: SseClient, others: SseClient[]): Promise<void> {
+  for (const other of others) await other.waitEnd()
+  t.ok(others.every((other) => other.ended), 'the others ended')
+  t.notOk(survivor.ended, 'the one admitted last is open')
+  t.equal(registered(gateways), 1, 'one stream of the user registered')
+  const [id] = await publishOk(gateways[0].url, publisher, { to: { user: 'u1' }, event: 'after', data: 'x' })
+  t.equal((await survivor.nextEvent('after')).id, id, 'and it receives')
+}
+
+forEachMode(t, 'evict-oldest, limit 1: a new stream on B evicts the id, a reopen of it on A is admitted after that; B\'s eviction, arriving late, leaves the reopen', async (t) => {
+  const [a, b] = await startCluster(t, 'redis', 2, { MAX_CONNECTIONS_PER_USER: '1', CONNECTION_LIMIT_POLICY: 'evict-oldest' })
+  const { stream: holder, connected } = await openConnected(streamUrl(a.url, 'u1'), { t })
+  const late = holdEvictions(t, b)
+  let reopen: Promise<SseClient> | null = null
+  // B's admission has evicted the holder's entry: the reopen goes to A now.
+  afterNextAdmission(t, b, async () => {
+    afterNextAdmission(t, a, async () => {
+      // The reopen is admitted (evicting B's stream): B's eviction arrives now.
+      late.release()
+      await holder.waitEnd()
+    })
+    reopen = openStream(reopenUrl(a.url, connected.connectionId), { t })
+  })
+  const newcomer = await openStream(streamUrl(b.url, 'u1'), { t })
+  if (reopen === null) throw new Error('B never admitted the new stream')
+  const reopened: SseClient = await reopen
+  t.equal(reopened.status, 200)
+  await assertSurvivor(t, [a, b], reopened, [holder, newcomer])
+}, ['redis'])
+
+forEachMode(t, 'a live id reopened on B, then on A: B\'s eviction aimed at A, arriving late, ends the holder and leaves A\'s reopen', async (t) => {
+  const [a, b] = await startCluster(t, 'redis', 2)
+  const { stream: holder, connected } = await openConnected(streamUrl(a.url, 'u1'), { t })
+  const late = holdEvictions(t, b)
+  let reopenOnA: Promise<SseClient> | null = null
+  afterNextAdmission(t, b, async () => {
+    afterNextAdmission(t, a, async () => {
+      late.release()
+      await holder.waitEnd()
+    })
+    reopenOnA = openStream(reopenUrl(a.url, connected.connectionId), { t })
+  })
+  const reopenOnB = await openStream(reopenUrl(b.url, connected.connectionId), { t })
+  if (reopenOnA === null) throw new Error('B never admitted its reopen')
+  const reopenedOnA: SseClient = await reopenOnA
+  t.same([reopenOnB.status, reopenedOnA.status], [200, 200])
+  await assertSurvivor(t, [a, b], reopenedOnA, [holder, reopenOnB])
+  t.ok(a.app.registry.get(connected.connectionId) !== undefined, 'A holds the id')
+}, ['redis'])
+
+forEachMode(t, 'evict-oldest, limit 1: two reopens of a live id waiting to register on one instance, then a new stream: both reopens end', async (t, mode) => {
+  const gateways = await startCluster(t, mode, mode === 'redis' ? 2 : 1, { MAX_CONNECTIONS_PER_USER: '1', CONNECTION_LIMIT_POLICY: 'evict-oldest' })
+  const a = gateways[0]
+  const { stream: holder, connected } = await openConnected(streamUrl(a.url, 'u1'), { t })
+  let second: SseClient | null = null
+  let newcomer: SseClient | null = null
+  // The first reopen is admitted; the second is admitted, then a new stream
+  // evicts the id, and the second registers (and ends) before the first does.
+  afterNextAdmission(t, a, async () => {
+    afterNextAdmission(t, a, async () => {
+      newcomer = (await openConnected(streamUrl(gateways[gateways.length - 1].url, 'u1'), { t })).stream
+    })
+    second = await openStream(reopenUrl(a.url, connected.connectionId), { t })
+    await second.waitEnd()
+  })
+  const first = await openStream(reopenUrl(a.url, connected.connectionId), { t })
+  if (second === null || newcomer === null) throw new Error('the second reopen or the new stream never opened')
+  t.same([first.status, (second as SseClient).status], [200, 200])
+  await assertSurvivor(t, gateways, newcomer, [holder, first, second])
+})
