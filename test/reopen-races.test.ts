@@ -128,3 +128,21 @@ forEachMode(t, 'evict-oldest, limit 1: two reopens of a live id waiting to regis
   t.same([first.status, (second as SseClient).status], [200, 200])
   await assertSurvivor(t, gateways, newcomer, [holder, first, second])
 })
+
+forEachMode(t, 'a live id reopened on B, then on A: B\'s eviction aimed at A, arriving after A\'s reopen registered, leaves it', async (t) => {
+  const [a, b] = await startCluster(t, 'redis', 2)
+  const { stream: holder, connected } = await openConnected(streamUrl(a.url, 'u1'), { t })
+  const late = holdEvictions(t, b)
+  let reopenOnA: Promise<SseClient> | null = null
+  afterNextAdmission(t, b, async () => {
+    reopenOnA = openStream(reopenUrl(a.url, connected.connectionId), { t })
+  })
+  const reopenOnB = openStream(reopenUrl(b.url, connected.connectionId), { t })
+  await holder.waitEnd()
+  if (reopenOnA === null) throw new Error('B never admitted its reopen')
+  const reopenedOnA: SseClient = await reopenOnA
+  await reopenedOnA.nextEvent('connected')
+  late.release()
+  t.equal((await reopenOnB).status, 200)
+  await assertSurvivor(t, [a, b], reopenedOnA, [holder, await reopenOnB])
+}, ['redis'])
