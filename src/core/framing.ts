@@ -48,8 +48,22 @@ export function chunkOf (payload: Buffer, prefix: Buffer | null = null): Buffer 
   return out
 }
 
+/**
+ * `chunkOf` for text, written straight into the chunk: a temporary Buffer of
+ * the text, taken from Node's shared pool between two frames, would leave
+ * every frame kept in history holding twice its size of pool memory.
+ */
 export function chunkOfText (text: string): Buffer {
-  return chunkOf(Buffer.from(text))
+  const length = Buffer.byteLength(text)
+  const size = length.toString(16)
+  const out = Buffer.allocUnsafe(size.length + length + 4)
+  let offset = out.write(size, 0, 'latin1')
+  out[offset++] = 13
+  out[offset++] = 10
+  offset += out.write(text, offset, 'utf8')
+  out[offset++] = 13
+  out[offset] = 10
+  return out
 }
 
 /** The chunk that ends a chunked body. */
