@@ -41,7 +41,7 @@ export default fp<{ startupSignal?: AbortSignal }>(async (app, options) => {
     app.decorate('durableIngress', engine.durable)
     app.addHook('onClose', async () => await engine.close())
   } else {
-    const bus = new MemoryBus({ historySize: config.historySize, historyTtlS: config.historyTtlS })
+    const bus = new MemoryBus({ historySize: config.historySize, historyTtlS: config.historyTtlS, maxHistoryBytes: config.historyMaxBytes })
     const state = new MemoryState(bus, registry, config.presenceGraceMs)
     app.decorate('bus', bus)
     app.decorate('state', state)

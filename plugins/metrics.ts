@@ -2,6 +2,7 @@ import { monitorEventLoopDelay, type IntervalHistogram } from 'node:perf_hooks'
 import fp from 'fastify-plugin'
 import { collectDefaultMetrics, Counter, Gauge, Registry as PromRegistry } from 'prom-client'
 import type { StreamConnection } from '../src/core/connection'
+import { MemoryBus } from '../src/core/memory-bus'
 
 /** What the gateway counts; each method is cheap enough for hot paths. */
 export interface GatewayMetrics {
@@ -49,6 +50,12 @@ export default fp(async (app) => {
   gauge('sse_redis_up', '1 when the event store answers (always 1 in embedded mode)', function () {
     this.set(app.bus.isReady() ? 1 : 0)
   })
+  const bus = app.bus
+  if (bus instanceof MemoryBus) {
+    gauge('sse_history_bytes', 'Embedded mode: the memory the replay history takes, estimated (HISTORY_MAX_BYTES caps it)', function () {
+      this.set(bus.historyBytes())
+    })
+  }
   // Summed at scrape time so delivery itself counts nothing beyond each stream's own tally.
   new Counter({
     name: 'sse_events_delivered_total',

@@ -30,6 +30,7 @@ export interface Config {
   retryMs: number
   historySize: number
   historyTtlS: number
+  historyMaxBytes: number
   maxConnections: number
   maxConnectionsPerUser: number
   connectionLimitPolicy: LimitPolicy
@@ -83,6 +84,13 @@ function integer (env: Env, name: string, fallback: number, min: number, max = N
   if (!/^\d+$/.test(raw)) throw new ConfigError(name, `must be a whole number, got "${raw.slice(0, 40)}"`)
   const value = Number(raw)
   if (value < min || value > max) throw new ConfigError(name, `must be between ${min} and ${max}, got ${value}`)
+  return value
+}
+
+/** HISTORY_MAX_BYTES: 0 (no cap), or at least 64 KB, so that one large event still fits. */
+function historyBytes (env: Env): number {
+  const value = integer(env, 'HISTORY_MAX_BYTES', 256 * 1024 * 1024, 0)
+  if (value !== 0 && value < 65_536) throw new ConfigError('HISTORY_MAX_BYTES', `must be 0 (no cap) or at least 65536, got ${value}`)
   return value
 }
 
@@ -227,6 +235,7 @@ export function loadConfig (env: Env = process.env): Config {
     retryMs: integer(env, 'RETRY_MS', 3000, 0, 3_600_000),
     historySize: integer(env, 'HISTORY_SIZE', 1000, 0, 1_000_000),
     historyTtlS: integer(env, 'HISTORY_TTL_S', 3600, 1, 30 * 86400),
+    historyMaxBytes: historyBytes(env),
     maxConnections: integer(env, 'MAX_CONNECTIONS', 100000, 1),
     maxConnectionsPerUser: integer(env, 'MAX_CONNECTIONS_PER_USER', 20, 1),
     connectionLimitPolicy: oneOf(env, 'CONNECTION_LIMIT_POLICY', 'reject', ['reject', 'evict-oldest'] as const),

@@ -21,6 +21,7 @@ t.test('defaults: only JWT_SECRET set', async (t) => {
     retryMs: 3000,
     historySize: 1000,
     historyTtlS: 3600,
+    historyMaxBytes: 256 * 1024 * 1024,
     maxConnections: 100000,
     maxConnectionsPerUser: 20,
     connectionLimitPolicy: 'reject',
@@ -52,6 +53,7 @@ t.test('every variable is read', async (t) => {
     RETRY_MS: '1000',
     HISTORY_SIZE: '50',
     HISTORY_TTL_S: '60',
+    HISTORY_MAX_BYTES: '65536',
     MAX_CONNECTIONS: '10',
     MAX_CONNECTIONS_PER_USER: '2',
     CONNECTION_LIMIT_POLICY: 'evict-oldest',
@@ -79,6 +81,7 @@ t.test('every variable is read', async (t) => {
     retryMs: 1000,
     historySize: 50,
     historyTtlS: 60,
+    historyMaxBytes: 65536,
     maxConnections: 10,
     maxConnectionsPerUser: 2,
     connectionLimitPolicy: 'evict-oldest',
@@ -130,6 +133,8 @@ t.test('invalid values throw a ConfigError naming the variable', async (t) => {
   refuses(t, { ...base, RETRY_MS: '3s' }, 'RETRY_MS')
   refuses(t, { ...base, HISTORY_SIZE: '-5' }, 'HISTORY_SIZE')
   refuses(t, { ...base, HISTORY_TTL_S: 'forever' }, 'HISTORY_TTL_S')
+  refuses(t, { ...base, HISTORY_MAX_BYTES: '65535' }, 'HISTORY_MAX_BYTES')
+  refuses(t, { ...base, HISTORY_MAX_BYTES: '256MB' }, 'HISTORY_MAX_BYTES')
   refuses(t, { ...base, MAX_CONNECTIONS: 'lots' }, 'MAX_CONNECTIONS')
   refuses(t, { ...base, MAX_EVENT_BYTES: '256k' }, 'MAX_EVENT_BYTES')
   refuses(t, { ...base, MAX_BODY_BYTES: '1e6' }, 'MAX_BODY_BYTES')

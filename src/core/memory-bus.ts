@@ -1,8 +1,22 @@
 import { clockId, mergeById, type DeliveryListener, type EventBus, type HistoryEntry, type OnceOutcome, type PublishItem, type PublishOnce, type ReplayResult } from './bus'
 import { frameWithId } from './framing'
 
+/** An event kept in history, once however many channels keep it. */
+interface StoredEvent {
+  id: number
+  channels: string[]
+  /** What it costs, estimated: its frame, and an entry in each channel. */
+  bytes: number
+  /** Channels still keeping it. */
+  holders: number
+}
+
+interface StoredEntry extends HistoryEntry {
+  stored: StoredEvent
+}
+
 interface ChannelHistory {
-  entries: HistoryEntry[]
+  entries: StoredEntry[]
   /** Index of the oldest kept entry; entries before it were dropped. */
   head: number
   /**
@@ -17,7 +31,19 @@ export interface MemoryBusOptions {
   historyTtlS: number
   /** Memory the idempotency keys may take, estimated (the oldest go first). */
   maxOnceBytes?: number
+  /** Memory the history may take, estimated (the oldest events go first); 0: no cap. */
+  maxHistoryBytes?: number
 }
+
+/** What one channel's entry of an event costs beside the frame (the entry object, its slot). */
+const ENTRY_BYTES = 64
+
+/**
+ * Put in a dropped entry's slot until the channel's list is compacted: a
+ * channel with few events compacts rarely, and its dropped entries would
+ * keep their frames alive meanwhile.
+ */
+const DROPPED: StoredEntry = { id: 0, frame: Buffer.alloc(0), stored: { id: 0, channels: [], bytes: 0, holders: 0 } }
 
 const MAX_ONCE_BYTES = 64 * 1024 * 1024
 
@@ -44,10 +70,19 @@ export class MemoryBus implements EventBus {
   /** Idempotency keys used within their window, oldest first. */
   private readonly onceKeys = new Map<string, { fingerprint: string, ids: number[], expiresAt: number }>()
   private onceBytes = 0
+  /** Events some channel keeps, oldest first from `storedHead` (those none keeps are skipped). */
+  private stored: StoredEvent[] = []
+  private storedHead = 0
+  private storedBytes = 0
 
   constructor (private readonly options: MemoryBusOptions) {
     // Channels that went quiet are dropped once all their events are past the window.
     this.sweepTimer = setInterval(() => this.sweep(), Math.min(60_000, options.historyTtlS * 1000)).unref()
+  }
+
+  /** What the history takes, estimated as HISTORY_MAX_BYTES counts it. */
+  historyBytes (): number {
+    return this.storedBytes
   }
 
   /** Synchronous core of `publish`, for callers that must check state and publish in one step. */
@@ -57,13 +92,18 @@ export class MemoryBus implements EventBus {
       const id = Math.max(this.last + 1, clockId())
       this.last = id
       const frame = frameWithId(id, item.body)
-      for (const name of item.channels) {
-        if (this.options.historySize > 0) this.append(name, { id, frame })
-        else this.history(name).droppedUpTo = id
+      if (this.options.historySize > 0 && item.channels.length > 0) {
+        const stored: StoredEvent = { id, channels: item.channels, bytes: frame.length + ENTRY_BYTES * item.channels.length, holders: item.channels.length }
+        this.stored.push(stored)
+        this.storedBytes += stored.bytes
+        for (const name of item.channels) this.append(name, { id, frame, stored })
+      } else {
+        for (const name of item.channels) this.history(name).droppedUpTo = id
       }
       this.outbox.push({ channels: item.channels, id, frame })
       ids.push(id)
     }
+    this.dropOldestOverBudget()
     if (!this.flushScheduled) {
       this.flushScheduled = true
       setImmediate(() => this.flush())
@@ -158,6 +198,9 @@ export class MemoryBus implements EventBus {
   async close (): Promise<void> {
     clearInterval(this.sweepTimer)
     this.histories.clear()
+    this.stored = []
+    this.storedHead = 0
+    this.storedBytes = 0
   }
 
   /** Ids are clock microseconds, so an id below this one is older than the window. */
@@ -182,22 +225,64 @@ export class MemoryBus implements EventBus {
     return history
   }
 
-  private append (name: string, entry: HistoryEntry): void {
+  private append (name: string, entry: StoredEntry): void {
     const history = this.history(name)
     history.entries.push(entry)
-    if (history.entries.length - history.head > this.options.historySize) {
-      history.droppedUpTo = history.entries[history.head].id
-      history.head++
-    }
+    if (history.entries.length - history.head > this.options.historySize) this.dropHead(history)
     this.prune(history, this.cutoff())
+  }
+
+  /** Drops a channel's oldest entry. */
+  private dropHead (history: ChannelHistory): void {
+    const { stored } = history.entries[history.head]
+    history.entries[history.head] = DROPPED
+    history.droppedUpTo = stored.id
+    history.head++
+    if (--stored.holders > 0) return
+    this.storedBytes -= stored.bytes
+    // Mostly the oldest go first: the queue's head moves past them at once.
+    while (this.storedHead < this.stored.length && this.stored[this.storedHead].holders === 0) this.storedHead++
+    if (this.storedHead > 1024 && this.storedHead * 2 > this.stored.length) {
+      this.stored = this.stored.slice(this.storedHead)
+      this.storedHead = 0
+    }
+  }
+
+  /**
+   * Past the history's memory cap, the oldest events leave every channel
+   * that keeps them: those channels' cursors below them get 'trimmed', as
+   * after HISTORY_SIZE; channels that never had them replay as before.
+   */
+  private dropOldestOverBudget (): void {
+    const budget = this.options.maxHistoryBytes ?? 0
+    if (budget === 0) return
+    while (this.storedBytes > budget && this.storedHead < this.stored.length) {
+      const oldest = this.stored[this.storedHead]
+      for (const name of oldest.channels) {
+        const history = this.histories.get(name)
+        // Older entries of the channel left before it: it is the head if the channel still keeps it.
+        if (history !== undefined && history.head < history.entries.length && history.entries[history.head].stored === oldest) {
+          this.dropHead(history)
+          this.compact(history)
+        }
+      }
+      // Never the case (see above), but the loop must end whatever the state.
+      if (this.stored[this.storedHead] === oldest) {
+        this.storedBytes -= oldest.bytes
+        oldest.holders = 0
+        this.storedHead++
+      }
+    }
   }
 
   private prune (history: ChannelHistory, cutoff: number): void {
     const { entries } = history
-    while (history.head < entries.length && entries[history.head].id < cutoff) {
-      history.droppedUpTo = entries[history.head].id
-      history.head++
-    }
+    while (history.head < entries.length && entries[history.head].id < cutoff) this.dropHead(history)
+    this.compact(history)
+  }
+
+  private compact (history: ChannelHistory): void {
+    const { entries } = history
     // Compact now and then instead of shifting on every drop.
     if (history.head > 64 && history.head * 2 > entries.length) {
       history.entries = entries.slice(history.head)

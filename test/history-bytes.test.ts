@@ -1,0 +1,105 @@
+/**
+ * Embedded mode's history under HISTORY_MAX_BYTES: the oldest events leave
+ * every channel that keeps them once the history's estimated memory passes
+ * the cap; a cursor that needed them gets `reset`, one that did not replays
+ * as before; events trimmed by HISTORY_SIZE or age give their memory back.
+ */
+import { setFlagsFromString } from 'node:v8'
+import { runInNewContext } from 'node:vm'
+import t, { type Test } from 'tap'
+import { MemoryBus } from '../src/core/memory-bus'
+import { renderBody } from '../src/core/framing'
+import { openStream, publishOk, publisherToken, startGateway, userToken } from './helpers'
+import { metricValue, scrape } from './helpers/raw'
+
+const KB = 'x'.repeat(1000)
+
+function busWithCap (t: Test, maxHistoryBytes: number, historySize = 1000): MemoryBus {
+  const bus = new MemoryBus({ historySize, historyTtlS: 3600, maxHistoryBytes })
+  t.teardown(async () => await bus.close())
+  return bus
+}
+
+function publishMany (bus: MemoryBus, channel: string, count: number): number[] {
+  const ids: number[] = []
+  for (let n = 0; n < count; n++) ids.push(...bus.publishNow([{ channels: [channel], body: renderBody('e', `${n} ${KB}`) }]))
+  return ids
+}
+
+t.test('past the cap the oldest events go: the newest are kept, in order, and a cursor below them gets trimmed', async (t) => {
+  const bus = busWithCap(t, 64 * 1024)
+  const ids = publishMany(bus, 'user:a', 200)
+  const kept = (await bus.window(['user:a'])).map((entry) => entry.id)
+  t.ok(kept.length > 40 && kept.length < 64, `about 64 KB of 1 KB events kept (${kept.length})`)
+  t.same(kept, ids.slice(ids.length - kept.length), 'the newest ones')
+  t.same(await bus.replay(['user:a'], ids[0]), { reset: 'trimmed', events: [] }, 'a cursor below them: trimmed')
+  const from = ids.length - kept.length - 1
+  const replayed = await bus.replay(['user:a'], ids[from])
+  t.equal(replayed.reset, null, 'a cursor at the last event dropped: no reset')
+  t.same(replayed.events.map((entry) => entry.id), kept, 'and every event after it')
+})
+
+t.test('a quiet channel loses its old events to another channel\'s traffic; a cursor past them still replays', async (t) => {
+  const bus = busWithCap(t, 64 * 1024)
+  const [quiet] = bus.publishNow([{ channels: ['user:b'], body: renderBody('e', 'early') }])
+  publishMany(bus, 'user:a', 200)
+  t.same(await bus.window(['user:b']), [], 'the quiet channel\'s event is gone')
+  t.same(await bus.replay(['user:b'], quiet - 1), { reset: 'trimmed', events: [] }, 'a cursor that needed it: trimmed')
+  t.same(await bus.replay(['user:b'], quiet), { reset: null, events: [] }, 'a cursor at it: nothing missed')
+})
+
+t.test('an event of many channels counts once, with an entry per channel, and leaves them all', async (t) => {
+  const bus = busWithCap(t, 64 * 1024)
+  const channels = Array.from({ length: 50 }, (_, n) => `user:u${n}`)
+  const [shared] = bus.publishNow([{ channels, body: renderBody('e', KB) }])
+  const keptIn = async (): Promise<number> => (await Promise.all(channels.map(async (name) => (await bus.window([name])).length))).reduce((sum, count) => sum + count, 0)
+  t.equal(await keptIn(), 50, 'kept in each channel')
+  publishMany(bus, 'user:a', 100)
+  t.equal(await keptIn(), 0, 'gone from every channel')
+  for (const name of channels.slice(0, 3)) t.same(await bus.replay([name], shared - 1), { reset: 'trimmed', events: [] })
+})
+
+t.test('events trimmed by HISTORY_SIZE give their memory back: they do not push other channels\' events out', async (t) => {
+  const bus = busWithCap(t, 64 * 1024, 5)
+  const [quiet] = bus.publishNow([{ channels: ['user:b'], body: renderBody('e', 'early') }])
+  publishMany(bus, 'user:a', 500)
+  t.equal((await bus.window(['user:a'])).length, 5, 'HISTORY_SIZE keeps 5')
+  t.same((await bus.window(['user:b'])).map((entry) => entry.id), [quiet], 'the quiet channel keeps its event: 500 KB went through, 5 KB is kept')
+})
+
+t.test('HISTORY_MAX_BYTES=0: no cap', async (t) => {
+  const bus = busWithCap(t, 0)
+  const ids = publishMany(bus, 'user:a', 200)
+  t.equal((await bus.window(['user:a'])).length, 200)
+  t.equal((await bus.replay(['user:a'], ids[0])).reset, null)
+})
+
+t.test('a stream reconnecting with a cursor the cap dropped gets reset, nothing older, then live events', async (t) => {
+  const { url } = await startGateway(t, { HISTORY_MAX_BYTES: '65536' })
+  const publisher = publisherToken()
+  const ids: string[] = []
+  for (let n = 0; n < 150; n++) ids.push(...await publishOk(url, publisher, { to: { user: 'u1' }, event: 'e', data: `${n} ${KB}` }))
+  const stream = await openStream(`${url}/v1/stream?token=${userToken('u1')}`, { t, headers: { 'last-event-id': ids[0] } })
+  t.equal(stream.status, 200)
+  const reset = await stream.nextEvent('reset')
+  t.match(JSON.parse(reset.data), { reason: 'trimmed' })
+  const [live] = await publishOk(url, publisher, { to: { user: 'u1' }, event: 'live', data: 'now' })
+  t.equal((await stream.nextEvent('live')).id, live, 'then live events')
+  t.equal(stream.events.filter((event) => event.event === 'e').length, 0, 'and nothing older')
+  const historyBytes = metricValue(await scrape(url), 'sse_history_bytes')
+  t.ok(historyBytes > 32 * 1024 && historyBytes <= 65536, `sse_history_bytes is under the cap (${historyBytes})`)
+})
+
+t.test('an entry dropped from a channel lets its frame go at once, before the channel\'s list is compacted', async (t) => {
+  setFlagsFromString('--expose-gc')
+  const gc = runInNewContext('gc') as () => void
+  const bus = busWithCap(t, 0, 1)
+  bus.publishNow([{ channels: ['user:a'], body: renderBody('e', KB) }])
+  const frameOfFirst = async (): Promise<WeakRef<Buffer>> => new WeakRef((await bus.window(['user:a']))[0].frame)
+  const first = await frameOfFirst()
+  bus.publishNow([{ channels: ['user:a'], body: renderBody('e', 'second') }])
+  // The fan-out's own reference goes on the next turn.
+  await new Promise((resolve) => setImmediate(resolve))
+  gc()
+  t.equal(first.deref(), undefined, 'the first frame was collected: HISTORY_SIZE=1 dropped it')
+})
