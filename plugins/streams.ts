@@ -9,7 +9,7 @@ import { parseCursor, streamHead, topicAllowed } from '../src/core/framing'
 import { Hub } from '../src/core/hub'
 import { Publisher } from '../src/core/publish'
 import { StoreUnavailableError, type ControlAnswer, type ControlMessage } from '../src/core/state'
-import { StreamService, type StreamSpec } from '../src/core/streams'
+import { REOPENED_REASON, StreamService, type StreamSpec } from '../src/core/streams'
 import { errors } from '../src/errors'
 import { authOf } from './auth'
 
@@ -93,7 +93,7 @@ const UNRECORDED_LOG_EVERY_MS = 60_000
 /** The reason of an eviction by the per-user limit (evict-oldest). */
 const LIMIT_EVICTION = 'too many streams for this user'
 /** The reason of an eviction by a newer stream of the same id. */
-const REOPENED = 'stream reopened elsewhere'
+const REOPENED = REOPENED_REASON
 
 /** An open past its admission check that is not in the registry yet. */
 interface PendingOpen {
@@ -326,6 +326,12 @@ export default fp(async (app) => {
     }
   }
 
+  /** The registered stream of the id that this admission opened, if it is the one registered. */
+  const ownStream = (connectionId: string, admissionSeq: number): StreamConnection | undefined => {
+    const connection = registry.get(connectionId)
+    return connection?.admissionSeq === admissionSeq ? connection : undefined
+  }
+
   /** Streams past the MAX_CONNECTIONS check that are not in the registry yet. */
   let opening = 0
   app.decorate('openStream', async (request: FastifyRequest, reply: FastifyReply, options: OpenStreamOptions) => {
@@ -374,10 +380,12 @@ export default fp(async (app) => {
         throw new errors.Limited(`user already holds ${config.maxConnectionsPerUser} streams`)
       }
       pending.seq = admission.seq
-      if (admission.evict !== null) {
-        const message: ControlMessage = { type: 'evict', connectionId: admission.evict, reason: LIMIT_EVICTION, instance: null, decidedAt: admission.seq }
-        if (registry.get(admission.evict) !== undefined) evictHere(admission.evict, LIMIT_EVICTION, admission.seq, true)
-        else await state.broadcastControl(message)
+      // The evicted entry's own instance ends its stream: another stream of
+      // the id here may be a holder that a reopen elsewhere replaced.
+      const { evict } = admission
+      if (evict !== null && evict.instance === state.instanceId) evictHere(evict.connectionId, LIMIT_EVICTION, admission.seq, true)
+      else if (evict !== null) {
+        await state.broadcastControl({ type: 'evict', connectionId: evict.connectionId, reason: LIMIT_EVICTION, instance: evict.instance, decidedAt: admission.seq })
       }
       // The id's holders on other instances (a live one, or reopens racing
       // this one): the id is this one's now.
@@ -410,6 +418,7 @@ export default fp(async (app) => {
         // literal built a slow-mode object per open (≈ 10 µs in a profile).
         const opened = streams.open({
           connectionId: options.connectionId,
+          admissionSeq: admission.seq,
           userId: auth.userId,
           kind: options.kind,
           topics: options.topics,
@@ -430,8 +439,7 @@ export default fp(async (app) => {
         // open() puts the stream in the registry before its first await.
         opening--
         counted = false
-        const connection = registry.get(options.connectionId)
-        if (connection !== undefined) connection.admissionSeq = admission.seq
+        const connection = ownStream(options.connectionId, admission.seq)
         // Evicted meanwhile by an admission after its own.
         if (pending.evictedFor !== null && pending.evictedAt > admission.seq && connection !== undefined) {
           streams.close(connection, 'evicted', 'evicted', { reason: pending.evictedFor })
@@ -439,7 +447,7 @@ export default fp(async (app) => {
         await opened
       } catch (error) {
         request.log.error({ err: error, connectionId: options.connectionId }, 'stream failed to open')
-        const connection = registry.get(options.connectionId)
+        const connection = ownStream(options.connectionId, admission.seq)
         if (connection !== undefined) connection.close('error')
         // Unless its stream ended and it went back to serving requests.
         else if (!handedBack.has(socket)) socket.destroy()

@@ -11,6 +11,7 @@ import {
   forEachMode, openConnected, openStream, publishOk, publisherToken, startCluster, userToken,
   type Gateway, type SseClient
 } from './helpers'
+import { redisClient } from './helpers/redis'
 
 const publisher = publisherToken()
 
@@ -146,3 +147,54 @@ forEachMode(t, 'a live id reopened on B, then on A: B\'s eviction aimed at A, ar
   t.equal((await reopenOnB).status, 200)
   await assertSurvivor(t, [a, b], reopenedOnA, [holder, await reopenOnB])
 }, ['redis'])
+
+forEachMode(t, 'evict-oldest, limit 1: a new stream on A evicts the id that a reopen on B took from A\'s holder (B\'s eviction aimed at A still in flight): B\'s reopen ends, not only A\'s holder', async (t) => {
+  const [a, b] = await startCluster(t, 'redis', 2, { MAX_CONNECTIONS_PER_USER: '1', CONNECTION_LIMIT_POLICY: 'evict-oldest' })
+  const { stream: holder, connected } = await openConnected(streamUrl(a.url, 'u1'), { t })
+  const late = holdEvictions(t, b)
+  let admittedOnB = (): void => {}
+  const admitted = new Promise<void>((resolve) => { admittedOnB = resolve })
+  afterNextAdmission(t, b, async () => admittedOnB())
+  const reopenOnB = openStream(reopenUrl(b.url, connected.connectionId), { t })
+  await admitted
+  // Its admission evicts B's entry of the id: A still registers the holder it replaced.
+  const { stream: newcomer } = await openConnected(streamUrl(a.url, 'u1'), { t })
+  late.release()
+  const reopenedOnB = await reopenOnB
+  t.equal(reopenedOnB.status, 200)
+  await assertSurvivor(t, [a, b], newcomer, [holder, reopenedOnB])
+}, ['redis'])
+
+forEachMode(t, 'Redis loses its data and the instances record their streams again: a later admission still evicts a stream admitted before the loss', async (t) => {
+  const [a, b] = await startCluster(t, 'redis', 2, { MAX_CONNECTIONS_PER_USER: '1', CONNECTION_LIMIT_POLICY: 'evict-oldest' })
+  // A cluster that has admitted streams for a while.
+  for (let n = 0; n < 3; n++) (await openConnected(streamUrl(b.url, 'warm-up'), { t })).stream.close()
+  const { stream: old } = await openConnected(streamUrl(a.url, 'u1'), { t })
+  const redis = redisClient(t)
+  const prefix = (a.app.state as unknown as { prefix: string }).prefix
+  const keys = await redis.keys(`${prefix}*`)
+  if (keys.length > 0) await redis.del(...keys)
+  // What each instance does when its connection to Redis is back.
+  for (const gateway of [a, b]) await (gateway.app.state as unknown as { resync: () => Promise<void> }).resync()
+  const { stream: newcomer } = await openConnected(streamUrl(b.url, 'u1'), { t })
+  await assertSurvivor(t, [a, b], newcomer, [old])
+}, ['redis'])
+
+forEachMode(t, 'evict-oldest, limit 1: two reopens of a live id on one instance registering out of their admissions\' order: the one admitted last holds the id', async (t, mode) => {
+  const gateways = await startCluster(t, mode, mode === 'redis' ? 2 : 1, { MAX_CONNECTIONS_PER_USER: '1', CONNECTION_LIMIT_POLICY: 'evict-oldest' })
+  const a = gateways[0]
+  const { stream: holder, connected } = await openConnected(streamUrl(a.url, 'u1'), { t })
+  let newcomer: SseClient | null = null
+  let second: SseClient | null = null
+  // The first reopen is admitted; a new stream evicts the id; the second
+  // reopen is admitted (evicting the new stream) and registers; then the
+  // first registers.
+  afterNextAdmission(t, a, async () => {
+    newcomer = (await openConnected(streamUrl(gateways[gateways.length - 1].url, 'u1'), { t })).stream
+    second = (await openConnected(reopenUrl(a.url, connected.connectionId), { t })).stream
+  })
+  const first = await openStream(reopenUrl(a.url, connected.connectionId), { t })
+  if (second === null || newcomer === null) throw new Error('the new stream or the second reopen never opened')
+  t.equal(first.status, 200)
+  await assertSurvivor(t, gateways, second, [holder, first, newcomer])
+})

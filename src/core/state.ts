@@ -30,7 +30,8 @@ export type Admission =
   | {
     admitted: true
     cameOnline: boolean
-    evict: string | null
+    /** The stream the limit evicted, and the instance whose it is. */
+    evict: { connectionId: string, instance: string } | null
     /**
      * Instances whose stream of this id the admission took the id from: a
      * reopen racing another on another instance, which neither saw when it

@@ -5,8 +5,13 @@ import { retryFrame, systemFrame } from './framing'
 import type { Hub } from './hub'
 import type { Registry } from './registry'
 
+/** Why a stream of an id ends when a newer stream of the id takes it. */
+export const REOPENED_REASON = 'stream reopened elsewhere'
+
 export interface StreamSpec {
   connectionId: string
+  /** Its admission's seq (SharedState.admit): of two streams of one id, the one admitted last holds it. */
+  admissionSeq: number
   userId: string
   kind: StreamKind
   topics: string[]
@@ -108,16 +113,23 @@ export class StreamService {
       handBack: this.options.handBack
     })
     connection.onClose = this.cleanupClosed
+    connection.admissionSeq = spec.admissionSeq
     connection.baseline = this.bus.deliveredUpTo()
     // Queued first, so whatever ends the stream from here on follows a head.
     connection.sendSystem(spec.head)
     // Two reopens of one id can both pass the caller's check while it waits on
-    // Redis: one id has one holder, the latest, or the other would live on
-    // outside the registry and its counts.
+    // Redis: one id has one holder, the one admitted last (whichever gets here
+    // first), or the other would live on outside the registry and its counts.
     const previous = this.registry.get(spec.connectionId)
+    if (previous !== undefined && previous.admissionSeq > connection.admissionSeq) {
+      // The id's record is the other's: this one's close must not give it back.
+      connection.replaced = true
+      this.close(connection, 'evicted', 'evicted', { reason: REOPENED_REASON })
+      return connection
+    }
     if (previous !== undefined) {
       previous.replaced = true
-      this.close(previous, 'evicted', 'evicted', { reason: 'stream reopened elsewhere' })
+      this.close(previous, 'evicted', 'evicted', { reason: REOPENED_REASON })
     }
     this.registry.add(connection)
     // Registered while the bus is without its subscription: not held by

@@ -193,7 +193,9 @@ export class RedisState implements SharedState {
     ]) as [number, number, string, number, ...string[]]
     if (admitted !== 1) return { admitted: false }
     this.cancelGrace(request.userId)
-    return { admitted: true, cameOnline: cameOnline === 1, evict: evicted === '' ? null : evicted.slice(evicted.indexOf('|') + 1), replacedOn, seq }
+    const bar = evicted.indexOf('|')
+    const evict = evicted === '' ? null : { connectionId: evicted.slice(bar + 1), instance: evicted.slice(0, bar) }
+    return { admitted: true, cameOnline: cameOnline === 1, evict, replacedOn, seq }
   }
 
   async release (connectionId: string, userId: string, ttlS: number): Promise<void> {

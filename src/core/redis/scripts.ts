@@ -262,7 +262,7 @@ end
 /**
  * Admits a stream under the per-user limit, cluster-wide.
  * ARGV: prefix, userId, instance, connectionId, openedAtMs, limit, policy,
- * instanceTtlMs, infoJson, reopenTtlS. Returns { admitted(0|1), cameOnline(0|1), evicted member or '', the admission's seq (P admissions, counting every admission of the cluster), then the other instances whose stream of the id it replaced }.
+ * instanceTtlMs, infoJson, reopenTtlS. Returns { admitted(0|1), cameOnline(0|1), evicted member or '', the admission's seq (clock microseconds, or past the last one in P admissions: it orders every admission of the cluster), then the other instances whose stream of the id it replaced }.
  */
 export const ADMIT = `${LIVE_MEMBERS}
 local prefix, user, inst, conn = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
@@ -305,7 +305,13 @@ redis.call('ZADD', uk, tonumber(ARGV[5]), inst .. '|' .. conn)
 redis.call('SET', prefix .. 'conn:' .. conn, user)
 redis.call('PERSIST', prefix .. 'ut:' .. user)
 redis.call('HSET', prefix .. 'i:' .. inst .. ':conns', conn, ARGV[9])
-local result = { 1, was_online and 0 or 1, evict, redis.call('INCR', prefix .. 'admissions') }
+-- Like event ids, clock microseconds unless the last one is ahead: the seq
+-- keeps growing when Redis loses its data (a counter would start again
+-- below the streams still open).
+local t = redis.call('TIME')
+local seq = math.max(tonumber(redis.call('GET', prefix .. 'admissions') or '0') + 1, tonumber(t[1]) * 1000000 + tonumber(t[2]))
+redis.call('SET', prefix .. 'admissions', string.format('%.0f', seq), 'EX', 86400)
+local result = { 1, was_online and 0 or 1, evict, seq }
 for _, holder in ipairs(replaced_on) do result[#result + 1] = holder end
 return result
 `
