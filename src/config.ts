@@ -87,10 +87,15 @@ function integer (env: Env, name: string, fallback: number, min: number, max = N
   return value
 }
 
-/** HISTORY_MAX_BYTES: 0 (no cap), or at least 64 KB, so that one large event still fits. */
-function historyBytes (env: Env): number {
-  const value = integer(env, 'HISTORY_MAX_BYTES', 256 * 1024 * 1024, 0)
-  if (value !== 0 && value < 65_536) throw new ConfigError('HISTORY_MAX_BYTES', `must be 0 (no cap) or at least 65536, got ${value}`)
+/**
+ * HISTORY_MAX_BYTES: 0 (no cap), or room for two of the largest events and
+ * at least 64 KB: an event larger than the cap would leave history as it
+ * is published, and every reconnect that needed it would get `reset`.
+ */
+function historyBytes (env: Env, maxEventBytes: number): number {
+  const least = Math.max(65_536, 2 * maxEventBytes)
+  const value = integer(env, 'HISTORY_MAX_BYTES', Math.max(256 * 1024 * 1024, 4 * maxEventBytes), 0)
+  if (value !== 0 && value < least) throw new ConfigError('HISTORY_MAX_BYTES', `must be 0 (no cap) or at least ${least} (64 KB, and twice MAX_EVENT_BYTES), got ${value}`)
   return value
 }
 
@@ -216,6 +221,7 @@ export function loadConfig (env: Env = process.env): Config {
     }
   }
   const keepaliveMs = integer(env, 'KEEPALIVE_MS', 15000, 100, 3_600_000)
+  const maxEventBytes = integer(env, 'MAX_EVENT_BYTES', 262144, 1)
   const config: Config = {
     port: port(env, 'PORT', 3000) as number,
     host: read(env, 'HOST') ?? '0.0.0.0',
@@ -235,12 +241,12 @@ export function loadConfig (env: Env = process.env): Config {
     retryMs: integer(env, 'RETRY_MS', 3000, 0, 3_600_000),
     historySize: integer(env, 'HISTORY_SIZE', 1000, 0, 1_000_000),
     historyTtlS: integer(env, 'HISTORY_TTL_S', 3600, 1, 30 * 86400),
-    historyMaxBytes: historyBytes(env),
+    historyMaxBytes: historyBytes(env, maxEventBytes),
     maxConnections: integer(env, 'MAX_CONNECTIONS', 100000, 1),
     maxConnectionsPerUser: integer(env, 'MAX_CONNECTIONS_PER_USER', 20, 1),
     connectionLimitPolicy: oneOf(env, 'CONNECTION_LIMIT_POLICY', 'reject', ['reject', 'evict-oldest'] as const),
     maxBufferedBytes: integer(env, 'MAX_BUFFERED_BYTES', 1048576, 1024),
-    maxEventBytes: integer(env, 'MAX_EVENT_BYTES', 262144, 1),
+    maxEventBytes,
     maxBodyBytes: integer(env, 'MAX_BODY_BYTES', 1048576, 64),
     maxPublishChannels: integer(env, 'MAX_PUBLISH_CHANNELS', 100000, 1),
     presenceGraceMs: integer(env, 'PRESENCE_GRACE_MS', 2000, 0, 3_600_000),

@@ -120,6 +120,13 @@ function refuses (t: tap.Test, env: Record<string, string>, variable: string): v
   }
 }
 
+t.test('HISTORY_MAX_BYTES holds at least two of the largest events: its default grows with MAX_EVENT_BYTES, a smaller setting is refused', async (t) => {
+  t.equal(loadConfig({ JWT_SECRET: 'x', MAX_EVENT_BYTES: '209715200' }).historyMaxBytes, 4 * 209715200)
+  t.equal(loadConfig({ JWT_SECRET: 'x', MAX_EVENT_BYTES: '40000', HISTORY_MAX_BYTES: '80000' }).historyMaxBytes, 80000)
+  refuses(t, { JWT_SECRET: 'x', MAX_EVENT_BYTES: '40000', HISTORY_MAX_BYTES: '79999' }, 'HISTORY_MAX_BYTES')
+  t.equal(loadConfig({ JWT_SECRET: 'x', HISTORY_MAX_BYTES: '0' }).historyMaxBytes, 0, '0: no cap')
+})
+
 t.test('invalid values throw a ConfigError naming the variable', async (t) => {
   const base = { JWT_SECRET: 'x' }
   refuses(t, { ...base, PORT: 'abc' }, 'PORT')
@@ -134,6 +141,8 @@ t.test('invalid values throw a ConfigError naming the variable', async (t) => {
   refuses(t, { ...base, HISTORY_SIZE: '-5' }, 'HISTORY_SIZE')
   refuses(t, { ...base, HISTORY_TTL_S: 'forever' }, 'HISTORY_TTL_S')
   refuses(t, { ...base, HISTORY_MAX_BYTES: '65535' }, 'HISTORY_MAX_BYTES')
+  refuses(t, { ...base, HISTORY_MAX_BYTES: '524287' }, 'HISTORY_MAX_BYTES')
+  refuses(t, { ...base, MAX_EVENT_BYTES: '1000', HISTORY_MAX_BYTES: '65535' }, 'HISTORY_MAX_BYTES')
   refuses(t, { ...base, HISTORY_MAX_BYTES: '256MB' }, 'HISTORY_MAX_BYTES')
   refuses(t, { ...base, MAX_CONNECTIONS: 'lots' }, 'MAX_CONNECTIONS')
   refuses(t, { ...base, MAX_EVENT_BYTES: '256k' }, 'MAX_EVENT_BYTES')

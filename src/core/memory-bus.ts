@@ -35,8 +35,14 @@ export interface MemoryBusOptions {
   maxHistoryBytes?: number
 }
 
-/** What one channel's entry of an event costs beside the frame (the entry object, its slot). */
+/**
+ * What an event kept in history costs beside its frame (the Buffer object,
+ * its record, its slot in the queue, its channel list), and what each
+ * channel's entry of it costs; measured with --expose-gc.
+ */
+const EVENT_BYTES = 320
 const ENTRY_BYTES = 64
+const NO_CHANNELS: string[] = []
 
 /**
  * Put in a dropped entry's slot until the channel's list is compacted: a
@@ -74,6 +80,8 @@ export class MemoryBus implements EventBus {
   private stored: StoredEvent[] = []
   private storedHead = 0
   private storedBytes = 0
+  /** Events of `stored` some channel still keeps. */
+  private storedLive = 0
 
   constructor (private readonly options: MemoryBusOptions) {
     // Channels that went quiet are dropped once all their events are past the window.
@@ -93,9 +101,10 @@ export class MemoryBus implements EventBus {
       this.last = id
       const frame = frameWithId(id, item.body)
       if (this.options.historySize > 0 && item.channels.length > 0) {
-        const stored: StoredEvent = { id, channels: item.channels, bytes: frame.length + ENTRY_BYTES * item.channels.length, holders: item.channels.length }
+        const stored: StoredEvent = { id, channels: item.channels, bytes: frame.length + EVENT_BYTES + ENTRY_BYTES * item.channels.length, holders: item.channels.length }
         this.stored.push(stored)
         this.storedBytes += stored.bytes
+        this.storedLive++
         for (const name of item.channels) this.append(name, { id, frame, stored })
       } else {
         for (const name of item.channels) this.history(name).droppedUpTo = id
@@ -201,6 +210,7 @@ export class MemoryBus implements EventBus {
     this.stored = []
     this.storedHead = 0
     this.storedBytes = 0
+    this.storedLive = 0
   }
 
   /** Ids are clock microseconds, so an id below this one is older than the window. */
@@ -240,10 +250,16 @@ export class MemoryBus implements EventBus {
     history.head++
     if (--stored.holders > 0) return
     this.storedBytes -= stored.bytes
+    this.storedLive--
+    stored.channels = NO_CHANNELS
     // Mostly the oldest go first: the queue's head moves past them at once.
     while (this.storedHead < this.stored.length && this.stored[this.storedHead].holders === 0) this.storedHead++
-    if (this.storedHead > 1024 && this.storedHead * 2 > this.stored.length) {
-      this.stored = this.stored.slice(this.storedHead)
+    // Not when an old event stays (a quiet channel's) while busy channels
+    // trim theirs behind it: the queue is rebuilt without the dropped ones
+    // once they outnumber those kept.
+    const dropped = this.stored.length - this.storedLive
+    if (dropped > 1024 && dropped > this.storedLive) {
+      this.stored = this.stored.slice(this.storedHead).filter((event) => event.holders > 0)
       this.storedHead = 0
     }
   }
@@ -269,7 +285,9 @@ export class MemoryBus implements EventBus {
       // Never the case (see above), but the loop must end whatever the state.
       if (this.stored[this.storedHead] === oldest) {
         this.storedBytes -= oldest.bytes
+        this.storedLive--
         oldest.holders = 0
+        oldest.channels = NO_CHANNELS
         this.storedHead++
       }
     }
