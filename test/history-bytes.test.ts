@@ -134,3 +134,34 @@ t.test('events a busy channel trimmed behind an older one a quiet channel keeps 
   t.equal(records.filter((ref) => ref.deref() !== undefined).length, 0, 'and their records')
   t.equal((await bus.window(['user:quiet'])).length, 1, 'the quiet channel keeps its event')
 })
+
+t.test('an event larger than the cap (many lines) is kept until the next publish, not dropped as it is published', async (t) => {
+  const bus = busWithCap(t, 64 * 1024)
+  const [before] = bus.publishNow([{ channels: ['user:a'], body: renderBody('e', 'small') }])
+  // 7 bytes a line as written: 140 KB from 20 000 line breaks.
+  const [large] = bus.publishNow([{ channels: ['user:a'], body: renderBody('e', '\n'.repeat(20_000)) }])
+  const replayed = await bus.replay(['user:a'], before)
+  t.equal(replayed.reset, null, 'a cursor at the event before it: no reset')
+  t.same(replayed.events.map((entry) => entry.id), [large], 'the large event is replayed')
+  bus.publishNow([{ channels: ['user:a'], body: renderBody('e', 'next') }])
+  t.same(await bus.replay(['user:a'], before), { reset: 'trimmed', events: [] }, 'the next publish lets it go')
+})
+
+t.test('a frame kept in history does not keep the memory of frames dropped around it', async (t) => {
+  const gc = exposedGc()
+  const bus = busWithCap(t, 0, 1)
+  bus.publishNow([{ channels: ['user:quiet'], body: renderBody('e', 'kept') }])
+  bus.publishNow([{ channels: ['user:busy'], body: renderBody('e', 'dropped next') }])
+  const dropped = await memoryOfNewest(bus, 'user:busy')
+  bus.publishNow([{ channels: ['user:busy'], body: renderBody('e', 'keeps the busy channel') }])
+  await new Promise((resolve) => setImmediate(resolve))
+  gc()
+  t.equal(dropped.deref(), undefined, 'the dropped frame\'s memory was collected while the quiet channel keeps its own')
+  t.equal((await bus.window(['user:quiet'])).length, 1)
+})
+
+/** The memory under the newest frame of the channel, weakly. */
+async function memoryOfNewest (bus: MemoryBus, channel: string): Promise<WeakRef<ArrayBufferLike>> {
+  const entries = await bus.window([channel])
+  return new WeakRef(entries[entries.length - 1].frame.buffer)
+}

@@ -53,10 +53,11 @@ export function chunkOf (payload: Buffer, prefix: Buffer | null = null): Buffer 
  * the text, taken from Node's shared pool between two frames, would leave
  * every frame kept in history holding twice its size of pool memory.
  */
-export function chunkOfText (text: string): Buffer {
+export function chunkOfText (text: string, ownMemory = false): Buffer {
   const length = Buffer.byteLength(text)
   const size = length.toString(16)
-  const out = Buffer.allocUnsafe(size.length + length + 4)
+  const bytes = size.length + length + 4
+  const out = ownMemory ? Buffer.allocUnsafeSlow(bytes) : Buffer.allocUnsafe(bytes)
   let offset = out.write(size, 0, 'latin1')
   out[offset++] = 13
   out[offset++] = 10
@@ -69,8 +70,13 @@ export function chunkOfText (text: string): Buffer {
 /** The chunk that ends a chunked body. */
 export const END_CHUNK = Buffer.from('0\r\n\r\n')
 
-export function frameWithId (id: number, body: string): Buffer {
-  return chunkOfText(`id: ${id}\n${body}`)
+/**
+ * An event's frame. `ownMemory` for one kept in history: it stays for as
+ * long as its channels keep it, and one sliced from Node's shared pool
+ * would keep the whole 8 KB slab alive among frames long dropped.
+ */
+export function frameWithId (id: number, body: string, ownMemory = false): Buffer {
+  return chunkOfText(`id: ${id}\n${body}`, ownMemory)
 }
 
 /** System events carry no `id:` line, so they never move the browser's cursor. */

@@ -99,8 +99,9 @@ export class MemoryBus implements EventBus {
     for (const item of items) {
       const id = Math.max(this.last + 1, clockId())
       this.last = id
-      const frame = frameWithId(id, item.body)
-      if (this.options.historySize > 0 && item.channels.length > 0) {
+      const kept = this.options.historySize > 0 && item.channels.length > 0
+      const frame = frameWithId(id, item.body, kept)
+      if (kept) {
         const stored: StoredEvent = { id, channels: item.channels, bytes: frame.length + EVENT_BYTES + ENTRY_BYTES * item.channels.length, holders: item.channels.length }
         this.stored.push(stored)
         this.storedBytes += stored.bytes
@@ -112,7 +113,7 @@ export class MemoryBus implements EventBus {
       this.outbox.push({ channels: item.channels, id, frame })
       ids.push(id)
     }
-    this.dropOldestOverBudget()
+    if (ids.length > 0) this.dropOldestOverBudget(ids[0])
     if (!this.flushScheduled) {
       this.flushScheduled = true
       setImmediate(() => this.flush())
@@ -265,15 +266,19 @@ export class MemoryBus implements EventBus {
   }
 
   /**
-   * Past the history's memory cap, the oldest events leave every channel
+   * Past the history's memory cap, the oldest events (published before
+   * `publishedFrom`) leave every channel
    * that keeps them: those channels' cursors below them get 'trimmed', as
    * after HISTORY_SIZE; channels that never had them replay as before.
    */
-  private dropOldestOverBudget (): void {
+  private dropOldestOverBudget (publishedFrom: number): void {
     const budget = this.options.maxHistoryBytes ?? 0
     if (budget === 0) return
     while (this.storedBytes > budget && this.storedHead < this.stored.length) {
       const oldest = this.stored[this.storedHead]
+      // Never the events just published: one larger than the cap (many
+      // lines, or a conversation of many members) stays until the next.
+      if (oldest.id >= publishedFrom) break
       for (const name of oldest.channels) {
         const history = this.histories.get(name)
         // Older entries of the channel left before it: it is the head if the channel still keeps it.
