@@ -215,10 +215,9 @@ export default fp(async (app) => {
         events: connection.eventsSent,
         bytes: connection.bytesSent
       }, 'stream closed')
-      // Releasing a replaced stream's id would release the stream that holds
-      // it now (or that a pending reopen is about to hold).
-      if (connection.replaced || connection.pendingReopens > 0) return
-      void recordClose(connection.id, connection.userId, app.log)
+      // Releasing a replaced stream's id would release the stream that holds it now.
+      if (connection.replaced) return
+      void releaseUnlessHeld(connection.id, connection.userId, app.log)
     },
     replayed: (_connection, count) => app.metrics.replayed(count),
     catchingUp: (count) => app.log.warn({ streams: count }, 'bus subscription back: streams replay what they may have missed'),
@@ -289,6 +288,22 @@ export default fp(async (app) => {
    */
   const admittedNotRegistered = new Map<string, Set<PendingOpen>>()
 
+  /**
+   * Ids whose stream (or admitted open) ended while another stream or open
+   * of the id here went on, and their users: every admission of an id on
+   * one instance writes the same entry of the shared record, so the last
+   * of them to end gives it back.
+   */
+  const releaseLeftTo = new Map<string, string>()
+  const releaseUnlessHeld = async (connectionId: string, userId: string, log: FastifyBaseLogger): Promise<void> => {
+    if (registry.get(connectionId) !== undefined || admittedNotRegistered.has(connectionId)) {
+      releaseLeftTo.set(connectionId, userId)
+      return
+    }
+    releaseLeftTo.delete(connectionId)
+    await recordClose(connectionId, userId, log)
+  }
+
   state.onControl(async (message) => {
     if (message.type === 'topics') return await applyTopics(message)
     if (message.instance !== null && message.instance !== state.instanceId) return null
@@ -298,7 +313,7 @@ export default fp(async (app) => {
     // untargeted reopen's (from an instance of an earlier version): it moves
     // the id to a newer stream, and closing this one as evicted would give
     // back the id's shared record that the newer one may hold. (Of two opens
-    // of one id here, the one registered last replaces the other.)
+    // of one id here, the one admitted last holds it.)
     evictHere(message.connectionId, message.reason, message.decidedAt, message.reason === LIMIT_EVICTION || message.instance !== null)
     return null
   })
@@ -359,14 +374,19 @@ export default fp(async (app) => {
     // it is admitted: the holder keeps its slot until then (admission does
     // not count it), so a refused reopen leaves it be, and a new stream of
     // the user cannot take the slot between the holder's close and this
-    // admission. Here, registering this stream replaces it; elsewhere, its
+    // admission. Here, registering this stream replaces it (and the holder's
+    // close meanwhile leaves the id's entry to this open); elsewhere, its
     // instance is told below.
-    const previous = options.windowChannels !== undefined ? registry.get(options.connectionId) : undefined
-    if (previous !== undefined) previous.pendingReopens++
+    let pendingOfId = admittedNotRegistered.get(options.connectionId)
+    if (pendingOfId === undefined) admittedNotRegistered.set(options.connectionId, pendingOfId = new Set())
+    pendingOfId.add(pending)
+    const leavePending = (): void => {
+      const ofId = admittedNotRegistered.get(options.connectionId)
+      if (ofId !== undefined && ofId.delete(pending) && ofId.size === 0) admittedNotRegistered.delete(options.connectionId)
+    }
+    /** Admitted, and its entry neither held by a stream of its own nor given back. */
+    let entryOwed = false
     try {
-      let pendingOfId = admittedNotRegistered.get(options.connectionId)
-      if (pendingOfId === undefined) admittedNotRegistered.set(options.connectionId, pendingOfId = new Set())
-      pendingOfId.add(pending)
       const admission = await state.admit({
         connectionId: options.connectionId,
         userId: auth.userId,
@@ -380,6 +400,7 @@ export default fp(async (app) => {
         throw new errors.Limited(`user already holds ${config.maxConnectionsPerUser} streams`)
       }
       pending.seq = admission.seq
+      entryOwed = true
       // The evicted entry's own instance ends its stream: another stream of
       // the id here may be a holder that a reopen elsewhere replaced.
       const { evict } = admission
@@ -398,7 +419,9 @@ export default fp(async (app) => {
       // every registered stream, so this one would outlive it. Its slot goes
       // back before the answer, while Redis is still open.
       if (streams.isDraining) {
-        await recordClose(options.connectionId, auth.userId, request.log)
+        leavePending()
+        entryOwed = false
+        await releaseUnlessHeld(options.connectionId, auth.userId, request.log)
         reply.header('retry-after', retryAfterS)
         throw new errors.Unavailable('the gateway is shutting down')
       }
@@ -440,6 +463,12 @@ export default fp(async (app) => {
         opening--
         counted = false
         const connection = ownStream(options.connectionId, admission.seq)
+        leavePending()
+        // Its stream holds the id's entry now (and gives it back as it closes).
+        if (connection !== undefined) {
+          entryOwed = false
+          releaseLeftTo.delete(options.connectionId)
+        }
         // Evicted meanwhile by an admission after its own.
         if (pending.evictedFor !== null && pending.evictedAt > admission.seq && connection !== undefined) {
           streams.close(connection, 'evicted', 'evicted', { reason: pending.evictedFor })
@@ -454,13 +483,13 @@ export default fp(async (app) => {
       }
     } finally {
       if (counted) opening--
-      const pendingOfId = admittedNotRegistered.get(options.connectionId)
-      if (pendingOfId !== undefined && pendingOfId.delete(pending) && pendingOfId.size === 0) admittedNotRegistered.delete(options.connectionId)
-      // Not replaced by this open (refused, or ended before registering), the
-      // holder's own close, if it came meanwhile, gives back what it held.
-      if (previous !== undefined && --previous.pendingReopens === 0 && previous.closed && !previous.replaced && registry.get(options.connectionId) === undefined) {
-        void recordClose(previous.id, previous.userId, request.log)
-      }
+      leavePending()
+      // Admitted but never registered (the client went, the open failed, or
+      // a stream admitted after it holds the id), or refused after a stream
+      // of the id here left the entry to it: the last of them gives it back.
+      const leftToThis = releaseLeftTo.get(options.connectionId)
+      if (entryOwed) void releaseUnlessHeld(options.connectionId, auth.userId, request.log)
+      else if (leftToThis !== undefined) void releaseUnlessHeld(options.connectionId, leftToThis, request.log)
     }
   })
 

@@ -8,7 +8,7 @@
  */
 import t, { type Test } from 'tap'
 import {
-  forEachMode, openConnected, openStream, publishOk, publisherToken, startCluster, userToken,
+  eventually, forEachMode, openConnected, openStream, publishOk, publisherToken, startCluster, userToken,
   type Gateway, type SseClient
 } from './helpers'
 import { redisClient } from './helpers/redis'
@@ -197,4 +197,80 @@ forEachMode(t, 'evict-oldest, limit 1: two reopens of a live id on one instance 
   if (second === null || newcomer === null) throw new Error('the new stream or the second reopen never opened')
   t.equal(first.status, 200)
   await assertSurvivor(t, gateways, second, [holder, first, newcomer])
+})
+
+/** The next `count` admissions on `gateway` each run, then wait for their own gate; `admitted[i]` resolves once the i-th has run. */
+function gateAdmissions (t: Test, gateway: Gateway, count: number): { admitted: Array<Promise<void>>, open: Array<() => void> } {
+  const state = gateway.app.state
+  const admit = state.admit.bind(state)
+  const admitted: Array<Promise<void>> = []
+  const ran: Array<() => void> = []
+  const open: Array<() => void> = []
+  const gates: Array<Promise<void>> = []
+  for (let n = 0; n < count; n++) {
+    admitted.push(new Promise<void>((resolve) => ran.push(resolve)))
+    gates.push(new Promise<void>((resolve) => open.push(resolve)))
+  }
+  let next = 0
+  state.admit = async (request) => {
+    const index = next++
+    if (index + 1 >= count) state.admit = admit
+    const admission = await admit(request)
+    ran[index]()
+    await gates[index]
+    return admission
+  }
+  t.teardown(() => {
+    for (const release of open) release()
+    state.admit = admit
+  })
+  return { admitted, open }
+}
+
+/** The stream left is counted once, and a new stream under the limit of 1 ends it. */
+async function countedAndLimited (t: Test, gateways: Gateway[], survivor: SseClient): Promise<void> {
+  t.equal((await gateways[0].app.state.presence('u1')).connections, 1, 'the shared record counts the stream left')
+  const { stream: newcomer } = await openConnected(streamUrl(gateways[gateways.length - 1].url, 'u1'), { t })
+  await assertSurvivor(t, gateways, newcomer, [survivor])
+}
+
+forEachMode(t, 'evict-oldest, limit 1: two reopens of an id admitted on one instance, the first registering and closing before the second registers: the second keeps the id\'s record', async (t, mode) => {
+  const gateways = await startCluster(t, mode, mode === 'redis' ? 2 : 1, { MAX_CONNECTIONS_PER_USER: '1', CONNECTION_LIMIT_POLICY: 'evict-oldest' })
+  const a = gateways[0]
+  const { stream: holder, connected } = await openConnected(streamUrl(a.url, 'u1'), { t })
+  const gates = gateAdmissions(t, a, 2)
+  const first = openConnected(reopenUrl(a.url, connected.connectionId), { t })
+  await gates.admitted[0]
+  const second = openConnected(reopenUrl(a.url, connected.connectionId), { t })
+  await gates.admitted[1]
+  gates.open[0]()
+  const { stream: firstStream } = await first
+  await holder.waitEnd()
+  firstStream.close()
+  await eventually(() => a.app.registry.get(connected.connectionId) === undefined, 'the first reopen to close')
+  gates.open[1]()
+  const { stream: secondStream } = await second
+  await countedAndLimited(t, gateways, secondStream)
+})
+
+forEachMode(t, 'evict-oldest, limit 1: a reopen evicted as it registers, while a reopen admitted after it waits: the later one keeps the id\'s record', async (t, mode) => {
+  const gateways = await startCluster(t, mode, mode === 'redis' ? 2 : 1, { MAX_CONNECTIONS_PER_USER: '1', CONNECTION_LIMIT_POLICY: 'evict-oldest' })
+  const a = gateways[0]
+  const { stream: holder, connected } = await openConnected(streamUrl(a.url, 'u1'), { t })
+  const firstGate = gateAdmissions(t, a, 1)
+  const first = openStream(reopenUrl(a.url, connected.connectionId), { t })
+  await firstGate.admitted[0]
+  // Evicts the id: the first reopen, admitted before, ends as it registers.
+  const { stream: newcomer } = await openConnected(streamUrl(gateways[gateways.length - 1].url, 'u1'), { t })
+  await holder.waitEnd()
+  const secondGate = gateAdmissions(t, a, 1)
+  const second = openConnected(reopenUrl(a.url, connected.connectionId), { t })
+  await secondGate.admitted[0]
+  firstGate.open[0]()
+  const firstStream = await first
+  await firstStream.waitEnd()
+  secondGate.open[0]()
+  const { stream: secondStream } = await second
+  await newcomer.waitEnd()
+  await countedAndLimited(t, gateways, secondStream)
 })

@@ -135,8 +135,6 @@ export class StreamConnection {
   replaced = false
   /** Its admission's seq (State.admit): evictions decided before it are not this stream's. */
   admissionSeq = 0
-  /** Reopens of this id here waiting on admission: until they are settled, its close leaves the id's shared records to them. */
-  pendingReopens = 0
   /** Called once, when the stream closes for any reason (one function shared by every stream). */
   onClose: (connection: StreamConnection) => void = ignore
 
