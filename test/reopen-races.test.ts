@@ -274,3 +274,19 @@ forEachMode(t, 'evict-oldest, limit 1: a reopen evicted as it registers, while a
   await newcomer.waitEnd()
   await countedAndLimited(t, gateways, secondStream)
 })
+
+forEachMode(t, 'Redis comes back empty with a clock behind the open streams\' admissions: later admissions still come after them', async (t) => {
+  const [a, b] = await startCluster(t, 'redis', 2, { MAX_CONNECTIONS_PER_USER: '1', CONNECTION_LIMIT_POLICY: 'evict-oldest' })
+  const { stream: old, connected } = await openConnected(streamUrl(a.url, 'u1'), { t })
+  // As if admitted under a clock an hour ahead of the one Redis comes back with.
+  const stream = a.app.registry.get(connected.connectionId)
+  if (stream === undefined) throw new Error('the stream is not registered')
+  stream.admissionSeq += 3600 * 1_000_000
+  const redis = redisClient(t)
+  const prefix = (a.app.state as unknown as { prefix: string }).prefix
+  const keys = await redis.keys(`${prefix}*`)
+  if (keys.length > 0) await redis.del(...keys)
+  for (const gateway of [a, b]) await (gateway.app.state as unknown as { resync: () => Promise<void> }).resync()
+  const { stream: newcomer } = await openConnected(streamUrl(b.url, 'u1'), { t })
+  await assertSurvivor(t, [a, b], newcomer, [old])
+}, ['redis'])

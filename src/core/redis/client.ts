@@ -4,7 +4,7 @@ import * as scripts from './scripts'
 
 export { StoreUnavailableError }
 
-export type ScriptName = 'PUBLISH' | 'PUBLISH_ONCE' | 'ONCE_OUTCOME' | 'INIT' | 'REPLAY' | 'PUT_JOB' | 'ADMIT' | 'RELEASE' | 'REAP' | 'FORGET' | 'REJOIN' | 'END_GRACE' | 'PRESENCE' | 'USER_TOPICS' | 'MEMBERS' | 'CONTACTS' | 'LEASE'
+export type ScriptName = 'PUBLISH' | 'PUBLISH_ONCE' | 'ONCE_OUTCOME' | 'INIT' | 'REPLAY' | 'PUT_JOB' | 'ADMIT' | 'RELEASE' | 'REAP' | 'FORGET' | 'REJOIN' | 'ADMISSIONS_AT_LEAST' | 'END_GRACE' | 'PRESENCE' | 'USER_TOPICS' | 'MEMBERS' | 'CONTACTS' | 'LEASE'
 
 /** What went wrong, in one line, for logs that must not carry a Redis error's command arguments. */
 export function reasonOf (error: unknown): string {

@@ -131,13 +131,16 @@ export class RedisState implements SharedState {
     const pipeline = this.commands.redis.multi()
     pipeline.del(this.connsKey(this.instanceId))
     const byUser = new Map<string, Array<string | number>>()
+    let latestAdmission = 0
     for (const connection of this.registry.all()) {
+      latestAdmission = Math.max(latestAdmission, connection.admissionSeq)
       pipeline.hset(this.connsKey(this.instanceId), connection.id, JSON.stringify(this.registry.info(connection)))
       const streams = byUser.get(connection.userId)
       if (streams === undefined) byUser.set(connection.userId, [connection.id, connection.openedAt])
       else streams.push(connection.id, connection.openedAt)
     }
     await pipeline.exec()
+    if (latestAdmission > 0) await this.commands.run('ADMISSIONS_AT_LEAST', [this.prefix, String(latestAdmission)])
     // Listed first, so the users' streams count as live when each is rejoined.
     // A user the cluster took for gone with this instance (user:offline was
     // sent when it was reaped) is announced again.

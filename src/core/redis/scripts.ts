@@ -410,6 +410,20 @@ return 1
 `
 
 /**
+ * Raises the admission seq to at least ARGV[2] (prefix: ARGV[1]): an
+ * instance's streams admitted before Redis lost its data (or failed over
+ * to a replica with a clock behind) keep their seqs, and later admissions
+ * must still come after them.
+ */
+export const ADMISSIONS_AT_LEAST = `
+local key = ARGV[1] .. 'admissions'
+if tonumber(ARGV[2]) > tonumber(redis.call('GET', key) or '0') then
+  redis.call('SET', key, ARGV[2], 'EX', 86400)
+end
+return 0
+`
+
+/**
  * Records again one user's streams of this instance after Redis came back
  * (maybe empty, maybe after this instance was taken for dead and reaped).
  * ARGV: prefix, userId, instance, instanceTtlMs, then connectionId, openedAtMs
