@@ -68,29 +68,14 @@ async function assertSurvivor (t: Test, gateways: Gateway[], survivor: SseClient
   t.equal((await survivor.nextEvent('after')).id, id, 'and it receives')
 }
 
-forEachMode(t, 'evict-oldest, limit 1: a new stream on B evicts the id, a reopen of it on A is admitted after that; B\'s eviction, arriving late, leaves the reopen', async (t) => {
-  const [a, b] = await startCluster(t, 'redis', 2, { MAX_CONNECTIONS_PER_USER: '1', CONNECTION_LIMIT_POLICY: 'evict-oldest' })
-  const { stream: holder, connected } = await openConnected(streamUrl(a.url, 'u1'), { t })
-  const late = holdEvictions(t, b)
-  let reopen: Promise<SseClient> | null = null
-  // B's admission has evicted the holder's entry: the reopen goes to A now.
-  afterNextAdmission(t, b, async () => {
-    afterNextAdmission(t, a, async () => {
-      // The reopen is admitted (evicting B's stream): B's eviction arrives now.
-      late.release()
-      await holder.waitEnd()
-    })
-    reopen = openStream(reopenUrl(a.url, connected.connectionId), { t })
-  })
-  const newcomer = await openStream(streamUrl(b.url, 'u1'), { t })
-  if (reopen === null) throw new Error('B never admitted the new stream')
-  const reopened: SseClient = await reopen
-  t.equal(reopened.status, 200)
-  await assertSurvivor(t, [a, b], reopened, [holder, newcomer])
-}, ['redis'])
-
-forEachMode(t, 'a live id reopened on B, then on A: B\'s eviction aimed at A, arriving late, ends the holder and leaves A\'s reopen', async (t) => {
-  const [a, b] = await startCluster(t, 'redis', 2)
+/**
+ * A holder of an id on A; B's next open (`openOnB`) is admitted with its
+ * eviction messages held back; then a reopen of the id on A is admitted,
+ * and B's evictions arrive before it goes on (once the holder has ended).
+ */
+async function lateEvictionsFromB (t: Test, a: Gateway, b: Gateway, openOnB: (holderId: string) => Promise<SseClient>): Promise<{
+  holder: SseClient, holderId: string, fromB: SseClient, reopenedOnA: SseClient
+}> {
   const { stream: holder, connected } = await openConnected(streamUrl(a.url, 'u1'), { t })
   const late = holdEvictions(t, b)
   let reopenOnA: Promise<SseClient> | null = null
@@ -101,12 +86,25 @@ forEachMode(t, 'a live id reopened on B, then on A: B\'s eviction aimed at A, ar
     })
     reopenOnA = openStream(reopenUrl(a.url, connected.connectionId), { t })
   })
-  const reopenOnB = await openStream(reopenUrl(b.url, connected.connectionId), { t })
-  if (reopenOnA === null) throw new Error('B never admitted its reopen')
+  const fromB = await openOnB(connected.connectionId)
+  if (reopenOnA === null) throw new Error('B never admitted its open')
   const reopenedOnA: SseClient = await reopenOnA
-  t.same([reopenOnB.status, reopenedOnA.status], [200, 200])
-  await assertSurvivor(t, [a, b], reopenedOnA, [holder, reopenOnB])
-  t.ok(a.app.registry.get(connected.connectionId) !== undefined, 'A holds the id')
+  return { holder, holderId: connected.connectionId, fromB, reopenedOnA }
+}
+
+forEachMode(t, 'evict-oldest, limit 1: a new stream on B evicts the id, a reopen of it on A is admitted after that; B\'s eviction, arriving late, leaves the reopen', async (t) => {
+  const [a, b] = await startCluster(t, 'redis', 2, { MAX_CONNECTIONS_PER_USER: '1', CONNECTION_LIMIT_POLICY: 'evict-oldest' })
+  const { holder, fromB, reopenedOnA } = await lateEvictionsFromB(t, a, b, async () => await openStream(streamUrl(b.url, 'u1'), { t }))
+  t.equal(reopenedOnA.status, 200)
+  await assertSurvivor(t, [a, b], reopenedOnA, [holder, fromB])
+}, ['redis'])
+
+forEachMode(t, 'a live id reopened on B, then on A: B\'s eviction aimed at A, arriving late, ends the holder and leaves A\'s reopen', async (t) => {
+  const [a, b] = await startCluster(t, 'redis', 2)
+  const { holder, holderId, fromB, reopenedOnA } = await lateEvictionsFromB(t, a, b, async (id) => await openStream(reopenUrl(b.url, id), { t }))
+  t.same([fromB.status, reopenedOnA.status], [200, 200])
+  await assertSurvivor(t, [a, b], reopenedOnA, [holder, fromB])
+  t.ok(a.app.registry.get(holderId) !== undefined, 'A holds the id')
 }, ['redis'])
 
 forEachMode(t, 'evict-oldest, limit 1: two reopens of a live id waiting to register on one instance, then a new stream: both reopens end', async (t, mode) => {
@@ -165,17 +163,21 @@ forEachMode(t, 'evict-oldest, limit 1: a new stream on A evicts the id that a re
   await assertSurvivor(t, [a, b], newcomer, [holder, reopenedOnB])
 }, ['redis'])
 
+/** The cluster's keys deleted, then what each instance does when its connection to Redis is back. */
+async function loseRedisData (t: Test, gateways: Gateway[]): Promise<void> {
+  const redis = redisClient(t)
+  const prefix = (gateways[0].app.state as unknown as { prefix: string }).prefix
+  const keys = await redis.keys(`${prefix}*`)
+  if (keys.length > 0) await redis.del(...keys)
+  for (const gateway of gateways) await (gateway.app.state as unknown as { resync: () => Promise<void> }).resync()
+}
+
 forEachMode(t, 'Redis loses its data and the instances record their streams again: a later admission still evicts a stream admitted before the loss', async (t) => {
   const [a, b] = await startCluster(t, 'redis', 2, { MAX_CONNECTIONS_PER_USER: '1', CONNECTION_LIMIT_POLICY: 'evict-oldest' })
   // A cluster that has admitted streams for a while.
   for (let n = 0; n < 3; n++) (await openConnected(streamUrl(b.url, 'warm-up'), { t })).stream.close()
   const { stream: old } = await openConnected(streamUrl(a.url, 'u1'), { t })
-  const redis = redisClient(t)
-  const prefix = (a.app.state as unknown as { prefix: string }).prefix
-  const keys = await redis.keys(`${prefix}*`)
-  if (keys.length > 0) await redis.del(...keys)
-  // What each instance does when its connection to Redis is back.
-  for (const gateway of [a, b]) await (gateway.app.state as unknown as { resync: () => Promise<void> }).resync()
+  await loseRedisData(t, [a, b])
   const { stream: newcomer } = await openConnected(streamUrl(b.url, 'u1'), { t })
   await assertSurvivor(t, [a, b], newcomer, [old])
 }, ['redis'])
@@ -282,11 +284,7 @@ forEachMode(t, 'Redis comes back empty with a clock behind the open streams\' ad
   const stream = a.app.registry.get(connected.connectionId)
   if (stream === undefined) throw new Error('the stream is not registered')
   stream.admissionSeq += 3600 * 1_000_000
-  const redis = redisClient(t)
-  const prefix = (a.app.state as unknown as { prefix: string }).prefix
-  const keys = await redis.keys(`${prefix}*`)
-  if (keys.length > 0) await redis.del(...keys)
-  for (const gateway of [a, b]) await (gateway.app.state as unknown as { resync: () => Promise<void> }).resync()
+  await loseRedisData(t, [a, b])
   const { stream: newcomer } = await openConnected(streamUrl(b.url, 'u1'), { t })
   await assertSurvivor(t, [a, b], newcomer, [old])
 }, ['redis'])
