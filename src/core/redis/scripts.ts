@@ -16,8 +16,8 @@
  * and microsecond timestamps stay far below it.
  */
 
-/** Shared by every script that publishes: assigns ids, appends, publishes. */
-const PUBLISH_FUNCTIONS = `
+/** Redis's clock in microseconds, and how such numbers are written as strings. */
+const CLOCK = `
 local function clock_us()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000000 + tonumber(t[2])
@@ -26,7 +26,10 @@ end
 local function fmt(n)
   return string.format('%.0f', n)
 end
+`
 
+/** Shared by every script that publishes: assigns ids, appends, publishes. */
+const PUBLISH_FUNCTIONS = `${CLOCK}
 -- Starts the id counter and the epoch if the store is new (or lost its data).
 local function ensure_epoch(prefix, now)
   local last = redis.call('GET', prefix .. 'id')
@@ -225,10 +228,9 @@ return { 'ok', fmt(id) }
  * peers. A member nobody will reap (its instance was forgotten, or lists it no
  * more) is dropped.
  */
-const LIVE_MEMBERS = `
+const LIVE_MEMBERS = `${CLOCK}
 local function clock_ms()
-  local t = redis.call('TIME')
-  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  return math.floor(clock_us() / 1000)
 end
 local function beating(prefix, inst, now_ms, inst_ttl)
   local beat = redis.call('ZSCORE', prefix .. 'instances', inst)
@@ -308,9 +310,8 @@ redis.call('HSET', prefix .. 'i:' .. inst .. ':conns', conn, ARGV[9])
 -- Like event ids, clock microseconds unless the last one is ahead: the seq
 -- keeps growing when Redis loses its data (a counter would start again
 -- below the streams still open).
-local t = redis.call('TIME')
-local seq = math.max(tonumber(redis.call('GET', prefix .. 'admissions') or '0') + 1, tonumber(t[1]) * 1000000 + tonumber(t[2]))
-redis.call('SET', prefix .. 'admissions', string.format('%.0f', seq), 'EX', 86400)
+local seq = math.max(tonumber(redis.call('GET', prefix .. 'admissions') or '0') + 1, clock_us())
+redis.call('SET', prefix .. 'admissions', fmt(seq), 'EX', 86400)
 local result = { 1, was_online and 0 or 1, evict, seq }
 for _, holder in ipairs(replaced_on) do result[#result + 1] = holder end
 return result
