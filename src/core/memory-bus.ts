@@ -49,7 +49,7 @@ const NO_CHANNELS: string[] = []
  * channel with few events compacts rarely, and its dropped entries would
  * keep their frames alive meanwhile.
  */
-const DROPPED: StoredEntry = { id: 0, frame: Buffer.alloc(0), stored: { id: 0, channels: [], bytes: 0, holders: 0 } }
+const DROPPED: StoredEntry = { id: 0, frame: Buffer.alloc(0), stored: { id: 0, channels: NO_CHANNELS, bytes: 0, holders: 0 } }
 
 const MAX_ONCE_BYTES = 64 * 1024 * 1024
 
@@ -249,7 +249,12 @@ export class MemoryBus implements EventBus {
     history.entries[history.head] = DROPPED
     history.droppedUpTo = stored.id
     history.head++
-    if (--stored.holders > 0) return
+    if (--stored.holders === 0) this.forget(stored)
+  }
+
+  /** An event no channel keeps any more gives back its bytes and leaves the queue. */
+  private forget (stored: StoredEvent): void {
+    stored.holders = 0
     this.storedBytes -= stored.bytes
     this.storedLive--
     stored.channels = NO_CHANNELS
@@ -267,9 +272,9 @@ export class MemoryBus implements EventBus {
 
   /**
    * Past the history's memory cap, the oldest events (published before
-   * `publishedFrom`) leave every channel
-   * that keeps them: those channels' cursors below them get 'trimmed', as
-   * after HISTORY_SIZE; channels that never had them replay as before.
+   * `publishedFrom`) leave every channel that keeps them: those channels'
+   * cursors below them get 'trimmed', as after HISTORY_SIZE; channels that
+   * never had them replay as before.
    */
   private dropOldestOverBudget (publishedFrom: number): void {
     const budget = this.options.maxHistoryBytes ?? 0
@@ -288,13 +293,7 @@ export class MemoryBus implements EventBus {
         }
       }
       // Never the case (see above), but the loop must end whatever the state.
-      if (this.stored[this.storedHead] === oldest) {
-        this.storedBytes -= oldest.bytes
-        this.storedLive--
-        oldest.holders = 0
-        oldest.channels = NO_CHANNELS
-        this.storedHead++
-      }
+      if (oldest.holders > 0) this.forget(oldest)
     }
   }
 
