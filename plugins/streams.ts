@@ -92,8 +92,6 @@ const UNRECORDED_LOG_EVERY_MS = 60_000
 
 /** The reason of an eviction by the per-user limit (evict-oldest). */
 const LIMIT_EVICTION = 'too many streams for this user'
-/** The reason of an eviction by a newer stream of the same id. */
-const REOPENED = REOPENED_REASON
 
 /** An open past its admission check that is not in the registry yet. */
 interface PendingOpen {
@@ -412,7 +410,7 @@ export default fp(async (app) => {
       // this one): the id is this one's now.
       if (admission.replacedOn.length > 0) {
         await Promise.all(admission.replacedOn.map(async (instance) => {
-          await state.broadcastControl({ type: 'evict', connectionId: options.connectionId, reason: REOPENED, instance, decidedAt: admission.seq })
+          await state.broadcastControl({ type: 'evict', connectionId: options.connectionId, reason: REOPENED_REASON, instance, decidedAt: admission.seq })
         }))
       }
       // The drain began while this request waited on Redis: it has already ended
