@@ -4,7 +4,7 @@ import {
   eventually, forEachMode, openConnected, openStream, publishOk, publisherToken, startCluster, userToken,
   type SseClient
 } from './helpers'
-import { startGateway, type Gateway } from './helpers/gateway'
+import { interceptNextAdmission, startGateway, type Gateway } from './helpers/gateway'
 import { modeEnv } from './helpers/modes'
 import { uniquePrefix } from './helpers/redis'
 
@@ -230,18 +230,12 @@ async function reopenWithNewcomer (t: Test, holderAt: Gateway, reopenAt: Gateway
   holder: SseClient, reopened: SseClient, newcomer: SseClient
 }> {
   const { stream: holder, connected } = await openConnected(streamUrl(holderAt.url, 'u1'), { t })
-  const state = reopenAt.app.state
-  const admit = state.admit.bind(state)
   let newcomer: SseClient | null = null
-  state.admit = async (request) => {
-    state.admit = admit
+  interceptNextAdmission(t, reopenAt, async (admit) => {
     if (order === 'before') newcomer = await openNewcomer()
-    const admission = await admit(request)
+    const admission = await admit()
     if (order === 'after') newcomer = await openNewcomer()
     return admission
-  }
-  t.teardown(() => {
-    state.admit = admit
   })
   const reopened = await openStream(`${reopenAt.url}/v1/stream/${connected.connectionId}?token=${userToken('u1')}`, { t })
   if (newcomer === null) throw new Error(`the reopen answered ${reopened.status} without being admitted`)
@@ -290,17 +284,11 @@ forEachMode(t, 'a holder that closes while a reopen of its id is refused gives i
   const [gateway] = await startCluster(t, mode, 1, { MAX_CONNECTIONS_PER_USER: '1', CONNECTION_LIMIT_POLICY: 'reject' })
   const { url, app } = gateway
   const { stream: holder, connected } = await openConnected(streamUrl(url, 'u1'), { t })
-  const state = app.state
-  const admit = state.admit.bind(state)
   // The holder's tab goes away while the reopen waits, and the reopen is refused.
-  state.admit = async () => {
-    state.admit = admit
+  interceptNextAdmission(t, gateway, async () => {
     holder.close()
     await eventually(() => app.registry.get(connected.connectionId) === undefined, 'the holder to close')
     return { admitted: false }
-  }
-  t.teardown(() => {
-    state.admit = admit
   })
   const refused = await openStream(`${url}/v1/stream/${connected.connectionId}?token=${userToken('u1')}`, { t })
   assertRefused(t, refused, 429, 'Too Many Requests')

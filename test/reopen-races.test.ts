@@ -8,7 +8,7 @@
  */
 import t, { type Test } from 'tap'
 import {
-  eventually, forEachMode, openConnected, openStream, publishOk, publisherToken, startCluster, userToken,
+  eventually, forEachMode, interceptNextAdmission, openConnected, openStream, publishOk, publisherToken, startCluster, userToken,
   type Gateway, type SseClient
 } from './helpers'
 import { redisClient } from './helpers/redis'
@@ -46,16 +46,10 @@ function holdEvictions (t: Test, gateway: Gateway): { release: () => void } {
 
 /** Runs `after` once the next admission on `gateway` has run in the shared state, before the open goes on. */
 function afterNextAdmission (t: Test, gateway: Gateway, after: () => Promise<void>): void {
-  const state = gateway.app.state
-  const admit = state.admit.bind(state)
-  state.admit = async (request) => {
-    state.admit = admit
-    const admission = await admit(request)
+  interceptNextAdmission(t, gateway, async (admit) => {
+    const admission = await admit()
     await after()
     return admission
-  }
-  t.teardown(() => {
-    state.admit = admit
   })
 }
 

@@ -6,6 +6,7 @@ import { Writable } from 'node:stream'
 import type { FastifyInstance } from 'fastify'
 import { buildApp } from '../../src/app'
 import { loadConfig, type Config } from '../../src/config'
+import type { Admission } from '../../src/core/state'
 import { closeStreamsTo } from './sse'
 
 /** What the helpers need of a tap test: somewhere to register clean-up. */
@@ -98,4 +99,21 @@ export async function eventually (
     if (Date.now() > deadline) throw new Error(`timed out after ${timeoutMs} ms waiting for ${what}`)
     await new Promise<void>((resolve) => setTimeout(resolve, intervalMs))
   }
+}
+
+/**
+ * The next admission on `gateway` goes through `around`, which gets the real
+ * one (`admit`) to run when it chooses, and answers for it: to open other
+ * streams before or after it, or to refuse instead. Later ones are as usual.
+ */
+export function interceptNextAdmission (t: TestLike, gateway: Gateway, around: (admit: () => Promise<Admission>) => Promise<Admission>): void {
+  const state = gateway.app.state
+  const admit = state.admit.bind(state)
+  state.admit = async (request) => {
+    state.admit = admit
+    return await around(async () => await admit(request))
+  }
+  t.teardown(() => {
+    state.admit = admit
+  })
 }
