@@ -217,6 +217,15 @@ export default fp(async (app) => {
       if (connection.replaced) return
       void releaseUnlessHeld(connection.id, connection.userId, app.log)
     },
+    superseded: (connection, holder) => {
+      app.log.info({
+        reqId: connection.requestId,
+        connectionId: connection.id,
+        userId: connection.userId,
+        kind: connection.kind,
+        holderReqId: holder.requestId
+      }, 'stream superseded: a reopen of its id admitted after it holds the id')
+    },
     replayed: (_connection, count) => app.metrics.replayed(count),
     catchingUp: (count) => app.log.warn({ streams: count }, 'bus subscription back: streams replay what they may have missed'),
     reset: (connection, reason) => {

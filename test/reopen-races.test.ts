@@ -177,7 +177,7 @@ forEachMode(t, 'Redis loses its data and the instances record their streams agai
 }, ['redis'])
 
 forEachMode(t, 'evict-oldest, limit 1: two reopens of a live id on one instance registering out of their admissions\' order: the one admitted last holds the id', async (t, mode) => {
-  const gateways = await startCluster(t, mode, mode === 'redis' ? 2 : 1, { MAX_CONNECTIONS_PER_USER: '1', CONNECTION_LIMIT_POLICY: 'evict-oldest' })
+  const gateways = await startCluster(t, mode, mode === 'redis' ? 2 : 1, { MAX_CONNECTIONS_PER_USER: '1', CONNECTION_LIMIT_POLICY: 'evict-oldest' }, { captureLogs: true })
   const a = gateways[0]
   const { stream: holder, connected } = await openConnected(streamUrl(a.url, 'u1'), { t })
   let newcomer: SseClient | null = null
@@ -193,6 +193,10 @@ forEachMode(t, 'evict-oldest, limit 1: two reopens of a live id on one instance 
   if (second === null || newcomer === null) throw new Error('the new stream or the second reopen never opened')
   t.equal(first.status, 200)
   await assertSurvivor(t, gateways, second, [holder, first, newcomer])
+  // The first was never registered, so it has no 'stream closed' line: this one tells.
+  const supersededLine = (): string | undefined => a.logs.find((line) => line.includes('"msg":"stream superseded') && line.includes(connected.connectionId))
+  await eventually(() => supersededLine() !== undefined, 'the superseded open logged')
+  t.notMatch(supersededLine(), /eyJ/, 'without a token')
 })
 
 /** The next `count` admissions on `gateway` each run, then wait for their own gate; `admitted[i]` resolves once the i-th has run. */

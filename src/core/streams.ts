@@ -45,6 +45,8 @@ export interface StreamEvents {
   /** The bus missed deliveries: `count` live streams catch up from history. */
   catchingUp (count: number): void
   topicsChanged (connection: StreamConnection): void
+  /** An open lost its id to a reopen admitted after it, and ended before it was registered. */
+  superseded (connection: StreamConnection, holder: StreamConnection): void
 }
 
 export interface StreamServiceOptions {
@@ -125,6 +127,8 @@ export class StreamService {
       // The id's record is the other's: this one's close must not give it back.
       connection.replaced = true
       this.close(connection, 'evicted', 'evicted', { reason: REOPENED_REASON })
+      // Never registered, so no 'closed': without this the open leaves no trace.
+      this.events.superseded(connection, previous)
       return connection
     }
     if (previous !== undefined) {
