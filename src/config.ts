@@ -123,14 +123,25 @@ function list (env: Env, name: string): string[] | null {
 
 // Checked here, so a bad value stops the start with the variable's name
 // rather than as an error from deep inside the JWT or Redis client.
-function isPublicKey (pem: string): boolean {
+/** Curves of the ES algorithms the verifier accepts (ES256, ES384, ES512). */
+const ES_CURVES = new Set(['prime256v1', 'secp384r1', 'secp521r1'])
+
+/** Why a PEM cannot verify RS/PS/ES tokens, or null when it can. */
+function publicKeyProblem (pem: string): string | null {
+  // A private key would verify too, but has no business in the gateway's environment.
+  if (!pem.includes('-----BEGIN') || pem.includes('PRIVATE KEY-----')) return 'must be a PEM public key'
+  let key
   try {
-    createPublicKey(pem)
-    // A private key would verify too, but has no business in the gateway's environment.
-    return pem.includes('-----BEGIN') && !pem.includes('PRIVATE KEY-----')
+    key = createPublicKey(pem)
   } catch {
-    return false
+    return 'must be a PEM public key'
   }
+  // Found here rather than by the verifier at start, whose error names no variable.
+  const type = key.asymmetricKeyType
+  if (type === 'rsa' || type === 'rsa-pss') return null
+  if (type === 'ec' && ES_CURVES.has(key.asymmetricKeyDetails?.namedCurve ?? '')) return null
+  const kind = type === 'ec' ? `an EC key on ${key.asymmetricKeyDetails?.namedCurve ?? 'an unknown curve'}` : `a${type === undefined ? 'n unknown' : ` ${type}`} key`
+  return `must be an RSA key or an EC key on P-256, P-384 or P-521 (RS*, PS*, ES* tokens); this is ${kind}`
 }
 
 /** REDIS_SENTINELS: `host[:port]` (26379 by default), comma-separated; IPv6 hosts in brackets. */
@@ -197,9 +208,8 @@ export function loadConfig (env: Env = process.env): Config {
   if (jwtSecret === null && jwtPublicKey === null) {
     throw new ConfigError('JWT_SECRET', 'is required (or set JWT_PUBLIC_KEY)')
   }
-  if (jwtPublicKey !== null && !isPublicKey(jwtPublicKey)) {
-    throw new ConfigError('JWT_PUBLIC_KEY', 'must be a PEM public key')
-  }
+  const keyProblem = jwtPublicKey === null ? null : publicKeyProblem(jwtPublicKey)
+  if (keyProblem !== null) throw new ConfigError('JWT_PUBLIC_KEY', keyProblem)
   const redisUrl = read(env, 'REDIS_URL') ?? null
   if (redisUrl !== null && !/^rediss?:\/\//.test(redisUrl)) {
     throw new ConfigError('REDIS_URL', 'must start with redis:// or rediss://')

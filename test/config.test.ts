@@ -1,4 +1,5 @@
 import t from 'tap'
+import { generateKeyPairSync } from 'node:crypto'
 import { ConfigError, loadConfig } from '../src/config'
 import { openConnected, publishOk, publisherToken, request, rsaKeyPair, runServerToExit, spawnServer, TEST_SECRET, userToken } from './helpers'
 
@@ -97,6 +98,13 @@ t.test('every variable is read', async (t) => {
   })
 })
 
+t.test('JWT_PUBLIC_KEY: EC keys on the ES algorithms\' curves are accepted', async (t) => {
+  for (const namedCurve of ['prime256v1', 'secp384r1', 'secp521r1']) {
+    const pem = generateKeyPairSync('ec', { namedCurve }).publicKey.export({ type: 'spki', format: 'pem' }).toString()
+    t.equal(loadConfig({ JWT_PUBLIC_KEY: pem }).jwtPublicKey?.trim(), pem.trim(), namedCurve)
+  }
+})
+
 t.test('JWT_PUBLIC_KEY alone is enough (and "\\n" escapes become newlines)', async (t) => {
   const { publicKeyPem } = rsaKeyPair()
   const config = loadConfig({ JWT_PUBLIC_KEY: publicKeyPem.replace(/\n/g, '\\n') })
@@ -158,6 +166,11 @@ t.test('invalid values throw a ConfigError naming the variable', async (t) => {
   refuses(t, { ...base, JWT_PUBLIC_KEY: 'not a pem' }, 'JWT_PUBLIC_KEY')
   refuses(t, { ...base, JWT_PUBLIC_KEY: '-----BEGIN PUBLIC KEY-----garbage-----END PUBLIC KEY-----' }, 'JWT_PUBLIC_KEY')
   refuses(t, { ...base, JWT_PUBLIC_KEY: rsaKeyPair().privateKey.export({ type: 'pkcs8', format: 'pem' }).toString() }, 'JWT_PUBLIC_KEY')
+  const publicPem = (type: 'ed25519' | 'ec', namedCurve?: string): string =>
+    generateKeyPairSync(type as 'ec', { namedCurve: namedCurve ?? '' }).publicKey.export({ type: 'spki', format: 'pem' }).toString()
+  // Keys no RS/PS/ES token can be verified with: refused here, naming the variable, not by the verifier later.
+  refuses(t, { ...base, JWT_PUBLIC_KEY: publicPem('ed25519') }, 'JWT_PUBLIC_KEY')
+  refuses(t, { ...base, JWT_PUBLIC_KEY: publicPem('ec', 'secp256k1') }, 'JWT_PUBLIC_KEY')
   refuses(t, { ...base, REDIS_URL: 'redis://127.0.0.1:6379/abc' }, 'REDIS_URL')
   refuses(t, { ...base, REDIS_URL: 'redis://127.0.0.1:port' }, 'REDIS_URL')
   refuses(t, { ...base, REDIS_URL: 'redis://' }, 'REDIS_URL')
