@@ -147,3 +147,16 @@ t.test('through sentinels that do not answer, REDIS_STARTUP_TIMEOUT_MS=0 gives u
   t.equal(exit.code, 1)
   t.match(exit.stderr, /REDIS_STARTUP_TIMEOUT_MS/)
 })
+
+t.test('a REDIS_URL database this Redis does not have: exit 1 with one line naming REDIS_URL, no key written to database 0', async (t) => {
+  if (!(await needRedis(t))) return
+  const prefix = uniquePrefix('nodb')
+  const url = new URL(REDIS_URL)
+  url.pathname = '/9999'
+  const exit = await runServerToExit(t, { REDIS_URL: url.toString(), REDIS_PREFIX: prefix, REDIS_STARTUP_TIMEOUT_MS: '5000', JWT_SECRET: TEST_SECRET, PORT: '0', HOST: '127.0.0.1', LOG_LEVEL: 'warn' })
+  t.equal(exit.code, 1)
+  const lines = exit.stderr.trim().split('\n')
+  t.equal(lines.length, 1, 'one line, no stack')
+  t.match(lines[0], /REDIS_URL.*DB index/)
+  t.same(await redisClient(t).keys(`${prefix}*`), [], 'nothing of it in database 0')
+})

@@ -456,8 +456,16 @@ async function untilReady (client: Redis, name: string, deadline: number, log: L
   let lastError = ''
   let waitLogged = false
   let giveUp = (): void => {}
+  let refused: string | null = null
   const noteError = (error: Error): void => {
     lastError = error.message
+    // ioredis reports a failed SELECT and then turns ready on database 0,
+    // another deployment's keys maybe: waiting cannot fix it, so start-up ends.
+    if (/DB index|SELECT is not allowed/i.test(error.message)) {
+      refused = `REDIS_URL: its database cannot be selected (${error.message})`
+      giveUp()
+      return
+    }
     // Past the deadline (at once with REDIS_STARTUP_TIMEOUT_MS=0), the first
     // error decides; through sentinels the connect call itself only settles
     // after ioredis has gone round all of them.
@@ -483,6 +491,7 @@ async function untilReady (client: Redis, name: string, deadline: number, log: L
       })
     })
     signal?.throwIfAborted()
+    if (refused !== null) throw new Error(refused)
     if (!ready) throw new Error(`redis did not become ready in time (REDIS_STARTUP_TIMEOUT_MS): ${lastError || 'no answer'}`)
   } finally {
     clearTimeout(timer)
