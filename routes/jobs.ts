@@ -39,8 +39,8 @@ const jobRoutes: FastifyPluginAsync = async (app) => {
     if (text === null) throw new errors.BadRequest('the job update is nested too deeply to encode')
     const bytes = Buffer.byteLength(text)
     if (bytes > config.maxEventBytes) throw new errors.TooLarge(`the job update is ${bytes} bytes, more than the ${config.maxEventBytes} allowed`)
-    const result = await state.putJob(jobId, update, jobKeptS(update.status, config.jobTtlS))
-    if (!result.ok) throw new errors.Conflict(result.message)
+    const result = await state.putJob(jobId, update, jobKeptS(update.status, config.jobTtlS), config.maxEventBytes)
+    if (!result.ok) throw result.tooLarge === true ? new errors.TooLarge(result.message) : new errors.Conflict(result.message)
     app.metrics.published('job', 1)
     return result.state
   })

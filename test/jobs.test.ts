@@ -266,3 +266,22 @@ forEachMode(t, 'an unfinished job is kept past JOB_TTL_S without an update (it m
     t.ok(ttl > 86400 && ttl <= 30 * 86400, `the queued job is still bounded in Redis (${ttl} s)`)
   }
 })
+
+forEachMode(t, 'a job\'s whole state is bounded by MAX_EVENT_BYTES: an update that would carry it past is 413, emits nothing, changes nothing', async (t, mode) => {
+  const [worker, browser] = await pair(t, mode, { MAX_EVENT_BYTES: '400' })
+  const aliceJobs = await jobStream(t, browser, '', 'alice', undefined, '/v1/jobs/stream')
+  // Each update is under the limit; the state keeps `result` and `meta` from
+  // earlier ones and is sent whole as initial_status.
+  await putJobOk(worker, 'job-big', { userId: 'alice', status: 'active', result: 'r'.repeat(200) })
+  const tooLarge = await putJob(worker, 'job-big', { userId: 'alice', status: 'active', meta: 'm'.repeat(200) })
+  t.equal(tooLarge.status, 413)
+  t.match(tooLarge.json, { statusCode: 413, message: /job-big/ })
+  t.notOk('meta' in (await getJob(worker, 'job-big', PUBLISHER)).json, 'the state is unchanged')
+  await putJobOk(worker, 'job-big', { userId: 'alice', status: 'completed', meta: 'small' })
+  const stream = await jobStream(t, browser, 'job-big', 'alice')
+  const initial = await stream.next((event) => event.event === 'initial_status')
+  t.ok(Buffer.byteLength(initial.data) <= 400, `initial_status carries ${Buffer.byteLength(initial.data)} bytes, within the limit`)
+  t.match(dataOf<JobEvent>(initial), { status: 'completed', meta: 'small' })
+  await aliceJobs.next((event) => event.event === 'job_update' && dataOf<JobEvent>(event).status === 'completed')
+  t.same(aliceJobs.events.filter((event) => event.event === 'job_update').map((event) => dataOf<JobEvent>(event).status), ['active', 'completed'], 'the refused update reached no one')
+})

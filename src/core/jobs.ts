@@ -27,8 +27,11 @@ export interface JobState {
 }
 
 export type JobTransition =
-  | { ok: true, state: Omit<JobState, 'eventId'>, body: string }
-  | { ok: false, message: string }
+  | { ok: true, state: Omit<JobState, 'eventId'>, stateJson: string, body: string }
+  | JobRefusal
+
+/** Why an update is refused: a conflict with the job's state (409), or a state too large to send (413). */
+export interface JobRefusal { ok: false, message: string, tooLarge?: true }
 
 export function isTerminal (status: JobStatus): boolean {
   return status === 'completed' || status === 'failed'
@@ -47,8 +50,13 @@ export function jobKeptS (status: JobStatus, jobTtlS: number): number {
   return isTerminal(status) ? jobTtlS : Math.max(jobTtlS, UNFINISHED_JOB_KEPT_S)
 }
 
-/** The next state of a job and the `job_update` event that announces it, or why the update is refused. */
-export function transitionJob (jobId: string, previous: JobState | null, update: JobUpdate, now: Date): JobTransition {
+/**
+ * The next state of a job and the `job_update` event that announces it, or
+ * why the update is refused. The state is sent whole as `initial_status`, and
+ * it keeps `result` and `meta` from earlier updates: each update may be under
+ * `maxEventBytes` while their sum is not, so the state itself is bounded.
+ */
+export function transitionJob (jobId: string, previous: JobState | null, update: JobUpdate, now: Date, maxEventBytes: number): JobTransition {
   if (previous !== null) {
     if (previous.userId !== update.userId) return { ok: false, message: `job ${jobId} belongs to another user` }
     if (isTerminal(previous.status)) return { ok: false, message: `job ${jobId} has already ${previous.status}` }
@@ -68,11 +76,16 @@ export function transitionJob (jobId: string, previous: JobState | null, update:
   if (update.error !== undefined) state.error = update.error
   if (update.meta !== undefined) state.meta = update.meta
   else if (previous?.meta !== undefined) state.meta = previous.meta
+  const stateJson = JSON.stringify(state)
+  const stateBytes = Buffer.byteLength(stateJson)
+  if (stateBytes > maxEventBytes) {
+    return { ok: false, tooLarge: true, message: `job ${jobId}'s state would be ${stateBytes} bytes with this update, more than the ${maxEventBytes} allowed` }
+  }
   const event: Record<string, unknown> = { jobId, status: state.status, progress }
   if (update.result !== undefined) event.result = update.result
   if (update.error !== undefined) event.error = update.error
   event.updatedAt = updatedAt
-  return { ok: true, state, body: renderBody('job_update', JSON.stringify(event)) }
+  return { ok: true, state, stateJson, body: renderBody('job_update', JSON.stringify(event)) }
 }
 
 /** What `initial_status` and `GET /v1/jobs/:id` show of a stored job. */

@@ -182,10 +182,10 @@ export class MemoryState implements SharedState {
     return this.current(this.jobs, jobId)
   }
 
-  async putJob (jobId: string, update: JobUpdate, ttlS: number): Promise<JobPutResult> {
+  async putJob (jobId: string, update: JobUpdate, ttlS: number, maxEventBytes: number): Promise<JobPutResult> {
     // No await between reading and publishing: the check and the update are one step.
     const previous = this.current(this.jobs, jobId)
-    const transition = transitionJob(jobId, previous, update, new Date())
+    const transition = transitionJob(jobId, previous, update, new Date(), maxEventBytes)
     if (!transition.ok) return transition
     const [id] = this.bus.publishNow([{
       channels: [channel.job(jobId, update.userId), channel.userJobs(update.userId)],

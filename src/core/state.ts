@@ -1,5 +1,5 @@
 import type { ConnectionInfo } from './registry'
-import type { JobState, JobUpdate } from './jobs'
+import type { JobRefusal, JobState, JobUpdate } from './jobs'
 
 /**
  * Raised when the shared store (Redis) cannot be reached: routes answer 503,
@@ -77,7 +77,7 @@ export type ControlMessage =
 export type ControlAnswer = string[] | { refused: string } | null
 export type ControlListener = (message: ControlMessage) => Promise<ControlAnswer>
 
-export type JobPutResult = { ok: true, state: JobState } | { ok: false, message: string }
+export type JobPutResult = { ok: true, state: JobState } | JobRefusal
 
 /**
  * State every instance must see alike: stream ids, user-wide topics,
@@ -125,7 +125,8 @@ export interface SharedState {
 
   getJob (jobId: string): Promise<JobState | null>
   /** Applies a job update and publishes its `job_update` event in one step. */
-  putJob (jobId: string, update: JobUpdate, ttlS: number): Promise<JobPutResult>
+  /** `maxEventBytes`: the bound on the job's whole state (see transitionJob). */
+  putJob (jobId: string, update: JobUpdate, ttlS: number, maxEventBytes: number): Promise<JobPutResult>
 
   close (): Promise<void>
 }

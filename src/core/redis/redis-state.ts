@@ -330,18 +330,18 @@ export class RedisState implements SharedState {
     return { ...JSON.parse(json) as Omit<JobState, 'eventId'>, eventId }
   }
 
-  async putJob (jobId: string, update: JobUpdate, ttlS: number): Promise<JobPutResult> {
+  async putJob (jobId: string, update: JobUpdate, ttlS: number, maxEventBytes: number): Promise<JobPutResult> {
     const key = `${this.prefix}job:${jobId}`
     // Optimistic: the script applies the update only if nobody changed the job since we read it.
     for (let attempt = 0; attempt < JOB_CAS_ATTEMPTS; attempt++) {
       const [json, eventId, version] = await this.commands.call(async (redis) => await redis.hmget(key, 'json', 'eventId', 'version'))
       const previous = json !== null && eventId !== null ? { ...JSON.parse(json) as Omit<JobState, 'eventId'>, eventId } : null
-      const transition = transitionJob(jobId, previous, update, new Date())
+      const transition = transitionJob(jobId, previous, update, new Date(), maxEventBytes)
       if (!transition.ok) return transition
       const channels = [channel.job(jobId, update.userId), channel.userJobs(update.userId)]
       const result = await this.commands.run('PUT_JOB', [
         this.prefix, this.options.historySize, this.options.historyTtlS, jobId, version ?? '0',
-        JSON.stringify(transition.state), ttlS, channels.length, ...channels, transition.body
+        transition.stateJson, ttlS, channels.length, ...channels, transition.body
       ]) as [string, string?]
       if (result[0] === 'ok') return { ok: true, state: { ...transition.state, eventId: result[1] as string } }
     }
