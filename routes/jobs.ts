@@ -99,6 +99,7 @@ const jobRoutes: FastifyPluginAsync = async (app) => {
       closeAfter: (frame) => markers.some((marker) => frame.includes(marker)),
       // Read after joining the job's channel: any later update arrives live.
       prelude: async (connection) => {
+        await app.streams.resetIfImpossible(connection, cursor)
         // The job may have expired meanwhile, and its id been taken by someone else.
         const latest = await state.getJob(jobId)
         const current = latest !== null && latest.userId === job.userId ? latest : job

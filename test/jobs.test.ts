@@ -285,3 +285,21 @@ forEachMode(t, 'a job\'s whole state is bounded by MAX_EVENT_BYTES: an update th
   await aliceJobs.next((event) => event.event === 'job_update' && dataOf<JobEvent>(event).status === 'completed')
   t.same(aliceJobs.events.filter((event) => event.event === 'job_update').map((event) => dataOf<JobEvent>(event).status), ['active', 'completed'], 'the refused update reached no one')
 })
+
+forEachMode(t, 'a job stream whose cursor no history could have issued (malformed, from the future) gets reset right after connected, then initial_status', async (t, mode) => {
+  const [worker, browser] = await pair(t, mode)
+  const job = await putJobOk(worker, 'job-c', { userId: 'alice', status: 'active', progress: 5 })
+  const jobEventId = job.eventId ?? ''
+  const future = String(BigInt(jobEventId) + 5_000_000n)
+  for (const [cursor, reason] of [[future, 'future'], ['abc', 'malformed']] as const) {
+    const stream = await jobStream(t, browser, 'job-c', 'alice', cursor)
+    await stream.nextEvent('initial_status')
+    t.same(stream.events.map((event) => event.event), ['connected', 'reset', 'initial_status'], `${reason}: reset between connected and initial_status`)
+    t.same(dataOf(stream.events[1]), { reason })
+    stream.close()
+  }
+  // A cursor the history issued needs no reset: the snapshot covers it.
+  const current = await jobStream(t, browser, 'job-c', 'alice', jobEventId)
+  await current.nextEvent('initial_status')
+  t.same(current.events.map((event) => event.event), ['connected', 'initial_status'], 'an issued cursor: no reset')
+})

@@ -219,6 +219,23 @@ export class StreamService {
     this.expiries.clear()
   }
 
+  /**
+   * For a stream that starts from a snapshot instead of history (a job's
+   * `initial_status`): a cursor no history could have issued still gets its
+   * `reset`, as on every other stream. (Any other cursor is covered by the
+   * snapshot.)
+   */
+  async resetIfImpossible (connection: StreamConnection, cursor: number | 'malformed' | null): Promise<void> {
+    if (cursor === null) return
+    if (cursor === 'malformed') {
+      this.sendReset(connection, 'malformed')
+      return
+    }
+    // Unreadable, the id is not called from the future: the snapshot follows anyway.
+    const issued = await this.bus.lastId().catch(() => Number.POSITIVE_INFINITY)
+    if (cursor > issued) this.sendReset(connection, 'future')
+  }
+
   private async replay (connection: StreamConnection, channels: string[], cursor: number | 'malformed'): Promise<void> {
     const result = cursor === 'malformed'
       ? { reset: 'malformed' as const, events: [] }
