@@ -310,6 +310,16 @@ export default fp(async (app) => {
     releaseLeftTo.delete(connectionId)
     await recordClose(connectionId, userId, log)
   }
+  state.trackOpens({
+    opening: function * () {
+      for (const [connectionId, opens] of admittedNotRegistered) {
+        for (const open of opens) yield { connectionId, seq: open.seq }
+      }
+    },
+    // A close recorded late, once Redis is back, follows the same rule: an
+    // open of the id admitted meanwhile wrote the entry it would give back.
+    releaseLate: async (connectionId, userId) => await releaseUnlessHeld(connectionId, userId, app.log)
+  })
 
   state.onControl(async (message) => {
     if (message.type === 'topics') return await applyTopics(message)

@@ -286,3 +286,28 @@ forEachMode(t, 'Redis comes back empty with a clock behind the open streams\' ad
   const { stream: newcomer } = await openConnected(streamUrl(b.url, 'u1'), { t })
   await assertSurvivor(t, [a, b], newcomer, [old])
 }, ['redis'])
+
+forEachMode(t, 'a close not recorded while Redis was unreachable, given back as Redis returns while a reopen of the id is admitted but not registered: the reopen keeps the id\'s entry', async (t) => {
+  const [a] = await startCluster(t, 'redis', 1, { MAX_CONNECTIONS_PER_USER: '1', CONNECTION_LIMIT_POLICY: 'evict-oldest' })
+  const commands = (a.app.state as unknown as { commands: { run: (name: string, args: unknown[]) => Promise<unknown> } }).commands
+  const run = commands.run.bind(commands)
+  let failed = false
+  // The stream's close finds Redis unreachable: it is given back later.
+  commands.run = async (name, args) => {
+    if (name === 'RELEASE' && !failed) {
+      failed = true
+      throw new Error('Redis unreachable (test)')
+    }
+    return await run(name, args)
+  }
+  t.teardown(() => { commands.run = run })
+  const { stream: first, connected } = await openConnected(streamUrl(a.url, 'u1'), { t })
+  first.close()
+  await eventually(() => failed && registered([a]) === 0, 'the close attempted and failed')
+  // Redis is back (resync) right after the reopen is admitted, before it registers.
+  afterNextAdmission(t, a, async () => {
+    await (a.app.state as unknown as { resync: () => Promise<void> }).resync()
+  })
+  const { stream: reopened } = await openConnected(reopenUrl(a.url, connected.connectionId), { t })
+  await countedAndLimited(t, [a], reopened)
+}, ['redis'])

@@ -90,6 +90,10 @@ export class MemoryState implements SharedState {
 
   async updateTopics (): Promise<void> {}
 
+  trackOpens (): void {
+    // This process is the store: nothing is recorded late or lost with it.
+  }
+
   onControl (listener: ControlListener): void {
     this.controlListener = listener
   }

@@ -84,6 +84,22 @@ export type JobPutResult = { ok: true, state: JobState } | JobRefusal
  * conversation members, jobs, and who is connected where. In embedded mode it
  * lives in this process; in Redis mode, in Redis with its TTLs.
  */
+/**
+ * Opens between their admission and the registry, as the instance that runs
+ * them knows them. When Redis comes back, maybe without its data, the state
+ * records the instance's streams again: these must not be forgotten.
+ */
+export interface OpenTracker {
+  /** Opens of this instance past their admission check and not registered yet, with their admission's seq once admitted. */
+  opening (): Iterable<{ connectionId: string, seq: number | null }>
+  /**
+   * Gives back the entry of a stream whose close could not be recorded
+   * while Redis was unreachable, unless a stream or open of the id here
+   * holds it now (its admission wrote the same entry).
+   */
+  releaseLate (connectionId: string, userId: string): Promise<void>
+}
+
 export interface SharedState {
   readonly instanceId: string
 
@@ -102,13 +118,15 @@ export interface SharedState {
   onControl (listener: ControlListener): void
   /** Applies a control message on every instance; resolves with the first non-null answer once all have. */
   broadcastControl (message: ControlMessage): Promise<ControlAnswer>
-  /** Registers the callback fired when a user's grace period ends with no stream. */
   /**
    * Registers the callback fired when a user comes online other than by
    * opening a stream (an instance taken for dead comes back with its streams).
    */
   onOnline (listener: (userId: string) => void): void
+  /** Registers the callback fired when a user's grace period ends with no stream. */
   onOffline (listener: (userId: string) => void): void
+  /** Registers what this instance knows of its streams beyond the registry (see OpenTracker). */
+  trackOpens (tracker: OpenTracker): void
   presence (userId: string): Promise<Presence>
   stats (): Promise<ClusterStats>
   connections (): Promise<ConnectionInfo[]>
@@ -124,8 +142,7 @@ export interface SharedState {
   contacts (userId: string): Promise<string[]>
 
   getJob (jobId: string): Promise<JobState | null>
-  /** Applies a job update and publishes its `job_update` event in one step. */
-  /** `maxEventBytes`: the bound on the job's whole state (see transitionJob). */
+  /** Applies a job update and publishes its `job_update` event in one step; `maxEventBytes` bounds the job's whole state (see transitionJob). */
   putJob (jobId: string, update: JobUpdate, ttlS: number, maxEventBytes: number): Promise<JobPutResult>
 
   close (): Promise<void>

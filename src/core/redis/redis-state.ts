@@ -4,7 +4,7 @@ import { channel } from '../channels'
 import { isPlainObject } from '../publish'
 import { transitionJob, type JobState, type JobUpdate } from '../jobs'
 import type { ConnectionInfo, Registry } from '../registry'
-import type { Admission, AdmitRequest, ClusterStats, ControlAnswer, ControlListener, ControlMessage, JobPutResult, Presence, SharedState } from '../state'
+import type { Admission, AdmitRequest, ClusterStats, ControlAnswer, ControlListener, ControlMessage, JobPutResult, OpenTracker, Presence, SharedState } from '../state'
 import { reasonOf, type ScriptedRedis } from './client'
 
 export interface RedisStateOptions {
@@ -77,6 +77,7 @@ export class RedisState implements SharedState {
    * user online for ever.
    */
   private readonly unreleased = new Map<string, { userId: string, ttlS: number }>()
+  private tracker: OpenTracker | null = null
 
   constructor (
     private readonly commands: ScriptedRedis,
@@ -128,10 +129,19 @@ export class RedisState implements SharedState {
     await this.releaseUnreleased()
     // The instance's list is rebuilt from what it really holds: streams whose
     // release was lost during the outage stop counting against their users.
-    const pipeline = this.commands.redis.multi()
-    pipeline.del(this.connsKey(this.instanceId))
-    const byUser = new Map<string, Array<string | number>>()
+    // Opens admitted and not registered yet keep the entries their admission
+    // wrote (read first: any entry listed then is a stream's, an open's, or stale).
+    const listed = await this.commands.call(async (redis) => await redis.hkeys(this.connsKey(this.instanceId)))
     let latestAdmission = 0
+    const opening = new Set<string>()
+    for (const open of this.tracker?.opening() ?? []) {
+      opening.add(open.connectionId)
+      if (open.seq !== null) latestAdmission = Math.max(latestAdmission, open.seq)
+    }
+    const stale = listed.filter((connectionId) => this.registry.get(connectionId) === undefined && !opening.has(connectionId))
+    const pipeline = this.commands.redis.multi()
+    if (stale.length > 0) pipeline.hdel(this.connsKey(this.instanceId), ...stale)
+    const byUser = new Map<string, Array<string | number>>()
     for (const connection of this.registry.all()) {
       latestAdmission = Math.max(latestAdmission, connection.admissionSeq)
       pipeline.hset(this.connsKey(this.instanceId), connection.id, JSON.stringify(this.registry.info(connection)))
@@ -154,11 +164,19 @@ export class RedisState implements SharedState {
     const pending = [...this.unreleased]
     this.unreleased.clear()
     for (const [connectionId, { userId, ttlS }] of pending) {
+      // A failure puts it back for the next reconnect.
+      if (this.tracker !== null) {
+        await this.tracker.releaseLate(connectionId, userId).catch(() => {})
+        continue
+      }
       // A stream of this instance reopened the id meanwhile: the id is its now.
       if (this.registry.get(connectionId) !== undefined) continue
-      // A failure puts it back for the next reconnect.
       await this.release(connectionId, userId, ttlS).catch(() => {})
     }
+  }
+
+  trackOpens (tracker: OpenTracker): void {
+    this.tracker = tracker
   }
 
   async heartbeat (): Promise<void> {
