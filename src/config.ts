@@ -138,7 +138,8 @@ function publicKeyProblem (pem: string): string | null {
   }
   // Found here rather than by the verifier at start, whose error names no variable.
   const type = key.asymmetricKeyType
-  if (type === 'rsa' || type === 'rsa-pss') return null
+  // fast-jwt reads only rsaEncryption keys, not RSASSA-PSS ones.
+  if (type === 'rsa') return null
   if (type === 'ec' && ES_CURVES.has(key.asymmetricKeyDetails?.namedCurve ?? '')) return null
   const kind = type === 'ec' ? `an EC key on ${key.asymmetricKeyDetails?.namedCurve ?? 'an unknown curve'}` : `a${type === undefined ? 'n unknown' : ` ${type}`} key`
   return `must be an RSA key or an EC key on P-256, P-384 or P-521 (RS*, PS*, ES* tokens); this is ${kind}`

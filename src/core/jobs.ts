@@ -78,7 +78,10 @@ export function transitionJob (jobId: string, previous: JobState | null, update:
   else if (previous?.meta !== undefined) state.meta = previous.meta
   const stateJson = JSON.stringify(state)
   const stateBytes = Buffer.byteLength(stateJson)
-  if (stateBytes > maxEventBytes) {
+  // An update that does not grow the state passes: a job stored over the
+  // bound (before it, or under a larger MAX_EVENT_BYTES) can still finish.
+  const previousBytes = previous === null ? 0 : Buffer.byteLength(JSON.stringify(publicJob(previous)))
+  if (stateBytes > maxEventBytes && stateBytes > previousBytes) {
     return { ok: false, tooLarge: true, message: `job ${jobId}'s state would be ${stateBytes} bytes with this update, more than the ${maxEventBytes} allowed` }
   }
   const event: Record<string, unknown> = { jobId, status: state.status, progress }
