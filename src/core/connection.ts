@@ -251,10 +251,6 @@ export class StreamConnection {
   deliver (id: number, frame: Buffer, placement = NOT_PLACED): void {
     if (this.closed || id <= this.lastId) return
     if (this.held !== null) {
-      // Held for as long as a replay takes (a slow reader paces it): a view
-      // would keep its whole arena slab alive meanwhile, one slab per sparse
-      // event in the worst case, so the stream keeps a copy of its own.
-      if (frame.length * 2 < frame.buffer.byteLength) frame = Buffer.from(frame)
       this.held.push({ id, frame })
       this.heldBytes += frame.length
       if (frame.length > this.largestFrame) this.largestFrame = frame.length
