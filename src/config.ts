@@ -141,7 +141,9 @@ function publicKeyProblem (pem: string): string | null {
   // fast-jwt reads only rsaEncryption keys, not RSASSA-PSS ones.
   if (type === 'rsa') return null
   if (type === 'ec' && ES_CURVES.has(key.asymmetricKeyDetails?.namedCurve ?? '')) return null
-  const kind = type === 'ec' ? `an EC key on ${key.asymmetricKeyDetails?.namedCurve ?? 'an unknown curve'}` : `a${type === undefined ? 'n unknown' : ` ${type}`} key`
+  const kind = type === 'ec'
+    ? `an EC key on ${key.asymmetricKeyDetails?.namedCurve ?? 'an unknown curve'}`
+    : type === undefined ? 'a key of unknown type' : `a ${type} key`
   return `must be an RSA key or an EC key on P-256, P-384 or P-521 (RS*, PS*, ES* tokens); this is ${kind}`
 }
 

@@ -80,8 +80,8 @@ export function transitionJob (jobId: string, previous: JobState | null, update:
   const stateBytes = Buffer.byteLength(stateJson)
   // An update that does not grow the state passes: a job stored over the
   // bound (before it, or under a larger MAX_EVENT_BYTES) can still finish.
-  const previousBytes = previous === null ? 0 : Buffer.byteLength(JSON.stringify(publicJob(previous)))
-  if (stateBytes > maxEventBytes && stateBytes > previousBytes) {
+  // The previous state is measured only then, not on every update.
+  if (stateBytes > maxEventBytes && (previous === null || stateBytes > Buffer.byteLength(JSON.stringify(publicJob(previous))))) {
     return { ok: false, tooLarge: true, message: `job ${jobId}'s state would be ${stateBytes} bytes with this update, more than the ${maxEventBytes} allowed` }
   }
   const event: Record<string, unknown> = { jobId, status: state.status, progress }

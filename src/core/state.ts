@@ -80,14 +80,10 @@ export type ControlListener = (message: ControlMessage) => Promise<ControlAnswer
 export type JobPutResult = { ok: true, state: JobState } | JobRefusal
 
 /**
- * State every instance must see alike: stream ids, user-wide topics,
- * conversation members, jobs, and who is connected where. In embedded mode it
- * lives in this process; in Redis mode, in Redis with its TTLs.
- */
-/**
  * Opens between their admission and the registry, as the instance that runs
- * them knows them. When Redis comes back, maybe without its data, the state
- * records the instance's streams again: these must not be forgotten.
+ * them knows them. When Redis comes back, the state records the instance's
+ * streams again: these keep the entries their admissions wrote. (Entries that
+ * Redis lost with its data are not written again for them.)
  */
 export interface OpenTracker {
   /** Opens of this instance past their admission check and not registered yet, with their admission's seq once admitted. */
@@ -100,6 +96,11 @@ export interface OpenTracker {
   releaseLate (connectionId: string, userId: string): Promise<void>
 }
 
+/**
+ * State every instance must see alike: stream ids, user-wide topics,
+ * conversation members, jobs, and who is connected where. In embedded mode it
+ * lives in this process; in Redis mode, in Redis with its TTLs.
+ */
 export interface SharedState {
   readonly instanceId: string
 
