@@ -97,6 +97,8 @@ const LIMIT_EVICTION = 'too many streams for this user'
 interface PendingOpen {
   /** Its admission's seq, once admitted. */
   seq: number | null
+  /** What its admission recorded, once admitted: written again if Redis loses it. */
+  entry: { userId: string, topics: string[], openedAt: number } | null
   /** Evicted meanwhile: why, and by the admission of which seq (the latest; Infinity: unknown). */
   evictedFor: string | null
   evictedAt: number
@@ -313,7 +315,10 @@ export default fp(async (app) => {
   state.trackOpens({
     opening: function * () {
       for (const [connectionId, opens] of admittedNotRegistered) {
-        for (const open of opens) yield { connectionId, seq: open.seq }
+        for (const open of opens) {
+          // An evicted open ends once registered: its entry is not written again.
+          yield { connectionId, seq: open.seq, admitted: open.evictedFor === null ? open.entry : null }
+        }
       }
     },
     // A close recorded late, once Redis is back, follows the same rule: an
@@ -385,7 +390,7 @@ export default fp(async (app) => {
     opening++
     let counted = true
     // Its own record: two opens of one id (a reopen racing another) each keep theirs.
-    const pending: PendingOpen = { seq: null, evictedFor: null, evictedAt: -Infinity }
+    const pending: PendingOpen = { seq: null, entry: null, evictedFor: null, evictedAt: -Infinity }
     // A reopened stream id held by a live stream (a tab the browser has not
     // noticed is dead, maybe on another instance) moves to this request once
     // it is admitted: the holder keeps its slot until then (admission does
@@ -404,11 +409,12 @@ export default fp(async (app) => {
     /** Admitted, and its entry neither held by a stream of its own nor given back. */
     let entryOwed = false
     try {
+      const entry = { userId: auth.userId, topics: options.topics, openedAt: Date.now() }
       const admission = await state.admit({
         connectionId: options.connectionId,
-        userId: auth.userId,
-        topics: options.topics,
-        openedAt: Date.now(),
+        userId: entry.userId,
+        topics: entry.topics,
+        openedAt: entry.openedAt,
         limit: config.maxConnectionsPerUser,
         policy: config.connectionLimitPolicy
       })
@@ -417,6 +423,7 @@ export default fp(async (app) => {
         throw new errors.Limited(`user already holds ${config.maxConnectionsPerUser} streams`)
       }
       pending.seq = admission.seq
+      pending.entry = entry
       entryOwed = true
       // The evicted entry's own instance ends its stream: another stream of
       // the id here may be a holder that a reopen elsewhere replaced.

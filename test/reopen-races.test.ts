@@ -311,3 +311,43 @@ forEachMode(t, 'a close not recorded while Redis was unreachable, given back as 
   const { stream: reopened } = await openConnected(reopenUrl(a.url, connected.connectionId), { t })
   await countedAndLimited(t, [a], reopened)
 }, ['redis'])
+
+/**
+ * `a`'s next open of u1 evicts u1's stream on `b` (limit 1, evict-oldest), and
+ * Redis loses its data while the open waits on the eviction message, after
+ * its admission and before it registers.
+ */
+async function openAcrossDataLoss (t: Test, a: Gateway, b: Gateway): Promise<SseClient> {
+  const { stream: oldest } = await openConnected(streamUrl(b.url, 'u1'), { t })
+  const state = a.app.state
+  const broadcast = state.broadcastControl.bind(state)
+  state.broadcastControl = async (message) => {
+    state.broadcastControl = broadcast
+    await loseRedisData(t, [a, b])
+    return await broadcast(message)
+  }
+  t.teardown(() => { state.broadcastControl = broadcast })
+  const { stream: opened } = await openConnected(streamUrl(a.url, 'u1'), { t })
+  await oldest.waitEnd()
+  t.ok(oldest.ended, 'the oldest stream was evicted')
+  return opened
+}
+
+forEachMode(t, 'Redis loses its data while an open is admitted but not registered: its entry is written again, so it counts and a later admission evicts it', async (t) => {
+  const [a, b] = await startCluster(t, 'redis', 2, { MAX_CONNECTIONS_PER_USER: '1', CONNECTION_LIMIT_POLICY: 'evict-oldest' })
+  const opened = await openAcrossDataLoss(t, a, b)
+  await eventually(async () => (await a.app.state.presence('u1')).connections === 1, 'the evicted stream given back')
+  await countedAndLimited(t, [a, b], opened)
+}, ['redis'])
+
+forEachMode(t, 'Redis loses its data while an open admitted under a clock ahead of the one Redis comes back with waits to register: later admissions are still ordered after it and evict it', async (t) => {
+  const [a, b] = await startCluster(t, 'redis', 2, { MAX_CONNECTIONS_PER_USER: '1', CONNECTION_LIMIT_POLICY: 'evict-oldest' })
+  interceptNextAdmission(t, a, async (admit) => {
+    const admission = await admit()
+    if (!admission.admitted) throw new Error('the open was not admitted')
+    return { ...admission, seq: admission.seq + 3600 * 1_000_000 }
+  })
+  const opened = await openAcrossDataLoss(t, a, b)
+  await eventually(async () => (await a.app.state.presence('u1')).connections === 1, 'the evicted stream given back')
+  await countedAndLimited(t, [a, b], opened)
+}, ['redis'])

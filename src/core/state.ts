@@ -79,15 +79,22 @@ export type ControlListener = (message: ControlMessage) => Promise<ControlAnswer
 
 export type JobPutResult = { ok: true, state: JobState } | JobRefusal
 
+/** An open past its admission check and not registered yet; `admitted` once its admission has run (and not been evicted since). */
+export interface OpeningStream {
+  connectionId: string
+  seq: number | null
+  admitted: { userId: string, topics: string[], openedAt: number } | null
+}
+
 /**
  * Opens between their admission and the registry, as the instance that runs
- * them knows them. When Redis comes back, the state records the instance's
- * streams again: these keep the entries their admissions wrote. (Entries that
- * Redis lost with its data are not written again for them.)
+ * them knows them. When Redis comes back (maybe empty), the state records the
+ * instance's streams again, these with them: their entries are written again
+ * as their admissions wrote them.
  */
 export interface OpenTracker {
-  /** Opens of this instance past their admission check and not registered yet, with their admission's seq once admitted. */
-  opening (): Iterable<{ connectionId: string, seq: number | null }>
+  /** Opens of this instance past their admission check and not registered yet. */
+  opening (): Iterable<OpeningStream>
   /**
    * Gives back the entry of a stream whose close could not be recorded
    * while Redis was unreachable, unless a stream or open of the id here

@@ -129,25 +129,41 @@ export class RedisState implements SharedState {
     await this.releaseUnreleased()
     // The instance's list is rebuilt from what it really holds: streams whose
     // release was lost during the outage stop counting against their users.
-    // Opens admitted and not registered yet keep the entries their admission
-    // wrote (read first: any entry listed then is a stream's, an open's, or stale).
+    // Opens not registered yet keep their entries: an admitted one's is
+    // written again, and one whose admission is still running keeps what the
+    // admission writes (the list is read first: any entry listed then is a
+    // stream's, an open's, or stale).
     const listed = await this.commands.call(async (redis) => await redis.hkeys(this.connsKey(this.instanceId)))
     let latestAdmission = 0
     const opening = new Set<string>()
+    // Of the streams and opens of one id here, the one admitted last holds its entry.
+    const holders = new Map<string, { seq: number, info: ConnectionInfo }>()
+    for (const connection of this.registry.all()) {
+      holders.set(connection.id, { seq: connection.admissionSeq, info: this.registry.info(connection) })
+    }
     for (const open of this.tracker?.opening() ?? []) {
       opening.add(open.connectionId)
-      if (open.seq !== null) latestAdmission = Math.max(latestAdmission, open.seq)
+      if (open.seq === null) continue
+      latestAdmission = Math.max(latestAdmission, open.seq)
+      const held = holders.get(open.connectionId)
+      if (open.admitted === null || (held !== undefined && held.seq > open.seq)) continue
+      const { userId, topics, openedAt } = open.admitted
+      holders.set(open.connectionId, {
+        seq: open.seq,
+        info: { connectionId: open.connectionId, userId, topics, openedAt: new Date(openedAt).toISOString(), instance: this.instanceId }
+      })
     }
     const stale = listed.filter((connectionId) => this.registry.get(connectionId) === undefined && !opening.has(connectionId))
     const pipeline = this.commands.redis.multi()
     if (stale.length > 0) pipeline.hdel(this.connsKey(this.instanceId), ...stale)
     const byUser = new Map<string, Array<string | number>>()
-    for (const connection of this.registry.all()) {
-      latestAdmission = Math.max(latestAdmission, connection.admissionSeq)
-      pipeline.hset(this.connsKey(this.instanceId), connection.id, JSON.stringify(this.registry.info(connection)))
-      const streams = byUser.get(connection.userId)
-      if (streams === undefined) byUser.set(connection.userId, [connection.id, connection.openedAt])
-      else streams.push(connection.id, connection.openedAt)
+    for (const [connectionId, { seq, info }] of holders) {
+      latestAdmission = Math.max(latestAdmission, seq)
+      pipeline.hset(this.connsKey(this.instanceId), connectionId, JSON.stringify(info))
+      const openedAtMs = Date.parse(info.openedAt)
+      const streams = byUser.get(info.userId)
+      if (streams === undefined) byUser.set(info.userId, [connectionId, openedAtMs])
+      else streams.push(connectionId, openedAtMs)
     }
     await pipeline.exec()
     if (latestAdmission > 0) await this.commands.run('ADMISSIONS_AT_LEAST', [this.prefix, String(latestAdmission)])
