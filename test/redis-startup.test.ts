@@ -160,3 +160,23 @@ t.test('a REDIS_URL database this Redis does not have: exit 1 with one line nami
   t.match(lines[0], /REDIS_URL.*DB index/)
   t.same(await redisClient(t).keys(`${prefix}*`), [], 'nothing of it in database 0')
 })
+
+t.test('a REDIS_URL database its ACL user may not SELECT: exit 1 with one line naming REDIS_URL, no key written to database 0', async (t) => {
+  if (!(await needRedis(t))) return
+  const prefix = uniquePrefix('noselect')
+  const admin = redisClient(t)
+  const user = `${prefix.replace(/[^a-z0-9]/gi, '')}-user`
+  await admin.call('ACL', 'SETUSER', user, 'on', '>test-password', '~*', '&*', '+@all', '-select')
+  t.teardown(async () => { await admin.call('ACL', 'DELUSER', user) })
+  const url = new URL(REDIS_URL)
+  url.username = user
+  url.password = 'test-password'
+  url.pathname = '/3'
+  const exit = await runServerToExit(t, { REDIS_URL: url.toString(), REDIS_PREFIX: prefix, REDIS_STARTUP_TIMEOUT_MS: '5000', JWT_SECRET: TEST_SECRET, PORT: '0', HOST: '127.0.0.1', LOG_LEVEL: 'warn' })
+  t.equal(exit.code, 1)
+  const lines = exit.stderr.trim().split('\n')
+  t.equal(lines.length, 1, 'one line, no stack')
+  t.match(lines[0], /REDIS_URL.*NOPERM/)
+  t.notMatch(lines[0], /test-password/, 'the password is not echoed')
+  t.same(await admin.keys(`${prefix}*`), [], 'nothing of it in database 0')
+})

@@ -459,9 +459,10 @@ async function untilReady (client: Redis, name: string, deadline: number, log: L
   let refused: string | null = null
   const noteError = (error: Error): void => {
     lastError = error.message
-    // ioredis reports a failed SELECT and then turns ready on database 0,
-    // another deployment's keys maybe: waiting cannot fix it, so start-up ends.
-    if (/DB index|SELECT is not allowed/i.test(error.message)) {
+    // ioredis reports a failed SELECT (no such database, or an ACL user denied
+    // it) and then turns ready on database 0, another deployment's keys maybe:
+    // waiting cannot fix it, so start-up ends.
+    if (/DB index|SELECT is not allowed|NOPERM.*\bselect\b/i.test(error.message)) {
       refused = `REDIS_URL: its database cannot be selected (${error.message})`
       giveUp()
       return
