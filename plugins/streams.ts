@@ -181,12 +181,12 @@ export default fp(async (app) => {
       if (streams.isDraining) {
         if (unrecordedAtShutdownLogged) return
         unrecordedAtShutdownLogged = true
-        log.warn({ reason: error.message }, 'stream closes not recorded before stopping (Redis unavailable): this instance\'s streams are reaped once it has been silent for INSTANCE_TTL_MS')
+        log.warn({ reason: error.reason }, 'stream closes not recorded before stopping (Redis unavailable): this instance\'s streams are reaped once it has been silent for INSTANCE_TTL_MS')
         return
       }
       unrecordedSince++
       if (performance.now() - unrecordedLoggedAt < UNRECORDED_LOG_EVERY_MS) return
-      log.warn({ reason: error.message, closes: unrecordedSince }, 'stream closes are recorded once Redis is back')
+      log.warn({ reason: error.reason, closes: unrecordedSince }, 'stream closes are recorded once Redis is back')
       unrecordedLoggedAt = performance.now()
       unrecordedSince = 0
     }

@@ -4,6 +4,7 @@ import { createServer, type Server } from 'node:http'
 import type { Socket } from 'node:net'
 import { stdSerializers, type DestinationStream } from 'pino'
 import type { Config } from './config'
+import { StoreUnavailableError } from './core/state'
 import { GatewayLogController, noteRefusal } from './logging'
 import configPlugin from '../plugins/config'
 import authPlugin from '../plugins/auth'
@@ -157,6 +158,17 @@ function routerError (error: Error & { code?: string }, _request: unknown, reply
   reply.code(statusCode).send({ statusCode, code: error.code, error: httpReason(statusCode), message })
 }
 
+/**
+ * An error as a log line may show it. Node's refusal of a malformed request
+ * carries the raw request bytes (rawPacket), headers and query string
+ * included; Fastify logs it at trace. An ioredis error carries the command it
+ * failed (command), whose arguments are event data, job results and user ids.
+ */
+export function errForLog (error: Error): ReturnType<typeof stdSerializers.err> {
+  const { rawPacket: _rawPacket, command: _command, ...rest } = stdSerializers.err(error) as ReturnType<typeof stdSerializers.err> & { rawPacket?: unknown, command?: unknown }
+  return rest
+}
+
 function loggerOptions (config: Config, stream?: DestinationStream): FastifyServerOptions['logger'] {
   return {
     level: config.logLevel,
@@ -168,12 +180,7 @@ function loggerOptions (config: Config, stream?: DestinationStream): FastifyServ
         url: redactUrl(request.url),
         remoteAddress: request.ip ?? request.socket?.remoteAddress
       }),
-      // Node's refusal of a malformed request carries the raw request bytes
-      // (rawPacket), headers and query string included; Fastify logs it at trace.
-      err: (error: Error) => {
-        const { rawPacket: _rawPacket, ...rest } = stdSerializers.err(error) as ReturnType<typeof stdSerializers.err> & { rawPacket?: unknown }
-        return rest
-      }
+      err: errForLog
     },
     redact: ['req.headers.authorization', 'req.headers["x-auth-token"]', 'req.headers.cookie']
   }
@@ -216,7 +223,7 @@ export async function buildApp (config: Config, options: BuildOptions = {}): Pro
     if (statusCode === 503) {
       // Expected while Redis is away or the instance drains: one line, no stack,
       // for every reconnect attempt of every browser.
-      noteRefusal(reply, error.code, error.message)
+      noteRefusal(reply, error.code, error instanceof StoreUnavailableError ? error.reason : error.message)
       return reply.code(503).send({ statusCode, error: 'Service Unavailable', message: error.message })
     }
     if (statusCode >= 500) {

@@ -2,15 +2,18 @@ import type { ConnectionInfo } from './registry'
 import type { JobRefusal, JobState, JobUpdate } from './jobs'
 
 /**
- * Raised when the shared store (Redis) cannot be reached: routes answer 503,
- * not 500. Declared here, not beside the Redis client, so embedded mode can
- * recognise it without loading ioredis.
+ * Raised when the shared store (Redis) cannot be reached or refuses work for
+ * its own condition: routes answer 503, not 500. Declared here, not beside
+ * the Redis client, so embedded mode can recognise it without loading ioredis.
  */
 export class StoreUnavailableError extends Error {
   readonly statusCode = 503
+  /** Why, for the log: the store's own words, first line only (never a command's arguments). */
+  readonly reason: string
   constructor (cause: unknown) {
     super('the event store (Redis) is unavailable')
     this.cause = cause
+    this.reason = (cause instanceof Error ? cause.message : String(cause)).split('\n', 1)[0].slice(0, 300)
   }
 }
 

@@ -42,6 +42,16 @@ function isConnectionLoss (error: unknown): boolean {
   return error instanceof Error && (error.message === 'Connection is closed.' || error.message.startsWith("Stream isn't writeable"))
 }
 
+/**
+ * Redis refusing work for its own condition (out of memory under noeviction,
+ * a replica after a failover, a failing snapshot, loading its data, a script
+ * running too long): like an unreachable Redis, it passes, and a caller can
+ * try again. Not a fault of the request or of the gateway.
+ */
+function isStoreCondition (error: unknown): boolean {
+  return error instanceof Error && /^(OOM|READONLY|MISCONF|LOADING|BUSY|MASTERDOWN|NOREPLICAS|TRYAGAIN|CLUSTERDOWN)\b/.test(error.message)
+}
+
 /** A Redis connection with the gateway's scripts loaded as commands (EVALSHA, falling back to EVAL). */
 export class ScriptedRedis {
   readonly redis: Redis
@@ -64,7 +74,7 @@ export class ScriptedRedis {
   }
 
   translate (error: unknown): Error {
-    if (this.redis.status !== 'ready' || isConnectionLoss(error)) return new StoreUnavailableError(error)
+    if (this.redis.status !== 'ready' || isConnectionLoss(error) || isStoreCondition(error)) return new StoreUnavailableError(error)
     return error instanceof Error ? error : new Error(String(error))
   }
 

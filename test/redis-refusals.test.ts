@@ -1,0 +1,47 @@
+/**
+ * Redis answering but refusing work for its own condition (here: out of
+ * memory under noeviction). Publishers get 503, as when Redis is unreachable,
+ * and no log line carries the refused command's arguments (event data).
+ */
+import t from 'tap'
+import { needRedis, redisClient, startOwnRedis, uniquePrefix } from './helpers/redis'
+import { openConnected, publish, publishOk, publisherToken, request, startGateway, userToken } from './helpers'
+import { errForLog } from '../src/app'
+
+const SECRET_DATA = 'PAYLOAD-c41d-refused-never-log-me'
+
+t.test('Redis out of memory: publish and job PUT answer 503 and log why, without the event data; both work again once Redis has room', async (t) => {
+  if (!(await needRedis(t))) return
+  const redis = await startOwnRedis(t)
+  const gateway = await startGateway(t, { REDIS_URL: redis.url, REDIS_PREFIX: uniquePrefix('oom'), LOG_LEVEL: 'info' }, { captureLogs: true })
+  const publisher = publisherToken()
+  const { stream } = await openConnected(`${gateway.url}/v1/stream?token=${userToken('u1')}`, { t })
+  const admin = redisClient(t, redis.url)
+  await admin.config('SET', 'maxmemory-policy', 'noeviction')
+  await admin.config('SET', 'maxmemory', '1')
+
+  const refused = await publish(gateway.url, publisher, { to: { user: 'u1' }, event: 'note', data: SECRET_DATA })
+  t.equal(refused.status, 503, 'publish: 503')
+  t.equal((refused.json as unknown as { message: string }).message, 'the event store (Redis) is unavailable')
+  const job = await request(`${gateway.url}/v1/jobs/j1`, { method: 'PUT', token: publisher, body: { userId: 'u1', status: 'active', result: SECRET_DATA } })
+  t.equal(job.status, 503, 'job PUT: 503')
+
+  await admin.config('SET', 'maxmemory', '0')
+  const [id] = await publishOk(gateway.url, publisher, { to: { user: 'u1' }, event: 'note', data: 'after' })
+  t.equal((await stream.nextEvent('note')).id, id, 'the stream receives what is published once Redis has room')
+
+  const text = gateway.logText()
+  t.notOk(text.includes(SECRET_DATA), 'no event data in the logs')
+  t.match(text, /"reason":"OOM command not allowed/, 'the refusal logged with Redis\'s reason')
+})
+
+t.test('an error from Redis logs its message, not the command and arguments it failed', async (t) => {
+  if (!(await needRedis(t))) return
+  const redis = redisClient(t)
+  const error = await redis.eval('return redis.call("NO-SUCH-COMMAND")', 0, SECRET_DATA).then(() => null, (error: unknown) => error)
+  if (!(error instanceof Error)) throw new Error('the script did not fail')
+  t.ok('command' in error, 'ioredis attaches the command to its error')
+  const logged = errForLog(error)
+  t.match(logged.message, /Unknown Redis command/)
+  t.notOk(JSON.stringify(logged).includes(SECRET_DATA), 'the arguments are not in the line')
+})
