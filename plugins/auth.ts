@@ -1,7 +1,7 @@
 import fp from 'fastify-plugin'
 import fastifyJwt, { type JWT } from '@fastify/jwt'
 import type { FastifyRequest } from 'fastify'
-import { hasLoneSurrogate } from '../src/core/publish'
+import { hasLoneSurrogate, isEntityId } from '../src/core/publish'
 import { errors } from '../src/errors'
 import { unquoted } from '../src/headers'
 
@@ -228,6 +228,8 @@ export default fp(async (app) => {
     )
     if (userId === undefined || String(userId).length > 256) throw unauthorized('no-user', 'token has no user id claim')
     if (typeof userId === 'string' && hasLoneSurrogate(userId)) throw unauthorized('no-user', 'the token\'s user id is not well-formed Unicode')
+    // Such a user could open streams that no publish, presence or job can name.
+    if (typeof userId === 'string' && !isEntityId(userId)) throw unauthorized('no-user', 'the token\'s user id holds control characters')
     // Roles count only in tokens sent explicitly, never in the cookie.
     const roles = fromCookie ? new Set<string>() : rolesOf(claims)
     // A restriction that is not a list of patterns allows nothing rather than everything.

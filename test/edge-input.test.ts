@@ -122,6 +122,16 @@ t.test('ids that are not well-formed Unicode (a lone surrogate) are refused: as 
   t.equal((await openStream(`${url}/v1/stream?token=${token({ sub: 'üser✓' })}`, { t })).status, 200, 'well-formed unicode is fine')
 })
 
+t.test('a token whose user id holds a control character is refused (no publish could name that user)', async (t) => {
+  const { url } = await startGateway(t)
+  for (const sub of ['x\u0001y', 'tab\there', 'del\u007f']) {
+    const stream = await openStream(`${url}/v1/stream?token=${token({ sub })}`, { t })
+    t.equal(stream.status, 401, JSON.stringify(sub))
+    if (stream.status === 401) t.match(stream.json(), { statusCode: 401, message: /control characters/ })
+    t.equal((await publish(url, publisher, { to: { user: sub }, event: 'x', data: 1 })).status, 400, 'as a publish target: 400')
+  }
+})
+
 t.test('a user id with a lone surrogate is refused by every route that takes one in its body (in Redis it would become another user, U+FFFD)', async (t) => {
   const { url } = await startGateway(t)
   const lone = 'x\ud800y'
