@@ -5,7 +5,6 @@ import { hasLoneSurrogate, isEntityId } from '../src/core/publish'
 import { errors } from '../src/errors'
 import { unquoted } from '../src/headers'
 
-export type Role = 'publisher' | 'admin'
 export type AuthLevel = 'none' | 'user' | 'publisher' | 'admin'
 
 export interface AuthContext {

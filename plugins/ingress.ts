@@ -4,9 +4,10 @@ import type { PublishItem, PublishOnce } from '../src/core/bus'
 
 /**
  * Redis ingress: `PUBLISH <prefix>publish <json>` takes the body of
- * POST /v1/publish; `PUBLISH stream:<connectionId> {"event","data"}` is seed
- * 000's contract; `XADD <prefix>ingress * payload <json>` is the durable
- * form of the first. A bad message is counted and logged without its data.
+ * POST /v1/publish; `PUBLISH stream:<connectionId> {"event","data"}` is what
+ * backends written for a per-connection channel already send; `XADD
+ * <prefix>ingress * payload <json>` is the durable form of the first. A bad
+ * message is counted and logged without its data.
  */
 export default fp(async (app) => {
   const { ingress, durableIngress, config, publisher } = app

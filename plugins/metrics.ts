@@ -93,7 +93,7 @@ export default fp(async (app) => {
     replayed: (count) => replayed.inc(count),
     reset: (reason) => resets.inc({ reason })
   } satisfies GatewayMetrics)
-}, { name: 'metrics', dependencies: ['config', 'registry'] })
+}, { name: 'metrics', dependencies: ['registry', 'bus'] })
 
 /**
  * prom-client's lag summary (min, max, mean, stddev, percentiles) reads a

@@ -230,6 +230,7 @@ export default fp(async (app) => {
     },
     replayed: (_connection, count) => app.metrics.replayed(count),
     catchingUp: (count) => app.log.warn({ streams: count }, 'bus subscription back: streams replay what they may have missed'),
+    catchUpFailed: (error) => app.log.error({ err: error }, 'catch-up failed: the streams not done stay held until the bus subscription is next restored'),
     reset: (connection, reason) => {
       app.metrics.reset(reason)
       app.log.info({ connectionId: connection.id, reason }, 'replay reset')

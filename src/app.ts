@@ -1,6 +1,6 @@
 import Fastify, { type FastifyInstance, type FastifyReply, type FastifyServerOptions } from 'fastify'
 import cors from '@fastify/cors'
-import { createServer, type Server } from 'node:http'
+import { createServer, STATUS_CODES, type Server } from 'node:http'
 import type { Socket } from 'node:net'
 import { stdSerializers, type DestinationStream } from 'pino'
 import type { Config } from './config'
@@ -348,22 +348,7 @@ export async function buildApp (config: Config, options: BuildOptions = {}): Pro
 }
 
 function httpReason (statusCode: number): string {
-  const reasons: Record<number, string> = {
-    400: 'Bad Request',
-    401: 'Unauthorized',
-    403: 'Forbidden',
-    404: 'Not Found',
-    405: 'Method Not Allowed',
-    406: 'Not Acceptable',
-    409: 'Conflict',
-    413: 'Payload Too Large',
-    414: 'URI Too Long',
-    415: 'Unsupported Media Type',
-    422: 'Unprocessable Entity',
-    429: 'Too Many Requests',
-    431: 'Request Header Fields Too Large'
-  }
-  return reasons[statusCode] ?? 'Bad Request'
+  return STATUS_CODES[statusCode] ?? 'Error'
 }
 
 /**

@@ -8,7 +8,7 @@ export function signToken (secret: string, claims: Record<string, unknown>, ttlS
   return `${unsigned}.${createHmac('sha256', secret).update(unsigned).digest('base64url')}`
 }
 
-/** One token per user `u0..u{users-1}`; streams cycle through them. */
+/** One token per user `{prefix}0..{prefix}{users-1}`; streams cycle through them. */
 export function userTokens (secret: string, users: number, prefix = 'bench-u'): string[] {
   return Array.from({ length: users }, (_, index) => signToken(secret, { sub: `${prefix}${index}` }))
 }

@@ -52,7 +52,7 @@ export interface Context {
   publisherToken: string
   /** Streams may open at most this many at once (file limit of this process, less a reserve). */
   maxStreams: number
-  /** The result of S2 in this invocation, for S4's comparison with embedded mode. */
+  /** Every scenario's result in this invocation, by id: S4 compares itself with S2's (embedded mode). */
   results: Map<string, ScenarioResult>
   startServer (kind: TargetKind, start: StartOptions): Promise<ServerProcess>
   /** Stops a server started with startServer; logs are removed unless --keep-logs. */

@@ -14,9 +14,3 @@ export const channel = {
   userJobs: (userId: string) => `uj:${userId}`,
   broadcast: 'b'
 } as const
-
-export type TargetKind = 'user' | 'users' | 'connection' | 'conversation' | 'topic' | 'broadcast' | 'job'
-
-export function isTopicChannel (name: string): boolean {
-  return name.startsWith('t:')
-}

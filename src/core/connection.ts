@@ -133,7 +133,7 @@ export class StreamConnection {
   closeAfter: ((frame: Buffer) => boolean) | null = null
   /** Another stream of this instance took over this id: the id's shared records are that stream's now. */
   replaced = false
-  /** Its admission's seq (State.admit): evictions decided before it are not this stream's. */
+  /** Its admission's seq (SharedState.admit): evictions decided before it are not this stream's. */
   admissionSeq = 0
   /** Called once, when the stream closes for any reason (one function shared by every stream). */
   onClose: (connection: StreamConnection) => void = ignore
@@ -472,7 +472,7 @@ export class StreamConnection {
       const timer = setTimeout(() => {
         done()
         this.close('slow')
-      }, DRAIN_WAIT_MS)
+      }, DRAIN_WAIT_MS).unref()
       this.sink.once('drain', done)
       this.sink.once('close', done)
     })

@@ -12,8 +12,6 @@
 
 export const EVENT_NAME = /^[A-Za-z0-9_.:-]{1,64}$/
 export const TOPIC_NAME = /^[A-Za-z0-9_.:/-]{1,128}$/
-/** Ids of users, conversations, jobs and connections as they appear in routes. */
-export const ENTITY_ID = /^[A-Za-z0-9_.:@|=+-]{1,128}$/
 
 const LINE_BREAK = /\r\n|\r|\n/
 

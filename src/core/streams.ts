@@ -44,6 +44,8 @@ export interface StreamEvents {
   reset (connection: StreamConnection, reason: string): void
   /** The bus missed deliveries: `count` live streams catch up from history. */
   catchingUp (count: number): void
+  /** A catch-up ended on a fault of its own: the streams it had not done stay held until the next one. */
+  catchUpFailed (error: unknown): void
   topicsChanged (connection: StreamConnection): void
   /** An open lost its id to a reopen admitted after it, and ended before it was registered. */
   superseded (connection: StreamConnection, holder: StreamConnection): void
@@ -321,7 +323,7 @@ export class StreamService {
       return
     }
     this.catchingUp = true
-    this.catchUp().catch(() => {}).finally(() => {
+    this.catchUp().catch((error: unknown) => this.events.catchUpFailed(error)).finally(() => {
       this.catchingUp = false
       const again = this.catchUpAgain
       this.catchUpAgain = false

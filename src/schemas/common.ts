@@ -15,7 +15,6 @@ export const PathId = Type.String({ pattern: '^[A-Za-z0-9_.:@=+-]{1,128}$' })
  * which Redis would turn into U+FFFD, another user's id.
  */
 export const UserId = Type.String({ minLength: 1, maxLength: 256, pattern: '^[^\\u0000-\\u001f\\u007f\\ud800-\\udfff]+$' })
-export const TopicName = Type.String({ pattern: '^[A-Za-z0-9_.:/-]{1,128}$' })
 
 export const StreamQuery = Type.Object({
   token: Type.Optional(Type.String()),

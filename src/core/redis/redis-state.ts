@@ -271,7 +271,7 @@ export class RedisState implements SharedState {
     const requestId = randomBytes(8).toString('hex')
     const envelope: ControlEnvelope = { requestId, from: this.instanceId, message }
     return await new Promise<ControlAnswer>((resolve, reject) => {
-      const timer = setTimeout(() => finish(), this.options.controlTimeoutMs ?? 3000)
+      const timer = setTimeout(() => finish(), this.options.controlTimeoutMs ?? 3000).unref()
       const entry: PendingControl = {
         answers: [],
         repliedFrom: new Set(),
