@@ -8,7 +8,7 @@ import type { Sink, StreamConnection, StreamKind } from '../src/core/connection'
 import { parseCursor, streamHead, topicAllowed } from '../src/core/framing'
 import { Hub } from '../src/core/hub'
 import { Publisher } from '../src/core/publish'
-import { StoreUnavailableError, type ControlAnswer, type ControlMessage } from '../src/core/state'
+import { StoreUnavailableError, type AdmittedEntry, type ControlAnswer, type ControlMessage } from '../src/core/state'
 import { REOPENED_REASON, StreamService, type StreamSpec } from '../src/core/streams'
 import { errors } from '../src/errors'
 import { authOf } from './auth'
@@ -98,7 +98,7 @@ interface PendingOpen {
   /** Its admission's seq, once admitted. */
   seq: number | null
   /** What its admission recorded, once admitted: written again if Redis loses it. */
-  entry: { userId: string, topics: string[], openedAt: number } | null
+  entry: AdmittedEntry | null
   /** Evicted meanwhile: why, and by the admission of which seq (the latest; Infinity: unknown). */
   evictedFor: string | null
   evictedAt: number

@@ -5,8 +5,8 @@
 
 import { createPublicKey } from 'node:crypto'
 import { isIP } from 'node:net'
+import type { LimitPolicy } from './core/state'
 
-export type LimitPolicy = 'reject' | 'evict-oldest'
 export type LogLevel = 'fatal' | 'error' | 'warn' | 'info' | 'debug' | 'trace' | 'silent'
 
 export interface Config {

@@ -9,6 +9,11 @@ export interface ConnectionInfo {
   instance: string
 }
 
+/** A stream as `GET /v1/connections` lists it; `openedAt` in ms since the epoch. */
+export function connectionInfo (connectionId: string, userId: string, topics: Iterable<string>, openedAt: number, instance: string): ConnectionInfo {
+  return { connectionId, userId, topics: [...topics], openedAt: new Date(openedAt).toISOString(), instance }
+}
+
 /** This process's open streams, by id and by user, and how many streams hold each topic. */
 export class Registry {
   private readonly byId = new Map<string, StreamConnection>()
@@ -74,13 +79,7 @@ export class Registry {
   }
 
   info (connection: StreamConnection): ConnectionInfo {
-    return {
-      connectionId: connection.id,
-      userId: connection.userId,
-      topics: [...connection.topics],
-      openedAt: new Date(connection.openedAt).toISOString(),
-      instance: this.instanceId
-    }
+    return connectionInfo(connection.id, connection.userId, connection.topics, connection.openedAt, this.instanceId)
   }
 
   private countTopics (topics: Iterable<string>, delta: number): void {

@@ -82,11 +82,14 @@ export type ControlListener = (message: ControlMessage) => Promise<ControlAnswer
 
 export type JobPutResult = { ok: true, state: JobState } | JobRefusal
 
+/** What an admission records of an open in the shared record. */
+export interface AdmittedEntry { userId: string, topics: string[], openedAt: number }
+
 /** An open past its admission check and not registered yet; `admitted` once its admission has run (and not been evicted since). */
 export interface OpeningStream {
   connectionId: string
   seq: number | null
-  admitted: { userId: string, topics: string[], openedAt: number } | null
+  admitted: AdmittedEntry | null
 }
 
 /**

@@ -6,6 +6,13 @@ export { StoreUnavailableError }
 
 export type ScriptName = 'PUBLISH' | 'PUBLISH_ONCE' | 'ONCE_OUTCOME' | 'INIT' | 'REPLAY' | 'PUT_JOB' | 'ADMIT' | 'RELEASE' | 'REAP' | 'FORGET' | 'REJOIN' | 'ADMISSIONS_AT_LEAST' | 'END_GRACE' | 'PRESENCE' | 'USER_TOPICS' | 'MEMBERS' | 'CONTACTS' | 'LEASE'
 
+/** What the Redis engine logs through (the app's pino logger). */
+export interface Log {
+  info: (obj: object, msg: string) => void
+  warn: (obj: object, msg: string) => void
+  error: (obj: object, msg: string) => void
+}
+
 /** What went wrong, in one line, for logs that must not carry a Redis error's command arguments. */
 export function reasonOf (error: unknown): string {
   return error instanceof Error ? error.message : String(error)

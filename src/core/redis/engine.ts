@@ -1,6 +1,6 @@
 import Redis, { ReplyError, type RedisOptions } from 'ioredis'
 import type { Registry } from '../registry'
-import { reasonOf, redisOptions, ScriptedRedis, StoreUnavailableError } from './client'
+import { reasonOf, redisOptions, ScriptedRedis, StoreUnavailableError, type Log } from './client'
 import { RedisBus } from './redis-bus'
 import { RedisState } from './redis-state'
 
@@ -20,11 +20,6 @@ export interface RedisEngineOptions {
   startupSignal?: AbortSignal
 }
 
-interface Log {
-  info: (obj: object, msg: string) => void
-  warn: (obj: object, msg: string) => void
-  error: (obj: object, msg: string) => void
-}
 
 /**
  * Handles one message that arrived on an ingress channel (`<prefix>publish`

@@ -1,7 +1,7 @@
 import type Redis from 'ioredis'
 import type { DeliveryListener, EventBus, HistoryEntry, OnceOutcome, PublishItem, PublishOnce, ReplayResult, ResetReason, SubscriptionListeners } from '../bus'
 import { chunkOf, frameWithId } from '../framing'
-import { reasonOf, type ScriptedRedis } from './client'
+import { reasonOf, type Log, type ScriptedRedis } from './client'
 
 const ID_PREFIX = Buffer.from('id: ')
 const NEWLINE = 0x0a
@@ -58,7 +58,7 @@ export class RedisBus implements EventBus {
     private readonly commands: ScriptedRedis,
     private readonly subscriber: Redis,
     private readonly options: RedisBusOptions,
-    private readonly log: { warn: (obj: object, msg: string) => void }
+    private readonly log: Pick<Log, 'warn'>
   ) {
     this.channelPrefix = `${options.prefix}ch:`
     const skip = Buffer.byteLength(this.channelPrefix)

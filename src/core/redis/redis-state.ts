@@ -3,9 +3,9 @@ import { randomBytes } from 'node:crypto'
 import { channel } from '../channels'
 import { isPlainObject } from '../publish'
 import { transitionJob, type JobState, type JobUpdate } from '../jobs'
-import type { ConnectionInfo, Registry } from '../registry'
+import { connectionInfo, type ConnectionInfo, type Registry } from '../registry'
 import type { Admission, AdmitRequest, ClusterStats, ControlAnswer, ControlListener, ControlMessage, JobPutResult, OpenTracker, Presence, SharedState } from '../state'
-import { reasonOf, type ScriptedRedis } from './client'
+import { reasonOf, type Log, type ScriptedRedis } from './client'
 
 export interface RedisStateOptions {
   prefix: string
@@ -84,7 +84,7 @@ export class RedisState implements SharedState {
     private readonly subscriber: Redis,
     private readonly registry: Registry,
     private readonly options: RedisStateOptions,
-    private readonly log: { warn: (obj: object, msg: string) => void }
+    private readonly log: Pick<Log, 'warn'>
   ) {
     this.instanceId = registry.instanceId
     this.prefix = options.prefix
@@ -148,10 +148,7 @@ export class RedisState implements SharedState {
       const held = holders.get(open.connectionId)
       if (open.admitted === null || (held !== undefined && held.seq > open.seq)) continue
       const { userId, topics, openedAt } = open.admitted
-      holders.set(open.connectionId, {
-        seq: open.seq,
-        info: { connectionId: open.connectionId, userId, topics, openedAt: new Date(openedAt).toISOString(), instance: this.instanceId }
-      })
+      holders.set(open.connectionId, { seq: open.seq, info: connectionInfo(open.connectionId, userId, topics, openedAt, this.instanceId) })
     }
     const stale = listed.filter((connectionId) => this.registry.get(connectionId) === undefined && !opening.has(connectionId))
     const pipeline = this.commands.redis.multi()
@@ -217,13 +214,7 @@ export class RedisState implements SharedState {
   }
 
   async admit (request: AdmitRequest): Promise<Admission> {
-    const info: ConnectionInfo = {
-      connectionId: request.connectionId,
-      userId: request.userId,
-      topics: request.topics,
-      openedAt: new Date(request.openedAt).toISOString(),
-      instance: this.instanceId
-    }
+    const info = connectionInfo(request.connectionId, request.userId, request.topics, request.openedAt, this.instanceId)
     const [admitted, cameOnline, evicted, seq, ...replacedOn] = await this.commands.run('ADMIT', [
       this.prefix, request.userId, this.instanceId, request.connectionId, request.openedAt,
       request.limit, request.policy, this.options.instanceTtlMs, JSON.stringify(info), this.options.historyTtlS
