@@ -1,5 +1,5 @@
 import fp from 'fastify-plugin'
-import { encodable, FanoutTooLargeError, isEntityId, validateEventName, validatePublishBody, type PublishRequest } from '../src/core/publish'
+import { FanoutTooLargeError, isEntityId, isPlainObject, validateEventAndData, validatePublishBody, type PublishRequest } from '../src/core/publish'
 import type { PublishItem, PublishOnce } from '../src/core/bus'
 
 /**
@@ -40,15 +40,10 @@ export default fp(async (app) => {
     } else {
       // The id comes from the channel name: held to the POST's rule for `to.connection`.
       if (!isEntityId(source.connectionId)) return reject(kind, 'connection id is not valid')
-      const message = body as { event?: unknown, data?: unknown } | null
-      if (typeof message !== 'object' || message === null || Array.isArray(message)) return reject(kind, 'not an object')
-      const event = validateEventName(message.event)
-      if (!event.ok) return reject(kind, event.message)
-      if (message.data === undefined) return reject(kind, '"data" is required')
-      const text = encodable(message.data)
-      if (text === null) return reject(kind, 'data nested too deeply')
-      if (Buffer.byteLength(text) > config.maxEventBytes) return reject(kind, 'data too large')
-      requests = [{ target: { kind: 'connection', id: source.connectionId }, event: event.value, text }]
+      if (!isPlainObject(body)) return reject(kind, 'not an object')
+      const content = validateEventAndData(body, config.maxEventBytes)
+      if (!content.ok) return reject(kind, content.message)
+      requests = [{ target: { kind: 'connection', id: source.connectionId }, event: content.value.event, text: content.value.text }]
     }
     let items: PublishItem[]
     try {

@@ -100,6 +100,20 @@ export function validateEventName (event: unknown): Validation<string> {
   return { ok: true, value: event }
 }
 
+/** An event's name and data, as every way of publishing takes them: the data encoded once, within `maxEventBytes`. */
+export function validateEventAndData (raw: Record<string, unknown>, maxEventBytes: number): Validation<{ event: string, text: string }> {
+  const event = validateEventName(raw.event)
+  if (!event.ok) return event
+  if (raw.data === undefined) return bad('"data" is required')
+  const text = encodable(raw.data)
+  if (text === null) return bad('"data" is nested too deeply to encode')
+  const bytes = Buffer.byteLength(text)
+  if (bytes > maxEventBytes) {
+    return { ok: false, status: 413, message: `"data" is ${bytes} bytes, more than the ${maxEventBytes} allowed` }
+  }
+  return { ok: true, value: { event: event.value, text } }
+}
+
 export function validatePublishItem (raw: unknown, maxEventBytes: number): Validation<PublishRequest> {
   if (!isPlainObject(raw)) return bad('an event must be an object with "to" and "data"')
   for (const key of Object.keys(raw)) {
@@ -107,16 +121,9 @@ export function validatePublishItem (raw: unknown, maxEventBytes: number): Valid
   }
   const target = validateTarget(raw.to)
   if (!target.ok) return target
-  const event = validateEventName(raw.event)
-  if (!event.ok) return event
-  if (!('data' in raw) || raw.data === undefined) return bad('"data" is required')
-  const text = encodable(raw.data)
-  if (text === null) return bad('"data" is nested too deeply to encode')
-  const bytes = Buffer.byteLength(text)
-  if (bytes > maxEventBytes) {
-    return { ok: false, status: 413, message: `"data" is ${bytes} bytes, more than the ${maxEventBytes} allowed` }
-  }
-  return { ok: true, value: { target: target.value, event: event.value, text } }
+  const content = validateEventAndData(raw, maxEventBytes)
+  if (!content.ok) return content
+  return { ok: true, value: { target: target.value, event: content.value.event, text: content.value.text } }
 }
 
 /** One event or an array of 1–1000, all-or-nothing; errors name the failing index. */
