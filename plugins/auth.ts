@@ -83,7 +83,7 @@ function rolesOf (claims: Claims): Set<string> {
   return roles
 }
 
-function hasRole (auth: AuthContext, level: AuthLevel): boolean {
+export function hasRole (auth: AuthContext, level: AuthLevel): boolean {
   if (level === 'none' || level === 'user') return true
   if (auth.roles.has('admin')) return true
   return level === 'publisher' && auth.roles.has('publisher')

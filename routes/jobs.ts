@@ -1,9 +1,9 @@
 import type { FastifyPluginAsync } from 'fastify'
 import { Type, type Static } from '@sinclair/typebox'
-import { authOf } from '../plugins/auth'
+import { authOf, hasRole } from '../plugins/auth'
 import { channel } from '../src/core/channels'
 import { frameWithId, renderBody } from '../src/core/framing'
-import { isTerminal, JOB_STATUSES, jobKeptS, publicJob, type JobState } from '../src/core/jobs'
+import { isTerminal, isTerminalUpdateOf, JOB_STATUSES, jobKeptS, publicJob, type JobState } from '../src/core/jobs'
 import { encodable } from '../src/core/publish'
 import { errorResponses, PathId, StreamQuery, UserId } from '../src/schemas/common'
 import { errors } from '../src/errors'
@@ -19,11 +19,6 @@ const JobPut = Type.Object({
   error: Type.Optional(Type.String({ maxLength: 4096 })),
   meta: Type.Optional(Type.Unknown())
 }, { additionalProperties: false })
-
-function terminalMarkers (jobId: string): Buffer[] {
-  // job_update data always starts with jobId then status (see transitionJob).
-  return ['completed', 'failed'].map((status) => Buffer.from(`data: {"jobId":${JSON.stringify(jobId)},"status":"${status}"`))
-}
 
 const jobRoutes: FastifyPluginAsync = async (app) => {
   const { config, state } = app
@@ -72,7 +67,7 @@ const jobRoutes: FastifyPluginAsync = async (app) => {
   }, async (request) => {
     const auth = authOf(request)
     const { jobId } = request.params as Static<typeof JobParams>
-    const publisher = auth.roles.has('publisher') || auth.roles.has('admin')
+    const publisher = hasRole(auth, 'publisher')
     return publicJob(await visibleJob(jobId, auth.userId, publisher))
   })
 
@@ -89,14 +84,13 @@ const jobRoutes: FastifyPluginAsync = async (app) => {
     if (isTerminal(job.status) && typeof cursor === 'number' && cursor >= Number(job.eventId)) {
       return await reply.code(204).send()
     }
-    const markers = terminalMarkers(jobId)
     await app.openStream(request, reply, {
       connectionId: newConnectionId(),
       kind: 'job',
       topics: [],
       channels: [channel.job(jobId, job.userId)],
       connectedExtra: { jobId },
-      closeAfter: (frame) => markers.some((marker) => frame.includes(marker)),
+      closeAfter: isTerminalUpdateOf(jobId),
       // Read after joining the job's channel: any later update arrives live.
       prelude: async (connection) => {
         await app.streams.resetIfImpossible(connection, cursor)

@@ -84,11 +84,22 @@ export function transitionJob (jobId: string, previous: JobState | null, update:
   if (stateBytes > maxEventBytes && (previous === null || stateBytes > Buffer.byteLength(JSON.stringify(publicJob(previous))))) {
     return { ok: false, tooLarge: true, message: `job ${jobId}'s state would be ${stateBytes} bytes with this update, more than the ${maxEventBytes} allowed` }
   }
+  // jobId then status lead, always: isTerminalUpdateOf reads them from the frame.
   const event: Record<string, unknown> = { jobId, status: state.status, progress }
   if (update.result !== undefined) event.result = update.result
   if (update.error !== undefined) event.error = update.error
   event.updatedAt = updatedAt
   return { ok: true, state, stateJson, body: renderBody('job_update', JSON.stringify(event)) }
+}
+
+/**
+ * Whether a frame sent to job `jobId`'s stream is its terminal job_update:
+ * the stream ends after it. Matches the bytes transitionJob writes, so a
+ * delivery is not parsed.
+ */
+export function isTerminalUpdateOf (jobId: string): (frame: Buffer) => boolean {
+  const markers = JOB_STATUSES.filter(isTerminal).map((status) => Buffer.from(`data: {"jobId":${JSON.stringify(jobId)},"status":"${status}"`))
+  return (frame) => markers.some((marker) => frame.includes(marker))
 }
 
 /** What `initial_status` and `GET /v1/jobs/:id` show of a stored job. */
