@@ -17,6 +17,7 @@ export default fp(async (app) => {
     global: false,
     errorResponseBuilder: (_request, context) => ({
       statusCode: 429,
+      code: 'GW_RATE_LIMITED',
       error: 'Too Many Requests',
       message: `rate limit exceeded, retry in ${context.after}`
     })

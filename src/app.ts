@@ -151,7 +151,7 @@ function routerError (error: Error & { code?: string }, _request: unknown, reply
   }
   const refusal = error.code !== undefined ? refusals[error.code] : undefined
   if (refusal === undefined) {
-    reply.code(500).send({ statusCode: 500, error: 'Internal Server Error', message: 'Internal Server Error' })
+    reply.code(500).send({ statusCode: 500, code: 'GW_INTERNAL', error: 'Internal Server Error', message: 'Internal Server Error' })
     return
   }
   const [statusCode, message] = refusal
@@ -224,11 +224,11 @@ export async function buildApp (config: Config, options: BuildOptions = {}): Pro
       // Expected while Redis is away or the instance drains: one line, no stack,
       // for every reconnect attempt of every browser.
       noteRefusal(reply, error.code, error instanceof StoreUnavailableError ? error.reason : error.message)
-      return reply.code(503).send({ statusCode, error: 'Service Unavailable', message: error.message })
+      return reply.code(503).send({ statusCode, code: 'GW_UNAVAILABLE', error: 'Service Unavailable', message: error.message })
     }
     if (statusCode >= 500) {
       request.log.error({ err: error }, 'request failed')
-      return reply.code(statusCode).send({ statusCode, error: 'Internal Server Error', message: 'Internal Server Error' })
+      return reply.code(statusCode).send({ statusCode, code: 'GW_INTERNAL', error: 'Internal Server Error', message: 'Internal Server Error' })
     }
     // A message may echo a path parameter or a query value, where a client may have put its token.
     noteRefusal(reply, error.code, withoutJwts(error.message))
@@ -243,6 +243,7 @@ export async function buildApp (config: Config, options: BuildOptions = {}): Pro
   app.setNotFoundHandler((request, reply) => {
     reply.code(404).send({
       statusCode: 404,
+      code: 'GW_NOT_FOUND',
       error: 'Not Found',
       message: `Route ${request.method} ${redactUrl(request.url.split('?')[0])} not found`
     })

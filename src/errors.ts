@@ -1,6 +1,10 @@
 import createError from '@fastify/error'
 
-/** Every error the gateway answers with; the body is `{ statusCode, code, error, message }`. */
+/**
+ * Every error the gateway answers with; the body is `{ statusCode, code, error, message }`.
+ * src/app.ts adds GW_NOT_FOUND (unknown routes), GW_INTERNAL and GW_UNAVAILABLE, and
+ * plugins/rate-limit.ts GW_RATE_LIMITED.
+ */
 export const errors = {
   BadRequest: createError('GW_BAD_REQUEST', '%s', 400),
   Unauthorized: createError('GW_UNAUTHORIZED', '%s', 401),

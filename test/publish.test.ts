@@ -265,7 +265,7 @@ t.test('unknown routes answer 404 with the JSON error shape', async (t) => {
     const answer = await request(`${url}${path}`, { method, token: publisher })
     t.equal(answer.status, 404, `${method} ${path}: 404`)
     t.match(answer.headers.get('content-type'), /^application\/json/)
-    t.match(answer.json, { statusCode: 404, error: 'Not Found', message: String }, `${method} ${path}: error shape`)
+    t.match(answer.json, { statusCode: 404, code: 'GW_NOT_FOUND', error: 'Not Found', message: String }, `${method} ${path}: error shape`)
   }
 })
 

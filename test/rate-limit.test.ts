@@ -11,7 +11,7 @@ function assert429 (t: Test, status: number, retryAfter: string | null | undefin
   t.equal(status, 429, '429')
   t.match(retryAfter, /^\d+$/, 'Retry-After in whole seconds')
   t.ok(Number(retryAfter) >= 1 && Number(retryAfter) <= 60, `Retry-After within the minute (${String(retryAfter)})`)
-  t.match(body, { statusCode: 429, error: 'Too Many Requests', message: String })
+  t.match(body, { statusCode: 429, code: 'GW_RATE_LIMITED', error: 'Too Many Requests', message: String })
 }
 
 t.test('stream opens past RATE_LIMIT_STREAMS_PER_MIN from one address: 429 with Retry-After and the JSON error shape', async (t) => {

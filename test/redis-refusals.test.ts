@@ -22,7 +22,7 @@ t.test('Redis out of memory: publish and job PUT answer 503 and log why, without
 
   const refused = await publish(gateway.url, publisher, { to: { user: 'u1' }, event: 'note', data: SECRET_DATA })
   t.equal(refused.status, 503, 'publish: 503')
-  t.equal((refused.json as unknown as { message: string }).message, 'the event store (Redis) is unavailable')
+  t.match(refused.json, { statusCode: 503, code: 'GW_UNAVAILABLE', error: 'Service Unavailable', message: 'the event store (Redis) is unavailable' })
   const job = await request(`${gateway.url}/v1/jobs/j1`, { method: 'PUT', token: publisher, body: { userId: 'u1', status: 'active', result: SECRET_DATA } })
   t.equal(job.status, 503, 'job PUT: 503')
 
