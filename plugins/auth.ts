@@ -1,5 +1,5 @@
 import fp from 'fastify-plugin'
-import fastifyJwt, { type JWT } from '@fastify/jwt'
+import fastifyJwt, { type FastifyJWTOptions, type JWT } from '@fastify/jwt'
 import type { FastifyRequest } from 'fastify'
 import { hasLoneSurrogate, isEntityId } from '../src/core/publish'
 import { errors } from '../src/errors'
@@ -27,9 +27,12 @@ declare module 'fastify' {
 
 type Claims = Record<string, unknown>
 
+type Algorithms = NonNullable<NonNullable<FastifyJWTOptions['verify']>['algorithms']>
 // Each list is both what its verifier accepts and how a token is routed to it.
-const HMAC_ALGORITHMS: readonly string[] = ['HS256', 'HS384', 'HS512']
-const PUBLIC_KEY_ALGORITHMS: readonly string[] = ['RS256', 'RS384', 'RS512', 'ES256', 'ES384', 'ES512', 'PS256', 'PS384', 'PS512']
+const HMAC_ALGORITHMS: Algorithms = ['HS256', 'HS384', 'HS512']
+const PUBLIC_KEY_ALGORITHMS: Algorithms = ['RS256', 'RS384', 'RS512', 'ES256', 'ES384', 'ES512', 'PS256', 'PS384', 'PS512']
+/** Whether `list` names `alg`, a header's value, which may be anything. */
+const names = (list: Algorithms, alg: string): boolean => (list as readonly string[]).includes(alg)
 
 /** Tokens are looked for in this order; the first one present is the only one verified. */
 export function extractToken (request: FastifyRequest): string | null {
@@ -150,14 +153,14 @@ export default fp(async (app) => {
     await app.register(fastifyJwt, {
       namespace: 'hmac',
       secret: config.jwtSecret,
-      verify: { ...verifyOptions, algorithms: [...HMAC_ALGORITHMS] as never }
+      verify: { ...verifyOptions, algorithms: [...HMAC_ALGORITHMS] }
     })
   }
   if (config.jwtPublicKey !== null) {
     await app.register(fastifyJwt, {
       namespace: 'publicKey',
       secret: { public: config.jwtPublicKey },
-      verify: { ...verifyOptions, algorithms: [...PUBLIC_KEY_ALGORITHMS] as never }
+      verify: { ...verifyOptions, algorithms: [...PUBLIC_KEY_ALGORITHMS] }
     })
   }
 
@@ -165,8 +168,8 @@ export default fp(async (app) => {
   const verifierFor = (token: string): JWT | 'malformed' | 'invalid' => {
     const alg = algorithmOf(token)
     if (alg === null) return 'malformed'
-    if (HMAC_ALGORITHMS.includes(alg)) return app.jwt.hmac ?? 'invalid'
-    if (PUBLIC_KEY_ALGORITHMS.includes(alg)) return app.jwt.publicKey ?? 'invalid'
+    if (names(HMAC_ALGORITHMS, alg)) return app.jwt.hmac ?? 'invalid'
+    if (names(PUBLIC_KEY_ALGORITHMS, alg)) return app.jwt.publicKey ?? 'invalid'
     return 'invalid'
   }
 

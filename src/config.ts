@@ -99,6 +99,8 @@ function historyBytes (env: Env, maxEventBytes: number): number {
   return value
 }
 
+function port (env: Env, name: string, fallback: number): number
+function port (env: Env, name: string, fallback: null): number | null
 function port (env: Env, name: string, fallback: number | null): number | null {
   const raw = read(env, name)
   if (raw === undefined) return fallback
@@ -236,7 +238,7 @@ export function loadConfig (env: Env = process.env): Config {
   const keepaliveMs = integer(env, 'KEEPALIVE_MS', 15000, 100, 3_600_000)
   const maxEventBytes = integer(env, 'MAX_EVENT_BYTES', 262144, 1)
   const config: Config = {
-    port: port(env, 'PORT', 3000) as number,
+    port: port(env, 'PORT', 3000),
     host: read(env, 'HOST') ?? '0.0.0.0',
     internalPort: port(env, 'INTERNAL_PORT', null),
     jwtSecret,
