@@ -2,7 +2,12 @@ import fp from 'fastify-plugin'
 import rateLimit from '@fastify/rate-limit'
 import type { onRequestHookHandler, RouteOptions } from 'fastify'
 
-const STREAM_ROUTE = /\/stream(\/|$)/
+declare module 'fastify' {
+  interface FastifyContextConfig {
+    /** The route opens a stream: it counts against RATE_LIMIT_STREAMS_PER_MIN. */
+    opensStream?: true
+  }
+}
 
 /**
  * Per-address limits on stream opens and on publisher routes, counted per
@@ -27,9 +32,7 @@ export default fp(async (app) => {
   const publishers = limiter(config.rateLimitPublishPerMin)
 
   app.addHook('onRoute', (route: RouteOptions) => {
-    const auth = (route.config as { auth?: string } | undefined)?.auth
-    const methods = Array.isArray(route.method) ? route.method : [route.method]
-    const handler = methods.includes('GET') && STREAM_ROUTE.test(route.url) ? streams : auth === 'publisher' ? publishers : null
+    const handler = route.config?.opensStream === true ? streams : route.config?.auth === 'publisher' ? publishers : null
     if (handler === null) return
     const existing = route.onRequest === undefined ? [] : Array.isArray(route.onRequest) ? route.onRequest : [route.onRequest]
     route.onRequest = [...existing, handler]

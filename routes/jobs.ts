@@ -43,7 +43,7 @@ const jobRoutes: FastifyPluginAsync = async (app) => {
   // Stream routes have no HEAD twin (see routes/stream.ts).
   app.get('/v1/jobs/stream', {
     exposeHeadRoute: false,
-    config: { auth: 'user' },
+    config: { auth: 'user', opensStream: true },
     schema: { querystring: StreamQuery, response: errorResponses }
   }, async (request, reply) => {
     const { userId } = authOf(request)
@@ -73,7 +73,7 @@ const jobRoutes: FastifyPluginAsync = async (app) => {
 
   app.get('/v1/jobs/:jobId/stream', {
     exposeHeadRoute: false,
-    config: { auth: 'user' },
+    config: { auth: 'user', opensStream: true },
     schema: { params: JobParams, querystring: StreamQuery, response: { 204: Type.Null(), ...errorResponses } }
   }, async (request, reply) => {
     const { userId } = authOf(request)

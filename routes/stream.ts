@@ -31,7 +31,7 @@ const streamRoutes: FastifyPluginAsync = async (app) => {
   // real stream, answer HEAD with a body, and escape the stream-open limit.
   app.get('/v1/stream', {
     exposeHeadRoute: false,
-    config: { auth: 'user' },
+    config: { auth: 'user', opensStream: true },
     schema: { querystring: StreamQuery, response: errorResponses }
   }, async (request, reply) => {
     await open(request, reply, newConnectionId(), false)
@@ -39,7 +39,7 @@ const streamRoutes: FastifyPluginAsync = async (app) => {
 
   app.get('/v1/stream/:connectionId', {
     exposeHeadRoute: false,
-    config: { auth: 'user' },
+    config: { auth: 'user', opensStream: true },
     schema: { params: Type.Object({ connectionId: PathId }), querystring: StreamQuery, response: errorResponses }
   }, async (request, reply) => {
     const { connectionId } = request.params as { connectionId: string }
