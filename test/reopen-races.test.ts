@@ -351,3 +351,31 @@ forEachMode(t, 'Redis loses its data while an open admitted under a clock ahead 
   await eventually(async () => (await a.app.state.presence('u1')).connections === 1, 'the evicted stream given back')
   await countedAndLimited(t, [a, b], opened)
 }, ['redis'])
+
+forEachMode(t, 'limit 2, reject: an open admitted while the instance records its streams again after Redis came back empty still counts them, and is refused', async (t) => {
+  const [a] = await startCluster(t, 'redis', 1, { MAX_CONNECTIONS_PER_USER: '2' })
+  for (let n = 0; n < 2; n++) await openConnected(streamUrl(a.url, 'u1'), { t })
+  const redis = redisClient(t)
+  const prefix = (a.app.state as unknown as { prefix: string }).prefix
+  const keys = await redis.keys(`${prefix}*`)
+  if (keys.length > 0) await redis.del(...keys)
+  // The resync is held before it records the users' streams again, until the open has asked for its admission.
+  const commands = (a.app.state as unknown as { commands: { run: (name: string, args: unknown[]) => Promise<unknown> } }).commands
+  const run = commands.run.bind(commands)
+  let askedForAdmission = (): void => {}
+  const asked = new Promise<void>((resolve) => { askedForAdmission = resolve })
+  commands.run = async (name, args) => {
+    if (name === 'REJOIN') await asked
+    return await run(name, args)
+  }
+  t.teardown(() => { commands.run = run })
+  const resync = (a.app.state as unknown as { resync: () => Promise<void> }).resync()
+  interceptNextAdmission(t, a, async (admit) => {
+    askedForAdmission()
+    return await admit()
+  })
+  const third = await openStream(streamUrl(a.url, 'u1'), { t })
+  await resync
+  t.equal(third.status, 429, 'the third stream is refused')
+  t.equal((await a.app.state.presence('u1')).connections, 2, 'two streams counted')
+}, ['redis'])

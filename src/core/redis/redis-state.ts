@@ -78,6 +78,12 @@ export class RedisState implements SharedState {
    */
   private readonly unreleased = new Map<string, { userId: string, ttlS: number }>()
   private tracker: OpenTracker | null = null
+  /**
+   * The resync running since Redis came back, settled either way. Admissions
+   * wait for it: Redis may have come back empty, and until the users' streams
+   * are recorded again an admission would count none of them against the limit.
+   */
+  private resyncing: Promise<void> | null = null
 
   constructor (
     private readonly commands: ScriptedRedis,
@@ -122,6 +128,16 @@ export class RedisState implements SharedState {
 
   /** After Redis comes back (maybe empty), this instance's streams are recorded again. */
   async resync (): Promise<void> {
+    const run = this.recordAgain()
+    const settled = run.then(() => {}, () => {})
+    this.resyncing = settled
+    void settled.then(() => { if (this.resyncing === settled) this.resyncing = null })
+    await run
+  }
+
+  private async recordAgain (): Promise<void> {
+    // One after another: two at once would each rebuild the list from a different moment.
+    await this.resyncing
     await this.heartbeat()
     // First, while the instance's list still names them (so they count as
     // live, and nobody has pruned them from their users' sets), the streams
@@ -214,6 +230,7 @@ export class RedisState implements SharedState {
   }
 
   async admit (request: AdmitRequest): Promise<Admission> {
+    if (this.resyncing !== null) await this.resyncing
     const info = connectionInfo(request.connectionId, request.userId, request.topics, request.openedAt, this.instanceId)
     const [admitted, cameOnline, evicted, seq, ...replacedOn] = await this.commands.run('ADMIT', [
       this.prefix, request.userId, this.instanceId, request.connectionId, request.openedAt,
