@@ -2,10 +2,10 @@ import Fastify, { type FastifyInstance, type FastifyReply, type FastifyServerOpt
 import cors from '@fastify/cors'
 import { createServer, STATUS_CODES, type Server } from 'node:http'
 import type { Socket } from 'node:net'
-import { stdSerializers, type DestinationStream } from 'pino'
+import type { DestinationStream } from 'pino'
 import type { Config } from './config'
 import { StoreUnavailableError } from './core/state'
-import { GatewayLogController, noteRefusal } from './logging'
+import { errForLog, GatewayLogController, noteRefusal, redactUrl, requestIdOf, withoutJwts } from './logging'
 import configPlugin from '../plugins/config'
 import authPlugin from '../plugins/auth'
 import registryPlugin from '../plugins/registry'
@@ -48,96 +48,6 @@ const internalSockets = new WeakSet<Socket>()
 /** How long requests in flight when the close begins may take (at most half of SHUTDOWN_TIMEOUT_MS). */
 const FORCE_CLOSE_AFTER_MS = 5000
 
-const TOKEN_PARAMETERS = new Set(['token', 'access_token'])
-// Every JWT starts with the base64url of '{"': what a token is, wherever it
-// sits in the URL (a stray '?' or ';' puts one inside another value).
-// A pattern like /eyJ[\w-]*\.[\w-]*\./ takes time quadratic in a run of
-// 'eyJeyJ…' without dots, which anyone could send: runs of the characters a
-// JWT is made of are checked in one pass instead.
-const JWT_CHARACTER_RUNS = /[\w.-]+/g
-
-/** Whether a run of [\w.-] holds 'eyJ' followed by two dots: a JWT. */
-function runHoldsJwt (run: string): boolean {
-  const start = run.indexOf('eyJ')
-  if (start === -1) return false
-  const firstDot = run.indexOf('.', start + 3)
-  return firstDot !== -1 && run.indexOf('.', firstDot + 1) !== -1
-}
-
-function holdsJwt (text: string): boolean {
-  for (const [run] of text.matchAll(JWT_CHARACTER_RUNS)) if (runHoldsJwt(run)) return true
-  return false
-}
-
-/** The text with every run of JWT characters that holds a JWT replaced. */
-function withoutJwts (text: string): string {
-  return text.replace(JWT_CHARACTER_RUNS, (run) => runHoldsJwt(run) ? '[redacted]' : run)
-}
-
-const ESCAPE_RUNS = /(?:%[0-9A-Fa-f]{2})+/g
-
-/**
- * Decoded as far as it can be: one malformed escape (`%ZZ`, a lone UTF-8
- * byte) must not leave the rest encoded, where a token with its dots as
- * `%2E` would pass the check unseen.
- */
-function leniently (text: string): string {
-  try {
-    return decodeURIComponent(text)
-  } catch {
-    return text.replace(ESCAPE_RUNS, (run) => {
-      try {
-        return decodeURIComponent(run)
-      } catch {
-        return run.replace(/%2E/gi, '.')
-      }
-    })
-  }
-}
-
-function decodedComponent (text: string): string {
-  return leniently(text.replace(/\+/g, ' ')).trim()
-}
-
-/**
- * A URL fit for logs: the value of every query parameter that is named
- * `token` or `access_token` or that holds a JWT is replaced. Names are
- * compared decoded, as the query parser decodes them (`%74oken` is `token`).
- */
-export function redactUrl (url: string): string {
-  const start = url.indexOf('?')
-  const rawPath = start === -1 ? url : url.slice(0, start)
-  // Checked decoded: '%2E' for a dot or '%65yJ' must not carry a token past.
-  // A path without one is logged as sent.
-  const decodedPath = leniently(rawPath)
-  const redactedPath = withoutJwts(decodedPath)
-  const path = redactedPath === decodedPath ? rawPath : redactedPath
-  if (start === -1) return path
-  const pairs = url.slice(start + 1).split('&')
-  for (let index = 0; index < pairs.length; index++) {
-    const pair = pairs[index]
-    const equals = pair.indexOf('=')
-    const name = decodedComponent(equals === -1 ? pair : pair.slice(0, equals))
-    if (equals === -1) {
-      if (holdsJwt(name)) pairs[index] = '[redacted]'
-    } else if (TOKEN_PARAMETERS.has(name.toLowerCase()) || holdsJwt(name) || holdsJwt(decodedComponent(pair.slice(equals + 1)))) {
-      pairs[index] = `${pair.slice(0, equals)}=[redacted]`
-    }
-  }
-  return `${path}?${pairs.join('&')}`
-}
-
-// A client's X-Request-Id is logged with every line of its request: taken
-// only when it looks like an id, never when it could be a token.
-const REQUEST_ID = /^[\w.:-]{1,128}$/
-let requestCount = 0
-
-function requestIdOf (request: { headers: Record<string, string | string[] | undefined> }): string {
-  const given = request.headers['x-request-id']
-  if (typeof given === 'string' && REQUEST_ID.test(given) && !holdsJwt(given)) return given
-  requestCount = (requestCount + 1) % Number.MAX_SAFE_INTEGER
-  return `req-${requestCount.toString(36)}`
-}
 
 /**
  * The router's own refusals (a malformed escape, a path parameter over
@@ -158,16 +68,6 @@ function routerError (error: Error & { code?: string }, _request: unknown, reply
   reply.code(statusCode).send({ statusCode, code: error.code, error: httpReason(statusCode), message })
 }
 
-/**
- * An error as a log line may show it. Node's refusal of a malformed request
- * carries the raw request bytes (rawPacket), headers and query string
- * included; Fastify logs it at trace. An ioredis error carries the command it
- * failed (command), whose arguments are event data, job results and user ids.
- */
-export function errForLog (error: Error): ReturnType<typeof stdSerializers.err> {
-  const { rawPacket: _rawPacket, command: _command, ...rest } = stdSerializers.err(error) as ReturnType<typeof stdSerializers.err> & { rawPacket?: unknown, command?: unknown }
-  return rest
-}
 
 function loggerOptions (config: Config, stream?: DestinationStream): FastifyServerOptions['logger'] {
   return {

@@ -5,7 +5,7 @@ import {
   token, userToken, type Gateway
 } from './helpers'
 import { redisClient } from './helpers/redis'
-import { redactUrl } from '../src/app'
+import { redactUrl } from '../src/logging'
 import { flood, floodMaxBytes, metricValue, neverReadingStream, rawExchange, scrape } from './helpers/raw'
 
 /** A string no log line may ever hold: it only travels as event data. */

@@ -6,7 +6,7 @@
 import t from 'tap'
 import { needRedis, redisClient, startOwnRedis, uniquePrefix } from './helpers/redis'
 import { openConnected, publish, publishOk, publisherToken, request, startGateway, userToken } from './helpers'
-import { errForLog } from '../src/app'
+import { errForLog } from '../src/logging'
 
 const SECRET_DATA = 'PAYLOAD-c41d-refused-never-log-me'
 
