@@ -44,7 +44,7 @@ const publishRoutes: FastifyPluginAsync = async (app) => {
     const key = idempotencyKeyOf(request)
     const validation = validatePublishBody(request.body, config.maxEventBytes)
     if (!validation.ok) {
-      throw validation.status === 413 ? new errors.TooLarge(validation.message) : new errors.BadRequest(validation.message)
+      throw validation.fault === 'tooLarge' ? new errors.TooLarge(validation.message) : new errors.BadRequest(validation.message)
     }
     const { items, batch } = validation.value
     const once: PublishOnce | null = key === null

@@ -18,7 +18,8 @@ export interface PublishRequest {
   text: string
 }
 
-export type Validation<T> = { ok: true, value: T } | { ok: false, status: 400 | 413, message: string }
+/** A refusal is `invalid`, or `tooLarge` when size is its only fault (the routes answer 400 and 413). */
+export type Validation<T> = { ok: true, value: T } | { ok: false, fault: 'invalid' | 'tooLarge', message: string }
 
 export const MAX_BATCH = 1000
 /** Names the gateway itself sends; a publisher may not forge them. */
@@ -59,7 +60,7 @@ export function isPlainObject (value: unknown): value is Record<string, unknown>
 }
 
 function bad (message: string): Validation<never> {
-  return { ok: false, status: 400, message }
+  return { ok: false, fault: 'invalid', message }
 }
 
 export function validateTarget (to: unknown): Validation<Target> {
@@ -109,7 +110,7 @@ export function validateEventAndData (raw: Record<string, unknown>, maxEventByte
   if (text === null) return bad('"data" is nested too deeply to encode')
   const bytes = Buffer.byteLength(text)
   if (bytes > maxEventBytes) {
-    return { ok: false, status: 413, message: `"data" is ${bytes} bytes, more than the ${maxEventBytes} allowed` }
+    return { ok: false, fault: 'tooLarge', message: `"data" is ${bytes} bytes, more than the ${maxEventBytes} allowed` }
   }
   return { ok: true, value: { event: event.value, text } }
 }
@@ -141,9 +142,9 @@ export function validatePublishBody (body: unknown, maxEventBytes: number): Vali
       items.push(item.value)
       continue
     }
-    const failure = { ok: false as const, status: item.status, message: `item ${index}: ${item.message}` }
-    // An invalid item anywhere makes it a 400; 413 only when size is the sole fault.
-    if (item.status === 400) return failure
+    const failure = { ok: false as const, fault: item.fault, message: `item ${index}: ${item.message}` }
+    // An invalid item anywhere makes the batch invalid; too large only when size is the sole fault.
+    if (item.fault === 'invalid') return failure
     tooLarge ??= failure
   }
   if (tooLarge !== null) return tooLarge
