@@ -2,14 +2,16 @@ import fp from 'fastify-plugin'
 import type { Server, ServerResponse } from 'node:http'
 import { Socket as NetSocket, type Socket } from 'node:net'
 import type { FastifyBaseLogger, FastifyReply, FastifyRequest } from 'fastify'
+import { AdmissionLedger, LIMIT_EVICTION } from '../src/core/admissions'
 import { slabBytesFor } from '../src/core/arena'
 import { channel } from '../src/core/channels'
-import type { Sink, StreamConnection, StreamKind } from '../src/core/connection'
-import { parseCursor, streamHead, topicAllowed } from '../src/core/framing'
+import type { Sink, StreamKind } from '../src/core/connection'
+import { parseCursor, streamHead } from '../src/core/framing'
 import { Hub } from '../src/core/hub'
 import { Publisher } from '../src/core/publish'
-import { StoreUnavailableError, type AdmittedEntry, type ControlAnswer, type ControlMessage } from '../src/core/state'
+import { StoreUnavailableError, type ControlAnswer } from '../src/core/state'
 import { REOPENED_REASON, StreamService, type StreamSpec } from '../src/core/streams'
+import { applyTopicChange, type TopicsMessage } from '../src/core/topic-changes'
 import { errors } from '../src/errors'
 import { authOf } from './auth'
 
@@ -32,7 +34,7 @@ declare module 'fastify' {
     /** Admits, hijacks and opens an SSE stream for an authenticated request. */
     openStream: (request: FastifyRequest, reply: FastifyReply, options: OpenStreamOptions) => Promise<void>
     /** Adds or removes topics on live streams of this instance. */
-    applyTopics: (message: Extract<ControlMessage, { type: 'topics' }>) => Promise<ControlAnswer>
+    applyTopics: (message: TopicsMessage) => Promise<ControlAnswer>
   }
 }
 
@@ -89,20 +91,6 @@ function markStray (this: Socket): void {
 
 /** How often closes that Redis could not be told of are logged while it stays unreachable. */
 const UNRECORDED_LOG_EVERY_MS = 60_000
-
-/** The reason of an eviction by the per-user limit (evict-oldest). */
-const LIMIT_EVICTION = 'too many streams for this user'
-
-/** An open past its admission check that is not in the registry yet. */
-interface PendingOpen {
-  /** Its admission's seq, once admitted. */
-  seq: number | null
-  /** What its admission recorded, once admitted: written again if Redis loses it. */
-  entry: AdmittedEntry | null
-  /** Evicted meanwhile: why, and by the admission of which seq (the latest; Infinity: unknown). */
-  evictedFor: string | null
-  evictedAt: number
-}
 
 // Shared by every stream's socket, which is `this`: no closure per socket.
 function destroySelf (this: Socket): void {
@@ -217,7 +205,7 @@ export default fp(async (app) => {
       }, 'stream closed')
       // Releasing a replaced stream's id would release the stream that holds it now.
       if (connection.replaced) return
-      void releaseUnlessHeld(connection.id, connection.userId, app.log)
+      void ledger.releaseUnlessHeld(connection.id, connection.userId, app.log)
     },
     superseded: (connection, holder) => {
       app.log.info({
@@ -254,121 +242,16 @@ export default fp(async (app) => {
   state.onOffline((userId) => announceSafely(userId, 'user:offline'))
   state.onOnline((userId) => announceSafely(userId, 'user:online'))
 
-  const applyTopics = async (message: Extract<ControlMessage, { type: 'topics' }>): Promise<ControlAnswer> => {
-    const targets = message.connectionId !== null
-      ? [registry.get(message.connectionId)].filter((found): found is StreamConnection => found !== undefined && found.userId === message.userId)
-      : registry.ofUser(message.userId)
-    let answer: ControlAnswer = null
-    for (const connection of targets) {
-      if (connection.kind !== 'stream' || connection.closed) continue
-      // A user-wide subscription reaches only the streams whose token allows the topic.
-      const adding = message.add.filter((topic) => topicAllowed(topic, connection.allowedTopics))
-      // One stream's own subscriptions are held to MAX_TOPICS, all or nothing.
-      // User-wide topics (held to MAX_TOPICS per user) join regardless.
-      if (message.connectionId !== null) {
-        const held = connection.topics
-        const removing = message.remove.filter((topic) => held.includes(topic)).length
-        const after = held.length - removing + adding.filter((topic) => !held.includes(topic)).length
-        if (after > config.maxTopics) return { refused: `a stream holds at most ${config.maxTopics} topics` }
-      }
-      // A user-wide unsubscribe takes away only what the user-wide
-      // subscription brought: not a topic the stream asked for itself.
-      const userWide = message.connectionId === null
-      const added = registry.addTopics(connection, adding)
-      if (userWide) for (const topic of added) connection.holdForUser(topic)
-      else for (const topic of adding) connection.keepTopic(topic)
-      const removed = registry.removeTopics(connection, userWide ? message.remove.filter((topic) => connection.heldForUser(topic)) : message.remove)
-      streams.leave(connection, removed.map(channel.topic))
-      await streams.join(connection, added.map(channel.topic))
-      if (added.length > 0 || removed.length > 0) {
-        await state.updateTopics(connection.id, connection.userId, [...connection.topics])
-      }
-      if (message.connectionId !== null) answer = [...connection.topics]
-    }
-    return answer
-  }
+  const applyTopics = async (message: TopicsMessage): Promise<ControlAnswer> => await applyTopicChange(message, registry, streams, state, config.maxTopics)
   app.decorate('applyTopics', applyTopics)
 
-  /**
-   * Opens of each id past the admission check and not yet in the registry
-   * (two reopens of one id can be), each noting whether it was evicted
-   * meanwhile: another open's admission can evict it while it still waits
-   * on Redis, and it must end once registered, or it would live on outside
-   * the per-user limit.
-   */
-  const admittedNotRegistered = new Map<string, Set<PendingOpen>>()
-
-  /**
-   * Ids whose stream (or admitted open) ended while another stream or open
-   * of the id here went on, and their users: every admission of an id on
-   * one instance writes the same entry of the shared record, so the last
-   * of them to end gives it back.
-   */
-  const releaseLeftTo = new Map<string, string>()
-  const releaseUnlessHeld = async (connectionId: string, userId: string, log: FastifyBaseLogger): Promise<void> => {
-    if (registry.get(connectionId) !== undefined || admittedNotRegistered.has(connectionId)) {
-      releaseLeftTo.set(connectionId, userId)
-      return
-    }
-    releaseLeftTo.delete(connectionId)
-    await recordClose(connectionId, userId, log)
-  }
-  state.trackOpens({
-    opening: function * () {
-      for (const [connectionId, opens] of admittedNotRegistered) {
-        for (const open of opens) {
-          // An evicted open ends once registered: its entry is not written again.
-          yield { connectionId, seq: open.seq, admitted: open.evictedFor === null ? open.entry : null }
-        }
-      }
-    },
-    // A close recorded late, once Redis is back, follows the same rule: an
-    // open of the id admitted meanwhile wrote the entry it would give back.
-    releaseLate: async (connectionId, userId) => await releaseUnlessHeld(connectionId, userId, app.log)
-  })
-
+  const ledger = new AdmissionLedger<FastifyBaseLogger>(registry, streams, recordClose)
+  state.trackOpens(ledger.tracker(app.log))
   state.onControl(async (message) => {
     if (message.type === 'topics') return await applyTopics(message)
-    if (message.instance !== null && message.instance !== state.instanceId) return null
-    // The limit's evictions, and a reopen's aimed at this instance, whose
-    // entry in the shared record the newer stream elsewhere already took,
-    // also end an open of the id still waiting to register. Not an
-    // untargeted reopen's (from an instance of an earlier version): it moves
-    // the id to a newer stream, and closing this one as evicted would give
-    // back the id's shared record that the newer one may hold. (Of two opens
-    // of one id here, the one admitted last holds it.)
-    evictHere(message.connectionId, message.reason, message.decidedAt, message.reason === LIMIT_EVICTION || message.instance !== null)
+    if (message.instance === null || message.instance === state.instanceId) ledger.applyEviction(message)
     return null
   })
-
-  /**
-   * Ends this instance's stream of an id that lost its entry in the shared
-   * record, and, with `pendingToo`, the opens of the id that have not
-   * registered yet (fresh ones, or reopens about to replace the stream,
-   * which holds on to it until then). Only those admitted before the
-   * eviction was decided (`decidedAt`, an admission's seq; null: all): an
-   * eviction still in flight as the id is admitted again is not the newer
-   * stream's.
-   */
-  const evictHere = (connectionId: string, reason: string, decidedAt: number | null, pendingToo: boolean): void => {
-    const connection = registry.get(connectionId)
-    if (connection !== undefined && (decidedAt === null || connection.admissionSeq < decidedAt)) {
-      streams.close(connection, 'evicted', 'evicted', { reason })
-    }
-    if (!pendingToo) return
-    for (const pending of admittedNotRegistered.get(connectionId) ?? []) {
-      // Not admitted yet: whether the eviction is its own is known once it is.
-      if (pending.seq !== null && decidedAt !== null && pending.seq > decidedAt) continue
-      pending.evictedFor = reason
-      pending.evictedAt = Math.max(pending.evictedAt, decidedAt ?? Infinity)
-    }
-  }
-
-  /** The registered stream of the id that this admission opened, if it is the one registered. */
-  const ownStream = (connectionId: string, admissionSeq: number): StreamConnection | undefined => {
-    const connection = registry.get(connectionId)
-    return connection?.admissionSeq === admissionSeq ? connection : undefined
-  }
 
   /** Streams past the MAX_CONNECTIONS check that are not in the registry yet. */
   let opening = 0
@@ -390,8 +273,6 @@ export default fp(async (app) => {
     }
     opening++
     let counted = true
-    // Its own record: two opens of one id (a reopen racing another) each keep theirs.
-    const pending: PendingOpen = { seq: null, entry: null, evictedFor: null, evictedAt: -Infinity }
     // A reopened stream id held by a live stream (a tab the browser has not
     // noticed is dead, maybe on another instance) moves to this request once
     // it is admitted: the holder keeps its slot until then (admission does
@@ -400,13 +281,7 @@ export default fp(async (app) => {
     // admission. Here, registering this stream replaces it (and the holder's
     // close meanwhile leaves the id's entry to this open); elsewhere, its
     // instance is told below.
-    let pendingOfId = admittedNotRegistered.get(options.connectionId)
-    if (pendingOfId === undefined) admittedNotRegistered.set(options.connectionId, pendingOfId = new Set())
-    pendingOfId.add(pending)
-    const leavePending = (): void => {
-      const ofId = admittedNotRegistered.get(options.connectionId)
-      if (ofId !== undefined && ofId.delete(pending) && ofId.size === 0) admittedNotRegistered.delete(options.connectionId)
-    }
+    const pending = ledger.begin(options.connectionId)
     /** Admitted, and its entry neither held by a stream of its own nor given back. */
     let entryOwed = false
     try {
@@ -429,7 +304,7 @@ export default fp(async (app) => {
       // The evicted entry's own instance ends its stream: another stream of
       // the id here may be a holder that a reopen elsewhere replaced.
       const { evict } = admission
-      if (evict !== null && evict.instance === state.instanceId) evictHere(evict.connectionId, LIMIT_EVICTION, admission.seq, true)
+      if (evict !== null && evict.instance === state.instanceId) ledger.evictHere(evict.connectionId, LIMIT_EVICTION, admission.seq, true)
       else if (evict !== null) {
         await state.broadcastControl({ type: 'evict', connectionId: evict.connectionId, reason: LIMIT_EVICTION, instance: evict.instance, decidedAt: admission.seq })
       }
@@ -444,9 +319,9 @@ export default fp(async (app) => {
       // every registered stream, so this one would outlive it. Its slot goes
       // back before the answer, while Redis is still open.
       if (streams.isDraining) {
-        leavePending()
+        ledger.leave(pending)
         entryOwed = false
-        await releaseUnlessHeld(options.connectionId, auth.userId, request.log)
+        await ledger.releaseUnlessHeld(options.connectionId, auth.userId, request.log)
         reply.header('retry-after', retryAfterS)
         throw new errors.Unavailable('the gateway is shutting down')
       }
@@ -487,12 +362,11 @@ export default fp(async (app) => {
         // open() puts the stream in the registry before its first await.
         opening--
         counted = false
-        const connection = ownStream(options.connectionId, admission.seq)
-        leavePending()
-        // Its stream holds the id's entry now (and gives it back as it closes).
+        const connection = ledger.ownStream(options.connectionId, admission.seq)
+        ledger.leave(pending)
         if (connection !== undefined) {
           entryOwed = false
-          releaseLeftTo.delete(options.connectionId)
+          ledger.heldByStream(options.connectionId)
         }
         // Evicted meanwhile by an admission after its own.
         if (pending.evictedFor !== null && pending.evictedAt > admission.seq && connection !== undefined) {
@@ -501,20 +375,20 @@ export default fp(async (app) => {
         await opened
       } catch (error) {
         request.log.error({ err: error, connectionId: options.connectionId }, 'stream failed to open')
-        const connection = ownStream(options.connectionId, admission.seq)
+        const connection = ledger.ownStream(options.connectionId, admission.seq)
         if (connection !== undefined) connection.close('error')
         // Unless its stream ended and it went back to serving requests.
         else if (!handedBack.has(socket)) socket.destroy()
       }
     } finally {
       if (counted) opening--
-      leavePending()
+      ledger.leave(pending)
       // Admitted but never registered (the client went, the open failed, or
       // a stream admitted after it holds the id), or refused after a stream
       // of the id here left the entry to it: the last of them gives it back.
-      const leftToThis = releaseLeftTo.get(options.connectionId)
-      if (entryOwed) void releaseUnlessHeld(options.connectionId, auth.userId, request.log)
-      else if (leftToThis !== undefined) void releaseUnlessHeld(options.connectionId, leftToThis, request.log)
+      const leftToThis = ledger.leftTo(options.connectionId)
+      if (entryOwed) void ledger.releaseUnlessHeld(options.connectionId, auth.userId, request.log)
+      else if (leftToThis !== undefined) void ledger.releaseUnlessHeld(options.connectionId, leftToThis, request.log)
     }
   })
 

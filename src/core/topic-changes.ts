@@ -1,0 +1,50 @@
+import { channel } from './channels'
+import type { StreamConnection } from './connection'
+import { topicAllowed } from './framing'
+import type { Registry } from './registry'
+import type { ControlAnswer, ControlMessage, SharedState } from './state'
+import type { StreamService } from './streams'
+
+export type TopicsMessage = Extract<ControlMessage, { type: 'topics' }>
+
+/**
+ * Adds and removes topics on this instance's live streams: one stream's
+ * (`connectionId` set), or every stream of the user (a user-wide
+ * subscription). Answers the targeted stream's topics if this instance holds
+ * it, or why the change is refused.
+ */
+export async function applyTopicChange (
+  message: TopicsMessage, registry: Registry, streams: StreamService, state: SharedState, maxTopics: number
+): Promise<ControlAnswer> {
+  const targets = message.connectionId !== null
+    ? [registry.get(message.connectionId)].filter((found): found is StreamConnection => found !== undefined && found.userId === message.userId)
+    : registry.ofUser(message.userId)
+  let answer: ControlAnswer = null
+  for (const connection of targets) {
+    if (connection.kind !== 'stream' || connection.closed) continue
+    // A user-wide subscription reaches only the streams whose token allows the topic.
+    const adding = message.add.filter((topic) => topicAllowed(topic, connection.allowedTopics))
+    // One stream's own subscriptions are held to MAX_TOPICS, all or nothing.
+    // User-wide topics (held to MAX_TOPICS per user) join regardless.
+    if (message.connectionId !== null) {
+      const held = connection.topics
+      const removing = message.remove.filter((topic) => held.includes(topic)).length
+      const after = held.length - removing + adding.filter((topic) => !held.includes(topic)).length
+      if (after > maxTopics) return { refused: `a stream holds at most ${maxTopics} topics` }
+    }
+    // A user-wide unsubscribe takes away only what the user-wide
+    // subscription brought: not a topic the stream asked for itself.
+    const userWide = message.connectionId === null
+    const added = registry.addTopics(connection, adding)
+    if (userWide) for (const topic of added) connection.holdForUser(topic)
+    else for (const topic of adding) connection.keepTopic(topic)
+    const removed = registry.removeTopics(connection, userWide ? message.remove.filter((topic) => connection.heldForUser(topic)) : message.remove)
+    streams.leave(connection, removed.map(channel.topic))
+    await streams.join(connection, added.map(channel.topic))
+    if (added.length > 0 || removed.length > 0) {
+      await state.updateTopics(connection.id, connection.userId, [...connection.topics])
+    }
+    if (message.connectionId !== null) answer = [...connection.topics]
+  }
+  return answer
+}
