@@ -15,7 +15,7 @@ export default fp(async (app) => {
 
   const dropped = { published: Promise.resolve() }
   const reject = (source: string, reason: string): typeof dropped => {
-    app.metrics.ingressRejected(source, reason)
+    app.metrics.ingressRejected(source)
     app.log.warn({ source, reason }, 'ingress message dropped')
     return dropped
   }
@@ -68,7 +68,7 @@ export default fp(async (app) => {
     return { published }
   }
   ingress.onMessage(handle)
-  durableIngress.onDropped(() => app.metrics.ingressRejected('durable', 'kept failing'))
+  durableIngress.onDropped(() => app.metrics.ingressRejected('durable'))
   durableIngress.onMessage(async (payload, onceKey) => {
     if (payload === null) {
       reject('durable', 'no payload field')

@@ -9,7 +9,8 @@ export interface GatewayMetrics {
   readonly registry: PromRegistry
   authFailure (reason: string): void
   published (targetKind: string, count: number): void
-  ingressRejected (source: string, reason: string): void
+  /** A Redis ingress message dropped (its reason is logged: free text would make one series per message). */
+  ingressRejected (source: string): void
   /** A durable entry handed over from a holder that had published it: not published again. */
   ingressRepeated (): void
   streamOpened (connection: StreamConnection): void
@@ -73,7 +74,7 @@ export default fp(async (app) => {
   const slow = new Counter({ name: 'sse_slow_consumer_drops_total', help: 'Streams closed because their unsent bytes passed MAX_BUFFERED_BYTES', registers: [registry] })
   const published = new Counter<'target'>({ name: 'sse_events_published_total', help: 'Events accepted, by target kind', labelNames: ['target'], registers: [registry] })
   const replayed = new Counter({ name: 'sse_events_replayed_total', help: 'Events sent from history to reconnecting streams', registers: [registry] })
-  const resets = new Counter<'reason'>({ name: 'sse_replay_resets_total', help: 'Reconnects answered with reset, by reason', labelNames: ['reason'], registers: [registry] })
+  const resets = new Counter<'reason'>({ name: 'sse_replay_resets_total', help: 'Streams sent reset (a cursor that history cannot serve, at open or after a catch-up), by reason', labelNames: ['reason'], registers: [registry] })
   const authFailures = new Counter<'reason'>({ name: 'sse_auth_failures_total', help: 'Rejected authentications, by reason', labelNames: ['reason'], registers: [registry] })
   const ingressRejects = new Counter<'source'>({ name: 'sse_ingress_rejected_total', help: 'Redis ingress messages dropped as invalid', labelNames: ['source'], registers: [registry] })
   const ingressRepeats = new Counter({ name: 'sse_ingress_repeats_total', help: 'Durable ingress entries handled again after a holder change, found already published and skipped', registers: [registry] })

@@ -15,17 +15,14 @@ async function main (): Promise<void> {
     throw error
   }
 
-  // Lines are written in batches of 4 KB, or after at most 250 ms when traffic
-  // is light: a burst of stream opens costs one write per batch rather than one
-  // per line (each handed to a thread and back). pino flushes what is left when
-  // the process exits.
-  // Node makes a pipe or socket on stdout non-blocking once process.stdout
-  // is opened. The log's writes then wait for a reader that stopped reading
-  // on a timer, not in a thread-pool thread that process.exit() would wait
-  // for without end.
+  // Opening process.stdout makes Node set a pipe or socket there non-blocking:
+  // a write to a reader that stopped reading then waits on a timer, not in a
+  // thread-pool thread that process.exit() would wait for without end.
   void process.stdout
-  // Past 16 MB unwritten (a log reader that stopped reading), lines are
-  // dropped rather than kept in memory without end.
+  // Lines go out in 4 KB batches, or at most 250 ms late when traffic is
+  // light: a burst of stream opens costs one write per batch, not per line.
+  // Past 16 MB unwritten (a reader that stopped reading) lines are dropped
+  // rather than kept in memory without end.
   const logStream = pino.destination({ dest: 1, sync: false, minLength: 4096, periodicFlush: 250, maxLength: 16 * 1024 * 1024 })
   /**
    * Exits once the lines still buffered are written, or at `deadline` with
@@ -99,7 +96,9 @@ async function main (): Promise<void> {
   } catch (error) {
     // A port taken: what the start set up in Redis (the instance record, the
     // ingress lease) is given back before the exit.
-    await app.close().catch(() => {})
+    await app.close().catch((closeError: unknown) => {
+      app.log.warn({ err: closeError }, 'could not close what the failed start set up')
+    })
     throw error
   }
   app.log.info({ mode: app.bus.mode, instance: app.registry.instanceId }, 'gateway ready')
