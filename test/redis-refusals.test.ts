@@ -5,7 +5,7 @@
  */
 import t from 'tap'
 import { needRedis, redisClient, startOwnRedis, uniquePrefix } from './helpers/redis'
-import { openConnected, publish, publishOk, publisherToken, request, startGateway, userToken } from './helpers'
+import { eventually, openConnected, publish, publishOk, publisherToken, request, startGateway, userToken } from './helpers'
 import { errForLog } from '../src/logging'
 
 const SECRET_DATA = 'PAYLOAD-c41d-refused-never-log-me'
@@ -44,4 +44,27 @@ t.test('an error from Redis logs its message, not the command and arguments it f
   const logged = errForLog(error)
   t.match(logged.message, /Unknown Redis command/)
   t.notOk(JSON.stringify(logged).includes(SECRET_DATA), 'the arguments are not in the line')
+})
+
+t.test('Redis out of memory long enough for an instance to be taken for dead and reaped: once Redis takes writes again, the instance records its streams again', async (t) => {
+  if (!(await needRedis(t))) return
+  const redis = await startOwnRedis(t)
+  const prefix = uniquePrefix('oomreap')
+  // Beats every ~330 ms.
+  const a = await startGateway(t, { REDIS_URL: redis.url, REDIS_PREFIX: prefix, INSTANCE_TTL_MS: '1000', LOG_LEVEL: 'warn' }, { captureLogs: true })
+  const { stream } = await openConnected(`${a.url}/v1/stream?token=${userToken('u1')}`, { t })
+  const admin = redisClient(t, redis.url)
+  await admin.config('SET', 'maxmemory-policy', 'noeviction')
+  await admin.config('SET', 'maxmemory', '1')
+  await eventually(() => a.logText().includes('heartbeat failed'), 'a beat refused')
+  // What another instance's reap does to an instance silent for INSTANCE_TTL_MS.
+  const instance = a.app.state.instanceId
+  await admin.del(`${prefix}i:${instance}:conns`)
+  await admin.zrem(`${prefix}instances`, instance)
+  await admin.del(`${prefix}uc:u1`)
+  t.equal((await a.app.state.presence('u1')).connections, 0, 'reaped')
+  await admin.config('SET', 'maxmemory', '0')
+  await eventually(async () => (await a.app.state.presence('u1')).connections === 1, 'the stream recorded again', 15_000, 50)
+  t.notOk(stream.ended, 'the stream stayed open throughout')
+  t.match(await a.app.state.presence('u1'), { online: true, connections: 1 }, 'counted and online again')
 })

@@ -84,6 +84,8 @@ export class RedisState implements SharedState {
    * are recorded again an admission would count none of them against the limit.
    */
   private resyncing: Promise<void> | null = null
+  /** A beat failed since the last resync began. */
+  private heartbeatFailed = false
 
   constructor (
     private readonly commands: ScriptedRedis,
@@ -115,7 +117,15 @@ export class RedisState implements SharedState {
       })
     })
     this.heartbeatTimer = setInterval(() => {
-      this.heartbeat().catch((error: unknown) => this.log.warn({ err: error }, 'heartbeat failed'))
+      this.heartbeat().then(async () => {
+        // Beats refused without the connection dropping (Redis out of memory,
+        // say) may have had this instance taken for dead and its streams
+        // reaped, and no reconnect will resync: they are recorded again.
+        if (this.heartbeatFailed) await this.resync()
+      }).catch((error: unknown) => {
+        this.heartbeatFailed = true
+        this.log.warn({ reason: reasonOf(error) }, 'heartbeat failed')
+      })
     }, Math.max(200, Math.floor(options.instanceTtlMs / 3))).unref()
   }
 
@@ -128,6 +138,7 @@ export class RedisState implements SharedState {
 
   /** After Redis comes back (maybe empty), this instance's streams are recorded again. */
   async resync (): Promise<void> {
+    this.heartbeatFailed = false
     const run = this.recordAgain()
     const settled = run.then(() => {}, () => {})
     this.resyncing = settled
