@@ -340,6 +340,28 @@ forEachMode(t, 'Redis loses its data while an open is admitted but not registere
   await countedAndLimited(t, [a, b], opened)
 }, ['redis'])
 
+forEachMode(t, 'Redis loses its data while a reopen waits to register, after an eviction of its id decided before its admission reached it: its entry is written again (the eviction was the earlier holder\'s)', async (t) => {
+  const [a, b] = await startCluster(t, 'redis', 2, { MAX_CONNECTIONS_PER_USER: '1', CONNECTION_LIMIT_POLICY: 'evict-oldest' })
+  const { stream: holder, connected } = await openConnected(streamUrl(b.url, 'u1'), { t })
+  // While the reopen on A waits on Redis, an eviction of the id decided earlier reaches A.
+  interceptNextAdmission(t, a, async (admit) => {
+    await b.app.state.broadcastControl({ type: 'evict', connectionId: connected.connectionId, reason: 'too many streams for this user', instance: a.app.state.instanceId, decidedAt: 1 })
+    return await admit()
+  })
+  // The reopen replaces the holder on B, and Redis loses its data while it tells B so.
+  const state = a.app.state
+  const broadcast = state.broadcastControl.bind(state)
+  state.broadcastControl = async (message) => {
+    state.broadcastControl = broadcast
+    await loseRedisData(t, [a, b])
+    return await broadcast(message)
+  }
+  t.teardown(() => { state.broadcastControl = broadcast })
+  const { stream: reopened } = await openConnected(reopenUrl(a.url, connected.connectionId), { t })
+  await holder.waitEnd()
+  await countedAndLimited(t, [a, b], reopened)
+}, ['redis'])
+
 forEachMode(t, 'Redis loses its data while an open admitted under a clock ahead of the one Redis comes back with waits to register: later admissions are still ordered after it and evict it', async (t) => {
   const [a, b] = await startCluster(t, 'redis', 2, { MAX_CONNECTIONS_PER_USER: '1', CONNECTION_LIMIT_POLICY: 'evict-oldest' })
   interceptNextAdmission(t, a, async (admit) => {

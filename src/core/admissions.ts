@@ -135,8 +135,11 @@ export class AdmissionLedger<Context> {
       opening: function * () {
         for (const [connectionId, opens] of pendingById) {
           for (const open of opens) {
-            // An evicted open ends once registered: its entry is not written again.
-            yield { connectionId, seq: open.seq, admitted: open.evictedFor === null ? open.entry : null }
+            // An open evicted by an admission after its own ends once
+            // registered: its entry is not written again. (An eviction decided
+            // before its admission was the id's earlier holder's.)
+            const evicted = open.evictedFor !== null && open.seq !== null && open.evictedAt > open.seq
+            yield { connectionId, seq: open.seq, admitted: evicted ? null : open.entry }
           }
         }
       },
