@@ -111,6 +111,18 @@ forEachMode(t, 'a member reconnecting (to the other instance) with Last-Event-ID
   t.ok(increasing([...replayed.map((event) => event.id), live]))
 })
 
+forEachMode(t, 'presence is not announced to more members than MAX_PUBLISH_CHANNELS allows one publish (a user cannot make it write that much history for free)', async (t, mode) => {
+  const [a, b] = await pair(t, mode, { MAX_PUBLISH_CHANNELS: '3' })
+  await setMembers(a, 'small', ['alice', 'bob', 'carol'])
+  await setMembers(a, 'large', ['zed', 'bob', 'm1', 'm2', 'm3'])
+  const bob = await connect(t, b, 'bob')
+  await connect(t, a, 'alice')
+  t.same(dataOf(await bob.stream.nextEvent('user:online')), { userId: 'alice' }, 'two members to tell: announced')
+  await connect(t, a, 'zed')
+  t.same(presenceAbout(await settle(b, bob.stream, bob.connectionId), 'zed'), [], 'four members to tell: not announced')
+  t.same(await presence(b, 'zed'), { userId: 'zed', online: true, connections: 1 }, 'the user is online all the same')
+})
+
 forEachMode(t, 'presence: user:online when the first stream opens, nothing for more streams or a reconnect within the grace, user:offline after it, never to the user itself', async (t, mode) => {
   const [a, b] = await pair(t, mode, { PRESENCE_GRACE_MS: String(GRACE_MS) })
   await setMembers(a, 'dm', ['alice', 'bob'])

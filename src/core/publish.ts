@@ -203,8 +203,14 @@ export class Publisher {
     return await this.bus.publish(items)
   }
 
-  /** Publishes an event the gateway itself emits (presence, for example). */
+  /**
+   * Publishes an event the gateway itself emits (presence, for example),
+   * under the same bound as a publish: a user of huge conversations going
+   * online and offline would otherwise write that many history entries each
+   * time, with no role needed, pushing other users' replay history out.
+   */
   async emit (channels: string[], event: string, data: unknown): Promise<number> {
+    if (channels.length > this.maxChannels) throw new FanoutTooLargeError(channels.length, this.maxChannels)
     const [id] = await this.bus.publish([{ channels, body: renderBody(event, dataText(data)) }])
     return id
   }
