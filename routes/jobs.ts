@@ -3,7 +3,7 @@ import { Type, type Static } from '@sinclair/typebox'
 import { authOf, hasRole } from '../plugins/auth'
 import { channel } from '../src/core/channels'
 import { frameWithId, renderBody } from '../src/core/framing'
-import { isTerminal, isTerminalUpdateOf, JOB_STATUSES, jobKeptS, publicJob, type JobState } from '../src/core/jobs'
+import { isTerminal, isTerminalUpdateOf, JOB_STATUSES, jobKeptS, MAX_JOB_NESTING, nestsDeeperThan, publicJob, type JobState } from '../src/core/jobs'
 import { encodable } from '../src/core/publish'
 import { errorResponses, PathId, StreamQuery, UserId } from '../src/schemas/common'
 import { errors } from '../src/errors'
@@ -30,6 +30,7 @@ const jobRoutes: FastifyPluginAsync = async (app) => {
     const { jobId } = request.params as Static<typeof JobParams>
     if (jobId === 'stream') throw new errors.BadRequest('a job may not be named "stream"')
     const update = request.body as Static<typeof JobPut>
+    if (nestsDeeperThan(update, MAX_JOB_NESTING + 1)) throw new errors.BadRequest(`the job update is nested too deeply: "result" and "meta" may nest at most ${MAX_JOB_NESTING} levels`)
     const text = encodable(update)
     if (text === null) throw new errors.BadRequest('the job update is nested too deeply to encode')
     const bytes = Buffer.byteLength(text)

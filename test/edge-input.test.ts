@@ -27,6 +27,22 @@ t.test('data nested too deeply to encode: 400 at POST /v1/publish and PUT /v1/jo
   t.equal((await stream.nextEvent('after')).id, id, 'the next event goes through')
 })
 
+t.test('a job result nested deeper than 512 levels: 400, however little stack its first encoding took; 512 levels pass, and GET and the job stream serve it', async (t) => {
+  const { url } = await startGateway(t)
+  const nested = (levels: number): string => `${'['.repeat(levels)}${']'.repeat(levels)}`
+  // Encodes at the route, but each later encoding of the state runs deeper in the stack.
+  for (const levels of [513, 4111]) {
+    const job = await request(`${url}/v1/jobs/deep-${levels}`, { method: 'PUT', token: publisher, body: `{"userId":"u1","status":"active","result":${nested(levels)}}` })
+    t.equal(job.status, 400, `${levels} levels: 400`)
+    t.match(job.json, { statusCode: 400, code: 'GW_BAD_REQUEST', message: /nested too deeply/ })
+  }
+  const ok = await request(`${url}/v1/jobs/deep-512`, { method: 'PUT', token: publisher, body: `{"userId":"u1","status":"active","meta":${nested(512)}}` })
+  t.equal(ok.status, 200, '512 levels: stored')
+  t.equal((await request(`${url}/v1/jobs/deep-512`, { token: userToken('u1') })).status, 200, 'and served')
+  const { stream } = await openConnected(`${url}/v1/jobs/deep-512/stream?token=${userToken('u1')}`, { t })
+  t.ok((await stream.nextEvent('initial_status')).data.startsWith('{'), 'its stream sends initial_status')
+})
+
 t.test('Redis ingress: a too-deep message is counted and dropped, on pub/sub and on the durable stream; those behind it arrive', async (t) => {
   if (!(await needRedis(t))) return
   const prefix = uniquePrefix('deep')

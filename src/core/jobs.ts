@@ -33,6 +33,28 @@ export type JobTransition =
 /** Why an update is refused: a conflict with the job's state (409), or a state too large to send (413). */
 export interface JobRefusal { ok: false, message: string, tooLarge?: true }
 
+/**
+ * How deep a job's `result` and `meta` may nest. A job's state is encoded
+ * again and again (each update, `initial_status`, GET), deeper in the stack
+ * than where the update was checked: what encoded once there could overflow
+ * the stack later. Far past any real result.
+ */
+export const MAX_JOB_NESTING = 512
+
+/** Whether `value` nests arrays or objects more than `max` levels deep; walks it without recursion. */
+export function nestsDeeperThan (value: unknown, max: number): boolean {
+  const pending: Array<[unknown, number]> = [[value, 0]]
+  while (pending.length > 0) {
+    const [item, depth] = pending.pop() as [unknown, number]
+    if (typeof item !== 'object' || item === null) continue
+    if (depth >= max) return true
+    for (const child of Array.isArray(item) ? item : Object.values(item)) {
+      if (typeof child === 'object' && child !== null) pending.push([child, depth + 1])
+    }
+  }
+  return false
+}
+
 export function isTerminal (status: JobStatus): boolean {
   return status === 'completed' || status === 'failed'
 }
