@@ -68,3 +68,19 @@ t.test('Redis out of memory long enough for an instance to be taken for dead and
   t.notOk(stream.ended, 'the stream stayed open throughout')
   t.match(await a.app.state.presence('u1'), { online: true, connections: 1 }, 'counted and online again')
 })
+
+t.test('a close refused while Redis takes no writes (NOREPLICAS), with no reconnect after: recorded once Redis takes writes again, and the user may open again', async (t) => {
+  if (!(await needRedis(t))) return
+  const redis = await startOwnRedis(t)
+  // Beats every 2 s: the refusal below is over before one.
+  const gateway = await startGateway(t, { REDIS_URL: redis.url, REDIS_PREFIX: uniquePrefix('norepl'), INSTANCE_TTL_MS: '6000', MAX_CONNECTIONS_PER_USER: '1', LOG_LEVEL: 'warn' }, { captureLogs: true })
+  const { stream } = await openConnected(`${gateway.url}/v1/stream?token=${userToken('u1')}`, { t })
+  const admin = redisClient(t, redis.url)
+  await admin.config('SET', 'min-replicas-to-write', '1')
+  stream.close()
+  await eventually(() => gateway.logText().includes('stream closes are recorded once Redis is back'), 'the close refused')
+  await admin.config('SET', 'min-replicas-to-write', '0')
+  await eventually(async () => (await gateway.app.state.presence('u1')).connections === 0, 'the close recorded', 10_000, 50)
+  const { stream: again } = await openConnected(`${gateway.url}/v1/stream?token=${userToken('u1')}`, { t })
+  t.notOk(again.ended, 'the user opens a stream again')
+})

@@ -56,7 +56,8 @@ function isConnectionLoss (error: unknown): boolean {
  * try again. Not a fault of the request or of the gateway.
  */
 function isStoreCondition (error: unknown): boolean {
-  return error instanceof Error && /^(OOM|READONLY|MISCONF|LOADING|BUSY|MASTERDOWN|NOREPLICAS|TRYAGAIN|CLUSTERDOWN)\b/.test(error.message)
+  // Redis 6 wraps an error raised inside a script: "ERR Error running script (…): @user_script:1: -OOM …".
+  return error instanceof Error && /(?:^|: -)(?:OOM|READONLY|MISCONF|LOADING|BUSY|MASTERDOWN|NOREPLICAS|TRYAGAIN|CLUSTERDOWN)\b/.test(error.message)
 }
 
 /** A Redis connection with the gateway's scripts loaded as commands (EVALSHA, falling back to EVAL). */

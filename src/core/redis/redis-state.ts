@@ -122,6 +122,9 @@ export class RedisState implements SharedState {
         // say) may have had this instance taken for dead and its streams
         // reaped, and no reconnect will resync: they are recorded again.
         if (this.heartbeatFailed) await this.resync()
+        // Closes refused while Redis took no writes (NOREPLICAS, READONLY…),
+        // however briefly, go now: no reconnect may ever come to send them.
+        else if (this.unreleased.size > 0 && this.resyncing === null) await this.releaseUnreleased()
       }).catch((error: unknown) => {
         this.heartbeatFailed = true
         this.log.warn({ reason: reasonOf(error) }, 'heartbeat failed')
@@ -241,7 +244,7 @@ export class RedisState implements SharedState {
   }
 
   async admit (request: AdmitRequest): Promise<Admission> {
-    if (this.resyncing !== null) await this.resyncing
+    while (this.resyncing !== null) await this.resyncing
     const info = connectionInfo(request.connectionId, request.userId, request.topics, request.openedAt, this.instanceId)
     const [admitted, cameOnline, evicted, seq, ...replacedOn] = await this.commands.run('ADMIT', [
       this.prefix, request.userId, this.instanceId, request.connectionId, request.openedAt,
