@@ -25,6 +25,8 @@ const prefix = process.env.REDIS_PREFIX ?? 'sse-baseline:'
 const keepaliveMs = Number(process.env.KEEPALIVE_MS ?? 15000)
 
 const byTopic = new Map<string, Set<ServerResponse>>()
+/** Each topic's Redis subscription, settled once Redis has confirmed it. */
+const subscriptions = new Map<string, Promise<unknown>>()
 const streams = new Set<ServerResponse>()
 let nextConnection = 0
 let lastId = Date.now() * 1000
@@ -56,17 +58,21 @@ function openStream (req: IncomingMessage, res: ServerResponse, url: URL): void 
     connection: 'keep-alive'
   })
   const connectionId = `b_${++nextConnection}`
-  res.write(`retry: 3000\n\nevent: connected\ndata: ${JSON.stringify({ connectionId, topics })}\n\n`)
   streams.add(res)
   for (const topic of topics) {
     let set = byTopic.get(topic)
     if (set === undefined) {
       set = new Set()
       byTopic.set(topic, set)
-      subscriber?.subscribe(prefix + topic).catch(() => {})
+      subscriptions.set(topic, subscriber?.subscribe(prefix + topic).catch(() => {}) ?? Promise.resolve())
     }
     set.add(res)
   }
+  // `connected` only once Redis delivers the topics here: an event published
+  // right after it would otherwise be missed (Redis mode).
+  void Promise.all(topics.map(async (topic) => await subscriptions.get(topic))).then(() => {
+    res.write(`retry: 3000\n\nevent: connected\ndata: ${JSON.stringify({ connectionId, topics })}\n\n`)
+  })
   req.on('close', () => {
     streams.delete(res)
     for (const topic of topics) {
@@ -75,6 +81,7 @@ function openStream (req: IncomingMessage, res: ServerResponse, url: URL): void 
       set.delete(res)
       if (set.size === 0) {
         byTopic.delete(topic)
+        subscriptions.delete(topic)
         subscriber?.unsubscribe(prefix + topic).catch(() => {})
       }
     }
