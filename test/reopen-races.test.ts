@@ -401,3 +401,29 @@ forEachMode(t, 'limit 2, reject: an open admitted while the instance records its
   t.equal(third.status, 429, 'the third stream is refused')
   t.equal((await a.app.state.presence('u1')).connections, 2, 'two streams counted')
 }, ['redis'])
+
+forEachMode(t, 'a stream that closes while its instance records its streams again, its close recorded before its user is rejoined: given back again, so its id expires', async (t) => {
+  const [a] = await startCluster(t, 'redis', 1)
+  const { stream, connected } = await openConnected(streamUrl(a.url, 'u1'), { t })
+  const commands = (a.app.state as unknown as { commands: { run: (name: string, args: unknown[]) => Promise<unknown> } }).commands
+  const run = commands.run.bind(commands)
+  let closeRecorded = (): void => {}
+  const recorded = new Promise<void>((resolve) => { closeRecorded = resolve })
+  let closed = false
+  commands.run = async (name, args) => {
+    if (name === 'REJOIN' && !closed) {
+      closed = true
+      stream.close()
+      await recorded
+    }
+    const result = await run(name, args)
+    if (name === 'RELEASE') closeRecorded()
+    return result
+  }
+  t.teardown(() => { commands.run = run })
+  await (a.app.state as unknown as { resync: () => Promise<void> }).resync()
+  t.ok(closed, 'the stream closed during the resync')
+  const prefix = (a.app.state as unknown as { prefix: string }).prefix
+  t.ok(await redisClient(t).ttl(`${prefix}conn:${connected.connectionId}`) > 0, 'its id expires')
+  t.equal((await a.app.state.presence('u1')).connections, 0, 'it is not counted')
+}, ['redis'])

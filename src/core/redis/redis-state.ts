@@ -201,6 +201,16 @@ export class RedisState implements SharedState {
       const cameBack = await this.commands.run('REJOIN', [this.prefix, userId, this.instanceId, this.options.instanceTtlMs, ...streams])
       if (cameBack === 1) this.onlineListener?.(userId)
     }))
+    // A stream or open that ended meanwhile may have been given back before
+    // its user was rejoined, which recorded it again (its id kept for ever):
+    // it is given back again, which is harmless if its release came last.
+    const openingNow = new Set<string>()
+    for (const open of this.tracker?.opening() ?? []) openingNow.add(open.connectionId)
+    for (const [connectionId, { info }] of holders) {
+      if (this.registry.get(connectionId) !== undefined || openingNow.has(connectionId)) continue
+      if (this.tracker !== null) await this.tracker.releaseLate(connectionId, info.userId).catch(() => {})
+      else await this.release(connectionId, info.userId, this.options.historyTtlS).catch(() => {})
+    }
   }
 
   private async releaseUnreleased (): Promise<void> {
