@@ -427,3 +427,21 @@ forEachMode(t, 'a stream that closes while its instance records its streams agai
   t.ok(await redisClient(t).ttl(`${prefix}conn:${connected.connectionId}`) > 0, 'its id expires')
   t.equal((await a.app.state.presence('u1')).connections, 0, 'it is not counted')
 }, ['redis'])
+
+forEachMode(t, 'a close recorded for an entry of the id left behind on A while a reopen on B holds the id (as a resync racing the reopen leaves it): the id does not expire under the live stream', async (t) => {
+  const [a, b] = await startCluster(t, 'redis', 2)
+  const { stream: holder, connected } = await openConnected(streamUrl(a.url, 'u1'), { t })
+  const { stream: reopened } = await openConnected(reopenUrl(b.url, connected.connectionId), { t })
+  await holder.waitEnd()
+  await eventually(() => registered([a]) === 0, 'the holder on A gone')
+  const redis = redisClient(t)
+  const prefix = (a.app.state as unknown as { prefix: string }).prefix
+  const id = connected.connectionId
+  // A's entry of the id, recorded again after B's reopen replaced it.
+  await redis.zadd(`${prefix}uc:u1`, Date.now(), `${a.app.state.instanceId}|${id}`)
+  await redis.hset(`${prefix}i:${a.app.state.instanceId}:conns`, id, '{}')
+  await redis.persist(`${prefix}conn:${id}`)
+  await a.app.state.release(id, 'u1', 60)
+  t.equal(await redis.ttl(`${prefix}conn:${id}`), -1, 'the id held by the live stream on B keeps no expiry')
+  t.notOk(reopened.ended, 'the stream on B is open')
+}, ['redis'])

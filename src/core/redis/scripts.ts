@@ -334,8 +334,10 @@ redis.call('HDEL', prefix .. 'i:' .. inst .. ':conns', conn)
 local live, pending = live_members(prefix, uk, now_ms, tonumber(ARGV[6]))
 -- Not listed any more (removed == 0): reopened elsewhere, and then a live
 -- stream holds the id, or pruned as stale (this instance was taken for dead).
--- Unless a live stream holds it, the id expires as after any close.
-if (removed == 1 or not holds(live, conn)) and redis.call('GET', prefix .. 'conn:' .. conn) == user then
+-- Listed and held elsewhere too: this entry was recorded again by a resync
+-- after a reopen elsewhere had taken the id. Unless a live stream holds it,
+-- the id expires as after any close.
+if not holds(live, conn) and redis.call('GET', prefix .. 'conn:' .. conn) == user then
   redis.call('EXPIRE', prefix .. 'conn:' .. conn, tonumber(ARGV[5]))
 end
 -- With a stream of a dead instance still listed, its reaper takes the user offline.
