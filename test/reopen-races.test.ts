@@ -445,3 +445,37 @@ forEachMode(t, 'a close recorded for an entry of the id left behind on A while a
   t.equal(await redis.ttl(`${prefix}conn:${id}`), -1, 'the id held by the live stream on B keeps no expiry')
   t.notOk(reopened.ended, 'the stream on B is open')
 }, ['redis'])
+
+forEachMode(t, 'a reopen on B takes the id of a stream on A while A records its streams again (between its snapshot and its user\'s rejoin): B keeps the id, with no expiry, and only its stream counts', async (t) => {
+  const [a, b] = await startCluster(t, 'redis', 2)
+  const { stream: holder, connected } = await openConnected(streamUrl(a.url, 'u1'), { t })
+  const id = connected.connectionId
+  const commands = (a.app.state as unknown as { commands: { run: (name: string, args: unknown[]) => Promise<unknown> } }).commands
+  const run = commands.run.bind(commands)
+  let holderReleased = (): void => {}
+  const released = new Promise<void>((resolve) => { holderReleased = resolve })
+  let reopened: SseClient | null = null
+  const redis = redisClient(t)
+  const prefix = (a.app.state as unknown as { prefix: string }).prefix
+  let listedAfterRejoin: string[] = []
+  commands.run = async (name, args) => {
+    const rejoin = name === 'REJOIN' && reopened === null
+    if (rejoin) {
+      reopened = (await openConnected(reopenUrl(b.url, id), { t })).stream
+      await holder.waitEnd()
+      await released
+    }
+    const result = await run(name, args)
+    if (name === 'RELEASE' && args[3] === id) holderReleased()
+    if (rejoin) listedAfterRejoin = await redis.zrange(`${prefix}uc:u1`, 0, -1)
+    return result
+  }
+  t.teardown(() => { commands.run = run })
+  await (a.app.state as unknown as { resync: () => Promise<void> }).resync()
+  if (reopened === null) throw new Error('the reopen did not run')
+  t.notOk((reopened as SseClient).ended, 'the stream on B is open')
+  t.same(listedAfterRejoin, [`${b.app.state.instanceId}|${id}`], 'the rejoin left the id to B')
+  t.equal(await redis.ttl(`${prefix}conn:${id}`), -1, 'the id held on B has no expiry')
+  t.same(await redis.zrange(`${prefix}uc:u1`, 0, -1), [`${b.app.state.instanceId}|${id}`], 'only B\'s stream listed')
+  t.equal((await b.app.state.presence('u1')).connections, 1, 'one stream counted')
+}, ['redis'])

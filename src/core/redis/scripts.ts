@@ -429,6 +429,8 @@ return 0
 /**
  * Records again one user's streams of this instance after Redis came back
  * (maybe empty, maybe after this instance was taken for dead and reaped).
+ * An id a live stream of another instance holds (a reopen there took it
+ * while this ran) is left to it.
  * ARGV: prefix, userId, instance, instanceTtlMs, then connectionId, openedAtMs
  * pairs. Returns 1 when the user was offline until now (others were told so).
  */
@@ -439,9 +441,16 @@ local uk = prefix .. 'uc:' .. user
 local live, pending = live_members(prefix, uk, now_ms, tonumber(ARGV[4]))
 local was_online = #live > 0 or pending > 0
   or redis.call('EXISTS', prefix .. 'grace:' .. user) == 1
+local elsewhere = {}
+for _, m in ipairs(live) do
+  local holder, conn = string.match(m, '^(.-)|(.*)$')
+  if holder ~= inst then elsewhere[conn] = true end
+end
 for i = 5, #ARGV, 2 do
-  redis.call('ZADD', uk, tonumber(ARGV[i + 1]), inst .. '|' .. ARGV[i])
-  redis.call('SET', prefix .. 'conn:' .. ARGV[i], user)
+  if not elsewhere[ARGV[i]] then
+    redis.call('ZADD', uk, tonumber(ARGV[i + 1]), inst .. '|' .. ARGV[i])
+    redis.call('SET', prefix .. 'conn:' .. ARGV[i], user)
+  end
 end
 redis.call('PERSIST', prefix .. 'ut:' .. user)
 if was_online then return 0 end
