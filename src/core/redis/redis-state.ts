@@ -84,8 +84,10 @@ export class RedisState implements SharedState {
    * are recorded again an admission would count none of them against the limit.
    */
   private resyncing: Promise<void> | null = null
-  /** A beat failed since the last resync began. */
-  private heartbeatFailed = false
+  /** When the last beat that passed was sent (Date.now()). */
+  private lastBeatAt = Date.now()
+  /** The last resync failed: the next beat that passes runs one. */
+  private resyncOwed = false
 
   constructor (
     private readonly commands: ScriptedRedis,
@@ -117,17 +119,21 @@ export class RedisState implements SharedState {
       })
     })
     this.heartbeatTimer = setInterval(() => {
+      const lastBeatAt = this.lastBeatAt
       this.heartbeat().then(async () => {
+        const silentMs = this.lastBeatAt - lastBeatAt
         // Beats refused without the connection dropping (Redis out of memory,
-        // say) may have had this instance taken for dead and its streams
-        // reaped, and no reconnect will resync: they are recorded again.
-        if (this.heartbeatFailed) await this.resync()
+        // say) for close to INSTANCE_TTL_MS may have had this instance taken
+        // for dead and its streams reaped, and no reconnect will resync: they
+        // are recorded again. So is a resync that failed.
+        if (this.resyncOwed || silentMs >= (options.instanceTtlMs * 3) / 4) await this.resync()
         // Closes refused while Redis took no writes (NOREPLICAS, READONLY…),
         // however briefly, go now: no reconnect may ever come to send them.
         else if (this.unreleased.size > 0 && this.resyncing === null) await this.releaseUnreleased()
-      }).catch((error: unknown) => {
-        this.heartbeatFailed = true
+      }, (error: unknown) => {
         this.log.warn({ reason: reasonOf(error) }, 'heartbeat failed')
+      }).catch((error: unknown) => {
+        this.log.warn({ reason: reasonOf(error) }, 'streams not recorded again after beats were refused')
       })
     }, Math.max(200, Math.floor(options.instanceTtlMs / 3))).unref()
   }
@@ -141,9 +147,9 @@ export class RedisState implements SharedState {
 
   /** After Redis comes back (maybe empty), this instance's streams are recorded again. */
   async resync (): Promise<void> {
-    this.heartbeatFailed = false
+    this.resyncOwed = false
     const run = this.recordAgain()
-    const settled = run.then(() => {}, () => {})
+    const settled = run.then(() => {}, () => { this.resyncOwed = true })
     this.resyncing = settled
     void settled.then(() => { if (this.resyncing === settled) this.resyncing = null })
     await run
@@ -243,6 +249,7 @@ export class RedisState implements SharedState {
       .zadd(`${this.prefix}instances`, now, this.instanceId)
       .expire(this.connsKey(this.instanceId), ttlS)
       .exec()
+    this.lastBeatAt = now
   }
 
   async createConnection (connectionId: string, userId: string, ttlS: number): Promise<void> {
