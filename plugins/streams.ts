@@ -8,7 +8,7 @@ import { channel } from '../src/core/channels'
 import type { Sink, StreamKind } from '../src/core/connection'
 import { parseCursor, streamHead } from '../src/core/framing'
 import { Hub } from '../src/core/hub'
-import { Publisher } from '../src/core/publish'
+import { FanoutTooLargeError, Publisher } from '../src/core/publish'
 import { StoreUnavailableError, type ControlAnswer } from '../src/core/state'
 import { REOPENED_REASON, StreamService, type StreamSpec } from '../src/core/streams'
 import { applyTopicChange, type TopicsMessage } from '../src/core/topic-changes'
@@ -237,7 +237,12 @@ export default fp(async (app) => {
     if (contacts.length > 0) await publisher.emit(contacts.map(channel.user), event, { userId })
   }
   const announceSafely = (userId: string, event: 'user:online' | 'user:offline'): void => {
-    announce(userId, event).catch((error: unknown) => app.log.warn({ err: error, userId, event }, 'presence event not published'))
+    announce(userId, event).catch((error: unknown) => {
+      // Expected at every toggle of a user whose conversations outgrow the
+      // bound (README, MAX_PUBLISH_CHANNELS): one short line, no stack.
+      if (error instanceof FanoutTooLargeError) app.log.info({ userId, event, reason: error.message }, 'presence event not published')
+      else app.log.warn({ err: error, userId, event }, 'presence event not published')
+    })
   }
   state.onOffline((userId) => announceSafely(userId, 'user:offline'))
   state.onOnline((userId) => announceSafely(userId, 'user:online'))
