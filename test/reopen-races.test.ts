@@ -479,3 +479,36 @@ forEachMode(t, 'a reopen on B takes the id of a stream on A while A records its 
   t.same(await redis.zrange(`${prefix}uc:u1`, 0, -1), [`${b.app.state.instanceId}|${id}`], 'only B\'s stream listed')
   t.equal((await b.app.state.presence('u1')).connections, 1, 'one stream counted')
 }, ['redis'])
+
+forEachMode(t, 'an open that would wait on a resync longer than a control answer may take is refused with 503, and opens once the resync is done', async (t) => {
+  const [a] = await startCluster(t, 'redis', 1)
+  await openConnected(streamUrl(a.url, 'u1'), { t })
+  const state = a.app.state as unknown as { options: { controlTimeoutMs?: number }, resync: () => Promise<void>, commands: { run: (name: string, args: unknown[]) => Promise<unknown> } }
+  const timeout = state.options.controlTimeoutMs
+  state.options.controlTimeoutMs = 300
+  const run = state.commands.run.bind(state.commands)
+  let letRejoin = (): void => {}
+  const rejoin = new Promise<void>((resolve) => { letRejoin = resolve })
+  let rejoinHeld = (): void => {}
+  const held = new Promise<void>((resolve) => { rejoinHeld = resolve })
+  state.commands.run = async (name, args) => {
+    if (name === 'REJOIN') {
+      rejoinHeld()
+      await rejoin
+    }
+    return await run(name, args)
+  }
+  t.teardown(() => {
+    letRejoin()
+    state.commands.run = run
+    state.options.controlTimeoutMs = timeout
+  })
+  const resync = state.resync()
+  await held
+  const refused = await openStream(streamUrl(a.url, 'u2'), { t })
+  t.equal(refused.status, 503, 'refused while the resync is held')
+  letRejoin()
+  await resync
+  const { stream } = await openConnected(streamUrl(a.url, 'u2'), { t })
+  t.notOk(stream.ended, 'opens once it is done')
+}, ['redis'])

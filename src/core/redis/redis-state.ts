@@ -4,7 +4,7 @@ import { channel } from '../channels'
 import { isPlainObject } from '../publish'
 import { transitionJob, type JobState, type JobUpdate } from '../jobs'
 import { connectionInfo, type ConnectionInfo, type Registry } from '../registry'
-import type { Admission, AdmitRequest, ClusterStats, ControlAnswer, ControlListener, ControlMessage, JobPutResult, OpenTracker, Presence, SharedState } from '../state'
+import { StoreUnavailableError, type Admission, type AdmitRequest, type ClusterStats, type ControlAnswer, type ControlListener, type ControlMessage, type JobPutResult, type OpenTracker, type Presence, type SharedState } from '../state'
 import { reasonOf, type Log, type ScriptedRedis } from './client'
 
 export interface RedisStateOptions {
@@ -155,6 +155,25 @@ export class RedisState implements SharedState {
     await run
   }
 
+  /**
+   * Waits out the resyncs running or queued, for as long as a control answer
+   * may take: past that, the open is refused (503) rather than left hanging
+   * behind a slow Redis.
+   */
+  private async resyncDone (): Promise<void> {
+    const deadline = Date.now() + (this.options.controlTimeoutMs ?? 3000)
+    while (this.resyncing !== null) {
+      const left = deadline - Date.now()
+      let timer: NodeJS.Timeout | undefined
+      const timedOut = await Promise.race([
+        this.resyncing.then(() => false),
+        new Promise<boolean>((resolve) => { timer = setTimeout(() => resolve(true), Math.max(0, left)).unref() })
+      ])
+      clearTimeout(timer)
+      if (timedOut) throw new StoreUnavailableError(new Error('streams are still being recorded again after Redis came back'))
+    }
+  }
+
   private async recordAgain (): Promise<void> {
     // One after another: two at once would each rebuild the list from a different moment.
     await this.resyncing
@@ -261,7 +280,7 @@ export class RedisState implements SharedState {
   }
 
   async admit (request: AdmitRequest): Promise<Admission> {
-    while (this.resyncing !== null) await this.resyncing
+    if (this.resyncing !== null) await this.resyncDone()
     const info = connectionInfo(request.connectionId, request.userId, request.topics, request.openedAt, this.instanceId)
     const [admitted, cameOnline, evicted, seq, ...replacedOn] = await this.commands.run('ADMIT', [
       this.prefix, request.userId, this.instanceId, request.connectionId, request.openedAt,
