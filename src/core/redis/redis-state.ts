@@ -231,26 +231,27 @@ export class RedisState implements SharedState {
     // it is given back again, which is harmless if its release came last.
     const openingNow = new Set<string>()
     for (const open of this.tracker?.opening() ?? []) openingNow.add(open.connectionId)
-    for (const [connectionId, { info }] of holders) {
-      if (this.registry.get(connectionId) !== undefined || openingNow.has(connectionId)) continue
+    // All at once: after a mass disconnect there can be thousands, each a round trip.
+    await Promise.all([...holders].map(async ([connectionId, { info }]) => {
+      if (this.registry.get(connectionId) !== undefined || openingNow.has(connectionId)) return
       if (this.tracker !== null) await this.tracker.releaseLate(connectionId, info.userId).catch(() => {})
       else await this.release(connectionId, info.userId, this.options.historyTtlS).catch(() => {})
-    }
+    }))
   }
 
   private async releaseUnreleased (): Promise<void> {
     const pending = [...this.unreleased]
     this.unreleased.clear()
-    for (const [connectionId, { userId, ttlS }] of pending) {
-      // A failure puts it back for the next reconnect.
+    // All at once, as above. A failure puts one back for later.
+    await Promise.all(pending.map(async ([connectionId, { userId, ttlS }]) => {
       if (this.tracker !== null) {
         await this.tracker.releaseLate(connectionId, userId).catch(() => {})
-        continue
+        return
       }
       // A stream of this instance reopened the id meanwhile: the id is its now.
-      if (this.registry.get(connectionId) !== undefined) continue
+      if (this.registry.get(connectionId) !== undefined) return
       await this.release(connectionId, userId, ttlS).catch(() => {})
-    }
+    }))
   }
 
   trackOpens (tracker: OpenTracker): void {
