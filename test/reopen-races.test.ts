@@ -312,6 +312,18 @@ forEachMode(t, 'a close not recorded while Redis was unreachable, given back as 
   await countedAndLimited(t, [a], reopened)
 }, ['redis'])
 
+/** Redis loses its data while `a`'s next control message (an eviction its open asks for) waits to go out. */
+function loseRedisDataOnNextControl (t: Test, a: Gateway, gateways: Gateway[]): void {
+  const state = a.app.state
+  const broadcast = state.broadcastControl.bind(state)
+  state.broadcastControl = async (message) => {
+    state.broadcastControl = broadcast
+    await loseRedisData(t, gateways)
+    return await broadcast(message)
+  }
+  t.teardown(() => { state.broadcastControl = broadcast })
+}
+
 /**
  * `a`'s next open of u1 evicts u1's stream on `b` (limit 1, evict-oldest), and
  * Redis loses its data while the open waits on the eviction message, after
@@ -319,14 +331,7 @@ forEachMode(t, 'a close not recorded while Redis was unreachable, given back as 
  */
 async function openAcrossDataLoss (t: Test, a: Gateway, b: Gateway): Promise<SseClient> {
   const { stream: oldest } = await openConnected(streamUrl(b.url, 'u1'), { t })
-  const state = a.app.state
-  const broadcast = state.broadcastControl.bind(state)
-  state.broadcastControl = async (message) => {
-    state.broadcastControl = broadcast
-    await loseRedisData(t, [a, b])
-    return await broadcast(message)
-  }
-  t.teardown(() => { state.broadcastControl = broadcast })
+  loseRedisDataOnNextControl(t, a, [a, b])
   const { stream: opened } = await openConnected(streamUrl(a.url, 'u1'), { t })
   await oldest.waitEnd()
   t.ok(oldest.ended, 'the oldest stream was evicted')
@@ -349,14 +354,7 @@ forEachMode(t, 'Redis loses its data while a reopen waits to register, after an 
     return await admit()
   })
   // The reopen replaces the holder on B, and Redis loses its data while it tells B so.
-  const state = a.app.state
-  const broadcast = state.broadcastControl.bind(state)
-  state.broadcastControl = async (message) => {
-    state.broadcastControl = broadcast
-    await loseRedisData(t, [a, b])
-    return await broadcast(message)
-  }
-  t.teardown(() => { state.broadcastControl = broadcast })
+  loseRedisDataOnNextControl(t, a, [a, b])
   const { stream: reopened } = await openConnected(reopenUrl(a.url, connected.connectionId), { t })
   await holder.waitEnd()
   await countedAndLimited(t, [a, b], reopened)
