@@ -510,3 +510,41 @@ forEachMode(t, 'an open that would wait on a resync longer than a control answer
   const { stream } = await openConnected(streamUrl(a.url, 'u2'), { t })
   t.notOk(stream.ended, 'opens once it is done')
 }, ['redis'])
+
+forEachMode(t, 'limit 1, reject: a reopen that waits on the resync while its id\'s stream closes, then is refused, leaves the id to expire', async (t) => {
+  const [a, b] = await startCluster(t, 'redis', 2, { MAX_CONNECTIONS_PER_USER: '1' })
+  const { stream: first, connected } = await openConnected(streamUrl(a.url, 'u1'), { t })
+  const id = connected.connectionId
+  const commands = (a.app.state as unknown as { commands: { run: (name: string, args: unknown[]) => Promise<unknown> } }).commands
+  const run = commands.run.bind(commands)
+  let firstReleased = (): void => {}
+  const released = new Promise<void>((resolve) => { firstReleased = resolve })
+  let reopen: Promise<SseClient> | null = null
+  commands.run = async (name, args) => {
+    if (name === 'REJOIN' && reopen === null) {
+      // Between the resync's snapshot and its rejoin: the stream closes, another of the user opens on B, and a reopen of the id asks A for its admission.
+      first.close()
+      await released
+      await openConnected(streamUrl(b.url, 'u1'), { t })
+      let asked = (): void => {}
+      const askedForAdmission = new Promise<void>((resolve) => { asked = resolve })
+      interceptNextAdmission(t, a, async (admit) => {
+        asked()
+        return await admit()
+      })
+      reopen = openStream(reopenUrl(a.url, id), { t })
+      await askedForAdmission
+    }
+    const result = await run(name, args)
+    if (name === 'RELEASE' && args[3] === id) firstReleased()
+    return result
+  }
+  t.teardown(() => { commands.run = run })
+  await (a.app.state as unknown as { resync: () => Promise<void> }).resync()
+  if (reopen === null) throw new Error('the reopen did not start')
+  t.equal((await (reopen as Promise<SseClient>)).status, 429, 'the reopen is refused')
+  const redis = redisClient(t)
+  const prefix = (a.app.state as unknown as { prefix: string }).prefix
+  await eventually(async () => await redis.ttl(`${prefix}conn:${id}`) > 0, 'the id expires')
+  t.pass('the id expires')
+}, ['redis'])

@@ -228,12 +228,12 @@ export class RedisState implements SharedState {
     }))
     // A stream or open that ended meanwhile may have been given back before
     // its user was rejoined, which recorded it again (its id kept for ever):
-    // it is given back again, which is harmless if its release came last.
-    const openingNow = new Set<string>()
-    for (const open of this.tracker?.opening() ?? []) openingNow.add(open.connectionId)
+    // it is given back again, which is harmless if its release came last. An
+    // open of the id still under way here is left to give it back if it ends
+    // without a stream (see OpenTracker.releaseLate).
     // All at once: after a mass disconnect there can be thousands, each a round trip.
     await Promise.all([...holders].map(async ([connectionId, { info }]) => {
-      if (this.registry.get(connectionId) !== undefined || openingNow.has(connectionId)) return
+      if (this.registry.get(connectionId) !== undefined) return
       if (this.tracker !== null) await this.tracker.releaseLate(connectionId, info.userId).catch(() => {})
       else await this.release(connectionId, info.userId, this.options.historyTtlS).catch(() => {})
     }))
