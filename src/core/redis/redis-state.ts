@@ -121,7 +121,9 @@ export class RedisState implements SharedState {
     this.heartbeatTimer = setInterval(() => {
       const lastBeatAt = this.lastBeatAt
       this.heartbeat().then(async () => {
-        const silentMs = this.lastBeatAt - lastBeatAt
+        // Until this beat arrived, not until it was sent: a slow Redis may
+        // have taken its time to take it, while reapers looked on.
+        const silentMs = Date.now() - lastBeatAt
         // Beats refused without the connection dropping (Redis out of memory,
         // say) for close to INSTANCE_TTL_MS may have had this instance taken
         // for dead and its streams reaped, and no reconnect will resync: they
