@@ -298,6 +298,10 @@ export default fp(async (app) => {
         openedAt: entry.openedAt,
         limit: config.maxConnectionsPerUser,
         policy: config.connectionLimitPolicy
+      }).catch((error: unknown) => {
+        // Redis away, or busy recording streams again: a retry will do.
+        if (error instanceof StoreUnavailableError) reply.header('retry-after', retryAfterS)
+        throw error
       })
       if (!admission.admitted) {
         reply.header('retry-after', retryAfterS)

@@ -505,6 +505,7 @@ forEachMode(t, 'an open that would wait on a resync longer than a control answer
   await held
   const refused = await openStream(streamUrl(a.url, 'u2'), { t })
   t.equal(refused.status, 503, 'refused while the resync is held')
+  t.ok(Number(refused.headers['retry-after']) > 0, 'with Retry-After')
   letRejoin()
   await resync
   const { stream } = await openConnected(streamUrl(a.url, 'u2'), { t })
