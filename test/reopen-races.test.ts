@@ -157,6 +157,16 @@ forEachMode(t, 'evict-oldest, limit 1: a new stream on A evicts the id that a re
   await assertSurvivor(t, [a, b], newcomer, [holder, reopenedOnB])
 }, ['redis'])
 
+type ScriptRun = (name: string, args: unknown[]) => Promise<unknown>
+
+/** Runs `gateway`'s Redis scripts through `around` (which calls `run` to send one) until the test ends. */
+function aroundScripts (t: Test, gateway: Gateway, around: (name: string, args: unknown[], run: ScriptRun) => Promise<unknown>): void {
+  const commands = (gateway.app.state as unknown as { commands: { run: ScriptRun } }).commands
+  const run = commands.run.bind(commands)
+  commands.run = async (name, args) => await around(name, args, run)
+  t.teardown(() => { commands.run = run })
+}
+
 /** The cluster's keys deleted, then what each instance does when its connection to Redis is back. */
 async function loseRedisData (t: Test, gateways: Gateway[]): Promise<void> {
   const redis = redisClient(t)
@@ -289,18 +299,15 @@ forEachMode(t, 'Redis comes back empty with a clock behind the open streams\' ad
 
 forEachMode(t, 'a close not recorded while Redis was unreachable, given back as Redis returns while a reopen of the id is admitted but not registered: the reopen keeps the id\'s entry', async (t) => {
   const [a] = await startCluster(t, 'redis', 1, { MAX_CONNECTIONS_PER_USER: '1', CONNECTION_LIMIT_POLICY: 'evict-oldest' })
-  const commands = (a.app.state as unknown as { commands: { run: (name: string, args: unknown[]) => Promise<unknown> } }).commands
-  const run = commands.run.bind(commands)
   let failed = false
   // The stream's close finds Redis unreachable: it is given back later.
-  commands.run = async (name, args) => {
+  aroundScripts(t, a, async (name, args, run) => {
     if (name === 'RELEASE' && !failed) {
       failed = true
       throw new Error('Redis unreachable (test)')
     }
     return await run(name, args)
-  }
-  t.teardown(() => { commands.run = run })
+  })
   const { stream: first, connected } = await openConnected(streamUrl(a.url, 'u1'), { t })
   first.close()
   await eventually(() => failed && registered([a]) === 0, 'the close attempted and failed')
@@ -380,15 +387,12 @@ forEachMode(t, 'limit 2, reject: an open admitted while the instance records its
   const keys = await redis.keys(`${prefix}*`)
   if (keys.length > 0) await redis.del(...keys)
   // The resync is held before it records the users' streams again, until the open has asked for its admission.
-  const commands = (a.app.state as unknown as { commands: { run: (name: string, args: unknown[]) => Promise<unknown> } }).commands
-  const run = commands.run.bind(commands)
   let askedForAdmission = (): void => {}
   const asked = new Promise<void>((resolve) => { askedForAdmission = resolve })
-  commands.run = async (name, args) => {
+  aroundScripts(t, a, async (name, args, run) => {
     if (name === 'REJOIN') await asked
     return await run(name, args)
-  }
-  t.teardown(() => { commands.run = run })
+  })
   const resync = (a.app.state as unknown as { resync: () => Promise<void> }).resync()
   interceptNextAdmission(t, a, async (admit) => {
     askedForAdmission()
@@ -403,12 +407,10 @@ forEachMode(t, 'limit 2, reject: an open admitted while the instance records its
 forEachMode(t, 'a stream that closes while its instance records its streams again, its close recorded before its user is rejoined: given back again, so its id expires', async (t) => {
   const [a] = await startCluster(t, 'redis', 1)
   const { stream, connected } = await openConnected(streamUrl(a.url, 'u1'), { t })
-  const commands = (a.app.state as unknown as { commands: { run: (name: string, args: unknown[]) => Promise<unknown> } }).commands
-  const run = commands.run.bind(commands)
   let closeRecorded = (): void => {}
   const recorded = new Promise<void>((resolve) => { closeRecorded = resolve })
   let closed = false
-  commands.run = async (name, args) => {
+  aroundScripts(t, a, async (name, args, run) => {
     if (name === 'REJOIN' && !closed) {
       closed = true
       stream.close()
@@ -417,8 +419,7 @@ forEachMode(t, 'a stream that closes while its instance records its streams agai
     const result = await run(name, args)
     if (name === 'RELEASE') closeRecorded()
     return result
-  }
-  t.teardown(() => { commands.run = run })
+  })
   await (a.app.state as unknown as { resync: () => Promise<void> }).resync()
   t.ok(closed, 'the stream closed during the resync')
   const prefix = (a.app.state as unknown as { prefix: string }).prefix
@@ -448,15 +449,13 @@ forEachMode(t, 'a reopen on B takes the id of a stream on A while A records its 
   const [a, b] = await startCluster(t, 'redis', 2)
   const { stream: holder, connected } = await openConnected(streamUrl(a.url, 'u1'), { t })
   const id = connected.connectionId
-  const commands = (a.app.state as unknown as { commands: { run: (name: string, args: unknown[]) => Promise<unknown> } }).commands
-  const run = commands.run.bind(commands)
   let holderReleased = (): void => {}
   const released = new Promise<void>((resolve) => { holderReleased = resolve })
   let reopened: SseClient | null = null
   const redis = redisClient(t)
   const prefix = (a.app.state as unknown as { prefix: string }).prefix
   let listedAfterRejoin: string[] = []
-  commands.run = async (name, args) => {
+  aroundScripts(t, a, async (name, args, run) => {
     const rejoin = name === 'REJOIN' && reopened === null
     if (rejoin) {
       reopened = (await openConnected(reopenUrl(b.url, id), { t })).stream
@@ -467,8 +466,7 @@ forEachMode(t, 'a reopen on B takes the id of a stream on A while A records its 
     if (name === 'RELEASE' && args[3] === id) holderReleased()
     if (rejoin) listedAfterRejoin = await redis.zrange(`${prefix}uc:u1`, 0, -1)
     return result
-  }
-  t.teardown(() => { commands.run = run })
+  })
   await (a.app.state as unknown as { resync: () => Promise<void> }).resync()
   if (reopened === null) throw new Error('the reopen did not run')
   t.notOk((reopened as SseClient).ended, 'the stream on B is open')
@@ -481,24 +479,22 @@ forEachMode(t, 'a reopen on B takes the id of a stream on A while A records its 
 forEachMode(t, 'an open that would wait on a resync longer than a control answer may take is refused with 503, and opens once the resync is done', async (t) => {
   const [a] = await startCluster(t, 'redis', 1)
   await openConnected(streamUrl(a.url, 'u1'), { t })
-  const state = a.app.state as unknown as { options: { controlTimeoutMs?: number }, resync: () => Promise<void>, commands: { run: (name: string, args: unknown[]) => Promise<unknown> } }
+  const state = a.app.state as unknown as { options: { controlTimeoutMs?: number }, resync: () => Promise<void> }
   const timeout = state.options.controlTimeoutMs
   state.options.controlTimeoutMs = 300
-  const run = state.commands.run.bind(state.commands)
   let letRejoin = (): void => {}
   const rejoin = new Promise<void>((resolve) => { letRejoin = resolve })
   let rejoinHeld = (): void => {}
   const held = new Promise<void>((resolve) => { rejoinHeld = resolve })
-  state.commands.run = async (name, args) => {
+  aroundScripts(t, a, async (name, args, run) => {
     if (name === 'REJOIN') {
       rejoinHeld()
       await rejoin
     }
     return await run(name, args)
-  }
+  })
   t.teardown(() => {
     letRejoin()
-    state.commands.run = run
     state.options.controlTimeoutMs = timeout
   })
   const resync = state.resync()
@@ -516,12 +512,10 @@ forEachMode(t, 'limit 1, reject: a reopen that waits on the resync while its id\
   const [a, b] = await startCluster(t, 'redis', 2, { MAX_CONNECTIONS_PER_USER: '1' })
   const { stream: first, connected } = await openConnected(streamUrl(a.url, 'u1'), { t })
   const id = connected.connectionId
-  const commands = (a.app.state as unknown as { commands: { run: (name: string, args: unknown[]) => Promise<unknown> } }).commands
-  const run = commands.run.bind(commands)
   let firstReleased = (): void => {}
   const released = new Promise<void>((resolve) => { firstReleased = resolve })
   let reopen: Promise<SseClient> | null = null
-  commands.run = async (name, args) => {
+  aroundScripts(t, a, async (name, args, run) => {
     if (name === 'REJOIN' && reopen === null) {
       // Between the resync's snapshot and its rejoin: the stream closes, another of the user opens on B, and a reopen of the id asks A for its admission.
       first.close()
@@ -539,8 +533,7 @@ forEachMode(t, 'limit 1, reject: a reopen that waits on the resync while its id\
     const result = await run(name, args)
     if (name === 'RELEASE' && args[3] === id) firstReleased()
     return result
-  }
-  t.teardown(() => { commands.run = run })
+  })
   await (a.app.state as unknown as { resync: () => Promise<void> }).resync()
   if (reopen === null) throw new Error('the reopen did not start')
   t.equal((await (reopen as Promise<SseClient>)).status, 429, 'the reopen is refused')
