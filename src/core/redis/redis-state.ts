@@ -163,16 +163,16 @@ export class RedisState implements SharedState {
    * behind a slow Redis.
    */
   private async resyncDone (): Promise<void> {
-    const deadline = Date.now() + (this.options.controlTimeoutMs ?? 3000)
-    while (this.resyncing !== null) {
-      const left = deadline - Date.now()
-      let timer: NodeJS.Timeout | undefined
-      const timedOut = await Promise.race([
-        this.resyncing.then(() => false),
-        new Promise<boolean>((resolve) => { timer = setTimeout(() => resolve(true), Math.max(0, left)).unref() })
-      ])
+    let timer: NodeJS.Timeout | undefined
+    const timeout = new Promise<true>((resolve) => { timer = setTimeout(() => resolve(true), this.options.controlTimeoutMs ?? 3000).unref() })
+    try {
+      while (this.resyncing !== null) {
+        if (await Promise.race([this.resyncing.then(() => false), timeout])) {
+          throw new StoreUnavailableError(new Error('streams are still being recorded again after Redis came back'))
+        }
+      }
+    } finally {
       clearTimeout(timer)
-      if (timedOut) throw new StoreUnavailableError(new Error('streams are still being recorded again after Redis came back'))
     }
   }
 
@@ -194,30 +194,26 @@ export class RedisState implements SharedState {
     let latestAdmission = 0
     const opening = new Set<string>()
     // Of the streams and opens of one id here, the one admitted last holds its entry.
-    const holders = new Map<string, { seq: number, info: ConnectionInfo }>()
-    for (const connection of this.registry.all()) {
-      holders.set(connection.id, { seq: connection.admissionSeq, info: this.registry.info(connection) })
-    }
+    const holders = new Map<string, { seq: number, userId: string, topics: Iterable<string>, openedAt: number }>()
+    for (const { id, admissionSeq, userId, topics, openedAt } of this.registry.all()) holders.set(id, { seq: admissionSeq, userId, topics, openedAt })
     for (const open of this.tracker?.opening() ?? []) {
       opening.add(open.connectionId)
       if (open.seq === null) continue
       latestAdmission = Math.max(latestAdmission, open.seq)
       const held = holders.get(open.connectionId)
       if (open.admitted === null || (held !== undefined && held.seq > open.seq)) continue
-      const { userId, topics, openedAt } = open.admitted
-      holders.set(open.connectionId, { seq: open.seq, info: connectionInfo(open.connectionId, userId, topics, openedAt, this.instanceId) })
+      holders.set(open.connectionId, { seq: open.seq, ...open.admitted })
     }
     const stale = listed.filter((connectionId) => this.registry.get(connectionId) === undefined && !opening.has(connectionId))
     const pipeline = this.commands.redis.multi()
     if (stale.length > 0) pipeline.hdel(this.connsKey(this.instanceId), ...stale)
     const byUser = new Map<string, Array<string | number>>()
-    for (const [connectionId, { seq, info }] of holders) {
+    for (const [connectionId, { seq, userId, topics, openedAt }] of holders) {
       latestAdmission = Math.max(latestAdmission, seq)
-      pipeline.hset(this.connsKey(this.instanceId), connectionId, JSON.stringify(info))
-      const openedAtMs = Date.parse(info.openedAt)
-      const streams = byUser.get(info.userId)
-      if (streams === undefined) byUser.set(info.userId, [connectionId, openedAtMs])
-      else streams.push(connectionId, openedAtMs)
+      pipeline.hset(this.connsKey(this.instanceId), connectionId, JSON.stringify(connectionInfo(connectionId, userId, topics, openedAt, this.instanceId)))
+      const streams = byUser.get(userId)
+      if (streams === undefined) byUser.set(userId, [connectionId, openedAt])
+      else streams.push(connectionId, openedAt)
     }
     await pipeline.exec()
     if (latestAdmission > 0) await this.commands.run('ADMISSIONS_AT_LEAST', [this.prefix, String(latestAdmission)])
@@ -234,26 +230,31 @@ export class RedisState implements SharedState {
     // open of the id still under way here is left to give it back if it ends
     // without a stream (see OpenTracker.releaseLate).
     // All at once: after a mass disconnect there can be thousands, each a round trip.
-    await Promise.all([...holders].map(async ([connectionId, { info }]) => {
-      if (this.registry.get(connectionId) !== undefined) return
-      if (this.tracker !== null) await this.tracker.releaseLate(connectionId, info.userId).catch(() => {})
-      else await this.release(connectionId, info.userId, this.options.historyTtlS).catch(() => {})
+    await Promise.all([...holders].map(async ([connectionId, { userId }]) => {
+      if (this.registry.get(connectionId) === undefined) await this.releaseLate(connectionId, userId, this.options.historyTtlS)
     }))
+  }
+
+  /**
+   * Gives back the entry of an id that closed unrecorded, unless a stream or
+   * open of the id here holds it now (the tracker's rule; without one, the
+   * registry's). A failure puts it back for later.
+   */
+  private async releaseLate (connectionId: string, userId: string, ttlS: number): Promise<void> {
+    if (this.tracker !== null) {
+      await this.tracker.releaseLate(connectionId, userId).catch(() => {})
+      return
+    }
+    // A stream of this instance reopened the id meanwhile: the id is its now.
+    if (this.registry.get(connectionId) !== undefined) return
+    await this.release(connectionId, userId, ttlS).catch(() => {})
   }
 
   private async releaseUnreleased (): Promise<void> {
     const pending = [...this.unreleased]
     this.unreleased.clear()
-    // All at once, as above. A failure puts one back for later.
-    await Promise.all(pending.map(async ([connectionId, { userId, ttlS }]) => {
-      if (this.tracker !== null) {
-        await this.tracker.releaseLate(connectionId, userId).catch(() => {})
-        return
-      }
-      // A stream of this instance reopened the id meanwhile: the id is its now.
-      if (this.registry.get(connectionId) !== undefined) return
-      await this.release(connectionId, userId, ttlS).catch(() => {})
-    }))
+    // All at once, as in recordAgain.
+    await Promise.all(pending.map(async ([connectionId, { userId, ttlS }]) => await this.releaseLate(connectionId, userId, ttlS)))
   }
 
   trackOpens (tracker: OpenTracker): void {
