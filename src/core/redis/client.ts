@@ -50,14 +50,17 @@ function isConnectionLoss (error: unknown): boolean {
 }
 
 /**
- * Redis refusing work for its own condition (out of memory under noeviction,
- * a replica after a failover, a failing snapshot, loading its data, a script
- * running too long): like an unreachable Redis, it passes, and a caller can
- * try again. Not a fault of the request or of the gateway.
+ * The codes by which Redis refuses work for its own condition (out of memory
+ * under noeviction, a replica after a failover, a failing snapshot, loading
+ * its data, a script running too long): like an unreachable Redis, it
+ * passes, and a caller can try again. Not a fault of the request or of the gateway.
  */
+export const STORE_CONDITION_CODES = ['OOM', 'READONLY', 'MISCONF', 'LOADING', 'BUSY', 'MASTERDOWN', 'NOREPLICAS', 'TRYAGAIN', 'CLUSTERDOWN']
+// Redis 6 wraps an error raised inside a script: "ERR Error running script (…): @user_script:1: -OOM …".
+const STORE_CONDITION = new RegExp(`(?:^|: -)(?:${STORE_CONDITION_CODES.join('|')})\\b`)
+
 function isStoreCondition (error: unknown): boolean {
-  // Redis 6 wraps an error raised inside a script: "ERR Error running script (…): @user_script:1: -OOM …".
-  return error instanceof Error && /(?:^|: -)(?:OOM|READONLY|MISCONF|LOADING|BUSY|MASTERDOWN|NOREPLICAS|TRYAGAIN|CLUSTERDOWN)\b/.test(error.message)
+  return error instanceof Error && STORE_CONDITION.test(error.message)
 }
 
 /** A Redis connection with the gateway's scripts loaded as commands (EVALSHA, falling back to EVAL). */

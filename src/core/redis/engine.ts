@@ -1,6 +1,6 @@
 import Redis, { ReplyError, type RedisOptions } from 'ioredis'
 import type { Registry } from '../registry'
-import { reasonOf, redisOptions, ScriptedRedis, StoreUnavailableError, type Log } from './client'
+import { reasonOf, redisOptions, ScriptedRedis, STORE_CONDITION_CODES, StoreUnavailableError, type Log } from './client'
 import { RedisBus } from './redis-bus'
 import { RedisState } from './redis-state'
 
@@ -19,7 +19,6 @@ export interface RedisEngineOptions {
   /** Ends the start-up early (a stop signal): it then rejects, leaving nothing behind. */
   startupSignal?: AbortSignal
 }
-
 
 /**
  * Handles one message that arrived on an ingress channel (`<prefix>publish`
@@ -227,11 +226,11 @@ const DURABLE_MAX_ATTEMPTS = 5
 const DURABLE_BLOCK_MS = 1000
 
 /**
- * Redis errors that say Redis as a whole takes no such command now (memory,
- * permissions, a replica or a master going away, loading, a busy script):
- * every entry would fail alike until it passes.
+ * Redis errors that say Redis as a whole takes no such command now: its own
+ * condition (STORE_CONDITION_CODES), and permissions, a cluster's redirects,
+ * a lost script cache: every entry would fail alike until it passes.
  */
-const REDIS_WIDE_ERROR = /^(OOM|NOPERM|NOAUTH|WRONGPASS|READONLY|MASTERDOWN|LOADING|BUSY|MISCONF|NOREPLICAS|CLUSTERDOWN|TRYAGAIN|MOVED|ASK|NOSCRIPT|UNBLOCKED|EXECABORT)\b|^ERR max number of clients/
+const REDIS_WIDE_ERROR = new RegExp(`^(?:${[...STORE_CONDITION_CODES, 'NOPERM', 'NOAUTH', 'WRONGPASS', 'MOVED', 'ASK', 'NOSCRIPT', 'UNBLOCKED', 'EXECABORT'].join('|')})\\b|^ERR max number of clients`)
 
 /**
  * Gets each entry's `payload` field, or null for an entry without one (it is
