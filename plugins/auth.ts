@@ -229,9 +229,10 @@ export default fp(async (app) => {
       (value) => (typeof value === 'string' && value !== '') || typeof value === 'number'
     )
     if (userId === undefined || String(userId).length > 256) throw unauthorized('no-user', 'token has no user id claim')
-    if (typeof userId === 'string' && hasLoneSurrogate(userId)) throw unauthorized('no-user', 'the token\'s user id is not well-formed Unicode')
     // Such a user could open streams that no publish, presence or job can name.
-    if (typeof userId === 'string' && !isEntityId(userId)) throw unauthorized('no-user', 'the token\'s user id holds control characters')
+    if (typeof userId === 'string' && !isEntityId(userId)) {
+      throw unauthorized('no-user', hasLoneSurrogate(userId) ? 'the token\'s user id is not well-formed Unicode' : 'the token\'s user id holds control characters')
+    }
     // Roles count only in tokens sent explicitly, never in the cookie.
     const roles = fromCookie ? new Set<string>() : rolesOf(claims)
     // A restriction that is not a list of patterns allows nothing rather than everything.
