@@ -73,17 +73,16 @@ t.test('an instance stopped with SIGTERM: the grace its drain started still ends
 
 t.test('an instance killed with SIGKILL during a grace it started: the grace still ends, with one user:offline', async (t) => {
   if (!(await needRedis(t))) return
-  // Long enough that A is surely dead before its own timer would have fired.
-  const graceMs = 1500
+  // Long enough that A is dead before its own timer would have fired, on a
+  // loaded machine too: the presence check below shows the grace still running.
+  const graceMs = 4000
   const { a, b, u1, u2 } = await contactsOnTwoInstances(t, graceMs)
 
   u2.stream.close()
-  const closedAt = Date.now()
   await eventually(async () => (await presence(b, 'u2')).connections === 0, 'A to release the stream')
   a.child.kill('SIGKILL')
   await a.waitExit(5000)
-  t.ok(Date.now() - closedAt < graceMs, 'A died within the grace')
-  t.same(await presence(b, 'u2'), { userId: 'u2', online: true, connections: 0 }, 'during the grace: online, no stream')
+  t.same(await presence(b, 'u2'), { userId: 'u2', online: true, connections: 0 }, 'A is dead and the grace runs: online, no stream')
 
   const offline = await u1.stream.nextEvent('user:offline', OFFLINE_TIMEOUT_MS)
   t.same(dataOf(offline), { userId: 'u2' }, 'the other members hear user:offline though A died')
