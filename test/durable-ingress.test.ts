@@ -34,10 +34,11 @@ t.test('a take-over claim cut short by the lease\'s loss, the lease back at once
       // The lease lapses while entry 1 is handled, and is back 200 ms later,
       // within the next blocking read; two new entries arrive then.
       lease.isLeader = false
-      setTimeout(() => {
+      const back = setTimeout(() => {
         lease.isLeader = true
         redis.multi().xadd(key, '*', 'payload', '4').xadd(key, '*', 'payload', '5').exec().catch(() => {})
       }, 200)
+      t.teardown(() => clearTimeout(back))
     }
   })
   await waiters.until(() => handled.length >= 5, { timeoutMs: 10_000, what: 'five entries handled', describe: () => handled.join(',') })

@@ -1,6 +1,5 @@
 import t from 'tap'
-import { spawn } from 'node:child_process'
-import { eventually, freePort, openConnected, openStream, request, spawnServer, TEST_SECRET, userToken, type SseClient } from './helpers'
+import { openConnected, openStream, request, spawnServer, TEST_SECRET, userToken, type SseClient } from './helpers'
 import { needRedis, REDIS_URL, uniquePrefix } from './helpers/redis'
 
 const SHUTDOWN_TIMEOUT_MS = 10_000
@@ -75,27 +74,13 @@ t.test('Redis mode: SIGTERM with streams open logs no warning or error (a stop i
 })
 
 t.test('a log reader that stopped reading: the gateway still serves, and SIGTERM still exits 0 (the unwritten lines are given up)', async (t) => {
-  const port = await freePort()
-  // Through env(1), which drops NODE_OPTIONS: the test runner puts its preload
-  // back into any node it sees spawned, and that preload opens process.stdout,
-  // which a plain start does not.
-  const child = spawn('env', ['-u', 'NODE_OPTIONS', process.execPath, 'dist/src/server.js'], {
-    env: { ...process.env, JWT_SECRET: TEST_SECRET, HOST: '127.0.0.1', PORT: String(port), SHUTDOWN_TIMEOUT_MS: '2000', LOG_LEVEL: 'info', REDIS_URL: '' },
-    // stdout is a pipe nobody reads: once its buffer is full, every write to it blocks or fails.
-    stdio: ['ignore', 'pipe', 'pipe']
-  })
-  child.stderr.resume()
-  const exited = new Promise<number | null>((resolve) => child.once('exit', (code) => resolve(code)))
-  t.teardown(() => { if (child.exitCode === null && child.signalCode === null) child.kill('SIGKILL') })
-  const url = `http://127.0.0.1:${port}`
-  await eventually(async () => (await fetch(`${url}/health`).then((response) => response.status, () => 0)) === 200, 'the gateway answering', 20_000)
+  const server = await spawnServer(t, { JWT_SECRET: TEST_SECRET, HOST: '127.0.0.1', SHUTDOWN_TIMEOUT_MS: '2000', LOG_LEVEL: 'info' }, 20_000, { unreadStdout: true })
   // One log line each, far more than a pipe holds.
   for (let batch = 0; batch < 40; batch++) {
-    const answers = await Promise.all(Array.from({ length: 100 }, async () => (await fetch(`${url}/v1/missing-${'x'.repeat(200)}`)).status))
+    const answers = await Promise.all(Array.from({ length: 100 }, async () => (await fetch(`${server.url}/v1/missing-${'x'.repeat(200)}`)).status))
     if (answers.some((status) => status !== 404)) t.fail(`batch ${batch}: ${answers.join(',')}`)
   }
-  t.equal((await fetch(`${url}/health`)).status, 200, 'still serving with its log blocked')
-  child.kill('SIGTERM')
-  const code = await Promise.race([exited, new Promise<string>((resolve) => setTimeout(() => resolve('still running 20 s after SIGTERM'), 20_000).unref())])
-  t.equal(code, 0, 'exited 0')
+  t.equal((await fetch(`${server.url}/health`)).status, 200, 'still serving with its log blocked')
+  server.child.kill('SIGTERM')
+  t.same(await server.waitExit(20_000), { code: 0, signal: null }, 'exited 0')
 })

@@ -42,12 +42,23 @@ function childEnv (env: Record<string, string>): NodeJS.ProcessEnv {
   return { PATH: process.env.PATH ?? '/usr/bin:/bin', ...env }
 }
 
+export interface LaunchOptions {
+  /**
+   * stdout is a pipe nobody reads: once its buffer is full, every write to it
+   * blocks or fails. The server runs through env(1) without NODE_OPTIONS: the
+   * test runner puts its preload back into any node it sees spawned, and that
+   * preload opens process.stdout, which a plain start does not.
+   */
+  unreadStdout?: boolean
+}
+
 /** Starts the server with `env` and returns at once (PORT as given; `port` is where its URL points). */
-export function launch (t: TestLike, env: Record<string, string>, port: number): ServerProcess {
-  const child = spawn(process.execPath, [SERVER_JS], { env: childEnv(env), stdio: ['ignore', 'pipe', 'pipe'] })
+export function launch (t: TestLike, env: Record<string, string>, port: number, options: LaunchOptions = {}): ServerProcess {
+  const [command, args] = options.unreadStdout === true ? ['env', ['-u', 'NODE_OPTIONS', process.execPath, SERVER_JS]] : [process.execPath, [SERVER_JS]]
+  const child = spawn(command, args, { env: childEnv(env), stdio: ['ignore', 'pipe', 'pipe'] })
   let stdout = ''
   let stderr = ''
-  child.stdout?.setEncoding('utf8').on('data', (chunk: string) => { stdout += chunk })
+  if (options.unreadStdout !== true) child.stdout?.setEncoding('utf8').on('data', (chunk: string) => { stdout += chunk })
   child.stderr?.setEncoding('utf8').on('data', (chunk: string) => { stderr += chunk })
   const exited = new Promise<Exit>((resolve) => {
     child.once('exit', (code, signal) => resolve({ code, signal }))
@@ -84,10 +95,10 @@ export async function runServerToExit (t: TestLike, env: Record<string, string>,
  * unless `env` sets it) and resolves once GET /health answers 200. A start
  * lost to a port taken in between is retried on another port.
  */
-export async function spawnServer (t: TestLike, env: Record<string, string>, timeoutMs = 20_000): Promise<ServerProcess> {
+export async function spawnServer (t: TestLike, env: Record<string, string>, timeoutMs = 20_000, options: LaunchOptions = {}): Promise<ServerProcess> {
   for (let attempt = 1; ; attempt++) {
     const port = await freePort()
-    const server = launch(t, { ...env, PORT: String(port) }, port)
+    const server = launch(t, { ...env, PORT: String(port) }, port, options)
     const deadline = Date.now() + timeoutMs
     let exit: Exit | null = null
     void server.exited.then((value) => { exit = value })
