@@ -45,7 +45,10 @@ t.test('Redis ingress: a message past MAX_PUBLISH_CHANNELS is counted and droppe
   await redis.publish(`${prefix}publish`, JSON.stringify({ to: { conversation: 'room' }, event: 'big', data: 1 }))
   await redis.xadd(`${prefix}ingress`, '*', 'payload', JSON.stringify({ to: { conversation: 'room' }, event: 'big', data: 2 }))
   await redis.xadd(`${prefix}ingress`, '*', 'payload', JSON.stringify({ to: { user: 'm0' }, event: 'after', data: 3 }))
-  await member.stream.nextEvent('after', 10_000)
+  // Each path handles its messages in order: a marker after each shows it got past the one refused.
+  await redis.publish(`${prefix}publish`, JSON.stringify({ to: { user: 'm0' }, event: 'after', data: 4 }))
+  const markers = (): string[] => member.stream.events.filter((event) => event.event === 'after').map((event) => event.data)
+  await member.stream.until(() => markers().includes('3') && markers().includes('4'), 10_000, 'the marker of each path')
   t.notOk(member.stream.events.some((event) => event.event === 'big'), 'neither message past the limit was published')
   await eventually(async () => metricValue(await scrape(gateway.url), 'sse_ingress_rejected_total') === 2, 'both counted as rejected')
   t.equal(await redis.xlen(`${prefix}ingress`), 0, 'the durable entries are handled and deleted')
