@@ -4,7 +4,8 @@ import * as scripts from './scripts'
 
 export { StoreUnavailableError }
 
-export type ScriptName = 'PUBLISH' | 'PUBLISH_ONCE' | 'ONCE_OUTCOME' | 'INIT' | 'REPLAY' | 'PUT_JOB' | 'ADMIT' | 'RELEASE' | 'REAP' | 'FORGET' | 'REJOIN' | 'ADMISSIONS_AT_LEAST' | 'END_GRACE' | 'PRESENCE' | 'USER_TOPICS' | 'MEMBERS' | 'CONTACTS' | 'LEASE'
+/** Every script scripts.ts exports, by its export's name. */
+export type ScriptName = keyof typeof scripts
 
 /** What the Redis engine logs through (the app's pino logger). */
 export interface Log {

@@ -52,7 +52,7 @@ const LIST_TTL_S = 86_400
 
 /**
  * Shared state in Redis. Instances announce themselves with a heartbeat
- * (`<prefix>instances`, a sorted set scored by last beat) and keep their
+ * (`<prefix>instances`, a sorted set scored by last beat, in Redis's clock) and keep their
  * streams in `<prefix>i:<instance>:conns`; anything of an instance whose beat
  * is older than INSTANCE_TTL_MS is ignored, so a killed instance drops out of
  * counts and limits by itself.
@@ -268,10 +268,7 @@ export class RedisState implements SharedState {
     // (the whole cluster down for that long) their entries would be dropped
     // unannounced. The expiry only clears a list nobody will ever reap.
     const ttlS = Math.max(LIST_TTL_S, Math.ceil((this.options.instanceTtlMs * 10) / 1000))
-    await this.commands.redis.multi()
-      .zadd(`${this.prefix}instances`, now, this.instanceId)
-      .expire(this.connsKey(this.instanceId), ttlS)
-      .exec()
+    await this.commands.run('BEAT', [this.prefix, this.instanceId, ttlS])
     this.lastBeatAt = now
   }
 
@@ -463,12 +460,12 @@ export class RedisState implements SharedState {
 
   /** Instances whose heartbeat is recent enough to count. */
   async liveInstances (): Promise<string[]> {
-    return await this.commands.call(async (redis) => await redis.zrangebyscore(`${this.prefix}instances`, Date.now() - this.options.instanceTtlMs, '+inf'))
+    return await this.commands.run('INSTANCES', [this.prefix, this.options.instanceTtlMs, 'live']) as string[]
   }
 
   /** Instances that stopped beating: their streams are gone. */
   async deadInstances (): Promise<string[]> {
-    return await this.commands.call(async (redis) => await redis.zrangebyscore(`${this.prefix}instances`, '-inf', `(${Date.now() - this.options.instanceTtlMs}`))
+    return await this.commands.run('INSTANCES', [this.prefix, this.options.instanceTtlMs, 'dead']) as string[]
   }
 
   /**

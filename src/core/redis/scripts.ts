@@ -427,6 +427,28 @@ return 0
 `
 
 /**
+ * An instance's heartbeat, stamped with Redis's clock: every script that
+ * judges a beat reads that clock, so a gateway whose own clock is off still
+ * counts as beating. ARGV: prefix, instance, ttl of its list of streams (s).
+ */
+export const BEAT = `${CLOCK}
+local prefix, inst = ARGV[1], ARGV[2]
+redis.call('ZADD', prefix .. 'instances', fmt(math.floor(clock_us() / 1000)), inst)
+redis.call('EXPIRE', prefix .. 'i:' .. inst .. ':conns', tonumber(ARGV[3]))
+return 0
+`
+
+/**
+ * The instances whose last beat is within instanceTtlMs ('live') or older
+ * ('dead') by Redis's clock. ARGV: prefix, instanceTtlMs, 'live' | 'dead'.
+ */
+export const INSTANCES = `${CLOCK}
+local cutoff = fmt(math.floor(clock_us() / 1000) - tonumber(ARGV[2]))
+if ARGV[3] == 'live' then return redis.call('ZRANGEBYSCORE', ARGV[1] .. 'instances', cutoff, '+inf') end
+return redis.call('ZRANGEBYSCORE', ARGV[1] .. 'instances', '-inf', '(' .. cutoff)
+`
+
+/**
  * Records again one user's streams of this instance after Redis came back
  * (maybe empty, maybe after this instance was taken for dead and reaped).
  * An id a live stream of another instance holds (a reopen there took it
