@@ -2,11 +2,13 @@
  * Instances judge each other's heartbeats by Redis's clock alone: a gateway
  * whose own clock runs far behind (a host whose clock drifted) still counts
  * as live, its streams count for presence and limits, and it is not reaped.
+ * Which of a user's streams is the oldest follows the order of admission,
+ * not the clocks of the instances that admitted them.
  */
 import { join } from 'node:path'
 import { setTimeout as delay } from 'node:timers/promises'
-import t from 'tap'
-import { adminToken, openConnected, openStream, request, spawnServer, startGateway, TEST_SECRET, userToken } from './helpers'
+import t, { type Test } from 'tap'
+import { adminToken, openConnected, openStream, request, spawnServer, startGateway, TEST_SECRET, userToken, type ServerProcess } from './helpers'
 import { presence } from './helpers/channels'
 import { needRedis, REDIS_URL, uniquePrefix } from './helpers/redis'
 
@@ -15,11 +17,20 @@ const INSTANCE_TTL_MS = 3000
 const CLOCK_SKEW_MS = -10 * INSTANCE_TTL_MS
 const SKEW_PRELOAD = join(__dirname, 'helpers', 'clock-skew.js')
 
+function clusterEnv (limit: number, policy: 'reject' | 'evict-oldest'): Record<string, string> {
+  return { REDIS_URL, REDIS_PREFIX: uniquePrefix('clock'), INSTANCE_TTL_MS: String(INSTANCE_TTL_MS), MAX_CONNECTIONS_PER_USER: String(limit), CONNECTION_LIMIT_POLICY: policy }
+}
+
+/** A gateway process whose clock runs CLOCK_SKEW_MS behind the machine's. */
+async function spawnBehind (t: Test, env: Record<string, string>): Promise<ServerProcess> {
+  return await spawnServer(t, { ...env, JWT_SECRET: TEST_SECRET, HOST: '127.0.0.1', LOG_LEVEL: 'warn', NODE_OPTIONS: `--require ${SKEW_PRELOAD}`, CLOCK_SKEW_MS: String(CLOCK_SKEW_MS) })
+}
+
 t.test('an instance whose clock runs 30 s behind still counts as live: its streams count for presence and the per-user limit, and it is not reaped', async (t) => {
   if (!(await needRedis(t))) return
-  const env = { REDIS_URL, REDIS_PREFIX: uniquePrefix('clock'), INSTANCE_TTL_MS: String(INSTANCE_TTL_MS), MAX_CONNECTIONS_PER_USER: '1', CONNECTION_LIMIT_POLICY: 'reject' }
+  const env = clusterEnv(1, 'reject')
   // Started first, so the lease and its reaps are the skewed instance's own too, at first.
-  const behind = await spawnServer(t, { ...env, JWT_SECRET: TEST_SECRET, HOST: '127.0.0.1', LOG_LEVEL: 'warn', NODE_OPTIONS: `--require ${SKEW_PRELOAD}`, CLOCK_SKEW_MS: String(CLOCK_SKEW_MS) })
+  const behind = await spawnBehind(t, env)
   const onTime = await startGateway(t, env)
   const stats = async (): Promise<{ instances: number, connections: number }> => {
     const answer = await request<{ instances: number, connections: number }>(`${onTime.url}/v1/stats`, { token: adminToken() })
@@ -37,4 +48,19 @@ t.test('an instance whose clock runs 30 s behind still counts as live: its strea
   await delay(2 * INSTANCE_TTL_MS)
   t.same(await presence(onTime, 'u1'), { userId: 'u1', online: true, connections: 1 }, 'still online: not reaped')
   t.match(await stats(), { instances: 2, connections: 1 }, 'still both live')
+})
+
+t.test('evict-oldest evicts the stream admitted first, not the one whose instance\'s clock is behind', async (t) => {
+  if (!(await needRedis(t))) return
+  const env = clusterEnv(2, 'evict-oldest')
+  const behind = await spawnBehind(t, env)
+  const onTime = await startGateway(t, env)
+  const first = await openConnected(`${onTime.url}/v1/stream?token=${userToken('u1')}`, { t })
+  const second = await openConnected(`${behind.url}/v1/stream?token=${userToken('u1')}`, { t })
+  await openConnected(`${onTime.url}/v1/stream?token=${userToken('u1')}`, { t })
+  t.equal((await first.stream.nextEvent('evicted')).event, 'evicted', 'the stream admitted first is evicted')
+  await first.stream.waitEnd()
+  // One stream is evicted per admission: the first, and only it.
+  t.same(await presence(onTime, 'u1'), { userId: 'u1', online: true, connections: 2 })
+  t.notOk(second.stream.ended, 'the stream on the instance behind, admitted later, stays')
 })

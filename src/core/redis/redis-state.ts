@@ -212,8 +212,8 @@ export class RedisState implements SharedState {
       latestAdmission = Math.max(latestAdmission, seq)
       pipeline.hset(this.connsKey(this.instanceId), connectionId, JSON.stringify(connectionInfo(connectionId, userId, topics, openedAt, this.instanceId)))
       const streams = byUser.get(userId)
-      if (streams === undefined) byUser.set(userId, [connectionId, openedAt])
-      else streams.push(connectionId, openedAt)
+      if (streams === undefined) byUser.set(userId, [connectionId, seq])
+      else streams.push(connectionId, seq)
     }
     await pipeline.exec()
     if (latestAdmission > 0) await this.commands.run('ADMISSIONS_AT_LEAST', [this.prefix, String(latestAdmission)])
@@ -284,7 +284,7 @@ export class RedisState implements SharedState {
     if (this.resyncing !== null) await this.resyncDone()
     const info = connectionInfo(request.connectionId, request.userId, request.topics, request.openedAt, this.instanceId)
     const [admitted, cameOnline, evicted, seq, ...replacedOn] = await this.commands.run('ADMIT', [
-      this.prefix, request.userId, this.instanceId, request.connectionId, request.openedAt,
+      this.prefix, request.userId, this.instanceId, request.connectionId,
       request.limit, request.policy, this.options.instanceTtlMs, JSON.stringify(info), this.options.historyTtlS
     ]) as [number, number, string, number, ...string[]]
     if (admitted !== 1) return { admitted: false }

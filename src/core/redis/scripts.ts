@@ -263,15 +263,17 @@ end
 
 /**
  * Admits a stream under the per-user limit, cluster-wide.
- * ARGV: prefix, userId, instance, connectionId, openedAtMs, limit, policy,
+ * ARGV: prefix, userId, instance, connectionId, limit, policy,
  * instanceTtlMs, infoJson, reopenTtlS. Returns { admitted(0|1), cameOnline(0|1), evicted member or '', the admission's seq (clock microseconds, or past the last one in P admissions: it orders every admission of the cluster), then the other instances whose stream of the id it replaced }.
+ * A user's streams are scored by their admission's seq, so the oldest one
+ * (evict-oldest) is the one admitted first, whatever the gateways' clocks say.
  */
 export const ADMIT = `${LIVE_MEMBERS}
 local prefix, user, inst, conn = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local now_ms = clock_ms()
 local uk = prefix .. 'uc:' .. user
 local function of_conn(m) return string.sub(m, -(#conn + 1)) == '|' .. conn end
-local live, pending = live_members(prefix, uk, now_ms, tonumber(ARGV[8]))
+local live, pending = live_members(prefix, uk, now_ms, tonumber(ARGV[7]))
 -- A reopened stream id takes its earlier holder's place, wherever that was:
 -- the holder does not count against the limit, and a refusal leaves it be.
 local others = {}
@@ -279,14 +281,14 @@ for _, m in ipairs(live) do
   if not of_conn(m) then others[#others + 1] = m end
 end
 local evict = ''
-if #others >= tonumber(ARGV[6]) then
-  if ARGV[7] == 'reject' then return { 0, 0, '' } end
+if #others >= tonumber(ARGV[5]) then
+  if ARGV[6] == 'reject' then return { 0, 0, '' } end
   evict = others[1]
   redis.call('ZREM', uk, evict)
   local evicted_conn = string.match(evict, '|(.*)$')
   local evicted_inst = string.match(evict, '^(.-)|')
   redis.call('HDEL', prefix .. 'i:' .. evicted_inst .. ':conns', evicted_conn)
-  redis.call('EXPIRE', prefix .. 'conn:' .. evicted_conn, tonumber(ARGV[10]))
+  redis.call('EXPIRE', prefix .. 'conn:' .. evicted_conn, tonumber(ARGV[9]))
 end
 -- The caller tells the holders on other instances to close theirs.
 local replaced = 0
@@ -303,15 +305,15 @@ local in_grace = redis.call('DEL', prefix .. 'grace:' .. user) + redis.call('ZRE
 -- Its peers were never told it left while a stream it replaces or one of a
 -- dead instance not reaped yet was listed.
 local was_online = #others > 0 or pending > 0 or replaced > 0 or in_grace
-redis.call('ZADD', uk, tonumber(ARGV[5]), inst .. '|' .. conn)
-redis.call('SET', prefix .. 'conn:' .. conn, user)
-redis.call('PERSIST', prefix .. 'ut:' .. user)
-redis.call('HSET', prefix .. 'i:' .. inst .. ':conns', conn, ARGV[9])
 -- Like event ids, clock microseconds unless the last one is ahead: the seq
 -- keeps growing when Redis loses its data (a counter would start again
 -- below the streams still open).
 local seq = math.max(tonumber(redis.call('GET', prefix .. 'admissions') or '0') + 1, clock_us())
 redis.call('SET', prefix .. 'admissions', fmt(seq), 'EX', 86400)
+redis.call('ZADD', uk, fmt(seq), inst .. '|' .. conn)
+redis.call('SET', prefix .. 'conn:' .. conn, user)
+redis.call('PERSIST', prefix .. 'ut:' .. user)
+redis.call('HSET', prefix .. 'i:' .. inst .. ':conns', conn, ARGV[8])
 local result = { 1, was_online and 0 or 1, evict, seq }
 for _, holder in ipairs(replaced_on) do result[#result + 1] = holder end
 return result
@@ -453,8 +455,8 @@ return redis.call('ZRANGEBYSCORE', ARGV[1] .. 'instances', '-inf', '(' .. cutoff
  * (maybe empty, maybe after this instance was taken for dead and reaped).
  * An id a live stream of another instance holds (a reopen there took it
  * while this ran) is left to it.
- * ARGV: prefix, userId, instance, instanceTtlMs, then connectionId, openedAtMs
- * pairs. Returns 1 when the user was offline until now (others were told so).
+ * ARGV: prefix, userId, instance, instanceTtlMs, then connectionId, admission
+ * seq pairs. Returns 1 when the user was offline until now (others were told so).
  */
 export const REJOIN = `${LIVE_MEMBERS}
 local prefix, user, inst = ARGV[1], ARGV[2], ARGV[3]
