@@ -1,4 +1,4 @@
-import Fastify, { type FastifyInstance, type FastifyReply, type FastifyServerOptions } from 'fastify'
+import Fastify, { type FastifyInstance, type FastifyReply, type FastifyRequest, type FastifyServerOptions } from 'fastify'
 import cors from '@fastify/cors'
 import { createServer, STATUS_CODES, type Server } from 'node:http'
 import type { Socket } from 'node:net'
@@ -54,18 +54,42 @@ const FORCE_CLOSE_AFTER_MS = 5000
  * maxParamLength), in the contract's error shape; Fastify's default echoes
  * the path, which may hold a token.
  */
-function routerError (error: Error & { code?: string }, _request: unknown, reply: FastifyReply): void {
+function routerError (error: Error & { code?: string }, request: FastifyRequest, reply: FastifyReply): void {
   const refusals: Record<string, [number, string]> = {
     FST_ERR_BAD_URL: [400, 'the URL is not valid'],
     FST_ERR_MAX_PARAM_LENGTH: [414, 'a path parameter is too long']
   }
   const refusal = error.code !== undefined ? refusals[error.code] : undefined
   if (refusal === undefined) {
+    request.log.error({ req: request, err: error }, 'request failed')
     reply.code(500).send({ statusCode: 500, code: 'GW_INTERNAL', error: 'Internal Server Error', message: 'Internal Server Error' })
     return
   }
   const [statusCode, message] = refusal
   reply.code(statusCode).send({ statusCode, code: error.code, error: httpReason(statusCode), message })
+  // These never reach a route, whose completion writes the request's line.
+  request.log.info({ req: request, res: { statusCode }, code: error.code, reason: message }, 'request completed')
+}
+
+/**
+ * Requests Node's HTTP parser refuses (a malformed head, headers past its
+ * limit, a head not received in time) never reach the router: they get the
+ * contract's error shape too, and one log line without their bytes, which
+ * may hold a token. The connection closes.
+ */
+function clientError (this: FastifyInstance, error: Error & { code?: string }, socket: Socket): void {
+  if (error.code === 'ECONNRESET' || socket.destroyed) return
+  const [statusCode, code, message] = error.code === 'HPE_HEADER_OVERFLOW'
+    ? [431, 'GW_TOO_LARGE', 'the request head is too large']
+    : error.code === 'ERR_HTTP_REQUEST_TIMEOUT'
+      ? [408, 'GW_TIMEOUT', 'the request was not received in time']
+      : [400, 'GW_BAD_REQUEST', 'the request is not valid HTTP']
+  this.log.info({ remoteAddress: socket.remoteAddress, res: { statusCode }, code, reason: error.code ?? error.message }, 'request refused by the HTTP parser')
+  if (socket.writable) {
+    const body = JSON.stringify({ statusCode, code, error: httpReason(statusCode), message })
+    socket.write(`HTTP/1.1 ${statusCode} ${httpReason(statusCode)}\r\nContent-Type: application/json; charset=utf-8\r\nContent-Length: ${Buffer.byteLength(body)}\r\nConnection: close\r\n\r\n${body}`)
+  }
+  socket.destroy(error)
 }
 
 
@@ -104,6 +128,7 @@ export async function buildApp (config: Config, options: BuildOptions = {}): Pro
     // to 9 each percent-encoded), so the schema, not the router, refuses.
     routerOptions: { maxParamLength: 2304 },
     frameworkErrors: routerError,
+    clientErrorHandler: clientError,
     ajv: { customOptions: { removeAdditional: false, coerceTypes: false, allErrors: false } },
     // Event data and job results pass through as the publisher wrote them, as
     // they do through Redis ingress: JSON.parse makes `__proto__` an own key,
@@ -190,6 +215,7 @@ export async function buildApp (config: Config, options: BuildOptions = {}): Pro
   let internalServer: Server | null = null
   if (config.internalPort !== null) {
     const server = createServer((request, response) => app.server.emit('request', request, response))
+    server.on('clientError', clientError.bind(app))
     server.on('connection', (socket: Socket) => internalSockets.add(socket))
     internalServer = server
     // Publisher and admin routes do not exist on the public listener.

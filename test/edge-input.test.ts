@@ -5,7 +5,9 @@
  * with a 4xx in the contract's shape (or, through Redis ingress, counted and
  * dropped) and nothing else is disturbed.
  */
+import { STATUS_CODES } from 'node:http'
 import t from 'tap'
+import { listenInternal } from '../src/app'
 import { eventually, openConnected, openStream, publish, publishOk, publisherToken, request, startGateway, token, userToken } from './helpers'
 import { metricValue, rawExchange, scrape } from './helpers/raw'
 import { needRedis, redisClient, REDIS_URL, uniquePrefix } from './helpers/redis'
@@ -167,8 +169,8 @@ t.test('a user id with a lone surrogate is refused by every route that takes one
   t.equal(fine.status, 200, 'well-formed unicode (a surrogate pair too) is fine')
 })
 
-t.test('path ids up to their schema\'s length work; longer ones and malformed escapes get 4xx in the contract\'s shape, the path not echoed', async (t) => {
-  const { url } = await startGateway(t)
+t.test('path ids up to their schema\'s length work; longer ones and malformed escapes get 4xx in the contract\'s shape and a log line, the path not echoed', async (t) => {
+  const { url, logs } = await startGateway(t, {}, { captureLogs: true })
   const job = async (id: string): Promise<number> => (await request(`${url}/v1/jobs/${id}`, { method: 'PUT', token: publisher, body: { userId: 'u1', status: 'queued' } })).status
   t.equal(await job('j'.repeat(128)), 200, 'a job id of 128 characters')
   t.equal(await job('j'.repeat(129)), 400, 'one of 129: the schema refuses it')
@@ -188,6 +190,30 @@ t.test('path ids up to their schema\'s length work; longer ones and malformed es
   t.equal(malformed.status, 400)
   t.match(malformed.json, { statusCode: 400, error: 'Bad Request', message: String })
   t.notMatch(malformed.text, /SECRET/, 'the path is not echoed')
+  const refusals = logs.map((line) => JSON.parse(line) as { msg: string, code?: string, res?: { statusCode: number } })
+    .filter((line) => line.msg === 'request completed' && ['FST_ERR_MAX_PARAM_LENGTH', 'FST_ERR_BAD_URL'].includes(line.code ?? ''))
+  t.same(refusals.map((line) => [line.res?.statusCode, line.code]), [[414, 'FST_ERR_MAX_PARAM_LENGTH'], [400, 'FST_ERR_BAD_URL']], 'each refusal of the router has its line')
+})
+
+t.test('requests the HTTP parser refuses get the contract\'s error shape on either listener, and a log line without their bytes', async (t) => {
+  const { port, app, logText } = await startGateway(t, { INTERNAL_PORT: '0' }, { captureLogs: true })
+  const internal = (await listenInternal(app, 0, '127.0.0.1')).address()
+  const internalPort = typeof internal === 'object' && internal !== null ? internal.port : 0
+  const secret = `SECRET-${publisherToken()}`
+  const cases: Array<[string, number, string]> = [
+    [`GET /health HTTP/1.1\r\nHost: x\r\nBad Header ${secret}\r\n\r\n`, 400, 'GW_BAD_REQUEST'],
+    [`GET /health HTTP/1.1\r\nHost: x\r\nX-Big: ${secret}${'a'.repeat(20_000)}\r\n\r\n`, 431, 'GW_TOO_LARGE']
+  ]
+  for (const to of [port, internalPort]) {
+    for (const [raw, status, code] of cases) {
+      const response = (await rawExchange(to, raw)).response()
+      t.equal(response.status, status)
+      t.equal(response.headers.connection, 'close')
+      t.same(JSON.parse(response.body), { statusCode: status, code, error: STATUS_CODES[status], message: JSON.parse(response.body).message })
+    }
+  }
+  await eventually(() => logText().split('request refused by the HTTP parser').length === 5, 'a line for each refusal')
+  t.notMatch(logText(), /SECRET/, 'no byte of the refused requests is logged')
 })
 
 t.test('a stream asked for over HTTP/1.0 gets a 400 JSON error, not a chunked stream', async (t) => {

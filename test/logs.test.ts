@@ -181,7 +181,7 @@ t.test('a token as a path parameter, percent-encoded in a path or in a request N
   // A control character in a header: Node refuses the request before Fastify sees it.
   const refused = await rawExchange(gateway.port, `GET /v1/stream?token=${tokens[4]} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${tokens[1]}\r\nX-A: a\u0001b\r\n\r\n`)
   t.equal(refused.response().status, 400, 'Node answers 400')
-  await eventually(() => lines(gateway).some((line) => line.msg === 'client error'), 'the refusal logged (trace)')
+  await eventually(() => lines(gateway).some((line) => line.msg === 'request refused by the HTTP parser'), 'the refusal logged')
   await eventually(() => lines(gateway).filter((line) => line.msg === 'request completed').length >= 3, 'a completion line per request')
   assertNoToken(t, gateway, tokens)
 })
