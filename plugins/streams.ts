@@ -8,7 +8,7 @@ import { channel } from '../src/core/channels'
 import type { Sink, StreamKind } from '../src/core/connection'
 import { parseCursor, streamHead } from '../src/core/framing'
 import { Hub } from '../src/core/hub'
-import { FanoutTooLargeError, Publisher } from '../src/core/publish'
+import { Publisher } from '../src/core/publish'
 import { StoreUnavailableError, type ControlAnswer } from '../src/core/state'
 import { REOPENED_REASON, StreamService, type StreamSpec } from '../src/core/streams'
 import { applyTopicChange, type TopicsMessage } from '../src/core/topic-changes'
@@ -232,16 +232,17 @@ export default fp(async (app) => {
   app.decorate('streams', streams)
   app.decorate('publisher', publisher)
 
+  // Bounded like a publish (README, MAX_PUBLISH_CHANNELS): a user in huge
+  // conversations could otherwise make every toggle of a stream write that
+  // many history entries. The smallest conversations are told first.
   const announce = async (userId: string, event: 'user:online' | 'user:offline'): Promise<void> => {
-    const contacts = await state.contacts(userId)
-    if (contacts.length > 0) await publisher.emit(contacts.map(channel.user), event, { userId })
+    const { members, skipped } = await state.contacts(userId, config.maxPublishChannels)
+    if (skipped > 0) app.log.info({ userId, event, conversations: skipped }, 'presence event not sent to the members of conversations past MAX_PUBLISH_CHANNELS')
+    if (members.length > 0) await publisher.emit(members.map(channel.user), event, { userId })
   }
   const announceSafely = (userId: string, event: 'user:online' | 'user:offline'): void => {
     announce(userId, event).catch((error: unknown) => {
-      // Expected at every toggle of a user whose conversations outgrow the
-      // bound (README, MAX_PUBLISH_CHANNELS): one short line, no stack.
-      if (error instanceof FanoutTooLargeError) app.log.info({ userId, event, reason: error.message }, 'presence event not published')
-      else app.log.warn({ err: error, userId, event }, 'presence event not published')
+      app.log.warn({ err: error, userId, event }, 'presence event not published')
     })
   }
   state.onOffline((userId) => announceSafely(userId, 'user:offline'))

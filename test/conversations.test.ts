@@ -111,16 +111,28 @@ forEachMode(t, 'a member reconnecting (to the other instance) with Last-Event-ID
   t.ok(increasing([...replayed.map((event) => event.id), live]))
 })
 
-forEachMode(t, 'presence is not announced to more members than MAX_PUBLISH_CHANNELS allows one publish (a user cannot make it write that much history for free)', async (t, mode) => {
+forEachMode(t, 'presence is announced to the members of the user\'s smallest conversations, at most MAX_PUBLISH_CHANNELS in all (a user cannot make it write more history for free); a conversation past that is left out', async (t, mode) => {
   const [a, b] = await pair(t, mode, { MAX_PUBLISH_CHANNELS: '3' })
   await setMembers(a, 'small', ['alice', 'bob', 'carol'])
-  await setMembers(a, 'large', ['zed', 'bob', 'm1', 'm2', 'm3'])
+  await setMembers(a, 'large', ['zed', 'm1', 'm2', 'm3', 'm4'])
+  await setMembers(a, 'dm', ['zed', 'bob'])
+  await setMembers(a, 'crowd', ['yan', 'bob', 'm1', 'm2', 'm3'])
   const bob = await connect(t, b, 'bob')
+  const m1 = await connect(t, a, 'm1')
   await connect(t, a, 'alice')
   t.same(dataOf(await bob.stream.nextEvent('user:online')), { userId: 'alice' }, 'two members to tell: announced')
   await connect(t, a, 'zed')
-  t.same(presenceAbout(await settle(b, bob.stream, bob.connectionId), 'zed'), [], 'four members to tell: not announced')
-  t.same(await presence(b, 'zed'), { userId: 'zed', online: true, connections: 1 }, 'the user is online all the same')
+  t.same(dataOf(await bob.stream.nextEvent('user:online')), { userId: 'zed' }, 'the member of his small conversation hears it')
+  t.same(presenceAbout(await settle(a, m1.stream, m1.connectionId), 'zed'), [], 'the members of the conversation past the bound do not')
+  await connect(t, a, 'yan')
+  const told = [...presenceAbout(await settle(b, bob.stream, bob.connectionId), 'yan'), ...presenceAbout(await settle(a, m1.stream, m1.connectionId), 'yan')]
+  t.same(told, [], 'a user whose only conversation is past the bound: nobody is told')
+  t.same(await presence(b, 'yan'), { userId: 'yan', online: true, connections: 1 }, 'the user is online all the same')
+  // Four others in all, but the second conversation adds only one new member to the first's two.
+  await setMembers(a, 'g1', ['wes', 'bob', 'm2'])
+  await setMembers(a, 'g2', ['wes', 'bob', 'm2', 'm1'])
+  await connect(t, b, 'wes')
+  t.same(dataOf(await m1.stream.nextEvent('user:online')), { userId: 'wes' }, 'members already told do not count twice against the bound')
 })
 
 forEachMode(t, 'presence: user:online when the first stream opens, nothing for more streams or a reconnect within the grace, user:offline after it, never to the user itself', async (t, mode) => {

@@ -2,7 +2,7 @@ import { channel } from './channels'
 import { transitionJob, type JobState, type JobUpdate } from './jobs'
 import type { MemoryBus } from './memory-bus'
 import type { ConnectionInfo, Registry } from './registry'
-import type { Admission, AdmitRequest, ClusterStats, ControlAnswer, ControlListener, ControlMessage, JobPutResult, Presence, SharedState } from './state'
+import type { Admission, AdmitRequest, ClusterStats, Contacts, ControlAnswer, ControlListener, ControlMessage, JobPutResult, Presence, SharedState } from './state'
 
 interface Expiring<T> { value: T, expiresAt: number | null }
 
@@ -173,13 +173,18 @@ export class MemoryState implements SharedState {
     return [...(this.conversations.get(conversationId) ?? [])]
   }
 
-  async contacts (userId: string): Promise<string[]> {
-    const contacts = new Set<string>()
-    for (const conversationId of this.conversationsOfUser.get(userId) ?? []) {
-      for (const member of this.conversations.get(conversationId) ?? []) contacts.add(member)
+  async contacts (userId: string, max: number): Promise<Contacts> {
+    const conversations = [...this.conversationsOfUser.get(userId) ?? []]
+      .map((id) => ({ id, members: this.conversations.get(id) ?? new Set<string>() }))
+      .sort((one, other) => one.members.size - other.members.size || (one.id < other.id ? -1 : 1))
+    const members = new Set<string>()
+    let skipped = 0
+    for (const conversation of conversations) {
+      const added = [...conversation.members].filter((member) => member !== userId && !members.has(member))
+      if (members.size + added.length > max) skipped++
+      else for (const member of added) members.add(member)
     }
-    contacts.delete(userId)
-    return [...contacts]
+    return { members: [...members], skipped }
   }
 
   async getJob (jobId: string): Promise<JobState | null> {

@@ -83,6 +83,13 @@ export type ControlListener = (message: ControlMessage) => Promise<ControlAnswer
 export type JobPutResult = { ok: true, state: JobState } | JobRefusal
 
 /** What an admission records of an open in the shared record. */
+/** Who hears of a user's presence (SharedState.contacts). */
+export interface Contacts {
+  members: string[]
+  /** Conversations left out: telling their members too would pass the bound. */
+  skipped: number
+}
+
 export interface AdmittedEntry { userId: string, topics: string[], openedAt: number }
 
 /** An open past its admission check and not registered yet; `admitted` once its admission has run (and not been evicted since). */
@@ -152,8 +159,12 @@ export interface SharedState {
 
   updateMembers (conversationId: string, op: 'set' | 'add' | 'remove', members: string[]): Promise<string[]>
   members (conversationId: string): Promise<string[]>
-  /** Other members of every conversation the user belongs to. */
-  contacts (userId: string): Promise<string[]>
+  /**
+   * The other members of the user's conversations, taken smallest
+   * conversation first while they stay within `max` in all: a conversation
+   * that would take them past it is left out, and counted in `skipped`.
+   */
+  contacts (userId: string, max: number): Promise<Contacts>
 
   getJob (jobId: string): Promise<JobState | null>
   /** Applies a job update and publishes its `job_update` event in one step; `maxEventBytes` bounds the job's whole state (see transitionJob). */

@@ -4,7 +4,7 @@ import { channel } from '../channels'
 import { isPlainObject } from '../publish'
 import { transitionJob, type JobState, type JobUpdate } from '../jobs'
 import { connectionInfo, type ConnectionInfo, type Registry } from '../registry'
-import { StoreUnavailableError, type Admission, type AdmitRequest, type ClusterStats, type ControlAnswer, type ControlListener, type ControlMessage, type JobPutResult, type OpenTracker, type Presence, type SharedState } from '../state'
+import { StoreUnavailableError, type Admission, type AdmitRequest, type ClusterStats, type Contacts, type ControlAnswer, type ControlListener, type ControlMessage, type JobPutResult, type OpenTracker, type Presence, type SharedState } from '../state'
 import { reasonOf, type Log, type ScriptedRedis } from './client'
 
 export interface RedisStateOptions {
@@ -413,8 +413,9 @@ export class RedisState implements SharedState {
     return await this.commands.call(async (redis) => await redis.smembers(`${this.prefix}cv:${conversationId}`))
   }
 
-  async contacts (userId: string): Promise<string[]> {
-    return await this.commands.run('CONTACTS', [this.prefix, userId]) as string[]
+  async contacts (userId: string, max: number): Promise<Contacts> {
+    const [skipped, ...members] = await this.commands.run('CONTACTS', [this.prefix, userId, max]) as [number, ...string[]]
+    return { members, skipped }
   }
 
   async getJob (jobId: string): Promise<JobState | null> {

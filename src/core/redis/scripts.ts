@@ -558,18 +558,40 @@ end
 return redis.call('SMEMBERS', key)
 `
 
-/** ARGV: prefix, userId. Other members of every conversation the user is in. */
+/**
+ * The other members of the user's conversations, smallest conversation first
+ * while they stay within max in all (SharedState.contacts). ARGV: prefix,
+ * userId, max. Returns { conversations left out, members... }.
+ */
 export const CONTACTS = `
-local prefix, user = ARGV[1], ARGV[2]
-local seen, out = {}, {}
+local prefix, user, max = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local conversations = {}
 for _, id in ipairs(redis.call('SMEMBERS', prefix .. 'ucv:' .. user)) do
-  for _, m in ipairs(redis.call('SMEMBERS', prefix .. 'cv:' .. id)) do
-    if m ~= user and not seen[m] then
+  conversations[#conversations + 1] = { id = id, size = redis.call('SCARD', prefix .. 'cv:' .. id) }
+end
+table.sort(conversations, function (one, other)
+  if one.size ~= other.size then return one.size < other.size end
+  return one.id < other.id
+end)
+local seen, out, skipped = {}, {}, 0
+for _, conversation in ipairs(conversations) do
+  -- Its size counts the user: past max + 1 it cannot fit, and is not read.
+  local added = {}
+  if conversation.size <= max + 1 then
+    for _, m in ipairs(redis.call('SMEMBERS', prefix .. 'cv:' .. conversation.id)) do
+      if m ~= user and not seen[m] then added[#added + 1] = m end
+    end
+  end
+  if conversation.size > max + 1 or #out + #added > max then
+    skipped = skipped + 1
+  else
+    for _, m in ipairs(added) do
       seen[m] = true
       out[#out + 1] = m
     end
   end
 end
+table.insert(out, 1, skipped)
 return out
 `
 
