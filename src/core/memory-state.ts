@@ -180,6 +180,11 @@ export class MemoryState implements SharedState {
     const members = new Set<string>()
     let skipped = 0
     for (const conversation of conversations) {
+      // Its size counts the user: past max + 1 it cannot fit, and is not read.
+      if (conversation.members.size > max + 1) {
+        skipped++
+        continue
+      }
       const added = [...conversation.members].filter((member) => member !== userId && !members.has(member))
       if (members.size + added.length > max) skipped++
       else for (const member of added) members.add(member)
