@@ -85,7 +85,10 @@ function clientError (this: FastifyInstance, error: Error & { code?: string }, s
       ? [408, 'GW_TIMEOUT', 'the request was not received in time']
       : [400, 'GW_BAD_REQUEST', 'the request is not valid HTTP']
   this.log.info({ remoteAddress: socket.remoteAddress, res: { statusCode }, code, reason: error.code ?? error.message }, 'request refused by the HTTP parser')
-  if (socket.writable) {
+  // Not into a response already under way (a pipelined request's): it would
+  // be spliced into its bytes. Node's own handler holds back alike.
+  const inFlight = (socket as Socket & { _httpMessage?: { headersSent?: boolean } | null })._httpMessage
+  if (socket.writable && inFlight?.headersSent !== true) {
     const body = JSON.stringify({ statusCode, code, error: httpReason(statusCode), message })
     socket.write(`HTTP/1.1 ${statusCode} ${httpReason(statusCode)}\r\nContent-Type: application/json; charset=utf-8\r\nContent-Length: ${Buffer.byteLength(body)}\r\nConnection: close\r\n\r\n${body}`)
   }

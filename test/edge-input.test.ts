@@ -212,7 +212,12 @@ t.test('requests the HTTP parser refuses get the contract\'s error shape on eith
       t.same(JSON.parse(response.body), { statusCode: status, code, error: STATUS_CODES[status], message: JSON.parse(response.body).message })
     }
   }
-  await eventually(() => logText().split('request refused by the HTTP parser').length === 5, 'a line for each refusal')
+  const refusals = (): Array<{ code: string, res: { statusCode: number }, reason: string }> => logText().split('\n').filter((line) => line.includes('request refused by the HTTP parser')).map((line) => JSON.parse(line))
+  await eventually(() => refusals().length === 4, 'a line for each refusal')
+  t.same(refusals().map((line) => [line.res.statusCode, line.code, line.reason]), [
+    [400, 'GW_BAD_REQUEST', 'HPE_INVALID_HEADER_TOKEN'], [431, 'GW_TOO_LARGE', 'HPE_HEADER_OVERFLOW'],
+    [400, 'GW_BAD_REQUEST', 'HPE_INVALID_HEADER_TOKEN'], [431, 'GW_TOO_LARGE', 'HPE_HEADER_OVERFLOW']
+  ], 'each line says what was answered and why')
   t.notMatch(logText(), /SECRET/, 'no byte of the refused requests is logged')
 })
 
