@@ -283,7 +283,18 @@ end
 local evict = ''
 if #others >= tonumber(ARGV[5]) then
   if ARGV[6] == 'reject' then return { 0, 0, '' } end
-  evict = others[1]
+  -- The oldest by admission seq (µs). Earlier versions of the gateway scored
+  -- their streams with the open's time in ms: during a rolling upgrade those
+  -- scores are read as µs, or every one of them would sort before the rest.
+  local oldest_seq = nil
+  for _, m in ipairs(others) do
+    local s = tonumber(redis.call('ZSCORE', uk, m))
+    if s < 1e14 then s = s * 1000 end
+    if oldest_seq == nil or s < oldest_seq then
+      oldest_seq = s
+      evict = m
+    end
+  end
   redis.call('ZREM', uk, evict)
   local evicted_conn = string.match(evict, '|(.*)$')
   local evicted_inst = string.match(evict, '^(.-)|')
