@@ -8,9 +8,9 @@
 import { join } from 'node:path'
 import { setTimeout as delay } from 'node:timers/promises'
 import t, { type Test } from 'tap'
-import { adminToken, openConnected, openStream, request, spawnServer, startGateway, TEST_SECRET, userToken, type ServerProcess } from './helpers'
+import { adminToken, eventually, openConnected, openStream, request, spawnServer, startGateway, TEST_SECRET, userToken, type ServerProcess } from './helpers'
 import { presence } from './helpers/channels'
-import { needRedis, redisClient, REDIS_URL, uniquePrefix } from './helpers/redis'
+import { needRedis, redisClient, REDIS_URL, startOwnRedis, uniquePrefix } from './helpers/redis'
 
 const INSTANCE_TTL_MS = 3000
 /** Far past INSTANCE_TTL_MS: by its own clock, the instance's every beat is long dead. */
@@ -83,4 +83,20 @@ t.test('during a rolling upgrade, evict-oldest still ends the stream admitted fi
   await openConnected(`${gateway.url}/v1/stream?token=${userToken('u1')}`, { t })
   t.equal((await first.stream.nextEvent('evicted')).event, 'evicted', 'the stream admitted first is evicted')
   t.not(await redis.zscore(`${prefix}uc:u1`, 'earlier-version|c_earlier'), null, 'the newer one, listed by the earlier version, stays')
+})
+
+t.test('after Redis comes back empty, the streams recorded again keep the order of their admissions: evict-oldest still ends the one admitted first', async (t) => {
+  const redis = await startOwnRedis(t)
+  const env: Record<string, string> = { ...clusterEnv(2, 'evict-oldest'), REDIS_URL: redis.url }
+  const behind = await spawnSkewed(t, env)
+  const onTime = await startGateway(t, env)
+  const first = await openConnected(`${onTime.url}/v1/stream?token=${userToken('u1')}`, { t })
+  const second = await openConnected(`${behind.url}/v1/stream?token=${userToken('u1')}`, { t })
+  await redis.stop()
+  await redis.start()
+  const client = redisClient(t, redis.url)
+  await eventually(async () => await client.zcard(`${env.REDIS_PREFIX}uc:u1`) === 2, 'both streams recorded again', 15_000, 50)
+  await openConnected(`${onTime.url}/v1/stream?token=${userToken('u1')}`, { t })
+  t.equal((await first.stream.nextEvent('evicted')).event, 'evicted', 'the stream admitted first is evicted')
+  t.notOk(second.stream.ended, 'the one admitted second, on the instance behind, stays')
 })
