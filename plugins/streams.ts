@@ -12,6 +12,7 @@ import { Publisher } from '../src/core/publish'
 import { StoreUnavailableError, type ControlAnswer } from '../src/core/state'
 import { REOPENED_REASON, StreamService, type StreamSpec } from '../src/core/streams'
 import { applyTopicChange, type TopicsMessage } from '../src/core/topic-changes'
+import { UnchunkedSink } from '../src/core/unchunked'
 import { errors } from '../src/errors'
 import { authOf } from './auth'
 
@@ -44,6 +45,8 @@ const SSE_HEADERS = {
   'x-accel-buffering': 'no',
   connection: 'keep-alive'
 }
+// HTTP/1.0 has no chunked coding: the body ends with the connection.
+const SSE_HEADERS_HTTP10 = { ...SSE_HEADERS, connection: 'close' }
 
 // Node's own HTTP helpers, as the 'upgrade' path uses them; not in the typings.
 // eslint-disable-next-line @typescript-eslint/no-require-imports
@@ -104,6 +107,11 @@ function destroySelf (this: Socket): void {
  * the server's keep-alive timeout.
  */
 function handBack (sink: Sink): void {
+  // An HTTP/1.0 stream's body ends with its connection.
+  if (!(sink instanceof NetSocket)) {
+    sink.destroy()
+    return
+  }
   const socket = sink as Socket & { server?: Server }
   socket.removeListener('error', destroySelf)
   socket.removeListener('end', destroySelf)
@@ -126,16 +134,18 @@ function handBack (sink: Sink): void {
 
 // Most streams carry no header of their own (CORS adds some): they share one head.
 const PLAIN_HEAD = streamHead(SSE_HEADERS)
+const PLAIN_HEAD_HTTP10 = streamHead(SSE_HEADERS_HTTP10, false)
 
 /** The stream's status line and headers: what hooks set on the reply, then the SSE ones. */
-function headOf (reply: FastifyReply): Buffer {
+function headOf (reply: FastifyReply, http10: boolean): Buffer {
   const own = reply.getHeaders()
   let headers: Record<string, string | number | string[]> | null = null
   for (const name in own) {
     const value = own[name]
     if (value !== undefined) (headers ??= {})[name] = value
   }
-  return headers === null ? PLAIN_HEAD : streamHead({ ...headers, ...SSE_HEADERS })
+  if (headers === null) return http10 ? PLAIN_HEAD_HTTP10 : PLAIN_HEAD
+  return http10 ? streamHead({ ...headers, ...SSE_HEADERS_HTTP10 }, false) : streamHead({ ...headers, ...SSE_HEADERS })
 }
 
 /** `Last-Event-ID` header first (browsers send it), then `?lastEventId=`. */
@@ -263,9 +273,10 @@ export default fp(async (app) => {
   let opening = 0
   app.decorate('openStream', async (request: FastifyRequest, reply: FastifyReply, options: OpenStreamOptions) => {
     const auth = authOf(request)
-    // Events go out as HTTP/1.1 chunks: an HTTP/1.0 client, or a proxy left at
-    // its default version, would read the chunk sizes as part of the stream.
-    if (request.raw.httpVersion !== '1.1') throw new errors.BadRequest('streams need HTTP/1.1 (behind nginx: proxy_http_version 1.1)')
+    // An HTTP/1.0 client (nginx's default to an upstream) gets the frames
+    // without their chunk framing, and the connection closes at the end.
+    const http10 = request.raw.httpVersion === '1.0'
+    if (!http10 && request.raw.httpVersion !== '1.1') throw new errors.BadRequest('streams need HTTP/1.1 or HTTP/1.0')
     const retryAfterS = String(Math.max(1, Math.ceil(config.retryMs / 1000)))
     if (streams.isDraining || !bus.isReady()) {
       reply.header('retry-after', retryAfterS)
@@ -340,11 +351,11 @@ export default fp(async (app) => {
       reply.hijack()
       const socket = reply.raw.socket
       if (socket === null) return
-      const head = headOf(reply)
+      const head = headOf(reply, http10)
       // Events are written straight to the socket: Node's response object would
       // re-frame every write for every recipient.
       socket.setNoDelay(true)
-      if (/\bclose\b/i.test(request.headers.connection ?? '')) notReusable.add(socket)
+      if (http10 || /\bclose\b/i.test(request.headers.connection ?? '')) notReusable.add(socket)
       releaseHttpState(reply.raw, socket)
       try {
         // Every field named, in one order: spreading the options into a bigger
@@ -356,7 +367,7 @@ export default fp(async (app) => {
           kind: options.kind,
           topics: options.topics,
           channels: options.channels,
-          sink: socket,
+          sink: http10 ? new UnchunkedSink(socket, head.length) : socket,
           tokenExpiresAt: auth.expiresAt,
           allowedTopics: auth.topics,
           remoteAddress: request.ip,

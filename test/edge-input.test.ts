@@ -1,7 +1,7 @@
 /**
  * Input at the edges of what parses: data nested deeper than JSON.stringify
  * can go, a token whose topics claim is not a list, ids that are not
- * well-formed Unicode, and a stream asked for over HTTP/1.0. Each is refused
+ * well-formed Unicode, requests the router or Node's parser refuse. Each is refused
  * with a 4xx in the contract's shape (or, through Redis ingress, counted and
  * dropped) and nothing else is disturbed.
  */
@@ -219,15 +219,6 @@ t.test('requests the HTTP parser refuses get the contract\'s error shape on eith
     [400, 'GW_BAD_REQUEST', 'HPE_INVALID_HEADER_TOKEN'], [431, 'GW_TOO_LARGE', 'HPE_HEADER_OVERFLOW']
   ], 'each line says what was answered and why')
   t.notMatch(logText(), /SECRET/, 'no byte of the refused requests is logged')
-})
-
-t.test('a stream asked for over HTTP/1.0 gets a 400 JSON error, not a chunked stream', async (t) => {
-  const { port } = await startGateway(t)
-  const raw = await rawExchange(port, `GET /v1/stream?token=${userToken('u1')} HTTP/1.0\r\nHost: 127.0.0.1\r\nAccept: text/event-stream\r\n\r\n`)
-  const response = raw.response()
-  t.equal(response.status, 400)
-  t.equal(response.headers['transfer-encoding'], undefined, 'not chunked')
-  t.match(JSON.parse(response.body), { statusCode: 400, message: /HTTP\/1\.1/ })
 })
 
 t.test('data and job results holding `__proto__` or `constructor.prototype` keys pass through as written, and no prototype changes', async (t) => {

@@ -25,12 +25,14 @@ import {
   LISTEN_LINE,
   NGINX_CONF,
   nginxBinary,
+  PROXY_HTTP_VERSION_LINE,
   SHUTDOWN_TIMEOUT_LINE,
   startGatewayProcess,
   startNginx,
   UPSTREAM_LINES,
   WORKER_PROCESSES_LINE,
   type Nginx,
+  type NginxOptions,
   type StackGateway
 } from './helpers/nginx'
 import { needRedis, uniquePrefix } from './helpers/redis'
@@ -66,11 +68,11 @@ interface Stack {
 }
 
 /** Two gateways of one cluster (a fresh Redis prefix) and nginx in front of them. */
-async function startStack (t: Test, env: Record<string, string> = {}): Promise<Stack> {
+async function startStack (t: Test, env: Record<string, string> = {}, options: NginxOptions = {}): Promise<Stack> {
   const prefix = uniquePrefix('nginx')
   const a = await startGatewayProcess(t, prefix, env)
   const b = await startGatewayProcess(t, prefix, env)
-  const nginx = await startNginx(t, [`127.0.0.1:${a.port}`, `127.0.0.1:${b.port}`])
+  const nginx = await startNginx(t, [`127.0.0.1:${a.port}`, `127.0.0.1:${b.port}`], options)
   return { gateways: [a, b], nginx }
 }
 
@@ -101,7 +103,7 @@ const publisher = publisherToken()
 
 t.test('every line a test may substitute in deploy/nginx.conf is marked there as one', async (t) => {
   const lines = (await readFile(NGINX_CONF, 'utf8')).split('\n').map((line) => line.trim())
-  const substitutable: string[] = [...UPSTREAM_LINES, LISTEN_LINE, WORKER_PROCESSES_LINE, SHUTDOWN_TIMEOUT_LINE]
+  const substitutable: string[] = [...UPSTREAM_LINES, LISTEN_LINE, WORKER_PROCESSES_LINE, SHUTDOWN_TIMEOUT_LINE, PROXY_HTTP_VERSION_LINE]
   for (const line of substitutable) {
     const index = lines.indexOf(line)
     t.ok(index !== -1, `holds "${line}"`)
@@ -443,4 +445,25 @@ t.test('through nginx, a gateway that once refused a stream is not shut out: wit
   const late = await openStream(`${nginx.url}/v1/stream?token=${userToken('late')}`, { t })
   t.equal(late.status, 200, 'the gateway left serves the new stream (nginx did not keep it marked down)')
   t.equal(JSON.parse((await late.nextEvent('connected')).data).userId, 'late')
+})
+
+t.test('behind nginx left at its default upstream HTTP/1.0: streams open, events come through unbuffered and in order, and a replay works', async (t) => {
+  if (!(await haveNginx(t)) || !(await needRedis(t))) return
+  const { gateways, nginx } = await startStack(t, {}, { upstreamHttp10: true })
+  t.same(await changedLines(nginx), [...UPSTREAM_LINES, 'listen 80;', PROXY_HTTP_VERSION_LINE], 'only the upstream HTTP version differs from the tested config')
+  const user = 'u-http10'
+  const stream = await openStream(`${nginx.url}/v1/stream?token=${userToken(user)}`, { t })
+  t.equal(stream.status, 200)
+  await stream.nextEvent('connected')
+  const ids: string[] = []
+  for (let k = 1; k <= 3; k++) {
+    const [id] = await publishOk(gateways[k % 2].internalUrl, publisher, { to: { user }, event: 'tick', data: { k } })
+    ids.push(id)
+    // Event k+1 is published only once event k came out of nginx.
+    t.equal((await stream.nextEvent('tick', 5000)).id, id, `event ${k} arrives before the next is published`)
+  }
+  stream.close()
+  const again = await openStream(`${nginx.url}/v1/stream?token=${userToken(user)}`, { t, headers: { 'last-event-id': ids[0] } })
+  await again.nextEvent('connected')
+  t.same([(await again.nextEvent('tick')).id, (await again.nextEvent('tick')).id], ids.slice(1), 'the replay after the cursor, in order')
 })

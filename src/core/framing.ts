@@ -88,8 +88,11 @@ export function retryFrame (retryMs: number): Buffer {
 
 export const KEEPALIVE_FRAME = chunkOfText(': keepalive\n\n')
 
-/** Status line and headers of a stream response; the body that follows is chunked. */
-export function streamHead (headers: Record<string, string | number | string[]>): Buffer {
+/**
+ * Status line and headers of a stream response; the body that follows is
+ * chunked, or (`chunked` false, for an HTTP/1.0 client) ends with the connection.
+ */
+export function streamHead (headers: Record<string, string | number | string[]>, chunked = true): Buffer {
   let head = 'HTTP/1.1 200 OK\r\n'
   for (const [name, value] of Object.entries(headers)) {
     for (const item of Array.isArray(value) ? value : [value]) {
@@ -99,7 +102,7 @@ export function streamHead (headers: Record<string, string | number | string[]>)
       head += `${name}: ${text}\r\n`
     }
   }
-  return Buffer.from(`${head}transfer-encoding: chunked\r\n\r\n`, 'latin1')
+  return Buffer.from(`${head}${chunked ? 'transfer-encoding: chunked\r\n' : ''}\r\n`, 'latin1')
 }
 
 /** Parses a `Last-Event-ID` cursor; anything but a positive decimal integer is malformed. */

@@ -25,6 +25,7 @@ export const UPSTREAM_LINES = ['server gateway-a:3000 max_fails=0;', 'server gat
 export const LISTEN_LINE = 'listen 80;'
 export const WORKER_PROCESSES_LINE = 'worker_processes auto;'
 export const SHUTDOWN_TIMEOUT_LINE = 'worker_shutdown_timeout 30s;'
+export const PROXY_HTTP_VERSION_LINE = 'proxy_http_version 1.1;'
 
 /**
  * The commented-out HTTPS listener, found by the start of each line: the
@@ -78,6 +79,8 @@ export interface NginxOptions {
   workerProcesses?: number
   /** Replaces `worker_shutdown_timeout 30s;` (an nginx time, e.g. `1s`). */
   shutdownTimeout?: string
+  /** Replaces `proxy_http_version 1.1;` with nginx's default, 1.0 (what a config that leaves it out gets). */
+  upstreamHttp10?: boolean
   /** Starts nginx under this soft limit of open files (the hard one is left as it is). */
   softFileLimit?: number
   /**
@@ -104,6 +107,7 @@ export function nginxVariant (source: string, upstreams: readonly [string, strin
   text = substituteLine(text, LISTEN_LINE, `listen 127.0.0.1:${port};`)
   if (options.workerProcesses !== undefined) text = substituteLine(text, WORKER_PROCESSES_LINE, `worker_processes ${options.workerProcesses};`)
   if (options.shutdownTimeout !== undefined) text = substituteLine(text, SHUTDOWN_TIMEOUT_LINE, `worker_shutdown_timeout ${options.shutdownTimeout};`)
+  if (options.upstreamHttp10 === true) text = substituteLine(text, PROXY_HTTP_VERSION_LINE, 'proxy_http_version 1.0;')
   if (options.tls === true) {
     if (tlsPort === undefined) throw new Error('the HTTPS listener needs a port')
     const [listen, ...certificates] = tlsLines(source)
