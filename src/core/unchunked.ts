@@ -1,11 +1,5 @@
 import type { Sink } from './connection'
 
-/** A socket, as far as UnchunkedSink needs one. */
-export interface CorkableSink extends Sink {
-  cork (): void
-  uncork (): void
-}
-
 const CRLF = Buffer.from('\r\n')
 
 /**
@@ -13,12 +7,13 @@ const CRLF = Buffer.from('\r\n')
  * upstream), which knows no chunked coding: every frame loses its chunk
  * framing on the way out, and the body ends when the connection closes. The
  * head, written first, passes as it is. Frames are still rendered once for
- * every recipient; only these streams pay for taking them apart.
+ * every recipient; only these streams pay for taking them apart (a copy per
+ * write).
  */
 export class UnchunkedSink implements Sink {
   private headLeft: number
 
-  constructor (private readonly socket: CorkableSink, headBytes: number) {
+  constructor (private readonly socket: Sink, headBytes: number) {
     this.headLeft = headBytes
   }
 
@@ -41,25 +36,24 @@ export class UnchunkedSink implements Sink {
     }
     while (offset < chunk.length) {
       const sizeEnd = chunk.indexOf(CRLF, offset)
-      // Never the case (every frame is a whole chunk); were it, the stream ends rather than carry garbage.
-      if (sizeEnd === -1) {
+      const size = sizeEnd === -1 ? NaN : parseInt(chunk.toString('latin1', offset, sizeEnd), 16)
+      const start = sizeEnd + 2
+      const end = start + size
+      // Never the case (every frame is a whole chunk); were it, the stream
+      // ends rather than carry garbage.
+      if (!Number.isInteger(size) || size < 0 || end + 2 > chunk.length || chunk[end] !== 13 || chunk[end + 1] !== 10) {
         this.socket.destroy()
+        if (callback !== undefined) process.nextTick(callback, new Error('a stream frame is not a whole chunk'))
         return false
       }
-      const size = parseInt(chunk.toString('latin1', offset, sizeEnd), 16)
-      const start = sizeEnd + 2
       // The last chunk (size 0) has nothing to carry: the close ends the body.
-      if (size > 0) payloads.push(chunk.subarray(start, start + size))
-      offset = start + size + 2
+      if (size > 0) payloads.push(chunk.subarray(start, end))
+      offset = end + 2
     }
-    if (payloads.length === 0) return this.socket.write(Buffer.alloc(0), callback)
-    if (payloads.length === 1) return this.socket.write(payloads[0], callback)
-    // Corked, the pieces leave in one writev.
-    this.socket.cork()
-    for (let index = 0; index < payloads.length - 1; index++) this.socket.write(payloads[index])
-    const flushed = this.socket.write(payloads[payloads.length - 1], callback)
-    this.socket.uncork()
-    return flushed
+    // One write, as for every other sink: behind a slow reader Node queues
+    // each write with an overhead of its own, which the bound on a stream's
+    // unsent bytes would not see.
+    return this.socket.write(payloads.length === 1 ? payloads[0] : Buffer.concat(payloads), callback)
   }
 
   end (): void {
