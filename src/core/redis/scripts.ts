@@ -16,11 +16,15 @@
  * and microsecond timestamps stay far below it.
  */
 
-/** Redis's clock in microseconds, and how such numbers are written as strings. */
+/** Redis's clock in microseconds and in milliseconds, and how such numbers are written as strings. */
 const CLOCK = `
 local function clock_us()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000000 + tonumber(t[2])
+end
+
+local function clock_ms()
+  return math.floor(clock_us() / 1000)
 end
 
 local function fmt(n)
@@ -229,9 +233,6 @@ return { 'ok', fmt(id) }
  * more) is dropped.
  */
 const LIVE_MEMBERS = `${CLOCK}
-local function clock_ms()
-  return math.floor(clock_us() / 1000)
-end
 local function beating(prefix, inst, now_ms, inst_ttl)
   local beat = redis.call('ZSCORE', prefix .. 'instances', inst)
   return beat and tonumber(beat) > now_ms - inst_ttl
@@ -446,7 +447,7 @@ return 0
  */
 export const BEAT = `${CLOCK}
 local prefix, inst = ARGV[1], ARGV[2]
-redis.call('ZADD', prefix .. 'instances', fmt(math.floor(clock_us() / 1000)), inst)
+redis.call('ZADD', prefix .. 'instances', fmt(clock_ms()), inst)
 redis.call('EXPIRE', prefix .. 'i:' .. inst .. ':conns', tonumber(ARGV[3]))
 return 0
 `
@@ -456,7 +457,7 @@ return 0
  * ('dead') by Redis's clock. ARGV: prefix, instanceTtlMs, 'live' | 'dead'.
  */
 export const INSTANCES = `${CLOCK}
-local cutoff = fmt(math.floor(clock_us() / 1000) - tonumber(ARGV[2]))
+local cutoff = fmt(clock_ms() - tonumber(ARGV[2]))
 if ARGV[3] == 'live' then return redis.call('ZRANGEBYSCORE', ARGV[1] .. 'instances', cutoff, '+inf') end
 return redis.call('ZRANGEBYSCORE', ARGV[1] .. 'instances', '-inf', '(' .. cutoff)
 `
@@ -587,19 +588,21 @@ end)
 local seen, out, skipped = {}, {}, 0
 for _, conversation in ipairs(conversations) do
   -- Its size counts the user: past max + 1 it cannot fit, and is not read.
+  local fits = conversation.size <= max + 1
   local added = {}
-  if conversation.size <= max + 1 then
+  if fits then
     for _, m in ipairs(redis.call('SMEMBERS', prefix .. 'cv:' .. conversation.id)) do
       if m ~= user and not seen[m] then added[#added + 1] = m end
     end
+    fits = #out + #added <= max
   end
-  if conversation.size > max + 1 or #out + #added > max then
-    skipped = skipped + 1
-  else
+  if fits then
     for _, m in ipairs(added) do
       seen[m] = true
       out[#out + 1] = m
     end
+  else
+    skipped = skipped + 1
   end
 end
 table.insert(out, 1, skipped)
