@@ -5,7 +5,7 @@ import type { Socket } from 'node:net'
 import type { DestinationStream } from 'pino'
 import type { Config } from './config'
 import { StoreUnavailableError } from './core/state'
-import { errForLog, GatewayLogController, noteRefusal, redactUrl, requestIdOf, withoutJwts } from './logging'
+import { errForLog, GatewayLogController, logCompleted, noteRefusal, redactUrl, requestIdOf, withoutJwts } from './logging'
 import configPlugin from '../plugins/config'
 import authPlugin from '../plugins/auth'
 import registryPlugin from '../plugins/registry'
@@ -66,9 +66,10 @@ function routerError (error: Error & { code?: string }, request: FastifyRequest,
     return
   }
   const [statusCode, message] = refusal
+  noteRefusal(reply, error.code, message)
   reply.code(statusCode).send({ statusCode, code: error.code, error: httpReason(statusCode), message })
   // These never reach a route, whose completion writes the request's line.
-  request.log.info({ req: request, res: { statusCode }, code: error.code, reason: message }, 'request completed')
+  logCompleted(request, reply)
 }
 
 /**

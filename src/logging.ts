@@ -16,10 +16,15 @@ export class GatewayLogController extends LogController {
     if (error !== null && error !== undefined) {
       reply.log.error({ req: request, res: reply, err: error, responseTime: reply.elapsedTime }, 'request errored')
     } else {
-      const refusal = refusals.get(reply)
-      reply.log.info({ req: request, res: reply, responseTime: reply.elapsedTime, code: refusal?.code, reason: refusal?.reason }, 'request completed')
+      logCompleted(request, reply)
     }
   }
+}
+
+/** A request's one line, with why it was refused (noteRefusal) if it was. */
+export function logCompleted (request: FastifyRequest, reply: FastifyReply): void {
+  const refusal = refusals.get(reply)
+  reply.log.info({ req: request, res: reply, responseTime: reply.elapsedTime, code: refusal?.code, reason: refusal?.reason }, 'request completed')
 }
 
 // Why a request was refused, for its one line: kept only until it completes.
