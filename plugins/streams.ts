@@ -145,7 +145,7 @@ function headOf (reply: FastifyReply, http10: boolean): Buffer {
     if (value !== undefined) (headers ??= {})[name] = value
   }
   if (headers === null) return http10 ? PLAIN_HEAD_HTTP10 : PLAIN_HEAD
-  return http10 ? streamHead({ ...headers, ...SSE_HEADERS_HTTP10 }, false) : streamHead({ ...headers, ...SSE_HEADERS })
+  return streamHead({ ...headers, ...(http10 ? SSE_HEADERS_HTTP10 : SSE_HEADERS) }, !http10)
 }
 
 /** `Last-Event-ID` header first (browsers send it), then `?lastEventId=`. */
