@@ -8,8 +8,8 @@
 import { join } from 'node:path'
 import { setTimeout as delay } from 'node:timers/promises'
 import t, { type Test } from 'tap'
-import { adminToken, eventually, openConnected, openStream, request, spawnServer, startGateway, TEST_SECRET, userToken, type ServerProcess } from './helpers'
-import { presence } from './helpers/channels'
+import { eventually, openConnected, openStream, spawnServer, startGateway, TEST_SECRET, userToken, type ServerProcess } from './helpers'
+import { presence, stats } from './helpers/channels'
 import { needRedis, redisClient, REDIS_URL, startOwnRedis, uniquePrefix } from './helpers/redis'
 
 const INSTANCE_TTL_MS = 3000
@@ -26,11 +26,6 @@ async function spawnSkewed (t: Test, env: Record<string, string>, skewMs = CLOCK
   return await spawnServer(t, { ...env, JWT_SECRET: TEST_SECRET, HOST: '127.0.0.1', LOG_LEVEL: 'warn', NODE_OPTIONS: `--require ${SKEW_PRELOAD}`, CLOCK_SKEW_MS: String(skewMs) })
 }
 
-async function statsOf (t: Test, url: string): Promise<{ instances: number, connections: number }> {
-  const answer = await request<{ instances: number, connections: number }>(`${url}/v1/stats`, { token: adminToken() })
-  t.equal(answer.status, 200)
-  return answer.json
-}
 
 t.test('instances whose clocks run 30 s behind and ahead still count as live: their streams count for presence and the per-user limit, they see the others as live, and none is reaped', async (t) => {
   if (!(await needRedis(t))) return
@@ -42,14 +37,14 @@ t.test('instances whose clocks run 30 s behind and ahead still count as live: th
 
   await openConnected(`${behind.url}/v1/stream?token=${userToken('u1')}`, { t })
   t.same(await presence(onTime, 'u1'), { userId: 'u1', online: true, connections: 1 }, 'the stream on the instance behind counts as online')
-  for (const url of [onTime.url, ahead.url, behind.url]) t.match(await statsOf(t, url), { instances: 3, connections: 1 }, 'all three instances are live, whoever asks')
+  for (const gateway of [onTime, ahead, behind]) t.match(await stats(gateway), { instances: 3, connections: 1 }, 'all three instances are live, whoever asks')
   const second = await openStream(`${onTime.url}/v1/stream?token=${userToken('u1')}`, { t })
   t.equal(second.status, 429, 'the stream on the instance behind counts against the limit')
 
   // Past several beats and reap checks of every instance.
   await delay(2 * INSTANCE_TTL_MS)
   t.same(await presence(onTime, 'u1'), { userId: 'u1', online: true, connections: 1 }, 'still online: not reaped')
-  for (const url of [onTime.url, ahead.url, behind.url]) t.match(await statsOf(t, url), { instances: 3, connections: 1 }, 'still all live')
+  for (const gateway of [onTime, ahead, behind]) t.match(await stats(gateway), { instances: 3, connections: 1 }, 'still all live')
 })
 
 t.test('evict-oldest evicts the stream admitted first, not the one whose instance\'s clock is behind', async (t) => {

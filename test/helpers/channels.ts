@@ -153,7 +153,7 @@ export interface StatsReply {
   instances: number
 }
 
-export async function stats (gateway: Gateway): Promise<StatsReply> {
+export async function stats (gateway: Pick<Gateway, 'url'>): Promise<StatsReply> {
   const answer = await request<StatsReply>(`${gateway.url}/v1/stats`, { token: ADMIN })
   if (answer.status !== 200) throw new Error(`GET /v1/stats answered ${answer.status}: ${answer.text}`)
   return answer.json
