@@ -5,6 +5,7 @@ import type { Socket } from 'node:net'
 import type { DestinationStream } from 'pino'
 import type { Config } from './config'
 import { StoreUnavailableError } from './core/state'
+import { errors } from './errors'
 import { errForLog, GatewayLogController, logCompleted, noteRefusal, redactUrl, requestIdOf, withoutJwts } from './logging'
 import configPlugin from '../plugins/config'
 import authPlugin from '../plugins/auth'
@@ -133,6 +134,9 @@ export async function buildApp (config: Config, options: BuildOptions = {}): Pro
     routerOptions: { maxParamLength: 2304 },
     frameworkErrors: routerError,
     clientErrorHandler: clientError,
+    // Node would answer a missing Host with an empty 400 and no log line;
+    // the hook below refuses it in the contract's shape instead.
+    http: { requireHostHeader: false },
     ajv: { customOptions: { removeAdditional: false, coerceTypes: false, allErrors: false } },
     // Event data and job results pass through as the publisher wrote them, as
     // they do through Redis ingress: JSON.parse makes `__proto__` an own key,
@@ -167,6 +171,16 @@ export async function buildApp (config: Config, options: BuildOptions = {}): Pro
       error: httpReason(statusCode),
       message: error.message
     })
+  })
+
+  // RFC 9112 §3.2: an HTTP/1.1 request without Host is refused. HTTP/1.0 has none to send.
+  app.addHook('onRequest', (request, reply, done) => {
+    if (request.headers.host === undefined && request.raw.httpVersion === '1.1') {
+      reply.header('connection', 'close')
+      done(new errors.BadRequest('the Host header is missing'))
+    } else {
+      done()
+    }
   })
 
   app.setNotFoundHandler((request, reply) => {
@@ -218,7 +232,7 @@ export async function buildApp (config: Config, options: BuildOptions = {}): Pro
 
   let internalServer: Server | null = null
   if (config.internalPort !== null) {
-    const server = createServer((request, response) => app.server.emit('request', request, response))
+    const server = createServer({ requireHostHeader: false }, (request, response) => app.server.emit('request', request, response))
     server.on('clientError', clientError.bind(app))
     server.on('connection', (socket: Socket) => internalSockets.add(socket))
     internalServer = server

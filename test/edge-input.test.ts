@@ -221,6 +221,23 @@ t.test('requests the HTTP parser refuses get the contract\'s error shape on eith
   t.notMatch(logText(), /SECRET/, 'no byte of the refused requests is logged')
 })
 
+t.test('an HTTP/1.1 request without Host gets 400 in the contract\'s shape on either listener, with its log line; HTTP/1.0 needs none', async (t) => {
+  const { port, app, logText } = await startGateway(t, { INTERNAL_PORT: '0' }, { captureLogs: true })
+  const internal = (await listenInternal(app, 0, '127.0.0.1')).address()
+  const internalPort = typeof internal === 'object' && internal !== null ? internal.port : 0
+  for (const to of [port, internalPort]) {
+    const missing = (await rawExchange(to, 'GET /v1/presence/u1 HTTP/1.1\r\n\r\n')).response()
+    t.equal(missing.status, 400)
+    t.equal(missing.headers.connection, 'close')
+    t.same(JSON.parse(missing.body), { statusCode: 400, code: 'GW_BAD_REQUEST', error: 'Bad Request', message: 'the Host header is missing' })
+    const http10 = (await rawExchange(to, 'GET /health HTTP/1.0\r\n\r\n')).response()
+    t.equal(http10.status, 200, 'HTTP/1.0 has no Host to send')
+  }
+  const lines = (): Array<{ code?: string, res?: { statusCode: number } }> => logText().split('\n').filter((line) => line.includes('"request completed"')).map((line) => JSON.parse(line))
+  await eventually(() => lines().filter((line) => line.code === 'GW_BAD_REQUEST').length === 2, 'a line for each refusal')
+  t.same(lines().filter((line) => line.code === 'GW_BAD_REQUEST').map((line) => line.res?.statusCode), [400, 400])
+})
+
 t.test('data and job results holding `__proto__` or `constructor.prototype` keys pass through as written, and no prototype changes', async (t) => {
   const { url } = await startGateway(t)
   const { stream } = await openConnected(`${url}/v1/stream?token=${userToken('u1')}`, { t })
