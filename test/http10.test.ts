@@ -3,7 +3,7 @@
  * events without chunked coding, the body ended by the connection's close.
  */
 import t from 'tap'
-import { publishOk, publisherToken, startGateway, userToken } from './helpers'
+import { eventually, publishOk, publisherToken, startGateway, userToken } from './helpers'
 import { rawConnect, type RawClient } from './helpers/raw'
 
 const publisher = publisherToken()
@@ -21,7 +21,7 @@ function chunkSizeLines (body: string): string[] {
 }
 
 t.test('an HTTP/1.0 stream gets the events unchunked, with Connection: close, and its end closes the connection', async (t) => {
-  const { port, url } = await startGateway(t, { MAX_CONNECTIONS_PER_USER: '1', CONNECTION_LIMIT_POLICY: 'evict-oldest' })
+  const { port, url, logText } = await startGateway(t, { MAX_CONNECTIONS_PER_USER: '1', CONNECTION_LIMIT_POLICY: 'evict-oldest' }, { captureLogs: true })
   const client = await openHttp10(t, port, 'u1')
   const head = client.response()
   t.equal(head.status, 200)
@@ -41,6 +41,9 @@ t.test('an HTTP/1.0 stream gets the events unchunked, with Connection: close, an
   t.equal(events[events.length - 1].event, 'evicted', 'the last event before the close')
   t.same(chunkSizeLines(client.response().body), [], 'no chunk framing anywhere in the body')
   t.notOk(second.closed, 'the new stream stays')
+  const closed = (): Array<{ bytes: number }> => logText().split('\n').filter((line) => line.includes('"stream closed"')).map((line) => JSON.parse(line))
+  await eventually(() => closed().length === 1, 'the stream closed line')
+  t.same(closed().map((line) => line.bytes), [client.raw().length], 'its log line counts the bytes sent, not the chunk framing dropped')
 })
 
 t.test('an HTTP/1.0 reconnect with Last-Event-ID gets what it missed, unchunked and in order', async (t) => {

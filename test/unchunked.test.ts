@@ -51,6 +51,8 @@ t.test('the head passes as it is, even split across writes; runs of chunks lose 
   const body = await within(received, 5000, 'the close')
   t.equal(body.toString('latin1'), head.toString('latin1') + payloads.join(''), 'head, then the payloads, nothing else')
   t.same(callbacks, [null], 'the write\'s callback was called once, without an error')
+  const given = head.length + frames.reduce((sum, frame) => sum + frame.length, 0) + END_CHUNK.length
+  t.equal(given - sink.droppedFraming, body.length, 'what it says it dropped is what the client did not get')
 })
 
 t.test('a write that is not whole chunks ends the stream and fails its callback, rather than send garbage', async (t) => {

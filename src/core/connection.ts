@@ -9,6 +9,8 @@ export interface Sink {
   destroy (): void
   readonly writableLength: number
   readonly destroyed: boolean
+  /** Bytes of what it was given that it did not send (an HTTP/1.0 stream's chunk framing). */
+  readonly droppedFraming?: number
   on (event: 'close', listener: () => void): unknown
   once (event: 'drain' | 'close' | 'finish', listener: () => void): unknown
   off (event: 'drain' | 'close', listener: () => void): unknown
@@ -126,7 +128,8 @@ export class StreamConnection {
   /** When (performance.now()) the bus last knew its subscription whole before the outage that set `catchUpFrom`: nothing it missed is older. */
   catchUpSince = 0
   eventsSent = 0
-  bytesSent = 0
+  /** Bytes handed to the sink, chunk framing included. */
+  private bytesGiven = 0
   lastWriteAt = Date.now()
   closeReason: CloseReason | null = null
   /** When set, the stream ends after the first event for which it returns true. */
@@ -241,6 +244,11 @@ export class StreamConnection {
 
   get closed (): boolean {
     return this.closeReason !== null
+  }
+
+  /** Bytes of the response sent so far, head included. */
+  get bytesSent (): number {
+    return this.bytesGiven - (this.sink.droppedFraming ?? 0)
   }
 
   get live (): boolean {
@@ -387,7 +395,7 @@ export class StreamConnection {
         const grace = setTimeout(done, CLOSE_GRACE_MS, false)
         grace.unref()
         const end = Buffer.concat(last)
-        this.bytesSent += end.length
+        this.bytesGiven += end.length
         if (handBack !== null) {
           // Called once everything before it has gone to the kernel, or with an error.
           sink.write(end, (error) => done(error === undefined || error === null))
@@ -451,7 +459,7 @@ export class StreamConnection {
   }
 
   private writeRaw (chunk: Buffer): boolean {
-    this.bytesSent += chunk.length
+    this.bytesGiven += chunk.length
     this.lastWriteAt = Date.now()
     const flushed = this.sink.write(chunk)
     this.unsentAtLastWrite = this.sink.writableLength

@@ -12,6 +12,7 @@ const CRLF = Buffer.from('\r\n')
  */
 export class UnchunkedSink implements Sink {
   private headLeft: number
+  droppedFraming = 0
 
   constructor (private readonly socket: Sink, headBytes: number) {
     this.headLeft = headBytes
@@ -28,11 +29,13 @@ export class UnchunkedSink implements Sink {
   /** `chunk` is the head's rest, if any, then whole chunks (what every other sink is written). */
   write (chunk: Buffer, callback?: (error?: Error | null) => void): boolean {
     const payloads: Buffer[] = []
+    let payloadBytes = 0
     let offset = 0
     if (this.headLeft > 0) {
       offset = Math.min(this.headLeft, chunk.length)
       this.headLeft -= offset
       payloads.push(chunk.subarray(0, offset))
+      payloadBytes = offset
     }
     while (offset < chunk.length) {
       const sizeEnd = chunk.indexOf(CRLF, offset)
@@ -47,9 +50,13 @@ export class UnchunkedSink implements Sink {
         return false
       }
       // The last chunk (size 0) has nothing to carry: the close ends the body.
-      if (size > 0) payloads.push(chunk.subarray(start, end))
+      if (size > 0) {
+        payloads.push(chunk.subarray(start, end))
+        payloadBytes += size
+      }
       offset = end + 2
     }
+    this.droppedFraming += chunk.length - payloadBytes
     // One write, as for every other sink: behind a slow reader Node queues
     // each write with an overhead of its own, which the bound on a stream's
     // unsent bytes would not see.
