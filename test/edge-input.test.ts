@@ -5,11 +5,13 @@
  * with a 4xx in the contract's shape (or, through Redis ingress, counted and
  * dropped) and nothing else is disturbed.
  */
+import { once } from 'node:events'
 import { STATUS_CODES } from 'node:http'
+import type { Socket } from 'node:net'
 import t from 'tap'
 import { listenInternal } from '../src/app'
 import { eventually, openConnected, openStream, publish, publishOk, publisherToken, request, startGateway, token, userToken } from './helpers'
-import { metricValue, rawExchange, scrape } from './helpers/raw'
+import { metricValue, rawConnect, rawExchange, scrape } from './helpers/raw'
 import { needRedis, redisClient, REDIS_URL, uniquePrefix } from './helpers/redis'
 
 const publisher = publisherToken()
@@ -219,6 +221,33 @@ t.test('requests the HTTP parser refuses get the contract\'s error shape on eith
     [400, 'GW_BAD_REQUEST', 'HPE_INVALID_HEADER_TOKEN'], [431, 'GW_TOO_LARGE', 'HPE_HEADER_OVERFLOW']
   ], 'each line says what was answered and why')
   t.notMatch(logText(), /SECRET/, 'no byte of the refused requests is logged')
+})
+
+t.test('a head not received in time gets 408 GW_TIMEOUT; a refusal is not written into a response already under way', async (t) => {
+  // Node times a head out only every 30 s or more: its refusal is handed to the handler as Node would hand it.
+  const { port, app, logText } = await startGateway(t, {}, { captureLogs: true })
+  const accepted = (): Promise<Socket> => once(app.server, 'connection').then(([socket]) => socket as Socket)
+  const refuse = (socket: Socket): void => {
+    app.server.emit('clientError', Object.assign(new Error('Request timeout'), { code: 'ERR_HTTP_REQUEST_TIMEOUT' }), socket)
+  }
+
+  const timedOutSocket = accepted()
+  const timedOut = await rawConnect(t, port)
+  refuse(await timedOutSocket)
+  await timedOut.waitClose()
+  const response = timedOut.response()
+  t.equal(response.status, 408)
+  t.equal(response.headers.connection, 'close')
+  t.same(JSON.parse(response.body), { statusCode: 408, code: 'GW_TIMEOUT', error: 'Request Timeout', message: 'the request was not received in time' })
+  await eventually(() => logText().includes('"GW_TIMEOUT"'), 'its log line')
+
+  const busySocket = accepted()
+  const busy = await rawConnect(t, port)
+  const socket = await busySocket
+  Object.assign(socket, { _httpMessage: { headersSent: true } })
+  refuse(socket)
+  await busy.waitClose()
+  t.equal(busy.raw().length, 0, 'nothing was spliced into the response under way; the connection closed')
 })
 
 t.test('an HTTP/1.1 request without Host gets 400 in the contract\'s shape on either listener, with its log line; HTTP/1.0 needs none', async (t) => {
