@@ -52,6 +52,8 @@ Options:
   --quick              small sizes: a smoke run in under a minute
   --subscribers N      streams per scenario (defaults: s1 10000, s2 10000, s3 1000, s4 10000, s5 5000)
   --events E           events of the s2/s4 burst (default 200)
+  --burst-rate R       publish the s2/s4 burst at R events/s instead of back to back
+                       (s2 at s4's publish rate compares the two at the same load)
   --rate R             events/s for s3 (default 100) and s5 (default 5)
   --duration S         seconds for s3 (default 10) and s5 (default 120)
   --in-flight P        handshakes in flight while opening (default 32)
@@ -81,6 +83,7 @@ function parseOptions (argv: string[]): Options {
       quick: { type: 'boolean' },
       subscribers: { type: 'string' },
       events: { type: 'string' },
+      'burst-rate': { type: 'string' },
       rate: { type: 'string' },
       duration: { type: 'string' },
       'in-flight': { type: 'string' },
@@ -134,6 +137,7 @@ function parseOptions (argv: string[]): Options {
     quick: values.quick === true,
     subscribers: number('subscribers', values.subscribers, 1, 1_000_000),
     events: number('events', values.events, 1, 1_000_000),
+    burstRate: number('burst-rate', values['burst-rate'], 0.1, 100_000),
     rate: number('rate', values.rate, 0.1, 100_000),
     duration: number('duration', values.duration, 1, 86_400),
     inFlight: number('in-flight', values['in-flight'], 1, 10_000) ?? 32,

@@ -16,6 +16,8 @@ export interface Options {
   quick: boolean
   subscribers: number | null
   events: number | null
+  /** s2/s4: publish the burst at this many events/s instead of back to back. */
+  burstRate: number | null
   rate: number | null
   duration: number | null
   inFlight: number

@@ -36,7 +36,8 @@ export interface BurstResult {
 
 /**
  * Opens `subscribers` streams spread over `servers`, publishes `events` back to
- * back (round robin over the servers), waits for the deliveries and measures.
+ * back (or at --burst-rate; round robin over the servers), waits for the
+ * deliveries and measures.
  */
 export async function fanOutBurst (ctx: Context, servers: ServerProcess[], subscribers: number, events: number, redisPid: number | null = null): Promise<BurstResult> {
   const notes: string[] = []
@@ -54,7 +55,9 @@ export async function fanOutBurst (ctx: Context, servers: ServerProcess[], subsc
   let publishing = true
   // Bounded: generous for a slow server, never endless.
   const deadline = Date.now() + 60_000 + (expected / 5000) * 1000
-  const publishDone = publisher.burst(events, deadline).then((summary) => {
+  const rate = ctx.options.burstRate
+  const sending = rate === null ? publisher.burst(events, deadline) : publisher.paced(rate, (events * 1000) / rate, () => Date.now() > deadline)
+  const publishDone = sending.then((summary) => {
     publishing = false
     return summary
   })
@@ -113,7 +116,7 @@ export const s2 = defineScenario({
   metrics: fanOutMetrics,
   params (ctx: Context) {
     const { options } = ctx
-    return { subscribers: options.subscribers ?? (options.quick ? 500 : 10_000), events: options.events ?? (options.quick ? 50 : 200) }
+    return { subscribers: options.subscribers ?? (options.quick ? 500 : 10_000), events: options.events ?? (options.quick ? 50 : 200), burstRate: options.burstRate }
   },
   async run (ctx: Context, kind: TargetKind, params: { subscribers: number, events: number }): Promise<TargetRun> {
     const server = await ctx.startServer(kind, { label: `s2-${kind}`, cpu: ctx.options.serverCpu })

@@ -74,10 +74,11 @@ export const s4 = defineScenario({
       instances: 2,
       subscribers: options.subscribers ?? (options.quick ? 500 : 10_000),
       events: options.events ?? (options.quick ? 50 : 200),
+      burstRate: options.burstRate,
       redisUrl: options.redisUrl
     }
   },
-  async run (ctx: Context, kind: TargetKind, params: { instances: number, subscribers: number, events: number, redisUrl: string }): Promise<TargetRun> {
+  async run (ctx: Context, kind: TargetKind, params: { instances: number, subscribers: number, events: number, burstRate: number | null, redisUrl: string }): Promise<TargetRun> {
     const url = params.redisUrl
     if (!await redisAnswers(url)) throw new Error(`not run: no Redis answers at ${url} (set --redis-url or REDIS_URL)`)
     const prefix = `bench-${Date.now().toString(36)}-${randomBytes(3).toString('hex')}:`
@@ -123,7 +124,7 @@ export const s4 = defineScenario({
       result.notes.push('no embedded-mode S2 gateway run in this invocation to compare with')
       return
     }
-    const same = embedded?.params.subscribers === result.params.subscribers && embedded?.params.events === result.params.events
+    const same = embedded?.params.subscribers === result.params.subscribers && embedded?.params.events === result.params.events && embedded?.params.burstRate === result.params.burstRate
     const redisRate = run.values.deliveries_per_s
     const embeddedRate = reference.values.deliveries_per_s
     const redisP99 = run.values.latency_p99_ms
