@@ -5,6 +5,8 @@
  * a socket that is already behind.
  */
 import t from 'tap'
+import { setFlagsFromString } from 'node:v8'
+import { runInNewContext } from 'node:vm'
 import type { Test } from 'tap'
 import { createServer, connect, type Server, type Socket } from 'node:net'
 import { once } from 'node:events'
@@ -55,7 +57,7 @@ async function socketPair (t: Test): Promise<Pair> {
   return { server, client, writes, received: () => Buffer.concat(chunks), waiters }
 }
 
-function streamOn (pair: Pair, scheduler: WriteScheduler, maxBufferedBytes = 64 * 1024 * 1024, id = 'c1'): StreamConnection {
+function streamOn (pair: Pair, scheduler: WriteScheduler, maxBufferedBytes = 64 * 1024 * 1024, id = 'c1', live = true): StreamConnection {
   const connection = new StreamConnection({
     id,
     userId: 'u1',
@@ -67,7 +69,7 @@ function streamOn (pair: Pair, scheduler: WriteScheduler, maxBufferedBytes = 64 
     tokenExpiresAt: null,
     remoteAddress: '127.0.0.1'
   })
-  connection.goLive()
+  if (live) connection.goLive()
   return connection
 }
 
@@ -244,5 +246,36 @@ t.test('with the default bound, a burst of 400 events due on a stream is one vie
   t.ok(pair.received().equals(all), 'every event, exactly and in order')
   t.equal(pair.writes.length, 1, 'one write')
   t.equal(pair.writes[0].buffer.byteLength, 64 * 1024, 'a view of the arena\'s slab')
+  connection.close('shutdown')
+})
+
+t.test('a long hold of sparse events does not keep a slab alive per event: the held frames are copied out once they pin twice the bound', async (t) => {
+  setFlagsFromString('--expose-gc')
+  const gc = runInNewContext('gc') as () => void
+  const pair = await socketPair(t)
+  // Still in its setup phase (replaying): live events are held.
+  const connection = streamOn(pair, new WriteScheduler(), 64 * 1024, 'c-held', false)
+  const slabs: Array<WeakRef<ArrayBuffer>> = []
+  const expected: Buffer[] = []
+  for (let id = 1; id <= 100; id++) {
+    // Each event the only one of this stream's in a slab the others filled.
+    const frame = frameWithId(id, renderBody('sparse', String(id)))
+    const slab = new ArrayBuffer(64 * 1024)
+    const view = Buffer.from(slab, 1000, frame.length)
+    frame.copy(view)
+    slabs.push(new WeakRef(slab))
+    expected.push(frame)
+    connection.deliver(id, view)
+  }
+  gc()
+  await new Promise((resolve) => setImmediate(resolve))
+  gc()
+  const alive = slabs.filter((slab) => slab.deref() !== undefined).length
+  t.ok(alive <= 3, `${alive} of the 100 slabs still alive (at most twice the bound's worth)`)
+  t.notOk(connection.closed, 'the stream is not called slow for it')
+  connection.goLive()
+  const all = Buffer.concat(expected)
+  await receivedAll(pair, all)
+  t.ok(pair.received().equals(all), 'every held event, exactly and in order')
   connection.close('shutdown')
 })

@@ -148,6 +148,13 @@ export class StreamConnection {
   /** Live events that arrive while history is being replayed; null once live. */
   private held: HistoryEntry[] | null = []
   private heldBytes = 0
+  /**
+   * What the held frames keep alive: each is a view of a shared arena slab,
+   * which lives as long as one view of it does. A hold that lasts (a slow
+   * replay) while sparse events arrive would keep a whole slab per event.
+   */
+  private heldSlabBytes = 0
+  private lastHeldSlab: ArrayBufferLike | null = null
   // What the next write holds: earlier pieces, then a run of frames that lie
   // back to back in one buffer (see FrameArena), which goes out as one view.
   private pieces: Buffer[] | null = null
@@ -262,7 +269,16 @@ export class StreamConnection {
       this.held.push({ id, frame })
       this.heldBytes += frame.length
       if (frame.length > this.largestFrame) this.largestFrame = frame.length
-      if (this.heldBytes > this.bufferBound()) this.close('slow')
+      if (this.heldBytes > this.bufferBound()) {
+        this.close('slow')
+        return
+      }
+      if (frame.buffer !== this.lastHeldSlab) {
+        this.lastHeldSlab = frame.buffer
+        this.heldSlabBytes += frame.buffer.byteLength
+        // Twice the bound: the copy then happens at most once per bound's worth of new slabs.
+        if (this.heldSlabBytes > 2 * this.bufferBound()) this.compactHeld()
+      }
       return
     }
     this.lastId = id
@@ -289,8 +305,7 @@ export class StreamConnection {
       // Held arrivals may repeat an id (one event on two channels) or one of
       // `entries`: sorted, the lastId check below writes each once.
       entries = [...entries, ...this.held].sort((a, b) => a.id - b.id)
-      this.held = []
-      this.heldBytes = 0
+      this.setHeld([])
     }
     // What is already queued (connected, reset) goes first.
     this.flush()
@@ -328,15 +343,36 @@ export class StreamConnection {
    */
   hold (): boolean {
     if (!this.live) return false
-    this.held = []
+    this.setHeld([])
     return true
+  }
+
+  private setHeld (held: HistoryEntry[] | null): void {
+    this.held = held
+    this.heldBytes = 0
+    this.heldSlabBytes = 0
+    this.lastHeldSlab = null
+  }
+
+  /** The held frames copied into one buffer of their own, letting go of the slabs they kept. */
+  private compactHeld (): void {
+    const held = this.held
+    if (held === null) return
+    const copy = Buffer.concat(held.map((entry) => entry.frame), this.heldBytes)
+    let offset = 0
+    for (const entry of held) {
+      const length = entry.frame.length
+      entry.frame = copy.subarray(offset, offset + length)
+      offset += length
+    }
+    this.lastHeldSlab = copy.buffer
+    this.heldSlabBytes = copy.buffer.byteLength
   }
 
   /** Ends the setup phase: events held during replay go out in order, then live delivery. */
   goLive (): void {
     const held = this.held
-    this.held = null
-    this.heldBytes = 0
+    this.setHeld(null)
     if (held === null || this.closed) return
     for (const { id, frame } of held) this.deliver(id, frame)
   }
@@ -366,7 +402,7 @@ export class StreamConnection {
   close (reason: CloseReason, lastFrame?: Buffer): void {
     if (this.closed) return
     this.closeReason = reason
-    this.held = null
+    this.setHeld(null)
     const pending = this.takePending()
     if (!this.sink.destroyed) {
       if (reason === 'slow' || reason === 'error') {
