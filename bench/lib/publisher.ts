@@ -93,18 +93,26 @@ export class Publisher {
   }
 
   /**
-   * `ratePerS` events per second for `durationMs` (at most `count`), on a fixed
-   * schedule: a late answer makes the next event leave at once, never skips one.
+   * `ratePerS` events per second for `durationMs`, on a fixed schedule: a
+   * late answer makes the next event leave at once, never skips one.
    */
   async paced (ratePerS: number, durationMs: number, shouldStop: () => boolean = () => false): Promise<PublishSummary> {
+    const stopAt = Date.now() + durationMs + 5000
+    return await this.onSchedule(ratePerS, Math.floor(durationMs * ratePerS / 1000), () => !shouldStop() && Date.now() <= stopAt)
+  }
+
+  /** `count` events at `ratePerS`, scheduled as `paced` does, bounded by `deadlineMs`. */
+  async pacedBurst (count: number, ratePerS: number, deadlineMs: number): Promise<PublishSummary> {
+    return await this.onSchedule(ratePerS, count, () => Date.now() < deadlineMs)
+  }
+
+  private async onSchedule (ratePerS: number, count: number, mayGoOn: () => boolean): Promise<PublishSummary> {
     const start = Date.now()
     const interval = 1000 / ratePerS
-    const count = Math.floor(durationMs * ratePerS / 1000)
-    for (let index = 0; index < count && !shouldStop(); index++) {
-      const due = start + index * interval
-      const wait = due - Date.now()
+    for (let index = 0; index < count && mayGoOn(); index++) {
+      const wait = start + index * interval - Date.now()
       if (wait > 1) await new Promise((resolve) => setTimeout(resolve, wait))
-      if (Date.now() > start + durationMs + 5000) break
+      if (!mayGoOn()) break
       await this.publishOne()
     }
     return this.summary(Date.now() - start)

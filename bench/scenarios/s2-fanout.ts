@@ -53,10 +53,10 @@ export async function fanOutBurst (ctx: Context, servers: ServerProcess[], subsc
   const meter = new CpuMeter()
   const expected = opened.established * events
   let publishing = true
-  // Bounded: generous for a slow server, never endless.
-  const deadline = Date.now() + 60_000 + (expected / 5000) * 1000
   const rate = ctx.options.burstRate
-  const sending = rate === null ? publisher.burst(events, deadline) : publisher.paced(rate, (events * 1000) / rate, () => Date.now() > deadline)
+  // Bounded: generous for a slow server, never endless.
+  const deadline = Date.now() + 60_000 + (expected / 5000) * 1000 + (rate === null ? 0 : (events / rate) * 1000)
+  const sending = rate === null ? publisher.burst(events, deadline) : publisher.pacedBurst(events, rate, deadline)
   const publishDone = sending.then((summary) => {
     publishing = false
     return summary
