@@ -101,6 +101,9 @@ function withoutItem (list: string[], item: string): string[] | null {
 
 const REPLAY_CHUNK_BYTES = 64 * 1024
 const DRAIN_WAIT_MS = 30_000
+/** A held arena view's copy, shared by every stream holding that view; it lives as long as the view. */
+const heldCopies = new WeakMap<Buffer, Buffer>()
+
 /** How long a closed stream's last bytes may take to flush before the socket is destroyed anyway. */
 export const CLOSE_GRACE_MS = 5000
 
@@ -155,6 +158,8 @@ export class StreamConnection {
    */
   private heldSlabBytes = 0
   private lastHeldSlab: ArrayBufferLike | null = null
+  /** Held frames before this index are copies already. */
+  private heldCompacted = 0
   // What the next write holds: earlier pieces, then a run of frames that lie
   // back to back in one buffer (see FrameArena), which goes out as one view.
   private pieces: Buffer[] | null = null
@@ -352,21 +357,32 @@ export class StreamConnection {
     this.heldBytes = 0
     this.heldSlabBytes = 0
     this.lastHeldSlab = null
+    this.heldCompacted = 0
   }
 
-  /** The held frames copied into one buffer of their own, letting go of the slabs they kept. */
+  /**
+   * The held frames that are views of a slab, copied so that the slabs can
+   * go. Every stream holding an event holds the same view (see Hub), and a
+   * lost subscription holds them all at once: each view is copied once,
+   * whichever stream gets to it first, and frames copied before are skipped.
+   */
   private compactHeld (): void {
     const held = this.held
     if (held === null) return
-    const copy = Buffer.concat(held.map((entry) => entry.frame), this.heldBytes)
-    let offset = 0
-    for (const entry of held) {
-      const length = entry.frame.length
-      entry.frame = copy.subarray(offset, offset + length)
-      offset += length
+    for (let index = this.heldCompacted; index < held.length; index++) {
+      const entry = held[index]
+      const frame = entry.frame
+      if (frame.buffer.byteLength <= 2 * frame.length) continue
+      let copy = heldCopies.get(frame)
+      if (copy === undefined) {
+        copy = Buffer.from(frame)
+        heldCopies.set(frame, copy)
+      }
+      entry.frame = copy
     }
-    this.lastHeldSlab = copy.buffer
-    this.heldSlabBytes = copy.buffer.byteLength
+    this.heldCompacted = held.length
+    this.lastHeldSlab = null
+    this.heldSlabBytes = 0
   }
 
   /** Ends the setup phase: events held during replay go out in order, then live delivery. */
