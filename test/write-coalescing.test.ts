@@ -280,24 +280,35 @@ t.test('a long hold of sparse events does not keep a slab alive per event: the h
   connection.close('shutdown')
 })
 
-t.test('streams holding the same sparse events share one copy of each, not one each', async (t) => {
+t.test('streams holding the same sparse events share one copy of each, not one each, and each writes its events exactly', async (t) => {
   setFlagsFromString('--expose-gc')
   const gc = runInNewContext('gc') as () => void
-  // Sinks that take everything: only what the streams keep is measured here.
-  const sink = (): Sink => ({ write: () => true, end () {}, destroy () {}, writableLength: 0, destroyed: false, on: () => undefined, once: () => undefined, off: () => undefined })
+  // Sinks that take everything and keep what they were given.
+  const written = new Map<string, Buffer[]>()
+  const sink = (id: string): Sink => {
+    const chunks: Buffer[] = []
+    written.set(id, chunks)
+    return { write: (chunk: Buffer) => chunks.push(Buffer.from(chunk)) > 0, end () {}, destroy () {}, writableLength: 0, destroyed: false, on: () => undefined, once: () => undefined, off: () => undefined }
+  }
   const scheduler = new WriteScheduler()
   const streams = Array.from({ length: 200 }, (_, index) => new StreamConnection({
-    id: `c-shared-${index}`, userId: 'u1', kind: 'stream', topics: [], sink: sink(), scheduler, maxBufferedBytes: 64 * 1024, tokenExpiresAt: null, remoteAddress: '127.0.0.1'
+    id: `c-shared-${index}`, userId: 'u1', kind: 'stream', topics: [], sink: sink(`c-shared-${index}`), scheduler, maxBufferedBytes: 64 * 1024, tokenExpiresAt: null, remoteAddress: '127.0.0.1'
   }))
   gc()
   const before = process.memoryUsage().arrayBuffers
   const slabs: Array<WeakRef<ArrayBuffer>> = []
+  const expected: Buffer[] = []
+  let slab = new ArrayBuffer(64 * 1024)
   for (let id = 1; id <= 100; id++) {
-    const frame = frameWithId(id, renderBody('sparse', JSON.stringify('x'.repeat(380))))
-    const slab = new ArrayBuffer(64 * 1024)
-    const view = Buffer.from(slab, 1000, frame.length)
+    // Four of these events to a slab, at different places in it, among others' traffic.
+    if (id % 4 === 1) {
+      slab = new ArrayBuffer(64 * 1024)
+      slabs.push(new WeakRef(slab))
+    }
+    const frame = frameWithId(id, renderBody('sparse', JSON.stringify(String(id).repeat(100).slice(0, 380))))
+    const view = Buffer.from(slab, 1000 + (id % 4) * 8000, frame.length)
     frame.copy(view)
-    slabs.push(new WeakRef(slab))
+    expected.push(frame)
     // One view for every recipient, as the hub hands them out.
     for (const stream of streams) stream.deliver(id, view)
   }
@@ -305,10 +316,18 @@ t.test('streams holding the same sparse events share one copy of each, not one e
   await new Promise((resolve) => setImmediate(resolve))
   gc()
   const held = process.memoryUsage().arrayBuffers - before
-  const alive = slabs.filter((slab) => slab.deref() !== undefined).length
-  t.ok(alive <= 3, `${alive} of the 100 slabs still alive`)
+  const alive = slabs.filter((ref) => ref.deref() !== undefined).length
+  t.ok(alive <= 3, `${alive} of the ${slabs.length} slabs still alive`)
   // 100 events of 0.4 KB: 40 KB once, 8 MB if each of the 200 streams had its own.
   t.ok(held < 1024 * 1024, `the streams keep ${(held / 1024).toFixed(0)} KB of buffers`)
   t.ok(streams.every((stream) => !stream.closed), 'none is called slow for it')
+
+  for (const stream of streams) stream.goLive()
+  const all = Buffer.concat(expected)
+  const bytesOf = (id: string): Buffer => Buffer.concat(written.get(id) ?? [])
+  // The scheduler writes them on the next turns: bounded, not a sleep.
+  const deadline = Date.now() + 5000
+  while (!streams.every((stream) => bytesOf(stream.id).length >= all.length) && Date.now() < deadline) await new Promise((resolve) => setImmediate(resolve))
+  t.ok(streams.every((stream) => bytesOf(stream.id).equals(all)), 'every stream wrote every held event, exactly and in order')
   for (const stream of streams) stream.close('shutdown')
 })

@@ -369,13 +369,25 @@ export class StreamConnection {
   private compactHeld (): void {
     const held = this.held
     if (held === null) return
+    const isView = (frame: Buffer): boolean => frame.buffer.byteLength > 2 * frame.length
+    let bytes = 0
+    for (let index = this.heldCompacted; index < held.length; index++) {
+      const frame = held[index].frame
+      if (isView(frame) && !heldCopies.has(frame)) bytes += frame.length
+    }
+    // One buffer of their own for the new copies: in Node's shared pool a
+    // small copy would keep a pool slab alive with whatever else is in it.
+    const copies = Buffer.allocUnsafeSlow(bytes)
+    let offset = 0
     for (let index = this.heldCompacted; index < held.length; index++) {
       const entry = held[index]
       const frame = entry.frame
-      if (frame.buffer.byteLength <= 2 * frame.length) continue
+      if (!isView(frame)) continue
       let copy = heldCopies.get(frame)
       if (copy === undefined) {
-        copy = Buffer.from(frame)
+        copy = copies.subarray(offset, offset + frame.length)
+        frame.copy(copy)
+        offset += frame.length
         heldCopies.set(frame, copy)
       }
       entry.frame = copy
