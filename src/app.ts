@@ -49,6 +49,13 @@ const internalSockets = new WeakSet<Socket>()
 /** How long requests in flight when the close begins may take (at most half of SHUTDOWN_TIMEOUT_MS). */
 const FORCE_CLOSE_AFTER_MS = 5000
 
+/**
+ * Both listeners' Node options. Node would answer a missing Host with an
+ * empty 400 and no log line; an onRequest hook refuses it in the contract's
+ * shape instead.
+ */
+const HTTP_SERVER_OPTIONS = { requireHostHeader: false }
+
 
 /**
  * The router's own refusals (a malformed escape, a path parameter over
@@ -134,9 +141,7 @@ export async function buildApp (config: Config, options: BuildOptions = {}): Pro
     routerOptions: { maxParamLength: 2304 },
     frameworkErrors: routerError,
     clientErrorHandler: clientError,
-    // Node would answer a missing Host with an empty 400 and no log line;
-    // the hook below refuses it in the contract's shape instead.
-    http: { requireHostHeader: false },
+    http: HTTP_SERVER_OPTIONS,
     ajv: { customOptions: { removeAdditional: false, coerceTypes: false, allErrors: false } },
     // Event data and job results pass through as the publisher wrote them, as
     // they do through Redis ingress: JSON.parse makes `__proto__` an own key,
@@ -232,7 +237,7 @@ export async function buildApp (config: Config, options: BuildOptions = {}): Pro
 
   let internalServer: Server | null = null
   if (config.internalPort !== null) {
-    const server = createServer({ requireHostHeader: false }, (request, response) => app.server.emit('request', request, response))
+    const server = createServer(HTTP_SERVER_OPTIONS, (request, response) => app.server.emit('request', request, response))
     server.on('clientError', clientError.bind(app))
     server.on('connection', (socket: Socket) => internalSockets.add(socket))
     internalServer = server

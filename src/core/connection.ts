@@ -104,6 +104,11 @@ const DRAIN_WAIT_MS = 30_000
 /** A held arena view's copy, shared by every stream holding that view; it lives as long as the view. */
 const heldCopies = new WeakMap<Buffer, Buffer>()
 
+/** Whether kept, `bytes` would keep alive a buffer more than twice its size (an arena slab, say). */
+function viewOfLarger (bytes: Buffer): boolean {
+  return bytes.buffer.byteLength > 2 * bytes.length
+}
+
 /** How long a closed stream's last bytes may take to flush before the socket is destroyed anyway. */
 export const CLOSE_GRACE_MS = 5000
 
@@ -369,11 +374,10 @@ export class StreamConnection {
   private compactHeld (): void {
     const held = this.held
     if (held === null) return
-    const isView = (frame: Buffer): boolean => frame.buffer.byteLength > 2 * frame.length
     let bytes = 0
     for (let index = this.heldCompacted; index < held.length; index++) {
       const frame = held[index].frame
-      if (isView(frame) && !heldCopies.has(frame)) bytes += frame.length
+      if (viewOfLarger(frame) && !heldCopies.has(frame)) bytes += frame.length
     }
     // One buffer of their own for the new copies: in Node's shared pool a
     // small copy would keep a pool slab alive with whatever else is in it.
@@ -382,7 +386,7 @@ export class StreamConnection {
     for (let index = this.heldCompacted; index < held.length; index++) {
       const entry = held[index]
       const frame = entry.frame
-      if (!isView(frame)) continue
+      if (!viewOfLarger(frame)) continue
       let copy = heldCopies.get(frame)
       if (copy === undefined) {
         copy = copies.subarray(offset, offset + frame.length)
@@ -416,7 +420,7 @@ export class StreamConnection {
     if (chunk === null) return
     // Behind a backed-up socket Node queues the write, and a view would keep
     // its whole slab alive for as long: such a socket gets its own copy.
-    if (this.unsentAtLastWrite > 0 && chunk.buffer.byteLength > 2 * chunk.length) chunk = Buffer.from(chunk)
+    if (this.unsentAtLastWrite > 0 && viewOfLarger(chunk)) chunk = Buffer.from(chunk)
     this.writeRaw(chunk)
     if (this.unsentAtLastWrite === 0) this.largestFrame = 0
     else if (this.unsentAtLastWrite > this.bufferBound()) this.close('slow')
