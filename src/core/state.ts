@@ -82,7 +82,6 @@ export type ControlListener = (message: ControlMessage) => Promise<ControlAnswer
 
 export type JobPutResult = { ok: true, state: JobState } | JobRefusal
 
-/** What an admission records of an open in the shared record. */
 /** Who hears of a user's presence (SharedState.contacts). */
 export interface Contacts {
   members: string[]
@@ -90,6 +89,7 @@ export interface Contacts {
   skipped: number
 }
 
+/** What an admission records of an open in the shared record. */
 export interface AdmittedEntry { userId: string, topics: string[], openedAt: number }
 
 /** An open past its admission check and not registered yet; `admitted` once its admission has run (and not been evicted since). */
