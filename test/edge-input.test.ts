@@ -9,8 +9,7 @@ import { once } from 'node:events'
 import { STATUS_CODES } from 'node:http'
 import type { Socket } from 'node:net'
 import t from 'tap'
-import { listenInternal } from '../src/app'
-import { eventually, openConnected, openStream, publish, publishOk, publisherToken, request, startGateway, token, userToken } from './helpers'
+import { eventually, listenInternalPort, loggedAs, openConnected, openStream, publish, publishOk, publisherToken, request, startGateway, token, userToken } from './helpers'
 import { metricValue, rawConnect, rawExchange, scrape } from './helpers/raw'
 import { needRedis, redisClient, REDIS_URL, uniquePrefix } from './helpers/redis'
 
@@ -199,8 +198,7 @@ t.test('path ids up to their schema\'s length work; longer ones and malformed es
 
 t.test('requests the HTTP parser refuses get the contract\'s error shape on either listener, and a log line without their bytes', async (t) => {
   const { port, app, logText } = await startGateway(t, { INTERNAL_PORT: '0' }, { captureLogs: true })
-  const internal = (await listenInternal(app, 0, '127.0.0.1')).address()
-  const internalPort = typeof internal === 'object' && internal !== null ? internal.port : 0
+  const internalPort = await listenInternalPort(app)
   const secret = `SECRET-${publisherToken()}`
   const cases: Array<[string, number, string]> = [
     [`GET /health HTTP/1.1\r\nHost: x\r\nBad Header ${secret}\r\n\r\n`, 400, 'GW_BAD_REQUEST'],
@@ -214,7 +212,7 @@ t.test('requests the HTTP parser refuses get the contract\'s error shape on eith
       t.same(JSON.parse(response.body), { statusCode: status, code, error: STATUS_CODES[status], message: JSON.parse(response.body).message })
     }
   }
-  const refusals = (): Array<{ code: string, res: { statusCode: number }, reason: string }> => logText().split('\n').filter((line) => line.includes('request refused by the HTTP parser')).map((line) => JSON.parse(line))
+  const refusals = (): Array<{ code: string, res: { statusCode: number }, reason: string }> => loggedAs(logText(), 'request refused by the HTTP parser')
   await eventually(() => refusals().length === 4, 'a line for each refusal')
   t.same(refusals().map((line) => [line.res.statusCode, line.code, line.reason]), [
     [400, 'GW_BAD_REQUEST', 'HPE_INVALID_HEADER_TOKEN'], [431, 'GW_TOO_LARGE', 'HPE_HEADER_OVERFLOW'],
@@ -252,8 +250,7 @@ t.test('a head not received in time gets 408 GW_TIMEOUT; a refusal is not writte
 
 t.test('an HTTP/1.1 request without Host gets 400 in the contract\'s shape on either listener, with its log line; HTTP/1.0 needs none', async (t) => {
   const { port, app, logText } = await startGateway(t, { INTERNAL_PORT: '0' }, { captureLogs: true })
-  const internal = (await listenInternal(app, 0, '127.0.0.1')).address()
-  const internalPort = typeof internal === 'object' && internal !== null ? internal.port : 0
+  const internalPort = await listenInternalPort(app)
   for (const to of [port, internalPort]) {
     const missing = (await rawExchange(to, 'GET /v1/presence/u1 HTTP/1.1\r\n\r\n')).response()
     t.equal(missing.status, 400)
@@ -262,7 +259,7 @@ t.test('an HTTP/1.1 request without Host gets 400 in the contract\'s shape on ei
     const http10 = (await rawExchange(to, 'GET /health HTTP/1.0\r\n\r\n')).response()
     t.equal(http10.status, 200, 'HTTP/1.0 has no Host to send')
   }
-  const lines = (): Array<{ code?: string, res?: { statusCode: number } }> => logText().split('\n').filter((line) => line.includes('"request completed"')).map((line) => JSON.parse(line))
+  const lines = (): Array<{ code?: string, res?: { statusCode: number } }> => loggedAs(logText(), 'request completed')
   await eventually(() => lines().filter((line) => line.code === 'GW_BAD_REQUEST').length === 2, 'a line for each refusal')
   t.same(lines().filter((line) => line.code === 'GW_BAD_REQUEST').map((line) => line.res?.statusCode), [400, 400])
 })

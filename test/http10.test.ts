@@ -3,7 +3,7 @@
  * events without chunked coding, the body ended by the connection's close.
  */
 import t from 'tap'
-import { eventually, publishOk, publisherToken, startGateway, userToken } from './helpers'
+import { eventually, loggedAs, publishOk, publisherToken, startGateway, userToken } from './helpers'
 import { rawConnect, type RawClient } from './helpers/raw'
 
 const publisher = publisherToken()
@@ -41,7 +41,7 @@ t.test('an HTTP/1.0 stream gets the events unchunked, with Connection: close, an
   t.equal(events[events.length - 1].event, 'evicted', 'the last event before the close')
   t.same(chunkSizeLines(client.response().body), [], 'no chunk framing anywhere in the body')
   t.notOk(second.closed, 'the new stream stays')
-  const closed = (): Array<{ bytes: number }> => logText().split('\n').filter((line) => line.includes('"stream closed"')).map((line) => JSON.parse(line))
+  const closed = (): Array<{ bytes: number }> => loggedAs(logText(), 'stream closed')
   await eventually(() => closed().length === 1, 'the stream closed line')
   t.same(closed().map((line) => line.bytes), [client.raw().length], 'its log line counts the bytes sent, not the chunk framing dropped')
 })

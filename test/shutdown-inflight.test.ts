@@ -1,8 +1,7 @@
 import { once } from 'node:events'
 import { connect } from 'node:net'
 import t from 'tap'
-import { listenInternal } from '../src/app'
-import { forEachMode, openStream, publisherToken, request, startCluster, startGateway, userToken } from './helpers'
+import { forEachMode, listenInternalPort, openStream, publisherToken, request, startCluster, startGateway, userToken } from './helpers'
 import { redisClient } from './helpers/redis'
 import { within } from './helpers/wait'
 import { beginDrain, gate } from './helpers/drain'
@@ -36,9 +35,7 @@ for (const listener of ['public', 'internal'] as const) {
     const [gateway] = await startCluster(t, mode, 1, listener === 'internal' ? { INTERNAL_PORT: '0' } : {})
     let url = gateway.url
     if (listener === 'internal') {
-      const address = (await listenInternal(gateway.app, 0, '127.0.0.1')).address()
-      if (address === null || typeof address === 'string') throw new Error('the internal listener has no TCP address')
-      url = `http://127.0.0.1:${address.port}`
+      url = `http://127.0.0.1:${await listenInternalPort(gateway.app)}`
     }
     const publishing = gate(gateway.app.publisher, 'publishItems')
     const body = { to: { user: 'u1' }, event: 'late', data: { n: 1 } }

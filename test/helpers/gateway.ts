@@ -4,7 +4,7 @@
  */
 import { Writable } from 'node:stream'
 import type { FastifyInstance } from 'fastify'
-import { buildApp } from '../../src/app'
+import { buildApp, listenInternal } from '../../src/app'
 import { loadConfig, type Config } from '../../src/config'
 import type { Admission } from '../../src/core/state'
 import { closeStreamsTo } from './sse'
@@ -41,6 +41,18 @@ export interface Gateway {
   /** Captured log lines (empty unless `captureLogs`). */
   logs: string[]
   logText: () => string
+}
+
+/** Starts the app's internal listener (INTERNAL_PORT set) on an ephemeral port of 127.0.0.1; resolves with the port. */
+export async function listenInternalPort (app: FastifyInstance): Promise<number> {
+  const address = (await listenInternal(app, 0, '127.0.0.1')).address()
+  if (address === null || typeof address === 'string') throw new Error('the internal listener has no TCP address')
+  return address.port
+}
+
+/** The captured log lines whose `msg` is `msg`, parsed. */
+export function loggedAs<T> (logText: string, msg: string): T[] {
+  return logText.split('\n').filter((line) => line !== '').map((line) => JSON.parse(line) as T & { msg: string }).filter((line) => line.msg === msg)
 }
 
 /** A Writable that keeps each line pino writes. */
