@@ -4,26 +4,16 @@
  * each write to the sink one write to the socket.
  */
 import { once } from 'node:events'
-import { createServer, connect, type Socket } from 'node:net'
+import type { Socket } from 'node:net'
 import t, { type Test } from 'tap'
 import { chunkOfText, END_CHUNK } from '../src/core/framing'
 import { UnchunkedSink } from '../src/core/unchunked'
+import { loopbackPair } from './helpers/raw'
 import { within } from './helpers/wait'
 
 /** The server side of a loopback connection, and everything its peer reads until the close. */
 async function socketPair (t: Test): Promise<{ server: Socket, received: Promise<Buffer> }> {
-  const listener = createServer()
-  listener.listen(0, '127.0.0.1')
-  await once(listener, 'listening')
-  const address = listener.address()
-  if (address === null || typeof address === 'string') throw new Error('no TCP address')
-  const client = connect(address.port, '127.0.0.1')
-  const [server] = await once(listener, 'connection') as [Socket]
-  listener.close()
-  t.teardown(() => {
-    client.destroy()
-    server.destroy()
-  })
+  const { server, client } = await loopbackPair(t)
   const parts: Buffer[] = []
   client.on('data', (part: Buffer) => parts.push(part))
   const received = once(client, 'close').then(() => Buffer.concat(parts))

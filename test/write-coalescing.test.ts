@@ -8,14 +8,14 @@ import t from 'tap'
 import { setFlagsFromString } from 'node:v8'
 import { runInNewContext } from 'node:vm'
 import type { Test } from 'tap'
-import { createServer, connect, type Server, type Socket } from 'node:net'
-import { once } from 'node:events'
+import type { Socket } from 'node:net'
 import { FrameArena, slabBytesFor } from '../src/core/arena'
 import { StreamConnection, WriteScheduler, type Sink } from '../src/core/connection'
 import { channel } from '../src/core/channels'
 import { chunkOfText, frameWithId, renderBody } from '../src/core/framing'
 import { Hub } from '../src/core/hub'
 import { MemoryBus } from '../src/core/memory-bus'
+import { loopbackPair } from './helpers/raw'
 import { Waiters } from './helpers/wait'
 
 interface Pair {
@@ -28,16 +28,7 @@ interface Pair {
 }
 
 async function socketPair (t: Test): Promise<Pair> {
-  const listener: Server = createServer()
-  listener.listen(0, '127.0.0.1')
-  await once(listener, 'listening')
-  const address = listener.address()
-  if (address === null || typeof address === 'string') throw new Error('no address')
-  const accepted = once(listener, 'connection') as Promise<[Socket]>
-  const client = connect(address.port, '127.0.0.1')
-  await once(client, 'connect')
-  const [server] = await accepted
-  listener.close()
+  const { server, client } = await loopbackPair(t)
   const writes: Buffer[] = []
   const write = server.write.bind(server) as (chunk: Buffer) => boolean
   server.write = ((chunk: Buffer) => {
@@ -49,10 +40,6 @@ async function socketPair (t: Test): Promise<Pair> {
   client.on('data', (data: Buffer) => {
     chunks.push(data)
     waiters.wake()
-  })
-  t.teardown(() => {
-    client.destroy()
-    server.destroy()
   })
   return { server, client, writes, received: () => Buffer.concat(chunks), waiters }
 }

@@ -7,6 +7,7 @@
  */
 import { readFileSync } from 'node:fs'
 import net from 'node:net'
+import { once } from 'node:events'
 import type { TestLike } from './gateway'
 import { Waiters } from './wait'
 import { publishOk } from './http'
@@ -344,4 +345,23 @@ export async function flood (url: string, to: unknown, dropped: () => boolean | 
     if (ids.length * FLOOD_EVENT_BYTES >= FLOOD_MIN_BYTES && await dropped()) break
   }
   return ids
+}
+
+/** Both ends of a fresh loopback TCP connection, destroyed in teardown: `server` as a listener accepted it. */
+export async function loopbackPair (t: TestLike): Promise<{ server: net.Socket, client: net.Socket }> {
+  const listener = net.createServer()
+  listener.listen(0, '127.0.0.1')
+  await once(listener, 'listening')
+  const address = listener.address()
+  if (address === null || typeof address === 'string') throw new Error('no TCP address')
+  const accepted = once(listener, 'connection') as Promise<[net.Socket]>
+  const client = net.connect(address.port, '127.0.0.1')
+  await once(client, 'connect')
+  const [server] = await accepted
+  listener.close()
+  t.teardown(() => {
+    client.destroy()
+    server.destroy()
+  })
+  return { server, client }
 }
