@@ -206,7 +206,9 @@ t.test('the pages: an event sent from /admin appears on /demo', async (t) => {
   await admin.goto(`${gateway.url}/admin`)
   await admin.fill('#token', adminToken())
   await admin.click('#connect')
-  await admin.waitForFunction('document.querySelector("#updated")?.textContent?.startsWith("updated")')
+  // A locator, not waitForFunction: a string predicate that is not true at
+  // once is polled through eval, which the page's CSP (script-src 'self') refuses.
+  await admin.locator('#updated', { hasText: /^updated/ }).waitFor()
   t.pass('the dashboard loaded with the admin token')
 
   const demo = await browser.newPage()
