@@ -3,8 +3,8 @@
  * events without chunked coding, the body ended by the connection's close.
  */
 import t from 'tap'
-import { eventually, loggedAs, publishOk, publisherToken, startGateway, userToken } from './helpers'
-import { rawConnect, type RawClient } from './helpers/raw'
+import { adminToken, eventually, loggedAs, publishOk, publisherToken, startGateway, userToken } from './helpers'
+import { rawConnect, rawExchange, type RawClient } from './helpers/raw'
 
 const publisher = publisherToken()
 
@@ -54,4 +54,16 @@ t.test('an HTTP/1.0 reconnect with Last-Event-ID gets what it missed, unchunked 
   await client.until(() => client.events().filter((event) => event.event === 'seq').length === 4, 5000, 'the four events after the cursor')
   t.same(client.events().filter((event) => event.event === 'seq').map((event) => [event.id, event.data]), ids.slice(1).map((id, index) => [id, String(index + 1)]))
   t.same(chunkSizeLines(client.response().body), [])
+})
+
+t.test('a stream asked for in another HTTP version is refused with 400, and opens nothing', async (t) => {
+  const { port, url } = await startGateway(t)
+  // Node's parser takes any one-digit version in HTTP/1 syntax; the others it refuses itself.
+  for (const version of ['2.0', '0.9']) {
+    const answer = (await rawExchange(port, `GET /v1/stream?token=${userToken('u3')} HTTP/${version}\r\nHost: 127.0.0.1\r\n\r\n`)).response()
+    t.equal(answer.status, 400, `HTTP/${version}`)
+    t.match(JSON.parse(answer.body), { statusCode: 400, code: 'GW_BAD_REQUEST', message: 'streams need HTTP/1.1 or HTTP/1.0' })
+  }
+  const stats = await fetch(`${url}/v1/stats`, { headers: { authorization: `Bearer ${adminToken()}` } })
+  t.match(await stats.json(), { connections: 0 }, 'no stream was opened')
 })
