@@ -7,7 +7,7 @@ import { isTerminal, isTerminalUpdateOf, JOB_STATUSES, jobKeptS, MAX_JOB_NESTING
 import { errorResponses, PathId, StreamQuery, UserId } from '../src/schemas/common'
 import { errors } from '../src/errors'
 import { cursorOf } from '../plugins/streams'
-import { newConnectionId } from '../src/core/ids'
+import { detachedCopy, newConnectionId } from '../src/core/ids'
 
 const JobParams = Type.Object({ jobId: PathId })
 const JobPut = Type.Object({
@@ -76,7 +76,7 @@ const jobRoutes: FastifyPluginAsync = async (app) => {
     schema: { params: JobParams, querystring: StreamQuery, response: { 204: Type.Null(), ...errorResponses } }
   }, async (request, reply) => {
     const { userId } = authOf(request)
-    const { jobId } = request.params as Static<typeof JobParams>
+    const jobId = detachedCopy((request.params as Static<typeof JobParams>).jobId)
     const job = await visibleJob(jobId, userId, false)
     const cursor = cursorOf(request)
     // Browsers stop reconnecting on 204: the job has nothing more to say.

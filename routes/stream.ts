@@ -3,7 +3,7 @@ import { Type } from '@sinclair/typebox'
 import { authOf } from '../plugins/auth'
 import { channel } from '../src/core/channels'
 import { topicAllowed } from '../src/core/framing'
-import { newConnectionId } from '../src/core/ids'
+import { detachedCopy, newConnectionId } from '../src/core/ids'
 import { errorResponses, PathId, StreamQuery, type StreamQueryType } from '../src/schemas/common'
 import { errors } from '../src/errors'
 import { checkTopics, parseTopicList } from './topics'
@@ -42,7 +42,7 @@ const streamRoutes: FastifyPluginAsync = async (app) => {
     config: { auth: 'user', opensStream: true },
     schema: { params: Type.Object({ connectionId: PathId }), querystring: StreamQuery, response: errorResponses }
   }, async (request, reply) => {
-    const { connectionId } = request.params as { connectionId: string }
+    const connectionId = detachedCopy((request.params as { connectionId: string }).connectionId)
     const owner = await state.connectionOwner(connectionId)
     if (owner === null || owner !== authOf(request).userId) throw new errors.NotFound(`no stream ${connectionId}`)
     await open(request, reply, connectionId, true)

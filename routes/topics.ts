@@ -1,5 +1,6 @@
 import type { AuthContext } from '../plugins/auth'
 import { TOPIC_NAME, topicAllowed } from '../src/core/framing'
+import { detachedCopy } from '../src/core/ids'
 import { errors } from '../src/errors'
 
 export const MAX_TOPICS_PER_REQUEST = 100
@@ -19,5 +20,5 @@ export function checkTopics (auth: AuthContext, topics: string[], max = MAX_TOPI
 
 export function parseTopicList (raw: string | undefined): string[] {
   if (raw === undefined) return []
-  return raw.split(',').map((topic) => topic.trim()).filter((topic) => topic !== '')
+  return raw.split(',').map((topic) => topic.trim()).filter((topic) => topic !== '').map(detachedCopy)
 }

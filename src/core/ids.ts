@@ -23,3 +23,14 @@ export function newConnectionId (): string {
   idScratch.write(encoded, ID_PREFIX.length, 'latin1')
   return idScratch.toString('latin1')
 }
+
+/**
+ * A copy of `text` that refers to nothing else. V8 makes a substring of 13
+ * characters or more a view into the string it was cut from: a stream's path
+ * id or one of its `?topics=` is a view into the request's whole URL, and a
+ * browser's URL carries its token. What a stream keeps for its life (and a
+ * closed stream's id for HISTORY_TTL_S) would keep the URL and the token too.
+ */
+export function detachedCopy (text: string): string {
+  return Buffer.from(text, 'utf8').toString('utf8')
+}
