@@ -413,9 +413,12 @@ export default fp(async (app) => {
     }
   })
 
-  // Streams must end before the server closes, or close() waits on them forever.
+  // Streams must end before the server closes, or close() waits on them
+  // forever. Until they have, the listener stays open and answers 503 (the
+  // server is closing): /ready says so to probes, and a publish on a kept-alive
+  // connection is refused in words, not reset.
   app.addHook('preClose', async () => {
-    streams.drain()
+    await streams.drain()
   })
   app.addHook('onClose', async () => {
     streams.stop()

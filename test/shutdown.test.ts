@@ -1,5 +1,6 @@
 import t from 'tap'
-import { openConnected, openStream, request, spawnServer, TEST_SECRET, userToken, type SseClient } from './helpers'
+import { openConnected, openStream, publishOk, publisherToken, request, spawnServer, startGateway, TEST_SECRET, userToken, type SseClient } from './helpers'
+import { floodData, floodMaxBytes, FLOOD_EVENT_BYTES, neverReadingStream } from './helpers/raw'
 import { needRedis, REDIS_URL, uniquePrefix } from './helpers/redis'
 
 const SHUTDOWN_TIMEOUT_MS = 10_000
@@ -83,4 +84,33 @@ t.test('a log reader that stopped reading: the gateway still serves, and SIGTERM
   t.equal((await fetch(`${server.url}/health`)).status, 200, 'still serving with its log blocked')
   server.child.kill('SIGTERM')
   t.same(await server.waitExit(20_000), { code: 0, signal: null }, 'exited 0')
+})
+
+t.test('while a stream that stopped reading holds the drain, the listener stays open: /ready and publishes get 503', async (t) => {
+  const { app, url, port } = await startGateway(t, { MAX_BUFFERED_BYTES: String(16 * 1024 * 1024) })
+  const { connectionId } = await neverReadingStream(t, url, port, 'stalled')
+  const connection = app.registry.get(connectionId)
+  if (connection === undefined) throw new Error('the stalled stream is not registered')
+  // Until the kernel takes no more: its end then cannot flush, and the drain waits on it.
+  const sink = connection['sink']
+  for (let n = 0; sink.writableLength === 0; n++) {
+    if (n * FLOOD_EVENT_BYTES > floodMaxBytes(16 * 1024 * 1024)) throw new Error('the stream never backed up')
+    await publishOk(url, publisherToken(), { to: { user: 'stalled' }, event: 'flood', data: floodData(n) })
+  }
+  // fetch keeps its connections alive: the publishes after the first reuse one while it stays open.
+  const publish = async (): Promise<number> => (await request(`${url}/v1/publish`, { token: publisherToken(), body: { to: { user: 'u1' }, event: 'note', data: 1 } })).status
+  t.equal(await publish(), 202, 'a publish before the close')
+
+  let drained = false
+  const streamSocketClosed = connection.sinkClosed().then(() => { drained = true })
+  const closing = app.close()
+  const duringDrain: string[] = []
+  while (!drained) {
+    duringDrain.push(await refused(`${url}/ready`), String(await publish().catch(() => 'reset')))
+    await new Promise<void>((resolve) => setTimeout(resolve, 50))
+  }
+  await streamSocketClosed
+  await closing
+  t.ok(duringDrain.length >= 4, `probed during the drain (${duringDrain.length} answers)`)
+  t.same([...new Set(duringDrain)], ['503'], 'every answer during the drain was 503')
 })

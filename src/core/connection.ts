@@ -480,6 +480,12 @@ export class StreamConnection {
 
   private readonly onSinkClose = (): void => this.close('client')
 
+  /** Settles once the stream's socket has closed (at once if it is already destroyed). */
+  async sinkClosed (): Promise<void> {
+    if (this.sink.destroyed) return
+    await new Promise<void>((resolve) => this.sink.once('close', resolve))
+  }
+
   private enqueue (frame: Buffer, placement: number): void {
     const run = this.run
     if (run !== null && placement === this.runPlacement + 1) {

@@ -209,10 +209,17 @@ export class StreamService {
   }
 
   /** Refuses new streams and ends every open one with `shutdown`, so clients reconnect elsewhere. */
-  drain (): void {
+  /**
+   * Ends every stream with `shutdown`. Settles once all their sockets have
+   * closed: a client that stopped reading is cut after CLOSE_GRACE_MS.
+   */
+  async drain (): Promise<void> {
     this.draining = true
     const frame = systemFrame('shutdown', { reason: 'server shutting down' })
-    for (const connection of [...this.registry.all()]) connection.close('shutdown', frame)
+    const connections = [...this.registry.all()]
+    const closed = connections.map(async (connection) => await connection.sinkClosed())
+    for (const connection of connections) connection.close('shutdown', frame)
+    await Promise.all(closed)
   }
 
   stop (): void {
