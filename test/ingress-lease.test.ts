@@ -28,8 +28,8 @@ interface Rig {
  * An IngressLeader on real Redis connections the test controls. Its lease is
  * long, so its own timer ticks only every 10 s: the test drives each tick.
  */
-async function rig (t: Test, subscriberOptions: RedisOptions = {}): Promise<Rig> {
-  const prefix = uniquePrefix('lease')
+async function rig (t: Test, subscriberOptions: RedisOptions = {}, shared: { prefix?: string, leaseMs?: number } = {}): Promise<Rig> {
+  const prefix = shared.prefix ?? uniquePrefix('lease')
   const commands = new ScriptedRedis(REDIS_URL)
   // Gateway options, but a longer pause before each reconnect: room to tick while the subscriber is down.
   const subscriber = new Redis(REDIS_URL, { ...redisOptions(), connectionName: 'ingress-lease-test', retryStrategy: () => 300, ...subscriberOptions })
@@ -43,7 +43,7 @@ async function rig (t: Test, subscriberOptions: RedisOptions = {}): Promise<Rig>
   const state = new RedisState(commands, subscriber, new Registry(`lease-${randomBytes(4).toString('hex')}`), {
     prefix, historySize: 100, historyTtlS: 60, presenceGraceMs: 100, instanceTtlMs: 60_000
   }, log)
-  const leader = new IngressLeader(commands, subscriber, state, prefix, 30_000, log)
+  const leader = new IngressLeader(commands, subscriber, state, prefix, shared.leaseMs ?? 30_000, log)
   t.teardown(async () => {
     await leader.stop()
     await state.close()
@@ -107,6 +107,23 @@ t.test('a lease taken while the subscriber cannot subscribe is not held; the nex
   await tick(t, setup.leader)
   t.ok(setup.leader.isLeader, 'the next tick takes the lease and subscribes')
   await ingressFlows(t, redis, setup)
+})
+
+t.test('a holder that stops hands the lease over: another instance takes it without waiting for its own check', async (t) => {
+  if (!(await needRedis(t))) return
+  const redis = redisClient(t)
+  // Their timers check every 200 s: only the stopping holder's notice can
+  // make the other take the lease within WAIT_MS.
+  const a = await rig(t, {}, { leaseMs: 600_000 })
+  const b = await rig(t, {}, { leaseMs: 600_000, prefix: a.prefix })
+  await a.leader.start()
+  await b.leader.start()
+  t.ok(a.leader.isLeader && !b.leader.isLeader, 'A holds the lease, B listens for its release')
+  await a.leader.stop()
+  t.notOk(a.leader.isLeader, 'A gave the lease up')
+  await eventually(() => b.leader.isLeader, 'B to take the lease', WAIT_MS)
+  await ingressFlows(t, redis, b)
+  t.same(a.received, [], 'A handled nothing after it stopped')
 })
 
 t.test('a holder whose subscriber reconnected without its subscriptions subscribes again', async (t) => {

@@ -77,6 +77,10 @@ export class IngressLeader {
   ) {
     subscriber.on('message', (name: string, message: string) => {
       if (name === `${prefix}publish`) this.dispatch({ kind: 'publish' }, message)
+      // Another instance gave the lease up (it is stopping): until one takes
+      // it, a PUBLISH ingress message is handled by no one, so not a timer
+      // tick later. (The notice is only a hint; the tick remains.)
+      else if (name === `${prefix}leader-free` && message !== this.state.instanceId) this.check()
     })
     subscriber.on('pmessage', (_pattern: string, name: string, message: string) => {
       if (name.startsWith('stream:')) this.dispatch({ kind: 'stream', connectionId: name.slice('stream:'.length) }, message)
@@ -105,6 +109,12 @@ export class IngressLeader {
   private check (): void {
     if (this.stopped) return
     this.tick().catch((error: unknown) => this.log.warn({ err: error }, 'ingress lease check failed'))
+  }
+
+  /** Listens for holders giving the lease up. */
+  async start (): Promise<void> {
+    await this.subscriber.subscribe(`${this.prefix}leader-free`)
+    await this.tick()
   }
 
   get isLeader (): boolean {
@@ -151,6 +161,7 @@ export class IngressLeader {
     if (this.holding && this.commands.redis.status === 'ready') {
       await this.step(false)
       await this.release()
+      await this.commands.redis.publish(`${this.prefix}leader-free`, this.state.instanceId).catch(() => {})
     }
   }
 
@@ -551,7 +562,7 @@ export async function connectRedis (options: RedisEngineOptions, registry: Regis
     await state.start()
     everReady = true
     signal?.throwIfAborted()
-    await ingress.tick()
+    await ingress.start()
     // Blocking reads need a connection of their own.
     reader = new Redis(options.url, connectionOptions(options, 'sse-gateway-ingress'))
     await untilReady(reader, 'ingress', startupDeadline, log, signal)
