@@ -16,6 +16,7 @@ const WAIT_MS = 5000
 
 interface Rig {
   leader: IngressLeader
+  state: RedisState
   subscriber: Redis
   prefix: string
   warnings: string[]
@@ -28,7 +29,7 @@ interface Rig {
  * An IngressLeader on real Redis connections the test controls. Its lease is
  * long, so its own timer ticks only every 10 s: the test drives each tick.
  */
-async function rig (t: Test, subscriberOptions: RedisOptions = {}, shared: { prefix?: string, leaseMs?: number } = {}): Promise<Rig> {
+async function rig (t: Test, subscriberOptions: RedisOptions = {}, shared: { prefix?: string, leaseMs?: number, presenceGraceMs?: number } = {}): Promise<Rig> {
   const prefix = shared.prefix ?? uniquePrefix('lease')
   const commands = new ScriptedRedis(REDIS_URL)
   // Gateway options, but a longer pause before each reconnect: room to tick while the subscriber is down.
@@ -41,7 +42,7 @@ async function rig (t: Test, subscriberOptions: RedisOptions = {}, shared: { pre
     error: (obj: object, msg: string) => { warnings.push(`${msg} ${JSON.stringify(obj)}`) }
   }
   const state = new RedisState(commands, subscriber, new Registry(`lease-${randomBytes(4).toString('hex')}`), {
-    prefix, historySize: 100, historyTtlS: 60, presenceGraceMs: 100, instanceTtlMs: 60_000
+    prefix, historySize: 100, historyTtlS: 60, presenceGraceMs: shared.presenceGraceMs ?? 100, instanceTtlMs: 60_000
   }, log)
   const leader = new IngressLeader(commands, subscriber, state, prefix, shared.leaseMs ?? 30_000, log)
   t.teardown(async () => {
@@ -61,7 +62,7 @@ async function rig (t: Test, subscriberOptions: RedisOptions = {}, shared: { pre
   const receivedCount = async (count: number): Promise<void> => {
     await waiters.until(() => received.length >= count, { timeoutMs: WAIT_MS, what: `${count} ingress messages`, describe: () => `${received.length} received` })
   }
-  return { leader, subscriber, prefix, warnings, received, receivedCount }
+  return { leader, state, subscriber, prefix, warnings, received, receivedCount }
 }
 
 /** Kills the subscriber's connection from the server side and waits for ioredis to see it. */
@@ -124,6 +125,29 @@ t.test('a holder that stops hands the lease over: another instance takes it with
   await eventually(() => b.leader.isLeader, 'B to take the lease', WAIT_MS)
   await ingressFlows(t, redis, b)
   t.same(a.received, [], 'A handled nothing after it stopped')
+})
+
+t.test('the grace of a stopped instance\'s user ends on time, not at the holder\'s next check', async (t) => {
+  if (!(await needRedis(t))) return
+  // Lease checks every 200 s by the timer; the test runs the holder's one check.
+  const a = await rig(t, {}, { leaseMs: 600_000 })
+  const b = await rig(t, {}, { leaseMs: 600_000, prefix: a.prefix, presenceGraceMs: 1000 })
+  await a.state.start()
+  await b.state.start()
+  const offline: string[] = []
+  a.state.onOffline((userId) => offline.push(userId))
+  await a.leader.start()
+  t.ok(a.leader.isLeader, 'A holds the lease')
+
+  // B's last stream of the user closes, then B stops: its grace timer is gone.
+  const admission = await b.state.admit({ connectionId: 'c_graced', userId: 'graced', topics: [], openedAt: Date.now(), limit: 5, policy: 'reject' })
+  t.ok(admission.admitted, 'admitted on B')
+  await b.state.release('c_graced', 'graced', 60)
+  await b.state.close()
+  await tick(t, a.leader)
+  t.same(offline, [], 'not offline before the grace ends')
+  await eventually(() => offline.includes('graced'), 'A to take the user offline', WAIT_MS)
+  t.same(offline, ['graced'], 'announced once')
 })
 
 t.test('a holder whose subscriber reconnected without its subscriptions subscribes again', async (t) => {

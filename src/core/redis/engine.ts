@@ -65,6 +65,8 @@ export class IngressLeader {
   /** Local deadline: past it this instance stops acting even if Redis is unreachable. */
   private validUntil = 0
   private readonly timer: NodeJS.Timeout
+  private readonly checkEveryMs: number
+  private graceTimer: NodeJS.Timeout | undefined
   private handler: IngressHandler = async () => ({ published: Promise.resolve() })
 
   constructor (
@@ -103,7 +105,8 @@ export class IngressLeader {
       recheck()
     })
     commands.redis.on('ready', recheck)
-    this.timer = setInterval(() => this.check(), Math.max(100, Math.floor(leaseMs / 3))).unref()
+    this.checkEveryMs = Math.max(100, Math.floor(leaseMs / 3))
+    this.timer = setInterval(() => this.check(), this.checkEveryMs).unref()
   }
 
   private check (): void {
@@ -148,13 +151,30 @@ export class IngressLeader {
     await this.step(held)
     if (this.holding) {
       await this.reapDead()
-      await this.state.endDueGraces()
+      this.endGracesAt(await this.state.endDueGraces())
     }
+  }
+
+  /**
+   * The graces of a stopped or dead instance end here, not by its timers: one
+   * due before the next check ends on time, so that its user:offline comes
+   * PRESENCE_GRACE_MS after the close, not up to a check later.
+   */
+  private endGracesAt (dueInMs: number | null): void {
+    clearTimeout(this.graceTimer)
+    if (dueInMs === null || this.stopped || dueInMs >= this.checkEveryMs) return
+    this.graceTimer = setTimeout(() => {
+      if (!this.isLeader || this.stopped) return
+      this.state.endDueGraces().then((next) => this.endGracesAt(next), (error: unknown) => {
+        this.log.warn({ reason: reasonOf(error) }, 'presence graces not ended')
+      })
+    }, dueInMs + 1).unref()
   }
 
   async stop (): Promise<void> {
     this.stopped = true
     clearInterval(this.timer)
+    clearTimeout(this.graceTimer)
     // A check in flight may take the lease after this looked: it ends first.
     await this.rerun?.catch(() => {})
     await this.running?.catch(() => {})

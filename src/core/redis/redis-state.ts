@@ -506,15 +506,19 @@ export class RedisState implements SharedState {
    * (run by the lease holder): the one that did may have stopped or died, and
    * its timer with it.
    */
-  async endDueGraces (): Promise<void> {
+  /** Ends the graces past their deadline; returns the milliseconds until the next one is due, or null when none runs. */
+  async endDueGraces (): Promise<number | null> {
     const listener = this.offlineListener
     // Right after start the lease may be taken before anyone listens.
-    if (listener === null) return
+    if (listener === null) return null
     for (;;) {
       const [ended, ...offline] = await this.commands.run('END_GRACE', [this.prefix, this.options.instanceTtlMs, 'due', GRACE_BATCH]) as [number, ...string[]]
       for (const userId of offline) listener(userId)
-      if (ended < GRACE_BATCH || this.closed) return
+      if (this.closed) return null
+      if (ended < GRACE_BATCH) break
     }
+    const dueInMs = Number(await this.commands.run('NEXT_GRACE', [this.prefix]))
+    return dueInMs < 0 ? null : dueInMs
   }
 
   private async liveConnections (): Promise<{ instances: number, connections: ConnectionInfo[] }> {

@@ -391,6 +391,13 @@ end
 return out
 `
 
+/** Milliseconds until the earliest running grace ends, by Redis's clock; -1 when none runs. ARGV: prefix. */
+export const NEXT_GRACE = `${CLOCK}
+local first = redis.call('ZRANGE', ARGV[1] .. 'graces', 0, 0, 'WITHSCORES')
+if first[2] == nil then return -1 end
+return math.max(0, math.floor(tonumber(first[2]) - clock_ms()))
+`
+
 /**
  * Clears one user's streams of a dead instance, as RELEASE would have one by
  * one. ARGV: prefix, userId, deadInstance, instanceTtlMs, reopenTtlS,
