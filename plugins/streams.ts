@@ -13,6 +13,7 @@ import { StoreUnavailableError, type ControlAnswer } from '../src/core/state'
 import { REOPENED_REASON, StreamService, type StreamSpec } from '../src/core/streams'
 import { applyTopicChange, type TopicsMessage } from '../src/core/topic-changes'
 import { UnchunkedSink } from '../src/core/unchunked'
+import { closeGraceMs } from '../src/config'
 import { errors } from '../src/errors'
 import { authOf } from './auth'
 
@@ -416,9 +417,10 @@ export default fp(async (app) => {
   // Streams must end before the server closes, or close() waits on them
   // forever. Until they have, the listener stays open and answers 503 (the
   // server is closing): /ready says so to probes, and a publish on a kept-alive
-  // connection is refused in words, not reset.
+  // connection is refused in words, not reset. A client that does not read
+  // its last frames gets the same grace as a request in flight.
   app.addHook('preClose', async () => {
-    await streams.drain()
+    await streams.drain(closeGraceMs(config))
   })
   app.addHook('onClose', async () => {
     streams.stop()

@@ -3,7 +3,7 @@ import cors from '@fastify/cors'
 import { createServer, STATUS_CODES, type Server } from 'node:http'
 import type { Socket } from 'node:net'
 import type { DestinationStream } from 'pino'
-import type { Config } from './config'
+import { closeGraceMs, type Config } from './config'
 import { StoreUnavailableError } from './core/state'
 import { errors } from './errors'
 import { errForLog, GatewayLogController, logCompleted, noteRefusal, redactUrl, requestIdOf, withoutJwts } from './logging'
@@ -46,8 +46,6 @@ export interface BuildOptions {
 }
 
 const internalSockets = new WeakSet<Socket>()
-/** How long requests in flight when the close begins may take (at most half of SHUTDOWN_TIMEOUT_MS). */
-const FORCE_CLOSE_AFTER_MS = 5000
 
 /**
  * Both listeners' Node options. Node would answer a missing Host with an
@@ -256,6 +254,21 @@ export async function buildApp (config: Config, options: BuildOptions = {}): Pro
   app.decorate('internalServer', internalServer)
   await app.register(authPlugin)
   await app.register(rateLimitPlugin)
+  // Requests in flight get a while to be answered; one that never ends (a
+  // client that sent half a request) must not hold the close, which would
+  // then end by the deadline, without closing Redis: after the grace every
+  // connection still open is cut. Armed before the drain's hook (hooks run
+  // in the order they are added), which waits within the same grace.
+  let forceTimer: NodeJS.Timeout | null = null
+  app.addHook('preClose', async () => {
+    forceTimer = setTimeout(() => {
+      app.server.closeAllConnections()
+      internalServer?.closeAllConnections()
+    }, closeGraceMs(config)).unref()
+  })
+  app.addHook('onClose', async () => {
+    if (forceTimer !== null) clearTimeout(forceTimer)
+  })
   await app.register(streamsPlugin)
 
   await app.register(opsRoutes)
@@ -269,21 +282,6 @@ export async function buildApp (config: Config, options: BuildOptions = {}): Pro
   await app.register(presenceRoutes)
   await app.register(statsRoutes)
   await app.register(pageRoutes)
-  // Requests in flight get a while to be answered; one that never ends (a
-  // client that sent half a request) must not hold the close, which would
-  // then end by the deadline, without closing Redis: after the grace every
-  // connection still open is cut.
-  const forceAfterMs = Math.min(FORCE_CLOSE_AFTER_MS, Math.floor(config.shutdownTimeoutMs / 2))
-  let forceTimer: NodeJS.Timeout | null = null
-  app.addHook('preClose', async () => {
-    forceTimer = setTimeout(() => {
-      app.server.closeAllConnections()
-      internalServer?.closeAllConnections()
-    }, forceAfterMs).unref()
-  })
-  app.addHook('onClose', async () => {
-    if (forceTimer !== null) clearTimeout(forceTimer)
-  })
   if (internalServer !== null) {
     const server = internalServer
     // After the drain's preClose hook (hooks run in the order they are added),

@@ -285,3 +285,12 @@ export function loadConfig (env: Env = process.env): Config {
   }
   return config
 }
+
+/**
+ * How long a stop waits on connections (streams flushing their last frames,
+ * requests in flight) before it cuts them: 5 s, or half of
+ * SHUTDOWN_TIMEOUT_MS if less, so that Redis is still closed in time.
+ */
+export function closeGraceMs (config: Pick<Config, 'shutdownTimeoutMs'>): number {
+  return Math.min(5000, Math.floor(config.shutdownTimeoutMs / 2))
+}

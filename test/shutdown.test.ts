@@ -1,6 +1,6 @@
 import t from 'tap'
 import { openConnected, openStream, publishOk, publisherToken, request, spawnServer, startGateway, TEST_SECRET, userToken, type SseClient } from './helpers'
-import { floodData, floodMaxBytes, FLOOD_EVENT_BYTES, neverReadingStream } from './helpers/raw'
+import { flood, floodData, floodMaxBytes, FLOOD_EVENT_BYTES, neverReadingStream, rawConnect } from './helpers/raw'
 import { needRedis, REDIS_URL, uniquePrefix } from './helpers/redis'
 
 const SHUTDOWN_TIMEOUT_MS = 10_000
@@ -113,4 +113,19 @@ t.test('while a stream that stopped reading holds the drain, the listener stays 
   await closing
   t.ok(duringDrain.length >= 4, `probed during the drain (${duringDrain.length} answers)`)
   t.same([...new Set(duringDrain)], ['503'], 'every answer during the drain was 503')
+})
+
+t.test('a stream that stopped reading and a request never finished do not outlast the stop: both are cut within the grace, and the stop completes before SHUTDOWN_TIMEOUT_MS', async (t) => {
+  // Grace: half of 4 s. The deadline: 3.5 s. A 5 s wait on the stream would miss it.
+  const server = await spawnServer(t, { JWT_SECRET: TEST_SECRET, HOST: '127.0.0.1', SHUTDOWN_TIMEOUT_MS: '4000', MAX_BUFFERED_BYTES: String(64 * 1024 * 1024), LOG_LEVEL: 'info' })
+  await neverReadingStream(t, server.url, server.port, 'stalled')
+  // More than the kernel holds on both ends: the stream's last frames cannot flush.
+  await flood(server.url, { user: 'stalled' }, () => false, floodMaxBytes(0))
+  const halfSent = await rawConnect(t, server.port)
+  halfSent.write(`POST /v1/publish HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: 100\r\nAuthorization: Bearer ${publisherToken()}\r\n\r\n{"to":`)
+
+  t.ok(server.child.kill('SIGTERM'), 'SIGTERM sent')
+  t.same(await server.waitExit(10_000), { code: 0, signal: null }, 'exit code 0')
+  t.match(server.stdout(), /"msg":"stopped"/, 'the stop completed')
+  t.notMatch(server.stdout(), /drain timed out/, 'not cut short by the deadline')
 })

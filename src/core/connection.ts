@@ -430,8 +430,11 @@ export class StreamConnection {
     return this.maxBufferedBytes + this.largestFrame
   }
 
-  /** Closes the stream, after a last frame if the socket can still take it. */
-  close (reason: CloseReason, lastFrame?: Buffer): void {
+  /**
+   * Closes the stream, after a last frame if the socket can still take it. A
+   * client that does not read what is left gets `graceMs`, then its socket goes.
+   */
+  close (reason: CloseReason, lastFrame?: Buffer, graceMs = CLOSE_GRACE_MS): void {
     if (this.closed) return
     this.closeReason = reason
     this.setHeld(null)
@@ -460,7 +463,7 @@ export class StreamConnection {
           if (flushed && handBack !== null && !sink.destroyed) handBack(sink)
           else sink.destroy()
         }
-        const grace = setTimeout(done, CLOSE_GRACE_MS, false)
+        const grace = setTimeout(done, graceMs, false)
         grace.unref()
         const end = Buffer.concat(last)
         this.bytesGiven += end.length

@@ -211,14 +211,14 @@ export class StreamService {
   /** Refuses new streams and ends every open one with `shutdown`, so clients reconnect elsewhere. */
   /**
    * Ends every stream with `shutdown`. Settles once all their sockets have
-   * closed: a client that stopped reading is cut after CLOSE_GRACE_MS.
+   * closed: a client that does not read its last frames is cut after `graceMs`.
    */
-  async drain (): Promise<void> {
+  async drain (graceMs: number): Promise<void> {
     this.draining = true
     const frame = systemFrame('shutdown', { reason: 'server shutting down' })
     const connections = [...this.registry.all()]
     const closed = connections.map(async (connection) => await connection.sinkClosed())
-    for (const connection of connections) connection.close('shutdown', frame)
+    for (const connection of connections) connection.close('shutdown', frame, graceMs)
     await Promise.all(closed)
   }
 
