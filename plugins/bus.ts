@@ -39,6 +39,8 @@ export default fp<{ startupSignal?: AbortSignal }>(async (app, options) => {
     app.decorate('state', engine.state)
     app.decorate('ingress', engine.ingress)
     app.decorate('durableIngress', engine.durable)
+    // Draining, this instance is no place to hand the ingress lease to.
+    app.addHook('preClose', async () => engine.ingress.beginStop())
     app.addHook('onClose', async () => await engine.close())
   } else {
     const bus = new MemoryBus({ historySize: config.historySize, historyTtlS: config.historyTtlS, maxHistoryBytes: config.historyMaxBytes })

@@ -127,6 +127,29 @@ t.test('a holder that stops hands the lease over: another instance takes it with
   t.same(a.received, [], 'A handled nothing after it stopped')
 })
 
+t.test('the hand-over notice still reaches an instance whose subscriber reconnected, and never one that is stopping', async (t) => {
+  if (!(await needRedis(t))) return
+  const redis = redisClient(t)
+  const a = await rig(t, {}, { leaseMs: 600_000 })
+  const b = await rig(t, {}, { leaseMs: 600_000, prefix: a.prefix })
+  const c = await rig(t, {}, { leaseMs: 600_000, prefix: a.prefix })
+  await a.leader.start()
+  await b.leader.start()
+  await c.leader.start()
+  t.ok(a.leader.isLeader, 'A holds the lease')
+  await killSubscriber(t, redis, b.subscriber, 'ready')
+  await eventually(async () => await subscriberCount(redis, `${a.prefix}leader-free`) === 3, 'B to listen again after its reconnect', WAIT_MS)
+  // C is draining: were it to take the lease, it would hand it over again at once.
+  c.leader.beginStop()
+  await a.leader.stop()
+  await eventually(() => b.leader.isLeader, 'B to take the lease', WAIT_MS)
+  t.notOk(c.leader.isLeader, 'not the stopping instance')
+  await ingressFlows(t, redis, b)
+  await b.leader.stop()
+  await tick(t, c.leader)
+  t.notOk(c.leader.isLeader, 'a stopping instance takes no lease, even a free one')
+})
+
 t.test('the grace of a stopped instance\'s user ends on time, not at the holder\'s next check', async (t) => {
   if (!(await needRedis(t))) return
   // Lease checks every 200 s by the timer; the test runs the holder's one check.

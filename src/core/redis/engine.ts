@@ -60,6 +60,9 @@ export class IngressLeader {
   private running: Promise<void> | null = null
   private rerun: Promise<void> | null = null
   private stopped = false
+  private stopping = false
+  /** Subscribed to `leader-free` since start (again after each reconnect). */
+  private listeningForFree = false
   /** The last ingress message's hand-over to Redis: the next one starts when it is done. */
   private pending: Promise<void> = Promise.resolve()
   /** Local deadline: past it this instance stops acting even if Redis is unreachable. */
@@ -102,6 +105,8 @@ export class IngressLeader {
     commands.redis.on('close', unconfirm)
     subscriber.on('ready', () => {
       this.reconnected = true
+      // The subscriber does not resubscribe by itself (client.ts).
+      if (this.listeningForFree) this.listenForFree()
       recheck()
     })
     commands.redis.on('ready', recheck)
@@ -114,10 +119,27 @@ export class IngressLeader {
     this.tick().catch((error: unknown) => this.log.warn({ err: error }, 'ingress lease check failed'))
   }
 
-  /** Listens for holders giving the lease up. */
+  /** Listens for holders giving the lease up, and takes the lease if it is free. */
   async start (): Promise<void> {
+    this.listeningForFree = true
     await this.subscriber.subscribe(`${this.prefix}leader-free`)
     await this.tick()
+  }
+
+  private listenForFree (): void {
+    this.subscriber.subscribe(`${this.prefix}leader-free`).catch((error: unknown) => {
+      // Only a hint: the timer's checks still take a free lease.
+      this.log.warn({ reason: reasonOf(error) }, 'could not subscribe again to lease hand-overs')
+    })
+  }
+
+  /**
+   * The instance is draining: it keeps the lease if it holds it (and hands it
+   * over when it stops), but takes it no more, or a stop elsewhere would hand
+   * the lease to it just before it hands it over again.
+   */
+  beginStop (): void {
+    this.stopping = true
   }
 
   get isLeader (): boolean {
@@ -143,7 +165,7 @@ export class IngressLeader {
   }
 
   private async checkLease (): Promise<void> {
-    if (this.stopped) return
+    if (this.stopped || (this.stopping && !this.holding)) return
     if (this.commands.redis.status !== 'ready') return await this.step(false)
     const startedAt = Date.now()
     const held = await this.commands.run('LEASE', [this.prefix, this.state.instanceId, this.leaseMs]) === 1
