@@ -106,7 +106,7 @@ export class IngressLeader {
     subscriber.on('ready', () => {
       this.reconnected = true
       // The subscriber does not resubscribe by itself (client.ts).
-      if (this.listeningForFree) this.listenForFree()
+      if (this.listeningForFree) void this.listenForFree()
       recheck()
     })
     commands.redis.on('ready', recheck)
@@ -122,14 +122,14 @@ export class IngressLeader {
   /** Listens for holders giving the lease up, and takes the lease if it is free. */
   async start (): Promise<void> {
     this.listeningForFree = true
-    await this.subscriber.subscribe(`${this.prefix}leader-free`)
+    await this.listenForFree()
     await this.tick()
   }
 
-  private listenForFree (): void {
-    this.subscriber.subscribe(`${this.prefix}leader-free`).catch((error: unknown) => {
-      // Only a hint: the timer's checks still take a free lease.
-      this.log.warn({ reason: reasonOf(error) }, 'could not subscribe again to lease hand-overs')
+  /** Never rejects: the notice is only a hint, and the timer's checks still take a free lease. */
+  private async listenForFree (): Promise<void> {
+    await this.subscriber.subscribe(`${this.prefix}leader-free`).catch((error: unknown) => {
+      this.log.warn({ reason: reasonOf(error) }, 'could not subscribe to lease hand-overs')
     })
   }
 
