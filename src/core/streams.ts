@@ -208,10 +208,10 @@ export class StreamService {
     connection.close(reason, event === undefined ? undefined : systemFrame(event, data ?? {}))
   }
 
-  /** Refuses new streams and ends every open one with `shutdown`, so clients reconnect elsewhere. */
   /**
-   * Ends every stream with `shutdown`. Settles once all their sockets have
-   * closed: a client that does not read its last frames is cut after `graceMs`.
+   * Refuses new streams and ends every open one with `shutdown`, so clients
+   * reconnect elsewhere. Settles once all their sockets have closed: a client
+   * that does not read its last frames is cut after `graceMs`.
    */
   async drain (graceMs: number): Promise<void> {
     this.draining = true
