@@ -40,16 +40,16 @@ export class MemoryState implements SharedState {
 
   async createConnection (connectionId: string, userId: string, ttlS: number): Promise<void> {
     this.liveOwners.delete(connectionId)
-    this.expireOwnerLater(connectionId, userId, ttlS)
+    this.expireOwnerAt(connectionId, userId, Date.now() + ttlS * 1000)
   }
 
   async connectionOwner (connectionId: string): Promise<string | null> {
     return this.liveOwners.get(connectionId) ?? this.current(this.closedOwners, connectionId)
   }
 
-  private expireOwnerLater (connectionId: string, userId: string, ttlS: number): void {
+  private expireOwnerAt (connectionId: string, userId: string, expiresAt: number): void {
     this.closedOwners.delete(connectionId)
-    this.closedOwners.set(connectionId, { value: userId, expiresAt: Date.now() + ttlS * 1000 })
+    this.closedOwners.set(connectionId, { value: userId, expiresAt })
   }
 
   /** Admissions so far: each one's seq. */
@@ -92,7 +92,7 @@ export class MemoryState implements SharedState {
     const expiresAt = Date.now() + ttlS * 1000
     if ((this.liveOwners.get(connectionId) ?? this.closedOwners.get(connectionId)?.value) === userId) {
       this.liveOwners.delete(connectionId)
-      this.expireOwnerLater(connectionId, userId, ttlS)
+      this.expireOwnerAt(connectionId, userId, expiresAt)
     }
     const live = this.liveByUser.get(userId)
     if (live === undefined || !live.delete(connectionId) || live.size > 0) return
