@@ -206,6 +206,21 @@ export async function buildApp (config: Config, options: BuildOptions = {}): Pro
     done(null, payload)
   })
 
+  // Every body this API takes is JSON, whatever the request calls it: fetch()
+  // labels a string body text/plain, curl -d labels it a form. Turning those
+  // away (415) or reading them as strings ("must be an object") fails a
+  // publisher over a header; what does not parse still gets 400. Cookies never
+  // authenticate a POST, PUT or DELETE (plugins/auth.ts), so a form another
+  // site submits still carries no credentials.
+  app.removeContentTypeParser('text/plain')
+  app.addContentTypeParser('*', { parseAs: 'string' }, (_request, body, done) => {
+    try {
+      done(null, JSON.parse(body as string))
+    } catch {
+      done(new errors.BadRequest('the body is not valid JSON'), undefined)
+    }
+  })
+
   await app.register(configPlugin, { config })
   if (config.corsOrigins !== null) {
     await app.register(cors, {

@@ -293,3 +293,37 @@ t.test('data and job results holding `__proto__` or `constructor.prototype` keys
   t.equal(({} as Record<string, unknown>).polluted, undefined, 'Object.prototype is untouched')
   t.equal((Object.prototype as Record<string, unknown>).polluted, undefined)
 })
+
+t.test('a JSON body is read as JSON whatever its Content-Type says (text/plain from fetch, a form label from curl -d, none); one that does not parse gets 400 GW_BAD_REQUEST', async (t) => {
+  const { url, port } = await startGateway(t, { MAX_BODY_BYTES: '4096' })
+  const { stream } = await openConnected(`${url}/v1/stream?token=${userToken('u1')}`, { t })
+  const body = (n: number): string => JSON.stringify({ to: { user: 'u1' }, event: 'labelled', data: n })
+  const labels = ['text/plain;charset=UTF-8', 'application/x-www-form-urlencoded', 'multipart/form-data; boundary=x', 'application/octet-stream']
+  for (const [n, label] of labels.entries()) {
+    const answer = await request<{ id?: string }>(`${url}/v1/publish`, { token: publisher, body: body(n), headers: { 'content-type': label } })
+    t.equal(answer.status, 202, `${label}: ${answer.text}`)
+    const event = await stream.nextEvent('labelled')
+    t.same([event.id, event.data], [answer.json.id, String(n)], `${label}: delivered`)
+  }
+  // fetch() always labels a string body; a raw request can send none.
+  const unlabelled = body(labels.length)
+  const raw = (await rawExchange(port, `POST /v1/publish HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${publisher}\r\nContent-Length: ${Buffer.byteLength(unlabelled)}\r\nConnection: close\r\n\r\n${unlabelled}`)).response()
+  t.equal(raw.status, 202, `no Content-Type: ${raw.body}`)
+  t.equal((await stream.nextEvent('labelled')).data, String(labels.length), 'no Content-Type: delivered')
+
+  const subscribed = await request<{ topics: string[] }>(`${url}/v1/subscriptions`, { token: userToken('u1'), body: '{"topics":["news"]}', headers: { 'content-type': 'text/plain' } })
+  t.same([subscribed.status, subscribed.json], [200, { topics: ['news'] }], 'another JSON route reads it too')
+
+  for (const text of ['to=x&data=1', '{"to":', '']) {
+    const refused = await request(`${url}/v1/publish`, { token: publisher, body: text, headers: { 'content-type': 'text/plain' } })
+    t.equal(refused.status, 400, `${JSON.stringify(text)}: 400`)
+    t.match(refused.json, { statusCode: 400, code: 'GW_BAD_REQUEST', error: 'Bad Request' })
+  }
+  const large = await request(`${url}/v1/publish`, { token: publisher, body: JSON.stringify({ to: { user: 'u1' }, data: 'x'.repeat(5000) }), headers: { 'content-type': 'text/plain' } })
+  t.equal(large.status, 413, 'MAX_BODY_BYTES holds for every label')
+  const forbidden = await request(`${url}/v1/publish`, { token: userToken('u1'), body: body(9), headers: { 'content-type': 'text/plain' } })
+  t.equal(forbidden.status, 403, 'and so do roles')
+
+  const [id] = await publishOk(url, publisher, { to: { user: 'u1' }, event: 'after', data: 1 })
+  t.equal((await stream.nextEvent('after')).id, id, 'the stream saw nothing from the refused ones')
+})
