@@ -1,5 +1,6 @@
 import type { FastifyPluginAsync } from 'fastify'
 import { Type, type Static } from '@sinclair/typebox'
+import { detachedCopy } from '../src/core/ids'
 import { errorResponses, PathId, UserId } from '../src/schemas/common'
 
 const Params = Type.Object({ id: PathId })
@@ -18,7 +19,8 @@ const conversationRoutes: FastifyPluginAsync = async (app) => {
       config: { auth: 'publisher', internal: true },
       schema: { params: Params, body: MembersBody(minItems), response: { 200: MembersReply, ...errorResponses } },
       handler: async (request) => {
-        const { id } = request.params as Static<typeof Params>
+        // Kept as the conversation's key: not a view into a URL that may carry a token.
+        const id = detachedCopy((request.params as Static<typeof Params>).id)
         const { members } = request.body as { members: string[] }
         return { members: await state.updateMembers(id, op, [...new Set(members)]) }
       }

@@ -26,7 +26,8 @@ const jobRoutes: FastifyPluginAsync = async (app) => {
     config: { auth: 'publisher', internal: true },
     schema: { params: JobParams, body: JobPut, response: errorResponses }
   }, async (request) => {
-    const { jobId } = request.params as Static<typeof JobParams>
+    // Kept as the job's key for JOB_TTL_S: not a view into a URL that may carry a token.
+    const jobId = detachedCopy((request.params as Static<typeof JobParams>).jobId)
     if (jobId === 'stream') throw new errors.BadRequest('a job may not be named "stream"')
     const update = request.body as Static<typeof JobPut>
     if (nestsDeeperThan(update, MAX_JOB_NESTING + 1)) throw new errors.BadRequest(`the job update is nested too deeply: "result" and "meta" may nest at most ${MAX_JOB_NESTING} levels`)

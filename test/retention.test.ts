@@ -1,13 +1,14 @@
 /**
  * A stream keeps nothing of the request that opened it: a browser's URL
  * carries its token (EventSource cannot send headers), and a stream lives
- * for hours. V8 makes a substring of 13 characters or more a view into the
+ * for hours. Nor does a job or a conversation keep the URL of the request
+ * that named it, where a publisher may have put its token. V8 makes a substring of 13 characters or more a view into the
  * string it was cut from, so a path id or a topic kept as parsed would keep
  * the whole URL alive. Checked in a heap snapshot of this process.
  */
 import t from 'tap'
 import { getHeapSnapshot } from 'node:v8'
-import { startGateway, userToken } from './helpers'
+import { publisherToken, startGateway, userToken } from './helpers'
 import { putJobOk } from './helpers/channels'
 import { rawConnect, type RawClient } from './helpers/raw'
 
@@ -39,6 +40,21 @@ async function openWithTokenInUrl (t: Parameters<typeof rawConnect>[0], port: nu
   return client
 }
 
+/** Sends `method path?token=…` with a JSON body and waits for the whole answer, the token kept as bytes only. */
+async function sendWithTokenInUrl (t: Parameters<typeof rawConnect>[0], port: number, method: string, path: string, token: Buffer, body: object): Promise<number> {
+  const client = await rawConnect(t, port)
+  const json = JSON.stringify(body)
+  client.write(Buffer.concat([
+    Buffer.from(`${method} ${path}?token=`),
+    token,
+    Buffer.from(` HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: ${Buffer.byteLength(json)}\r\n\r\n${json}`)
+  ]))
+  await client.until(() => client.response().complete, 5000, 'the answer')
+  const { status } = client.response()
+  client.destroy()
+  return status
+}
+
 const IN_CHILD = 'RETENTION_TEST_IN_CHILD'
 
 if (process.env[IN_CHILD] === undefined) {
@@ -68,6 +84,14 @@ if (process.env[IN_CHILD] === undefined) {
     const token = Buffer.from(userToken('u-retention'))
     const stream = await openWithTokenInUrl(t, port, `/v1/jobs/${jobId}/stream`, token)
     t.notOk(stream.closed, 'the job stream is open')
+    t.equal(await heapHolds(token), false, 'no string in the heap holds the token')
+  })
+
+  t.test('a job and a conversation named in a URL that carries a publisher token keep neither the URL nor the token', async (t) => {
+    const { port } = await startGateway(t)
+    const token = Buffer.from(publisherToken())
+    t.equal(await sendWithTokenInUrl(t, port, 'PUT', '/v1/jobs/job-retention-by-publisher', token, { userId: 'u-retention', status: 'active' }), 200, 'the job is stored')
+    t.equal(await sendWithTokenInUrl(t, port, 'PUT', '/v1/conversations/conversation-retention/members', token, { members: ['u-retention', 'u-other'] }), 200, 'the members are stored')
     t.equal(await heapHolds(token), false, 'no string in the heap holds the token')
   })
 }
