@@ -88,6 +88,27 @@ forEachMode(t, 'one event that renders larger than MAX_BUFFERED_BYTES (a string 
   t.equal(metricValue(await scrape(url), 'sse_slow_consumer_drops_total'), 0, 'nobody dropped as slow')
 })
 
+forEachMode(t, 'one publish that brings a reader more than MAX_BUFFERED_BYTES at once (an array of events; several large events) reaches readers that keep up; they stay open', async (t, mode) => {
+  const maxBuffered = 64 * 1024
+  const [gateway] = await startCluster(t, mode, 1, { MAX_BUFFERED_BYTES: String(maxBuffered) })
+  const { url } = gateway
+  const readers = await Promise.all(['a', 'b'].map(async (user) => (await openConnected(`${url}/v1/stream?token=${userToken(user)}`, { t })).stream))
+  // 200 events of 1 KB in one array: ~3× the bound, due on each stream before its next write.
+  const array = Array.from({ length: 200 }, (_, n) => ({ to: { users: ['a', 'b'] }, event: 'batch', data: `${n}:${'x'.repeat(1000)}` }))
+  const ids = await publishOk(url, publisher, array)
+  // Three frames of ~420 KB each in one array, each larger than the bound by itself.
+  const lines = '\n'.repeat(60_000)
+  const large = await publishOk(url, publisher, [0, 1, 2].map(() => ({ to: { users: ['a', 'b'] }, event: 'lines', data: lines })))
+  for (const [index, reader] of readers.entries()) {
+    const received = await reader.take(ids.length + large.length, 20_000)
+    t.same(received.map((event) => event.id), [...ids, ...large], `reader ${index} got every event in order`)
+    t.ok(received.slice(0, ids.length).every((event, n) => event.data === array[n].data), 'the batch intact')
+    t.ok(received.slice(ids.length).every((event) => event.data === lines), 'the lines intact')
+    t.notOk(reader.ended, 'still open')
+  }
+  t.equal(metricValue(await scrape(url), 'sse_slow_consumer_drops_total'), 0, 'nobody dropped as slow')
+})
+
 /** The resident set of a process, in bytes. */
 function rssOf (pid: number): number {
   const match = /^VmRSS:\s+(\d+)\s+kB$/m.exec(readFileSync(`/proc/${pid}/status`, 'utf8'))
