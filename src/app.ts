@@ -131,7 +131,9 @@ export async function buildApp (config: Config, options: BuildOptions = {}): Pro
     // would leave a publisher not knowing whether its event went out. Streams
     // are not HTTP connections any more; the drain ends them.
     forceCloseConnections: 'idle',
-    return503OnClosing: true,
+    // Refused by the hook below instead: in the contract's shape, and with
+    // /health still answering (the process is alive while it drains).
+    return503OnClosing: false,
     requestIdHeader: false,
     genReqId: requestIdOf,
     // Room for the longest id a schema allows (a user id: 256 characters, up
@@ -200,6 +202,13 @@ export async function buildApp (config: Config, options: BuildOptions = {}): Pro
   let closing = false
   app.addHook('preClose', async () => {
     closing = true
+  })
+  // While the streams drain, the listener stays open so that clients are
+  // told in words to go elsewhere. /ready says draining itself.
+  app.addHook('onRequest', (request, _reply, done) => {
+    const route = request.routeOptions.url
+    if (closing && route !== '/health' && route !== '/ready') done(new errors.Unavailable('the gateway is shutting down'))
+    else done()
   })
   app.addHook('onSend', (_request, reply, payload, done) => {
     if (closing) reply.header('connection', 'close')

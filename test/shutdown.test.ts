@@ -86,7 +86,7 @@ t.test('a log reader that stopped reading: the gateway still serves, and SIGTERM
   t.same(await server.waitExit(20_000), { code: 0, signal: null }, 'exited 0')
 })
 
-t.test('while a stream that stopped reading holds the drain, the listener stays open: /ready and publishes get 503', async (t) => {
+t.test('while a stream that stopped reading holds the drain, the listener stays open: /ready, publishes and new streams get 503 in the contract\'s shape, /health 200', async (t) => {
   const { app, url, port } = await startGateway(t, { MAX_BUFFERED_BYTES: String(16 * 1024 * 1024) })
   const { raw, connectionId } = await neverReadingStream(t, url, port, 'stalled')
   const connection = app.registry.get(connectionId)
@@ -98,7 +98,17 @@ t.test('while a stream that stopped reading holds the drain, the listener stays 
     await publishOk(url, publisherToken(), { to: { user: 'stalled' }, event: 'flood', data: floodData(n) })
   }
   // fetch keeps its connections alive: the publishes after the first reuse one while it stays open.
-  const publish = async (): Promise<number> => (await request(`${url}/v1/publish`, { token: publisherToken(), body: { to: { user: 'u1' }, event: 'note', data: 1 } })).status
+  const refusals = new Set<string>()
+  const publish = async (): Promise<number> => {
+    const answer = await request(`${url}/v1/publish`, { token: publisherToken(), body: { to: { user: 'u1' }, event: 'note', data: 1 } })
+    if (answer.status === 503) refusals.add(answer.text)
+    return answer.status
+  }
+  const openNew = async (): Promise<string> => {
+    const answer = await request(`${url}/v1/stream?token=${userToken('u2')}`)
+    if (answer.status === 503) refusals.add(answer.text)
+    return String(answer.status)
+  }
   t.equal(await publish(), 202, 'a publish before the close')
 
   let drained = false
@@ -110,9 +120,13 @@ t.test('while a stream that stopped reading holds the drain, the listener stays 
     const value = await answer
     if (!drained) duringDrain.push(value)
   }
+  const health: string[] = []
   while (!drained) {
     await whileDraining(refused(`${url}/ready`))
     await whileDraining(publish().then(String, () => 'reset'))
+    await whileDraining(openNew().catch(() => 'reset'))
+    const alive = await refused(`${url}/health`)
+    if (!drained) health.push(alive)
     // Enough seen: the client reads again, its stream's end flushes, and the
     // drain ends, well before the force-close grace cuts everything.
     if (duringDrain.length >= 10) raw.resume()
@@ -122,6 +136,8 @@ t.test('while a stream that stopped reading holds the drain, the listener stays 
   await closing
   t.ok(duringDrain.length >= 10, `probed during the drain (${duringDrain.length} answers)`)
   t.same([...new Set(duringDrain)], ['503'], 'every answer during the drain was 503')
+  t.same([...new Set(health)], ['200'], '/health answered 200 throughout: the process is alive')
+  t.same([...refusals].map((text) => JSON.parse(text)), [{ statusCode: 503, code: 'GW_UNAVAILABLE', error: 'Service Unavailable', message: 'the gateway is shutting down' }], 'every refusal in the contract\'s shape')
 })
 
 t.test('a stream that stopped reading and a request never finished do not outlast the stop: both are cut within the grace, and the stop completes before SHUTDOWN_TIMEOUT_MS', async (t) => {
