@@ -207,7 +207,9 @@ function cookieName (env: Env): string | null {
 }
 
 export function loadConfig (env: Env = process.env): Config {
-  const jwtSecret = read(env, 'JWT_SECRET') ?? null
+  // Byte for byte, spaces included: the service that signs the tokens uses
+  // the value it was given as it is, and a trimmed copy would refuse them all.
+  const jwtSecret = read(env, 'JWT_SECRET') === undefined ? null : env.JWT_SECRET as string
   // Keys are often passed through env files with literal "\n" sequences.
   const jwtPublicKey = read(env, 'JWT_PUBLIC_KEY')?.replace(/\\n/g, '\n') ?? null
   if (jwtSecret === null && jwtPublicKey === null) {

@@ -209,6 +209,11 @@ t.test('REDIS_SENTINELS: host[:port] entries (26379 by default); REDIS_URL then 
   refuses(t, { ...base, REDIS_URL: 'rediss://mymaster', REDIS_SENTINELS: '10.0.0.1' }, 'REDIS_URL')
 })
 
+t.test('JWT_SECRET is used as given, spaces included (the signer uses it so); a blank one is unset', async (t) => {
+  t.equal(loadConfig({ JWT_SECRET: ' padded secret\t' }).jwtSecret, ' padded secret\t')
+  refuses(t, { JWT_SECRET: '  ' }, 'JWT_SECRET')
+})
+
 t.test('neither JWT_SECRET nor JWT_PUBLIC_KEY: a ConfigError naming JWT_SECRET and JWT_PUBLIC_KEY', async (t) => {
   refuses(t, {}, 'JWT_SECRET')
   refuses(t, { JWT_SECRET: '   ' }, 'JWT_SECRET')
