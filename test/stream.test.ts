@@ -1,6 +1,7 @@
 import t from 'tap'
 import * as http from 'node:http'
 import { rawConnect } from './helpers/raw'
+import { keepaliveSchedule } from '../src/core/streams'
 import { eventually, openConnected, openStream, publishOk, publisherToken, startGateway, userToken, type SseEvent } from './helpers'
 
 const publisher = publisherToken()
@@ -66,6 +67,25 @@ t.test('an idle stream receives keepalive comments (KEEPALIVE_MS=200)', async (t
   t.same(stream.comments.slice(0, 2), ['keepalive', 'keepalive'])
   t.match(stream.text, /\n\n: keepalive\n\n/, 'a comment line in its own block')
   t.equal(stream.events.length, 1, 'comments dispatch no event')
+})
+
+t.test('no gap between two writes to an idle stream reaches KEEPALIVE_MS, whenever the stream opened; the checks leave room for a late timer', async (t) => {
+  const keepaliveMs = 1500
+  t.ok(keepaliveSchedule(keepaliveMs).checkEveryMs + keepaliveSchedule(keepaliveMs).idleAfterMs <= keepaliveMs * 0.6, 'the longest gap by the schedule: 7/12 of the interval')
+  const { url } = await startGateway(t, { KEEPALIVE_MS: String(keepaliveMs) })
+  // Opened at different points of the check's period.
+  const arrivals = await Promise.all([0, 1, 2, 3, 4, 5].map(async (n) => {
+    await new Promise<void>((resolve) => setTimeout(resolve, n * 130))
+    const { stream } = await openConnected(`${url}/v1/stream?token=${userToken(`u${n}`)}`, { t })
+    const times = [performance.now()]
+    stream.socket?.on('data', () => times.push(performance.now()))
+    await stream.until(() => stream.comments.length >= 3, 10_000, 'three keepalives')
+    return times
+  }))
+  for (const [n, times] of arrivals.entries()) {
+    const gaps = times.slice(1).map((at, i) => at - times[i])
+    t.ok(gaps.every((gap) => gap < keepaliveMs), `stream ${n}: longest gap ${Math.round(Math.max(...gaps))} ms`)
+  }
 })
 
 t.test('published events carry a decimal id line; system events none', async (t) => {

@@ -65,6 +65,19 @@ const EXPIRY_TICK_MS = 250
 const CATCH_UP_CONCURRENCY = 32
 
 /**
+ * When keepalives go out. A stream idle for `idleAfterMs` gets one at the
+ * next check, so no gap between writes reaches `idleAfterMs + checkEveryMs`
+ * (7/12 of KEEPALIVE_MS), which leaves room for a late timer or a busy event
+ * loop under the interval the contract promises. Checking at half the
+ * interval for streams idle for half of it let a gap reach the whole
+ * interval, and a timer 1 ms late passed it. An idle stream gets one every
+ * two checks: half of KEEPALIVE_MS.
+ */
+export function keepaliveSchedule (keepaliveMs: number): { checkEveryMs: number, idleAfterMs: number } {
+  return { checkEveryMs: Math.max(25, Math.floor(keepaliveMs / 4)), idleAfterMs: Math.floor(keepaliveMs / 3) }
+}
+
+/**
  * Opens, feeds and closes streams. One timer drives keepalives and one drives
  * token expiry for every stream; nothing here holds a timer per connection.
  */
@@ -89,10 +102,8 @@ export class StreamService {
     private readonly options: StreamServiceOptions,
     private readonly events: StreamEvents
   ) {
-    // Ticking at half the interval, writing to streams idle for half of it,
-    // bounds every gap between writes by the interval.
-    const half = Math.max(50, Math.floor(options.keepaliveMs / 2))
-    this.keepaliveTimer = setInterval(() => this.keepalive(Date.now() - half), half).unref()
+    const { checkEveryMs, idleAfterMs } = keepaliveSchedule(options.keepaliveMs)
+    this.keepaliveTimer = setInterval(() => this.keepalive(Date.now() - idleAfterMs), checkEveryMs).unref()
     this.expiryTimer = setInterval(() => this.expire(Date.now()), EXPIRY_TICK_MS).unref()
     bus.onSubscription({ lost: () => this.subscriptionLost(), restored: () => this.subscriptionRestored() })
   }
