@@ -33,6 +33,7 @@ export default fp<{ startupSignal?: AbortSignal }>(async (app, options) => {
       presenceGraceMs: config.presenceGraceMs,
       instanceTtlMs: config.instanceTtlMs,
       startupTimeoutMs: config.redisStartupTimeoutMs,
+      commandTimeoutMs: config.redisCommandTimeoutMs,
       startupSignal: options.startupSignal
     }, registry, app.log)
     app.decorate('bus', engine.bus)

@@ -57,6 +57,7 @@ export interface Config {
   idempotencyWindowS: number
   /** How long start-up waits for Redis to answer before giving up. */
   redisStartupTimeoutMs: number
+  redisCommandTimeoutMs: number
 }
 
 export interface RedisSentinel {
@@ -276,6 +277,7 @@ export function loadConfig (env: Env = process.env): Config {
     trustProxy: proxyList(env),
     instanceTtlMs: integer(env, 'INSTANCE_TTL_MS', 10000, 1000, 600_000),
     redisStartupTimeoutMs: integer(env, 'REDIS_STARTUP_TIMEOUT_MS', 30000, 0, 3_600_000),
+    redisCommandTimeoutMs: integer(env, 'REDIS_COMMAND_TIMEOUT_MS', 5000, 100, 600_000),
     idempotencyWindowS: integer(env, 'IDEMPOTENCY_WINDOW_S', 600, 1, 86_400)
   }
   // Any site could then read a user's streams with the browser's cookie.

@@ -33,6 +33,7 @@ t.test('defaults: only JWT_SECRET set', async (t) => {
     jobTtlS: 86400,
     shutdownTimeoutMs: 10000,
     redisStartupTimeoutMs: 30000,
+    redisCommandTimeoutMs: 5000,
     idempotencyWindowS: 600,
     logLevel: 'info'
   })
@@ -65,6 +66,7 @@ t.test('every variable is read', async (t) => {
     JOB_TTL_S: '10',
     SHUTDOWN_TIMEOUT_MS: '500',
     REDIS_STARTUP_TIMEOUT_MS: '0',
+    REDIS_COMMAND_TIMEOUT_MS: '750',
     IDEMPOTENCY_WINDOW_S: '5',
     LOG_LEVEL: 'debug'
   })
@@ -93,6 +95,7 @@ t.test('every variable is read', async (t) => {
     jobTtlS: 10,
     shutdownTimeoutMs: 500,
     redisStartupTimeoutMs: 0,
+    redisCommandTimeoutMs: 750,
     idempotencyWindowS: 5,
     logLevel: 'debug'
   })

@@ -320,3 +320,24 @@ t.test('the subscriber dropped again before Redis answers its resubscription: no
   t.equal((await stream.nextEvent('after', 10_000)).id, id, 'delivered after the two drops')
   t.same(unhandled, [], 'no rejection left unhandled')
 })
+
+t.test('a Redis that stops answering without dropping the connection: a publish and a stream open get 503 after REDIS_COMMAND_TIMEOUT_MS, not an answer held until Redis is back', async (t) => {
+  if (!(await needRedis(t))) return
+  const prefix = uniquePrefix('hung')
+  const { proxy, viaProxy, direct } = await proxiedCluster(t, { REDIS_PREFIX: prefix, REDIS_COMMAND_TIMEOUT_MS: '300' })
+  const { stream } = await openConnected(`${direct.url}/v1/stream?token=${userToken('u1')}`, { t })
+
+  proxy.holdReplies()
+  const refused = await publish(viaProxy.url, publisher, { to: { user: 'u1' }, event: 'in-gap', data: 1 })
+  t.equal(refused.status, 503, 'the publish is refused in words')
+  t.match(refused.json, { statusCode: 503, code: 'GW_UNAVAILABLE', error: 'Service Unavailable' })
+  const open = await openStream(`${viaProxy.url}/v1/stream?token=${userToken('u2')}`, { t })
+  t.equal(open.status, 503, 'so is a stream open')
+  // Redis ran the publish; only its reply was lost. It was told it may not have.
+  await stream.nextEvent('in-gap')
+
+  proxy.releaseReplies()
+  await eventually(async () => (await publish(viaProxy.url, publisher, { to: { user: 'u1' }, event: 'after', data: 2 })).status === 202, 'publishes answered again', 10_000, 50)
+  await stream.nextEvent('after')
+  t.equal(stream.events.filter((event) => event.event === 'in-gap').length, 1, 'the event in the gap went out once')
+})

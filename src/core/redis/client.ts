@@ -50,6 +50,11 @@ function isConnectionLoss (error: unknown): boolean {
   return error instanceof Error && (error.message === 'Connection is closed.' || error.message.startsWith("Stream isn't writeable"))
 }
 
+/** ioredis's error for a command unanswered within `commandTimeout`: it may still run once Redis answers again. */
+function isTimeout (error: unknown): boolean {
+  return error instanceof Error && error.message === 'Command timed out'
+}
+
 /**
  * The codes by which Redis refuses work for its own condition (out of memory
  * under noeviction, a replica after a failover, a failing snapshot, loading
@@ -86,7 +91,7 @@ export class ScriptedRedis {
   }
 
   translate (error: unknown): Error {
-    if (this.redis.status !== 'ready' || isConnectionLoss(error) || isStoreCondition(error)) return new StoreUnavailableError(error)
+    if (this.redis.status !== 'ready' || isConnectionLoss(error) || isTimeout(error) || isStoreCondition(error)) return new StoreUnavailableError(error)
     return error instanceof Error ? error : new Error(String(error))
   }
 

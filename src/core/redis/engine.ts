@@ -16,6 +16,8 @@ export interface RedisEngineOptions {
   instanceTtlMs: number
   /** How long start-up waits for every connection to be ready (ioredis retries meanwhile). */
   startupTimeoutMs?: number
+  /** How long a command waits for Redis's answer on a connection that stays up (a frozen Redis). */
+  commandTimeoutMs?: number
   /** Ends the start-up early (a stop signal): it then rejects, leaving nothing behind. */
   startupSignal?: AbortSignal
 }
@@ -569,7 +571,15 @@ function connectionOptions (options: RedisEngineOptions, connectionName: string)
 }
 
 export async function connectRedis (options: RedisEngineOptions, registry: Registry, log: Log): Promise<RedisEngine> {
-  const commands = new ScriptedRedis(options.url, connectionOptions(options, 'sse-gateway'))
+  // A Redis that stops answering without dropping the connection (frozen,
+  // its host paused) would hold every publish and admission until it came
+  // back: they fail after commandTimeoutMs instead, and answer 503. Not on
+  // the subscriber, whose silence the bus detects with its own PINGs, nor on
+  // the durable ingress's blocking reads.
+  const commands = new ScriptedRedis(options.url, {
+    ...connectionOptions(options, 'sse-gateway'),
+    ...(options.commandTimeoutMs !== undefined ? { commandTimeout: options.commandTimeoutMs } : {})
+  })
   // A subscriber connection cannot run commands, so publishing and reading use the other one.
   const subscriber = new Redis(options.url, connectionOptions(options, 'sse-gateway-sub'))
   let everReady = false
