@@ -341,3 +341,18 @@ t.test('a Redis that stops answering without dropping the connection: a publish 
   await stream.nextEvent('after')
   t.equal(stream.events.filter((event) => event.event === 'in-gap').length, 1, 'the event in the gap went out once')
 })
+
+t.test('Redis emptied under a connection that stays up (FLUSHALL): the instance records its open streams again, so the per-user limit and presence hold', async (t) => {
+  if (!(await needRedis(t))) return
+  const prefix = uniquePrefix('flushed')
+  const gateway = await startGateway(t, { REDIS_URL, REDIS_PREFIX: prefix, MAX_CONNECTIONS_PER_USER: '2', INSTANCE_TTL_MS: '1500' })
+  for (let n = 0; n < 2; n++) await openConnected(`${gateway.url}/v1/stream?token=${userToken('u1')}`, { t })
+  t.equal((await openStream(`${gateway.url}/v1/stream?token=${userToken('u1')}`, { t })).status, 429, 'a third stream is over the limit')
+
+  // This cluster's keys are all it has in Redis: deleting them at once is a FLUSHALL for it.
+  const redis = redisClient(t)
+  await redis.eval("for _, key in ipairs(redis.call('KEYS', ARGV[1])) do redis.call('DEL', key) end return 0", 0, `${prefix}*`)
+  const presence = async (): Promise<unknown> => (await request(`${gateway.url}/v1/presence/u1`, { token: publisher })).json
+  await eventually(async () => JSON.stringify(await presence()) === JSON.stringify({ userId: 'u1', online: true, connections: 2 }), 'the two streams recorded again', 10_000, 50)
+  t.equal((await openStream(`${gateway.url}/v1/stream?token=${userToken('u1')}`, { t })).status, 429, 'the limit holds again')
+})

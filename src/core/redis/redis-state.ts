@@ -120,15 +120,17 @@ export class RedisState implements SharedState {
     })
     this.heartbeatTimer = setInterval(() => {
       const lastBeatAt = this.lastBeatAt
-      this.heartbeat().then(async () => {
+      this.heartbeat().then(async (unlisted) => {
         // Until this beat arrived, not until it was sent: a slow Redis may
         // have taken its time to take it, while reapers looked on.
         const silentMs = Date.now() - lastBeatAt
         // Beats refused without the connection dropping (Redis out of memory,
         // say) for close to INSTANCE_TTL_MS may have had this instance taken
         // for dead and its streams reaped, and no reconnect will resync: they
-        // are recorded again. So is a resync that failed.
-        if (this.resyncOwed || silentMs >= (options.instanceTtlMs * 3) / 4) await this.resync()
+        // are recorded again. So are they when this instance was no longer
+        // listed (Redis emptied by FLUSHALL, with the connection kept: its
+        // streams, counts and presence were gone), and after a failed resync.
+        if (this.resyncOwed || unlisted || silentMs >= (options.instanceTtlMs * 3) / 4) await this.resync()
         // Closes refused while Redis took no writes (NOREPLICAS, READONLY…),
         // however briefly, go now: no reconnect may ever come to send them.
         else if (this.unreleased.size > 0 && this.resyncing === null) await this.releaseUnreleased()
@@ -261,15 +263,17 @@ export class RedisState implements SharedState {
     this.tracker = tracker
   }
 
-  async heartbeat (): Promise<void> {
+  /** Returns whether this instance was not listed until this beat (new, or lost or reaped since the last). */
+  async heartbeat (): Promise<boolean> {
     const now = Date.now()
     // The list outlives the instance until a lease holder reaps it: it is how
     // the reap finds the users to announce offline, and if it expired first
     // (the whole cluster down for that long) their entries would be dropped
     // unannounced. The expiry only clears a list nobody will ever reap.
     const ttlS = Math.max(LIST_TTL_S, Math.ceil((this.options.instanceTtlMs * 10) / 1000))
-    await this.commands.run('BEAT', [this.prefix, this.instanceId, ttlS])
+    const added = await this.commands.run('BEAT', [this.prefix, this.instanceId, ttlS])
     this.lastBeatAt = now
+    return added === 1
   }
 
   async createConnection (connectionId: string, userId: string, ttlS: number): Promise<void> {

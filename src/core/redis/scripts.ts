@@ -451,12 +451,14 @@ return 0
  * An instance's heartbeat, stamped with Redis's clock: every script that
  * judges a beat reads that clock, so a gateway whose own clock is off still
  * counts as beating. ARGV: prefix, instance, ttl of its list of streams (s).
+ * Returns 1 when the instance was not listed: its record is new, or it was
+ * lost (Redis emptied, FLUSHALL) or reaped since the last beat.
  */
 export const BEAT = `${CLOCK}
 local prefix, inst = ARGV[1], ARGV[2]
-redis.call('ZADD', prefix .. 'instances', fmt(clock_ms()), inst)
+local added = redis.call('ZADD', prefix .. 'instances', fmt(clock_ms()), inst)
 redis.call('EXPIRE', prefix .. 'i:' .. inst .. ':conns', tonumber(ARGV[3]))
-return 0
+return added
 `
 
 /**
