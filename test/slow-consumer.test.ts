@@ -6,7 +6,7 @@ import {
 } from './helpers'
 import {
   flood, FLOOD_EVENT_BYTES as EVENT_BYTES, FLOOD_MIN_BYTES, FLOOD_PER_REQUEST as PER_REQUEST, floodData as bigData,
-  floodMaxBytes, metricValue, neverReadingStream, scrape
+  floodMaxBytes, getRequest, metricValue, neverReadingStream, rawConnect, scrape
 } from './helpers/raw'
 
 const publisher = publisherToken()
@@ -109,10 +109,10 @@ forEachMode(t, 'one publish that brings a reader more than MAX_BUFFERED_BYTES at
   t.equal(metricValue(await scrape(url), 'sse_slow_consumer_drops_total'), 0, 'nobody dropped as slow')
 })
 
-/** The resident set of a process, in bytes. */
-function rssOf (pid: number): number {
-  const match = /^VmRSS:\s+(\d+)\s+kB$/m.exec(readFileSync(`/proc/${pid}/status`, 'utf8'))
-  if (match === null) throw new Error(`no VmRSS for ${pid}`)
+/** The resident set of a process (or its peak so far, VmHWM), in bytes. */
+function rssOf (pid: number, field: 'VmRSS' | 'VmHWM' = 'VmRSS'): number {
+  const match = new RegExp(`^${field}:\\s+(\\d+)\\s+kB$`, 'm').exec(readFileSync(`/proc/${pid}/status`, 'utf8'))
+  if (match === null) throw new Error(`no ${field} for ${pid}`)
   return Number(match[1]) * 1024
 }
 
@@ -151,4 +151,28 @@ t.test('the gateway process (a child) drops a never-reading client and its RSS r
     return after <= bound
   }, 'the RSS to come back near its earlier level', 15_000, 250).catch(() => {})
   t.ok(after <= bound, `RSS ${(after / 1048576).toFixed(1)} MiB, at most ${(bound / 1048576).toFixed(1)} MiB (before: ${(before / 1048576).toFixed(1)} MiB, flood ${((ids.length * EVENT_BYTES) / 1048576).toFixed(1)} MiB)`)
+})
+
+t.test('a burst to many clients that stopped reading: each is dropped, and none gets a copy of the burst of its own (the process\'s peak RSS stays near the burst\'s size, not a multiple of it)', {
+  skip: process.platform !== 'linux' ? 'reads /proc' : false
+}, async (t) => {
+  const server = await spawnServer(t, { JWT_SECRET: TEST_SECRET, HOST: '127.0.0.1', LOG_LEVEL: 'silent', MAX_CONNECTIONS_PER_USER: '1000', HISTORY_SIZE: '16' })
+  const pid = server.child.pid
+  if (pid === undefined) throw new Error('no child pid')
+  const stalled = 300
+  for (let n = 0; n < stalled; n++) {
+    const raw = await rawConnect(t, server.port)
+    raw.write(getRequest(`/v1/stream?token=${userToken('stalled')}`, server.port))
+    await raw.until(() => raw.events().some((event) => event.event === 'connected'), 5000, 'connected')
+    raw.pause()
+  }
+  const peakBefore = rssOf(pid, 'VmHWM')
+  // 16 arrays of 4 events of 240 KB at once: 15 MB, too large for any one
+  // stream, in pieces that lie in separate buffers.
+  const burst = Array.from({ length: 4 }, (_, n) => ({ to: { user: 'stalled' }, event: 'big', data: String(n).repeat(240_000) }))
+  await Promise.all(Array.from({ length: 16 }, async () => await publishOk(server.url, publisher, burst)))
+  await eventually(async () => metricValue(await scrape(server.url), 'sse_slow_consumer_drops_total') === stalled, 'every stalled stream dropped', 30_000, 100)
+  const growth = rssOf(pid, 'VmHWM') - peakBefore
+  // A copy of its due bytes per stream came to ~1 GB here; shared, ~60 MB.
+  t.ok(growth < 200 * 1024 * 1024, `peak RSS grew ${(growth / 1048576).toFixed(0)} MiB`)
 })

@@ -416,12 +416,42 @@ export class StreamConnection {
   flush (): void {
     this.queued = false
     if (this.closed) return
+    const pieces = this.pieces
+    if (pieces !== null && this.run !== null && this.pendingBytes + this.unsentAtLastWrite > this.bufferBound()) {
+      pieces.push(this.runView(this.run))
+      this.flushPiecewise(pieces)
+      return
+    }
     let chunk = this.takePending()
     if (chunk === null) return
     // Behind a backed-up socket Node queues the write, and a view would keep
     // its whole slab alive for as long: such a socket gets its own copy.
     if (this.unsentAtLastWrite > 0 && viewOfLarger(chunk)) chunk = Buffer.from(chunk)
     this.writeRaw(chunk)
+    if (this.unsentAtLastWrite === 0) this.largestFrame = 0
+    else if (this.unsentAtLastWrite > this.bufferBound()) this.close('slow')
+  }
+
+  /**
+   * More is due than the bound, in pieces: joined, they would be a copy of
+   * all of it for this stream alone, and a burst to many stalled streams
+   * multiplied the process's memory by their number. They go out one at a
+   * time, as views, while the socket takes them; once it holds bytes back
+   * with more than the bound still to come, the stream is slow.
+   */
+  private flushPiecewise (pieces: Buffer[]): void {
+    let remaining = this.pendingBytes
+    this.clearPending()
+    this.unsentAtLastWrite = this.sink.writableLength
+    for (let piece of pieces) {
+      if (this.unsentAtLastWrite > 0 && this.unsentAtLastWrite + remaining > this.bufferBound()) {
+        this.close('slow')
+        return
+      }
+      remaining -= piece.length
+      if (this.unsentAtLastWrite > 0 && viewOfLarger(piece)) piece = Buffer.from(piece)
+      this.writeRaw(piece)
+    }
     if (this.unsentAtLastWrite === 0) this.largestFrame = 0
     else if (this.unsentAtLastWrite > this.bufferBound()) this.close('slow')
   }
@@ -530,13 +560,17 @@ export class StreamConnection {
     const last = this.runView(run)
     const pieces = this.pieces
     const bytes = this.pendingBytes
+    this.clearPending()
+    if (pieces === null) return last
+    pieces.push(last)
+    return Buffer.concat(pieces, bytes)
+  }
+
+  private clearPending (): void {
     this.run = null
     this.runBytes = 0
     this.pieces = null
     this.pendingBytes = 0
-    if (pieces === null) return last
-    pieces.push(last)
-    return Buffer.concat(pieces, bytes)
   }
 
   private writeRaw (chunk: Buffer): boolean {
