@@ -1,7 +1,7 @@
 import t from 'tap'
 import { generateKeyPairSync } from 'node:crypto'
 import { ConfigError, loadConfig } from '../src/config'
-import { openConnected, publishOk, publisherToken, request, rsaKeyPair, runServerToExit, spawnServer, TEST_SECRET, userToken } from './helpers'
+import { loggedAs, openConnected, publishOk, publisherToken, request, rsaKeyPair, runServerToExit, spawnServer, startGateway, TEST_SECRET, userToken } from './helpers'
 
 t.test('defaults: only JWT_SECRET set', async (t) => {
   const config = loadConfig({ JWT_SECRET: 's3cret' })
@@ -263,4 +263,13 @@ t.test('the compiled server starts with only JWT_SECRET (and a free PORT) and se
   stream.close()
   server.child.kill('SIGTERM')
   t.equal((await server.waitExit(15_000)).code, 0)
+})
+
+t.test('a JWT_SECRET with whitespace at an end: the gateway says so at start, once, without the secret', async (t) => {
+  const padded = await startGateway(t, { JWT_SECRET: 'padded-secret-value\n' }, { captureLogs: true })
+  const warnings = loggedAs(padded.logText(), 'JWT_SECRET begins or ends with whitespace; it is used as given, so tokens must be signed with exactly that')
+  t.equal(warnings.length, 1, 'one warning')
+  t.notMatch(padded.logText(), 'padded-secret-value', 'the secret is not in the log')
+  const plain = await startGateway(t, { JWT_SECRET: 'plain-secret' }, { captureLogs: true })
+  t.notMatch(plain.logText(), 'JWT_SECRET', 'nothing to say about a secret without')
 })
