@@ -221,10 +221,19 @@ export async function buildApp (config: Config, options: BuildOptions = {}): Pro
   // publisher over a header; what does not parse still gets 400. Cookies never
   // authenticate a POST, PUT or DELETE (plugins/auth.ts), so a form another
   // site submits still carries no credentials.
-  app.removeContentTypeParser('text/plain')
-  app.addContentTypeParser('*', { parseAs: 'string' }, (_request, body, done) => {
+  // One parser for every label, so that a body that does not parse gets the
+  // same answer under each.
+  app.removeAllContentTypeParsers()
+  app.addContentTypeParser('*', { parseAs: 'string' }, (request, body, done) => {
+    // An unknown route answers 404 whatever its body.
+    if (request.routeOptions.url === undefined) {
+      done(null, undefined)
+      return
+    }
+    const text = body as string
     try {
-      done(null, JSON.parse(body as string))
+      // A byte order mark, which some clients write first, is not JSON.
+      done(null, JSON.parse(text.charCodeAt(0) === 0xfeff ? text.slice(1) : text))
     } catch {
       done(new errors.BadRequest('the body is not valid JSON'), undefined)
     }

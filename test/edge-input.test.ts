@@ -314,11 +314,18 @@ t.test('a JSON body is read as JSON whatever its Content-Type says (text/plain f
   const subscribed = await request<{ topics: string[] }>(`${url}/v1/subscriptions`, { token: userToken('u1'), body: '{"topics":["news"]}', headers: { 'content-type': 'text/plain' } })
   t.same([subscribed.status, subscribed.json], [200, { topics: ['news'] }], 'another JSON route reads it too')
 
-  for (const text of ['to=x&data=1', '{"to":', '']) {
-    const refused = await request(`${url}/v1/publish`, { token: publisher, body: text, headers: { 'content-type': 'text/plain' } })
-    t.equal(refused.status, 400, `${JSON.stringify(text)}: 400`)
-    t.match(refused.json, { statusCode: 400, code: 'GW_BAD_REQUEST', error: 'Bad Request' })
+  for (const label of ['text/plain', 'application/json']) {
+    for (const text of ['to=x&data=1', '{"to":', '']) {
+      const refused = await request(`${url}/v1/publish`, { token: publisher, body: text, headers: { 'content-type': label } })
+      t.equal(refused.status, 400, `${label}, ${JSON.stringify(text)}: 400`)
+      t.same(refused.json, { statusCode: 400, code: 'GW_BAD_REQUEST', error: 'Bad Request', message: 'the body is not valid JSON' }, 'the same answer under every label')
+    }
+    const marked = await request<{ id?: string }>(`${url}/v1/publish`, { token: publisher, body: `\ufeff${body(20)}`, headers: { 'content-type': label } })
+    t.equal(marked.status, 202, `${label}: a byte order mark first is skipped`)
+    t.equal((await stream.nextEvent('labelled')).id, marked.json.id)
   }
+  const unknown = await request(`${url}/v1/nothing-here`, { method: 'POST', body: 'not json', headers: { 'content-type': 'text/plain' } })
+  t.equal(unknown.status, 404, 'an unknown route is 404 whatever its body')
   const large = await request(`${url}/v1/publish`, { token: publisher, body: JSON.stringify({ to: { user: 'u1' }, data: 'x'.repeat(5000) }), headers: { 'content-type': 'text/plain' } })
   t.equal(large.status, 413, 'MAX_BODY_BYTES holds for every label')
   const forbidden = await request(`${url}/v1/publish`, { token: userToken('u1'), body: body(9), headers: { 'content-type': 'text/plain' } })
