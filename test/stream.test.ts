@@ -70,12 +70,12 @@ t.test('an idle stream receives keepalive comments (KEEPALIVE_MS=200)', async (t
 })
 
 t.test('no gap between two writes to an idle stream reaches KEEPALIVE_MS, whenever the stream opened; the checks leave room for a late timer', async (t) => {
-  const keepaliveMs = 1500
+  const keepaliveMs = 2000
   t.ok(keepaliveSchedule(keepaliveMs).checkEveryMs + keepaliveSchedule(keepaliveMs).idleAfterMs <= keepaliveMs * 0.6, 'the longest gap by the schedule: 7/12 of the interval')
   const { url } = await startGateway(t, { KEEPALIVE_MS: String(keepaliveMs) })
   // Opened at different points of the check's period.
   const arrivals = await Promise.all([0, 1, 2, 3, 4, 5].map(async (n) => {
-    await new Promise<void>((resolve) => setTimeout(resolve, n * 130))
+    await new Promise<void>((resolve) => setTimeout(resolve, n * 170))
     const { stream } = await openConnected(`${url}/v1/stream?token=${userToken(`u${n}`)}`, { t })
     const times = [performance.now()]
     stream.socket?.on('data', () => times.push(performance.now()))
@@ -84,7 +84,8 @@ t.test('no gap between two writes to an idle stream reaches KEEPALIVE_MS, whenev
   }))
   for (const [n, times] of arrivals.entries()) {
     const gaps = times.slice(1).map((at, i) => at - times[i])
-    t.ok(gaps.every((gap) => gap < keepaliveMs), `stream ${n}: longest gap ${Math.round(Math.max(...gaps))} ms`)
+    // 7/12 of the interval by the schedule; the rest is room for a late timer on a busy machine.
+    t.ok(gaps.every((gap) => gap < keepaliveMs * 0.8), `stream ${n}: longest gap ${Math.round(Math.max(...gaps))} ms`)
   }
 })
 
