@@ -203,13 +203,6 @@ export async function buildApp (config: Config, options: BuildOptions = {}): Pro
   app.addHook('preClose', async () => {
     closing = true
   })
-  // While the streams drain, the listener stays open so that clients are
-  // told in words to go elsewhere. /ready says draining itself.
-  app.addHook('onRequest', (request, _reply, done) => {
-    const route = request.routeOptions.url
-    if (closing && route !== '/health' && route !== '/ready') done(new errors.Unavailable('the gateway is shutting down'))
-    else done()
-  })
   app.addHook('onSend', (_request, reply, payload, done) => {
     if (closing) reply.header('connection', 'close')
     done(null, payload)
@@ -218,11 +211,10 @@ export async function buildApp (config: Config, options: BuildOptions = {}): Pro
   // Every body this API takes is JSON, whatever the request calls it: fetch()
   // labels a string body text/plain, curl -d labels it a form. Turning those
   // away (415) or reading them as strings ("must be an object") fails a
-  // publisher over a header; what does not parse still gets 400. Cookies never
-  // authenticate a POST, PUT or DELETE (plugins/auth.ts), so a form another
-  // site submits still carries no credentials.
-  // One parser for every label, so that a body that does not parse gets the
-  // same answer under each.
+  // publisher over a header; one parser for every label gives a body that
+  // does not parse the same 400 under each. Cookies never authenticate a
+  // POST, PUT or DELETE (plugins/auth.ts), so a form another site submits
+  // still carries no credentials.
   app.removeAllContentTypeParsers()
   app.addContentTypeParser('*', { parseAs: 'string' }, (request, body, done) => {
     // An unknown route answers 404 whatever its body.
@@ -251,6 +243,16 @@ export async function buildApp (config: Config, options: BuildOptions = {}): Pro
       maxAge: 600
     })
   }
+
+  // While the streams drain, the listener stays open so that clients are
+  // told in words to go elsewhere: after CORS, so that a page can read the
+  // 503 (and a preflight is still answered). /ready says draining itself,
+  // and /health and /metrics keep showing the process as it drains.
+  app.addHook('onRequest', (request, _reply, done) => {
+    const route = request.routeOptions.url
+    if (closing && route !== '/health' && route !== '/ready' && route !== '/metrics') done(new errors.Unavailable('the gateway is shutting down'))
+    else done()
+  })
 
   if (config.trustProxy === null) {
     // Behind a proxy that is not trusted, every client has the proxy's

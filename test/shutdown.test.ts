@@ -87,7 +87,8 @@ t.test('a log reader that stopped reading: the gateway still serves, and SIGTERM
 })
 
 t.test('while a stream that stopped reading holds the drain, the listener stays open: /ready, publishes and new streams get 503 in the contract\'s shape, /health 200', async (t) => {
-  const { app, url, port } = await startGateway(t, { MAX_BUFFERED_BYTES: String(16 * 1024 * 1024) })
+  const origin = 'https://app.example'
+  const { app, url, port } = await startGateway(t, { MAX_BUFFERED_BYTES: String(16 * 1024 * 1024), CORS_ORIGINS: origin })
   const { raw, connectionId } = await neverReadingStream(t, url, port, 'stalled')
   const connection = app.registry.get(connectionId)
   if (connection === undefined) throw new Error('the stalled stream is not registered')
@@ -104,9 +105,13 @@ t.test('while a stream that stopped reading holds the drain, the listener stays 
     if (answer.status === 503) refusals.add(answer.text)
     return answer.status
   }
+  const readableBy = new Set<string | null>()
   const openNew = async (): Promise<string> => {
-    const answer = await request(`${url}/v1/stream?token=${userToken('u2')}`)
-    if (answer.status === 503) refusals.add(answer.text)
+    const answer = await request(`${url}/v1/stream?token=${userToken('u2')}`, { headers: { origin } })
+    if (answer.status === 503) {
+      refusals.add(answer.text)
+      readableBy.add(answer.headers.get('access-control-allow-origin'))
+    }
     return String(answer.status)
   }
   t.equal(await publish(), 202, 'a publish before the close')
@@ -126,7 +131,8 @@ t.test('while a stream that stopped reading holds the drain, the listener stays 
     await whileDraining(publish().then(String, () => 'reset'))
     await whileDraining(openNew().catch(() => 'reset'))
     const alive = await refused(`${url}/health`)
-    if (!drained) health.push(alive)
+    const metrics = await refused(`${url}/metrics`)
+    if (!drained) health.push(alive, metrics)
     // Enough seen: the client reads again, its stream's end flushes, and the
     // drain ends, well before the force-close grace cuts everything.
     if (duringDrain.length >= 10) raw.resume()
@@ -136,7 +142,8 @@ t.test('while a stream that stopped reading holds the drain, the listener stays 
   await closing
   t.ok(duringDrain.length >= 10, `probed during the drain (${duringDrain.length} answers)`)
   t.same([...new Set(duringDrain)], ['503'], 'every answer during the drain was 503')
-  t.same([...new Set(health)], ['200'], '/health answered 200 throughout: the process is alive')
+  t.same([...new Set(health)], ['200'], '/health and /metrics answered 200 throughout: the process is alive')
+  t.same([...readableBy], [origin], 'a page of an allowed origin can read the refusal')
   t.same([...refusals].map((text) => JSON.parse(text)), [{ statusCode: 503, code: 'GW_UNAVAILABLE', error: 'Service Unavailable', message: 'the gateway is shutting down' }], 'every refusal in the contract\'s shape')
 })
 
