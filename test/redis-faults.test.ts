@@ -321,10 +321,10 @@ t.test('the subscriber dropped again before Redis answers its resubscription: no
   t.same(unhandled, [], 'no rejection left unhandled')
 })
 
-t.test('a Redis that stops answering without dropping the connection: a publish and a stream open get 503 after REDIS_COMMAND_TIMEOUT_MS, not an answer held until Redis is back', async (t) => {
+t.test('a Redis that stops answering without dropping the connection: a publish and a stream open get 503 after REDIS_COMMAND_TIMEOUT_MS, not an answer held until Redis is back; the admission Redis ran meanwhile is given back', async (t) => {
   if (!(await needRedis(t))) return
   const prefix = uniquePrefix('hung')
-  const { proxy, viaProxy, direct } = await proxiedCluster(t, { REDIS_PREFIX: prefix, REDIS_COMMAND_TIMEOUT_MS: '300' })
+  const { proxy, viaProxy, direct } = await proxiedCluster(t, { REDIS_PREFIX: prefix, REDIS_COMMAND_TIMEOUT_MS: '300', MAX_CONNECTIONS_PER_USER: '1', INSTANCE_TTL_MS: '1500' })
   const { stream } = await openConnected(`${direct.url}/v1/stream?token=${userToken('u1')}`, { t })
 
   proxy.holdReplies()
@@ -340,6 +340,10 @@ t.test('a Redis that stops answering without dropping the connection: a publish 
   await eventually(async () => (await publish(viaProxy.url, publisher, { to: { user: 'u1' }, event: 'after', data: 2 })).status === 202, 'publishes answered again', 10_000, 50)
   await stream.nextEvent('after')
   t.equal(stream.events.filter((event) => event.event === 'in-gap').length, 1, 'the event in the gap went out once')
+  // Redis admitted u2's refused stream; its one slot must not stay taken by no stream.
+  await eventually(async () => (await request<{ connections: number, online: boolean }>(`${direct.url}/v1/presence/u2`, { token: publisher })).json.online === false, 'the refused stream\'s entry given back', 10_000, 50)
+  const { stream: u2 } = await openConnected(`${viaProxy.url}/v1/stream?token=${userToken('u2')}`, { t })
+  t.notOk(u2.ended, 'u2 opens its one stream')
 })
 
 t.test('Redis emptied under a connection that stays up (FLUSHALL): the instance records its open streams again, so the per-user limit and presence hold', async (t) => {

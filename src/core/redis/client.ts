@@ -55,6 +55,11 @@ function isTimeout (error: unknown): boolean {
   return error instanceof Error && error.message === 'Command timed out'
 }
 
+/** A command's failure because Redis did not answer in time (it may run later), as `run` and `call` raise it. */
+export function timedOut (error: unknown): boolean {
+  return error instanceof StoreUnavailableError && isTimeout(error.cause)
+}
+
 /**
  * The codes by which Redis refuses work for its own condition (out of memory
  * under noeviction, a replica after a failover, a failing snapshot, loading

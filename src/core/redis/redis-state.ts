@@ -5,7 +5,7 @@ import { isPlainObject } from '../publish'
 import { transitionJob, type JobState, type JobUpdate } from '../jobs'
 import { connectionInfo, type ConnectionInfo, type Registry } from '../registry'
 import { StoreUnavailableError, type Admission, type AdmitRequest, type ClusterStats, type Contacts, type ControlAnswer, type ControlListener, type ControlMessage, type JobPutResult, type OpenTracker, type Presence, type SharedState } from '../state'
-import { reasonOf, type Log, type ScriptedRedis } from './client'
+import { reasonOf, timedOut, type Log, type ScriptedRedis } from './client'
 
 export interface RedisStateOptions {
   prefix: string
@@ -290,7 +290,14 @@ export class RedisState implements SharedState {
     const [admitted, cameOnline, evicted, seq, ...replacedOn] = await this.commands.run('ADMIT', [
       this.prefix, request.userId, this.instanceId, request.connectionId,
       request.limit, request.policy, this.options.instanceTtlMs, JSON.stringify(info), this.options.historyTtlS
-    ]) as [number, number, string, number, ...string[]]
+    ]).catch((error: unknown) => {
+      // Unanswered in time, the admission may still run when Redis wakes, and
+      // its entry would count against the user with no stream behind it: it
+      // is given back at the first beat that passes (after it, on the same
+      // connection), unless a stream of the id here holds it by then.
+      if (timedOut(error)) this.unreleased.set(request.connectionId, { userId: request.userId, ttlS: this.options.historyTtlS })
+      throw error
+    }) as [number, number, string, number, ...string[]]
     if (admitted !== 1) return { admitted: false }
     this.cancelGrace(request.userId)
     const bar = evicted.indexOf('|')
