@@ -321,3 +321,28 @@ t.test('streams holding the same sparse events share one copy of each, not one e
   t.ok(streams.every((stream) => bytesOf(stream.id).equals(all)), 'every stream wrote every held event, exactly and in order')
   for (const stream of streams) stream.close('shutdown')
 })
+
+t.test('more than the bound due in many small pieces (channels interleaved in the arena) to a socket that takes everything: a few grouped writes, every byte in order, not one write per piece', async (t) => {
+  const writes: Buffer[] = []
+  const sink: Sink = { write: (chunk: Buffer) => writes.push(Buffer.from(chunk)) > 0, end () {}, destroy () {}, writableLength: 0, destroyed: false, on: () => undefined, once: () => undefined, off: () => undefined }
+  const connection = new StreamConnection({
+    id: 'c-pieces', userId: 'u1', kind: 'stream', topics: [], sink, scheduler: new WriteScheduler(), maxBufferedBytes: 16 * 1024, tokenExpiresAt: null, remoteAddress: '127.0.0.1'
+  })
+  connection.goLive()
+  const arena = new FrameArena()
+  const expected: Buffer[] = []
+  for (let id = 1; id <= 2000; id++) {
+    const frame = arena.place(frameWithId(id, renderBody('a', JSON.stringify(`event ${id}`))))
+    connection.deliver(id, frame, arena.placement)
+    expected.push(frame)
+    // Another channel's event between each two of this stream's: every frame is a piece of its own.
+    arena.place(frameWithId(id, renderBody('b', '"elsewhere"')))
+  }
+  const all = Buffer.concat(expected)
+  const deadline = Date.now() + 5000
+  while (Buffer.concat(writes).length < all.length && Date.now() < deadline) await new Promise((resolve) => setImmediate(resolve))
+  t.ok(Buffer.concat(writes).equals(all), `${all.length} bytes, exactly and in order`)
+  t.ok(writes.length <= Math.ceil(all.length / (64 * 1024)) + 1, `${writes.length} writes for 2000 pieces`)
+  t.notOk(connection.closed, 'a socket that takes everything is not slow')
+  connection.close('shutdown')
+})

@@ -105,6 +105,9 @@ const DRAIN_WAIT_MS = 30_000
 const heldCopies = new WeakMap<Buffer, Buffer>()
 
 /** Whether kept, `bytes` would keep alive a buffer more than twice its size (an arena slab, say). */
+/** The most bytes of small pieces joined into one write when more than the bound is due (see flushPiecewise). */
+const PIECE_GROUP_BYTES = 64 * 1024
+
 function viewOfLarger (bytes: Buffer): boolean {
   return bytes.buffer.byteLength > 2 * bytes.length
 }
@@ -435,22 +438,30 @@ export class StreamConnection {
   /**
    * More is due than the bound, in pieces: joined, they would be a copy of
    * all of it for this stream alone, and a burst to many stalled streams
-   * multiplied the process's memory by their number. They go out one at a
-   * time, as views, while the socket takes them; once it holds bytes back
-   * with more than the bound still to come, the stream is slow.
+   * multiplied the process's memory by their number. They go out a group at
+   * a time (small pieces in a row joined up to PIECE_GROUP_BYTES, a larger
+   * one alone as its view: a write per piece made interleaved channels' many
+   * small pieces 20 times slower to deliver) while the socket takes them;
+   * once it holds bytes back with more than the bound still to come, the
+   * stream is slow.
    */
   private flushPiecewise (pieces: Buffer[]): void {
     let remaining = this.pendingBytes
     this.clearPending()
     this.unsentAtLastWrite = this.sink.writableLength
-    for (let piece of pieces) {
+    for (let start = 0; start < pieces.length;) {
       if (this.unsentAtLastWrite > 0 && this.unsentAtLastWrite + remaining > this.bufferBound()) {
         this.close('slow')
         return
       }
-      remaining -= piece.length
-      if (this.unsentAtLastWrite > 0 && viewOfLarger(piece)) piece = Buffer.from(piece)
-      this.writeRaw(piece)
+      let end = start + 1
+      let bytes = pieces[start].length
+      while (end < pieces.length && bytes + pieces[end].length <= PIECE_GROUP_BYTES) bytes += pieces[end++].length
+      let chunk = end - start === 1 ? pieces[start] : Buffer.concat(pieces.slice(start, end), bytes)
+      start = end
+      remaining -= bytes
+      if (this.unsentAtLastWrite > 0 && viewOfLarger(chunk)) chunk = Buffer.from(chunk)
+      this.writeRaw(chunk)
     }
     if (this.unsentAtLastWrite === 0) this.largestFrame = 0
     else if (this.unsentAtLastWrite > this.bufferBound()) this.close('slow')
