@@ -360,3 +360,20 @@ t.test('Redis emptied under a connection that stays up (FLUSHALL): the instance 
   await eventually(async () => JSON.stringify(await presence()) === JSON.stringify({ userId: 'u1', online: true, connections: 2 }), 'the two streams recorded again', 10_000, 50)
   t.equal((await openStream(`${gateway.url}/v1/stream?token=${userToken('u1')}`, { t })).status, 429, 'the limit holds again')
 })
+
+t.test('a resync of more streams than one batch (2500, of 2500 users) records every one again', async (t) => {
+  if (!(await needRedis(t))) return
+  const prefix = uniquePrefix('batches')
+  const gateway = await startGateway(t, { REDIS_URL, REDIS_PREFIX: prefix, INSTANCE_TTL_MS: '1500', RATE_LIMIT_STREAMS_PER_MIN: '0' })
+  const count = 2500
+  for (let start = 0; start < count; start += 100) {
+    await Promise.all(Array.from({ length: 100 }, async (_, n) => await openConnected(`${gateway.url}/v1/stream?token=${userToken(`b${start + n}`)}`, { t })))
+  }
+  const redis = redisClient(t)
+  const conns = `${prefix}i:${gateway.app.state.instanceId}:conns`
+  t.equal(await redis.hlen(conns), count, 'all listed')
+  await redis.eval("for _, key in ipairs(redis.call('KEYS', ARGV[1])) do redis.call('DEL', key) end return 0", 0, `${prefix}*`)
+  await eventually(async () => await redis.hlen(conns) === count, 'every stream listed again', 20_000, 100)
+  const users = await Promise.all([0, 999, 1000, 1999, 2000, 2499].map(async (n) => (await request<{ connections: number }>(`${gateway.url}/v1/presence/b${n}`, { token: publisher })).json.connections))
+  t.same(users, [1, 1, 1, 1, 1, 1], 'users on either side of each batch count their stream')
+})

@@ -47,6 +47,27 @@ function allReplied (entry: PendingControl): boolean {
 const JOB_CAS_ATTEMPTS = 8
 /** Overdue graces ended per script run: a mass drain's users are settled in slices, not one long script. */
 const GRACE_BATCH = 500
+/** Writes per transaction, and scripts in flight, while a resync records the streams again. */
+const RESYNC_BATCH = 1000
+
+/**
+ * Runs `work` on every item, RESYNC_BATCH at a time: enough in flight to
+ * keep Redis busy, few enough that none waits behind the rest long enough to
+ * time out. Rejects with the first failure, once those running have settled.
+ */
+async function inTurns<T> (items: T[], work: (item: T) => Promise<void>): Promise<void> {
+  let next = 0
+  const failures: unknown[] = []
+  const worker = async (): Promise<void> => {
+    while (next < items.length && failures.length === 0) {
+      const item = items[next++]
+      await work(item).catch((error: unknown) => { failures.push(error) })
+    }
+  }
+  await Promise.all(Array.from({ length: Math.min(RESYNC_BATCH, items.length) }, worker))
+  if (failures.length > 0) throw failures[0]
+}
+
 /** How long a silent instance's list of streams waits for a reap (see heartbeat). */
 const LIST_TTL_S = 86_400
 
@@ -207,34 +228,43 @@ export class RedisState implements SharedState {
       holders.set(open.connectionId, { seq: open.seq, ...open.admitted })
     }
     const stale = listed.filter((connectionId) => this.registry.get(connectionId) === undefined && !opening.has(connectionId))
-    const pipeline = this.commands.redis.multi()
-    if (stale.length > 0) pipeline.hdel(this.connsKey(this.instanceId), ...stale)
     const byUser = new Map<string, Array<string | number>>()
+    const entries: Array<[string, string]> = []
     for (const [connectionId, { seq, userId, topics, openedAt }] of holders) {
       latestAdmission = Math.max(latestAdmission, seq)
-      pipeline.hset(this.connsKey(this.instanceId), connectionId, JSON.stringify(connectionInfo(connectionId, userId, topics, openedAt, this.instanceId)))
+      entries.push([connectionId, JSON.stringify(connectionInfo(connectionId, userId, topics, openedAt, this.instanceId))])
       const streams = byUser.get(userId)
       if (streams === undefined) byUser.set(userId, [connectionId, seq])
       else streams.push(connectionId, seq)
     }
-    await pipeline.exec()
+    // In batches, one after another: one transaction of 100k writes, or 100k
+    // scripts queued at once, can outlast REDIS_COMMAND_TIMEOUT_MS when
+    // every instance resyncs together after Redis restarted, and a resync
+    // that times out is redone in full.
+    for (let start = 0; start < Math.max(stale.length, entries.length); start += RESYNC_BATCH) {
+      const pipeline = this.commands.redis.multi()
+      const staleBatch = stale.slice(start, start + RESYNC_BATCH)
+      if (staleBatch.length > 0) pipeline.hdel(this.connsKey(this.instanceId), ...staleBatch)
+      for (const [connectionId, info] of entries.slice(start, start + RESYNC_BATCH)) pipeline.hset(this.connsKey(this.instanceId), connectionId, info)
+      await pipeline.exec()
+    }
     if (latestAdmission > 0) await this.commands.run('ADMISSIONS_AT_LEAST', [this.prefix, String(latestAdmission)])
     // Listed first, so the users' streams count as live when each is rejoined.
     // A user the cluster took for gone with this instance (user:offline was
     // sent when it was reaped) is announced again.
-    await Promise.all([...byUser].map(async ([userId, streams]) => {
+    await inTurns([...byUser], async ([userId, streams]) => {
       const cameBack = await this.commands.run('REJOIN', [this.prefix, userId, this.instanceId, this.options.instanceTtlMs, ...streams])
       if (cameBack === 1) this.onlineListener?.(userId)
-    }))
+    })
     // A stream or open that ended meanwhile may have been given back before
     // its user was rejoined, which recorded it again (its id kept for ever):
     // it is given back again, which is harmless if its release came last. An
     // open of the id still under way here is left to give it back if it ends
     // without a stream (see OpenTracker.releaseLate).
-    // All at once: after a mass disconnect there can be thousands, each a round trip.
-    await Promise.all([...holders].map(async ([connectionId, { userId }]) => {
+    // Several at once: after a mass disconnect there can be thousands, each a round trip.
+    await inTurns([...holders], async ([connectionId, { userId }]) => {
       if (this.registry.get(connectionId) === undefined) await this.releaseLate(connectionId, userId, this.options.historyTtlS)
-    }))
+    })
   }
 
   /**
@@ -255,8 +285,8 @@ export class RedisState implements SharedState {
   private async releaseUnreleased (): Promise<void> {
     const pending = [...this.unreleased]
     this.unreleased.clear()
-    // All at once, as in recordAgain.
-    await Promise.all(pending.map(async ([connectionId, { userId, ttlS }]) => await this.releaseLate(connectionId, userId, ttlS)))
+    // Several at once, as in recordAgain.
+    await inTurns(pending, async ([connectionId, { userId, ttlS }]) => await this.releaseLate(connectionId, userId, ttlS))
   }
 
   trackOpens (tracker: OpenTracker): void {
