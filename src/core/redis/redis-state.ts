@@ -142,6 +142,8 @@ export class RedisState implements SharedState {
     this.heartbeatTimer = setInterval(() => {
       const lastBeatAt = this.lastBeatAt
       this.heartbeat().then(async (unlisted) => {
+        // A beat in flight when close() began must not list the instance again.
+        if (this.closed) return
         // Until this beat arrived, not until it was sent: a slow Redis may
         // have taken its time to take it, while reapers looked on.
         const silentMs = Date.now() - lastBeatAt
