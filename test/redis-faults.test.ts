@@ -377,3 +377,15 @@ t.test('a resync of more streams than one batch (2500, of 2500 users) records ev
   const users = await Promise.all([0, 999, 1000, 1999, 2000, 2499].map(async (n) => (await request<{ connections: number }>(`${gateway.url}/v1/presence/b${n}`, { token: publisher })).json.connections))
   t.same(users, [1, 1, 1, 1, 1, 1], 'users on either side of each batch count their stream')
 })
+
+t.test('Redis emptied under a connection that stays up: an open before the next heartbeat does not get past the per-user limit (its instance records its streams again first)', async (t) => {
+  if (!(await needRedis(t))) return
+  const prefix = uniquePrefix('flushed-open')
+  // Beats every 20 s: none comes during the test, so only the open can notice.
+  const gateway = await startGateway(t, { REDIS_URL, REDIS_PREFIX: prefix, MAX_CONNECTIONS_PER_USER: '2', INSTANCE_TTL_MS: '60000' })
+  for (let n = 0; n < 2; n++) await openConnected(`${gateway.url}/v1/stream?token=${userToken('u1')}`, { t })
+  const redis = redisClient(t)
+  await redis.eval("for _, key in ipairs(redis.call('KEYS', ARGV[1])) do redis.call('DEL', key) end return 0", 0, `${prefix}*`)
+  t.equal((await openStream(`${gateway.url}/v1/stream?token=${userToken('u1')}`, { t })).status, 429, 'a third stream is still over the limit')
+  t.match((await request(`${gateway.url}/v1/presence/u1`, { token: publisher })).json, { online: true, connections: 2 }, 'the two streams are recorded again')
+})

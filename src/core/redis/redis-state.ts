@@ -318,8 +318,27 @@ export class RedisState implements SharedState {
 
   async admit (request: AdmitRequest): Promise<Admission> {
     if (this.resyncing !== null) await this.resyncDone()
+    let answer = await this.runAdmit(request)
+    if (answer[0] === -1) {
+      // Not listed: Redis was emptied (FLUSHALL) or this instance reaped
+      // since its last beat, and its streams count for nothing until they
+      // are recorded again. Admitting now would let a user past the limit.
+      if (this.resyncing === null) this.resync().catch(() => {})
+      await this.resyncDone()
+      answer = await this.runAdmit(request)
+      if (answer[0] === -1) throw new StoreUnavailableError(new Error('this instance is not listed in Redis'))
+    }
+    const [admitted, cameOnline, evicted, seq, ...replacedOn] = answer
+    if (admitted !== 1) return { admitted: false }
+    this.cancelGrace(request.userId)
+    const bar = evicted.indexOf('|')
+    const evict = evicted === '' ? null : { connectionId: evicted.slice(bar + 1), instance: evicted.slice(0, bar) }
+    return { admitted: true, cameOnline: cameOnline === 1, evict, replacedOn, seq }
+  }
+
+  private async runAdmit (request: AdmitRequest): Promise<[number, number, string, number, ...string[]]> {
     const info = connectionInfo(request.connectionId, request.userId, request.topics, request.openedAt, this.instanceId)
-    const [admitted, cameOnline, evicted, seq, ...replacedOn] = await this.commands.run('ADMIT', [
+    return await this.commands.run('ADMIT', [
       this.prefix, request.userId, this.instanceId, request.connectionId,
       request.limit, request.policy, this.options.instanceTtlMs, JSON.stringify(info), this.options.historyTtlS
     ]).catch((error: unknown) => {
@@ -330,11 +349,6 @@ export class RedisState implements SharedState {
       if (timedOut(error)) this.unreleased.set(request.connectionId, { userId: request.userId, ttlS: this.options.historyTtlS })
       throw error
     }) as [number, number, string, number, ...string[]]
-    if (admitted !== 1) return { admitted: false }
-    this.cancelGrace(request.userId)
-    const bar = evicted.indexOf('|')
-    const evict = evicted === '' ? null : { connectionId: evicted.slice(bar + 1), instance: evicted.slice(0, bar) }
-    return { admitted: true, cameOnline: cameOnline === 1, evict, replacedOn, seq }
   }
 
   async release (connectionId: string, userId: string, ttlS: number): Promise<void> {

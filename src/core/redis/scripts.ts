@@ -265,12 +265,16 @@ end
 /**
  * Admits a stream under the per-user limit, cluster-wide.
  * ARGV: prefix, userId, instance, connectionId, limit, policy,
- * instanceTtlMs, infoJson, reopenTtlS. Returns { admitted(0|1), cameOnline(0|1), evicted member or '', the admission's seq (clock microseconds, or past the last one in P admissions: it orders every admission of the cluster), then the other instances whose stream of the id it replaced }.
+ * instanceTtlMs, infoJson, reopenTtlS. Returns { admitted(0|1), cameOnline(0|1), evicted member or '', the admission's seq (clock microseconds, or past the last one in P admissions: it orders every admission of the cluster), then the other instances whose stream of the id it replaced },
+ * or { -1 } when the instance is not listed (Redis emptied, or the instance
+ * reaped since its last beat): its own streams are not counted then, and it
+ * must record them again first.
  * A user's streams are scored by their admission's seq, so the oldest one
  * (evict-oldest) is the one admitted first, whatever the gateways' clocks say.
  */
 export const ADMIT = `${LIVE_MEMBERS}
 local prefix, user, inst, conn = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+if not redis.call('ZSCORE', prefix .. 'instances', inst) then return { -1 } end
 local now_ms = clock_ms()
 local uk = prefix .. 'uc:' .. user
 local function of_conn(m) return string.sub(m, -(#conn + 1)) == '|' .. conn end
