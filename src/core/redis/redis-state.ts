@@ -204,6 +204,9 @@ export class RedisState implements SharedState {
   private async recordAgain (): Promise<void> {
     // One after another: two at once would each rebuild the list from a different moment.
     await this.resyncing
+    // A stopped instance has left the list for good (an admission still in
+    // flight when close() began finds it unlisted).
+    if (this.closed) return
     await this.heartbeat()
     // First, while the instance's list still names them (so they count as
     // live, and nobody has pruned them from their users' sets), the streams
