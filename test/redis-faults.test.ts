@@ -7,6 +7,7 @@ import t, { type Test } from 'tap'
 import { eventually, openConnected, openStream, publish, publishOk, publisherToken, request, startGateway, userToken, type Gateway, type SseClient } from './helpers'
 import { FaultyProxy, proxiedCluster } from './helpers/proxy'
 import { needRedis, redisClient, REDIS_URL, uniquePrefix } from './helpers/redis'
+import { StoreUnavailableError, type ScriptedRedis } from '../src/core/redis/client'
 
 const publisher = publisherToken()
 const redisPort = Number(new URL(REDIS_URL).port || 6379)
@@ -388,4 +389,25 @@ t.test('Redis emptied under a connection that stays up: an open before the next 
   await redis.eval("for _, key in ipairs(redis.call('KEYS', ARGV[1])) do redis.call('DEL', key) end return 0", 0, `${prefix}*`)
   t.equal((await openStream(`${gateway.url}/v1/stream?token=${userToken('u1')}`, { t })).status, 429, 'a third stream is still over the limit')
   t.match((await request(`${gateway.url}/v1/presence/u1`, { token: publisher })).json, { online: true, connections: 2 }, 'the two streams are recorded again')
+})
+
+t.test('Redis emptied, and the resync an open started fails part-way: the open gets 503, not a slot counted against records without the instance\'s streams', async (t) => {
+  if (!(await needRedis(t))) return
+  const prefix = uniquePrefix('flushed-failed')
+  const gateway = await startGateway(t, { REDIS_URL, REDIS_PREFIX: prefix, MAX_CONNECTIONS_PER_USER: '2', INSTANCE_TTL_MS: '60000' })
+  for (let n = 0; n < 2; n++) await openConnected(`${gateway.url}/v1/stream?token=${userToken('u1')}`, { t })
+  const redis = redisClient(t)
+  await redis.eval("for _, key in ipairs(redis.call('KEYS', ARGV[1])) do redis.call('DEL', key) end return 0", 0, `${prefix}*`)
+  // The resync's REJOIN of the user's streams fails once, after the instance is listed again.
+  const commands = (gateway.app.state as unknown as { commands: ScriptedRedis }).commands
+  const run = commands.run.bind(commands)
+  let failed = 0
+  commands.run = async (name, args) => {
+    if (name === 'REJOIN' && failed++ === 0) throw new StoreUnavailableError(new Error('injected'))
+    return await run(name, args)
+  }
+  t.teardown(() => { commands.run = run })
+  t.equal((await openStream(`${gateway.url}/v1/stream?token=${userToken('u1')}`, { t })).status, 503, 'the open is refused for now')
+  t.equal(failed, 1, 'the injected failure happened')
+  t.equal((await openStream(`${gateway.url}/v1/stream?token=${userToken('u1')}`, { t })).status, 429, 'the next open has the resync tried again, and counts both streams')
 })

@@ -247,12 +247,15 @@ export class RedisState implements SharedState {
     // every instance resyncs together after Redis restarted, and a resync
     // that times out is redone in full.
     for (let start = 0; start < Math.max(stale.length, entries.length); start += RESYNC_BATCH) {
+      // close() deletes the list: written after it, it would stay for ever.
+      if (this.closed) return
       const pipeline = this.commands.redis.multi()
       const staleBatch = stale.slice(start, start + RESYNC_BATCH)
       if (staleBatch.length > 0) pipeline.hdel(this.connsKey(this.instanceId), ...staleBatch)
       for (const [connectionId, info] of entries.slice(start, start + RESYNC_BATCH)) pipeline.hset(this.connsKey(this.instanceId), connectionId, info)
       await pipeline.exec()
     }
+    if (this.closed) return
     if (latestAdmission > 0) await this.commands.run('ADMISSIONS_AT_LEAST', [this.prefix, String(latestAdmission)])
     // Listed first, so the users' streams count as live when each is rejoined.
     // A user the cluster took for gone with this instance (user:offline was
@@ -320,14 +323,16 @@ export class RedisState implements SharedState {
   }
 
   async admit (request: AdmitRequest): Promise<Admission> {
-    if (this.resyncing !== null) await this.resyncDone()
+    // A resync that failed is tried again before anything is admitted.
+    if (this.resyncOwed && this.resyncing === null) this.resync().catch(() => {})
+    if (this.resyncing !== null) await this.recorded()
     let answer = await this.runAdmit(request)
     if (answer[0] === -1) {
       // Not listed: Redis was emptied (FLUSHALL) or this instance reaped
       // since its last beat, and its streams count for nothing until they
       // are recorded again. Admitting now would let a user past the limit.
       if (this.resyncing === null) this.resync().catch(() => {})
-      await this.resyncDone()
+      await this.recorded()
       answer = await this.runAdmit(request)
       if (answer[0] === -1) throw new StoreUnavailableError(new Error('this instance is not listed in Redis'))
     }
@@ -337,6 +342,16 @@ export class RedisState implements SharedState {
     const bar = evicted.indexOf('|')
     const evict = evicted === '' ? null : { connectionId: evicted.slice(bar + 1), instance: evicted.slice(0, bar) }
     return { admitted: true, cameOnline: cameOnline === 1, evict, replacedOn, seq }
+  }
+
+  /**
+   * Waits out the resync under way; one that failed leaves the streams
+   * unrecorded (the instance listed again first), and an admission then would
+   * count against records without them.
+   */
+  private async recorded (): Promise<void> {
+    await this.resyncDone()
+    if (this.resyncOwed) throw new StoreUnavailableError(new Error('streams could not be recorded again after Redis came back'))
   }
 
   private async runAdmit (request: AdmitRequest): Promise<[number, number, string, number, ...string[]]> {
