@@ -322,6 +322,23 @@ t.test('the subscriber dropped again before Redis answers its resubscription: no
   t.same(unhandled, [], 'no rejection left unhandled')
 })
 
+/** Deletes every key of the cluster `prefix` names, at once: for that cluster, a FLUSHALL. */
+async function emptyRedisOf (t: Test, prefix: string): Promise<void> {
+  await redisClient(t).eval("for _, key in ipairs(redis.call('KEYS', ARGV[1])) do redis.call('DEL', key) end return 0", 0, `${prefix}*`)
+}
+
+/**
+ * A gateway whose user u1 holds its limit of 2 streams, then its cluster
+ * emptied. It beats every 20 s: none comes during a test, so only an open
+ * can notice.
+ */
+async function atLimitThenEmptied (t: Test, prefix: string): Promise<Gateway> {
+  const gateway = await startGateway(t, { REDIS_URL, REDIS_PREFIX: prefix, MAX_CONNECTIONS_PER_USER: '2', INSTANCE_TTL_MS: '60000' })
+  for (let n = 0; n < 2; n++) await openConnected(`${gateway.url}/v1/stream?token=${userToken('u1')}`, { t })
+  await emptyRedisOf(t, prefix)
+  return gateway
+}
+
 t.test('a Redis that stops answering without dropping the connection: a publish and a stream open get 503 after REDIS_COMMAND_TIMEOUT_MS, not an answer held until Redis is back; the admission Redis ran meanwhile is given back', async (t) => {
   if (!(await needRedis(t))) return
   const prefix = uniquePrefix('hung')
@@ -354,9 +371,7 @@ t.test('Redis emptied under a connection that stays up (FLUSHALL): the instance 
   for (let n = 0; n < 2; n++) await openConnected(`${gateway.url}/v1/stream?token=${userToken('u1')}`, { t })
   t.equal((await openStream(`${gateway.url}/v1/stream?token=${userToken('u1')}`, { t })).status, 429, 'a third stream is over the limit')
 
-  // This cluster's keys are all it has in Redis: deleting them at once is a FLUSHALL for it.
-  const redis = redisClient(t)
-  await redis.eval("for _, key in ipairs(redis.call('KEYS', ARGV[1])) do redis.call('DEL', key) end return 0", 0, `${prefix}*`)
+  await emptyRedisOf(t, prefix)
   const presence = async (): Promise<unknown> => (await request(`${gateway.url}/v1/presence/u1`, { token: publisher })).json
   await eventually(async () => JSON.stringify(await presence()) === JSON.stringify({ userId: 'u1', online: true, connections: 2 }), 'the two streams recorded again', 10_000, 50)
   t.equal((await openStream(`${gateway.url}/v1/stream?token=${userToken('u1')}`, { t })).status, 429, 'the limit holds again')
@@ -373,7 +388,7 @@ t.test('a resync of more streams than one batch (2500, of 2500 users) records ev
   const redis = redisClient(t)
   const conns = `${prefix}i:${gateway.app.state.instanceId}:conns`
   t.equal(await redis.hlen(conns), count, 'all listed')
-  await redis.eval("for _, key in ipairs(redis.call('KEYS', ARGV[1])) do redis.call('DEL', key) end return 0", 0, `${prefix}*`)
+  await emptyRedisOf(t, prefix)
   await eventually(async () => await redis.hlen(conns) === count, 'every stream listed again', 20_000, 100)
   const users = await Promise.all([0, 999, 1000, 1999, 2000, 2499].map(async (n) => (await request<{ connections: number }>(`${gateway.url}/v1/presence/b${n}`, { token: publisher })).json.connections))
   t.same(users, [1, 1, 1, 1, 1, 1], 'users on either side of each batch count their stream')
@@ -381,23 +396,14 @@ t.test('a resync of more streams than one batch (2500, of 2500 users) records ev
 
 t.test('Redis emptied under a connection that stays up: an open before the next heartbeat does not get past the per-user limit (its instance records its streams again first)', async (t) => {
   if (!(await needRedis(t))) return
-  const prefix = uniquePrefix('flushed-open')
-  // Beats every 20 s: none comes during the test, so only the open can notice.
-  const gateway = await startGateway(t, { REDIS_URL, REDIS_PREFIX: prefix, MAX_CONNECTIONS_PER_USER: '2', INSTANCE_TTL_MS: '60000' })
-  for (let n = 0; n < 2; n++) await openConnected(`${gateway.url}/v1/stream?token=${userToken('u1')}`, { t })
-  const redis = redisClient(t)
-  await redis.eval("for _, key in ipairs(redis.call('KEYS', ARGV[1])) do redis.call('DEL', key) end return 0", 0, `${prefix}*`)
+  const gateway = await atLimitThenEmptied(t, uniquePrefix('flushed-open'))
   t.equal((await openStream(`${gateway.url}/v1/stream?token=${userToken('u1')}`, { t })).status, 429, 'a third stream is still over the limit')
   t.match((await request(`${gateway.url}/v1/presence/u1`, { token: publisher })).json, { online: true, connections: 2 }, 'the two streams are recorded again')
 })
 
 t.test('Redis emptied, and the resync an open started fails part-way: the open gets 503, not a slot counted against records without the instance\'s streams', async (t) => {
   if (!(await needRedis(t))) return
-  const prefix = uniquePrefix('flushed-failed')
-  const gateway = await startGateway(t, { REDIS_URL, REDIS_PREFIX: prefix, MAX_CONNECTIONS_PER_USER: '2', INSTANCE_TTL_MS: '60000' })
-  for (let n = 0; n < 2; n++) await openConnected(`${gateway.url}/v1/stream?token=${userToken('u1')}`, { t })
-  const redis = redisClient(t)
-  await redis.eval("for _, key in ipairs(redis.call('KEYS', ARGV[1])) do redis.call('DEL', key) end return 0", 0, `${prefix}*`)
+  const gateway = await atLimitThenEmptied(t, uniquePrefix('flushed-failed'))
   // The resync's REJOIN of the user's streams fails once, after the instance is listed again.
   const commands = (gateway.app.state as unknown as { commands: ScriptedRedis }).commands
   const run = commands.run.bind(commands)
