@@ -104,10 +104,10 @@ const DRAIN_WAIT_MS = 30_000
 /** A held arena view's copy, shared by every stream holding that view; it lives as long as the view. */
 const heldCopies = new WeakMap<Buffer, Buffer>()
 
-/** Whether kept, `bytes` would keep alive a buffer more than twice its size (an arena slab, say). */
 /** The most bytes of small pieces joined into one write when more than the bound is due (see flushPiecewise). */
 const PIECE_GROUP_BYTES = 64 * 1024
 
+/** Whether kept, `bytes` would keep alive a buffer more than twice its size (an arena slab, say). */
 function viewOfLarger (bytes: Buffer): boolean {
   return bytes.buffer.byteLength > 2 * bytes.length
 }
