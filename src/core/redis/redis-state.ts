@@ -579,9 +579,9 @@ export class RedisState implements SharedState {
   /**
    * Ends every grace period past its deadline, whichever instance started it
    * (run by the lease holder): the one that did may have stopped or died, and
-   * its timer with it.
+   * its timer with it. Returns the milliseconds until the next one is due, or
+   * null when none runs.
    */
-  /** Ends the graces past their deadline; returns the milliseconds until the next one is due, or null when none runs. */
   async endDueGraces (): Promise<number | null> {
     const listener = this.offlineListener
     // Right after start the lease may be taken before anyone listens.
