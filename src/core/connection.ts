@@ -425,12 +425,20 @@ export class StreamConnection {
       this.flushPiecewise(pieces)
       return
     }
-    let chunk = this.takePending()
+    const chunk = this.takePending()
     if (chunk === null) return
+    this.writeDue(chunk)
+    this.judgeUnsent()
+  }
+
+  private writeDue (chunk: Buffer): void {
     // Behind a backed-up socket Node queues the write, and a view would keep
     // its whole slab alive for as long: such a socket gets its own copy.
-    if (this.unsentAtLastWrite > 0 && viewOfLarger(chunk)) chunk = Buffer.from(chunk)
-    this.writeRaw(chunk)
+    this.writeRaw(this.unsentAtLastWrite > 0 && viewOfLarger(chunk) ? Buffer.from(chunk) : chunk)
+  }
+
+  /** After the writes of a flush: what the socket left unsent past the bound makes the stream slow. */
+  private judgeUnsent (): void {
     if (this.unsentAtLastWrite === 0) this.largestFrame = 0
     else if (this.unsentAtLastWrite > this.bufferBound()) this.close('slow')
   }
@@ -457,14 +465,11 @@ export class StreamConnection {
       let end = start + 1
       let bytes = pieces[start].length
       while (end < pieces.length && bytes + pieces[end].length <= PIECE_GROUP_BYTES) bytes += pieces[end++].length
-      let chunk = end - start === 1 ? pieces[start] : Buffer.concat(pieces.slice(start, end), bytes)
+      this.writeDue(end - start === 1 ? pieces[start] : Buffer.concat(pieces.slice(start, end), bytes))
       start = end
       remaining -= bytes
-      if (this.unsentAtLastWrite > 0 && viewOfLarger(chunk)) chunk = Buffer.from(chunk)
-      this.writeRaw(chunk)
     }
-    if (this.unsentAtLastWrite === 0) this.largestFrame = 0
-    else if (this.unsentAtLastWrite > this.bufferBound()) this.close('slow')
+    this.judgeUnsent()
   }
 
   private bufferBound (): number {
