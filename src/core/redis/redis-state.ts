@@ -323,16 +323,13 @@ export class RedisState implements SharedState {
   }
 
   async admit (request: AdmitRequest): Promise<Admission> {
-    // A resync that failed is tried again before anything is admitted.
-    if (this.resyncOwed && this.resyncing === null) this.resync().catch(() => {})
-    if (this.resyncing !== null) await this.recorded()
+    await this.recorded()
     let answer = await this.runAdmit(request)
     if (answer[0] === -1) {
       // Not listed: Redis was emptied (FLUSHALL) or this instance reaped
       // since its last beat, and its streams count for nothing until they
       // are recorded again. Admitting now would let a user past the limit.
-      if (this.resyncing === null) this.resync().catch(() => {})
-      await this.recorded()
+      await this.recorded(true)
       answer = await this.runAdmit(request)
       if (answer[0] === -1) throw new StoreUnavailableError(new Error('this instance is not listed in Redis'))
     }
@@ -345,11 +342,14 @@ export class RedisState implements SharedState {
   }
 
   /**
-   * Waits out the resync under way; one that failed leaves the streams
-   * unrecorded (the instance listed again first), and an admission then would
-   * count against records without them.
+   * Before an admission: starts a resync if one is `needed` or owed (the
+   * last failed) and none runs, and waits out the one under way. One that
+   * failed leaves the streams unrecorded (the instance listed again first),
+   * and an admission then would count against records without them.
    */
-  private async recorded (): Promise<void> {
+  private async recorded (needed = false): Promise<void> {
+    if ((needed || this.resyncOwed) && this.resyncing === null) this.resync().catch(() => {})
+    if (this.resyncing === null) return
     await this.resyncDone()
     if (this.resyncOwed) throw new StoreUnavailableError(new Error('streams could not be recorded again after Redis came back'))
   }
