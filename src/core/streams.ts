@@ -2,6 +2,7 @@ import { mergeById, type EventBus, type HistoryEntry, type ResetReason } from '.
 import { channel } from './channels'
 import { StreamConnection, WriteScheduler, type CloseReason, type Sink, type StreamKind } from './connection'
 import { retryFrame, systemFrame } from './framing'
+import { inTurns } from './in-turns'
 import type { Hub } from './hub'
 import type { Registry } from './registry'
 
@@ -361,38 +362,34 @@ export class StreamService {
     const losses = this.lossCount
     const streams = [...this.registry.all()].filter((connection) => connection.catchUpFrom !== null && !connection.closed)
     this.events.catchingUp(streams.length)
-    let next = 0
     // Lost again: the streams not done stay held, from where they got to,
     // for the next catch-up (a failed read then is no reason for a reset).
     const lostAgain = (): boolean => this.lossCount !== losses
-    const worker = async (): Promise<void> => {
-      while (next < streams.length && !lostAgain()) {
-        const connection = streams[next++]
-        const from = connection.catchUpFrom ?? connection.lastId
-        try {
-          const missed = await this.missedSince(connection, from)
-          // A read answered after a new loss must not be merged: what the
-          // stream held since may include events from after that loss's
-          // restore, and the events of the new gap are in neither, so the
-          // merge would move the stream past them. The next catch-up reads again.
-          if (lostAgain()) {
-            connection.catchUpFrom = from
-            continue
-          }
-          if (Array.isArray(missed)) await this.sendHistory(connection, missed, true)
-          else this.sendReset(connection, missed)
-        } catch {
-          if (!lostAgain()) this.sendReset(connection, 'unavailable')
-        }
+    await inTurns(streams, CATCH_UP_CONCURRENCY, async (connection) => {
+      if (lostAgain()) return
+      const from = connection.catchUpFrom ?? connection.lastId
+      try {
+        const missed = await this.missedSince(connection, from)
+        // A read answered after a new loss must not be merged: what the
+        // stream held since may include events from after that loss's
+        // restore, and the events of the new gap are in neither, so the
+        // merge would move the stream past them. The next catch-up reads again.
         if (lostAgain()) {
-          connection.catchUpFrom = Math.max(from, connection.lastId)
-          continue
+          connection.catchUpFrom = from
+          return
         }
-        connection.catchUpFrom = null
-        connection.goLive()
+        if (Array.isArray(missed)) await this.sendHistory(connection, missed, true)
+        else this.sendReset(connection, missed)
+      } catch {
+        if (!lostAgain()) this.sendReset(connection, 'unavailable')
       }
-    }
-    await Promise.all(Array.from({ length: Math.min(CATCH_UP_CONCURRENCY, streams.length) }, worker))
+      if (lostAgain()) {
+        connection.catchUpFrom = Math.max(from, connection.lastId)
+        return
+      }
+      connection.catchUpFrom = null
+      connection.goLive()
+    })
   }
 
   /** What a held stream may have missed since `from`, from history, or why it cannot be told. */

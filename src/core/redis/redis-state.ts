@@ -5,6 +5,7 @@ import { isPlainObject } from '../publish'
 import { transitionJob, type JobState, type JobUpdate } from '../jobs'
 import { connectionInfo, type ConnectionInfo, type Registry } from '../registry'
 import { StoreUnavailableError, type Admission, type AdmitRequest, type ClusterStats, type Contacts, type ControlAnswer, type ControlListener, type ControlMessage, type JobPutResult, type OpenTracker, type Presence, type SharedState } from '../state'
+import { inTurns } from '../in-turns'
 import { reasonOf, timedOut, type Log, type ScriptedRedis } from './client'
 
 export interface RedisStateOptions {
@@ -47,26 +48,12 @@ function allReplied (entry: PendingControl): boolean {
 const JOB_CAS_ATTEMPTS = 8
 /** Overdue graces ended per script run: a mass drain's users are settled in slices, not one long script. */
 const GRACE_BATCH = 500
-/** Writes per transaction, and scripts in flight, while a resync records the streams again. */
-const RESYNC_BATCH = 1000
-
 /**
- * Runs `work` on every item, RESYNC_BATCH at a time: enough in flight to
- * keep Redis busy, few enough that none waits behind the rest long enough to
- * time out. Rejects with the first failure, once those running have settled.
+ * Writes per transaction, and scripts in flight, while a resync records the
+ * streams again: enough to keep Redis busy, few enough that none waits behind
+ * the rest past REDIS_COMMAND_TIMEOUT_MS.
  */
-async function inTurns<T> (items: T[], work: (item: T) => Promise<void>): Promise<void> {
-  let next = 0
-  const failures: unknown[] = []
-  const worker = async (): Promise<void> => {
-    while (next < items.length && failures.length === 0) {
-      const item = items[next++]
-      await work(item).catch((error: unknown) => { failures.push(error) })
-    }
-  }
-  await Promise.all(Array.from({ length: Math.min(RESYNC_BATCH, items.length) }, worker))
-  if (failures.length > 0) throw failures[0]
-}
+const RESYNC_BATCH = 1000
 
 /** How long a silent instance's list of streams waits for a reap (see heartbeat). */
 const LIST_TTL_S = 86_400
@@ -260,7 +247,7 @@ export class RedisState implements SharedState {
     // Listed first, so the users' streams count as live when each is rejoined.
     // A user the cluster took for gone with this instance (user:offline was
     // sent when it was reaped) is announced again.
-    await inTurns([...byUser], async ([userId, streams]) => {
+    await inTurns([...byUser], RESYNC_BATCH, async ([userId, streams]) => {
       const cameBack = await this.commands.run('REJOIN', [this.prefix, userId, this.instanceId, this.options.instanceTtlMs, ...streams])
       if (cameBack === 1) this.onlineListener?.(userId)
     })
@@ -270,7 +257,7 @@ export class RedisState implements SharedState {
     // open of the id still under way here is left to give it back if it ends
     // without a stream (see OpenTracker.releaseLate).
     // Several at once: after a mass disconnect there can be thousands, each a round trip.
-    await inTurns([...holders], async ([connectionId, { userId }]) => {
+    await inTurns([...holders], RESYNC_BATCH, async ([connectionId, { userId }]) => {
       if (this.registry.get(connectionId) === undefined) await this.releaseLate(connectionId, userId, this.options.historyTtlS)
     })
   }
@@ -294,7 +281,7 @@ export class RedisState implements SharedState {
     const pending = [...this.unreleased]
     this.unreleased.clear()
     // Several at once, as in recordAgain.
-    await inTurns(pending, async ([connectionId, { userId, ttlS }]) => await this.releaseLate(connectionId, userId, ttlS))
+    await inTurns(pending, RESYNC_BATCH, async ([connectionId, { userId, ttlS }]) => await this.releaseLate(connectionId, userId, ttlS))
   }
 
   trackOpens (tracker: OpenTracker): void {
