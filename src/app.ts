@@ -46,6 +46,8 @@ export interface BuildOptions {
 }
 
 const internalSockets = new WeakSet<Socket>()
+/** Routes that answer as usual while the streams drain: the process is alive, and /ready says it drains. */
+const STILL_ANSWERED_WHILE_CLOSING = new Set<string | undefined>(['/health', '/ready', '/metrics'])
 
 /**
  * Both listeners' Node options. Node would answer a missing Host with an
@@ -218,7 +220,7 @@ export async function buildApp (config: Config, options: BuildOptions = {}): Pro
   app.removeAllContentTypeParsers()
   app.addContentTypeParser('*', { parseAs: 'string' }, (request, body, done) => {
     // An unknown route answers 404 whatever its body.
-    if (request.routeOptions.url === undefined) {
+    if (request.is404) {
       done(null, undefined)
       return
     }
@@ -248,9 +250,9 @@ export async function buildApp (config: Config, options: BuildOptions = {}): Pro
   // told in words to go elsewhere: after CORS, so that a page can read the
   // 503 (and a preflight is still answered). /ready says draining itself,
   // and /health and /metrics keep showing the process as it drains.
+  // (routeOptions builds an object on every read: only while closing.)
   app.addHook('onRequest', (request, _reply, done) => {
-    const route = request.routeOptions.url
-    if (closing && route !== '/health' && route !== '/ready' && route !== '/metrics') done(new errors.Unavailable('the gateway is shutting down'))
+    if (closing && !STILL_ANSWERED_WHILE_CLOSING.has(request.routeOptions.url)) done(new errors.Unavailable('the gateway is shutting down'))
     else done()
   })
 
