@@ -49,7 +49,7 @@ export default fp(async (app) => {
     this.set(app.registry.userCount)
   })
   gauge('sse_redis_up', '1 when the event store answers (always 1 in embedded mode)', function () {
-    this.set(app.bus.isReady() ? 1 : 0)
+    this.set(app.bus.isAnswering() ? 1 : 0)
   })
   const bus = app.bus
   if (bus instanceof MemoryBus) {

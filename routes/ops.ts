@@ -8,7 +8,7 @@ const opsRoutes: FastifyPluginAsync = async (app) => {
 
   app.get('/ready', { logLevel: 'warn', schema: { response: { 200: StatusSchema, 503: StatusSchema } } }, async (_request, reply) => {
     if (app.streams.isDraining) return await reply.code(503).send({ status: 'draining' })
-    if (!app.bus.isReady()) return await reply.code(503).send({ status: 'store unavailable' })
+    if (!app.bus.isAnswering()) return await reply.code(503).send({ status: 'store unavailable' })
     return { status: 'ready' }
   })
 

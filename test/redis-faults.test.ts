@@ -6,6 +6,7 @@
 import t, { type Test } from 'tap'
 import { eventually, openConnected, openStream, publish, publishOk, publisherToken, request, startGateway, userToken, type Gateway, type SseClient } from './helpers'
 import { FaultyProxy, proxiedCluster } from './helpers/proxy'
+import { metricValue, scrape } from './helpers/raw'
 import { needRedis, redisClient, REDIS_URL, uniquePrefix } from './helpers/redis'
 import { StoreUnavailableError, type ScriptedRedis } from '../src/core/redis/client'
 
@@ -351,10 +352,15 @@ t.test('a Redis that stops answering without dropping the connection: a publish 
   t.match(refused.json, { statusCode: 503, code: 'GW_UNAVAILABLE', error: 'Service Unavailable' })
   const open = await openStream(`${viaProxy.url}/v1/stream?token=${userToken('u2')}`, { t })
   t.equal(open.status, 503, 'so is a stream open')
+  // Its connections look up; its silence must still take the instance out of a load balancer's rotation.
+  const ready = await request<{ status: string }>(`${viaProxy.url}/ready`)
+  t.same([ready.status, ready.json], [503, { status: 'store unavailable' }], '/ready says the store does not answer')
+  t.equal(metricValue(await scrape(viaProxy.url), 'sse_redis_up'), 0, 'so does sse_redis_up')
   // Redis ran the publish; only its reply was lost. It was told it may not have.
   await stream.nextEvent('in-gap')
 
   proxy.releaseReplies()
+  await eventually(async () => (await request(`${viaProxy.url}/ready`)).status === 200, '/ready back to 200 once Redis answers', 10_000, 50)
   await eventually(async () => (await publish(viaProxy.url, publisher, { to: { user: 'u1' }, event: 'after', data: 2 })).status === 202, 'publishes answered again', 10_000, 50)
   await stream.nextEvent('after')
   t.equal(stream.events.filter((event) => event.event === 'in-gap').length, 1, 'the event in the gap went out once')

@@ -88,7 +88,10 @@ export interface EventBus {
   heardAt (): number
   /** The highest id issued so far. */
   lastId (): Promise<number>
+  /** Connected to the store (always in embedded mode): streams may be opened. */
   isReady (): boolean
+  /** The store answers: connected, and no command timed out since its last answer. */
+  isAnswering (): boolean
   close (): Promise<void>
 }
 

@@ -205,6 +205,10 @@ export class MemoryBus implements EventBus {
     return true
   }
 
+  isAnswering (): boolean {
+    return true
+  }
+
   async close (): Promise<void> {
     clearInterval(this.sweepTimer)
     this.histories.clear()

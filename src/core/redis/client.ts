@@ -77,6 +77,12 @@ function isStoreCondition (error: unknown): boolean {
 /** A Redis connection with the gateway's scripts loaded as commands (EVALSHA, falling back to EVAL). */
 export class ScriptedRedis {
   readonly redis: Redis
+  /**
+   * A command timed out and Redis has answered none since: a Redis frozen
+   * with its connection up (SIGSTOP, a paused host) looks connected, and
+   * this is what tells /ready, well before the subscriber's PINGs go unanswered.
+   */
+  private silent = false
 
   constructor (url: string, options: RedisOptions = redisOptions()) {
     this.redis = new Redis(url, options)
@@ -89,20 +95,33 @@ export class ScriptedRedis {
     // defineCommand adds methods ioredis cannot type; the name is one we defined above.
     const command = (this.redis as unknown as Record<string, (...a: Array<string | number>) => Promise<unknown>>)[`gw${name}`]
     try {
-      return await command.apply(this.redis, args)
+      return this.answered(await command.apply(this.redis, args))
     } catch (error) {
       throw this.translate(error)
     }
   }
 
+  /** Whether Redis has answered since the last command that timed out. */
+  isAnswering (): boolean {
+    return !this.silent
+  }
+
+  private answered<T> (answer: T): T {
+    this.silent = false
+    return answer
+  }
+
   translate (error: unknown): Error {
+    if (isTimeout(error)) this.silent = true
+    // An error reply (a script's refusal, OOM) is an answer too.
+    else if (error instanceof Error && error.name === 'ReplyError') this.silent = false
     if (this.redis.status !== 'ready' || isConnectionLoss(error) || isTimeout(error) || isStoreCondition(error)) return new StoreUnavailableError(error)
     return error instanceof Error ? error : new Error(String(error))
   }
 
   async call<T> (work: (redis: Redis) => Promise<T>): Promise<T> {
     try {
-      return await work(this.redis)
+      return this.answered(await work(this.redis))
     } catch (error) {
       throw this.translate(error)
     }

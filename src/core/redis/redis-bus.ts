@@ -224,6 +224,10 @@ export class RedisBus implements EventBus {
     return this.commands.redis.status === 'ready' && this.subscriber.status === 'ready'
   }
 
+  isAnswering (): boolean {
+    return this.isReady() && this.commands.isAnswering()
+  }
+
   async close (): Promise<void> {
     this.stopped = true
     clearInterval(this.pingTimer)
