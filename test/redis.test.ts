@@ -1,3 +1,6 @@
+import { mkdtemp, rm } from 'node:fs/promises'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
 import t, { type Test } from 'tap'
 import {
   adminToken, eventually, openConnected, openStream, publishOk, publisherToken, request, spawnServer, startGateway, userToken,
@@ -305,6 +308,82 @@ t.test('Redis stopped and restarted: /ready turns 503 then 200, open streams sur
   const reset = await reconnect.next(() => true)
   t.equal(reset.event, 'reset', 'a cursor from before the store lost its history gets reset')
   t.same(JSON.parse(reset.data), { reason: 'unknown' })
+})
+
+t.test('Redis restarted from an older snapshot: a cursor past what it kept gets reset, after new publishes too, not a silent gap; a cursor from after the restart replays', async (t) => {
+  if (!(await needRedis(t))) return
+  const dir = await mkdtemp(join(tmpdir(), 'gw-snapshot-'))
+  t.teardown(async () => await rm(dir, { recursive: true, force: true }))
+  const redis = await startOwnRedis(t, ['--dir', dir])
+  const gateway = await startGateway(t, { REDIS_URL: redis.url, REDIS_PREFIX: uniquePrefix('snapshot') })
+  const client = redisClient(t, redis.url)
+  await publishOk(gateway.url, publisher, { to: { user: 'u1' }, data: 'kept' })
+  await client.save()
+  // Published after the snapshot: lost when Redis comes back from it.
+  const [seen] = await publishOk(gateway.url, publisher, { to: { user: 'u1' }, data: 'seen' })
+  await publishOk(gateway.url, publisher, { to: { user: 'u1' }, data: 'missed' })
+
+  await redis.stop()
+  await redis.start()
+  let after = ''
+  await eventually(async () => {
+    const answer = await request<{ id?: string }>(`${gateway.url}/v1/publish`, { method: 'POST', token: publisher, body: { to: { user: 'u1' }, data: 'after' } })
+    after = answer.json?.id ?? ''
+    return answer.status === 202
+  }, 'a publish answered after the restart', 20_000, 100)
+
+  const stale = await openStream(`${gateway.url}/v1/stream?token=${userToken('u1')}`, { t, headers: { 'last-event-id': seen } })
+  await stale.nextEvent('connected')
+  const reset = await stale.next(() => true)
+  t.same([reset.event, JSON.parse(reset.data)], ['reset', { reason: 'unknown' }], 'the cursor of an event the store lost gets reset')
+  await publishOk(gateway.url, publisher, { to: { user: 'u1' }, data: 'live' })
+  t.equal((await stale.next(() => true)).data, 'live', 'then live events, nothing older')
+
+  const fresh = await openStream(`${gateway.url}/v1/stream?token=${userToken('u1')}`, { t, headers: { 'last-event-id': after } })
+  await fresh.nextEvent('connected')
+  t.equal((await fresh.next(() => true)).data, 'live', 'a cursor from after the restart replays what followed it')
+})
+
+t.test('an event body gone from Redis before its window ended (evicted, deleted): a cursor before it gets reset (trimmed), not a silent gap', async (t) => {
+  if (!(await needRedis(t))) return
+  const prefix = uniquePrefix('evicted')
+  const gateway = await startGateway(t, { REDIS_URL, REDIS_PREFIX: prefix })
+  const [first] = await publishOk(gateway.url, publisher, { to: { user: 'u1' }, data: 'first' })
+  const [gone] = await publishOk(gateway.url, publisher, { to: { user: 'u1' }, data: 'gone' })
+  await publishOk(gateway.url, publisher, { to: { user: 'u1' }, data: 'last' })
+  await redisClient(t).del(`${prefix}e:${gone}`)
+  const reconnect = await openStream(`${gateway.url}/v1/stream?token=${userToken('u1')}`, { t, headers: { 'last-event-id': first } })
+  await reconnect.nextEvent('connected')
+  const reset = await reconnect.next(() => true)
+  t.same([reset.event, JSON.parse(reset.data)], ['reset', { reason: 'trimmed' }])
+})
+
+t.test('a Redis whose maxmemory-policy may evict keys gets a warning at start; one with noeviction none', async (t) => {
+  if (!(await needRedis(t))) return
+  const evicting = await startOwnRedis(t, ['--maxmemory-policy', 'volatile-lru'])
+  const warned = await startGateway(t, { REDIS_URL: evicting.url, REDIS_PREFIX: uniquePrefix('policy') }, { captureLogs: true })
+  const warning = warned.logs.map((line) => JSON.parse(line) as Record<string, unknown>).find((line) => 'maxmemoryPolicy' in line)
+  t.match(warning, { level: 40, maxmemoryPolicy: 'volatile-lru' }, 'a warning names the policy')
+  const quiet = await startOwnRedis(t, ['--maxmemory-policy', 'noeviction'])
+  const unwarned = await startGateway(t, { REDIS_URL: quiet.url, REDIS_PREFIX: uniquePrefix('policy') }, { captureLogs: true })
+  t.notOk(unwarned.logText().includes('maxmemoryPolicy'), 'no warning under noeviction')
+})
+
+t.test('the epoch key lost (evicted, deleted): the next publish starts a new one, so cursors from before reset and later ones replay again', async (t) => {
+  if (!(await needRedis(t))) return
+  const prefix = uniquePrefix('epoch')
+  const gateway = await startGateway(t, { REDIS_URL, REDIS_PREFIX: prefix })
+  const [before] = await publishOk(gateway.url, publisher, { to: { user: 'u1' }, data: 'before' })
+  await redisClient(t).del(`${prefix}epoch`)
+  const [cursor] = await publishOk(gateway.url, publisher, { to: { user: 'u1' }, data: 'cursor' })
+  await publishOk(gateway.url, publisher, { to: { user: 'u1' }, data: 'next' })
+
+  const later = await openStream(`${gateway.url}/v1/stream?token=${userToken('u1')}`, { t, headers: { 'last-event-id': cursor } })
+  await later.nextEvent('connected')
+  t.equal((await later.next(() => true)).data, 'next', 'a cursor from after the loss replays')
+  const earlier = await openStream(`${gateway.url}/v1/stream?token=${userToken('u1')}`, { t, headers: { 'last-event-id': before } })
+  await earlier.nextEvent('connected')
+  t.equal((await earlier.next(() => true)).event, 'reset', 'one from before gets reset')
 })
 
 t.test('an instance killed with SIGKILL leaves the instance list and the counts within its TTL', async (t) => {

@@ -71,8 +71,9 @@ export class OwnRedis {
   }
 }
 
-export async function startOwnRedis (t: Pick<Test, 'teardown'>): Promise<OwnRedis> {
-  const redis = new OwnRedis(await freePort())
+/** `args` as OwnRedis takes them: `['--dir', dir]` to save snapshots there and load them at the next start. */
+export async function startOwnRedis (t: Pick<Test, 'teardown'>, args: string[] = []): Promise<OwnRedis> {
+  const redis = new OwnRedis(await freePort(), args)
   await redis.start()
   t.teardown(async () => await redis.stop())
   return redis

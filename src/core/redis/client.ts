@@ -83,22 +83,65 @@ export class ScriptedRedis {
    * this is what tells /ready, well before the subscriber's PINGs go unanswered.
    */
   private silent = false
+  /** What runFirstOnConnect set: the script, and its arguments. */
+  private first: { name: ScriptName, args: Array<string | number> } | null = null
+  /** Counts connections ('ready'); `firstRanOn` is the one on which `first` last passed. */
+  private connection = 0
+  private firstRanOn = -1
+  private firstRunning: Promise<void> | null = null
 
   constructor (url: string, options: RedisOptions = redisOptions()) {
     this.redis = new Redis(url, options)
     for (const name of Object.keys(scripts) as ScriptName[]) {
       this.redis.defineCommand(`gw${name}`, { numberOfKeys: 0, lua: scripts[name] })
     }
+    this.redis.on('ready', () => {
+      this.connection++
+      this.firstRunning = null
+    })
+  }
+
+  /**
+   * On every connection, `name` runs before any command of run() or call()
+   * does: one that looks at what the server is (INIT: a Redis that restarted
+   * from older data) before the connection publishes or reads there. Until
+   * it passes, each command tries it again first and fails with it.
+   */
+  runFirstOnConnect (name: ScriptName, args: Array<string | number>): void {
+    this.first = { name, args }
   }
 
   async run (name: ScriptName, args: Array<string | number>): Promise<unknown> {
-    // defineCommand adds methods ioredis cannot type; the name is one we defined above.
-    const command = (this.redis as unknown as Record<string, (...a: Array<string | number>) => Promise<unknown>>)[`gw${name}`]
     try {
-      return this.answered(await command.apply(this.redis, args))
+      if (this.firstRanOn !== this.connection) await this.runFirst()
+      return this.answered(await this.script(name, args))
     } catch (error) {
       throw this.translate(error)
     }
+  }
+
+  private async script (name: ScriptName, args: Array<string | number>): Promise<unknown> {
+    // defineCommand adds methods ioredis cannot type; the name is one we defined above.
+    const command = (this.redis as unknown as Record<string, (...a: Array<string | number>) => Promise<unknown>>)[`gw${name}`]
+    return await command.apply(this.redis, args)
+  }
+
+  private async runFirst (): Promise<void> {
+    const first = this.first
+    if (first === null) {
+      this.firstRanOn = this.connection
+      return
+    }
+    if (this.firstRunning === null) {
+      const connection = this.connection
+      const running = this.script(first.name, first.args).then(() => {
+        if (this.connection === connection) this.firstRanOn = connection
+      }).finally(() => {
+        if (this.firstRunning === running) this.firstRunning = null
+      })
+      this.firstRunning = running
+    }
+    await this.firstRunning
   }
 
   /** Whether Redis has answered since the last command that timed out. */
@@ -121,6 +164,7 @@ export class ScriptedRedis {
 
   async call<T> (work: (redis: Redis) => Promise<T>): Promise<T> {
     try {
+      if (this.firstRanOn !== this.connection) await this.runFirst()
       return this.answered(await work(this.redis))
     } catch (error) {
       throw this.translate(error)

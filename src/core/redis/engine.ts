@@ -570,6 +570,21 @@ function connectionOptions (options: RedisEngineOptions, connectionName: string)
   }
 }
 
+/**
+ * History keys all carry a TTL, which is what a volatile-* policy evicts
+ * first; allkeys-* may take ids and shared state too. Replay notices an
+ * event body gone (reset), not a channel's whole history gone. Best effort:
+ * managed Redis services often refuse CONFIG.
+ */
+async function warnIfEvicting (commands: ScriptedRedis, log: Log): Promise<void> {
+  try {
+    const [, policy] = await commands.call(async (redis) => await redis.config('GET', 'maxmemory-policy') as string[])
+    if (policy !== undefined && policy !== 'noeviction') {
+      log.warn({ maxmemoryPolicy: policy }, 'Redis may evict keys when full (maxmemory-policy is not noeviction): evicted history makes replay miss events; use noeviction')
+    }
+  } catch {}
+}
+
 export async function connectRedis (options: RedisEngineOptions, registry: Registry, log: Log): Promise<RedisEngine> {
   // A Redis that stops answering without dropping the connection (frozen,
   // its host paused) would hold every publish and admission until it came
@@ -591,11 +606,15 @@ export async function connectRedis (options: RedisEngineOptions, registry: Regis
   const state = new RedisState(commands, subscriber, registry, options, log)
   const ingress = new IngressLeader(commands, subscriber, state, options.prefix, Math.max(1000, Math.floor(options.instanceTtlMs / 2)), log)
 
+  // A Redis that restarted may have come back with older data (a snapshot, an
+  // AOF behind) or none: before anything is published or replayed there, INIT
+  // starts a new id epoch if so, and cursors from before get 'reset'.
+  commands.runFirstOnConnect('INIT', [options.prefix])
   commands.redis.on('ready', () => {
     if (!everReady) return
     log.info({}, 'redis is back')
-    // Redis may have restarted empty: restart the id epoch and re-record our streams.
-    Promise.all([bus.lastId(), state.resync()]).catch((error: unknown) => log.warn({ err: error }, 'resync after reconnect failed'))
+    // Redis may have restarted empty: record our streams again.
+    state.resync().catch((error: unknown) => log.warn({ err: error }, 'resync after reconnect failed'))
   })
 
   const startupDeadline = Date.now() + (options.startupTimeoutMs ?? 0)
@@ -613,6 +632,7 @@ export async function connectRedis (options: RedisEngineOptions, registry: Regis
     await bus.start()
     await state.start()
     everReady = true
+    await warnIfEvicting(commands, log)
     signal?.throwIfAborted()
     await ingress.start()
     // Blocking reads need a connection of their own.

@@ -6,7 +6,9 @@
  *
  * Key layout (all under the configured prefix, written `P` here):
  *   P id                 last id issued (microseconds since the epoch, or above)
- *   P epoch              first id of this store's life: older cursors cannot be served
+ *   P epoch              ids below it cannot be served: issued before this store's
+ *                        life, or before a restart that may have lost some of them
+ *   P run                run_id of the Redis server that last checked the epoch (INIT)
  *   P e:<id>             an event's body, stored once whatever its channel count (TTL = window)
  *   P h:<channel>        sorted set of the channel's event ids, capped at HISTORY_SIZE (TTL = window)
  *   P d:<channel>        highest id trimmed from that history by the size cap (with
@@ -34,15 +36,24 @@ end
 
 /** Shared by every script that publishes: assigns ids, appends, publishes. */
 const PUBLISH_FUNCTIONS = `${CLOCK}
--- Starts the id counter and the epoch if the store is new (or lost its data).
+-- Starts a new epoch: no cursor issued before it is served. Every id issued
+-- so far is below it (ids follow the clock, and 'now' is later than any
+-- issued before a restart), including ones a restarted store no longer has.
+local function new_epoch(prefix, last, now)
+  local epoch = math.max(last + 1, now)
+  redis.call('SET', prefix .. 'id', fmt(epoch))
+  redis.call('SET', prefix .. 'epoch', fmt(epoch))
+  return epoch
+end
+
+-- Starts the id counter and the epoch if the store is new or lost them
+-- (emptied, evicted); returns the last id.
 local function ensure_epoch(prefix, now)
-  local last = redis.call('GET', prefix .. 'id')
-  if not last then
-    redis.call('SET', prefix .. 'id', fmt(now))
-    redis.call('SET', prefix .. 'epoch', fmt(now))
-    return now
-  end
-  return tonumber(last)
+  local kept = redis.call('MGET', prefix .. 'id', prefix .. 'epoch')
+  if not kept[1] then return new_epoch(prefix, 0, now) end
+  local last = tonumber(kept[1])
+  if not kept[2] then return new_epoch(prefix, last, now) end
+  return last
 end
 
 -- Publishes one event on its channels; returns its id.
@@ -139,9 +150,24 @@ export const ONCE_OUTCOME = `${ONCE_SEEN}
 return once_seen(ARGV[1] .. 'once:' .. ARGV[2], ARGV[3]) or { 'unused' }
 `
 
-/** ARGV: prefix. Starts the counter and epoch if missing; returns the last id. */
+/**
+ * ARGV: prefix. Starts the counter and epoch if missing, and a new epoch if
+ * the Redis server is not the one that last ran this (restarted, or a
+ * replica promoted): its data may be older than what was served, so a
+ * cursor from before gets 'reset' rather than a silent gap. Returns the last id.
+ */
 export const INIT = `${PUBLISH_FUNCTIONS}
-return fmt(ensure_epoch(ARGV[1], clock_us()))
+local prefix = ARGV[1]
+local now = clock_us()
+local last = ensure_epoch(prefix, now)
+local run_id = string.match(redis.call('INFO', 'server'), 'run_id:(%w+)')
+local known = redis.call('GET', prefix .. 'run')
+if known ~= run_id then
+  -- No record (a new store, or one from before this check): nothing to compare.
+  if known then last = new_epoch(prefix, last, now) end
+  redis.call('SET', prefix .. 'run', run_id)
+end
+return fmt(last)
 `
 
 /**
@@ -190,6 +216,10 @@ for _, id in ipairs(ids) do
   if body then
     out[#out + 1] = key
     out[#out + 1] = body
+  elseif has_cursor then
+    -- Gone before its window ended (evicted under maxmemory, deleted): a
+    -- hole the client must hear of. Not for a window read, which promises nothing.
+    return { 'reset', 'trimmed' }
   end
 end
 return out
