@@ -344,6 +344,18 @@ t.test('Redis restarted from an older snapshot: a cursor past what it kept gets 
   t.equal((await fresh.next(() => true)).data, 'live', 'a cursor from after the restart replays what followed it')
 })
 
+t.test('a Redis whose ACL refuses INFO: the gateway starts, publishes and replays, without the restart check', async (t) => {
+  if (!(await needRedis(t))) return
+  const redis = await startOwnRedis(t)
+  await redisClient(t, redis.url).acl('SETUSER', 'default', 'on', 'nopass', '~*', '&*', '+@all', '-info')
+  const gateway = await startGateway(t, { REDIS_URL: redis.url, REDIS_PREFIX: uniquePrefix('noinfo') })
+  const [first] = await publishOk(gateway.url, publisher, { to: { user: 'u1' }, data: 'first' })
+  await publishOk(gateway.url, publisher, { to: { user: 'u1' }, data: 'second' })
+  const reconnect = await openStream(`${gateway.url}/v1/stream?token=${userToken('u1')}`, { t, headers: { 'last-event-id': first } })
+  await reconnect.nextEvent('connected')
+  t.equal((await reconnect.next(() => true)).data, 'second')
+})
+
 t.test('an event body gone from Redis before its window ended (evicted, deleted): a cursor before it gets reset (trimmed), not a silent gap', async (t) => {
   if (!(await needRedis(t))) return
   const prefix = uniquePrefix('evicted')
