@@ -4,13 +4,20 @@ import { join } from 'node:path'
 import t, { type Test } from 'tap'
 import {
   adminToken, eventually, openConnected, openStream, publishOk, publisherToken, request, spawnServer, startGateway, userToken,
-  type Gateway, type SseEvent
+  type Gateway, type SseClient, type SseEvent
 } from './helpers'
 import { needRedis, redisClient, REDIS_URL, startOwnRedis, uniquePrefix } from './helpers/redis'
 import { FaultyProxy } from './helpers/proxy'
 import { metricValue, scrape } from './helpers/raw'
 
 const publisher = publisherToken()
+
+/** u1 reconnecting to `gateway` with `cursor`: its stream, and the first event after `connected`. */
+async function reconnectWith (t: Test, gateway: Gateway, cursor: string): Promise<{ stream: SseClient, first: SseEvent }> {
+  const stream = await openStream(`${gateway.url}/v1/stream?token=${userToken('u1')}`, { t, headers: { 'last-event-id': cursor } })
+  await stream.nextEvent('connected')
+  return { stream, first: await stream.next(() => true) }
+}
 const admin = adminToken()
 
 async function cluster (t: Test, count: number, env: Record<string, string> = {}): Promise<{ gateways: Gateway[], prefix: string }> {
@@ -332,16 +339,12 @@ t.test('Redis restarted from an older snapshot: a cursor past what it kept gets 
     return answer.status === 202
   }, 'a publish answered after the restart', 20_000, 100)
 
-  const stale = await openStream(`${gateway.url}/v1/stream?token=${userToken('u1')}`, { t, headers: { 'last-event-id': seen } })
-  await stale.nextEvent('connected')
-  const reset = await stale.next(() => true)
+  const { stream: stale, first: reset } = await reconnectWith(t, gateway, seen)
   t.same([reset.event, JSON.parse(reset.data)], ['reset', { reason: 'unknown' }], 'the cursor of an event the store lost gets reset')
   await publishOk(gateway.url, publisher, { to: { user: 'u1' }, data: 'live' })
   t.equal((await stale.next(() => true)).data, 'live', 'then live events, nothing older')
 
-  const fresh = await openStream(`${gateway.url}/v1/stream?token=${userToken('u1')}`, { t, headers: { 'last-event-id': after } })
-  await fresh.nextEvent('connected')
-  t.equal((await fresh.next(() => true)).data, 'live', 'a cursor from after the restart replays what followed it')
+  t.equal((await reconnectWith(t, gateway, after)).first.data, 'live', 'a cursor from after the restart replays what followed it')
 })
 
 t.test('a Redis whose ACL refuses INFO: the gateway starts, publishes and replays, without the restart check', async (t) => {
@@ -351,9 +354,7 @@ t.test('a Redis whose ACL refuses INFO: the gateway starts, publishes and replay
   const gateway = await startGateway(t, { REDIS_URL: redis.url, REDIS_PREFIX: uniquePrefix('noinfo') })
   const [first] = await publishOk(gateway.url, publisher, { to: { user: 'u1' }, data: 'first' })
   await publishOk(gateway.url, publisher, { to: { user: 'u1' }, data: 'second' })
-  const reconnect = await openStream(`${gateway.url}/v1/stream?token=${userToken('u1')}`, { t, headers: { 'last-event-id': first } })
-  await reconnect.nextEvent('connected')
-  t.equal((await reconnect.next(() => true)).data, 'second')
+  t.equal((await reconnectWith(t, gateway, first)).first.data, 'second')
 })
 
 t.test('an event body gone from Redis before its window ended (evicted, deleted): a cursor before it gets reset (trimmed), not a silent gap', async (t) => {
@@ -364,9 +365,7 @@ t.test('an event body gone from Redis before its window ended (evicted, deleted)
   const [gone] = await publishOk(gateway.url, publisher, { to: { user: 'u1' }, data: 'gone' })
   await publishOk(gateway.url, publisher, { to: { user: 'u1' }, data: 'last' })
   await redisClient(t).del(`${prefix}e:${gone}`)
-  const reconnect = await openStream(`${gateway.url}/v1/stream?token=${userToken('u1')}`, { t, headers: { 'last-event-id': first } })
-  await reconnect.nextEvent('connected')
-  const reset = await reconnect.next(() => true)
+  const reset = (await reconnectWith(t, gateway, first)).first
   t.same([reset.event, JSON.parse(reset.data)], ['reset', { reason: 'trimmed' }])
 })
 
@@ -390,12 +389,8 @@ t.test('the epoch key lost (evicted, deleted): the next publish starts a new one
   const [cursor] = await publishOk(gateway.url, publisher, { to: { user: 'u1' }, data: 'cursor' })
   await publishOk(gateway.url, publisher, { to: { user: 'u1' }, data: 'next' })
 
-  const later = await openStream(`${gateway.url}/v1/stream?token=${userToken('u1')}`, { t, headers: { 'last-event-id': cursor } })
-  await later.nextEvent('connected')
-  t.equal((await later.next(() => true)).data, 'next', 'a cursor from after the loss replays')
-  const earlier = await openStream(`${gateway.url}/v1/stream?token=${userToken('u1')}`, { t, headers: { 'last-event-id': before } })
-  await earlier.nextEvent('connected')
-  t.equal((await earlier.next(() => true)).event, 'reset', 'one from before gets reset')
+  t.equal((await reconnectWith(t, gateway, cursor)).first.data, 'next', 'a cursor from after the loss replays')
+  t.equal((await reconnectWith(t, gateway, before)).first.event, 'reset', 'one from before gets reset')
 })
 
 t.test('an instance killed with SIGKILL leaves the instance list and the counts within its TTL', async (t) => {
