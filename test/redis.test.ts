@@ -244,6 +244,28 @@ t.test('durable ingress: an entry its holder published but never acknowledged is
   t.equal(stream.events.filter((event) => event.event === 'entry').length, 1, 'still once')
 })
 
+t.test('durable ingress: each holder reads under its own consumer name; once a new holder has claimed what the last one left, the group lists it alone', async (t) => {
+  if (!(await needRedis(t))) return
+  const prefix = uniquePrefix('durconsumers')
+  const env = { REDIS_URL, REDIS_PREFIX: prefix, INSTANCE_TTL_MS: '2000' }
+  const a = await startGateway(t, env)
+  await eventually(() => a.app.ingress?.isLeader === true, 'A to take the lease')
+  const b = await startGateway(t, env)
+  const { stream } = await openConnected(`${b.url}/v1/stream?token=${userToken('u1')}`, { t })
+  const redis = redisClient(t)
+  const consumers = async (): Promise<string[]> => ((await redis.xinfo('CONSUMERS', `${prefix}ingress`, 'gateway')) as string[][]).map((fields) => fields[1])
+  await redis.xadd(`${prefix}ingress`, '*', 'payload', JSON.stringify({ to: { user: 'u1' }, event: 'first', data: 1 }))
+  await stream.nextEvent('first', 10_000)
+  t.same(await consumers(), [a.app.registry.instanceId], 'A read it')
+
+  await a.app.close()
+  await eventually(() => b.app.ingress?.isLeader === true, 'B to take the lease', 15_000)
+  await redis.xadd(`${prefix}ingress`, '*', 'payload', JSON.stringify({ to: { user: 'u1' }, event: 'second', data: 2 }))
+  await stream.nextEvent('second', 10_000)
+  await eventually(async () => (await consumers()).length === 1, 'A\'s consumer removed', 10_000, 100)
+  t.same(await consumers(), [b.app.registry.instanceId], 'the group lists B alone')
+})
+
 t.test('bad ingress messages are counted, logged without their data, dropped; the gateway goes on', async (t) => {
   if (!(await needRedis(t))) return
   const prefix = uniquePrefix('badingress')

@@ -2,6 +2,7 @@ import Redis, { ReplyError, type RedisOptions } from 'ioredis'
 import type { Registry } from '../registry'
 import { reasonOf, redisOptions, ScriptedRedis, STORE_CONDITION_CODES, StoreUnavailableError, type Log } from './client'
 import { RedisBus } from './redis-bus'
+import { DROP_IDLE_CONSUMERS } from './scripts'
 import { RedisState } from './redis-state'
 
 export interface RedisEngineOptions {
@@ -384,6 +385,10 @@ export class DurableIngress {
         } else if (recheckAt !== 0 && Date.now() >= recheckAt) {
           recheckAt = 0
           complete = await this.claimPending(0)
+          // Every instance that ever held the lease joined the group under
+          // its own name; with the last holder's entries all claimed, those
+          // with nothing pending would only stay listed in Redis for good.
+          if (complete) await this.reader.eval(DROP_IDLE_CONSUMERS, 0, this.key, DURABLE_GROUP, this.consumer)
         } else if (Date.now() - lastClaim > DURABLE_CLAIM_IDLE_MS) {
           lastClaim = Date.now()
           complete = await this.claimPending(DURABLE_CLAIM_IDLE_MS)

@@ -669,3 +669,24 @@ if not holder then
 end
 return 0
 `
+
+/**
+ * ARGV: stream key, group, the holder's consumer name. Removes the group's
+ * other consumers that have nothing pending, in one step, so none can be
+ * handed an entry between the check and the removal (a consumer removed with
+ * entries pending would leave them unclaimable). Returns how many it removed.
+ */
+export const DROP_IDLE_CONSUMERS = `
+local removed = 0
+for _, consumer in ipairs(redis.call('XINFO', 'CONSUMERS', ARGV[1], ARGV[2])) do
+  local name, pending
+  for i = 1, #consumer, 2 do
+    if consumer[i] == 'name' then name = consumer[i + 1] elseif consumer[i] == 'pending' then pending = consumer[i + 1] end
+  end
+  if name ~= ARGV[3] and pending == 0 then
+    redis.call('XGROUP', 'DELCONSUMER', ARGV[1], ARGV[2], name)
+    removed = removed + 1
+  end
+end
+return removed
+`
