@@ -278,6 +278,10 @@ export default fp(async (app) => {
     // without their chunk framing, and the connection closes at the end.
     const http10 = request.raw.httpVersion === '1.0'
     if (!http10 && request.raw.httpVersion !== '1.1') throw new errors.BadRequest('streams need HTTP/1.1 or HTTP/1.0')
+    // Pipelined behind another response on its connection (for ever, if a
+    // stream's): it cannot be answered before that one ends, so it must not
+    // take a slot, or evict one of the user's streams, meanwhile.
+    if (reply.raw.socket === null) throw new errors.BadRequest('a stream request cannot be pipelined behind another on its connection')
     const retryAfterS = String(Math.max(1, Math.ceil(config.retryMs / 1000)))
     if (streams.isDraining || !bus.isReady()) {
       reply.header('retry-after', retryAfterS)

@@ -334,3 +334,20 @@ t.test('a JSON body is read as JSON whatever its Content-Type says (text/plain f
   const [id] = await publishOk(url, publisher, { to: { user: 'u1' }, event: 'after', data: 1 })
   t.equal((await stream.nextEvent('after')).id, id, 'the stream saw nothing from the refused ones')
 })
+
+t.test('a stream request pipelined behind a live stream on its connection takes no slot: under evict-oldest it does not evict the stream it waits behind', async (t) => {
+  const gateway = await startGateway(t, { MAX_CONNECTIONS_PER_USER: '1', CONNECTION_LIMIT_POLICY: 'evict-oldest' })
+  const client = await rawConnect(t, gateway.port)
+  const open = `GET /v1/stream?token=${userToken('u1')} HTTP/1.1\r\nHost: 127.0.0.1\r\nAccept: text/event-stream\r\n\r\n`
+  // One write: the server parses both before the first becomes a stream.
+  client.write(open + open)
+  await client.until(() => client.events().some((event) => event.event === 'connected' || event.event === 'evicted'), 5000, 'the first stream connected')
+  t.notOk(client.events().some((event) => event.event === 'evicted'), 'not evicted as it opened')
+  // A stream of another user, opened and connected after both requests were read.
+  await openConnected(`${gateway.url}/v1/stream?token=${userToken('u2')}`, { t })
+  await publishOk(gateway.url, publisher, { to: { user: 'u1' }, event: 'still-here', data: 1 })
+  await client.until(() => client.events().some((event) => event.event === 'still-here'), 5000, 'the event on the first stream')
+  t.notOk(client.events().some((event) => event.event === 'evicted'), 'the first stream was not evicted')
+  t.equal(gateway.app.registry.size, 2, 'one stream each')
+})
+
