@@ -120,10 +120,10 @@ export class ScriptedRedis {
     }
   }
 
-  private async script (name: ScriptName, args: Array<string | number>): Promise<unknown> {
+  private script (name: ScriptName, args: Array<string | number>): Promise<unknown> {
     // defineCommand adds methods ioredis cannot type; the name is one we defined above.
     const command = (this.redis as unknown as Record<string, (...a: Array<string | number>) => Promise<unknown>>)[`gw${name}`]
-    return await command.apply(this.redis, args)
+    return command.apply(this.redis, args)
   }
 
   private async runFirst (): Promise<void> {

@@ -160,8 +160,8 @@ export const INIT = `${PUBLISH_FUNCTIONS}
 local prefix = ARGV[1]
 local now = clock_us()
 local last = ensure_epoch(prefix, now)
--- A Redis that refuses INFO (renamed away on some managed services) goes
--- without the check rather than refusing every connection.
+-- A Redis whose ACL refuses the gateway INFO (ioredis accepts that for its
+-- own ready check) goes without this check rather than failing every connection.
 local info = redis.pcall('INFO', 'server')
 local run_id = type(info) == 'string' and string.match(info, 'run_id:(%w+)') or nil
 local known = redis.call('GET', prefix .. 'run')
