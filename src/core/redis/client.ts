@@ -112,12 +112,7 @@ export class ScriptedRedis {
   }
 
   async run (name: ScriptName, args: Array<string | number>): Promise<unknown> {
-    try {
-      if (this.firstRanOn !== this.connection) await this.runFirst()
-      return this.answered(await this.script(name, args))
-    } catch (error) {
-      throw this.translate(error)
-    }
+    return await this.call(async () => await this.script(name, args))
   }
 
   private script (name: ScriptName, args: Array<string | number>): Promise<unknown> {
@@ -149,11 +144,6 @@ export class ScriptedRedis {
     return !this.silent
   }
 
-  private answered<T> (answer: T): T {
-    this.silent = false
-    return answer
-  }
-
   translate (error: unknown): Error {
     if (isTimeout(error)) this.silent = true
     // An error reply (a script's refusal, OOM) is an answer too.
@@ -165,7 +155,9 @@ export class ScriptedRedis {
   async call<T> (work: (redis: Redis) => Promise<T>): Promise<T> {
     try {
       if (this.firstRanOn !== this.connection) await this.runFirst()
-      return this.answered(await work(this.redis))
+      const answer = await work(this.redis)
+      this.silent = false
+      return answer
     } catch (error) {
       throw this.translate(error)
     }
