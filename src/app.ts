@@ -170,11 +170,12 @@ export async function buildApp (config: Config, options: BuildOptions = {}): Pro
       request.log.error({ err: error }, 'request failed')
       return reply.code(statusCode).send({ statusCode, code: 'GW_INTERNAL', error: 'Internal Server Error', message: 'Internal Server Error' })
     }
+    const code = gatewayCodeOf(error.code, statusCode)
     // A message may echo a path parameter or a query value, where a client may have put its token.
-    noteRefusal(reply, error.code, withoutJwts(error.message))
+    noteRefusal(reply, code, withoutJwts(error.message))
     return reply.code(statusCode).send({
       statusCode,
-      code: error.code,
+      code,
       error: httpReason(statusCode),
       message: error.message
     })
@@ -330,6 +331,20 @@ export async function buildApp (config: Config, options: BuildOptions = {}): Pro
     })
   }
   return app
+}
+
+/** The gateway's codes for Fastify's own refusals of a request, by status. */
+const GATEWAY_CODES: Record<number, string> = { 400: 'GW_BAD_REQUEST', 413: 'GW_TOO_LARGE' }
+
+/**
+ * Programs branch on the `GW_` codes, so Fastify's refusals (a body over
+ * bodyLimit, a Content-Length that does not match it) get the one of their
+ * status. A body failing a route's schema keeps FST_ERR_VALIDATION: its
+ * message names the field, which a program may want to tell apart.
+ */
+function gatewayCodeOf (code: string | undefined, statusCode: number): string | undefined {
+  if (code === undefined || !code.startsWith('FST_') || code === 'FST_ERR_VALIDATION') return code
+  return GATEWAY_CODES[statusCode] ?? code
 }
 
 function httpReason (statusCode: number): string {

@@ -107,11 +107,11 @@ t.test('a body over MAX_BODY_BYTES: 413 with the JSON error shape, on publish an
   const big = { to: { user: 'u1' }, data: 'x'.repeat(2048) }
   const response = await request(`${url}/v1/publish`, { method: 'POST', token: publisher, body: big })
   t.equal(response.status, 413)
-  t.match(response.json, { statusCode: 413, error: 'Payload Too Large', message: String })
+  t.match(response.json, { statusCode: 413, code: 'GW_TOO_LARGE', error: 'Payload Too Large', message: String })
 
   const subscribe = await request(`${url}/v1/subscriptions`, { method: 'POST', token: userToken('u1'), body: { topics: Array.from({ length: 100 }, (_, n) => `topic-${n}-padding`) } })
   t.equal(subscribe.status, 413, 'a user route too')
-  t.match(subscribe.json, { statusCode: 413, error: 'Payload Too Large', message: String })
+  t.match(subscribe.json, { statusCode: 413, code: 'GW_TOO_LARGE', error: 'Payload Too Large', message: String })
 
   // Just under the limit still passes.
   t.equal((await publish(url, publisher, { to: { user: 'u1' }, data: 'x'.repeat(900) })).status, 202)
