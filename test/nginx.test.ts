@@ -204,8 +204,10 @@ t.test('through nginx (deploy/nginx.conf) in front of two Redis-mode gateways', 
   t.test('publisher routes are not reachable through nginx', async (t) => {
     const response = await request(`${nginx.url}/v1/publish`, { method: 'POST', token: publisher, body: { to: { broadcast: true }, data: 'x' } })
     t.equal(response.status, 404)
+    t.same(response.json, { statusCode: 404, code: 'GW_NOT_FOUND', error: 'Not Found', message: 'not found' }, 'in the gateway\'s own error shape')
     const admin = await request(`${nginx.url}/admin`)
     t.equal(admin.status, 404)
+    t.same(admin.json, { statusCode: 404, code: 'GW_NOT_FOUND', error: 'Not Found', message: 'not found' })
   })
 })
 
