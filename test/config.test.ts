@@ -1,5 +1,7 @@
 import t from 'tap'
 import { generateKeyPairSync } from 'node:crypto'
+import { readFileSync } from 'node:fs'
+import { join } from 'node:path'
 import { ConfigError, loadConfig } from '../src/config'
 import { loggedAs, openConnected, publishOk, publisherToken, request, rsaKeyPair, runServerToExit, spawnServer, startGateway, TEST_SECRET, userToken } from './helpers'
 
@@ -136,6 +138,32 @@ t.test('HISTORY_MAX_BYTES holds at least two of the largest events: its default 
   t.equal(loadConfig({ JWT_SECRET: 'x', MAX_EVENT_BYTES: '40000', HISTORY_MAX_BYTES: '80000' }).historyMaxBytes, 80000)
   refuses(t, { JWT_SECRET: 'x', MAX_EVENT_BYTES: '40000', HISTORY_MAX_BYTES: '79999' }, 'HISTORY_MAX_BYTES')
   t.equal(loadConfig({ JWT_SECRET: 'x', HISTORY_MAX_BYTES: '0' }).historyMaxBytes, 0, '0: no cap')
+})
+
+t.test('the bounds the README gives each number are the ones start-up enforces', async (t) => {
+  const readme = readFileSync(join(__dirname, '..', '..', 'README.md'), 'utf8')
+  const paragraph = /Numbers are whole and decimal, within these bounds:([\s\S]*?)\n\n/.exec(readme)?.[1] ?? ''
+  t.ok(paragraph.length > 0, 'the README has the bounds')
+  // "`A`, `B` and `C` 0–3 600 000" or "`A` ≥ 1024": the names of a clause share its bound.
+  const clauses = paragraph.replace(/\s+/g, ' ').split(';')
+  let checked = 0
+  for (const clause of clauses) {
+    const bounds = /(\d[\d ]*)–(\d[\d ]*\d)|≥ (\d+)/.exec(clause)
+    if (bounds === null) continue
+    const low = Number((bounds[1] ?? bounds[3]).replace(/ /g, ''))
+    const high = bounds[2] !== undefined ? Number(bounds[2].replace(/ /g, '')) : null
+    for (const [, name] of clause.slice(0, bounds.index).matchAll(/`([A-Z_]+)`/g)) {
+      const base = { JWT_SECRET: 'x' }
+      t.doesNotThrow(() => loadConfig({ ...base, [name]: String(low) }), `${name}=${low} is accepted`)
+      refuses(t, { ...base, [name]: String(low - 1) }, name)
+      if (high !== null) {
+        t.doesNotThrow(() => loadConfig({ ...base, [name]: String(high) }), `${name}=${high} is accepted`)
+        refuses(t, { ...base, [name]: String(high + 1) }, name)
+      }
+      checked++
+    }
+  }
+  t.ok(checked >= 15, `every bound was read (${checked})`)
 })
 
 t.test('invalid values throw a ConfigError naming the variable', async (t) => {

@@ -1,11 +1,11 @@
 /**
- * nginx + Nchan, the peer issue 7 sets the gateway's targets against, as an
+ * nginx + Nchan, the peer the gateway's targets were set against, as an
  * optional third target. Run in the same invocation as the gateway, on the
  * same core and with the same client, its figures give a ratio that holds
  * when the machine is slower or faster than on the day a table was written.
  *
  * It needs nginx and Nchan's dynamic module (Debian: `nginx` and
- * `libnginx-mod-nchan`). One worker process, as in the issue's figures; the
+ * `libnginx-mod-nchan`). One worker process, as in the targets' figures; the
  * streams subscribe with Nchan's EventSource subscriber and the bench's
  * publisher posts to Nchan's publisher location.
  */

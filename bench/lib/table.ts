@@ -52,7 +52,7 @@ export function renderTable (results: ScenarioResult[]): string {
   const withNchan = results.some((result) => result.runs.nchan !== undefined)
   const kinds: TargetKind[] = withNchan ? ['baseline', 'gateway', 'nchan'] : ['baseline', 'gateway']
   const comparedTo: TargetKind[] = withNchan ? ['baseline', 'nchan'] : ['baseline']
-  const header = ['scenario', 'metric', ...kinds, ...comparedTo.map((other) => other === 'baseline' ? 'gw/base' : 'gw/nchan'), 'issue 7 target']
+  const header = ['scenario', 'metric', ...kinds, ...comparedTo.map((other) => other === 'baseline' ? 'gw/base' : 'gw/nchan'), 'target']
   const rows: string[][] = [header]
   for (const result of results) {
     let first = true

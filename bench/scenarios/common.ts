@@ -73,7 +73,7 @@ export interface MetricDef {
   label: string
   unit: string
   better: Better
-  /** Issue 7's target for the gateway, as text, when it has one. */
+  /** The target for the gateway, as text, when it has one. */
   target?: string
 }
 

@@ -1,5 +1,5 @@
 /**
- * S5 churn (and the soak of issue 5): N streams kept open while each lives a
+ * S5 churn (and the soak): N streams kept open while each lives a
  * random few seconds and is replaced, events flowing all along; RSS, descriptors
  * and handles sampled over time; afterwards every stream is closed and the
  * server must hold none (registry back to zero) and give its memory back.
