@@ -1,6 +1,6 @@
 import fp from 'fastify-plugin'
 import { FanoutTooLargeError, isEntityId, isPlainObject, validateEventAndData, validatePublishBody, type PublishRequest } from '../src/core/publish'
-import type { PublishItem, PublishOnce } from '../src/core/bus'
+import type { LeaseFence, PublishItem, PublishOnce } from '../src/core/bus'
 
 /**
  * Redis ingress: `PUBLISH <prefix>publish <json>` takes the body of
@@ -22,8 +22,10 @@ export default fp(async (app) => {
 
   // Resolves once the message is handed to Redis (see IngressHandler), with
   // its publication; with `once`, a message published before (by a holder
-  // that died before acknowledging it) is not published again.
-  const handle = async (source: { kind: 'publish' | 'durable' } | { kind: 'stream', connectionId: string }, payload: string, once?: PublishOnce): Promise<{ published: Promise<void> }> => {
+  // that died before acknowledging it) is not published again. A pub/sub
+  // message comes with its lease `fence`; a durable entry needs none, as
+  // its key is published once whoever holds it.
+  const handle = async (source: { kind: 'publish' | 'durable' } | { kind: 'stream', connectionId: string }, payload: string, guard: { fence: LeaseFence } | { once: PublishOnce }): Promise<{ published: Promise<void> }> => {
     const kind = source.kind
     if (Buffer.byteLength(payload) > config.maxBodyBytes) return reject(kind, 'too large')
     let body: unknown
@@ -52,9 +54,9 @@ export default fp(async (app) => {
       if (error instanceof FanoutTooLargeError) return reject(kind, 'fan-out too large (MAX_PUBLISH_CHANNELS)')
       throw error
     }
-    const publishing = once === undefined
-      ? publisher.publishItems(items).then(() => true)
-      : publisher.publishItemsOnce(items, once).then((outcome) => outcome.kind === 'published')
+    const publishing = 'fence' in guard
+      ? publisher.publishItems(items, guard.fence).then(() => true)
+      : publisher.publishItemsOnce(items, guard.once).then((outcome) => outcome.kind === 'published')
     const published = publishing.then((fresh) => {
       if (fresh) {
         for (const request of requests) app.metrics.published(request.target.kind, 1)
@@ -62,12 +64,12 @@ export default fp(async (app) => {
         // Normal after a holder dies between publishing and acknowledging;
         // frequent ones point at holders that keep losing the lease.
         app.metrics.ingressRepeated()
-        app.log.info({ source: kind, entry: once?.key }, 'ingress entry already published: skipped')
+        app.log.info({ source: kind, entry: 'once' in guard ? guard.once.key : undefined }, 'ingress entry already published: skipped')
       }
     })
     return { published }
   }
-  ingress.onMessage(handle)
+  ingress.onMessage(async (source, payload, fence) => await handle(source, payload, { fence }))
   durableIngress.onDropped(() => app.metrics.ingressRejected('durable'))
   durableIngress.onMessage(async (payload, onceKey) => {
     if (payload === null) {
@@ -76,6 +78,6 @@ export default fp(async (app) => {
     }
     // One entry always holds the same payload: the fingerprint never differs.
     const once: PublishOnce = { key: onceKey, fingerprint: 'durable', windowS: config.idempotencyWindowS }
-    await (await handle({ kind: 'durable' }, payload, once)).published
+    await (await handle({ kind: 'durable' }, payload, { once })).published
   })
 }, { name: 'ingress', dependencies: ['bus', 'streams', 'metrics'] })

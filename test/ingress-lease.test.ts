@@ -268,3 +268,37 @@ t.test('gateway: a holder that loses Redis stops counting itself the holder unti
   await stream.nextEvent('marker', WAIT_MS)
   t.equal(stream.events.filter((event) => event.event === 'once').length, 1, 'the message was handled once')
 })
+
+t.test('gateway: a lease key gone while its holder still acts on it (an emptied store) is taken back by the holder, or left to the instance that took it; each message is published once', async (t) => {
+  if (!(await needRedis(t))) return
+  const prefix = uniquePrefix('lease-gone')
+  // Lease checks every 10 s by the timer: the test drives them.
+  const env = { REDIS_URL, REDIS_PREFIX: prefix, INSTANCE_TTL_MS: '60000' }
+  const a = await startGateway(t, env)
+  const b = await startGateway(t, env)
+  const [leaseA, leaseB] = [a.app.ingress, b.app.ingress]
+  if (leaseA === null || leaseB === null) throw new Error('no ingress leader in Redis mode')
+  t.ok(leaseA.isLeader && !leaseB.isLeader, 'A holds the lease')
+  const { stream } = await openConnected(`${b.url}/v1/stream?token=${userToken('u1')}`, { t })
+  const redis = redisClient(t)
+  const sendAndCount = async (event: string): Promise<number> => {
+    await redis.publish(`${prefix}publish`, JSON.stringify({ to: { user: 'u1' }, event, data: 1 }))
+    await redis.publish(`${prefix}publish`, JSON.stringify({ to: { user: 'u1' }, event: `${event}-marker`, data: 2 }))
+    await stream.nextEvent(`${event}-marker`, WAIT_MS)
+    return stream.events.filter((received) => received.event === event).length
+  }
+
+  // The key goes (FLUSHALL, an eviction) and B's check takes it before A's next one.
+  await redis.del(`${prefix}leader`)
+  await leaseB.tick()
+  t.ok(leaseB.isLeader && leaseA.isLeader, 'B took the lease; A has not checked since')
+  t.equal(await sendAndCount('taken'), 1, 'a message both receive is published once (by B)')
+  await eventually(() => !leaseA.isLeader, 'A to stop counting itself the holder')
+
+  // The key goes again, and the holder's next message comes before any check.
+  await redis.del(`${prefix}leader`)
+  t.equal(await sendAndCount('retaken'), 1, 'the holder publishes it once')
+  await leaseA.tick()
+  t.ok(leaseB.isLeader && !leaseA.isLeader, 'the holder took the key back with that message: A\'s check does not take it')
+  t.equal(await sendAndCount('after'), 1, 'later messages are published once')
+})

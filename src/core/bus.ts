@@ -43,6 +43,19 @@ export type ReplayResult =
   | { reset: null, events: HistoryEntry[] }
   | { reset: ResetReason, events: [] }
 
+/** The ingress lease a publish must be made under: its holder's instance id, and how long a retaken lease lasts. */
+export interface LeaseFence {
+  holder: string
+  leaseMs: number
+}
+
+/** A fenced publish found another instance holding the lease: it published nothing. */
+export class NotLeaseHolderError extends Error {
+  constructor () {
+    super('another instance holds the ingress lease')
+  }
+}
+
 export type ResetReason = 'malformed' | 'future' | 'unknown' | 'expired' | 'trimmed' | 'unavailable'
 
 export type DeliveryListener = (channel: string, id: number, frame: Buffer) => void
@@ -54,8 +67,12 @@ export interface SubscriptionListeners {
 
 export interface EventBus {
   readonly mode: 'memory' | 'redis'
-  /** Ids in the order of `items`; deliveries happen after the promise settles' caller regains control. */
-  publish (items: PublishItem[]): Promise<number[]>
+  /**
+   * Ids in the order of `items`; deliveries happen after the promise settles' caller regains control.
+   * With `fence`, only while `fence.holder` holds the ingress lease (Redis mode): otherwise nothing is
+   * published and it rejects with NotLeaseHolderError.
+   */
+  publish (items: PublishItem[], fence?: LeaseFence): Promise<number[]>
   /** `publish`, unless `once.key` was used within its window: then that publish's ids, atomically. */
   publishOnce (items: PublishItem[], once: PublishOnce): Promise<OnceOutcome>
   /** What `publishOnce` with `once` would answer without publishing, or null when its key is unused. */

@@ -1,5 +1,5 @@
 import { channel } from './channels'
-import type { EventBus, OnceOutcome, PublishItem, PublishOnce } from './bus'
+import type { EventBus, LeaseFence, OnceOutcome, PublishItem, PublishOnce } from './bus'
 import { dataText, EVENT_NAME, renderBody, TOPIC_NAME } from './framing'
 import type { SharedState } from './state'
 
@@ -198,9 +198,9 @@ export class Publisher {
     return await this.bus.usedOnce(once)
   }
 
-  /** Hands `items` to the bus at once (their ids follow this call's order); resolves with the ids. */
-  async publishItems (items: PublishItem[]): Promise<number[]> {
-    return await this.bus.publish(items)
+  /** Hands `items` to the bus at once (their ids follow this call's order); resolves with the ids. See EventBus.publish for `fence`. */
+  async publishItems (items: PublishItem[], fence?: LeaseFence): Promise<number[]> {
+    return await this.bus.publish(items, fence)
   }
 
   /**

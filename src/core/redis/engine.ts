@@ -1,4 +1,5 @@
 import Redis, { ReplyError, type RedisOptions } from 'ioredis'
+import { NotLeaseHolderError, type LeaseFence } from '../bus'
 import type { Registry } from '../registry'
 import { reasonOf, redisOptions, ScriptedRedis, STORE_CONDITION_CODES, StoreUnavailableError, type Log } from './client'
 import { RedisBus } from './redis-bus'
@@ -28,9 +29,11 @@ export interface RedisEngineOptions {
  * or `stream:<connectionId>`) in two steps: it resolves once the message's
  * events are handed to Redis (or the message is dropped), with the promise of
  * their publication. Messages are handed over one after another, in arrival
- * order, which orders their ids; their publications overlap.
+ * order, which orders their ids; their publications overlap. They are
+ * published under `fence` (EventBus.publish): a holder that lost its lease
+ * without noticing yet publishes nothing.
  */
-export type IngressHandler = (source: { kind: 'publish' } | { kind: 'stream', connectionId: string }, payload: string) => Promise<{ published: Promise<void> }>
+export type IngressHandler = (source: { kind: 'publish' } | { kind: 'stream', connectionId: string }, payload: string, fence: LeaseFence) => Promise<{ published: Promise<void> }>
 
 /**
  * Every instance receives a PUBLISH on an ingress channel, yet each message
@@ -255,13 +258,24 @@ export class IngressLeader {
 
   private dispatch (source: Parameters<IngressHandler>[0], payload: string): void {
     if (!this.isLeader) return
-    const failed = (error: unknown): void => this.log.warn({ err: error, source: source.kind }, 'ingress message failed')
+    const fence = { holder: this.state.instanceId, leaseMs: this.leaseMs }
+    const failed = (error: unknown): void => {
+      if (!(error instanceof NotLeaseHolderError)) {
+        this.log.warn({ err: error, source: source.kind }, 'ingress message failed')
+        return
+      }
+      // The lease key vanished (an emptied store) and another instance took
+      // it before this one's next check: that one handles the message.
+      if (this.validUntil !== 0) this.log.info({ source: source.kind }, 'ingress lease lost to another instance: message left to it')
+      this.validUntil = 0
+      this.check()
+    }
     // Each message is handed to Redis after the previous one: a batch or a
     // conversation target takes more steps before it is handed over than a
     // single event sent after it, and ids must follow the order messages came in.
     this.pending = this.pending
       .then(async () => {
-        const { published } = await this.handler(source, payload)
+        const { published } = await this.handler(source, payload, fence)
         published.catch(failed)
       })
       .catch(failed)

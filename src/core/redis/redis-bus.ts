@@ -1,5 +1,5 @@
 import type Redis from 'ioredis'
-import type { DeliveryListener, EventBus, HistoryEntry, OnceOutcome, PublishItem, PublishOnce, ReplayResult, ResetReason, SubscriptionListeners } from '../bus'
+import { NotLeaseHolderError, type DeliveryListener, type EventBus, type HistoryEntry, type LeaseFence, type OnceOutcome, type PublishItem, type PublishOnce, type ReplayResult, type ResetReason, type SubscriptionListeners } from '../bus'
 import { chunkOf, frameWithId } from '../framing'
 import { reasonOf, type Log, type ScriptedRedis } from './client'
 
@@ -167,11 +167,13 @@ export class RedisBus implements EventBus {
     this.delivered = Math.max(this.delivered, await this.lastId())
   }
 
-  async publish (items: PublishItem[]): Promise<number[]> {
+  async publish (items: PublishItem[], fence?: LeaseFence): Promise<number[]> {
     if (items.length === 0) return []
     const args: Array<string | number> = [this.options.prefix, this.options.historySize, this.options.historyTtlS]
+    if (fence !== undefined) args.push(fence.holder, fence.leaseMs)
     for (const item of items) args.push(JSON.stringify(item.channels), item.body)
-    const ids = await this.commands.run('PUBLISH', args) as string[]
+    const ids = await this.commands.run(fence === undefined ? 'PUBLISH' : 'PUBLISH_AS_HOLDER', args) as string[]
+    if (ids[0] === 'not-holder') throw new NotLeaseHolderError()
     return ids.map(Number)
   }
 

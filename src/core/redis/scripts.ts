@@ -114,6 +114,25 @@ export const PUBLISH = `${PUBLISH_FUNCTIONS}${PUBLISH_ITEMS}
 return publish_items(ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), 4)
 `
 
+/**
+ * ARGV: prefix, historySize, historyTtlS, holder, leaseMs, then the events as
+ * for PUBLISH. As PUBLISH while \`holder\` holds the ingress lease; a lease key
+ * gone while its holder still acts on it (the store emptied, the key evicted)
+ * is taken back. Otherwise publishes nothing and returns { 'not-holder' }: an
+ * instance that took the lease meanwhile handles the message too, and it
+ * must not be published twice.
+ */
+export const PUBLISH_AS_HOLDER = `${PUBLISH_FUNCTIONS}${PUBLISH_ITEMS}
+local lease = ARGV[1] .. 'leader'
+local holder = redis.call('GET', lease)
+if not holder then
+  redis.call('SET', lease, ARGV[4], 'PX', tonumber(ARGV[5]))
+elseif holder ~= ARGV[4] then
+  return { 'not-holder' }
+end
+return publish_items(ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), 6)
+`
+
 // What a key used within its window answers: { 'repeated', its ids... } for
 // the same fingerprint, { 'conflict' } for another; nil when it is unused.
 const ONCE_SEEN = `
