@@ -39,8 +39,12 @@ export interface HistoryEntry {
   frame: Buffer
 }
 
+/**
+ * `more`: `events` is one page of what follows the cursor; a replay from the
+ * last of them reads on. (The Redis bus reads long histories in pages.)
+ */
 export type ReplayResult =
-  | { reset: null, events: HistoryEntry[] }
+  | { reset: null, events: HistoryEntry[], more?: boolean }
   | { reset: ResetReason, events: [] }
 
 /** The ingress lease a publish must be made under: its holder's instance id, and how long a retaken lease lasts. */
@@ -77,7 +81,7 @@ export interface EventBus {
   publishOnce (items: PublishItem[], once: PublishOnce): Promise<OnceOutcome>
   /** What `publishOnce` with `once` would answer without publishing, or null when its key is unused. */
   usedOnce (once: PublishOnce): Promise<OnceOutcome | null>
-  /** Events of `channels` with an id above `after` that are still in the window, merged in id order. */
+  /** Events of `channels` with an id above `after` that are still in the window, merged in id order (maybe one page: see ReplayResult). */
   replay (channels: string[], after: number): Promise<ReplayResult>
   /** Every event of `channels` still in the window, merged in id order. */
   window (channels: string[]): Promise<HistoryEntry[]>

@@ -1,4 +1,4 @@
-import { mergeById, type EventBus, type HistoryEntry, type ResetReason } from './bus'
+import { mergeById, type EventBus, type HistoryEntry, type ReplayResult, type ResetReason } from './bus'
 import { channel } from './channels'
 import { StreamConnection, WriteScheduler, type CloseReason, type Sink, type StreamKind } from './connection'
 import { retryFrame, systemFrame } from './framing'
@@ -257,15 +257,39 @@ export class StreamService {
     if (cursor > issued) this.sendReset(connection, 'future')
   }
 
+  /**
+   * Page by page, each written (at the client's pace) before the next is
+   * read. A later page's reset (the history trimmed while the client read
+   * the earlier ones) ends the replay there: the client hears it, and goes live.
+   */
   private async replay (connection: StreamConnection, channels: string[], cursor: number | 'malformed'): Promise<void> {
-    const result = cursor === 'malformed'
-      ? { reset: 'malformed' as const, events: [] }
-      : await this.bus.replay(channels, cursor).catch(() => ({ reset: 'unavailable' as const, events: [] }))
-    if (result.reset !== null) {
-      this.sendReset(connection, result.reset)
+    if (cursor === 'malformed') {
+      this.sendReset(connection, 'malformed')
       return
     }
-    await this.sendHistory(connection, result.events)
+    let after = cursor
+    for (;;) {
+      const page = await this.bus.replay(channels, after).catch((): ReplayResult => ({ reset: 'unavailable', events: [] }))
+      if (page.reset !== null) {
+        this.sendReset(connection, page.reset)
+        return
+      }
+      await this.sendHistory(connection, page.events)
+      if (page.more !== true || page.events.length === 0 || connection.closed) return
+      after = page.events[page.events.length - 1].id
+    }
+  }
+
+  /** Every page of a replay (see EventBus.replay), for readers that merge it whole. */
+  private async replayWhole (channels: string[], after: number): Promise<ReplayResult> {
+    const events: HistoryEntry[] = []
+    for (;;) {
+      const page = await this.bus.replay(channels, after)
+      if (page.reset !== null) return page
+      for (const entry of page.events) events.push(entry)
+      if (page.more !== true || page.events.length === 0) return { reset: null, events }
+      after = page.events[page.events.length - 1].id
+    }
   }
 
   /**
@@ -284,7 +308,7 @@ export class StreamService {
     // source of the join gap: still merged, only late arrivals may be missed.
     const recent = joinedAfter === null || connection.closed
       ? []
-      : (await this.bus.replay([...connection.channels], joinedAfter).catch(() => ({ events: [] }))).events
+      : (await this.replayWhole([...connection.channels], joinedAfter).catch(() => ({ events: [] }))).events
     await this.sendHistory(connection, mergeById([window, recent]), true)
   }
 
@@ -394,7 +418,7 @@ export class StreamService {
 
   /** What a held stream may have missed since `from`, from history, or why it cannot be told. */
   private async missedSince (connection: StreamConnection, from: number): Promise<HistoryEntry[] | ResetReason> {
-    const result = await this.bus.replay([...connection.channels], from)
+    const result = await this.replayWhole([...connection.channels], from)
     if (result.reset === null) return result.events
     // 'future': nothing was issued after the bound, so nothing was missed.
     if (result.reset === 'future') return []

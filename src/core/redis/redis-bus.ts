@@ -15,6 +15,14 @@ export interface RedisBusOptions {
 }
 
 /**
+ * Event bodies one REPLAY call reads at most (one at least): Redis runs
+ * nothing else meanwhile, and a stream is written one page at a time, so a
+ * client replaying a long history of large events holds up neither other
+ * clients of Redis nor this process's memory.
+ */
+const REPLAY_PAGE_BYTES = 256 * 1024
+
+/**
  * The distributed engine. Publishing is one Lua script per batch (id, history,
  * PUBLISH); each instance SUBSCRIBEs to `<prefix>ch:<channel>` only while one
  * of its own streams listens to that channel.
@@ -189,13 +197,21 @@ export class RedisBus implements EventBus {
   }
 
   async replay (channels: string[], after: number): Promise<ReplayResult> {
-    const result = await this.read(channels, String(after))
+    const result = await this.read(channels, String(after), '')
     if (result[0] === 'reset') return { reset: result[1] as ResetReason, events: [] }
-    return { reset: null, events: this.entries(result) }
+    return result[1] === '' ? { reset: null, events: this.entries(result) } : { reset: null, events: this.entries(result), more: true }
   }
 
   async window (channels: string[]): Promise<HistoryEntry[]> {
-    return this.entries(await this.read(channels, ''))
+    if (channels.length === 0) return []
+    const events: HistoryEntry[] = []
+    let after = ''
+    do {
+      const page = await this.read(channels, '', after)
+      for (const entry of this.entries(page)) events.push(entry)
+      after = page[1]
+    } while (after !== '')
+    return events
   }
 
   async listen (channel: string): Promise<void> {
@@ -244,14 +260,14 @@ export class RedisBus implements EventBus {
     }
   }
 
-  private async read (channels: string[], cursor: string): Promise<string[]> {
-    if (channels.length === 0 && cursor === '') return ['ok']
-    return await this.commands.run('REPLAY', [this.options.prefix, cursor, this.options.historyTtlS, ...channels]) as string[]
+  /** One page of REPLAY (see there); `after` continues a window read. */
+  private async read (channels: string[], cursor: string, after: string): Promise<string[]> {
+    return await this.commands.run('REPLAY', [this.options.prefix, cursor, after, this.options.historyTtlS, REPLAY_PAGE_BYTES, ...channels]) as string[]
   }
 
   private entries (result: string[]): HistoryEntry[] {
     const events: HistoryEntry[] = []
-    for (let index = 1; index + 1 < result.length; index += 2) {
+    for (let index = 2; index + 1 < result.length; index += 2) {
       const id = Number(result[index])
       events.push({ id, frame: frameWithId(id, result[index + 1]) })
     }

@@ -116,7 +116,7 @@ return publish_items(ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), 4)
 
 /**
  * ARGV: prefix, historySize, historyTtlS, holder, leaseMs, then the events as
- * for PUBLISH. As PUBLISH while \`holder\` holds the ingress lease; a lease key
+ * for PUBLISH. As PUBLISH while the holder holds the ingress lease; a lease key
  * gone while its holder still acts on it (the store emptied, the key evicted)
  * is taken back. Otherwise publishes nothing and returns { 'not-holder' }: an
  * instance that took the lease meanwhile handles the message too, and it
@@ -193,14 +193,24 @@ return fmt(last)
 `
 
 /**
- * ARGV: prefix, cursor ('' for the whole window), historyTtlS, channels...
- * Returns { 'reset', reason } or { 'ok', id1, body1, id2, body2, ... } merged in id order.
+ * ARGV: prefix, cursor ('' for the whole window), after (the id a window read
+ * continues after, else ''), historyTtlS, maxBytes, channels...
+ * Returns { 'reset', reason } or { 'ok', next, id1, body1, id2, body2, ... }
+ * merged in id order: one page, whose bodies stop once they reach maxBytes
+ * (one at least), and which takes at most a bounded number of ids from each
+ * channel. A script holds every other client of Redis up while it runs, so
+ * a long history is read in pages, each as short as a publish. `next` is ''
+ * when nothing follows, else the id to read on after: with a cursor, a read
+ * from that id as the cursor (its checks again included: a history trimmed
+ * meanwhile gets its reset); for a window, as `after`.
  */
 export const REPLAY = `
 local prefix = ARGV[1]
 local has_cursor = ARGV[2] ~= ''
-local after = tonumber(ARGV[2]) or 0
-local ttl_s = tonumber(ARGV[3])
+local after = tonumber(ARGV[2]) or tonumber(ARGV[3]) or 0
+local ttl_s = tonumber(ARGV[4])
+local max_bytes = tonumber(ARGV[5])
+local first = 6
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local cutoff = now - ttl_s * 1000000
@@ -212,17 +222,23 @@ if has_cursor then
   if after < epoch then return { 'reset', 'unknown' } end
   -- Trimming first: a caller that knows nothing older than the window can
   -- be missing (a catch-up) reads the window on 'expired', not on 'trimmed'.
-  for i = 4, #ARGV do
+  for i = first, #ARGV do
     local dropped = tonumber(redis.call('GET', prefix .. 'd:' .. ARGV[i]) or '0')
     if dropped > after then return { 'reset', 'trimmed' } end
   end
   if after < cutoff then return { 'reset', 'expired' } end
 end
 local low = '(' .. string.format('%.0f', math.max(after, cutoff - 1))
+-- The lowest ids of each channel, a bounded number: past the lowest last id
+-- of a channel that had more, another channel's later ids may be missing
+-- from the merge, so the page ends there.
+local per_channel = math.max(16, math.floor(2048 / math.max(1, #ARGV - first + 1)))
+local bound = math.huge
 local seen = {}
 local ids = {}
-for i = 4, #ARGV do
-  local found = redis.call('ZRANGEBYSCORE', prefix .. 'h:' .. ARGV[i], low, '+inf')
+for i = first, #ARGV do
+  local found = redis.call('ZRANGEBYSCORE', prefix .. 'h:' .. ARGV[i], low, '+inf', 'LIMIT', 0, per_channel)
+  if #found == per_channel then bound = math.min(bound, tonumber(found[#found])) end
   for _, id in ipairs(found) do
     if not seen[id] then
       seen[id] = true
@@ -231,18 +247,26 @@ for i = 4, #ARGV do
   end
 end
 table.sort(ids)
-local out = { 'ok' }
+local out = { 'ok', '' }
+local bytes = 0
+local read_up_to = nil
 for _, id in ipairs(ids) do
+  if id > bound or bytes >= max_bytes then break end
   local key = string.format('%.0f', id)
   local body = redis.call('GET', prefix .. 'e:' .. key)
   if body then
     out[#out + 1] = key
     out[#out + 1] = body
+    bytes = bytes + #body
   elseif has_cursor then
     -- Gone before its window ended (evicted under maxmemory, deleted): a
     -- hole the client must hear of. Not for a window read, which promises nothing.
     return { 'reset', 'trimmed' }
   end
+  read_up_to = id
+end
+if read_up_to ~= nil and (read_up_to ~= ids[#ids] or bound ~= math.huge) then
+  out[2] = string.format('%.0f', read_up_to)
 end
 return out
 `

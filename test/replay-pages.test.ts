@@ -1,0 +1,94 @@
+/**
+ * Redis mode reads a long history in pages: a script holds every other client
+ * of Redis up while it runs, and a stream is written one page at a time. The
+ * pages must add up to the whole history, once each and in id order, however
+ * the events fall on the channels.
+ */
+import t, { type Test } from 'tap'
+import { channel } from '../src/core/channels'
+import { openConnected, publisherToken, publishOk, startGateway, userToken, type Gateway } from './helpers'
+import { needRedis, REDIS_URL, uniquePrefix } from './helpers/redis'
+
+const publisher = publisherToken()
+
+/** Every page the bus gives from `after` on, with how many there were. */
+async function pagesFrom (gateway: Gateway, channels: string[], after: number): Promise<{ ids: number[], pages: number }> {
+  const ids: number[] = []
+  let pages = 0
+  for (;;) {
+    const page = await gateway.app.bus.replay(channels, after)
+    if (page.reset !== null) throw new Error(`page ${pages + 1} is a reset (${page.reset})`)
+    pages++
+    ids.push(...page.events.map((event) => event.id))
+    if (page.more !== true) return { ids, pages }
+    if (page.events.length === 0 || pages > 1000) throw new Error('a page said more, yet gave nothing')
+    after = page.events[page.events.length - 1].id
+  }
+}
+
+async function redisGateway (t: Test): Promise<Gateway> {
+  return await startGateway(t, { REDIS_URL, REDIS_PREFIX: uniquePrefix('pages'), HISTORY_SIZE: '5000', MAX_BODY_BYTES: '4194304' })
+}
+
+t.test('events spread unevenly over 100 topics, more on each than a page takes from one: every one once, in order, over several pages', async (t) => {
+  if (!(await needRedis(t))) return
+  const gateway = await redisGateway(t)
+  const topics = Array.from({ length: 100 }, (_, n) => `pages-${n}`)
+  const [cursor] = await publishOk(gateway.url, publisher, { to: { topic: topics[0] }, event: 'before', data: 0 })
+  const published: number[] = []
+  // With 100 channels a page takes 20 ids from each. Topics publish at five
+  // rates (every batch to every fifth), so a busy topic's 20 end long before
+  // a quiet one's: a page reaching past the first would skip the busy
+  // topic's later events.
+  for (let batch = 0; batch < 100; batch++) {
+    const events = topics
+      .map((topic, n) => ({ to: { topic }, event: 'spread', data: { n: batch * 100 + n } }))
+      .filter((_event, n) => batch % (1 + n % 5) === 0)
+    // Shuffled, so that no topic's ids come in one run.
+    events.sort((a, b) => ((a.data.n * 7919) % 101) - ((b.data.n * 7919) % 101))
+    published.push(...(await publishOk(gateway.url, publisher, events)).map(Number))
+  }
+  const { ids, pages } = await pagesFrom(gateway, topics.map(channel.topic), Number(cursor))
+  t.ok(pages > 2, `read in several pages (${pages})`)
+  t.same(ids, published, 'the pages hold every event after the cursor once, in id order')
+
+  const topicsQuery = topics.map(encodeURIComponent).join(',')
+  const { stream } = await openConnected(`${gateway.url}/v1/stream?token=${userToken('u-pages')}&topics=${topicsQuery}&lastEventId=${cursor}`, { t })
+  const received = await stream.take(published.length, 20_000)
+  t.same(received.map((event) => Number(event.id)), published, 'a stream reconnecting with the cursor gets them all, in order')
+  t.notOk(stream.events.some((event) => event.event === 'reset'), 'and no reset')
+})
+
+t.test('events larger than a page\'s bytes: a page each, every one once, in order', async (t) => {
+  if (!(await needRedis(t))) return
+  const gateway = await redisGateway(t)
+  const [cursor] = await publishOk(gateway.url, publisher, { to: { user: 'u-large' }, event: 'before', data: 0 })
+  const published: number[] = []
+  const large = 'x'.repeat(200 * 1024)
+  for (let n = 0; n < 12; n++) {
+    published.push(...(await publishOk(gateway.url, publisher, { to: { user: 'u-large' }, event: 'large', data: { n, large } })).map(Number))
+  }
+  const { ids, pages } = await pagesFrom(gateway, [channel.user('u-large')], Number(cursor))
+  t.ok(pages >= 6, `at most two 200 KB events per page (${pages} pages)`)
+  t.same(ids, published, 'every event once, in id order')
+
+  const { stream } = await openConnected(`${gateway.url}/v1/stream?token=${userToken('u-large')}&lastEventId=${cursor}`, { t })
+  const received = await stream.take(published.length, 20_000)
+  t.same(received.map((event) => Number(event.id)), published, 'a stream reconnecting with the cursor gets them all, in order')
+  t.same(received.map((event) => (JSON.parse(event.data) as { n: number }).n), published.map((_, n) => n), 'whole')
+})
+
+t.test('a history trimmed while a stream reads its earlier pages: the stream hears reset, then goes live', async (t) => {
+  if (!(await needRedis(t))) return
+  const gateway = await startGateway(t, { REDIS_URL, REDIS_PREFIX: uniquePrefix('pages-trim'), HISTORY_SIZE: '40' })
+  const [cursor] = await publishOk(gateway.url, publisher, { to: { user: 'u-trim' }, event: 'before', data: 0 })
+  const large = 'y'.repeat(100 * 1024)
+  // 30 events of 100 KB: the first page holds 3 of them.
+  for (let n = 0; n < 30; n++) await publishOk(gateway.url, publisher, { to: { user: 'u-trim' }, event: 'old', data: { n, large } })
+  const first = await gateway.app.bus.replay([channel.user('u-trim')], Number(cursor))
+  t.ok(first.reset === null && first.more === true, 'the first page is not the whole history')
+  // 40 more push the rest of those 30 out of the history of 40.
+  for (let n = 0; n < 40; n++) await publishOk(gateway.url, publisher, { to: { user: 'u-trim' }, event: 'new', data: { n } })
+  const next = await gateway.app.bus.replay([channel.user('u-trim')], first.events[first.events.length - 1].id)
+  t.same(next, { reset: 'trimmed', events: [] }, 'the next page finds its cursor trimmed')
+})
