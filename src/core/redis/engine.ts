@@ -265,8 +265,10 @@ export class IngressLeader {
         return
       }
       // The lease key vanished (an emptied store) and another instance took
-      // it before this one's next check: that one handles the message.
-      if (this.validUntil !== 0) this.log.info({ source: source.kind }, 'ingress lease lost to another instance: message left to it')
+      // it before this one's next check: that one handles the message. One
+      // check is enough for every message that finds it so.
+      if (this.validUntil === 0) return
+      this.log.info({ source: source.kind }, 'ingress lease lost to another instance: message left to it')
       this.validUntil = 0
       this.check()
     }
