@@ -116,9 +116,10 @@ export function redactUrl (url: string): string {
     const pair = pairs[index]
     const equals = pair.indexOf('=')
     const name = decodedComponent(equals === -1 ? pair : pair.slice(0, equals))
-    if (equals === -1) {
-      if (holdsJwt(name)) pairs[index] = '[redacted]'
-    } else if (TOKEN_PARAMETERS.has(name.toLowerCase()) || holdsJwt(name) || holdsJwt(decodedComponent(pair.slice(equals + 1)))) {
+    if (holdsJwt(name)) {
+      // A token sent as the name (`?<jwt>=1`): the name goes too.
+      pairs[index] = '[redacted]'
+    } else if (equals !== -1 && (TOKEN_PARAMETERS.has(name.toLowerCase()) || holdsJwt(decodedComponent(pair.slice(equals + 1))))) {
       pairs[index] = `${pair.slice(0, equals)}=[redacted]`
     }
   }

@@ -166,6 +166,9 @@ t.test('redactUrl: token parameters and JWT values replaced, the rest kept as se
   const dotsEncoded = jwt.replace(/\./g, '%2E')
   t.equal(redactUrl(`/v1/stream?x=${dotsEncoded}%ZZ&y=1`), '/v1/stream?x=[redacted]&y=1', 'a malformed escape beside it does not hide a JWT in a value')
   t.equal(redactUrl(`/v1/x/${dotsEncoded}%E0%A4`), '/v1/x/[redacted]%E0%A4', 'nor in the path')
+  t.equal(redactUrl(`/v1/stream?${jwt}=1&x=2`), '/v1/stream?[redacted]&x=2', 'a JWT as a parameter\'s name, with a value')
+  t.equal(redactUrl(`/v1/stream?a=1&${dotsEncoded}=x`), '/v1/stream?a=1&[redacted]', 'encoded')
+  t.equal(redactUrl(`/v1/stream?token%3D${jwt}=x`), '/v1/stream?[redacted]', 'inside a name')
 })
 
 t.test('a token as a path parameter, percent-encoded in a path or in a request Node refuses never reaches the logs', async (t) => {
