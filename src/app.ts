@@ -81,6 +81,16 @@ function routerError (error: Error & { code?: string }, request: FastifyRequest,
 }
 
 /**
+ * Node times a request head from its first byte (headersTimeout): a
+ * connection that never sends one would stay open for ever, holding a file
+ * descriptor. Until its first request it gets as long as a head; Node's own
+ * handler closes it then (nothing listens to the server's 'timeout').
+ */
+function timeFirstRequest (server: Server): void {
+  server.on('connection', (socket: Socket) => { socket.setTimeout(server.headersTimeout) })
+}
+
+/**
  * Requests Node's HTTP parser refuses (a malformed head, headers past its
  * limit, a head not received in time) never reach the router: they get the
  * contract's error shape too, and one log line without their bytes, which
@@ -181,8 +191,11 @@ export async function buildApp (config: Config, options: BuildOptions = {}): Pro
     })
   })
 
+  timeFirstRequest(app.server)
   // RFC 9112 §3.2: an HTTP/1.1 request without Host is refused. HTTP/1.0 has none to send.
   app.addHook('onRequest', (request, reply, done) => {
+    // Its first request came (see timeFirstRequest); a stream may be quiet for longer.
+    request.raw.socket.setTimeout(0)
     if (request.headers.host === undefined && request.raw.httpVersion === '1.1') {
       reply.header('connection', 'close')
       done(new errors.BadRequest('the Host header is missing'))
@@ -276,6 +289,7 @@ export async function buildApp (config: Config, options: BuildOptions = {}): Pro
     const server = createServer(HTTP_SERVER_OPTIONS, (request, response) => app.server.emit('request', request, response))
     server.on('clientError', clientError.bind(app))
     server.on('connection', (socket: Socket) => internalSockets.add(socket))
+    timeFirstRequest(server)
     internalServer = server
     // Publisher and admin routes do not exist on the public listener.
     app.addHook('onRequest', async (request, reply) => {

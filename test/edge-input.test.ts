@@ -248,6 +248,23 @@ t.test('a head not received in time gets 408 GW_TIMEOUT; a refusal is not writte
   t.equal(busy.raw().length, 0, 'nothing was spliced into the response under way; the connection closed')
 })
 
+t.test('a connection that sends nothing is closed after the head timeout, on either listener; a stream quiet for longer is not', async (t) => {
+  const { url, port, app } = await startGateway(t, { INTERNAL_PORT: '0', KEEPALIVE_MS: '400' })
+  const internalPort = await listenInternalPort(app)
+  for (const server of [app.server, app.internalServer]) {
+    if (server !== null) server.headersTimeout = 300
+  }
+  for (const to of [port, internalPort]) {
+    const silent = await rawConnect(t, to)
+    await silent.waitClose(5000)
+    t.equal(silent.raw().length, 0, `port ${to === port ? 'public' : 'internal'}: closed with nothing written`)
+  }
+  const { stream } = await openConnected(`${url}/v1/stream?token=${userToken('u-quiet')}`, { t })
+  // Keepalives come every 200 ms: after six, the stream has outlived the head timeout many times over.
+  await stream.until(() => stream.comments.length >= 6, 5000, 'six keepalives')
+  t.notOk(stream.ended, 'the stream is still open')
+})
+
 t.test('an HTTP/1.1 request without Host gets 400 in the contract\'s shape on either listener, with its log line; HTTP/1.0 needs none', async (t) => {
   const { port, app, logText } = await startGateway(t, { INTERNAL_PORT: '0' }, { captureLogs: true })
   const internalPort = await listenInternalPort(app)
