@@ -298,6 +298,15 @@ t.test('a JWT_SECRET with whitespace at an end: the gateway says so at start, on
   const warnings = loggedAs(padded.logText(), 'JWT_SECRET begins or ends with whitespace; it is used as given, so tokens must be signed with exactly that')
   t.equal(warnings.length, 1, 'one warning')
   t.notMatch(padded.logText(), 'padded-secret-value', 'the secret is not in the log')
-  const plain = await startGateway(t, { JWT_SECRET: 'plain-secret' }, { captureLogs: true })
+  const plain = await startGateway(t, { JWT_SECRET: 'plain-secret-of-thirty-two-bytes' }, { captureLogs: true })
   t.notMatch(plain.logText(), 'JWT_SECRET', 'nothing to say about a secret without')
+})
+
+t.test('a JWT_SECRET shorter than 32 bytes: the gateway warns at start, once, without the secret; 32 bytes pass', async (t) => {
+  const short = await startGateway(t, { JWT_SECRET: 'change-me' }, { captureLogs: true })
+  const warnings = loggedAs<{ bytes: number }>(short.logText(), 'JWT_SECRET is shorter than 32 bytes: anyone holding a token could guess it offline and forge others (e.g. openssl rand -base64 32)')
+  t.same(warnings.map((line) => line.bytes), [9], 'one warning, with the length')
+  t.notMatch(short.logText(), 'change-me', 'the secret is not in the log')
+  const long = await startGateway(t, { JWT_SECRET: 'x'.repeat(32) }, { captureLogs: true })
+  t.notMatch(long.logText(), 'JWT_SECRET', 'nothing to say about 32 bytes')
 })

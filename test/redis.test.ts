@@ -3,7 +3,7 @@ import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import t, { type Test } from 'tap'
 import {
-  adminToken, eventually, openConnected, openStream, publishOk, publisherToken, request, spawnServer, startGateway, userToken,
+  adminToken, eventually, openConnected, openStream, publishOk, publisherToken, request, spawnServer, startGateway, TEST_SECRET, userToken,
   type Gateway, type SseClient, type SseEvent
 } from './helpers'
 import { needRedis, redisClient, REDIS_URL, startOwnRedis, uniquePrefix } from './helpers/redis'
@@ -421,7 +421,7 @@ t.test('an instance killed with SIGKILL leaves the instance list and the counts 
   const historyTtlS = 30
   const env = { REDIS_URL, REDIS_PREFIX: prefix, INSTANCE_TTL_MS: '2000', MAX_CONNECTIONS_PER_USER: '2', PRESENCE_GRACE_MS: '200', HISTORY_TTL_S: String(historyTtlS) }
   const survivor = await startGateway(t, env)
-  const doomed = await spawnServer(t, { ...env, JWT_SECRET: 'test-secret', LOG_LEVEL: 'warn', HOST: '127.0.0.1' })
+  const doomed = await spawnServer(t, { ...env, JWT_SECRET: TEST_SECRET, LOG_LEVEL: 'warn', HOST: '127.0.0.1' })
   await request(`${survivor.url}/v1/conversations/c1/members`, { method: 'PUT', token: publisher, body: { members: ['victim', 'friend'] } })
   const friend = (await openConnected(`${survivor.url}/v1/stream?token=${userToken('friend')}`, { t })).stream
   const first = await openConnected(`${doomed.url}/v1/stream?token=${userToken('victim')}&topics=gone`, { t })

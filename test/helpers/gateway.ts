@@ -14,7 +14,7 @@ export interface TestLike {
   teardown: (fn: () => unknown) => void
 }
 
-export const TEST_SECRET = 'test-secret'
+export const TEST_SECRET = 'test-secret-of-at-least-32-bytes'
 
 /** A config for tests: a known secret, no logs, an ephemeral port on loopback; `env` overrides. */
 export function testConfig (env: Record<string, string> = {}): Config {
