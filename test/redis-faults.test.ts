@@ -409,6 +409,17 @@ t.test('Redis emptied under a connection that stays up: an open before the next 
   t.match((await request(`${gateway.url}/v1/presence/u1`, { token: publisher })).json, { online: true, connections: 2 }, 'the two streams are recorded again')
 })
 
+t.test('Redis emptied under connections that stay up: an open on another instance than the user\'s streams does not get past the per-user limit either (that instance records its streams again when asked)', async (t) => {
+  if (!(await needRedis(t))) return
+  const prefix = uniquePrefix('flushed-other')
+  const holder = await atLimitThenEmptied(t, prefix)
+  const other = await startGateway(t, { REDIS_URL, REDIS_PREFIX: prefix, MAX_CONNECTIONS_PER_USER: '2', INSTANCE_TTL_MS: '60000' })
+  // The other instance started after the emptying, so it is listed; make it notice as an open would.
+  await emptyRedisOf(t, prefix)
+  t.equal((await openStream(`${other.url}/v1/stream?token=${userToken('u1')}`, { t })).status, 429, 'a third stream, on the other instance, is over the limit')
+  t.match((await request(`${holder.url}/v1/presence/u1`, { token: publisher })).json, { online: true, connections: 2 }, 'the holder recorded its two streams again')
+})
+
 t.test('Redis emptied, and the resync an open started fails part-way: the open gets 503, not a slot counted against records without the instance\'s streams', async (t) => {
   if (!(await needRedis(t))) return
   const gateway = await atLimitThenEmptied(t, uniquePrefix('flushed-failed'))

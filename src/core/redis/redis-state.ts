@@ -18,7 +18,13 @@ export interface RedisStateOptions {
   controlTimeoutMs?: number
 }
 
-interface ControlEnvelope { requestId: string, from: string, message: ControlMessage }
+/**
+ * Between instances only: the sender found Redis without its records (emptied
+ * with the connections kept: FLUSHALL), and every instance records its streams
+ * again before it admits another, or the user limits would count none of them.
+ */
+interface RecordAgainMessage { type: 'record-again' }
+interface ControlEnvelope { requestId: string, from: string, message: ControlMessage | RecordAgainMessage }
 interface ControlReply {
   requestId: string
   answer: ControlAnswer
@@ -140,7 +146,10 @@ export class RedisState implements SharedState {
         // are recorded again. So are they when this instance was no longer
         // listed (Redis emptied by FLUSHALL, with the connection kept: its
         // streams, counts and presence were gone), and after a failed resync.
-        if (this.resyncOwed || unlisted || silentMs >= (options.instanceTtlMs * 3) / 4) await this.resync()
+        if (this.resyncOwed || unlisted || silentMs >= (options.instanceTtlMs * 3) / 4) {
+          await this.resync()
+          if (unlisted) await this.askOthersToRecordAgain()
+        }
         // Closes refused while Redis took no writes (NOREPLICAS, READONLY…),
         // however briefly, go now: no reconnect may ever come to send them.
         else if (this.unreleased.size > 0 && this.resyncing === null) await this.releaseUnreleased()
@@ -315,8 +324,11 @@ export class RedisState implements SharedState {
     if (answer[0] === -1) {
       // Not listed: Redis was emptied (FLUSHALL) or this instance reaped
       // since its last beat, and its streams count for nothing until they
-      // are recorded again. Admitting now would let a user past the limit.
+      // are recorded again. Admitting now would let a user past the limit;
+      // so would admitting before the other instances, emptied alike,
+      // recorded theirs (at their next beat, unless asked now).
       await this.recorded(true)
+      await this.askOthersToRecordAgain()
       answer = await this.runAdmit(request)
       if (answer[0] === -1) throw new StoreUnavailableError(new Error('this instance is not listed in Redis'))
     }
@@ -339,6 +351,13 @@ export class RedisState implements SharedState {
     if (this.resyncing === null) return
     await this.resyncDone()
     if (this.resyncOwed) throw new StoreUnavailableError(new Error('streams could not be recorded again after Redis came back'))
+  }
+
+  /** Settles once every instance connected to Redis has recorded its streams again, or after the control timeout. */
+  private async askOthersToRecordAgain (): Promise<void> {
+    await this.broadcast({ type: 'record-again' }).catch((error: unknown) => {
+      this.log.warn({ reason: reasonOf(error) }, 'could not ask the other instances to record their streams again')
+    })
   }
 
   private async runAdmit (request: AdmitRequest): Promise<[number, number, string, number, ...string[]]> {
@@ -389,6 +408,11 @@ export class RedisState implements SharedState {
   }
 
   async broadcastControl (message: ControlMessage): Promise<ControlAnswer> {
+    return await this.broadcast(message)
+  }
+
+  /** Sends `message` to every instance, this one included; settles once each has answered, or after the control timeout. */
+  private async broadcast (message: ControlEnvelope['message']): Promise<ControlAnswer> {
     const requestId = randomBytes(8).toString('hex')
     const envelope: ControlEnvelope = { requestId, from: this.instanceId, message }
     return await new Promise<ControlAnswer>((resolve, reject) => {
@@ -407,10 +431,14 @@ export class RedisState implements SharedState {
       }
       this.waiting.set(requestId, entry)
       // Without the list, the receivers' count or the timeout ends the wait.
-      this.liveInstances().then((live) => {
-        entry.live = live
-        if (allReplied(entry)) finish()
-      }, () => {})
+      // (An emptied Redis lists only the instances that recorded themselves
+      // again: those asked to must all be waited for.)
+      if (message.type !== 'record-again') {
+        this.liveInstances().then((live) => {
+          entry.live = live
+          if (allReplied(entry)) finish()
+        }, () => {})
+      }
       this.commands.redis.publish(`${this.prefix}ctl`, JSON.stringify(envelope)).then((receivers) => {
         // PUBLISH answers how many instances received it: wait for at most that many replies.
         entry.receivers = receivers
@@ -628,8 +656,14 @@ export class RedisState implements SharedState {
       const body: ControlReply = { requestId: envelope.requestId, answer, from: this.instanceId }
       this.commands.redis.publish(`${this.prefix}reply:${envelope.from}`, JSON.stringify(body)).catch(() => {})
     }
+    const message = envelope.message
+    // Answered once recorded: the sender admits its next stream then. Its own
+    // streams it recorded before asking.
+    const handled = message.type !== 'record-again'
+      ? this.controlListener(message)
+      : envelope.from === this.instanceId ? Promise.resolve(null) : this.resync().then(() => null)
     // The last catch: a throw in either handler would be an unhandled rejection, which ends the process.
-    this.controlListener(envelope.message).then(reply, (error: unknown) => {
+    handled.then(reply, (error: unknown) => {
       this.log.warn({ err: error, type: envelope.message.type }, 'control message failed')
       reply(null)
     }).catch((error: unknown) => this.log.warn({ err: error }, 'control reply not sent'))
@@ -670,8 +704,9 @@ function parseJson (raw: string): unknown {
   }
 }
 
-function toControlMessage (value: unknown): ControlMessage | null {
+function toControlMessage (value: unknown): ControlEnvelope['message'] | null {
   if (!isPlainObject(value)) return null
+  if (value.type === 'record-again') return { type: 'record-again' }
   if (value.type === 'evict') {
     const { connectionId, reason } = value
     // Absent from an instance that predates them: whichever holds the id.
