@@ -50,11 +50,21 @@ const internalSockets = new WeakSet<Socket>()
 const STILL_ANSWERED_WHILE_CLOSING = new Set<string | undefined>(['/health', '/ready', '/metrics'])
 
 /**
+ * How long a request may take to arrive whole, head and body (Fastify's
+ * default is no limit): a body that stops coming would hold its connection
+ * and up to MAX_BODY_BYTES for ever. At least Node's headersTimeout (60 s),
+ * as Node requires. A stream's request has no body, so it ends with its head.
+ */
+const REQUEST_TIMEOUT_MS = 90_000
+
+/**
  * Both listeners' Node options. Node would answer a missing Host with an
  * empty 400 and no log line; an onRequest hook refuses it in the contract's
- * shape instead.
+ * shape instead. Node checks the request timeouts only every
+ * connectionsCheckingInterval (30 s by default): 5 s keeps a late answer near
+ * its deadline, for a check of the requests under way alone.
  */
-const HTTP_SERVER_OPTIONS = { requireHostHeader: false }
+const HTTP_SERVER_OPTIONS = { requireHostHeader: false, requestTimeout: REQUEST_TIMEOUT_MS, connectionsCheckingInterval: 5000 }
 
 
 /**
@@ -137,6 +147,7 @@ export async function buildApp (config: Config, options: BuildOptions = {}): Pro
     logger: loggerOptions(config, options.logStream),
     logController: new GatewayLogController(),
     bodyLimit: config.maxBodyBytes,
+    requestTimeout: REQUEST_TIMEOUT_MS,
     trustProxy: config.trustProxy ?? false,
     // Closing ends idle keep-alive connections and lets requests in flight be
     // answered (a publish its 202, an open its 503): destroying every socket

@@ -265,6 +265,28 @@ t.test('a connection that sends nothing is closed after the head timeout, on eit
   t.notOk(stream.ended, 'the stream is still open')
 })
 
+t.test('a request whose body stops coming gets 408 GW_TIMEOUT and its connection closes, on either listener', async (t) => {
+  const { port, app } = await startGateway(t, { INTERNAL_PORT: '0' })
+  const internalPort = await listenInternalPort(app)
+  for (const server of [app.server, app.internalServer]) {
+    if (server === null) continue
+    t.equal(server.requestTimeout, 90_000, 'a request has 90 s to arrive whole')
+    // Shorter for the test. Node requires headersTimeout <= requestTimeout; it checks them every 5 s.
+    server.headersTimeout = 1000
+    server.requestTimeout = 1000
+  }
+  const stalled = async (to: number, path: string, jwt: string): Promise<void> => {
+    const client = await rawConnect(t, to)
+    client.write(`POST ${path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${jwt}\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{`)
+    await client.waitClose(15_000)
+    const response = client.response()
+    t.equal(response.status, 408, `${path}: 408`)
+    t.same(JSON.parse(response.body), { statusCode: 408, code: 'GW_TIMEOUT', error: 'Request Timeout', message: 'the request was not received in time' })
+  }
+  await stalled(port, '/v1/subscriptions', userToken('u-stall'))
+  await stalled(internalPort, '/v1/publish', publisherToken())
+})
+
 t.test('an HTTP/1.1 request without Host gets 400 in the contract\'s shape on either listener, with its log line; HTTP/1.0 needs none', async (t) => {
   const { port, app, logText } = await startGateway(t, { INTERNAL_PORT: '0' }, { captureLogs: true })
   const internalPort = await listenInternalPort(app)
