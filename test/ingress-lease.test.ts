@@ -6,7 +6,7 @@ import { Registry } from '../src/core/registry'
 import { redisOptions, ScriptedRedis } from '../src/core/redis/client'
 import { IngressLeader } from '../src/core/redis/engine'
 import { RedisState } from '../src/core/redis/redis-state'
-import { eventually, openConnected, startGateway, userToken } from './helpers'
+import { eventually, openConnected, startGateway, userToken, type Gateway, type SseClient } from './helpers'
 import { needRedis, redisClient, REDIS_URL, startOwnRedis, subscriberCount, uniquePrefix } from './helpers/redis'
 import { Waiters, within } from './helpers/wait'
 
@@ -240,18 +240,27 @@ t.test('gateway: the pubsub connection killed as the lease is taken; once it is 
   t.ok(event.id !== undefined, 'it got an id')
 })
 
-t.test('gateway: a holder that loses Redis stops counting itself the holder until a check renews the lease; after an empty restart each message is handled once', async (t) => {
-  if (!(await needRedis(t))) return
-  const own = await startOwnRedis(t)
-  const prefix = uniquePrefix('lease-restart')
-  // Lease checks every 10 s by the timer; reconnects start one at once.
-  const env = { REDIS_URL: own.url, REDIS_PREFIX: prefix, INSTANCE_TTL_MS: '60000' }
+/**
+ * Gateways A (the lease holder) and B on `url`, and a stream of u1 on B. Their
+ * timers check the lease only every 10 s: the test drives the checks.
+ */
+async function twoHolders (t: Test, url: string, prefix: string): Promise<{ a: Gateway, leaseA: IngressLeader, leaseB: IngressLeader, stream: SseClient }> {
+  const env = { REDIS_URL: url, REDIS_PREFIX: prefix, INSTANCE_TTL_MS: '60000' }
   const a = await startGateway(t, env)
   const b = await startGateway(t, env)
   const [leaseA, leaseB] = [a.app.ingress, b.app.ingress]
   if (leaseA === null || leaseB === null) throw new Error('no ingress leader in Redis mode')
   t.ok(leaseA.isLeader && !leaseB.isLeader, 'A holds the lease')
   const { stream } = await openConnected(`${b.url}/v1/stream?token=${userToken('u1')}`, { t })
+  return { a, leaseA, leaseB, stream }
+}
+
+t.test('gateway: a holder that loses Redis stops counting itself the holder until a check renews the lease; after an empty restart each message is handled once', async (t) => {
+  if (!(await needRedis(t))) return
+  const own = await startOwnRedis(t)
+  const prefix = uniquePrefix('lease-restart')
+  // Reconnects start a check at once.
+  const { a, leaseA, leaseB, stream } = await twoHolders(t, own.url, prefix)
 
   // An empty Redis after a restart has no lease key: another instance may
   // take it, so A's lease from before is worth nothing.
@@ -272,14 +281,7 @@ t.test('gateway: a holder that loses Redis stops counting itself the holder unti
 t.test('gateway: a lease key gone while its holder still acts on it (an emptied store) is taken back by the holder, or left to the instance that took it; each message is published once', async (t) => {
   if (!(await needRedis(t))) return
   const prefix = uniquePrefix('lease-gone')
-  // Lease checks every 10 s by the timer: the test drives them.
-  const env = { REDIS_URL, REDIS_PREFIX: prefix, INSTANCE_TTL_MS: '60000' }
-  const a = await startGateway(t, env)
-  const b = await startGateway(t, env)
-  const [leaseA, leaseB] = [a.app.ingress, b.app.ingress]
-  if (leaseA === null || leaseB === null) throw new Error('no ingress leader in Redis mode')
-  t.ok(leaseA.isLeader && !leaseB.isLeader, 'A holds the lease')
-  const { stream } = await openConnected(`${b.url}/v1/stream?token=${userToken('u1')}`, { t })
+  const { leaseA, leaseB, stream } = await twoHolders(t, REDIS_URL, prefix)
   const redis = redisClient(t)
   const sendAndCount = async (event: string): Promise<number> => {
     await redis.publish(`${prefix}publish`, JSON.stringify({ to: { user: 'u1' }, event, data: 1 }))
