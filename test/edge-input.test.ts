@@ -265,8 +265,8 @@ t.test('a connection that sends nothing is closed after the head timeout, on eit
   t.notOk(stream.ended, 'the stream is still open')
 })
 
-t.test('a request whose body stops coming gets 408 GW_TIMEOUT and its connection closes, on either listener', async (t) => {
-  const { port, app } = await startGateway(t, { INTERNAL_PORT: '0' })
+t.test('a request whose body stops coming gets 408 GW_TIMEOUT and its connection closes, on either listener; a stream is not cut by it', async (t) => {
+  const { url, port, app } = await startGateway(t, { INTERNAL_PORT: '0', KEEPALIVE_MS: '1000' })
   const internalPort = await listenInternalPort(app)
   for (const server of [app.server, app.internalServer]) {
     if (server === null) continue
@@ -285,6 +285,12 @@ t.test('a request whose body stops coming gets 408 GW_TIMEOUT and its connection
   }
   await stalled(port, '/v1/subscriptions', userToken('u-stall'))
   await stalled(internalPort, '/v1/publish', publisherToken())
+
+  // A stream's request ended with its head: the stream outlives the deadline
+  // and Node's next checks (every 5 s).
+  const { stream } = await openConnected(`${url}/v1/stream?token=${userToken('u-long')}`, { t })
+  await stream.until(() => stream.comments.length >= 14, 15_000, 'fourteen keepalives, 7 s')
+  t.notOk(stream.ended, 'a stream open past the request timeout is still open')
 })
 
 t.test('an HTTP/1.1 request without Host gets 400 in the contract\'s shape on either listener, with its log line; HTTP/1.0 needs none', async (t) => {
