@@ -232,6 +232,9 @@ export async function buildApp (config: Config, options: BuildOptions = {}): Pro
   })
   app.addHook('onSend', (_request, reply, payload, done) => {
     if (closing) reply.header('connection', 'close')
+    // Answers are per caller (job state, presence, listings, ids): no cache
+    // on the way, nor the browser's, may keep one. Pages set their own.
+    if (!reply.hasHeader('cache-control')) reply.header('cache-control', 'no-store')
     done(null, payload)
   })
 

@@ -2,7 +2,7 @@ import t from 'tap'
 import { execFile } from 'node:child_process'
 import { join } from 'node:path'
 import { promisify } from 'node:util'
-import { request, startGateway } from './helpers'
+import { publisherToken, request, startGateway, userToken } from './helpers'
 
 t.test('GET /health answers 200 {status: "ok"} without a token', async (t) => {
   const { url } = await startGateway(t)
@@ -33,4 +33,21 @@ t.test('embedded mode never loads the Redis client library', async (t) => {
     })`
   const { stdout } = await promisify(execFile)(process.execPath, ['-e', script], { timeout: 20_000 })
   t.equal(stdout.trim(), '0', 'no module of ioredis was loaded')
+})
+
+t.test('answers are not to be stored by any cache (Cache-Control: no-store): a publish, job state, an error; pages keep their own', async (t) => {
+  const { url } = await startGateway(t)
+  const publisher = publisherToken()
+  const answers = [
+    await request(`${url}/v1/publish`, { method: 'POST', token: publisher, body: { to: { user: 'u1' }, data: 1 } }),
+    await request(`${url}/v1/jobs/job-cache`, { method: 'PUT', token: publisher, body: { userId: 'u1', status: 'active', progress: 1 } }),
+    await request(`${url}/v1/jobs/job-cache`, { token: userToken('u1') }),
+    await request(`${url}/v1/presence/u1`, { token: publisher }),
+    await request(`${url}/v1/presence/u1`),
+    await request(`${url}/v1/nowhere`)
+  ]
+  t.same(answers.map((answer) => [answer.status, answer.headers.get('cache-control')]), [
+    [202, 'no-store'], [200, 'no-store'], [200, 'no-store'], [200, 'no-store'], [401, 'no-store'], [404, 'no-store']
+  ])
+  t.equal((await request(`${url}/demo`)).headers.get('cache-control'), 'no-cache', 'a page revalidates, as it did')
 })
