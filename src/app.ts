@@ -147,6 +147,8 @@ export async function buildApp (config: Config, options: BuildOptions = {}): Pro
     logger: loggerOptions(config, options.logStream),
     logController: new GatewayLogController(),
     bodyLimit: config.maxBodyBytes,
+    // Also in HTTP_SERVER_OPTIONS, for the internal listener: Fastify sets
+    // its own over the public server's (none by default).
     requestTimeout: REQUEST_TIMEOUT_MS,
     trustProxy: config.trustProxy ?? false,
     // Closing ends idle keep-alive connections and lets requests in flight be

@@ -267,27 +267,33 @@ export class StreamService {
       this.sendReset(connection, 'malformed')
       return
     }
-    let after = cursor
-    for (;;) {
-      const page = await this.bus.replay(channels, after).catch((): ReplayResult => ({ reset: 'unavailable', events: [] }))
-      if (page.reset !== null) {
-        this.sendReset(connection, page.reset)
-        return
-      }
-      await this.sendHistory(connection, page.events)
-      if (page.more !== true || page.events.length === 0 || connection.closed) return
-      after = page.events[page.events.length - 1].id
-    }
+    const reset = await this.eachReplayPage(channels, cursor, async (events) => {
+      await this.sendHistory(connection, events)
+      return !connection.closed
+    }).catch((): ResetReason => 'unavailable')
+    if (reset !== null) this.sendReset(connection, reset)
   }
 
-  /** Every page of a replay (see EventBus.replay), for readers that merge it whole. */
+  /** Every page of a replay, for readers that merge it whole. */
   private async replayWhole (channels: string[], after: number): Promise<ReplayResult> {
     const events: HistoryEntry[] = []
+    const reset = await this.eachReplayPage(channels, after, async (page) => {
+      for (const entry of page) events.push(entry)
+      return true
+    })
+    return reset === null ? { reset: null, events } : { reset, events: [] }
+  }
+
+  /**
+   * Reads a replay page by page (see EventBus.replay), handing each page's
+   * events to `take` before reading the next, until the last page or until
+   * `take` answers false. Resolves with the reset that ended it, or null.
+   */
+  private async eachReplayPage (channels: string[], after: number, take: (events: HistoryEntry[]) => Promise<boolean>): Promise<ResetReason | null> {
     for (;;) {
       const page = await this.bus.replay(channels, after)
-      if (page.reset !== null) return page
-      for (const entry of page.events) events.push(entry)
-      if (page.more !== true || page.events.length === 0) return { reset: null, events }
+      if (page.reset !== null) return page.reset
+      if (!(await take(page.events)) || page.more !== true || page.events.length === 0) return null
       after = page.events[page.events.length - 1].id
     }
   }

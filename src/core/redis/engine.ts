@@ -77,6 +77,8 @@ export class IngressLeader {
   private readonly checkEveryMs: number
   private graceTimer: NodeJS.Timeout | undefined
   private handler: IngressHandler = async () => ({ published: Promise.resolve() })
+  /** What every ingress message is published under: this instance holding the lease. */
+  private readonly fence: LeaseFence
 
   constructor (
     private readonly commands: ScriptedRedis,
@@ -116,6 +118,7 @@ export class IngressLeader {
       recheck()
     })
     commands.redis.on('ready', recheck)
+    this.fence = { holder: state.instanceId, leaseMs }
     this.checkEveryMs = Math.max(100, Math.floor(leaseMs / 3))
     this.timer = setInterval(() => this.check(), this.checkEveryMs).unref()
   }
@@ -258,7 +261,6 @@ export class IngressLeader {
 
   private dispatch (source: Parameters<IngressHandler>[0], payload: string): void {
     if (!this.isLeader) return
-    const fence = { holder: this.state.instanceId, leaseMs: this.leaseMs }
     const failed = (error: unknown): void => {
       if (!(error instanceof NotLeaseHolderError)) {
         this.log.warn({ err: error, source: source.kind }, 'ingress message failed')
@@ -277,7 +279,7 @@ export class IngressLeader {
     // single event sent after it, and ids must follow the order messages came in.
     this.pending = this.pending
       .then(async () => {
-        const { published } = await this.handler(source, payload, fence)
+        const { published } = await this.handler(source, payload, this.fence)
         published.catch(failed)
       })
       .catch(failed)

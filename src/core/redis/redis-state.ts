@@ -353,9 +353,13 @@ export class RedisState implements SharedState {
     if (this.resyncOwed) throw new StoreUnavailableError(new Error('streams could not be recorded again after Redis came back'))
   }
 
-  /** Settles once every instance connected to Redis has recorded its streams again, or after the control timeout. */
+  /**
+   * Settles once every instance connected to Redis has recorded its streams
+   * again, or after the control timeout. Every receiver is waited for: an
+   * emptied Redis lists only the instances that recorded themselves again.
+   */
   private async askOthersToRecordAgain (): Promise<void> {
-    await this.broadcast({ type: 'record-again' }).catch((error: unknown) => {
+    await this.broadcast({ type: 'record-again' }, true).catch((error: unknown) => {
       this.log.warn({ reason: reasonOf(error) }, 'could not ask the other instances to record their streams again')
     })
   }
@@ -408,11 +412,16 @@ export class RedisState implements SharedState {
   }
 
   async broadcastControl (message: ControlMessage): Promise<ControlAnswer> {
-    return await this.broadcast(message)
+    return await this.broadcast(message, false)
   }
 
-  /** Sends `message` to every instance, this one included; settles once each has answered, or after the control timeout. */
-  private async broadcast (message: ControlEnvelope['message']): Promise<ControlAnswer> {
+  /**
+   * Sends `message` to every instance, this one included; settles once each
+   * has answered, or after the control timeout. Each, unless
+   * `everyReceiver`: those listed live (heartbeats), so that one frozen or
+   * cut off stops holding requests up; else every instance that received it.
+   */
+  private async broadcast (message: ControlEnvelope['message'], everyReceiver: boolean): Promise<ControlAnswer> {
     const requestId = randomBytes(8).toString('hex')
     const envelope: ControlEnvelope = { requestId, from: this.instanceId, message }
     return await new Promise<ControlAnswer>((resolve, reject) => {
@@ -431,9 +440,7 @@ export class RedisState implements SharedState {
       }
       this.waiting.set(requestId, entry)
       // Without the list, the receivers' count or the timeout ends the wait.
-      // (An emptied Redis lists only the instances that recorded themselves
-      // again: those asked to must all be waited for.)
-      if (message.type !== 'record-again') {
+      if (!everyReceiver) {
         this.liveInstances().then((live) => {
           entry.live = live
           if (allReplied(entry)) finish()
