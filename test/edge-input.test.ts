@@ -110,6 +110,8 @@ t.test('PUBLISH stream:<id> with an id the POST would refuse is counted and drop
   await stream.next((received) => received.event === 'seq', 10_000)
   t.same(stream.events.filter((received) => received.event === 'seq').map((received) => received.data), ['1'], 'the good one arrives')
   await eventually(async () => metricValue(await scrape(gateway.url), 'sse_ingress_rejected_total', { source: 'stream' }) === 3, 'the three bad ids counted')
+  // Counted when the publish's reply comes, which may be after its event reached the stream.
+  await eventually(async () => metricValue(await scrape(gateway.url), 'sse_events_published_total', { target: 'connection' }) !== 0, 'the good one counted')
   t.equal(metricValue(await scrape(gateway.url), 'sse_events_published_total', { target: 'connection' }), 1, 'only the good one published')
   t.equal(await redis.exists(`${prefix}h:c:`, `${prefix}h:c:a\nb`), 0, 'no history kept under a bad id')
 })
