@@ -27,7 +27,7 @@ const subscriptionRoutes: FastifyPluginAsync = async (app) => {
     if (await state.connectionOwner(connectionId) !== userId) throw new errors.NotFound(`no stream ${connectionId}`)
     const answer = await state.broadcastControl({ type: 'topics', userId, connectionId, add, remove })
     if (answer === null) throw new errors.NotFound(`stream ${connectionId} is not open`)
-    if (!Array.isArray(answer)) throw new errors.Conflict(answer.refused)
+    if (!Array.isArray(answer)) throw answer.forbidden ? new errors.Forbidden(answer.refused) : new errors.Conflict(answer.refused)
     return { topics: answer }
   }
 

@@ -191,6 +191,15 @@ forEachMode(t, 'a stream never joins a user-wide topic its own token does not al
   await publishTo(a, { to: { topic: 'secret' }, event: 'classified', data: 1 })
   t.same(namesOf(await settle(b, later.stream, later.connectionId)), [], 'the later stream does not receive it')
   t.same(namesOf(await settle(a, live.stream, live.connectionId)), [], 'the stream already open with the limited token does not receive it either')
+
+  // The same for one stream: its own token is the bound, whichever token asks.
+  const direct = await subscriptions(b, userToken('alice'), 'POST', { topics: ['public', 'secret'], connectionId: live.connectionId })
+  t.equal(direct.status, 403, 'a per-stream subscription to a topic the stream\'s token refuses: 403, even asked with a broader token')
+  t.match(direct.json, { statusCode: 403, error: 'Forbidden', code: 'GW_FORBIDDEN', message: /secret/ })
+  await publishTo(b, { to: { topic: 'public' }, event: 'notice', data: 1 })
+  t.same(namesOf(await settle(a, live.stream, live.connectionId)), [], 'and none of its topics is added')
+  const allowed = await subscriptions(b, userToken('alice'), 'POST', { topics: ['public'], connectionId: live.connectionId })
+  t.same(allowed.json.topics, ['public'], 'a topic the stream\'s token allows: 200')
 })
 
 forEachMode(t, 'bad topic names are 400 at open, at subscribe and at publish', async (t, mode) => {

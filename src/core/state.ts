@@ -77,7 +77,9 @@ export type ControlMessage =
  * An instance's answer to a control message: the targeted stream's topics if
  * it holds that stream, or why it refused the change.
  */
-export type ControlAnswer = string[] | { refused: string } | null
+export type ControlAnswer = string[] | ControlRefusal | null
+/** Why a stream refused a change: its own token forbids a topic (403), or a bound (409). */
+export interface ControlRefusal { refused: string, forbidden: boolean }
 export type ControlListener = (message: ControlMessage) => Promise<ControlAnswer>
 
 export type JobPutResult = { ok: true, state: JobState } | JobRefusal

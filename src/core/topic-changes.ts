@@ -24,13 +24,17 @@ export async function applyTopicChange (
     if (connection.kind !== 'stream' || connection.closed) continue
     // A user-wide subscription reaches only the streams whose token allows the topic.
     const adding = message.add.filter((topic) => topicAllowed(topic, connection.allowedTopics))
-    // One stream's own subscriptions are held to MAX_TOPICS, all or nothing.
-    // User-wide topics (held to MAX_TOPICS per user) join regardless.
+    // One stream's own subscriptions are held to its own token's topics and
+    // to MAX_TOPICS, all or nothing: the request's token may be broader than
+    // the one the stream was opened with. User-wide topics (held to
+    // MAX_TOPICS per user) join regardless.
     if (message.connectionId !== null) {
+      const forbidden = message.add.find((topic) => !adding.includes(topic))
+      if (forbidden !== undefined) return { refused: `the stream's token does not allow topic ${forbidden}`, forbidden: true }
       const held = connection.topics
       const removing = message.remove.filter((topic) => held.includes(topic)).length
       const after = held.length - removing + adding.filter((topic) => !held.includes(topic)).length
-      if (after > maxTopics) return { refused: `a stream holds at most ${maxTopics} topics` }
+      if (after > maxTopics) return { refused: `a stream holds at most ${maxTopics} topics`, forbidden: false }
     }
     // A user-wide unsubscribe takes away only what the user-wide
     // subscription brought: not a topic the stream asked for itself.

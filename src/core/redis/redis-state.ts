@@ -748,6 +748,6 @@ function parseControlReply (raw: string): ControlReply | null {
   const from = value.from ?? null
   if (typeof requestId !== 'string' || (from !== null && typeof from !== 'string')) return null
   if (answer === null || isStringArray(answer)) return { requestId, answer, from }
-  if (isPlainObject(answer) && typeof answer.refused === 'string') return { requestId, answer: { refused: answer.refused }, from }
+  if (isPlainObject(answer) && typeof answer.refused === 'string') return { requestId, answer: { refused: answer.refused, forbidden: answer.forbidden === true }, from }
   return null
 }
