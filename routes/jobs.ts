@@ -25,7 +25,7 @@ const jobRoutes: FastifyPluginAsync = async (app) => {
   app.put('/v1/jobs/:jobId', {
     config: { auth: 'publisher', internal: true },
     schema: { params: JobParams, body: JobPut, response: errorResponses }
-  }, async (request) => {
+  }, async (request, reply) => {
     // Kept as the job's key for JOB_TTL_S: not a view into a URL that may carry a token.
     const jobId = detachedCopy((request.params as Static<typeof JobParams>).jobId)
     if (jobId === 'stream') throw new errors.BadRequest('a job may not be named "stream"')
@@ -35,7 +35,15 @@ const jobRoutes: FastifyPluginAsync = async (app) => {
     const bytes = Buffer.byteLength(JSON.stringify(update))
     if (bytes > config.maxEventBytes) throw new errors.TooLarge(`the job update is ${bytes} bytes, more than the ${config.maxEventBytes} allowed`)
     const result = await state.putJob(jobId, update, jobKeptS(update.status, config.jobTtlS), config.maxEventBytes)
-    if (!result.ok) throw result.tooLarge === true ? new errors.TooLarge(result.message) : new errors.Conflict(result.message)
+    if (!result.ok) {
+      if (result.tooLarge === true) throw new errors.TooLarge(result.message)
+      // Not 409: to a worker, that says the job ended or is another's, and it would stop.
+      if (result.busy === true) {
+        reply.header('retry-after', '1')
+        throw new errors.Unavailable(result.message)
+      }
+      throw new errors.Conflict(result.message)
+    }
     app.metrics.published('job', 1)
     return result.state
   })

@@ -191,6 +191,24 @@ forEachMode(t, '409 for a PUT naming another owner and for any update after comp
   t.same(bobJobs.events.filter((event) => event.event === 'job_update').map((event) => dataOf<JobEvent>(event).jobId), ['marker-b'], 'the refused PUT reached no one')
 })
 
+forEachMode(t, 'many workers updating one job at once, on both instances: every update is applied (none 409 for the race), each emitted once, and the terminal one ends the stream', async (t, mode) => {
+  const [worker, browser] = await pair(t, mode)
+  await putJobOk(worker, 'hot', { userId: 'alice', status: 'active', progress: 0 })
+  const stream = await jobStream(t, browser, 'hot', 'alice')
+  await stream.nextEvent('initial_status')
+  const count = 60
+  const answers = await Promise.all(Array.from({ length: count }, async (_, n) =>
+    await putJob(n % 2 === 0 ? worker : browser, 'hot', { userId: 'alice', status: 'active', progress: n + 1 })))
+  const statuses = answers.map((answer) => answer.status)
+  t.same(statuses.filter((status) => status !== 200), [], `all ${count} concurrent updates answered 200 (${answers.find((answer) => answer.status !== 200)?.text ?? ''})`)
+  const done = await putJobOk(worker, 'hot', { userId: 'alice', status: 'completed' })
+  await stream.waitEnd()
+  const updates = stream.events.filter((event) => event.event === 'job_update')
+  t.equal(updates.length, count + 1, 'each update emitted once, then the terminal one')
+  t.equal(updates.at(-1)?.id, done.eventId, 'the terminal update last')
+  t.ok(increasing(updates.map((event) => event.id)), 'ids increase')
+})
+
 forEachMode(t, 'GET /v1/jobs/stream carries every job of the user, stays open after one ends, and shows no one else\'s', async (t, mode) => {
   const [worker, browser] = await pair(t, mode)
   const stream = await jobStream(t, browser, '', 'alice', undefined, '/v1/jobs/stream')

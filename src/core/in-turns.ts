@@ -16,3 +16,28 @@ export async function inTurns<T> (items: readonly T[], concurrency: number, work
   await Promise.all(Array.from({ length: Math.min(concurrency, items.length) }, worker))
   if (failures.length > 0) throw failures[0]
 }
+
+/**
+ * Runs the work given for one key after the work given before it for that
+ * key, each once the previous settled: one at a time per key, any number
+ * of keys at once. A key with nothing pending is forgotten.
+ */
+export class TurnsPerKey {
+  private readonly tails = new Map<string, Promise<void>>()
+
+  async run<T> (key: string, work: () => Promise<T>): Promise<T> {
+    const before = this.tails.get(key)
+    const result = before === undefined ? work() : before.then(work)
+    const tail = result.then(() => {}, () => {})
+    this.tails.set(key, tail)
+    void tail.then(() => {
+      if (this.tails.get(key) === tail) this.tails.delete(key)
+    })
+    return await result
+  }
+
+  /** Keys with work pending. */
+  get size (): number {
+    return this.tails.size
+  }
+}

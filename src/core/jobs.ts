@@ -30,8 +30,11 @@ export type JobTransition =
   | { ok: true, state: Omit<JobState, 'eventId'>, stateJson: string, body: string }
   | JobRefusal
 
-/** Why an update is refused: a conflict with the job's state (409), or a state too large to send (413). */
-export interface JobRefusal { ok: false, message: string, tooLarge?: true }
+/**
+ * Why an update is refused: a conflict with the job's state (409), a state
+ * too large to send (413), or updates racing it that it lost every time (503).
+ */
+export interface JobRefusal { ok: false, message: string, tooLarge?: true, busy?: true }
 
 /**
  * How deep a job's `result` and `meta` may nest. A job's state is encoded

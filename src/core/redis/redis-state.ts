@@ -1,11 +1,12 @@
 import type Redis from 'ioredis'
 import { randomBytes } from 'node:crypto'
+import { setTimeout as sleep } from 'node:timers/promises'
 import { channel } from '../channels'
 import { isPlainObject } from '../publish'
 import { transitionJob, type JobState, type JobUpdate } from '../jobs'
 import { connectionInfo, type ConnectionInfo, type Registry } from '../registry'
 import { StoreUnavailableError, type Admission, type AdmitRequest, type ClusterStats, type Contacts, type ControlAnswer, type ControlListener, type ControlMessage, type JobPutResult, type OpenTracker, type Presence, type SharedState } from '../state'
-import { inTurns } from '../in-turns'
+import { inTurns, TurnsPerKey } from '../in-turns'
 import { reasonOf, timedOut, type Log, type ScriptedRedis } from './client'
 
 export interface RedisStateOptions {
@@ -51,7 +52,17 @@ function allReplied (entry: PendingControl): boolean {
   return entry.answers.length >= entry.receivers || (entry.live !== null && entry.live.every((instance) => entry.repliedFrom.has(instance)))
 }
 
-const JOB_CAS_ATTEMPTS = 8
+/**
+ * A job update reads the state, then writes it if nobody wrote meanwhile.
+ * Updates of one job are taken in turns on each instance, so only other
+ * instances' updates can come between; each loss waits a random part of a
+ * doubling delay (up to a cap), so that racing instances spread out, and
+ * tries again until the deadline. An instance whose updates of a hot job
+ * keep coming loses about one round in two against another such instance.
+ */
+const JOB_CAS_DEADLINE_MS = 3000
+const JOB_CAS_BACKOFF_MS = 2
+const JOB_CAS_MAX_BACKOFF_MS = 50
 /** Overdue graces ended per script run: a mass drain's users are settled in slices, not one long script. */
 const GRACE_BATCH = 500
 /**
@@ -78,6 +89,7 @@ export class RedisState implements SharedState {
   private offlineListener: ((userId: string) => void) | null = null
   private onlineListener: ((userId: string) => void) | null = null
   private readonly graceTimers = new Map<string, NodeJS.Timeout>()
+  private readonly jobTurns = new TurnsPerKey()
   private readonly waiting = new Map<string, PendingControl>()
   private readonly heartbeatTimer: NodeJS.Timeout
   private readonly prefix: string
@@ -522,9 +534,15 @@ export class RedisState implements SharedState {
   }
 
   async putJob (jobId: string, update: JobUpdate, ttlS: number, maxEventBytes: number): Promise<JobPutResult> {
+    return await this.jobTurns.run(jobId, async () => await this.putJobNow(jobId, update, ttlS, maxEventBytes))
+  }
+
+  private async putJobNow (jobId: string, update: JobUpdate, ttlS: number, maxEventBytes: number): Promise<JobPutResult> {
     const key = `${this.prefix}job:${jobId}`
     // Optimistic: the script applies the update only if nobody changed the job since we read it.
-    for (let attempt = 0; attempt < JOB_CAS_ATTEMPTS; attempt++) {
+    const deadline = Date.now() + JOB_CAS_DEADLINE_MS
+    for (let attempt = 0; attempt === 0 || Date.now() < deadline; attempt++) {
+      if (attempt > 0) await sleep(Math.random() * Math.min(JOB_CAS_MAX_BACKOFF_MS, JOB_CAS_BACKOFF_MS * 2 ** attempt))
       const [json, eventId, version] = await this.commands.call(async (redis) => await redis.hmget(key, 'json', 'eventId', 'version'))
       const previous = json !== null && eventId !== null ? { ...JSON.parse(json) as Omit<JobState, 'eventId'>, eventId } : null
       const transition = transitionJob(jobId, previous, update, new Date(), maxEventBytes)
@@ -536,7 +554,7 @@ export class RedisState implements SharedState {
       ]) as [string, string?]
       if (result[0] === 'ok') return { ok: true, state: { ...transition.state, eventId: result[1] as string } }
     }
-    return { ok: false, message: `job ${jobId} is being updated concurrently; retry` }
+    return { ok: false, message: `job ${jobId} is being updated by other instances; retry`, busy: true }
   }
 
   async close (): Promise<void> {
