@@ -249,7 +249,9 @@ export default fp(async (app) => {
   const announce = async (userId: string, event: 'user:online' | 'user:offline'): Promise<void> => {
     const { members, skipped } = await state.contacts(userId, config.maxPublishChannels)
     if (skipped > 0) app.log.info({ userId, event, conversations: skipped }, 'presence event not sent to the members of conversations past MAX_PUBLISH_CHANNELS')
-    if (members.length > 0) await publisher.emit(members.map(channel.user), event, { userId })
+    if (members.length === 0) return
+    await publisher.emit(members.map(channel.user), event, { userId })
+    app.metrics.published('presence', 1)
   }
   const announceSafely = (userId: string, event: 'user:online' | 'user:offline'): void => {
     announce(userId, event).catch((error: unknown) => {

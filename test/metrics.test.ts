@@ -4,8 +4,9 @@ import {
   startGateway, token, userToken, type SseClient
 } from './helpers'
 import { redisClient, startOwnRedis, uniquePrefix } from './helpers/redis'
+import { lagOfInterval } from '../plugins/metrics'
 import {
-  flood, floodMaxBytes, hasMetric, metricValue, neverReadingStream, parseMetrics, scrape
+  flood, floodMaxBytes, getRequest, hasMetric, metricValue, neverReadingStream, parseMetrics, rawConnect, scrape
 } from './helpers/raw'
 
 const publisher = publisherToken()
@@ -227,4 +228,47 @@ t.test('the event-loop lag summary stays finite when a scrape follows another be
     t.ok(Number.isFinite(value) && value >= 0 && value < 60, `${name} is a delay (${value})`)
     t.equal(value, first.get(name), `${name} keeps the last scrape's value`)
   }
+})
+
+t.test('the event-loop lag leaves out the sampling timer\'s own period (an idle loop is not 10 ms late)', async (t) => {
+  t.equal(lagOfInterval(10_000_000, 10), 0, 'a tick exactly on time: no lag')
+  t.equal(lagOfInterval(12_500_000, 10), 2_500_000, 'a tick 2.5 ms late')
+  t.equal(lagOfInterval(9_990_000, 10), 0, 'never below zero (the timer may fire early by its clock)')
+})
+
+forEachMode(t, 'a stream closed in the middle of its replay: the events it was written count as delivered as well as replayed', async (t, mode) => {
+  const [{ url, port }] = await startCluster(t, mode, 1)
+  const [cursor] = await publishOk(url, publisher, { to: { user: 'u1' }, data: 'before' })
+  const big = 'x'.repeat(48 * 1024)
+  for (let batch = 0; batch < 20; batch++) {
+    await publishOk(url, publisher, Array.from({ length: 10 }, () => ({ to: { user: 'u1' }, data: big })))
+  }
+  // A reader that takes part of the replay (about 10 MB), then goes.
+  const raw = await rawConnect(t, port)
+  raw.write(getRequest(`/v1/stream?token=${userToken('u1')}`, port, { 'last-event-id': cursor }))
+  await raw.until(() => raw.bytes > 1_000_000, 10_000, 'part of the replay')
+  raw.destroy()
+
+  await eventually(async () => metricValue(await scrape(url), 'sse_connections') === 0, 'the stream closed', 10_000, 50)
+  const samples = await scrape(url)
+  const replayed = metricValue(samples, 'sse_events_replayed_total')
+  t.ok(replayed > 0 && replayed < 200, `part of the replay was written (${replayed} of 200)`)
+  t.equal(metricValue(samples, 'sse_events_delivered_total'), replayed, 'delivered counts them too')
+})
+
+forEachMode(t, 'presence events count as published (target="presence"), once each however many members hear them', async (t, mode) => {
+  const [gateway] = await startCluster(t, mode, 1, { PRESENCE_GRACE_MS: '100' })
+  const { url } = gateway
+  const answer = await request(`${url}/v1/conversations/c1/members`, { method: 'PUT', token: publisher, body: { members: ['u1', 'u2', 'u3'] } })
+  t.equal(answer.status, 200)
+  // Its own coming online goes to u1 and u3, not to itself.
+  const { stream: watcher } = await openConnected(streamUrl(url, 'u2'), { t })
+  const presence = async (): Promise<number> => metricValue(await scrape(url), 'sse_events_published_total', { target: 'presence' })
+  await eventually(async () => await presence() === 1, 'u2 coming online counted once', 10_000, 50)
+  const { stream } = await openConnected(streamUrl(url, 'u1'), { t })
+  await watcher.nextEvent('user:online')
+  stream.close()
+  await watcher.nextEvent('user:offline')
+  await eventually(async () => await presence() === 3, 'u1 online and offline counted', 10_000, 50)
+  t.equal(metricValue(await scrape(url), 'sse_events_published_total'), 3, 'and nothing else')
 })

@@ -325,28 +325,33 @@ export class StreamConnection {
     let chunk: Buffer[] = []
     let chunkBytes = 0
     let sent = 0
+    // Counted as they are written, before the stream may close while they
+    // pace: the caller counts the same events as replayed, and a closed
+    // stream's count is taken when it closes.
+    const write = async (): Promise<void> => {
+      sent += chunk.length
+      this.eventsSent += chunk.length
+      await this.writeAndPace(chunk, chunkBytes)
+    }
     for (const entry of entries) {
       if (this.closed) return sent
       if (entry.id <= this.lastId) continue
       this.lastId = entry.id
       chunk.push(entry.frame)
       chunkBytes += entry.frame.length
-      sent++
       // A job stream's terminal update ends it, replayed or live.
       if (this.closeAfter?.(entry.frame) === true) {
-        await this.writeAndPace(chunk, chunkBytes)
-        this.eventsSent += sent
+        await write()
         this.close('completed')
         return sent
       }
       if (chunkBytes >= REPLAY_CHUNK_BYTES) {
-        await this.writeAndPace(chunk, chunkBytes)
+        await write()
         chunk = []
         chunkBytes = 0
       }
     }
-    if (chunk.length > 0) await this.writeAndPace(chunk, chunkBytes)
-    this.eventsSent += sent
+    if (chunk.length > 0) await write()
     return sent
   }
 
