@@ -74,3 +74,18 @@ t.test('the same with the queue on a pattern subscription of the same connection
   t.equal(losses(), 0, 'no loss signalled')
   t.same(warnings, [], 'nothing reconnected')
 })
+
+t.test('an event on several channels is framed once: every channel\'s delivery shares one chunk', async (t) => {
+  if (!(await needRedis(t))) return
+  const { bus } = await busUnderTest(t, 'onechunk')
+  await bus.listen('c')
+  await bus.listen('d')
+  const deliveries: Array<{ name: string, id: number, chunk: Buffer }> = []
+  bus.onDelivery((name, id, chunk) => { deliveries.push({ name, id, chunk }) })
+  const [first, second] = await bus.publish([{ channels: ['b', 'c', 'd'], body: 'data: one\n\n' }, { channels: ['b', 'c'], body: 'data: two\n\n' }])
+  await eventually(() => deliveries.length === 5, 'five deliveries', 10_000)
+  t.same(deliveries.map(({ name, id }) => [name, id]), [['b', first], ['c', first], ['d', first], ['b', second], ['c', second]])
+  t.ok(deliveries[1].chunk === deliveries[0].chunk && deliveries[2].chunk === deliveries[0].chunk, 'the first event\'s three deliveries share one Buffer')
+  t.ok(deliveries[4].chunk === deliveries[3].chunk && deliveries[3].chunk !== deliveries[0].chunk, 'the second its own')
+  t.match(deliveries[3].chunk.toString(), /id: \d+\ndata: two\n\n/)
+})

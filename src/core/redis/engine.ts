@@ -88,12 +88,15 @@ export class IngressLeader {
     private readonly leaseMs: number,
     private readonly log: Log
   ) {
-    subscriber.on('message', (name: string, message: string) => {
-      if (name === `${prefix}publish`) this.dispatch({ kind: 'publish' }, message)
+    // As Buffers, as the bus reads its events (see RedisState).
+    const publishChannel = Buffer.from(`${prefix}publish`)
+    const leaderFreeChannel = Buffer.from(`${prefix}leader-free`)
+    subscriber.on('messageBuffer', (name: Buffer, message: Buffer) => {
+      if (name.equals(publishChannel)) this.dispatch({ kind: 'publish' }, message.toString())
       // Another instance gave the lease up (it is stopping): until one takes
       // it, a PUBLISH ingress message is handled by no one, so not a timer
       // tick later. (The notice is only a hint; the tick remains.)
-      else if (name === `${prefix}leader-free` && message !== this.state.instanceId) this.check()
+      else if (name.equals(leaderFreeChannel) && message.toString() !== this.state.instanceId) this.check()
     })
     subscriber.on('pmessage', (_pattern: string, name: string, message: string) => {
       if (name.startsWith('stream:')) this.dispatch({ kind: 'stream', connectionId: name.slice('stream:'.length) }, message)

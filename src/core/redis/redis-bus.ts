@@ -61,6 +61,8 @@ export class RedisBus implements EventBus {
   /** close() has run: the subscriber closing after it is the stop, not a loss. */
   private stopped = false
   private readonly pingTimer: NodeJS.Timeout
+  private lastChunkId = 0
+  private lastChunk: Buffer = Buffer.alloc(0)
 
   constructor (
     private readonly commands: ScriptedRedis,
@@ -79,8 +81,15 @@ export class RedisBus implements EventBus {
       if (newline <= 0) return
       const id = Number(message.toString('latin1', 0, newline))
       if (id > this.delivered) this.delivered = id
-      // "<id>\n<body>" becomes the chunk "id: <id>\n<body>": one copy, shared by every local recipient.
-      this.listener(channelName.toString('utf8', skip), id, chunkOf(message, ID_PREFIX))
+      // "<id>\n<body>" becomes the chunk "id: <id>\n<body>": one copy, shared by
+      // every local recipient. An event on several channels comes as one
+      // message per channel, back to back from the script that published
+      // it: the same chunk serves them all (ids are never reused).
+      if (id !== this.lastChunkId) {
+        this.lastChunkId = id
+        this.lastChunk = chunkOf(message, ID_PREFIX)
+      }
+      this.listener(channelName.toString('utf8', skip), id, this.lastChunk)
     })
     // ioredis resubscribes after a reconnect by itself, but loses that if the
     // connection drops again before Redis answers, and the streams would then

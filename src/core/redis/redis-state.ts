@@ -124,15 +124,19 @@ export class RedisState implements SharedState {
   ) {
     this.instanceId = registry.instanceId
     this.prefix = options.prefix
-    subscriber.on('message', (name: string, message: string) => {
+    // As Buffers: a 'message' listener would make ioredis decode every
+    // event the bus receives on this connection too, only to be ignored here.
+    const controlChannel = Buffer.from(`${this.prefix}ctl`)
+    const replyChannel = Buffer.from(`${this.prefix}reply:${this.instanceId}`)
+    subscriber.on('messageBuffer', (name: Buffer, message: Buffer) => {
       // Anyone who can PUBLISH reaches every instance here, and a throw would
       // surface through ioredis's parser as an uncaught exception: nothing
       // may escape, whatever arrives.
       try {
-        if (name === `${this.prefix}ctl`) this.onControlMessage(message)
-        else if (name === `${this.prefix}reply:${this.instanceId}`) this.onReply(message)
+        if (name.equals(controlChannel)) this.onControlMessage(message.toString())
+        else if (name.equals(replyChannel)) this.onReply(message.toString())
       } catch (error: unknown) {
-        this.log.warn({ err: error, channel: name }, 'control traffic not handled')
+        this.log.warn({ err: error, channel: name.toString() }, 'control traffic not handled')
       }
     })
     // Without these subscriptions this instance neither applies nor answers
