@@ -451,3 +451,20 @@ t.test('an instance killed with SIGKILL leaves the instance list and the counts 
   t.ok(topicsTtl > 0 && topicsTtl <= historyTtlS, `the user-wide topics expire in ${topicsTtl} s`)
   t.equal((await openStream(`${survivor.url}/v1/stream?token=${userToken('victim')}`, { t })).status, 200, 'its streams no longer count against the user')
 })
+
+t.test('reopens by id without a cursor read the last id with a plain GET: no INFO (the epoch check) per reopen', async (t) => {
+  if (!(await needRedis(t))) return
+  const redis = await startOwnRedis(t)
+  const gateway = await startGateway(t, { REDIS_URL: redis.url, REDIS_PREFIX: uniquePrefix('lastid') })
+  const client = redisClient(t, redis.url)
+  const first = await openConnected(`${gateway.url}/v1/stream?token=${userToken('alice')}`, { t })
+  first.stream.close()
+  const infoCalls = async (): Promise<number> => Number(/cmdstat_info:calls=(\d+)/.exec(await client.info('commandstats'))?.[1] ?? 0)
+  const before = await infoCalls()
+  for (let n = 0; n < 10; n++) {
+    const { stream } = await openConnected(`${gateway.url}/v1/stream/${first.connected.connectionId}?token=${userToken('alice')}`, { t })
+    stream.close()
+  }
+  // The test's own INFO is counted by the time it answers: one per reading.
+  t.equal(await infoCalls() - before, 1, 'ten reopens, no INFO of the gateway\'s')
+})

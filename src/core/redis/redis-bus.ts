@@ -244,7 +244,11 @@ export class RedisBus implements EventBus {
   }
 
   async lastId (): Promise<number> {
-    return Number(await this.commands.run('INIT', [this.options.prefix]))
+    // A plain read: INIT (INFO, a possible new epoch) runs once per
+    // connection, not at every reopen of a reconnect storm. Only a store
+    // that lost the counter needs it again.
+    const last = await this.commands.call(async (redis) => await redis.get(`${this.options.prefix}id`))
+    return Number(last ?? await this.commands.run('INIT', [this.options.prefix]))
   }
 
   isReady (): boolean {
