@@ -234,8 +234,8 @@ export default fp(async (app) => {
       app.metrics.reset(reason)
       app.log.info({ connectionId: connection.id, reason }, 'replay reset')
     },
-    topicsChanged: (connection) => {
-      state.updateTopics(connection.id, connection.userId, [...connection.topics]).catch((error: unknown) => {
+    topicsChanged: async (connection) => {
+      await state.updateTopics(connection.id, connection.userId, [...connection.topics]).catch((error: unknown) => {
         app.log.warn({ err: error, connectionId: connection.id }, 'could not record stream topics')
       })
     }
@@ -261,7 +261,7 @@ export default fp(async (app) => {
   state.onOffline((userId) => announceSafely(userId, 'user:offline'))
   state.onOnline((userId) => announceSafely(userId, 'user:online'))
 
-  const applyTopics = async (message: TopicsMessage): Promise<ControlAnswer> => await applyTopicChange(message, registry, streams, state, config.maxTopics)
+  const applyTopics = async (message: TopicsMessage): Promise<ControlAnswer> => await applyTopicChange(message, registry, streams, config.maxTopics)
   app.decorate('applyTopics', applyTopics)
 
   const ledger = new AdmissionLedger<FastifyBaseLogger>(registry, streams, recordClose)

@@ -10,6 +10,8 @@ import {
   connect, namesOf, pair, presence, publishTo, PUBLISHER, settle, stats, subscriptions, tryOpen
 } from './helpers/channels'
 import { forEachMode } from './helpers/modes'
+import { startGateway } from './helpers/gateway'
+import { needRedis, redisClient, startOwnRedis, uniquePrefix } from './helpers/redis'
 
 const sorted = (values: string[]): string[] => [...values].sort()
 
@@ -294,4 +296,47 @@ forEachMode(t, 'a user-wide DELETE takes away only what the user-wide subscripti
   const plainEvents = await settle(b, plain.stream, plain.connectionId)
   t.same(namesOf(plainEvents), [], 'the stream that only had them user-wide loses both')
   t.notOk(own.stream.events.some((event) => event.id === headline), 'nor did the first stream ever get news of its own')
+})
+
+forEachMode(t, 'a user-wide unsubscribe while a stream of the user is opening (reading the user-wide topics): the new stream does not keep the topic', async (t, mode) => {
+  const [a, b] = await pair(t, mode)
+  t.equal((await subscriptions(b, userToken('alice'), 'POST', { topics: ['news'] })).status, 200)
+  // Holds the opening stream's read of the user-wide topics until the unsubscribe is answered.
+  const { state } = a.app
+  const read = state.userTopics.bind(state)
+  let readStarted = false
+  let releaseRead = (): void => {}
+  const held = new Promise<void>((resolve) => { releaseRead = resolve })
+  state.userTopics = async (userId: string) => {
+    const topics = await read(userId)
+    readStarted = true
+    await held
+    return topics
+  }
+  t.teardown(() => { state.userTopics = read; releaseRead() })
+  const opening = connect(t, a, 'alice')
+  await eventually(() => readStarted, 'the open to read the user-wide topics (["news"])')
+  t.equal((await subscriptions(b, userToken('alice'), 'DELETE', { topics: ['news'] })).status, 200)
+  releaseRead()
+  const alice = await opening
+  t.same(alice.connected.topics, [], 'connected lists no topic')
+  await publishTo(b, { to: { topic: 'news' }, event: 'headline', data: 1 })
+  t.same(namesOf(await settle(a, alice.stream, alice.connectionId)), [], 'and the stream receives none')
+})
+
+t.test('a per-stream subscription made while Redis refuses writes (out of memory): 200 and the topic joined, not 404', async (t) => {
+  if (!(await needRedis(t))) return
+  const redis = await startOwnRedis(t)
+  const gateway = await startGateway(t, { REDIS_URL: redis.url, REDIS_PREFIX: uniquePrefix('oom') })
+  const alice = await connect(t, gateway, 'alice')
+  const client = redisClient(t, redis.url)
+  await client.config('SET', 'maxmemory-policy', 'noeviction')
+  await client.config('SET', 'maxmemory', '1')
+  t.teardown(async () => { await client.config('SET', 'maxmemory', '0').catch(() => {}) })
+  const answer = await subscriptions(gateway, userToken('alice'), 'POST', { topics: ['news'], connectionId: alice.connectionId })
+  t.equal(answer.status, 200, `answered ${answer.status} ${answer.text}`)
+  t.same(answer.json.topics, ['news'])
+  await client.config('SET', 'maxmemory', '0')
+  const id = await publishTo(gateway, { to: { topic: 'news' }, event: 'headline', data: 1 })
+  t.equal((await alice.stream.nextEvent('headline')).id, id, 'the stream has the topic')
 })

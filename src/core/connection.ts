@@ -232,6 +232,13 @@ export class StreamConnection {
     return true
   }
 
+  /**
+   * While the stream's open reads its user's user-wide topics: the ones a
+   * user-wide unsubscribe took away meanwhile, which that read may still
+   * return. Null otherwise.
+   */
+  userTopicsLeftWhileReading: Set<string> | null = null
+
   /** Notes that the stream holds `topic` only for its user's user-wide subscription. */
   holdForUser (topic: string): void {
     this.userWideOnly = withItem(this.userWideOnly ?? [], topic) ?? this.userWideOnly

@@ -47,7 +47,8 @@ export interface StreamEvents {
   catchingUp (count: number): void
   /** A catch-up ended on a fault of its own: the streams it had not done stay held until the next one. */
   catchUpFailed (error: unknown): void
-  topicsChanged (connection: StreamConnection): void
+  /** Records the stream's topics for listings and stats; settles once recorded or logged as not. */
+  topicsChanged (connection: StreamConnection): Promise<void>
   /** An open lost its id to a reopen admitted after it, and ended before it was registered. */
   superseded (connection: StreamConnection, holder: StreamConnection): void
 }
@@ -159,10 +160,14 @@ export class StreamService {
     if (spec.closeAfter !== undefined) connection.closeAfter = spec.closeAfter
     const channels = [...spec.channels]
     if (spec.extraTopics !== undefined) {
-      const added = this.registry.addTopics(connection, await spec.extraTopics())
+      connection.userTopicsLeftWhileReading = new Set()
+      const read = await spec.extraTopics()
+      const left = connection.userTopicsLeftWhileReading
+      connection.userTopicsLeftWhileReading = null
+      const added = this.registry.addTopics(connection, read.filter((topic) => !left.has(topic)))
       for (const topic of added) connection.holdForUser(topic)
       channels.push(...added.map(channel.topic))
-      if (added.length > 0) this.events.topicsChanged(connection)
+      if (added.length > 0) void this.events.topicsChanged(connection)
     }
     // A reopen without a cursor replays only the window of `windowChannels`,
     // yet its other channels' events published from here on must not be lost:
@@ -437,6 +442,11 @@ export class StreamService {
       return (await this.bus.window([...connection.channels])).filter((entry) => entry.id > from)
     }
     return result.reset
+  }
+
+  /** See StreamEvents.topicsChanged. */
+  async recordTopics (connection: StreamConnection): Promise<void> {
+    await this.events.topicsChanged(connection)
   }
 
   /** Tells the stream it may have missed events it cannot be sent (see ResetReason). */

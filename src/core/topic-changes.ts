@@ -2,7 +2,7 @@ import { channel } from './channels'
 import type { StreamConnection } from './connection'
 import { topicAllowed } from './framing'
 import type { Registry } from './registry'
-import type { ControlAnswer, ControlMessage, SharedState } from './state'
+import type { ControlAnswer, ControlMessage } from './state'
 import type { StreamService } from './streams'
 
 export type TopicsMessage = Extract<ControlMessage, { type: 'topics' }>
@@ -14,7 +14,7 @@ export type TopicsMessage = Extract<ControlMessage, { type: 'topics' }>
  * it, or why the change is refused.
  */
 export async function applyTopicChange (
-  message: TopicsMessage, registry: Registry, streams: StreamService, state: SharedState, maxTopics: number
+  message: TopicsMessage, registry: Registry, streams: StreamService, maxTopics: number
 ): Promise<ControlAnswer> {
   const targets = message.connectionId !== null
     ? [registry.get(message.connectionId)].filter((found): found is StreamConnection => found !== undefined && found.userId === message.userId)
@@ -39,15 +39,20 @@ export async function applyTopicChange (
     // A user-wide unsubscribe takes away only what the user-wide
     // subscription brought: not a topic the stream asked for itself.
     const userWide = message.connectionId === null
+    const reading = connection.userTopicsLeftWhileReading
+    if (userWide && reading !== null) {
+      for (const topic of message.remove) reading.add(topic)
+      for (const topic of adding) reading.delete(topic)
+    }
     const added = registry.addTopics(connection, adding)
     if (userWide) for (const topic of added) connection.holdForUser(topic)
     else for (const topic of adding) connection.keepTopic(topic)
     const removed = registry.removeTopics(connection, userWide ? message.remove.filter((topic) => connection.heldForUser(topic)) : message.remove)
     streams.leave(connection, removed.map(channel.topic))
     await streams.join(connection, added.map(channel.topic))
-    if (added.length > 0 || removed.length > 0) {
-      await state.updateTopics(connection.id, connection.userId, [...connection.topics])
-    }
+    // Best effort, as at open: the change is made, and a failed record
+    // (Redis refusing writes) must not answer it as refused.
+    if (added.length > 0 || removed.length > 0) await streams.recordTopics(connection)
     if (message.connectionId !== null) answer = [...connection.topics]
   }
   return answer
