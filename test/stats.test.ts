@@ -3,6 +3,7 @@ import type { Test } from 'tap'
 import {
   adminToken, eventually, forEachMode, openConnected, publisherToken, request, startCluster, userToken
 } from './helpers'
+import { redisClient } from './helpers/redis'
 
 const admin = adminToken()
 
@@ -164,3 +165,17 @@ forEachMode(t, 'job streams are streams: they count in stats and are listed', as
   const ids = (await connections(url)).map((entry) => entry.connectionId).sort()
   t.same(ids, [jobStream.connectionId, jobsStream.connectionId].sort())
 })
+
+forEachMode(t, 'an unreadable stream record in Redis (written by something else) leaves GET /v1/connections and /v1/stats answering, without it', async (t) => {
+  const [gateway] = await startCluster(t, 'redis', 1)
+  const { connected } = await openConnected(`${gateway.url}/v1/stream?token=${userToken('alice')}`, { t })
+  const records = `${gateway.app.config.redisPrefix}i:${gateway.app.registry.instanceId}:conns`
+  const redis = redisClient(t)
+  await redis.hset(records, 'c_garbage', '{not json', 'c_partial', JSON.stringify({ userId: 'mallory' }))
+  const listing = await request<{ connections: ConnectionEntry[] }>(`${gateway.url}/v1/connections`, { token: admin })
+  t.equal(listing.status, 200, `listing answered ${listing.status}`)
+  t.same(listing.json.connections.map((entry) => entry.connectionId), [connected.connectionId], 'only the readable record')
+  const stats = await request<Stats>(`${gateway.url}/v1/stats`, { token: admin })
+  t.equal(stats.status, 200, `stats answered ${stats.status}`)
+  t.match(stats.json, { connections: 1, users: 1 })
+}, ['redis'])

@@ -648,7 +648,11 @@ export class RedisState implements SharedState {
     const connections: ConnectionInfo[] = []
     for (const [error, values] of results) {
       if (error !== null) continue
-      for (const json of values as string[]) connections.push(JSON.parse(json) as ConnectionInfo)
+      // One unreadable record (a key written by something else) leaves the listing and stats whole.
+      for (const json of values as string[]) {
+        const info = parseJson(json)
+        if (isConnectionInfo(info)) connections.push(info)
+      }
     }
     return { instances: instances.length, connections }
   }
@@ -723,6 +727,11 @@ export class RedisState implements SharedState {
 
 function isStringArray (value: unknown): value is string[] {
   return Array.isArray(value) && value.every((item) => typeof item === 'string')
+}
+
+function isConnectionInfo (value: unknown): value is ConnectionInfo {
+  return isPlainObject(value) && typeof value.connectionId === 'string' && typeof value.userId === 'string' &&
+    isStringArray(value.topics) && typeof value.openedAt === 'string' && typeof value.instance === 'string'
 }
 
 function parseJson (raw: string): unknown {
