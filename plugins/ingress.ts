@@ -70,6 +70,7 @@ export default fp(async (app) => {
     return { published }
   }
   ingress.onMessage(async (source, payload, fence) => await handle(source, payload, { fence }))
+  ingress.onOverflow((source) => app.metrics.ingressDropped(source))
   durableIngress.onDropped(() => app.metrics.ingressRejected('durable'))
   durableIngress.onMessage(async (payload, onceKey) => {
     if (payload === null) {

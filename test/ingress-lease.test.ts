@@ -4,7 +4,7 @@ import t, { type Test } from 'tap'
 import Redis, { type RedisOptions } from 'ioredis'
 import { Registry } from '../src/core/registry'
 import { redisOptions, ScriptedRedis } from '../src/core/redis/client'
-import { IngressLeader } from '../src/core/redis/engine'
+import { IngressLeader, MAX_QUEUED_INGRESS } from '../src/core/redis/engine'
 import { RedisState } from '../src/core/redis/redis-state'
 import { eventually, openConnected, startGateway, userToken, type Gateway, type SseClient } from './helpers'
 import { needRedis, redisClient, REDIS_URL, startOwnRedis, subscriberCount, uniquePrefix } from './helpers/redis'
@@ -306,4 +306,37 @@ t.test('gateway: a lease key gone while its holder still acts on it (an emptied 
   await leaseA.tick()
   t.ok(leaseB.isLeader && !leaseA.isLeader, 'the holder took the key back with that message: A\'s check does not take it')
   t.equal(await sendAndCount('after'), 1, 'later messages are published once')
+})
+
+t.test('ingress messages waiting to be handed to Redis are bounded: past the bound they are dropped and counted, the rest handled in order', async (t) => {
+  if (!(await needRedis(t))) return
+  const redis = redisClient(t)
+  const setup = await rig(t)
+  await tick(t, setup.leader)
+  t.ok(setup.leader.isLeader)
+  // The first hand-over stalls (Redis slow to answer), so the rest queue behind it.
+  let release = (): void => {}
+  const stalled = new Promise<void>((resolve) => { release = resolve })
+  const handled: string[] = []
+  setup.leader.onMessage(async (_source, payload) => {
+    if (handled.length === 0) await stalled
+    handled.push(payload)
+    return { published: Promise.resolve() }
+  })
+  let dropped = 0
+  setup.leader.onOverflow(() => { dropped++ })
+  const extra = 25
+  const pipeline = redis.pipeline()
+  for (let n = 0; n < MAX_QUEUED_INGRESS + extra; n++) pipeline.publish(`${setup.prefix}publish`, String(n))
+  await pipeline.exec()
+  await eventually(() => dropped === extra, `${extra} dropped`, WAIT_MS, 20)
+  t.ok(setup.warnings.filter((line) => line.includes('ingress messages dropped')).length === 1, 'one warning for the episode')
+  release()
+  await eventually(() => handled.length === MAX_QUEUED_INGRESS, 'the bound\'s worth handled', WAIT_MS, 20)
+  t.same(handled.slice(0, 3), ['0', '1', '2'], 'in the order they came')
+  t.equal(handled.at(-1), String(MAX_QUEUED_INGRESS - 1), 'the last one handled is the last one queued')
+  // Drained: the next message is handled again.
+  await redis.publish(`${setup.prefix}publish`, 'after')
+  await eventually(() => handled.at(-1) === 'after', 'a message after the drain', WAIT_MS, 20)
+  t.equal(dropped, extra)
 })

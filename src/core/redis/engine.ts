@@ -33,6 +33,10 @@ export interface RedisEngineOptions {
  * published under `fence` (EventBus.publish): a holder that lost its lease
  * without noticing yet publishes nothing.
  */
+/** How many pub/sub ingress messages, and how many bytes of them, may wait to be handed to Redis. */
+export const MAX_QUEUED_INGRESS = 10_000
+export const MAX_QUEUED_INGRESS_BYTES = 64 * 1024 * 1024
+
 export type IngressHandler = (source: { kind: 'publish' } | { kind: 'stream', connectionId: string }, payload: string, fence: LeaseFence) => Promise<{ published: Promise<void> }>
 
 /**
@@ -71,6 +75,12 @@ export class IngressLeader {
   private listeningForFree = false
   /** The last ingress message's hand-over to Redis: the next one starts when it is done. */
   private pending: Promise<void> = Promise.resolve()
+  /** Messages, and their bytes, waiting in `pending`. */
+  private queued = 0
+  private queuedBytes = 0
+  /** Dropping since the queue was last empty: warned once. */
+  private overflowing = false
+  private overflowListener: (source: 'publish' | 'stream') => void = () => {}
   /** Local deadline: past it this instance stops acting even if Redis is unreachable. */
   private validUntil = 0
   private readonly timer: NodeJS.Timeout
@@ -264,6 +274,25 @@ export class IngressLeader {
 
   private dispatch (source: Parameters<IngressHandler>[0], payload: string): void {
     if (!this.isLeader) return
+    // A publisher faster than messages are handed to Redis (a conversation
+    // target takes a round trip first; a slow Redis) would grow the queue,
+    // and the process, without end: past the bound, messages are dropped.
+    const bytes = payload.length
+    if (this.queued >= MAX_QUEUED_INGRESS || this.queuedBytes + bytes > MAX_QUEUED_INGRESS_BYTES) {
+      this.overflowListener(source.kind)
+      if (!this.overflowing) {
+        this.overflowing = true
+        this.log.warn({ source: source.kind, queued: this.queued, bytes: this.queuedBytes }, 'ingress messages dropped: more are waiting to be handed to Redis than the bound')
+      }
+      return
+    }
+    this.queued++
+    this.queuedBytes += bytes
+    const handed = (): void => {
+      this.queued--
+      this.queuedBytes -= bytes
+      if (this.queued === 0) this.overflowing = false
+    }
     const failed = (error: unknown): void => {
       if (!(error instanceof NotLeaseHolderError)) {
         this.log.warn({ err: error, source: source.kind }, 'ingress message failed')
@@ -282,10 +311,19 @@ export class IngressLeader {
     // single event sent after it, and ids must follow the order messages came in.
     this.pending = this.pending
       .then(async () => {
-        const { published } = await this.handler(source, payload, this.fence)
-        published.catch(failed)
+        try {
+          const { published } = await this.handler(source, payload, this.fence)
+          published.catch(failed)
+        } finally {
+          handed()
+        }
       })
       .catch(failed)
+  }
+
+  /** `listener` hears of each message dropped past the queue's bound. */
+  onOverflow (listener: (source: 'publish' | 'stream') => void): void {
+    this.overflowListener = listener
   }
 
   private async reapDead (): Promise<void> {
