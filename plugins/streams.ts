@@ -235,7 +235,7 @@ export default fp(async (app) => {
       app.log.info({ connectionId: connection.id, reason }, 'replay reset')
     },
     topicsChanged: async (connection) => {
-      await state.updateTopics(connection.id, connection.userId, [...connection.topics]).catch((error: unknown) => {
+      await state.updateTopics(connection.id, connection.userId).catch((error: unknown) => {
         app.log.warn({ err: error, connectionId: connection.id }, 'could not record stream topics')
       })
     }

@@ -135,8 +135,12 @@ export interface SharedState {
   admit (request: AdmitRequest): Promise<Admission>
   /** Forgets a closed stream; its id stays reopenable for `ttlS`. */
   release (connectionId: string, userId: string, ttlS: number): Promise<void>
-  /** A live stream's topics changed (for cluster-wide counts and listings). */
-  updateTopics (connectionId: string, userId: string, topics: string[]): Promise<void>
+  /**
+   * A live stream's topics changed (for cluster-wide counts and listings):
+   * records the topics of the stream registered under the id when the
+   * write goes out, which may be a reopen that replaced the one that changed.
+   */
+  updateTopics (connectionId: string, userId: string): Promise<void>
   /** Registers how this instance applies control messages to its own streams. */
   onControl (listener: ControlListener): void
   /** Applies a control message on every instance; resolves with the first non-null answer once all have. */

@@ -417,10 +417,12 @@ export class RedisState implements SharedState {
     this.graceTimers.set(userId, timer)
   }
 
-  async updateTopics (connectionId: string, userId: string, topics: string[]): Promise<void> {
-    const connection = this.registry.get(connectionId)
-    if (connection === undefined || connection.userId !== userId) return
-    await this.commands.call(async (redis) => await redis.hset(this.connsKey(this.instanceId), connectionId, JSON.stringify({ ...this.registry.info(connection), topics })))
+  async updateTopics (connectionId: string, userId: string): Promise<void> {
+    await this.commands.call(async (redis) => {
+      const connection = this.registry.get(connectionId)
+      if (connection === undefined || connection.userId !== userId) return
+      await redis.hset(this.connsKey(this.instanceId), connectionId, JSON.stringify(this.registry.info(connection)))
+    })
   }
 
   onControl (listener: ControlListener): void {
