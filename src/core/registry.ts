@@ -70,10 +70,6 @@ export class Registry {
     return Object.fromEntries(this.topicCounts)
   }
 
-  users (): Map<string, number> {
-    return this.byUser.counts()
-  }
-
   all (): IterableIterator<StreamConnection> {
     return this.byId.values()
   }
