@@ -4,6 +4,15 @@ import { $, age, api, clockTime, EVENT_NAME, eventNames, h, peekClaims, session,
 
 const TOKEN_KEY = 'sse-gateway.admin-token'
 const REFRESH_MS = 2000
+// Each refresh lists every stream of the cluster: a long list is read less
+// often, and a tab nobody looks at rarely.
+const STREAMS_PER_REFRESH_STEP = 5000
+const HIDDEN_REFRESH_MS = 30_000
+
+function nextRefreshMs () {
+  if (document.hidden) return HIDDEN_REFRESH_MS
+  return REFRESH_MS * Math.max(1, Math.ceil(lastConnections.length / STREAMS_PER_REFRESH_STEP))
+}
 
 const tokenInput = $('#token')
 const authStatus = $('#auth-status')
@@ -45,6 +54,8 @@ function start (newToken) {
 }
 
 async function refresh (current) {
+  // Null while a refresh runs: only a waiting one is brought forward (see visibilitychange).
+  timer = null
   const [connections, stats] = await Promise.all([api('v1/connections', { token }), api('v1/stats', { token })])
   if (current !== generation) return
   const failed = [connections, stats].find((result) => !result.ok)
@@ -57,14 +68,21 @@ async function refresh (current) {
     }
     setStatus(authStatus, `Refresh failed (${failed.message}); retrying every ${REFRESH_MS / 1000} s.`, 'error')
   } else {
-    setStatus(authStatus, `Connected. Refreshing every ${REFRESH_MS / 1000} s.`, 'ok')
     lastConnections = Array.isArray(connections.body?.connections) ? connections.body.connections : []
+    setStatus(authStatus, `Connected. Refreshing every ${nextRefreshMs() / 1000} s.`, 'ok')
     renderConnections()
     renderStats(stats.body ?? {})
     $('#updated').textContent = `updated ${clockTime().slice(0, 8)}`
   }
-  timer = setTimeout(() => { void refresh(current) }, REFRESH_MS)
+  if (current === generation) timer = setTimeout(() => { void refresh(current) }, nextRefreshMs())
 }
+
+// Back in view: fresh figures at once rather than at the hidden tab's next refresh.
+document.addEventListener('visibilitychange', () => {
+  if (document.hidden || timer === null) return
+  clearTimeout(timer)
+  void refresh(generation)
+})
 
 // ---------------------------------------------------------------- rendering
 
