@@ -536,7 +536,7 @@ export class RedisState implements SharedState {
   async getJob (jobId: string): Promise<JobState | null> {
     const [json, eventId] = await this.commands.call(async (redis) => await redis.hmget(`${this.prefix}job:${jobId}`, 'json', 'eventId'))
     if (json === null || eventId === null) return null
-    return { ...JSON.parse(json) as Omit<JobState, 'eventId'>, eventId }
+    return storedJob(json, eventId)
   }
 
   async putJob (jobId: string, update: JobUpdate, ttlS: number, maxEventBytes: number): Promise<JobPutResult> {
@@ -550,7 +550,7 @@ export class RedisState implements SharedState {
     for (let attempt = 0; attempt === 0 || Date.now() < deadline; attempt++) {
       if (attempt > 0) await sleep(Math.random() * Math.min(JOB_CAS_MAX_BACKOFF_MS, JOB_CAS_BACKOFF_MS * 2 ** attempt))
       const [json, eventId, version] = await this.commands.call(async (redis) => await redis.hmget(key, 'json', 'eventId', 'version'))
-      const previous = json !== null && eventId !== null ? { ...JSON.parse(json) as Omit<JobState, 'eventId'>, eventId } : null
+      const previous = json !== null && eventId !== null ? storedJob(json, eventId) : null
       const transition = transitionJob(jobId, previous, update, new Date(), maxEventBytes)
       if (!transition.ok) return transition
       const channels = [channel.job(jobId, update.userId), channel.userJobs(update.userId)]
@@ -729,6 +729,11 @@ export class RedisState implements SharedState {
 
 function isStringArray (value: unknown): value is string[] {
   return Array.isArray(value) && value.every((item) => typeof item === 'string')
+}
+
+/** A job's state as PUT_JOB stored it: its JSON, and the id of the update that made it. */
+function storedJob (json: string, eventId: string): JobState {
+  return { ...JSON.parse(json) as Omit<JobState, 'eventId'>, eventId }
 }
 
 function isConnectionInfo (value: unknown): value is ConnectionInfo {
