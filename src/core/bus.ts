@@ -72,7 +72,8 @@ export interface SubscriptionListeners {
 export interface EventBus {
   readonly mode: 'memory' | 'redis'
   /**
-   * Ids in the order of `items`; deliveries happen after the promise settles' caller regains control.
+   * Ids in the order of `items`. Deliveries come later, never inside the call: the caller is answered
+   * (a publisher gets its 202) before any stream is written to.
    * With `fence`, only while `fence.holder` holds the ingress lease (Redis mode): otherwise nothing is
    * published and it rejects with NotLeaseHolderError.
    */

@@ -26,7 +26,7 @@ export function dataText (data: unknown): string {
  */
 export function renderBody (event: string, text: string): string {
   let out = event === 'message' ? '' : `event: ${event}\n`
-  if (typeof text === 'string' && !LINE_BREAK.test(text)) return `${out}data: ${text}\n\n`
+  if (!LINE_BREAK.test(text)) return `${out}data: ${text}\n\n`
   for (const line of text.split(LINE_BREAK)) out += `data: ${line}\n`
   return out + '\n'
 }

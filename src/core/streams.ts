@@ -63,6 +63,8 @@ export interface StreamServiceOptions {
 }
 
 const EXPIRY_TICK_MS = 250
+/** How much of the history window an outage may last for a catch-up to read the window instead of sending reset (see missedSince). */
+const WINDOW_SHARE_FOR_OUTAGE = 0.9
 /** Streams replaying at once after the bus missed deliveries: bounded, so Redis is not flooded. */
 const CATCH_UP_CONCURRENCY = 32
 
@@ -438,7 +440,7 @@ export class StreamService {
     // The stream's own outage counts: one held since an earlier loss
     // (its read then overtaken) may have missed events older than this one.
     // (A tenth of the window is kept for the read to come, and clocks.)
-    if (result.reset === 'expired' && performance.now() - connection.catchUpSince < this.options.historyTtlS * 900) {
+    if (result.reset === 'expired' && performance.now() - connection.catchUpSince < this.options.historyTtlS * 1000 * WINDOW_SHARE_FOR_OUTAGE) {
       return (await this.bus.window([...connection.channels])).filter((entry) => entry.id > from)
     }
     return result.reset
