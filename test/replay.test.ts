@@ -1,6 +1,5 @@
 import t from 'tap'
 import { forEachMode, openConnected, openStream, publishOk, publisherToken, startCluster, startGateway, userToken, type SseClient, type SseEvent } from './helpers'
-import { redisClient } from './helpers/redis'
 
 const publisher = publisherToken()
 const streamUrl = (url: string, user: string, query = ''): string => `${url}/v1/stream?token=${userToken(user)}${query}`
@@ -178,55 +177,4 @@ t.test('reset: right after connected, with {reason}, no id line, nothing older, 
     while (Date.now() < expiredAt && Date.now() < deadline) await new Promise((resolve) => setTimeout(resolve, 25))
     await checkReset(t, url, 'u1', ids[0], /^(expired|trimmed)$/)
   })
-
-  forEachMode(t, 'a cursor older than HISTORY_TTL_S after its channel\'s set expired and a new one began: reset, not the new events alone', async (t, mode) => {
-    const [{ url }] = await startCluster(t, mode, 1, { HISTORY_TTL_S: '1' })
-    const ids = await publishTo(url, 'u1', 2)
-    // Long enough for the embedded store's sweep (every second here) to find the channel empty.
-    await untilOlderThan(ids[1], 2300)
-    // The first event of a new history; the client never saw ids[1].
-    await publishTo(url, 'u1', 1, 2)
-    await checkReset(t, url, 'u1', ids[0], 'expired')
-  })
-
-  forEachMode(t, 'a cursor older than HISTORY_TTL_S with a missed event past the window but not yet trimmed: reset', async (t, mode) => {
-    const [{ url }] = await startCluster(t, mode, 1, { HISTORY_TTL_S: '2' })
-    const ids = await publishTo(url, 'u1', 2)
-    await untilOlderThan(ids[1], 1400)
-    // Keeps the history alive; ids[1] stays in it until a later publish trims it.
-    await publishTo(url, 'u1', 1, 2)
-    await untilOlderThan(ids[1], 2300)
-    await checkReset(t, url, 'u1', ids[0], 'expired')
-  })
-
-  forEachMode(t, 'a fresh cursor whose channel\'s history vanished (evicted under maxmemory, deleted): reset, not a silent gap', async (t) => {
-    const [gateway] = await startCluster(t, 'redis', 1)
-    const ids = await publishTo(gateway.url, 'u1', 2)
-    await redisClient(t).del(`${gateway.app.config.redisPrefix}h:u:u1`)
-    await checkReset(t, gateway.url, 'u1', ids[0], 'trimmed')
-  }, ['redis'])
-})
-
-/** Waits (bounded) until the clock is `ms` past an id: ids are clock microseconds. */
-async function untilOlderThan (id: string, ms: number): Promise<void> {
-  const at = Number(BigInt(id) / 1000n) + ms
-  const deadline = Date.now() + ms + 10_000
-  while (Date.now() < at && Date.now() < deadline) await new Promise((resolve) => setTimeout(resolve, 25))
-}
-
-forEachMode(t, 'a cursor older than HISTORY_TTL_S whose channels were quiet since: no reset, then live (a reconnect after a quiet spell does not reload the client)', async (t, mode) => {
-  const [{ url }] = await startCluster(t, mode, 1, { HISTORY_TTL_S: '1' })
-  const { stream: first } = await openConnected(streamUrl(url, 'u1'), { t })
-  const [seen] = await publishTo(url, 'u1', 1)
-  t.equal((await first.next()).id, seen)
-  // Another user's channel is busy meanwhile: only the stream's own channels count.
-  await publishTo(url, 'u2', 3)
-  first.close()
-  await untilOlderThan(seen, 1500)
-
-  const stream = await reconnect(t, url, 'u1', seen, 'header')
-  const [live] = await publishTo(url, 'u1', 1, 1)
-  const next = await stream.next()
-  t.equal(next.id, live, 'the live event comes next: no reset, nothing replayed')
-  t.same(stream.events.map((event) => event.event), ['connected', 'msg'])
 })

@@ -134,12 +134,3 @@ export function mergeById (lists: HistoryEntry[][]): HistoryEntry[] {
   }
   return merged
 }
-
-/**
- * How long past the window a channel's latest and highest dropped ids are
- * kept: a cursor older than the window is served while they tell that
- * nothing after it was lost (its channels were quiet), instead of a reset.
- * Reconnects after a quiet spell (a deploy's drain, a laptop waking) are
- * then not each a reload of the client's state.
- */
-export const CHANNEL_MARK_EXTRA_S = 86_400

@@ -1,4 +1,4 @@
-import { CHANNEL_MARK_EXTRA_S, clockId, mergeById, type DeliveryListener, type EventBus, type HistoryEntry, type OnceOutcome, type PublishItem, type PublishOnce, type ReplayResult } from './bus'
+import { clockId, mergeById, type DeliveryListener, type EventBus, type HistoryEntry, type OnceOutcome, type PublishItem, type PublishOnce, type ReplayResult } from './bus'
 import { frameWithId } from './framing'
 
 /** An event kept in history, once however many channels keep it. */
@@ -155,19 +155,16 @@ export class MemoryBus implements EventBus {
     if (after > this.last) return { reset: 'future', events: [] }
     if (after < this.epoch) return { reset: 'unknown', events: [] }
     const cutoff = this.cutoff()
-    // As the Redis bus: a cursor older than the window is served when no
-    // channel dropped anything after it, which its record tells until the
-    // sweep forgets it (a minute spared for ids that ran ahead of the clock).
-    const oldCursor = after < cutoff
-    if (oldCursor && after < this.markCutoff() + 60_000_000) return { reset: 'expired', events: [] }
+    // Trimming first, as the Redis bus does.
     const lists: HistoryEntry[][] = []
     for (const name of channels) {
       const history = this.histories.get(name)
       if (history === undefined) continue
       this.prune(history, cutoff)
-      if (history.droppedUpTo > after) return { reset: oldCursor ? 'expired' : 'trimmed', events: [] }
+      if (history.droppedUpTo > after) return { reset: 'trimmed', events: [] }
       lists.push(this.after(history, after))
     }
+    if (after < cutoff) return { reset: 'expired', events: [] }
     return { reset: null, events: mergeById(lists) }
   }
 
@@ -224,11 +221,6 @@ export class MemoryBus implements EventBus {
   /** Ids are clock microseconds, so an id below this one is older than the window. */
   private cutoff (): number {
     return clockId() - this.options.historyTtlS * 1_000_000
-  }
-
-  /** A channel that dropped nothing since this id is forgotten. */
-  private markCutoff (): number {
-    return clockId() - (this.options.historyTtlS + CHANNEL_MARK_EXTRA_S) * 1_000_000
   }
 
   private flush (): void {
@@ -350,17 +342,10 @@ export class MemoryBus implements EventBus {
     const now = Date.now()
     this.forgetOldestOnceKeys((seen) => seen.expiresAt <= now)
     const cutoff = this.cutoff()
-    const markCutoff = this.markCutoff()
     for (const [name, history] of this.histories) {
       this.prune(history, cutoff)
-      if (history.head < history.entries.length) continue
-      // Kept while its drop mark may be younger than a cursor still served
-      // (see replay), without the slots of its dropped entries.
-      if (history.droppedUpTo < markCutoff) this.histories.delete(name)
-      else if (history.entries.length > 0) {
-        history.entries = []
-        history.head = 0
-      }
+      // Kept while its drop mark is inside the window: a cursor below it must still get 'trimmed'.
+      if (history.head >= history.entries.length && history.droppedUpTo < cutoff) this.histories.delete(name)
     }
   }
 }

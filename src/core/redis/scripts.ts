@@ -1,5 +1,3 @@
-import { CHANNEL_MARK_EXTRA_S } from '../bus'
-
 /**
  * Lua scripts run inside Redis. Each runs atomically, which is what makes
  * ids, history and fan-out agree across instances: the script that assigns
@@ -13,10 +11,8 @@ import { CHANNEL_MARK_EXTRA_S } from '../bus'
  *   P run                run_id of the Redis server that last checked the epoch (INIT)
  *   P e:<id>             an event's body, stored once whatever its channel count (TTL = window)
  *   P h:<channel>        sorted set of the channel's event ids, capped at HISTORY_SIZE (TTL = window)
- *   P d:<channel>        highest id gone from that history: trimmed by the size cap or by
- *                        age, or lost with the set when it expired (with HISTORY_SIZE=0:
- *                        the channel's latest id, as nothing is kept) (TTL = window + a day)
- *   P l:<channel>        the channel's latest id (TTL = window + a day)
+ *   P d:<channel>        highest id trimmed from that history by the size cap (with
+ *                        HISTORY_SIZE=0: the channel's latest id, as nothing is kept)
  *   P ch:<channel>       pub/sub channel carrying "<id>\n<body>"
  * Ids are formatted with %.0f: Lua numbers are doubles, exact below 2^53,
  * and microsecond timestamps stay far below it.
@@ -40,7 +36,6 @@ end
 
 /** Shared by every script that publishes: assigns ids, appends, publishes. */
 const PUBLISH_FUNCTIONS = `${CLOCK}
-local MARK_EXTRA_S = ${CHANNEL_MARK_EXTRA_S}
 -- Starts a new epoch: no cursor issued before it is served. Every id issued
 -- so far is below it (ids follow the clock, and 'now' is later than any
 -- issued before a restart), including ones a restarted store no longer has.
@@ -69,37 +64,22 @@ local function publish_event(prefix, size, ttl_s, last, now, channels, body)
     redis.call('SET', prefix .. 'e:' .. ids, body, 'EX', ttl_s)
   end
   local message = ids .. '\\n' .. body
-  local mark_s = ttl_s + MARK_EXTRA_S
-  local too_old = '(' .. fmt(now - ttl_s * 1000000)
   for _, ch in ipairs(channels) do
-    local dk = prefix .. 'd:' .. ch
     if size > 0 then
       local hk = prefix .. 'h:' .. ch
-      local lk = prefix .. 'l:' .. ch
       redis.call('ZADD', hk, id, ids)
-      local count = redis.call('ZCARD', hk)
-      if count == 1 then
-        -- A new set: the previous one expired with whatever it held.
-        local latest = redis.call('GET', lk)
-        if latest then redis.call('SET', dk, latest, 'EX', mark_s) end
-      end
-      local extra = count - size
+      local extra = redis.call('ZCARD', hk) - size
       if extra > 0 then
         local dropped = redis.call('ZRANGE', hk, extra - 1, extra - 1)
         redis.call('ZREMRANGEBYRANK', hk, 0, extra - 1)
-        redis.call('SET', dk, dropped[1], 'EX', mark_s)
+        redis.call('SET', prefix .. 'd:' .. ch, dropped[1], 'EX', ttl_s)
       end
-      local aged = redis.call('ZREVRANGEBYSCORE', hk, too_old, '-inf', 'LIMIT', 0, 1)
-      if #aged > 0 then
-        redis.call('ZREMRANGEBYSCORE', hk, '-inf', too_old)
-        redis.call('SET', dk, aged[1], 'EX', mark_s)
-      end
+      redis.call('ZREMRANGEBYSCORE', hk, '-inf', '(' .. fmt(now - ttl_s * 1000000))
       redis.call('EXPIRE', hk, ttl_s)
-      redis.call('SET', lk, ids, 'EX', mark_s)
     else
       -- No history: the event is trimmed as it is published, so a cursor
       -- below it gets 'trimmed' and one at or past it misses nothing here.
-      redis.call('SET', dk, ids, 'EX', mark_s)
+      redis.call('SET', prefix .. 'd:' .. ch, ids, 'EX', ttl_s)
     end
     redis.call('PUBLISH', prefix .. 'ch:' .. ch, message)
   end
@@ -225,7 +205,6 @@ return fmt(last)
  * meanwhile gets its reset); for a window, as `after`.
  */
 export const REPLAY = `
-local MARK_EXTRA_S = ${CHANNEL_MARK_EXTRA_S}
 local prefix = ARGV[1]
 local has_cursor = ARGV[2] ~= ''
 local after = tonumber(ARGV[2]) or tonumber(ARGV[3]) or 0
@@ -241,28 +220,13 @@ if has_cursor then
   if last < 0 or epoch < 0 then return { 'reset', 'unknown' } end
   if after > last then return { 'reset', 'future' } end
   if after < epoch then return { 'reset', 'unknown' } end
-  -- A cursor older than the window is served when each channel shows that
-  -- nothing after it is gone. Past the channels' marks nothing shows it
-  -- (a minute spared for ids that ran ahead of the clock).
-  local old_cursor = after < cutoff
-  if old_cursor and after < now - (ttl_s + MARK_EXTRA_S - 60) * 1000000 then return { 'reset', 'expired' } end
-  -- A caller that knows nothing older than the window can be missing (a
-  -- catch-up) reads the window on 'expired', not on 'trimmed'.
-  local lost = old_cursor and 'expired' or 'trimmed'
+  -- Trimming first: a caller that knows nothing older than the window can
+  -- be missing (a catch-up) reads the window on 'expired', not on 'trimmed'.
   for i = first, #ARGV do
-    local ch = ARGV[i]
-    local gone = tonumber(redis.call('GET', prefix .. 'd:' .. ch) or '0')
-    local hk = prefix .. 'h:' .. ch
-    if redis.call('EXISTS', hk) == 0 then
-      -- Expired after a quiet window, or evicted: it held up to the latest id.
-      gone = math.max(gone, tonumber(redis.call('GET', prefix .. 'l:' .. ch) or '0'))
-    elseif old_cursor and redis.call('ZCOUNT', hk, '(' .. string.format('%.0f', after), '(' .. string.format('%.0f', cutoff)) > 0 then
-      -- Past the window, left until the channel's next publish trims them:
-      -- their bodies expired.
-      return { 'reset', 'expired' }
-    end
-    if gone > after then return { 'reset', lost } end
+    local dropped = tonumber(redis.call('GET', prefix .. 'd:' .. ARGV[i]) or '0')
+    if dropped > after then return { 'reset', 'trimmed' } end
   end
+  if after < cutoff then return { 'reset', 'expired' } end
 end
 local low = '(' .. string.format('%.0f', math.max(after, cutoff - 1))
 -- The lowest ids of each channel, a bounded number: past the lowest last id
