@@ -340,3 +340,30 @@ t.test('ingress messages waiting to be handed to Redis are bounded: past the bou
   await eventually(() => handled.at(-1) === 'after', 'a message after the drain', WAIT_MS, 20)
   t.equal(dropped, extra)
 })
+
+t.test('the ingress bound also counts messages handed over whose publish has not settled (Redis slow to answer)', async (t) => {
+  if (!(await needRedis(t))) return
+  const redis = redisClient(t)
+  const setup = await rig(t)
+  await tick(t, setup.leader)
+  t.ok(setup.leader.isLeader)
+  let release = (): void => {}
+  const slowRedis = new Promise<void>((resolve) => { release = resolve })
+  let handed = 0
+  setup.leader.onMessage(async () => {
+    handed++
+    return { published: slowRedis }
+  })
+  let dropped = 0
+  setup.leader.onOverflow(() => { dropped++ })
+  const extra = 10
+  const pipeline = redis.pipeline()
+  for (let n = 0; n < MAX_QUEUED_INGRESS + extra; n++) pipeline.publish(`${setup.prefix}publish`, String(n))
+  await pipeline.exec()
+  await eventually(() => dropped === extra && handed === MAX_QUEUED_INGRESS, `${extra} dropped, the rest handed over`, WAIT_MS, 20)
+  release()
+  // Settled: room again.
+  await redis.publish(`${setup.prefix}publish`, 'after')
+  await eventually(() => handed === MAX_QUEUED_INGRESS + 1, 'a message after the publishes settled', WAIT_MS, 20)
+  t.equal(dropped, extra)
+})

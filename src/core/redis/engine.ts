@@ -33,7 +33,7 @@ export interface RedisEngineOptions {
  * published under `fence` (EventBus.publish): a holder that lost its lease
  * without noticing yet publishes nothing.
  */
-/** How many pub/sub ingress messages, and how many bytes of them, may wait to be handed to Redis. */
+/** How many pub/sub ingress messages, and how many bytes of them, may wait to be published. */
 export const MAX_QUEUED_INGRESS = 10_000
 export const MAX_QUEUED_INGRESS_BYTES = 64 * 1024 * 1024
 
@@ -75,7 +75,7 @@ export class IngressLeader {
   private listeningForFree = false
   /** The last ingress message's hand-over to Redis: the next one starts when it is done. */
   private pending: Promise<void> = Promise.resolve()
-  /** Messages, and their bytes, waiting in `pending`. */
+  /** Messages, and their bytes, not yet published: waiting in `pending`, or in flight to Redis. */
   private queued = 0
   private queuedBytes = 0
   /** Dropping since the queue was last empty: warned once. */
@@ -274,21 +274,21 @@ export class IngressLeader {
 
   private dispatch (source: Parameters<IngressHandler>[0], payload: string): void {
     if (!this.isLeader) return
-    // A publisher faster than messages are handed to Redis (a conversation
+    // A publisher faster than messages are published (a conversation
     // target takes a round trip first; a slow Redis) would grow the queue,
     // and the process, without end: past the bound, messages are dropped.
-    const bytes = payload.length
+    const bytes = Buffer.byteLength(payload)
     if (this.queued >= MAX_QUEUED_INGRESS || this.queuedBytes + bytes > MAX_QUEUED_INGRESS_BYTES) {
       this.overflowListener(source.kind)
       if (!this.overflowing) {
         this.overflowing = true
-        this.log.warn({ source: source.kind, queued: this.queued, bytes: this.queuedBytes }, 'ingress messages dropped: more are waiting to be handed to Redis than the bound')
+        this.log.warn({ source: source.kind, queued: this.queued, bytes: this.queuedBytes }, 'ingress messages dropped: more are waiting to be published than the bound')
       }
       return
     }
     this.queued++
     this.queuedBytes += bytes
-    const handed = (): void => {
+    const done = (): void => {
       this.queued--
       this.queuedBytes -= bytes
       if (this.queued === 0) this.overflowing = false
@@ -309,14 +309,20 @@ export class IngressLeader {
     // Each message is handed to Redis after the previous one: a batch or a
     // conversation target takes more steps before it is handed over than a
     // single event sent after it, and ids must follow the order messages came in.
+    // A message counts until its publish settles, not only until it is
+    // handed over: with Redis slow to answer, the publishes in flight (and
+    // ioredis's queue of their payloads) are what grows.
     this.pending = this.pending
       .then(async () => {
+        let published: Promise<void>
         try {
-          const { published } = await this.handler(source, payload, this.fence)
-          published.catch(failed)
-        } finally {
-          handed()
+          ({ published } = await this.handler(source, payload, this.fence))
+        } catch (error) {
+          done()
+          throw error
         }
+        published.then(done, done)
+        published.catch(failed)
       })
       .catch(failed)
   }
