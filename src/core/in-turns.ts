@@ -23,21 +23,30 @@ export async function inTurns<T> (items: readonly T[], concurrency: number, work
  * of keys at once. A key with nothing pending is forgotten.
  */
 export class TurnsPerKey {
-  private readonly tails = new Map<string, Promise<void>>()
+  private readonly keys = new Map<string, { tail: Promise<void>, count: number }>()
 
   async run<T> (key: string, work: () => Promise<T>): Promise<T> {
-    const before = this.tails.get(key)
-    const result = before === undefined ? work() : before.then(work)
+    const before = this.keys.get(key)
+    const result = before === undefined ? work() : before.tail.then(work)
     const tail = result.then(() => {}, () => {})
-    this.tails.set(key, tail)
+    const entry = { tail, count: (before?.count ?? 0) + 1 }
+    this.keys.set(key, entry)
     void tail.then(() => {
-      if (this.tails.get(key) === tail) this.tails.delete(key)
+      const now = this.keys.get(key)
+      if (now === undefined) return
+      now.count--
+      if (now.tail === tail) this.keys.delete(key)
     })
     return await result
   }
 
+  /** Work given for `key` and not yet settled. */
+  pending (key: string): number {
+    return this.keys.get(key)?.count ?? 0
+  }
+
   /** Keys with work pending. */
   get size (): number {
-    return this.tails.size
+    return this.keys.size
   }
 }

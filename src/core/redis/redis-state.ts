@@ -57,10 +57,14 @@ function allReplied (entry: PendingControl): boolean {
  * Updates of one job are taken in turns on each instance, so only other
  * instances' updates can come between; each loss waits a random part of a
  * doubling delay (up to a cap), so that racing instances spread out, and
- * tries again until the deadline. An instance whose updates of a hot job
+ * tries again until 3 s after the update arrived (its wait for its turn
+ * included). Past JOB_UPDATES_WAITING updates of one job held on an
+ * instance, more are answered 503 at once. An instance whose updates of a hot job
  * keep coming loses about one round in two against another such instance.
  */
 const JOB_CAS_DEADLINE_MS = 3000
+/** Updates of one job an instance holds, applying or waiting their turn. */
+const JOB_UPDATES_WAITING = 64
 const JOB_CAS_BACKOFF_MS = 2
 const JOB_CAS_MAX_BACKOFF_MS = 50
 /** Overdue graces ended per script run: a mass drain's users are settled in slices, not one long script. */
@@ -540,13 +544,16 @@ export class RedisState implements SharedState {
   }
 
   async putJob (jobId: string, update: JobUpdate, ttlS: number, maxEventBytes: number): Promise<JobPutResult> {
-    return await this.jobTurns.run(jobId, async () => await this.putJobNow(jobId, update, ttlS, maxEventBytes))
+    // Bounded, as is the time an update may take from its arrival: updates
+    // coming faster than the job's writes settle answer 503 rather than wait on.
+    if (this.jobTurns.pending(jobId) >= JOB_UPDATES_WAITING) return jobBusy(jobId)
+    const deadline = Date.now() + JOB_CAS_DEADLINE_MS
+    return await this.jobTurns.run(jobId, async () => await this.putJobNow(jobId, update, ttlS, maxEventBytes, deadline))
   }
 
-  private async putJobNow (jobId: string, update: JobUpdate, ttlS: number, maxEventBytes: number): Promise<JobPutResult> {
+  private async putJobNow (jobId: string, update: JobUpdate, ttlS: number, maxEventBytes: number, deadline: number): Promise<JobPutResult> {
     const key = `${this.prefix}job:${jobId}`
     // Optimistic: the script applies the update only if nobody changed the job since we read it.
-    const deadline = Date.now() + JOB_CAS_DEADLINE_MS
     for (let attempt = 0; attempt === 0 || Date.now() < deadline; attempt++) {
       if (attempt > 0) await sleep(Math.random() * Math.min(JOB_CAS_MAX_BACKOFF_MS, JOB_CAS_BACKOFF_MS * 2 ** attempt))
       const [json, eventId, version] = await this.commands.call(async (redis) => await redis.hmget(key, 'json', 'eventId', 'version'))
@@ -560,7 +567,7 @@ export class RedisState implements SharedState {
       ]) as [string, string?]
       if (result[0] === 'ok') return { ok: true, state: { ...transition.state, eventId: result[1] as string } }
     }
-    return { ok: false, message: `job ${jobId} is being updated by other instances; retry`, busy: true }
+    return jobBusy(jobId)
   }
 
   async close (): Promise<void> {
@@ -729,6 +736,10 @@ export class RedisState implements SharedState {
 
 function isStringArray (value: unknown): value is string[] {
   return Array.isArray(value) && value.every((item) => typeof item === 'string')
+}
+
+function jobBusy (jobId: string): JobPutResult {
+  return { ok: false, message: `job ${jobId} is being updated by too many at once; retry`, busy: true }
 }
 
 /** A job's state as PUT_JOB stored it: its JSON, and the id of the update that made it. */
