@@ -308,12 +308,27 @@ t.test('gateway: a lease key gone while its holder still acts on it (an emptied 
   t.equal(await sendAndCount('after'), 1, 'later messages are published once')
 })
 
-t.test('ingress messages waiting to be handed to Redis are bounded: past the bound they are dropped and counted, the rest handled in order', async (t) => {
-  if (!(await needRedis(t))) return
-  const redis = redisClient(t)
+/** A leader holding the lease, whose handler the test sets, counting the messages it drops past the bound. */
+async function boundedRig (t: Test): Promise<{ setup: Rig, dropped: () => number }> {
   const setup = await rig(t)
   await tick(t, setup.leader)
   t.ok(setup.leader.isLeader)
+  let dropped = 0
+  setup.leader.onOverflow(() => { dropped++ })
+  return { setup, dropped: () => dropped }
+}
+
+/** Publishes the bound's worth of ingress messages and `extra` more, numbered from 0, at once. */
+async function floodIngress (redis: Redis, setup: Rig, extra: number): Promise<void> {
+  const pipeline = redis.pipeline()
+  for (let n = 0; n < MAX_QUEUED_INGRESS + extra; n++) pipeline.publish(`${setup.prefix}publish`, String(n))
+  await pipeline.exec()
+}
+
+t.test('ingress messages waiting to be handed to Redis are bounded: past the bound they are dropped and counted, the rest handled in order', async (t) => {
+  if (!(await needRedis(t))) return
+  const redis = redisClient(t)
+  const { setup, dropped } = await boundedRig(t)
   // The first hand-over stalls (Redis slow to answer), so the rest queue behind it.
   let release = (): void => {}
   const stalled = new Promise<void>((resolve) => { release = resolve })
@@ -323,13 +338,9 @@ t.test('ingress messages waiting to be handed to Redis are bounded: past the bou
     handled.push(payload)
     return { published: Promise.resolve() }
   })
-  let dropped = 0
-  setup.leader.onOverflow(() => { dropped++ })
   const extra = 25
-  const pipeline = redis.pipeline()
-  for (let n = 0; n < MAX_QUEUED_INGRESS + extra; n++) pipeline.publish(`${setup.prefix}publish`, String(n))
-  await pipeline.exec()
-  await eventually(() => dropped === extra, `${extra} dropped`, WAIT_MS, 20)
+  await floodIngress(redis, setup, extra)
+  await eventually(() => dropped() === extra, `${extra} dropped`, WAIT_MS, 20)
   t.ok(setup.warnings.filter((line) => line.includes('ingress messages dropped')).length === 1, 'one warning for the episode')
   release()
   await eventually(() => handled.length === MAX_QUEUED_INGRESS, 'the bound\'s worth handled', WAIT_MS, 20)
@@ -338,15 +349,13 @@ t.test('ingress messages waiting to be handed to Redis are bounded: past the bou
   // Drained: the next message is handled again.
   await redis.publish(`${setup.prefix}publish`, 'after')
   await eventually(() => handled.at(-1) === 'after', 'a message after the drain', WAIT_MS, 20)
-  t.equal(dropped, extra)
+  t.equal(dropped(), extra)
 })
 
 t.test('the ingress bound also counts messages handed over whose publish has not settled (Redis slow to answer)', async (t) => {
   if (!(await needRedis(t))) return
   const redis = redisClient(t)
-  const setup = await rig(t)
-  await tick(t, setup.leader)
-  t.ok(setup.leader.isLeader)
+  const { setup, dropped } = await boundedRig(t)
   let release = (): void => {}
   const slowRedis = new Promise<void>((resolve) => { release = resolve })
   let handed = 0
@@ -354,16 +363,12 @@ t.test('the ingress bound also counts messages handed over whose publish has not
     handed++
     return { published: slowRedis }
   })
-  let dropped = 0
-  setup.leader.onOverflow(() => { dropped++ })
   const extra = 10
-  const pipeline = redis.pipeline()
-  for (let n = 0; n < MAX_QUEUED_INGRESS + extra; n++) pipeline.publish(`${setup.prefix}publish`, String(n))
-  await pipeline.exec()
-  await eventually(() => dropped === extra && handed === MAX_QUEUED_INGRESS, `${extra} dropped, the rest handed over`, WAIT_MS, 20)
+  await floodIngress(redis, setup, extra)
+  await eventually(() => dropped() === extra && handed === MAX_QUEUED_INGRESS, `${extra} dropped, the rest handed over`, WAIT_MS, 20)
   release()
   // Settled: room again.
   await redis.publish(`${setup.prefix}publish`, 'after')
   await eventually(() => handed === MAX_QUEUED_INGRESS + 1, 'a message after the publishes settled', WAIT_MS, 20)
-  t.equal(dropped, extra)
+  t.equal(dropped(), extra)
 })
