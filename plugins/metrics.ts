@@ -78,7 +78,7 @@ export default fp(async (app) => {
   const resets = new Counter<'reason'>({ name: 'sse_replay_resets_total', help: 'Streams sent reset (a cursor that history cannot serve, at open or after a catch-up), by reason', labelNames: ['reason'], registers: [registry] })
   const authFailures = new Counter<'reason'>({ name: 'sse_auth_failures_total', help: 'Rejected authentications, by reason', labelNames: ['reason'], registers: [registry] })
   const ingressRejects = new Counter<'source'>({ name: 'sse_ingress_rejected_total', help: 'Redis ingress messages dropped as invalid', labelNames: ['source'], registers: [registry] })
-  const ingressDrops = new Counter<'source'>({ name: 'sse_ingress_dropped_total', help: 'Pub/sub ingress messages dropped unhandled: more were waiting to be handed to Redis than the bound', labelNames: ['source'], registers: [registry] })
+  const ingressDrops = new Counter<'source'>({ name: 'sse_ingress_dropped_total', help: 'Pub/sub ingress messages dropped unhandled: more were waiting to be published than the bound', labelNames: ['source'], registers: [registry] })
   const ingressRepeats = new Counter({ name: 'sse_ingress_repeats_total', help: 'Durable ingress entries handled again after a holder change, found already published and skipped', registers: [registry] })
 
   app.decorate('metrics', {

@@ -24,6 +24,10 @@ export interface RedisEngineOptions {
   startupSignal?: AbortSignal
 }
 
+/** How many pub/sub ingress messages, and how many bytes of them, may wait to be published. */
+export const MAX_QUEUED_INGRESS = 10_000
+export const MAX_QUEUED_INGRESS_BYTES = 64 * 1024 * 1024
+
 /**
  * Handles one message that arrived on an ingress channel (`<prefix>publish`
  * or `stream:<connectionId>`) in two steps: it resolves once the message's
@@ -33,10 +37,6 @@ export interface RedisEngineOptions {
  * published under `fence` (EventBus.publish): a holder that lost its lease
  * without noticing yet publishes nothing.
  */
-/** How many pub/sub ingress messages, and how many bytes of them, may wait to be published. */
-export const MAX_QUEUED_INGRESS = 10_000
-export const MAX_QUEUED_INGRESS_BYTES = 64 * 1024 * 1024
-
 export type IngressHandler = (source: { kind: 'publish' } | { kind: 'stream', connectionId: string }, payload: string, fence: LeaseFence) => Promise<{ published: Promise<void> }>
 
 /**
