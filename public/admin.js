@@ -1,17 +1,21 @@
-// The admin dashboard: live connections and topics (polled every 2 s) and a
-// form that publishes an event to a user, a topic or everyone.
+// The admin dashboard: live connections and topics (polled every 2 s, less
+// often in a big cluster or a hidden tab) and a form that publishes an event
+// to a user, a topic or everyone.
 import { $, age, api, clockTime, EVENT_NAME, eventNames, h, peekClaims, session, setStatus, splitList } from './common.js'
 
 const TOKEN_KEY = 'sse-gateway.admin-token'
 const REFRESH_MS = 2000
-// Each refresh lists every stream of the cluster: a long list is read less
-// often, and a tab nobody looks at rarely.
+// The gateway reads every stream of the cluster at each refresh, even to send
+// a few: a big cluster is read less often, and a tab nobody looks at rarely.
 const STREAMS_PER_REFRESH_STEP = 5000
 const HIDDEN_REFRESH_MS = 30_000
+// A table a person reads; the filter goes to the gateway, so it finds the rest.
+const SHOWN_STREAMS = 500
+const FILTER_DELAY_MS = 250
 
 function nextRefreshMs () {
   if (document.hidden) return HIDDEN_REFRESH_MS
-  return REFRESH_MS * Math.max(1, Math.ceil(lastConnections.length / STREAMS_PER_REFRESH_STEP))
+  return REFRESH_MS * Math.max(1, Math.ceil(clusterStreams / STREAMS_PER_REFRESH_STEP))
 }
 
 const tokenInput = $('#token')
@@ -33,6 +37,12 @@ let timer = null
 /** Bumped on every (re)start and stop, so a late answer of an older poll is ignored. */
 let generation = 0
 let lastConnections = []
+/** How many streams match the filter the last listing was asked with, beyond the ones shown. */
+let matchingStreams = 0
+let clusterStreams = 0
+/** The filter changed while a refresh was running: one more as soon as it ends. */
+let refreshAgain = false
+let filterTimer = null
 
 // ---------------------------------------------------------------- polling
 
@@ -46,6 +56,7 @@ function stop () {
 function start (newToken) {
   stop()
   token = newToken
+  refreshAgain = false
   connectButton.textContent = 'Reconnect'
   const claims = peekClaims(token)
   const who = claims !== null && (typeof claims.sub === 'string' || typeof claims.sub === 'number') ? ` as ${claims.sub}` : ''
@@ -56,7 +67,9 @@ function start (newToken) {
 async function refresh (current) {
   // Null while a refresh runs: only a waiting one is brought forward (see visibilitychange).
   timer = null
-  const [connections, stats] = await Promise.all([api('v1/connections', { token }), api('v1/stats', { token })])
+  const search = filterInput.value.trim().slice(0, 256)
+  const listing = `v1/connections?limit=${SHOWN_STREAMS}${search === '' ? '' : `&q=${encodeURIComponent(search)}`}`
+  const [connections, stats] = await Promise.all([api(listing, { token }), api('v1/stats', { token })])
   if (current !== generation) return
   const failed = [connections, stats].find((result) => !result.ok)
   if (failed !== undefined) {
@@ -69,19 +82,34 @@ async function refresh (current) {
     setStatus(authStatus, `Refresh failed (${failed.message}); retrying every ${REFRESH_MS / 1000} s.`, 'error')
   } else {
     lastConnections = Array.isArray(connections.body?.connections) ? connections.body.connections : []
+    const total = Number(connections.headers.get('x-total-count'))
+    matchingStreams = Number.isSafeInteger(total) ? Math.max(total, lastConnections.length) : lastConnections.length
+    clusterStreams = typeof stats.body?.connections === 'number' ? stats.body.connections : lastConnections.length
     setStatus(authStatus, `Connected. Refreshing every ${nextRefreshMs() / 1000} s.`, 'ok')
     renderConnections()
     renderStats(stats.body ?? {})
     $('#updated').textContent = `updated ${clockTime().slice(0, 8)}`
   }
-  if (current === generation) timer = setTimeout(() => { void refresh(current) }, nextRefreshMs())
+  if (current !== generation) return
+  const delay = refreshAgain ? 0 : nextRefreshMs()
+  refreshAgain = false
+  timer = setTimeout(() => { void refresh(current) }, delay)
+}
+
+/** A waiting refresh runs now; a running one is followed by another. */
+function refreshNow () {
+  if (timer === null) {
+    refreshAgain = true
+    return
+  }
+  clearTimeout(timer)
+  void refresh(generation)
 }
 
 // Back in view: fresh figures at once rather than at the hidden tab's next refresh.
 document.addEventListener('visibilitychange', () => {
   if (document.hidden || timer === null) return
-  clearTimeout(timer)
-  void refresh(generation)
+  refreshNow()
 })
 
 // ---------------------------------------------------------------- rendering
@@ -122,11 +150,14 @@ function renderConnections () {
       h('td', { class: 'mono', text: connection.instance })
     )
   }))
-  const total = lastConnections.length
-  $('#connections-count').textContent = total === 0 ? '' : rows.length === total ? `(${total})` : `(${rows.length} of ${total})`
+  // Rows are filtered here too, so the table follows typing before the gateway answers.
+  const total = Math.max(matchingStreams, lastConnections.length)
+  $('#connections-count').textContent = total === 0
+    ? ''
+    : rows.length === total ? `(${total})` : `(${rows.length === lastConnections.length ? 'newest ' : ''}${rows.length} of ${total})`
   const empty = $('#connections-empty')
   empty.hidden = rows.length > 0
-  empty.textContent = total > 0 ? 'No stream matches the filter.' : 'No open streams.'
+  empty.textContent = total > 0 || clusterStreams > 0 ? 'No stream matches the filter.' : 'No open streams.'
 }
 
 // ---------------------------------------------------------------- send form
@@ -247,7 +278,11 @@ dataInput.addEventListener('keydown', (event) => {
   }
 })
 kindSelect.addEventListener('change', syncTarget)
-filterInput.addEventListener('input', renderConnections)
+filterInput.addEventListener('input', () => {
+  renderConnections()
+  clearTimeout(filterTimer)
+  filterTimer = setTimeout(refreshNow, FILTER_DELAY_MS)
+})
 
 syncTarget()
 const saved = session.get(TOKEN_KEY)

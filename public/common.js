@@ -40,8 +40,8 @@ export async function api (path, { token, method = 'GET', body, signal } = {}) {
   if (text !== '') {
     try { parsed = JSON.parse(text) } catch { parsed = text }
   }
-  if (response.ok) return { ok: true, status: response.status, body: parsed, message: '' }
-  return { ok: false, status: response.status, body: parsed, message: errorMessage(response, parsed) }
+  if (response.ok) return { ok: true, status: response.status, body: parsed, headers: response.headers, message: '' }
+  return { ok: false, status: response.status, body: parsed, headers: response.headers, message: errorMessage(response, parsed) }
 }
 
 function errorMessage (response, body) {

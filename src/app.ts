@@ -271,7 +271,7 @@ export async function buildApp (config: Config, options: BuildOptions = {}): Pro
       credentials: true,
       methods: ['GET', 'POST', 'PUT', 'DELETE', 'OPTIONS'],
       allowedHeaders: ['Authorization', 'X-Auth-Token', 'Content-Type', 'Last-Event-ID', 'X-Request-Id', 'Idempotency-Key'],
-      exposedHeaders: ['Idempotent-Replayed', 'Retry-After'],
+      exposedHeaders: ['Idempotent-Replayed', 'Retry-After', 'X-Total-Count'],
       maxAge: 600
     })
   }

@@ -6,6 +6,7 @@
 import t from 'tap'
 import {
   freePort,
+  openConnected,
   publishOk,
   publisherToken,
   adminToken,
@@ -311,4 +312,33 @@ t.test('the pages: an event sent from /admin appears on /demo', async (t) => {
   t.match(await customItem.textContent(), `custom ${stamp}`, 'the demo page shows an event whose name only the dashboard knew')
   t.ok(await demo.$(`#listening li[data-event="${customName}"]`), 'and lists the name among those it listens for')
   t.same(browser.problems, [], 'no page errors on either page')
+})
+
+t.test('the dashboard lists the newest 500 streams, and its filter asks the gateway, so it finds the others', async (t) => {
+  if (!needChromium(t)) return
+  const gateway = await startGateway(t)
+  const browser = await launchBrowser(t)
+  // The oldest stream: with 500 newer ones it is past the page's listing.
+  const { connected: needle } = await openConnected(`${gateway.url}/v1/stream?token=${userToken('needle-user')}`, { t })
+  const BULK = 500
+  for (let next = 0; next < BULK;) {
+    const batch = Array.from({ length: Math.min(25, BULK - next) }, (_, i) => `bulk-${next + i}`)
+    next += batch.length
+    await Promise.all(batch.map(async (user) => await openConnected(`${gateway.url}/v1/stream?token=${userToken(user)}`, { t })))
+  }
+
+  const admin = await browser.newPage()
+  await admin.goto(`${gateway.url}/admin`)
+  await admin.fill('#token', adminToken())
+  await admin.click('#connect')
+  await admin.locator('#connections-count', { hasText: `(newest 500 of ${BULK + 1})` }).waitFor()
+  t.equal(await admin.locator('#connections tbody tr').count(), 500, 'the table holds 500 rows')
+  t.equal(await admin.locator('#connections tbody tr[data-user-id="needle-user"]').count(), 0, 'the oldest stream is not among them')
+  t.equal(await admin.textContent('#stat-connections'), String(BULK + 1), 'the figures still count every stream')
+
+  await admin.fill('#filter', 'needle')
+  await admin.waitForSelector(`#connections tbody tr[data-connection-id="${needle.connectionId}"]`)
+  await admin.locator('#connections-count', { hasText: '(1)' }).waitFor()
+  t.pass('the filter found it through the gateway')
+  t.same(browser.problems, [], 'no page errors')
 })

@@ -127,6 +127,52 @@ forEachMode(t, 'GET /v1/connections lists every stream: connectionId, userId, to
   t.equal((await connections(url))[0].connectionId, a.connectionId)
 })
 
+async function nextMillisecond (): Promise<void> {
+  const now = Date.now()
+  while (Date.now() === now) await new Promise((resolve) => setImmediate(resolve))
+}
+
+forEachMode(t, 'GET /v1/connections narrows to a user, a topic or a search, and the newest N, with the match count in X-Total-Count', async (t, mode) => {
+  const [gateway] = await startCluster(t, mode, 1)
+  const { url } = gateway
+  const opened: string[] = []
+  for (const [user, topics] of [['u1', 'news'], ['u2', 'news,Sports'], ['u1', undefined], ['u3', 'weather']] as const) {
+    await nextMillisecond()
+    opened.push((await openConnected(streamUrl(url, user, topics), { t })).connected.connectionId)
+  }
+  async function list (query: string): Promise<{ ids: string[], total: string | null }> {
+    const response = await request<{ connections: ConnectionEntry[] }>(`${url}/v1/connections?${query}`, { token: admin })
+    t.equal(response.status, 200, `${query} answered ${response.status}: ${response.text}`)
+    t.same(Object.keys(response.json), ['connections'], `${query}: the body keeps the contract's shape`)
+    return { ids: response.json.connections.map((entry) => entry.connectionId), total: response.headers.get('x-total-count') }
+  }
+  const sorted = (ids: string[]): string[] => [...ids].sort()
+
+  const all = await list('')
+  t.same(sorted(all.ids), sorted(opened), 'no query: every stream')
+  t.equal(all.total, '4')
+  const u1 = await list('userId=u1')
+  t.same(sorted(u1.ids), sorted([opened[0], opened[2]]), 'userId: that user\'s streams only')
+  t.equal(u1.total, '2')
+  t.same(sorted((await list('topic=news')).ids), sorted([opened[0], opened[1]]), 'topic: the streams holding it')
+  t.same((await list('topic=sports')).ids, [], 'topic is exact')
+  t.same((await list('q=SPORT')).ids, [opened[1]], 'q: a case-insensitive part of a topic')
+  t.same(sorted((await list('q=u1')).ids), sorted([opened[0], opened[2]]), 'q: a part of a user id')
+  t.same((await list(`q=${opened[3].slice(2, 10)}`)).ids, [opened[3]], 'q: a part of a connection id')
+  t.same((await list('userId=u1&topic=news')).ids, [opened[0]], 'filters combine')
+  const newest = await list('limit=2')
+  t.same(newest.ids, [opened[3], opened[2]], 'limit: the newest first')
+  t.equal(newest.total, '4', 'X-Total-Count counts every match, not only those listed')
+  t.same(await list('limit=1&topic=news'), { ids: [opened[1]], total: '2' }, 'limit applies after the filters')
+  t.same((await list('cachebust=1')).ids.length, 4, 'an unknown parameter is ignored')
+
+  for (const query of ['limit=0', 'limit=-1', 'limit=abc', 'limit=1000000', 'topic=a%20b', 'q=', `q=${'x'.repeat(257)}`, 'userId=']) {
+    const response = await request(`${url}/v1/connections?${query}`, { token: admin })
+    t.equal(response.status, 400, `${query}: 400`)
+    t.match(response.json, { statusCode: 400, error: 'Bad Request', message: String }, `${query}: the error shape`)
+  }
+})
+
 forEachMode(t, 'two instances: stats and connections are cluster-wide, on either instance', async (t) => {
   const [a, b] = await startCluster(t, 'redis', 2)
   const { connected: onA1 } = await openConnected(streamUrl(a.url, 'u1', 'news'), { t })
