@@ -2,7 +2,6 @@ import type { FastifyPluginAsync } from 'fastify'
 import { Type, type Static } from '@sinclair/typebox'
 import { newConnectionId } from '../src/core/ids'
 import { TOPIC_NAME } from '../src/core/framing'
-import { selectConnections } from '../src/core/listing'
 import { errorResponses, UserId } from '../src/schemas/common'
 
 const CreateBody = Type.Object({ userId: UserId }, { additionalProperties: false })
@@ -49,7 +48,7 @@ const connectionRoutes: FastifyPluginAsync = async (app) => {
     schema: { querystring: ListQuery, response: { 200: Type.Object({ connections: Type.Array(ConnectionInfo) }), ...errorResponses } }
   }, async (request, reply) => {
     const query = request.query as Static<typeof ListQuery>
-    const { connections, total } = selectConnections(await state.connections(), {
+    const { connections, total } = await state.connections({
       userId: query.userId,
       topic: query.topic,
       search: query.q,

@@ -111,7 +111,7 @@ t.test('an instance that beats again mid-reap keeps the streams it rejoined and 
   t.same((await redis.hkeys(`${prefix}i:${instanceId}:conns`)).sort(), ['u1', 'u2'].map((user) => streams.get(user)?.connected.connectionId).sort(), 'the instance\'s rebuilt list stays')
   t.not(await redis.zscore(`${prefix}instances`, instanceId), null, 'the instance stays among the instances')
   t.match(await reaper.state.presence(second), { online: true, connections: 1 }, `${second} is online with one stream`)
-  t.equal((await reaper.state.connections()).length, 2, 'both streams are listed cluster-wide')
+  t.equal((await reaper.state.connections()).total, 2, 'both streams are listed cluster-wide')
   for (const [user, { stream }] of streams) t.notOk(stream.ended, `${user}'s stream stayed open`)
 })
 

@@ -1,8 +1,9 @@
 import { channel } from './channels'
 import { transitionJob, type JobState, type JobUpdate } from './jobs'
+import { selectConnections, streamFields, type ConnectionFilter } from './listing'
 import type { MemoryBus } from './memory-bus'
-import type { ConnectionInfo, Registry } from './registry'
-import type { Admission, AdmitRequest, ClusterStats, Contacts, ControlAnswer, ControlListener, ControlMessage, JobPutResult, Presence, SharedState } from './state'
+import type { Registry } from './registry'
+import type { Admission, AdmitRequest, ClusterStats, ConnectionListing, Contacts, ControlAnswer, ControlListener, ControlMessage, JobPutResult, Presence, SharedState } from './state'
 
 interface Expiring<T> { value: T, expiresAt: number | null }
 
@@ -141,8 +142,11 @@ export class MemoryState implements SharedState {
     }
   }
 
-  async connections (): Promise<ConnectionInfo[]> {
-    return [...this.registry.all()].map((connection) => this.registry.info(connection))
+  async connections (filter: ConnectionFilter = {}): Promise<ConnectionListing> {
+    const { registry } = this
+    const candidates = filter.userId !== undefined ? registry.ofUser(filter.userId) : registry.all()
+    const { items, total } = selectConnections(candidates, () => registry.instanceId, streamFields, filter)
+    return { connections: items.map((connection) => registry.info(connection)), total }
   }
 
   async userTopics (userId: string): Promise<string[]> {

@@ -1,3 +1,4 @@
+import type { ConnectionFilter } from './listing'
 import type { ConnectionInfo } from './registry'
 import type { JobRefusal, JobState, JobUpdate } from './jobs'
 
@@ -48,6 +49,11 @@ export type Admission =
      */
     seq: number
   }
+
+export interface ConnectionListing {
+  connections: ConnectionInfo[]
+  total: number
+}
 
 export interface ClusterStats {
   connections: number
@@ -156,7 +162,8 @@ export interface SharedState {
   trackOpens (tracker: OpenTracker): void
   presence (userId: string): Promise<Presence>
   stats (): Promise<ClusterStats>
-  connections (): Promise<ConnectionInfo[]>
+  /** The cluster's streams an admin asked for (see selectConnections), and how many matched. */
+  connections (filter?: ConnectionFilter): Promise<ConnectionListing>
 
   userTopics (userId: string): Promise<string[]>
   /** The user's user-wide topics after adding `topics`; null, and nothing added, when they would be more than `max`. */

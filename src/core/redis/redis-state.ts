@@ -5,8 +5,9 @@ import { channel } from '../channels'
 import { isPlainObject } from '../publish'
 import { transitionJob, type JobState, type JobUpdate } from '../jobs'
 import { connectionInfo, type ConnectionInfo, type Registry } from '../registry'
-import { StoreUnavailableError, type Admission, type AdmitRequest, type ClusterStats, type Contacts, type ControlAnswer, type ControlListener, type ControlMessage, type JobPutResult, type OpenTracker, type Presence, type SharedState } from '../state'
+import { StoreUnavailableError, type Admission, type AdmitRequest, type ClusterStats, type ConnectionListing, type Contacts, type ControlAnswer, type ControlListener, type ControlMessage, type JobPutResult, type OpenTracker, type Presence, type SharedState } from '../state'
 import { inTurns, TurnsPerKey } from '../in-turns'
+import { infoFields, selectConnections, type ConnectionFilter } from '../listing'
 import { reasonOf, timedOut, type Log, type ScriptedRedis } from './client'
 
 export interface RedisStateOptions {
@@ -507,8 +508,9 @@ export class RedisState implements SharedState {
     return { connections: connections.length, users: users.size, topics: Object.fromEntries(topics), instances }
   }
 
-  async connections (): Promise<ConnectionInfo[]> {
-    return (await this.liveConnections()).connections
+  async connections (filter: ConnectionFilter = {}): Promise<ConnectionListing> {
+    const { items, total } = selectConnections((await this.liveConnections()).connections, (info) => info.instance, infoFields, filter)
+    return { connections: items, total }
   }
 
   async userTopics (userId: string): Promise<string[]> {
