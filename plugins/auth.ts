@@ -1,7 +1,7 @@
 import fp from 'fastify-plugin'
 import fastifyJwt, { type FastifyJWTOptions, type JWT } from '@fastify/jwt'
 import type { FastifyRequest } from 'fastify'
-import { hasLoneSurrogate, isEntityId } from '../src/core/publish'
+import { hasLoneSurrogate, isEntityId, MAX_ID_CHARACTERS, tooManyCharacters } from '../src/core/publish'
 import { errors } from '../src/errors'
 import { unquoted } from '../src/headers'
 
@@ -228,7 +228,8 @@ export default fp(async (app) => {
     const userId = [claimAt(claims, config.jwtUserClaim), claims.userId, claims.id].find(
       (value) => (typeof value === 'string' && value !== '') || typeof value === 'number'
     )
-    if (userId === undefined || String(userId).length > 256) throw unauthorized('no-user', 'token has no user id claim')
+    if (userId === undefined) throw unauthorized('no-user', 'token has no user id claim')
+    if (tooManyCharacters(String(userId))) throw unauthorized('no-user', `the token's user id is longer than ${MAX_ID_CHARACTERS} characters`)
     // Such a user could open streams that no publish, presence or job can name.
     if (typeof userId === 'string' && !isEntityId(userId)) {
       throw unauthorized('no-user', hasLoneSurrogate(userId) ? 'the token\'s user id is not well-formed Unicode' : 'the token\'s user id holds control characters')

@@ -172,6 +172,24 @@ t.test('a user id with a lone surrogate is refused by every route that takes one
   t.equal(fine.status, 200, 'well-formed unicode (a surrogate pair too) is fine')
 })
 
+t.test('a user id is 1-256 characters (code points) on every route: as a token\'s user, a publish target, a job owner, a member, a pre-created connection\'s user', async (t) => {
+  const { url } = await startGateway(t)
+  // 256 astral characters are 512 UTF-16 units: a count in units would refuse them here and accept them in the schemas.
+  const longest = '\u{1F600}'.repeat(256)
+  const tooLong = '\u{1F600}'.repeat(257)
+  const { stream } = await openConnected(`${url}/v1/stream?token=${token({ sub: longest })}`, { t })
+  const [id] = await publishOk(url, publisher, { to: { user: longest }, event: 'hello', data: 1 })
+  t.equal((await stream.nextEvent('hello')).id, id, 'the token\'s user opens a stream and a publish reaches it')
+  t.equal((await request(`${url}/v1/connections`, { token: publisher, body: { userId: longest } })).status, 201, 'a pre-created connection')
+  t.equal((await request(`${url}/v1/jobs/long-owner`, { method: 'PUT', token: publisher, body: { userId: longest, status: 'queued' } })).status, 200, 'a job owner')
+  t.equal((await request(`${url}/v1/conversations/long/members`, { method: 'PUT', token: publisher, body: { members: [longest] } })).status, 200, 'a member')
+
+  t.equal((await openStream(`${url}/v1/stream?token=${token({ sub: tooLong })}`, { t })).status, 401, '257: a token\'s user')
+  t.equal((await publish(url, publisher, { to: { user: tooLong }, event: 'x', data: 1 })).status, 400, '257: a publish target')
+  t.equal((await request(`${url}/v1/connections`, { token: publisher, body: { userId: tooLong } })).status, 400, '257: a pre-created connection')
+  t.equal((await request(`${url}/v1/jobs/long-owner-2`, { method: 'PUT', token: publisher, body: { userId: tooLong, status: 'queued' } })).status, 400, '257: a job owner')
+})
+
 t.test('path ids up to their schema\'s length work; longer ones and malformed escapes get 4xx in the contract\'s shape and a log line, the path not echoed', async (t) => {
   const { url, logs } = await startGateway(t, {}, { captureLogs: true })
   const job = async (id: string): Promise<number> => (await request(`${url}/v1/jobs/${id}`, { method: 'PUT', token: publisher, body: { userId: 'u1', status: 'queued' } })).status

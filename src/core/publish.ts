@@ -27,10 +27,25 @@ export const RESERVED_EVENTS = new Set(['connected', 'reset', 'auth-expired', 'e
 const ITEM_KEYS = new Set(['to', 'event', 'data'])
 const TARGET_KEYS = ['user', 'users', 'connection', 'conversation', 'topic', 'broadcast'] as const
 
-/** User, conversation and connection ids: 1–256 characters, no control characters. */
+export const MAX_ID_CHARACTERS = 256
+
+/**
+ * User, conversation and connection ids: 1–256 characters, no control
+ * characters. Characters are code points, as the route schemas count them
+ * (src/schemas/common.ts), so an id one route takes every other takes too.
+ */
 export function isEntityId (value: unknown): value is string {
   // eslint-disable-next-line no-control-regex
-  return typeof value === 'string' && value.length > 0 && value.length <= 256 && !/[\u0000-\u001f\u007f]/.test(value) && !hasLoneSurrogate(value)
+  return typeof value === 'string' && value.length > 0 && !tooManyCharacters(value) && !/[\u0000-\u001f\u007f]/.test(value) && !hasLoneSurrogate(value)
+}
+
+/** Counted only where UTF-16 units could be astral pairs: ids are short and mostly ASCII. */
+export function tooManyCharacters (value: string): boolean {
+  if (value.length <= MAX_ID_CHARACTERS) return false
+  if (value.length > 2 * MAX_ID_CHARACTERS) return true
+  let characters = 0
+  for (const _ of value) if (++characters > MAX_ID_CHARACTERS) return true
+  return false
 }
 
 // A lone surrogate has no UTF-8 form: Redis channel names would turn it into
