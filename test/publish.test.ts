@@ -161,6 +161,25 @@ t.test('event names: 1-64 of A-Z a-z 0-9 _ . : -', async (t) => {
   await nothingBefore(t, url, stream, { user: 'u1' }, 'after the refused names')
 })
 
+t.test('names the gateway sends itself, and EventSource\'s own error and open, are refused with 400 naming why', async (t) => {
+  const { url } = await startGateway(t)
+  const { stream } = await userStream(t, url, 'u1')
+  for (const name of ['connected', 'reset', 'auth-expired', 'evicted', 'shutdown', 'initial_status']) {
+    const answer = await publish(url, publisher, { to: { user: 'u1' }, event: name, data: 'x' })
+    t.equal(answer.status, 400, `${name}: 400`)
+    t.match(answer.json, { statusCode: 400, error: 'Bad Request', message: /reserved for the gateway/ }, `${name}: says why`)
+  }
+  for (const name of ['error', 'open']) {
+    const answer = await publish(url, publisher, { to: { user: 'u1' }, event: name, data: 'x' })
+    t.equal(answer.status, 400, `${name}: 400`)
+    t.match(answer.json, { statusCode: 400, error: 'Bad Request', message: new RegExp(`browsers would fire on${name}`) }, `${name}: says why`)
+  }
+  for (const name of ['Error', 'errors', 'opened', 'message']) {
+    t.equal((await publish(url, publisher, { to: { user: 'u1' }, event: name, data: 'x' })).status, 202, `${name}: a name of its own`)
+    t.equal((await stream.next()).event, name)
+  }
+})
+
 t.test('bad bodies are 400 with the error shape', async (t) => {
   const { url } = await startGateway(t)
   const { stream } = await userStream(t, url, 'u1')

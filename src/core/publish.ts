@@ -24,6 +24,13 @@ export type Validation<T> = { ok: true, value: T } | { ok: false, fault: 'invali
 export const MAX_BATCH = 1000
 /** Names the gateway itself sends; a publisher may not forge them. */
 export const RESERVED_EVENTS = new Set(['connected', 'reset', 'auth-expired', 'evicted', 'shutdown', 'initial_status'])
+/**
+ * A browser's EventSource dispatches a message named `error` or `open` to its
+ * onerror / onopen, the handlers of its own connection: a page would take
+ * such an event for a dropped or reopened stream (and a broadcast of one would
+ * make every tab that reconnects on error reconnect at once).
+ */
+export const BROWSER_EVENTS = new Set(['error', 'open'])
 const ITEM_KEYS = new Set(['to', 'event', 'data'])
 const TARGET_KEYS = ['user', 'users', 'connection', 'conversation', 'topic', 'broadcast'] as const
 
@@ -113,6 +120,7 @@ export function validateEventName (event: unknown): Validation<string> {
     return bad('"event" must be 1-64 characters of A-Z a-z 0-9 _ . : -')
   }
   if (RESERVED_EVENTS.has(event)) return bad(`"event" ${event} is reserved for the gateway`)
+  if (BROWSER_EVENTS.has(event)) return bad(`"event" ${event} is the name of EventSource's own ${event} event: browsers would fire on${event} with it`)
   return { ok: true, value: event }
 }
 
