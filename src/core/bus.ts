@@ -110,6 +110,15 @@ export interface EventBus {
   heardAt (): number
   /** The highest id issued so far. */
   lastId (): Promise<number>
+  /**
+   * An id issued to no event, once every event with a lower id that this
+   * process is to deliver has been handed to its listener; every event
+   * published later gets a higher one. Null when that cannot be told (the
+   * subscription was lost meanwhile). A stream that has had nothing for long
+   * is moved to it, so that its client's cursor stays inside the history
+   * window (see StreamService).
+   */
+  watermark (): Promise<number | null>
   /** Connected to the store (always in embedded mode): streams may be opened. */
   isReady (): boolean
   /** The store answers: connected, and no command timed out since its last answer. */

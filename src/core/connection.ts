@@ -307,6 +307,17 @@ export class StreamConnection {
     if (this.closeAfter?.(frame) === true) this.close('completed')
   }
 
+  /**
+   * Moves the client's cursor to `id`, an id no event has (see
+   * EventBus.watermark), with `frame`, its `id:` line alone: a browser takes
+   * the id and dispatches nothing. Only a live stream, and only forward.
+   */
+  moveCursor (id: number, frame: Buffer): void {
+    if (!this.live || id <= this.lastId) return
+    this.lastId = id
+    this.enqueue(frame, NOT_PLACED)
+  }
+
   /** Bytes without an id (response head, system event, comment), queued after what is already due. */
   sendSystem (frame: Buffer): void {
     if (this.closed) return

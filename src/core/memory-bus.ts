@@ -201,6 +201,13 @@ export class MemoryBus implements EventBus {
     return this.last
   }
 
+  async watermark (): Promise<number> {
+    // Events published but not yet handed out have lower ids: out first.
+    if (this.flushScheduled) this.flush()
+    this.last = Math.max(this.last + 1, clockId())
+    return this.last
+  }
+
   isReady (): boolean {
     return true
   }

@@ -1,7 +1,7 @@
 import { mergeById, type EventBus, type HistoryEntry, type ReplayResult, type ResetReason } from './bus'
 import { channel } from './channels'
 import { StreamConnection, WriteScheduler, type CloseReason, type Sink, type StreamKind } from './connection'
-import { retryFrame, systemFrame } from './framing'
+import { frameWithId, retryFrame, systemFrame } from './framing'
 import { inTurns } from './in-turns'
 import type { Hub } from './hub'
 import type { Registry } from './registry'
@@ -63,6 +63,17 @@ export interface StreamServiceOptions {
 }
 
 const EXPIRY_TICK_MS = 250
+
+/**
+ * When quiet streams' cursors are moved (see moveQuietCursors): a stream
+ * that has had no event for half the history window is moved, checked every
+ * eighth of it (within 1 s to 1 min), so a client's cursor is never much
+ * older than half the window while its stream is open.
+ */
+export function cursorSchedule (historyTtlS: number): { checkEveryMs: number, quietForMs: number } {
+  const windowMs = historyTtlS * 1000
+  return { checkEveryMs: Math.max(1000, Math.min(60_000, Math.floor(windowMs / 8))), quietForMs: Math.floor(windowMs / 2) }
+}
 /** How much of the history window an outage may last for a catch-up to read the window instead of sending reset (see missedSince). */
 const WINDOW_SHARE_FOR_OUTAGE = 0.9
 /** Streams replaying at once after the bus missed deliveries: bounded, so Redis is not flooded. */
@@ -97,6 +108,9 @@ export class StreamService {
   /** When the subscription went down (the first loss of the current outage). */
   private lostAt = 0
   private catchingUp = false
+  private readonly cursorTimer: NodeJS.Timeout
+  private readonly quietForMs: number
+  private movingCursors = false
   private catchUpAgain = false
 
   constructor (
@@ -109,6 +123,9 @@ export class StreamService {
     const { checkEveryMs, idleAfterMs } = keepaliveSchedule(options.keepaliveMs)
     this.keepaliveTimer = setInterval(() => this.keepalive(Date.now() - idleAfterMs), checkEveryMs).unref()
     this.expiryTimer = setInterval(() => this.expire(Date.now()), EXPIRY_TICK_MS).unref()
+    const { checkEveryMs: cursorCheckMs, quietForMs } = cursorSchedule(options.historyTtlS)
+    this.quietForMs = quietForMs
+    this.cursorTimer = setInterval(() => { void this.moveQuietCursors() }, cursorCheckMs).unref()
     bus.onSubscription({ lost: () => this.subscriptionLost(), restored: () => this.subscriptionRestored() })
   }
 
@@ -243,6 +260,7 @@ export class StreamService {
 
   stop (): void {
     clearInterval(this.keepaliveTimer)
+    clearInterval(this.cursorTimer)
     clearInterval(this.expiryTimer)
     this.expiries.clear()
   }
@@ -467,6 +485,43 @@ export class StreamService {
 
   private keepalive (idleSince: number): void {
     for (const connection of this.registry.all()) connection.keepalive(idleSince)
+  }
+
+  /**
+   * A client's cursor is the id of the last event it got. On a stream quiet
+   * for longer than the history window, that id falls out of the window, and
+   * the reconnect after a deploy's drain or a network change would get
+   * `reset` (`expired`) although nothing was missed: every client of a quiet
+   * app would resynchronise at once. So a stream that has had no event for
+   * half the window (none at all, too: its reconnect would have no cursor,
+   * and miss what is published meanwhile) is sent `id: <watermark>` alone,
+   * which moves the browser's cursor without dispatching anything.
+   */
+  private async moveQuietCursors (): Promise<void> {
+    if (this.movingCursors || this.draining) return
+    const quietSince = Date.now() - this.quietForMs
+    // Ids are clock microseconds (the Redis server's clock in Redis mode).
+    const isQuiet = (connection: StreamConnection): boolean =>
+      connection.live && connection.openedAt <= quietSince && connection.lastId / 1000 <= quietSince
+    let found = false
+    for (const connection of this.registry.all()) {
+      if (isQuiet(connection)) {
+        found = true
+        break
+      }
+    }
+    if (!found) return
+    this.movingCursors = true
+    try {
+      const mark = await this.bus.watermark()
+      if (mark === null) return
+      const frame = frameWithId(mark, '\n')
+      for (const connection of this.registry.all()) if (isQuiet(connection)) connection.moveCursor(mark, frame)
+    } catch {
+      // The store is unreachable: its loss is reported elsewhere, and the next check tries again.
+    } finally {
+      this.movingCursors = false
+    }
   }
 
   private bucketOf (at: number): number {

@@ -41,8 +41,9 @@ export class RedisBus implements EventBus {
   /**
    * The highest id delivered here (seeded at start with the last one issued,
    * before anything is subscribed): pub/sub delivers in id order, so every
-   * later delivery has a higher id. Raised only by deliveries: an id issued
-   * but still on its way would otherwise be counted as delivered.
+   * later delivery has a higher id. Raised only by deliveries, and by a
+   * watermark once its proof came (see watermark): an id issued but still
+   * on its way would otherwise be counted as delivered.
    */
   private delivered = 0
   /** The subscription was lost and is not restored yet. */
@@ -61,6 +62,8 @@ export class RedisBus implements EventBus {
   /** close() has run: the subscriber closing after it is the stop, not a loss. */
   private stopped = false
   private readonly pingTimer: NodeJS.Timeout
+  /** Times the subscriber's connection closed: a watermark's proof holds only on one connection. */
+  private subscriberCloses = 0
   private lastChunkId = 0
   private lastChunk: Buffer = Buffer.alloc(0)
 
@@ -117,6 +120,7 @@ export class RedisBus implements EventBus {
     // The catch-up reads history on the other connection, which may come back later.
     commands.redis.on('ready', () => this.restoreIfWhole())
     subscriber.on('close', () => {
+      this.subscriberCloses++
       this.dropping = false
       // Closed by close(): a stop, not a loss to warn about.
       if (this.lost || this.delivered === 0 || this.stopped) return
@@ -241,6 +245,19 @@ export class RedisBus implements EventBus {
 
   onDelivery (listener: DeliveryListener): void {
     this.listener = listener
+  }
+
+  async watermark (): Promise<number | null> {
+    if (this.lost || this.subscriber.status !== 'ready') return null
+    const closes = this.subscriberCloses
+    const id = Number(await this.commands.run('WATERMARK', [this.options.prefix]))
+    // Answered after every message Redis queued on the subscriber before it,
+    // which include every event with a lower id on this process's channels.
+    await this.subscriber.ping()
+    // A subscriber that reconnected meanwhile may have missed some: the catch-up's to mend.
+    if (closes !== this.subscriberCloses || this.lost) return null
+    if (id > this.delivered) this.delivered = id
+    return id
   }
 
   async lastId (): Promise<number> {

@@ -193,6 +193,20 @@ return fmt(last)
 `
 
 /**
+ * ARGV: prefix. Issues an id that no event gets, and returns it: every event
+ * with a lower id was published (and PUBLISHed) before this ran, every later
+ * one gets a higher id. A cursor a quiet stream can be moved to (see
+ * EventBus.watermark).
+ */
+export const WATERMARK = `${PUBLISH_FUNCTIONS}
+local prefix = ARGV[1]
+local now = clock_us()
+local id = math.max(ensure_epoch(prefix, now) + 1, now)
+redis.call('SET', prefix .. 'id', fmt(id))
+return fmt(id)
+`
+
+/**
  * ARGV: prefix, cursor ('' for the whole window), after (the id a window read
  * continues after, else ''), historyTtlS, maxBytes, channels...
  * Returns { 'reset', reason } or { 'ok', next, id1, body1, id2, body2, ... }
