@@ -370,6 +370,7 @@ export default fp(async (app) => {
         const opened = streams.open({
           connectionId: options.connectionId,
           admissionSeq: admission.seq,
+          issuedBefore: admission.issuedBefore,
           userId: auth.userId,
           kind: options.kind,
           topics: options.topics,

@@ -339,3 +339,26 @@ t.test('a stream opened without a cursor while the subscription is down gets not
   t.notOk(fresh.events.some((event) => event.id === old), 'not the event from before it opened')
   t.same(otherEvents(fresh), ['connected'], 'no reset either')
 })
+
+t.test('a stream with no event yet when the subscription is lost catches up from its own opening, not the instance\'s older mark: nothing from before it opened, no reset', async (t) => {
+  if (!(await needRedis(t))) return
+  const rig = await startRig(t, 'quietloss', { HISTORY_SIZE: '5' })
+  const { viaProxy, direct } = rig
+  const redis = redisClient(t)
+  // The instance hears one event, then nothing: its mark stays there.
+  const { stream: other } = await openConnected(`${viaProxy.url}/v1/stream?token=${userToken('u2')}`, { t })
+  const [heard] = await publishOk(direct.url, publisher, { to: { user: 'u2' }, event: 'seq', data: 0 })
+  await other.next((event) => event.id === heard, 5000, 'u2 live')
+  // More than HISTORY_SIZE for u1 while it has no stream anywhere: old, and trimmed.
+  const old: string[] = []
+  for (let n = 0; n < 8; n++) old.push(...await publishOk(direct.url, publisher, { to: { user: 'u1' }, event: 'old', data: n }))
+
+  const { stream: fresh } = await openConnected(`${viaProxy.url}/v1/stream?token=${userToken('u1')}`, { t })
+  await loseSubscription(rig, 1)
+  const [missed] = await publishOk(direct.url, publisher, { to: { user: 'u1' }, event: 'seq', data: 1 })
+  const marker = await subscribeAgain(rig, redis, 2)
+  await fresh.next((event) => event.id === marker, 10_000, 'the marker')
+  t.same(seqIds(fresh), [missed, marker], 'what it missed during the outage, then live')
+  t.notOk(fresh.events.some((event) => old.includes(event.id ?? '')), 'nothing from before it opened')
+  t.same(otherEvents(fresh), ['connected'], 'no reset (its channel was trimmed, but before it opened)')
+})

@@ -132,7 +132,11 @@ export class StreamConnection {
   tokenExpiresAt: number | null
   /** Id of the last event written or queued: deliveries at or below it are duplicates. */
   lastId = 0
-  /** The bus had delivered up to this id when the stream opened: what it delivers later is above it. */
+  /**
+   * Events up to this id are not the stream's to catch up after a loss:
+   * delivered to the process before it opened, issued before it was
+   * admitted, or (reopened without a cursor) on its channels before it joined them.
+   */
   baseline = 0
   /** Set while the stream catches up after the bus lost its subscription: replayed from above this id. */
   catchUpFrom: number | null = null

@@ -86,7 +86,7 @@ export class MemoryState implements SharedState {
       else topics.expiresAt = null
     }
     // One process: a reopen racing another is settled in the registry.
-    return { admitted: true, cameOnline: !wasOnline, evict: evict === null ? null : { connectionId: evict, instance: this.instanceId }, replacedOn: [], seq: ++this.admissions }
+    return { admitted: true, cameOnline: !wasOnline, evict: evict === null ? null : { connectionId: evict, instance: this.instanceId }, replacedOn: [], seq: ++this.admissions, issuedBefore: 0 }
   }
 
   async release (connectionId: string, userId: string, ttlS: number): Promise<void> {

@@ -48,6 +48,12 @@ export type Admission =
      * admitted) is not this stream's.
      */
     seq: number
+    /**
+     * The last event id issued when it was admitted: events up to it are
+     * older than the stream, which joins its channels after. 0 where the bus
+     * cannot lose deliveries (embedded mode), which is what it bounds.
+     */
+    issuedBefore: number
   }
 
 export interface ConnectionListing {

@@ -13,6 +13,8 @@ export interface StreamSpec {
   connectionId: string
   /** Its admission's seq (SharedState.admit): of two streams of one id, the one admitted last holds it. */
   admissionSeq: number
+  /** Admission.issuedBefore: a catch-up after a lost subscription starts no lower. */
+  issuedBefore: number
   userId: string
   kind: StreamKind
   topics: string[]
@@ -150,7 +152,7 @@ export class StreamService {
     })
     connection.onClose = this.cleanupClosed
     connection.admissionSeq = spec.admissionSeq
-    connection.baseline = this.bus.deliveredUpTo()
+    connection.baseline = Math.max(this.bus.deliveredUpTo(), spec.issuedBefore)
     // Queued first, so whatever ends the stream from here on follows a head.
     connection.sendSystem(spec.head)
     // Two reopens of one id can both pass the caller's check while it waits on
@@ -195,6 +197,8 @@ export class StreamService {
       ? spec.windowChannels
       : null
     const joinedAfter = windowChannels !== null ? await this.bus.lastId().catch((): null => null) : null
+    // What its other channels had before is not its own, after a loss too.
+    if (joinedAfter !== null) connection.baseline = Math.max(connection.baseline, joinedAfter)
     if (openedDuringLoss) {
       // Its catch-up starts above its baseline, the bus's mark from before the
       // outage: events its channels had then are not its own. What was issued
@@ -365,15 +369,16 @@ export class StreamService {
     if (!this.subscriptionDown) this.lostAt = heard
     this.subscriptionDown = true
     // Pub/sub delivers in id order: every event at or below this mark on a
-    // live stream's channels has reached it. (Its own opening mark would do
-    // too, but for a stream quiet longer than the history window that bound
-    // is out of the window, where trimming can no longer be told.)
+    // live stream's channels has reached it. A stream that has had no event
+    // yet starts no lower than its baseline: what was published before it
+    // opened is not its own, and a catch-up from the process's mark alone
+    // (old, on a quiet instance) sent it events from before its open.
     const delivered = this.bus.deliveredUpTo()
     for (const connection of [...this.registry.all()]) {
       // One catching up from an earlier loss keeps its bound, which is lower.
       if (connection.closed || connection.catchUpFrom !== null) continue
       if (connection.hold()) {
-        connection.catchUpFrom = Math.max(connection.lastId, delivered)
+        connection.catchUpFrom = Math.max(connection.lastId, delivered, connection.baseline)
         connection.catchUpSince = heard
       } else {
         connection.close('error')

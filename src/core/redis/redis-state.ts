@@ -353,12 +353,12 @@ export class RedisState implements SharedState {
       answer = await this.runAdmit(request)
       if (answer[0] === -1) throw new StoreUnavailableError(new Error('this instance is not listed in Redis'))
     }
-    const [admitted, cameOnline, evicted, seq, ...replacedOn] = answer
+    const [admitted, cameOnline, evicted, seq, issued, ...replacedOn] = answer
     if (admitted !== 1) return { admitted: false }
     this.cancelGrace(request.userId)
     const bar = evicted.indexOf('|')
     const evict = evicted === '' ? null : { connectionId: evicted.slice(bar + 1), instance: evicted.slice(0, bar) }
-    return { admitted: true, cameOnline: cameOnline === 1, evict, replacedOn, seq }
+    return { admitted: true, cameOnline: cameOnline === 1, evict, replacedOn, seq, issuedBefore: Number(issued) }
   }
 
   /**
@@ -397,7 +397,7 @@ export class RedisState implements SharedState {
       // connection), unless a stream of the id here holds it by then.
       if (timedOut(error)) this.unreleased.set(request.connectionId, { userId: request.userId, ttlS: this.options.historyTtlS })
       throw error
-    }) as [number, number, string, number, ...string[]]
+    }) as [number, number, string, number, string, ...string[]]
   }
 
   async release (connectionId: string, userId: string, ttlS: number): Promise<void> {

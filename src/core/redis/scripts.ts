@@ -355,7 +355,7 @@ end
 /**
  * Admits a stream under the per-user limit, cluster-wide.
  * ARGV: prefix, userId, instance, connectionId, limit, policy,
- * instanceTtlMs, infoJson, reopenTtlS. Returns { admitted(0|1), cameOnline(0|1), evicted member or '', the admission's seq (clock microseconds, or past the last one in P admissions: it orders every admission of the cluster), then the other instances whose stream of the id it replaced },
+ * instanceTtlMs, infoJson, reopenTtlS. Returns { admitted(0|1), cameOnline(0|1), evicted member or '', the admission's seq (clock microseconds, or past the last one in P admissions: it orders every admission of the cluster), the last event id issued, then the other instances whose stream of the id it replaced },
  * or { -1 } when the instance is not listed (Redis emptied, or the instance
  * reaped since its last beat): its own streams are not counted then, and it
  * must record them again first.
@@ -420,7 +420,8 @@ redis.call('ZADD', uk, fmt(seq), inst .. '|' .. conn)
 redis.call('SET', prefix .. 'conn:' .. conn, user)
 redis.call('PERSIST', prefix .. 'ut:' .. user)
 redis.call('HSET', prefix .. 'i:' .. inst .. ':conns', conn, ARGV[8])
-local result = { 1, was_online and 0 or 1, evict, seq }
+-- Every event up to the last id issued now predates the stream, which joins its channels after.
+local result = { 1, was_online and 0 or 1, evict, seq, redis.call('GET', prefix .. 'id') or '0' }
 for _, holder in ipairs(replaced_on) do result[#result + 1] = holder end
 return result
 `
