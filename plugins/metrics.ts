@@ -18,6 +18,7 @@ export interface GatewayMetrics {
   streamClosed (connection: StreamConnection, reason: string): void
   replayed (count: number): void
   reset (reason: string): void
+  cursorsMoved (count: number): void
 }
 
 declare module 'fastify' {
@@ -79,6 +80,7 @@ export default fp(async (app) => {
   const authFailures = new Counter<'reason'>({ name: 'sse_auth_failures_total', help: 'Rejected authentications, by reason', labelNames: ['reason'], registers: [registry] })
   const ingressRejects = new Counter<'source'>({ name: 'sse_ingress_rejected_total', help: 'Redis ingress messages dropped as invalid', labelNames: ['source'], registers: [registry] })
   const ingressDrops = new Counter<'source'>({ name: 'sse_ingress_dropped_total', help: 'Pub/sub ingress messages dropped unhandled: more were waiting to be published than the bound', labelNames: ['source'], registers: [registry] })
+  const cursorsMoved = new Counter({ name: 'sse_cursors_moved_total', help: 'Quiet streams sent an id line alone, which keeps their clients\' cursors inside the history window', registers: [registry] })
   const ingressRepeats = new Counter({ name: 'sse_ingress_repeats_total', help: 'Durable ingress entries handled again after a holder change, found already published and skipped', registers: [registry] })
 
   app.decorate('metrics', {
@@ -95,7 +97,8 @@ export default fp(async (app) => {
       if (reason === 'slow') slow.inc()
     },
     replayed: (count) => replayed.inc(count),
-    reset: (reason) => resets.inc({ reason })
+    reset: (reason) => resets.inc({ reason }),
+    cursorsMoved: (count) => cursorsMoved.inc(count)
   } satisfies GatewayMetrics)
 }, { name: 'metrics', dependencies: ['registry', 'bus'] })
 

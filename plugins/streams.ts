@@ -228,6 +228,7 @@ export default fp(async (app) => {
       }, 'stream superseded: a reopen of its id admitted after it holds the id')
     },
     replayed: (_connection, count) => app.metrics.replayed(count),
+    cursorsMoved: (count) => app.metrics.cursorsMoved(count),
     catchingUp: (count) => app.log.warn({ streams: count }, 'bus subscription back: streams replay what they may have missed'),
     catchUpFailed: (error) => app.log.error({ err: error }, 'catch-up failed: the streams not done stay held until the bus subscription is next restored'),
     reset: (connection, reason) => {

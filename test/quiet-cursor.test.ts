@@ -7,6 +7,7 @@
 import t from 'tap'
 import type { SseClient } from './helpers/sse'
 import { renderBody } from '../src/core/framing'
+import { metricValue, scrape } from './helpers/raw'
 import { forEachMode, openConnected, publishOk, publisherToken, startCluster, userToken } from './helpers'
 
 const publisher = publisherToken()
@@ -53,6 +54,7 @@ forEachMode(t, 'a stream that never had an event gets a cursor too, so its recon
   const { stream } = await openConnected(streamUrl, { t })
   const moved = await cursorPast(stream, 0, 'a cursor')
   t.same(stream.events.map((event) => event.event), ['connected'], 'no event was dispatched for it')
+  t.ok(metricValue(await scrape(gateway.url), 'sse_cursors_moved_total') >= 1, 'counted in sse_cursors_moved_total')
   stream.close()
   const [missed] = await publishOk(gateway.url, publisher, { to: { topic: 'quiet-news' }, event: 'news', data: 'meanwhile' })
   t.ok(Number(missed) > moved)

@@ -316,10 +316,11 @@ export class StreamConnection {
    * EventBus.watermark), with `frame`, its `id:` line alone: a browser takes
    * the id and dispatches nothing. Only a live stream, and only forward.
    */
-  moveCursor (id: number, frame: Buffer): void {
-    if (!this.live || id <= this.lastId) return
+  moveCursor (id: number, frame: Buffer): boolean {
+    if (!this.live || id <= this.lastId) return false
     this.lastId = id
     this.enqueue(frame, NOT_PLACED)
+    return true
   }
 
   /** Bytes without an id (response head, system event, comment), queued after what is already due. */

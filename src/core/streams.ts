@@ -53,6 +53,8 @@ export interface StreamEvents {
   topicsChanged (connection: StreamConnection): Promise<void>
   /** An open lost its id to a reopen admitted after it, and ended before it was registered. */
   superseded (connection: StreamConnection, holder: StreamConnection): void
+  /** `count` quiet streams were sent an id line alone (see moveQuietCursors). */
+  cursorsMoved (count: number): void
 }
 
 export interface StreamServiceOptions {
@@ -521,7 +523,9 @@ export class StreamService {
       const mark = await this.bus.watermark()
       if (mark === null) return
       const frame = frameWithId(mark, '\n')
-      for (const connection of this.registry.all()) if (isQuiet(connection)) connection.moveCursor(mark, frame)
+      let moved = 0
+      for (const connection of this.registry.all()) if (isQuiet(connection) && connection.moveCursor(mark, frame)) moved++
+      this.events.cursorsMoved(moved)
     } catch {
       // The store is unreachable: its loss is reported elsewhere, and the next check tries again.
     } finally {
