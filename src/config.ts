@@ -272,7 +272,7 @@ export function loadConfig (env: Env = process.env): Config {
     shutdownTimeoutMs: integer(env, 'SHUTDOWN_TIMEOUT_MS', 10000, 100, 3_600_000),
     maxTopics: integer(env, 'MAX_TOPICS', 256, 1, 10_000),
     logLevel: oneOf(env, 'LOG_LEVEL', 'info', ['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'] as const),
-    rateLimitStreamsPerMin: integer(env, 'RATE_LIMIT_STREAMS_PER_MIN', 600, 0),
+    rateLimitStreamsPerMin: integer(env, 'RATE_LIMIT_STREAMS_PER_MIN', 0, 0),
     rateLimitPublishPerMin: integer(env, 'RATE_LIMIT_PUBLISH_PER_MIN', 0, 0),
     trustProxy: proxyList(env),
     instanceTtlMs: integer(env, 'INSTANCE_TTL_MS', 10000, 1000, 600_000),

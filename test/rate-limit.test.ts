@@ -14,6 +14,21 @@ function assert429 (t: Test, status: number, retryAfter: string | null | undefin
   t.match(body, { statusCode: 429, code: 'GW_RATE_LIMITED', error: 'Too Many Requests', message: String })
 }
 
+t.test('by default stream opens are not rate limited: 700 from one address within the minute all open (the contract lists no such limit)', async (t) => {
+  const { url } = await startGateway(t)
+  let opened = 0
+  for (let next = 0; next < 700;) {
+    const batch = Array.from({ length: Math.min(50, 700 - next) }, (_, i) => `burst-${next + i}`)
+    next += batch.length
+    await Promise.all(batch.map(async (user) => {
+      const { stream } = await openConnected(`${url}/v1/stream?token=${userToken(user)}`, { t })
+      opened++
+      stream.close()
+    }))
+  }
+  t.equal(opened, 700)
+})
+
 t.test('stream opens past RATE_LIMIT_STREAMS_PER_MIN from one address: 429 with Retry-After and the JSON error shape', async (t) => {
   const { url, app } = await startGateway(t, { RATE_LIMIT_STREAMS_PER_MIN: '3' })
   for (let n = 0; n < 3; n++) await openConnected(`${url}/v1/stream?token=${userToken(`u${n}`)}`, { t })
