@@ -37,9 +37,11 @@ const names = (list: Algorithms, alg: string): boolean => (list as readonly stri
 /** Tokens are looked for in this order; the first one present is the only one verified. */
 export function extractToken (request: FastifyRequest): string | null {
   const authorization = request.headers.authorization
-  if (authorization !== undefined) {
-    const match = /^Bearer\s+(\S+)\s*$/i.exec(authorization)
-    // A present but malformed header is not skipped in favour of a later source.
+  // The source is a Bearer header: another scheme (Basic credentials that a
+  // browser adds by itself on a site behind HTTP auth) is not a token, and
+  // does not hide the later sources. A Bearer one that is malformed does.
+  if (authorization !== undefined && /^\s*bearer(\s|$)/i.test(authorization)) {
+    const match = /^\s*Bearer\s+(\S+)\s*$/i.exec(authorization)
     return match === null ? '' : match[1]
   }
   const header = request.headers['x-auth-token']

@@ -64,8 +64,16 @@ t.test('the first source present is the only one verified', async (t) => {
   t.test('a bad Authorization header with a good query token: 401', async (t) => {
     await expect401(t, url, { authorization: `Bearer ${bad}` }, `?token=${good}`)
   })
-  t.test('a malformed Authorization header (not Bearer) with a good X-Auth-Token: 401', async (t) => {
-    await expect401(t, url, { authorization: `Basic ${Buffer.from('a:b').toString('base64')}`, 'x-auth-token': good })
+  t.test('an Authorization header of another scheme (Basic, as a browser sends on a site behind HTTP auth) is not a token source: the next one is used', async (t) => {
+    const basic = `Basic ${Buffer.from('a:b').toString('base64')}`
+    t.equal(await connectedUser(t, await openStream(`${url}/v1/stream`, { headers: { authorization: basic, 'x-auth-token': good }, t })), 'u1', 'X-Auth-Token')
+    t.equal(await connectedUser(t, await openStream(`${url}/v1/stream?token=${good}`, { headers: { authorization: 'Digest username="a"' }, t })), 'u1', '?token=')
+    await expect401(t, url, { authorization: basic, 'x-auth-token': bad }, `?token=${good}`)
+    await expect401(t, url, { authorization: basic })
+  })
+  t.test('a malformed Bearer header with a good X-Auth-Token: 401', async (t) => {
+    await expect401(t, url, { authorization: 'Bearer', 'x-auth-token': good })
+    await expect401(t, url, { authorization: 'Bearer a b', 'x-auth-token': good })
   })
   t.test('a bad X-Auth-Token with a good query token: 401', async (t) => {
     await expect401(t, url, { 'x-auth-token': bad }, `?token=${good}`)
