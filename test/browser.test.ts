@@ -5,6 +5,7 @@
  */
 import t from 'tap'
 import {
+  eventually,
   freePort,
   openConnected,
   publishOk,
@@ -340,5 +341,31 @@ t.test('the dashboard lists the newest 500 streams, and its filter asks the gate
   await admin.waitForSelector(`#connections tbody tr[data-connection-id="${needle.connectionId}"]`)
   await admin.locator('#connections-count', { hasText: '(1)' }).waitFor()
   t.pass('the filter found it through the gateway')
+  t.same(browser.problems, [], 'no page errors')
+})
+
+t.test('a quiet stream\'s cursor moved by an id line alone is taken by Chromium\'s EventSource: its reconnect replays instead of reset', async (t) => {
+  if (!needChromium(t)) return
+  // Moved after 1 s of quiet; the first event's id is out of the window after 2 s.
+  const gateway = await startGateway(t, { HISTORY_TTL_S: '2', RETRY_MS: '300' })
+  const browser = await launchBrowser(t)
+  const page = await browser.newPage()
+  await page.goto(`${gateway.url}/demo`)
+  const user = 'u-quiet-browser'
+  const recorder = await pageEventSource(page, `/v1/stream?token=${encodeURIComponent(userToken(user))}`, {
+    names: ['connected', 'first', 'missed', 'reset']
+  })
+  await recorder.waitEvents('connected', 1)
+  const [first] = await publishOk(gateway.url, publisher, { to: { user }, event: 'first', data: 1 })
+  await recorder.waitEvents('first', 1)
+  const [connection] = gateway.app.registry.ofUser(user)
+  await eventually(() => connection.lastId > Number(first) + 2_000_000, 'the stream\'s cursor to be moved past the first event\'s window', 10_000)
+
+  // Ended as a drain ends it: the browser reconnects by itself, with its Last-Event-ID.
+  gateway.app.streams.close(connection, 'shutdown', 'shutdown', { reason: 'server shutting down' })
+  const [missed] = await publishOk(gateway.url, publisher, { to: { user }, event: 'missed', data: 2 })
+  const [replayed] = await recorder.waitEvents('missed', 1)
+  t.equal(replayed.lastEventId, missed, 'what was published while it was away is replayed')
+  t.same(recorder.events().map((record) => record.type), ['connected', 'first', 'connected', 'missed'], 'no reset: the browser reconnected with the moved cursor')
   t.same(browser.problems, [], 'no page errors')
 })
