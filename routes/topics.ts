@@ -18,7 +18,7 @@ export function checkTopics (auth: AuthContext, topics: string[], max = MAX_TOPI
   return distinct
 }
 
-export function parseTopicList (raw: string | undefined): string[] {
+export function parseTopicList (raw: string | string[] | undefined): string[] {
   if (raw === undefined) return []
-  return raw.split(',').map((topic) => topic.trim()).filter((topic) => topic !== '').map(detachedCopy)
+  return (Array.isArray(raw) ? raw.join(',') : raw).split(',').map((topic) => topic.trim()).filter((topic) => topic !== '').map(detachedCopy)
 }

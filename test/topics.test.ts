@@ -5,7 +5,7 @@
  * in Redis mode two instances share the work wherever that proves something.
  */
 import t from 'tap'
-import { eventually, publish, userToken } from './helpers'
+import { eventually, openConnected, openStream, publish, userToken } from './helpers'
 import {
   connect, namesOf, pair, presence, publishTo, PUBLISHER, settle, stats, subscriptions, tryOpen
 } from './helpers/channels'
@@ -29,6 +29,16 @@ forEachMode(t, '?topics=a,b subscribes at open: a topic event reaches the stream
   t.same(received.map((event) => [event.id, event.event, event.data]), [[news, 'headline', '{"n":1}'], [sport, 'score', '{"n":2}']])
   t.same(namesOf(await settle(b, bob.stream, bob.connectionId)), [], 'a stream subscribed to another topic receives nothing')
   t.same(namesOf(await settle(b, carol.stream, carol.connectionId)), [], 'a stream with no topics receives nothing')
+})
+
+t.test('?topics= repeated (topics=a&topics=b,c) is one list; more than 100 names in one request: 400', async (t) => {
+  const { url } = await startGateway(t)
+  const { connected } = await openConnected(`${url}/v1/stream?token=${userToken('rep')}&topics=news&topics=sport,weather&topics=news`, { t })
+  t.same([...connected.topics].sort(), ['news', 'sport', 'weather'], 'every name, each once')
+  const many = Array.from({ length: 101 }, (_, i) => `topics=t${i}`).join('&')
+  const refused = await openStream(`${url}/v1/stream?token=${userToken('rep')}&${many}`, { t })
+  t.equal(refused.status, 400)
+  t.match(refused.json(), { statusCode: 400, error: 'Bad Request', message: String })
 })
 
 forEachMode(t, 'POST /v1/subscriptions with a connectionId adds topics to that stream only; DELETE removes them', async (t, mode) => {

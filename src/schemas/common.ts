@@ -19,7 +19,8 @@ export const UserId = Type.String({ minLength: 1, maxLength: MAX_ID_CHARACTERS, 
 
 export const StreamQuery = Type.Object({
   token: Type.Optional(Type.String()),
-  topics: Type.Optional(Type.String({ maxLength: 8192 })),
+  // `topics=a,b`, or the parameter repeated (`topics=a&topics=b`), as some clients build lists.
+  topics: Type.Optional(Type.Union([Type.String({ maxLength: 8192 }), Type.Array(Type.String({ maxLength: 8192 }), { maxItems: 100 })])),
   // No length limit of its own: one that does not parse gets `reset`, as the header does.
   lastEventId: Type.Optional(Type.String())
 })
