@@ -8,7 +8,7 @@ import t from 'tap'
 import type { SseClient } from './helpers/sse'
 import { renderBody } from '../src/core/framing'
 import { metricValue, scrape } from './helpers/raw'
-import { forEachMode, openConnected, publishOk, publisherToken, startCluster, userToken } from './helpers'
+import { eventually, forEachMode, openConnected, publishOk, publisherToken, startCluster, userToken } from './helpers'
 
 const publisher = publisherToken()
 const ENV = { HISTORY_TTL_S: '2', KEEPALIVE_MS: '60000' }
@@ -99,4 +99,22 @@ forEachMode(t, 'a watermark is issued only once every event with a lower id has 
     t.ok(ids.every((id) => id !== mark), `round ${round}: no event has the watermark's id`)
     t.ok(connection.lastId >= (below[below.length - 1] ?? 0), `round ${round}: every event below the watermark (${below.length} of ${ids.length}) had been handed to the stream`)
   }
+})
+
+t.test('a stream replayed from an old cursor is moved as soon as its last event is old, not once the stream itself is', async (t) => {
+  // Moved after 10 s of quiet, checked every 2.5 s.
+  const [gateway] = await startCluster(t, 'memory', 1, { HISTORY_TTL_S: '20', KEEPALIVE_MS: '60000' })
+  const streamUrl = `${gateway.url}/v1/stream?token=${userToken('quiet-u5')}`
+  const { stream: before } = await openConnected(streamUrl, { t })
+  const [old] = await publishOk(gateway.url, publisher, { to: { user: 'quiet-u5' }, event: 'old', data: 1 })
+  await before.nextEvent('old')
+  before.close()
+  await eventually(() => Date.now() * 1000 > Number(old) + 11_000_000, 'the event to be 11 s old', 15_000, 100)
+
+  const { stream } = await openConnected(streamUrl, { t, headers: { 'last-event-id': String(Number(old) - 1) } })
+  t.equal((await stream.nextEvent('old')).id, old, 'replayed')
+  // A stream's own age reaches the 10 s only after 10 s: a move well before then is the last event's age.
+  const openedAt = Date.now()
+  await cursorPast(stream, Number(old), 'the cursor to be moved')
+  t.ok(Date.now() - openedAt < 9000, `moved ${Date.now() - openedAt} ms after the open, before the stream was 10 s old`)
 })

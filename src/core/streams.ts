@@ -507,9 +507,11 @@ export class StreamService {
   private async moveQuietCursors (): Promise<void> {
     if (this.movingCursors || this.draining) return
     const quietSince = Date.now() - this.quietForMs
-    // Ids are clock microseconds (the Redis server's clock in Redis mode).
+    // Ids are clock microseconds (the Redis server's clock in Redis mode). A
+    // stream whose last event is old is moved however recently it opened (a
+    // replay from an old cursor); one that has had none, once it is old itself.
     const isQuiet = (connection: StreamConnection): boolean =>
-      connection.live && connection.openedAt <= quietSince && connection.lastId / 1000 <= quietSince
+      connection.live && (connection.lastId > 0 ? connection.lastId / 1000 : connection.openedAt) <= quietSince
     let found = false
     for (const connection of this.registry.all()) {
       if (isQuiet(connection)) {
