@@ -8,7 +8,9 @@ import t from 'tap'
 import type { SseClient } from './helpers/sse'
 import { renderBody } from '../src/core/framing'
 import { metricValue, scrape } from './helpers/raw'
-import { eventually, forEachMode, openConnected, publishOk, publisherToken, startCluster, userToken } from './helpers'
+import { join } from 'node:path'
+import { eventually, forEachMode, openConnected, publishOk, publisherToken, spawnServer, startCluster, TEST_SECRET, userToken } from './helpers'
+import { REDIS_URL, uniquePrefix } from './helpers/redis'
 
 const publisher = publisherToken()
 const ENV = { HISTORY_TTL_S: '2', KEEPALIVE_MS: '60000' }
@@ -117,4 +119,24 @@ t.test('a stream replayed from an old cursor is moved as soon as its last event 
   const openedAt = Date.now()
   await cursorPast(stream, Number(old), 'the cursor to be moved')
   t.ok(Date.now() - openedAt < 9000, `moved ${Date.now() - openedAt} ms after the open, before the stream was 10 s old`)
+})
+
+forEachMode(t, 'a gateway whose clock runs 5 s behind moves a quiet cursor by the bus\'s clock, inside the window', async (t, mode) => {
+  // Ids follow the bus's clock (the Redis server's, or the monotonic one), not Date.now(), which a drifted host's is.
+  const env: Record<string, string> = {
+    JWT_SECRET: TEST_SECRET,
+    HOST: '127.0.0.1',
+    LOG_LEVEL: 'warn',
+    HISTORY_TTL_S: '8',
+    KEEPALIVE_MS: '60000',
+    NODE_OPTIONS: `--require ${join(__dirname, 'helpers', 'clock-skew.js')}`,
+    CLOCK_SKEW_MS: '-5000',
+    ...(mode === 'redis' ? { REDIS_URL, REDIS_PREFIX: uniquePrefix('quietskew') } : {})
+  }
+  const gateway = await spawnServer(t, env)
+  const { stream } = await openConnected(`${gateway.url}/v1/stream?token=${userToken('quiet-u6')}`, { t })
+  const [first] = await publishOk(gateway.url, publisher, { to: { user: 'quiet-u6' }, event: 'first', data: 1 })
+  await stream.nextEvent('first')
+  const moved = await cursorPast(stream, Number(first), 'the cursor to be moved')
+  t.ok(moved - Number(first) < 8_000_000, `moved ${((moved - Number(first)) / 1e6).toFixed(1)} s of the bus's clock after the event, inside the 8 s window`)
 })

@@ -320,7 +320,7 @@ export class StreamConnection {
     if (!this.live || id <= this.lastId) return false
     this.lastId = id
     this.enqueue(frame, NOT_PLACED)
-    return true
+    return !this.closed
   }
 
   /** Bytes without an id (response head, system event, comment), queued after what is already due. */

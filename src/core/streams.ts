@@ -71,8 +71,8 @@ const EXPIRY_TICK_MS = 250
 /**
  * When quiet streams' cursors are moved (see moveQuietCursors): a stream
  * that has had no event for half the history window is moved, checked every
- * eighth of it (within 1 s to 1 min), so a client's cursor is never much
- * older than half the window while its stream is open.
+ * eighth of it (within 1 s to 1 min), so a client's cursor is never older
+ * than half the window and one check while its stream is open.
  */
 export function cursorSchedule (historyTtlS: number): { checkEveryMs: number, quietForMs: number } {
   const windowMs = historyTtlS * 1000
@@ -505,29 +505,26 @@ export class StreamService {
    * which moves the browser's cursor without dispatching anything.
    */
   private async moveQuietCursors (): Promise<void> {
-    if (this.movingCursors || this.draining) return
-    const quietSince = Date.now() - this.quietForMs
-    // Ids are clock microseconds (the Redis server's clock in Redis mode). A
-    // stream whose last event is old is moved however recently it opened (a
-    // replay from an old cursor); one that has had none, once it is old itself.
-    const isQuiet = (connection: StreamConnection): boolean =>
-      connection.live && (connection.lastId > 0 ? connection.lastId / 1000 : connection.openedAt) <= quietSince
-    let found = false
-    for (const connection of this.registry.all()) {
-      if (isQuiet(connection)) {
-        found = true
-        break
-      }
-    }
-    if (!found) return
+    if (this.movingCursors || this.draining || this.registry.size === 0) return
     this.movingCursors = true
     try {
+      // Asked at every check: ids are microseconds of the bus's clock (the
+      // Redis server's in Redis mode), which this process's may not agree
+      // with, and the watermark is that clock's now.
       const mark = await this.bus.watermark()
       if (mark === null) return
+      const quietSinceId = mark - this.quietForMs * 1000
+      const quietSince = Date.now() - this.quietForMs
       const frame = frameWithId(mark, '\n')
       let moved = 0
-      for (const connection of this.registry.all()) if (isQuiet(connection) && connection.moveCursor(mark, frame)) moved++
-      this.events.cursorsMoved(moved)
+      for (const connection of this.registry.all()) {
+        if (!connection.live) continue
+        // Moved once its last event is old, however recently it opened (a
+        // replay from an old cursor); one that has had none, once it is old itself.
+        if (connection.lastId > 0 ? connection.lastId > quietSinceId : connection.openedAt > quietSince) continue
+        if (connection.moveCursor(mark, frame)) moved++
+      }
+      if (moved > 0) this.events.cursorsMoved(moved)
     } catch {
       // The store is unreachable: its loss is reported elsewhere, and the next check tries again.
     } finally {

@@ -252,7 +252,9 @@ export class RedisBus implements EventBus {
     const closes = this.subscriberCloses
     const id = Number(await this.commands.run('WATERMARK', [this.options.prefix]))
     // Answered after every message Redis queued on the subscriber before it,
-    // which include every event with a lower id on this process's channels.
+    // which include every event with a lower id on the channels subscribed by
+    // then (one whose SUBSCRIBE was still on its way had no stream owed its
+    // earlier events: the join that asked for it had not returned).
     await this.subscriber.ping()
     // A subscriber that reconnected meanwhile may have missed some: the catch-up's to mend.
     if (closes !== this.subscriberCloses || this.lost) return null
