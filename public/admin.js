@@ -67,7 +67,9 @@ function start (newToken) {
 async function refresh (current) {
   // Null while a refresh runs: only a waiting one is brought forward (see visibilitychange).
   timer = null
-  const search = filterInput.value.trim().slice(0, 256)
+  // Cut by characters, as the gateway counts them: a cut through a surrogate
+  // pair would make encodeURIComponent throw, and no refresh would follow.
+  const search = Array.from(filterInput.value.trim()).slice(0, 256).join('')
   const listing = `v1/connections?limit=${SHOWN_STREAMS}${search === '' ? '' : `&q=${encodeURIComponent(search)}`}`
   const [connections, stats] = await Promise.all([api(listing, { token }), api('v1/stats', { token })])
   if (current !== generation) return

@@ -337,6 +337,11 @@ t.test('the dashboard lists the newest 500 streams, and its filter asks the gate
   t.equal(await admin.locator('#connections tbody tr[data-user-id="needle-user"]').count(), 0, 'the oldest stream is not among them')
   t.equal(await admin.textContent('#stat-connections'), String(BULK + 1), 'the figures still count every stream')
 
+  // Longer than the gateway takes (256 characters), cut where a surrogate pair would split.
+  const asked = admin.waitForRequest((request) => request.url().includes('/v1/connections?') && request.url().includes('q=x'), { timeout: 10_000 })
+  await admin.fill('#filter', `x${'\u{1F600}'.repeat(300)}`)
+  await asked
+  await admin.locator('#connections-empty', { hasText: 'No stream matches the filter.' }).waitFor()
   await admin.fill('#filter', 'needle')
   await admin.waitForSelector(`#connections tbody tr[data-connection-id="${needle.connectionId}"]`)
   await admin.locator('#connections-count', { hasText: '(1)' }).waitFor()
