@@ -39,8 +39,9 @@ export function extractToken (request: FastifyRequest): string | null {
   const authorization = request.headers.authorization
   // The source is a Bearer header: another scheme (Basic credentials that a
   // browser adds by itself on a site behind HTTP auth) is not a token, and
-  // does not hide the later sources. A Bearer one that is malformed does.
-  if (authorization !== undefined && /^\s*bearer(\s|$)/i.test(authorization)) {
+  // does not hide the later sources. A Bearer one that is malformed does, as
+  // does a bare value with no scheme (a token sent without `Bearer `).
+  if (authorization !== undefined && (/^\s*bearer(\s|$)/i.test(authorization) || !/^\s*\S+\s+\S/.test(authorization))) {
     const match = /^\s*Bearer\s+(\S+)\s*$/i.exec(authorization)
     return match === null ? '' : match[1]
   }

@@ -74,6 +74,7 @@ t.test('the first source present is the only one verified', async (t) => {
   t.test('a malformed Bearer header with a good X-Auth-Token: 401', async (t) => {
     await expect401(t, url, { authorization: 'Bearer', 'x-auth-token': good })
     await expect401(t, url, { authorization: 'Bearer a b', 'x-auth-token': good })
+    await expect401(t, url, { authorization: bad }, `?token=${good}`)
   })
   t.test('a bad X-Auth-Token with a good query token: 401', async (t) => {
     await expect401(t, url, { 'x-auth-token': bad }, `?token=${good}`)
