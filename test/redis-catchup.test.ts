@@ -362,3 +362,27 @@ t.test('a stream with no event yet when the subscription is lost catches up from
   t.notOk(fresh.events.some((event) => old.includes(event.id ?? '')), 'nothing from before it opened')
   t.same(otherEvents(fresh), ['connected'], 'no reset (its channel was trimmed, but before it opened)')
 })
+
+t.test('a reconnect to an instance whose subscriber lags gets nothing at or below its cursor: the events still on their way to that instance are not sent again', async (t) => {
+  if (!(await needRedis(t))) return
+  const { proxy, viaProxy, direct } = await startRig(t, 'laggingreopen')
+  // Keeps the lagging instance subscribed to u1's channel.
+  const { stream: resident } = await openConnected(`${viaProxy.url}/v1/stream?token=${userToken('u1')}`, { t })
+  const { stream: first } = await openConnected(`${direct.url}/v1/stream?token=${userToken('u1')}`, { t })
+
+  proxy.holdReplies(SUBSCRIBER)
+  const [held] = await publishOk(direct.url, publisher, { to: { user: 'u1' }, event: 'seq', data: 1 })
+  await first.next((event) => event.id === held, 5000, 'the event, on the up-to-date instance')
+  first.close()
+  // Its own channel's SUBSCRIBE is answered after the held event: the open waits for it, the event then reaches it first.
+  const opening = openConnected(`${viaProxy.url}/v1/stream?token=${userToken('u1')}`, { t, headers: { 'last-event-id': held }, timeoutMs: 10_000 })
+  await eventually(() => viaProxy.app.registry.ofUser('u1').length === 2, 'the reconnect to join its channels on the lagging instance')
+  proxy.releaseReplies(SUBSCRIBER)
+  const { stream: second } = await opening
+  await resident.next((event) => event.id === held, 5000, 'the held event, once it reached the lagging instance')
+
+  const [marker] = await publishOk(direct.url, publisher, { to: { user: 'u1' }, event: 'seq', data: 2 })
+  await second.next((event) => event.id === marker, 5000, 'the marker')
+  t.same(seqIds(second), [marker], 'the event it had before it reconnected is not sent again')
+  t.same(otherEvents(second), ['connected'], 'no reset')
+})

@@ -302,7 +302,14 @@ export class StreamService {
       await this.sendHistory(connection, events)
       return !connection.closed
     }).catch((): ResetReason => 'unavailable')
-    if (reset !== null) this.sendReset(connection, reset)
+    if (reset !== null) {
+      this.sendReset(connection, reset)
+      return
+    }
+    // The client has every event up to its cursor: one still on its way to
+    // this process (its subscriber behind the instance the client left) and
+    // held meanwhile is not sent again, nor its cursor taken back.
+    if (cursor > connection.lastId) connection.lastId = cursor
   }
 
   /** Every page of a replay, for readers that merge it whole. */
