@@ -1,10 +1,13 @@
 import type Redis from 'ioredis'
+import { randomBytes } from 'node:crypto'
 import { NotLeaseHolderError, type DeliveryListener, type EventBus, type HistoryEntry, type LeaseFence, type OnceOutcome, type PublishItem, type PublishOnce, type ReplayResult, type ResetReason, type SubscriptionListeners } from '../bus'
 import { chunkOf, frameWithId } from '../framing'
 import { reasonOf, type Log, type ScriptedRedis } from './client'
 
 const ID_PREFIX = Buffer.from('id: ')
 const NEWLINE = 0x0a
+/** How long a watermark waits for its own message to come back on the subscriber. */
+const WATERMARK_TIMEOUT_MS = 5000
 /** SUBSCRIBE takes any number of channels; bounded, so one command stays a modest size however many streams listen. */
 const RESUBSCRIBE_BATCH = 1000
 
@@ -64,6 +67,16 @@ export class RedisBus implements EventBus {
   private readonly pingTimer: NodeJS.Timeout
   /** Times the subscriber's connection closed: a watermark's proof holds only on one connection. */
   private subscriberCloses = 0
+  /**
+   * This process's own bus channel, which only watermarks publish on: no
+   * event channel starts with '~' (see channels.ts). Kept in `channels`, so
+   * it is subscribed again after a reconnect like the others.
+   */
+  private readonly markChannel = `~mark:${randomBytes(8).toString('hex')}`
+  private readonly markChannelName: Buffer
+  /** The highest watermark heard back on `markChannel`, and those callers wait for. */
+  private markHeard = 0
+  private readonly markWaiters = new Set<{ id: number, settle: (heard: boolean) => void }>()
   private lastChunkId = 0
   private lastChunk: Buffer = Buffer.alloc(0)
 
@@ -74,6 +87,7 @@ export class RedisBus implements EventBus {
     private readonly log: Pick<Log, 'warn'>
   ) {
     this.channelPrefix = `${options.prefix}ch:`
+    this.markChannelName = Buffer.from(this.channelPrefix + this.markChannel)
     const skip = Buffer.byteLength(this.channelPrefix)
     // Whatever is read on the subscriber proves it alive, for any module's channels (ingress's patterns too).
     subscriber.on('pmessageBuffer', () => { this.received++ })
@@ -84,6 +98,10 @@ export class RedisBus implements EventBus {
       if (newline <= 0) return
       const id = Number(message.toString('latin1', 0, newline))
       if (id > this.delivered) this.delivered = id
+      if (channelName.length === this.markChannelName.length && channelName.equals(this.markChannelName)) {
+        this.heardMark(id)
+        return
+      }
       // "<id>\n<body>" becomes the chunk "id: <id>\n<body>": one copy, shared by
       // every local recipient. An event on several channels comes as one
       // message per channel, back to back from the script that published
@@ -247,19 +265,42 @@ export class RedisBus implements EventBus {
     this.listener = listener
   }
 
+  /**
+   * The script issues the id and PUBLISHes it on this process's own
+   * channel: heard back on the subscriber, it comes after every event with a
+   * lower id on the channels subscribed by then, as every publish is one
+   * script. (One whose SUBSCRIBE was still on its way had no stream owed its
+   * earlier events: the join that asked for it had not returned.) A message,
+   * not a PING: it also proves the subscriber listens to the server the
+   * script ran on, or to one of its replicas, which pass messages on in
+   * order, and not to a master left behind by a failover.
+   */
   async watermark (): Promise<number | null> {
     if (this.lost || this.subscriber.status !== 'ready') return null
     const closes = this.subscriberCloses
-    const id = Number(await this.commands.run('WATERMARK', [this.options.prefix]))
-    // Answered after every message Redis queued on the subscriber before it,
-    // which include every event with a lower id on the channels subscribed by
-    // then (one whose SUBSCRIBE was still on its way had no stream owed its
-    // earlier events: the join that asked for it had not returned).
-    await this.subscriber.ping()
+    if (!this.channels.has(this.markChannel)) await this.listen(this.markChannel)
+    const id = Number(await this.commands.run('WATERMARK', [this.options.prefix, this.channelPrefix + this.markChannel]))
+    const heard = this.markHeard >= id || await new Promise<boolean>((resolve) => {
+      const waiter = {
+        id,
+        settle: (heard: boolean) => {
+          clearTimeout(timer)
+          this.markWaiters.delete(waiter)
+          resolve(heard)
+        }
+      }
+      const timer = setTimeout(() => waiter.settle(false), WATERMARK_TIMEOUT_MS)
+      this.markWaiters.add(waiter)
+    })
     // A subscriber that reconnected meanwhile may have missed some: the catch-up's to mend.
-    if (closes !== this.subscriberCloses || this.lost) return null
+    if (!heard || closes !== this.subscriberCloses || this.lost) return null
     if (id > this.delivered) this.delivered = id
     return id
+  }
+
+  private heardMark (id: number): void {
+    if (id > this.markHeard) this.markHeard = id
+    for (const waiter of this.markWaiters) if (id >= waiter.id) waiter.settle(true)
   }
 
   async lastId (): Promise<number> {
@@ -281,6 +322,7 @@ export class RedisBus implements EventBus {
   async close (): Promise<void> {
     this.stopped = true
     clearInterval(this.pingTimer)
+    for (const waiter of this.markWaiters) waiter.settle(false)
   }
 
   private async resubscribe (): Promise<void> {

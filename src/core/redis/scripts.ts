@@ -193,16 +193,17 @@ return fmt(last)
 `
 
 /**
- * ARGV: prefix. Issues an id that no event gets, and returns it: every event
- * with a lower id was published (and PUBLISHed) before this ran, every later
- * one gets a higher id. A cursor a quiet stream can be moved to (see
- * EventBus.watermark).
+ * ARGV: prefix, channel. Issues an id that no event gets, PUBLISHes it on
+ * `channel` (as the id and a newline) and returns it: every event with a lower id was
+ * published (and PUBLISHed) before this ran, every later one gets a higher
+ * id. A cursor a quiet stream can be moved to (see RedisBus.watermark).
  */
 export const WATERMARK = `${PUBLISH_FUNCTIONS}
 local prefix = ARGV[1]
 local now = clock_us()
 local id = math.max(ensure_epoch(prefix, now) + 1, now)
 redis.call('SET', prefix .. 'id', fmt(id))
+redis.call('PUBLISH', ARGV[2], fmt(id) .. '\\n')
 return fmt(id)
 `
 
