@@ -140,3 +140,27 @@ forEachMode(t, 'a gateway whose clock runs 5 s behind moves a quiet cursor by th
   const moved = await cursorPast(stream, Number(first), 'the cursor to be moved')
   t.ok(moved - Number(first) < 8_000_000, `moved ${((moved - Number(first)) / 1e6).toFixed(1)} s of the bus's clock after the event, inside the 8 s window`)
 })
+
+forEachMode(t, 'a stream sent reset has its cursor moved at once, so the next reconnect is not reset again for the same cursor', async (t, mode) => {
+  // The default window: checks every minute, so only the reset can bring the move within this test.
+  const [gateway] = await startCluster(t, mode, 1)
+  const streamUrl = `${gateway.url}/v1/stream?token=${userToken('quiet-u7')}`
+  const future = String(Date.now() * 1000 + 3_600_000_000)
+  const { stream } = await openConnected(streamUrl, { t, headers: { 'last-event-id': future } })
+  t.match(JSON.parse((await stream.nextEvent('reset')).data), { reason: 'future' })
+  const moved = await cursorPast(stream, 0, 'the cursor to be moved after the reset')
+  t.ok(moved < Number(future), 'to an id issued now, below the refused cursor')
+  stream.close()
+  const [missed] = await publishOk(gateway.url, publisher, { to: { user: 'quiet-u7' }, event: 'missed', data: 1 })
+  const again = await openConnected(streamUrl, { t, headers: { 'last-event-id': String(moved) } })
+  t.equal((await again.stream.nextEvent('missed')).id, missed, 'the reconnect replays')
+  t.same(again.stream.events.map((event) => event.event), ['connected', 'missed'], 'no second reset')
+})
+
+t.test('a stream with no event gets a cursor once it has been open for a check, not only after half the window', async (t) => {
+  // Checked every 5 s; half the window is 20 s.
+  const [gateway] = await startCluster(t, 'memory', 1, { HISTORY_TTL_S: '40', KEEPALIVE_MS: '60000' })
+  const { stream } = await openConnected(`${gateway.url}/v1/stream?token=${userToken('quiet-u8')}`, { t })
+  await stream.until(() => stream.lastEventId !== '', 15_000, 'a cursor within two checks (20 s would be the half window)')
+  t.same(stream.events.map((event) => event.event), ['connected'], 'and no event')
+})

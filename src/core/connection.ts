@@ -138,6 +138,8 @@ export class StreamConnection {
    * admitted, or (reopened without a cursor) on its channels before it joined them.
    */
   baseline = 0
+  /** The client was sent `reset`, and still holds the cursor that got it: moved at the next chance. */
+  cursorBehind = false
   /** Set while the stream catches up after the bus lost its subscription: replayed from above this id. */
   catchUpFrom: number | null = null
   /** When (performance.now()) the bus last knew its subscription whole before the outage that set `catchUpFrom`: nothing it missed is older. */
@@ -317,7 +319,10 @@ export class StreamConnection {
    * the id and dispatches nothing. Only a live stream, and only forward.
    */
   moveCursor (id: number, frame: Buffer): boolean {
-    if (!this.live || id <= this.lastId) return false
+    if (!this.live) return false
+    // An event sent since moved the client's cursor already.
+    this.cursorBehind = false
+    if (id <= this.lastId) return false
     this.lastId = id
     this.enqueue(frame, NOT_PLACED)
     return !this.closed

@@ -67,6 +67,8 @@ export interface StreamServiceOptions {
 }
 
 const EXPIRY_TICK_MS = 250
+/** How soon after a reset the stream's cursor is moved. */
+const CURSOR_SOON_MS = 200
 
 /**
  * When quiet streams' cursors are moved (see moveQuietCursors): a stream
@@ -113,8 +115,11 @@ export class StreamService {
   private lostAt = 0
   private catchingUp = false
   private readonly cursorTimer: NodeJS.Timeout
+  private readonly cursorCheckMs: number
   private readonly quietForMs: number
   private movingCursors = false
+  private checkCursorsAgain = false
+  private cursorsSoonTimer: NodeJS.Timeout | null = null
   private catchUpAgain = false
 
   constructor (
@@ -129,6 +134,7 @@ export class StreamService {
     this.expiryTimer = setInterval(() => this.expire(Date.now()), EXPIRY_TICK_MS).unref()
     const { checkEveryMs: cursorCheckMs, quietForMs } = cursorSchedule(options.historyTtlS)
     this.quietForMs = quietForMs
+    this.cursorCheckMs = cursorCheckMs
     this.cursorTimer = setInterval(() => { void this.moveQuietCursors() }, cursorCheckMs).unref()
     bus.onSubscription({ lost: () => this.subscriptionLost(), restored: () => this.subscriptionRestored() })
   }
@@ -267,6 +273,7 @@ export class StreamService {
   stop (): void {
     clearInterval(this.keepaliveTimer)
     clearInterval(this.cursorTimer)
+    if (this.cursorsSoonTimer !== null) clearTimeout(this.cursorsSoonTimer)
     clearInterval(this.expiryTimer)
     this.expiries.clear()
   }
@@ -487,6 +494,18 @@ export class StreamService {
   private sendReset (connection: StreamConnection, reason: ResetReason): void {
     this.events.reset(connection, reason)
     connection.sendSystem(systemFrame('reset', { reason }))
+    // The client keeps the cursor that could not be served (reset has no
+    // id): each reconnect with it would be reset again until it is moved.
+    connection.cursorBehind = true
+    this.checkCursorsSoon()
+  }
+
+  private checkCursorsSoon (): void {
+    if (this.cursorsSoonTimer !== null) return
+    this.cursorsSoonTimer = setTimeout(() => {
+      this.cursorsSoonTimer = null
+      void this.moveQuietCursors()
+    }, CURSOR_SOON_MS).unref()
   }
 
   private readonly cleanupClosed = (connection: StreamConnection): void => this.cleanup(connection)
@@ -512,7 +531,11 @@ export class StreamService {
    * which moves the browser's cursor without dispatching anything.
    */
   private async moveQuietCursors (): Promise<void> {
-    if (this.movingCursors || this.draining || this.registry.size === 0) return
+    if (this.draining || this.registry.size === 0) return
+    if (this.movingCursors) {
+      this.checkCursorsAgain = true
+      return
+    }
     this.movingCursors = true
     try {
       // Asked at every check: ids are microseconds of the bus's clock (the
@@ -521,21 +544,29 @@ export class StreamService {
       const mark = await this.bus.watermark()
       if (mark === null) return
       const quietSinceId = mark - this.quietForMs * 1000
-      const quietSince = Date.now() - this.quietForMs
+      const openedBefore = Date.now() - this.cursorCheckMs
       const frame = frameWithId(mark, '\n')
       let moved = 0
       for (const connection of this.registry.all()) {
         if (!connection.live) continue
         // Moved once its last event is old, however recently it opened (a
-        // replay from an old cursor); one that has had none, once it is old itself.
-        if (connection.lastId > 0 ? connection.lastId > quietSinceId : connection.openedAt > quietSince) continue
-        if (connection.moveCursor(mark, frame)) moved++
+        // replay from an old cursor); after a reset, at once; one that has
+        // had none once it has been open for a check (a reconnect without a
+        // cursor misses what is published meanwhile: a drain must not find
+        // it so for long), not at its open, whose first bytes stay as they were.
+        const quiet = connection.cursorBehind ||
+          (connection.lastId > 0 ? connection.lastId <= quietSinceId : connection.openedAt <= openedBefore)
+        if (quiet && connection.moveCursor(mark, frame)) moved++
       }
       if (moved > 0) this.events.cursorsMoved(moved)
     } catch {
       // The store is unreachable: its loss is reported elsewhere, and the next check tries again.
     } finally {
       this.movingCursors = false
+      if (this.checkCursorsAgain) {
+        this.checkCursorsAgain = false
+        this.checkCursorsSoon()
+      }
     }
   }
 
