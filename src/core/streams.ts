@@ -526,9 +526,9 @@ export class StreamService {
    * the reconnect after a deploy's drain or a network change would get
    * `reset` (`expired`) although nothing was missed: every client of a quiet
    * app would resynchronise at once. So a stream that has had no event for
-   * half the window (none at all, too: its reconnect would have no cursor,
-   * and miss what is published meanwhile) is sent `id: <watermark>` alone,
-   * which moves the browser's cursor without dispatching anything.
+   * half the window is sent `id: <watermark>` alone, which moves the
+   * browser's cursor without dispatching anything; so are the streams whose
+   * client has no cursor or a refused one (see below).
    */
   private async moveQuietCursors (): Promise<void> {
     if (this.draining || this.registry.size === 0) return
