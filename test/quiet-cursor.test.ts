@@ -10,7 +10,7 @@ import { renderBody } from '../src/core/framing'
 import { metricValue, scrape } from './helpers/raw'
 import { join } from 'node:path'
 import { eventually, forEachMode, openConnected, publishOk, publisherToken, spawnServer, startCluster, TEST_SECRET, userToken } from './helpers'
-import { REDIS_URL, uniquePrefix } from './helpers/redis'
+import { needRedis, REDIS_URL, uniquePrefix } from './helpers/redis'
 
 const publisher = publisherToken()
 const ENV = { HISTORY_TTL_S: '2', KEEPALIVE_MS: '60000' }
@@ -163,4 +163,30 @@ t.test('a stream with no event gets a cursor once it has been open for a check, 
   const { stream } = await openConnected(`${gateway.url}/v1/stream?token=${userToken('quiet-u8')}`, { t })
   await stream.until(() => stream.lastEventId !== '', 15_000, 'a cursor within two checks (20 s would be the half window)')
   t.same(stream.events.map((event) => event.event), ['connected'], 'and no event')
+})
+
+t.test('a drain gives a stream that has had no event a cursor before `shutdown`, so its reconnect elsewhere replays what was published meanwhile', async (t) => {
+  // The default window: no check comes within this test, only the drain gives the cursor.
+  if (!(await needRedis(t))) return
+  const [leaving, staying] = await startCluster(t, 'redis', 2)
+  const { stream: young } = await openConnected(`${leaving.url}/v1/stream?token=${userToken('quiet-u9')}`, { t })
+  const { stream: served } = await openConnected(`${leaving.url}/v1/stream?token=${userToken('quiet-u10')}`, { t })
+  const [served1] = await publishOk(staying.url, publisher, { to: { user: 'quiet-u10' }, event: 'served', data: 1 })
+  t.equal((await served.nextEvent('served')).id, served1)
+  t.equal(young.lastEventId, '', 'no cursor before the drain')
+
+  const closing = leaving.app.close()
+  await young.nextEvent('shutdown', 10_000)
+  await served.nextEvent('shutdown', 10_000)
+  await closing
+  const cursor = young.lastEventId
+  t.match(cursor, /^[1-9][0-9]*$/, `the stream without an event got a cursor before shutdown (${cursor})`)
+  t.same(young.events.map((event) => event.event), ['connected', 'shutdown'], 'and no event for it')
+  t.equal(served.lastEventId, served1, 'one that had an event keeps that event\'s id')
+
+  // Published while the client is away, then its reconnect lands on the other instance.
+  const [missed] = await publishOk(staying.url, publisher, { to: { user: 'quiet-u9' }, event: 'missed', data: 2 })
+  const resumed = await openConnected(`${staying.url}/v1/stream?token=${userToken('quiet-u9')}`, { t, headers: { 'last-event-id': cursor } })
+  t.equal((await resumed.stream.nextEvent('missed')).id, missed, 'the reconnect replays what was published meanwhile')
+  t.same(resumed.stream.events.map((event) => event.event), ['connected', 'missed'], 'with no reset, nothing older')
 })

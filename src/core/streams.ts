@@ -266,8 +266,27 @@ export class StreamService {
     const frame = systemFrame('shutdown', { reason: 'server shutting down' })
     const connections = [...this.registry.all()]
     const closed = connections.map(async (connection) => await connection.sinkClosed())
-    for (const connection of connections) connection.close('shutdown', frame, graceMs)
+    let moved = 0
+    for (const connection of connections) {
+      if (this.giveCursorBeforeLeaving(connection)) moved++
+      connection.close('shutdown', frame, graceMs)
+    }
+    if (moved > 0) this.events.cursorsMoved(moved)
     await Promise.all(closed)
+  }
+
+  /**
+   * A live stream that has had no event has no cursor: its client would
+   * reconnect without one and lose what is published meanwhile (a stream
+   * gets its first move only after a check). Its baseline is one: nothing
+   * at or below it is the stream's, and everything above it was sent or is
+   * still in history, so the reconnect replays exactly what this one lacks.
+   * (One that has had an event holds that event's id; one sent `reset` and
+   * nothing since is live from its baseline on, so the same holds for it.)
+   */
+  private giveCursorBeforeLeaving (connection: StreamConnection): boolean {
+    if (connection.lastId > 0 || connection.baseline <= 0) return false
+    return connection.moveCursor(connection.baseline, frameWithId(connection.baseline, '\n'))
   }
 
   stop (): void {
