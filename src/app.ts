@@ -218,6 +218,13 @@ export async function buildApp (config: Config, options: BuildOptions = {}): Pro
   })
 
   app.setNotFoundHandler((request, reply) => {
+    // A preflight from an origin CORS_ORIGINS does not allow: answered, but
+    // with no CORS header, so the browser says the origin is not allowed
+    // rather than that a route is missing.
+    if (request.method === 'OPTIONS' && request.headers.origin !== undefined && request.headers['access-control-request-method'] !== undefined) {
+      reply.code(204).send()
+      return
+    }
     reply.code(404).send({
       statusCode: 404,
       code: 'GW_NOT_FOUND',
@@ -265,9 +272,15 @@ export async function buildApp (config: Config, options: BuildOptions = {}): Pro
 
   await app.register(configPlugin, { config })
   if (config.corsOrigins !== null) {
+    const allowedOrigins = new Set(config.corsOrigins)
     await app.register(cors, {
-      // "*" with credentials must echo the caller's origin, never send a literal "*".
-      origin: config.corsOrigins.includes('*') ? true : config.corsOrigins,
+      // "*" with credentials must echo the caller's origin, never send a
+      // literal "*". Any other origin gets no CORS header at all: given the
+      // list itself, @fastify/cors sent Access-Control-Allow-Credentials to
+      // every origin, allowed or not.
+      origin: allowedOrigins.has('*')
+        ? true
+        : (origin, done) => { done(null, origin !== undefined && allowedOrigins.has(origin) ? origin : false) },
       credentials: true,
       methods: ['GET', 'POST', 'PUT', 'DELETE', 'OPTIONS'],
       allowedHeaders: ['Authorization', 'X-Auth-Token', 'Content-Type', 'Last-Event-ID', 'X-Request-Id', 'Idempotency-Key'],
