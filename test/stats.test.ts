@@ -225,3 +225,24 @@ forEachMode(t, 'an unreadable stream record in Redis (written by something else)
   t.equal(stats.status, 200, `stats answered ${stats.status}`)
   t.match(stats.json, { connections: 1, users: 1 })
 }, ['redis'])
+
+forEachMode(t, 'an instance with more streams than Redis hands over in one read: stats and the listing count and list every one', async (t) => {
+  const [gateway, other] = await startCluster(t, 'redis', 2)
+  // Read a thousand records at a time; 2100 on one instance take several reads.
+  const opened = new Set<string>()
+  for (let next = 0; next < 2100;) {
+    const batch = Array.from({ length: Math.min(50, 2100 - next) }, (_, i) => `many-${next + i}`)
+    next += batch.length
+    await Promise.all(batch.map(async (user) => {
+      const { connected } = await openConnected(streamUrl(gateway.url, user, 'crowd'), { t })
+      opened.add(connected.connectionId)
+    }))
+  }
+  const { connected: elsewhere } = await openConnected(streamUrl(other.url, 'many-0'), { t })
+  opened.add(elsewhere.connectionId)
+
+  assertStats(t, await stats(other.url), { connections: 2101, users: 2100, averageConnectionsPerUser: 2101 / 2100, topics: { crowd: 2100 }, instances: 2 }, 'stats')
+  const listed = (await connections(other.url)).map((entry) => entry.connectionId)
+  t.equal(listed.length, 2101, 'listed once each')
+  t.same(new Set(listed), opened, 'every stream of both instances')
+}, ['redis'])
