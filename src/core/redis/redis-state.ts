@@ -585,7 +585,7 @@ export class RedisState implements SharedState {
       // A clean stop leaves the instance list at once instead of after its TTL.
       await this.commands.redis.multi()
         .zrem(`${this.prefix}instances`, this.instanceId)
-        .del(this.connsKey(this.instanceId))
+        .unlink(this.connsKey(this.instanceId))
         .exec()
         .catch(() => {})
     }
