@@ -1,4 +1,4 @@
-import Fastify, { type FastifyInstance, type FastifyReply, type FastifyRequest, type FastifyServerOptions } from 'fastify'
+import Fastify, { type FastifyHttpOptions, type FastifyInstance, type FastifyReply, type FastifyRequest, type FastifyServerOptions } from 'fastify'
 import cors from '@fastify/cors'
 import { createServer, STATUS_CODES, type Server } from 'node:http'
 import type { Socket } from 'node:net'
@@ -143,8 +143,44 @@ function loggerOptions (config: Config, stream?: DestinationStream): FastifyServ
 }
 
 export async function buildApp (config: Config, options: BuildOptions = {}): Promise<FastifyInstance> {
-  const app = Fastify({
-    logger: loggerOptions(config, options.logStream),
+  const app = Fastify(fastifyOptions(config, options.logStream))
+  answerErrors(app)
+  checkEveryRequest(app)
+  parseEveryBodyAsJson(app)
+  await app.register(configPlugin, { config })
+  if (config.corsOrigins !== null) await allowOrigins(app, config.corsOrigins)
+  // After CORS, so that a page can read the 503 of a request refused while draining.
+  answerWhileClosing(app)
+  if (config.trustProxy === null) warnOfUntrustedProxy(app)
+  const internalServer = config.internalPort !== null ? internalListener(app) : null
+  app.decorate('internalServer', internalServer)
+
+  await app.register(registryPlugin, { instanceId: options.instanceId })
+  await app.register(busPlugin, { startupSignal: options.startupSignal })
+  await app.register(metricsPlugin)
+  await app.register(authPlugin)
+  await app.register(rateLimitPlugin)
+  cutConnectionsAfterGrace(app, config, internalServer)
+  await app.register(streamsPlugin)
+
+  await app.register(opsRoutes)
+  await app.register(streamRoutes)
+  await app.register(publishRoutes)
+  await app.register(ingressPlugin)
+  await app.register(jobRoutes)
+  await app.register(subscriptionRoutes)
+  await app.register(conversationRoutes)
+  await app.register(connectionRoutes)
+  await app.register(presenceRoutes)
+  await app.register(statsRoutes)
+  await app.register(pageRoutes)
+  if (internalServer !== null) closeInternalListenerAfterDrain(app, internalServer)
+  return app
+}
+
+function fastifyOptions (config: Config, logStream: DestinationStream | undefined): FastifyHttpOptions<Server> {
+  return {
+    logger: loggerOptions(config, logStream),
     logController: new GatewayLogController(),
     bodyLimit: config.maxBodyBytes,
     // Also in HTTP_SERVER_OPTIONS, for the internal listener: Fastify sets
@@ -179,8 +215,10 @@ export async function buildApp (config: Config, options: BuildOptions = {}): Pro
     // Redis this long; its own deadline must come first, so that a start
     // given up on leaves nothing running.
     pluginTimeout: Math.max(10_000, config.redisStartupTimeoutMs + 10_000)
-  })
+  }
+}
 
+function answerErrors (app: FastifyInstance): void {
   app.setErrorHandler((error: Error & { statusCode?: number, validation?: unknown, code?: string }, request, reply) => {
     const statusCode = error.statusCode !== undefined && error.statusCode >= 400 && error.statusCode < 600 ? error.statusCode : 500
     if (statusCode === 503) {
@@ -204,19 +242,6 @@ export async function buildApp (config: Config, options: BuildOptions = {}): Pro
     })
   })
 
-  timeFirstRequest(app.server)
-  // RFC 9112 §3.2: an HTTP/1.1 request without Host is refused. HTTP/1.0 has none to send.
-  app.addHook('onRequest', (request, reply, done) => {
-    // Its first request came (see timeFirstRequest); a stream may be quiet for longer.
-    request.raw.socket.setTimeout(0)
-    if (request.headers.host === undefined && request.raw.httpVersion === '1.1') {
-      reply.header('connection', 'close')
-      done(new errors.BadRequest('the Host header is missing'))
-    } else {
-      done()
-    }
-  })
-
   app.setNotFoundHandler((request, reply) => {
     // A preflight from an origin CORS_ORIGINS does not allow: answered, but
     // with no CORS header, so the browser says the origin is not allowed
@@ -232,21 +257,24 @@ export async function buildApp (config: Config, options: BuildOptions = {}): Pro
       message: `Route ${request.method} ${redactUrl(request.url.split('?')[0])} not found`
     })
   })
+}
 
-  // Answers given while closing end their connection: a keep-alive connection
-  // left idle would hold the close until its timeout (72 s).
-  let closing = false
-  app.addHook('preClose', async () => {
-    closing = true
+function checkEveryRequest (app: FastifyInstance): void {
+  timeFirstRequest(app.server)
+  // RFC 9112 §3.2: an HTTP/1.1 request without Host is refused. HTTP/1.0 has none to send.
+  app.addHook('onRequest', (request, reply, done) => {
+    // Its first request came (see timeFirstRequest); a stream may be quiet for longer.
+    request.raw.socket.setTimeout(0)
+    if (request.headers.host === undefined && request.raw.httpVersion === '1.1') {
+      reply.header('connection', 'close')
+      done(new errors.BadRequest('the Host header is missing'))
+    } else {
+      done()
+    }
   })
-  app.addHook('onSend', (_request, reply, payload, done) => {
-    if (closing) reply.header('connection', 'close')
-    // Answers are per caller (job state, presence, listings, ids): no cache
-    // on the way, nor the browser's, may keep one. Pages set their own.
-    if (!reply.hasHeader('cache-control')) reply.header('cache-control', 'no-store')
-    done(null, payload)
-  })
+}
 
+function parseEveryBodyAsJson (app: FastifyInstance): void {
   // Every body this API takes is JSON, whatever the request calls it: fetch()
   // labels a string body text/plain, curl -d labels it a form. Turning those
   // away (415) or reading them as strings ("must be an object") fails a
@@ -269,77 +297,90 @@ export async function buildApp (config: Config, options: BuildOptions = {}): Pro
       done(new errors.BadRequest('the body is not valid JSON'), undefined)
     }
   })
+}
 
-  await app.register(configPlugin, { config })
-  if (config.corsOrigins !== null) {
-    const allowedOrigins = new Set(config.corsOrigins)
-    await app.register(cors, {
-      // "*" with credentials must echo the caller's origin, never send a
-      // literal "*". Any other origin gets no CORS header at all: given the
-      // list itself, @fastify/cors sent Access-Control-Allow-Credentials to
-      // every origin, allowed or not.
-      origin: allowedOrigins.has('*')
-        ? true
-        : (origin, done) => { done(null, origin !== undefined && allowedOrigins.has(origin) ? origin : false) },
-      credentials: true,
-      methods: ['GET', 'POST', 'PUT', 'DELETE', 'OPTIONS'],
-      allowedHeaders: ['Authorization', 'X-Auth-Token', 'Content-Type', 'Last-Event-ID', 'X-Request-Id', 'Idempotency-Key'],
-      exposedHeaders: ['Idempotent-Replayed', 'Retry-After', 'X-Total-Count'],
-      maxAge: 600
-    })
-  }
+async function allowOrigins (app: FastifyInstance, origins: string[]): Promise<void> {
+  const allowedOrigins = new Set(origins)
+  await app.register(cors, {
+    // "*" with credentials must echo the caller's origin, never send a
+    // literal "*". Any other origin gets no CORS header at all: given the
+    // list itself, @fastify/cors sent Access-Control-Allow-Credentials to
+    // every origin, allowed or not.
+    origin: allowedOrigins.has('*')
+      ? true
+      : (origin, done) => { done(null, origin !== undefined && allowedOrigins.has(origin) ? origin : false) },
+    credentials: true,
+    methods: ['GET', 'POST', 'PUT', 'DELETE', 'OPTIONS'],
+    allowedHeaders: ['Authorization', 'X-Auth-Token', 'Content-Type', 'Last-Event-ID', 'X-Request-Id', 'Idempotency-Key'],
+    exposedHeaders: ['Idempotent-Replayed', 'Retry-After', 'X-Total-Count'],
+    maxAge: 600
+  })
+}
+
+function answerWhileClosing (app: FastifyInstance): void {
+  // Answers given while closing end their connection: a keep-alive connection
+  // left idle would hold the close until its timeout (72 s).
+  let closing = false
+  app.addHook('preClose', async () => {
+    closing = true
+  })
+  app.addHook('onSend', (_request, reply, payload, done) => {
+    if (closing) reply.header('connection', 'close')
+    // Answers are per caller (job state, presence, listings, ids): no cache
+    // on the way, nor the browser's, may keep one. Pages set their own.
+    if (!reply.hasHeader('cache-control')) reply.header('cache-control', 'no-store')
+    done(null, payload)
+  })
 
   // While the streams drain, the listener stays open so that clients are
-  // told in words to go elsewhere: after CORS, so that a page can read the
-  // 503 (and a preflight is still answered). /ready says draining itself,
+  // told in words to go elsewhere (and a preflight is still answered, by
+  // CORS's hook before this one). /ready says draining itself,
   // and /health and /metrics keep showing the process as it drains.
   // (routeOptions builds an object on every read: only while closing.)
   app.addHook('onRequest', (request, _reply, done) => {
     if (closing && !STILL_ANSWERED_WHILE_CLOSING.has(request.routeOptions.url)) done(new errors.Unavailable('the gateway is shutting down'))
     else done()
   })
+}
 
-  if (config.trustProxy === null) {
-    // Behind a proxy that is not trusted, every client has the proxy's
-    // address: one bucket of RATE_LIMIT_STREAMS_PER_MIN for everyone, and
-    // browsers do not retry an EventSource refused with 429. Said once.
-    let warned = false
-    app.addHook('onRequest', (request, _reply, done) => {
-      if (!warned && request.headers['x-forwarded-for'] !== undefined) {
-        warned = true
-        request.log.warn({ remoteAddress: request.ip }, 'requests carry X-Forwarded-For but TRUST_PROXY is unset: rate limits and logs see the proxy\'s address for every client')
-      }
-      done()
-    })
-  }
+function warnOfUntrustedProxy (app: FastifyInstance): void {
+  // Behind a proxy that is not trusted, every client has the proxy's
+  // address: one bucket of RATE_LIMIT_STREAMS_PER_MIN for everyone, and
+  // browsers do not retry an EventSource refused with 429. Said once.
+  let warned = false
+  app.addHook('onRequest', (request, _reply, done) => {
+    if (!warned && request.headers['x-forwarded-for'] !== undefined) {
+      warned = true
+      request.log.warn({ remoteAddress: request.ip }, 'requests carry X-Forwarded-For but TRUST_PROXY is unset: rate limits and logs see the proxy\'s address for every client')
+    }
+    done()
+  })
+}
 
-  let internalServer: Server | null = null
-  if (config.internalPort !== null) {
-    const server = createServer(HTTP_SERVER_OPTIONS, (request, response) => app.server.emit('request', request, response))
-    server.on('clientError', clientError.bind(app))
-    server.on('connection', (socket: Socket) => internalSockets.add(socket))
-    timeFirstRequest(server)
-    internalServer = server
-    // Publisher and admin routes do not exist on the public listener.
-    app.addHook('onRequest', async (request, reply) => {
-      if (request.routeOptions.config.internal === true && !internalSockets.has(request.raw.socket)) {
-        reply.callNotFound()
-        return reply
-      }
-    })
-  }
+/** The listener of INTERNAL_PORT: the same app, whose publisher and admin routes answer only there. */
+function internalListener (app: FastifyInstance): Server {
+  const server = createServer(HTTP_SERVER_OPTIONS, (request, response) => app.server.emit('request', request, response))
+  server.on('clientError', clientError.bind(app))
+  server.on('connection', (socket: Socket) => internalSockets.add(socket))
+  timeFirstRequest(server)
+  // Publisher and admin routes do not exist on the public listener.
+  app.addHook('onRequest', async (request, reply) => {
+    if (request.routeOptions.config.internal === true && !internalSockets.has(request.raw.socket)) {
+      reply.callNotFound()
+      return reply
+    }
+  })
+  return server
+}
 
-  await app.register(registryPlugin, { instanceId: options.instanceId })
-  await app.register(busPlugin, { startupSignal: options.startupSignal })
-  await app.register(metricsPlugin)
-  app.decorate('internalServer', internalServer)
-  await app.register(authPlugin)
-  await app.register(rateLimitPlugin)
-  // Requests in flight get a while to be answered; one that never ends (a
-  // client that sent half a request) must not hold the close, which would
-  // then end by the deadline, without closing Redis: after the grace every
-  // connection still open is cut. Armed before the drain's hook (hooks run
-  // in the order they are added), which waits within the same grace.
+/**
+ * Requests in flight get a while to be answered; one that never ends (a
+ * client that sent half a request) must not hold the close, which would
+ * then end by the deadline, without closing Redis: after the grace every
+ * connection still open is cut. Armed before the drain's hook (hooks run
+ * in the order they are added), which waits within the same grace.
+ */
+function cutConnectionsAfterGrace (app: FastifyInstance, config: Config, internalServer: Server | null): void {
   let forceTimer: NodeJS.Timeout | null = null
   app.addHook('preClose', async () => {
     forceTimer = setTimeout(() => {
@@ -350,30 +391,18 @@ export async function buildApp (config: Config, options: BuildOptions = {}): Pro
   app.addHook('onClose', async () => {
     if (forceTimer !== null) clearTimeout(forceTimer)
   })
-  await app.register(streamsPlugin)
+}
 
-  await app.register(opsRoutes)
-  await app.register(streamRoutes)
-  await app.register(publishRoutes)
-  await app.register(ingressPlugin)
-  await app.register(jobRoutes)
-  await app.register(subscriptionRoutes)
-  await app.register(conversationRoutes)
-  await app.register(connectionRoutes)
-  await app.register(presenceRoutes)
-  await app.register(statsRoutes)
-  await app.register(pageRoutes)
-  if (internalServer !== null) {
-    const server = internalServer
-    // After the drain's preClose hook (hooks run in the order they are added),
-    // so no stream opens while this waits, and before Redis closes (onClose):
-    // requests in flight on this listener are answered first.
-    app.addHook('preClose', async () => {
-      if (!server.listening) return
-      await new Promise<void>((resolve) => server.close(() => resolve()))
-    })
-  }
-  return app
+/**
+ * After the drain's preClose hook (hooks run in the order they are added),
+ * so no stream opens while this waits, and before Redis closes (onClose):
+ * requests in flight on this listener are answered first.
+ */
+function closeInternalListenerAfterDrain (app: FastifyInstance, server: Server): void {
+  app.addHook('preClose', async () => {
+    if (!server.listening) return
+    await new Promise<void>((resolve) => server.close(() => resolve()))
+  })
 }
 
 /** The gateway's codes for Fastify's own refusals of a request, by status. */
