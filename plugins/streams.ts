@@ -9,7 +9,7 @@ import type { Sink, StreamKind } from '../src/core/connection'
 import { parseCursor, streamHead } from '../src/core/framing'
 import { Hub } from '../src/core/hub'
 import { Publisher } from '../src/core/publish'
-import { StoreUnavailableError, type ControlAnswer } from '../src/core/state'
+import { StoreUnavailableError, type Admission, type ControlAnswer } from '../src/core/state'
 import { REOPENED_REASON, StreamService, type StreamSpec } from '../src/core/streams'
 import { applyTopicChange, type TopicsMessage } from '../src/core/topic-changes'
 import { UnchunkedSink } from '../src/core/unchunked'
@@ -275,17 +275,15 @@ export default fp(async (app) => {
 
   /** Streams past the MAX_CONNECTIONS check that are not in the registry yet. */
   let opening = 0
-  app.decorate('openStream', async (request: FastifyRequest, reply: FastifyReply, options: OpenStreamOptions) => {
-    const auth = authOf(request)
-    // An HTTP/1.0 client (nginx's default to an upstream) gets the frames
-    // without their chunk framing, and the connection closes at the end.
-    const http10 = request.raw.httpVersion === '1.0'
+  const retryAfterS = String(Math.max(1, Math.ceil(config.retryMs / 1000)))
+
+  /** Refuses, before it takes a slot, a stream this instance cannot serve. */
+  const refuseUnservable = (request: FastifyRequest, reply: FastifyReply, http10: boolean): void => {
     if (!http10 && request.raw.httpVersion !== '1.1') throw new errors.BadRequest('streams need HTTP/1.1 or HTTP/1.0')
     // Pipelined behind another response on its connection (for ever, if a
     // stream's): it cannot be answered before that one ends, so it must not
     // take a slot, or evict one of the user's streams, meanwhile.
     if (reply.raw.socket === null) throw new errors.BadRequest('a stream request cannot be pipelined behind another on its connection')
-    const retryAfterS = String(Math.max(1, Math.ceil(config.retryMs / 1000)))
     if (streams.isDraining || !bus.isReady()) {
       reply.header('retry-after', retryAfterS)
       throw new errors.Unavailable(streams.isDraining ? 'the gateway is shutting down' : 'the gateway cannot serve streams right now')
@@ -296,6 +294,31 @@ export default fp(async (app) => {
       reply.header('retry-after', retryAfterS)
       throw new errors.Unavailable('this instance holds its maximum number of streams')
     }
+  }
+
+  /** Ends the streams an admission displaced: the user's oldest past its limit, and the id's holders elsewhere. */
+  const evictFor = async (admission: Extract<Admission, { admitted: true }>, connectionId: string): Promise<void> => {
+    // The evicted entry's own instance ends its stream: another stream of
+    // the id here may be a holder that a reopen elsewhere replaced.
+    const { evict } = admission
+    if (evict !== null && evict.instance === state.instanceId) ledger.evictHere(evict.connectionId, LIMIT_EVICTION, admission.seq, true)
+    else if (evict !== null) {
+      await state.broadcastControl({ type: 'evict', connectionId: evict.connectionId, reason: LIMIT_EVICTION, instance: evict.instance, decidedAt: admission.seq })
+    }
+    // The id's holders on other instances (a live one, or reopens racing
+    // this one): the id is this one's now.
+    if (admission.replacedOn.length > 0) {
+      await Promise.all(admission.replacedOn.map(async (instance) => {
+        await state.broadcastControl({ type: 'evict', connectionId, reason: REOPENED_REASON, instance, decidedAt: admission.seq })
+      }))
+    }
+  }
+  app.decorate('openStream', async (request: FastifyRequest, reply: FastifyReply, options: OpenStreamOptions) => {
+    const auth = authOf(request)
+    // An HTTP/1.0 client (nginx's default to an upstream) gets the frames
+    // without their chunk framing, and the connection closes at the end.
+    const http10 = request.raw.httpVersion === '1.0'
+    refuseUnservable(request, reply, http10)
     opening++
     let counted = true
     // A reopened stream id held by a live stream (a tab the browser has not
@@ -330,20 +353,7 @@ export default fp(async (app) => {
       pending.seq = admission.seq
       pending.entry = entry
       entryOwed = true
-      // The evicted entry's own instance ends its stream: another stream of
-      // the id here may be a holder that a reopen elsewhere replaced.
-      const { evict } = admission
-      if (evict !== null && evict.instance === state.instanceId) ledger.evictHere(evict.connectionId, LIMIT_EVICTION, admission.seq, true)
-      else if (evict !== null) {
-        await state.broadcastControl({ type: 'evict', connectionId: evict.connectionId, reason: LIMIT_EVICTION, instance: evict.instance, decidedAt: admission.seq })
-      }
-      // The id's holders on other instances (a live one, or reopens racing
-      // this one): the id is this one's now.
-      if (admission.replacedOn.length > 0) {
-        await Promise.all(admission.replacedOn.map(async (instance) => {
-          await state.broadcastControl({ type: 'evict', connectionId: options.connectionId, reason: REOPENED_REASON, instance, decidedAt: admission.seq })
-        }))
-      }
+      await evictFor(admission, options.connectionId)
       // The drain began while this request waited on Redis: it has already ended
       // every registered stream, so this one would outlive it. Its slot goes
       // back before the answer, while Redis is still open.
