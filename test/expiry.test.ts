@@ -1,6 +1,6 @@
 import t from 'tap'
 import {
-  eventually, forEachMode, nowS, openConnected, openStream, publishOk, publisherToken, startCluster, token
+  eventually, forEachMode, interceptNextAdmission, nowS, openConnected, openStream, publishOk, publisherToken, startCluster, token
 } from './helpers'
 import { metricValue, scrape } from './helpers/raw'
 
@@ -63,4 +63,48 @@ t.test('a token that has already expired opens nothing: 401 with the JSON error 
   }
   t.equal(app.registry.size, 0, 'no stream was opened')
   t.ok(metricValue(await scrape(url), 'sse_auth_failures_total') >= 3, 'counted as auth failures')
+})
+
+t.test('a token that runs out while its stream waits to be admitted still gets `auth-expired` once the stream opens', async (t) => {
+  const [gateway] = await startCluster(t, 'memory', 1, { KEEPALIVE_MS: '60000' })
+  const exp = nowS() + 1
+  // Admitted only once the token has been expired for a while: its expiry's
+  // moment has passed when the stream is registered.
+  interceptNextAdmission(t, gateway, async (admit) => {
+    await eventually(() => Date.now() >= exp * 1000 + 600, 'the token to have expired 600 ms ago', 5000, 20)
+    return await admit()
+  })
+  const { stream } = await openConnected(`${gateway.url}/v1/stream?token=${token({ sub: 'late-u1', exp })}`, { t, timeoutMs: 8000 })
+  await stream.nextEvent('auth-expired', 5000)
+  await stream.waitEnd(3000)
+  t.ok(stream.ended, 'and closed')
+})
+
+t.test('streams whose tokens run out at many different moments each get `auth-expired` at theirs', async (t) => {
+  const [gateway] = await startCluster(t, 'memory', 1, { KEEPALIVE_MS: '60000' })
+  const base = nowS()
+  const streams = await Promise.all([1, 2, 3, 4].map(async (offset) => {
+    const exp = base + offset
+    const { stream } = await openConnected(`${gateway.url}/v1/stream?token=${token({ sub: `spread-u${offset}`, exp })}`, { t })
+    return { stream, exp }
+  }))
+  for (const { stream, exp } of streams) {
+    await stream.nextEvent('auth-expired', 8000)
+    t.ok(Date.now() >= exp * 1000, `the token expiring at +${exp - base} s: not before its exp`)
+  }
+  // Expiries inside a tick's span (exp may be fractional, RFC 7519): each
+  // is read again at every tick until its moment, not only at the first.
+  const within = await Promise.all(Array.from({ length: 10 }, async (_, k) => {
+    const exp = nowS() + 1 + k * 0.024
+    const { stream } = await openConnected(`${gateway.url}/v1/stream?token=${token({ sub: `within-u${k}`, exp })}`, { t })
+    return { stream, exp }
+  }))
+  for (const { stream, exp } of within) {
+    await stream.nextEvent('auth-expired', 5000)
+    t.ok(Date.now() >= exp * 1000, `the token expiring at ${exp}: not before its exp`)
+  }
+  // Streams opened after the first ticks land in buckets still to come.
+  const { stream: later } = await openConnected(`${gateway.url}/v1/stream?token=${token({ sub: 'spread-later', exp: nowS() + 1 })}`, { t })
+  await later.nextEvent('auth-expired', 5000)
+  t.pass('a stream opened after the others expired is expired too')
 })

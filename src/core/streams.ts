@@ -105,6 +105,8 @@ export function keepaliveSchedule (keepaliveMs: number): { checkEveryMs: number,
 export class StreamService {
   readonly scheduler = new WriteScheduler()
   private readonly expiries = new Map<number, Set<StreamConnection>>()
+  /** The first bucket of `expiries` the next tick reads; every earlier one has been read and let go. */
+  private nextExpiryBucket: number
   private readonly keepaliveTimer: NodeJS.Timeout
   private readonly expiryTimer: NodeJS.Timeout
   private draining = false
@@ -131,6 +133,7 @@ export class StreamService {
   ) {
     const { checkEveryMs, idleAfterMs } = keepaliveSchedule(options.keepaliveMs)
     this.keepaliveTimer = setInterval(() => this.keepalive(Date.now() - idleAfterMs), checkEveryMs).unref()
+    this.nextExpiryBucket = this.bucketOf(Date.now())
     this.expiryTimer = setInterval(() => this.expire(Date.now()), EXPIRY_TICK_MS).unref()
     const { checkEveryMs: cursorCheckMs, quietForMs } = cursorSchedule(options.historyTtlS)
     this.quietForMs = quietForMs
@@ -595,7 +598,10 @@ export class StreamService {
 
   private trackExpiry (connection: StreamConnection): void {
     if (connection.tokenExpiresAt === null) return
-    const bucket = this.bucketOf(connection.tokenExpiresAt)
+    // A token that ran out since it was checked lands in the next bucket
+    // the tick reads, not in one it has passed. (Its close then looks in the
+    // bucket of its expiry and finds nothing there: the tick lets go of it.)
+    const bucket = Math.max(this.bucketOf(connection.tokenExpiresAt), this.nextExpiryBucket)
     let set = this.expiries.get(bucket)
     if (set === undefined) {
       set = new Set()
@@ -613,15 +619,31 @@ export class StreamService {
     if (set.size === 0) this.expiries.delete(bucket)
   }
 
+  /**
+   * Reads only the buckets due since the last tick, not every bucket: tokens
+   * valid for a day spread 100 000 streams over up to 345 600 of them.
+   */
   private expire (now: number): void {
     const due = this.bucketOf(now)
     const expired: StreamConnection[] = []
-    for (const [bucket, set] of this.expiries) {
-      if (bucket > due) continue
+    const read = (bucket: number, set: Set<StreamConnection>): void => {
       for (const connection of set) {
         if (connection.tokenExpiresAt !== null && connection.tokenExpiresAt <= now) expired.push(connection)
       }
+      // Passed buckets are done with: everything in them is expired now.
+      if (bucket < due) this.expiries.delete(bucket)
     }
+    if (due - this.nextExpiryBucket <= this.expiries.size) {
+      for (let bucket = this.nextExpiryBucket; bucket <= due; bucket++) {
+        const set = this.expiries.get(bucket)
+        if (set !== undefined) read(bucket, set)
+      }
+    } else {
+      // The clock leapt forward (set at boot, say): fewer buckets than steps.
+      for (const [bucket, set] of this.expiries) if (bucket <= due) read(bucket, set)
+    }
+    // The current bucket may hold tokens that run out later in it: read again.
+    if (due > this.nextExpiryBucket) this.nextExpiryBucket = due
     const frame = systemFrame('auth-expired', { reason: 'token expired' })
     for (const connection of expired) connection.close('expired', frame)
   }
