@@ -246,3 +246,20 @@ forEachMode(t, 'an instance with more streams than Redis hands over in one read:
   t.equal(listed.length, 2101, 'listed once each')
   t.same(new Set(listed), opened, 'every stream of both instances')
 }, ['redis'])
+
+forEachMode(t, 'a live instance whose list of streams is a key of another type (written by something else) is skipped: stats and the listing answer with the others', async (t) => {
+  const [gateway] = await startCluster(t, 'redis', 1)
+  const { connected } = await openConnected(streamUrl(gateway.url, 'alice'), { t })
+  const prefix = gateway.app.config.redisPrefix
+  const redis = redisClient(t)
+  const [seconds] = await redis.time()
+  await redis.zadd(`${prefix}instances`, Number(seconds) * 1000 + 60_000, 'ghost')
+  await redis.set(`${prefix}i:ghost:conns`, 'not a hash')
+  t.teardown(async () => { await redis.multi().del(`${prefix}i:ghost:conns`).zrem(`${prefix}instances`, 'ghost').exec() })
+  const listing = await request<{ connections: ConnectionEntry[] }>(`${gateway.url}/v1/connections`, { token: admin })
+  t.equal(listing.status, 200, `listing answered ${listing.status}`)
+  t.same(listing.json.connections.map((entry) => entry.connectionId), [connected.connectionId], 'the readable instance\'s streams')
+  const answer = await request<Stats>(`${gateway.url}/v1/stats`, { token: admin })
+  t.equal(answer.status, 200, `stats answered ${answer.status}`)
+  t.match(answer.json, { connections: 1, users: 1 })
+}, ['redis'])
