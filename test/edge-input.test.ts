@@ -145,7 +145,8 @@ t.test('ids that are not well-formed Unicode (a lone surrogate) are refused: as 
 
 t.test('a token whose user id holds a control character is refused (no publish could name that user)', async (t) => {
   const { url } = await startGateway(t)
-  for (const sub of ['x\u0001y', 'tab\there', 'del\u007f']) {
+  // C1 controls too: U+009B starts an escape sequence in a terminal reading the logs.
+  for (const sub of ['x\u0001y', 'tab\there', 'del\u007f', 'nel\u0085', 'csi\u009b31m', 'apc\u009f']) {
     const stream = await openStream(`${url}/v1/stream?token=${token({ sub })}`, { t })
     t.equal(stream.status, 401, JSON.stringify(sub))
     if (stream.status === 401) t.match(stream.json(), { statusCode: 401, message: /control characters/ })
@@ -168,7 +169,12 @@ t.test('a user id with a lone surrogate is refused by every route that takes one
     t.equal(answer.status, 400, call.what)
     t.match(answer.json, { statusCode: 400, error: 'Bad Request', message: String }, `${call.what}: the error shape`)
   }
-  const fine = await request(`${url}/v1/conversations/cv1/members`, { method: 'PUT', token: publisher, body: { members: ['üser✓', 'a\ud83d\ude00b'] } })
+  for (const call of calls) {
+    const c1 = JSON.parse(JSON.stringify(call.body).replace(/x\\ud800y/g, 'x\\u009by'))
+    const answer = await request(`${url}${call.path}`, { method: call.method, token: publisher, body: c1 })
+    t.equal(answer.status, 400, `${call.what}: a C1 control character`)
+  }
+  const fine = await request(`${url}/v1/conversations/cv1/members`, { method: 'PUT', token: publisher, body: { members: ['üser✓', 'a\ud83d\ude00b', 'nbsp\u00a0ok'] } })
   t.equal(fine.status, 200, 'well-formed unicode (a surrogate pair too) is fine')
 })
 

@@ -43,7 +43,7 @@ export const MAX_ID_CHARACTERS = 256
  */
 export function isEntityId (value: unknown): value is string {
   // eslint-disable-next-line no-control-regex
-  return typeof value === 'string' && value.length > 0 && !tooManyCharacters(value) && !/[\u0000-\u001f\u007f]/.test(value) && !hasLoneSurrogate(value)
+  return typeof value === 'string' && value.length > 0 && !tooManyCharacters(value) && !/[\u0000-\u001f\u007f-\u009f]/.test(value) && !hasLoneSurrogate(value)
 }
 
 /** Counted only where UTF-16 units could be astral pairs: ids are short and mostly ASCII. */

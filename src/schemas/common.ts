@@ -15,7 +15,7 @@ export const PathId = Type.String({ pattern: '^[A-Za-z0-9_.:@=+-]{1,128}$' })
  * a surrogate pair is one character: the class refuses lone surrogates only,
  * which Redis would turn into U+FFFD, another user's id.
  */
-export const UserId = Type.String({ minLength: 1, maxLength: MAX_ID_CHARACTERS, pattern: '^[^\\u0000-\\u001f\\u007f\\ud800-\\udfff]+$' })
+export const UserId = Type.String({ minLength: 1, maxLength: MAX_ID_CHARACTERS, pattern: '^[^\\u0000-\\u001f\\u007f-\\u009f\\ud800-\\udfff]+$' })
 
 export const StreamQuery = Type.Object({
   token: Type.Optional(Type.String()),
