@@ -1,6 +1,6 @@
 import Fastify, { type FastifyHttpOptions, type FastifyInstance, type FastifyReply, type FastifyRequest, type FastifyServerOptions } from 'fastify'
 import cors from '@fastify/cors'
-import { createServer, STATUS_CODES, type Server } from 'node:http'
+import { createServer, STATUS_CODES, type IncomingMessage, type Server, type ServerResponse } from 'node:http'
 import type { Socket } from 'node:net'
 import type { DestinationStream } from 'pino'
 import { closeGraceMs, type Config } from './config'
@@ -114,6 +114,12 @@ function clientError (this: FastifyInstance, error: Error & { code?: string }, s
       ? [408, 'GW_TIMEOUT', 'the request was not received in time']
       : [400, 'GW_BAD_REQUEST', 'the request is not valid HTTP']
   this.log.info({ remoteAddress: socket.remoteAddress, res: { statusCode }, code, reason: error.code ?? error.message }, 'request refused by the HTTP parser')
+  refuseOnSocket(socket, statusCode, code, message)
+  socket.destroy(error)
+}
+
+/** Writes a refusal in the contract's shape straight to a connection, which then closes. */
+function refuseOnSocket (socket: Socket, statusCode: number, code: string, message: string): void {
   // Not into a response already under way (a pipelined request's): it would
   // be spliced into its bytes. Node's own handler holds back alike.
   const inFlight = (socket as Socket & { _httpMessage?: { headersSent?: boolean } | null })._httpMessage
@@ -121,7 +127,22 @@ function clientError (this: FastifyInstance, error: Error & { code?: string }, s
     const body = JSON.stringify({ statusCode, code, error: httpReason(statusCode), message })
     socket.write(`HTTP/1.1 ${statusCode} ${httpReason(statusCode)}\r\nContent-Type: application/json; charset=utf-8\r\nContent-Length: ${Buffer.byteLength(body)}\r\nConnection: close\r\n\r\n${body}`)
   }
-  socket.destroy(error)
+}
+
+/**
+ * Requests Node answers itself unless told otherwise: an `Expect` other than
+ * 100-continue got an empty 417 (a probe sending one found /health down),
+ * which RFC 9110 lets a server ignore instead; CONNECT got its socket
+ * destroyed without a byte. One is served as if it had no `Expect`, the
+ * other refused in the contract's shape.
+ */
+function answerWhatNodeWouldRefuse (app: FastifyInstance, server: Server): void {
+  server.on('checkExpectation', (request: IncomingMessage, response: ServerResponse) => server.emit('request', request, response))
+  server.on('connect', (_request: IncomingMessage, socket: Socket) => {
+    app.log.info({ remoteAddress: socket.remoteAddress, res: { statusCode: 400 }, code: 'GW_BAD_REQUEST', reason: 'CONNECT' }, 'request refused by the HTTP parser')
+    refuseOnSocket(socket, 400, 'GW_BAD_REQUEST', 'the CONNECT method is not served')
+    socket.end()
+  })
 }
 
 
@@ -261,6 +282,7 @@ function answerErrors (app: FastifyInstance): void {
 
 function checkEveryRequest (app: FastifyInstance): void {
   timeFirstRequest(app.server)
+  answerWhatNodeWouldRefuse(app, app.server)
   // RFC 9112 §3.2: an HTTP/1.1 request without Host is refused. HTTP/1.0 has none to send.
   app.addHook('onRequest', (request, reply, done) => {
     // Its first request came (see timeFirstRequest); a stream may be quiet for longer.
@@ -283,6 +305,12 @@ function parseEveryBodyAsJson (app: FastifyInstance): void {
   // POST, PUT or DELETE (plugins/auth.ts), so a form another site submits
   // still carries no credentials.
   app.removeAllContentTypeParsers()
+  // A label Fastify cannot parse as a media type (`json`, an empty one) got
+  // 415 before any parser ran: the label is read as what every body is.
+  app.addHook('onRequest', (request, _reply, done) => {
+    if (request.raw.headers['content-type'] !== undefined) request.raw.headers['content-type'] = 'application/json'
+    done()
+  })
   app.addContentTypeParser('*', { parseAs: 'string' }, (request, body, done) => {
     // An unknown route answers 404 whatever its body.
     if (request.is404) {
@@ -363,6 +391,7 @@ function internalListener (app: FastifyInstance): Server {
   server.on('clientError', clientError.bind(app))
   server.on('connection', (socket: Socket) => internalSockets.add(socket))
   timeFirstRequest(server)
+  answerWhatNodeWouldRefuse(app, server)
   // Publisher and admin routes do not exist on the public listener.
   app.addHook('onRequest', async (request, reply) => {
     if (request.routeOptions.config.internal === true && !internalSockets.has(request.raw.socket)) {

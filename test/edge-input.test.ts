@@ -335,6 +335,22 @@ t.test('an HTTP/1.1 request without Host gets 400 in the contract\'s shape on ei
   t.same(lines().filter((line) => line.code === 'GW_BAD_REQUEST').map((line) => line.res?.statusCode), [400, 400])
 })
 
+t.test('requests Node would answer itself: an Expect other than 100-continue is served as if absent, CONNECT gets 400 in the contract\'s shape, on either listener', async (t) => {
+  const { port, app, logText } = await startGateway(t, { INTERNAL_PORT: '0' }, { captureLogs: true })
+  const internalPort = await listenInternalPort(app)
+  for (const to of [port, internalPort]) {
+    const expecting = (await rawExchange(to, 'GET /health HTTP/1.1\r\nHost: x\r\nExpect: foo\r\nConnection: close\r\n\r\n')).response()
+    t.equal(expecting.status, 200, `Expect: foo on /health: ${expecting.status} ${expecting.body}`)
+    const connect = (await rawExchange(to, 'CONNECT /v1/stats HTTP/1.1\r\nHost: x\r\n\r\n')).response()
+    t.equal(connect.status, 400, 'CONNECT')
+    t.equal(connect.headers.connection, 'close')
+    t.same(JSON.parse(connect.body), { statusCode: 400, code: 'GW_BAD_REQUEST', error: 'Bad Request', message: 'the CONNECT method is not served' })
+  }
+  const publishing = (await rawExchange(internalPort, `POST /v1/publish HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${publisher}\r\nExpect: 200-ok\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}`)).response()
+  t.equal(publishing.status, 400, `a publish with an odd Expect is read and validated like any other: ${publishing.status} ${publishing.body}`)
+  t.equal(loggedAs<{ reason?: string }>(logText(), 'request refused by the HTTP parser').filter((line) => line.reason === 'CONNECT').length, 2, 'a log line for each CONNECT')
+})
+
 t.test('data and job results holding `__proto__` or `constructor.prototype` keys pass through as written, and no prototype changes', async (t) => {
   const { url } = await startGateway(t)
   const { stream } = await openConnected(`${url}/v1/stream?token=${userToken('u1')}`, { t })
@@ -369,7 +385,8 @@ t.test('a JSON body is read as JSON whatever its Content-Type says (text/plain f
   const { url, port } = await startGateway(t, { MAX_BODY_BYTES: '4096' })
   const { stream } = await openConnected(`${url}/v1/stream?token=${userToken('u1')}`, { t })
   const body = (n: number): string => JSON.stringify({ to: { user: 'u1' }, event: 'labelled', data: n })
-  const labels = ['text/plain;charset=UTF-8', 'application/x-www-form-urlencoded', 'multipart/form-data; boundary=x', 'application/octet-stream']
+  // And labels that are no media type at all, which Fastify alone answers 415.
+  const labels = ['text/plain;charset=UTF-8', 'application/x-www-form-urlencoded', 'multipart/form-data; boundary=x', 'application/octet-stream', 'json', ';;;', '/']
   for (const [n, label] of labels.entries()) {
     const answer = await request<{ id?: string }>(`${url}/v1/publish`, { token: publisher, body: body(n), headers: { 'content-type': label } })
     t.equal(answer.status, 202, `${label}: ${answer.text}`)
@@ -381,6 +398,13 @@ t.test('a JSON body is read as JSON whatever its Content-Type says (text/plain f
   const raw = (await rawExchange(port, `POST /v1/publish HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${publisher}\r\nContent-Length: ${Buffer.byteLength(unlabelled)}\r\nConnection: close\r\n\r\n${unlabelled}`)).response()
   t.equal(raw.status, 202, `no Content-Type: ${raw.body}`)
   t.equal((await stream.nextEvent('labelled')).data, String(labels.length), 'no Content-Type: delivered')
+  for (const label of ['', 'application/json\u00e9']) {
+    const labelled = body(labels.length + 1)
+    const head = `POST /v1/publish HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${publisher}\r\nContent-Type: ${label}\r\nContent-Length: ${Buffer.byteLength(labelled)}\r\nConnection: close\r\n\r\n`
+    const answer = (await rawExchange(port, Buffer.concat([Buffer.from(head, 'latin1'), Buffer.from(labelled)]))).response()
+    t.equal(answer.status, 202, `Content-Type ${JSON.stringify(label)}: ${answer.body}`)
+    t.equal((await stream.nextEvent('labelled')).data, String(labels.length + 1), `Content-Type ${JSON.stringify(label)}: delivered`)
+  }
 
   const subscribed = await request<{ topics: string[] }>(`${url}/v1/subscriptions`, { token: userToken('u1'), body: '{"topics":["news"]}', headers: { 'content-type': 'text/plain' } })
   t.same([subscribed.status, subscribed.json], [200, { topics: ['news'] }], 'another JSON route reads it too')
