@@ -1,5 +1,5 @@
 import fp from 'fastify-plugin'
-import type { Server, ServerResponse } from 'node:http'
+import type { IncomingMessage, Server, ServerResponse } from 'node:http'
 import { Socket as NetSocket, type Socket } from 'node:net'
 import type { FastifyBaseLogger, FastifyReply, FastifyRequest } from 'fastify'
 import { AdmissionLedger, LIMIT_EVICTION } from '../src/core/admissions'
@@ -91,6 +91,42 @@ const handedBack = new WeakSet<Socket>()
 
 function markStray (this: Socket): void {
   notReusable.add(this)
+}
+
+/**
+ * Requests that wait on their connection for the response before theirs to
+ * end (HTTP pipelining), by connection: counted from their start until their
+ * own response is sent. Rare (browsers and proxies do not pipeline), and
+ * never answered if the response before them is a stream.
+ */
+const requestsWaiting = new WeakMap<Socket, number>()
+/** The requests counted in requestsWaiting (until their response is sent). */
+const waited = new WeakSet<IncomingMessage>()
+
+function noteIfWaiting (request: IncomingMessage, response: ServerResponse): void {
+  if (response.socket !== null) return
+  const socket = request.socket
+  requestsWaiting.set(socket, (requestsWaiting.get(socket) ?? 0) + 1)
+  waited.add(request)
+  response.once('finish', () => {
+    const left = (requestsWaiting.get(socket) ?? 1) - 1
+    if (left > 0) requestsWaiting.set(socket, left)
+    else requestsWaiting.delete(socket)
+  })
+}
+
+/**
+ * Whether requests wait behind this one. (One that waited itself, and whose
+ * turn has come, is still counted until it is answered; those ahead of it
+ * were answered before its turn came.)
+ */
+function hasRequestsBehind (request: FastifyRequest): boolean {
+  const waiting = requestsWaiting.get(request.raw.socket) ?? 0
+  return waiting > (waited.has(request.raw) ? 1 : 0)
+}
+
+function pipelinedBehindStream (): Error {
+  return new errors.BadRequest('a stream request cannot be followed by other requests pipelined on its connection')
 }
 
 /** How often closes that Redis could not be told of are logged while it stays unreachable. */
@@ -273,6 +309,11 @@ export default fp(async (app) => {
     return null
   })
 
+  // Before Fastify's own listener, and synchronously: a request pipelined in
+  // the same packet as a stream's is counted before the stream's handler
+  // next yields. (The internal listener hands its requests to this server.)
+  app.server.prependListener('request', noteIfWaiting)
+
   /** Streams past the MAX_CONNECTIONS check that are not in the registry yet. */
   let opening = 0
   const retryAfterS = String(Math.max(1, Math.ceil(config.retryMs / 1000)))
@@ -333,6 +374,13 @@ export default fp(async (app) => {
     /** Admitted, and its entry neither held by a stream of its own nor given back. */
     let entryOwed = false
     try {
+      // Nor can a request pipelined behind a stream be answered, ever: it
+      // would wait (a publish carried out and never answered) until the
+      // stream ended. The stream is refused instead, before it is admitted
+      // (and evicts anything), and the requests behind it are served. Those
+      // in the same packet as this one are parsed once its handler yields.
+      await Promise.resolve()
+      if (hasRequestsBehind(request)) throw pipelinedBehindStream()
       const entry = { userId: auth.userId, topics: options.topics, openedAt: Date.now() }
       const admission = await state.admit({
         connectionId: options.connectionId,
@@ -357,10 +405,13 @@ export default fp(async (app) => {
       // The drain began while this request waited on Redis: it has already ended
       // every registered stream, so this one would outlive it. Its slot goes
       // back before the answer, while Redis is still open.
-      if (streams.isDraining) {
+      // So did a request pipelined behind this one meanwhile: refused, as below.
+      const draining = streams.isDraining
+      if (draining || hasRequestsBehind(request)) {
         ledger.leave(pending)
         entryOwed = false
         await ledger.releaseUnlessHeld(options.connectionId, auth.userId, request.log)
+        if (!draining) throw pipelinedBehindStream()
         reply.header('retry-after', retryAfterS)
         throw new errors.Unavailable('the gateway is shutting down')
       }

@@ -9,7 +9,7 @@ import { once } from 'node:events'
 import { STATUS_CODES } from 'node:http'
 import type { Socket } from 'node:net'
 import t from 'tap'
-import { eventually, listenInternalPort, loggedAs, openConnected, openStream, publish, publishOk, publisherToken, request, startGateway, token, userToken } from './helpers'
+import { eventually, forEachMode, listenInternalPort, loggedAs, openConnected, openStream, publish, publishOk, publisherToken, request, startCluster, startGateway, token, userToken } from './helpers'
 import { metricValue, rawConnect, rawExchange, scrape } from './helpers/raw'
 import { needRedis, redisClient, REDIS_URL, uniquePrefix } from './helpers/redis'
 
@@ -381,6 +381,11 @@ t.test('data and job results holding `__proto__` or `constructor.prototype` keys
   t.equal((Object.prototype as Record<string, unknown>).polluted, undefined)
 })
 
+/** The status of each HTTP response in a connection's bytes, in order. */
+function statusesOf (text: string): number[] {
+  return [...text.matchAll(/HTTP\/1\.1 (\d{3}) /g)].map((match) => Number(match[1]))
+}
+
 t.test('a JSON body is read as JSON whatever its Content-Type says (text/plain from fetch, a form label from curl -d, none); one that does not parse gets 400 GW_BAD_REQUEST', async (t) => {
   const { url, port } = await startGateway(t, { MAX_BODY_BYTES: '4096' })
   const { stream } = await openConnected(`${url}/v1/stream?token=${userToken('u1')}`, { t })
@@ -430,19 +435,37 @@ t.test('a JSON body is read as JSON whatever its Content-Type says (text/plain f
   t.equal((await stream.nextEvent('after')).id, id, 'the stream saw nothing from the refused ones')
 })
 
-t.test('a stream request pipelined behind a live stream on its connection takes no slot: under evict-oldest it does not evict the stream it waits behind', async (t) => {
+t.test('two stream requests pipelined in one write: neither opens (one has a request behind it, the other waits behind one), neither takes a slot, and under evict-oldest neither evicts the user\'s stream', async (t) => {
   const gateway = await startGateway(t, { MAX_CONNECTIONS_PER_USER: '1', CONNECTION_LIMIT_POLICY: 'evict-oldest' })
+  const { stream: held } = await openConnected(`${gateway.url}/v1/stream?token=${userToken('u1')}`, { t })
   const client = await rawConnect(t, gateway.port)
   const open = `GET /v1/stream?token=${userToken('u1')} HTTP/1.1\r\nHost: 127.0.0.1\r\nAccept: text/event-stream\r\n\r\n`
-  // One write: the server parses both before the first becomes a stream.
+  // One write: the server parses both before the first could become a stream.
   client.write(open + open)
-  await client.until(() => client.events().some((event) => event.event === 'connected' || event.event === 'evicted'), 5000, 'the first stream connected')
-  t.notOk(client.events().some((event) => event.event === 'evicted'), 'not evicted as it opened')
-  // A stream of another user, opened and connected after both requests were read.
-  await openConnected(`${gateway.url}/v1/stream?token=${userToken('u2')}`, { t })
+  await client.until(() => statusesOf(client.text()).length === 2, 5000, 'both answered')
+  t.same(statusesOf(client.text()), [400, 400], 'both refused')
+  t.match(client.text(), /followed by other requests pipelined/)
+  t.match(client.text(), /cannot be pipelined behind another/)
   await publishOk(gateway.url, publisher, { to: { user: 'u1' }, event: 'still-here', data: 1 })
-  await client.until(() => client.events().some((event) => event.event === 'still-here'), 5000, 'the event on the first stream')
-  t.notOk(client.events().some((event) => event.event === 'evicted'), 'the first stream was not evicted')
-  t.equal(gateway.app.registry.size, 2, 'one stream each')
+  await held.nextEvent('still-here')
+  t.notOk(held.events.some((event) => event.event === 'evicted'), 'the user\'s stream was not evicted')
+  t.equal(gateway.app.registry.size, 1, 'and is the only one')
+})
+
+forEachMode(t, 'a publish pipelined behind a stream request in one write is answered (the stream is refused), and carried out once', async (t, mode) => {
+  const [gateway] = await startCluster(t, mode, 1)
+  const { stream: watcher } = await openConnected(`${gateway.url}/v1/stream?token=${userToken('u-watch')}`, { t })
+  const body = JSON.stringify({ to: { user: 'u-watch' }, event: 'pipelined', data: 'x' })
+  const client = await rawConnect(t, gateway.port)
+  client.write(`GET /v1/stream?token=${userToken('u1')} HTTP/1.1\r\nHost: x\r\n\r\n` +
+    `POST /v1/publish HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${publisher}\r\nContent-Length: ${Buffer.byteLength(body)}\r\n\r\n${body}`)
+  await client.until(() => statusesOf(client.text()).length === 2 && client.text().endsWith('}'), 5000, 'both answered')
+  t.same(statusesOf(client.text()), [400, 202], 'the stream refused, the publish answered')
+  const id = /"id":"(\d+)"/.exec(client.text())?.[1]
+  t.equal((await watcher.nextEvent('pipelined')).id, id, 'the event went out, with the id the answer gave')
+  await publishOk(gateway.url, publisher, { to: { user: 'u-watch' }, event: 'after', data: 1 })
+  await watcher.nextEvent('after')
+  t.equal(watcher.events.filter((event) => event.event === 'pipelined').length, 1, 'once')
+  t.equal(gateway.app.registry.size, 1, 'the refused stream holds nothing')
 })
 
