@@ -2,7 +2,7 @@ import t from 'tap'
 import * as http from 'node:http'
 import { rawConnect } from './helpers/raw'
 import { keepaliveSchedule } from '../src/core/streams'
-import { eventually, openConnected, openStream, publishOk, publisherToken, startGateway, userToken, type SseEvent } from './helpers'
+import { eventually, forEachMode, openConnected, openStream, publishOk, publisherToken, startCluster, startGateway, userToken, type SseEvent } from './helpers'
 
 const publisher = publisherToken()
 
@@ -27,6 +27,18 @@ t.test('a stream answers 200 with the exact SSE headers', async (t) => {
   t.equal(stream.headers['cache-control'], 'no-cache, no-transform')
   t.equal(stream.headers['x-accel-buffering'], 'no')
   t.equal(stream.headers.connection, 'keep-alive')
+})
+
+forEachMode(t, 'headers and the first event are flushed at once: the head, `retry:` and `connected` come in one write, also when joining a new channel waits on Redis', async (t, mode) => {
+  const [gateway] = await startCluster(t, mode, 1)
+  for (let n = 0; n < 20; n++) {
+    // A new user and topic each time: in Redis mode, channels this instance had not subscribed yet.
+    const client = await rawConnect(t, gateway.port)
+    client.write(`GET /v1/stream?token=${userToken(`at-once-${n}`)}&topics=at-once-${n} HTTP/1.1\r\nHost: x\r\n\r\n`)
+    const first = await new Promise<string>((resolve) => client.socket.once('data', (chunk: Buffer) => resolve(chunk.toString())))
+    t.match(first, /^HTTP\/1\.1 200 [^]*\r\n\r\n[0-9a-f]+\r\nretry: \d+\n\n\r\n[0-9a-f]+\r\nevent: connected\n/, `stream ${n}: the first chunk read holds the head and connected`)
+    client.destroy()
+  }
 })
 
 t.test('the first bytes are `retry: 3000` then `connected` (connectionId, userId, topics) with no id line, flushed without any publish', async (t) => {

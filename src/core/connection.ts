@@ -328,6 +328,23 @@ export class StreamConnection {
     return !this.closed
   }
 
+  /**
+   * Queues the response head without scheduling a write (counted as queued,
+   * it is in no scheduler's list): it goes out with `connected` once
+   * releaseHead is called, as the contract flushes them at once, or with
+   * the frame a close writes. In between, joining channels may wait on Redis.
+   */
+  holdHead (head: Buffer): void {
+    this.queued = true
+    this.enqueue(head, NOT_PLACED)
+  }
+
+  releaseHead (): void {
+    if (this.closed) return
+    this.queued = true
+    this.scheduler.mark(this)
+  }
+
   /** Bytes without an id (response head, system event, comment), queued after what is already due. */
   sendSystem (frame: Buffer): void {
     if (this.closed) return

@@ -165,7 +165,7 @@ export class StreamService {
     connection.admissionSeq = spec.admissionSeq
     connection.baseline = Math.max(this.bus.deliveredUpTo(), spec.issuedBefore)
     // Queued first, so whatever ends the stream from here on follows a head.
-    connection.sendSystem(spec.head)
+    connection.holdHead(spec.head)
     // Two reopens of one id can both pass the caller's check while it waits on
     // Redis: one id has one holder, the one admitted last (whichever gets here
     // first), or the other would live on outside the registry and its counts.
@@ -227,6 +227,7 @@ export class StreamService {
       topics: [...connection.topics],
       ...spec.connectedExtra
     }))
+    connection.releaseHead()
     if (spec.prelude !== undefined) {
       await spec.prelude(connection)
     } else if (spec.cursor !== null) {
