@@ -405,7 +405,9 @@ export default fp(async (app) => {
       // The drain began while this request waited on Redis: it has already ended
       // every registered stream, so this one would outlive it. Its slot goes
       // back before the answer, while Redis is still open.
-      // So did a request pipelined behind this one meanwhile: refused, as below.
+      // So did a request pipelined behind this one while it was admitted:
+      // refused too (the checks before admission cannot see it), though
+      // what the admission evicted stays evicted.
       const draining = streams.isDraining
       if (draining || hasRequestsBehind(request)) {
         ledger.leave(pending)
@@ -426,6 +428,10 @@ export default fp(async (app) => {
       socket.setNoDelay(true)
       if (http10 || /\bclose\b/i.test(request.headers.connection ?? '')) notReusable.add(socket)
       releaseHttpState(reply.raw, socket)
+      // Nothing waits behind it (checked above, and its parser is gone); if it
+      // waited itself, its response never finishes to say so, and the count
+      // would refuse every stream of the connection once it is handed back.
+      requestsWaiting.delete(socket)
       try {
         // Every field named, in one order: spreading the options into a bigger
         // literal built a slow-mode object per open (≈ 10 µs in a profile).

@@ -452,6 +452,24 @@ t.test('two stream requests pipelined in one write: neither opens (one has a req
   t.equal(gateway.app.registry.size, 1, 'and is the only one')
 })
 
+forEachMode(t, 'a stream that waited behind a pipelined request, once it has ended and its connection is handed back, leaves nothing that refuses the next stream on it', async (t) => {
+  const [gateway] = await startCluster(t, 'redis', 1)
+  const put = await request(`${gateway.url}/v1/jobs/piped-job`, { method: 'PUT', token: publisher, body: { userId: 'u1', status: 'completed' } })
+  t.equal(put.status, 200)
+  const jobStream = `GET /v1/jobs/piped-job/stream?token=${userToken('u1')} HTTP/1.1\r\nHost: x\r\n\r\n`
+  const client = await rawConnect(t, gateway.port)
+  // /health is answered while the job's stream looks its job up in Redis: the
+  // stream waited behind it, and opens (connected, initial_status, end).
+  client.write('GET /health HTTP/1.1\r\nHost: x\r\n\r\n' + jobStream)
+  await client.until(() => (client.text().match(/initial_status/g) ?? []).length === 1 && client.text().endsWith('0\r\n\r\n'), 5000, 'health, then the finished job\'s stream')
+  t.same(statusesOf(client.text()), [200, 200])
+  // The same connection, handed back once the stream ended.
+  client.write(jobStream)
+  await client.until(() => statusesOf(client.text()).length === 3, 5000, 'the next stream\'s answer')
+  t.same(statusesOf(client.text()), [200, 200, 200], 'the next stream on the connection opens')
+  t.equal((client.text().match(/initial_status/g) ?? []).length, 2)
+}, ['redis'])
+
 forEachMode(t, 'a publish pipelined behind a stream request in one write is answered (the stream is refused), and carried out once', async (t, mode) => {
   const [gateway] = await startCluster(t, mode, 1)
   const { stream: watcher } = await openConnected(`${gateway.url}/v1/stream?token=${userToken('u-watch')}`, { t })
