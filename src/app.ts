@@ -140,8 +140,16 @@ function answerWhatNodeWouldRefuse (app: FastifyInstance, server: Server): void 
   server.on('checkExpectation', (request: IncomingMessage, response: ServerResponse) => server.emit('request', request, response))
   server.on('connect', (_request: IncomingMessage, socket: Socket) => {
     app.log.info({ remoteAddress: socket.remoteAddress, res: { statusCode: 400 }, code: 'GW_BAD_REQUEST', reason: 'CONNECT' }, 'request refused by the HTTP parser')
-    refuseOnSocket(socket, 400, 'GW_BAD_REQUEST', 'the CONNECT method is not served')
-    socket.end()
+    const refuse = (): void => {
+      refuseOnSocket(socket, 400, 'GW_BAD_REQUEST', 'the CONNECT method is not served')
+      // Closed once written, whatever the client does with its side: left
+      // half-open, the socket held the server's close until the drain's deadline.
+      socket.destroySoon()
+    }
+    // Pipelined behind an answer still to come (a publish's): after it.
+    const inFlight = (socket as Socket & { _httpMessage?: ServerResponse | null })._httpMessage
+    if (inFlight !== null && inFlight !== undefined && !inFlight.writableFinished) inFlight.once('finish', refuse)
+    else refuse()
   })
 }
 

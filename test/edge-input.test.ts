@@ -7,6 +7,7 @@
  */
 import { once } from 'node:events'
 import { STATUS_CODES } from 'node:http'
+import * as net from 'node:net'
 import type { Socket } from 'node:net'
 import t from 'tap'
 import { eventually, forEachMode, listenInternalPort, loggedAs, openConnected, openStream, publish, publishOk, publisherToken, request, startCluster, startGateway, token, userToken } from './helpers'
@@ -346,9 +347,26 @@ t.test('requests Node would answer itself: an Expect other than 100-continue is 
     t.equal(connect.headers.connection, 'close')
     t.same(JSON.parse(connect.body), { statusCode: 400, code: 'GW_BAD_REQUEST', error: 'Bad Request', message: 'the CONNECT method is not served' })
   }
+  // A client that keeps its side open is closed on all the same: a half-open socket held the server's close.
+  const openConnections = async (): Promise<number> => await new Promise((resolve, reject) => app.server.getConnections((error, count) => { if (error !== null) reject(error); else resolve(count) }))
+  const lingering = net.connect({ port, host: '127.0.0.1', allowHalfOpen: true })
+  t.teardown(() => { lingering.destroy() })
+  lingering.on('error', () => {})
+  await once(lingering, 'connect')
+  const before = await openConnections()
+  lingering.write('CONNECT /v1/stats HTTP/1.1\r\nHost: x\r\n\r\n')
+  const [answer] = await once(lingering, 'data') as [Buffer]
+  t.match(answer.toString(), /^HTTP\/1\.1 400 /, 'CONNECT from a client that does not end its side: 400')
+  await eventually(async () => await openConnections() === before - 1, 'the server to close its side too', 5000, 20)
+  // Behind an answer still to come: after it, not spliced before it.
+  const behind = await rawConnect(t, internalPort)
+  const publishBody = JSON.stringify({ to: { user: 'nobody' }, data: 1 })
+  behind.write(`POST /v1/publish HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${publisher}\r\nContent-Length: ${publishBody.length}\r\n\r\n${publishBody}CONNECT /v1/stats HTTP/1.1\r\nHost: x\r\n\r\n`)
+  await behind.waitClose(5000)
+  t.same([...behind.text().matchAll(/HTTP\/1\.1 (\d{3}) /g)].map((match) => Number(match[1])), [202, 400], 'the publish answered first, then the CONNECT refused')
   const publishing = (await rawExchange(internalPort, `POST /v1/publish HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${publisher}\r\nExpect: 200-ok\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}`)).response()
   t.equal(publishing.status, 400, `a publish with an odd Expect is read and validated like any other: ${publishing.status} ${publishing.body}`)
-  t.equal(loggedAs<{ reason?: string }>(logText(), 'request refused by the HTTP parser').filter((line) => line.reason === 'CONNECT').length, 2, 'a log line for each CONNECT')
+  t.equal(loggedAs<{ reason?: string }>(logText(), 'request refused by the HTTP parser').filter((line) => line.reason === 'CONNECT').length, 4, 'a log line for each CONNECT')
 })
 
 t.test('data and job results holding `__proto__` or `constructor.prototype` keys pass through as written, and no prototype changes', async (t) => {
