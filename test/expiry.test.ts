@@ -108,3 +108,16 @@ t.test('streams whose tokens run out at many different moments each get `auth-ex
   await later.nextEvent('auth-expired', 5000)
   t.pass('a stream opened after the others expired is expired too')
 })
+
+t.test('after the clock steps back, a token still expires at its exp, not when the clock is back where it was', async (t) => {
+  const [gateway] = await startCluster(t, 'memory', 1, { KEEPALIVE_MS: '60000' })
+  const realNow = Date.now.bind(Date)
+  // Set back 30 s, as a clock corrected by NTP would be: the gateway has
+  // already read buckets up to the real now.
+  Date.now = () => realNow() - 30_000
+  t.teardown(() => { Date.now = realNow })
+  const exp = Math.floor(Date.now() / 1000) + 2
+  const { stream } = await openConnected(`${gateway.url}/v1/stream?token=${token({ sub: 'stepped-u1', exp })}`, { t })
+  await stream.nextEvent('auth-expired', 8000)
+  t.ok(Date.now() >= exp * 1000, 'at its exp by the stepped clock, within seconds, not 30 s later')
+})

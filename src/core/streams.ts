@@ -67,6 +67,8 @@ export interface StreamServiceOptions {
 }
 
 const EXPIRY_TICK_MS = 250
+/** Where a token already past its bucket waits for the next tick (see trackExpiry). */
+const OVERDUE_BUCKET = -1
 /** How soon after a reset the stream's cursor is moved. */
 const CURSOR_SOON_MS = 200
 
@@ -599,10 +601,12 @@ export class StreamService {
 
   private trackExpiry (connection: StreamConnection): void {
     if (connection.tokenExpiresAt === null) return
-    // A token that ran out since it was checked lands in the next bucket
-    // the tick reads, not in one it has passed. (Its close then looks in the
-    // bucket of its expiry and finds nothing there: the tick lets go of it.)
-    const bucket = Math.max(this.bucketOf(connection.tokenExpiresAt), this.nextExpiryBucket)
+    // A token that ran out since it was checked would land in a bucket the
+    // tick has passed: it goes with the overdue ones, read at the next tick.
+    // (Its close looks in the bucket of its expiry and finds nothing: the
+    // tick lets go of it.)
+    const due = this.bucketOf(connection.tokenExpiresAt)
+    const bucket = due < this.nextExpiryBucket ? OVERDUE_BUCKET : due
     let set = this.expiries.get(bucket)
     if (set === undefined) {
       set = new Set()
@@ -626,7 +630,19 @@ export class StreamService {
    */
   private expire (now: number): void {
     const due = this.bucketOf(now)
+    // The clock stepped back: the buckets from here on are to come again.
+    if (due < this.nextExpiryBucket) this.nextExpiryBucket = due
     const expired: StreamConnection[] = []
+    const overdue = this.expiries.get(OVERDUE_BUCKET)
+    if (overdue !== undefined) {
+      this.expiries.delete(OVERDUE_BUCKET)
+      for (const connection of overdue) {
+        if (connection.closed || connection.tokenExpiresAt === null) continue
+        // Not yet, after a step back of the clock: in its own bucket, to come.
+        if (connection.tokenExpiresAt <= now) expired.push(connection)
+        else this.trackExpiry(connection)
+      }
+    }
     const read = (bucket: number, set: Set<StreamConnection>): void => {
       for (const connection of set) {
         if (connection.tokenExpiresAt !== null && connection.tokenExpiresAt <= now) expired.push(connection)
@@ -644,7 +660,7 @@ export class StreamService {
       for (const [bucket, set] of this.expiries) if (bucket <= due) read(bucket, set)
     }
     // The current bucket may hold tokens that run out later in it: read again.
-    if (due > this.nextExpiryBucket) this.nextExpiryBucket = due
+    this.nextExpiryBucket = due
     const frame = systemFrame('auth-expired', { reason: 'token expired' })
     for (const connection of expired) connection.close('expired', frame)
   }
