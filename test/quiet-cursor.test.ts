@@ -190,3 +190,20 @@ t.test('a drain gives a stream that has had no event a cursor before `shutdown`,
   t.equal((await resumed.stream.nextEvent('missed')).id, missed, 'the reconnect replays what was published meanwhile')
   t.same(resumed.stream.events.map((event) => event.event), ['connected', 'missed'], 'with no reset, nothing older')
 })
+
+t.test('the cursor a drain gives is inside the window even when nothing was published for longer than it', async (t) => {
+  if (!(await needRedis(t))) return
+  const [leaving, staying] = await startCluster(t, 'redis', 2, ENV)
+  // The last id issued before the stream opens is older than the 2 s window.
+  const [old] = await publishOk(staying.url, publisher, { to: { user: 'quiet-u11-other' }, event: 'old', data: 0 })
+  await eventually(() => Date.now() * 1000 > Number(old) + 3_000_000, 'the last event to be 3 s old', 10_000, 100)
+  const { stream } = await openConnected(`${leaving.url}/v1/stream?token=${userToken('quiet-u11')}`, { t })
+  const closing = leaving.app.close()
+  await stream.nextEvent('shutdown', 10_000)
+  await closing
+  t.ok(Number(stream.lastEventId) > Number(old) + 3_000_000, 'a cursor issued at the drain, not the last id issued before the stream opened')
+  const [missed] = await publishOk(staying.url, publisher, { to: { user: 'quiet-u11' }, event: 'missed', data: 1 })
+  const resumed = await openConnected(`${staying.url}/v1/stream?token=${userToken('quiet-u11')}`, { t, headers: { 'last-event-id': stream.lastEventId } })
+  t.equal((await resumed.stream.nextEvent('missed')).id, missed, 'the reconnect replays what was published meanwhile')
+  t.same(resumed.stream.events.map((event) => event.event), ['connected', 'missed'], 'with no reset')
+})

@@ -71,6 +71,8 @@ const EXPIRY_TICK_MS = 250
 const OVERDUE_BUCKET = -1
 /** How soon after a reset the stream's cursor is moved. */
 const CURSOR_SOON_MS = 200
+/** How long a drain waits for a watermark to give cursorless streams (see giveCursorsBeforeLeaving). */
+const DRAIN_MARK_WAIT_MS = 1000
 
 /**
  * When quiet streams' cursors are moved (see moveQuietCursors): a stream
@@ -269,30 +271,36 @@ export class StreamService {
    */
   async drain (graceMs: number): Promise<void> {
     this.draining = true
+    await this.giveCursorsBeforeLeaving()
     const frame = systemFrame('shutdown', { reason: 'server shutting down' })
     const connections = [...this.registry.all()]
     const closed = connections.map(async (connection) => await connection.sinkClosed())
-    let moved = 0
-    for (const connection of connections) {
-      if (this.giveCursorBeforeLeaving(connection)) moved++
-      connection.close('shutdown', frame, graceMs)
-    }
-    if (moved > 0) this.events.cursorsMoved(moved)
+    for (const connection of connections) connection.close('shutdown', frame, graceMs)
     await Promise.all(closed)
   }
 
   /**
-   * A live stream that has had no event has no cursor: its client would
-   * reconnect without one and lose what is published meanwhile (a stream
-   * gets its first move only after a check). Its baseline is one: nothing
-   * at or below it is the stream's, and everything above it was sent or is
-   * still in history, so the reconnect replays exactly what this one lacks.
-   * (One that has had an event holds that event's id; one sent `reset` and
-   * nothing since is live from its baseline on, so the same holds for it.)
+   * A live stream that has had no event has no cursor (its first move comes
+   * after a check): its client would reconnect without one and lose what is
+   * published meanwhile. So would one sent `reset` and nothing since, with
+   * the cursor it was refused. Each is sent a watermark first, as at a check
+   * (see moveQuietCursors): every event below it that was the stream's has
+   * reached it, and it is inside the window, so the reconnect elsewhere
+   * replays exactly what the stream lacks. Not had within a second (Redis
+   * away), the streams leave as before, without.
    */
-  private giveCursorBeforeLeaving (connection: StreamConnection): boolean {
-    if (connection.lastId > 0 || connection.baseline <= 0) return false
-    return connection.moveCursor(connection.baseline, frameWithId(connection.baseline, '\n'))
+  private async giveCursorsBeforeLeaving (): Promise<void> {
+    const bare = [...this.registry.all()].filter((connection) => connection.live && (connection.lastId === 0 || connection.cursorBehind))
+    if (bare.length === 0) return
+    let timer: NodeJS.Timeout | undefined
+    const late = new Promise<null>((resolve) => { timer = setTimeout(resolve, DRAIN_MARK_WAIT_MS, null) })
+    const mark = await Promise.race([this.bus.watermark().catch((): null => null), late])
+    clearTimeout(timer)
+    if (mark === null) return
+    const frame = frameWithId(mark, '\n')
+    let moved = 0
+    for (const connection of bare) if (connection.moveCursor(mark, frame)) moved++
+    if (moved > 0) this.events.cursorsMoved(moved)
   }
 
   stop (): void {
