@@ -436,3 +436,19 @@ t.test('Redis emptied, and the resync an open started fails part-way: the open g
   t.equal(failed, 1, 'the injected failure happened')
   t.equal((await openStream(`${gateway.url}/v1/stream?token=${userToken('u1')}`, { t })).status, 429, 'the next open has the resync tried again, and counts both streams')
 })
+
+t.test('a stream closed after Redis lost its data can still be reopened by its id within the window (its id is recorded again at its close)', async (t) => {
+  if (!(await needRedis(t))) return
+  const prefix = uniquePrefix('lostid')
+  // Beats every 20 s: no resync comes during the test, only the close.
+  const gateway = await startGateway(t, { REDIS_URL, REDIS_PREFIX: prefix, INSTANCE_TTL_MS: '60000' })
+  const { stream, connected } = await openConnected(`${gateway.url}/v1/stream?token=${userToken('lost-u1')}`, { t })
+  await emptyRedisOf(t, prefix)
+  stream.close()
+  const redis = redisClient(t)
+  await eventually(async () => await redis.get(`${prefix}conn:${connected.connectionId}`) === 'lost-u1', 'the closed id to be recorded again', 5000, 50)
+  const ttl = await redis.ttl(`${prefix}conn:${connected.connectionId}`)
+  t.ok(ttl > 0 && ttl <= 3600, `to expire with the window (${ttl} s)`)
+  const reopened = await openStream(`${gateway.url}/v1/stream/${connected.connectionId}?token=${userToken('lost-u1')}`, { t })
+  t.equal(reopened.status, 200, 'the reopen by id is served, not 404')
+})

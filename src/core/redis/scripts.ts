@@ -446,9 +446,16 @@ local live, pending = live_members(prefix, uk, now_ms, tonumber(ARGV[6]))
 -- stream holds the id, or pruned as stale (this instance was taken for dead).
 -- Listed and held elsewhere too: this entry was recorded again by a resync
 -- after a reopen elsewhere had taken the id. Unless a live stream holds it,
--- the id expires as after any close.
-if not holds(live, conn) and redis.call('GET', prefix .. 'conn:' .. conn) == user then
-  redis.call('EXPIRE', prefix .. 'conn:' .. conn, tonumber(ARGV[5]))
+-- the id expires as after any close. Gone (Redis lost its data while the
+-- stream was open, or before this close was recorded), it is written again
+-- to expire alike: the client's reopen of its id within the window finds it.
+if not holds(live, conn) then
+  local owner = redis.call('GET', prefix .. 'conn:' .. conn)
+  if owner == user then
+    redis.call('EXPIRE', prefix .. 'conn:' .. conn, tonumber(ARGV[5]))
+  elseif not owner then
+    redis.call('SET', prefix .. 'conn:' .. conn, user, 'EX', tonumber(ARGV[5]))
+  end
 end
 -- With a stream of a dead instance still listed, its reaper takes the user offline.
 if removed == 0 or #live > 0 or pending > 0 then return 0 end
