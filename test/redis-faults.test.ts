@@ -452,19 +452,3 @@ t.test('a stream closed after Redis lost its data can still be reopened by its i
   const reopened = await openStream(`${gateway.url}/v1/stream/${connected.connectionId}?token=${userToken('lost-u1')}`, { t })
   t.equal(reopened.status, 200, 'the reopen by id is served, not 404')
 })
-
-t.test('Redis emptied: a user\'s user-wide topics are written again from the streams that hold them, so a stream the user opens later joins them too', async (t) => {
-  if (!(await needRedis(t))) return
-  const prefix = uniquePrefix('lostut')
-  const gateway = await startGateway(t, { REDIS_URL, REDIS_PREFIX: prefix, INSTANCE_TTL_MS: '60000' })
-  const { stream: first } = await openConnected(`${gateway.url}/v1/stream?token=${userToken('uw-u1')}`, { t })
-  const subscribed = await request(`${gateway.url}/v1/subscriptions`, { method: 'POST', token: userToken('uw-u1'), body: { topics: ['uw-news'] } })
-  t.equal(subscribed.status, 200)
-  await emptyRedisOf(t, prefix)
-  // Its admission finds the instance unlisted and waits for its streams to be recorded again.
-  const { stream: later, connected } = await openConnected(`${gateway.url}/v1/stream?token=${userToken('uw-u1')}`, { t })
-  t.same(connected.topics, ['uw-news'], 'the later stream joined the user-wide topic')
-  const [id] = await publishOk(gateway.url, publisher, { to: { topic: 'uw-news' }, event: 'news', data: 1 })
-  t.equal((await later.nextEvent('news')).id, id, 'and gets its events')
-  t.equal((await first.nextEvent('news')).id, id, 'as the open one does')
-})

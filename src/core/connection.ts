@@ -257,11 +257,6 @@ export class StreamConnection {
   }
 
   /** Whether the stream holds `topic` only for its user's user-wide subscription, which may take it away. */
-  /** The topics this stream holds only for its user's user-wide subscription. */
-  get userWideTopics (): readonly string[] {
-    return this.userWideOnly ?? []
-  }
-
   heldForUser (topic: string): boolean {
     return this.userWideOnly?.includes(topic) === true
   }

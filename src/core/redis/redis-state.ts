@@ -283,19 +283,6 @@ export class RedisState implements SharedState {
       const cameBack = await this.commands.run('REJOIN', [this.prefix, userId, this.instanceId, this.options.instanceTtlMs, ...streams])
       if (cameBack === 1) this.onlineListener?.(userId)
     })
-    // The user-wide topics Redis lost with its data: the open streams still
-    // hold them, and streams opened later must join them too. (A topic a
-    // stream also took by `?topics=` is not told apart, and not written again.)
-    const userWide = new Map<string, Set<string>>()
-    for (const connection of this.registry.all()) {
-      if (connection.userWideTopics.length === 0) continue
-      const topics = userWide.get(connection.userId) ?? new Set<string>()
-      for (const topic of connection.userWideTopics) topics.add(topic)
-      userWide.set(connection.userId, topics)
-    }
-    await inTurns([...userWide], RESYNC_BATCH, async ([userId, topics]) => {
-      await this.commands.run('USER_TOPICS_AGAIN', [this.prefix, userId, ...topics])
-    })
     // A stream or open that ended meanwhile may have been given back before
     // its user was rejoined, which recorded it again (its id kept for ever):
     // it is given back again, which is harmless if its release came last. An

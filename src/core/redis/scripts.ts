@@ -632,20 +632,6 @@ return { #live, redis.call('EXISTS', prefix .. 'grace:' .. user) }
  * the later of this change and the last stream closing. An add that would
  * leave more than max topics adds none and returns 0.
  */
-/**
- * A user's user-wide topics written again from the streams that hold them,
- * when Redis has no record of them (it lost its data): streams the user
- * opens later join them, as before the loss. A record that exists (kept, or
- * written by a subscription since) is left as it is.
- * ARGV: prefix, userId, then topics. Returns 1 when written.
- */
-export const USER_TOPICS_AGAIN = `
-local key = ARGV[1] .. 'ut:' .. ARGV[2]
-if #ARGV < 3 or redis.call('EXISTS', key) == 1 then return 0 end
-for i = 3, #ARGV do redis.call('SADD', key, ARGV[i]) end
-return 1
-`
-
 export const USER_TOPICS = `
 local prefix, user = ARGV[1], ARGV[2]
 local key = prefix .. 'ut:' .. user
