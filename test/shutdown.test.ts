@@ -1,7 +1,7 @@
 import t from 'tap'
 import { openConnected, openStream, publishOk, publisherToken, request, spawnServer, startGateway, TEST_SECRET, userToken, type SseClient } from './helpers'
 import { flood, floodData, floodMaxBytes, FLOOD_EVENT_BYTES, neverReadingStream, rawConnect } from './helpers/raw'
-import { needRedis, REDIS_URL, uniquePrefix } from './helpers/redis'
+import { needRedis, REDIS_URL, startOwnRedis, uniquePrefix } from './helpers/redis'
 
 const SHUTDOWN_TIMEOUT_MS = 10_000
 
@@ -160,4 +160,24 @@ t.test('a stream that stopped reading and a request never finished do not outlas
   t.same(await server.waitExit(10_000), { code: 0, signal: null }, 'exit code 0')
   t.match(server.stdout(), /"msg":"stopped"/, 'the stop completed')
   t.notMatch(server.stdout(), /drain timed out/, 'not cut short by the deadline')
+})
+
+t.test('a drain whose watermark does not come (Redis frozen) still sends `shutdown` within a short SHUTDOWN_TIMEOUT_MS', async (t) => {
+  if (!(await needRedis(t))) return
+  const redis = await startOwnRedis(t)
+  const server = await spawnServer(t, {
+    JWT_SECRET: TEST_SECRET,
+    HOST: '127.0.0.1',
+    REDIS_URL: redis.url,
+    SHUTDOWN_TIMEOUT_MS: '1000',
+    LOG_LEVEL: 'warn'
+  })
+  // Without an event: the drain asks for a watermark to give it a cursor.
+  const { stream } = await openConnected(`${server.url}/v1/stream?token=${userToken('frozen-u1')}`, { t })
+  redis.freeze()
+  t.teardown(() => redis.thaw())
+  t.ok(server.child.kill('SIGTERM'), 'SIGTERM sent')
+  await stream.nextEvent('shutdown', 5000)
+  t.pass('shutdown arrived, the watermark\'s wait bounded by the grace')
+  await server.waitExit(10_000)
 })

@@ -71,7 +71,7 @@ const EXPIRY_TICK_MS = 250
 const OVERDUE_BUCKET = -1
 /** How soon after a reset the stream's cursor is moved. */
 const CURSOR_SOON_MS = 200
-/** How long a drain waits for a watermark to give cursorless streams (see giveCursorsBeforeLeaving). */
+/** How long a drain waits at most for a watermark to give cursorless streams (see giveCursorsBeforeLeaving). */
 const DRAIN_MARK_WAIT_MS = 1000
 
 /**
@@ -271,7 +271,8 @@ export class StreamService {
    */
   async drain (graceMs: number): Promise<void> {
     this.draining = true
-    await this.giveCursorsBeforeLeaving()
+    // A part of the grace at most: `shutdown` must still go out in it.
+    await this.giveCursorsBeforeLeaving(Math.min(DRAIN_MARK_WAIT_MS, Math.floor(graceMs / 4)))
     const frame = systemFrame('shutdown', { reason: 'server shutting down' })
     const connections = [...this.registry.all()]
     const closed = connections.map(async (connection) => await connection.sinkClosed())
@@ -286,14 +287,14 @@ export class StreamService {
    * the cursor it was refused. Each is sent a watermark first, as at a check
    * (see moveQuietCursors): every event below it that was the stream's has
    * reached it, and it is inside the window, so the reconnect elsewhere
-   * replays exactly what the stream lacks. Not had within a second (Redis
+   * replays exactly what the stream lacks. Not had within `waitMs` (Redis
    * away), the streams leave as before, without.
    */
-  private async giveCursorsBeforeLeaving (): Promise<void> {
+  private async giveCursorsBeforeLeaving (waitMs: number): Promise<void> {
     const bare = [...this.registry.all()].filter((connection) => connection.live && (connection.lastId === 0 || connection.cursorBehind))
     if (bare.length === 0) return
     let timer: NodeJS.Timeout | undefined
-    const late = new Promise<null>((resolve) => { timer = setTimeout(resolve, DRAIN_MARK_WAIT_MS, null) })
+    const late = new Promise<null>((resolve) => { timer = setTimeout(resolve, waitMs, null) })
     const mark = await Promise.race([this.bus.watermark().catch((): null => null), late])
     clearTimeout(timer)
     if (mark === null) return

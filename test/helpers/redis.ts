@@ -61,6 +61,15 @@ export class OwnRedis {
     throw new Error('redis-server did not answer within 10 s')
   }
 
+  /** Freezes the server (SIGSTOP): connections stay up, nothing is answered. */
+  freeze (): void {
+    this.process?.kill('SIGSTOP')
+  }
+
+  thaw (): void {
+    this.process?.kill('SIGCONT')
+  }
+
   async stop (): Promise<void> {
     const child = this.process
     this.process = null
