@@ -103,6 +103,16 @@ const requestsWaiting = new WeakMap<Socket, number>()
 /** The requests counted in requestsWaiting (until their response is sent). */
 const waited = new WeakSet<IncomingMessage>()
 
+/**
+ * A CONNECT pipelined behind a request waits for its answer (src/app.ts),
+ * which a stream never gives: it counts as a request behind it. Its
+ * connection closes after its refusal, so the count is never taken back.
+ */
+function noteConnectIfWaiting (_request: IncomingMessage, socket: Socket): void {
+  if ((socket as Socket & { _httpMessage?: unknown })._httpMessage == null) return
+  requestsWaiting.set(socket, (requestsWaiting.get(socket) ?? 0) + 1)
+}
+
 function noteIfWaiting (request: IncomingMessage, response: ServerResponse): void {
   if (response.socket !== null) return
   const socket = request.socket
@@ -313,6 +323,7 @@ export default fp(async (app) => {
   // the same packet as a stream's is counted before the stream's handler
   // next yields. (The internal listener hands its requests to this server.)
   app.server.prependListener('request', noteIfWaiting)
+  for (const server of [app.server, app.internalServer]) server?.prependListener('connect', noteConnectIfWaiting)
 
   /** Streams past the MAX_CONNECTIONS check that are not in the registry yet. */
   let opening = 0

@@ -146,10 +146,16 @@ function answerWhatNodeWouldRefuse (app: FastifyInstance, server: Server): void 
       // half-open, the socket held the server's close until the drain's deadline.
       socket.destroySoon()
     }
-    // Pipelined behind an answer still to come (a publish's): after it.
-    const inFlight = (socket as Socket & { _httpMessage?: ServerResponse | null })._httpMessage
-    if (inFlight !== null && inFlight !== undefined && !inFlight.writableFinished) inFlight.once('finish', refuse)
-    else refuse()
+    // Pipelined behind answers still to come (a publish's): after the last of
+    // them (Node gives the connection to the next queued one as each ends). A
+    // stream request ahead refuses itself (plugins/streams.ts counts this
+    // CONNECT as a request behind it), so its 400 ends too.
+    const whenAnswered = (): void => {
+      const inFlight = (socket as Socket & { _httpMessage?: ServerResponse | null })._httpMessage
+      if (inFlight !== null && inFlight !== undefined && !inFlight.writableFinished) inFlight.once('finish', whenAnswered)
+      else refuse()
+    }
+    whenAnswered()
   })
 }
 

@@ -364,9 +364,21 @@ t.test('requests Node would answer itself: an Expect other than 100-continue is 
   behind.write(`POST /v1/publish HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${publisher}\r\nContent-Length: ${publishBody.length}\r\n\r\n${publishBody}CONNECT /v1/stats HTTP/1.1\r\nHost: x\r\n\r\n`)
   await behind.waitClose(5000)
   t.same([...behind.text().matchAll(/HTTP\/1\.1 (\d{3}) /g)].map((match) => Number(match[1])), [202, 400], 'the publish answered first, then the CONNECT refused')
+  // Behind two answers to come: after both.
+  const behindTwo = await rawConnect(t, internalPort)
+  const onePublish = `POST /v1/publish HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${publisher}\r\nContent-Length: ${publishBody.length}\r\n\r\n${publishBody}`
+  behindTwo.write(`${onePublish}${onePublish}CONNECT /v1/stats HTTP/1.1\r\nHost: x\r\n\r\n`)
+  await behindTwo.waitClose(5000)
+  t.same([...behindTwo.text().matchAll(/HTTP\/1\.1 (\d{3}) /g)].map((match) => Number(match[1])), [202, 202, 400], 'both publishes answered, then the CONNECT refused')
+  // Behind a stream request: the stream refuses itself (it would never end), then the CONNECT is refused.
+  const behindStream = await rawConnect(t, port)
+  behindStream.write(`GET /v1/stream?token=${userToken('connect-u1')} HTTP/1.1\r\nHost: x\r\n\r\nCONNECT /v1/stats HTTP/1.1\r\nHost: x\r\n\r\n`)
+  await behindStream.waitClose(5000)
+  t.same([...behindStream.text().matchAll(/HTTP\/1\.1 (\d{3}) /g)].map((match) => Number(match[1])), [400, 400], 'the stream refused, then the CONNECT')
+  t.match(behindStream.text(), /followed by other requests pipelined/)
   const publishing = (await rawExchange(internalPort, `POST /v1/publish HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${publisher}\r\nExpect: 200-ok\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}`)).response()
   t.equal(publishing.status, 400, `a publish with an odd Expect is read and validated like any other: ${publishing.status} ${publishing.body}`)
-  t.equal(loggedAs<{ reason?: string }>(logText(), 'request refused by the HTTP parser').filter((line) => line.reason === 'CONNECT').length, 4, 'a log line for each CONNECT')
+  t.equal(loggedAs<{ reason?: string }>(logText(), 'request refused by the HTTP parser').filter((line) => line.reason === 'CONNECT').length, 6, 'a log line for each CONNECT')
 })
 
 t.test('data and job results holding `__proto__` or `constructor.prototype` keys pass through as written, and no prototype changes', async (t) => {
