@@ -118,6 +118,13 @@ function clientError (this: FastifyInstance, error: Error & { code?: string }, s
   socket.destroy(error)
 }
 
+/** How long a refused CONNECT's connection may wait for the answers ahead of it. */
+const CONNECT_REFUSAL_TIMEOUT_MS = 30_000
+
+function destroySocket (this: Socket): void {
+  this.destroy()
+}
+
 /** Writes a refusal in the contract's shape straight to a connection, which then closes. */
 function refuseOnSocket (socket: Socket, statusCode: number, code: string, message: string): void {
   // Not into a response already under way (a pipelined request's): it would
@@ -139,6 +146,11 @@ function refuseOnSocket (socket: Socket, statusCode: number, code: string, messa
 function answerWhatNodeWouldRefuse (app: FastifyInstance, server: Server): void {
   server.on('checkExpectation', (request: IncomingMessage, response: ServerResponse) => server.emit('request', request, response))
   server.on('connect', (_request: IncomingMessage, socket: Socket) => {
+    // Node took its own error handler and timeout off the socket before
+    // handing it here: a client's reset would be an uncaught error (the
+    // process ends), and an answer ahead that never comes would hold it.
+    socket.on('error', destroySocket)
+    socket.setTimeout(CONNECT_REFUSAL_TIMEOUT_MS, destroySocket)
     app.log.info({ remoteAddress: socket.remoteAddress, res: { statusCode: 400 }, code: 'GW_BAD_REQUEST', reason: 'CONNECT' }, 'request refused by the HTTP parser')
     const refuse = (): void => {
       refuseOnSocket(socket, 400, 'GW_BAD_REQUEST', 'the CONNECT method is not served')
@@ -151,8 +163,10 @@ function answerWhatNodeWouldRefuse (app: FastifyInstance, server: Server): void 
     // stream request ahead refuses itself (plugins/streams.ts counts this
     // CONNECT as a request behind it), so its 400 ends too.
     const whenAnswered = (): void => {
+      // One still held here has not had Node's own 'finish' handler (which
+      // lets go of it), even if all its bytes are written.
       const inFlight = (socket as Socket & { _httpMessage?: ServerResponse | null })._httpMessage
-      if (inFlight !== null && inFlight !== undefined && !inFlight.writableFinished) inFlight.once('finish', whenAnswered)
+      if (inFlight !== null && inFlight !== undefined) inFlight.once('finish', whenAnswered)
       else refuse()
     }
     whenAnswered()

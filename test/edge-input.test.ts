@@ -370,6 +370,25 @@ t.test('requests Node would answer itself: an Expect other than 100-continue is 
   behindTwo.write(`${onePublish}${onePublish}CONNECT /v1/stats HTTP/1.1\r\nHost: x\r\n\r\n`)
   await behindTwo.waitClose(5000)
   t.same([...behindTwo.text().matchAll(/HTTP\/1\.1 (\d{3}) /g)].map((match) => Number(match[1])), [202, 202, 400], 'both publishes answered, then the CONNECT refused')
+  // Behind quick answers: a finished one still waits for Node to let go of it.
+  for (const count of [2, 3]) {
+    const behindQuick = await rawConnect(t, port)
+    behindQuick.write(`${'GET /health HTTP/1.1\r\nHost: x\r\n\r\n'.repeat(count)}CONNECT /v1/stats HTTP/1.1\r\nHost: x\r\n\r\n`)
+    await behindQuick.waitClose(5000)
+    t.same([...behindQuick.text().matchAll(/HTTP\/1\.1 (\d{3}) /g)].map((match) => Number(match[1])), [...Array(count).fill(200), 400], `${count} answers, then the CONNECT refused`)
+  }
+  // A client that resets its CONNECT connection, behind an answer or not: the process goes on.
+  for (let attempt = 0; attempt < 20; attempt++) {
+    const resetting = net.connect({ port: internalPort, host: '127.0.0.1' })
+    resetting.on('error', () => {})
+    await once(resetting, 'connect')
+    const ahead = attempt % 2 === 0 ? `POST /v1/publish HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${publisher}\r\nContent-Length: ${publishBody.length}\r\n\r\n${publishBody}` : ''
+    resetting.write(`${ahead}CONNECT /v1/stats HTTP/1.1\r\nHost: x\r\n\r\n`)
+    await new Promise((resolve) => setImmediate(resolve))
+    resetting.resetAndDestroy()
+  }
+  const alive = (await rawExchange(port, 'GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n')).response()
+  t.equal(alive.status, 200, 'the gateway still answers after 20 reset CONNECT connections')
   // Behind a stream request: the stream refuses itself (it would never end), then the CONNECT is refused.
   const behindStream = await rawConnect(t, port)
   behindStream.write(`GET /v1/stream?token=${userToken('connect-u1')} HTTP/1.1\r\nHost: x\r\n\r\nCONNECT /v1/stats HTTP/1.1\r\nHost: x\r\n\r\n`)
@@ -378,7 +397,7 @@ t.test('requests Node would answer itself: an Expect other than 100-continue is 
   t.match(behindStream.text(), /followed by other requests pipelined/)
   const publishing = (await rawExchange(internalPort, `POST /v1/publish HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${publisher}\r\nExpect: 200-ok\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}`)).response()
   t.equal(publishing.status, 400, `a publish with an odd Expect is read and validated like any other: ${publishing.status} ${publishing.body}`)
-  t.equal(loggedAs<{ reason?: string }>(logText(), 'request refused by the HTTP parser').filter((line) => line.reason === 'CONNECT').length, 6, 'a log line for each CONNECT')
+  t.ok(loggedAs<{ reason?: string }>(logText(), 'request refused by the HTTP parser').filter((line) => line.reason === 'CONNECT').length >= 8, 'a log line for each CONNECT')
 })
 
 t.test('data and job results holding `__proto__` or `constructor.prototype` keys pass through as written, and no prototype changes', async (t) => {
