@@ -297,10 +297,14 @@ export class StreamService {
     const late = new Promise<null>((resolve) => { timer = setTimeout(resolve, waitMs, null) })
     const mark = await Promise.race([this.bus.watermark().catch((): null => null), late])
     clearTimeout(timer)
-    if (mark === null) return
+    if (mark !== null) this.moveCursors(mark, bare, () => true)
+  }
+
+  /** Sends `id: <mark>` alone to each of `connections` that `due` picks (see StreamConnection.moveCursor), counted. */
+  private moveCursors (mark: number, connections: Iterable<StreamConnection>, due: (connection: StreamConnection) => boolean): void {
     const frame = frameWithId(mark, '\n')
     let moved = 0
-    for (const connection of bare) if (connection.moveCursor(mark, frame)) moved++
+    for (const connection of connections) if (due(connection) && connection.moveCursor(mark, frame)) moved++
     if (moved > 0) this.events.cursorsMoved(moved)
   }
 
@@ -579,20 +583,13 @@ export class StreamService {
       if (mark === null) return
       const quietSinceId = mark - this.quietForMs * 1000
       const openedBefore = Date.now() - this.cursorCheckMs
-      const frame = frameWithId(mark, '\n')
-      let moved = 0
-      for (const connection of this.registry.all()) {
-        if (!connection.live) continue
-        // Moved once its last event is old, however recently it opened (a
-        // replay from an old cursor); after a reset, at once; one that has
-        // had none once it has been open for a check (a reconnect without a
-        // cursor misses what is published meanwhile: a drain must not find
-        // it so for long), not at its open, whose first bytes stay as they were.
-        const quiet = connection.cursorBehind ||
-          (connection.lastId > 0 ? connection.lastId <= quietSinceId : connection.openedAt <= openedBefore)
-        if (quiet && connection.moveCursor(mark, frame)) moved++
-      }
-      if (moved > 0) this.events.cursorsMoved(moved)
+      // Moved once its last event is old, however recently it opened (a
+      // replay from an old cursor); after a reset, at once; one that has
+      // had none once it has been open for a check (a reconnect without a
+      // cursor misses what is published meanwhile: a drain must not find
+      // it so for long), not at its open, whose first bytes stay as they were.
+      this.moveCursors(mark, this.registry.all(), (connection) => connection.cursorBehind ||
+        (connection.lastId > 0 ? connection.lastId <= quietSinceId : connection.openedAt <= openedBefore))
     } catch {
       // The store is unreachable: its loss is reported elsewhere, and the next check tries again.
     } finally {
