@@ -15,6 +15,7 @@ import { applyTopicChange, type TopicsMessage } from '../src/core/topic-changes'
 import { UnchunkedSink } from '../src/core/unchunked'
 import { closeGraceMs } from '../src/config'
 import { errors } from '../src/errors'
+import { responseInFlight } from '../src/in-flight'
 import { authOf } from './auth'
 
 export interface OpenStreamOptions {
@@ -109,7 +110,7 @@ const waited = new WeakSet<IncomingMessage>()
  * connection closes after its refusal, so the count is never taken back.
  */
 function noteConnectIfWaiting (_request: IncomingMessage, socket: Socket): void {
-  if ((socket as Socket & { _httpMessage?: unknown })._httpMessage == null) return
+  if (responseInFlight(socket) === null) return
   requestsWaiting.set(socket, (requestsWaiting.get(socket) ?? 0) + 1)
 }
 

@@ -6,6 +6,7 @@ import type { DestinationStream } from 'pino'
 import { closeGraceMs, type Config } from './config'
 import { StoreUnavailableError } from './core/state'
 import { errors } from './errors'
+import { responseInFlight } from './in-flight'
 import { errForLog, GatewayLogController, logCompleted, noteRefusal, redactUrl, requestIdOf, withoutJwts } from './logging'
 import configPlugin from '../plugins/config'
 import authPlugin from '../plugins/auth'
@@ -129,8 +130,7 @@ function destroySocket (this: Socket): void {
 function refuseOnSocket (socket: Socket, statusCode: number, code: string, message: string): void {
   // Not into a response already under way (a pipelined request's): it would
   // be spliced into its bytes. Node's own handler holds back alike.
-  const inFlight = (socket as Socket & { _httpMessage?: { headersSent?: boolean } | null })._httpMessage
-  if (socket.writable && inFlight?.headersSent !== true) {
+  if (socket.writable && responseInFlight(socket)?.headersSent !== true) {
     const body = JSON.stringify({ statusCode, code, error: httpReason(statusCode), message })
     socket.write(`HTTP/1.1 ${statusCode} ${httpReason(statusCode)}\r\nContent-Type: application/json; charset=utf-8\r\nContent-Length: ${Buffer.byteLength(body)}\r\nConnection: close\r\n\r\n${body}`)
   }
@@ -163,16 +163,14 @@ function answerWhatNodeWouldRefuse (app: FastifyInstance, server: Server): void 
     // stream request ahead refuses itself (plugins/streams.ts counts this
     // CONNECT as a request behind it), so its 400 ends too.
     const whenAnswered = (): void => {
-      // One still held here has not had Node's own 'finish' handler (which
-      // lets go of it), even if all its bytes are written.
-      const inFlight = (socket as Socket & { _httpMessage?: ServerResponse | null })._httpMessage
-      if (inFlight !== null && inFlight !== undefined) inFlight.once('finish', whenAnswered)
+      // Even one whose bytes are all written (see responseInFlight).
+      const inFlight = responseInFlight(socket)
+      if (inFlight !== null) inFlight.once('finish', whenAnswered)
       else refuse()
     }
     whenAnswered()
   })
 }
-
 
 function loggerOptions (config: Config, stream?: DestinationStream): FastifyServerOptions['logger'] {
   return {
