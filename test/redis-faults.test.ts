@@ -9,6 +9,7 @@ import { FaultyProxy, proxiedCluster } from './helpers/proxy'
 import { metricValue, scrape } from './helpers/raw'
 import { needRedis, redisClient, REDIS_URL, uniquePrefix } from './helpers/redis'
 import { StoreUnavailableError, type ScriptedRedis } from '../src/core/redis/client'
+import { USER_TOPICS } from '../src/core/redis/scripts'
 
 const publisher = publisherToken()
 const redisPort = Number(new URL(REDIS_URL).port || 6379)
@@ -451,4 +452,51 @@ t.test('a stream closed after Redis lost its data can still be reopened by its i
   t.ok(ttl > 0 && ttl <= 3600, `to expire with the window (${ttl} s)`)
   const reopened = await openStream(`${gateway.url}/v1/stream/${connected.connectionId}?token=${userToken('lost-u1')}`, { t })
   t.equal(reopened.status, 200, 'the reopen by id is served, not 404')
+})
+
+t.test('Redis emptied: a user\'s user-wide topics are written again from the streams that hold them, so a stream the user opens later joins them too', async (t) => {
+  if (!(await needRedis(t))) return
+  const prefix = uniquePrefix('lostut')
+  const gateway = await startGateway(t, { REDIS_URL, REDIS_PREFIX: prefix, INSTANCE_TTL_MS: '60000' })
+  const { stream: first } = await openConnected(`${gateway.url}/v1/stream?token=${userToken('uw-u1')}`, { t })
+  const subscribed = await request(`${gateway.url}/v1/subscriptions`, { method: 'POST', token: userToken('uw-u1'), body: { topics: ['uw-news'] } })
+  t.equal(subscribed.status, 200)
+  await emptyRedisOf(t, prefix)
+  // Its admission finds the instance unlisted and waits for its streams to be recorded again.
+  const { stream: later, connected } = await openConnected(`${gateway.url}/v1/stream?token=${userToken('uw-u1')}`, { t })
+  t.same(connected.topics, ['uw-news'], 'the later stream joined the user-wide topic')
+  const [id] = await publishOk(gateway.url, publisher, { to: { topic: 'uw-news' }, event: 'news', data: 1 })
+  t.equal((await later.nextEvent('news')).id, id, 'and gets its events')
+  t.equal((await first.nextEvent('news')).id, id, 'as the open one does')
+})
+
+t.test('Redis intact: a resync does not bring back a user-wide topic whose removal this instance missed (the user\'s emptied set is kept)', async (t) => {
+  if (!(await needRedis(t))) return
+  const prefix = uniquePrefix('keptut')
+  const gateway = await startGateway(t, { REDIS_URL, REDIS_PREFIX: prefix, INSTANCE_TTL_MS: '60000' })
+  const token = userToken('uw-u2')
+  await openConnected(`${gateway.url}/v1/stream?token=${token}`, { t })
+  t.equal((await request(`${gateway.url}/v1/subscriptions`, { method: 'POST', token, body: { topics: ['uw-gone'] } })).status, 200)
+  // The removal as another instance makes it, its control message never
+  // heard here: the open stream still holds the topic.
+  const redis = redisClient(t)
+  t.same(await redis.eval(USER_TOPICS, 0, prefix, 'uw-u2', '3600', 'remove', '0', 'uw-gone'), [], 'removed in Redis')
+  await (gateway.app.state as unknown as { resync: () => Promise<void> }).resync()
+  const { connected } = await openConnected(`${gateway.url}/v1/stream?token=${token}`, { t })
+  t.same(connected.topics, [], 'a later stream does not join the removed topic')
+  const listed = await request<{ topics: string[] }>(`${gateway.url}/v1/subscriptions`, { method: 'DELETE', token, body: { topics: ['other'] } })
+  t.same(listed.json.topics, [], 'nor does the user hold it')
+})
+
+t.test('a user-wide change made while the user has no stream expires with the window, a removal too', async (t) => {
+  if (!(await needRedis(t))) return
+  const prefix = uniquePrefix('utttl')
+  const gateway = await startGateway(t, { REDIS_URL, REDIS_PREFIX: prefix, HISTORY_TTL_S: '120' })
+  const token = userToken('uw-u3')
+  const redis = redisClient(t)
+  for (const method of ['POST', 'DELETE'] as const) {
+    t.equal((await request(`${gateway.url}/v1/subscriptions`, { method, token, body: { topics: ['uw-t'] } })).status, 200)
+    const ttl = await redis.ttl(`${prefix}ut:uw-u3`)
+    t.ok(ttl > 0 && ttl <= 120, `after ${method}: expires in ${ttl} s`)
+  }
 })

@@ -256,6 +256,11 @@ export class StreamConnection {
     if (next !== null) this.userWideOnly = next.length === 0 ? null : next
   }
 
+  /** The topics the stream holds only for its user's user-wide subscription. */
+  get userWideTopics (): readonly string[] {
+    return this.userWideOnly ?? []
+  }
+
   /** Whether the stream holds `topic` only for its user's user-wide subscription, which may take it away. */
   heldForUser (topic: string): boolean {
     return this.userWideOnly?.includes(topic) === true

@@ -283,6 +283,7 @@ export class RedisState implements SharedState {
       const cameBack = await this.commands.run('REJOIN', [this.prefix, userId, this.instanceId, this.options.instanceTtlMs, ...streams])
       if (cameBack === 1) this.onlineListener?.(userId)
     })
+    await this.writeUserTopicsAgain()
     // A stream or open that ended meanwhile may have been given back before
     // its user was rejoined, which recorded it again (its id kept for ever):
     // it is given back again, which is harmless if its release came last. An
@@ -291,6 +292,29 @@ export class RedisState implements SharedState {
     // Several at once: after a mass disconnect there can be thousands, each a round trip.
     await inTurns([...holders], RESYNC_BATCH, async ([connectionId, { userId }]) => {
       if (this.registry.get(connectionId) === undefined) await this.releaseLate(connectionId, userId, this.options.historyTtlS)
+    })
+  }
+
+  /**
+   * The user-wide topics Redis lost with its data: the open streams still
+   * hold them, and streams the user opens later must join them too. Only a
+   * user with no set at all is written (USER_TOPICS_AGAIN): a removal of the
+   * last topic leaves a set, so an instance that missed that removal does
+   * not bring the topic back. A topic a stream also took by `?topics=` is not
+   * told apart from its own, and is not written again.
+   */
+  private async writeUserTopicsAgain (): Promise<void> {
+    const byUser = new Map<string, Set<string>>()
+    for (const connection of this.registry.all()) {
+      const held = connection.userWideTopics
+      if (held.length === 0) continue
+      const topics = byUser.get(connection.userId) ?? new Set<string>()
+      for (const topic of held) topics.add(topic)
+      byUser.set(connection.userId, topics)
+    }
+    await inTurns([...byUser], RESYNC_BATCH, async ([userId, topics]) => {
+      if (this.closed) return
+      await this.commands.run('USER_TOPICS_AGAIN', [this.prefix, userId, this.options.historyTtlS, ...topics])
     })
   }
 
@@ -516,7 +540,7 @@ export class RedisState implements SharedState {
   }
 
   async userTopics (userId: string): Promise<string[]> {
-    return await this.commands.call(async (redis) => await redis.smembers(`${this.prefix}ut:${userId}`))
+    return await this.commands.run('USER_TOPICS_READ', [this.prefix, userId]) as string[]
   }
 
   async subscribeUser (userId: string, topics: string[], ttlS: number, max: number): Promise<string[] | null> {
@@ -525,7 +549,7 @@ export class RedisState implements SharedState {
   }
 
   async unsubscribeUser (userId: string, topics: string[]): Promise<string[]> {
-    return await this.commands.run('USER_TOPICS', [this.prefix, userId, 0, 'remove', 0, ...topics]) as string[]
+    return await this.commands.run('USER_TOPICS', [this.prefix, userId, this.options.historyTtlS, 'remove', 0, ...topics]) as string[]
   }
 
   async updateMembers (conversationId: string, op: 'set' | 'add' | 'remove', members: string[]): Promise<string[]> {

@@ -627,16 +627,45 @@ return { #live, redis.call('EXISTS', prefix .. 'grace:' .. user) }
 `
 
 /**
+ * A user's user-wide topics are a set that also holds the member '#' (no
+ * topic name can be it) once any change was made: a removal of the last
+ * topic leaves the set with '#' alone, so a set that is missing means
+ * "never changed, or lost with Redis's data", never "emptied by the user".
+ * Only a missing set is written again from the streams (USER_TOPICS_AGAIN).
+ */
+const USER_TOPIC_FUNCTIONS = `
+local KEPT = '#'
+
+local function user_topics(key)
+  local topics = {}
+  for _, member in ipairs(redis.call('SMEMBERS', key)) do
+    if member ~= KEPT then topics[#topics + 1] = member end
+  end
+  return topics
+end
+
+-- The set lives while the user has streams, and ttl_s after the later of a
+-- change and the last stream closing.
+local function keep_user_topics(prefix, user, key, ttl_s)
+  if redis.call('ZCARD', prefix .. 'uc:' .. user) > 0 then
+    redis.call('PERSIST', key)
+  else
+    redis.call('EXPIRE', key, ttl_s)
+  end
+end
+`
+
+/**
  * User-wide topics. ARGV: prefix, userId, ttlS, 'add'|'remove', max, topics...
  * The set does not expire while the user has streams; it expires ttlS after
  * the later of this change and the last stream closing. An add that would
- * leave more than max topics adds none and returns 0.
+ * leave more than max topics adds none and returns 0. Returns the topics.
  */
-export const USER_TOPICS = `
+export const USER_TOPICS = `${USER_TOPIC_FUNCTIONS}
 local prefix, user = ARGV[1], ARGV[2]
 local key = prefix .. 'ut:' .. user
 if ARGV[4] == 'add' then
-  local count = redis.call('SCARD', key)
+  local count = redis.call('SCARD', key) - redis.call('SISMEMBER', key, KEPT)
   for i = 6, #ARGV do
     if redis.call('SISMEMBER', key, ARGV[i]) == 0 then count = count + 1 end
   end
@@ -645,14 +674,31 @@ end
 for i = 6, #ARGV do
   if ARGV[4] == 'add' then redis.call('SADD', key, ARGV[i]) else redis.call('SREM', key, ARGV[i]) end
 end
-if redis.call('EXISTS', key) == 1 then
-  if redis.call('ZCARD', prefix .. 'uc:' .. user) > 0 then
-    redis.call('PERSIST', key)
-  elseif ARGV[4] == 'add' then
-    redis.call('EXPIRE', key, tonumber(ARGV[3]))
-  end
-end
-return redis.call('SMEMBERS', key)
+redis.call('SADD', key, KEPT)
+keep_user_topics(prefix, user, key, tonumber(ARGV[3]))
+return user_topics(key)
+`
+
+/** ARGV: prefix, userId. Returns the user's user-wide topics. */
+export const USER_TOPICS_READ = `${USER_TOPIC_FUNCTIONS}
+return user_topics(ARGV[1] .. 'ut:' .. ARGV[2])
+`
+
+/**
+ * A user's user-wide topics written again from the streams that hold them,
+ * when Redis has no set for the user: it lost its data (or, the user having
+ * had no streams in the cluster's eyes for ttlS, let the set expire). A set
+ * that exists, even with '#' alone, is the user's own last word and is left
+ * as it is. ARGV: prefix, userId, ttlS, topics... Returns 1 when written.
+ */
+export const USER_TOPICS_AGAIN = `${USER_TOPIC_FUNCTIONS}
+local prefix, user = ARGV[1], ARGV[2]
+local key = prefix .. 'ut:' .. user
+if #ARGV < 4 or redis.call('EXISTS', key) == 1 then return 0 end
+for i = 4, #ARGV do redis.call('SADD', key, ARGV[i]) end
+redis.call('SADD', key, KEPT)
+keep_user_topics(prefix, user, key, tonumber(ARGV[3]))
+return 1
 `
 
 /** ARGV: prefix, conversationId, 'set'|'add'|'remove', members... Returns the members. */
