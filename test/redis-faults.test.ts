@@ -488,15 +488,20 @@ t.test('Redis intact: a resync does not bring back a user-wide topic whose remov
   t.same(listed.json.topics, [], 'nor does the user hold it')
 })
 
-t.test('a user-wide change made while the user has no stream expires with the window, a removal too', async (t) => {
+t.test('a user-wide change made while the user has no stream: a subscribe expires with the window, a removal keeps the expiry or, on a set it creates, gets one', async (t) => {
   if (!(await needRedis(t))) return
   const prefix = uniquePrefix('utttl')
   const gateway = await startGateway(t, { REDIS_URL, REDIS_PREFIX: prefix, HISTORY_TTL_S: '120' })
-  const token = userToken('uw-u3')
   const redis = redisClient(t)
-  for (const method of ['POST', 'DELETE'] as const) {
-    t.equal((await request(`${gateway.url}/v1/subscriptions`, { method, token, body: { topics: ['uw-t'] } })).status, 200)
-    const ttl = await redis.ttl(`${prefix}ut:uw-u3`)
-    t.ok(ttl > 0 && ttl <= 120, `after ${method}: expires in ${ttl} s`)
+  const change = async (user: string, method: 'POST' | 'DELETE', topic: string): Promise<number> => {
+    t.equal((await request(`${gateway.url}/v1/subscriptions`, { method, token: userToken(user), body: { topics: [topic] } })).status, 200)
+    return await redis.ttl(`${prefix}ut:${user}`)
   }
+  const subscribed = await change('uw-u3', 'POST', 'uw-a')
+  t.ok(subscribed > 60 && subscribed <= 120, `a subscribe: expires in ${subscribed} s`)
+  await redis.expire(`${prefix}ut:uw-u3`, 30)
+  const removed = await change('uw-u3', 'DELETE', 'uw-a')
+  t.ok(removed > 0 && removed <= 30, `a removal does not put off the expiry the set had (${removed} s)`)
+  const created = await change('uw-u4', 'DELETE', 'uw-a')
+  t.ok(created > 60 && created <= 120, `a removal for a user with no set: what it leaves expires in ${created} s`)
 })

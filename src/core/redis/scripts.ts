@@ -645,11 +645,12 @@ local function user_topics(key)
 end
 
 -- The set lives while the user has streams, and ttl_s after the later of a
--- change and the last stream closing.
-local function keep_user_topics(prefix, user, key, ttl_s)
+-- subscribe and the last stream closing. A removal keeps the expiry the set
+-- has, and gives one only to a set it created (the '#' alone).
+local function keep_user_topics(prefix, user, key, ttl_s, subscribed)
   if redis.call('ZCARD', prefix .. 'uc:' .. user) > 0 then
     redis.call('PERSIST', key)
-  else
+  elseif subscribed or redis.call('TTL', key) == -1 then
     redis.call('EXPIRE', key, ttl_s)
   end
 end
@@ -675,7 +676,7 @@ for i = 6, #ARGV do
   if ARGV[4] == 'add' then redis.call('SADD', key, ARGV[i]) else redis.call('SREM', key, ARGV[i]) end
 end
 redis.call('SADD', key, KEPT)
-keep_user_topics(prefix, user, key, tonumber(ARGV[3]))
+keep_user_topics(prefix, user, key, tonumber(ARGV[3]), ARGV[4] == 'add')
 return user_topics(key)
 `
 
@@ -697,7 +698,7 @@ local key = prefix .. 'ut:' .. user
 if #ARGV < 4 or redis.call('EXISTS', key) == 1 then return 0 end
 for i = 4, #ARGV do redis.call('SADD', key, ARGV[i]) end
 redis.call('SADD', key, KEPT)
-keep_user_topics(prefix, user, key, tonumber(ARGV[3]))
+keep_user_topics(prefix, user, key, tonumber(ARGV[3]), true)
 return 1
 `
 
