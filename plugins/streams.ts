@@ -11,7 +11,7 @@ import { Hub } from '../src/core/hub'
 import { Publisher } from '../src/core/publish'
 import { StoreUnavailableError, type Admission, type ControlAnswer } from '../src/core/state'
 import { REOPENED_REASON, StreamService, type StreamSpec } from '../src/core/streams'
-import { applyTopicChange, type TopicsMessage } from '../src/core/topic-changes'
+import { applyTopicChange, UserWideRealignment, type TopicsMessage } from '../src/core/topic-changes'
 import { UnchunkedSink } from '../src/core/unchunked'
 import { closeGraceMs } from '../src/config'
 import { errors } from '../src/errors'
@@ -311,11 +311,16 @@ export default fp(async (app) => {
 
   const applyTopics = async (message: TopicsMessage): Promise<ControlAnswer> => await applyTopicChange(message, registry, streams, config.maxTopics)
   app.decorate('applyTopics', applyTopics)
+  const realignment = new UserWideRealignment(registry, state, applyTopics)
+  state.onControlMissed(async () => await realignment.run())
 
   const ledger = new AdmissionLedger<FastifyBaseLogger>(registry, streams, recordClose)
   state.trackOpens(ledger.tracker(app.log))
   state.onControl(async (message) => {
-    if (message.type === 'topics') return await applyTopics(message)
+    if (message.type === 'topics') {
+      if (message.connectionId === null) realignment.noteApplied(message.userId)
+      return await applyTopics(message)
+    }
     if (message.instance === null || message.instance === state.instanceId) ledger.applyEviction(message)
     return null
   })

@@ -7,7 +7,7 @@
 import type Redis from 'ioredis'
 import t, { type Test } from 'tap'
 import { channel } from '../src/core/channels'
-import { eventually, openConnected, openStream, publishOk, publisherToken, request, userToken, type Gateway, type SseClient } from './helpers'
+import { adminToken, eventually, openConnected, openStream, publishOk, publisherToken, request, userToken, type Gateway, type SseClient } from './helpers'
 import { FaultyProxy, proxiedCluster } from './helpers/proxy'
 import { needRedis, redisClient, subscriberCount, uniquePrefix } from './helpers/redis'
 
@@ -385,4 +385,27 @@ t.test('a reconnect to an instance whose subscriber lags gets nothing at or belo
   await second.next((event) => event.id === marker, 5000, 'the marker')
   t.same(seqIds(second), [marker], 'the event it had before it reconnected is not sent again')
   t.same(otherEvents(second), ['connected'], 'no reset')
+})
+
+t.test('user-wide changes answered while the instance\'s control channel was down reach its streams once it is back: a topic left is left, a topic added is joined', async (t) => {
+  if (!(await needRedis(t))) return
+  const rig = await startRig(t, 'realign')
+  const { proxy, viaProxy, direct } = rig
+  const token = userToken('u1')
+  const { stream } = await openConnected(`${viaProxy.url}/v1/stream?token=${token}`, { t })
+  t.equal((await request(`${direct.url}/v1/subscriptions`, { method: 'POST', token, body: { topics: ['rl-left'] } })).status, 200)
+  await loseSubscription(rig, 1)
+  // Answered without the cut-off instance's acknowledgement (at most 3 s later, README).
+  t.same((await request(`${direct.url}/v1/subscriptions`, { method: 'DELETE', token, body: { topics: ['rl-left'] } })).json, { topics: [] })
+  t.same((await request(`${direct.url}/v1/subscriptions`, { method: 'POST', token, body: { topics: ['rl-added'] } })).json, { topics: ['rl-added'] })
+  proxy.restore(SUBSCRIBER)
+  const listed = async (): Promise<readonly string[] | undefined> => {
+    const answer = await request<{ connections: Array<{ userId: string, topics: string[] }> }>(`${direct.url}/v1/connections?userId=u1`, { token: adminToken() })
+    return answer.json.connections.find((connection) => connection.userId === 'u1')?.topics
+  }
+  await eventually(async () => JSON.stringify(await listed()) === '["rl-added"]', 'the stream to hold the topics the user holds', 10_000, 50)
+  const [left] = await publishOk(direct.url, publisher, { to: { topic: 'rl-left' }, event: 'left', data: 1 })
+  const [added] = await publishOk(direct.url, publisher, { to: { topic: 'rl-added' }, event: 'added', data: 2 })
+  t.equal((await stream.nextEvent('added')).id, added, 'the added topic\'s event arrives')
+  t.notOk(stream.events.some((event) => event.id === left), 'the left topic\'s, published before it, did not')
 })

@@ -7,7 +7,7 @@ import t, { type Test } from 'tap'
 import { eventually, openConnected, openStream, publish, publishOk, publisherToken, request, startGateway, userToken, type Gateway, type SseClient } from './helpers'
 import { FaultyProxy, proxiedCluster } from './helpers/proxy'
 import { metricValue, scrape } from './helpers/raw'
-import { needRedis, redisClient, REDIS_URL, uniquePrefix } from './helpers/redis'
+import { needRedis, redisClient, REDIS_URL, startOwnRedis, uniquePrefix } from './helpers/redis'
 import { StoreUnavailableError, type ScriptedRedis } from '../src/core/redis/client'
 import { USER_TOPICS } from '../src/core/redis/scripts'
 
@@ -470,38 +470,98 @@ t.test('Redis emptied: a user\'s user-wide topics are written again from the str
   t.equal((await first.nextEvent('news')).id, id, 'as the open one does')
 })
 
-t.test('Redis intact: a resync does not bring back a user-wide topic whose removal this instance missed (the user\'s emptied set is kept)', async (t) => {
+t.test('Redis intact: a resync does not write back a user-wide set that is missing (it expired, maybe after the user removed what this instance\'s streams hold)', async (t) => {
   if (!(await needRedis(t))) return
   const prefix = uniquePrefix('keptut')
   const gateway = await startGateway(t, { REDIS_URL, REDIS_PREFIX: prefix, INSTANCE_TTL_MS: '60000' })
   const token = userToken('uw-u2')
   await openConnected(`${gateway.url}/v1/stream?token=${token}`, { t })
   t.equal((await request(`${gateway.url}/v1/subscriptions`, { method: 'POST', token, body: { topics: ['uw-gone'] } })).status, 200)
-  // The removal as another instance makes it, its control message never
-  // heard here: the open stream still holds the topic.
   const redis = redisClient(t)
-  t.same(await redis.eval(USER_TOPICS, 0, prefix, 'uw-u2', '3600', 'remove', '0', 'uw-gone'), [], 'removed in Redis')
+  // As when the set expired while this instance was cut off and reaped.
+  await redis.del(`${prefix}ut:uw-u2`, `${prefix}utk:uw-u2`)
+  await (gateway.app.state as unknown as { resync: () => Promise<void> }).resync()
+  t.same(await redis.smembers(`${prefix}ut:uw-u2`), [], 'nothing written back')
+  const { connected } = await openConnected(`${gateway.url}/v1/stream?token=${token}`, { t })
+  t.same(connected.topics, [], 'a later stream joins nothing')
+})
+
+t.test('Redis emptied, then the user\'s last user-wide topic removed elsewhere before this instance records its streams: the topic is not brought back', async (t) => {
+  if (!(await needRedis(t))) return
+  const prefix = uniquePrefix('lostrm')
+  const gateway = await startGateway(t, { REDIS_URL, REDIS_PREFIX: prefix, INSTANCE_TTL_MS: '60000' })
+  const token = userToken('uw-u5')
+  await openConnected(`${gateway.url}/v1/stream?token=${token}`, { t })
+  t.equal((await request(`${gateway.url}/v1/subscriptions`, { method: 'POST', token, body: { topics: ['uw-left'] } })).status, 200)
+  await emptyRedisOf(t, prefix)
+  // The removal as another instance makes it, its control message not heard
+  // here: this instance's stream still holds the topic.
+  const redis = redisClient(t)
+  t.same(await redis.eval(USER_TOPICS, 0, prefix, 'uw-u5', '3600', 'remove', '0', 'uw-left'), [], 'removed in Redis')
   await (gateway.app.state as unknown as { resync: () => Promise<void> }).resync()
   const { connected } = await openConnected(`${gateway.url}/v1/stream?token=${token}`, { t })
   t.same(connected.topics, [], 'a later stream does not join the removed topic')
-  const listed = await request<{ topics: string[] }>(`${gateway.url}/v1/subscriptions`, { method: 'DELETE', token, body: { topics: ['other'] } })
-  t.same(listed.json.topics, [], 'nor does the user hold it')
 })
 
-t.test('a user-wide change made while the user has no stream: a subscribe expires with the window, a removal keeps the expiry or, on a set it creates, gets one', async (t) => {
+t.test('a user-wide change made while the user has no stream: a subscribe expires with the window, a removal keeps the expiry the set has, and the topics removed are kept for the window', async (t) => {
   if (!(await needRedis(t))) return
   const prefix = uniquePrefix('utttl')
   const gateway = await startGateway(t, { REDIS_URL, REDIS_PREFIX: prefix, HISTORY_TTL_S: '120' })
   const redis = redisClient(t)
-  const change = async (user: string, method: 'POST' | 'DELETE', topic: string): Promise<number> => {
-    t.equal((await request(`${gateway.url}/v1/subscriptions`, { method, token: userToken(user), body: { topics: [topic] } })).status, 200)
-    return await redis.ttl(`${prefix}ut:${user}`)
+  const change = async (method: 'POST' | 'DELETE', topics: string[]): Promise<number> => {
+    t.equal((await request(`${gateway.url}/v1/subscriptions`, { method, token: userToken('uw-u3'), body: { topics } })).status, 200)
+    return await redis.ttl(`${prefix}ut:uw-u3`)
   }
-  const subscribed = await change('uw-u3', 'POST', 'uw-a')
+  const subscribed = await change('POST', ['uw-a', 'uw-b'])
   t.ok(subscribed > 60 && subscribed <= 120, `a subscribe: expires in ${subscribed} s`)
   await redis.expire(`${prefix}ut:uw-u3`, 30)
-  const removed = await change('uw-u3', 'DELETE', 'uw-a')
+  const removed = await change('DELETE', ['uw-a'])
   t.ok(removed > 0 && removed <= 30, `a removal does not put off the expiry the set had (${removed} s)`)
-  const created = await change('uw-u4', 'DELETE', 'uw-a')
-  t.ok(created > 60 && created <= 120, `a removal for a user with no set: what it leaves expires in ${created} s`)
+  t.equal(await change('DELETE', ['uw-b']), -2, 'the last removal leaves no set')
+  t.same((await redis.smembers(`${prefix}utr:uw-u3`)).sort(), ['uw-a', 'uw-b'], 'the topics removed are kept')
+  const kept = await redis.ttl(`${prefix}utr:uw-u3`)
+  t.ok(kept > 60 && kept <= 120, `for the window (${kept} s)`)
+  await change('POST', ['uw-a'])
+  t.same(await redis.smembers(`${prefix}utr:uw-u3`), ['uw-b'], 'a topic subscribed again is no longer among them')
+})
+
+t.test('Redis emptied, the instances\' streams of one user holding different user-wide topics: what one writes back to the set another wrote first reaches the other\'s stream', async (t) => {
+  if (!(await needRedis(t))) return
+  const prefix = uniquePrefix('lostbc')
+  const env = { REDIS_URL, REDIS_PREFIX: prefix, INSTANCE_TTL_MS: '60000' }
+  const a = await startGateway(t, env)
+  const b = await startGateway(t, env)
+  const token = userToken('uw-u7')
+  await openConnected(`${a.url}/v1/stream?token=${token}`, { t })
+  const { stream: onB, connected } = await openConnected(`${b.url}/v1/stream?token=${token}`, { t })
+  t.equal((await request(`${a.url}/v1/subscriptions`, { method: 'POST', token, body: { topics: ['uw-both'] } })).status, 200)
+  // A user-wide add only the first instance applied, as if its write was lost with Redis's data.
+  await a.app.applyTopics({ type: 'topics', userId: 'uw-u7', connectionId: null, add: ['uw-only-a'], remove: [] })
+  await emptyRedisOf(t, prefix)
+  const resync = async (gateway: Gateway): Promise<void> => await (gateway.app.state as unknown as { resync: () => Promise<void> }).resync()
+  await resync(b)
+  await resync(a)
+  const redis = redisClient(t)
+  t.same((await redis.smembers(`${prefix}ut:uw-u7`)).sort(), ['uw-both', 'uw-only-a'], 'the set holds what both wrote back')
+  await eventually(() => b.app.registry.get(connected.connectionId)?.topics.includes('uw-only-a') === true, 'the stream on the other instance to join the topic it lacked')
+  const [id] = await publishOk(a.url, publisher, { to: { topic: 'uw-only-a' }, event: 'spread', data: 1 })
+  t.equal((await onB.nextEvent('spread')).id, id, 'and it gets its events')
+})
+
+t.test('Redis restarted empty (both connections drop): the user-wide topics written back stay on the open stream, and a later stream joins them', async (t) => {
+  if (!(await needRedis(t))) return
+  const own = await startOwnRedis(t)
+  const gateway = await startGateway(t, { REDIS_URL: own.url, REDIS_PREFIX: uniquePrefix('restartut') })
+  const token = userToken('uw-u6')
+  const { stream } = await openConnected(`${gateway.url}/v1/stream?token=${token}`, { t })
+  t.equal((await request(`${gateway.url}/v1/subscriptions`, { method: 'POST', token, body: { topics: ['uw-kept'] } })).status, 200)
+  await own.stop()
+  await own.start()
+  await eventually(async () => (await request(`${gateway.url}/ready`)).status === 200, 'the gateway to be back on Redis', 15_000, 50)
+  // The open waits for the instance to have recorded its streams again.
+  const { stream: later, connected } = await openConnected(`${gateway.url}/v1/stream?token=${token}`, { t })
+  t.same(connected.topics, ['uw-kept'], 'a later stream joins the topic written back')
+  const [id] = await publishOk(gateway.url, publisher, { to: { topic: 'uw-kept' }, event: 'kept', data: 1 })
+  t.equal((await stream.nextEvent('kept')).id, id, 'the open stream still holds it')
+  t.equal((await later.nextEvent('kept')).id, id)
 })

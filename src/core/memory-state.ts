@@ -128,6 +128,10 @@ export class MemoryState implements SharedState {
     this.offlineListener = listener
   }
 
+  onControlMissed (): void {
+    // One process: control messages are calls, and none can be missed.
+  }
+
   async presence (userId: string): Promise<Presence> {
     const connections = this.liveByUser.get(userId)?.size ?? 0
     return { userId, online: connections > 0 || this.graceTimers.has(userId), connections }

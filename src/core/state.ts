@@ -164,6 +164,12 @@ export interface SharedState {
   onOnline (listener: (userId: string) => void): void
   /** Registers the callback fired when a user's grace period ends with no stream. */
   onOffline (listener: (userId: string) => void): void
+  /**
+   * Registers what brings this instance's streams back in line with the
+   * shared state after control messages may have been missed (the
+   * connection that carries them dropped).
+   */
+  onControlMissed (listener: () => Promise<void>): void
   /** Registers what this instance knows of its streams beyond the registry (see OpenTracker). */
   trackOpens (tracker: OpenTracker): void
   presence (userId: string): Promise<Presence>

@@ -2,7 +2,8 @@ import { channel } from './channels'
 import type { StreamConnection } from './connection'
 import { topicAllowed } from './framing'
 import type { Registry } from './registry'
-import type { ControlAnswer, ControlMessage } from './state'
+import { inTurns } from './in-turns'
+import type { ControlAnswer, ControlMessage, SharedState } from './state'
 import type { StreamService } from './streams'
 
 export type TopicsMessage = Extract<ControlMessage, { type: 'topics' }>
@@ -56,4 +57,51 @@ export async function applyTopicChange (
     if (message.connectionId !== null) answer = [...connection.topics]
   }
   return answer
+}
+
+/** Users whose user-wide topics are read at once while streams are brought back in line. */
+const USERS_READ_AT_ONCE = 100
+
+/**
+ * Brings this instance's streams back in line with their users' user-wide
+ * topics as the shared state holds them, after control messages may have
+ * been missed: a user-wide subscribe or unsubscribe answered while this
+ * instance did not hear it left its streams without the topic, or with one
+ * the user left. A user whose change arrives while the set is read is left
+ * to that change, which is at least as new.
+ */
+export class UserWideRealignment {
+  private changedWhileReading: Set<string> | null = null
+
+  constructor (
+    private readonly registry: Registry,
+    private readonly state: Pick<SharedState, 'userTopics'>,
+    private readonly apply: (message: TopicsMessage) => Promise<ControlAnswer>
+  ) {}
+
+  /** A user-wide change of `userId` was applied from a control message. */
+  noteApplied (userId: string): void {
+    this.changedWhileReading?.add(userId)
+  }
+
+  async run (): Promise<void> {
+    const users = new Set<string>()
+    for (const connection of this.registry.all()) if (connection.kind === 'stream') users.add(connection.userId)
+    const changed = new Set<string>()
+    this.changedWhileReading = changed
+    try {
+      await inTurns([...users], USERS_READ_AT_ONCE, async (userId) => {
+        const topics = await this.state.userTopics(userId)
+        if (changed.has(userId)) return
+        const streams = this.registry.ofUser(userId).filter((connection) => connection.kind === 'stream' && !connection.closed)
+        const remove = new Set<string>()
+        for (const connection of streams) for (const topic of connection.userWideTopics) if (!topics.includes(topic)) remove.add(topic)
+        const lacking = streams.some((connection) => topics.some((topic) => !connection.topics.includes(topic) && topicAllowed(topic, connection.allowedTopics)))
+        if (remove.size === 0 && !lacking) return
+        await this.apply({ type: 'topics', userId, connectionId: null, add: topics, remove: [...remove] })
+      })
+    } finally {
+      this.changedWhileReading = null
+    }
+  }
 }

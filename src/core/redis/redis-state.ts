@@ -122,6 +122,20 @@ export class RedisState implements SharedState {
   /** The last resync failed: the next beat that passes runs one. */
   private resyncOwed = false
 
+  /**
+   * Redis's id epoch when this instance last recorded its streams. A new one
+   * means Redis lost its data (emptied, restarted, or back from an older
+   * snapshot), and only then are the users' user-wide topics written back:
+   * with Redis intact, a user's set can be missing because it expired while
+   * this instance was cut off and its streams reaped, after the user removed
+   * the topics those streams still hold.
+   */
+  private epochSeen: string | null = null
+
+  /** The subscriber connection came back: the next resync ends with controlMissedListener. */
+  private controlMissed = false
+  private controlMissedListener: () => Promise<void> = async () => {}
+
   constructor (
     private readonly commands: ScriptedRedis,
     private readonly subscriber: Redis,
@@ -151,7 +165,16 @@ export class RedisState implements SharedState {
     // drops again before Redis answers it; a failure here waits for the next 'ready'.
     subscriber.on('ready', () => {
       if (!this.started) return
-      this.subscribeControl().catch((error: unknown) => {
+      this.subscribeControl().then(async () => {
+        // What was published on the control channel while it was down is
+        // lost. Brought back in line within a resync, after its write-back:
+        // a set read before that, after Redis lost its data, would be empty.
+        this.controlMissed = true
+        // A failed resync is owed: the next beat runs it, and this with it.
+        await this.resync().catch((error: unknown) => {
+          this.log.warn({ reason: reasonOf(error) }, 'streams not brought back in line after the control channel came back')
+        })
+      }, (error: unknown) => {
         this.log.warn({ reason: reasonOf(error) }, 'could not subscribe again to the control channels')
       })
     })
@@ -189,6 +212,13 @@ export class RedisState implements SharedState {
     this.started = true
     await this.subscribeControl()
     await this.heartbeat()
+    this.epochSeen = await this.currentEpoch()
+  }
+
+  /** INIT starts a new epoch if Redis lost the one it had, so that a loss is seen by the first resync after it. */
+  private async currentEpoch (): Promise<string | null> {
+    await this.commands.run('INIT', [this.prefix])
+    return await this.commands.call(async (redis) => await redis.get(`${this.prefix}epoch`))
   }
 
   /** After Redis comes back (maybe empty), this instance's streams are recorded again. */
@@ -227,6 +257,7 @@ export class RedisState implements SharedState {
     // flight when close() began finds it unlisted).
     if (this.closed) return
     await this.heartbeat()
+    const epoch = await this.currentEpoch()
     // First, while the instance's list still names them (so they count as
     // live, and nobody has pruned them from their users' sets), the streams
     // that closed unrecorded are released.
@@ -283,7 +314,7 @@ export class RedisState implements SharedState {
       const cameBack = await this.commands.run('REJOIN', [this.prefix, userId, this.instanceId, this.options.instanceTtlMs, ...streams])
       if (cameBack === 1) this.onlineListener?.(userId)
     })
-    await this.writeUserTopicsAgain()
+    if (epoch === null || epoch !== this.epochSeen) await this.writeUserTopicsAgain()
     // A stream or open that ended meanwhile may have been given back before
     // its user was rejoined, which recorded it again (its id kept for ever):
     // it is given back again, which is harmless if its release came last. An
@@ -293,15 +324,24 @@ export class RedisState implements SharedState {
     await inTurns([...holders], RESYNC_BATCH, async ([connectionId, { userId }]) => {
       if (this.registry.get(connectionId) === undefined) await this.releaseLate(connectionId, userId, this.options.historyTtlS)
     })
+    this.epochSeen = epoch
+    if (this.controlMissed && !this.closed) {
+      this.controlMissed = false
+      await this.controlMissedListener().catch((error: unknown) => {
+        this.controlMissed = true
+        throw error
+      })
+    }
   }
 
   /**
    * The user-wide topics Redis lost with its data: the open streams still
-   * hold them, and streams the user opens later must join them too. Only a
-   * user with no set at all is written (USER_TOPICS_AGAIN): a removal of the
-   * last topic leaves a set, so an instance that missed that removal does
-   * not bring the topic back. A topic a stream also took by `?topics=` is not
-   * told apart from its own, and is not written again.
+   * hold them, and streams the user opens later must join them too. Each
+   * instance adds what its streams hold (USER_TOPICS_AGAIN), but not a topic
+   * the user left since the loss. What it adds is sent to the user's streams
+   * on other instances, which may lack it: opened since the loss, or holding
+   * other topics. A topic a stream also took by `?topics=` is not told apart
+   * from its own, and is not written back from it.
    */
   private async writeUserTopicsAgain (): Promise<void> {
     const byUser = new Map<string, Set<string>>()
@@ -314,7 +354,13 @@ export class RedisState implements SharedState {
     }
     await inTurns([...byUser], RESYNC_BATCH, async ([userId, topics]) => {
       if (this.closed) return
-      await this.commands.run('USER_TOPICS_AGAIN', [this.prefix, userId, this.options.historyTtlS, ...topics])
+      const [elsewhere, ...added] = await this.commands.run('USER_TOPICS_AGAIN', [this.prefix, userId, this.instanceId, this.options.historyTtlS, ...topics]) as [number, ...string[]]
+      if (elsewhere === 1) {
+        // Not waited for: each instance's answer could hold the resync up to the control timeout.
+        this.broadcast({ type: 'topics', userId, connectionId: null, add: added, remove: [] }, false).catch((error: unknown) => {
+          this.log.warn({ reason: reasonOf(error), userId }, 'user-wide topics written back not sent to the other instances')
+        })
+      }
     })
   }
 
@@ -515,6 +561,10 @@ export class RedisState implements SharedState {
     this.offlineListener = listener
   }
 
+  onControlMissed (listener: () => Promise<void>): void {
+    this.controlMissedListener = listener
+  }
+
   async presence (userId: string): Promise<Presence> {
     const [connections, grace] = await this.commands.run('PRESENCE', [this.prefix, userId, this.options.instanceTtlMs]) as [number, number]
     return { userId, online: connections > 0 || grace === 1, connections }
@@ -540,7 +590,7 @@ export class RedisState implements SharedState {
   }
 
   async userTopics (userId: string): Promise<string[]> {
-    return await this.commands.run('USER_TOPICS_READ', [this.prefix, userId]) as string[]
+    return await this.commands.call(async (redis) => await redis.smembers(`${this.prefix}ut:${userId}`))
   }
 
   async subscribeUser (userId: string, topics: string[], ttlS: number, max: number): Promise<string[] | null> {

@@ -627,79 +627,79 @@ return { #live, redis.call('EXISTS', prefix .. 'grace:' .. user) }
 `
 
 /**
- * A user's user-wide topics are a set that also holds the member '#' (no
- * topic name can be it) once any change was made: a removal of the last
- * topic leaves the set with '#' alone, so a set that is missing means
- * "never changed, or lost with Redis's data", never "emptied by the user".
- * Only a missing set is written again from the streams (USER_TOPICS_AGAIN).
- */
-const USER_TOPIC_FUNCTIONS = `
-local KEPT = '#'
-
-local function user_topics(key)
-  local topics = {}
-  for _, member in ipairs(redis.call('SMEMBERS', key)) do
-    if member ~= KEPT then topics[#topics + 1] = member end
-  end
-  return topics
-end
-
--- The set lives while the user has streams, and ttl_s after the later of a
--- subscribe and the last stream closing. A removal keeps the expiry the set
--- has, and gives one only to a set it created (the '#' alone).
-local function keep_user_topics(prefix, user, key, ttl_s, subscribed)
-  if redis.call('ZCARD', prefix .. 'uc:' .. user) > 0 then
-    redis.call('PERSIST', key)
-  elseif subscribed or redis.call('TTL', key) == -1 then
-    redis.call('EXPIRE', key, ttl_s)
-  end
-end
-`
-
-/**
  * User-wide topics. ARGV: prefix, userId, ttlS, 'add'|'remove', max, topics...
  * The set does not expire while the user has streams; it expires ttlS after
  * the later of this change and the last stream closing. An add that would
- * leave more than max topics adds none and returns 0. Returns the topics.
+ * leave more than max topics adds none and returns 0.
+ * The topics removed are also kept for ttlS in `P utr:<user>` (an add takes
+ * them out): after Redis lost its data, a topic the user left since is not
+ * written back from the streams that still hold it (USER_TOPICS_AGAIN).
  */
-export const USER_TOPICS = `${USER_TOPIC_FUNCTIONS}
+export const USER_TOPICS = `
 local prefix, user = ARGV[1], ARGV[2]
 local key = prefix .. 'ut:' .. user
+local removed = prefix .. 'utr:' .. user
 if ARGV[4] == 'add' then
-  local count = redis.call('SCARD', key) - redis.call('SISMEMBER', key, KEPT)
+  local count = redis.call('SCARD', key)
   for i = 6, #ARGV do
     if redis.call('SISMEMBER', key, ARGV[i]) == 0 then count = count + 1 end
   end
   if count > tonumber(ARGV[5]) then return 0 end
 end
 for i = 6, #ARGV do
-  if ARGV[4] == 'add' then redis.call('SADD', key, ARGV[i]) else redis.call('SREM', key, ARGV[i]) end
+  if ARGV[4] == 'add' then
+    redis.call('SADD', key, ARGV[i])
+    redis.call('SREM', removed, ARGV[i])
+  else
+    redis.call('SREM', key, ARGV[i])
+    redis.call('SADD', removed, ARGV[i])
+  end
 end
-redis.call('SADD', key, KEPT)
-keep_user_topics(prefix, user, key, tonumber(ARGV[3]), ARGV[4] == 'add')
-return user_topics(key)
-`
-
-/** ARGV: prefix, userId. Returns the user's user-wide topics. */
-export const USER_TOPICS_READ = `${USER_TOPIC_FUNCTIONS}
-return user_topics(ARGV[1] .. 'ut:' .. ARGV[2])
+if ARGV[4] ~= 'add' then redis.call('EXPIRE', removed, tonumber(ARGV[3])) end
+if redis.call('EXISTS', key) == 1 then
+  if redis.call('ZCARD', prefix .. 'uc:' .. user) > 0 then
+    redis.call('PERSIST', key)
+  elseif ARGV[4] == 'add' then
+    redis.call('EXPIRE', key, tonumber(ARGV[3]))
+  end
+end
+return redis.call('SMEMBERS', key)
 `
 
 /**
- * A user's user-wide topics written again from the streams that hold them,
- * when Redis has no set for the user: it lost its data (or, the user having
- * had no streams in the cluster's eyes for ttlS, let the set expire). A set
- * that exists, even with '#' alone, is the user's own last word and is left
- * as it is. ARGV: prefix, userId, ttlS, topics... Returns 1 when written.
+ * A user's user-wide topics written back from the streams of one instance
+ * that hold them, after Redis lost its data (the caller's epoch changed):
+ * each instance adds what its streams hold, but not a topic the user left
+ * since (`P utr:<user>`). ARGV: prefix, userId, instance, ttlS, topics...
+ * Returns { 1 if the user has streams on other instances, else 0; the
+ * topics added... }: those streams may lack them.
  */
-export const USER_TOPICS_AGAIN = `${USER_TOPIC_FUNCTIONS}
-local prefix, user = ARGV[1], ARGV[2]
+export const USER_TOPICS_AGAIN = `
+local prefix, user, inst = ARGV[1], ARGV[2], ARGV[3]
 local key = prefix .. 'ut:' .. user
-if #ARGV < 4 or redis.call('EXISTS', key) == 1 then return 0 end
-for i = 4, #ARGV do redis.call('SADD', key, ARGV[i]) end
-redis.call('SADD', key, KEPT)
-keep_user_topics(prefix, user, key, tonumber(ARGV[3]), true)
-return 1
+local removed = prefix .. 'utr:' .. user
+local existed = redis.call('EXISTS', key)
+local out = { 0 }
+for i = 5, #ARGV do
+  if redis.call('SISMEMBER', removed, ARGV[i]) == 0 and redis.call('SADD', key, ARGV[i]) == 1 then out[#out + 1] = ARGV[i] end
+end
+if #out == 1 then return out end
+local uk = prefix .. 'uc:' .. user
+if existed == 0 then
+  if redis.call('ZCARD', uk) > 0 then
+    redis.call('PERSIST', key)
+  else
+    redis.call('EXPIRE', key, tonumber(ARGV[4]))
+  end
+end
+local mine = inst .. '|'
+for _, entry in ipairs(redis.call('ZRANGE', uk, 0, -1)) do
+  if string.sub(entry, 1, #mine) ~= mine then
+    out[1] = 1
+    break
+  end
+end
+return out
 `
 
 /** ARGV: prefix, conversationId, 'set'|'add'|'remove', members... Returns the members. */
