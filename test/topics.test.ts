@@ -4,13 +4,13 @@
  * validation and per-topic counts. Every test runs in embedded and Redis mode;
  * in Redis mode two instances share the work wherever that proves something.
  */
-import t from 'tap'
+import t, { type Test } from 'tap'
 import { eventually, openConnected, openStream, publish, userToken } from './helpers'
 import {
-  connect, namesOf, pair, presence, publishTo, PUBLISHER, settle, stats, subscriptions, tryOpen
+  connect, namesOf, pair, presence, publishTo, PUBLISHER, settle, stats, subscriptions, tryOpen, type Connected
 } from './helpers/channels'
 import { forEachMode } from './helpers/modes'
-import { startGateway } from './helpers/gateway'
+import { startGateway, type Gateway } from './helpers/gateway'
 import { needRedis, redisClient, startOwnRedis, uniquePrefix } from './helpers/redis'
 
 const sorted = (values: string[]): string[] => [...values].sort()
@@ -332,6 +332,54 @@ forEachMode(t, 'a user-wide unsubscribe while a stream of the user is opening (r
   t.same(alice.connected.topics, [], 'connected lists no topic')
   await publishTo(b, { to: { topic: 'news' }, event: 'headline', data: 1 })
   t.same(namesOf(await settle(a, alice.stream, alice.connectionId)), [], 'and the stream receives none')
+})
+
+/**
+ * Opens a stream of alice on `gateway` with its read of the user-wide topics
+ * held; `whileReading` runs with the stream's id while it is held.
+ */
+async function openWhileReadHeld (t: Test, gateway: Gateway, topics: string, whileReading: (connectionId: string) => Promise<void>): Promise<Connected> {
+  const { state } = gateway.app
+  const read = state.userTopics.bind(state)
+  let readStarted = false
+  let releaseRead = (): void => {}
+  const held = new Promise<void>((resolve) => { releaseRead = resolve })
+  state.userTopics = async (userId: string) => {
+    const found = await read(userId)
+    readStarted = true
+    await held
+    return found
+  }
+  t.teardown(() => { state.userTopics = read; releaseRead() })
+  const opening = connect(t, gateway, 'alice', { topics })
+  await eventually(() => readStarted, 'the open to read the user-wide topics')
+  const [opened] = gateway.app.registry.ofUser('alice')
+  await whileReading(opened.id)
+  releaseRead()
+  return await opening
+}
+
+forEachMode(t, 'a stream\'s own unsubscribe while it is opening (reading the user-wide topics): the topic is left for good, not joined from the open\'s list', async (t, mode) => {
+  const [a, b] = await pair(t, mode)
+  const alice = await openWhileReadHeld(t, a, 'own,gone', async (connectionId) => {
+    const removed = await subscriptions(b, userToken('alice'), 'DELETE', { topics: ['gone'], connectionId })
+    t.same(removed.json, { topics: ['own'] }, 'the DELETE answers the stream\'s topics without it')
+  })
+  t.same(alice.connected.topics, ['own'], 'connected lists the topic left')
+  await publishTo(b, { to: { topic: 'gone' }, event: 'gone', data: 1 })
+  await publishTo(b, { to: { topic: 'own' }, event: 'own', data: 2 })
+  t.same(namesOf(await settle(a, alice.stream, alice.connectionId)), ['own'], 'and the stream receives only its other topic\'s events')
+})
+
+forEachMode(t, 'a stream\'s own unsubscribe from a user-wide topic while it is opening (reading the user-wide topics): the read does not bring the topic back', async (t, mode) => {
+  const [a, b] = await pair(t, mode)
+  t.equal((await subscriptions(b, userToken('alice'), 'POST', { topics: ['news'] })).status, 200)
+  const alice = await openWhileReadHeld(t, a, 'own', async (connectionId) => {
+    t.equal((await subscriptions(b, userToken('alice'), 'DELETE', { topics: ['news'], connectionId })).status, 200)
+  })
+  t.same(alice.connected.topics, ['own'], 'connected lists no user-wide topic')
+  await publishTo(b, { to: { topic: 'news' }, event: 'headline', data: 1 })
+  t.same(namesOf(await settle(a, alice.stream, alice.connectionId)), [], 'and the stream receives none of its events')
 })
 
 t.test('a per-stream subscription made while Redis refuses writes (out of memory): 200 and the topic joined, not 404', async (t) => {

@@ -6,6 +6,9 @@ import { inTurns } from './in-turns'
 import type { Hub } from './hub'
 import type { Registry } from './registry'
 
+/** What every topic's channel name starts with, and no other channel's. */
+const TOPIC_CHANNEL_PREFIX = channel.topic('')
+
 /** Why a stream of an id ends when a newer stream of the id takes it. */
 export const REOPENED_REASON = 'stream reopened elsewhere'
 
@@ -194,7 +197,6 @@ export class StreamService {
     this.events.opened(connection)
     if (spec.sink.destroyed) connection.close('client')
     if (spec.closeAfter !== undefined) connection.closeAfter = spec.closeAfter
-    const channels = [...spec.channels]
     if (spec.extraTopics !== undefined) {
       connection.userTopicsLeftWhileReading = new Set()
       const read = await spec.extraTopics()
@@ -202,7 +204,6 @@ export class StreamService {
       connection.userTopicsLeftWhileReading = null
       const added = this.registry.addTopics(connection, read.filter((topic) => !left.has(topic)))
       for (const topic of added) connection.holdForUser(topic)
-      channels.push(...added.map(channel.topic))
       if (added.length > 0) void this.events.topicsChanged(connection)
     }
     // A reopen without a cursor replays only the window of `windowChannels`,
@@ -222,6 +223,10 @@ export class StreamService {
       const issued = joinedAfter ?? await this.bus.lastId().catch((): null => null)
       if (issued !== null) connection.baseline = Math.max(connection.baseline, issued)
     }
+    // Its topics as they are now: a subscription change applied while this
+    // open waited found nothing joined to leave, so the spec's list may hold
+    // a topic taken away since (and joining it would be for good).
+    const channels = spec.channels.filter((name) => !name.startsWith(TOPIC_CHANNEL_PREFIX)).concat(connection.topics.map(channel.topic))
     await this.hub.join(connection, channels)
     if (connection.closed) return connection
     connection.sendSystem(retryFrame(this.options.retryMs))

@@ -40,10 +40,12 @@ export async function applyTopicChange (
     // A user-wide unsubscribe takes away only what the user-wide
     // subscription brought: not a topic the stream asked for itself.
     const userWide = message.connectionId === null
+    // The open's read may still return a topic removed now, the stream's own
+    // removal of a user-wide topic included: it is not joined from the read.
     const reading = connection.userTopicsLeftWhileReading
-    if (userWide && reading !== null) {
+    if (reading !== null) {
       for (const topic of message.remove) reading.add(topic)
-      for (const topic of adding) reading.delete(topic)
+      if (userWide) for (const topic of adding) reading.delete(topic)
     }
     const added = registry.addTopics(connection, adding)
     if (userWide) for (const topic of added) connection.holdForUser(topic)
