@@ -16,12 +16,11 @@ const subscriptionRoutes: FastifyPluginAsync = async (app) => {
 
   const change = async (userId: string, connectionId: string | undefined, add: string[], remove: string[]): Promise<{ topics: string[] }> => {
     if (connectionId === undefined) {
-      const topics = add.length > 0
-        ? await state.subscribeUser(userId, add, config.historyTtlS, config.maxTopics)
-        : await state.unsubscribeUser(userId, remove)
-      if (topics === null) throw new errors.Conflict(`a user holds at most ${config.maxTopics} user-wide topics`)
       // Every live stream of the user, on every instance, follows before we answer.
-      await state.broadcastControl({ type: 'topics', userId, connectionId: null, add, remove })
+      const topics = add.length > 0
+        ? await state.changeUserTopics(userId, 'add', add, config.historyTtlS, config.maxTopics)
+        : await state.changeUserTopics(userId, 'remove', remove, config.historyTtlS, config.maxTopics)
+      if (topics === null) throw new errors.Conflict(`a user holds at most ${config.maxTopics} user-wide topics`)
       return { topics }
     }
     if (await state.connectionOwner(connectionId) !== userId) throw new errors.NotFound(`no stream ${connectionId}`)

@@ -497,7 +497,7 @@ t.test('Redis emptied, then the user\'s last user-wide topic removed elsewhere b
   // The removal as another instance makes it, its control message not heard
   // here: this instance's stream still holds the topic.
   const redis = redisClient(t)
-  t.same(await redis.eval(USER_TOPICS, 0, prefix, 'uw-u5', '3600', 'remove', '0', 'uw-left'), [], 'removed in Redis')
+  t.same(await redis.eval(USER_TOPICS, 0, prefix, 'uw-u5', '3600', 'remove', '0', `${prefix}unheard`, '{}', 'uw-left'), [0], 'removed in Redis')
   await (gateway.app.state as unknown as { resync: () => Promise<void> }).resync()
   const { connected } = await openConnected(`${gateway.url}/v1/stream?token=${token}`, { t })
   t.same(connected.topics, [], 'a later stream does not join the removed topic')
@@ -564,4 +564,26 @@ t.test('Redis restarted empty (both connections drop): the user-wide topics writ
   const [id] = await publishOk(gateway.url, publisher, { to: { topic: 'uw-kept' }, event: 'kept', data: 1 })
   t.equal((await stream.nextEvent('kept')).id, id, 'the open stream still holds it')
   t.equal((await later.nextEvent('kept')).id, id)
+})
+
+t.test('a user-wide subscribe whose answer from Redis is late, and an unsubscribe made meanwhile on another instance: the streams end as the user\'s topics do', async (t) => {
+  if (!(await needRedis(t))) return
+  const prefix = uniquePrefix('uworder')
+  const { proxy, viaProxy, direct } = await proxiedCluster(t, { REDIS_PREFIX: prefix })
+  t.teardown(() => proxy.cut())
+  const token = userToken('uw-u8')
+  const { stream, connected } = await openConnected(`${direct.url}/v1/stream?token=${token}`, { t })
+  const redis = redisClient(t)
+  proxy.holdReplies('sse-gateway')
+  const subscribing = request(`${viaProxy.url}/v1/subscriptions`, { method: 'POST', token, body: { topics: ['uw-race'] } })
+  await eventually(async () => (await redis.smembers(`${prefix}ut:uw-u8`)).includes('uw-race'), 'the subscribe to be made in Redis')
+  t.same((await request(`${direct.url}/v1/subscriptions`, { method: 'DELETE', token, body: { topics: ['uw-race'] } })).json, { topics: [] })
+  proxy.releaseReplies('sse-gateway')
+  t.same((await subscribing).json, { topics: ['uw-race'] }, 'the subscribe is answered as it was made')
+  t.same(await redis.smembers(`${prefix}ut:uw-u8`), [], 'the user holds no topic')
+  t.same(direct.app.registry.get(connected.connectionId)?.topics, [], 'nor does the stream')
+  await publishOk(direct.url, publisher, { to: { topic: 'uw-race' }, event: 'race', data: 1 })
+  const [marker] = await publishOk(direct.url, publisher, { to: { user: 'uw-u8' }, event: 'marker', data: 2 })
+  t.equal((await stream.nextEvent('marker')).id, marker)
+  t.notOk(stream.events.some((event) => event.event === 'race'), 'and it gets no event of the topic')
 })

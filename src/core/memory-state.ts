@@ -157,7 +157,14 @@ export class MemoryState implements SharedState {
     return [...(this.current(this.userTopicSets, userId) ?? [])]
   }
 
-  async subscribeUser (userId: string, topics: string[], ttlS: number, max: number): Promise<string[] | null> {
+  async changeUserTopics (userId: string, op: 'add' | 'remove', topics: string[], ttlS: number, max: number): Promise<string[] | null> {
+    const after = op === 'add' ? this.subscribeUser(userId, topics, ttlS, max) : this.unsubscribeUser(userId, topics)
+    if (after === null) return null
+    await this.broadcastControl({ type: 'topics', userId, connectionId: null, add: op === 'add' ? topics : [], remove: op === 'remove' ? topics : [] })
+    return after
+  }
+
+  private subscribeUser (userId: string, topics: string[], ttlS: number, max: number): string[] | null {
     let record = this.userTopicSets.get(userId)
     if (record !== undefined && this.isExpired(record)) record = undefined
     const current = record?.value ?? new Set<string>()
@@ -171,7 +178,7 @@ export class MemoryState implements SharedState {
     return [...record.value]
   }
 
-  async unsubscribeUser (userId: string, topics: string[]): Promise<string[]> {
+  private unsubscribeUser (userId: string, topics: string[]): string[] {
     const record = this.userTopicSets.get(userId)
     if (record === undefined) return []
     if (this.isExpired(record)) {

@@ -178,9 +178,14 @@ export interface SharedState {
   connections (filter?: ConnectionFilter): Promise<ConnectionListing>
 
   userTopics (userId: string): Promise<string[]>
-  /** The user's user-wide topics after adding `topics`; null, and nothing added, when they would be more than `max`. */
-  subscribeUser (userId: string, topics: string[], ttlS: number, max: number): Promise<string[] | null>
-  unsubscribeUser (userId: string, topics: string[]): Promise<string[]>
+  /**
+   * Adds or removes user-wide topics, and has every instance apply the change
+   * to the user's live streams in the order the changes were made (two
+   * changes racing on two instances leave the streams as the topics); settles
+   * once they have, like broadcastControl. Resolves with the user's topics
+   * after it; null, and nothing added, when they would be more than `max`.
+   */
+  changeUserTopics (userId: string, op: 'add' | 'remove', topics: string[], ttlS: number, max: number): Promise<string[] | null>
 
   updateMembers (conversationId: string, op: 'set' | 'add' | 'remove', members: string[]): Promise<string[]>
   members (conversationId: string): Promise<string[]>

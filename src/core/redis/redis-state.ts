@@ -516,7 +516,11 @@ export class RedisState implements SharedState {
    * `everyReceiver`: those listed live (heartbeats), so that one frozen or
    * cut off stops holding requests up; else every instance that received it.
    */
-  private async broadcast (message: ControlEnvelope['message'], everyReceiver: boolean): Promise<ControlAnswer> {
+  private async broadcast (
+    message: ControlEnvelope['message'],
+    everyReceiver: boolean,
+    send: (envelope: string) => Promise<number | null> = async (envelope) => await this.commands.redis.publish(`${this.prefix}ctl`, envelope)
+  ): Promise<ControlAnswer> {
     const requestId = randomBytes(8).toString('hex')
     const envelope: ControlEnvelope = { requestId, from: this.instanceId, message }
     return await new Promise<ControlAnswer>((resolve, reject) => {
@@ -541,9 +545,10 @@ export class RedisState implements SharedState {
           if (allReplied(entry)) finish()
         }, () => {})
       }
-      this.commands.redis.publish(`${this.prefix}ctl`, JSON.stringify(envelope)).then((receivers) => {
-        // PUBLISH answers how many instances received it: wait for at most that many replies.
-        entry.receivers = receivers
+      send(JSON.stringify(envelope)).then((receivers) => {
+        // PUBLISH answers how many instances received it: wait for at most
+        // that many replies. Not sent (null): nothing to wait for.
+        entry.receivers = receivers ?? 0
         if (allReplied(entry)) finish()
       }, (error: unknown) => {
         clearTimeout(timer)
@@ -593,14 +598,21 @@ export class RedisState implements SharedState {
     return await this.commands.call(async (redis) => await redis.smembers(`${this.prefix}ut:${userId}`))
   }
 
-  async subscribeUser (userId: string, topics: string[], ttlS: number, max: number): Promise<string[] | null> {
-    const answer = await this.commands.run('USER_TOPICS', [this.prefix, userId, ttlS, 'add', max, ...topics]) as string[] | number
-    return typeof answer === 'number' ? null : answer
+  async changeUserTopics (userId: string, op: 'add' | 'remove', topics: string[], ttlS: number, max: number): Promise<string[] | null> {
+    let after: string[] | null = null
+    // The control message goes out from the script that changes the set:
+    // published after the change, before any later one, so that every
+    // instance hears the changes in the order Redis made them.
+    await this.broadcast({ type: 'topics', userId, connectionId: null, add: op === 'add' ? topics : [], remove: op === 'remove' ? topics : [] }, false, async (envelope) => {
+      const answer = await this.commands.run('USER_TOPICS', [this.prefix, userId, ttlS, op, max, `${this.prefix}ctl`, envelope, ...topics]) as number | [number, ...string[]]
+      if (typeof answer === 'number') return null
+      const [receivers, ...members] = answer
+      after = members
+      return receivers
+    })
+    return after
   }
 
-  async unsubscribeUser (userId: string, topics: string[]): Promise<string[]> {
-    return await this.commands.run('USER_TOPICS', [this.prefix, userId, this.options.historyTtlS, 'remove', 0, ...topics]) as string[]
-  }
 
   async updateMembers (conversationId: string, op: 'set' | 'add' | 'remove', members: string[]): Promise<string[]> {
     return await this.commands.run('MEMBERS', [this.prefix, conversationId, op, ...members]) as string[]

@@ -627,26 +627,31 @@ return { #live, redis.call('EXISTS', prefix .. 'grace:' .. user) }
 `
 
 /**
- * User-wide topics. ARGV: prefix, userId, ttlS, 'add'|'remove', max, topics...
+ * User-wide topics. ARGV: prefix, userId, ttlS, 'add'|'remove', max,
+ * control channel, control envelope, topics...
  * The set does not expire while the user has streams; it expires ttlS after
  * the later of this change and the last stream closing. An add that would
  * leave more than max topics adds none and returns 0.
+ * The envelope is PUBLISHed on the control channel after the change, in the
+ * same script: every instance hears the changes in the order they were made.
  * The topics removed are also kept for ttlS in `P utr:<user>` (an add takes
  * them out): after Redis lost its data, a topic the user left since is not
  * written back from the streams that still hold it (USER_TOPICS_AGAIN).
+ * Returns { instances that received the envelope, the user's topics... }.
  */
 export const USER_TOPICS = `
 local prefix, user = ARGV[1], ARGV[2]
 local key = prefix .. 'ut:' .. user
 local removed = prefix .. 'utr:' .. user
+local first = 8
 if ARGV[4] == 'add' then
   local count = redis.call('SCARD', key)
-  for i = 6, #ARGV do
+  for i = first, #ARGV do
     if redis.call('SISMEMBER', key, ARGV[i]) == 0 then count = count + 1 end
   end
   if count > tonumber(ARGV[5]) then return 0 end
 end
-for i = 6, #ARGV do
+for i = first, #ARGV do
   if ARGV[4] == 'add' then
     redis.call('SADD', key, ARGV[i])
     redis.call('SREM', removed, ARGV[i])
@@ -663,7 +668,9 @@ if redis.call('EXISTS', key) == 1 then
     redis.call('EXPIRE', key, tonumber(ARGV[3]))
   end
 end
-return redis.call('SMEMBERS', key)
+local out = { redis.call('PUBLISH', ARGV[6], ARGV[7]) }
+for _, topic in ipairs(redis.call('SMEMBERS', key)) do out[#out + 1] = topic end
+return out
 `
 
 /**
