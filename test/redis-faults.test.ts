@@ -587,3 +587,19 @@ t.test('a user-wide subscribe whose answer from Redis is late, and an unsubscrib
   t.equal((await stream.nextEvent('marker')).id, marker)
   t.notOk(stream.events.some((event) => event.event === 'race'), 'and it gets no event of the topic')
 })
+
+t.test('a stream\'s own subscribe held up joining its topic, and an unsubscribe answered meanwhile: each is answered with the topics it left', async (t) => {
+  if (!(await needRedis(t))) return
+  const { proxy, viaProxy, direct } = await proxiedCluster(t, { REDIS_PREFIX: uniquePrefix('psanswer') })
+  t.teardown(() => proxy.cut())
+  const token = userToken('ps-u1')
+  const { connected } = await openConnected(`${viaProxy.url}/v1/stream?token=${token}&topics=ps-own`, { t })
+  const connectionId = connected.connectionId
+  proxy.holdSubscribes()
+  const subscribing = request(`${direct.url}/v1/subscriptions`, { method: 'POST', token, body: { topics: ['ps-new'], connectionId } })
+  await eventually(() => viaProxy.app.registry.get(connectionId)?.topics.includes('ps-new') === true, 'the subscribe to be applied, its join waiting')
+  t.same((await request(`${direct.url}/v1/subscriptions`, { method: 'DELETE', token, body: { topics: ['ps-new'], connectionId } })).json, { topics: ['ps-own'] })
+  proxy.releaseSubscribes()
+  t.same((await subscribing).json, { topics: ['ps-own', 'ps-new'] }, 'the subscribe is answered with the topic it added')
+  t.same(viaProxy.app.registry.get(connectionId)?.topics, ['ps-own'], 'and the stream holds what the later unsubscribe left')
+})

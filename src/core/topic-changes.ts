@@ -52,11 +52,14 @@ export async function applyTopicChange (
     else for (const topic of adding) connection.keepTopic(topic)
     const removed = registry.removeTopics(connection, userWide ? message.remove.filter((topic) => connection.heldForUser(topic)) : message.remove)
     streams.leave(connection, removed.map(channel.topic))
+    // The topics as this change left them: a change applied while the join
+    // or the record below waits is the other request's to answer.
+    const after = [...connection.topics]
     await streams.join(connection, added.map(channel.topic))
     // Best effort, as at open: the change is made, and a failed record
     // (Redis refusing writes) must not answer it as refused.
     if (added.length > 0 || removed.length > 0) await streams.recordTopics(connection)
-    if (message.connectionId !== null) answer = [...connection.topics]
+    if (message.connectionId !== null) answer = after
   }
   return answer
 }
