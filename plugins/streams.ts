@@ -319,6 +319,7 @@ export default fp(async (app) => {
   state.onControl(async (message) => {
     if (message.type === 'topics') {
       if (message.connectionId === null) realignment.noteApplied(message.userId)
+      else if (registry.get(message.connectionId) === undefined) await ledger.untilOpened(message.connectionId)
       return await applyTopics(message)
     }
     if (message.instance === null || message.instance === state.instanceId) ledger.applyEviction(message)

@@ -8,10 +8,11 @@
  */
 import t, { type Test } from 'tap'
 import {
-  eventually, forEachMode, interceptNextAdmission, openConnected, openStream, publishOk, publisherToken, startCluster, userToken,
+  eventually, forEachMode, interceptNextAdmission, openConnected, openStream, publishOk, publisherToken, request, startCluster, startGateway, userToken,
   type Gateway, type SseClient
 } from './helpers'
-import { redisClient } from './helpers/redis'
+import { needRedis, redisClient, REDIS_URL, uniquePrefix } from './helpers/redis'
+import type { ControlAnswer, ControlMessage } from '../src/core/state'
 
 const publisher = publisherToken()
 
@@ -542,3 +543,45 @@ forEachMode(t, 'limit 1, reject: a reopen that waits on the resync while its id\
   await eventually(async () => await redis.ttl(`${prefix}conn:${id}`) > 0, 'the id expires')
   t.pass('the id expires')
 }, ['redis'])
+
+t.test('a per-stream subscription made while a reopen on another instance takes the id over (the old stream evicted, the new one not yet registered) is applied to the new stream, not answered 404', async (t) => {
+  if (!(await needRedis(t))) return
+  const prefix = uniquePrefix('takeover')
+  const a = await startGateway(t, { REDIS_URL, REDIS_PREFIX: prefix })
+  const b = await startGateway(t, { REDIS_URL, REDIS_PREFIX: prefix })
+  const token = userToken('tk-u1')
+  const { connected } = await openConnected(`${a.url}/v1/stream?token=${token}&topics=tk-own`, { t })
+  const id = connected.connectionId
+  // The reopen on b waits, once a has evicted its stream, until the change has reached b.
+  const bState = b.app.state as unknown as { broadcastControl: (message: ControlMessage) => Promise<ControlAnswer>, controlListener: (message: ControlMessage) => Promise<ControlAnswer> }
+  const broadcast = bState.broadcastControl.bind(b.app.state)
+  const listener = bState.controlListener
+  let evicted = false
+  let heard = false
+  let release = (): void => {}
+  const held = new Promise<void>((resolve) => { release = resolve })
+  t.teardown(() => release())
+  bState.broadcastControl = async (message) => {
+    const answer = await broadcast(message)
+    if (message.type === 'evict') {
+      evicted = true
+      await held
+    }
+    return answer
+  }
+  bState.controlListener = async (message) => {
+    if (message.type === 'topics' && message.connectionId === id) heard = true
+    return await listener(message)
+  }
+  const reopening = openConnected(`${b.url}/v1/stream/${id}?token=${token}&topics=tk-re`, { t })
+  await eventually(() => evicted && a.app.registry.get(id) === undefined, 'the stream on a to be evicted')
+  const subscribing = request<{ topics: string[] }>(`${a.url}/v1/subscriptions`, { method: 'POST', token, body: { topics: ['tk-new'], connectionId: id } })
+  await eventually(() => heard, 'the change to reach b')
+  release()
+  const { stream } = await reopening
+  const answer = await subscribing
+  t.equal(answer.status, 200, 'the subscription is answered 200')
+  t.same(answer.json.topics, ['tk-re', 'tk-new'], 'with the new stream\'s topics')
+  const [eventId] = await publishOk(a.url, publisher, { to: { topic: 'tk-new' }, event: 'tk', data: 1 })
+  t.equal((await stream.nextEvent('tk')).id, eventId, 'and the new stream gets the topic\'s events')
+})

@@ -43,6 +43,8 @@ export class AdmissionLedger<Context> {
    * the entry back.
    */
   private readonly releaseLeftTo = new Map<string, string>()
+  /** What waits for the opens of an id to settle (untilOpened). */
+  private readonly waitingForOpens = new Map<string, Array<() => void>>()
 
   constructor (
     private readonly registry: Registry,
@@ -62,7 +64,26 @@ export class AdmissionLedger<Context> {
   /** The open is registered, or will never be. */
   leave (open: PendingOpen): void {
     const ofId = this.pendingById.get(open.connectionId)
-    if (ofId !== undefined && ofId.delete(open) && ofId.size === 0) this.pendingById.delete(open.connectionId)
+    if (ofId === undefined || !ofId.delete(open) || ofId.size > 0) return
+    this.pendingById.delete(open.connectionId)
+    const waiting = this.waitingForOpens.get(open.connectionId)
+    this.waitingForOpens.delete(open.connectionId)
+    for (const settled of waiting ?? []) settled()
+  }
+
+  /**
+   * Settles once no open of the id is between its admission check and the
+   * registry. A reopen that takes an id over from another instance has that
+   * instance's stream evicted before it registers its own: a change to the
+   * stream arriving then waits for it here, rather than finding no stream.
+   */
+  async untilOpened (connectionId: string): Promise<void> {
+    if (!this.pendingById.has(connectionId)) return
+    await new Promise<void>((resolve) => {
+      const waiting = this.waitingForOpens.get(connectionId)
+      if (waiting === undefined) this.waitingForOpens.set(connectionId, [resolve])
+      else waiting.push(resolve)
+    })
   }
 
   /** The open's stream holds the id's entry now, and gives it back as it closes. */
