@@ -12,6 +12,7 @@ import { Publisher } from '../src/core/publish'
 import { StoreUnavailableError, type Admission, type ControlAnswer } from '../src/core/state'
 import { REOPENED_REASON, StreamService, type StreamSpec } from '../src/core/streams'
 import { applyTopicChange, UserWideRealignment, type TopicsMessage } from '../src/core/topic-changes'
+import { TurnsPerKey } from '../src/core/in-turns'
 import { UnchunkedSink } from '../src/core/unchunked'
 import { closeGraceMs } from '../src/config'
 import { errors } from '../src/errors'
@@ -309,16 +310,21 @@ export default fp(async (app) => {
   state.onOffline((userId) => announceSafely(userId, 'user:offline'))
   state.onOnline((userId) => announceSafely(userId, 'user:online'))
 
-  const applyTopics = async (message: TopicsMessage): Promise<ControlAnswer> => await applyTopicChange(message, registry, streams, config.maxTopics)
+  // One user's topic changes are applied one after another, in the order
+  // they arrive: each awaits joins and records between the user's streams,
+  // and a later one must not run in the middle of it.
+  const topicTurns = new TurnsPerKey()
+  const applyTopics = async (message: TopicsMessage): Promise<ControlAnswer> =>
+    await topicTurns.run(message.userId, async () => await applyTopicChange(message, registry, streams, config.maxTopics))
   app.decorate('applyTopics', applyTopics)
-  const realignment = new UserWideRealignment(registry, state, applyTopics)
-  state.onControlMissed(async () => await realignment.run())
+  const realignment = new UserWideRealignment(registry, topicTurns, async (message, realigning) => await applyTopicChange(message, registry, streams, config.maxTopics, realigning))
+  state.onControlMissed(async (read) => await realignment.run(read))
 
   const ledger = new AdmissionLedger<FastifyBaseLogger>(registry, streams, recordClose)
   state.trackOpens(ledger.tracker(app.log))
   state.onControl(async (message) => {
     if (message.type === 'topics') {
-      if (message.connectionId === null) realignment.noteApplied(message.userId)
+      if (message.connectionId === null) realignment.noteArrived(message.userId)
       else if (registry.get(message.connectionId) === undefined) await ledger.untilOpened(message.connectionId)
       return await applyTopics(message)
     }

@@ -99,6 +99,8 @@ function withoutItem (list: string[], item: string): string[] | null {
   return index === -1 ? null : list.filter((_, at) => at !== index)
 }
 
+/** User-wide topics a stream remembers leaving by its own request. */
+const LEFT_ON_ITS_OWN_KEPT = 256
 const REPLAY_CHUNK_BYTES = 64 * 1024
 const DRAIN_WAIT_MS = 30_000
 /** A held arena view's copy, shared by every stream holding that view; it lives as long as the view. */
@@ -125,6 +127,8 @@ export class StreamConnection {
   private channelList: string[] = []
   /** Topics held only for the user's user-wide subscription (null: none, the usual case). */
   private userWideOnly: string[] | null = null
+  /** User-wide topics the stream left by its own request (null: none, the usual case). */
+  private leftByItself: string[] | null = null
   readonly openedAt = Date.now()
   readonly remoteAddress: string
   readonly allowedTopics: readonly string[] | null
@@ -264,6 +268,23 @@ export class StreamConnection {
   /** Whether the stream holds `topic` only for its user's user-wide subscription, which may take it away. */
   heldForUser (topic: string): boolean {
     return this.userWideOnly?.includes(topic) === true
+  }
+
+  /**
+   * Notes whether the stream left its user's user-wide `topic` by its own
+   * request (true), or whether that no longer stands: the stream or its user
+   * changed the topic again (false). Bringing the stream back in line with
+   * its user's topics leaves such a topic out.
+   */
+  leftOnItsOwn (topic: string, left: boolean): void {
+    const next = left ? withItem(this.leftByItself ?? [], topic) : this.leftByItself === null ? null : withoutItem(this.leftByItself, topic)
+    // Bounded like the topics a stream holds: the oldest go first.
+    if (next !== null) this.leftByItself = next.length === 0 ? null : next.slice(-LEFT_ON_ITS_OWN_KEPT)
+  }
+
+  /** Whether the stream left its user's user-wide `topic` by its own request. */
+  hasLeftOnItsOwn (topic: string): boolean {
+    return this.leftByItself?.includes(topic) === true
   }
 
   addChannel (name: string): boolean {

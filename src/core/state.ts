@@ -75,6 +75,13 @@ export interface Presence {
 }
 
 /** Something every instance must apply to its own streams. */
+/**
+ * Brings streams back in line with their users' user-wide topics, read with
+ * `read`: null when the store has nothing to go by for the user (no set and
+ * no removal on record); it rejects when the store lost its data meanwhile.
+ */
+export type ControlMissedListener = (read: (userId: string) => Promise<string[] | null>) => Promise<void>
+
 export type ControlMessage =
   /**
    * `instance`: only that instance's stream of the id (null: whichever holds
@@ -169,7 +176,7 @@ export interface SharedState {
    * shared state after control messages may have been missed (the
    * connection that carries them dropped).
    */
-  onControlMissed (listener: () => Promise<void>): void
+  onControlMissed (listener: ControlMissedListener): void
   /** Registers what this instance knows of its streams beyond the registry (see OpenTracker). */
   trackOpens (tracker: OpenTracker): void
   presence (userId: string): Promise<Presence>

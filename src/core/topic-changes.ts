@@ -2,8 +2,8 @@ import { channel } from './channels'
 import type { StreamConnection } from './connection'
 import { topicAllowed } from './framing'
 import type { Registry } from './registry'
-import { inTurns } from './in-turns'
-import type { ControlAnswer, ControlMessage, SharedState } from './state'
+import { inTurns, type TurnsPerKey } from './in-turns'
+import type { ControlAnswer, ControlMessage } from './state'
 import type { StreamService } from './streams'
 
 export type TopicsMessage = Extract<ControlMessage, { type: 'topics' }>
@@ -15,7 +15,7 @@ export type TopicsMessage = Extract<ControlMessage, { type: 'topics' }>
  * it, or why the change is refused.
  */
 export async function applyTopicChange (
-  message: TopicsMessage, registry: Registry, streams: StreamService, maxTopics: number
+  message: TopicsMessage, registry: Registry, streams: StreamService, maxTopics: number, realigning = false
 ): Promise<ControlAnswer> {
   const targets = message.connectionId !== null
     ? [registry.get(message.connectionId)].filter((found): found is StreamConnection => found !== undefined && found.userId === message.userId)
@@ -23,8 +23,9 @@ export async function applyTopicChange (
   let answer: ControlAnswer = null
   for (const connection of targets) {
     if (connection.kind !== 'stream' || connection.closed) continue
-    // A user-wide subscription reaches only the streams whose token allows the topic.
-    const adding = message.add.filter((topic) => topicAllowed(topic, connection.allowedTopics))
+    // A user-wide subscription reaches only the streams whose token allows the
+    // topic; bringing streams back in line, not those that left it themselves.
+    const adding = message.add.filter((topic) => topicAllowed(topic, connection.allowedTopics) && !(realigning && connection.hasLeftOnItsOwn(topic)))
     // One stream's own subscriptions are held to its own token's topics and
     // to MAX_TOPICS, all or nothing: the request's token may be broader than
     // the one the stream was opened with. User-wide topics (held to
@@ -47,10 +48,14 @@ export async function applyTopicChange (
       for (const topic of message.remove) reading.add(topic)
       if (userWide) for (const topic of adding) reading.delete(topic)
     }
+    // What the stream or its user asks now stands over a topic the stream left on its own.
+    if (!realigning) for (const topic of [...adding, ...(userWide ? message.remove : [])]) connection.leftOnItsOwn(topic, false)
     const added = registry.addTopics(connection, adding)
     if (userWide) for (const topic of added) connection.holdForUser(topic)
     else for (const topic of adding) connection.keepTopic(topic)
     const removed = registry.removeTopics(connection, userWide ? message.remove.filter((topic) => connection.heldForUser(topic)) : message.remove)
+    // Left on its own: if its user holds the topic, the stream stays without it.
+    if (!userWide) for (const topic of removed) connection.leftOnItsOwn(topic, true)
     streams.leave(connection, removed.map(channel.topic))
     // The topics as this change left them: a change applied while the join
     // or the record below waits is the other request's to answer.
@@ -66,47 +71,63 @@ export async function applyTopicChange (
 
 /** Users whose user-wide topics are read at once while streams are brought back in line. */
 const USERS_READ_AT_ONCE = 100
+/** Reads of one user's topics, each overtaken by a change of theirs, before the user is left to those changes. */
+const READS_PER_USER = 5
 
 /**
  * Brings this instance's streams back in line with their users' user-wide
  * topics as the shared state holds them, after control messages may have
  * been missed: a user-wide subscribe or unsubscribe answered while this
  * instance did not hear it left its streams without the topic, or with one
- * the user left. A user whose change arrives while the set is read is left
- * to that change, which is at least as new.
+ * the user left. A user's set is applied in the user's turn (see
+ * `turns`), unless a change of theirs arrived since it was read: a change
+ * is a delta, and the set is read again after it.
  */
 export class UserWideRealignment {
   private changedWhileReading: Set<string> | null = null
 
   constructor (
     private readonly registry: Registry,
-    private readonly state: Pick<SharedState, 'userTopics'>,
-    private readonly apply: (message: TopicsMessage) => Promise<ControlAnswer>
+    /** One user's topic changes are applied one after another, in arrival order. */
+    private readonly turns: TurnsPerKey,
+    private readonly apply: (message: TopicsMessage, realigning: boolean) => Promise<ControlAnswer>
   ) {}
 
-  /** A user-wide change of `userId` was applied from a control message. */
-  noteApplied (userId: string): void {
+  /** A user-wide change of `userId` arrived from a control message. */
+  noteArrived (userId: string): void {
     this.changedWhileReading?.add(userId)
   }
 
-  async run (): Promise<void> {
+  async run (read: (userId: string) => Promise<string[] | null>): Promise<void> {
     const users = new Set<string>()
     for (const connection of this.registry.all()) if (connection.kind === 'stream') users.add(connection.userId)
     const changed = new Set<string>()
     this.changedWhileReading = changed
     try {
       await inTurns([...users], USERS_READ_AT_ONCE, async (userId) => {
-        const topics = await this.state.userTopics(userId)
-        if (changed.has(userId)) return
-        const streams = this.registry.ofUser(userId).filter((connection) => connection.kind === 'stream' && !connection.closed)
-        const remove = new Set<string>()
-        for (const connection of streams) for (const topic of connection.userWideTopics) if (!topics.includes(topic)) remove.add(topic)
-        const lacking = streams.some((connection) => topics.some((topic) => !connection.topics.includes(topic) && topicAllowed(topic, connection.allowedTopics)))
-        if (remove.size === 0 && !lacking) return
-        await this.apply({ type: 'topics', userId, connectionId: null, add: topics, remove: [...remove] })
+        for (let attempt = 0; attempt < READS_PER_USER; attempt++) {
+          changed.delete(userId)
+          const topics = await read(userId)
+          const done = await this.turns.run(userId, async () => {
+            if (changed.has(userId)) return false
+            if (topics !== null) await this.realignUser(userId, topics)
+            return true
+          })
+          if (done) return
+        }
       })
     } finally {
       this.changedWhileReading = null
     }
+  }
+
+  private async realignUser (userId: string, topics: string[]): Promise<void> {
+    const streams = this.registry.ofUser(userId).filter((connection) => connection.kind === 'stream' && !connection.closed)
+    const remove = new Set<string>()
+    for (const connection of streams) for (const topic of connection.userWideTopics) if (!topics.includes(topic)) remove.add(topic)
+    const lacking = streams.some((connection) => topics.some((topic) =>
+      !connection.topics.includes(topic) && topicAllowed(topic, connection.allowedTopics) && !connection.hasLeftOnItsOwn(topic)))
+    if (remove.size === 0 && !lacking) return
+    await this.apply({ type: 'topics', userId, connectionId: null, add: topics, remove: [...remove] }, true)
   }
 }

@@ -5,7 +5,7 @@ import { channel } from '../channels'
 import { isPlainObject } from '../publish'
 import { transitionJob, type JobState, type JobUpdate } from '../jobs'
 import { connectionInfo, type ConnectionInfo, type Registry } from '../registry'
-import { StoreUnavailableError, type Admission, type AdmitRequest, type ClusterStats, type ConnectionListing, type Contacts, type ControlAnswer, type ControlListener, type ControlMessage, type JobPutResult, type OpenTracker, type Presence, type SharedState } from '../state'
+import { StoreUnavailableError, type ControlMissedListener, type Admission, type AdmitRequest, type ClusterStats, type ConnectionListing, type Contacts, type ControlAnswer, type ControlListener, type ControlMessage, type JobPutResult, type OpenTracker, type Presence, type SharedState } from '../state'
 import { inTurns, TurnsPerKey } from '../in-turns'
 import { infoFields, selectConnections, type ConnectionFilter } from '../listing'
 import { reasonOf, timedOut, type Log, type ScriptedRedis } from './client'
@@ -76,6 +76,8 @@ const GRACE_BATCH = 500
  * the rest past REDIS_COMMAND_TIMEOUT_MS.
  */
 const RESYNC_BATCH = 1000
+/** Stands for the topics USER_TOPICS_AGAIN adds, in the envelope it publishes them in. */
+const ADDED = '@added'
 /** Stream records per HSCAN when listing: under a millisecond of Redis each. */
 const RECORDS_PER_SCAN = 1000
 
@@ -132,9 +134,11 @@ export class RedisState implements SharedState {
    */
   private epochSeen: string | null = null
 
-  /** The subscriber connection came back: the next resync ends with controlMissedListener. */
+  /** The subscriber connection came back: streams are brought back in line after the next resync. */
   private controlMissed = false
-  private controlMissedListener: () => Promise<void> = async () => {}
+  private controlMissedListener: ControlMissedListener = async () => {}
+  /** The realignment running, which takes up controlMissed again until it stays false. */
+  private realigning: Promise<void> | null = null
 
   constructor (
     private readonly commands: ScriptedRedis,
@@ -229,6 +233,42 @@ export class RedisState implements SharedState {
     this.resyncing = settled
     void settled.then(() => { if (this.resyncing === settled) this.resyncing = null })
     await run
+    // After the resync (so after its write-back, which a read of the sets
+    // after a loss would undo) and outside it: admissions wait for a resync,
+    // not for this.
+    if (this.controlMissed && this.realigning === null && !this.closed) {
+      const realigning = this.realign()
+      this.realigning = realigning
+      try {
+        await realigning
+      } finally {
+        this.realigning = null
+      }
+    }
+  }
+
+  /**
+   * Brings this instance's streams back in line with their users' user-wide
+   * topics, for as long as the control channel keeps dropping meanwhile. A
+   * read that finds the id epoch moved (Redis lost its data since the resync)
+   * ends it, owed: the next resync writes the topics back first.
+   */
+  private async realign (): Promise<void> {
+    const epoch = this.epochSeen
+    const read = async (userId: string): Promise<string[] | null> => {
+      const [current, kept, ...topics] = await this.commands.run('USER_TOPICS_CHECKED', [this.prefix, userId]) as [string, number, ...string[]]
+      if (current !== epoch) throw new Error('Redis lost its data while streams were being brought back in line')
+      // Neither the set nor a removal on record: nothing to go by.
+      return kept === 1 ? topics : null
+    }
+    while (this.controlMissed && !this.closed) {
+      this.controlMissed = false
+      await this.controlMissedListener(read).catch((error: unknown) => {
+        this.controlMissed = true
+        this.resyncOwed = true
+        throw error
+      })
+    }
   }
 
   /**
@@ -325,23 +365,17 @@ export class RedisState implements SharedState {
       if (this.registry.get(connectionId) === undefined) await this.releaseLate(connectionId, userId, this.options.historyTtlS)
     })
     this.epochSeen = epoch
-    if (this.controlMissed && !this.closed) {
-      this.controlMissed = false
-      await this.controlMissedListener().catch((error: unknown) => {
-        this.controlMissed = true
-        throw error
-      })
-    }
   }
 
   /**
    * The user-wide topics Redis lost with its data: the open streams still
    * hold them, and streams the user opens later must join them too. Each
    * instance adds what its streams hold (USER_TOPICS_AGAIN), but not a topic
-   * the user left since the loss. What it adds is sent to the user's streams
-   * on other instances, which may lack it: opened since the loss, or holding
-   * other topics. A topic a stream also took by `?topics=` is not told apart
-   * from its own, and is not written back from it.
+   * the user left since the loss, and sends what it added to the user's
+   * streams everywhere, which may lack it (opened since the loss, or holding
+   * other topics). Nobody waits for their answers. A topic a stream also
+   * took by `?topics=` is not told apart from its own, and is not written
+   * back from it.
    */
   private async writeUserTopicsAgain (): Promise<void> {
     const byUser = new Map<string, Set<string>>()
@@ -352,15 +386,15 @@ export class RedisState implements SharedState {
       for (const topic of held) topics.add(topic)
       byUser.set(connection.userId, topics)
     }
+    // The envelope of a user-wide add, around the list the script fills in.
+    const around = (userId: string): [string, string] => {
+      const envelope = JSON.stringify({ requestId: 'written-back', from: this.instanceId, message: { type: 'topics', userId, connectionId: null, remove: [], add: ADDED } })
+      const at = envelope.lastIndexOf(`"${ADDED}"`)
+      return [envelope.slice(0, at), envelope.slice(at + ADDED.length + 2)]
+    }
     await inTurns([...byUser], RESYNC_BATCH, async ([userId, topics]) => {
       if (this.closed) return
-      const [elsewhere, ...added] = await this.commands.run('USER_TOPICS_AGAIN', [this.prefix, userId, this.instanceId, this.options.historyTtlS, ...topics]) as [number, ...string[]]
-      if (elsewhere === 1) {
-        // Not waited for: each instance's answer could hold the resync up to the control timeout.
-        this.broadcast({ type: 'topics', userId, connectionId: null, add: added, remove: [] }, false).catch((error: unknown) => {
-          this.log.warn({ reason: reasonOf(error), userId }, 'user-wide topics written back not sent to the other instances')
-        })
-      }
+      await this.commands.run('USER_TOPICS_AGAIN', [this.prefix, userId, this.options.historyTtlS, `${this.prefix}ctl`, ...around(userId), ...topics])
     })
   }
 
@@ -566,7 +600,7 @@ export class RedisState implements SharedState {
     this.offlineListener = listener
   }
 
-  onControlMissed (listener: () => Promise<void>): void {
+  onControlMissed (listener: ControlMissedListener): void {
     this.controlMissedListener = listener
   }
 

@@ -634,33 +634,40 @@ return { #live, redis.call('EXISTS', prefix .. 'grace:' .. user) }
  * leave more than max topics adds none and returns 0.
  * The envelope is PUBLISHed on the control channel after the change, in the
  * same script: every instance hears the changes in the order they were made.
- * The topics removed are also kept for ttlS in `P utr:<user>` (an add takes
- * them out): after Redis lost its data, a topic the user left since is not
- * written back from the streams that still hold it (USER_TOPICS_AGAIN).
+ * The topics removed are also kept for ttlS in `P utr:<user>`, the latest
+ * max of them (an add takes them out): after Redis lost its data, a topic the
+ * user left since is not written back from the streams that still hold it
+ * (USER_TOPICS_AGAIN).
  * Returns { instances that received the envelope, the user's topics... }.
  */
-export const USER_TOPICS = `
+export const USER_TOPICS = `${CLOCK}
 local prefix, user = ARGV[1], ARGV[2]
 local key = prefix .. 'ut:' .. user
 local removed = prefix .. 'utr:' .. user
+local max = tonumber(ARGV[5])
 local first = 8
 if ARGV[4] == 'add' then
   local count = redis.call('SCARD', key)
   for i = first, #ARGV do
     if redis.call('SISMEMBER', key, ARGV[i]) == 0 then count = count + 1 end
   end
-  if count > tonumber(ARGV[5]) then return 0 end
+  if count > max then return 0 end
 end
+local now = clock_us()
 for i = first, #ARGV do
   if ARGV[4] == 'add' then
     redis.call('SADD', key, ARGV[i])
-    redis.call('SREM', removed, ARGV[i])
+    redis.call('ZREM', removed, ARGV[i])
   else
+    -- Whether the set held it or not: after a loss, the set may be the one lost.
     redis.call('SREM', key, ARGV[i])
-    redis.call('SADD', removed, ARGV[i])
+    redis.call('ZADD', removed, now, ARGV[i])
   end
 end
-if ARGV[4] ~= 'add' then redis.call('EXPIRE', removed, tonumber(ARGV[3])) end
+if ARGV[4] ~= 'add' and #ARGV >= first then
+  redis.call('ZREMRANGEBYRANK', removed, 0, -(max + 1))
+  redis.call('EXPIRE', removed, tonumber(ARGV[3]))
+end
 if redis.call('EXISTS', key) == 1 then
   if redis.call('ZCARD', prefix .. 'uc:' .. user) > 0 then
     redis.call('PERSIST', key)
@@ -677,35 +684,45 @@ return out
  * A user's user-wide topics written back from the streams of one instance
  * that hold them, after Redis lost its data (the caller's epoch changed):
  * each instance adds what its streams hold, but not a topic the user left
- * since (`P utr:<user>`). ARGV: prefix, userId, instance, ttlS, topics...
- * Returns { 1 if the user has streams on other instances, else 0; the
- * topics added... }: those streams may lack them.
+ * since (`P utr:<user>`). What it adds goes to every instance as a
+ * user-wide add, PUBLISHed here so that it comes before any later change of
+ * the user's: the user's streams elsewhere may lack it. ARGV: prefix,
+ * userId, ttlS, control channel, the envelope's text before and after its
+ * list of added topics, topics... Returns the topics added.
  */
 export const USER_TOPICS_AGAIN = `
-local prefix, user, inst = ARGV[1], ARGV[2], ARGV[3]
+local prefix, user = ARGV[1], ARGV[2]
 local key = prefix .. 'ut:' .. user
 local removed = prefix .. 'utr:' .. user
 local existed = redis.call('EXISTS', key)
-local out = { 0 }
-for i = 5, #ARGV do
-  if redis.call('SISMEMBER', removed, ARGV[i]) == 0 and redis.call('SADD', key, ARGV[i]) == 1 then out[#out + 1] = ARGV[i] end
+local added = {}
+for i = 7, #ARGV do
+  if not redis.call('ZSCORE', removed, ARGV[i]) and redis.call('SADD', key, ARGV[i]) == 1 then added[#added + 1] = ARGV[i] end
 end
-if #out == 1 then return out end
-local uk = prefix .. 'uc:' .. user
+if #added == 0 then return added end
 if existed == 0 then
-  if redis.call('ZCARD', uk) > 0 then
+  if redis.call('ZCARD', prefix .. 'uc:' .. user) > 0 then
     redis.call('PERSIST', key)
   else
-    redis.call('EXPIRE', key, tonumber(ARGV[4]))
+    redis.call('EXPIRE', key, tonumber(ARGV[3]))
   end
 end
-local mine = inst .. '|'
-for _, entry in ipairs(redis.call('ZRANGE', uk, 0, -1)) do
-  if string.sub(entry, 1, #mine) ~= mine then
-    out[1] = 1
-    break
-  end
-end
+-- Topic names are of A-Z a-z 0-9 _ . : / - only: quoted as they are.
+redis.call('PUBLISH', ARGV[4], ARGV[5] .. '["' .. table.concat(added, '","') .. '"]' .. ARGV[6])
+return added
+`
+
+/**
+ * A user's user-wide topics, to bring streams back in line with, and
+ * whether they can be trusted for it. ARGV: prefix, userId. Returns
+ * { the id epoch ('' if none), 1 if the set or the topics removed exist
+ * (else 0: neither was ever written, or both were lost), topics... }.
+ */
+export const USER_TOPICS_CHECKED = `
+local prefix, user = ARGV[1], ARGV[2]
+local key = prefix .. 'ut:' .. user
+local out = { redis.call('GET', prefix .. 'epoch') or '', redis.call('EXISTS', key, prefix .. 'utr:' .. user) > 0 and 1 or 0 }
+for _, topic in ipairs(redis.call('SMEMBERS', key)) do out[#out + 1] = topic end
 return out
 `
 

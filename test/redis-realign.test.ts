@@ -1,0 +1,220 @@
+/**
+ * Redis mode: a user's user-wide topics and the streams that hold them stay
+ * in line through racing changes, a control channel that drops (the streams
+ * are brought back in line once it is back) and Redis losing its data (the
+ * topics are written back from the streams).
+ */
+import t, { type Test } from 'tap'
+import { eventually, openConnected, openStream, publishOk, publisherToken, request, startGateway, userToken, type Gateway, type SseClient } from './helpers'
+import { proxiedCluster } from './helpers/proxy'
+import { needRedis, redisClient, REDIS_URL, uniquePrefix } from './helpers/redis'
+import type { ControlMissedListener } from '../src/core/state'
+
+const publisher = publisherToken()
+const SUBSCRIBER = 'sse-gateway-sub'
+
+/** The parts of the Redis state these tests watch or hold. */
+interface StateInternals {
+  controlMissedListener: ControlMissedListener
+  commands: { run: (name: string, args: unknown[]) => Promise<unknown> }
+  subscriber: { disconnect: (reconnect: boolean) => void }
+  resync: () => Promise<void>
+}
+
+function internals (gateway: Gateway): StateInternals {
+  return gateway.app.state as unknown as StateInternals
+}
+
+/** Counts the realignments of `gateway` that have finished, failed ones too. */
+function watchRealignments (gateway: Gateway): { done: (count: number) => Promise<void> } {
+  const state = internals(gateway)
+  const listener = state.controlMissedListener
+  let finished = 0
+  state.controlMissedListener = async (read) => {
+    try {
+      await listener(read)
+    } finally {
+      finished++
+    }
+  }
+  return { done: async (count) => await eventually(() => finished >= count, `realignment ${count} to finish`, 15_000, 20) }
+}
+
+/** Runs `before` once, ahead of the first run of the script `name` on `gateway`'s commands connection. */
+function beforeScript (t: Test, gateway: Gateway, name: string, before: () => Promise<void>): () => boolean {
+  const commands = internals(gateway).commands
+  const run = commands.run.bind(commands)
+  let ran = false
+  commands.run = async (script, args) => {
+    if (script === name && !ran) {
+      ran = true
+      await before()
+    }
+    return await run(script, args)
+  }
+  t.teardown(() => { commands.run = run })
+  return () => ran
+}
+
+function topicsOf (gateway: Gateway, connectionId: string): readonly string[] | undefined {
+  return gateway.app.registry.get(connectionId)?.topics
+}
+
+/** Whether `stream` got an event of `topic` published now, told by a marker to its user published after it. */
+async function getsEventsOf (gateway: Gateway, stream: SseClient, topic: string, userId: string): Promise<boolean> {
+  const [id] = await publishOk(gateway.url, publisher, { to: { topic }, event: 'probe', data: topic })
+  const [marker] = await publishOk(gateway.url, publisher, { to: { user: userId }, event: 'marker', data: 0 })
+  await stream.next((event) => event.id === marker, 5000, 'the marker')
+  return stream.events.some((event) => event.id === id)
+}
+
+async function emptyRedisOf (t: Test, prefix: string): Promise<void> {
+  await redisClient(t).eval("for _, key in ipairs(redis.call('KEYS', ARGV[1])) do redis.call('DEL', key) end return 0", 0, `${prefix}*`)
+}
+
+t.test('a user-wide subscribe and unsubscribe of one topic, racing on one instance with two streams of the user: both streams end as the user\'s topics', async (t) => {
+  if (!(await needRedis(t))) return
+  const gateway = await startGateway(t, { REDIS_URL, REDIS_PREFIX: uniquePrefix('uworder1') })
+  const token = userToken('ro-u1')
+  const streams = [await openConnected(`${gateway.url}/v1/stream?token=${token}`, { t }), await openConnected(`${gateway.url}/v1/stream?token=${token}`, { t })]
+  const diverged: string[] = []
+  for (let trial = 0; trial < 10; trial++) {
+    const topic = `ro-${trial}`
+    await Promise.all([
+      request(`${gateway.url}/v1/subscriptions`, { method: 'POST', token, body: { topics: [topic] } }),
+      request(`${gateway.url}/v1/subscriptions`, { method: 'DELETE', token, body: { topics: [topic] } })
+    ])
+    const held = (await gateway.app.state.userTopics('ro-u1')).includes(topic)
+    const holders = streams.map(({ connected }) => topicsOf(gateway, connected.connectionId)?.includes(topic) === true)
+    if (holders.some((holds) => holds !== held)) diverged.push(`${topic}: user ${held ? 'holds' : 'lacks'} it, streams ${JSON.stringify(holders)}`)
+  }
+  t.same(diverged, [], 'no trial leaves a stream apart from the user')
+})
+
+t.test('the control channel back: a user-wide topic a stream left on its own stays left', async (t) => {
+  if (!(await needRedis(t))) return
+  const { proxy, viaProxy, direct } = await proxiedCluster(t, { REDIS_PREFIX: uniquePrefix('realign1') })
+  t.teardown(() => proxy.cut())
+  const realignments = watchRealignments(viaProxy)
+  const token = userToken('rl-u1')
+  const { stream, connected } = await openConnected(`${viaProxy.url}/v1/stream?token=${token}`, { t })
+  t.equal((await request(`${direct.url}/v1/subscriptions`, { method: 'POST', token, body: { topics: ['rl-x', 'rl-y'] } })).status, 200)
+  t.same((await request(`${direct.url}/v1/subscriptions`, { method: 'DELETE', token, body: { topics: ['rl-x'], connectionId: connected.connectionId } })).json, { topics: ['rl-y'] })
+  proxy.cut(SUBSCRIBER)
+  await realignments.done(1)
+  t.same(topicsOf(viaProxy, connected.connectionId), ['rl-y'], 'the stream holds what it held')
+  t.notOk(await getsEventsOf(direct, stream, 'rl-x', 'rl-u1'), 'and gets no event of the topic it left')
+})
+
+t.test('the control channel back: a change of the user\'s arriving while their topics are read has them read again, so the change missed is still made', async (t) => {
+  if (!(await needRedis(t))) return
+  const { proxy, viaProxy, direct } = await proxiedCluster(t, { REDIS_PREFIX: uniquePrefix('realign2') }, { captureLogs: true })
+  t.teardown(() => proxy.cut())
+  const realignments = watchRealignments(viaProxy)
+  const token = userToken('rl-u2')
+  const { stream, connected } = await openConnected(`${viaProxy.url}/v1/stream?token=${token}`, { t })
+  t.equal((await request(`${direct.url}/v1/subscriptions`, { method: 'POST', token, body: { topics: ['rl-a'] } })).status, 200)
+  proxy.cutOff(SUBSCRIBER)
+  await eventually(() => viaProxy.logs.some((line) => line.includes('bus subscription lost')), 'the subscription to be lost')
+  // Made while the instance cannot hear it.
+  t.same((await request(`${direct.url}/v1/subscriptions`, { method: 'DELETE', token, body: { topics: ['rl-a'] } })).json, { topics: [] })
+  const raced = beforeScript(t, viaProxy, 'USER_TOPICS_CHECKED', async () => {
+    t.equal((await request(`${direct.url}/v1/subscriptions`, { method: 'POST', token, body: { topics: ['rl-b'] } })).status, 200)
+  })
+  proxy.restore(SUBSCRIBER)
+  await realignments.done(1)
+  t.ok(raced(), 'a change came while the topics were read')
+  t.same(topicsOf(viaProxy, connected.connectionId), ['rl-b'], 'the stream holds the user\'s topics')
+  t.notOk(await getsEventsOf(direct, stream, 'rl-a', 'rl-u2'), 'and gets no event of the one left while the channel was down')
+})
+
+t.test('the control channel back, and Redis emptied while the topics are read: the streams keep them, and the next resync writes them back', async (t) => {
+  if (!(await needRedis(t))) return
+  const prefix = uniquePrefix('realign3')
+  const gateway = await startGateway(t, { REDIS_URL, REDIS_PREFIX: prefix, INSTANCE_TTL_MS: '60000' })
+  const realignments = watchRealignments(gateway)
+  const token = userToken('rl-u3')
+  const { stream, connected } = await openConnected(`${gateway.url}/v1/stream?token=${token}`, { t })
+  t.equal((await request(`${gateway.url}/v1/subscriptions`, { method: 'POST', token, body: { topics: ['rl-kept'] } })).status, 200)
+  beforeScript(t, gateway, 'USER_TOPICS_CHECKED', async () => await emptyRedisOf(t, prefix))
+  internals(gateway).subscriber.disconnect(true)
+  await realignments.done(1)
+  t.same(topicsOf(gateway, connected.connectionId), ['rl-kept'], 'the stream keeps its topic')
+  // What the next beat runs (the instance finds itself unlisted).
+  await internals(gateway).resync()
+  const { connected: later } = await openConnected(`${gateway.url}/v1/stream?token=${token}`, { t })
+  t.same(later.topics, ['rl-kept'], 'a later stream joins the topic written back')
+  t.ok(await getsEventsOf(gateway, stream, 'rl-kept', 'rl-u3'), 'and the open one still gets its events')
+})
+
+t.test('an open while the streams are brought back in line is not held up by it', async (t) => {
+  if (!(await needRedis(t))) return
+  const gateway = await startGateway(t, { REDIS_URL, REDIS_PREFIX: uniquePrefix('realign4'), INSTANCE_TTL_MS: '60000' })
+  await openConnected(`${gateway.url}/v1/stream?token=${userToken('rl-u4')}`, { t })
+  let reading = false
+  let release = (): void => {}
+  const held = new Promise<void>((resolve) => { release = resolve })
+  t.teardown(() => release())
+  beforeScript(t, gateway, 'USER_TOPICS_CHECKED', async () => {
+    reading = true
+    await held
+  })
+  internals(gateway).subscriber.disconnect(true)
+  await eventually(() => reading, 'the realignment to read', 10_000)
+  const opened = await openStream(`${gateway.url}/v1/stream?token=${userToken('rl-u5')}`, { t })
+  t.equal(opened.status, 200, 'the open is served while the read is held')
+  release()
+})
+
+t.test('the topics a user removed are kept for the write-back after a loss, the latest MAX_TOPICS of them', async (t) => {
+  if (!(await needRedis(t))) return
+  const prefix = uniquePrefix('utrcap')
+  const gateway = await startGateway(t, { REDIS_URL, REDIS_PREFIX: prefix, MAX_TOPICS: '50' })
+  const token = userToken('rl-u6')
+  for (let round = 0; round < 3; round++) {
+    const topics = Array.from({ length: 40 }, (_, index) => `cap-${round}-${index}`)
+    t.equal((await request(`${gateway.url}/v1/subscriptions`, { method: 'DELETE', token, body: { topics } })).status, 200)
+  }
+  const kept = await redisClient(t).zrange(`${prefix}utr:rl-u6`, 0, -1)
+  t.equal(kept.length, 50, 'no more than MAX_TOPICS')
+  t.ok(kept.includes('cap-2-39') && !kept.includes('cap-0-0'), 'the latest')
+})
+
+t.test('Redis emptied: a write-back answered late does not overtake an unsubscribe the user made after it', async (t) => {
+  if (!(await needRedis(t))) return
+  const prefix = uniquePrefix('wbover')
+  const env = { REDIS_URL, REDIS_PREFIX: prefix, INSTANCE_TTL_MS: '60000' }
+  const a = await startGateway(t, env)
+  const b = await startGateway(t, env)
+  const token = userToken('rl-u7')
+  const { stream: onA } = await openConnected(`${a.url}/v1/stream?token=${token}`, { t })
+  const { stream: onB, connected: onBConnected } = await openConnected(`${b.url}/v1/stream?token=${token}`, { t })
+  t.equal((await request(`${a.url}/v1/subscriptions`, { method: 'POST', token, body: { topics: ['wb-x'] } })).status, 200)
+  // The stream on b leaves the topic on its own: only a's writes it back.
+  t.equal((await request(`${a.url}/v1/subscriptions`, { method: 'DELETE', token, body: { topics: ['wb-x'], connectionId: onBConnected.connectionId } })).status, 200)
+  await emptyRedisOf(t, prefix)
+  await internals(b).resync()
+  // a's write-back is answered only after the user's unsubscribe.
+  const commands = internals(a).commands
+  const run = commands.run.bind(commands)
+  let answered = (): void => {}
+  const writtenBack = new Promise<void>((resolve) => { answered = resolve })
+  let release = (): void => {}
+  const held = new Promise<void>((resolve) => { release = resolve })
+  t.teardown(() => { commands.run = run; release() })
+  commands.run = async (script, args) => {
+    const answer = await run(script, args)
+    if (script === 'USER_TOPICS_AGAIN') {
+      answered()
+      await held
+    }
+    return answer
+  }
+  const resyncing = internals(a).resync()
+  await writtenBack
+  t.same((await request(`${b.url}/v1/subscriptions`, { method: 'DELETE', token, body: { topics: ['wb-x'] } })).json, { topics: [] }, 'the user leaves the topic')
+  release()
+  await resyncing
+  t.notOk(await getsEventsOf(a, onA, 'wb-x', 'rl-u7'), 'a\'s stream gets no event of it')
+  t.notOk(await getsEventsOf(a, onB, 'wb-x', 'rl-u7'), 'nor does b\'s')
+})
