@@ -308,37 +308,11 @@ forEachMode(t, 'a user-wide DELETE takes away only what the user-wide subscripti
   t.notOk(own.stream.events.some((event) => event.id === headline), 'nor did the first stream ever get news of its own')
 })
 
-forEachMode(t, 'a user-wide unsubscribe while a stream of the user is opening (reading the user-wide topics): the new stream does not keep the topic', async (t, mode) => {
-  const [a, b] = await pair(t, mode)
-  t.equal((await subscriptions(b, userToken('alice'), 'POST', { topics: ['news'] })).status, 200)
-  // Holds the opening stream's read of the user-wide topics until the unsubscribe is answered.
-  const { state } = a.app
-  const read = state.userTopics.bind(state)
-  let readStarted = false
-  let releaseRead = (): void => {}
-  const held = new Promise<void>((resolve) => { releaseRead = resolve })
-  state.userTopics = async (userId: string) => {
-    const topics = await read(userId)
-    readStarted = true
-    await held
-    return topics
-  }
-  t.teardown(() => { state.userTopics = read; releaseRead() })
-  const opening = connect(t, a, 'alice')
-  await eventually(() => readStarted, 'the open to read the user-wide topics (["news"])')
-  t.equal((await subscriptions(b, userToken('alice'), 'DELETE', { topics: ['news'] })).status, 200)
-  releaseRead()
-  const alice = await opening
-  t.same(alice.connected.topics, [], 'connected lists no topic')
-  await publishTo(b, { to: { topic: 'news' }, event: 'headline', data: 1 })
-  t.same(namesOf(await settle(a, alice.stream, alice.connectionId)), [], 'and the stream receives none')
-})
-
 /**
  * Opens a stream of alice on `gateway` with its read of the user-wide topics
  * held; `whileReading` runs with the stream's id while it is held.
  */
-async function openWhileReadHeld (t: Test, gateway: Gateway, topics: string, whileReading: (connectionId: string) => Promise<void>): Promise<Connected> {
+async function openWhileReadHeld (t: Test, gateway: Gateway, topics: string | undefined, whileReading: (connectionId: string) => Promise<void>): Promise<Connected> {
   const { state } = gateway.app
   const read = state.userTopics.bind(state)
   let readStarted = false
@@ -351,7 +325,7 @@ async function openWhileReadHeld (t: Test, gateway: Gateway, topics: string, whi
     return found
   }
   t.teardown(() => { state.userTopics = read; releaseRead() })
-  const opening = connect(t, gateway, 'alice', { topics })
+  const opening = connect(t, gateway, 'alice', topics === undefined ? {} : { topics })
   await eventually(() => readStarted, 'the open to read the user-wide topics')
   const [opened] = gateway.app.registry.ofUser('alice')
   await whileReading(opened.id)
@@ -380,6 +354,17 @@ forEachMode(t, 'a stream\'s own unsubscribe from a user-wide topic while it is o
   t.same(alice.connected.topics, ['own'], 'connected lists no user-wide topic')
   await publishTo(b, { to: { topic: 'news' }, event: 'headline', data: 1 })
   t.same(namesOf(await settle(a, alice.stream, alice.connectionId)), [], 'and the stream receives none of its events')
+})
+
+forEachMode(t, 'a user-wide unsubscribe while a stream of the user is opening (reading the user-wide topics): the new stream does not keep the topic', async (t, mode) => {
+  const [a, b] = await pair(t, mode)
+  t.equal((await subscriptions(b, userToken('alice'), 'POST', { topics: ['news'] })).status, 200)
+  const alice = await openWhileReadHeld(t, a, undefined, async () => {
+    t.equal((await subscriptions(b, userToken('alice'), 'DELETE', { topics: ['news'] })).status, 200)
+  })
+  t.same(alice.connected.topics, [], 'connected lists no topic')
+  await publishTo(b, { to: { topic: 'news' }, event: 'headline', data: 1 })
+  t.same(namesOf(await settle(a, alice.stream, alice.connectionId)), [], 'and the stream receives none')
 })
 
 t.test('a per-stream subscription made while Redis refuses writes (out of memory): 200 and the topic joined, not 404', async (t) => {
