@@ -74,7 +74,6 @@ export interface Presence {
   connections: number
 }
 
-/** Something every instance must apply to its own streams. */
 /**
  * Brings streams back in line with their users' user-wide topics, read with
  * `read`: null when the store has nothing to go by for the user (no set and
@@ -82,6 +81,7 @@ export interface Presence {
  */
 export type ControlMissedListener = (read: (userId: string) => Promise<string[] | null>) => Promise<void>
 
+/** Something every instance must apply to its own streams. */
 export type ControlMessage =
   /**
    * `instance`: only that instance's stream of the id (null: whichever holds

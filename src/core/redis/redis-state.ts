@@ -647,7 +647,6 @@ export class RedisState implements SharedState {
     return after
   }
 
-
   async updateMembers (conversationId: string, op: 'set' | 'add' | 'remove', members: string[]): Promise<string[]> {
     return await this.commands.run('MEMBERS', [this.prefix, conversationId, op, ...members]) as string[]
   }
