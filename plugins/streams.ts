@@ -83,6 +83,12 @@ function releaseHttpState (response: ServerResponse, socket: Socket): void {
 }
 
 /**
+ * How long a change to a stream waits for an open taking its id over here:
+ * under the sender's 3 s wait for answers, so that one not answered in time
+ * is not made either.
+ */
+const OPEN_WAIT_MS = 2000
+/**
  * Connections a stream's end must close rather than hand back: the client
  * asked for Connection: close, or sent bytes while the stream held it (a
  * pipelined request, which was discarded and would wait for ever).
@@ -325,7 +331,10 @@ export default fp(async (app) => {
   state.onControl(async (message) => {
     if (message.type === 'topics') {
       if (message.connectionId === null) realignment.noteArrived(message.userId)
-      else if (registry.get(message.connectionId) === undefined) await ledger.untilOpened(message.connectionId)
+      // Not past the sender's wait: a change answered 404 must not be made after.
+      else if (registry.get(message.connectionId) === undefined && !(await ledger.untilOpened(message.connectionId, OPEN_WAIT_MS))) return null
+      // Written back after a loss: as when streams are brought back in line.
+      if (message.restored === true) return await topicTurns.run(message.userId, async () => await applyTopicChange(message, registry, streams, config.maxTopics, true))
       return await applyTopics(message)
     }
     if (message.instance === null || message.instance === state.instanceId) ledger.applyEviction(message)

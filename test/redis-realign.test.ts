@@ -218,3 +218,60 @@ t.test('Redis emptied: a write-back answered late does not overtake an unsubscri
   t.notOk(await getsEventsOf(a, onA, 'wb-x', 'rl-u7'), 'a\'s stream gets no event of it')
   t.notOk(await getsEventsOf(a, onB, 'wb-x', 'rl-u7'), 'nor does b\'s')
 })
+
+t.test('Redis emptied, one instance: the topics written back do not return to a stream that left one on its own', async (t) => {
+  if (!(await needRedis(t))) return
+  const prefix = uniquePrefix('wbleft')
+  const gateway = await startGateway(t, { REDIS_URL, REDIS_PREFIX: prefix, INSTANCE_TTL_MS: '60000' })
+  const token = userToken('rl-u8')
+  const { connected: first } = await openConnected(`${gateway.url}/v1/stream?token=${token}`, { t })
+  const { stream, connected: second } = await openConnected(`${gateway.url}/v1/stream?token=${token}`, { t })
+  t.equal((await request(`${gateway.url}/v1/subscriptions`, { method: 'POST', token, body: { topics: ['wl-x'] } })).status, 200)
+  t.same((await request(`${gateway.url}/v1/subscriptions`, { method: 'DELETE', token, body: { topics: ['wl-x'], connectionId: second.connectionId } })).json, { topics: [] })
+  await emptyRedisOf(t, prefix)
+  await internals(gateway).resync()
+  // A user-wide change published after the write-back's, so applied after it.
+  t.equal((await request(`${gateway.url}/v1/subscriptions`, { method: 'POST', token, body: { topics: ['wl-after'] } })).status, 200)
+  t.same(topicsOf(gateway, first.connectionId), ['wl-x', 'wl-after'], 'the stream that held the topic holds it')
+  t.same(topicsOf(gateway, second.connectionId), ['wl-after'], 'the one that left it stays without')
+  t.notOk(await getsEventsOf(gateway, stream, 'wl-x', 'rl-u8'), 'and gets none of its events')
+})
+
+t.test('the control channel back: a user-wide subscribe missed meanwhile reaches a stream that had left the same topic of its own (?topics=) before', async (t) => {
+  if (!(await needRedis(t))) return
+  const { proxy, viaProxy, direct } = await proxiedCluster(t, { REDIS_PREFIX: uniquePrefix('realign5') }, { captureLogs: true })
+  t.teardown(() => proxy.cut())
+  const realignments = watchRealignments(viaProxy)
+  const token = userToken('rl-u9')
+  const { stream, connected } = await openConnected(`${viaProxy.url}/v1/stream?token=${token}&topics=rl-own`, { t })
+  t.same((await request(`${direct.url}/v1/subscriptions`, { method: 'DELETE', token, body: { topics: ['rl-own'], connectionId: connected.connectionId } })).json, { topics: [] })
+  proxy.cutOff(SUBSCRIBER)
+  await eventually(() => viaProxy.logs.some((line) => line.includes('bus subscription lost')), 'the subscription to be lost')
+  t.same((await request(`${direct.url}/v1/subscriptions`, { method: 'POST', token, body: { topics: ['rl-own'] } })).json, { topics: ['rl-own'] })
+  proxy.restore(SUBSCRIBER)
+  await realignments.done(1)
+  t.same(topicsOf(viaProxy, connected.connectionId), ['rl-own'], 'the stream joins the user\'s topic')
+  t.ok(await getsEventsOf(direct, stream, 'rl-own', 'rl-u9'), 'and gets its events')
+})
+
+t.test('a resync that starts bringing the streams back in line settles without waiting for it (another instance\'s admission waits for that resync)', async (t) => {
+  if (!(await needRedis(t))) return
+  const gateway = await startGateway(t, { REDIS_URL, REDIS_PREFIX: uniquePrefix('realign6'), INSTANCE_TTL_MS: '60000' })
+  await openConnected(`${gateway.url}/v1/stream?token=${userToken('rl-u10')}`, { t })
+  let release = (): void => {}
+  const held = new Promise<void>((resolve) => { release = resolve })
+  t.teardown(() => release())
+  let reading = false
+  beforeScript(t, gateway, 'USER_TOPICS_CHECKED', async () => {
+    reading = true
+    await held
+  })
+  const state = internals(gateway) as unknown as StateInternals & { controlMissed: boolean }
+  state.controlMissed = true
+  let settled = false
+  const resyncing = state.resync().then(() => { settled = true })
+  await eventually(() => reading, 'the realignment to read')
+  await eventually(() => settled, 'the resync to settle while the read is held')
+  release()
+  await resyncing
+})

@@ -585,3 +585,37 @@ t.test('a per-stream subscription made while a reopen on another instance takes 
   const [eventId] = await publishOk(a.url, publisher, { to: { topic: 'tk-new' }, event: 'tk', data: 1 })
   t.equal((await stream.nextEvent('tk')).id, eventId, 'and the new stream gets the topic\'s events')
 })
+
+t.test('a per-stream subscription that waited for a takeover longer than its sender waits is answered 404 and not made', async (t) => {
+  if (!(await needRedis(t))) return
+  const prefix = uniquePrefix('takeover2')
+  const a = await startGateway(t, { REDIS_URL, REDIS_PREFIX: prefix })
+  const b = await startGateway(t, { REDIS_URL, REDIS_PREFIX: prefix })
+  const token = userToken('tk-u2')
+  const { connected } = await openConnected(`${a.url}/v1/stream?token=${token}&topics=tk-own`, { t })
+  const id = connected.connectionId
+  const bState = b.app.state as unknown as { broadcastControl: (message: ControlMessage) => Promise<ControlAnswer> }
+  const broadcast = bState.broadcastControl.bind(b.app.state)
+  let evicted = false
+  let release = (): void => {}
+  const held = new Promise<void>((resolve) => { release = resolve })
+  t.teardown(() => release())
+  bState.broadcastControl = async (message) => {
+    const answer = await broadcast(message)
+    if (message.type === 'evict') {
+      evicted = true
+      await held
+    }
+    return answer
+  }
+  const reopening = openConnected(`${b.url}/v1/stream/${id}?token=${token}&topics=tk-re`, { t })
+  await eventually(() => evicted && a.app.registry.get(id) === undefined, 'the stream on a to be evicted')
+  const answer = await request(`${a.url}/v1/subscriptions`, { method: 'POST', token, body: { topics: ['tk-late'], connectionId: id } })
+  t.equal(answer.status, 404, 'answered 404 while the reopen is still held')
+  release()
+  const { connected: reopened } = await reopening
+  t.same(reopened.topics, ['tk-re'], 'the new stream opens without the topic')
+  // A change sent after it comes after the late one, had that been made.
+  t.equal((await request(`${a.url}/v1/subscriptions`, { method: 'POST', token, body: { topics: ['tk-next'], connectionId: id } })).status, 200)
+  t.same(b.app.registry.get(id)?.topics, ['tk-re', 'tk-next'], 'and never gets it')
+})

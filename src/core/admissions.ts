@@ -73,16 +73,28 @@ export class AdmissionLedger<Context> {
 
   /**
    * Settles once no open of the id is between its admission check and the
-   * registry. A reopen that takes an id over from another instance has that
-   * instance's stream evicted before it registers its own: a change to the
-   * stream arriving then waits for it here, rather than finding no stream.
+   * registry (true), or after `timeoutMs` (false). A reopen that takes an id
+   * over from another instance has that instance's stream evicted before it
+   * registers its own: a change to the stream arriving then waits for it
+   * here, rather than finding no stream.
    */
-  async untilOpened (connectionId: string): Promise<void> {
-    if (!this.pendingById.has(connectionId)) return
-    await new Promise<void>((resolve) => {
+  async untilOpened (connectionId: string, timeoutMs: number): Promise<boolean> {
+    if (!this.pendingById.has(connectionId)) return true
+    return await new Promise<boolean>((resolve) => {
+      const settled = (): void => {
+        clearTimeout(timer)
+        resolve(true)
+      }
+      const timer = setTimeout(() => {
+        const waiting = this.waitingForOpens.get(connectionId)
+        const rest = waiting?.filter((other) => other !== settled) ?? []
+        if (rest.length > 0) this.waitingForOpens.set(connectionId, rest)
+        else this.waitingForOpens.delete(connectionId)
+        resolve(false)
+      }, timeoutMs)
       const waiting = this.waitingForOpens.get(connectionId)
-      if (waiting === undefined) this.waitingForOpens.set(connectionId, [resolve])
-      else waiting.push(resolve)
+      if (waiting === undefined) this.waitingForOpens.set(connectionId, [settled])
+      else waiting.push(settled)
     })
   }
 

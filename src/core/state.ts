@@ -90,7 +90,11 @@ export type ControlMessage =
    * it: whichever).
    */
   | { type: 'evict', connectionId: string, reason: string, instance: string | null, decidedAt: number | null }
-  | { type: 'topics', userId: string, connectionId: string | null, add: string[], remove: string[] }
+  /**
+   * `restored`: topics written back after the store lost its data, not a
+   * change the user asked for: a stream that left one on its own stays without.
+   */
+  | { type: 'topics', userId: string, connectionId: string | null, add: string[], remove: string[], restored?: true }
 
 /**
  * An instance's answer to a control message: the targeted stream's topics if

@@ -53,9 +53,10 @@ export async function applyTopicChange (
     const added = registry.addTopics(connection, adding)
     if (userWide) for (const topic of added) connection.holdForUser(topic)
     else for (const topic of adding) connection.keepTopic(topic)
+    // Its own removal of a topic held only for its user: the stream stays without it.
+    const leftOfUsers = userWide ? [] : message.remove.filter((topic) => connection.heldForUser(topic))
     const removed = registry.removeTopics(connection, userWide ? message.remove.filter((topic) => connection.heldForUser(topic)) : message.remove)
-    // Left on its own: if its user holds the topic, the stream stays without it.
-    if (!userWide) for (const topic of removed) connection.leftOnItsOwn(topic, true)
+    for (const topic of leftOfUsers) connection.leftOnItsOwn(topic, true)
     streams.leave(connection, removed.map(channel.topic))
     // The topics as this change left them: a change applied while the join
     // or the record below waits is the other request's to answer.

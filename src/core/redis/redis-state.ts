@@ -78,6 +78,8 @@ const GRACE_BATCH = 500
 const RESYNC_BATCH = 1000
 /** Stands for the topics USER_TOPICS_AGAIN adds, in the envelope it publishes them in. */
 const ADDED = '@added'
+/** The request id of what USER_TOPICS_AGAIN publishes: nobody waits for its answers, so none is sent. */
+const WRITTEN_BACK = 'written-back'
 /** Stream records per HSCAN when listing: under a millisecond of Redis each. */
 const RECORDS_PER_SCAN = 1000
 
@@ -203,6 +205,8 @@ export class RedisState implements SharedState {
         // Closes refused while Redis took no writes (NOREPLICAS, READONLY…),
         // however briefly, go now: no reconnect may ever come to send them.
         else if (this.unreleased.size > 0 && this.resyncing === null) await this.releaseUnreleased()
+        // A realignment that failed is tried again.
+        else if (this.resyncing === null) this.startRealigning()
       }, (error: unknown) => {
         this.log.warn({ reason: reasonOf(error) }, 'heartbeat failed')
       }).catch((error: unknown) => {
@@ -233,18 +237,23 @@ export class RedisState implements SharedState {
     this.resyncing = settled
     void settled.then(() => { if (this.resyncing === settled) this.resyncing = null })
     await run
-    // After the resync (so after its write-back, which a read of the sets
-    // after a loss would undo) and outside it: admissions wait for a resync,
-    // not for this.
-    if (this.controlMissed && this.realigning === null && !this.closed) {
-      const realigning = this.realign()
-      this.realigning = realigning
-      try {
-        await realigning
-      } finally {
-        this.realigning = null
-      }
-    }
+    this.startRealigning()
+  }
+
+  /**
+   * After a resync (so after its write-back, which a read of the sets after
+   * a loss would undo), and waited for by nobody: admissions here, and
+   * another instance's asking this one to record its streams again, wait for
+   * a resync, not for this. One that fails is started again by the next beat.
+   */
+  private startRealigning (): void {
+    if (!this.controlMissed || this.realigning !== null || this.closed) return
+    const realigning = this.realign().catch((error: unknown) => {
+      this.log.warn({ reason: reasonOf(error) }, 'streams not brought back in line with their users\' topics')
+    }).finally(() => {
+      if (this.realigning === realigning) this.realigning = null
+    })
+    this.realigning = realigning
   }
 
   /**
@@ -255,9 +264,13 @@ export class RedisState implements SharedState {
    */
   private async realign (): Promise<void> {
     const epoch = this.epochSeen
+    let lost = false
     const read = async (userId: string): Promise<string[] | null> => {
       const [current, kept, ...topics] = await this.commands.run('USER_TOPICS_CHECKED', [this.prefix, userId]) as [string, number, ...string[]]
-      if (current !== epoch) throw new Error('Redis lost its data while streams were being brought back in line')
+      if (current !== epoch) {
+        lost = true
+        throw new Error('Redis lost its data while streams were being brought back in line')
+      }
       // Neither the set nor a removal on record: nothing to go by.
       return kept === 1 ? topics : null
     }
@@ -265,7 +278,8 @@ export class RedisState implements SharedState {
       this.controlMissed = false
       await this.controlMissedListener(read).catch((error: unknown) => {
         this.controlMissed = true
-        this.resyncOwed = true
+        // The topics are written back first, by a resync.
+        if (lost) this.resyncOwed = true
         throw error
       })
     }
@@ -388,7 +402,7 @@ export class RedisState implements SharedState {
     }
     // The envelope of a user-wide add, around the list the script fills in.
     const around = (userId: string): [string, string] => {
-      const envelope = JSON.stringify({ requestId: 'written-back', from: this.instanceId, message: { type: 'topics', userId, connectionId: null, remove: [], add: ADDED } })
+      const envelope = JSON.stringify({ requestId: WRITTEN_BACK, from: this.instanceId, message: { type: 'topics', userId, connectionId: null, remove: [], restored: true, add: ADDED } })
       const at = envelope.lastIndexOf(`"${ADDED}"`)
       return [envelope.slice(0, at), envelope.slice(at + ADDED.length + 2)]
     }
@@ -838,6 +852,7 @@ export class RedisState implements SharedState {
       return
     }
     const reply = (answer: ControlAnswer): void => {
+      if (envelope.requestId === WRITTEN_BACK) return
       const body: ControlReply = { requestId: envelope.requestId, answer, from: this.instanceId }
       this.commands.redis.publish(`${this.prefix}reply:${envelope.from}`, JSON.stringify(body)).catch(() => {})
     }
@@ -919,7 +934,7 @@ function toControlMessage (value: unknown): ControlEnvelope['message'] | null {
     const { userId, connectionId, add, remove } = value
     if (typeof userId !== 'string' || (connectionId !== null && typeof connectionId !== 'string')) return null
     if (!isStringArray(add) || !isStringArray(remove)) return null
-    return { type: 'topics', userId, connectionId, add, remove }
+    return value.restored === true ? { type: 'topics', userId, connectionId, add, remove, restored: true } : { type: 'topics', userId, connectionId, add, remove }
   }
   return null
 }
