@@ -275,3 +275,32 @@ t.test('a resync that starts bringing the streams back in line settles without w
   release()
   await resyncing
 })
+
+t.test('a topic a stream held of its own and for its user, left by its own DELETE, stays left when the streams are brought back in line and when the topics are written back', async (t) => {
+  if (!(await needRedis(t))) return
+  const prefix = uniquePrefix('realign7')
+  const gateway = await startGateway(t, { REDIS_URL, REDIS_PREFIX: prefix, INSTANCE_TTL_MS: '60000' })
+  const realignments = watchRealignments(gateway)
+  const token = userToken('rl-u11')
+  const { connected: holder } = await openConnected(`${gateway.url}/v1/stream?token=${token}`, { t })
+  t.equal((await request(`${gateway.url}/v1/subscriptions`, { method: 'POST', token, body: { topics: ['both-t'] } })).status, 200)
+  // Of its own at open, and its user's: the read finds it held.
+  const { stream: atOpen, connected: openedWith } = await openConnected(`${gateway.url}/v1/stream?token=${token}&topics=both-t`, { t })
+  // Its user's, then of its own by a subscription of its own.
+  const { stream: bySubscription, connected: subscribed } = await openConnected(`${gateway.url}/v1/stream?token=${token}`, { t })
+  t.equal((await request(`${gateway.url}/v1/subscriptions`, { method: 'POST', token, body: { topics: ['both-t'], connectionId: subscribed.connectionId } })).status, 200)
+  for (const { connectionId } of [openedWith, subscribed]) {
+    t.same((await request(`${gateway.url}/v1/subscriptions`, { method: 'DELETE', token, body: { topics: ['both-t'], connectionId } })).json, { topics: [] })
+  }
+  internals(gateway).subscriber.disconnect(true)
+  await realignments.done(1)
+  t.same([topicsOf(gateway, openedWith.connectionId), topicsOf(gateway, subscribed.connectionId)], [[], []], 'both stay without it after the realignment')
+  await emptyRedisOf(t, prefix)
+  await internals(gateway).resync()
+  // A user-wide change published after the write-back's, so applied after it.
+  t.equal((await request(`${gateway.url}/v1/subscriptions`, { method: 'POST', token, body: { topics: ['both-after'] } })).status, 200)
+  t.same(topicsOf(gateway, holder.connectionId), ['both-t', 'both-after'], 'the stream that held it for its user holds it after the write-back')
+  t.same([topicsOf(gateway, openedWith.connectionId), topicsOf(gateway, subscribed.connectionId)], [['both-after'], ['both-after']], 'the two that left it stay without')
+  t.notOk(await getsEventsOf(gateway, atOpen, 'both-t', 'rl-u11'), 'and get none of its events')
+  t.notOk(await getsEventsOf(gateway, bySubscription, 'both-t', 'rl-u11'))
+})

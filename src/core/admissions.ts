@@ -91,7 +91,7 @@ export class AdmissionLedger<Context> {
         if (rest.length > 0) this.waitingForOpens.set(connectionId, rest)
         else this.waitingForOpens.delete(connectionId)
         resolve(false)
-      }, timeoutMs)
+      }, timeoutMs).unref()
       const waiting = this.waitingForOpens.get(connectionId)
       if (waiting === undefined) this.waitingForOpens.set(connectionId, [settled])
       else waiting.push(settled)

@@ -127,6 +127,8 @@ export class StreamConnection {
   private channelList: string[] = []
   /** Topics held only for the user's user-wide subscription (null: none, the usual case). */
   private userWideOnly: string[] | null = null
+  /** Topics the stream holds of its own that its user's subscription covers too (null: none, the usual case). */
+  private alsoForUser: string[] | null = null
   /** User-wide topics the stream left by its own request (null: none, the usual case). */
   private leftByItself: string[] | null = null
   readonly openedAt = Date.now()
@@ -268,6 +270,21 @@ export class StreamConnection {
   /** Whether the stream holds `topic` only for its user's user-wide subscription, which may take it away. */
   heldForUser (topic: string): boolean {
     return this.userWideOnly?.includes(topic) === true
+  }
+
+  /**
+   * Notes whether its user's subscription covers `topic` too, which the
+   * stream holds of its own: leaving it, the stream leaves one of its
+   * user's topics (see leftOnItsOwn).
+   */
+  coveredForUser (topic: string, covered: boolean): void {
+    const next = covered ? withItem(this.alsoForUser ?? [], topic) : this.alsoForUser === null ? null : withoutItem(this.alsoForUser, topic)
+    if (next !== null) this.alsoForUser = next.length === 0 ? null : next
+  }
+
+  /** Whether its user's subscription covers `topic`, held for it alone or of the stream's own too. */
+  isForUser (topic: string): boolean {
+    return this.heldForUser(topic) || this.alsoForUser?.includes(topic) === true
   }
 
   /**

@@ -202,8 +202,11 @@ export class StreamService {
       const read = await spec.extraTopics()
       const left = connection.userTopicsLeftWhileReading
       connection.userTopicsLeftWhileReading = null
-      const added = this.registry.addTopics(connection, read.filter((topic) => !left.has(topic)))
+      const joining = read.filter((topic) => !left.has(topic))
+      const added = this.registry.addTopics(connection, joining)
       for (const topic of added) connection.holdForUser(topic)
+      // Asked for by the stream (`?topics=`) and its user alike.
+      for (const topic of joining) if (!added.includes(topic)) connection.coveredForUser(topic, true)
       if (added.length > 0) void this.events.topicsChanged(connection)
     }
     // A reopen without a cursor replays only the window of `windowChannels`,

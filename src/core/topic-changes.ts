@@ -50,13 +50,25 @@ export async function applyTopicChange (
     }
     // What the stream or its user asks now stands over a topic the stream left on its own.
     if (!realigning) for (const topic of [...adding, ...(userWide ? message.remove : [])]) connection.leftOnItsOwn(topic, false)
+    // Its own removal of a topic its user's subscription covers: the stream stays without it.
+    const leftOfUsers = userWide ? [] : message.remove.filter((topic) => connection.isForUser(topic))
     const added = registry.addTopics(connection, adding)
-    if (userWide) for (const topic of added) connection.holdForUser(topic)
-    else for (const topic of adding) connection.keepTopic(topic)
-    // Its own removal of a topic held only for its user: the stream stays without it.
-    const leftOfUsers = userWide ? [] : message.remove.filter((topic) => connection.heldForUser(topic))
+    if (userWide) {
+      for (const topic of added) connection.holdForUser(topic)
+      // Held of its own already: covered for its user too.
+      for (const topic of adding) if (!added.includes(topic) && !connection.heldForUser(topic)) connection.coveredForUser(topic, true)
+      for (const topic of message.remove) connection.coveredForUser(topic, false)
+    } else {
+      for (const topic of adding) {
+        if (connection.heldForUser(topic)) connection.coveredForUser(topic, true)
+        connection.keepTopic(topic)
+      }
+    }
     const removed = registry.removeTopics(connection, userWide ? message.remove.filter((topic) => connection.heldForUser(topic)) : message.remove)
-    for (const topic of leftOfUsers) connection.leftOnItsOwn(topic, true)
+    for (const topic of leftOfUsers) {
+      connection.leftOnItsOwn(topic, true)
+      connection.coveredForUser(topic, false)
+    }
     streams.leave(connection, removed.map(channel.topic))
     // The topics as this change left them: a change applied while the join
     // or the record below waits is the other request's to answer.

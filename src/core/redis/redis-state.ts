@@ -278,8 +278,8 @@ export class RedisState implements SharedState {
       this.controlMissed = false
       await this.controlMissedListener(read).catch((error: unknown) => {
         this.controlMissed = true
-        // The topics are written back first, by a resync.
-        if (lost) this.resyncOwed = true
+        // The topics are written back first, by a resync, unless one did since this began.
+        if (lost && this.epochSeen === epoch) this.resyncOwed = true
         throw error
       })
     }
