@@ -544,54 +544,24 @@ forEachMode(t, 'limit 1, reject: a reopen that waits on the resync while its id\
   t.pass('the id expires')
 }, ['redis'])
 
-t.test('a per-stream subscription made while a reopen on another instance takes the id over (the old stream evicted, the new one not yet registered) is applied to the new stream, not answered 404', async (t) => {
-  if (!(await needRedis(t))) return
-  const prefix = uniquePrefix('takeover')
+/**
+ * Two instances, and a stream of `user` on the first (`?topics=tk-own`);
+ * `takeOver()` reopens its id on the second and resolves once the first has
+ * evicted its stream, the reopen then held (the takeover's window) until
+ * `release()`.
+ */
+async function takeoverHeld (t: Test, name: string, user: string): Promise<{
+  a: Gateway
+  b: Gateway
+  token: string
+  id: string
+  takeOver: () => Promise<{ reopening: ReturnType<typeof openConnected> }>
+  release: () => void
+}> {
+  const prefix = uniquePrefix(name)
   const a = await startGateway(t, { REDIS_URL, REDIS_PREFIX: prefix })
   const b = await startGateway(t, { REDIS_URL, REDIS_PREFIX: prefix })
-  const token = userToken('tk-u1')
-  const { connected } = await openConnected(`${a.url}/v1/stream?token=${token}&topics=tk-own`, { t })
-  const id = connected.connectionId
-  // The reopen on b waits, once a has evicted its stream, until the change has reached b.
-  const bState = b.app.state as unknown as { broadcastControl: (message: ControlMessage) => Promise<ControlAnswer>, controlListener: (message: ControlMessage) => Promise<ControlAnswer> }
-  const broadcast = bState.broadcastControl.bind(b.app.state)
-  const listener = bState.controlListener
-  let evicted = false
-  let heard = false
-  let release = (): void => {}
-  const held = new Promise<void>((resolve) => { release = resolve })
-  t.teardown(() => release())
-  bState.broadcastControl = async (message) => {
-    const answer = await broadcast(message)
-    if (message.type === 'evict') {
-      evicted = true
-      await held
-    }
-    return answer
-  }
-  bState.controlListener = async (message) => {
-    if (message.type === 'topics' && message.connectionId === id) heard = true
-    return await listener(message)
-  }
-  const reopening = openConnected(`${b.url}/v1/stream/${id}?token=${token}&topics=tk-re`, { t })
-  await eventually(() => evicted && a.app.registry.get(id) === undefined, 'the stream on a to be evicted')
-  const subscribing = request<{ topics: string[] }>(`${a.url}/v1/subscriptions`, { method: 'POST', token, body: { topics: ['tk-new'], connectionId: id } })
-  await eventually(() => heard, 'the change to reach b')
-  release()
-  const { stream } = await reopening
-  const answer = await subscribing
-  t.equal(answer.status, 200, 'the subscription is answered 200')
-  t.same(answer.json.topics, ['tk-re', 'tk-new'], 'with the new stream\'s topics')
-  const [eventId] = await publishOk(a.url, publisher, { to: { topic: 'tk-new' }, event: 'tk', data: 1 })
-  t.equal((await stream.nextEvent('tk')).id, eventId, 'and the new stream gets the topic\'s events')
-})
-
-t.test('a per-stream subscription that waited for a takeover longer than its sender waits is answered 404 and not made', async (t) => {
-  if (!(await needRedis(t))) return
-  const prefix = uniquePrefix('takeover2')
-  const a = await startGateway(t, { REDIS_URL, REDIS_PREFIX: prefix })
-  const b = await startGateway(t, { REDIS_URL, REDIS_PREFIX: prefix })
-  const token = userToken('tk-u2')
+  const token = userToken(user)
   const { connected } = await openConnected(`${a.url}/v1/stream?token=${token}&topics=tk-own`, { t })
   const id = connected.connectionId
   const bState = b.app.state as unknown as { broadcastControl: (message: ControlMessage) => Promise<ControlAnswer> }
@@ -608,8 +578,41 @@ t.test('a per-stream subscription that waited for a takeover longer than its sen
     }
     return answer
   }
-  const reopening = openConnected(`${b.url}/v1/stream/${id}?token=${token}&topics=tk-re`, { t })
-  await eventually(() => evicted && a.app.registry.get(id) === undefined, 'the stream on a to be evicted')
+  const takeOver = async (): Promise<{ reopening: ReturnType<typeof openConnected> }> => {
+    const reopening = openConnected(`${b.url}/v1/stream/${id}?token=${token}&topics=tk-re`, { t })
+    await eventually(() => evicted && a.app.registry.get(id) === undefined, 'the stream on a to be evicted')
+    return { reopening }
+  }
+  return { a, b, token, id, takeOver, release }
+}
+
+t.test('a per-stream subscription made while a reopen on another instance takes the id over (the old stream evicted, the new one not yet registered) is applied to the new stream, not answered 404', async (t) => {
+  if (!(await needRedis(t))) return
+  const { a, b, token, id, takeOver, release } = await takeoverHeld(t, 'takeover', 'tk-u1')
+  // The reopen on b waits until the change has reached b.
+  const bState = b.app.state as unknown as { controlListener: (message: ControlMessage) => Promise<ControlAnswer> }
+  const listener = bState.controlListener
+  let heard = false
+  bState.controlListener = async (message) => {
+    if (message.type === 'topics' && message.connectionId === id) heard = true
+    return await listener(message)
+  }
+  const { reopening } = await takeOver()
+  const subscribing = request<{ topics: string[] }>(`${a.url}/v1/subscriptions`, { method: 'POST', token, body: { topics: ['tk-new'], connectionId: id } })
+  await eventually(() => heard, 'the change to reach b')
+  release()
+  const { stream } = await reopening
+  const answer = await subscribing
+  t.equal(answer.status, 200, 'the subscription is answered 200')
+  t.same(answer.json.topics, ['tk-re', 'tk-new'], 'with the new stream\'s topics')
+  const [eventId] = await publishOk(a.url, publisher, { to: { topic: 'tk-new' }, event: 'tk', data: 1 })
+  t.equal((await stream.nextEvent('tk')).id, eventId, 'and the new stream gets the topic\'s events')
+})
+
+t.test('a per-stream subscription that waited for a takeover longer than its sender waits is answered 404 and not made', async (t) => {
+  if (!(await needRedis(t))) return
+  const { a, b, token, id, takeOver, release } = await takeoverHeld(t, 'takeover2', 'tk-u2')
+  const { reopening } = await takeOver()
   const answer = await request(`${a.url}/v1/subscriptions`, { method: 'POST', token, body: { topics: ['tk-late'], connectionId: id } })
   t.equal(answer.status, 404, 'answered 404 while the reopen is still held')
   release()
