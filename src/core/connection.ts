@@ -99,6 +99,13 @@ function withoutItem (list: string[], item: string): string[] | null {
   return index === -1 ? null : list.filter((_, at) => at !== index)
 }
 
+/** A list kept as null while empty, with `item` in it or not: the same list when nothing changes. */
+function toggled (list: string[] | null, item: string, present: boolean): string[] | null {
+  const next = present ? withItem(list ?? [], item) : list === null ? null : withoutItem(list, item)
+  if (next === null) return list
+  return next.length === 0 ? null : next
+}
+
 /** User-wide topics a stream remembers leaving by its own request. */
 const LEFT_ON_ITS_OWN_KEPT = 256
 const REPLAY_CHUNK_BYTES = 64 * 1024
@@ -253,13 +260,22 @@ export class StreamConnection {
 
   /** Notes that the stream holds `topic` only for its user's user-wide subscription. */
   holdForUser (topic: string): void {
-    this.userWideOnly = withItem(this.userWideOnly ?? [], topic) ?? this.userWideOnly
+    this.userWideOnly = toggled(this.userWideOnly, topic, true)
   }
 
   /** The stream holds `topic` of its own (`?topics=`, its own subscription), whatever its user's do. */
   keepTopic (topic: string): void {
-    const next = this.userWideOnly === null ? null : withoutItem(this.userWideOnly, topic)
-    if (next !== null) this.userWideOnly = next.length === 0 ? null : next
+    this.userWideOnly = toggled(this.userWideOnly, topic, false)
+  }
+
+  /**
+   * Its user's subscription brought `asked` to the stream, which joined
+   * `added` of them: those it holds for its user alone, the others of its
+   * own as well (unless already held for its user).
+   */
+  joinedForUser (asked: readonly string[], added: readonly string[]): void {
+    for (const topic of added) this.holdForUser(topic)
+    for (const topic of asked) if (!added.includes(topic) && !this.heldForUser(topic)) this.coveredForUser(topic, true)
   }
 
   /** The topics the stream holds only for its user's user-wide subscription. */
@@ -278,8 +294,7 @@ export class StreamConnection {
    * user's topics (see leftOnItsOwn).
    */
   coveredForUser (topic: string, covered: boolean): void {
-    const next = covered ? withItem(this.alsoForUser ?? [], topic) : this.alsoForUser === null ? null : withoutItem(this.alsoForUser, topic)
-    if (next !== null) this.alsoForUser = next.length === 0 ? null : next
+    this.alsoForUser = toggled(this.alsoForUser, topic, covered)
   }
 
   /** Whether its user's subscription covers `topic`, held for it alone or of the stream's own too. */
@@ -294,9 +309,9 @@ export class StreamConnection {
    * its user's topics leaves such a topic out.
    */
   leftOnItsOwn (topic: string, left: boolean): void {
-    const next = left ? withItem(this.leftByItself ?? [], topic) : this.leftByItself === null ? null : withoutItem(this.leftByItself, topic)
+    const next = toggled(this.leftByItself, topic, left)
     // Bounded like the topics a stream holds: the oldest go first.
-    if (next !== null) this.leftByItself = next.length === 0 ? null : next.slice(-LEFT_ON_ITS_OWN_KEPT)
+    this.leftByItself = next !== null && next.length > LEFT_ON_ITS_OWN_KEPT ? next.slice(-LEFT_ON_ITS_OWN_KEPT) : next
   }
 
   /** Whether the stream left its user's user-wide `topic` by its own request. */

@@ -204,9 +204,7 @@ export class StreamService {
       connection.userTopicsLeftWhileReading = null
       const joining = read.filter((topic) => !left.has(topic))
       const added = this.registry.addTopics(connection, joining)
-      for (const topic of added) connection.holdForUser(topic)
-      // Asked for by the stream (`?topics=`) and its user alike.
-      for (const topic of joining) if (!added.includes(topic)) connection.coveredForUser(topic, true)
+      connection.joinedForUser(joining, added)
       if (added.length > 0) void this.events.topicsChanged(connection)
     }
     // A reopen without a cursor replays only the window of `windowChannels`,

@@ -54,9 +54,7 @@ export async function applyTopicChange (
     const leftOfUsers = userWide ? [] : message.remove.filter((topic) => connection.isForUser(topic))
     const added = registry.addTopics(connection, adding)
     if (userWide) {
-      for (const topic of added) connection.holdForUser(topic)
-      // Held of its own already: covered for its user too.
-      for (const topic of adding) if (!added.includes(topic) && !connection.heldForUser(topic)) connection.coveredForUser(topic, true)
+      connection.joinedForUser(adding, added)
       for (const topic of message.remove) connection.coveredForUser(topic, false)
     } else {
       for (const topic of adding) {
