@@ -320,10 +320,10 @@ export default fp(async (app) => {
   // they arrive: each awaits joins and records between the user's streams,
   // and a later one must not run in the middle of it.
   const topicTurns = new TurnsPerKey()
-  const applyTopics = async (message: TopicsMessage): Promise<ControlAnswer> =>
-    await topicTurns.run(message.userId, async () => await applyTopicChange(message, registry, streams, config.maxTopics))
+  const applyNow = async (message: TopicsMessage): Promise<ControlAnswer> => await applyTopicChange(message, registry, streams, config.maxTopics)
+  const applyTopics = async (message: TopicsMessage): Promise<ControlAnswer> => await topicTurns.run(message.userId, async () => await applyNow(message))
   app.decorate('applyTopics', applyTopics)
-  const realignment = new UserWideRealignment(registry, topicTurns, async (message, realigning) => await applyTopicChange(message, registry, streams, config.maxTopics, realigning))
+  const realignment = new UserWideRealignment(registry, topicTurns, applyNow)
   state.onControlMissed(async (read) => await realignment.run(read))
 
   const ledger = new AdmissionLedger<FastifyBaseLogger>(registry, streams, recordClose)
@@ -333,8 +333,6 @@ export default fp(async (app) => {
       if (message.connectionId === null) realignment.noteArrived(message.userId)
       // Not past the sender's wait: a change answered 404 must not be made after.
       else if (registry.get(message.connectionId) === undefined && !(await ledger.untilOpened(message.connectionId, OPEN_WAIT_MS))) return null
-      // Written back after a loss: as when streams are brought back in line.
-      if (message.restored === true) return await topicTurns.run(message.userId, async () => await applyTopicChange(message, registry, streams, config.maxTopics, true))
       return await applyTopics(message)
     }
     if (message.instance === null || message.instance === state.instanceId) ledger.applyEviction(message)

@@ -91,8 +91,9 @@ export type ControlMessage =
    */
   | { type: 'evict', connectionId: string, reason: string, instance: string | null, decidedAt: number | null }
   /**
-   * `restored`: topics written back after the store lost its data, not a
-   * change the user asked for: a stream that left one on its own stays without.
+   * `restored`: the user's topics as the shared state holds them (written
+   * back after the store lost its data, or a stream brought back in line),
+   * not a change the user asked for: a stream that left one on its own stays without.
    */
   | { type: 'topics', userId: string, connectionId: string | null, add: string[], remove: string[], restored?: true }
 

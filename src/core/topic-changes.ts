@@ -15,8 +15,9 @@ export type TopicsMessage = Extract<ControlMessage, { type: 'topics' }>
  * it, or why the change is refused.
  */
 export async function applyTopicChange (
-  message: TopicsMessage, registry: Registry, streams: StreamService, maxTopics: number, realigning = false
+  message: TopicsMessage, registry: Registry, streams: StreamService, maxTopics: number
 ): Promise<ControlAnswer> {
+  const restored = message.restored === true
   const targets = message.connectionId !== null
     ? [registry.get(message.connectionId)].filter((found): found is StreamConnection => found !== undefined && found.userId === message.userId)
     : registry.ofUser(message.userId)
@@ -25,7 +26,7 @@ export async function applyTopicChange (
     if (connection.kind !== 'stream' || connection.closed) continue
     // A user-wide subscription reaches only the streams whose token allows the
     // topic; bringing streams back in line, not those that left it themselves.
-    const adding = message.add.filter((topic) => topicAllowed(topic, connection.allowedTopics) && !(realigning && connection.hasLeftOnItsOwn(topic)))
+    const adding = message.add.filter((topic) => topicAllowed(topic, connection.allowedTopics) && !(restored && connection.hasLeftOnItsOwn(topic)))
     // One stream's own subscriptions are held to its own token's topics and
     // to MAX_TOPICS, all or nothing: the request's token may be broader than
     // the one the stream was opened with. User-wide topics (held to
@@ -49,7 +50,7 @@ export async function applyTopicChange (
       if (userWide) for (const topic of adding) reading.delete(topic)
     }
     // What the stream or its user asks now stands over a topic the stream left on its own.
-    if (!realigning) for (const topic of [...adding, ...(userWide ? message.remove : [])]) connection.leftOnItsOwn(topic, false)
+    if (!restored) for (const topic of [...adding, ...(userWide ? message.remove : [])]) connection.leftOnItsOwn(topic, false)
     // Its own removal of a topic its user's subscription covers: the stream stays without it.
     const leftOfUsers = userWide ? [] : message.remove.filter((topic) => connection.isForUser(topic))
     const added = registry.addTopics(connection, adding)
@@ -101,7 +102,8 @@ export class UserWideRealignment {
     private readonly registry: Registry,
     /** One user's topic changes are applied one after another, in arrival order. */
     private readonly turns: TurnsPerKey,
-    private readonly apply: (message: TopicsMessage, realigning: boolean) => Promise<ControlAnswer>
+    /** Applies a change at once, outside the user's turn. */
+    private readonly apply: (message: TopicsMessage) => Promise<ControlAnswer>
   ) {}
 
   /** A user-wide change of `userId` arrived from a control message. */
@@ -139,6 +141,6 @@ export class UserWideRealignment {
     const lacking = streams.some((connection) => topics.some((topic) =>
       !connection.topics.includes(topic) && topicAllowed(topic, connection.allowedTopics) && !connection.hasLeftOnItsOwn(topic)))
     if (remove.size === 0 && !lacking) return
-    await this.apply({ type: 'topics', userId, connectionId: null, add: topics, remove: [...remove] }, true)
+    await this.apply({ type: 'topics', userId, connectionId: null, add: topics, remove: [...remove], restored: true })
   }
 }
