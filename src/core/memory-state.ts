@@ -3,7 +3,7 @@ import { transitionJob, type JobState, type JobUpdate } from './jobs'
 import { selectConnections, streamFields, type ConnectionFilter } from './listing'
 import type { MemoryBus } from './memory-bus'
 import type { Registry } from './registry'
-import type { Admission, AdmitRequest, ClusterStats, ConnectionListing, Contacts, ControlAnswer, ControlListener, ControlMessage, JobPutResult, Presence, SharedState } from './state'
+import { userWideChange, type Admission, type AdmitRequest, type ClusterStats, type ConnectionListing, type Contacts, type ControlAnswer, type ControlListener, type ControlMessage, type JobPutResult, type Presence, type SharedState } from './state'
 
 interface Expiring<T> { value: T, expiresAt: number | null }
 
@@ -160,7 +160,7 @@ export class MemoryState implements SharedState {
   async changeUserTopics (userId: string, op: 'add' | 'remove', topics: string[], ttlS: number, max: number): Promise<string[] | null> {
     const after = op === 'add' ? this.subscribeUser(userId, topics, ttlS, max) : this.unsubscribeUser(userId, topics)
     if (after === null) return null
-    await this.broadcastControl({ type: 'topics', userId, connectionId: null, add: op === 'add' ? topics : [], remove: op === 'remove' ? topics : [] })
+    await this.broadcastControl(userWideChange(userId, op, topics))
     return after
   }
 

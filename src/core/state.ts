@@ -97,6 +97,11 @@ export type ControlMessage =
    */
   | { type: 'topics', userId: string, connectionId: string | null, add: string[], remove: string[], restored?: true }
 
+/** The control message of a user-wide subscribe ('add') or unsubscribe ('remove') of `topics`. */
+export function userWideChange (userId: string, op: 'add' | 'remove', topics: string[]): Extract<ControlMessage, { type: 'topics' }> {
+  return { type: 'topics', userId, connectionId: null, add: op === 'add' ? topics : [], remove: op === 'remove' ? topics : [] }
+}
+
 /**
  * An instance's answer to a control message: the targeted stream's topics if
  * it holds that stream, or why it refused the change.

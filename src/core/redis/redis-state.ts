@@ -5,7 +5,7 @@ import { channel } from '../channels'
 import { isPlainObject } from '../publish'
 import { transitionJob, type JobState, type JobUpdate } from '../jobs'
 import { connectionInfo, type ConnectionInfo, type Registry } from '../registry'
-import { StoreUnavailableError, type ControlMissedListener, type Admission, type AdmitRequest, type ClusterStats, type ConnectionListing, type Contacts, type ControlAnswer, type ControlListener, type ControlMessage, type JobPutResult, type OpenTracker, type Presence, type SharedState } from '../state'
+import { StoreUnavailableError, userWideChange, type ControlMissedListener, type Admission, type AdmitRequest, type ClusterStats, type ConnectionListing, type Contacts, type ControlAnswer, type ControlListener, type ControlMessage, type JobPutResult, type OpenTracker, type Presence, type SharedState } from '../state'
 import { inTurns, TurnsPerKey } from '../in-turns'
 import { infoFields, selectConnections, type ConnectionFilter } from '../listing'
 import { reasonOf, timedOut, type Log, type ScriptedRedis } from './client'
@@ -651,7 +651,7 @@ export class RedisState implements SharedState {
     // The control message goes out from the script that changes the set:
     // published after the change, before any later one, so that every
     // instance hears the changes in the order Redis made them.
-    await this.broadcast({ type: 'topics', userId, connectionId: null, add: op === 'add' ? topics : [], remove: op === 'remove' ? topics : [] }, false, async (envelope) => {
+    await this.broadcast(userWideChange(userId, op, topics), false, async (envelope) => {
       const answer = await this.commands.run('USER_TOPICS', [this.prefix, userId, ttlS, op, max, `${this.prefix}ctl`, envelope, ...topics]) as number | [number, ...string[]]
       if (typeof answer === 'number') return null
       const [receivers, ...members] = answer
