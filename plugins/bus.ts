@@ -3,7 +3,7 @@ import type { EventBus } from '../src/core/bus'
 import { MemoryBus } from '../src/core/memory-bus'
 import { MemoryState } from '../src/core/memory-state'
 import type { DurableIngress, IngressLeader } from '../src/core/redis/engine'
-import type { SharedState } from '../src/core/state'
+import type { RequestCounter, SharedState } from '../src/core/state'
 
 declare module 'fastify' {
   interface FastifyInstance {
@@ -15,6 +15,8 @@ declare module 'fastify' {
     ingress: IngressLeader | null
     /** Redis mode only: the consumer-group reader of `<prefix>ingress`. */
     durableIngress: DurableIngress | null
+    /** Redis mode only: rate-limit counters every instance shares. */
+    requestCounter: RequestCounter | null
   }
 }
 
@@ -40,6 +42,7 @@ export default fp<{ startupSignal?: AbortSignal }>(async (app, options) => {
     app.decorate('state', engine.state)
     app.decorate('ingress', engine.ingress)
     app.decorate('durableIngress', engine.durable)
+    app.decorate('requestCounter', engine.requests)
     // Draining, this instance is no place to hand the ingress lease to.
     app.addHook('preClose', async () => engine.ingress.beginStop())
     app.addHook('onClose', async () => await engine.close())
@@ -50,6 +53,7 @@ export default fp<{ startupSignal?: AbortSignal }>(async (app, options) => {
     app.decorate('state', state)
     app.decorate('ingress', null)
     app.decorate('durableIngress', null)
+    app.decorate('requestCounter', null)
     app.addHook('onClose', async () => {
       await state.close()
       await bus.close()

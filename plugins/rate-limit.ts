@@ -1,6 +1,7 @@
 import fp from 'fastify-plugin'
-import rateLimit from '@fastify/rate-limit'
-import type { onRequestHookHandler, RouteOptions } from 'fastify'
+import rateLimit, { type FastifyRateLimitStore, type FastifyRateLimitStoreCtor } from '@fastify/rate-limit'
+import type { FastifyRequest, onRequestHookHandler, RouteOptions } from 'fastify'
+import type { RequestCounter } from '../src/core/state'
 
 declare module 'fastify' {
   interface FastifyContextConfig {
@@ -9,17 +10,43 @@ declare module 'fastify' {
   }
 }
 
+const WINDOW_MS = 60_000
+
 /**
- * Per-address limits on stream opens and on publisher routes, counted per
- * instance. Each group shares one counter across its routes, so a client
- * cannot multiply its allowance by spreading requests over several routes.
- * The client address is the socket's, or X-Forwarded-For's when the proxy is
- * trusted (TRUST_PROXY).
+ * The library's store over counters every instance shares. Each group's
+ * keys are already apart (see `limiter`), so a child is the same store.
+ */
+function sharedStore (counter: RequestCounter): FastifyRateLimitStoreCtor {
+  return class SharedStore implements FastifyRateLimitStore {
+    incr (key: string, callback: (error: Error | null, result?: { current: number, ttl: number }) => void): void {
+      counter.count(key, WINDOW_MS).then((count) => callback(null, count), (error: unknown) => {
+        callback(error instanceof Error ? error : new Error(String(error)))
+      })
+    }
+
+    child (): FastifyRateLimitStore {
+      return this
+    }
+  }
+}
+
+/**
+ * Per-address limits on stream opens and on publisher routes. Each group
+ * shares one counter across its routes, so a client cannot multiply its
+ * allowance by spreading requests over several routes. The client address is
+ * the socket's, or X-Forwarded-For's when the proxy is trusted (TRUST_PROXY).
+ *
+ * In Redis mode the counters are in Redis, so a limit holds across the
+ * instances behind a load balancer rather than once per instance. While Redis
+ * cannot count, requests pass: they wait on Redis for what they do anyway
+ * (an admission, a publish), and a limit that refused everyone during an
+ * outage would turn it into a lockout.
  */
 export default fp(async (app) => {
-  const { config } = app
+  const { config, requestCounter } = app
   await app.register(rateLimit, {
     global: false,
+    ...(requestCounter !== null ? { store: sharedStore(requestCounter), skipOnError: true } : {}),
     errorResponseBuilder: (_request, context) => ({
       statusCode: 429,
       code: 'GW_RATE_LIMITED',
@@ -27,9 +54,11 @@ export default fp(async (app) => {
       message: `rate limit exceeded, retry in ${context.after}`
     })
   })
-  const limiter = (max: number): onRequestHookHandler | null => max > 0 ? app.rateLimit({ max, timeWindow: 60_000 }) : null
-  const streams = limiter(config.rateLimitStreamsPerMin)
-  const publishers = limiter(config.rateLimitPublishPerMin)
+  const limiter = (group: string, max: number): onRequestHookHandler | null => max > 0
+    ? app.rateLimit({ max, timeWindow: WINDOW_MS, keyGenerator: (request: FastifyRequest) => `${group}:${request.ip}` })
+    : null
+  const streams = limiter('streams', config.rateLimitStreamsPerMin)
+  const publishers = limiter('publish', config.rateLimitPublishPerMin)
 
   app.addHook('onRoute', (route: RouteOptions) => {
     const handler = route.config?.opensStream === true ? streams : route.config?.auth === 'publisher' ? publishers : null
@@ -37,4 +66,4 @@ export default fp(async (app) => {
     const existing = route.onRequest === undefined ? [] : Array.isArray(route.onRequest) ? route.onRequest : [route.onRequest]
     route.onRequest = [...existing, handler]
   })
-}, { name: 'rate-limit', dependencies: ['config'] })
+}, { name: 'rate-limit', dependencies: ['config', 'bus'] })

@@ -1,9 +1,10 @@
 import t from 'tap'
 import type { Test } from 'tap'
 import {
-  openConnected, openStream, publish, publisherToken, request, startGateway, userToken, type JsonResponse
+  openConnected, openStream, publish, publisherToken, request, startCluster, startGateway, userToken, type JsonResponse
 } from './helpers'
 import { getRequest, rawExchange } from './helpers/raw'
+import { needRedis, redisClient } from './helpers/redis'
 
 const publisher = publisherToken()
 
@@ -90,6 +91,36 @@ t.test('publish past RATE_LIMIT_PUBLISH_PER_MIN: 429 with Retry-After and the JS
   // Streams are not limited by the publish limit.
   await openConnected(`${url}/v1/stream?token=${userToken('u1')}`, { t })
   t.pass('a stream still opens')
+})
+
+t.test('in Redis mode a limit holds across the instances: the opens and publishes one address made on either count on both', async (t) => {
+  if (!(await needRedis(t))) return
+  const [first, second] = await startCluster(t, 'redis', 2, { RATE_LIMIT_STREAMS_PER_MIN: '3', RATE_LIMIT_PUBLISH_PER_MIN: '2' })
+  const prefix = first.app.config.redisPrefix
+  await openConnected(`${first.url}/v1/stream?token=${userToken('u1')}`, { t })
+  await openConnected(`${second.url}/v1/stream?token=${userToken('u2')}`, { t })
+  await openConnected(`${first.url}/v1/stream?token=${userToken('u3')}`, { t })
+  for (const gateway of [second, first]) {
+    const refused = await openStream(`${gateway.url}/v1/stream?token=${userToken('u4')}`, { t })
+    assert429(t, refused.status, refused.headers['retry-after'], refused.json())
+  }
+  t.equal(second.app.registry.size, 1, 'the second instance opened one stream itself, and was refused the fourth of the address')
+
+  // The publish limit is a counter of its own, in Redis too: three stream
+  // opens and two refusals did not use it up.
+  t.equal((await publish(second.url, publisher, { to: { user: 'u1' }, data: 1 })).status, 202)
+  t.equal((await publish(first.url, publisher, { to: { user: 'u1' }, data: 2 })).status, 202)
+  const limited = await request(`${second.url}/v1/publish`, { method: 'POST', token: publisher, body: { to: { user: 'u1' }, data: 3 } })
+  assert429(t, limited.status, limited.headers.get('retry-after'), limited.json)
+
+  const redis = redisClient(t)
+  const keys = (await redis.keys(`${prefix}rl:*`)).sort()
+  t.same(keys, [`${prefix}rl:publish:127.0.0.1`, `${prefix}rl:streams:127.0.0.1`], 'one key per group and address, under the prefix')
+  t.same(await redis.mget(keys), ['3', '5'], 'every request counted, refused ones included')
+  for (const key of keys) {
+    const left = await redis.pttl(key)
+    t.ok(left > 0 && left <= 60_000, `${key} expires with its minute (${left} ms left)`)
+  }
 })
 
 t.test('a request head over Node\'s header limit (a 20 KB header) gets a clean 4xx and the gateway keeps serving', async (t) => {

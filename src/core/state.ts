@@ -147,6 +147,15 @@ export interface OpenTracker {
   releaseLate (connectionId: string, userId: string): Promise<void>
 }
 
+/** A key's requests within its window, and the milliseconds the window has left. */
+export interface RequestCount { current: number, ttl: number }
+
+/** Requests counted per key for rate limits, alike on every instance. */
+export interface RequestCounter {
+  /** Counts one request under `key`, in a window of `windowMs` that starts at its first request. */
+  count: (key: string, windowMs: number) => Promise<RequestCount>
+}
+
 /**
  * State every instance must see alike: stream ids, user-wide topics,
  * conversation members, jobs, and who is connected where. In embedded mode it

@@ -5,6 +5,7 @@ import { reasonOf, redisOptions, ScriptedRedis, STORE_CONDITION_CODES, StoreUnav
 import { RedisBus } from './redis-bus'
 import { DROP_IDLE_CONSUMERS } from './scripts'
 import { RedisState } from './redis-state'
+import { RedisRequestCounter } from './request-counter'
 
 export interface RedisEngineOptions {
   url: string
@@ -562,6 +563,7 @@ export interface RedisEngine {
   state: RedisState
   ingress: IngressLeader
   durable: DurableIngress
+  requests: RedisRequestCounter
   close: () => Promise<void>
 }
 
@@ -721,6 +723,7 @@ export async function connectRedis (options: RedisEngineOptions, registry: Regis
     state,
     ingress,
     durable,
+    requests: new RedisRequestCounter(commands, options.prefix),
     close: async () => {
       await durable.stop()
       await closeEngine()

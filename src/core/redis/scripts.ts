@@ -828,3 +828,20 @@ for _, consumer in ipairs(redis.call('XINFO', 'CONSUMERS', ARGV[1], ARGV[2])) do
 end
 return removed
 `
+
+/**
+ * ARGV: key, window in ms. Counts one request under a rate limit's key,
+ * shared by every instance; the window starts at the key's first request.
+ * Returns the count within the window and the milliseconds it has left.
+ * (A key found without a TTL, which nothing here writes, is given one rather
+ * than limiting its client for good.)
+ */
+export const COUNT_REQUEST = `
+local count = redis.call('INCR', ARGV[1])
+local left = redis.call('PTTL', ARGV[1])
+if count == 1 or left < 0 then
+  left = tonumber(ARGV[2])
+  redis.call('PEXPIRE', ARGV[1], left)
+end
+return {count, left}
+`
