@@ -12,7 +12,8 @@ import type { Gateway } from './helpers/gateway'
 import { ADMIN, dataOf, increasing, pair, putJob, putJobOk, PUBLISHER } from './helpers/channels'
 import { forEachMode } from './helpers/modes'
 import { openStream } from './helpers/sse'
-import { redisClient } from './helpers/redis'
+import { needRedis, redisClient, uniquePrefix } from './helpers/redis'
+import { proxiedCluster } from './helpers/proxy'
 
 interface JobEvent {
   jobId: string
@@ -207,6 +208,34 @@ forEachMode(t, 'many workers updating one job at once, on both instances: every 
   t.equal(updates.length, count + 1, 'each update emitted once, then the terminal one')
   t.equal(updates.at(-1)?.id, done.eventId, 'the terminal update last')
   t.ok(increasing(updates.map((event) => event.id)), 'ids increase')
+})
+
+t.test('Redis mode: updates of one job past the 64 an instance holds are answered 503 at once while Redis has not answered; those held are then applied in turn', async (t) => {
+  if (!(await needRedis(t))) return
+  const { proxy, viaProxy } = await proxiedCluster(t, { REDIS_PREFIX: uniquePrefix('jobbound') })
+  t.teardown(() => proxy.cut())
+  await putJobOk(viaProxy, 'crowded', { userId: 'alice', status: 'active', progress: 0 })
+  // The first update's read of the job gets no answer: it and the 63 behind
+  // it wait, and nothing else can answer but a refusal.
+  proxy.holdReplies('sse-gateway')
+  const answered: number[] = []
+  const updates = Array.from({ length: 80 }, async (_, n) => {
+    const answer = await putJob(viaProxy, 'crowded', { userId: 'alice', status: 'active', progress: n + 1 })
+    answered.push(answer.status)
+    return answer
+  })
+  await eventually(() => answered.length >= 16, 'the updates past the bound to be answered', 10_000, 10)
+  t.same(answered, Array(16).fill(503), 'the 16 past the bound answered 503 while the others wait on Redis')
+  proxy.releaseReplies('sse-gateway')
+  const answers = await Promise.all(updates)
+  const refused = answers.filter((answer) => answer.status === 503)
+  t.equal(refused.length, 16, 'no other update refused')
+  t.equal(answers.filter((answer) => answer.status === 200).length, 64, 'the 64 held are applied')
+  t.match(refused[0].headers.get('retry-after'), /^\d+$/, 'a refusal says when to retry')
+  t.match(refused[0].json, { statusCode: 503, error: 'Service Unavailable', message: /too many at once/ })
+  const applied = answers.filter((answer) => answer.status === 200).map((answer) => answer.json)
+  const last = applied.reduce((latest, state) => BigInt(state.eventId ?? 0) > BigInt(latest.eventId ?? 0) ? state : latest)
+  t.match((await getJob(viaProxy, 'crowded', PUBLISHER)).json, { progress: last.progress }, 'the job is as the last update applied left it')
 })
 
 forEachMode(t, 'GET /v1/jobs/stream carries every job of the user, stays open after one ends, and shows no one else\'s', async (t, mode) => {
