@@ -1,7 +1,9 @@
+import { createHash } from 'node:crypto'
+import { isIP } from 'node:net'
 import fp from 'fastify-plugin'
 import rateLimit, { type FastifyRateLimitStore, type FastifyRateLimitStoreCtor } from '@fastify/rate-limit'
-import type { FastifyRequest, onRequestHookHandler, RouteOptions } from 'fastify'
-import type { RequestCounter } from '../src/core/state'
+import type { FastifyBaseLogger, FastifyRequest, onRequestHookHandler, RouteOptions } from 'fastify'
+import { StoreUnavailableError, type RequestCounter } from '../src/core/state'
 
 declare module 'fastify' {
   interface FastifyContextConfig {
@@ -15,11 +17,19 @@ const WINDOW_MS = 60_000
 /**
  * The library's store over counters every instance shares. Each group's
  * keys are already apart (see `limiter`), so a child is the same store.
+ * A count that fails lets the request pass (skipOnError); that the limits
+ * are off is logged, once a window, not once a request.
  */
-function sharedStore (counter: RequestCounter): FastifyRateLimitStoreCtor {
+function sharedStore (counter: RequestCounter, log: FastifyBaseLogger): FastifyRateLimitStoreCtor {
+  let warnedAt = -Infinity
   return class SharedStore implements FastifyRateLimitStore {
     incr (key: string, callback: (error: Error | null, result?: { current: number, ttl: number }) => void): void {
       counter.count(key, WINDOW_MS).then((count) => callback(null, count), (error: unknown) => {
+        const now = Date.now()
+        if (now - warnedAt >= WINDOW_MS) {
+          warnedAt = now
+          log.warn({ reason: error instanceof StoreUnavailableError ? error.reason : String(error) }, 'rate limits not applied: Redis did not count the request')
+        }
         callback(error instanceof Error ? error : new Error(String(error)))
       })
     }
@@ -38,15 +48,26 @@ function sharedStore (counter: RequestCounter): FastifyRateLimitStoreCtor {
  *
  * In Redis mode the counters are in Redis, so a limit holds across the
  * instances behind a load balancer rather than once per instance. While Redis
- * cannot count, requests pass: they wait on Redis for what they do anyway
- * (an admission, a publish), and a limit that refused everyone during an
- * outage would turn it into a lockout.
+ * cannot count (down, frozen, refusing writes), requests pass: a limit that
+ * refused everyone during an outage would turn it into a lockout, and the
+ * requests meet Redis's trouble in their own work anyway.
  */
+/**
+ * The client address a limit counts under. A trusted proxy's X-Forwarded-For
+ * may carry anything where it should have put an address (one that passes
+ * the header on without appending to it): that is counted under a digest of
+ * it, so a key stays short whatever the header held.
+ */
+function clientKey (request: FastifyRequest): string {
+  const address = request.ip
+  return isIP(address) !== 0 ? address : `other:${createHash('sha256').update(address).digest('base64url').slice(0, 22)}`
+}
+
 export default fp(async (app) => {
   const { config, requestCounter } = app
   await app.register(rateLimit, {
     global: false,
-    ...(requestCounter !== null ? { store: sharedStore(requestCounter), skipOnError: true } : {}),
+    ...(requestCounter !== null ? { store: sharedStore(requestCounter, app.log), skipOnError: true } : {}),
     errorResponseBuilder: (_request, context) => ({
       statusCode: 429,
       code: 'GW_RATE_LIMITED',
@@ -55,7 +76,7 @@ export default fp(async (app) => {
     })
   })
   const limiter = (group: string, max: number): onRequestHookHandler | null => max > 0
-    ? app.rateLimit({ max, timeWindow: WINDOW_MS, keyGenerator: (request: FastifyRequest) => `${group}:${request.ip}` })
+    ? app.rateLimit({ max, timeWindow: WINDOW_MS, keyGenerator: (request: FastifyRequest) => `${group}:${clientKey(request)}` })
     : null
   const streams = limiter('streams', config.rateLimitStreamsPerMin)
   const publishers = limiter('publish', config.rateLimitPublishPerMin)

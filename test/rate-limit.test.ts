@@ -1,10 +1,11 @@
 import t from 'tap'
 import type { Test } from 'tap'
 import {
-  openConnected, openStream, publish, publisherToken, request, startCluster, startGateway, userToken, type JsonResponse
+  loggedAs, openConnected, openStream, publish, publisherToken, request, startCluster, startGateway, userToken, type JsonResponse
 } from './helpers'
+import { proxiedCluster } from './helpers/proxy'
 import { getRequest, rawExchange } from './helpers/raw'
-import { needRedis, redisClient } from './helpers/redis'
+import { needRedis, redisClient, REDIS_URL, uniquePrefix } from './helpers/redis'
 
 const publisher = publisherToken()
 
@@ -121,6 +122,50 @@ t.test('in Redis mode a limit holds across the instances: the opens and publishe
     const left = await redis.pttl(key)
     t.ok(left > 0 && left <= 60_000, `${key} expires with its minute (${left} ms left)`)
   }
+})
+
+const NOT_COUNTED = 'rate limits not applied: Redis did not count the request'
+
+t.test('in Redis mode a request Redis cannot count passes, and the limits being off is logged once a minute, not once a request', async (t) => {
+  if (!(await needRedis(t))) return
+  const prefix = uniquePrefix('rlfail')
+  const gateway = await startGateway(t, { REDIS_URL, REDIS_PREFIX: prefix, RATE_LIMIT_STREAMS_PER_MIN: '1', LOG_LEVEL: 'warn' }, { captureLogs: true })
+  // A counter INCR cannot add to: every count of this address fails.
+  await redisClient(t).set(`${prefix}rl:streams:127.0.0.1`, 'not a number', 'EX', 60)
+  for (let n = 0; n < 3; n++) await openConnected(`${gateway.url}/v1/stream?token=${userToken(`nc${n}`)}`, { t })
+  const warnings = loggedAs<{ reason: string }>(gateway.logText(), NOT_COUNTED)
+  t.equal(warnings.length, 1, 'one warning for three uncounted opens')
+  t.match(warnings[0]?.reason, /not an integer/, 'saying why')
+})
+
+t.test('in Redis mode a count Redis does not answer is waited for briefly, not for the command timeout, and the request goes on', async (t) => {
+  if (!(await needRedis(t))) return
+  const { proxy, viaProxy } = await proxiedCluster(t, { REDIS_PREFIX: uniquePrefix('rlheld'), RATE_LIMIT_PUBLISH_PER_MIN: '5', REDIS_COMMAND_TIMEOUT_MS: '2000', LOG_LEVEL: 'warn' }, { captureLogs: true })
+  t.teardown(() => proxy.cut())
+  t.equal((await publish(viaProxy.url, publisher, { to: { user: 'u1' }, data: 1 })).status, 202)
+  proxy.holdReplies('sse-gateway')
+  const held = await publish(viaProxy.url, publisher, { to: { user: 'u1' }, data: 2 })
+  proxy.releaseReplies('sse-gateway')
+  t.equal(held.status, 503, 'the publish itself meets the silent Redis')
+  const warnings = loggedAs<{ reason: string }>(viaProxy.logText(), NOT_COUNTED)
+  t.equal(warnings.length, 1)
+  t.match(warnings[0]?.reason, /did not count within \d+ ms/, 'the count gave up on its own, before the command timeout')
+})
+
+t.test('a forwarded address that is not an address is counted under a short digest of it, apart from others', async (t) => {
+  if (!(await needRedis(t))) return
+  const [gateway] = await startCluster(t, 'redis', 1, { RATE_LIMIT_STREAMS_PER_MIN: '1', TRUST_PROXY: '127.0.0.1' })
+  const prefix = gateway.app.config.redisPrefix
+  const from = (address: string): { headers: Record<string, string>, t: Test } => ({ headers: { 'x-forwarded-for': address }, t })
+  const odd = `not an address ${'x'.repeat(4000)}`
+  await openConnected(`${gateway.url}/v1/stream?token=${userToken('a')}`, from(odd))
+  t.equal((await openStream(`${gateway.url}/v1/stream?token=${userToken('a')}`, from(odd))).status, 429, 'the same value is limited')
+  await openConnected(`${gateway.url}/v1/stream?token=${userToken('a')}`, from('something else'))
+  await openConnected(`${gateway.url}/v1/stream?token=${userToken('a')}`, from('2001:db8::7'))
+  const keys = await redisClient(t).keys(`${prefix}rl:*`)
+  t.equal(keys.length, 3)
+  t.ok(keys.includes(`${prefix}rl:streams:2001:db8::7`), 'an address is its own key')
+  for (const key of keys.filter((key) => !key.endsWith('2001:db8::7'))) t.match(key.slice(prefix.length), /^rl:streams:other:[\w-]{22}$/, 'anything else a digest')
 })
 
 t.test('a request head over Node\'s header limit (a 20 KB header) gets a clean 4xx and the gateway keeps serving', async (t) => {

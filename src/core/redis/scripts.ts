@@ -842,6 +842,9 @@ local left = redis.call('PTTL', ARGV[1])
 if count == 1 or left < 0 then
   left = tonumber(ARGV[2])
   redis.call('PEXPIRE', ARGV[1], left)
+elseif left == 0 then
+  -- Its last millisecond: a refusal still says to retry in a second, not 0.
+  left = 1
 end
 return {count, left}
 `
