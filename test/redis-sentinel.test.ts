@@ -5,8 +5,8 @@
  * Real processes: a master, its replica and a Sentinel, all the test's own.
  */
 import t from 'tap'
-import { eventually, openConnected, publish, publisherToken, request, startGateway, userToken } from './helpers'
-import { needRedis, redisClient, startSentinelGroup, uniquePrefix } from './helpers/redis'
+import { eventually, loggedAs, openConnected, publish, publisherToken, request, startGateway, userToken } from './helpers'
+import { needRedis, redisClient, startOwnRedis, startSentinelGroup, subscriberCount, uniquePrefix } from './helpers/redis'
 
 const publisher = publisherToken()
 
@@ -42,7 +42,19 @@ t.test('through Sentinel: the master is found, and after a failover events are p
     after = await publish(gateway.url, publisher, { to: { user: 'u1' }, event: 'note', data: 2 })
     return after.status === 202
   }, 'a publish accepted after the failover', 20_000, 100)
-  // Sentinel turns the old master into a replica, closing its clients, once it next reads its INFO (every 10 s): a wait of 10-11 s here.
+  // Sentinel turns the old master into a replica, closing its clients, some
+  // 8 s after the switch. The gateway moves on hearing the switch announced,
+  // so the old master is seen without its connections while still a master
+  // (read in that order: a demoted master does not turn master again).
+  const oldMaster = redisClient(t, group.master.url)
+  let leftWhileMaster = false
+  await eventually(async () => {
+    const list = await oldMaster.client('LIST') as string
+    if (/ name=sse-gateway(?:-sub|-ingress)? /.test(list)) return false
+    leftWhileMaster = (await oldMaster.call('ROLE') as [string])[0] === 'master'
+    return true
+  }, 'the gateway\'s connections to leave the old master', 45_000, 50)
+  t.ok(leftWhileMaster, 'they left it before Sentinel demoted it')
   await eventually(async () => (await gatewayConnections(t, group.replica.url)).length === 3, 'the gateway\'s three connections on the new master', 45_000, 100)
 
   const note = await stream.nextEvent('note', 20_000)
@@ -68,4 +80,41 @@ t.test('through Sentinel with passwords: the sentinels\' own (REDIS_SENTINEL_PAS
   const { stream } = await openConnected(`${gateway.url}/v1/stream?token=${userToken('u1')}`, { t })
   t.equal((await publish(gateway.url, publisher, { to: { user: 'u1' }, event: 'note', data: 1 })).status, 202)
   t.equal((await stream.nextEvent('note')).data, '1', 'delivered')
+  await eventually(async () => / name=sse-gateway-sentinel .*\bsub=1\b/.test(await redisClient(t, group.sentinel.url).client('LIST') as string),
+    'the gateway to listen to the sentinel for failovers, with its password')
+})
+
+t.test('a switch announced for another master group the sentinels watch moves nothing; one of this group moves every connection, which asks the sentinels for the master again', async (t) => {
+  if (!(await needRedis(t))) return
+  const group = await startSentinelGroup(t)
+  // A plain redis-server listed as a second sentinel: nothing asks it for the
+  // master while the first answers, and the test announces switches on it.
+  const announcer = await startOwnRedis(t)
+  const gateway = await startGateway(t, {
+    REDIS_URL: `redis://${group.masterName}`,
+    REDIS_SENTINELS: `127.0.0.1:${group.sentinel.port},127.0.0.1:${announcer.port}`,
+    REDIS_PREFIX: uniquePrefix('sentinel-switch')
+  }, { captureLogs: true })
+  const master = redisClient(t, group.master.url)
+  const announce = redisClient(t, announcer.url)
+  const connectionIds = async (): Promise<string[]> =>
+    [...(await master.client('LIST') as string).matchAll(/^id=(\d+) .* name=sse-gateway(?:-sub|-ingress)? /gm)].map((match) => match[1]).sort()
+  await eventually(async () => await subscriberCount(announce, '+switch-master') === 1, 'the gateway to listen to every sentinel')
+  const before = await connectionIds()
+  t.equal(before.length, 3)
+
+  t.equal(await announce.publish('+switch-master', `another-group 127.0.0.1 ${group.master.port} 127.0.0.1 ${group.replica.port}`), 1)
+  t.equal(await announce.publish('+switch-master', `${group.masterName} 127.0.0.1 ${group.replica.port} 127.0.0.1 ${group.master.port}`), 1)
+  // Announced after those two, so heard after them: the gateway has acted on both once it logs this one's move.
+  t.equal(await announce.publish('+switch-master', `${group.masterName} 127.0.0.1 ${group.master.port} 127.0.0.1 ${group.replica.port}`), 1)
+  await eventually(() => gateway.logText().includes('a sentinel announced a new master: moving to it'), 'the move to be logged')
+  const moves = loggedAs<{ master: string, connections: number }>(gateway.logText(), 'a sentinel announced a new master: moving to it')
+  t.same(moves.map((move) => [move.master, move.connections]), [[`127.0.0.1:${group.replica.port}`, 3]],
+    'another group\'s switch, and one to where the connections are, moved nothing')
+  // The real sentinel still names the first master: every connection comes back to it, as a new one.
+  await eventually(async () => {
+    const after = await connectionIds()
+    return after.length === 3 && after.every((id) => !before.includes(id))
+  }, 'the three connections to reconnect to the master the sentinels name')
+  t.equal((await request(`${gateway.url}/ready`)).status, 200, 'ready again')
 })

@@ -6,6 +6,7 @@ import { RedisBus } from './redis-bus'
 import { DROP_IDLE_CONSUMERS } from './scripts'
 import { RedisState } from './redis-state'
 import { RedisRequestCounter } from './request-counter'
+import { moveToMaster, SentinelSwitchWatch } from './sentinel-watch'
 
 export interface RedisEngineOptions {
   url: string
@@ -633,12 +634,11 @@ function connectionOptions (options: RedisEngineOptions, connectionName: string)
     // A sentinel that hangs (its host frozen, or gone without a reset) would
     // hold each reconnect for the whole connect timeout: ask the next one.
     sentinelCommandTimeout: 2000
-    // Not ioredis's failoverDetector, which moves sooner on a failover: it
-    // reacts to every master group's switch (a failover of another group the
-    // sentinels watch dropped every connection), and a switch announced while
-    // a query to a hung sentinel was in flight ended the client for good.
-    // Sentinel closes the old master's clients as it demotes it, and they
-    // reconnect to the new one.
+    // Not ioredis's failoverDetector: it reacts to every master group's
+    // switch (a failover of another group the sentinels watch dropped every
+    // connection), and a switch announced while a query to a hung sentinel
+    // was in flight ended the client for good. SentinelSwitchWatch moves the
+    // connections instead.
   }
 }
 
@@ -717,6 +717,13 @@ export async function connectRedis (options: RedisEngineOptions, registry: Regis
     throw error
   }
   const durable = new DurableIngress(reader, `${options.prefix}ingress`, state.instanceId, ingress, log)
+  const connections = [commands.redis, subscriber, reader]
+  const switchWatch = options.sentinels !== undefined && options.sentinels.length > 0
+    ? new SentinelSwitchWatch(options.sentinels, options.sentinelPassword ?? null, new URL(options.url).hostname, (master) => {
+      const moved = connections.filter((client) => moveToMaster(client, master)).length
+      if (moved > 0) log.info({ master: `${master.host}:${master.port}`, connections: moved }, 'a sentinel announced a new master: moving to it')
+    }, log)
+    : null
 
   return {
     bus,
@@ -725,6 +732,7 @@ export async function connectRedis (options: RedisEngineOptions, registry: Regis
     durable,
     requests: new RedisRequestCounter(commands, options.prefix),
     close: async () => {
+      switchWatch?.close()
       await durable.stop()
       await closeEngine()
     }
