@@ -128,6 +128,33 @@ t.test('the control channel back: a change of the user\'s arriving while their t
   t.notOk(await getsEventsOf(direct, stream, 'rl-a', 'rl-u2'), 'and gets no event of the one left while the channel was down')
 })
 
+t.test('the control channel back: one user whose topics cannot be read holds up no other user\'s, past the 100 read at once', async (t) => {
+  if (!(await needRedis(t))) return
+  const { proxy, viaProxy, direct } = await proxiedCluster(t, { REDIS_PREFIX: uniquePrefix('realign-each') }, { captureLogs: true })
+  t.teardown(() => proxy.cut())
+  const realignments = watchRealignments(viaProxy)
+  // The failing user's read is among the first 100, the missed change's user the 102nd.
+  await openConnected(`${viaProxy.url}/v1/stream?token=${userToken('rl-unread')}`, { t })
+  for (let n = 0; n < 100; n++) await openConnected(`${viaProxy.url}/v1/stream?token=${userToken(`rl-quiet-${n}`)}`, { t })
+  const token = userToken('rl-last')
+  const { stream, connected } = await openConnected(`${viaProxy.url}/v1/stream?token=${token}`, { t })
+  proxy.cutOff(SUBSCRIBER)
+  await eventually(() => viaProxy.logs.some((line) => line.includes('bus subscription lost')), 'the subscription to be lost')
+  t.equal((await request(`${direct.url}/v1/subscriptions`, { method: 'POST', token, body: { topics: ['rl-missed'] } })).status, 200)
+  const commands = internals(viaProxy).commands
+  const run = commands.run.bind(commands)
+  commands.run = async (script, args) => {
+    if (script === 'USER_TOPICS_CHECKED' && args[1] === 'rl-unread') throw new Error('this user\'s topics cannot be read')
+    return await run(script, args)
+  }
+  t.teardown(() => { commands.run = run })
+  proxy.restore(SUBSCRIBER)
+  await realignments.done(1)
+  t.same(topicsOf(viaProxy, connected.connectionId), ['rl-missed'], 'the last user\'s stream holds the topic subscribed while the channel was down')
+  t.ok(await getsEventsOf(direct, stream, 'rl-missed', 'rl-last'), 'and gets its events')
+  t.ok(viaProxy.logs.some((line) => line.includes('streams not brought back in line') && line.includes('cannot be read')), 'the failure is logged, to be tried again')
+})
+
 t.test('the control channel back, and Redis emptied while the topics are read: the streams keep them, and the next resync writes them back', async (t) => {
   if (!(await needRedis(t))) return
   const prefix = uniquePrefix('realign3')

@@ -18,6 +18,9 @@ export class StoreUnavailableError extends Error {
   }
 }
 
+/** The store lost its data (a new id epoch) while a task read from it: what it read may be gone. */
+export class StoreLostDataError extends Error {}
+
 export type LimitPolicy = 'reject' | 'evict-oldest'
 
 export interface AdmitRequest {

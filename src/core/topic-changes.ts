@@ -3,7 +3,7 @@ import type { StreamConnection } from './connection'
 import { topicAllowed } from './framing'
 import type { Registry } from './registry'
 import { inTurns, type TurnsPerKey } from './in-turns'
-import type { ControlAnswer, ControlMessage } from './state'
+import { StoreLostDataError, type ControlAnswer, type ControlMessage } from './state'
 import type { StreamService } from './streams'
 
 export type TopicsMessage = Extract<ControlMessage, { type: 'topics' }>
@@ -111,26 +111,43 @@ export class UserWideRealignment {
     this.changedWhileReading?.add(userId)
   }
 
+  /**
+   * Fails with the first user's failure once every other user has been
+   * brought in line: one user whose read or join fails (a command timed out)
+   * holds up nobody else, and the next try reads them all again. A
+   * `StoreLostDataError` ends it at once: the sets read may all be gone.
+   */
   async run (read: (userId: string) => Promise<string[] | null>): Promise<void> {
     const users = new Set<string>()
     for (const connection of this.registry.all()) if (connection.kind === 'stream') users.add(connection.userId)
     const changed = new Set<string>()
+    const failures: unknown[] = []
     this.changedWhileReading = changed
     try {
       await inTurns([...users], USERS_READ_AT_ONCE, async (userId) => {
-        for (let attempt = 0; attempt < READS_PER_USER; attempt++) {
-          changed.delete(userId)
-          const topics = await read(userId)
-          const done = await this.turns.run(userId, async () => {
-            if (changed.has(userId)) return false
-            if (topics !== null) await this.realignUser(userId, topics)
-            return true
-          })
-          if (done) return
+        try {
+          await this.realignReading(userId, read, changed)
+        } catch (error) {
+          if (error instanceof StoreLostDataError) throw error
+          failures.push(error)
         }
       })
     } finally {
       this.changedWhileReading = null
+    }
+    if (failures.length > 0) throw failures[0]
+  }
+
+  private async realignReading (userId: string, read: (userId: string) => Promise<string[] | null>, changed: Set<string>): Promise<void> {
+    for (let attempt = 0; attempt < READS_PER_USER; attempt++) {
+      changed.delete(userId)
+      const topics = await read(userId)
+      const done = await this.turns.run(userId, async () => {
+        if (changed.has(userId)) return false
+        if (topics !== null) await this.realignUser(userId, topics)
+        return true
+      })
+      if (done) return
     }
   }
 

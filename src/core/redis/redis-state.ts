@@ -5,7 +5,7 @@ import { channel } from '../channels'
 import { isPlainObject } from '../publish'
 import { transitionJob, type JobState, type JobUpdate } from '../jobs'
 import { connectionInfo, type ConnectionInfo, type Registry } from '../registry'
-import { StoreUnavailableError, userWideChange, type ControlMissedListener, type Admission, type AdmitRequest, type ClusterStats, type ConnectionListing, type Contacts, type ControlAnswer, type ControlListener, type ControlMessage, type JobPutResult, type OpenTracker, type Presence, type SharedState } from '../state'
+import { StoreLostDataError, StoreUnavailableError, userWideChange, type ControlMissedListener, type Admission, type AdmitRequest, type ClusterStats, type ConnectionListing, type Contacts, type ControlAnswer, type ControlListener, type ControlMessage, type JobPutResult, type OpenTracker, type Presence, type SharedState } from '../state'
 import { inTurns, TurnsPerKey } from '../in-turns'
 import { infoFields, selectConnections, type ConnectionFilter } from '../listing'
 import { reasonOf, timedOut, type Log, type ScriptedRedis } from './client'
@@ -269,7 +269,7 @@ export class RedisState implements SharedState {
       const [current, kept, ...topics] = await this.commands.run('USER_TOPICS_CHECKED', [this.prefix, userId]) as [string, number, ...string[]]
       if (current !== epoch) {
         lost = true
-        throw new Error('Redis lost its data while streams were being brought back in line')
+        throw new StoreLostDataError('Redis lost its data while streams were being brought back in line')
       }
       // Neither the set nor a removal on record: nothing to go by.
       return kept === 1 ? topics : null
