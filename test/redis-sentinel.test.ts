@@ -5,7 +5,7 @@
  * Real processes: a master, its replica and a Sentinel, all the test's own.
  */
 import t from 'tap'
-import { eventually, loggedAs, openConnected, publish, publisherToken, request, startGateway, userToken } from './helpers'
+import { eventually, freePort, loggedAs, openConnected, publish, publisherToken, request, startGateway, userToken } from './helpers'
 import { needRedis, redisClient, startOwnRedis, startSentinelGroup, subscriberCount, uniquePrefix } from './helpers/redis'
 
 const publisher = publisherToken()
@@ -84,15 +84,17 @@ t.test('through Sentinel with passwords: the sentinels\' own (REDIS_SENTINEL_PAS
     'the gateway to listen to the sentinel for failovers, with its password')
 })
 
-t.test('a switch announced for another master group the sentinels watch moves nothing; one of this group moves every connection, which asks the sentinels for the master again', async (t) => {
+t.test('a switch announced for another master group the sentinels watch moves nothing; one of this group moves every connection, which asks the sentinels for the master again, and again while they name another, a few times', async (t) => {
   if (!(await needRedis(t))) return
   const group = await startSentinelGroup(t)
   // A plain redis-server listed as a second sentinel: nothing asks it for the
   // master while the first answers, and the test announces switches on it.
   const announcer = await startOwnRedis(t)
+  // And a third that never answers: its failure is said once.
+  const silent = await freePort()
   const gateway = await startGateway(t, {
     REDIS_URL: `redis://${group.masterName}`,
-    REDIS_SENTINELS: `127.0.0.1:${group.sentinel.port},127.0.0.1:${announcer.port}`,
+    REDIS_SENTINELS: `127.0.0.1:${group.sentinel.port},127.0.0.1:${announcer.port},127.0.0.1:${silent}`,
     REDIS_PREFIX: uniquePrefix('sentinel-switch')
   }, { captureLogs: true })
   const master = redisClient(t, group.master.url)
@@ -105,16 +107,25 @@ t.test('a switch announced for another master group the sentinels watch moves no
 
   t.equal(await announce.publish('+switch-master', `another-group 127.0.0.1 ${group.master.port} 127.0.0.1 ${group.replica.port}`), 1)
   t.equal(await announce.publish('+switch-master', `${group.masterName} 127.0.0.1 ${group.replica.port} 127.0.0.1 ${group.master.port}`), 1)
+  t.equal(await announce.publish('+switch-master', `${group.masterName} 127.0.0.1 ${group.replica.port} localhost ${group.master.port}`), 1, 'a host name for it too')
   // Announced after those two, so heard after them: the gateway has acted on both once it logs this one's move.
   t.equal(await announce.publish('+switch-master', `${group.masterName} 127.0.0.1 ${group.master.port} 127.0.0.1 ${group.replica.port}`), 1)
   await eventually(() => gateway.logText().includes('a sentinel announced a new master: moving to it'), 'the move to be logged')
   const moves = loggedAs<{ master: string, connections: number }>(gateway.logText(), 'a sentinel announced a new master: moving to it')
   t.same(moves.map((move) => [move.master, move.connections]), [[`127.0.0.1:${group.replica.port}`, 3]],
     'another group\'s switch, and one to where the connections are, moved nothing')
-  // The real sentinel still names the first master: every connection comes back to it, as a new one.
+  // The real sentinel still names the first master: every connection comes
+  // back to it, is taken for one that asked a sentinel not yet told of the
+  // switch and moved again, 5 moves in all, and then stays.
+  const movedAgain = (): number => gateway.logText().split('\n').filter((line) => line.includes('came back to another master than the one announced')).length
+  await eventually(() => movedAgain() >= 12, 'each connection to be moved again 4 times', 20_000)
   await eventually(async () => {
     const after = await connectionIds()
     return after.length === 3 && after.every((id) => !before.includes(id))
-  }, 'the three connections to reconnect to the master the sentinels name')
-  t.equal((await request(`${gateway.url}/ready`)).status, 200, 'ready again')
+  }, 'the three connections to stay on the master the sentinels name')
+  t.equal(movedAgain(), 12, 'and no more')
+  await eventually(async () => (await request(`${gateway.url}/ready`)).status === 200, 'ready again')
+  const unheard = loggedAs<{ sentinel: string, reason: string }>(gateway.logText(), 'not listening to a sentinel for failovers')
+  t.same(unheard.map((line) => line.sentinel), [`127.0.0.1:${silent}`], 'the sentinel that never answered is named, once, though tried again and again')
+  t.match(unheard[0]?.reason, /ECONNREFUSED/)
 })

@@ -6,7 +6,7 @@ import { RedisBus } from './redis-bus'
 import { DROP_IDLE_CONSUMERS } from './scripts'
 import { RedisState } from './redis-state'
 import { RedisRequestCounter } from './request-counter'
-import { moveToMaster, SentinelSwitchWatch } from './sentinel-watch'
+import { SentinelSwitchWatch } from './sentinel-watch'
 
 export interface RedisEngineOptions {
   url: string
@@ -717,12 +717,8 @@ export async function connectRedis (options: RedisEngineOptions, registry: Regis
     throw error
   }
   const durable = new DurableIngress(reader, `${options.prefix}ingress`, state.instanceId, ingress, log)
-  const connections = [commands.redis, subscriber, reader]
   const switchWatch = options.sentinels !== undefined && options.sentinels.length > 0
-    ? new SentinelSwitchWatch(options.sentinels, options.sentinelPassword ?? null, new URL(options.url).hostname, (master) => {
-      const moved = connections.filter((client) => moveToMaster(client, master)).length
-      if (moved > 0) log.info({ master: `${master.host}:${master.port}`, connections: moved }, 'a sentinel announced a new master: moving to it')
-    }, log)
+    ? new SentinelSwitchWatch(options.sentinels, options.sentinelPassword ?? null, new URL(options.url).hostname, [commands.redis, subscriber, reader], log)
     : null
 
   return {
