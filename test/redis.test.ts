@@ -7,6 +7,7 @@ import {
   type Gateway, type SseClient, type SseEvent
 } from './helpers'
 import { needRedis, redisClient, REDIS_URL, startOwnRedis, uniquePrefix } from './helpers/redis'
+import { channel } from '../src/core/channels'
 import { FaultyProxy } from './helpers/proxy'
 import { metricValue, scrape } from './helpers/raw'
 
@@ -367,6 +368,35 @@ t.test('Redis restarted from an older snapshot: a cursor past what it kept gets 
   t.equal((await stale.next(() => true)).data, 'live', 'then live events, nothing older')
 
   t.equal((await reconnectWith(t, gateway, after)).first.data, 'live', 'a cursor from after the restart replays what followed it')
+})
+
+t.test('Redis back from an older snapshot: a publish sent as the connection turns ready, a tick before ioredis says so, still waits for the restart check and goes out in the new epoch', async (t) => {
+  if (!(await needRedis(t))) return
+  const dir = await mkdtemp(join(tmpdir(), 'gw-snapshot-'))
+  t.teardown(async () => await rm(dir, { recursive: true, force: true }))
+  const redis = await startOwnRedis(t, ['--dir', dir])
+  const prefix = uniquePrefix('readytick')
+  const gateway = await startGateway(t, { REDIS_URL: redis.url, REDIS_PREFIX: prefix })
+  const client = redisClient(t, redis.url)
+  await publishOk(gateway.url, publisher, { to: { user: 'u1' }, data: 'kept' })
+  await client.save()
+  await publishOk(gateway.url, publisher, { to: { user: 'u1' }, data: 'lost' })
+
+  // ioredis sets the status, then emits 'ready' on the next tick.
+  const commands = (gateway.app.state as unknown as { commands: { redis: { setStatus: (status: string, arg?: unknown) => void } } }).commands.redis
+  const setStatus = commands.setStatus.bind(commands)
+  let sentAsReady: Promise<number[]> | null = null
+  commands.setStatus = (status, arg) => {
+    setStatus(status, arg)
+    if (status === 'ready' && sentAsReady === null) sentAsReady = gateway.app.bus.publish([{ channels: [channel.user('u1')], body: 'data: as ready\n' }])
+  }
+  t.teardown(() => { commands.setStatus = setStatus })
+  await redis.stop()
+  await redis.start()
+  await eventually(() => sentAsReady !== null, 'the commands connection to turn ready', 20_000, 20)
+  const [id] = await (sentAsReady as unknown as Promise<number[]>)
+  const epoch = Number(await client.get(`${prefix}epoch`))
+  t.ok(id >= epoch, `its id (${id}) is in the epoch started at the restart (${epoch}): a cursor at it replays rather than resets`)
 })
 
 t.test('a Redis whose ACL refuses INFO: the gateway starts, publishes and replays, without the restart check', async (t) => {

@@ -85,20 +85,20 @@ export class ScriptedRedis {
   private silent = false
   /** What runFirstOnConnect set: the script, and its arguments. */
   private first: { name: ScriptName, args: Array<string | number> } | null = null
-  /** Counts connections ('ready'); `firstRanOn` is the one on which `first` last passed. */
-  private connection = 0
-  private firstRanOn = -1
-  private firstRunning: Promise<void> | null = null
+  /**
+   * The connection on which `first` last passed, and its run in flight, each
+   * told by its socket: ioredis turns a connection 'ready' a tick before it
+   * says so, and a command sent in between must not pass for one on the
+   * connection before.
+   */
+  private firstRanOn: object | null = null
+  private firstRunning: { on: object, done: Promise<void> } | null = null
 
   constructor (url: string, options: RedisOptions = redisOptions()) {
     this.redis = new Redis(url, options)
     for (const name of Object.keys(scripts) as ScriptName[]) {
       this.redis.defineCommand(`gw${name}`, { numberOfKeys: 0, lua: scripts[name] })
     }
-    this.redis.on('ready', () => {
-      this.connection++
-      this.firstRunning = null
-    })
   }
 
   /**
@@ -121,22 +121,21 @@ export class ScriptedRedis {
     return command.apply(this.redis, args)
   }
 
-  private async runFirst (): Promise<void> {
+  private async runFirst (socket: object): Promise<void> {
     const first = this.first
     if (first === null) {
-      this.firstRanOn = this.connection
+      this.firstRanOn = socket
       return
     }
-    if (this.firstRunning === null) {
-      const connection = this.connection
-      const running = this.script(first.name, first.args).then(() => {
-        if (this.connection === connection) this.firstRanOn = connection
+    if (this.firstRunning?.on !== socket) {
+      const done: Promise<void> = this.script(first.name, first.args).then(() => {
+        if (this.redis.stream === socket) this.firstRanOn = socket
       }).finally(() => {
-        if (this.firstRunning === running) this.firstRunning = null
+        if (this.firstRunning?.done === done) this.firstRunning = null
       })
-      this.firstRunning = running
+      this.firstRunning = { on: socket, done }
     }
-    await this.firstRunning
+    await this.firstRunning.done
   }
 
   /** Whether Redis has answered since the last command that timed out. */
@@ -154,7 +153,9 @@ export class ScriptedRedis {
 
   async call<T> (work: (redis: Redis) => Promise<T>): Promise<T> {
     try {
-      if (this.firstRanOn !== this.connection) await this.runFirst()
+      // Before any connection (lazyConnect) there is no socket: the command fails as it would.
+      const socket: object | undefined = this.redis.stream
+      if (socket !== undefined && this.firstRanOn !== socket) await this.runFirst(socket)
       const answer = await work(this.redis)
       this.silent = false
       return answer
