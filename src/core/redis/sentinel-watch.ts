@@ -47,7 +47,7 @@ interface AnnouncedMaster {
 export class SentinelSwitchWatch {
   private readonly sentinelClients: Redis[]
   private announced: AnnouncedMaster | null = null
-  private readonly checkOnReady: Array<{ client: Redis, listener: () => void }>
+  private readonly checkOnConnect: Array<{ client: Redis, listener: () => void }>
   /** Announcements are acted on in the order they were heard, a host name's lookup and all. */
   private hearing: Promise<void> = Promise.resolve()
 
@@ -66,11 +66,13 @@ export class SentinelSwitchWatch {
       connectionName: 'sse-gateway-sentinel',
       lazyConnect: false
     })))
-    // Ahead of every other 'ready' listener, so that a connection on the
-    // wrong master is closed before anything is sent on it.
-    this.checkOnReady = connections.map((client) => {
+    // At 'connect', while ioredis is still checking the server and takes no
+    // command: a connection on the wrong master is closed before any can be
+    // sent on it. At 'ready' it would be late: the status turns ready a
+    // tick before the event.
+    this.checkOnConnect = connections.map((client) => {
       const listener = (): void => this.followSwitch(client)
-      client.prependListener('ready', listener)
+      client.on('connect', listener)
       return { client, listener }
     })
   }
@@ -115,12 +117,12 @@ export class SentinelSwitchWatch {
 
   /**
    * Reconnects `client` if it is connected elsewhere than the announced
-   * master. One already reconnecting is left to it, so the same switch heard
-   * from every sentinel moves a connection once.
+   * master. One still looking for a server is left to it, so the same switch
+   * heard from every sentinel moves a connection once.
    */
   private move (client: Redis): boolean {
     const master = this.announced
-    if (master === null || client.status !== 'ready') return false
+    if (master === null || (client.status !== 'ready' && client.status !== 'connect')) return false
     const socket = client.stream
     const address = socket.remoteAddress?.replace(/^::ffff:/, '')
     if (socket.remotePort === master.port && address !== undefined && master.hosts.includes(address)) return false
@@ -132,7 +134,7 @@ export class SentinelSwitchWatch {
   }
 
   close (): void {
-    for (const { client, listener } of this.checkOnReady) client.off('ready', listener)
+    for (const { client, listener } of this.checkOnConnect) client.off('connect', listener)
     for (const client of this.sentinelClients) client.disconnect()
   }
 }
