@@ -324,7 +324,7 @@ export default fp(async (app) => {
   const applyTopics = async (message: TopicsMessage): Promise<ControlAnswer> => await topicTurns.run(message.userId, async () => await applyNow(message))
   app.decorate('applyTopics', applyTopics)
   const realignment = new UserWideRealignment(registry, topicTurns, applyNow)
-  state.onControlMissed(async (read) => await realignment.run(read))
+  state.onControlMissed(async (read, retrying) => await realignment.run(read, retrying))
 
   const ledger = new AdmissionLedger<FastifyBaseLogger>(registry, streams, recordClose)
   state.trackOpens(ledger.tracker(app.log))

@@ -30,9 +30,9 @@ function watchRealignments (gateway: Gateway): { done: (count: number) => Promis
   const state = internals(gateway)
   const listener = state.controlMissedListener
   let finished = 0
-  state.controlMissedListener = async (read) => {
+  state.controlMissedListener = async (read, retrying) => {
     try {
-      await listener(read)
+      await listener(read, retrying)
     } finally {
       finished++
     }
@@ -143,16 +143,28 @@ t.test('the control channel back: one user whose topics cannot be read holds up 
   t.equal((await request(`${direct.url}/v1/subscriptions`, { method: 'POST', token, body: { topics: ['rl-missed'] } })).status, 200)
   const commands = internals(viaProxy).commands
   const run = commands.run.bind(commands)
+  const readsOf: string[] = []
+  let unreadable = true
   commands.run = async (script, args) => {
-    if (script === 'USER_TOPICS_CHECKED' && args[1] === 'rl-unread') throw new Error('this user\'s topics cannot be read')
+    if (script === 'USER_TOPICS_CHECKED') {
+      readsOf.push(String(args[1]))
+      if (unreadable && args[1] === 'rl-unread') throw new Error('this user\'s topics cannot be read')
+    }
     return await run(script, args)
   }
   t.teardown(() => { commands.run = run })
   proxy.restore(SUBSCRIBER)
   await realignments.done(1)
+  t.equal(readsOf.length, 102, 'every user read once')
   t.same(topicsOf(viaProxy, connected.connectionId), ['rl-missed'], 'the last user\'s stream holds the topic subscribed while the channel was down')
   t.ok(await getsEventsOf(direct, stream, 'rl-missed', 'rl-last'), 'and gets its events')
   t.ok(viaProxy.logs.some((line) => line.includes('streams not brought back in line') && line.includes('cannot be read')), 'the failure is logged, to be tried again')
+  // The next beat tries again, reading only the user that failed.
+  await realignments.done(2)
+  t.same(readsOf.slice(102), ['rl-unread'], 'a retry reads the user that failed, not the others again')
+  unreadable = false
+  await realignments.done(3)
+  t.same(readsOf.slice(103), ['rl-unread'], 'the run after reads it alone too, and gets through')
 })
 
 t.test('the control channel back, and Redis emptied while the topics are read: the streams keep them, and the next resync writes them back', async (t) => {

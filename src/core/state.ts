@@ -81,8 +81,10 @@ export interface Presence {
  * Brings streams back in line with their users' user-wide topics, read with
  * `read`: null when the store has nothing to go by for the user (no set and
  * no removal on record); it rejects when the store lost its data meanwhile.
+ * `retrying`: the last run failed, and no control message can have been
+ * missed since, so only what failed then is owed.
  */
-export type ControlMissedListener = (read: (userId: string) => Promise<string[] | null>) => Promise<void>
+export type ControlMissedListener = (read: (userId: string) => Promise<string[] | null>, retrying: boolean) => Promise<void>
 
 /** Something every instance must apply to its own streams. */
 export type ControlMessage =

@@ -97,6 +97,8 @@ const READS_PER_USER = 5
  */
 export class UserWideRealignment {
   private changedWhileReading: Set<string> | null = null
+  /** The users the last run failed to bring in line; null: every user (it never ran, or it ended early). */
+  private failedLastRun: Set<string> | null = null
 
   constructor (
     private readonly registry: Registry,
@@ -114,27 +116,34 @@ export class UserWideRealignment {
   /**
    * Fails with the first user's failure once every other user has been
    * brought in line: one user whose read or join fails (a command timed out)
-   * holds up nobody else, and the next try reads them all again. A
-   * `StoreLostDataError` ends it at once: the sets read may all be gone.
+   * holds up nobody else, and a retry (`retrying`) reads only the users that
+   * failed. A `StoreLostDataError` ends it at once (the sets read may all be
+   * gone), and every user is owed again.
    */
-  async run (read: (userId: string) => Promise<string[] | null>): Promise<void> {
+  async run (read: (userId: string) => Promise<string[] | null>, retrying = false): Promise<void> {
     const users = new Set<string>()
     for (const connection of this.registry.all()) if (connection.kind === 'stream') users.add(connection.userId)
+    const owed = this.failedLastRun
+    const reading = retrying && owed !== null ? [...owed].filter((userId) => users.has(userId)) : [...users]
     const changed = new Set<string>()
     const failures: unknown[] = []
+    const failed = new Set<string>()
     this.changedWhileReading = changed
+    this.failedLastRun = null
     try {
-      await inTurns([...users], USERS_READ_AT_ONCE, async (userId) => {
+      await inTurns(reading, USERS_READ_AT_ONCE, async (userId) => {
         try {
           await this.realignReading(userId, read, changed)
         } catch (error) {
           if (error instanceof StoreLostDataError) throw error
           failures.push(error)
+          failed.add(userId)
         }
       })
     } finally {
       this.changedWhileReading = null
     }
+    this.failedLastRun = failed
     if (failures.length > 0) throw failures[0]
   }
 

@@ -138,6 +138,8 @@ export class RedisState implements SharedState {
 
   /** The subscriber connection came back: streams are brought back in line after the next resync. */
   private controlMissed = false
+  /** Control messages may have been missed since the last realignment began: the next one reads every user. */
+  private controlMissedAgain = false
   private controlMissedListener: ControlMissedListener = async () => {}
   /** The realignment running, which takes up controlMissed again until it stays false. */
   private realigning: Promise<void> | null = null
@@ -176,6 +178,7 @@ export class RedisState implements SharedState {
         // lost. Brought back in line within a resync, after its write-back:
         // a set read before that, after Redis lost its data, would be empty.
         this.controlMissed = true
+        this.controlMissedAgain = true
         // A failed resync is owed: the next beat runs it, and this with it.
         await this.resync().catch((error: unknown) => {
           this.log.warn({ reason: reasonOf(error) }, 'streams not brought back in line after the control channel came back')
@@ -276,7 +279,9 @@ export class RedisState implements SharedState {
     }
     while (this.controlMissed && !this.closed) {
       this.controlMissed = false
-      await this.controlMissedListener(read).catch((error: unknown) => {
+      const retrying = !this.controlMissedAgain
+      this.controlMissedAgain = false
+      await this.controlMissedListener(read, retrying).catch((error: unknown) => {
         this.controlMissed = true
         // The topics are written back first, by a resync, unless one did since this began.
         if (lost && this.epochSeen === epoch) this.resyncOwed = true
