@@ -48,6 +48,8 @@ export class SentinelSwitchWatch {
   private readonly sentinelClients: Redis[]
   private announced: AnnouncedMaster | null = null
   private readonly checkOnConnect: Array<{ client: Redis, listener: () => void }>
+  /** The sockets a move closed. */
+  private readonly moved = new WeakSet<object>()
   /** Announcements are acted on in the order they were heard, a host name's lookup and all. */
   private hearing: Promise<void> = Promise.resolve()
 
@@ -104,8 +106,12 @@ export class SentinelSwitchWatch {
   private async heard (message: string): Promise<void> {
     const [name, , , host, port] = message.split(' ')
     if (name !== this.masterName || host === undefined || port === undefined) return
-    const hosts = isIP(host) !== 0 ? [host] : await lookup(host, { all: true }).then((found) => found.map((entry) => entry.address), () => [host])
-    this.announced = { address: `${host}:${port}`, hosts, port: Number(port), at: Date.now(), movesLeft: new Map(this.connections.map((client) => [client, MOVES_PER_SWITCH])) }
+    const address = `${host}:${port}`
+    // Every sentinel announces the switch: the first starts its moves and its time.
+    if (this.announced?.address !== address || Date.now() - this.announced.at > FOLLOW_SWITCH_MS) {
+      const hosts = isIP(host) !== 0 ? [host] : await lookup(host, { all: true }).then((found) => found.map((entry) => entry.address), () => [host])
+      this.announced = { address, hosts, port: Number(port), at: Date.now(), movesLeft: new Map(this.connections.map((client) => [client, MOVES_PER_SWITCH])) }
+    }
     const moved = this.connections.filter((client) => this.move(client)).length
     if (moved > 0) this.log.info({ master: this.announced.address, connections: moved }, 'a sentinel announced a new master: moving to it')
   }
@@ -124,11 +130,14 @@ export class SentinelSwitchWatch {
     const master = this.announced
     if (master === null || (client.status !== 'ready' && client.status !== 'connect')) return false
     const socket = client.stream
+    // Closed by a move already: ioredis says ready until the socket has closed.
+    if (this.moved.has(socket)) return false
     const address = socket.remoteAddress?.replace(/^::ffff:/, '')
     if (socket.remotePort === master.port && address !== undefined && master.hosts.includes(address)) return false
     const left = master.movesLeft.get(client) ?? 0
     if (left === 0) return false
     master.movesLeft.set(client, left - 1)
+    this.moved.add(socket)
     client.disconnect(true)
     return true
   }
