@@ -41,6 +41,17 @@ function sharedStore (counter: RequestCounter, log: FastifyBaseLogger): FastifyR
 }
 
 /**
+ * The client address a limit counts under. A trusted proxy's X-Forwarded-For
+ * may carry anything where it should have put an address (one that passes
+ * the header on without appending to it): that is counted under a digest of
+ * it, so a key stays short whatever the header held.
+ */
+function clientKey (request: FastifyRequest): string {
+  const address = request.ip
+  return isIP(address) !== 0 ? address : `other:${createHash('sha256').update(address).digest('base64url').slice(0, 22)}`
+}
+
+/**
  * Per-address limits on stream opens and on publisher routes. Each group
  * shares one counter across its routes, so a client cannot multiply its
  * allowance by spreading requests over several routes. The client address is
@@ -52,17 +63,6 @@ function sharedStore (counter: RequestCounter, log: FastifyBaseLogger): FastifyR
  * refused everyone during an outage would turn it into a lockout, and the
  * requests meet Redis's trouble in their own work anyway.
  */
-/**
- * The client address a limit counts under. A trusted proxy's X-Forwarded-For
- * may carry anything where it should have put an address (one that passes
- * the header on without appending to it): that is counted under a digest of
- * it, so a key stays short whatever the header held.
- */
-function clientKey (request: FastifyRequest): string {
-  const address = request.ip
-  return isIP(address) !== 0 ? address : `other:${createHash('sha256').update(address).digest('base64url').slice(0, 22)}`
-}
-
 export default fp(async (app) => {
   const { config, requestCounter } = app
   await app.register(rateLimit, {
