@@ -167,6 +167,33 @@ t.test('the control channel back: one user whose topics cannot be read holds up 
   t.same(readsOf.slice(103), ['rl-unread'], 'the run after reads it alone too, and gets through')
 })
 
+t.test('the control channel back: a user whose every read is overtaken by a change of theirs is read again by the next run, and the change missed is made', async (t) => {
+  if (!(await needRedis(t))) return
+  const { proxy, viaProxy, direct } = await proxiedCluster(t, { REDIS_PREFIX: uniquePrefix('realign-busy') }, { captureLogs: true })
+  t.teardown(() => proxy.cut())
+  const realignments = watchRealignments(viaProxy)
+  const token = userToken('rl-busy')
+  const { connected } = await openConnected(`${viaProxy.url}/v1/stream?token=${token}`, { t })
+  proxy.cutOff(SUBSCRIBER)
+  await eventually(() => viaProxy.logs.some((line) => line.includes('bus subscription lost')), 'the subscription to be lost')
+  t.equal((await request(`${direct.url}/v1/subscriptions`, { method: 'POST', token, body: { topics: ['rl-missed'] } })).status, 200)
+  const commands = internals(viaProxy).commands
+  const run = commands.run.bind(commands)
+  let reads = 0
+  commands.run = async (script, args) => {
+    // Each of the first run's 5 reads comes after a change the instance hears.
+    if (script === 'USER_TOPICS_CHECKED' && args[1] === 'rl-busy' && ++reads <= 5) {
+      t.equal((await request(`${direct.url}/v1/subscriptions`, { method: 'POST', token, body: { topics: [`rl-noise-${reads}`] } })).status, 200)
+    }
+    return await run(script, args)
+  }
+  t.teardown(() => { commands.run = run })
+  proxy.restore(SUBSCRIBER)
+  await realignments.done(2)
+  t.equal(reads, 6, 'five reads overtaken, then one more by the next run')
+  t.ok(topicsOf(viaProxy, connected.connectionId)?.includes('rl-missed'), 'the stream holds the topic subscribed while the channel was down')
+})
+
 t.test('the control channel back, and Redis emptied while the topics are read: the streams keep them, and the next resync writes them back', async (t) => {
   if (!(await needRedis(t))) return
   const prefix = uniquePrefix('realign3')

@@ -82,7 +82,8 @@ export interface Presence {
  * `read`: null when the store has nothing to go by for the user (no set and
  * no removal on record); it rejects when the store lost its data meanwhile.
  * `retrying`: the last run failed, and no control message can have been
- * missed since, so only what failed then is owed.
+ * missed since, so only what failed then is owed (every user, if that run
+ * ended early: the store lost its data).
  */
 export type ControlMissedListener = (read: (userId: string) => Promise<string[] | null>, retrying: boolean) => Promise<void>
 

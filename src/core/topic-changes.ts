@@ -83,7 +83,7 @@ export async function applyTopicChange (
 
 /** Users whose user-wide topics are read at once while streams are brought back in line. */
 const USERS_READ_AT_ONCE = 100
-/** Reads of one user's topics, each overtaken by a change of theirs, before the user is left to those changes. */
+/** Reads of one user's topics in one run, each overtaken by a change of theirs, before the user is left to the next run. */
 const READS_PER_USER = 5
 
 /**
@@ -133,7 +133,11 @@ export class UserWideRealignment {
     try {
       await inTurns(reading, USERS_READ_AT_ONCE, async (userId) => {
         try {
-          await this.realignReading(userId, read, changed)
+          // Overtaken at every read: still owed what was missed, which a change (a delta) does not carry.
+          if (!(await this.realignReading(userId, read, changed))) {
+            failures.push(new Error(`a user's topics changed during each of ${READS_PER_USER} reads`))
+            failed.add(userId)
+          }
         } catch (error) {
           if (error instanceof StoreLostDataError) throw error
           failures.push(error)
@@ -147,7 +151,8 @@ export class UserWideRealignment {
     if (failures.length > 0) throw failures[0]
   }
 
-  private async realignReading (userId: string, read: (userId: string) => Promise<string[] | null>, changed: Set<string>): Promise<void> {
+  /** Whether the user was brought in line: false when a change of theirs overtook each read. */
+  private async realignReading (userId: string, read: (userId: string) => Promise<string[] | null>, changed: Set<string>): Promise<boolean> {
     for (let attempt = 0; attempt < READS_PER_USER; attempt++) {
       changed.delete(userId)
       const topics = await read(userId)
@@ -156,8 +161,9 @@ export class UserWideRealignment {
         if (topics !== null) await this.realignUser(userId, topics)
         return true
       })
-      if (done) return
+      if (done) return true
     }
+    return false
   }
 
   private async realignUser (userId: string, topics: string[]): Promise<void> {
