@@ -56,6 +56,17 @@ function beforeScript (t: Test, gateway: Gateway, name: string, before: () => Pr
   return () => ran
 }
 
+/** Runs `before` ahead of every read of a user's topics on `gateway` (script USER_TOPICS_CHECKED); a rejection fails the read. */
+function beforeEachRead (t: Test, gateway: Gateway, before: (userId: string) => Promise<void>): void {
+  const commands = internals(gateway).commands
+  const run = commands.run.bind(commands)
+  commands.run = async (script, args) => {
+    if (script === 'USER_TOPICS_CHECKED') await before(String(args[1]))
+    return await run(script, args)
+  }
+  t.teardown(() => { commands.run = run })
+}
+
 function topicsOf (gateway: Gateway, connectionId: string): readonly string[] | undefined {
   return gateway.app.registry.get(connectionId)?.topics
 }
@@ -141,18 +152,12 @@ t.test('the control channel back: one user whose topics cannot be read holds up 
   proxy.cutOff(SUBSCRIBER)
   await eventually(() => viaProxy.logs.some((line) => line.includes('bus subscription lost')), 'the subscription to be lost')
   t.equal((await request(`${direct.url}/v1/subscriptions`, { method: 'POST', token, body: { topics: ['rl-missed'] } })).status, 200)
-  const commands = internals(viaProxy).commands
-  const run = commands.run.bind(commands)
   const readsOf: string[] = []
   let unreadable = true
-  commands.run = async (script, args) => {
-    if (script === 'USER_TOPICS_CHECKED') {
-      readsOf.push(String(args[1]))
-      if (unreadable && args[1] === 'rl-unread') throw new Error('this user\'s topics cannot be read')
-    }
-    return await run(script, args)
-  }
-  t.teardown(() => { commands.run = run })
+  beforeEachRead(t, viaProxy, async (userId) => {
+    readsOf.push(userId)
+    if (unreadable && userId === 'rl-unread') throw new Error('this user\'s topics cannot be read')
+  })
   proxy.restore(SUBSCRIBER)
   await realignments.done(1)
   t.equal(readsOf.length, 102, 'every user read once')
@@ -177,17 +182,13 @@ t.test('the control channel back: a user whose every read is overtaken by a chan
   proxy.cutOff(SUBSCRIBER)
   await eventually(() => viaProxy.logs.some((line) => line.includes('bus subscription lost')), 'the subscription to be lost')
   t.equal((await request(`${direct.url}/v1/subscriptions`, { method: 'POST', token, body: { topics: ['rl-missed'] } })).status, 200)
-  const commands = internals(viaProxy).commands
-  const run = commands.run.bind(commands)
   let reads = 0
-  commands.run = async (script, args) => {
+  beforeEachRead(t, viaProxy, async (userId) => {
     // Each of the first run's 5 reads comes after a change the instance hears.
-    if (script === 'USER_TOPICS_CHECKED' && args[1] === 'rl-busy' && ++reads <= 5) {
+    if (userId === 'rl-busy' && ++reads <= 5) {
       t.equal((await request(`${direct.url}/v1/subscriptions`, { method: 'POST', token, body: { topics: [`rl-noise-${reads}`] } })).status, 200)
     }
-    return await run(script, args)
-  }
-  t.teardown(() => { commands.run = run })
+  })
   proxy.restore(SUBSCRIBER)
   await realignments.done(2)
   t.equal(reads, 6, 'five reads overtaken, then one more by the next run')
