@@ -6,7 +6,7 @@
  */
 import t, { type Test } from 'tap'
 import { eventually, openConnected, openStream, publishOk, publisherToken, request, startGateway, userToken, type Gateway, type SseClient } from './helpers'
-import { proxiedCluster } from './helpers/proxy'
+import { proxiedCluster, type FaultyProxy } from './helpers/proxy'
 import { needRedis, redisClient, REDIS_URL, uniquePrefix } from './helpers/redis'
 import type { ControlMissedListener } from '../src/core/state'
 
@@ -54,6 +54,23 @@ function beforeScript (t: Test, gateway: Gateway, name: string, before: () => Pr
   }
   t.teardown(() => { commands.run = run })
   return () => ran
+}
+
+/**
+ * Two instances of one cluster, the first reaching Redis through a proxy
+ * that can cut its control channel, its logs captured and its realignments
+ * counted.
+ */
+async function realigningCluster (t: Test, name: string): Promise<{ proxy: FaultyProxy, viaProxy: Gateway, direct: Gateway, realignments: ReturnType<typeof watchRealignments> }> {
+  const { proxy, viaProxy, direct } = await proxiedCluster(t, { REDIS_PREFIX: uniquePrefix(name) }, { captureLogs: true })
+  t.teardown(() => proxy.cut())
+  return { proxy, viaProxy, direct, realignments: watchRealignments(viaProxy) }
+}
+
+/** Cuts `gateway`'s control channel off without closing it, and waits until the gateway has noticed. */
+async function cutControlOff (proxy: FaultyProxy, gateway: Gateway): Promise<void> {
+  proxy.cutOff(SUBSCRIBER)
+  await eventually(() => gateway.logs.some((line) => line.includes('bus subscription lost')), 'the subscription to be lost')
 }
 
 /** Runs `before` ahead of every read of a user's topics on `gateway` (script USER_TOPICS_CHECKED); a rejection fails the read. */
@@ -104,9 +121,7 @@ t.test('a user-wide subscribe and unsubscribe of one topic, racing on one instan
 
 t.test('the control channel back: a user-wide topic a stream left on its own stays left', async (t) => {
   if (!(await needRedis(t))) return
-  const { proxy, viaProxy, direct } = await proxiedCluster(t, { REDIS_PREFIX: uniquePrefix('realign1') })
-  t.teardown(() => proxy.cut())
-  const realignments = watchRealignments(viaProxy)
+  const { proxy, viaProxy, direct, realignments } = await realigningCluster(t, 'realign1')
   const token = userToken('rl-u1')
   const { stream, connected } = await openConnected(`${viaProxy.url}/v1/stream?token=${token}`, { t })
   t.equal((await request(`${direct.url}/v1/subscriptions`, { method: 'POST', token, body: { topics: ['rl-x', 'rl-y'] } })).status, 200)
@@ -119,14 +134,11 @@ t.test('the control channel back: a user-wide topic a stream left on its own sta
 
 t.test('the control channel back: a change of the user\'s arriving while their topics are read has them read again, so the change missed is still made', async (t) => {
   if (!(await needRedis(t))) return
-  const { proxy, viaProxy, direct } = await proxiedCluster(t, { REDIS_PREFIX: uniquePrefix('realign2') }, { captureLogs: true })
-  t.teardown(() => proxy.cut())
-  const realignments = watchRealignments(viaProxy)
+  const { proxy, viaProxy, direct, realignments } = await realigningCluster(t, 'realign2')
   const token = userToken('rl-u2')
   const { stream, connected } = await openConnected(`${viaProxy.url}/v1/stream?token=${token}`, { t })
   t.equal((await request(`${direct.url}/v1/subscriptions`, { method: 'POST', token, body: { topics: ['rl-a'] } })).status, 200)
-  proxy.cutOff(SUBSCRIBER)
-  await eventually(() => viaProxy.logs.some((line) => line.includes('bus subscription lost')), 'the subscription to be lost')
+  await cutControlOff(proxy, viaProxy)
   // Made while the instance cannot hear it.
   t.same((await request(`${direct.url}/v1/subscriptions`, { method: 'DELETE', token, body: { topics: ['rl-a'] } })).json, { topics: [] })
   const raced = beforeScript(t, viaProxy, 'USER_TOPICS_CHECKED', async () => {
@@ -141,16 +153,13 @@ t.test('the control channel back: a change of the user\'s arriving while their t
 
 t.test('the control channel back: one user whose topics cannot be read holds up no other user\'s, past the 100 read at once', async (t) => {
   if (!(await needRedis(t))) return
-  const { proxy, viaProxy, direct } = await proxiedCluster(t, { REDIS_PREFIX: uniquePrefix('realign-each') }, { captureLogs: true })
-  t.teardown(() => proxy.cut())
-  const realignments = watchRealignments(viaProxy)
+  const { proxy, viaProxy, direct, realignments } = await realigningCluster(t, 'realign-each')
   // The failing user's read is among the first 100, the missed change's user the 102nd.
   await openConnected(`${viaProxy.url}/v1/stream?token=${userToken('rl-unread')}`, { t })
   for (let n = 0; n < 100; n++) await openConnected(`${viaProxy.url}/v1/stream?token=${userToken(`rl-quiet-${n}`)}`, { t })
   const token = userToken('rl-last')
   const { stream, connected } = await openConnected(`${viaProxy.url}/v1/stream?token=${token}`, { t })
-  proxy.cutOff(SUBSCRIBER)
-  await eventually(() => viaProxy.logs.some((line) => line.includes('bus subscription lost')), 'the subscription to be lost')
+  await cutControlOff(proxy, viaProxy)
   t.equal((await request(`${direct.url}/v1/subscriptions`, { method: 'POST', token, body: { topics: ['rl-missed'] } })).status, 200)
   const readsOf: string[] = []
   let unreadable = true
@@ -174,13 +183,10 @@ t.test('the control channel back: one user whose topics cannot be read holds up 
 
 t.test('the control channel back: a user whose every read is overtaken by a change of theirs is read again by the next run, and the change missed is made', async (t) => {
   if (!(await needRedis(t))) return
-  const { proxy, viaProxy, direct } = await proxiedCluster(t, { REDIS_PREFIX: uniquePrefix('realign-busy') }, { captureLogs: true })
-  t.teardown(() => proxy.cut())
-  const realignments = watchRealignments(viaProxy)
+  const { proxy, viaProxy, direct, realignments } = await realigningCluster(t, 'realign-busy')
   const token = userToken('rl-busy')
   const { connected } = await openConnected(`${viaProxy.url}/v1/stream?token=${token}`, { t })
-  proxy.cutOff(SUBSCRIBER)
-  await eventually(() => viaProxy.logs.some((line) => line.includes('bus subscription lost')), 'the subscription to be lost')
+  await cutControlOff(proxy, viaProxy)
   t.equal((await request(`${direct.url}/v1/subscriptions`, { method: 'POST', token, body: { topics: ['rl-missed'] } })).status, 200)
   let reads = 0
   beforeEachRead(t, viaProxy, async (userId) => {
@@ -306,14 +312,11 @@ t.test('Redis emptied, one instance: the topics written back do not return to a 
 
 t.test('the control channel back: a user-wide subscribe missed meanwhile reaches a stream that had left the same topic of its own (?topics=) before', async (t) => {
   if (!(await needRedis(t))) return
-  const { proxy, viaProxy, direct } = await proxiedCluster(t, { REDIS_PREFIX: uniquePrefix('realign5') }, { captureLogs: true })
-  t.teardown(() => proxy.cut())
-  const realignments = watchRealignments(viaProxy)
+  const { proxy, viaProxy, direct, realignments } = await realigningCluster(t, 'realign5')
   const token = userToken('rl-u9')
   const { stream, connected } = await openConnected(`${viaProxy.url}/v1/stream?token=${token}&topics=rl-own`, { t })
   t.same((await request(`${direct.url}/v1/subscriptions`, { method: 'DELETE', token, body: { topics: ['rl-own'], connectionId: connected.connectionId } })).json, { topics: [] })
-  proxy.cutOff(SUBSCRIBER)
-  await eventually(() => viaProxy.logs.some((line) => line.includes('bus subscription lost')), 'the subscription to be lost')
+  await cutControlOff(proxy, viaProxy)
   t.same((await request(`${direct.url}/v1/subscriptions`, { method: 'POST', token, body: { topics: ['rl-own'] } })).json, { topics: ['rl-own'] })
   proxy.restore(SUBSCRIBER)
   await realignments.done(1)
