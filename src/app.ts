@@ -272,20 +272,23 @@ function answerErrors (app: FastifyInstance): void {
       // Expected while Redis is away or the instance drains: one line, no stack,
       // for every reconnect attempt of every browser.
       noteRefusal(reply, error.code, error instanceof StoreUnavailableError ? error.reason : error.message)
-      return reply.code(503).send({ statusCode, code: 'GW_UNAVAILABLE', error: 'Service Unavailable', message: error.message })
+      return reply.code(503).send({ statusCode, code: 'GW_UNAVAILABLE', error: 'Service Unavailable', message: withoutJwts(error.message) })
     }
     if (statusCode >= 500) {
       request.log.error({ err: error }, 'request failed')
       return reply.code(statusCode).send({ statusCode, code: 'GW_INTERNAL', error: 'Internal Server Error', message: 'Internal Server Error' })
     }
     const code = gatewayCodeOf(error.code, statusCode)
-    // A message may echo a path parameter or a query value, where a client may have put its token.
-    noteRefusal(reply, code, withoutJwts(error.message))
+    // A message may echo a path parameter or a query value, where a client may
+    // have put its token; the answer can end up in a proxy's or a browser's
+    // error report, so it is kept out of both.
+    const message = withoutJwts(error.message)
+    noteRefusal(reply, code, message)
     return reply.code(statusCode).send({
       statusCode,
       code,
       error: httpReason(statusCode),
-      message: error.message
+      message
     })
   })
 

@@ -189,6 +189,27 @@ t.test('a token as a path parameter, percent-encoded in a path or in a request N
   assertNoToken(t, gateway, tokens)
 })
 
+t.test('a token put where an id or a topic goes is not echoed in the error answer either', async (t) => {
+  const gateway = await startGateway(t)
+  const { url } = gateway
+  // No iat or exp: short enough to pass as an id or a topic, so the refusals name it.
+  const asId = token({ sub: 'u1', iat: undefined }, { ttlS: null })
+  t.ok(asId.length <= 128, `a ${asId.length}-character token fits an id and a topic`)
+  const limited = userToken('u1', { topics: ['news'] })
+  const refusals = [
+    await request(`${url}/v1/stream/${asId}`, { token: asId }),
+    await request(`${url}/v1/jobs/${asId}`, { token: asId }),
+    await request(`${url}/v1/subscriptions`, { method: 'POST', token: asId, body: { topics: ['news'], connectionId: asId } }),
+    await request(`${url}/v1/stream?topics=${asId}`, { token: limited })
+  ]
+  t.same(refusals.map((answer) => answer.status), [404, 404, 404, 403], 'each refused')
+  for (const answer of refusals) {
+    const { message } = answer.json as { message: string }
+    t.notOk(answer.text.includes(asId.split('.')[2]), `no token in "${message}"`)
+    t.match(message, /\[redacted\]/, 'the token replaced where it was')
+  }
+})
+
 t.test('X-Forwarded-For without TRUST_PROXY: one warning naming TRUST_PROXY; with it set, none', async (t) => {
   const untrusting = await startGateway(t, {}, { captureLogs: true })
   const trusting = await startGateway(t, { TRUST_PROXY: '127.0.0.1' }, { captureLogs: true })
