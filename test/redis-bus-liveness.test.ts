@@ -51,7 +51,7 @@ t.test('a subscriber slow to read a long queue of messages is not taken for dead
   })
   const pipeline = redisClient(t).pipeline()
   const first = bus.deliveredUpTo() + 1
-  for (let n = 0; n < COUNT; n++) pipeline.publish(`${prefix}ch:b`, `${first + n}\n${JSON.stringify({ n, pad: 'x'.repeat(4000) })}`)
+  for (let n = 0; n < COUNT; n++) pipeline.publish(`${prefix}ch:b`, `${first + n}\ndata: ${JSON.stringify({ n, pad: 'x'.repeat(4000) })}\n\n`)
   await pipeline.exec()
   await eventually(() => delivered === COUNT, 'every message delivered', 30_000, 50)
   t.equal(losses(), 0, 'no loss signalled')

@@ -154,6 +154,47 @@ t.test('a well-formed control message still reaches the handler and is answered'
   noCrash(t)
 })
 
+t.test('a message on a bus channel that is not one of the gateway\'s own is dropped: the streams\' framing, cursors and later events are intact', async (t) => {
+  if (!(await needRedis(t))) return
+  const prefix = uniquePrefix('businput')
+  const gateway = await startGateway(t, modeEnv('redis', prefix), { captureLogs: true })
+  const redis = redisClient(t)
+  const tab = await connect(t, gateway, 'u1')
+  const first = await publishTo(gateway, { to: { user: 'u1' }, event: 'note', data: 'before' })
+  t.equal((await tab.stream.nextEvent('note')).id, first)
+  const next = String(Number(first) + 1)
+  const bad = [
+    `{\n  "event": "x", "data": "${SECRET}"\n}`,
+    `${next}\nevent: forged\ndata: ${SECRET}\n`,
+    `${next}\ndata: x\nid: 9000000000000000\n\n`,
+    `${next}\ndata: a\n\ndata: b\n\n`,
+    `${next}\ndata: a\r\n\n`,
+    `${next}\n: comment\n\n`,
+    `${next}\nretry: 1\ndata: x\n\n`,
+    `${next}\n\n`,
+    '0x10\ndata: x\n\n',
+    '1e15\ndata: x\n\n',
+    '-5\ndata: x\n\n',
+    '05\ndata: x\n\n',
+    '99999999999999999\ndata: x\n\n',
+    '9007199254740993\ndata: x\n\n',
+    `${next}`,
+    ''
+  ]
+  for (const payload of bad) t.equal(await redis.publish(`${prefix}ch:b`, payload), 1, 'the instance listens to the broadcast channel')
+  for (const payload of bad) t.equal(await redis.publish(`${prefix}ch:u:u1`, payload), 1, 'and to the user\'s')
+  // Published after them on the same subscriber connection: it arrives after them.
+  const after = await publishTo(gateway, { to: { user: 'u1' }, event: 'note', data: 'after' })
+  const received = await tab.stream.nextEvent('note')
+  t.same({ id: received.id, data: received.data }, { id: after, data: 'after' }, 'the next event arrives whole, with its own id')
+  t.same(tab.stream.events.map((event) => event.event), ['connected', 'note', 'note'], 'nothing else reached the stream')
+  t.equal(received.lastEventId, after, 'the cursor is the last event\'s id')
+  await eventually(() => count(gateway, 'malformed bus message dropped') >= bad.length * 2, 'every bad message to be logged')
+  t.equal(count(gateway, 'malformed bus message dropped'), bad.length * 2, 'each logged once')
+  t.notOk(gateway.logText().includes(SECRET), 'without its payload')
+  noCrash(t)
+})
+
 forEachMode(t, 'GET /v1/stats counts topics named like Object.prototype members (constructor, __proto__, toString…)', async (t, mode) => {
   const [a, b] = await pair(t, mode)
   await connect(t, a, 'u1', { topics: 'constructor,__proto__,news' })

@@ -65,6 +65,35 @@ export function chunkOfText (text: string, ownMemory = false): Buffer {
   return out
 }
 
+const LF = 0x0a
+const CR = 0x0d
+const DATA_LINE = Buffer.from('data: ')
+const EVENT_LINE = Buffer.from('event: ')
+
+function holdsAt (bytes: Buffer, offset: number, expected: Buffer): boolean {
+  if (offset + expected.length > bytes.length) return false
+  for (let index = 0; index < expected.length; index++) if (bytes[offset + index] !== expected[index]) return false
+  return true
+}
+
+/**
+ * Whether `bytes` from `start` on is an event body as renderBody writes it:
+ * `event:` and `data:` lines, no CR, and one blank line, at the end. Bodies
+ * that come from outside the process are checked before they are written
+ * to streams as they are: one that is not could end a frame early, glue
+ * the next one onto it, or move the browser's cursor with an `id:` line.
+ */
+export function isEventBody (bytes: Buffer, start: number): boolean {
+  const end = bytes.length
+  if (end - start < 2 || bytes[end - 1] !== LF || bytes[end - 2] !== LF || bytes.indexOf(CR, start) !== -1) return false
+  let line = start
+  while (line < end - 1) {
+    if (!holdsAt(bytes, line, DATA_LINE) && !holdsAt(bytes, line, EVENT_LINE)) return false
+    line = bytes.indexOf(LF, line) + 1
+  }
+  return true
+}
+
 /** The chunk that ends a chunked body. */
 export const END_CHUNK = Buffer.from('0\r\n\r\n')
 

@@ -1,7 +1,7 @@
 import type Redis from 'ioredis'
 import { randomBytes } from 'node:crypto'
 import { NotLeaseHolderError, type DeliveryListener, type EventBus, type HistoryEntry, type LeaseFence, type OnceOutcome, type PublishItem, type PublishOnce, type ReplayResult, type ResetReason, type SubscriptionListeners } from '../bus'
-import { chunkOf, frameWithId } from '../framing'
+import { chunkOf, frameWithId, isEventBody } from '../framing'
 import { reasonOf, type Log, type ScriptedRedis } from './client'
 
 const ID_PREFIX = Buffer.from('id: ')
@@ -24,6 +24,17 @@ export interface RedisBusOptions {
  * clients of Redis nor this process's memory.
  */
 const REPLAY_PAGE_BYTES = 256 * 1024
+
+/** The id before the first newline of a bus message, as the scripts write it (1–16 digits, no leading zero), or null. */
+function idOf (message: Buffer, newline: number): number | null {
+  if (newline < 1 || newline > 16 || message[0] === 0x30) return null
+  for (let index = 0; index < newline; index++) {
+    const byte = message[index]
+    if (byte < 0x30 || byte > 0x39) return null
+  }
+  const id = Number(message.toString('latin1', 0, newline))
+  return Number.isSafeInteger(id) ? id : null
+}
 
 /**
  * The distributed engine. Publishing is one Lua script per batch (id, history,
@@ -95,10 +106,17 @@ export class RedisBus implements EventBus {
       this.received++
       if (channelName.length <= skip || channelName.toString('latin1', 0, skip) !== this.channelPrefix) return
       const newline = message.indexOf(NEWLINE)
-      if (newline <= 0) return
-      const id = Number(message.toString('latin1', 0, newline))
+      const id = idOf(message, newline)
+      const isMark = channelName.length === this.markChannelName.length && channelName.equals(this.markChannelName)
+      // Anyone who can PUBLISH to Redis can reach these channels (a backend
+      // mistaking one for ingress): what is not one of the scripts' messages
+      // is dropped here, or it would be written to every stream as it came.
+      if (id === null || (isMark ? newline !== message.length - 1 : !isEventBody(message, newline + 1))) {
+        this.log.warn({ channel: channelName.toString('utf8', skip, Math.min(channelName.length, skip + 200)), bytes: message.length, hint: 'the bus channels are the gateway\'s own: publish to <prefix>publish' }, 'malformed bus message dropped')
+        return
+      }
       if (id > this.delivered) this.delivered = id
-      if (channelName.length === this.markChannelName.length && channelName.equals(this.markChannelName)) {
+      if (isMark) {
         this.heardMark(id)
         return
       }
