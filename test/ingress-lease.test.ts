@@ -6,7 +6,7 @@ import { Registry } from '../src/core/registry'
 import { redisOptions, ScriptedRedis } from '../src/core/redis/client'
 import { IngressLeader, MAX_QUEUED_INGRESS } from '../src/core/redis/engine'
 import { RedisState } from '../src/core/redis/redis-state'
-import { eventually, openConnected, startGateway, userToken, type Gateway, type SseClient } from './helpers'
+import { eventually, openConnected, spawnServer, startGateway, TEST_SECRET, userToken, type Gateway, type SseClient } from './helpers'
 import { needRedis, redisClient, REDIS_URL, startOwnRedis, subscriberCount, uniquePrefix } from './helpers/redis'
 import { Waiters, within } from './helpers/wait'
 
@@ -44,7 +44,8 @@ async function rig (t: Test, subscriberOptions: RedisOptions = {}, shared: { pre
   const state = new RedisState(commands, subscriber, new Registry(`lease-${randomBytes(4).toString('hex')}`), {
     prefix, historySize: 100, historyTtlS: 60, presenceGraceMs: shared.presenceGraceMs ?? 100, instanceTtlMs: 60_000
   }, log)
-  const leader = new IngressLeader(commands, subscriber, state, prefix, shared.leaseMs ?? 30_000, log)
+  // No probes either: a takeover happens only when the test ticks.
+  const leader = new IngressLeader(commands, subscriber, state, prefix, shared.leaseMs ?? 30_000, log, null)
   t.teardown(async () => {
     await leader.stop()
     await state.close()
@@ -70,6 +71,16 @@ async function killSubscriber (t: Test, redis: Redis, subscriber: Redis, until: 
   const seen = once(subscriber, until)
   t.equal(await redis.client('KILL', 'ADDR', `127.0.0.1:${subscriber.stream.localPort ?? 0}`), 1, 'the subscriber connection is killed')
   await within(seen, WAIT_MS, `the subscriber to be ${until}`)
+}
+
+/**
+ * Another instance holding the lease, alive: listening on its `alive:` channel
+ * as a gateway's subscriber does, so no instance takes the lease from it.
+ */
+async function otherHolder (t: Test, url: string, prefix: string): Promise<void> {
+  const listener = redisClient(t, url)
+  await listener.subscribe(`${prefix}alive:another-instance`)
+  await redisClient(t, url).set(`${prefix}leader`, 'another-instance', 'PX', 60_000)
 }
 
 /**
@@ -194,7 +205,7 @@ t.test('a lease given up while unsubscribing fails: the subscriptions ioredis re
   const setup = await rig(t)
   await tick(t, setup.leader)
   t.ok(setup.leader.isLeader, 'the first tick takes the lease')
-  await redis.set(`${setup.prefix}leader`, 'another-instance', 'PX', 60_000)
+  await otherHolder(t, REDIS_URL, setup.prefix)
   await killSubscriber(t, redis, setup.subscriber, 'reconnecting')
   const ready = once(setup.subscriber, 'ready')
   await tick(t, setup.leader)
@@ -221,11 +232,11 @@ t.test('gateway: the pubsub connection killed as the lease is taken; once it is 
   const { stream } = await openConnected(`${gateway.url}/v1/stream?token=${userToken('u1')}`, { t })
 
   // The lease moves away, then comes back free just as the pubsub connection drops.
-  await redis.set(`${prefix}leader`, 'another-instance', 'PX', 60_000)
+  await otherHolder(t, own.url, prefix)
   await tick(t, ingress)
   t.notOk(ingress.isLeader, 'the lease moved away')
   await redis.del(`${prefix}leader`)
-  t.equal(await redis.client('KILL', 'TYPE', 'pubsub'), 1, 'the gateway pubsub connection is killed')
+  t.equal(await redis.client('KILL', 'TYPE', 'pubsub'), 2, 'the gateway pubsub connection is killed (and the other holder\'s)')
   await eventually(() => !gateway.app.bus.isReady(), 'the gateway to see its pubsub connection drop')
   await tick(t, ingress)
   t.notOk(ingress.isLeader, 'not the holder while not subscribed')
@@ -238,6 +249,29 @@ t.test('gateway: the pubsub connection killed as the lease is taken; once it is 
   const event = await stream.nextEvent('after-outage', WAIT_MS)
   t.same(JSON.parse(event.data), { n: 1 })
   t.ok(event.id !== undefined, 'it got an id')
+})
+
+t.test('gateway: a lease holder killed with SIGKILL loses the lease as its connection closes, not when the lease expires; a PUBLISH stream:<id> then reaches a stream on the other instance', async (t) => {
+  if (!(await needRedis(t))) return
+  const prefix = uniquePrefix('lease-kill')
+  // A lease of five minutes: within the wait below, only the closed connection can hand it over.
+  const env = { REDIS_URL, REDIS_PREFIX: prefix, INSTANCE_TTL_MS: '600000' }
+  const doomed = await spawnServer(t, { ...env, JWT_SECRET: TEST_SECRET, LOG_LEVEL: 'warn', HOST: '127.0.0.1' })
+  const redis = redisClient(t)
+  const survivor = await startGateway(t, env)
+  const ingress = survivor.app.ingress
+  if (ingress === null) throw new Error('no ingress leader in Redis mode')
+  t.notOk(ingress.isLeader, 'the first instance holds the lease')
+  const { stream, connected } = await openConnected(`${survivor.url}/v1/stream?token=${userToken('u1')}`, { t })
+  await redis.publish(`stream:${connected.connectionId}`, JSON.stringify({ event: 'chunk', data: 'before' }))
+  t.equal((await stream.nextEvent('chunk', WAIT_MS)).data, 'before', 'the holder handles stream:<id>')
+  t.notOk(ingress.isLeader, 'a holder that listens keeps its lease')
+
+  doomed.child.kill('SIGKILL')
+  await doomed.waitExit(WAIT_MS)
+  await eventually(() => ingress.isLeader, 'the other instance to take the lease', WAIT_MS)
+  t.equal(await redis.publish(`stream:${connected.connectionId}`, JSON.stringify({ event: 'chunk', data: 'after' })), 1, 'one instance listens')
+  t.equal((await stream.nextEvent('chunk', WAIT_MS)).data, 'after', 'and handles it')
 })
 
 /**

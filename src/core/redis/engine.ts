@@ -31,6 +31,13 @@ export const MAX_QUEUED_INGRESS = 10_000
 export const MAX_QUEUED_INGRESS_BYTES = 64 * 1024 * 1024
 
 /**
+ * How often an instance that does not hold the ingress lease asks whether the
+ * holder still listens (see LEASE): plain PUBLISH ingress messages sent after
+ * a holder died reach no one until another takes the lease over.
+ */
+export const TAKEOVER_PROBE_MS = 250
+
+/**
  * Handles one message that arrived on an ingress channel (`<prefix>publish`
  * or `stream:<connectionId>`) in two steps: it resolves once the message's
  * events are handed to Redis (or the message is dropped), with the promise of
@@ -45,7 +52,9 @@ export type IngressHandler = (source: { kind: 'publish' } | { kind: 'stream', co
  * Every instance receives a PUBLISH on an ingress channel, yet each message
  * must be handled once. One instance holds a lease in Redis (`<prefix>leader`)
  * and only it subscribes to the ingress channels; the others keep trying to
- * take the lease, so one takes over within a lease when the holder dies.
+ * take the lease, so one takes over within TAKEOVER_PROBE_MS when the
+ * holder's connection to Redis closes (its process died), and within a
+ * lease when it stays open but the holder stops renewing (a frozen process).
  * The same holder clears what dead instances left behind, and ends the
  * presence graces their (or stopped instances') timers can no longer end.
  */
@@ -73,8 +82,8 @@ export class IngressLeader {
   private rerun: Promise<void> | null = null
   private stopped = false
   private stopping = false
-  /** Subscribed to `leader-free` since start (again after each reconnect). */
-  private listeningForFree = false
+  /** Subscribed to `leader-free` and to its own `alive:` channel since start (again after each reconnect). */
+  private listening = false
   /** The last ingress message's hand-over to Redis: the next one starts when it is done. */
   private pending: Promise<void> = Promise.resolve()
   /** Messages, and their bytes, not yet published: waiting in `pending`, or in flight to Redis. */
@@ -86,6 +95,7 @@ export class IngressLeader {
   /** Local deadline: past it this instance stops acting even if Redis is unreachable. */
   private validUntil = 0
   private readonly timer: NodeJS.Timeout
+  private readonly probeTimer: NodeJS.Timeout | undefined
   private readonly checkEveryMs: number
   private graceTimer: NodeJS.Timeout | undefined
   private handler: IngressHandler = async () => ({ published: Promise.resolve() })
@@ -98,7 +108,8 @@ export class IngressLeader {
     private readonly state: RedisState,
     private readonly prefix: string,
     private readonly leaseMs: number,
-    private readonly log: Log
+    private readonly log: Log,
+    probeEveryMs: number | null = TAKEOVER_PROBE_MS
   ) {
     // As Buffers, as the bus reads its events (see RedisState).
     const publishChannel = Buffer.from(`${prefix}publish`)
@@ -129,13 +140,14 @@ export class IngressLeader {
     subscriber.on('ready', () => {
       this.reconnected = true
       // The subscriber does not resubscribe by itself (client.ts).
-      if (this.listeningForFree) void this.listenForFree()
+      if (this.listening) void this.listen()
       recheck()
     })
     commands.redis.on('ready', recheck)
     this.fence = { holder: state.instanceId, leaseMs }
     this.checkEveryMs = Math.max(100, Math.floor(leaseMs / 3))
     this.timer = setInterval(() => this.check(), this.checkEveryMs).unref()
+    this.probeTimer = probeEveryMs === null ? undefined : setInterval(() => { if (!this.holding) this.check() }, probeEveryMs).unref()
   }
 
   private check (): void {
@@ -143,16 +155,23 @@ export class IngressLeader {
     this.tick().catch((error: unknown) => this.log.warn({ err: error }, 'ingress lease check failed'))
   }
 
-  /** Listens for holders giving the lease up, and takes the lease if it is free. */
+  /**
+   * Listens for holders giving the lease up, says it is alive (see LEASE),
+   * and takes the lease if it is free.
+   */
   async start (): Promise<void> {
-    this.listeningForFree = true
-    await this.listenForFree()
+    this.listening = true
+    await this.listen()
     await this.tick()
   }
 
-  /** Never rejects: the notice is only a hint, and the timer's checks still take a free lease. */
-  private async listenForFree (): Promise<void> {
-    await this.subscriber.subscribe(`${this.prefix}leader-free`).catch((error: unknown) => {
+  /**
+   * Never rejects: the notice is only a hint, and the timer's checks still take
+   * a free lease. (Not heard alive, this instance would lose a lease it took
+   * at another's next check: another holds it, which is all ingress needs.)
+   */
+  private async listen (): Promise<void> {
+    await this.subscriber.subscribe(`${this.prefix}leader-free`, `${this.prefix}alive:${this.state.instanceId}`).catch((error: unknown) => {
       this.log.warn({ reason: reasonOf(error) }, 'could not subscribe to lease hand-overs')
     })
   }
@@ -220,6 +239,7 @@ export class IngressLeader {
   async stop (): Promise<void> {
     this.stopped = true
     clearInterval(this.timer)
+    clearInterval(this.probeTimer)
     clearTimeout(this.graceTimer)
     // A check in flight may take the lease after this looked: it ends first.
     await this.rerun?.catch(() => {})

@@ -793,7 +793,14 @@ table.insert(out, 1, skipped)
 return out
 `
 
-/** ARGV: prefix, instance, leaseMs. Takes or renews the ingress lease; returns 1 if held. */
+/**
+ * ARGV: prefix, instance, leaseMs. Takes or renews the ingress lease; returns 1 if held.
+ * Every instance's subscriber listens to `<prefix>alive:<instance>` from start-up:
+ * a holder with no one there has lost the connection ingress messages come
+ * on (its process died, or it lost Redis), so they reach no one until its
+ * lease would have expired. It is taken from it at once. A holder that is
+ * only slow (paused, busy) keeps its connection, and its lease.
+ */
 export const LEASE = `
 local key = ARGV[1] .. 'leader'
 local holder = redis.call('GET', key)
@@ -801,11 +808,11 @@ if holder == ARGV[2] then
   redis.call('PEXPIRE', key, tonumber(ARGV[3]))
   return 1
 end
-if not holder then
-  redis.call('SET', key, ARGV[2], 'PX', tonumber(ARGV[3]))
-  return 1
+if holder and redis.call('PUBSUB', 'NUMSUB', ARGV[1] .. 'alive:' .. holder)[2] > 0 then
+  return 0
 end
-return 0
+redis.call('SET', key, ARGV[2], 'PX', tonumber(ARGV[3]))
+return 1
 `
 
 /**
