@@ -7,11 +7,18 @@ const TOPICS_KEY = 'sse-gateway.demo-topics'
 const LISTEN_KEY = 'sse-gateway.demo-listen'
 const MAX_EVENTS = 500
 
-/** Named events a browser must ask for; unnamed ones arrive as `message`. */
+/**
+ * Named events a browser must ask for; unnamed ones arrive as `message`.
+ * The names the systems this gateway replaces send (chat, notifications,
+ * topics, blog generation). `job_update` is not among them: it comes on job
+ * streams, never on this one.
+ */
 const DEFAULT_EVENTS = [
   'message', 'notification', 'announcement', 'message:new', 'message:updated', 'message:deleted',
-  'user:online', 'user:offline', 'user:typing', 'job_update', 'content-chunk',
-  'system-alert', 'maintenance-alert', 'newEvent', 'eventUpdate', 'newPost'
+  'message:delivered', 'message:read', 'conversation:updated',
+  'user:online', 'user:offline', 'user:typing', 'user-update', 'content-chunk',
+  'system-alert', 'maintenance', 'maintenance-alert', 'job-completed', 'job-failed',
+  'newEvent', 'eventUpdate', 'newPost'
 ]
 /** Sent by the gateway itself, without an id. */
 const SYSTEM_EVENTS = ['connected', 'reset', 'auth-expired', 'shutdown', 'evicted']

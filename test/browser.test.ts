@@ -240,6 +240,12 @@ t.test('the pages: an event sent from /admin appears on /demo', async (t) => {
   const item = await demo.waitForSelector(`#events li[data-event="notification"][data-id="${id ?? ''}"]`)
   t.match(await item.textContent(), `from the dashboard ${stamp}`, 'the demo page shows the event sent to user u1')
 
+  // Names the replaced systems' backends send: shown without being added by hand (a backend, not the dashboard, sends them).
+  const seedNames = ['message:read', 'conversation:updated', 'user-update', 'maintenance', 'job-completed', 'job-failed']
+  const seedIds = await publishOk(gateway.url, publisher, seedNames.map((event) => ({ to: { user: 'u1' }, event, data: { stamp } })))
+  for (const [index, event] of seedNames.entries()) await demo.waitForSelector(`#events li[data-event="${event}"][data-id="${seedIds[index]}"]`)
+  t.pass(`the demo page shows ${seedNames.join(', ')}`)
+
   await admin.selectOption('#target-kind', 'topic')
   await admin.fill('#target', 'news')
   await admin.fill('#event', 'announcement')
