@@ -6,7 +6,7 @@
  */
 import t, { type Test } from 'tap'
 import { channel } from '../src/core/channels'
-import { openConnected, publisherToken, publishOk, startGateway, userToken, type Gateway } from './helpers'
+import { openConnected, publisherToken, publishOk, request, startGateway, userToken, type Gateway } from './helpers'
 import { needRedis, REDIS_URL, uniquePrefix } from './helpers/redis'
 
 const publisher = publisherToken()
@@ -91,4 +91,34 @@ t.test('a history trimmed while a stream reads its earlier pages: the stream hea
   for (let n = 0; n < 40; n++) await publishOk(gateway.url, publisher, { to: { user: 'u-trim' }, event: 'new', data: { n } })
   const next = await gateway.app.bus.replay([channel.user('u-trim')], first.events[first.events.length - 1].id)
   t.same(next, { reset: 'trimmed', events: [] }, 'the next page finds its cursor trimmed')
+})
+
+t.test('topics a stream joins while its replay is still being written (a client reading slowly): what they publish meanwhile arrives, in id order, with nothing dropped as sent', async (t) => {
+  if (!(await needRedis(t))) return
+  const gateway = await startGateway(t, { REDIS_URL, REDIS_PREFIX: uniquePrefix('pages-join'), HISTORY_TTL_S: '120' })
+  const user = 'u-join'
+  const token = userToken(user)
+  const [cursor] = await publishOk(gateway.url, publisher, { to: { user }, event: 'before', data: 0 })
+  const published: number[] = []
+  // 10 MB of history, two events a page: more than the sockets buffer while the client does not read.
+  const large = 'z'.repeat(100 * 1024)
+  for (let n = 0; n < 100; n++) published.push(...(await publishOk(gateway.url, publisher, { to: { user }, event: 'old', data: { n, large } })).map(Number))
+  const { stream, connected } = await openConnected(`${gateway.url}/v1/stream?token=${token}&lastEventId=${cursor}`, { t })
+  stream.pause()
+
+  const userWide = await request(`${gateway.url}/v1/subscriptions`, { method: 'POST', token, body: { topics: ['joined-wide'] } })
+  const perStream = await request(`${gateway.url}/v1/subscriptions`, { method: 'POST', token, body: { topics: ['joined-here'], connectionId: connected.connectionId } })
+  t.same([userWide.status, perStream.status], [200, 200], 'both subscriptions answered')
+  // Published after the answers, so the stream is subscribed; then one on an old channel, with a higher id.
+  published.push(...(await publishOk(gateway.url, publisher, { to: { topic: 'joined-wide' }, event: 'wide', data: 1 })).map(Number))
+  published.push(...(await publishOk(gateway.url, publisher, { to: { topic: 'joined-here' }, event: 'here', data: 2 })).map(Number))
+  const [last] = await publishOk(gateway.url, publisher, { to: { user }, event: 'last', data: 3 })
+  published.push(Number(last))
+  t.equal(gateway.app.registry.get(connected.connectionId)?.live, false, 'the replay is still being written')
+
+  stream.resume()
+  await stream.next((event) => event.id === last, 30_000, 'the last event')
+  const ids = stream.events.filter((event) => event.id !== undefined).map((event) => Number(event.id))
+  t.same(ids, published, 'every event once, in id order, the joined topics\' included')
+  t.notOk(stream.events.some((event) => event.event === 'reset'), 'and no reset')
 })

@@ -241,7 +241,7 @@ export class StreamService {
     if (spec.prelude !== undefined) {
       await spec.prelude(connection)
     } else if (spec.cursor !== null) {
-      await this.replay(connection, [...connection.channels], spec.cursor)
+      await this.replay(connection, spec.cursor)
     } else if (windowChannels !== null) {
       await this.sendWindow(connection, windowChannels, joinedAfter)
     }
@@ -343,13 +343,17 @@ export class StreamService {
    * Page by page, each written (at the client's pace) before the next is
    * read. A later page's reset (the history trimmed while the client read
    * the earlier ones) ends the replay there: the client hears it, and goes live.
+   * Each page is read from the stream's channels as they are then: a topic
+   * it joined meanwhile (a subscription) is read from where the replay
+   * stands. Its live events are held, and a later page's newer ids would
+   * make them look sent already.
    */
-  private async replay (connection: StreamConnection, channels: string[], cursor: number | 'malformed'): Promise<void> {
+  private async replay (connection: StreamConnection, cursor: number | 'malformed'): Promise<void> {
     if (cursor === 'malformed') {
       this.sendReset(connection, 'malformed')
       return
     }
-    const reset = await this.eachReplayPage(channels, cursor, async (events) => {
+    const reset = await this.eachReplayPage(() => [...connection.channels], cursor, async (events) => {
       await this.sendHistory(connection, events)
       return !connection.closed
     }).catch((): ResetReason => 'unavailable')
@@ -366,7 +370,7 @@ export class StreamService {
   /** Every page of a replay, for readers that merge it whole. */
   private async replayWhole (channels: string[], after: number): Promise<ReplayResult> {
     const events: HistoryEntry[] = []
-    const reset = await this.eachReplayPage(channels, after, async (page) => {
+    const reset = await this.eachReplayPage(() => channels, after, async (page) => {
       for (const entry of page) events.push(entry)
       return true
     })
@@ -378,9 +382,9 @@ export class StreamService {
    * events to `take` before reading the next, until the last page or until
    * `take` answers false. Resolves with the reset that ended it, or null.
    */
-  private async eachReplayPage (channels: string[], after: number, take: (events: HistoryEntry[]) => Promise<boolean>): Promise<ResetReason | null> {
+  private async eachReplayPage (channels: () => string[], after: number, take: (events: HistoryEntry[]) => Promise<boolean>): Promise<ResetReason | null> {
     for (;;) {
-      const page = await this.bus.replay(channels, after)
+      const page = await this.bus.replay(channels(), after)
       if (page.reset !== null) return page.reset
       if (!(await take(page.events)) || page.more !== true || page.events.length === 0) return null
       after = page.events[page.events.length - 1].id
