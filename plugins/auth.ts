@@ -112,8 +112,9 @@ declare module '@fastify/jwt' {
   }
 }
 
-// fast-jwt's codes, as the verifier throws them.
-const INVALID_CODES = new Set(['FAST_JWT_INVALID_SIGNATURE', 'FAST_JWT_INVALID_KEY', 'FAST_JWT_INVALID_CLAIM_VALUE', 'FAST_JWT_INVALID_CLAIM_TYPE', 'FAST_JWT_MISSING_REQUIRED_CLAIM'])
+// fast-jwt's codes, as the verifier throws them. VERIFY_ERROR: a signature
+// the key could not even check (an ES signature of another curve's length).
+const INVALID_CODES = new Set(['FAST_JWT_INVALID_SIGNATURE', 'FAST_JWT_VERIFY_ERROR', 'FAST_JWT_INVALID_KEY', 'FAST_JWT_INVALID_CLAIM_VALUE', 'FAST_JWT_INVALID_CLAIM_TYPE', 'FAST_JWT_MISSING_REQUIRED_CLAIM'])
 
 function failureReason (error: { code?: string }): string {
   if (error.code === 'FAST_JWT_EXPIRED') return 'expired'

@@ -1,3 +1,4 @@
+import { generateKeyPairSync } from 'node:crypto'
 import t from 'tap'
 import { metricValue, scrape } from './helpers/raw'
 import {
@@ -356,4 +357,16 @@ t.test('a token not valid yet and a token whose exp is not a number say why, in 
   const samples = await scrape(url)
   t.equal(metricValue(samples, 'sse_auth_failures_total', { reason: 'inactive' }), 1)
   t.equal(metricValue(samples, 'sse_auth_failures_total', { reason: 'invalid' }), 1)
+})
+
+t.test('an ES256 token whose signature the key cannot check (signed on another curve) is invalid, not malformed', async (t) => {
+  const { privateKey, publicKey } = generateKeyPairSync('ec', { namedCurve: 'P-384' })
+  const { url } = await startGateway(t, { JWT_PUBLIC_KEY: publicKey.export({ type: 'spki', format: 'pem' }).toString() })
+  // A P-384 signature is 96 bytes where ES256 takes 64: the verifier throws rather than answering false.
+  const answer = await request(`${url}/v1/stream?token=${token({ sub: 'u1' }, { alg: 'ES256', privateKey })}`)
+  t.equal(answer.status, 401)
+  t.match(answer.json, { message: 'token is invalid' })
+  const samples = await scrape(url)
+  t.equal(metricValue(samples, 'sse_auth_failures_total', { reason: 'invalid' }), 1, 'counted as invalid')
+  t.equal(metricValue(samples, 'sse_auth_failures_total', { reason: 'malformed' }), 0, 'not as malformed')
 })
