@@ -207,6 +207,15 @@ function cookieName (env: Env): string | null {
   return value
 }
 
+/** URL.parse, which Node 20's earlier releases lack. */
+function urlOf (text: string): URL | null {
+  try {
+    return new URL(text)
+  } catch {
+    return null
+  }
+}
+
 export function loadConfig (env: Env = process.env): Config {
   // Byte for byte, spaces included: the service that signs the tokens uses
   // the value it was given as it is, and a trimmed copy would refuse them all.
@@ -232,12 +241,14 @@ export function loadConfig (env: Env = process.env): Config {
   if (!/^[A-Za-z0-9_.:{}-]{1,64}$/.test(redisPrefix)) {
     throw new ConfigError('REDIS_PREFIX', 'may hold only A-Z a-z 0-9 _ . : { } - (at most 64)')
   }
-  const corsOrigins = list(env, 'CORS_ORIGINS')
-  for (const origin of corsOrigins ?? []) {
-    if (origin !== '*' && !/^https?:\/\/[^/\s]+$/.test(origin)) {
-      throw new ConfigError('CORS_ORIGINS', `holds "${origin.slice(0, 60)}", not an origin like https://app.example.com or *`)
-    }
-  }
+  // As a browser writes its Origin header: the host in lower case, no
+  // default port. Listed as typed, `https://App.example.com:443` would never match.
+  const corsOrigins = list(env, 'CORS_ORIGINS')?.map((origin) => {
+    if (origin === '*') return origin
+    const parsed = /^https?:\/\/[^/\s]+$/.test(origin) ? urlOf(origin) : null
+    if (parsed === null) throw new ConfigError('CORS_ORIGINS', `holds "${origin.slice(0, 60)}", not an origin like https://app.example.com or *`)
+    return parsed.origin
+  }) ?? null
   const keepaliveMs = integer(env, 'KEEPALIVE_MS', 15000, 100, 3_600_000)
   const maxEventBytes = integer(env, 'MAX_EVENT_BYTES', 262144, 1)
   const config: Config = {

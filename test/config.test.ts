@@ -219,6 +219,12 @@ t.test('TRUST_PROXY: addresses, CIDRs and proxy-addr\'s range names are accepted
   t.same(loadConfig({ JWT_SECRET: 'x', TRUST_PROXY: '10.0.0.0/8, 127.0.0.1,::1,fd00::/8,loopback' }).trustProxy, ['10.0.0.0/8', '127.0.0.1', '::1', 'fd00::/8', 'loopback'])
 })
 
+t.test('CORS_ORIGINS: each origin is kept as a browser sends it (host in lower case, no default port), or it would never match', async (t) => {
+  const config = loadConfig({ JWT_SECRET: 'x', CORS_ORIGINS: 'https://App.Example.com, https://b.example:443,http://c.example:80,http://d.example:8080,*' })
+  t.same(config.corsOrigins, ['https://app.example.com', 'https://b.example', 'http://c.example', 'http://d.example:8080', '*'])
+  refuses(t, { JWT_SECRET: 'x', CORS_ORIGINS: 'https://[::1' }, 'CORS_ORIGINS')
+})
+
 t.test('REDIS_URL: host, port, credentials and a database number are accepted', async (t) => {
   for (const url of ['redis://127.0.0.1:6379', 'redis://redis', 'rediss://user:secret@redis.example.com:6380/2', 'redis://:pw@10.0.0.1/', 'redis://[::1]:6379/15']) {
     t.equal(loadConfig({ JWT_SECRET: 'x', REDIS_URL: url }).redisUrl, url, url)
