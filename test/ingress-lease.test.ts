@@ -218,6 +218,23 @@ t.test('a lease given up while unsubscribing fails: the subscriptions ioredis re
   t.equal(await redis.publish(`${setup.prefix}publish`, '{"to":{"user":"u1"},"data":1}'), 0, 'a PUBLISH reaches no one here')
 })
 
+t.test('a holder not heard on its alive: channel loses the lease to an instance that is heard there, and only to such an instance', async (t) => {
+  if (!(await needRedis(t))) return
+  const a = await rig(t)
+  const b = await rig(t, {}, { prefix: a.prefix })
+  // Neither has started: neither listens on its alive: channel, as after a failed subscribe.
+  await tick(t, a.leader)
+  t.ok(a.leader.isLeader, 'A takes the free lease')
+  await tick(t, b.leader)
+  t.notOk(b.leader.isLeader, 'B, not heard either, leaves it to A (or the two would take it from each other at every probe)')
+  await b.leader.start()
+  t.ok(b.leader.isLeader, 'B, heard once it listens, takes it from A')
+  await tick(t, a.leader)
+  t.notOk(a.leader.isLeader, 'A sees it lost the lease')
+  await tick(t, a.leader)
+  t.notOk(a.leader.isLeader, 'and cannot take it back while B is heard')
+})
+
 t.test('gateway: the pubsub connection killed as the lease is taken; once it is back, an ingress message reaches a stream', async (t) => {
   if (!(await needRedis(t))) return
   // A Redis of the test's own: killing every pubsub client there touches no other test.

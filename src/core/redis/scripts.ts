@@ -798,8 +798,10 @@ return out
  * Every instance's subscriber listens to `<prefix>alive:<instance>` from start-up:
  * a holder with no one there has lost the connection ingress messages come
  * on (its process died, or it lost Redis), so they reach no one until its
- * lease would have expired. It is taken from it at once. A holder that is
- * only slow (paused, busy) keeps its connection, and its lease.
+ * lease would have expired. It is taken from it at once, by an instance
+ * heard there itself: two that are not (their subscription failed) would
+ * otherwise take it from each other at every probe. A holder that is only
+ * slow (paused, busy) keeps its connection, and its lease.
  */
 export const LEASE = `
 local key = ARGV[1] .. 'leader'
@@ -808,7 +810,10 @@ if holder == ARGV[2] then
   redis.call('PEXPIRE', key, tonumber(ARGV[3]))
   return 1
 end
-if holder and redis.call('PUBSUB', 'NUMSUB', ARGV[1] .. 'alive:' .. holder)[2] > 0 then
+local function heard(instance)
+  return redis.call('PUBSUB', 'NUMSUB', ARGV[1] .. 'alive:' .. instance)[2] > 0
+end
+if holder and (heard(holder) or not heard(ARGV[2])) then
   return 0
 end
 redis.call('SET', key, ARGV[2], 'PX', tonumber(ARGV[3]))
