@@ -1,7 +1,8 @@
 /**
- * Control traffic (`<prefix>ctl`, `<prefix>reply:<instance>`) is reachable by
- * anyone who can PUBLISH to Redis, and every instance listens to it: a
- * malformed message must be dropped, never crash the process. Topic names
+ * Control traffic (`<prefix>ctl`, `<prefix>reply:<instance>`) and the bus
+ * channels (`<prefix>ch:*`) are reachable by anyone who can PUBLISH to Redis,
+ * and instances listen to them: a malformed message must be dropped, never
+ * crash the process nor reach a stream. Topic names
  * are user input too: ones named like Object.prototype members must be
  * counted like any other in GET /v1/stats.
  */
