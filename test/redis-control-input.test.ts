@@ -11,6 +11,7 @@ import { eventually, request, startGateway, userToken, type Gateway } from './he
 import { ADMIN, connect, pair, publishTo, settle, subscriptions, type StatsReply } from './helpers/channels'
 import { forEachMode, modeEnv } from './helpers/modes'
 import { needRedis, redisClient, uniquePrefix } from './helpers/redis'
+import { isEventBody, renderBody } from '../src/core/framing'
 
 /*
  * tap already fails the file when the process crashes; recording what reaches
@@ -194,6 +195,16 @@ t.test('a message on a bus channel that is not one of the gateway\'s own is drop
   t.equal(count(gateway, 'malformed bus message dropped'), bad.length * 2, 'each logged once')
   t.notOk(gateway.logText().includes(SECRET), 'without its payload')
   noCrash(t)
+})
+
+t.test('every body the gateway renders passes the bus\'s check, so none of its own events is dropped', async (t) => {
+  const texts = ['', 'x', '{"a":1}', 'line one\nline two', 'a\r\nb\rc', '\n', '\n\n\n', 'trailing\n', 'data: x\n\nid: 5', ': not a comment', 'é ✓ 😀']
+  for (const event of ['message', 'job_update', 'user:online', 'a.b-c_d:e']) {
+    for (const text of texts) {
+      const body = Buffer.from(`1796490000000000\n${renderBody(event, text)}`)
+      t.ok(isEventBody(body, body.indexOf(0x0a) + 1), `${event}: ${JSON.stringify(text)}`)
+    }
+  }
 })
 
 forEachMode(t, 'GET /v1/stats counts topics named like Object.prototype members (constructor, __proto__, toString…)', async (t, mode) => {
