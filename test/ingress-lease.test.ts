@@ -29,7 +29,7 @@ interface Rig {
  * An IngressLeader on real Redis connections the test controls. Its lease is
  * long, so its own timer ticks only every 10 s: the test drives each tick.
  */
-async function rig (t: Test, subscriberOptions: RedisOptions = {}, shared: { prefix?: string, leaseMs?: number, presenceGraceMs?: number } = {}): Promise<Rig> {
+async function rig (t: Test, subscriberOptions: RedisOptions = {}, shared: { prefix?: string, leaseMs?: number, presenceGraceMs?: number, probeEveryMs?: number } = {}): Promise<Rig> {
   const prefix = shared.prefix ?? uniquePrefix('lease')
   const commands = new ScriptedRedis(REDIS_URL)
   // Gateway options, but a longer pause before each reconnect: room to tick while the subscriber is down.
@@ -44,8 +44,8 @@ async function rig (t: Test, subscriberOptions: RedisOptions = {}, shared: { pre
   const state = new RedisState(commands, subscriber, new Registry(`lease-${randomBytes(4).toString('hex')}`), {
     prefix, historySize: 100, historyTtlS: 60, presenceGraceMs: shared.presenceGraceMs ?? 100, instanceTtlMs: 60_000
   }, log)
-  // No probes either: a takeover happens only when the test ticks.
-  const leader = new IngressLeader(commands, subscriber, state, prefix, shared.leaseMs ?? 30_000, log, null)
+  // No probes either, unless asked: a takeover happens only when the test ticks.
+  const leader = new IngressLeader(commands, subscriber, state, prefix, shared.leaseMs ?? 30_000, log, shared.probeEveryMs ?? null)
   t.teardown(async () => {
     await leader.stop()
     await state.close()
@@ -228,11 +228,31 @@ t.test('a holder not heard on its alive: channel loses the lease to an instance 
   await tick(t, b.leader)
   t.notOk(b.leader.isLeader, 'B, not heard either, leaves it to A (or the two would take it from each other at every probe)')
   await b.leader.start()
-  t.ok(b.leader.isLeader, 'B, heard once it listens, takes it from A')
+  // A, ticked by the test alone, has stopped renewing: once that is stale, B takes it.
+  await eventually(async () => { await tick(t, b.leader); return b.leader.isLeader }, 'B, heard once it listens, to take it from A', WAIT_MS)
   await tick(t, a.leader)
   t.notOk(a.leader.isLeader, 'A sees it lost the lease')
   await tick(t, a.leader)
   t.notOk(a.leader.isLeader, 'and cannot take it back while B is heard')
+})
+
+t.test('a holder whose subscriber reconnects keeps the lease while it renews (the messages it took in wait to be published under it), and ingress reaches it again', async (t) => {
+  if (!(await needRedis(t))) return
+  const redis = redisClient(t)
+  // Both probe every 50 ms: B asks 6 times while A's subscriber is away (it reconnects after 300 ms).
+  const a = await rig(t, {}, { probeEveryMs: 50 })
+  const b = await rig(t, {}, { prefix: a.prefix, probeEveryMs: 50 })
+  await a.leader.start()
+  await b.leader.start()
+  t.ok(a.leader.isLeader && !b.leader.isLeader, 'A holds the lease')
+  const back = once(a.subscriber, 'ready')
+  await killSubscriber(t, redis, a.subscriber, 'reconnecting')
+  await within(back, WAIT_MS, 'A\'s subscriber to reconnect')
+  await a.subscriber.ping()
+  t.equal(await redis.get(`${a.prefix}leader`), a.state.instanceId, 'A still holds the lease')
+  t.notOk(b.leader.isLeader, 'B did not take it')
+  await eventually(() => a.leader.isLeader, 'A to count itself the holder again', WAIT_MS)
+  await ingressFlows(t, redis, a)
 })
 
 t.test('gateway: the pubsub connection killed as the lease is taken; once it is back, an ingress message reaches a stream', async (t) => {

@@ -31,11 +31,13 @@ export const MAX_QUEUED_INGRESS = 10_000
 export const MAX_QUEUED_INGRESS_BYTES = 64 * 1024 * 1024
 
 /**
- * How often an instance that does not hold the ingress lease asks whether the
- * holder still listens (see LEASE): plain PUBLISH ingress messages sent after
- * a holder died reach no one until another takes the lease over.
+ * How often the holder renews the ingress lease, and the others ask whether
+ * it still does and still listens (see LEASE): plain PUBLISH ingress messages
+ * sent after a holder died reach no one until another takes the lease over.
  */
 export const TAKEOVER_PROBE_MS = 250
+/** Renewals a holder may miss before a silent one loses the lease: a slow turn of its event loop is not a death. */
+const MISSED_RENEWALS = 4
 
 /**
  * Handles one message that arrived on an ingress channel (`<prefix>publish`
@@ -52,9 +54,9 @@ export type IngressHandler = (source: { kind: 'publish' } | { kind: 'stream', co
  * Every instance receives a PUBLISH on an ingress channel, yet each message
  * must be handled once. One instance holds a lease in Redis (`<prefix>leader`)
  * and only it subscribes to the ingress channels; the others keep trying to
- * take the lease, so one takes over within TAKEOVER_PROBE_MS when the
- * holder's connection to Redis closes (its process died), and within a
- * lease when it stays open but the holder stops renewing (a frozen process).
+ * take the lease, so one takes over about a second after the holder's
+ * process died (its connection closed, and it stopped renewing), and within
+ * a lease when its connection stays open (a frozen process).
  * The same holder clears what dead instances left behind, and ends the
  * presence graces their (or stopped instances') timers can no longer end.
  */
@@ -80,6 +82,8 @@ export class IngressLeader {
    */
   private running: Promise<void> | null = null
   private rerun: Promise<void> | null = null
+  /** A tick asked for the holder's upkeep (reaping, graces), not only a renewal: the next check does it. */
+  private upkeepAsked = false
   private stopped = false
   private stopping = false
   /** Subscribed to `leader-free` and to its own `alive:` channel since start (again after each reconnect). */
@@ -96,6 +100,7 @@ export class IngressLeader {
   private validUntil = 0
   private readonly timer: NodeJS.Timeout
   private readonly probeTimer: NodeJS.Timeout | undefined
+  private readonly staleMs: number
   private readonly checkEveryMs: number
   private graceTimer: NodeJS.Timeout | undefined
   private handler: IngressHandler = async () => ({ published: Promise.resolve() })
@@ -147,12 +152,13 @@ export class IngressLeader {
     this.fence = { holder: state.instanceId, leaseMs }
     this.checkEveryMs = Math.max(100, Math.floor(leaseMs / 3))
     this.timer = setInterval(() => this.check(), this.checkEveryMs).unref()
-    this.probeTimer = probeEveryMs === null ? undefined : setInterval(() => { if (!this.holding) this.check() }, probeEveryMs).unref()
+    this.staleMs = MISSED_RENEWALS * (probeEveryMs ?? TAKEOVER_PROBE_MS)
+    this.probeTimer = probeEveryMs === null ? undefined : setInterval(() => this.check(false), probeEveryMs).unref()
   }
 
-  private check (): void {
+  private check (upkeep = true): void {
     if (this.stopped) return
-    this.tick().catch((error: unknown) => this.log.warn({ err: error }, 'ingress lease check failed'))
+    this.tick(upkeep).catch((error: unknown) => this.log.warn({ err: error }, 'ingress lease check failed'))
   }
 
   /**
@@ -193,7 +199,9 @@ export class IngressLeader {
     this.handler = handler
   }
 
-  async tick (): Promise<void> {
+  /** `upkeep` false: a probe, which renews or takes the lease but leaves the holder's upkeep to the regular checks. */
+  async tick (upkeep = true): Promise<void> {
+    if (upkeep) this.upkeepAsked = true
     const running = this.running
     if (running === null) {
       const run = this.checkLease().finally(() => { this.running = null })
@@ -208,13 +216,16 @@ export class IngressLeader {
   }
 
   private async checkLease (): Promise<void> {
+    const upkeep = this.upkeepAsked
+    this.upkeepAsked = false
     if (this.stopped || (this.stopping && !this.holding)) return
     if (this.commands.redis.status !== 'ready') return await this.step(false)
     const startedAt = Date.now()
-    const held = await this.commands.run('LEASE', [this.prefix, this.state.instanceId, this.leaseMs]) === 1
+    const wasHolding = this.holding
+    const held = await this.commands.run('LEASE', [this.prefix, this.state.instanceId, this.leaseMs, this.staleMs]) === 1
     if (held) this.validUntil = startedAt + this.leaseMs - 200
     await this.step(held)
-    if (this.holding) {
+    if (this.holding && (upkeep || !wasHolding)) {
       await this.reapDead()
       this.endGracesAt(await this.state.endDueGraces())
     }

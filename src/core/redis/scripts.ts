@@ -794,14 +794,16 @@ return out
 `
 
 /**
- * ARGV: prefix, instance, leaseMs. Takes or renews the ingress lease; returns 1 if held.
- * Every instance's subscriber listens to `<prefix>alive:<instance>` from start-up:
- * a holder with no one there has lost the connection ingress messages come
- * on (its process died, or it lost Redis), so they reach no one until its
- * lease would have expired. It is taken from it at once, by an instance
- * heard there itself: two that are not (their subscription failed) would
- * otherwise take it from each other at every probe. A holder that is only
- * slow (paused, busy) keeps its connection, and its lease.
+ * ARGV: prefix, instance, leaseMs, staleMs. Takes or renews the ingress lease; returns 1 if held.
+ * Every instance's subscriber listens to `<prefix>alive:<instance>` from start-up.
+ * A holder with no one there that has not renewed for staleMs (it renews
+ * several times as often) has died, or lost Redis: ingress messages reach
+ * no one until its lease would have expired, so it is taken from it then.
+ * Both are needed: a holder whose subscriber only reconnects still renews,
+ * and keeps the lease its waiting messages are published under; a frozen
+ * one keeps its connection, and its lease. It is taken by an instance heard
+ * there itself: two that are not (their subscription failed) would
+ * otherwise take it from each other at every probe.
  */
 export const LEASE = `
 local key = ARGV[1] .. 'leader'
@@ -813,7 +815,7 @@ end
 local function heard(instance)
   return redis.call('PUBSUB', 'NUMSUB', ARGV[1] .. 'alive:' .. instance)[2] > 0
 end
-if holder and (heard(holder) or not heard(ARGV[2])) then
+if holder and (heard(holder) or not heard(ARGV[2]) or redis.call('PTTL', key) > tonumber(ARGV[3]) - tonumber(ARGV[4])) then
   return 0
 end
 redis.call('SET', key, ARGV[2], 'PX', tonumber(ARGV[3]))
