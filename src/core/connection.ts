@@ -157,6 +157,11 @@ export class StreamConnection {
   catchUpFrom: number | null = null
   /** When (performance.now()) the bus last knew its subscription whole before the outage that set `catchUpFrom`: nothing it missed is older. */
   catchUpSince = 0
+  /**
+   * While a cursor's replay is written: the channels the stream joined since
+   * it began, each with the last id issued before it joined (see Streams.replay).
+   */
+  replayJoins: Map<string, number> | null = null
   eventsSent = 0
   /** Bytes handed to the sink, chunk framing included. */
   private bytesGiven = 0

@@ -259,6 +259,15 @@ export class StreamService {
 
   /** Adds channels to a live stream; what they publish from now on reaches it. */
   async join (connection: StreamConnection, channels: string[]): Promise<void> {
+    const joins = connection.replayJoins
+    if (joins !== null) {
+      const fresh = channels.filter((name) => !connection.channels.includes(name) && !joins.has(name))
+      if (fresh.length > 0) {
+        // Unreadable, the replay's own position stands in: lower, so nothing is missed.
+        const mark = await this.bus.lastId().catch(() => connection.lastId)
+        for (const name of fresh) if (!joins.has(name)) joins.set(name, mark)
+      }
+    }
     await this.hub.join(connection, channels)
   }
 
@@ -343,20 +352,24 @@ export class StreamService {
    * Page by page, each written (at the client's pace) before the next is
    * read. A later page's reset (the history trimmed while the client read
    * the earlier ones) ends the replay there: the client hears it, and goes live.
-   * Each page is read from the stream's channels as they are then: a topic
-   * it joined meanwhile (a subscription) is read from where the replay
-   * stands. Its live events are held, and a later page's newer ids would
-   * make them look sent already.
+   * A topic the stream joins meanwhile (a subscription) is read too, from
+   * the last id issued before it joined: its live events are held, and a
+   * later page's newer ids would make them look sent already. Not from the
+   * cursor: what it had before is not the stream's (a live stream that
+   * subscribes gets none of it), and its history trimmed past the cursor
+   * would reset the whole replay.
    */
   private async replay (connection: StreamConnection, cursor: number | 'malformed'): Promise<void> {
     if (cursor === 'malformed') {
       this.sendReset(connection, 'malformed')
       return
     }
-    const reset = await this.eachReplayPage(() => [...connection.channels], cursor, async (events) => {
+    const joins = new Map<string, number>()
+    connection.replayJoins = joins
+    const reset = await this.eachReplayPage([...connection.channels], cursor, async (events) => {
       await this.sendHistory(connection, events)
       return !connection.closed
-    }).catch((): ResetReason => 'unavailable')
+    }, joins).catch((): ResetReason => 'unavailable').finally(() => { connection.replayJoins = null })
     if (reset !== null) {
       this.sendReset(connection, reset)
       return
@@ -370,7 +383,7 @@ export class StreamService {
   /** Every page of a replay, for readers that merge it whole. */
   private async replayWhole (channels: string[], after: number): Promise<ReplayResult> {
     const events: HistoryEntry[] = []
-    const reset = await this.eachReplayPage(() => channels, after, async (page) => {
+    const reset = await this.eachReplayPage(channels, after, async (page) => {
       for (const entry of page) events.push(entry)
       return true
     })
@@ -381,13 +394,28 @@ export class StreamService {
    * Reads a replay page by page (see EventBus.replay), handing each page's
    * events to `take` before reading the next, until the last page or until
    * `take` answers false. Resolves with the reset that ended it, or null.
+   * `joins`: channels joined since, each read from its mark as well. Both
+   * reads are paged: what one gives past where the other stopped is left
+   * for the next round, so the pages stay in id order.
    */
-  private async eachReplayPage (channels: () => string[], after: number, take: (events: HistoryEntry[]) => Promise<boolean>): Promise<ResetReason | null> {
+  private async eachReplayPage (channels: string[], after: number, take: (events: HistoryEntry[]) => Promise<boolean>, joins?: ReadonlyMap<string, number>): Promise<ResetReason | null> {
     for (;;) {
-      const page = await this.bus.replay(channels(), after)
+      const page = await this.bus.replay(channels, after)
       if (page.reset !== null) return page.reset
-      if (!(await take(page.events)) || page.more !== true || page.events.length === 0) return null
-      after = page.events[page.events.length - 1].id
+      let events = page.events
+      let more = page.more === true && events.length > 0
+      let upTo = more ? events[events.length - 1].id : Number.POSITIVE_INFINITY
+      if (joins !== undefined && joins.size > 0) {
+        const joined = await this.bus.replay([...joins.keys()], Math.max(after, Math.min(...joins.values())))
+        if (joined.reset !== null) return joined.reset
+        if (joined.more === true && joined.events.length > 0) {
+          upTo = Math.min(upTo, joined.events[joined.events.length - 1].id)
+          more = true
+        }
+        events = mergeById([events, joined.events]).filter((entry) => entry.id <= upTo)
+      }
+      if (!(await take(events)) || !more) return null
+      after = upTo
     }
   }
 
