@@ -93,7 +93,7 @@ t.test('a history trimmed while a stream reads its earlier pages: the stream hea
   t.same(next, { reset: 'trimmed', events: [] }, 'the next page finds its cursor trimmed')
 })
 
-t.test('topics a stream joins while its replay is still being written (a client reading slowly): what they publish from then on arrives, in id order, with nothing dropped as sent; what they had before does not, nor resets the replay', async (t) => {
+t.test('topics a stream joins while its replay is still being written (a client reading slowly): what they publish from then on arrives, in id order, with nothing dropped as sent; what they had before does not, nor resets the replay, nor what one left publishes', async (t) => {
   if (!(await needRedis(t))) return
   const gateway = await startGateway(t, { REDIS_URL, REDIS_PREFIX: uniquePrefix('pages-join'), HISTORY_SIZE: '50', HISTORY_TTL_S: '120' })
   const user = 'u-join'
@@ -108,9 +108,16 @@ t.test('topics a stream joins while its replay is still being written (a client 
   const { stream, connected } = await openConnected(`${gateway.url}/v1/stream?token=${token}&lastEventId=${cursor}`, { t })
   stream.pause()
 
-  const userWide = await request(`${gateway.url}/v1/subscriptions`, { method: 'POST', token, body: { topics: ['joined-wide'] } })
-  const perStream = await request(`${gateway.url}/v1/subscriptions`, { method: 'POST', token, body: { topics: ['joined-here'], connectionId: connected.connectionId } })
-  t.same([userWide.status, perStream.status], [200, 200], 'both subscriptions answered')
+  const subscribe = async (method: 'POST' | 'DELETE', body: Record<string, unknown>): Promise<number> =>
+    (await request(`${gateway.url}/v1/subscriptions`, { method, token, body })).status
+  t.equal(await subscribe('POST', { topics: ['joined-wide'] }), 200, 'a user-wide subscription answered')
+  // After that join, before its own: not the stream's.
+  for (let n = 0; n < 3; n++) await publishOk(gateway.url, publisher, { to: { topic: 'joined-here' }, event: 'earlier', data: n })
+  t.equal(await subscribe('POST', { topics: ['joined-here'], connectionId: connected.connectionId }), 200, 'a per-stream one answered')
+  // Joined, then left: what it publishes after the leave is not the stream's either.
+  t.equal(await subscribe('POST', { topics: ['left-soon'], connectionId: connected.connectionId }), 200, 'another joined')
+  t.equal(await subscribe('DELETE', { topics: ['left-soon'], connectionId: connected.connectionId }), 200, 'and left')
+  await publishOk(gateway.url, publisher, { to: { topic: 'left-soon' }, event: 'after-leave', data: 0 })
   // Published after the answers, so the stream is subscribed; then one on an old channel, with a higher id.
   published.push(...(await publishOk(gateway.url, publisher, { to: { topic: 'joined-wide' }, event: 'wide', data: 1 })).map(Number))
   published.push(...(await publishOk(gateway.url, publisher, { to: { topic: 'joined-here' }, event: 'here', data: 2 })).map(Number))
@@ -122,5 +129,5 @@ t.test('topics a stream joins while its replay is still being written (a client 
   await stream.next((event) => event.id === last || event.event === 'reset', 30_000, 'the last event')
   t.notOk(stream.events.some((event) => event.event === 'reset'), 'no reset')
   const ids = stream.events.filter((event) => event.id !== undefined).map((event) => Number(event.id))
-  t.same(ids, published, 'every event once, in id order: the joined topics\' from the subscription on, none from before')
+  t.same(ids, published, 'every event once, in id order: the joined topics\' from each one\'s subscription on, none from before it, none after a leave')
 })

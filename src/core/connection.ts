@@ -124,6 +124,14 @@ function viewOfLarger (bytes: Buffer): boolean {
 /** How long a closed stream's last bytes may take to flush before the socket is destroyed anyway. */
 export const CLOSE_GRACE_MS = 5000
 
+/** Channels a stream joined and left while its replay was written. */
+export interface ReplayChanges {
+  /** Each with the last id issued before it joined: what it had before is not the stream's. */
+  joined: Map<string, number>
+  /** Left: the replay reads no more of them (one joined again is in `joined`, from then). */
+  left: Set<string>
+}
+
 export class StreamConnection {
   readonly id: string
   readonly userId: string
@@ -157,11 +165,8 @@ export class StreamConnection {
   catchUpFrom: number | null = null
   /** When (performance.now()) the bus last knew its subscription whole before the outage that set `catchUpFrom`: nothing it missed is older. */
   catchUpSince = 0
-  /**
-   * While a cursor's replay is written: the channels the stream joined since
-   * it began, each with the last id issued before it joined (see Streams.replay).
-   */
-  replayJoins: Map<string, number> | null = null
+  /** While a cursor's replay is written: the subscriptions changed since it began (see Streams.replay). */
+  replayChanges: ReplayChanges | null = null
   eventsSent = 0
   /** Bytes handed to the sink, chunk framing included. */
   private bytesGiven = 0

@@ -1,6 +1,6 @@
 import { mergeById, type EventBus, type HistoryEntry, type ReplayResult, type ResetReason } from './bus'
 import { channel } from './channels'
-import { StreamConnection, WriteScheduler, type CloseReason, type Sink, type StreamKind } from './connection'
+import { StreamConnection, WriteScheduler, type CloseReason, type ReplayChanges, type Sink, type StreamKind } from './connection'
 import { frameWithId, retryFrame, systemFrame } from './framing'
 import { inTurns } from './in-turns'
 import type { Hub } from './hub'
@@ -259,19 +259,28 @@ export class StreamService {
 
   /** Adds channels to a live stream; what they publish from now on reaches it. */
   async join (connection: StreamConnection, channels: string[]): Promise<void> {
-    const joins = connection.replayJoins
-    if (joins !== null) {
-      const fresh = channels.filter((name) => !connection.channels.includes(name) && !joins.has(name))
+    const changes = connection.replayChanges
+    if (changes !== null) {
+      const fresh = channels.filter((name) => !connection.channels.includes(name))
       if (fresh.length > 0) {
         // Unreadable, the replay's own position stands in: lower, so nothing is missed.
         const mark = await this.bus.lastId().catch(() => connection.lastId)
-        for (const name of fresh) if (!joins.has(name)) joins.set(name, mark)
+        // Two joins racing: the earlier mark, so neither misses what follows it.
+        for (const name of fresh) changes.joined.set(name, Math.min(changes.joined.get(name) ?? mark, mark))
       }
     }
     await this.hub.join(connection, channels)
   }
 
   leave (connection: StreamConnection, channels: string[]): void {
+    const changes = connection.replayChanges
+    if (changes !== null) {
+      for (const name of channels) {
+        if (!connection.channels.includes(name)) continue
+        changes.joined.delete(name)
+        changes.left.add(name)
+      }
+    }
     this.hub.leave(connection, channels)
   }
 
@@ -357,19 +366,19 @@ export class StreamService {
    * later page's newer ids would make them look sent already. Not from the
    * cursor: what it had before is not the stream's (a live stream that
    * subscribes gets none of it), and its history trimmed past the cursor
-   * would reset the whole replay.
+   * would reset the whole replay. One it leaves is read no more.
    */
   private async replay (connection: StreamConnection, cursor: number | 'malformed'): Promise<void> {
     if (cursor === 'malformed') {
       this.sendReset(connection, 'malformed')
       return
     }
-    const joins = new Map<string, number>()
-    connection.replayJoins = joins
+    const changes: ReplayChanges = { joined: new Map(), left: new Set() }
+    connection.replayChanges = changes
     const reset = await this.eachReplayPage([...connection.channels], cursor, async (events) => {
       await this.sendHistory(connection, events)
       return !connection.closed
-    }, joins).catch((): ResetReason => 'unavailable').finally(() => { connection.replayJoins = null })
+    }, changes).catch((): ResetReason => 'unavailable').finally(() => { connection.replayChanges = null })
     if (reset !== null) {
       this.sendReset(connection, reset)
       return
@@ -394,27 +403,35 @@ export class StreamService {
    * Reads a replay page by page (see EventBus.replay), handing each page's
    * events to `take` before reading the next, until the last page or until
    * `take` answers false. Resolves with the reset that ended it, or null.
-   * `joins`: channels joined since, each read from its mark as well. Both
-   * reads are paged: what one gives past where the other stopped is left
-   * for the next round, so the pages stay in id order.
+   * `changes`: channels left since are read no more, and those joined are
+   * read from their marks, one read per mark. Every read is paged: what one
+   * gives past where another stopped is left for the next round, so the
+   * pages stay in id order.
    */
-  private async eachReplayPage (channels: string[], after: number, take: (events: HistoryEntry[]) => Promise<boolean>, joins?: ReadonlyMap<string, number>): Promise<ResetReason | null> {
+  private async eachReplayPage (channels: string[], after: number, take: (events: HistoryEntry[]) => Promise<boolean>, changes?: ReplayChanges): Promise<ResetReason | null> {
     for (;;) {
-      const page = await this.bus.replay(channels, after)
-      if (page.reset !== null) return page.reset
-      let events = page.events
-      let more = page.more === true && events.length > 0
-      let upTo = more ? events[events.length - 1].id : Number.POSITIVE_INFINITY
-      if (joins !== undefined && joins.size > 0) {
-        const joined = await this.bus.replay([...joins.keys()], Math.max(after, Math.min(...joins.values())))
-        if (joined.reset !== null) return joined.reset
-        if (joined.more === true && joined.events.length > 0) {
-          upTo = Math.min(upTo, joined.events[joined.events.length - 1].id)
-          more = true
-        }
-        events = mergeById([events, joined.events]).filter((entry) => entry.id <= upTo)
+      const reads: Array<{ channels: string[], from: number }> = [{ channels, from: after }]
+      if (changes !== undefined) {
+        reads[0].channels = channels.filter((name) => !changes.left.has(name))
+        const byMark = new Map<number, string[]>()
+        for (const [name, mark] of changes.joined) byMark.set(mark, [...(byMark.get(mark) ?? []), name])
+        for (const [mark, names] of byMark) reads.push({ channels: names, from: Math.max(after, mark) })
       }
-      if (!(await take(events)) || !more) return null
+      const pages: HistoryEntry[][] = []
+      let more = false
+      let upTo = Number.POSITIVE_INFINITY
+      for (const read of reads) {
+        if (read.channels.length === 0) continue
+        const page = await this.bus.replay(read.channels, read.from)
+        if (page.reset !== null) return page.reset
+        pages.push(page.events)
+        if (page.more === true && page.events.length > 0) {
+          more = true
+          upTo = Math.min(upTo, page.events[page.events.length - 1].id)
+        }
+      }
+      const events = mergeById(pages)
+      if (!(await take(more ? events.filter((entry) => entry.id <= upTo) : events)) || !more) return null
       after = upTo
     }
   }
