@@ -795,30 +795,37 @@ return out
 
 /**
  * ARGV: prefix, instance, leaseMs, staleMs. Takes or renews the ingress lease; returns 1 if held.
- * Every instance's subscriber listens to `<prefix>alive:<instance>` from start-up.
- * A holder with no one there that has not renewed for staleMs (it renews
- * several times as often) has died, or lost Redis: ingress messages reach
- * no one until its lease would have expired, so it is taken from it then.
- * Both are needed: a holder whose subscriber only reconnects still renews,
- * and keeps the lease its waiting messages are published under; a frozen
- * one keeps its connection, and its lease. It is taken by an instance heard
- * there itself: two that are not (their subscription failed) would
- * otherwise take it from each other at every probe.
+ * Every instance's subscriber listens to `<prefix>alive:<instance>` from start-up,
+ * and the holder notes when it last renewed (`<prefix>leader-at`, Redis's
+ * clock: instances with another INSTANCE_TTL_MS judge it alike). A holder
+ * with no one there that has not renewed for staleMs (it renews several
+ * times as often) has died, or lost Redis: ingress messages reach no one
+ * until its lease would have expired, so it is taken from it then. Both are
+ * needed: a holder whose subscriber only reconnects still renews, and keeps
+ * the lease its waiting messages are published under; a frozen one keeps
+ * its connection, and its lease. It is taken by an instance heard there
+ * itself: two that are not (their subscription failed) would otherwise take
+ * it from each other at every probe.
  */
-export const LEASE = `
+export const LEASE = `${CLOCK}
 local key = ARGV[1] .. 'leader'
+local renewed = ARGV[1] .. 'leader-at'
+local lease_ms = tonumber(ARGV[3])
 local holder = redis.call('GET', key)
+local now = clock_ms()
 if holder == ARGV[2] then
-  redis.call('PEXPIRE', key, tonumber(ARGV[3]))
+  redis.call('PEXPIRE', key, lease_ms)
+  redis.call('SET', renewed, fmt(now), 'PX', lease_ms)
   return 1
 end
 local function heard(instance)
   return redis.call('PUBSUB', 'NUMSUB', ARGV[1] .. 'alive:' .. instance)[2] > 0
 end
-if holder and (heard(holder) or not heard(ARGV[2]) or redis.call('PTTL', key) > tonumber(ARGV[3]) - tonumber(ARGV[4])) then
+if holder and (heard(holder) or not heard(ARGV[2]) or now - tonumber(redis.call('GET', renewed) or 0) < tonumber(ARGV[4])) then
   return 0
 end
-redis.call('SET', key, ARGV[2], 'PX', tonumber(ARGV[3]))
+redis.call('SET', key, ARGV[2], 'PX', lease_ms)
+redis.call('SET', renewed, fmt(now), 'PX', lease_ms)
 return 1
 `
 
