@@ -288,6 +288,13 @@ export class IngressLeader {
     if (this.holding) this.log.info({ instance }, 'gave up the ingress lease')
     this.holding = false
     if (!this.subscribed) return
+    if (this.subscriber.status !== 'ready') {
+      // Its socket is gone, and a new one starts without subscriptions (client.ts):
+      // nothing to undo. Asked meanwhile, UNSUBSCRIBE can wait on a socket that
+      // never answers, and a stop would wait on it for good.
+      this.subscribed = false
+      return
+    }
     try {
       await this.subscriber.unsubscribe(`${this.prefix}publish`)
       await this.subscriber.punsubscribe('stream:*')
