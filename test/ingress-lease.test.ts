@@ -9,6 +9,7 @@ import { RedisState } from '../src/core/redis/redis-state'
 import { eventually, openConnected, spawnServer, startGateway, TEST_SECRET, userToken, type Gateway, type SseClient } from './helpers'
 import { needRedis, redisClient, REDIS_URL, startOwnRedis, subscriberCount, uniquePrefix } from './helpers/redis'
 import { Waiters, within } from './helpers/wait'
+import { FaultyProxy } from './helpers/proxy'
 
 const WAIT_MS = 5000
 
@@ -29,11 +30,11 @@ interface Rig {
  * An IngressLeader on real Redis connections the test controls. Its lease is
  * long, so its own timer ticks only every 10 s: the test drives each tick.
  */
-async function rig (t: Test, subscriberOptions: RedisOptions = {}, shared: { prefix?: string, leaseMs?: number, presenceGraceMs?: number, probeEveryMs?: number } = {}): Promise<Rig> {
+async function rig (t: Test, subscriberOptions: RedisOptions = {}, shared: { prefix?: string, leaseMs?: number, presenceGraceMs?: number, probeEveryMs?: number, subscriberUrl?: string } = {}): Promise<Rig> {
   const prefix = shared.prefix ?? uniquePrefix('lease')
   const commands = new ScriptedRedis(REDIS_URL)
   // Gateway options, but a longer pause before each reconnect: room to tick while the subscriber is down.
-  const subscriber = new Redis(REDIS_URL, { ...redisOptions(), connectionName: 'ingress-lease-test', retryStrategy: () => 300, ...subscriberOptions })
+  const subscriber = new Redis(shared.subscriberUrl ?? REDIS_URL, { ...redisOptions(), connectionName: 'ingress-lease-test', retryStrategy: () => 300, ...subscriberOptions })
   for (const client of [commands.redis, subscriber]) client.on('error', () => {})
   const warnings: string[] = []
   const log = {
@@ -254,6 +255,22 @@ t.test('a holder whose subscriber reconnects keeps the lease while it renews (th
   t.notOk(b.leader.isLeader, 'B did not take it')
   await eventually(() => a.leader.isLeader, 'A to count itself the holder again', WAIT_MS)
   await ingressFlows(t, redis, a)
+})
+
+t.test('a holder giving the lease up while its subscriber reconnects to a Redis that does not answer ends its check, and its stop, without waiting on it', async (t) => {
+  if (!(await needRedis(t))) return
+  const proxy = await FaultyProxy.start(t, Number(new URL(REDIS_URL).port || 6379))
+  // The subscriber goes through the proxy; the commands connection straight to Redis.
+  const a = await rig(t, {}, { subscriberUrl: proxy.url })
+  await a.leader.start()
+  t.ok(a.leader.isLeader, 'A holds the lease')
+  // Its connection cut, and the next ones hear nothing back: connected, never ready.
+  proxy.cutOff()
+  await eventually(() => a.subscriber.status === 'connect', 'the subscriber to reconnect into silence', WAIT_MS)
+  await otherHolder(t, REDIS_URL, a.prefix)
+  await within(a.leader.tick(), WAIT_MS, 'the check that gives the lease up to end')
+  t.notOk(a.leader.isLeader, 'A gave the lease up')
+  await within(a.leader.stop(), WAIT_MS, 'the stop to end')
 })
 
 t.test('gateway: the pubsub connection killed as the lease is taken; once it is back, an ingress message reaches a stream', async (t) => {
