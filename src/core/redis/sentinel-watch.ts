@@ -1,7 +1,7 @@
 import { lookup } from 'node:dns/promises'
 import { isIP } from 'node:net'
 import Redis from 'ioredis'
-import { redisOptions, type Log } from './client'
+import { reasonOf, redisOptions, type Log } from './client'
 
 /** The channel on which every sentinel announces a completed failover: `<name> <old ip> <old port> <new ip> <new port>`. */
 const SWITCH_CHANNEL = '+switch-master'
@@ -91,13 +91,13 @@ export class SentinelSwitchWatch {
     client.on('ready', () => {
       lastError = null
       client.subscribe(SWITCH_CHANNEL).catch((error: unknown) => {
-        this.log.warn({ sentinel, reason: error instanceof Error ? error.message : String(error) }, 'not listening to a sentinel for failovers')
+        this.log.warn({ sentinel, reason: reasonOf(error) }, 'not listening to a sentinel for failovers')
       })
     })
     client.on('message', (channel: string, message: string) => {
       if (channel !== SWITCH_CHANNEL) return
       this.hearing = this.hearing.then(async () => await this.heard(message)).catch((error: unknown) => {
-        this.log.warn({ reason: error instanceof Error ? error.message : String(error) }, 'a sentinel\'s failover announcement not acted on')
+        this.log.warn({ reason: reasonOf(error) }, 'a sentinel\'s failover announcement not acted on')
       })
     })
     return client
