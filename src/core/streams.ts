@@ -410,11 +410,14 @@ export class StreamService {
    */
   private async eachReplayPage (channels: string[], after: number, take: (events: HistoryEntry[]) => Promise<boolean>, changes?: ReplayChanges): Promise<ResetReason | null> {
     for (;;) {
-      const reads: Array<{ channels: string[], from: number }> = [{ channels, from: after }]
+      const reads = [{ channels: changes === undefined ? channels : channels.filter((name) => !changes.left.has(name)), from: after }]
       if (changes !== undefined) {
-        reads[0].channels = channels.filter((name) => !changes.left.has(name))
         const byMark = new Map<number, string[]>()
-        for (const [name, mark] of changes.joined) byMark.set(mark, [...(byMark.get(mark) ?? []), name])
+        for (const [name, mark] of changes.joined) {
+          const names = byMark.get(mark)
+          if (names === undefined) byMark.set(mark, [name])
+          else names.push(name)
+        }
         for (const [mark, names] of byMark) reads.push({ channels: names, from: Math.max(after, mark) })
       }
       const pages: HistoryEntry[][] = []
