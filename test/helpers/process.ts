@@ -3,6 +3,7 @@
  * real process shows: start-up errors, exit codes, signals.
  */
 import { spawn, type ChildProcess } from 'node:child_process'
+import { readdir, readFile, readlink } from 'node:fs/promises'
 import { createServer } from 'node:net'
 import { join } from 'node:path'
 import type { TestLike } from './gateway'
@@ -90,6 +91,26 @@ export async function runServerToExit (t: TestLike, env: Record<string, string>,
   return { ...exit, stdout: server.stdout(), stderr: server.stderr() }
 }
 
+/** Whether process `pid` holds the socket listening on TCP `port` (Linux's /proc). */
+export async function listensOn (pid: number | undefined, port: number): Promise<boolean> {
+  if (pid === undefined) return false
+  const portHex = port.toString(16).toUpperCase().padStart(4, '0')
+  const listening = new Set<string>()
+  for (const table of ['/proc/net/tcp', '/proc/net/tcp6']) {
+    const text = await readFile(table, 'utf8').catch(() => '')
+    for (const line of text.split('\n').slice(1)) {
+      const fields = line.trim().split(/\s+/)
+      // local_address is ADDR:PORT, st 0A is LISTEN, the tenth field the inode.
+      if (fields[1]?.endsWith(`:${portHex}`) === true && fields[3] === '0A') listening.add(`socket:[${fields[9]}]`)
+    }
+  }
+  const descriptors = await readdir(`/proc/${pid}/fd`).catch(() => [])
+  for (const fd of descriptors) {
+    if (listening.has(await readlink(`/proc/${pid}/fd/${fd}`).catch(() => ''))) return true
+  }
+  return false
+}
+
 /**
  * Starts the server on a free port (PORT is set here; HOST stays the default
  * unless `env` sets it) and resolves once GET /health answers 200. A start
@@ -106,7 +127,9 @@ export async function spawnServer (t: TestLike, env: Record<string, string>, tim
       try {
         const response = await fetch(`${server.url}/health`, { signal: AbortSignal.timeout(2000) })
         await response.arrayBuffer()
-        if (response.status === 200) return server
+        // Another test's server may hold the port freePort gave out twice,
+        // and answer before this one has failed to bind and exited.
+        if (response.status === 200 && await listensOn(server.child.pid, port)) return server
       } catch {
         // Not listening yet.
       }

@@ -4,7 +4,7 @@ import Redis from 'ioredis'
 import { mkdtemp, rm, writeFile } from 'node:fs/promises'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
-import { freePort } from './process'
+import { freePort, listensOn } from './process'
 
 import type { Test } from 'tap'
 
@@ -54,7 +54,8 @@ export class OwnRedis {
     this.process = child
     const deadline = Date.now() + 10_000
     while (Date.now() < deadline) {
-      if (await redisAnswers(this.url)) return
+      // Only its own answer counts: another test's Redis may hold a port handed out twice.
+      if (await redisAnswers(this.url) && await listensOn(child.pid, this.port)) return
       if (child.exitCode !== null) throw new Error(`redis-server exited with ${child.exitCode}`)
       await new Promise((resolve) => setTimeout(resolve, 50))
     }
