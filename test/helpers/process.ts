@@ -129,7 +129,14 @@ export async function spawnServer (t: TestLike, env: Record<string, string>, tim
         await response.arrayBuffer()
         // Another test's server may hold the port freePort gave out twice,
         // and answer before this one has failed to bind and exited.
-        if (response.status === 200 && await listensOn(server.child.pid, port)) return server
+        if (response.status === 200 && await listensOn(server.child.pid, port)) {
+          // A server that dies of itself later shows up in a test only as refused
+          // connections; its last words say why.
+          void server.exited.then(({ code, signal }) => {
+            if (code !== 0 && signal === null) console.error(`the server on port ${port} exited with ${code}; stderr: ${server.stderr()}`)
+          })
+          return server
+        }
       } catch {
         // Not listening yet.
       }
