@@ -30,11 +30,11 @@ interface Rig {
  * An IngressLeader on real Redis connections the test controls. Its lease is
  * long, so its own timer ticks only every 10 s: the test drives each tick.
  */
-async function rig (t: Test, subscriberOptions: RedisOptions = {}, shared: { prefix?: string, leaseMs?: number, presenceGraceMs?: number, probeEveryMs?: number, subscriberUrl?: string } = {}): Promise<Rig> {
+async function rig (t: Test, subscriberOptions: RedisOptions = {}, shared: { prefix?: string, leaseMs?: number, presenceGraceMs?: number, probeEveryMs?: number, redisUrl?: string, subscriberUrl?: string } = {}): Promise<Rig> {
   const prefix = shared.prefix ?? uniquePrefix('lease')
-  const commands = new ScriptedRedis(REDIS_URL)
+  const commands = new ScriptedRedis(shared.redisUrl ?? REDIS_URL)
   // Gateway options, but a longer pause before each reconnect: room to tick while the subscriber is down.
-  const subscriber = new Redis(shared.subscriberUrl ?? REDIS_URL, { ...redisOptions(), connectionName: 'ingress-lease-test', retryStrategy: () => 300, ...subscriberOptions })
+  const subscriber = new Redis(shared.subscriberUrl ?? shared.redisUrl ?? REDIS_URL, { ...redisOptions(), connectionName: 'ingress-lease-test', retryStrategy: () => 300, ...subscriberOptions })
   for (const client of [commands.redis, subscriber]) client.on('error', () => {})
   const warnings: string[] = []
   const log = {
@@ -235,6 +235,29 @@ t.test('a holder not heard on its alive: channel loses the lease to an instance 
   t.notOk(a.leader.isLeader, 'A sees it lost the lease')
   await tick(t, a.leader)
   t.notOk(a.leader.isLeader, 'and cannot take it back while B is heard')
+})
+
+t.test('an alive: subscribe Redis refused is tried again at the next checks, not only at a reconnect, and warned once', async (t) => {
+  if (!(await needRedis(t))) return
+  const own = await startOwnRedis(t)
+  const admin = redisClient(t, own.url)
+  const prefix = uniquePrefix('lease')
+  // The subscriber's user may use every channel the gateway needs but its alive: one.
+  await admin.acl('SETUSER', 'gateway', 'on', '>secret', '~*', '+@all', 'resetchannels', `&${prefix}leader-free`, `&${prefix}publish`, '&stream:*')
+  const setup = await rig(t, {}, { prefix, redisUrl: own.url, subscriberUrl: `redis://gateway:secret@127.0.0.1:${own.port}` })
+  await setup.leader.start()
+  const alive = `${prefix}alive:${setup.state.instanceId}`
+  for (let n = 0; n < 3; n++) await tick(t, setup.leader)
+  t.equal(await subscriberCount(admin, alive), 0, 'not heard while refused')
+  t.equal(setup.warnings.filter((line) => line.startsWith('could not subscribe to lease hand-overs')).length, 1, 'one warning for the refusals')
+  t.equal(setup.subscriber.status, 'ready', 'the subscriber stayed connected')
+
+  await admin.acl('SETUSER', 'gateway', `&${prefix}alive:*`)
+  await eventually(async () => {
+    await tick(t, setup.leader)
+    return await subscriberCount(admin, alive) === 1
+  }, 'the instance to be heard once Redis allows it', WAIT_MS)
+  t.pass('heard, without a reconnect')
 })
 
 t.test('a holder whose subscriber reconnects keeps the lease while it renews (the messages it took in wait to be published under it), and ingress reaches it again, whatever lease length the other runs with', async (t) => {

@@ -88,6 +88,11 @@ export class IngressLeader {
   private stopping = false
   /** Subscribed to `leader-free` and to its own `alive:` channel since start (again after each reconnect). */
   private listening = false
+  /** Whether that subscribe went through on the subscriber's current connection. */
+  private heard = false
+  private listenInFlight = false
+  /** Failed since it last went through: warned once, not at every probe. */
+  private listenFailing = false
   /** The last ingress message's hand-over to Redis: the next one starts when it is done. */
   private pending: Promise<void> = Promise.resolve()
   /** Messages, and their bytes, not yet published: waiting in `pending`, or in flight to Redis. */
@@ -140,7 +145,10 @@ export class IngressLeader {
       this.validUntil = 0
     }
     const recheck = (): void => { if (dropped) this.check() }
-    subscriber.on('close', unconfirm)
+    subscriber.on('close', () => {
+      unconfirm()
+      this.heard = false
+    })
     commands.redis.on('close', unconfirm)
     subscriber.on('ready', () => {
       this.reconnected = true
@@ -177,9 +185,28 @@ export class IngressLeader {
    * at another's next check: another holds it, which is all ingress needs.)
    */
   private async listen (): Promise<void> {
-    await this.subscriber.subscribe(`${this.prefix}leader-free`, `${this.prefix}alive:${this.state.instanceId}`).catch((error: unknown) => {
-      this.log.warn({ reason: reasonOf(error) }, 'could not subscribe to lease hand-overs')
-    })
+    this.listenInFlight = true
+    try {
+      await this.subscriber.subscribe(`${this.prefix}leader-free`, `${this.prefix}alive:${this.state.instanceId}`)
+      this.heard = true
+      if (this.listenFailing) this.log.info({ instance: this.state.instanceId }, 'subscribed to lease hand-overs')
+      this.listenFailing = false
+    } catch (error) {
+      if (!this.listenFailing) this.log.warn({ reason: reasonOf(error) }, 'could not subscribe to lease hand-overs')
+      this.listenFailing = true
+    } finally {
+      this.listenInFlight = false
+    }
+  }
+
+  /**
+   * A subscribe Redis refused (an ACL, a subscriber over its output limit) is
+   * tried again at each check, not only at the next reconnect: unheard, this
+   * instance cannot take the lease from a holder that died. Not awaited, so
+   * that a subscriber that never answers cannot hold up the lease checks.
+   */
+  private listenAgainIfRefused (): void {
+    if (this.listening && !this.heard && !this.listenInFlight && this.subscriber.status === 'ready') void this.listen()
   }
 
   /**
@@ -220,6 +247,7 @@ export class IngressLeader {
     this.upkeepAsked = false
     if (this.stopped || (this.stopping && !this.holding)) return
     if (this.commands.redis.status !== 'ready') return await this.step(false)
+    this.listenAgainIfRefused()
     const startedAt = Date.now()
     const wasHolding = this.holding
     const held = await this.commands.run('LEASE', [this.prefix, this.state.instanceId, this.leaseMs, this.staleMs]) === 1
