@@ -22,8 +22,8 @@ interface Rig {
   prefix: string
   warnings: string[]
   received: Array<{ source: string, payload: string }>
-  /** Resolves once `count` ingress messages reached the handler. */
-  receivedCount: (count: number) => Promise<void>
+  /** Resolves once `done()` holds, checked as each ingress message reaches the handler. */
+  receivedUntil: (done: () => boolean, what: string) => Promise<void>
 }
 
 /**
@@ -61,10 +61,10 @@ async function rig (t: Test, subscriberOptions: RedisOptions = {}, shared: { pre
     waiters.wake()
     return { published: Promise.resolve() }
   })
-  const receivedCount = async (count: number): Promise<void> => {
-    await waiters.until(() => received.length >= count, { timeoutMs: WAIT_MS, what: `${count} ingress messages`, describe: () => `${received.length} received` })
+  const receivedUntil = async (done: () => boolean, what: string): Promise<void> => {
+    await waiters.until(done, { timeoutMs: WAIT_MS, what, describe: () => `${received.length} received` })
   }
-  return { leader, state, subscriber, prefix, warnings, received, receivedCount }
+  return { leader, state, subscriber, prefix, warnings, received, receivedUntil }
 }
 
 /** Kills the subscriber's connection from the server side and waits for ioredis to see it. */
@@ -99,8 +99,10 @@ async function ingressFlows (t: Test, redis: Redis, setup: Rig): Promise<void> {
   t.equal(await redis.publish(`${setup.prefix}publish`, '{"to":{"user":"u1"},"data":1}'), 1, 'a PUBLISH reaches one receiver')
   const connectionId = `lease-${randomBytes(4).toString('hex')}`
   await redis.publish(`stream:${connectionId}`, '{"event":"x","data":2}')
-  await setup.receivedCount(before + 2)
-  t.same(setup.received.slice(before), [
+  // Other tests' gateways and publishers share stream:* on the shared Redis: their messages are not this test's.
+  const own = (): Rig['received'] => setup.received.slice(before).filter(({ source }) => source === 'publish' || source === `stream:${connectionId}`)
+  await setup.receivedUntil(() => own().length >= 2, 'both ingress messages')
+  t.same(own(), [
     { source: 'publish', payload: '{"to":{"user":"u1"},"data":1}' },
     { source: `stream:${connectionId}`, payload: '{"event":"x","data":2}' }
   ], 'both ingress channels are handled')
@@ -134,9 +136,10 @@ t.test('a holder that stops hands the lease over: another instance takes it with
   t.ok(a.leader.isLeader && !b.leader.isLeader, 'A holds the lease, B listens for its release')
   await a.leader.stop()
   t.notOk(a.leader.isLeader, 'A gave the lease up')
+  const handledBefore = a.received.length
   await eventually(() => b.leader.isLeader, 'B to take the lease', WAIT_MS)
   await ingressFlows(t, redis, b)
-  t.same(a.received, [], 'A handled nothing after it stopped')
+  t.same(a.received.slice(handledBefore), [], 'A handled nothing after it stopped')
 })
 
 t.test('the hand-over notice still reaches an instance whose subscriber reconnected, and never one that is stopping', async (t) => {
@@ -332,10 +335,13 @@ t.test('gateway: the pubsub connection killed as the lease is taken; once it is 
 t.test('gateway: a lease holder killed with SIGKILL loses the lease as its connection closes, not when the lease expires; a PUBLISH stream:<id> then reaches a stream on the other instance', async (t) => {
   if (!(await needRedis(t))) return
   const prefix = uniquePrefix('lease-kill')
+  // A Redis of its own: stream:* is not under the prefix, and another test's
+  // gateways on a shared Redis would hear (and count in PUBLISH's answer) it too.
+  const own = await startOwnRedis(t)
   // A lease of five minutes: within the wait below, only the closed connection can hand it over.
-  const env = { REDIS_URL, REDIS_PREFIX: prefix, INSTANCE_TTL_MS: '600000' }
+  const env = { REDIS_URL: own.url, REDIS_PREFIX: prefix, INSTANCE_TTL_MS: '600000' }
   const doomed = await spawnServer(t, { ...env, JWT_SECRET: TEST_SECRET, LOG_LEVEL: 'warn', HOST: '127.0.0.1' })
-  const redis = redisClient(t)
+  const redis = redisClient(t, own.url)
   const survivor = await startGateway(t, env)
   const ingress = survivor.app.ingress
   if (ingress === null) throw new Error('no ingress leader in Redis mode')
@@ -393,8 +399,11 @@ t.test('gateway: a holder that loses Redis stops counting itself the holder unti
 t.test('gateway: a lease key gone while its holder still acts on it (an emptied store) is taken back by the holder, or left to the instance that took it; each message is published once', async (t) => {
   if (!(await needRedis(t))) return
   const prefix = uniquePrefix('lease-gone')
-  const { leaseA, leaseB, stream } = await twoHolders(t, REDIS_URL, prefix)
-  const redis = redisClient(t)
+  // A Redis of its own: another test's stream:* message reaching A would
+  // show it the lease is gone before the check this test is about.
+  const own = await startOwnRedis(t)
+  const { leaseA, leaseB, stream } = await twoHolders(t, own.url, prefix)
+  const redis = redisClient(t, own.url)
   const sendAndCount = async (event: string): Promise<number> => {
     await redis.publish(`${prefix}publish`, JSON.stringify({ to: { user: 'u1' }, event, data: 1 }))
     await redis.publish(`${prefix}publish`, JSON.stringify({ to: { user: 'u1' }, event: `${event}-marker`, data: 2 }))

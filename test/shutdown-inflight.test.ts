@@ -37,8 +37,9 @@ for (const listener of ['public', 'internal'] as const) {
     if (listener === 'internal') {
       url = `http://127.0.0.1:${await listenInternalPort(gateway.app)}`
     }
-    const publishing = gate(gateway.app.publisher, 'publishItems')
-    const body = { to: { user: 'u1' }, event: 'late', data: { n: 1 } }
+    const event = `late-${listener}-${mode}`
+    const publishing = gate(gateway.app.publisher, 'publishItems', (args) => JSON.stringify(args[0]).includes(event))
+    const body = { to: { user: 'u1' }, event, data: { n: 1 } }
     const answer = request<{ id?: string }>(`${url}/v1/publish`, { token: publisherToken(), body }).catch((error: Error) => error)
     await publishing.entered
     const { closed } = await beginDrain(t, gateway.app)

@@ -5,15 +5,17 @@ import { eventually } from './gateway'
 /**
  * Holds calls to `target[method]` at a gate: `entered` resolves with the first
  * call's arguments when it arrives, and every call waits for `open()` before
- * running the real one.
+ * running the real one. Calls `holds` turns down pass straight through (others'
+ * calls: on a shared Redis, ingress from other tests reaches every holder).
  */
-export function gate<T extends object, K extends keyof T> (target: T, method: K): { entered: Promise<unknown[]>, open: () => void } {
+export function gate<T extends object, K extends keyof T> (target: T, method: K, holds: (args: unknown[]) => boolean = () => true): { entered: Promise<unknown[]>, open: () => void } {
   const real = (target[method] as (...args: unknown[]) => Promise<unknown>).bind(target)
   let signalEntered = (_args: unknown[]): void => {}
   const entered = new Promise<unknown[]>((resolve) => { signalEntered = resolve })
   let release = (): void => {}
   const opened = new Promise<void>((resolve) => { release = resolve })
   target[method] = (async (...args: unknown[]) => {
+    if (!holds(args)) return await real(...args)
     signalEntered(args)
     await opened
     return await real(...args)
