@@ -12,7 +12,7 @@ import type { Socket } from 'node:net'
 import t from 'tap'
 import { eventually, forEachMode, listenInternalPort, loggedAs, openConnected, openStream, publish, publishOk, publisherToken, request, startCluster, startGateway, token, userToken } from './helpers'
 import { metricValue, rawConnect, rawExchange, scrape } from './helpers/raw'
-import { needRedis, redisClient, REDIS_URL, uniquePrefix } from './helpers/redis'
+import { needRedis, redisClient, startOwnRedis, uniquePrefix } from './helpers/redis'
 
 const publisher = publisherToken()
 // Parsed without trouble, but JSON.stringify overflows the stack on it.
@@ -49,11 +49,13 @@ t.test('a job result nested deeper than 512 levels: 400, however little stack it
 
 t.test('Redis ingress: a too-deep message is counted and dropped, on pub/sub and on the durable stream; those behind it arrive', async (t) => {
   if (!(await needRedis(t))) return
+  // A Redis of its own: stream:* has no prefix, and other tests' messages there would reach its counters.
+  const own = await startOwnRedis(t)
   const prefix = uniquePrefix('deep')
-  const gateway = await startGateway(t, { REDIS_URL, REDIS_PREFIX: prefix })
+  const gateway = await startGateway(t, { REDIS_URL: own.url, REDIS_PREFIX: prefix })
   await eventually(async () => gateway.app.ingress?.isLeader === true, 'the ingress lease taken')
   const { stream } = await openConnected(`${gateway.url}/v1/stream?token=${userToken('u1')}`, { t })
-  const redis = redisClient(t)
+  const redis = redisClient(t, own.url)
   const good = (n: number): string => JSON.stringify({ to: { user: 'u1' }, event: 'seq', data: n })
   const deep = `{"to":{"user":"u1"},"event":"seq","data":${DEEP}}`
 
@@ -79,10 +81,12 @@ t.test('Redis ingress: a too-deep message is counted and dropped, on pub/sub and
 
 t.test('durable ingress: only field names are read as names, and an entry with no payload is counted and logged', async (t) => {
   if (!(await needRedis(t))) return
+  // A Redis of its own: stream:* has no prefix, and other tests' messages there would reach its counters.
+  const own = await startOwnRedis(t)
   const prefix = uniquePrefix('fields')
-  const gateway = await startGateway(t, { REDIS_URL, REDIS_PREFIX: prefix }, { captureLogs: true })
+  const gateway = await startGateway(t, { REDIS_URL: own.url, REDIS_PREFIX: prefix }, { captureLogs: true })
   const { stream } = await openConnected(`${gateway.url}/v1/stream?token=${userToken('u1')}`, { t })
-  const redis = redisClient(t)
+  const redis = redisClient(t, own.url)
   const event = (n: number): string => JSON.stringify({ to: { user: 'u1' }, event: 'seq', data: n })
   await redis.multi()
     // A field whose value is the word "payload" comes before the real one.
@@ -98,11 +102,13 @@ t.test('durable ingress: only field names are read as names, and an entry with n
 
 t.test('PUBLISH stream:<id> with an id the POST would refuse is counted and dropped', async (t) => {
   if (!(await needRedis(t))) return
+  // A Redis of its own: stream:* has no prefix, and other tests' messages there would reach its counters.
+  const own = await startOwnRedis(t)
   const prefix = uniquePrefix('streamid')
-  const gateway = await startGateway(t, { REDIS_URL, REDIS_PREFIX: prefix }, { captureLogs: true })
+  const gateway = await startGateway(t, { REDIS_URL: own.url, REDIS_PREFIX: prefix }, { captureLogs: true })
   await eventually(async () => gateway.app.ingress?.isLeader === true, 'the ingress lease taken')
   const { stream, connected } = await openConnected(`${gateway.url}/v1/stream?token=${userToken('u1')}`, { t })
-  const redis = redisClient(t)
+  const redis = redisClient(t, own.url)
   const message = (n: number): string => JSON.stringify({ event: 'seq', data: n })
   await redis.publish('stream:', message(0))
   await redis.publish('stream:a\nb', message(0))

@@ -172,8 +172,10 @@ forEachMode(t, 'sse_redis_up is 1 while the store answers; event-loop lag and pr
 })
 
 forEachMode(t, 'sse_ingress_rejected_total counts Redis ingress messages that do not parse or validate', async (t) => {
-  const [gateway] = await startCluster(t, 'redis', 1)
-  const redis = redisClient(t)
+  // A Redis of its own: stream:* has no prefix, and other tests' messages there would reach its counters.
+  const own = await startOwnRedis(t)
+  const [gateway] = await startCluster(t, 'redis', 1, { REDIS_URL: own.url })
+  const redis = redisClient(t, own.url)
   const prefix = gateway.app.config.redisPrefix
   // The durable form is read by a consumer group, so nothing is lost to timing.
   await redis.xadd(`${prefix}ingress`, '*', 'payload', 'this is not JSON')

@@ -10,7 +10,7 @@ import { eventually, publish, request, startGateway } from './helpers'
 import { connect, pair, PUBLISHER, setMembers } from './helpers/channels'
 import { forEachMode } from './helpers/modes'
 import { metricValue, scrape } from './helpers/raw'
-import { needRedis, redisClient, REDIS_URL, uniquePrefix } from './helpers/redis'
+import { needRedis, redisClient, startOwnRedis, uniquePrefix } from './helpers/redis'
 
 const memberList = (count: number): string[] => Array.from({ length: count }, (_, index) => `m${index}`)
 const batchTo = (conversation: string, count: number): Array<Record<string, unknown>> =>
@@ -37,11 +37,13 @@ forEachMode(t, 'a publish past MAX_PUBLISH_CHANNELS is 413 and publishes nothing
 t.test('Redis ingress: a message past MAX_PUBLISH_CHANNELS is counted and dropped, on pub/sub and on the durable stream; the next arrives', async (t) => {
   if (!(await needRedis(t))) return
   const prefix = uniquePrefix('fanoutcap')
-  const gateway = await startGateway(t, { REDIS_URL, REDIS_PREFIX: prefix, MAX_PUBLISH_CHANNELS: '5' })
+  // A Redis of its own: stream:* has no prefix, and other tests' messages there would reach its counters.
+  const own = await startOwnRedis(t)
+  const gateway = await startGateway(t, { REDIS_URL: own.url, REDIS_PREFIX: prefix, MAX_PUBLISH_CHANNELS: '5' })
   await eventually(() => gateway.app.ingress?.isLeader === true, 'the lease taken')
   await setMembers(gateway, 'room', memberList(6))
   const member = await connect(t, gateway, 'm0')
-  const redis = redisClient(t)
+  const redis = redisClient(t, own.url)
   await redis.publish(`${prefix}publish`, JSON.stringify({ to: { conversation: 'room' }, event: 'big', data: 1 }))
   await redis.xadd(`${prefix}ingress`, '*', 'payload', JSON.stringify({ to: { conversation: 'room' }, event: 'big', data: 2 }))
   await redis.xadd(`${prefix}ingress`, '*', 'payload', JSON.stringify({ to: { user: 'm0' }, event: 'after', data: 3 }))
@@ -56,7 +58,9 @@ t.test('Redis ingress: a message past MAX_PUBLISH_CHANNELS is counted and droppe
 
 t.test('Redis mode: a batch of 1000 events to a 150-member conversation (150,000 channels) is published and arrives', async (t) => {
   if (!(await needRedis(t))) return
-  const [a, b] = await pair(t, 'redis', { MAX_PUBLISH_CHANNELS: '200000', HISTORY_TTL_S: '60' })
+  // A Redis of its own: the batch's one script runs for most of a second, and would hold up every other test's commands.
+  const own = await startOwnRedis(t)
+  const [a, b] = await pair(t, 'redis', { REDIS_URL: own.url, MAX_PUBLISH_CHANNELS: '200000', HISTORY_TTL_S: '60' })
   const members = memberList(150)
   await setMembers(a, 'crowd', members)
   const first = await connect(t, b, 'm0')

@@ -270,8 +270,10 @@ t.test('durable ingress: each holder reads under its own consumer name; once a n
 t.test('bad ingress messages are counted, logged without their data, dropped; the gateway goes on', async (t) => {
   if (!(await needRedis(t))) return
   const prefix = uniquePrefix('badingress')
-  const gateway = await startGateway(t, { REDIS_URL, REDIS_PREFIX: prefix }, { captureLogs: true })
-  const redis = redisClient(t)
+  // A Redis of its own: stream:* has no prefix, and other tests' messages there would reach its counters.
+  const own = await startOwnRedis(t)
+  const gateway = await startGateway(t, { REDIS_URL: own.url, REDIS_PREFIX: prefix }, { captureLogs: true })
+  const redis = redisClient(t, own.url)
   await eventually(async () => gateway.app.ingress?.isLeader === true, 'the only instance to take the lease')
   const { stream, connected } = await openConnected(`${gateway.url}/v1/stream?token=${userToken('u1')}`, { t })
   const secret = 'SECRET-DATA-93f1'
