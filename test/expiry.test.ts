@@ -6,6 +6,12 @@ import { metricValue, scrape } from './helpers/raw'
 
 const publisher = publisherToken()
 
+/**
+ * An `exp` at least `seconds` from now: a whole second from `nowS()` may be
+ * nearly over, and a token minted then could expire before its stream opens.
+ */
+const secondsAhead = (seconds: number): number => Math.ceil(Date.now() / 1000) + seconds
+
 forEachMode(t, 'a stream whose token expires in 2 s receives `auth-expired` (no id) and is closed', async (t, mode) => {
   const [gateway] = await startCluster(t, mode, 1, { KEEPALIVE_MS: '60000' })
   const { url, app } = gateway
@@ -67,7 +73,7 @@ t.test('a token that has already expired opens nothing: 401 with the JSON error 
 
 t.test('a token that runs out while its stream waits to be admitted still gets `auth-expired` once the stream opens', async (t) => {
   const [gateway] = await startCluster(t, 'memory', 1, { KEEPALIVE_MS: '60000' })
-  const exp = nowS() + 1
+  const exp = secondsAhead(1)
   // Admitted only once the token has been expired for a while: its expiry's
   // moment has passed when the stream is registered.
   interceptNextAdmission(t, gateway, async (admit) => {
@@ -82,7 +88,7 @@ t.test('a token that runs out while its stream waits to be admitted still gets `
 
 t.test('streams whose tokens run out at many different moments each get `auth-expired` at theirs', async (t) => {
   const [gateway] = await startCluster(t, 'memory', 1, { KEEPALIVE_MS: '60000' })
-  const base = nowS()
+  const base = secondsAhead(0)
   const streams = await Promise.all([1, 2, 3, 4].map(async (offset) => {
     const exp = base + offset
     const { stream } = await openConnected(`${gateway.url}/v1/stream?token=${token({ sub: `spread-u${offset}`, exp })}`, { t })
@@ -95,7 +101,7 @@ t.test('streams whose tokens run out at many different moments each get `auth-ex
   // Expiries inside a tick's span (exp may be fractional, RFC 7519): each
   // is read again at every tick until its moment, not only at the first.
   const within = await Promise.all(Array.from({ length: 10 }, async (_, k) => {
-    const exp = nowS() + 1 + k * 0.024
+    const exp = secondsAhead(1) + k * 0.024
     const { stream } = await openConnected(`${gateway.url}/v1/stream?token=${token({ sub: `within-u${k}`, exp })}`, { t })
     return { stream, exp }
   }))
@@ -104,7 +110,7 @@ t.test('streams whose tokens run out at many different moments each get `auth-ex
     t.ok(Date.now() >= exp * 1000, `the token expiring at ${exp}: not before its exp`)
   }
   // Streams opened after the first ticks land in buckets still to come.
-  const { stream: later } = await openConnected(`${gateway.url}/v1/stream?token=${token({ sub: 'spread-later', exp: nowS() + 1 })}`, { t })
+  const { stream: later } = await openConnected(`${gateway.url}/v1/stream?token=${token({ sub: 'spread-later', exp: secondsAhead(1) })}`, { t })
   await later.nextEvent('auth-expired', 5000)
   t.pass('a stream opened after the others expired is expired too')
 })

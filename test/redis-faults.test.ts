@@ -344,7 +344,9 @@ async function atLimitThenEmptied (t: Test, prefix: string): Promise<Gateway> {
 t.test('a Redis that stops answering without dropping the connection: a publish and a stream open get 503 after REDIS_COMMAND_TIMEOUT_MS, not an answer held until Redis is back; the admission Redis ran meanwhile is given back', async (t) => {
   if (!(await needRedis(t))) return
   const prefix = uniquePrefix('hung')
-  const { proxy, viaProxy, direct } = await proxiedCluster(t, { REDIS_PREFIX: prefix, REDIS_COMMAND_TIMEOUT_MS: '300', MAX_CONNECTIONS_PER_USER: '1', INSTANCE_TTL_MS: '1500' })
+  // A Redis of its own: with commands given 300 ms, a long script of another test's on a shared one would fail them.
+  const own = await startOwnRedis(t)
+  const { proxy, viaProxy, direct } = await proxiedCluster(t, { REDIS_PREFIX: prefix, REDIS_COMMAND_TIMEOUT_MS: '300', MAX_CONNECTIONS_PER_USER: '1', INSTANCE_TTL_MS: '1500' }, {}, own.url)
   const { stream } = await openConnected(`${direct.url}/v1/stream?token=${userToken('u1')}`, { t })
 
   proxy.holdReplies()

@@ -178,12 +178,12 @@ export class FaultyProxy {
 
 /**
  * Two gateways of one cluster (`env` names its REDIS_PREFIX): `viaProxy`
- * reaches Redis through a fault proxy (started with `options`), `direct`
- * straight.
+ * reaches Redis (`redisUrl`, without a password) through a fault proxy
+ * (started with `options`), `direct` straight.
  */
-export async function proxiedCluster (t: TestLike & Pick<Test, 'teardown'>, env: Record<string, string>, options: GatewayOptions = {}): Promise<{ proxy: FaultyProxy, viaProxy: Gateway, direct: Gateway }> {
-  const proxy = await FaultyProxy.start(t, Number(new URL(REDIS_URL).port || 6379))
+export async function proxiedCluster (t: TestLike & Pick<Test, 'teardown'>, env: Record<string, string>, options: GatewayOptions = {}, redisUrl = REDIS_URL): Promise<{ proxy: FaultyProxy, viaProxy: Gateway, direct: Gateway }> {
+  const proxy = await FaultyProxy.start(t, Number(new URL(redisUrl).port || 6379))
   const viaProxy = await startGateway(t, { ...env, REDIS_URL: proxy.url }, options)
-  const direct = await startGateway(t, { ...env, REDIS_URL })
+  const direct = await startGateway(t, { ...env, REDIS_URL: redisUrl })
   return { proxy, viaProxy, direct }
 }
