@@ -11,7 +11,7 @@ import { connect } from 'node:net'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { findNchan, nchanConfig, workerConnectionsFor } from '../bench/lib/nchan'
-import { freePort } from './helpers/process'
+import { freePort, listensOn } from './helpers/process'
 import { within } from './helpers/wait'
 
 const STREAMS = 400
@@ -95,7 +95,8 @@ async function startNginx (t: Test, slots: number): Promise<{ port: number, erro
     for (;;) {
       try {
         const response = await fetch(`http://127.0.0.1:${port}/health`)
-        if (response.ok) return
+        // nginx's own answer: another test's server may hold a port handed out twice.
+        if (response.ok && await listensOn(nginx.pid, port)) return
       } catch {}
       await new Promise((resolve) => setTimeout(resolve, 50))
     }

@@ -12,7 +12,7 @@ import { existsSync } from 'node:fs'
 import { cp, mkdtemp, readFile, rm } from 'node:fs/promises'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
-import { freePort, openStream, TEST_SECRET } from './helpers'
+import { freePort, listensOn, openStream, TEST_SECRET } from './helpers'
 
 /** The checkout's root (this file runs as dist/test/docker-steps.test.js). */
 const ROOT = join(__dirname, '..', '..')
@@ -229,7 +229,8 @@ t.test('the runtime stage, step by step outside Docker: npm ci --omit=dev, copy,
     try {
       const response = await fetch(`${url}/health`, { signal: AbortSignal.timeout(2000) })
       await response.arrayBuffer()
-      health = response.status
+      // Only the copy's own answer: another test's server may hold a port handed out twice.
+      health = await listensOn(server.pid, port) ? response.status : 0
     } catch {
       // Not listening yet.
     }

@@ -14,7 +14,7 @@ import type { Test } from 'tap'
 import { chromium, type BrowserContext, type Page } from 'playwright-core'
 import type { TestLike } from './gateway'
 import { Waiters, within } from './wait'
-import { SERVER_JS, type Exit } from './process'
+import { listensOn, SERVER_JS, type Exit } from './process'
 
 export const CHROMIUM = '/usr/bin/chromium'
 
@@ -216,7 +216,8 @@ export async function startServerOnPort (t: TestLike, env: Record<string, string
     try {
       const response = await fetch(`${url}/health`, { signal: AbortSignal.timeout(2000) })
       await response.arrayBuffer()
-      if (response.status === 200) return { child, url, stdout: () => stdout, stderr: () => stderr, waitExit }
+      // Its own answer: another test's server may hold the port (handed out twice, or taken while this one restarted).
+      if (response.status === 200 && await listensOn(child.pid, port)) return { child, url, stdout: () => stdout, stderr: () => stderr, waitExit }
     } catch {
       // Not listening yet.
     }

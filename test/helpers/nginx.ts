@@ -15,7 +15,7 @@ import { chmod, mkdir, mkdtemp, readFile, rm, writeFile } from 'node:fs/promises
 import { tmpdir } from 'node:os'
 import { dirname, join, resolve } from 'node:path'
 import { TEST_SECRET, type TestLike } from './gateway'
-import { freePort, spawnServer, type ServerProcess } from './process'
+import { freePort, listensOn, listensToo, spawnServer, type ServerProcess } from './process'
 import { REDIS_URL } from './redis'
 
 /** deploy/nginx.conf of this checkout (the compiled helper lives in dist/test/helpers). */
@@ -235,7 +235,8 @@ export async function startNginx (t: TestLike, upstreams: readonly [string, stri
       try {
         const response = await fetch(`${url}${probePath}`, { signal: AbortSignal.timeout(2000) })
         await response.arrayBuffer()
-        if (response.status === 200) {
+        // nginx's own answer: another test's nginx may hold a port handed out twice.
+        if (response.status === 200 && await listensOn(process_.pid, port)) {
           const https = certificate !== null && tlsPort !== undefined ? { url: `https://127.0.0.1:${tlsPort}`, port: tlsPort, certificate } : null
           return { url, port, dir, config, https, stdout: () => stdout, stderr: () => stderr, child: process_ }
         }
@@ -257,8 +258,20 @@ export interface StackGateway extends ServerProcess {
 
 /** A gateway process of a cluster behind nginx, as docker-compose.yml runs it: Redis mode, an internal port, nginx trusted. */
 export async function startGatewayProcess (t: TestLike, prefix: string, env: Record<string, string> = {}): Promise<StackGateway> {
-  const internalPort = await freePort()
-  const server = await spawnServer(t, {
+  for (let attempt = 1; ; attempt++) {
+    const internalPort = await freePort()
+    const server = await spawnGatewayProcess(t, prefix, internalPort, env)
+    // The internal listener is bound after the public one answers: a port
+    // taken meanwhile by another test ends the process there.
+    if (await listensToo(server, internalPort)) return Object.assign(server, { internalUrl: `http://127.0.0.1:${internalPort}` })
+    await server.exited
+    if (attempt < 3 && server.stderr().includes('EADDRINUSE')) continue
+    throw new Error(`the gateway exited before listening on its internal port; stderr: ${server.stderr()}`)
+  }
+}
+
+async function spawnGatewayProcess (t: TestLike, prefix: string, internalPort: number, env: Record<string, string>): Promise<ServerProcess> {
+  return await spawnServer(t, {
     JWT_SECRET: TEST_SECRET,
     HOST: '127.0.0.1',
     REDIS_URL,
@@ -270,5 +283,4 @@ export async function startGatewayProcess (t: TestLike, prefix: string, env: Rec
     LOG_LEVEL: 'info',
     ...env
   })
-  return Object.assign(server, { internalUrl: `http://127.0.0.1:${internalPort}` })
 }

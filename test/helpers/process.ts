@@ -112,6 +112,20 @@ export async function listensOn (pid: number | undefined, port: number): Promise
 }
 
 /**
+ * Resolves true once `server`'s process listens on `port` as well (a second
+ * listener, bound after the one its /health answers on), false if it exits first.
+ */
+export async function listensToo (server: ServerProcess, port: number, timeoutMs = 10_000): Promise<boolean> {
+  const deadline = Date.now() + timeoutMs
+  while (server.child.exitCode === null && server.child.signalCode === null) {
+    if (await listensOn(server.child.pid, port)) return true
+    if (Date.now() > deadline) throw new Error(`the server did not listen on port ${port} within ${timeoutMs} ms; stderr: ${server.stderr()}`)
+    await new Promise<void>((resolve) => setTimeout(resolve, 20))
+  }
+  return false
+}
+
+/**
  * Starts the server on a free port (PORT is set here; HOST stays the default
  * unless `env` sets it) and resolves once GET /health answers 200. A start
  * lost to a port taken in between is retried on another port.
