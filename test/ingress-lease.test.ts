@@ -358,6 +358,32 @@ t.test('gateway: a lease holder killed with SIGKILL loses the lease as its conne
   t.equal((await stream.nextEvent('chunk', WAIT_MS)).data, 'after', 'and handles it')
 })
 
+t.test('gateway: a holder that stops passes the lease on: no plain PUBLISH sent meanwhile is lost or handled twice, and their order holds', async (t) => {
+  if (!(await needRedis(t))) return
+  // A Redis of its own: other tests' stream:* messages would take places in the queues.
+  const own = await startOwnRedis(t)
+  const env = { REDIS_URL: own.url, REDIS_PREFIX: uniquePrefix('lease-pass'), INSTANCE_TTL_MS: '60000' }
+  const a = await startGateway(t, env)
+  const b = await startGateway(t, env)
+  t.ok(a.app.ingress?.isLeader === true && b.app.ingress?.isLeader === false, 'A holds the lease')
+  const { stream, connected } = await openConnected(`${b.url}/v1/stream?token=${userToken('u1')}`, { t })
+  const redis = redisClient(t, own.url)
+  // One after another, as fast as Redis answers: a gap of a round trip at the hand-over holds several.
+  const total = 3000
+  let stopping: Promise<void> | null = null
+  for (let n = 0; n < total; n++) {
+    await redis.publish(`stream:${connected.connectionId}`, JSON.stringify({ event: 'seq', data: String(n) }))
+    if (n === 500) stopping = a.app.close()
+  }
+  await stopping
+  t.ok(b.app.ingress?.isLeader, 'B holds the lease')
+  await stream.next((event) => event.event === 'seq' && event.data === String(total - 1), 20_000, 'the last message')
+  const seen = stream.events.filter((event) => event.event === 'seq').map((event) => Number(event.data))
+  const missing = Array.from({ length: total }, (_, n) => n).filter((n) => !seen.includes(n))
+  t.same(missing, [], 'none lost')
+  t.same(seen, Array.from({ length: total }, (_, n) => n), 'each once, in order')
+})
+
 /**
  * Gateways A (the lease holder) and B on `url`, and a stream of u1 on B. Their
  * timers check the lease only every 10 s: the test drives the checks.

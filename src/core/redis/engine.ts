@@ -38,6 +38,23 @@ export const MAX_QUEUED_INGRESS_BYTES = 64 * 1024 * 1024
 export const TAKEOVER_PROBE_MS = 250
 /** Renewals a holder may miss before a silent one loses the lease: a slow turn of its event loop is not a death. */
 const MISSED_RENEWALS = 4
+/** How long a stopping holder waits for a successor to listen (then lets the lease go as a dying one would). */
+const HANDOVER_WAIT_MS = 1000
+/** How long a successor waits for the lease to be passed; the messages it kept for it are dropped after. */
+const SUCCESSION_WAIT_MS = 3000
+
+/** This instance takes over from a stopping holder (IngressLeader.handOver). */
+interface Succession {
+  holder: string
+  /** Its own marker came back: every ingress message from here on is this instance's to handle. */
+  marked: boolean
+  /** Settles true once it holds the lease, false if the hand-over failed. */
+  leaseTaken: Promise<boolean>
+  settle: (taken: boolean) => void
+  timer: NodeJS.Timeout
+  /** Kept messages dropped because the lease never came: warned once. */
+  dropped: number
+}
 
 /**
  * Handles one message that arrived on an ingress channel (`<prefix>publish`
@@ -93,6 +110,12 @@ export class IngressLeader {
   private listenInFlight = false
   /** Failed since it last went through: warned once, not at every probe. */
   private listenFailing = false
+  private succession: Succession | null = null
+  /** Stopping, this holder waits for a successor's marker. */
+  private awaitingSuccessor: ((successor: string) => void) | null = null
+  /** Past the successor's marker: the messages that come now are the successor's. */
+  private handedOff = false
+  private readonly drainWaiters = new Set<() => void>()
   /** The last ingress message's hand-over to Redis: the next one starts when it is done. */
   private pending: Promise<void> = Promise.resolve()
   /** Messages, and their bytes, not yet published: waiting in `pending`, or in flight to Redis. */
@@ -125,11 +148,9 @@ export class IngressLeader {
     const publishChannel = Buffer.from(`${prefix}publish`)
     const leaderFreeChannel = Buffer.from(`${prefix}leader-free`)
     subscriber.on('messageBuffer', (name: Buffer, message: Buffer) => {
+      // In the order Redis sent them: a successor's marker among the ingress messages (see handOver).
       if (name.equals(publishChannel)) this.dispatch({ kind: 'publish' }, message.toString())
-      // Another instance gave the lease up (it is stopping): until one takes
-      // it, a PUBLISH ingress message is handled by no one, so not a timer
-      // tick later. (The notice is only a hint; the tick remains.)
-      else if (name.equals(leaderFreeChannel) && message.toString() !== this.state.instanceId) this.check()
+      else if (name.equals(leaderFreeChannel)) this.onLeaseNotice(message.toString())
     })
     subscriber.on('pmessage', (_pattern: string, name: string, message: string) => {
       if (name.startsWith('stream:')) this.dispatch({ kind: 'stream', connectionId: name.slice('stream:'.length) }, message)
@@ -284,10 +305,120 @@ export class IngressLeader {
     await this.rerun?.catch(() => {})
     await this.running?.catch(() => {})
     if (this.holding && this.commands.redis.status === 'ready') {
+      const passed = await this.handOver()
       await this.step(false)
-      await this.release()
+      if (!passed) await this.release()
       await this.commands.redis.publish(`${this.prefix}leader-free`, this.state.instanceId).catch(() => {})
     }
+    if (this.succession !== null) this.endSuccession(this.succession, false)
+  }
+
+  /**
+   * Passes the lease to another instance without a message lost or handled
+   * twice, which letting it go would not: a plain PUBLISH that comes between
+   * this holder's unsubscribe and the next one's subscribe reaches no one.
+   * The successor subscribes to the ingress channels first, then publishes
+   * a marker on `leader-free`. Redis sends every subscriber its messages in
+   * the order it ran the PUBLISHes, so the marker stands at the same place
+   * among the ingress messages for both: this holder handles those before
+   * it, the successor those after it, once this one has published its last
+   * and passed it the lease. Resolves false when no successor came forward
+   * (or the lease could not be passed): then the lease is let go as before.
+   */
+  private async handOver (): Promise<boolean> {
+    const self = this.state.instanceId
+    let timer: NodeJS.Timeout | undefined
+    const successorMarked = new Promise<string | null>((resolve) => {
+      this.awaitingSuccessor = resolve
+      timer = setTimeout(() => resolve(null), HANDOVER_WAIT_MS)
+    })
+    try {
+      // Heard by this instance's own subscriber, and by any other.
+      if (await this.commands.redis.publish(`${this.prefix}leader-free`, `handing:${self}`) < 2) return false
+      const successor = await successorMarked
+      if (successor === null) return false
+      await this.drained(HANDOVER_WAIT_MS)
+      const passed = await this.commands.run('PASS_LEASE', [this.prefix, self, successor, this.leaseMs]) === 1
+      if (passed) this.log.info({ instance: self, successor }, 'passed the ingress lease on')
+      return passed
+    } catch (error) {
+      this.log.warn({ reason: reasonOf(error) }, 'could not pass the ingress lease on')
+      return false
+    } finally {
+      clearTimeout(timer)
+      this.awaitingSuccessor = null
+    }
+  }
+
+  /** Resolves once every message taken in is published (or `limitMs` has passed). */
+  private async drained (limitMs: number): Promise<void> {
+    if (this.queued === 0) return
+    let timer: NodeJS.Timeout | undefined
+    let wake = (): void => {}
+    await new Promise<void>((resolve) => {
+      wake = resolve
+      this.drainWaiters.add(wake)
+      timer = setTimeout(resolve, limitMs)
+    })
+    clearTimeout(timer)
+    this.drainWaiters.delete(wake)
+  }
+
+  /** What comes on `leader-free`: a holder stopping (`handing:`), a successor's marker (`marked:`), or a lease let go. */
+  private onLeaseNotice (notice: string): void {
+    const self = this.state.instanceId
+    if (notice.startsWith('handing:')) {
+      const holder = notice.slice('handing:'.length)
+      if (holder !== self) void this.succeed(holder)
+      return
+    }
+    if (notice.startsWith('marked:')) {
+      const [successor, holder] = notice.slice('marked:'.length).split('\n')
+      if (successor === self && this.succession?.holder === holder) this.succession.marked = true
+      else if (holder === self && this.awaitingSuccessor !== null && successor !== undefined) {
+        this.handedOff = true
+        this.awaitingSuccessor(successor)
+      }
+      return
+    }
+    // Another instance gave the lease up (it is stopping): until one takes
+    // it, a PUBLISH ingress message is handled by no one, so not a timer
+    // tick later. (The notice is only a hint; the tick remains.)
+    if (notice !== self) this.check()
+  }
+
+  /** Offers to take over from `holder`, which is stopping (see handOver). */
+  private async succeed (holder: string): Promise<void> {
+    if (this.stopping || this.stopped || this.holding || this.succession !== null || this.subscriber.status !== 'ready') return
+    let settle = (_taken: boolean): void => {}
+    const leaseTaken = new Promise<boolean>((resolve) => { settle = resolve })
+    const succession: Succession = { holder, marked: false, leaseTaken, settle, timer: setTimeout(() => this.endSuccession(succession, false), SUCCESSION_WAIT_MS).unref(), dropped: 0 }
+    this.succession = succession
+    try {
+      if (await this.commands.run('CLAIM_SUCCESSION', [this.prefix, holder, this.state.instanceId, SUCCESSION_WAIT_MS]) !== 1) {
+        this.endSuccession(succession, false)
+        return
+      }
+      // A check already past its look at the succession may still unsubscribe: it ends first.
+      await this.running?.catch(() => {})
+      if (this.succession !== succession) return
+      this.subscribed = true
+      await this.subscriber.subscribe(`${this.prefix}publish`)
+      await this.subscriber.psubscribe('stream:*')
+      await this.commands.redis.publish(`${this.prefix}leader-free`, `marked:${this.state.instanceId}\n${holder}`)
+    } catch (error) {
+      this.log.warn({ holder, reason: reasonOf(error) }, 'could not take over the ingress lease from a stopping holder')
+      this.endSuccession(succession, false)
+    }
+  }
+
+  private endSuccession (succession: Succession, taken: boolean): void {
+    if (this.succession !== succession) return
+    clearTimeout(succession.timer)
+    this.succession = null
+    succession.settle(taken)
+    // Not the holder: the check lets the ingress subscriptions go.
+    if (!taken) this.check()
   }
 
   /** Never rejects: a failure is logged or left for the next tick to retry. */
@@ -311,11 +442,13 @@ export class IngressLeader {
       }
       if (!this.holding) this.log.info({ instance }, 'took the ingress lease')
       this.holding = true
+      if (this.succession !== null) this.endSuccession(this.succession, true)
       return
     }
     if (this.holding) this.log.info({ instance }, 'gave up the ingress lease')
     this.holding = false
-    if (!this.subscribed) return
+    // A successor listens before it holds the lease.
+    if (!this.subscribed || this.succession !== null) return
     if (this.subscriber.status !== 'ready') {
       // Its socket is gone, and a new one starts without subscriptions (client.ts):
       // nothing to undo. Asked meanwhile, UNSUBSCRIBE can wait on a socket that
@@ -341,7 +474,13 @@ export class IngressLeader {
   }
 
   private dispatch (source: Parameters<IngressHandler>[0], payload: string): void {
-    if (!this.isLeader) return
+    if (this.handedOff) return
+    // A successor keeps what comes after its marker until the lease is passed to it.
+    let succession: Succession | null = null
+    if (!this.isLeader) {
+      if (this.succession?.marked !== true) return
+      succession = this.succession
+    }
     // A publisher faster than messages are published (a conversation
     // target takes a round trip first; a slow Redis) would grow the queue,
     // and the process, without end: past the bound, messages are dropped.
@@ -359,7 +498,9 @@ export class IngressLeader {
     const done = (): void => {
       this.queued--
       this.queuedBytes -= bytes
-      if (this.queued === 0) this.overflowing = false
+      if (this.queued !== 0) return
+      this.overflowing = false
+      for (const wake of this.drainWaiters) wake()
     }
     const failed = (error: unknown): void => {
       if (!(error instanceof NotLeaseHolderError)) {
@@ -382,6 +523,11 @@ export class IngressLeader {
     // ioredis's queue of their payloads) are what grows.
     this.pending = this.pending
       .then(async () => {
+        if (succession !== null && !(await succession.leaseTaken)) {
+          done()
+          if (succession.dropped++ === 0) this.log.warn({ holder: succession.holder }, 'ingress messages dropped: the stopping holder did not pass the lease on')
+          return
+        }
         let published: Promise<void>
         try {
           ({ published } = await this.handler(source, payload, this.fence))

@@ -794,6 +794,31 @@ return out
 `
 
 /**
+ * ARGV: prefix, stopping holder, successor, leaseMs. A stopping holder's
+ * hand-over (IngressLeader.handOver): one instance, the first to ask while
+ * the holder still holds the lease, becomes its successor. Returns 1 for it.
+ */
+export const CLAIM_SUCCESSION = `
+if redis.call('GET', ARGV[1] .. 'leader') ~= ARGV[2] then return 0 end
+if redis.call('SET', ARGV[1] .. 'successor', ARGV[3], 'NX', 'PX', tonumber(ARGV[4])) then return 1 end
+return 0
+`
+
+/**
+ * ARGV: prefix, holder, successor, leaseMs. The holder passes the lease to
+ * its successor directly, as renewed now: no other instance can take it in
+ * between. Returns 1 if passed, 0 if the holder no longer held it.
+ */
+export const PASS_LEASE = `${CLOCK}
+local key = ARGV[1] .. 'leader'
+if redis.call('GET', key) ~= ARGV[2] then return 0 end
+redis.call('SET', key, ARGV[3], 'PX', tonumber(ARGV[4]))
+redis.call('SET', ARGV[1] .. 'leader-at', fmt(clock_ms()), 'PX', tonumber(ARGV[4]))
+redis.call('DEL', ARGV[1] .. 'successor')
+return 1
+`
+
+/**
  * ARGV: prefix, instance, leaseMs, staleMs. Takes or renews the ingress lease; returns 1 if held.
  * Every instance's subscriber listens to `<prefix>alive:<instance>` from start-up,
  * and the holder notes when it last renewed (`<prefix>leader-at`, Redis's
