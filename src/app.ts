@@ -368,7 +368,9 @@ async function allowOrigins (app: FastifyInstance, origins: string[]): Promise<v
       : (origin, done) => { done(null, origin !== undefined && allowedOrigins.has(origin) ? origin : false) },
     credentials: true,
     methods: ['GET', 'POST', 'PUT', 'DELETE', 'OPTIONS'],
-    allowedHeaders: ['Authorization', 'X-Auth-Token', 'Content-Type', 'Last-Event-ID', 'X-Request-Id', 'Idempotency-Key'],
+    // Cache-Control and X-Requested-With: EventSource polyfills and fetch-based
+    // SSE clients send them by default, and a preflight that left them out fails the stream.
+    allowedHeaders: ['Authorization', 'X-Auth-Token', 'Content-Type', 'Last-Event-ID', 'Cache-Control', 'X-Requested-With', 'X-Request-Id', 'Idempotency-Key'],
     exposedHeaders: ['Idempotent-Replayed', 'Retry-After', 'X-Total-Count'],
     maxAge: 600
   })

@@ -94,11 +94,12 @@ t.test('CORS_ORIGINS list: an allowed origin is echoed with credentials on JSON 
     t.match(String(head.headers['access-control-allow-headers']).toLowerCase(), /content-type/)
   })
 
-  t.test('preflight OPTIONS for a stream with Last-Event-ID and Authorization (EventSource polyfills)', async (t) => {
-    const head = await preflight(url, '/v1/stream', ALLOWED, 'GET', 'authorization,last-event-id')
+  t.test('preflight OPTIONS for a stream with the headers EventSource polyfills and fetch-based clients send (Last-Event-ID, Authorization, Cache-Control, X-Requested-With)', async (t) => {
+    const head = await preflight(url, '/v1/stream', ALLOWED, 'GET', 'authorization,last-event-id,cache-control,x-requested-with')
     t.ok(head.status === 204 || head.status === 200, `preflight answered ${head.status}`)
     assertAllowed(t, head.headers, ALLOWED, 'stream preflight')
-    t.match(String(head.headers['access-control-allow-headers']).toLowerCase(), /last-event-id/)
+    const allowed = String(head.headers['access-control-allow-headers']).toLowerCase().split(/\s*,\s*/)
+    for (const header of ['authorization', 'last-event-id', 'cache-control', 'x-requested-with']) t.ok(allowed.includes(header), `${header} allowed`)
   })
 
   t.test('preflight for DELETE /v1/subscriptions', async (t) => {
