@@ -12,6 +12,8 @@ import path from 'node:path'
 export interface PagesOptions {
   /** Where the files live; the compiled module is dist/routes/pages.js. */
   publicDir?: string
+  /** INTERNAL_PORT is set: the admin page and its script exist only there, and /demo does not link to it. */
+  adminInternal?: boolean
 }
 
 export const PUBLIC_DIR = path.join(__dirname, '..', '..', 'public')
@@ -59,8 +61,11 @@ async function load (dir: string, name: string): Promise<StaticFile> {
     throw new Error(`page asset ${file} cannot be read (${(error as NodeJS.ErrnoException).code ?? 'error'}): public/ must ship beside dist/`)
   }
   const contentType = CONTENT_TYPES[path.extname(name)] ?? 'application/octet-stream'
-  const etag = `"${createHash('sha256').update(body).digest('base64url').slice(0, 27)}"`
-  return { body, contentType, etag }
+  return { body, contentType, etag: etagOf(body) }
+}
+
+function etagOf (body: Buffer): string {
+  return `"${createHash('sha256').update(body).digest('base64url').slice(0, 27)}"`
 }
 
 function send (request: FastifyRequest, reply: FastifyReply, file: StaticFile, csp: boolean): FastifyReply {
@@ -79,6 +84,15 @@ function send (request: FastifyRequest, reply: FastifyReply, file: StaticFile, c
   return reply.send(file.body)
 }
 
+const ADMIN_LINK = '<a href="admin">Admin</a>'
+
+function withoutAdminLink (page: StaticFile): StaticFile {
+  const html = page.body.toString('utf8')
+  if (!html.includes(ADMIN_LINK)) throw new Error(`${PAGE_FILES.demo} no longer holds the admin link ${ADMIN_LINK}: update pages.ts`)
+  const body = Buffer.from(html.replace(ADMIN_LINK, ''))
+  return { body, contentType: page.contentType, etag: etagOf(body) }
+}
+
 const pageRoutes: FastifyPluginAsync<PagesOptions> = async (app, options) => {
   const dir = options.publicDir ?? PUBLIC_DIR
   const [admin, demo, ...assets] = await Promise.all([
@@ -87,12 +101,21 @@ const pageRoutes: FastifyPluginAsync<PagesOptions> = async (app, options) => {
     ...ASSET_FILES.map(async (name) => await load(dir, name))
   ])
   const assetsByName = new Map<string, StaticFile>(ASSET_FILES.map((name, index) => [name, assets[index]]))
+  const adminScript = assetsByName.get('admin.js')
+  // The admin page's own script goes where the page goes (below).
+  assetsByName.delete('admin.js')
+  // Read on the public listener, a link to the admin page would lead to a 404.
+  const demoPage = options.adminInternal === true ? withoutAdminLink(demo) : demo
 
   // The page is public HTML; the admin APIs it calls check the admin token.
   // With INTERNAL_PORT it exists only on the internal listener, like those APIs.
   app.get('/admin', { config: { auth: 'none', internal: true } }, async (request, reply) => send(request, reply, admin, true))
 
-  app.get('/demo', { config: { auth: 'none' } }, async (request, reply) => send(request, reply, demo, true))
+  if (adminScript !== undefined) {
+    app.get('/assets/admin.js', { config: { auth: 'none', internal: true } }, async (request, reply) => send(request, reply, adminScript, false))
+  }
+
+  app.get('/demo', { config: { auth: 'none' } }, async (request, reply) => send(request, reply, demoPage, true))
 
   app.get('/assets/:file', {
     config: { auth: 'none' },

@@ -220,7 +220,7 @@ export async function buildApp (config: Config, options: BuildOptions = {}): Pro
   await app.register(connectionRoutes)
   await app.register(presenceRoutes)
   await app.register(statsRoutes)
-  await app.register(pageRoutes)
+  await app.register(pageRoutes, { adminInternal: config.internalPort !== null })
   if (internalServer !== null) closeInternalListenerAfterDrain(app, internalServer)
   return app
 }

@@ -46,7 +46,8 @@ const INTERNAL_ONLY: Call[] = [
   { name: 'conversation members (POST)', method: 'POST', path: '/v1/conversations/c1/members', token: publisher, body: { members: ['u3'] }, ok: 200 },
   { name: 'conversation members (DELETE)', method: 'DELETE', path: '/v1/conversations/c1/members', token: publisher, body: { members: ['u3'] }, ok: 200 },
   { name: 'job PUT', method: 'PUT', path: '/v1/jobs/job-1', token: publisher, body: { userId: 'u1', status: 'active', progress: 10 }, ok: 200 },
-  { name: 'admin page', method: 'GET', path: '/admin', ok: 200 }
+  { name: 'admin page', method: 'GET', path: '/admin', ok: 200 },
+  { name: 'admin page script', method: 'GET', path: '/assets/admin.js', ok: 200 }
 ]
 
 async function call (base: string, route: Call): Promise<{ status: number, json: unknown, text: string }> {
@@ -117,6 +118,10 @@ t.test('streams, subscriptions, job reads and /demo stay public; events publishe
 
   const demo = await request(`${pub}/demo`)
   t.equal(demo.status, 200, '/demo is public')
+  t.notMatch(demo.text, 'href="admin"', 'and links to no admin page, which is not there')
+  for (const asset of ['style.css', 'common.js', 'demo.js', 'favicon.svg']) {
+    t.equal((await request(`${pub}/assets/${asset}`)).status, 200, `so is its ${asset}`)
+  }
 })
 
 t.test('a stream pre-created on the internal port is joined on the public one', async (t) => {
