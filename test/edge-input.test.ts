@@ -198,7 +198,10 @@ t.test('a user id is 1-256 characters (code points) on every route: as a token\'
   t.equal((await request(`${url}/v1/conversations/long/members`, { method: 'PUT', token: publisher, body: { members: [longest] } })).status, 200, 'a member')
 
   t.equal((await openStream(`${url}/v1/stream?token=${token({ sub: tooLong })}`, { t })).status, 401, '257: a token\'s user')
-  t.equal((await publish(url, publisher, { to: { user: tooLong }, event: 'x', data: 1 })).status, 400, '257: a publish target')
+  const refused = await publish(url, publisher, { to: { user: tooLong }, event: 'x', data: 1 })
+  t.equal(refused.status, 400, '257: a publish target')
+  t.match(refused.json, { message: /"to\.user" must be a string of 1-256 characters/ }, 'the answer says what is wrong: too long, not empty')
+  t.match((await publish(url, publisher, { to: { users: ['u1', tooLong] }, event: 'x', data: 1 })).json, { statusCode: 400, message: /"to\.users" .*1-256 characters/ }, 'so does one of users')
   t.equal((await request(`${url}/v1/connections`, { token: publisher, body: { userId: tooLong } })).status, 400, '257: a pre-created connection')
   t.equal((await request(`${url}/v1/jobs/long-owner-2`, { method: 'PUT', token: publisher, body: { userId: tooLong, status: 'queued' } })).status, 400, '257: a job owner')
 })

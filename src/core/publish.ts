@@ -35,6 +35,8 @@ const ITEM_KEYS = new Set(['to', 'event', 'data'])
 const TARGET_KEYS = ['user', 'users', 'connection', 'conversation', 'topic', 'broadcast'] as const
 
 export const MAX_ID_CHARACTERS = 256
+/** What isEntityId asks of an id, as an answer names it. */
+const ID_RULE = `a string of 1-${MAX_ID_CHARACTERS} characters, without control characters`
 
 /**
  * User, conversation and connection ids: 1–256 characters, no control
@@ -98,11 +100,11 @@ export function validateTarget (to: unknown): Validation<Target> {
     case 'user':
     case 'connection':
     case 'conversation':
-      if (!isEntityId(value)) return bad(`"to.${key}" must be a non-empty id string`)
+      if (!isEntityId(value)) return bad(`"to.${key}" must be ${ID_RULE}`)
       return { ok: true, value: { kind: key, id: value } }
     case 'users': {
       if (!Array.isArray(value) || value.length < 1 || value.length > 1000) return bad('"to.users" must be an array of 1 to 1000 user ids')
-      if (!value.every(isEntityId)) return bad('"to.users" must hold only non-empty id strings')
+      if (!value.every(isEntityId)) return bad(`"to.users" must hold only ids, each ${ID_RULE}`)
       return { ok: true, value: { kind: 'users', ids: [...new Set(value)] } }
     }
     case 'topic':
