@@ -340,6 +340,17 @@ function parseEveryBodyAsJson (app: FastifyInstance): void {
     if (request.raw.headers['content-type'] !== undefined) request.raw.headers['content-type'] = 'application/json'
     done()
   })
+  // A compressed body would be read as JSON and refused as malformed: say what is wrong (RFC 7694).
+  app.addHook('preParsing', (request, reply, payload, done) => {
+    const encoding = request.headers['content-encoding']?.trim().toLowerCase()
+    const hasBody = request.headers['transfer-encoding'] !== undefined || Number(request.headers['content-length'] ?? 0) > 0
+    if (!hasBody || encoding === undefined || encoding === '' || encoding === 'identity' || request.is404) {
+      done(null, payload)
+      return
+    }
+    reply.header('accept-encoding', 'identity')
+    done(new errors.UnsupportedMediaType('Content-Encoding is not supported: send the body uncompressed'), payload)
+  })
   app.addContentTypeParser('*', { parseAs: 'string' }, (request, body, done) => {
     // An unknown route answers 404 whatever its body.
     if (request.is404) {

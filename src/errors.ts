@@ -13,6 +13,7 @@ export const errors = {
   NotFound: createError('GW_NOT_FOUND', '%s', 404),
   Conflict: createError('GW_CONFLICT', '%s', 409),
   TooLarge: createError('GW_TOO_LARGE', '%s', 413),
+  UnsupportedMediaType: createError('GW_UNSUPPORTED_MEDIA_TYPE', '%s', 415),
   Unprocessable: createError('GW_UNPROCESSABLE', '%s', 422),
   Limited: createError('GW_LIMITED', '%s', 429),
   Unavailable: createError('GW_UNAVAILABLE', '%s', 503)

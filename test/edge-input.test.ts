@@ -8,6 +8,7 @@
 import { once } from 'node:events'
 import { STATUS_CODES } from 'node:http'
 import * as net from 'node:net'
+import { gzipSync } from 'node:zlib'
 import type { Socket } from 'node:net'
 import t from 'tap'
 import { eventually, forEachMode, listenInternalPort, loggedAs, openConnected, openStream, publish, publishOk, publisherToken, request, startCluster, startGateway, token, userToken } from './helpers'
@@ -491,6 +492,26 @@ t.test('a JSON body is read as JSON whatever its Content-Type says (text/plain f
 
   const [id] = await publishOk(url, publisher, { to: { user: 'u1' }, event: 'after', data: 1 })
   t.equal((await stream.nextEvent('after')).id, id, 'the stream saw nothing from the refused ones')
+})
+
+t.test('a compressed body (Content-Encoding gzip) gets 415 naming the encoding as the trouble, with Accept-Encoding: identity; identity passes', async (t) => {
+  const { url, port } = await startGateway(t)
+  const { stream } = await openConnected(`${url}/v1/stream?token=${userToken('u1')}`, { t })
+  const body = JSON.stringify({ to: { user: 'u1' }, event: 'encoded', data: 1 })
+  const exchange = async (encoding: string, payload: Buffer): Promise<ReturnType<Awaited<ReturnType<typeof rawExchange>>['response']>> => {
+    const head = `POST /v1/publish HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${publisher}\r\nContent-Type: application/json\r\nContent-Encoding: ${encoding}\r\nContent-Length: ${payload.length}\r\nConnection: close\r\n\r\n`
+    return (await rawExchange(port, Buffer.concat([Buffer.from(head), payload]))).response()
+  }
+  for (const encoding of ['gzip', 'br', 'GZIP']) {
+    const refused = await exchange(encoding, gzipSync(body))
+    t.equal(refused.status, 415, `${encoding}: 415`)
+    t.equal(refused.headers['accept-encoding'], 'identity', 'naming what is accepted')
+    t.same(JSON.parse(refused.body), { statusCode: 415, code: 'GW_UNSUPPORTED_MEDIA_TYPE', error: 'Unsupported Media Type', message: 'Content-Encoding is not supported: send the body uncompressed' })
+  }
+  const plain = await exchange('identity', Buffer.from(body))
+  t.equal(plain.status, 202, `identity: ${plain.body}`)
+  t.equal((await stream.nextEvent('encoded')).data, '1', 'and delivered, the only one')
+  t.equal(stream.events.filter((event) => event.event === 'encoded').length, 1)
 })
 
 t.test('two stream requests pipelined in one write: neither opens (one has a request behind it, the other waits behind one), neither takes a slot, and under evict-oldest neither evicts the user\'s stream', async (t) => {
