@@ -26,6 +26,7 @@ import connectionRoutes from '../routes/connections'
 import presenceRoutes from '../routes/presence'
 import statsRoutes from '../routes/stats'
 import pageRoutes from '../routes/pages'
+import { RouteMethods } from './route-methods'
 
 declare module 'fastify' {
   interface FastifyInstance {
@@ -191,7 +192,9 @@ function loggerOptions (config: Config, stream?: DestinationStream): FastifyServ
 
 export async function buildApp (config: Config, options: BuildOptions = {}): Promise<FastifyInstance> {
   const app = Fastify(fastifyOptions(config, options.logStream))
-  answerErrors(app)
+  const routeMethods = new RouteMethods()
+  app.addHook('onRoute', (route) => routeMethods.add(route.url, route.method, route.config?.internal === true))
+  answerErrors(app, routeMethods, config.internalPort !== null)
   checkEveryRequest(app)
   parseEveryBodyAsJson(app)
   await app.register(configPlugin, { config })
@@ -265,7 +268,7 @@ function fastifyOptions (config: Config, logStream: DestinationStream | undefine
   }
 }
 
-function answerErrors (app: FastifyInstance): void {
+function answerErrors (app: FastifyInstance, routeMethods: RouteMethods, internalPortSet: boolean): void {
   app.setErrorHandler((error: Error & { statusCode?: number, validation?: unknown, code?: string }, request, reply) => {
     const statusCode = error.statusCode !== undefined && error.statusCode >= 400 && error.statusCode < 600 ? error.statusCode : 500
     if (statusCode === 503) {
@@ -298,6 +301,17 @@ function answerErrors (app: FastifyInstance): void {
     // rather than that a route is missing.
     if (request.method === 'OPTIONS' && request.headers.origin !== undefined && request.headers['access-control-request-method'] !== undefined) {
       reply.code(204).send()
+      return
+    }
+    const path = request.url.split('?')[0]
+    const allowed = routeMethods.allowed(path, request.method, internalPortSet && !internalSockets.has(request.raw.socket))
+    if (allowed !== null) {
+      reply.code(405).header('allow', allowed.join(', ')).send({
+        statusCode: 405,
+        code: 'GW_METHOD_NOT_ALLOWED',
+        error: 'Method Not Allowed',
+        message: `${request.method} is not allowed here: ${allowed.join(', ')}`
+      })
       return
     }
     reply.code(404).send({

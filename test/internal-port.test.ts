@@ -80,6 +80,9 @@ t.test('the public 404 of an internal route is the same as that of a route that 
   t.same(Object.keys(hidden.json as object).sort(), Object.keys(missing.json as object).sort(), 'same fields')
   t.notMatch(hidden.text, /internal|admin role|forbidden/i, 'nothing tells the route exists')
   t.equal((await request(`${pub}/v1/stats`)).status, 404, 'without a token: 404, not 401')
+  t.equal((await request(`${pub}/v1/publish`, { method: 'GET', token: admin })).status, 404, 'another method of an internal route: 404, not 405')
+  t.equal((await request(`${pub}/v1/jobs/j1`, { method: 'PATCH', token: admin })).status, 405, 'of a route public too: 405')
+  t.equal((await request(`${pub}/v1/jobs/j1`, { method: 'PATCH', token: admin })).headers.get('allow'), 'GET, HEAD', 'naming only the public methods')
   t.equal((await request(`${pub}/v1/publish`, { method: 'POST', token: userToken('u1'), body: { to: { user: 'u1' }, data: 1 } })).status, 404, 'with a user token: 404, not 403')
 })
 

@@ -277,14 +277,32 @@ t.test('unknown routes answer 404 with the JSON error shape', async (t) => {
     ['GET', '/nope'],
     ['GET', '/v1/nope'],
     ['POST', '/v1/publish/extra'],
-    ['GET', '/v1/publish'],
-    ['DELETE', '/v1/stream']
+    ['GET', '/v1/stream/a/b']
   ]
   for (const [method, path] of cases) {
     const answer = await request(`${url}${path}`, { method, token: publisher })
     t.equal(answer.status, 404, `${method} ${path}: 404`)
     t.match(answer.headers.get('content-type'), /^application\/json/)
     t.match(answer.json, { statusCode: 404, code: 'GW_NOT_FOUND', error: 'Not Found', message: String }, `${method} ${path}: error shape`)
+  }
+})
+
+t.test('a route asked with a method it does not take answers 405 with Allow and the JSON error shape, not 404', async (t) => {
+  const { url } = await startGateway(t)
+  const cases: Array<[string, string, string]> = [
+    ['GET', '/v1/publish', 'POST'],
+    ['DELETE', '/v1/stream', 'GET'],
+    ['POST', '/v1/stream/c_someid', 'GET'],
+    ['PATCH', '/v1/jobs/job-1', 'GET, HEAD, PUT'],
+    ['GET', '/v1/conversations/c1/members', 'DELETE, POST, PUT'],
+    ['DELETE', '/health', 'GET, HEAD']
+  ]
+  for (const [method, path, allow] of cases) {
+    const answer = await request(`${url}${path}`, { method, token: publisher })
+    t.equal(answer.status, 405, `${method} ${path}: 405`)
+    t.equal(answer.headers.get('allow'), allow, `${method} ${path}: Allow ${allow}`)
+    t.match(answer.headers.get('content-type'), /^application\/json/)
+    t.same(answer.json, { statusCode: 405, code: 'GW_METHOD_NOT_ALLOWED', error: 'Method Not Allowed', message: `${method} is not allowed here: ${allow}` }, `${method} ${path}: error shape`)
   }
 })
 

@@ -1,0 +1,49 @@
+/**
+ * The methods each route path is served with, to answer a known path asked
+ * with another method 405 and `Allow`, where Fastify's router sees only "not
+ * found". Patterns are Fastify's: `:param` is one non-empty segment.
+ */
+interface RoutePath {
+  pattern: RegExp
+  methods: Set<string>
+  /** Served only on the internal listener when INTERNAL_PORT is set. */
+  internal: boolean
+}
+
+export class RouteMethods {
+  private readonly paths = new Map<string, RoutePath>()
+
+  add (url: string, methods: string | string[], internal: boolean): void {
+    // A catch-all (CORS's preflight route) says nothing about which paths exist.
+    if (url.startsWith('*') || url.startsWith('/*')) return
+    const key = `${url}\n${String(internal)}`
+    let path = this.paths.get(key)
+    if (path === undefined) {
+      path = { pattern: patternOf(url), methods: new Set(), internal }
+      this.paths.set(key, path)
+    }
+    for (const method of Array.isArray(methods) ? methods : [methods]) path.methods.add(method.toUpperCase())
+  }
+
+  /**
+   * The methods to name in `Allow` for `method` on `path`, or null when the
+   * answer is 404: the path is unknown, or served with `method` (by a route
+   * hidden on this listener), or with none visible here.
+   */
+  allowed (path: string, method: string, internalHidden: boolean): string[] | null {
+    const allowed = new Set<string>()
+    for (const candidate of this.paths.values()) {
+      if (!candidate.pattern.test(path)) continue
+      // A route that exists, but not on this listener, must look like no route at all.
+      if (candidate.methods.has(method)) return null
+      if (candidate.internal && internalHidden) continue
+      for (const each of candidate.methods) allowed.add(each)
+    }
+    return allowed.size === 0 ? null : [...allowed].sort()
+  }
+}
+
+function patternOf (url: string): RegExp {
+  const segments = url.split('/').map((segment) => segment.startsWith(':') ? '[^/]+' : segment.replace(/[.*+?^${}()|[\]\\]/g, '\\$&'))
+  return new RegExp(`^${segments.join('/')}$`)
+}
