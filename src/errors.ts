@@ -2,7 +2,7 @@ import createError from '@fastify/error'
 
 /**
  * Every error the gateway answers with; the body is `{ statusCode, code, error, message }`.
- * src/app.ts adds GW_NOT_FOUND (unknown routes), GW_INTERNAL and GW_UNAVAILABLE,
+ * src/app.ts adds GW_NOT_FOUND (unknown routes), GW_METHOD_NOT_ALLOWED, GW_INTERNAL and GW_UNAVAILABLE,
  * and for requests Node's HTTP parser refuses GW_BAD_REQUEST, GW_TOO_LARGE (431)
  * and GW_TIMEOUT (408); plugins/rate-limit.ts adds GW_RATE_LIMITED.
  */
