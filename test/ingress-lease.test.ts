@@ -142,6 +142,23 @@ t.test('a holder that stops hands the lease over: another instance takes it with
   t.same(a.received.slice(handledBefore), [], 'A handled nothing after it stopped')
 })
 
+t.test('a holder that stops beside an instance that does not take over (an older version) lets the lease go, as before', async (t) => {
+  if (!(await needRedis(t))) return
+  const redis = redisClient(t)
+  const a = await rig(t, {}, { leaseMs: 600_000 })
+  await a.leader.start()
+  t.ok(a.leader.isLeader, 'A holds the lease')
+  // Listens on leader-free as an older instance does, and never answers.
+  const older = redisClient(t)
+  const notices: string[] = []
+  older.on('message', (_channel: string, message: string) => notices.push(message))
+  await older.subscribe(`${a.prefix}leader-free`)
+  await a.leader.stop()
+  t.equal(await redis.get(`${a.prefix}leader`), null, 'then let the lease go')
+  await eventually(() => notices.length >= 2, 'both notices', WAIT_MS)
+  t.same(notices, [`handing:${a.state.instanceId}`, a.state.instanceId], 'asked for a successor, then said the lease is free')
+})
+
 t.test('the hand-over notice still reaches an instance whose subscriber reconnected, and never one that is stopping', async (t) => {
   if (!(await needRedis(t))) return
   const redis = redisClient(t)
