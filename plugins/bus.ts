@@ -1,4 +1,5 @@
 import fp from 'fastify-plugin'
+import { stopByMs } from '../src/config'
 import type { EventBus } from '../src/core/bus'
 import { MemoryBus } from '../src/core/memory-bus'
 import { MemoryState } from '../src/core/memory-state'
@@ -44,7 +45,8 @@ export default fp<{ startupSignal?: AbortSignal }>(async (app, options) => {
     app.decorate('durableIngress', engine.durable)
     app.decorate('requestCounter', engine.requests)
     // Draining, this instance is no place to hand the ingress lease to.
-    app.addHook('preClose', async () => engine.ingress.beginStop())
+    // The hand-over of the lease must end before the process exits (src/server.ts).
+    app.addHook('preClose', async () => engine.ingress.beginStop(Date.now() + stopByMs(config)))
     app.addHook('onClose', async () => await engine.close())
   } else {
     const bus = new MemoryBus({ historySize: config.historySize, historyTtlS: config.historyTtlS, maxHistoryBytes: config.historyMaxBytes })

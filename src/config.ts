@@ -309,3 +309,11 @@ export function loadConfig (env: Env = process.env): Config {
 export function closeGraceMs (config: Pick<Config, 'shutdownTimeoutMs'>): number {
   return Math.min(5000, Math.floor(config.shutdownTimeoutMs / 2))
 }
+
+/**
+ * How long after SIGTERM the process exits if the stop has not ended by
+ * then: SHUTDOWN_TIMEOUT_MS less a share for the last log lines.
+ */
+export function stopByMs (config: Pick<Config, 'shutdownTimeoutMs'>): number {
+  return config.shutdownTimeoutMs - Math.min(500, Math.floor(config.shutdownTimeoutMs / 4))
+}

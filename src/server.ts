@@ -1,7 +1,7 @@
 import type { FastifyInstance } from 'fastify'
 import pino from 'pino'
 import { buildApp, listenInternal } from './app'
-import { ConfigError, loadConfig, type Config } from './config'
+import { ConfigError, loadConfig, stopByMs, type Config } from './config'
 
 async function main (): Promise<void> {
   let config: Config
@@ -54,7 +54,7 @@ async function main (): Promise<void> {
     running.log.info({ signal, streams: running.registry.size }, 'draining')
     // The last lines get a share of the time, within SHUTDOWN_TIMEOUT_MS.
     const exitBy = Date.now() + config.shutdownTimeoutMs
-    const drainBy = exitBy - Math.min(500, Math.floor(config.shutdownTimeoutMs / 4))
+    const drainBy = Date.now() + stopByMs(config)
     const deadline = setTimeout(() => {
       running.log.warn('drain timed out; exiting')
       exitAfterLogs(0, exitBy)

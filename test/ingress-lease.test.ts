@@ -142,6 +142,40 @@ t.test('a holder that stops hands the lease over: another instance takes it with
   t.same(a.received.slice(handledBefore), [], 'A handled nothing after it stopped')
 })
 
+t.test('while a stopping holder\'s successor waits, only it may take the lease; a pass goes only to the claimed successor, and only while it is heard', async (t) => {
+  if (!(await needRedis(t))) return
+  const prefix = uniquePrefix('lease-succession')
+  const commands = new ScriptedRedis(REDIS_URL)
+  commands.redis.on('error', () => {})
+  t.teardown(() => commands.redis.disconnect())
+  await commands.redis.connect()
+  const redis = redisClient(t)
+  // S and C are heard on their alive: channels; H (the holder) and S2 are not: they died.
+  const listener = redisClient(t)
+  await listener.subscribe(`${prefix}alive:S`, `${prefix}alive:C`)
+  const lease = async (instance: string): Promise<unknown> => await commands.run('LEASE', [prefix, instance, 60_000, 1000])
+  const pass = async (holder: string, successor: string): Promise<unknown> => await commands.run('PASS_LEASE', [prefix, holder, successor, 60_000])
+
+  // H died after S claimed the succession, its last renewal long ago.
+  await redis.set(`${prefix}leader`, 'H', 'PX', 60_000)
+  await redis.set(`${prefix}leader-at`, '0', 'PX', 60_000)
+  await redis.set(`${prefix}successor`, 'S', 'PX', 60_000)
+  t.equal(await lease('C'), 0, 'C may not take it: S keeps the messages after its marker')
+  t.equal(await lease('S'), 1, 'S may')
+  t.equal(await redis.get(`${prefix}successor`), null, 'and its claim is spent')
+
+  await redis.set(`${prefix}leader`, 'H', 'PX', 60_000)
+  await redis.set(`${prefix}successor`, 'S', 'PX', 60_000)
+  t.equal(await pass('H', 'C'), 0, 'not passed to an instance other than the one that claimed it')
+  await redis.set(`${prefix}successor`, 'S2', 'PX', 60_000)
+  t.equal(await pass('H', 'S2'), 0, 'nor to a successor no longer heard')
+  t.equal(await redis.get(`${prefix}successor`), null, 'whose claim goes, so that any other may take the lease at once')
+  t.equal(await redis.get(`${prefix}leader`), 'H', 'H still holds it, to let it go')
+  await redis.set(`${prefix}successor`, 'S', 'PX', 60_000)
+  t.equal(await pass('H', 'S'), 1, 'passed to the heard successor that claimed it')
+  t.same([await redis.get(`${prefix}leader`), await redis.get(`${prefix}successor`)], ['S', null], 'S holds it, the claim spent')
+})
+
 t.test('a holder that stops beside an instance that does not take over (an older version) lets the lease go, as before', async (t) => {
   if (!(await needRedis(t))) return
   const redis = redisClient(t)

@@ -40,8 +40,10 @@ export const TAKEOVER_PROBE_MS = 250
 const MISSED_RENEWALS = 4
 /** How long a stopping holder waits for a successor to listen (then lets the lease go as a dying one would). */
 const HANDOVER_WAIT_MS = 1000
-/** How long a successor waits for the lease to be passed; the messages it kept for it are dropped after. */
-const SUCCESSION_WAIT_MS = 3000
+/** How long a stopping holder waits for what it took in to be published, when its stop has no deadline. */
+const HANDOVER_DRAIN_MS = 10_000
+/** Time a stop keeps for itself after the hand-over: passing or letting the lease go, and saying so. */
+const HANDOVER_MARGIN_MS = 150
 
 /** This instance takes over from a stopping holder (IngressLeader.handOver). */
 interface Succession {
@@ -116,6 +118,14 @@ export class IngressLeader {
   /** Past the successor's marker: the messages that come now are the successor's. */
   private handedOff = false
   private readonly drainWaiters = new Set<() => void>()
+  /** When the process must be gone (beginStop): the hand-over's waits end in time for the lease to be let go. */
+  private stopDeadline = Infinity
+  /**
+   * How long a successor waits for the lease: past the holder's lease, which
+   * then expires (a holder frozen mid-hand-over), so that it can take it
+   * (LEASE lets only it) rather than drop what it kept.
+   */
+  private readonly successionWaitMs: number
   /** The last ingress message's hand-over to Redis: the next one starts when it is done. */
   private pending: Promise<void> = Promise.resolve()
   /** Messages, and their bytes, not yet published: waiting in `pending`, or in flight to Redis. */
@@ -175,10 +185,12 @@ export class IngressLeader {
       this.reconnected = true
       // The subscriber does not resubscribe by itself (client.ts).
       if (this.listening) void this.listen()
+      if (this.succession !== null) void this.subscribeIngress().catch(() => {})
       recheck()
     })
     commands.redis.on('ready', recheck)
     this.fence = { holder: state.instanceId, leaseMs }
+    this.successionWaitMs = leaseMs + 2000
     this.checkEveryMs = Math.max(100, Math.floor(leaseMs / 3))
     this.timer = setInterval(() => this.check(), this.checkEveryMs).unref()
     this.staleMs = MISSED_RENEWALS * (probeEveryMs ?? TAKEOVER_PROBE_MS)
@@ -235,8 +247,9 @@ export class IngressLeader {
    * over when it stops), but takes it no more, or a stop elsewhere would hand
    * the lease to it just before it hands it over again.
    */
-  beginStop (): void {
+  beginStop (deadline = Infinity): void {
     this.stopping = true
+    this.stopDeadline = deadline
   }
 
   get isLeader (): boolean {
@@ -266,7 +279,8 @@ export class IngressLeader {
   private async checkLease (): Promise<void> {
     const upkeep = this.upkeepAsked
     this.upkeepAsked = false
-    if (this.stopped || (this.stopping && !this.holding)) return
+    // A successor that began to stop still takes the lease it was promised, and passes it on at its own stop.
+    if (this.stopped || (this.stopping && !this.holding && this.succession === null)) return
     if (this.commands.redis.status !== 'ready') return await this.step(false)
     this.listenAgainIfRefused()
     const startedAt = Date.now()
@@ -327,17 +341,22 @@ export class IngressLeader {
    */
   private async handOver (): Promise<boolean> {
     const self = this.state.instanceId
+    const timeLeft = (): number => this.stopDeadline - HANDOVER_MARGIN_MS - Date.now()
+    // Too little time for a successor to answer: let it go while there is time to.
+    if (timeLeft() < 2 * HANDOVER_MARGIN_MS) return false
     let timer: NodeJS.Timeout | undefined
     const successorMarked = new Promise<string | null>((resolve) => {
       this.awaitingSuccessor = resolve
-      timer = setTimeout(() => resolve(null), HANDOVER_WAIT_MS)
+      timer = setTimeout(() => resolve(null), Math.min(HANDOVER_WAIT_MS, timeLeft() / 2))
     })
     try {
       // Heard by this instance's own subscriber, and by any other.
       if (await this.commands.redis.publish(`${this.prefix}leader-free`, `handing:${self}`) < 2) return false
       const successor = await successorMarked
       if (successor === null) return false
-      await this.drained(HANDOVER_WAIT_MS)
+      // What came before the marker is this instance's alone: published before
+      // the lease goes, or, past the deadline, lost with the process.
+      await this.drained(Math.min(HANDOVER_DRAIN_MS, timeLeft()))
       const passed = await this.commands.run('PASS_LEASE', [this.prefix, self, successor, this.leaseMs]) === 1
       if (passed) this.log.info({ instance: self, successor }, 'passed the ingress lease on')
       return passed
@@ -392,19 +411,18 @@ export class IngressLeader {
     if (this.stopping || this.stopped || this.holding || this.succession !== null || this.subscriber.status !== 'ready') return
     let settle = (_taken: boolean): void => {}
     const leaseTaken = new Promise<boolean>((resolve) => { settle = resolve })
-    const succession: Succession = { holder, marked: false, leaseTaken, settle, timer: setTimeout(() => this.endSuccession(succession, false), SUCCESSION_WAIT_MS).unref(), dropped: 0 }
+    const succession: Succession = { holder, marked: false, leaseTaken, settle, timer: setTimeout(() => this.endSuccession(succession, false), this.successionWaitMs).unref(), dropped: 0 }
     this.succession = succession
     try {
-      if (await this.commands.run('CLAIM_SUCCESSION', [this.prefix, holder, this.state.instanceId, SUCCESSION_WAIT_MS]) !== 1) {
-        this.endSuccession(succession, false)
+      if (await this.commands.run('CLAIM_SUCCESSION', [this.prefix, holder, this.state.instanceId, this.successionWaitMs]) !== 1) {
+        this.succession = null
+        clearTimeout(succession.timer)
         return
       }
       // A check already past its look at the succession may still unsubscribe: it ends first.
       await this.running?.catch(() => {})
       if (this.succession !== succession) return
-      this.subscribed = true
-      await this.subscriber.subscribe(`${this.prefix}publish`)
-      await this.subscriber.psubscribe('stream:*')
+      await this.subscribeIngress()
       await this.commands.redis.publish(`${this.prefix}leader-free`, `marked:${this.state.instanceId}\n${holder}`)
     } catch (error) {
       this.log.warn({ holder, reason: reasonOf(error) }, 'could not take over the ingress lease from a stopping holder')
@@ -417,8 +435,20 @@ export class IngressLeader {
     clearTimeout(succession.timer)
     this.succession = null
     succession.settle(taken)
+    if (taken) return
+    // Given up: the claim goes, so that any instance may take the lease again.
+    this.commands.redis.eval(
+      "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0",
+      1, `${this.prefix}successor`, this.state.instanceId
+    ).catch(() => {})
     // Not the holder: the check lets the ingress subscriptions go.
-    if (!taken) this.check()
+    this.check()
+  }
+
+  private async subscribeIngress (): Promise<void> {
+    this.subscribed = true
+    await this.subscriber.subscribe(`${this.prefix}publish`)
+    await this.subscriber.psubscribe('stream:*')
   }
 
   /** Never rejects: a failure is logged or left for the next tick to retry. */
@@ -427,10 +457,8 @@ export class IngressLeader {
     if (held) {
       if (this.holding && !this.reconnected) return
       this.reconnected = false
-      this.subscribed = true
       try {
-        await this.subscriber.subscribe(`${this.prefix}publish`)
-        await this.subscriber.psubscribe('stream:*')
+        await this.subscribeIngress()
       } catch (error) {
         // Renewing a lease while unsubscribed would drop every ingress message
         // cluster-wide: let another instance take it, and retry on the next tick.

@@ -794,9 +794,10 @@ return out
 `
 
 /**
- * ARGV: prefix, stopping holder, successor, leaseMs. A stopping holder's
+ * ARGV: prefix, stopping holder, successor, waitMs. A stopping holder's
  * hand-over (IngressLeader.handOver): one instance, the first to ask while
- * the holder still holds the lease, becomes its successor. Returns 1 for it.
+ * the holder still holds the lease, becomes its successor for waitMs, and
+ * meanwhile only it may take the lease (LEASE). Returns 1 for it.
  */
 export const CLAIM_SUCCESSION = `
 if redis.call('GET', ARGV[1] .. 'leader') ~= ARGV[2] then return 0 end
@@ -807,11 +808,17 @@ return 0
 /**
  * ARGV: prefix, holder, successor, leaseMs. The holder passes the lease to
  * its successor directly, as renewed now: no other instance can take it in
- * between. Returns 1 if passed, 0 if the holder no longer held it.
+ * between. Returns 1 if passed; 0 if the holder no longer holds it, or the
+ * successor gave its claim up or is not heard (it died: the lease goes free
+ * at once rather than to an instance that cannot renew it).
  */
 export const PASS_LEASE = `${CLOCK}
 local key = ARGV[1] .. 'leader'
-if redis.call('GET', key) ~= ARGV[2] then return 0 end
+if redis.call('GET', key) ~= ARGV[2] or redis.call('GET', ARGV[1] .. 'successor') ~= ARGV[3] then return 0 end
+if redis.call('PUBSUB', 'NUMSUB', ARGV[1] .. 'alive:' .. ARGV[3])[2] == 0 then
+  redis.call('DEL', ARGV[1] .. 'successor')
+  return 0
+end
 redis.call('SET', key, ARGV[3], 'PX', tonumber(ARGV[4]))
 redis.call('SET', ARGV[1] .. 'leader-at', fmt(clock_ms()), 'PX', tonumber(ARGV[4]))
 redis.call('DEL', ARGV[1] .. 'successor')
@@ -849,6 +856,11 @@ end
 if holder and (heard(holder) or not heard(ARGV[2]) or now - tonumber(redis.call('GET', renewed) or 0) < tonumber(ARGV[4])) then
   return 0
 end
+-- A stopping holder's successor keeps what came after its marker: only it
+-- may take the lease while it waits, or another would publish those too.
+local successor = redis.call('GET', ARGV[1] .. 'successor')
+if successor and successor ~= ARGV[2] then return 0 end
+if successor then redis.call('DEL', ARGV[1] .. 'successor') end
 redis.call('SET', key, ARGV[2], 'PX', lease_ms)
 redis.call('SET', renewed, fmt(now), 'PX', lease_ms)
 return 1
