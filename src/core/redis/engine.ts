@@ -311,6 +311,17 @@ export class IngressLeader {
   }
 
   async stop (): Promise<void> {
+    const succession = this.succession
+    if (succession !== null) {
+      // A successor first takes the lease it was promised (its checks still
+      // run), to pass it on below: dropped, what it kept would be lost.
+      let timer: NodeJS.Timeout | undefined
+      const giveUp = new Promise<void>((resolve) => {
+        timer = setTimeout(resolve, Math.max(0, Math.min(this.successionWaitMs, this.stopDeadline - 4 * HANDOVER_MARGIN_MS - Date.now())))
+      })
+      await Promise.race([succession.leaseTaken, giveUp])
+      clearTimeout(timer)
+    }
     this.stopped = true
     clearInterval(this.timer)
     clearInterval(this.probeTimer)
