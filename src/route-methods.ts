@@ -1,7 +1,8 @@
 /**
  * The methods each route path is served with, to answer a known path asked
  * with another method 405 and `Allow`, where Fastify's router sees only "not
- * found". Patterns are Fastify's: `:param` is one non-empty segment.
+ * found". Patterns are Fastify's: `:param` is one segment, which its router
+ * lets be empty at the end of a path; paths are matched decoded, as it does.
  */
 interface RoutePath {
   pattern: RegExp
@@ -30,13 +31,16 @@ export class RouteMethods {
    * answer is 404: the path is unknown, or served with `method` (by a route
    * hidden on this listener), or with none visible here.
    */
-  allowed (path: string, method: string, internalHidden: boolean): string[] | null {
+  allowed (rawPath: string, method: string, internalHidden: boolean): string[] | null {
+    const path = decoded(rawPath)
     const allowed = new Set<string>()
     for (const candidate of this.paths.values()) {
       if (!candidate.pattern.test(path)) continue
-      // A route that exists, but not on this listener, must look like no route at all.
+      // A path with routes that exist only on the other listener answers 404
+      // to every method not served here: a 405 for some methods and a 404 for
+      // the hidden ones would tell which those are.
+      if (candidate.internal && internalHidden) return null
       if (candidate.methods.has(method)) return null
-      if (candidate.internal && internalHidden) continue
       for (const each of candidate.methods) allowed.add(each)
     }
     return allowed.size === 0 ? null : [...allowed].sort()
@@ -44,6 +48,14 @@ export class RouteMethods {
 }
 
 function patternOf (url: string): RegExp {
-  const segments = url.split('/').map((segment) => segment.startsWith(':') ? '[^/]+' : segment.replace(/[.*+?^${}()|[\]\\]/g, '\\$&'))
+  const segments = url.split('/').map((segment) => segment.startsWith(':') ? '[^/]*' : segment.replace(/[.*+?^${}()|[\]\\]/g, '\\$&'))
   return new RegExp(`^${segments.join('/')}$`)
+}
+
+function decoded (path: string): string {
+  try {
+    return decodeURIComponent(path)
+  } catch {
+    return path
+  }
 }
