@@ -357,7 +357,9 @@ function parseEveryBodyAsJson (app: FastifyInstance): void {
   // A compressed body would be read as JSON and refused as malformed: say what is wrong (RFC 7694).
   app.addHook('preParsing', (request, reply, payload, done) => {
     const encoding = request.headers['content-encoding']?.trim().toLowerCase()
-    const hasBody = request.headers['transfer-encoding'] !== undefined || Number(request.headers['content-length'] ?? 0) > 0
+    // GET and HEAD bodies are never read (a stream opens whatever it carries).
+    const hasBody = request.method !== 'GET' && request.method !== 'HEAD' &&
+      (request.headers['transfer-encoding'] !== undefined || Number(request.headers['content-length'] ?? 0) > 0)
     if (!hasBody || encoding === undefined || encoding === '' || encoding === 'identity' || request.is404) {
       done(null, payload)
       return

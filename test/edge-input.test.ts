@@ -508,6 +508,12 @@ t.test('a compressed body (Content-Encoding gzip) gets 415 naming the encoding a
     t.equal(refused.headers['accept-encoding'], 'identity', 'naming what is accepted')
     t.same(JSON.parse(refused.body), { statusCode: 415, code: 'GW_UNSUPPORTED_MEDIA_TYPE', error: 'Unsupported Media Type', message: 'Content-Encoding is not supported: send the body uncompressed' })
   }
+  // A GET's body is never read: a stream opens whatever it carries.
+  const getWithBody = await rawConnect(t, port)
+  getWithBody.write(`GET /v1/stream?token=${userToken('u2')} HTTP/1.1\r\nHost: x\r\nContent-Encoding: gzip\r\nContent-Length: 2\r\n\r\n{}`)
+  await getWithBody.until(() => getWithBody.events().some((event) => event.event === 'connected'), 5000, 'the stream to open')
+  t.equal(getWithBody.response().status, 200, 'a GET with a compressed body opens its stream')
+  getWithBody.destroy()
   const plain = await exchange('identity', Buffer.from(body))
   t.equal(plain.status, 202, `identity: ${plain.body}`)
   t.equal((await stream.nextEvent('encoded')).data, '1', 'and delivered, the only one')
