@@ -36,7 +36,7 @@ const TARGET_KEYS = ['user', 'users', 'connection', 'conversation', 'topic', 'br
 
 export const MAX_ID_CHARACTERS = 256
 /** What isEntityId asks of an id, as an answer names it. */
-const ID_RULE = `a string of 1-${MAX_ID_CHARACTERS} characters, without control characters`
+const ID_RULE = `a string of 1-${MAX_ID_CHARACTERS} characters of well-formed Unicode, without control characters`
 
 /**
  * User, conversation and connection ids: 1–256 characters, no control
