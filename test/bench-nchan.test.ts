@@ -6,7 +6,7 @@
  */
 import t, { type Test } from 'tap'
 import { spawn } from 'node:child_process'
-import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs'
+import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs'
 import { connect } from 'node:net'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
@@ -91,17 +91,18 @@ async function startNginx (t: Test, slots: number): Promise<{ port: number, erro
     }
     rmSync(dir, { recursive: true, force: true })
   })
-  await within((async () => {
-    for (;;) {
-      try {
-        const response = await fetch(`http://127.0.0.1:${port}/health`)
-        // nginx's own answer: another test's server may hold a port handed out twice.
-        if (response.ok && await listensOn(nginx.pid, port)) return
-      } catch {}
-      await new Promise((resolve) => setTimeout(resolve, 50))
-    }
-  })(), 10_000, 'nginx to answer /health')
-  return { port, errorLog }
+  const deadline = Date.now() + 10_000
+  // Bounded, and over once nginx is gone: a poll left running would keep the test process alive.
+  while (nginx.exitCode === null && nginx.signalCode === null && Date.now() < deadline) {
+    try {
+      const response = await fetch(`http://127.0.0.1:${port}/health`, { signal: AbortSignal.timeout(2000) })
+      // nginx's own answer: another test's server may hold a port handed out twice.
+      if (response.ok && await listensOn(nginx.pid, port)) return { port, errorLog }
+    } catch {}
+    await new Promise((resolve) => setTimeout(resolve, 50))
+  }
+  const log = existsSync(errorLog) ? readFileSync(errorLog, 'utf8').slice(-2000) : ''
+  throw new Error(`nginx did not answer /health (exit ${String(nginx.exitCode)}); its error log: ${log}`)
 }
 
 t.test('against the real nginx + Nchan', async (t) => {

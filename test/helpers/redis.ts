@@ -39,6 +39,12 @@ export async function needRedis (t: Test): Promise<boolean> {
   return false
 }
 
+class RedisExited extends Error {
+  constructor (code: number) {
+    super(`redis-server exited with ${code}`)
+  }
+}
+
 /** A redis-server of the test's own, which it may stop and start again. */
 export class OwnRedis {
   private process: ChildProcess | null = null
@@ -56,9 +62,10 @@ export class OwnRedis {
     while (Date.now() < deadline) {
       // Only its own answer counts: another test's Redis may hold a port handed out twice.
       if (await redisAnswers(this.url) && await listensOn(child.pid, this.port)) return
-      if (child.exitCode !== null) throw new Error(`redis-server exited with ${child.exitCode}`)
+      if (child.exitCode !== null) throw new RedisExited(child.exitCode)
       await new Promise((resolve) => setTimeout(resolve, 50))
     }
+    await this.stop()
     throw new Error('redis-server did not answer within 10 s')
   }
 
@@ -83,10 +90,17 @@ export class OwnRedis {
 
 /** `args` as OwnRedis takes them: `['--dir', dir]` to save snapshots there and load them at the next start. */
 export async function startOwnRedis (t: Pick<Test, 'teardown'>, args: string[] = []): Promise<OwnRedis> {
-  const redis = new OwnRedis(await freePort(), args)
-  await redis.start()
-  t.teardown(async () => await redis.stop())
-  return redis
+  for (let attempt = 1; ; attempt++) {
+    const redis = new OwnRedis(await freePort(), args)
+    t.teardown(async () => await redis.stop())
+    try {
+      await redis.start()
+      return redis
+    } catch (error) {
+      // Its port taken in between by another test (freePort can hand one out twice): another port.
+      if (!(error instanceof RedisExited) || attempt === 3) throw error
+    }
+  }
 }
 
 export interface SentinelGroup {
