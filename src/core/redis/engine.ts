@@ -448,10 +448,7 @@ export class IngressLeader {
     succession.settle(taken)
     if (taken) return
     // Given up: the claim goes, so that any instance may take the lease again.
-    this.commands.redis.eval(
-      "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0",
-      1, `${this.prefix}successor`, this.state.instanceId
-    ).catch(() => {})
+    void this.deleteOwn(`${this.prefix}successor`)
     // Not the holder: the check lets the ingress subscriptions go.
     this.check()
   }
@@ -506,9 +503,14 @@ export class IngressLeader {
 
   /** Hands the lease over at once rather than after it expires. */
   private async release (): Promise<void> {
+    await this.deleteOwn(`${this.prefix}leader`)
+  }
+
+  /** Deletes `key` while it still names this instance (the lease, a succession claim): never another's. */
+  private async deleteOwn (key: string): Promise<void> {
     await this.commands.redis.eval(
       "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0",
-      1, `${this.prefix}leader`, this.state.instanceId
+      1, key, this.state.instanceId
     ).catch(() => {})
   }
 
