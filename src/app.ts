@@ -318,7 +318,7 @@ function answerErrors (app: FastifyInstance, routeMethods: RouteMethods, interna
       statusCode: 404,
       code: 'GW_NOT_FOUND',
       error: 'Not Found',
-      message: `Route ${request.method} ${redactUrl(request.url.split('?')[0])} not found`
+      message: `Route ${request.method} ${redactUrl(path)} not found`
     })
   })
 }
