@@ -5,6 +5,7 @@ import { frameWithId, retryFrame, systemFrame } from './framing'
 import { inTurns } from './in-turns'
 import type { Hub } from './hub'
 import type { Registry } from './registry'
+import { within } from './within'
 
 /** What every topic's channel name starts with, and no other channel's. */
 const TOPIC_CHANNEL_PREFIX = channel.topic('')
@@ -317,10 +318,7 @@ export class StreamService {
   private async giveCursorsBeforeLeaving (waitMs: number): Promise<void> {
     const bare = [...this.registry.all()].filter((connection) => connection.live && (connection.lastId === 0 || connection.cursorBehind))
     if (bare.length === 0) return
-    let timer: NodeJS.Timeout | undefined
-    const late = new Promise<null>((resolve) => { timer = setTimeout(resolve, waitMs, null) })
-    const mark = await Promise.race([this.bus.watermark().catch((): null => null), late])
-    clearTimeout(timer)
+    const mark = await within(this.bus.watermark().catch((): null => null), waitMs, () => null)
     if (mark !== null) this.moveCursors(mark, bare, () => true)
   }
 

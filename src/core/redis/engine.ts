@@ -4,6 +4,7 @@ import type { Registry } from '../registry'
 import { reasonOf, redisOptions, ScriptedRedis, STORE_CONDITION_CODES, StoreUnavailableError, type Log } from './client'
 import { RedisBus } from './redis-bus'
 import { DROP_IDLE_CONSUMERS } from './scripts'
+import { within } from '../within'
 import { RedisState } from './redis-state'
 import { RedisRequestCounter } from './request-counter'
 import { SentinelSwitchWatch } from './sentinel-watch'
@@ -315,12 +316,7 @@ export class IngressLeader {
     if (succession !== null) {
       // A successor first takes the lease it was promised (its checks still
       // run), to pass it on below: dropped, what it kept would be lost.
-      let timer: NodeJS.Timeout | undefined
-      const giveUp = new Promise<void>((resolve) => {
-        timer = setTimeout(resolve, Math.max(0, Math.min(this.successionWaitMs, this.stopDeadline - 4 * HANDOVER_MARGIN_MS - Date.now())))
-      })
-      await Promise.race([succession.leaseTaken, giveUp])
-      clearTimeout(timer)
+      await within(succession.leaseTaken, Math.min(this.successionWaitMs, this.stopDeadline - 4 * HANDOVER_MARGIN_MS - Date.now()), () => false)
     }
     this.stopped = true
     clearInterval(this.timer)

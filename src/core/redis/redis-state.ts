@@ -7,6 +7,7 @@ import { transitionJob, type JobState, type JobUpdate } from '../jobs'
 import { connectionInfo, type ConnectionInfo, type Registry } from '../registry'
 import { StoreLostDataError, StoreUnavailableError, userWideChange, type ControlMissedListener, type Admission, type AdmitRequest, type ClusterStats, type ConnectionListing, type Contacts, type ControlAnswer, type ControlListener, type ControlMessage, type JobPutResult, type OpenTracker, type Presence, type SharedState } from '../state'
 import { inTurns, TurnsPerKey } from '../in-turns'
+import { within } from '../within'
 import { infoFields, selectConnections, type ConnectionFilter } from '../listing'
 import { reasonOf, timedOut, type Log, type ScriptedRedis } from './client'
 
@@ -296,16 +297,11 @@ export class RedisState implements SharedState {
    * behind a slow Redis.
    */
   private async resyncDone (): Promise<void> {
-    let timer: NodeJS.Timeout | undefined
-    const timeout = new Promise<true>((resolve) => { timer = setTimeout(() => resolve(true), this.options.controlTimeoutMs ?? 3000).unref() })
-    try {
-      while (this.resyncing !== null) {
-        if (await Promise.race([this.resyncing.then(() => false), timeout])) {
-          throw new StoreUnavailableError(new Error('streams are still being recorded again after Redis came back'))
-        }
+    const deadline = Date.now() + (this.options.controlTimeoutMs ?? 3000)
+    while (this.resyncing !== null) {
+      if (await within(this.resyncing.then(() => false), deadline - Date.now(), () => true)) {
+        throw new StoreUnavailableError(new Error('streams are still being recorded again after Redis came back'))
       }
-    } finally {
-      clearTimeout(timer)
     }
   }
 

@@ -1,5 +1,6 @@
 import { StoreUnavailableError, type RequestCounter, type RequestCount } from '../state'
 import type { ScriptedRedis } from './client'
+import { within } from '../within'
 
 /**
  * How long a request waits for its count. A limit is there to protect the
@@ -16,15 +17,10 @@ export class RedisRequestCounter implements RequestCounter {
     if (this.commands.redis.status !== 'ready' || !this.commands.isAnswering()) {
       throw new StoreUnavailableError(new Error('Redis is not answering'))
     }
-    let timer: NodeJS.Timeout | undefined
-    const late = new Promise<never>((_resolve, reject) => {
-      timer = setTimeout(() => reject(new StoreUnavailableError(new Error(`Redis did not count within ${COUNT_WAIT_MS} ms`))), COUNT_WAIT_MS)
+    const counted = this.commands.run('COUNT_REQUEST', [`${this.prefix}rl:${key}`, windowMs]) as Promise<[number, number]>
+    const [current, ttl] = await within(counted, COUNT_WAIT_MS, () => {
+      throw new StoreUnavailableError(new Error(`Redis did not count within ${COUNT_WAIT_MS} ms`))
     })
-    try {
-      const [current, ttl] = await Promise.race([this.commands.run('COUNT_REQUEST', [`${this.prefix}rl:${key}`, windowMs]), late]) as [number, number]
-      return { current, ttl }
-    } finally {
-      clearTimeout(timer)
-    }
+    return { current, ttl }
   }
 }
