@@ -17,6 +17,7 @@ import { UnchunkedSink } from '../src/core/unchunked'
 import { closeGraceMs } from '../src/config'
 import { errors } from '../src/errors'
 import { responseInFlight } from '../src/in-flight'
+import { refuseOnSocket } from '../src/raw-answer'
 import { authOf } from './auth'
 
 export interface OpenStreamOptions {
@@ -502,11 +503,26 @@ export default fp(async (app) => {
         }
         await opened
       } catch (error) {
-        request.log.error({ err: error, connectionId: options.connectionId }, 'stream failed to open')
+        // Redis not answering in time is expected under its trouble: one line, no stack.
+        const unavailable = error instanceof StoreUnavailableError
+        if (unavailable) request.log.warn({ connectionId: options.connectionId, reason: error.reason }, 'stream failed to open: Redis did not answer')
+        else request.log.error({ err: error, connectionId: options.connectionId }, 'stream failed to open')
         const connection = ledger.ownStream(options.connectionId, admission.seq)
-        if (connection !== undefined) connection.close('error')
+        if (connection !== undefined && connection.closeUnwritten()) {
+          // Nothing was written: the client gets a refusal it can act on, not an empty reply.
+          const headers = reply.getHeaders() as Record<string, string | number | string[]>
+          if (unavailable) {
+            refuseOnSocket(socket, 503, 'GW_UNAVAILABLE', error.message, { ...headers, 'retry-after': retryAfterS })
+          } else {
+            refuseOnSocket(socket, 500, 'GW_INTERNAL', 'Internal Server Error', headers)
+          }
+          socket.destroySoon()
+        } else if (connection !== undefined) {
+          connection.close('error')
         // Unless its stream ended and it went back to serving requests.
-        else if (!handedBack.has(socket)) socket.destroy()
+        } else if (!handedBack.has(socket)) {
+          socket.destroy()
+        }
       }
     } finally {
       if (counted) opening--

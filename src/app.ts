@@ -1,6 +1,6 @@
 import Fastify, { type FastifyHttpOptions, type FastifyInstance, type FastifyReply, type FastifyRequest, type FastifyServerOptions } from 'fastify'
 import cors from '@fastify/cors'
-import { createServer, STATUS_CODES, type IncomingMessage, type Server, type ServerResponse } from 'node:http'
+import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http'
 import type { Socket } from 'node:net'
 import type { DestinationStream } from 'pino'
 import { closeGraceMs, type Config } from './config'
@@ -27,6 +27,7 @@ import presenceRoutes from '../routes/presence'
 import statsRoutes from '../routes/stats'
 import pageRoutes from '../routes/pages'
 import { RouteMethods } from './route-methods'
+import { httpReason, refuseOnSocket } from './raw-answer'
 
 declare module 'fastify' {
   interface FastifyInstance {
@@ -125,16 +126,6 @@ const CONNECT_REFUSAL_TIMEOUT_MS = 30_000
 
 function destroySocket (this: Socket): void {
   this.destroy()
-}
-
-/** Writes a refusal in the contract's shape straight to a connection, which then closes. */
-function refuseOnSocket (socket: Socket, statusCode: number, code: string, message: string): void {
-  // Not into a response already under way (a pipelined request's): it would
-  // be spliced into its bytes. Node's own handler holds back alike.
-  if (socket.writable && responseInFlight(socket)?.headersSent !== true) {
-    const body = JSON.stringify({ statusCode, code, error: httpReason(statusCode), message })
-    socket.write(`HTTP/1.1 ${statusCode} ${httpReason(statusCode)}\r\nContent-Type: application/json; charset=utf-8\r\nContent-Length: ${Buffer.byteLength(body)}\r\nConnection: close\r\n\r\n${body}`)
-  }
 }
 
 /**
@@ -504,10 +495,6 @@ const GATEWAY_CODES: Record<number, string> = { 400: 'GW_BAD_REQUEST', 413: 'GW_
 function gatewayCodeOf (code: string | undefined, statusCode: number): string | undefined {
   if (code === undefined || !code.startsWith('FST_') || code === 'FST_ERR_VALIDATION') return code
   return GATEWAY_CODES[statusCode] ?? code
-}
-
-function httpReason (statusCode: number): string {
-  return STATUS_CODES[statusCode] ?? 'Error'
 }
 
 /**

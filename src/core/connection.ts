@@ -645,6 +645,22 @@ export class StreamConnection {
     this.onClose(this)
   }
 
+  /**
+   * For a stream that failed while opening: when nothing of it has been
+   * written yet (its head still held), closes it ('error') and leaves its
+   * socket to the caller, which can then answer the failure as an HTTP error
+   * instead of an empty reply. False, with nothing done, otherwise.
+   */
+  closeUnwritten (): boolean {
+    if (this.closed || this.bytesGiven > 0 || this.sink.destroyed) return false
+    this.closeReason = 'error'
+    this.setHeld(null)
+    this.clearPending()
+    this.sink.off('close', this.onSinkClose)
+    this.onClose(this)
+    return true
+  }
+
   private readonly onSinkClose = (): void => this.close('client')
 
   /** Settles once the stream's socket has closed (at once if it is already destroyed). */
