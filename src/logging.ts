@@ -54,12 +54,31 @@ const TOKEN_PARAMETERS = new Set(['token', 'access_token'])
 // JWT is made of are checked in one pass instead.
 const JWT_CHARACTER_RUNS = /[\w.-]+/g
 
-/** Whether a run of [\w.-] holds 'eyJ' followed by two dots: a JWT. */
+/**
+ * Whether a run of [\w.-] holds a JWT: 'eyJ' (the base64url of `{"`)
+ * followed by two dots, or a part followed by two dots that is the base64url
+ * of a JSON object, which a signer may start with whitespace (`eyAi`,
+ * `Cns`…): verifiers accept such a header, so it must not pass unseen.
+ */
 function runHoldsJwt (run: string): boolean {
   const start = run.indexOf('eyJ')
-  if (start === -1) return false
-  const firstDot = run.indexOf('.', start + 3)
-  return firstDot !== -1 && run.indexOf('.', firstDot + 1) !== -1
+  if (start !== -1) {
+    const firstDot = run.indexOf('.', start + 3)
+    if (firstDot !== -1 && run.indexOf('.', firstDot + 1) !== -1) return true
+  }
+  let partStart = 0
+  for (;;) {
+    const dot = run.indexOf('.', partStart)
+    if (dot === -1 || run.indexOf('.', dot + 1) === -1) return false
+    if (dot - partStart >= 4 && isObjectInBase64url(run.slice(partStart, dot))) return true
+    partStart = dot + 1
+  }
+}
+
+/** Whether `part` decodes to text that opens a JSON object, after any whitespace. */
+function isObjectInBase64url (part: string): boolean {
+  // Its first 48 bytes see past any whitespace a header would hold.
+  return /^\s*\{/.test(Buffer.from(part.slice(0, 64), 'base64url').toString('latin1'))
 }
 
 function holdsJwt (text: string): boolean {

@@ -1,10 +1,12 @@
 import t from 'tap'
+import { createHmac } from 'node:crypto'
 import type { Test } from 'tap'
 import {
   eventually, forEachMode, nowS, openConnected, publish, publishOk, publisherToken, request, startCluster, startGateway,
   token, userToken, type Gateway
 } from './helpers'
 import { redisClient } from './helpers/redis'
+import { TEST_SECRET } from './helpers/gateway'
 import { redactUrl } from '../src/logging'
 import { flood, floodMaxBytes, metricValue, neverReadingStream, rawExchange, scrape } from './helpers/raw'
 
@@ -280,4 +282,23 @@ t.test('a refused request is one line, at completion, with its status, code and 
   t.equal(of503.length, 1, 'one line for the 503')
   t.match(of503[0], { msg: 'request completed', level: 30, res: { statusCode: 503 }, reason: /maximum number of streams/ })
   t.notOk(of503.some((line) => 'err' in line), 'no error object, no stack')
+})
+
+t.test('a token whose header starts with whitespace (it authenticates) is redacted wherever it is sent: path, query, X-Request-Id, the refusal\'s message', async (t) => {
+  const gateway = await startGateway(t, {}, { captureLogs: true })
+  const encode = (text: string): string => Buffer.from(text).toString('base64url')
+  const tokens = ['{ "alg": "HS256", "typ": "JWT" }', '\n{"alg":"HS256"}', ' {"alg":"HS256"}'].map((header) => {
+    const signed = `${encode(header)}.${encode(JSON.stringify({ sub: 'u1', exp: nowS() + 3600 }))}`
+    return `${signed}.${createHmac('sha256', TEST_SECRET).update(signed).digest('base64url')}`
+  })
+  for (const jwt of tokens) {
+    t.notOk(jwt.startsWith('eyJ'), 'a header that is not base64url of {"')
+    const { stream } = await openConnected(`${gateway.url}/v1/stream?token=${jwt}`, { t, headers: { 'x-request-id': jwt } })
+    stream.close()
+    // Refused (400 or 404 "no stream <id>"), with the id in the message.
+    t.ok((await request(`${gateway.url}/v1/stream/${jwt}?a=${jwt}`, { token: jwt })).status >= 400)
+    t.equal((await request(`${gateway.url}/no/such/${jwt}?a=${jwt}`)).status, 404)
+  }
+  await eventually(() => streamLines(gateway, 'stream closed').length === tokens.length, 'the streams\' closes logged')
+  assertNoToken(t, gateway, tokens)
 })
