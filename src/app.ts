@@ -189,7 +189,7 @@ export async function buildApp (config: Config, options: BuildOptions = {}): Pro
   checkEveryRequest(app)
   parseEveryBodyAsJson(app)
   await app.register(configPlugin, { config })
-  if (config.corsOrigins !== null) await allowOrigins(app, config.corsOrigins)
+  if (config.corsOrigins !== null) await allowOrigins(app, config.corsOrigins, routeMethods, config.internalPort !== null)
   // After CORS, so that a page can read the 503 of a request refused while draining.
   answerWhileClosing(app)
   if (config.trustProxy === null) warnOfUntrustedProxy(app)
@@ -374,8 +374,30 @@ function parseEveryBodyAsJson (app: FastifyInstance): void {
   })
 }
 
-async function allowOrigins (app: FastifyInstance, origins: string[]): Promise<void> {
+async function allowOrigins (app: FastifyInstance, origins: string[], routeMethods: RouteMethods, internalPortSet: boolean): Promise<void> {
   const allowedOrigins = new Set(origins)
+  // Before CORS's own hook, which answers every OPTIONS as a preflight: one
+  // without Origin or Access-Control-Request-Method got a text/plain 400,
+  // and one for a path no route serves here got the allow headers.
+  app.addHook('onRequest', (request, reply, done) => {
+    if (request.method !== 'OPTIONS') {
+      done()
+      return
+    }
+    const headers = request.headers
+    if (headers.origin === undefined || headers['access-control-request-method'] === undefined) {
+      // Not a preflight: an OPTIONS request like any other method this API does not take (405, or 404).
+      reply.callNotFound()
+      return
+    }
+    const internalHidden = internalPortSet && !internalSockets.has(request.raw.socket)
+    if (!routeMethods.serves(request.url.split('?')[0], internalHidden)) {
+      // The not-found handler's answer to a preflight: 204 without CORS headers.
+      reply.callNotFound()
+      return
+    }
+    done()
+  })
   await app.register(cors, {
     // "*" with credentials must echo the caller's origin, never send a
     // literal "*". Any other origin gets no CORS header at all: given the

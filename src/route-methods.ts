@@ -45,6 +45,15 @@ export class RouteMethods {
     }
     return allowed.size === 0 ? null : [...allowed].sort()
   }
+
+  /** Whether a route visible on this listener serves `rawPath`, with any method. */
+  serves (rawPath: string, internalHidden: boolean): boolean {
+    const path = decoded(rawPath)
+    for (const candidate of this.paths.values()) {
+      if (candidate.pattern.test(path) && !(candidate.internal && internalHidden)) return true
+    }
+    return false
+  }
 }
 
 function patternOf (url: string): RegExp {

@@ -10,14 +10,17 @@ const DENIED = 'https://evil.example.net'
 interface Head {
   status: number
   headers: http.IncomingHttpHeaders
+  body: string
 }
 
-/** A request whose headers are sent exactly as given (an Origin above all); the body is read and dropped. */
+/** A request whose headers are sent exactly as given (an Origin above all). */
 async function send (url: string, method: string, headers: Record<string, string>, body?: string): Promise<Head> {
   return await new Promise((resolve, reject) => {
     const req = http.request(url, { method, headers, agent: false, timeout: 5000 }, (response) => {
-      response.resume()
-      response.on('end', () => resolve({ status: response.statusCode ?? 0, headers: response.headers }))
+      let body = ''
+      response.setEncoding('utf8')
+      response.on('data', (chunk: string) => { body += chunk })
+      response.on('end', () => resolve({ status: response.statusCode ?? 0, headers: response.headers, body }))
     })
     req.on('timeout', () => req.destroy(new Error(`${method} ${url} timed out`)))
     req.on('error', reject)
@@ -159,4 +162,29 @@ t.test('CORS_ORIGINS unset: no CORS headers', async (t) => {
   assertDenied(t, (await send(`${url}/health`, 'GET', { origin: ALLOWED })).headers, 'GET /health')
   const stream = await openStream(`${url}/v1/stream?token=${userToken('u1')}`, { t, headers: { origin: ALLOWED } })
   assertDenied(t, stream.headers, 'stream')
+})
+
+t.test('with CORS_ORIGINS, an OPTIONS that is not a preflight is answered as without CORS (405 with Allow, in the JSON shape), and a preflight for a path not served here gets 204 without CORS headers', async (t) => {
+  for (const origins of [ALLOWED, '*']) {
+    const { url } = await startGateway(t, { CORS_ORIGINS: origins, INTERNAL_PORT: '0' })
+    const notPreflights: Array<Record<string, string>> = [{ origin: ALLOWED }, {}, { 'access-control-request-method': 'GET' }]
+    for (const headers of notPreflights) {
+      const plain = await send(`${url}/v1/stream`, 'OPTIONS', headers)
+      t.equal(plain.status, 405, `CORS_ORIGINS=${origins}, OPTIONS with ${JSON.stringify(headers)}`)
+      t.equal(plain.headers.allow, 'GET')
+      t.match(plain.headers['content-type'], /^application\/json/)
+      t.same(JSON.parse(plain.body), { statusCode: 405, code: 'GW_METHOD_NOT_ALLOWED', error: 'Method Not Allowed', message: 'OPTIONS is not allowed here: GET' })
+    }
+    const unknown = await send(`${url}/no/such/route`, 'OPTIONS', { origin: ALLOWED })
+    t.equal(unknown.status, 404, 'an unknown path: 404')
+    t.equal(JSON.parse(unknown.body).code, 'GW_NOT_FOUND')
+
+    for (const path of ['/no/such/route', '/v1/publish']) {
+      const head = await preflight(url, path, ALLOWED, 'POST', 'authorization,content-type')
+      t.equal(head.status, 204, `preflight for ${path} (unknown, or internal only with INTERNAL_PORT) answered`)
+      assertDenied(t, head.headers, `preflight for ${path}`)
+    }
+    assertAllowed(t, (await preflight(url, '/v1/stream', ALLOWED, 'GET', 'authorization')).headers, ALLOWED, 'a served path\'s preflight')
+    assertAllowed(t, (await preflight(url, '/v1/jobs/j1', ALLOWED, 'GET', 'authorization')).headers, ALLOWED, 'a path with a public route beside an internal one')
+  }
 })
