@@ -584,6 +584,7 @@ export class IngressLeader {
   }
 
   private async reapDead (): Promise<void> {
+    if (!this.state.judgesSilence()) return
     for (const instance of await this.state.deadInstances()) {
       this.log.info({ instance }, 'clearing a dead instance')
       await this.state.reap(instance)

@@ -124,6 +124,8 @@ export class RedisState implements SharedState {
   private resyncing: Promise<void> | null = null
   /** When the last beat that passed was sent (Date.now()). */
   private lastBeatAt = Date.now()
+  /** Since when this instance's beats have passed without a gap (see judgesSilence). */
+  private beatingSince = Date.now()
   /** The last resync failed: the next beat that passes runs one. */
   private resyncOwed = false
 
@@ -448,6 +450,7 @@ export class RedisState implements SharedState {
     // unannounced. The expiry only clears a list nobody will ever reap.
     const ttlS = Math.max(LIST_TTL_S, Math.ceil((this.options.instanceTtlMs * 10) / 1000))
     const added = await this.commands.run('BEAT', [this.prefix, this.instanceId, ttlS])
+    if (now - this.lastBeatAt >= this.options.instanceTtlMs / 2) this.beatingSince = now
     this.lastBeatAt = now
     return added === 1
   }
@@ -731,6 +734,18 @@ export class RedisState implements SharedState {
   }
 
   /** Instances that stopped beating: their streams are gone. */
+  /**
+   * Whether this instance may take others' silence for death: its own beats
+   * have passed for INSTANCE_TTL_MS without a gap. After a gap (Redis
+   * restarted, unreachable, frozen, refusing writes) every instance's beats
+   * stopped alike, and the first one back would otherwise reap the others,
+   * streams open, before their own beats come: their users announced offline,
+   * then online again.
+   */
+  judgesSilence (): boolean {
+    return Date.now() - this.beatingSince >= this.options.instanceTtlMs
+  }
+
   async deadInstances (): Promise<string[]> {
     return await this.commands.run('INSTANCES', [this.prefix, this.options.instanceTtlMs, 'dead']) as string[]
   }
