@@ -15,7 +15,38 @@ export interface Log {
 }
 
 /** What went wrong, in one line, for logs that must not carry a Redis error's command arguments. */
+/**
+ * A warning that repeats for as long as a fault lasts (each reconnect
+ * attempt of each connection, each beat): written the first time, then at
+ * most once a minute, with how many were held back meanwhile, and at once
+ * again after `clear()` (the fault ended).
+ */
+export class RepeatedWarning {
+  private writtenAt: number | null = null
+  private heldBack = 0
+
+  constructor (private readonly log: Pick<Log, 'warn'>, private readonly message: string, private readonly everyMs = 60_000) {}
+
+  warn (fields: Record<string, unknown>): void {
+    const now = Date.now()
+    if (this.writtenAt !== null && now - this.writtenAt < this.everyMs) {
+      this.heldBack++
+      return
+    }
+    this.log.warn(this.heldBack > 0 ? { ...fields, heldBack: this.heldBack } : fields, this.message)
+    this.writtenAt = now
+    this.heldBack = 0
+  }
+
+  clear (): void {
+    this.writtenAt = null
+    this.heldBack = 0
+  }
+}
+
 export function reasonOf (error: unknown): string {
+  // ioredis's words for a command cut off by a lost connection, with resending off (see redisOptions).
+  if (error instanceof Error && error.message.startsWith('Reached the max retries per request limit')) return 'the connection to Redis was lost under the command'
   return error instanceof Error ? error.message : String(error)
 }
 

@@ -1,7 +1,7 @@
 import Redis, { ReplyError, type RedisOptions } from 'ioredis'
 import { NotLeaseHolderError, type LeaseFence } from '../bus'
 import type { Registry } from '../registry'
-import { reasonOf, redisOptions, ScriptedRedis, STORE_CONDITION_CODES, StoreUnavailableError, type Log } from './client'
+import { reasonOf, redisOptions, RepeatedWarning, ScriptedRedis, STORE_CONDITION_CODES, StoreUnavailableError, type Log } from './client'
 import { RedisBus } from './redis-bus'
 import { DROP_IDLE_CONSUMERS } from './scripts'
 import { within } from '../within'
@@ -645,6 +645,7 @@ export class DurableIngress {
   /** The Redis error of the entry set aside last, until an entry goes through. */
   private setAsideFor: string | null = null
   private readonly loop: Promise<void>
+  private readonly readFailed: RepeatedWarning
 
   constructor (
     private readonly reader: Redis,
@@ -653,6 +654,7 @@ export class DurableIngress {
     private readonly leader: Pick<IngressLeader, 'isLeader'>,
     private readonly log: Log
   ) {
+    this.readFailed = new RepeatedWarning(log, 'durable ingress read failed')
     this.loop = this.run()
   }
 
@@ -715,12 +717,13 @@ export class DurableIngress {
           if (batch !== null) for (const [, entries] of batch) if (complete) complete = await this.handle(entries)
         }
         if (!complete || !this.leader.isLeader) leading = false
+        this.readFailed.clear()
       } catch (error) {
         if (!this.running) return
         // A take-over claim cut short starts again: the last holder's
         // entries still come before newer ones.
         leading = false
-        this.log.warn({ err: error }, 'durable ingress read failed')
+        this.readFailed.warn({ reason: reasonOf(error) })
         await new Promise((resolve) => setTimeout(resolve, 500).unref())
       }
     }
@@ -921,8 +924,11 @@ export async function connectRedis (options: RedisEngineOptions, registry: Regis
   const subscriber = new Redis(options.url, connectionOptions(options, 'sse-gateway-sub'))
   let everReady = false
   for (const [name, client] of [['commands', commands.redis], ['subscriber', subscriber]] as const) {
-    // Until start-up is over, untilReady says why it waits, once.
-    client.on('error', (error: Error) => { if (everReady) log.warn({ connection: name, reason: error.message }, 'redis error') })
+    // Until start-up is over, untilReady says why it waits, once. After, once
+    // an outage and once a minute while it lasts, not at every reconnect attempt.
+    const warning = new RepeatedWarning(log, 'redis error')
+    client.on('error', (error: Error) => { if (everReady) warning.warn({ connection: name, reason: error.message }) })
+    client.on('ready', () => warning.clear())
   }
   const bus = new RedisBus(commands, subscriber, options, log)
   const state = new RedisState(commands, subscriber, registry, options, log)
@@ -961,7 +967,9 @@ export async function connectRedis (options: RedisEngineOptions, registry: Regis
     reader = new Redis(options.url, connectionOptions(options, 'sse-gateway-ingress'))
     await untilReady(reader, 'ingress', startupDeadline, log, signal)
     signal?.throwIfAborted()
-    reader.on('error', (error: Error) => log.warn({ connection: 'ingress', reason: error.message }, 'redis error'))
+    const readerWarning = new RepeatedWarning(log, 'redis error')
+    reader.on('error', (error: Error) => readerWarning.warn({ connection: 'ingress', reason: error.message }))
+    reader.on('ready', () => readerWarning.clear())
   } catch (error) {
     await closeEngine()
     throw error

@@ -9,7 +9,7 @@ import { StoreLostDataError, StoreUnavailableError, userWideChange, type Control
 import { inTurns, TurnsPerKey } from '../in-turns'
 import { within } from '../within'
 import { infoFields, selectConnections, type ConnectionFilter } from '../listing'
-import { reasonOf, timedOut, type Log, type ScriptedRedis } from './client'
+import { reasonOf, RepeatedWarning, timedOut, type Log, type ScriptedRedis } from './client'
 
 export interface RedisStateOptions {
   prefix: string
@@ -124,6 +124,7 @@ export class RedisState implements SharedState {
   private resyncing: Promise<void> | null = null
   /** When the last beat that passed was sent (Date.now()). */
   private lastBeatAt = Date.now()
+  private readonly heartbeatFailed: RepeatedWarning
   /** Since when this instance's beats have passed without a gap (see judgesSilence). */
   private beatingSince = Date.now()
   /** The last resync failed: the next beat that passes runs one. */
@@ -156,6 +157,7 @@ export class RedisState implements SharedState {
   ) {
     this.instanceId = registry.instanceId
     this.prefix = options.prefix
+    this.heartbeatFailed = new RepeatedWarning(log, 'heartbeat failed')
     // As Buffers: a 'message' listener would make ioredis decode every
     // event the bus receives on this connection too, only to be ignored here.
     const controlChannel = Buffer.from(`${this.prefix}ctl`)
@@ -195,6 +197,7 @@ export class RedisState implements SharedState {
       this.heartbeat().then(async (unlisted) => {
         // A beat in flight when close() began must not list the instance again.
         if (this.closed) return
+        this.heartbeatFailed.clear()
         // Until this beat arrived, not until it was sent: a slow Redis may
         // have taken its time to take it, while reapers looked on.
         const silentMs = Date.now() - lastBeatAt
@@ -214,7 +217,7 @@ export class RedisState implements SharedState {
         // A realignment that failed is tried again.
         else if (this.resyncing === null) this.startRealigning()
       }, (error: unknown) => {
-        this.log.warn({ reason: reasonOf(error) }, 'heartbeat failed')
+        this.heartbeatFailed.warn({ reason: reasonOf(error) })
       }).catch((error: unknown) => {
         this.log.warn({ reason: reasonOf(error) }, 'streams not recorded again after beats were refused')
       })

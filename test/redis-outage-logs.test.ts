@@ -1,0 +1,44 @@
+/**
+ * While Redis is down, the log says so once per connection and then once a
+ * minute, not at every reconnect attempt of every connection (a line or two
+ * a second for as long as the outage lasts).
+ */
+import { createServer, type Socket } from 'node:net'
+import t from 'tap'
+import { eventually, loggedAs, openConnected, startGateway, userToken } from './helpers'
+import { needRedis, startOwnRedis, uniquePrefix } from './helpers/redis'
+
+interface Line { msg: string, connection?: string, heldBack?: number }
+
+t.test('Redis gone: each connection\'s failure is logged once, however many reconnect attempts fail', async (t) => {
+  if (!(await needRedis(t))) return
+  const redis = await startOwnRedis(t)
+  const gateway = await startGateway(t, { REDIS_URL: redis.url, REDIS_PREFIX: uniquePrefix('outagelog'), INSTANCE_TTL_MS: '1500', LOG_LEVEL: 'warn' }, { captureLogs: true })
+  await openConnected(`${gateway.url}/v1/stream?token=${userToken('u1')}`, { t })
+  await redis.stop()
+  // In Redis's place, a listener that resets every connection: each reconnect attempt fails, and is counted.
+  let attempts = 0
+  const sockets = new Set<Socket>()
+  const stand = createServer((socket) => {
+    attempts++
+    sockets.add(socket)
+    socket.on('close', () => sockets.delete(socket))
+    socket.resetAndDestroy()
+  })
+  await new Promise<void>((resolve, reject) => {
+    stand.once('error', reject)
+    stand.listen(redis.port, '127.0.0.1', resolve)
+  })
+  t.teardown(async () => {
+    for (const socket of sockets) socket.destroy()
+    await new Promise((resolve) => stand.close(resolve))
+  })
+  await eventually(() => attempts >= 15, '15 reconnect attempts refused', 20_000, 50)
+
+  const errors = loggedAs<Line>(gateway.logText(), 'redis error')
+  t.ok(errors.length >= 1, `the failure is logged (${errors.length} lines)`)
+  const byConnection = new Map<string, number>()
+  for (const line of errors) byConnection.set(String(line.connection), (byConnection.get(String(line.connection)) ?? 0) + 1)
+  for (const [connection, count] of byConnection) t.equal(count, 1, `once for the ${connection} connection, after ${attempts} attempts in all`)
+  t.ok(loggedAs<Line>(gateway.logText(), 'heartbeat failed').length <= 1, 'a failed beat once at most')
+})
