@@ -180,3 +180,22 @@ t.test('a REDIS_URL database its ACL user may not SELECT: exit 1 with one line n
   t.notMatch(lines[0], /test-password/, 'the password is not echoed')
   t.same(await admin.keys(`${prefix}*`), [], 'nothing of it in database 0')
 })
+
+t.test('a REDIS_URL password Redis refuses: exit 1 at once with one line naming REDIS_URL, not after REDIS_STARTUP_TIMEOUT_MS', async (t) => {
+  if (!(await needRedis(t))) return
+  const prefix = uniquePrefix('wrongpass')
+  const admin = redisClient(t)
+  const user = `${prefix.replace(/[^a-z0-9]/gi, '')}-user`
+  await admin.call('ACL', 'SETUSER', user, 'on', '>right-password', '~*', '&*', '+@all')
+  t.teardown(async () => { await admin.call('ACL', 'DELUSER', user) })
+  const url = new URL(REDIS_URL)
+  url.username = user
+  url.password = 'wrong-password'
+  const exit = await runServerToExit(t, { REDIS_URL: url.toString(), REDIS_PREFIX: prefix, REDIS_STARTUP_TIMEOUT_MS: '20000', JWT_SECRET: TEST_SECRET, PORT: '0', HOST: '127.0.0.1', LOG_LEVEL: 'warn' })
+  t.equal(exit.code, 1)
+  const lines = exit.stderr.trim().split('\n')
+  t.equal(lines.length, 1, 'one line, no stack')
+  t.match(lines[0], /REDIS_URL: Redis refused its credentials \(WRONGPASS/)
+  t.notMatch(lines[0], /REDIS_STARTUP_TIMEOUT_MS/, 'not given up on as a Redis that never answered')
+  t.notMatch(lines[0], /wrong-password|right-password/, 'no password echoed')
+})

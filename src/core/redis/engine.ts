@@ -842,6 +842,12 @@ async function untilReady (client: Redis, name: string, deadline: number, log: L
       giveUp()
       return
     }
+    // Credentials Redis refuses (or none where it wants some) stay refused: waiting only hides why.
+    if (/^(WRONGPASS|NOAUTH)\b/.test(error.message)) {
+      refused = `REDIS_URL: Redis refused its credentials (${error.message})`
+      giveUp()
+      return
+    }
     // Past the deadline (at once with REDIS_STARTUP_TIMEOUT_MS=0), the first
     // error decides; through sentinels the connect call itself only settles
     // after ioredis has gone round all of them.
