@@ -468,3 +468,19 @@ t.test('behind nginx left at its default upstream HTTP/1.0: streams open, events
   await again.nextEvent('connected')
   t.same([(await again.nextEvent('tick')).id, (await again.nextEvent('tick')).id], ids.slice(1), 'the replay after the cursor, in order')
 })
+
+t.test('through nginx with every gateway unreachable: 503 in the JSON shape with Retry-After, not nginx\'s HTML 502, on streams and other routes', async (t) => {
+  if (!(await haveNginx(t)) || !(await needRedis(t))) return
+  const up = await startGatewayProcess(t, uniquePrefix('nginx-none'), {})
+  const down = await freePort()
+  const nginx = await startNginx(t, [`127.0.0.1:${up.port}`, `127.0.0.1:${down}`])
+  up.child.kill('SIGKILL')
+  await up.waitExit(10_000)
+  for (const path of [`/v1/stream?token=${userToken('u1')}`, '/health', '/v1/jobs/j1']) {
+    const answer = await request(`${nginx.url}${path}`)
+    t.equal(answer.status, 503, `${path.split('?')[0]}: 503`)
+    t.equal(answer.headers.get('retry-after'), '3', 'Retry-After')
+    t.match(answer.headers.get('content-type'), /^application\/json/)
+    t.same(answer.json, { statusCode: 503, code: 'GW_UNAVAILABLE', error: 'Service Unavailable', message: 'no gateway is reachable right now' })
+  }
+})
