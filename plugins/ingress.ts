@@ -1,5 +1,5 @@
 import fp from 'fastify-plugin'
-import { FanoutTooLargeError, isEntityId, isPlainObject, validateEventAndData, validatePublishBody, type PublishRequest } from '../src/core/publish'
+import { FanoutTooLargeError, isPathId, isPlainObject, validateEventAndData, validatePublishBody, type PublishRequest } from '../src/core/publish'
 import type { LeaseFence, PublishItem, PublishOnce } from '../src/core/bus'
 
 /**
@@ -41,7 +41,7 @@ export default fp(async (app) => {
       requests = validation.value.items
     } else {
       // The id comes from the channel name: held to the POST's rule for `to.connection`.
-      if (!isEntityId(source.connectionId)) return reject(kind, 'connection id is not valid')
+      if (!isPathId(source.connectionId)) return reject(kind, 'connection id is not valid')
       if (!isPlainObject(body)) return reject(kind, 'not an object')
       const content = validateEventAndData(body, config.maxEventBytes)
       if (!content.ok) return reject(kind, content.message)

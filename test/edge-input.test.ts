@@ -573,3 +573,17 @@ forEachMode(t, 'a publish pipelined behind a stream request in one write is answ
   t.equal(gateway.app.registry.size, 1, 'the refused stream holds nothing')
 })
 
+
+t.test('a connection or conversation target no route could name (outside the path id pattern) is refused 400, as the stream and members routes refuse it', async (t) => {
+  const publisher = publisherToken()
+  const { url } = await startGateway(t)
+  for (const [key, id] of [['connection', 'not a valid id!'], ['conversation', 'two words'], ['connection', 'x'.repeat(129)], ['conversation', 'é']] as const) {
+    const refused = await publish(url, publisher, { to: { [key]: id }, event: 'x', data: 1 })
+    t.equal(refused.status, 400, `to.${key} = ${id.slice(0, 20)}`)
+    t.match(refused.json, { code: 'GW_BAD_REQUEST', message: new RegExp(`"to\\.${key}" must be 1-128 characters among letters, digits`) })
+    t.equal((await request(`${url}/v1/${key === 'connection' ? 'stream' : 'conversations'}/${encodeURIComponent(id)}${key === 'conversation' ? '/members' : ''}`, { method: key === 'connection' ? 'GET' : 'PUT', token: key === 'connection' ? userToken('u1') : publisher, body: key === 'conversation' ? { members: ['u1'] } : undefined })).status, 400, 'as its route refuses it')
+  }
+  const { stream, connected } = await openConnected(`${url}/v1/stream?token=${userToken('u1')}`, { t })
+  const [id] = await publishOk(url, publisher, { to: { connection: connected.connectionId }, event: 'hello', data: 1 })
+  t.equal((await stream.nextEvent('hello')).id, id, 'a stream\'s own id is still a target')
+})

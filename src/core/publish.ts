@@ -35,6 +35,19 @@ const ITEM_KEYS = new Set(['to', 'event', 'data'])
 const TARGET_KEYS = ['user', 'users', 'connection', 'conversation', 'topic', 'broadcast'] as const
 
 export const MAX_ID_CHARACTERS = 256
+/**
+ * Connection, conversation and job ids: what a path segment of their routes
+ * takes (src/schemas/common.ts). An event for an id no route can name (a
+ * stream opened with it, members set under it) would reach no one.
+ */
+export const PATH_ID_PATTERN = '^[A-Za-z0-9_.:@=+-]{1,128}$'
+const PATH_ID = new RegExp(PATH_ID_PATTERN)
+const PATH_ID_RULE = '1-128 characters among letters, digits and _ . : @ = + -'
+
+export function isPathId (value: unknown): value is string {
+  return typeof value === 'string' && PATH_ID.test(value)
+}
+
 /** What isEntityId asks of an id, as an answer names it. */
 const ID_RULE = `a string of 1-${MAX_ID_CHARACTERS} characters of well-formed Unicode, without control characters`
 
@@ -98,9 +111,11 @@ export function validateTarget (to: unknown): Validation<Target> {
   const value = to[key]
   switch (key) {
     case 'user':
+      if (!isEntityId(value)) return bad(`"to.${key}" must be ${ID_RULE}`)
+      return { ok: true, value: { kind: key, id: value } }
     case 'connection':
     case 'conversation':
-      if (!isEntityId(value)) return bad(`"to.${key}" must be ${ID_RULE}`)
+      if (!isPathId(value)) return bad(`"to.${key}" must be ${PATH_ID_RULE}`)
       return { ok: true, value: { kind: key, id: value } }
     case 'users': {
       if (!Array.isArray(value) || value.length < 1 || value.length > 1000) return bad('"to.users" must be an array of 1 to 1000 user ids')

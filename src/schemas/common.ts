@@ -1,5 +1,5 @@
 import { Type, type Static } from '@sinclair/typebox'
-import { MAX_ID_CHARACTERS } from '../core/publish'
+import { MAX_ID_CHARACTERS, PATH_ID_PATTERN } from '../core/publish'
 
 export const ErrorSchema = Type.Object({
   statusCode: Type.Integer(),
@@ -9,7 +9,7 @@ export const ErrorSchema = Type.Object({
 })
 
 /** Ids in paths: jobs, conversations, connections. */
-export const PathId = Type.String({ pattern: '^[A-Za-z0-9_.:@=+-]{1,128}$' })
+export const PathId = Type.String({ pattern: PATH_ID_PATTERN })
 /**
  * User ids: what a token's claim may hold. Patterns are Unicode regexps, where
  * a surrogate pair is one character: the class refuses lone surrogates only,
