@@ -1,4 +1,5 @@
 import fp from 'fastify-plugin'
+import { NonFiniteNumberError, parseJsonFinite } from '../src/core/json'
 import { FanoutTooLargeError, isPathId, isPlainObject, validateEventAndData, validatePublishBody, type PublishRequest } from '../src/core/publish'
 import type { LeaseFence, PublishItem, PublishOnce } from '../src/core/bus'
 
@@ -30,9 +31,9 @@ export default fp(async (app) => {
     if (Buffer.byteLength(payload) > config.maxBodyBytes) return reject(kind, 'too large')
     let body: unknown
     try {
-      body = JSON.parse(payload)
-    } catch {
-      return reject(kind, 'not JSON')
+      body = parseJsonFinite(payload)
+    } catch (error) {
+      return reject(kind, error instanceof NonFiniteNumberError ? error.message : 'not JSON')
     }
     let requests: PublishRequest[]
     if (source.kind !== 'stream') {

@@ -28,6 +28,7 @@ import statsRoutes from '../routes/stats'
 import pageRoutes from '../routes/pages'
 import { RouteMethods } from './route-methods'
 import { httpReason, refuseOnSocket } from './raw-answer'
+import { NonFiniteNumberError, parseJsonFinite } from './core/json'
 
 declare module 'fastify' {
   interface FastifyInstance {
@@ -367,9 +368,9 @@ function parseEveryBodyAsJson (app: FastifyInstance): void {
     const text = body as string
     try {
       // A byte order mark, which some clients write first, is not JSON.
-      done(null, JSON.parse(text.charCodeAt(0) === 0xfeff ? text.slice(1) : text))
-    } catch {
-      done(new errors.BadRequest('the body is not valid JSON'), undefined)
+      done(null, parseJsonFinite(text.charCodeAt(0) === 0xfeff ? text.slice(1) : text))
+    } catch (error) {
+      done(new errors.BadRequest(error instanceof NonFiniteNumberError ? `the body holds ${error.message}` : 'the body is not valid JSON'), undefined)
     }
   })
 }

@@ -587,3 +587,18 @@ t.test('a connection or conversation target no route could name (outside the pat
   const [id] = await publishOk(url, publisher, { to: { connection: connected.connectionId }, event: 'hello', data: 1 })
   t.equal((await stream.nextEvent('hello')).id, id, 'a stream\'s own id is still a target')
 })
+
+t.test('a number beyond a double\'s range (1e400) in a publish or a job update is refused 400, not delivered as null; 1e308 is delivered as sent', async (t) => {
+  const publisher = publisherToken()
+  const { url } = await startGateway(t)
+  const { stream } = await openConnected(`${url}/v1/stream?token=${userToken('u1')}`, { t })
+  const refused = await request(`${url}/v1/publish`, { token: publisher, body: '{"to":{"user":"u1"},"event":"big","data":{"n":1e400}}' })
+  t.equal(refused.status, 400)
+  t.match(refused.json, { code: 'GW_BAD_REQUEST', message: /beyond the range.*1e400/ })
+  const job = await request(`${url}/v1/jobs/big-number`, { method: 'PUT', token: publisher, body: '{"userId":"u1","status":"active","result":-1e999}' })
+  t.equal(job.status, 400, 'a job update too')
+  const [id] = await publishOk(url, publisher, JSON.parse('{"to":{"user":"u1"},"event":"big","data":{"n":1e308}}'))
+  const event = await stream.nextEvent('big')
+  t.equal(event.id, id, 'the first event the stream gets is the finite one')
+  t.same(JSON.parse(event.data), { n: 1e308 })
+})

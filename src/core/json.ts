@@ -1,0 +1,36 @@
+/**
+ * JSON.parse reads a number beyond a double's range (`1e400`, 309 digits) as
+ * ±Infinity, which JSON.stringify writes as `null`: the event would go out
+ * with another value than the one sent. Such a body is refused instead.
+ */
+export class NonFiniteNumberError extends Error {
+  constructor () {
+    super('a number is beyond the range JSON numbers are read in (such as 1e400)')
+  }
+}
+
+/** Only text with a three-digit exponent or 309 digits in a row can hold one: the walk is for those. */
+const MAY_OVERFLOW = /\d[eE][+-]?\d{3}|\d{309}/
+
+/** JSON.parse, throwing NonFiniteNumberError for a number read as ±Infinity. */
+export function parseJsonFinite (text: string): unknown {
+  const value: unknown = JSON.parse(text)
+  if (MAY_OVERFLOW.test(text) && holdsNonFinite(value)) throw new NonFiniteNumberError()
+  return value
+}
+
+function holdsNonFinite (root: unknown): boolean {
+  // Without recursion: a body may nest as deep as its size allows.
+  const pending: unknown[] = [root]
+  while (pending.length > 0) {
+    const value = pending.pop()
+    if (typeof value === 'number') {
+      if (!Number.isFinite(value)) return true
+    } else if (Array.isArray(value)) {
+      for (const item of value) pending.push(item)
+    } else if (typeof value === 'object' && value !== null) {
+      for (const key in value) pending.push((value as Record<string, unknown>)[key])
+    }
+  }
+  return false
+}
