@@ -1,9 +1,9 @@
 import Fastify, { type FastifyHttpOptions, type FastifyInstance, type FastifyReply, type FastifyRequest, type FastifyServerOptions } from 'fastify'
 import cors from '@fastify/cors'
 import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http'
-import type { Socket } from 'node:net'
+import { Server as NetServer, type Socket } from 'node:net'
 import type { DestinationStream } from 'pino'
-import { closeGraceMs, type Config } from './config'
+import { closeGraceMs, stopByMs, type Config } from './config'
 import { StoreUnavailableError } from './core/state'
 import { errors } from './errors'
 import { responseInFlight } from './in-flight'
@@ -27,8 +27,9 @@ import presenceRoutes from '../routes/presence'
 import statsRoutes from '../routes/stats'
 import pageRoutes from '../routes/pages'
 import { RouteMethods } from './route-methods'
-import { httpReason, refuseOnSocket } from './raw-answer'
+import { within } from './core/within'
 import { NonFiniteNumberError, parseJsonFinite } from './core/json'
+import { httpReason, refuseOnSocket } from './raw-answer'
 
 declare module 'fastify' {
   interface FastifyInstance {
@@ -192,7 +193,8 @@ export async function buildApp (config: Config, options: BuildOptions = {}): Pro
   await app.register(configPlugin, { config })
   if (config.corsOrigins !== null) await allowOrigins(app, config.corsOrigins, routeMethods, config.internalPort !== null)
   // After CORS, so that a page can read the 503 of a request refused while draining.
-  answerWhileClosing(app)
+  const closingPhase: ClosingPhase = { listenersClosed: false }
+  answerWhileClosing(app, closingPhase)
   if (config.trustProxy === null) warnOfUntrustedProxy(app)
   const internalServer = config.internalPort !== null ? internalListener(app) : null
   app.decorate('internalServer', internalServer)
@@ -216,6 +218,7 @@ export async function buildApp (config: Config, options: BuildOptions = {}): Pro
   await app.register(presenceRoutes)
   await app.register(statsRoutes)
   await app.register(pageRoutes, { adminInternal: config.internalPort !== null })
+  answerKeptAliveBeforeClosing(app, config, internalServer, closingPhase)
   if (internalServer !== null) closeInternalListenerAfterDrain(app, internalServer)
   return app
 }
@@ -417,7 +420,7 @@ async function allowOrigins (app: FastifyInstance, origins: string[], routeMetho
   })
 }
 
-function answerWhileClosing (app: FastifyInstance): void {
+function answerWhileClosing (app: FastifyInstance, phase: ClosingPhase): void {
   // Answers given while closing end their connection: a keep-alive connection
   // left idle would hold the close until its timeout (72 s).
   let closing = false
@@ -438,9 +441,24 @@ function answerWhileClosing (app: FastifyInstance): void {
   // and /health and /metrics keep showing the process as it drains.
   // (routeOptions builds an object on every read: only while closing.)
   app.addHook('onRequest', (request, _reply, done) => {
-    if (closing && !STILL_ANSWERED_WHILE_CLOSING.has(request.routeOptions.url)) done(new errors.Unavailable('the gateway is shutting down'))
-    else done()
+    if (!closing || STILL_ANSWERED_WHILE_CLOSING.has(request.routeOptions.url)) {
+      done()
+    } else if (phase.listenersClosed && request.routeOptions.config.opensStream === true) {
+      // Once the listeners are closed, a stream reopened on a kept-alive
+      // connection (see answerKeptAliveBeforeClosing) loses it: an
+      // EventSource ends for good on a 503, but retries a dropped connection,
+      // and its next connect finds the listener closed, as it would have.
+      request.raw.socket.destroy()
+    } else {
+      done(new errors.Unavailable('the gateway is shutting down'))
+    }
   })
+}
+
+/** Where a close stands, for the hooks that answer requests meanwhile. */
+interface ClosingPhase {
+  /** Past the drain: the listeners take no connection any more (answerKeptAliveBeforeClosing). */
+  listenersClosed: boolean
 }
 
 function warnOfUntrustedProxy (app: FastifyInstance): void {
@@ -495,13 +513,57 @@ function cutConnectionsAfterGrace (app: FastifyInstance, config: Config, interna
 }
 
 /**
+ * Closing a listener ends its idle kept-alive connections, and a request
+ * already on its way on one (a publisher sending back to back) meets a reset
+ * instead of an answer: not knowing whether its event went out, a publisher
+ * that retries only a 503 drops it. So after the drain the listeners first
+ * stop taking connections (a refused connect is plainly not sent), and the
+ * connections whose last request was a write (POST, PUT, DELETE) get a
+ * while: each request on one is answered 503 with `Connection: close`
+ * (answerWhileClosing), and the wait ends once none is left. A tenth of the
+ * stop's time, at most a second: the lease hand-over and Redis's close come
+ * after. Then the idle ones are ended, as Fastify does at close.
+ */
+function answerKeptAliveBeforeClosing (app: FastifyInstance, config: Config, internalServer: Server | null, phase: ClosingPhase): void {
+  /** Open connections whose last request was a write. */
+  const writers = new Set<Socket>()
+  let allGone: (() => void) | null = null
+  const forget = (socket: Socket): void => {
+    if (!writers.delete(socket)) return
+    if (writers.size === 0) allGone?.()
+  }
+  for (const server of [app.server, internalServer]) {
+    server?.on('request', (request: IncomingMessage) => {
+      const socket = request.socket
+      // Not kept for a read: a stream taking the connection over drops its close listeners.
+      if (request.method === 'GET' || request.method === 'HEAD' || request.method === 'OPTIONS') {
+        forget(socket)
+        return
+      }
+      if (writers.has(socket)) return
+      writers.add(socket)
+      socket.once('close', () => forget(socket))
+    })
+  }
+  app.addHook('preClose', async () => {
+    phase.listenersClosed = true
+    // net.Server's own close: Node's HTTP one would also end the idle connections at once.
+    for (const server of [app.server, internalServer]) if (server?.listening === true) NetServer.prototype.close.call(server)
+    if (writers.size === 0) return
+    await within(new Promise<void>((resolve) => { allGone = resolve }), Math.min(1000, stopByMs(config) / 10), () => {})
+    allGone = null
+  })
+}
+
+/**
  * After the drain's preClose hook (hooks run in the order they are added),
  * so no stream opens while this waits, and before Redis closes (onClose):
  * requests in flight on this listener are answered first.
  */
 function closeInternalListenerAfterDrain (app: FastifyInstance, server: Server): void {
   app.addHook('preClose', async () => {
-    if (!server.listening) return
+    // Not listening any more (see answerKeptAliveBeforeClosing), but its idle
+    // connections are ended here, and the callback waits for the others.
     await new Promise<void>((resolve) => server.close(() => resolve()))
   })
 }

@@ -69,3 +69,80 @@ t.test('a request that never finishes arriving does not hold the close: cut afte
   await within(cut, 5000, 'the half-sent request\'s connection to be cut')
   t.pass('its connection was cut')
 })
+
+for (const listener of ['public', 'internal'] as const) {
+  t.test(`a publish sent on a kept-alive connection of the ${listener} listener as the close begins is answered 503 with Connection: close, not reset`, async (t) => {
+    const gateway = await startGateway(t, listener === 'internal' ? { INTERNAL_PORT: '0' } : {})
+    const port = listener === 'internal' ? await listenInternalPort(gateway.app) : gateway.port
+    const socket = connect(port, '127.0.0.1')
+    t.teardown(() => socket.destroy())
+    await once(socket, 'connect')
+    let received = ''
+    socket.setEncoding('utf8').on('data', (chunk: string) => { received += chunk })
+    const publishRequest = (n: number): string => {
+      const body = JSON.stringify({ to: { user: 'u1' }, event: 'kept', data: { n } })
+      return `POST /v1/publish HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer ${publisherToken()}\r\nContent-Type: application/json\r\nContent-Length: ${Buffer.byteLength(body)}\r\n\r\n${body}`
+    }
+    socket.write(publishRequest(1))
+    await within(new Promise<void>((resolve) => {
+      const check = (): void => { if (received.includes('"id"')) resolve(); else socket.once('data', check) }
+      check()
+    }), 5000, 'the first answer')
+    t.match(received, /^HTTP\/1\.1 202 /, 'the first publish answered 202')
+    const closing = gateway.app.close()
+    // On its way as the close begins: the connection was idle, its next request not read yet.
+    socket.write(publishRequest(2))
+    const ended = await within(once(socket, 'close').then(() => 'closed'), 10_000, 'the connection to end')
+    t.equal(ended, 'closed')
+    const second = received.slice(received.indexOf('HTTP/1.1', 1))
+    t.match(second, /^HTTP\/1\.1 503 /, 'the second publish answered 503')
+    t.match(second, /\r\nconnection: close\r\n/i, 'with Connection: close')
+    t.match(second, /"code":"GW_UNAVAILABLE"/)
+    await within(closing, 10_000, 'the close to finish')
+  })
+}
+
+t.test('once the listeners are closed, a stream reopened on a kept-alive connection has it closed without an answer (an EventSource retries that, where a 503 ends it for good)', async (t) => {
+  const gateway = await startGateway(t)
+  const open = async (): Promise<{ socket: ReturnType<typeof connect>, received: () => string }> => {
+    const socket = connect(gateway.port, '127.0.0.1')
+    t.teardown(() => socket.destroy())
+    await once(socket, 'connect')
+    let text = ''
+    socket.setEncoding('utf8').on('data', (chunk: string) => { text += chunk })
+    return { socket, received: () => text }
+  }
+  const answered = async (client: { socket: ReturnType<typeof connect>, received: () => string }, pattern: RegExp): Promise<void> => {
+    await within(new Promise<void>((resolve) => {
+      const check = (): void => { if (pattern.test(client.received())) resolve(); else client.socket.once('data', check) }
+      check()
+    }), 5000, `an answer matching ${String(pattern)}`)
+  }
+  // A publisher's connection: the close waits for it (it may still send).
+  const publisher = await open()
+  const body = JSON.stringify({ to: { user: 'u1' }, event: 'e', data: 1 })
+  publisher.socket.write(`POST /v1/publish HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer ${publisherToken()}\r\nContent-Type: application/json\r\nContent-Length: ${body.length}\r\n\r\n${body}`)
+  await answered(publisher, /"id"/)
+  // A browser's, idle after a page load.
+  const browser = await open()
+  browser.socket.write('GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n')
+  await answered(browser, /"ok"/)
+
+  const closing = gateway.app.close()
+  // The listener refuses new connections once the drain is over.
+  for (let attempt = 0; ; attempt++) {
+    const refused = await new Promise<boolean>((resolve) => {
+      const probe = connect(gateway.port, '127.0.0.1')
+      probe.once('connect', () => { probe.destroy(); resolve(false) })
+      probe.once('error', () => resolve(true))
+    })
+    if (refused) break
+    if (attempt === 200) throw new Error('the listener still takes connections')
+    await new Promise((resolve) => setImmediate(resolve))
+  }
+  const before = browser.received().length
+  browser.socket.write(`GET /v1/stream?token=${userToken('u1')} HTTP/1.1\r\nHost: 127.0.0.1\r\nAccept: text/event-stream\r\n\r\n`)
+  await within(once(browser.socket, 'close'), 5000, 'the connection to close')
+  t.equal(browser.received().slice(before), '', 'closed without an answer')
+  await within(closing, 10_000, 'the close to finish')
+})
