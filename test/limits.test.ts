@@ -7,6 +7,7 @@ import {
 import { interceptNextAdmission, startGateway, type Gateway } from './helpers/gateway'
 import { modeEnv } from './helpers/modes'
 import { uniquePrefix } from './helpers/redis'
+import { gate } from './helpers/drain'
 
 const publisher = publisherToken()
 
@@ -315,4 +316,23 @@ forEachMode(t, 'evict-oldest: a reopen evicted while it registers ends, with the
   const [id] = await publishOk(newcomerGateway.url, publisher, { to: { user: 'u1' }, event: 'after', data: 'x' })
   t.equal((await survivor.nextEvent('after')).id, id, 'the newest stream receives')
   t.notOk(reopened.events.some((event) => event.event === 'after'), 'the evicted reopen does not')
+})
+
+forEachMode(t, 'evict-oldest: a stream evicted while it still joins its channels answers 200 with `retry` and `connected` first, then `evicted`', async (t, mode) => {
+  const [gateway] = await startCluster(t, mode, 1, { MAX_CONNECTIONS_PER_USER: '1', CONNECTION_LIMIT_POLICY: 'evict-oldest' })
+  const { url, app } = gateway
+  // The user's channel is listened to once its first stream joins it: held there, that stream is still opening.
+  const joining = gate(app.bus, 'listen', (args) => args[0] === 'u:joining')
+  const opening = openStream(streamUrl(url, 'joining'), { t, timeoutMs: 15_000 })
+  await joining.entered
+  // Its head is written only when it ends: when the second one's admission evicts it.
+  const second = openStream(streamUrl(url, 'joining'), { t, timeoutMs: 15_000 })
+  const first = await opening
+  await eventually(() => first.ended, 'the first stream to end', 10_000)
+  joining.open()
+  await second
+  t.equal(first.status, 200)
+  t.same(first.events.map((event) => event.event), ['connected', 'evicted'], 'connected, then evicted')
+  t.same(first.retries, [app.config.retryMs], 'with its retry')
+  t.match(JSON.parse(first.events[0]?.data ?? '{}'), { userId: 'joining' })
 })

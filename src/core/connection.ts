@@ -176,6 +176,13 @@ export class StreamConnection {
   closeAfter: ((frame: Buffer) => boolean) | null = null
   /** Another stream of this instance took over this id: the id's shared records are that stream's now. */
   replaced = false
+  /**
+   * What an open still joining its channels sends first once it is done
+   * (`retry`, `connected`): a close meanwhile (an eviction by a newer stream
+   * of the user) writes them after the head, so that every stream that
+   * answers 200 begins with `connected`.
+   */
+  framesBeforeClose: readonly Buffer[] | null = null
   /** Its admission's seq (SharedState.admit): evictions decided before it are not this stream's. */
   admissionSeq = 0
   /** Called once, when the stream closes for any reason (one function shared by every stream). */
@@ -609,6 +616,7 @@ export class StreamConnection {
         this.sink.destroy()
       } else {
         const last: Buffer[] = pending === null ? [] : [pending]
+        if (this.framesBeforeClose !== null) last.push(...this.framesBeforeClose)
         if (lastFrame !== undefined) last.push(lastFrame)
         last.push(END_CHUNK)
         this.sink.off('close', this.onSinkClose)

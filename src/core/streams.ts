@@ -229,15 +229,22 @@ export class StreamService {
     // open waited found nothing joined to leave, so the spec's list may hold
     // a topic taken away since (and joining it would be for good).
     const channels = spec.channels.filter((name) => !name.startsWith(TOPIC_CHANNEL_PREFIX)).concat(connection.topics.map(channel.topic))
-    await this.hub.join(connection, channels)
-    if (connection.closed) return connection
-    connection.sendSystem(retryFrame(this.options.retryMs))
-    connection.sendSystem(systemFrame('connected', {
+    const connectedFrame = (): Buffer => systemFrame('connected', {
       connectionId: connection.id,
       userId: connection.userId,
       topics: [...connection.topics],
       ...spec.connectedExtra
-    }))
+    })
+    const topicsAtJoin = connection.topics
+    const retry = retryFrame(this.options.retryMs)
+    const connected = connectedFrame()
+    connection.framesBeforeClose = [retry, connected]
+    await this.hub.join(connection, channels)
+    connection.framesBeforeClose = null
+    if (connection.closed) return connection
+    connection.sendSystem(retry)
+    // Its topics as they are now, if a change came while it joined.
+    connection.sendSystem(connection.topics === topicsAtJoin ? connected : connectedFrame())
     connection.releaseHead()
     if (spec.prelude !== undefined) {
       await spec.prelude(connection)
