@@ -440,7 +440,7 @@ function answerWhileClosing (app: FastifyInstance, phase: ClosingPhase): void {
   // CORS's hook before this one). /ready says draining itself,
   // and /health and /metrics keep showing the process as it drains.
   // (routeOptions builds an object on every read: only while closing.)
-  app.addHook('onRequest', (request, _reply, done) => {
+  app.addHook('onRequest', (request, reply, done) => {
     if (!closing || STILL_ANSWERED_WHILE_CLOSING.has(request.routeOptions.url)) {
       done()
     } else if (phase.listenersClosed && request.routeOptions.config.opensStream === true) {
@@ -448,7 +448,11 @@ function answerWhileClosing (app: FastifyInstance, phase: ClosingPhase): void {
       // connection (see answerKeptAliveBeforeClosing) loses it: an
       // EventSource ends for good on a 503, but retries a dropped connection,
       // and its next connect finds the listener closed, as it would have.
-      request.raw.socket.destroy()
+      // Not before an answer pipelined ahead of it (a publish's) is written.
+      const socket = request.raw.socket
+      const ahead = responseInFlight(socket)
+      if (ahead !== null && ahead !== reply.raw && !ahead.writableFinished) ahead.once('finish', () => socket.destroy())
+      else socket.destroy()
     } else {
       done(new errors.Unavailable('the gateway is shutting down'))
     }
@@ -527,24 +531,26 @@ function cutConnectionsAfterGrace (app: FastifyInstance, config: Config, interna
 function answerKeptAliveBeforeClosing (app: FastifyInstance, config: Config, internalServer: Server | null, phase: ClosingPhase): void {
   /** Open connections whose last request was a write. */
   const writers = new Set<Socket>()
+  /** Connections whose close is listened to: once each, whatever their requests. */
+  const watched = new WeakSet<Socket>()
   let allGone: (() => void) | null = null
   const forget = (socket: Socket): void => {
     if (!writers.delete(socket)) return
     if (writers.size === 0) allGone?.()
   }
-  for (const server of [app.server, internalServer]) {
-    server?.on('request', (request: IncomingMessage) => {
-      const socket = request.socket
-      // Not kept for a read: a stream taking the connection over drops its close listeners.
-      if (request.method === 'GET' || request.method === 'HEAD' || request.method === 'OPTIONS') {
-        forget(socket)
-        return
-      }
-      if (writers.has(socket)) return
-      writers.add(socket)
-      socket.once('close', () => forget(socket))
-    })
-  }
+  // The internal listener hands its requests to this server (internalListener).
+  app.server.on('request', (request: IncomingMessage) => {
+    const socket = request.socket
+    // Not kept for a read: a stream taking the connection over drops its close listeners.
+    if (request.method === 'GET' || request.method === 'HEAD' || request.method === 'OPTIONS') {
+      forget(socket)
+      return
+    }
+    writers.add(socket)
+    if (watched.has(socket)) return
+    watched.add(socket)
+    socket.once('close', () => forget(socket))
+  })
   app.addHook('preClose', async () => {
     phase.listenersClosed = true
     // net.Server's own close: Node's HTTP one would also end the idle connections at once.

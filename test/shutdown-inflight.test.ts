@@ -146,3 +146,27 @@ t.test('once the listeners are closed, a stream reopened on a kept-alive connect
   t.equal(browser.received().slice(before), '', 'closed without an answer')
   await within(closing, 10_000, 'the close to finish')
 })
+
+t.test('a kept-alive connection alternating writes and reads is watched once: its close listeners do not grow with its requests', async (t) => {
+  const gateway = await startGateway(t)
+  let serverSide: ReturnType<typeof connect> | null = null
+  gateway.app.server.once('connection', (socket: ReturnType<typeof connect>) => { serverSide = socket })
+  const socket = connect(gateway.port, '127.0.0.1')
+  t.teardown(() => socket.destroy())
+  await once(socket, 'connect')
+  let received = ''
+  socket.setEncoding('utf8').on('data', (chunk: string) => { received += chunk })
+  const body = JSON.stringify({ to: { user: 'u1' }, event: 'e', data: 1 })
+  const pair = async (n: number): Promise<void> => {
+    socket.write(`POST /v1/publish HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer ${publisherToken()}\r\nContent-Type: application/json\r\nContent-Length: ${body.length}\r\n\r\n${body}GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n`)
+    await within(new Promise<void>((resolve) => {
+      const check = (): void => { if ((received.match(/"status":"ok"/g) ?? []).length >= n) resolve(); else socket.once('data', check) }
+      check()
+    }), 5000, `answer pair ${n}`)
+  }
+  await pair(1)
+  const closeListeners = (serverSide as ReturnType<typeof connect> | null)?.listenerCount('close') ?? -1
+  t.ok(closeListeners > 0, 'the server side of the connection is seen')
+  for (let n = 2; n <= 15; n++) await pair(n)
+  t.equal((serverSide as ReturnType<typeof connect> | null)?.listenerCount('close'), closeListeners, 'as many close listeners after 15 pairs as after one')
+})
