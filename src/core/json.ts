@@ -5,12 +5,16 @@
  */
 export class NonFiniteNumberError extends Error {
   constructor () {
-    super('a number is beyond the range JSON numbers are read in (such as 1e400)')
+    super('a number beyond the range JSON numbers are read in (such as 1e400)')
   }
 }
 
-/** Only text with a three-digit exponent or 309 digits in a row can hold one: the walk is for those. */
-const MAY_OVERFLOW = /\d[eE][+-]?\d{3}|\d{309}/
+/**
+ * Only text with a positive exponent (a long mantissa takes a short one past
+ * the range: 1 and 210 zeros, e99) or 309 digits in a row can hold one: the
+ * walk is for those.
+ */
+const MAY_OVERFLOW = /\d[eE]\+?\d|\d{309}/
 
 /** JSON.parse, throwing NonFiniteNumberError for a number read as ±Infinity. */
 export function parseJsonFinite (text: string): unknown {
