@@ -56,9 +56,10 @@ const JWT_CHARACTER_RUNS = /[\w.-]+/g
 
 /**
  * Whether a run of [\w.-] holds a JWT: 'eyJ' (the base64url of `{"`)
- * followed by two dots, or a part followed by two dots that is the base64url
- * of a JSON object, which a signer may start with whitespace (`eyAi`,
- * `Cns`…): verifiers accept such a header, so it must not pass unseen.
+ * followed by two dots, or, where a signer started its header with
+ * whitespace (`eyAi`, `Cns`…, which verifiers accept), two parts that decode
+ * to JSON objects, the first with a quoted name in it, then a third part. A
+ * part may start the run, follow a dot, or follow a `-` or `_` glued to it.
  */
 function runHoldsJwt (run: string): boolean {
   const start = run.indexOf('eyJ')
@@ -66,19 +67,26 @@ function runHoldsJwt (run: string): boolean {
     const firstDot = run.indexOf('.', start + 3)
     if (firstDot !== -1 && run.indexOf('.', firstDot + 1) !== -1) return true
   }
-  let partStart = 0
-  for (;;) {
-    const dot = run.indexOf('.', partStart)
-    if (dot === -1 || run.indexOf('.', dot + 1) === -1) return false
-    if (dot - partStart >= 4 && isObjectInBase64url(run.slice(partStart, dot))) return true
-    partStart = dot + 1
+  for (let dot = run.indexOf('.'); dot !== -1; dot = run.indexOf('.', dot + 1)) {
+    const secondDot = run.indexOf('.', dot + 1)
+    if (secondDot === -1) return false
+    if (!decodesTo(run.slice(dot + 1, secondDot), OBJECT)) continue
+    // The header ends at this dot and starts at the run's start, after the previous dot, or after a - or _ in between.
+    const partStart = run.lastIndexOf('.', dot - 1) + 1
+    for (let from = partStart; from < dot; from++) {
+      if ((from === partStart || run[from - 1] === '-' || run[from - 1] === '_') && decodesTo(run.slice(from, dot), HEADER)) return true
+    }
   }
+  return false
 }
 
-/** Whether `part` decodes to text that opens a JSON object, after any whitespace. */
-function isObjectInBase64url (part: string): boolean {
+const OBJECT = /^\s*\{/
+const HEADER = /^\s*\{\s*"/
+
+/** Whether `part`, at least 4 characters of base64url, decodes to text `pattern` finds at its start. */
+function decodesTo (part: string, pattern: RegExp): boolean {
   // Its first 48 bytes see past any whitespace a header would hold.
-  return /^\s*\{/.test(Buffer.from(part.slice(0, 64), 'base64url').toString('latin1'))
+  return part.length >= 4 && pattern.test(Buffer.from(part.slice(0, 64), 'base64url').toString('latin1'))
 }
 
 function holdsJwt (text: string): boolean {

@@ -7,7 +7,7 @@ import {
 } from './helpers'
 import { redisClient } from './helpers/redis'
 import { TEST_SECRET } from './helpers/gateway'
-import { redactUrl } from '../src/logging'
+import { redactUrl, withoutJwts } from '../src/logging'
 import { flood, floodMaxBytes, metricValue, neverReadingStream, rawExchange, scrape } from './helpers/raw'
 
 /** A string no log line may ever hold: it only travels as event data. */
@@ -301,4 +301,13 @@ t.test('a token whose header starts with whitespace (it authenticates) is redact
   }
   await eventually(() => streamLines(gateway, 'stream closed').length === tokens.length, 'the streams\' closes logged')
   assertNoToken(t, gateway, tokens)
+})
+
+t.test('redactUrl and withoutJwts: dotted names that only look like a header (exchange.rates.usd, example.com.au) are kept; a whitespace-header token glued after - or _ is not', async (t) => {
+  const encode = (text: string): string => Buffer.from(text).toString('base64url')
+  const jwt = `${encode('{ "alg":"HS256"}')}.${encode('{"sub":"u1"}')}.c2ln`
+  t.equal(redactUrl('/v1/stream?topics=exchange.rates.usd&h=example.com.au&f=export.csv.gz'), '/v1/stream?topics=exchange.rates.usd&h=example.com.au&f=export.csv.gz')
+  t.equal(withoutJwts('topic exchange.rates.usd is not allowed'), 'topic exchange.rates.usd is not allowed')
+  t.equal(withoutJwts(`no stream abc-${jwt}`), 'no stream [redacted]')
+  t.equal(withoutJwts(`no stream x_${jwt}`), 'no stream [redacted]')
 })
