@@ -519,8 +519,8 @@ export default fp(async (app) => {
           socket.destroySoon()
         } else if (connection !== undefined) {
           connection.close('error')
-        // Unless its stream ended and it went back to serving requests.
         } else if (!handedBack.has(socket)) {
+          // Unless its stream ended and it went back to serving requests.
           socket.destroy()
         }
       }

@@ -481,6 +481,6 @@ t.test('through nginx with every gateway unreachable: 503 in the JSON shape with
     t.equal(answer.status, 503, `${path.split('?')[0]}: 503`)
     t.equal(answer.headers.get('retry-after'), '3', 'Retry-After')
     t.match(answer.headers.get('content-type'), /^application\/json/)
-    t.same(answer.json, { statusCode: 503, code: 'GW_UNAVAILABLE', error: 'Service Unavailable', message: 'no gateway is reachable right now' })
+    t.same(answer.json, { statusCode: 503, code: 'GW_UNAVAILABLE', error: 'Service Unavailable', message: 'no gateway could answer right now' })
   }
 })

@@ -14,7 +14,6 @@ export interface Log {
   error: (obj: object, msg: string) => void
 }
 
-/** What went wrong, in one line, for logs that must not carry a Redis error's command arguments. */
 /**
  * A warning that repeats for as long as a fault lasts (each reconnect
  * attempt of each connection, each beat): written the first time, then at
@@ -44,6 +43,7 @@ export class RepeatedWarning {
   }
 }
 
+/** What went wrong, in one line, for logs that must not carry a Redis error's command arguments. */
 export function reasonOf (error: unknown): string {
   // ioredis's words for a command cut off by a lost connection, with resending off (see redisOptions).
   if (error instanceof Error && error.message.startsWith('Reached the max retries per request limit')) return 'the connection to Redis was lost under the command'

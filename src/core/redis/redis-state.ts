@@ -736,7 +736,6 @@ export class RedisState implements SharedState {
     return await this.commands.run('INSTANCES', [this.prefix, this.options.instanceTtlMs, 'live']) as string[]
   }
 
-  /** Instances that stopped beating: their streams are gone. */
   /**
    * Whether this instance may take others' silence for death: its own beats
    * have passed for INSTANCE_TTL_MS without a gap. After a gap (Redis
@@ -749,6 +748,7 @@ export class RedisState implements SharedState {
     return Date.now() - this.beatingSince >= this.options.instanceTtlMs
   }
 
+  /** Instances that stopped beating: their streams are gone. */
   async deadInstances (): Promise<string[]> {
     return await this.commands.run('INSTANCES', [this.prefix, this.options.instanceTtlMs, 'dead']) as string[]
   }
