@@ -299,7 +299,7 @@ function answerErrors (app: FastifyInstance, routeMethods: RouteMethods, interna
       return
     }
     const path = request.url.split('?')[0]
-    const allowed = routeMethods.allowed(path, request.method, internalPortSet && !internalSockets.has(request.raw.socket))
+    const allowed = routeMethods.allowed(path, request.method, internalHidden(request, internalPortSet))
     if (allowed !== null) {
       reply.code(405).header('allow', allowed.join(', ')).send({
         statusCode: 405,
@@ -394,8 +394,7 @@ async function allowOrigins (app: FastifyInstance, origins: string[], routeMetho
       reply.callNotFound()
       return
     }
-    const internalHidden = internalPortSet && !internalSockets.has(request.raw.socket)
-    if (!routeMethods.serves(request.url.split('?')[0], internalHidden)) {
+    if (!routeMethods.serves(request.url.split('?')[0], internalHidden(request, internalPortSet))) {
       // The not-found handler's answer to a preflight: 204 without CORS headers.
       reply.callNotFound()
       return
@@ -477,6 +476,11 @@ function warnOfUntrustedProxy (app: FastifyInstance): void {
     }
     done()
   })
+}
+
+/** Whether `request` came on the public listener while INTERNAL_PORT keeps the internal routes elsewhere. */
+function internalHidden (request: FastifyRequest, internalPortSet: boolean): boolean {
+  return internalPortSet && !internalSockets.has(request.raw.socket)
 }
 
 /** The listener of INTERNAL_PORT: the same app, whose publisher and admin routes answer only there. */

@@ -351,11 +351,11 @@ export class IngressLeader {
     const timeLeft = (): number => this.stopDeadline - HANDOVER_MARGIN_MS - Date.now()
     // Too little time for a successor to answer: let it go while there is time to.
     if (timeLeft() < 2 * HANDOVER_MARGIN_MS) return false
-    let timer: NodeJS.Timeout | undefined
-    const successorMarked = new Promise<string | null>((resolve) => {
+    let noSuccessor = (): void => {}
+    const successorMarked = within(new Promise<string | null>((resolve) => {
       this.awaitingSuccessor = resolve
-      timer = setTimeout(() => resolve(null), Math.min(HANDOVER_WAIT_MS, timeLeft() / 2))
-    })
+      noSuccessor = () => resolve(null)
+    }), Math.min(HANDOVER_WAIT_MS, timeLeft() / 2), () => null)
     try {
       // Heard by this instance's own subscriber, and by any other.
       if (await this.commands.redis.publish(`${this.prefix}leader-free`, `handing:${self}`) < 2) return false
@@ -371,7 +371,8 @@ export class IngressLeader {
       this.log.warn({ reason: reasonOf(error) }, 'could not pass the ingress lease on')
       return false
     } finally {
-      clearTimeout(timer)
+      // Settles the wait (and clears its timer) on the ways out before the marker.
+      noSuccessor()
       this.awaitingSuccessor = null
     }
   }
@@ -379,14 +380,11 @@ export class IngressLeader {
   /** Resolves once every message taken in is published (or `limitMs` has passed). */
   private async drained (limitMs: number): Promise<void> {
     if (this.queued === 0) return
-    let timer: NodeJS.Timeout | undefined
     let wake = (): void => {}
-    await new Promise<void>((resolve) => {
+    await within(new Promise<void>((resolve) => {
       wake = resolve
       this.drainWaiters.add(wake)
-      timer = setTimeout(resolve, limitMs)
-    })
-    clearTimeout(timer)
+    }), limitMs, () => {})
     this.drainWaiters.delete(wake)
   }
 
@@ -822,6 +820,16 @@ export interface RedisEngine {
 }
 
 /**
+ * Logs a connection's errors (while `logging()` says so) once an outage and
+ * once a minute while it lasts, not at every reconnect attempt.
+ */
+function warnOfErrors (client: Redis, name: string, log: Log, logging = (): boolean => true): void {
+  const warning = new RepeatedWarning(log, 'redis error')
+  client.on('error', (error: Error) => { if (logging()) warning.warn({ connection: name, reason: error.message }) })
+  client.on('ready', () => warning.clear())
+}
+
+/**
  * Connects `client` and resolves once it is ready. A refused or dropped first
  * attempt does not end start-up: ioredis keeps reconnecting, and Redis
  * started beside the gateway (compose, a pod) is waited for until `deadline`.
@@ -930,11 +938,8 @@ export async function connectRedis (options: RedisEngineOptions, registry: Regis
   const subscriber = new Redis(options.url, connectionOptions(options, 'sse-gateway-sub'))
   let everReady = false
   for (const [name, client] of [['commands', commands.redis], ['subscriber', subscriber]] as const) {
-    // Until start-up is over, untilReady says why it waits, once. After, once
-    // an outage and once a minute while it lasts, not at every reconnect attempt.
-    const warning = new RepeatedWarning(log, 'redis error')
-    client.on('error', (error: Error) => { if (everReady) warning.warn({ connection: name, reason: error.message }) })
-    client.on('ready', () => warning.clear())
+    // Until start-up is over, untilReady says why it waits, once.
+    warnOfErrors(client, name, log, () => everReady)
   }
   const bus = new RedisBus(commands, subscriber, options, log)
   const state = new RedisState(commands, subscriber, registry, options, log)
@@ -973,9 +978,7 @@ export async function connectRedis (options: RedisEngineOptions, registry: Regis
     reader = new Redis(options.url, connectionOptions(options, 'sse-gateway-ingress'))
     await untilReady(reader, 'ingress', startupDeadline, log, signal)
     signal?.throwIfAborted()
-    const readerWarning = new RepeatedWarning(log, 'redis error')
-    reader.on('error', (error: Error) => readerWarning.warn({ connection: 'ingress', reason: error.message }))
-    reader.on('ready', () => readerWarning.clear())
+    warnOfErrors(reader, 'ingress', log)
   } catch (error) {
     await closeEngine()
     throw error
