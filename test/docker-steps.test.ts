@@ -203,6 +203,11 @@ t.test('the runtime stage, step by step outside Docker: npm ci --omit=dev, copy,
     for (const path of paths) await cp(join(ROOT, path), join(dir, path), { recursive: true })
   }
 
+  // An operator may run `npm start` in the image instead of its CMD: with no
+  // compiler there, what runs before it must not try to compile.
+  const prestart = await run('npm', ['run', 'prestart'], { cwd: dir, env: npmEnv(), timeoutMs: 60_000 })
+  t.equal(prestart.code, 0, `\`npm start\`'s prestart passes without dev dependencies${prestart.code !== 0 ? `: ${prestart.output.slice(-2000)}` : ''}`)
+
   // CMD as written, with the image's ENV (HOST narrowed to loopback on a shared machine).
   const command = execCommand(runtime)
   if (command === null) throw new Error('the Dockerfile has no exec-form CMD')
