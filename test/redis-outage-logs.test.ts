@@ -1,19 +1,20 @@
 /**
  * While Redis is down, the log says so once per connection and then once a
  * minute, not at every reconnect attempt of every connection (a line or two
- * a second for as long as the outage lasts).
+ * a second for as long as the outage lasts); its end says how long it lasted
+ * and how many attempts were not logged.
  */
 import { createServer, type Socket } from 'node:net'
 import t from 'tap'
 import { eventually, loggedAs, openConnected, startGateway, userToken } from './helpers'
 import { needRedis, startOwnRedis, uniquePrefix } from './helpers/redis'
 
-interface Line { msg: string, connection?: string, heldBack?: number }
+interface Line { msg: string, connection?: string, heldBack?: number, lastedMs?: number }
 
 t.test('Redis gone: each connection\'s failure is logged once, however many reconnect attempts fail', async (t) => {
   if (!(await needRedis(t))) return
   const redis = await startOwnRedis(t)
-  const gateway = await startGateway(t, { REDIS_URL: redis.url, REDIS_PREFIX: uniquePrefix('outagelog'), INSTANCE_TTL_MS: '1500', LOG_LEVEL: 'warn' }, { captureLogs: true })
+  const gateway = await startGateway(t, { REDIS_URL: redis.url, REDIS_PREFIX: uniquePrefix('outagelog'), INSTANCE_TTL_MS: '1500', LOG_LEVEL: 'info' }, { captureLogs: true })
   await openConnected(`${gateway.url}/v1/stream?token=${userToken('u1')}`, { t })
   await redis.stop()
   // In Redis's place, a listener that resets every connection: each reconnect attempt fails, and is counted.
@@ -29,10 +30,12 @@ t.test('Redis gone: each connection\'s failure is logged once, however many reco
     stand.once('error', reject)
     stand.listen(redis.port, '127.0.0.1', resolve)
   })
-  t.teardown(async () => {
+  const closeStand = async (): Promise<void> => {
+    if (!stand.listening) return
     for (const socket of sockets) socket.destroy()
     await new Promise((resolve) => stand.close(resolve))
-  })
+  }
+  t.teardown(closeStand)
   await eventually(() => attempts >= 15, '15 reconnect attempts refused', 20_000, 50)
 
   const errors = loggedAs<Line>(gateway.logText(), 'redis error')
@@ -41,4 +44,14 @@ t.test('Redis gone: each connection\'s failure is logged once, however many reco
   for (const line of errors) byConnection.set(String(line.connection), (byConnection.get(String(line.connection)) ?? 0) + 1)
   for (const [connection, count] of byConnection) t.equal(count, 1, `once for the ${connection} connection, after ${attempts} attempts in all`)
   t.ok(loggedAs<Line>(gateway.logText(), 'heartbeat failed').length <= 1, 'a failed beat once at most')
+
+  // Redis back: each connection that logged its failure says it is over, with the attempts not logged.
+  await closeStand()
+  await redis.start()
+  await eventually(() => loggedAs<Line>(gateway.logText(), 'redis error: over').length >= byConnection.size, 'an end line for each connection that logged', 20_000, 50)
+  const ends = loggedAs<Line>(gateway.logText(), 'redis error: over')
+  t.same(ends.map((line) => String(line.connection)).sort(), [...byConnection.keys()].sort(), 'one end line per connection that logged')
+  const heldBack = ends.reduce((sum, line) => sum + (line.heldBack ?? 0), 0)
+  t.ok(heldBack > 0, `the attempts not logged are counted (${heldBack} held back, ${attempts} refused in all)`)
+  t.ok(ends.every((line) => typeof line.lastedMs === 'number' && line.lastedMs > 0), 'with how long the outage lasted')
 })

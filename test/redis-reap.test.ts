@@ -40,7 +40,7 @@ async function reaperOf (t: Test, prefix: string, listening = true): Promise<Rea
   // Never connected: reaping uses the commands connection only.
   const subscriber = new Redis(REDIS_URL, { ...redisOptions(), connectionName: 'redis-reap-test' })
   for (const client of [commands.redis, subscriber]) client.on('error', () => {})
-  const log = { warn: () => {} }
+  const log = { warn: () => {}, info: () => {} }
   const state = new RedisState(commands, subscriber, new Registry(`reaper-${randomBytes(4).toString('hex')}`), {
     prefix, historySize: 100, historyTtlS: 60, presenceGraceMs: 100, instanceTtlMs: INSTANCE_TTL_MS
   }, log)

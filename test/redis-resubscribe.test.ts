@@ -48,7 +48,7 @@ async function rig (t: Test, urls: { commands: string, subscriber: string } = { 
   const subscriber = new Redis(urls.subscriber, { ...redisOptions(), connectionName: 'redis-resubscribe-test', retryStrategy: () => 300, autoResubscribe: false })
   for (const client of [commands.redis, subscriber]) client.on('error', () => {})
   const warnings: string[] = []
-  const log = { warn: (obj: object, msg: string) => { warnings.push(`${msg} ${JSON.stringify(obj)}`) } }
+  const log = { warn: (obj: object, msg: string) => { warnings.push(`${msg} ${JSON.stringify(obj)}`) }, info: () => {} }
   const options = { prefix, historySize: 100, historyTtlS: 60, presenceGraceMs: 100, instanceTtlMs: 60_000 }
   const bus = new RedisBus(commands, subscriber, options, log)
   const state = new RedisState(commands, subscriber, new Registry(`resub-${randomBytes(4).toString('hex')}`), options, log)

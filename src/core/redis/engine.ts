@@ -824,8 +824,8 @@ export interface RedisEngine {
  * once a minute while it lasts, not at every reconnect attempt.
  */
 function warnOfErrors (client: Redis, name: string, log: Log, logging = (): boolean => true): void {
-  const warning = new RepeatedWarning(log, 'redis error')
-  client.on('error', (error: Error) => { if (logging()) warning.warn({ connection: name, reason: error.message }) })
+  const warning = new RepeatedWarning(log, 'redis error', { connection: name })
+  client.on('error', (error: Error) => { if (logging()) warning.warn({ reason: error.message }) })
   client.on('ready', () => warning.clear())
 }
 

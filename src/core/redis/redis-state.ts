@@ -153,7 +153,7 @@ export class RedisState implements SharedState {
     private readonly subscriber: Redis,
     private readonly registry: Registry,
     private readonly options: RedisStateOptions,
-    private readonly log: Pick<Log, 'warn'>
+    private readonly log: Pick<Log, 'warn' | 'info'>
   ) {
     this.instanceId = registry.instanceId
     this.prefix = options.prefix
