@@ -9,6 +9,8 @@ interface RoutePath {
   methods: Set<string>
   /** Served only on the internal listener when INTERNAL_PORT is set. */
   internal: boolean
+  /** No parameter: the router prefers it, for its methods, to a parametric path that also matches. */
+  exact: boolean
 }
 
 export class RouteMethods {
@@ -20,7 +22,7 @@ export class RouteMethods {
     const key = `${url}\n${String(internal)}`
     let path = this.paths.get(key)
     if (path === undefined) {
-      path = { pattern: patternOf(url), methods: new Set(), internal }
+      path = { pattern: patternOf(url), methods: new Set(), internal, exact: !url.includes(':') }
       this.paths.set(key, path)
     }
     for (const method of Array.isArray(methods) ? methods : [methods]) path.methods.add(method.toUpperCase())
@@ -33,9 +35,13 @@ export class RouteMethods {
    */
   allowed (rawPath: string, method: string, internalHidden: boolean): string[] | null {
     const path = decoded(rawPath)
+    let matching = [...this.paths.values()].filter((candidate) => candidate.pattern.test(path))
+    // A path with a route of its own names that route's resource, not a
+    // parameter's value (`/v1/jobs/stream` is no job): a parametric route's
+    // methods are not its.
+    if (matching.some((candidate) => candidate.exact)) matching = matching.filter((candidate) => candidate.exact)
     const allowed = new Set<string>()
-    for (const candidate of this.paths.values()) {
-      if (!candidate.pattern.test(path)) continue
+    for (const candidate of matching) {
       // A path with routes that exist only on the other listener answers 404
       // to every method not served here: a 405 for some methods and a 404 for
       // the hidden ones would tell which those are.
