@@ -196,6 +196,13 @@ export class StreamConnection {
   private held: HistoryEntry[] | null = []
   private heldBytes = 0
   /**
+   * Held events past the buffer bound were let go, to be read back from
+   * history (every delivered event was stored there first) by whoever ends
+   * the hold: a replay that outlasts a bound's worth of live traffic is the
+   * length of the backlog, not a slow reader.
+   */
+  private heldLetGo = false
+  /**
    * What the held frames keep alive: each is a view of a shared arena slab,
    * which lives as long as one view of it does. A hold that lasts (a slow
    * replay) while sparse events arrive would keep a whole slab per event.
@@ -371,7 +378,8 @@ export class StreamConnection {
       this.heldBytes += frame.length
       if (frame.length > this.largestFrame) this.largestFrame = frame.length
       if (this.heldBytes > this.bufferBound()) {
-        this.close('slow')
+        this.setHeld([])
+        this.heldLetGo = true
         return
       }
       if (frame.buffer !== this.lastHeldSlab) {
@@ -527,6 +535,13 @@ export class StreamConnection {
     this.heldCompacted = held.length
     this.lastHeldSlab = null
     this.heldSlabBytes = 0
+  }
+
+  /** Whether held events were let go since the last call: they are to be read back from history before `goLive`. */
+  takeHeldLetGo (): boolean {
+    const letGo = this.heldLetGo
+    this.heldLetGo = false
+    return letGo
   }
 
   /** Ends the setup phase: events held during replay go out in order, then live delivery. */

@@ -261,8 +261,31 @@ export class StreamService {
       if (!this.subscriptionDown) this.runCatchUp()
       return connection
     }
+    await this.readBackLetGo(connection)
     connection.goLive()
     return connection
+  }
+
+  /**
+   * Reads back from history the live events a held stream let go (see
+   * StreamConnection.deliver): from the newest it was sent, in rounds until
+   * one ends with what arrived meanwhile within the bound. A reader slower
+   * than the live rate is paced by it for as long as history keeps what it
+   * lacks, then gets `reset`.
+   */
+  private async readBackLetGo (connection: StreamConnection): Promise<void> {
+    while (!connection.closed && connection.takeHeldLetGo()) {
+      // Not below its baseline: what its channels had before it joined is not its own.
+      const from = Math.max(connection.lastId, connection.baseline)
+      const reset = await this.eachReplayPage([...connection.channels], from, async (events) => {
+        await this.sendHistory(connection, events)
+        return !connection.closed
+      }).catch((): ResetReason => 'unavailable')
+      if (reset !== null) {
+        this.sendReset(connection, reset)
+        return
+      }
+    }
   }
 
   /** Adds channels to a live stream; what they publish from now on reaches it. */
@@ -557,6 +580,7 @@ export class StreamService {
         }
         if (Array.isArray(missed)) await this.sendHistory(connection, missed, true)
         else this.sendReset(connection, missed)
+        await this.readBackLetGo(connection)
       } catch {
         if (!lostAgain()) this.sendReset(connection, 'unavailable')
       }
