@@ -257,11 +257,13 @@ export class StreamService {
       connection.catchUpFrom = Math.max(connection.lastId, connection.baseline)
       // Its baseline dates from before the outage, not from its opening.
       connection.catchUpSince = this.lostAt
+      connection.replayChanges = null
       // Restored meanwhile, maybe caught up without it: once more, for it.
       if (!this.subscriptionDown) this.runCatchUp()
       return connection
     }
     await this.readBackLetGo(connection)
+    connection.replayChanges = null
     connection.goLive()
     return connection
   }
@@ -271,16 +273,19 @@ export class StreamService {
    * StreamConnection.deliver): from the newest it was sent, in rounds until
    * one ends with what arrived meanwhile within the bound. A reader slower
    * than the live rate is paced by it for as long as history keeps what it
-   * lacks, then gets `reset`.
+   * lacks, then gets `reset`. Topics subscribed during a cursor's replay
+   * are read from when they were joined, as the replay reads them.
    */
   private async readBackLetGo (connection: StreamConnection): Promise<void> {
     while (!connection.closed && connection.takeHeldLetGo()) {
       // Not below its baseline: what its channels had before it joined is not its own.
       const from = Math.max(connection.lastId, connection.baseline)
-      const reset = await this.eachReplayPage([...connection.channels], from, async (events) => {
+      const changes = connection.replayChanges ?? undefined
+      const channels = [...connection.channels].filter((name) => changes?.joined.has(name) !== true)
+      const reset = await this.eachReplayPage(channels, from, async (events) => {
         await this.sendHistory(connection, events)
         return !connection.closed
-      }).catch((): ResetReason => 'unavailable')
+      }, changes).catch((): ResetReason => 'unavailable')
       if (reset !== null) {
         this.sendReset(connection, reset)
         return
@@ -406,7 +411,8 @@ export class StreamService {
     const reset = await this.eachReplayPage([...connection.channels], cursor, async (events) => {
       await this.sendHistory(connection, events)
       return !connection.closed
-    }, changes).catch((): ResetReason => 'unavailable').finally(() => { connection.replayChanges = null })
+    }, changes).catch((): ResetReason => 'unavailable')
+    // `changes` is kept until the stream goes live: a read-back (see readBackLetGo) honours it too.
     if (reset !== null) {
       this.sendReset(connection, reset)
       return
