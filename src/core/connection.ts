@@ -197,9 +197,10 @@ export class StreamConnection {
   private heldBytes = 0
   /**
    * Held events past the buffer bound were let go, to be read back from
-   * history (every delivered event was stored there first) by whoever ends
-   * the hold: a replay that outlasts a bound's worth of live traffic is the
-   * length of the backlog, not a slow reader.
+   * history (every delivered event was stored there first) when the
+   * stream's open ends its hold: a replay that outlasts a bound's worth of
+   * live traffic is the length of the backlog, not a slow reader. A
+   * catch-up after a lost subscription closes such a stream as slow instead.
    */
   private heldLetGo = false
   /**

@@ -246,6 +246,10 @@ export class StreamService {
     // Its topics as they are now, if a change came while it joined.
     connection.sendSystem(connection.topics === topicsAtJoin ? connected : connectedFrame())
     connection.releaseHead()
+    // Subscriptions changed from here until the stream goes live: its
+    // replay and a read-back (readBackLetGo) read a topic joined meanwhile
+    // from when it was joined, and no more one it left.
+    connection.replayChanges = { joined: new Map(), left: new Set() }
     if (spec.prelude !== undefined) {
       await spec.prelude(connection)
     } else if (spec.cursor !== null) {
@@ -273,8 +277,9 @@ export class StreamService {
    * StreamConnection.deliver): from the newest it was sent, in rounds until
    * one ends with what arrived meanwhile within the bound. A reader slower
    * than the live rate is paced by it for as long as history keeps what it
-   * lacks, then gets `reset`. Topics subscribed during a cursor's replay
-   * are read from when they were joined, as the replay reads them.
+   * lacks, then gets `reset`. A topic subscribed since the stream's head
+   * went out is read from when it was joined, as a replay reads it, and one
+   * it left is read no more (see replayChanges).
    */
   private async readBackLetGo (connection: StreamConnection): Promise<void> {
     while (!connection.closed && connection.takeHeldLetGo()) {
@@ -406,13 +411,12 @@ export class StreamService {
       this.sendReset(connection, 'malformed')
       return
     }
-    const changes: ReplayChanges = { joined: new Map(), left: new Set() }
+    const changes = connection.replayChanges ?? { joined: new Map(), left: new Set() }
     connection.replayChanges = changes
     const reset = await this.eachReplayPage([...connection.channels], cursor, async (events) => {
       await this.sendHistory(connection, events)
       return !connection.closed
     }, changes).catch((): ResetReason => 'unavailable')
-    // `changes` is kept until the stream goes live: a read-back (see readBackLetGo) honours it too.
     if (reset !== null) {
       this.sendReset(connection, reset)
       return
@@ -586,7 +590,10 @@ export class StreamService {
         }
         if (Array.isArray(missed)) await this.sendHistory(connection, missed, true)
         else this.sendReset(connection, missed)
-        await this.readBackLetGo(connection)
+        // Read back in turn, a reader slower than the live rate would hold
+        // its turn, and every stream behind it held, for as long as history
+        // keeps what it lacks: it reconnects and replays instead.
+        if (connection.takeHeldLetGo()) connection.close('slow')
       } catch {
         if (!lostAgain()) this.sendReset(connection, 'unavailable')
       }

@@ -1,0 +1,214 @@
+/**
+ * A stream that replays while live events come holds them, and lets them go
+ * past MAX_BUFFERED_BYTES to read them back from history before it goes live
+ * (slow-consumer.test.ts covers that end to end). Here, on the stream core
+ * with a sink the test drains by hand, so that a subscription can change at
+ * a chosen point of the read-back: a topic joined meanwhile is read from when
+ * it was joined, and one left is read no more, as a replay reads them. The
+ * paged bus reads history a few events at a time, as the Redis bus does.
+ */
+import t, { type Test } from 'tap'
+import { EventEmitter } from 'node:events'
+import { channel } from '../src/core/channels'
+import type { Sink, StreamConnection } from '../src/core/connection'
+import { renderBody } from '../src/core/framing'
+import { Hub } from '../src/core/hub'
+import type { ReplayResult } from '../src/core/bus'
+import { MemoryBus } from '../src/core/memory-bus'
+import { Registry } from '../src/core/registry'
+import { StreamService, type StreamEvents, type StreamSpec } from '../src/core/streams'
+
+/** A socket that takes every write into its buffer and drains only when told (or at once, with `auto`). */
+class HandDrainedSink extends EventEmitter implements Sink {
+  readonly written: Buffer[] = []
+  writableLength = 0
+  destroyed = false
+  auto = false
+
+  write (chunk: Buffer): boolean {
+    this.written.push(Buffer.from(chunk))
+    if (this.auto) {
+      setImmediate(() => this.emit('drain'))
+      return false
+    }
+    this.writableLength += chunk.length
+    return false
+  }
+
+  drain (): void {
+    this.writableLength = 0
+    this.emit('drain')
+  }
+
+  end (): void {}
+
+  destroy (): void {
+    this.destroyed = true
+    this.emit('close')
+  }
+
+  text (): string {
+    return Buffer.concat(this.written).toString()
+  }
+
+  /** The names of the events sent, in order (each event's data starts with its name). */
+  names (): string[] {
+    return [...this.text().matchAll(/^id: \d+\nevent: e\ndata: (\S+)/gm)].map((match) => match[1])
+  }
+}
+
+class PagedBus extends MemoryBus {
+  constructor (private readonly pageSize: number) {
+    super({ historySize: 10_000, historyTtlS: 3600 })
+  }
+
+  override async replay (channels: string[], after: number): Promise<ReplayResult> {
+    const result = await super.replay(channels, after)
+    if (result.reset !== null || this.pageSize === 0 || result.events.length <= this.pageSize) return result
+    return { reset: null, events: result.events.slice(0, this.pageSize), more: true }
+  }
+}
+
+const noEvents: StreamEvents = {
+  opened () {},
+  closed () {},
+  replayed () {},
+  reset () {},
+  catchingUp () {},
+  catchUpFailed () {},
+  async topicsChanged () {},
+  superseded () {},
+  cursorsMoved () {}
+}
+
+const USER = channel.user('u')
+const TOPIC = channel.topic('T')
+
+function setup (t: Test, pageSize: number): { bus: PagedBus, registry: Registry, streams: StreamService, publish: (to: string, name: string, size?: number) => number } {
+  const bus = new PagedBus(pageSize)
+  const registry = new Registry('read-back')
+  // A bound of 1 KiB: a few live events of 300 bytes pass it.
+  const streams = new StreamService(bus, new Hub(bus), registry, { retryMs: 1000, keepaliveMs: 60_000, maxBufferedBytes: 1024, historyTtlS: 3600 }, noEvents)
+  t.teardown(async () => {
+    streams.stop()
+    await bus.close()
+  })
+  const publish = (to: string, name: string, size = 10): number => bus.publishNow([{ channels: [to], body: renderBody('e', `${name} ${'x'.repeat(size)}`) }])[0]
+  return { bus, registry, streams, publish }
+}
+
+const turn = async (): Promise<void> => { await new Promise((resolve) => setImmediate(resolve)) }
+const turns = async (count: number): Promise<void> => { for (let n = 0; n < count; n++) await turn() }
+
+function spec (sink: Sink, cursor: number | null, extra: Partial<StreamSpec> = {}): StreamSpec {
+  return {
+    connectionId: 'c1',
+    admissionSeq: 1,
+    issuedBefore: 0,
+    userId: 'u',
+    kind: 'stream',
+    topics: [],
+    channels: [USER],
+    sink,
+    tokenExpiresAt: null,
+    allowedTopics: null,
+    remoteAddress: '127.0.0.1',
+    cursor,
+    head: Buffer.from('HEAD\n'),
+    ...extra
+  }
+}
+
+/**
+ * Opens c1 with a cursor before a backlog of two large user events, lets
+ * eight live user events of 300 bytes go past the bound while it replays,
+ * and drains the sink until the read-back has sent the first of them. Then
+ * `meanwhile` runs, and the sink drains freely to the end.
+ */
+async function readBackWith (t: Test, pageSize: number, topics: string[], meanwhile: (connection: StreamConnection, publish: (to: string, name: string) => number, streams: StreamService, registry: Registry) => Promise<void>): Promise<string[]> {
+  const { registry, streams, publish } = setup(t, pageSize)
+  const first = publish(USER, 'b0', 5000)
+  publish(USER, 'b1', 5000)
+  await turns(2)
+  const sink = new HandDrainedSink()
+  const opened = streams.open(spec(sink, first - 1, { topics, channels: [USER, ...topics.map(channel.topic)] }))
+  await turns(2)
+  for (let n = 0; n < 8; n++) publish(USER, `let${n}`, 300)
+  await turn()
+  const connection = registry.get('c1')
+  if (connection === undefined) throw new Error('c1 is not registered')
+  for (let guard = 0; guard < 50 && !sink.names().includes('let0'); guard++) {
+    sink.drain()
+    await turns(2)
+  }
+  t.ok(sink.names().includes('let0'), 'the read-back has begun')
+  await meanwhile(connection, publish, streams, registry)
+  sink.auto = true
+  sink.drain()
+  await opened
+  await turns(2)
+  t.ok(connection.live, 'the stream is live, not closed')
+  return sink.names()
+}
+
+const LET_GO = ['let0', 'let1', 'let2', 'let3', 'let4', 'let5', 'let6', 'let7']
+
+t.test('a topic joined during the read-back: its events from then on are sent, none from before', async (t) => {
+  for (const pageSize of [0, 2]) {
+    const names = await readBackWith(t, pageSize, [], async (connection, publish, streams, registry) => {
+      publish(TOPIC, 'before_join')
+      await turns(2)
+      registry.addTopics(connection, ['T'])
+      await streams.join(connection, [TOPIC])
+      publish(TOPIC, 'after_join')
+      publish(USER, 'u_after')
+      await turns(2)
+    })
+    t.same(names, ['b0', 'b1', ...LET_GO, 'after_join', 'u_after'], `pages of ${pageSize === 0 ? 'any size' : pageSize}: ${names.join(',')}`)
+  }
+})
+
+t.test('a topic left during the read-back: nothing of it after the leave', async (t) => {
+  for (const pageSize of [0, 2]) {
+    const names = await readBackWith(t, pageSize, ['T'], async (connection, publish, streams, registry) => {
+      registry.removeTopics(connection, ['T'])
+      streams.leave(connection, [TOPIC])
+      publish(TOPIC, 'after_leave')
+      publish(USER, 'u_after')
+      await turns(2)
+    })
+    t.same(names, ['b0', 'b1', ...LET_GO, 'u_after'], `pages of ${pageSize === 0 ? 'any size' : pageSize}: ${names.join(',')}`)
+  }
+})
+
+t.test('a reopen without a cursor (its window): a topic joined during the read-back is read from its join', async (t) => {
+  const { registry, streams, publish } = setup(t, 0)
+  const own = channel.connection('c1')
+  publish(own, 'w0', 5000)
+  publish(own, 'w1', 5000)
+  await turns(2)
+  const sink = new HandDrainedSink()
+  const opened = streams.open(spec(sink, null, { channels: [USER, own], windowChannels: [own] }))
+  await turns(3)
+  for (let n = 0; n < 8; n++) publish(USER, `let${n}`, 300)
+  await turn()
+  const connection = registry.get('c1')
+  if (connection === undefined) throw new Error('c1 is not registered')
+  for (let guard = 0; guard < 50 && !sink.names().includes('let0'); guard++) {
+    sink.drain()
+    await turns(2)
+  }
+  publish(TOPIC, 'before_join')
+  await turns(2)
+  registry.addTopics(connection, ['T'])
+  await streams.join(connection, [TOPIC])
+  for (let n = 0; n < 8; n++) publish(USER, `again${n}`, 300)
+  publish(TOPIC, 'after_join')
+  await turns(2)
+  sink.auto = true
+  sink.drain()
+  await opened
+  await turns(2)
+  const names = sink.names()
+  t.same(names, ['w0', 'w1', ...LET_GO, ...LET_GO.map((name) => name.replace('let', 'again')), 'after_join'], names.join(','))
+})
