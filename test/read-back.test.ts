@@ -97,6 +97,14 @@ function setup (t: Test, pageSize: number): { bus: PagedBus, registry: Registry,
   return { bus, registry, streams, publish }
 }
 
+/** Drains the sink, a turn at a time, until it has been given event `name`. */
+async function drainUntilSent (sink: HandDrainedSink, name: string): Promise<void> {
+  for (let guard = 0; guard < 50 && !sink.names().includes(name); guard++) {
+    sink.drain()
+    await turns(2)
+  }
+}
+
 const turn = async (): Promise<void> => { await new Promise((resolve) => setImmediate(resolve)) }
 const turns = async (count: number): Promise<void> => { for (let n = 0; n < count; n++) await turn() }
 
@@ -137,10 +145,7 @@ async function readBackWith (t: Test, pageSize: number, topics: string[], meanwh
   await turn()
   const connection = registry.get('c1')
   if (connection === undefined) throw new Error('c1 is not registered')
-  for (let guard = 0; guard < 50 && !sink.names().includes('let0'); guard++) {
-    sink.drain()
-    await turns(2)
-  }
+  await drainUntilSent(sink, 'let0')
   t.ok(sink.names().includes('let0'), 'the read-back has begun')
   await meanwhile(connection, publish, streams, registry)
   sink.auto = true
@@ -194,10 +199,7 @@ t.test('a reopen without a cursor (its window): a topic joined during the read-b
   await turn()
   const connection = registry.get('c1')
   if (connection === undefined) throw new Error('c1 is not registered')
-  for (let guard = 0; guard < 50 && !sink.names().includes('let0'); guard++) {
-    sink.drain()
-    await turns(2)
-  }
+  await drainUntilSent(sink, 'let0')
   publish(TOPIC, 'before_join')
   await turns(2)
   registry.addTopics(connection, ['T'])

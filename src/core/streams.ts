@@ -285,12 +285,7 @@ export class StreamService {
     while (!connection.closed && connection.takeHeldLetGo()) {
       // Not below its baseline: what its channels had before it joined is not its own.
       const from = Math.max(connection.lastId, connection.baseline)
-      const changes = connection.replayChanges ?? undefined
-      const channels = [...connection.channels].filter((name) => changes?.joined.has(name) !== true)
-      const reset = await this.eachReplayPage(channels, from, async (events) => {
-        await this.sendHistory(connection, events)
-        return !connection.closed
-      }, changes).catch((): ResetReason => 'unavailable')
+      const reset = await this.sendPaced(connection, from, connection.replayChanges ?? { joined: new Map(), left: new Set() })
       if (reset !== null) {
         this.sendReset(connection, reset)
         return
@@ -413,10 +408,7 @@ export class StreamService {
     }
     const changes = connection.replayChanges ?? { joined: new Map(), left: new Set() }
     connection.replayChanges = changes
-    const reset = await this.eachReplayPage([...connection.channels], cursor, async (events) => {
-      await this.sendHistory(connection, events)
-      return !connection.closed
-    }, changes).catch((): ResetReason => 'unavailable')
+    const reset = await this.sendPaced(connection, cursor, changes)
     if (reset !== null) {
       this.sendReset(connection, reset)
       return
@@ -425,6 +417,20 @@ export class StreamService {
     // this process (its subscriber behind the instance the client left) and
     // held meanwhile is not sent again, nor its cursor taken back.
     if (cursor > connection.lastId) connection.lastId = cursor
+  }
+
+  /**
+   * The stream's history after `after`, page by page, each written at the
+   * client's pace before the next is read: the channels joined since
+   * `changes` began from their marks, those left not at all. Resolves with
+   * the reset that ended it (a failed read is 'unavailable'), or null.
+   */
+  private async sendPaced (connection: StreamConnection, after: number, changes: ReplayChanges): Promise<ResetReason | null> {
+    const channels = [...connection.channels].filter((name) => !changes.joined.has(name))
+    return await this.eachReplayPage(channels, after, async (events) => {
+      await this.sendHistory(connection, events)
+      return !connection.closed
+    }, changes).catch((): ResetReason => 'unavailable')
   }
 
   /** Every page of a replay, for readers that merge it whole. */
