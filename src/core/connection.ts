@@ -165,7 +165,7 @@ export class StreamConnection {
   catchUpFrom: number | null = null
   /** When (performance.now()) the bus last knew its subscription whole before the outage that set `catchUpFrom`: nothing it missed is older. */
   catchUpSince = 0
-  /** From a cursor's replay until the stream goes live: the subscriptions changed since the replay began (see Streams.replay). */
+  /** From the stream's head until it goes live: the subscriptions changed meanwhile, which its replay and a read-back honour (see StreamService.open). */
   replayChanges: ReplayChanges | null = null
   eventsSent = 0
   /** Bytes handed to the sink, chunk framing included. */
