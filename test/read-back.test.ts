@@ -127,20 +127,27 @@ function spec (sink: Sink, cursor: number | null, extra: Partial<StreamSpec> = {
   }
 }
 
+/** How c1 opens: the two large events before it go to `backlogTo`; with `withCursor`, its cursor comes before them. */
+interface Opening {
+  backlogTo: string
+  withCursor: boolean
+  extra: Partial<StreamSpec>
+}
+
 /**
- * Opens c1 with a cursor before a backlog of two large user events, lets
- * eight live user events of 300 bytes go past the bound while it replays,
- * and drains the sink until the read-back has sent the first of them. Then
- * `meanwhile` runs, and the sink drains freely to the end.
+ * Opens c1 behind a backlog of two large events, lets eight live user
+ * events of 300 bytes go past the bound while it replays, and drains the
+ * sink until the read-back has sent the first of them. Then `meanwhile`
+ * runs, and the sink drains freely to the end.
  */
-async function readBackWith (t: Test, pageSize: number, topics: string[], meanwhile: (connection: StreamConnection, publish: (to: string, name: string) => number, streams: StreamService, registry: Registry) => Promise<void>): Promise<string[]> {
+async function readBackWith (t: Test, pageSize: number, opening: Opening, meanwhile: (connection: StreamConnection, publish: (to: string, name: string, size?: number) => number, streams: StreamService, registry: Registry) => Promise<void>): Promise<string[]> {
   const { registry, streams, publish } = setup(t, pageSize)
-  const first = publish(USER, 'b0', 5000)
-  publish(USER, 'b1', 5000)
+  const first = publish(opening.backlogTo, 'b0', 5000)
+  publish(opening.backlogTo, 'b1', 5000)
   await turns(2)
   const sink = new HandDrainedSink()
-  const opened = streams.open(spec(sink, first - 1, { topics, channels: [USER, ...topics.map(channel.topic)] }))
-  await turns(2)
+  const opened = streams.open(spec(sink, opening.withCursor ? first - 1 : null, opening.extra))
+  await turns(3)
   for (let n = 0; n < 8; n++) publish(USER, `let${n}`, 300)
   await turn()
   const connection = registry.get('c1')
@@ -156,11 +163,14 @@ async function readBackWith (t: Test, pageSize: number, topics: string[], meanwh
   return sink.names()
 }
 
+/** A cursor's replay of user events, the stream subscribed to `topics`. */
+const withCursor = (topics: string[]): Opening => ({ backlogTo: USER, withCursor: true, extra: { topics, channels: [USER, ...topics.map(channel.topic)] } })
+
 const LET_GO = ['let0', 'let1', 'let2', 'let3', 'let4', 'let5', 'let6', 'let7']
 
 t.test('a topic joined during the read-back: its events from then on are sent, none from before', async (t) => {
   for (const pageSize of [0, 2]) {
-    const names = await readBackWith(t, pageSize, [], async (connection, publish, streams, registry) => {
+    const names = await readBackWith(t, pageSize, withCursor([]), async (connection, publish, streams, registry) => {
       publish(TOPIC, 'before_join')
       await turns(2)
       registry.addTopics(connection, ['T'])
@@ -175,7 +185,7 @@ t.test('a topic joined during the read-back: its events from then on are sent, n
 
 t.test('a topic left during the read-back: nothing of it after the leave', async (t) => {
   for (const pageSize of [0, 2]) {
-    const names = await readBackWith(t, pageSize, ['T'], async (connection, publish, streams, registry) => {
+    const names = await readBackWith(t, pageSize, withCursor(['T']), async (connection, publish, streams, registry) => {
       registry.removeTopics(connection, ['T'])
       streams.leave(connection, [TOPIC])
       publish(TOPIC, 'after_leave')
@@ -187,30 +197,15 @@ t.test('a topic left during the read-back: nothing of it after the leave', async
 })
 
 t.test('a reopen without a cursor (its window): a topic joined during the read-back is read from its join', async (t) => {
-  const { registry, streams, publish } = setup(t, 0)
   const own = channel.connection('c1')
-  publish(own, 'w0', 5000)
-  publish(own, 'w1', 5000)
-  await turns(2)
-  const sink = new HandDrainedSink()
-  const opened = streams.open(spec(sink, null, { channels: [USER, own], windowChannels: [own] }))
-  await turns(3)
-  for (let n = 0; n < 8; n++) publish(USER, `let${n}`, 300)
-  await turn()
-  const connection = registry.get('c1')
-  if (connection === undefined) throw new Error('c1 is not registered')
-  await drainUntilSent(sink, 'let0')
-  publish(TOPIC, 'before_join')
-  await turns(2)
-  registry.addTopics(connection, ['T'])
-  await streams.join(connection, [TOPIC])
-  for (let n = 0; n < 8; n++) publish(USER, `again${n}`, 300)
-  publish(TOPIC, 'after_join')
-  await turns(2)
-  sink.auto = true
-  sink.drain()
-  await opened
-  await turns(2)
-  const names = sink.names()
-  t.same(names, ['w0', 'w1', ...LET_GO, ...LET_GO.map((name) => name.replace('let', 'again')), 'after_join'], names.join(','))
+  const names = await readBackWith(t, 0, { backlogTo: own, withCursor: false, extra: { channels: [USER, own], windowChannels: [own] } }, async (connection, publish, streams, registry) => {
+    publish(TOPIC, 'before_join')
+    await turns(2)
+    registry.addTopics(connection, ['T'])
+    await streams.join(connection, [TOPIC])
+    for (let n = 0; n < 8; n++) publish(USER, `again${n}`, 300)
+    publish(TOPIC, 'after_join')
+    await turns(2)
+  })
+  t.same(names, ['b0', 'b1', ...LET_GO, ...LET_GO.map((name) => name.replace('let', 'again')), 'after_join'], names.join(','))
 })
