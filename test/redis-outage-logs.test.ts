@@ -14,7 +14,7 @@ interface Line { msg: string, connection?: string, heldBack?: number, lastedMs?:
 t.test('Redis gone: each connection\'s failure is logged once, however many reconnect attempts fail', async (t) => {
   if (!(await needRedis(t))) return
   const redis = await startOwnRedis(t)
-  const gateway = await startGateway(t, { REDIS_URL: redis.url, REDIS_PREFIX: uniquePrefix('outagelog'), INSTANCE_TTL_MS: '1500', LOG_LEVEL: 'info' }, { captureLogs: true })
+  const gateway = await startGateway(t, { REDIS_URL: redis.url, REDIS_PREFIX: uniquePrefix('outagelog'), INSTANCE_TTL_MS: '1500', LOG_LEVEL: 'warn' }, { captureLogs: true })
   await openConnected(`${gateway.url}/v1/stream?token=${userToken('u1')}`, { t })
   await redis.stop()
   // In Redis's place, a listener that resets every connection: each reconnect attempt fails, and is counted.
@@ -45,7 +45,8 @@ t.test('Redis gone: each connection\'s failure is logged once, however many reco
   for (const [connection, count] of byConnection) t.equal(count, 1, `once for the ${connection} connection, after ${attempts} attempts in all`)
   t.ok(loggedAs<Line>(gateway.logText(), 'heartbeat failed').length <= 1, 'a failed beat once at most')
 
-  // Redis back: each connection that logged its failure says it is over, with the attempts not logged.
+  // Redis back: each connection that logged its failure says it is over, with
+  // the attempts not logged, at the warning's level.
   await closeStand()
   await redis.start()
   await eventually(() => loggedAs<Line>(gateway.logText(), 'redis error: over').length >= byConnection.size, 'an end line for each connection that logged', 20_000, 50)

@@ -28,7 +28,7 @@ export class RepeatedWarning {
   private writtenAt: number | null = null
   private heldBack = 0
 
-  constructor (private readonly log: Pick<Log, 'warn' | 'info'>, private readonly message: string, private readonly fields: Record<string, unknown> = {}, private readonly everyMs = 60_000) {}
+  constructor (private readonly log: Pick<Log, 'warn'>, private readonly message: string, private readonly fields: Record<string, unknown> = {}, private readonly everyMs = 60_000) {}
 
   warn (fields: Record<string, unknown>): void {
     const now = Date.now()
@@ -44,7 +44,8 @@ export class RepeatedWarning {
 
   clear (): void {
     if (this.writtenAt !== null && this.startedAt !== null) {
-      this.log.info({ ...this.fields, lastedMs: Date.now() - this.startedAt, heldBack: this.heldBack }, `${this.message}: over`)
+      // At the level of the warning it ends: a log kept at warn sees both.
+      this.log.warn({ ...this.fields, lastedMs: Date.now() - this.startedAt, heldBack: this.heldBack }, `${this.message}: over`)
     }
     this.startedAt = null
     this.writtenAt = null
