@@ -6,6 +6,8 @@
  * a chosen point of the read-back: a topic joined meanwhile is read from when
  * it was joined, and one left is read no more, as a replay reads them. The
  * paged bus reads history a few events at a time, as the Redis bus does.
+ * A catch-up after a lost subscription lets held events go the same way,
+ * but closes the stream as slow rather than read them back in its turn.
  */
 import t, { type Test } from 'tap'
 import { EventEmitter } from 'node:events'
@@ -13,7 +15,7 @@ import { channel } from '../src/core/channels'
 import type { Sink, StreamConnection } from '../src/core/connection'
 import { renderBody } from '../src/core/framing'
 import { Hub } from '../src/core/hub'
-import type { ReplayResult } from '../src/core/bus'
+import type { DeliveryListener, ReplayResult, SubscriptionListeners } from '../src/core/bus'
 import { MemoryBus } from '../src/core/memory-bus'
 import { Registry } from '../src/core/registry'
 import { StreamService, type StreamEvents, type StreamSpec } from '../src/core/streams'
@@ -208,4 +210,81 @@ t.test('a reopen without a cursor (its window): a topic joined during the read-b
     await turns(2)
   })
   t.same(names, ['b0', 'b1', ...LET_GO, ...LET_GO.map((name) => name.replace('let', 'again')), 'after_join'], names.join(','))
+})
+
+/** A paged bus whose subscription the test loses and restores: while lost, events go to history only. */
+class LosingBus extends PagedBus {
+  private subscription: SubscriptionListeners | null = null
+  private down = false
+
+  override onSubscription (listeners: SubscriptionListeners): void {
+    this.subscription = listeners
+  }
+
+  override onDelivery (listener: DeliveryListener): void {
+    super.onDelivery((name, id, frame) => {
+      if (!this.down) listener(name, id, frame)
+    })
+  }
+
+  lose (): void {
+    this.down = true
+    this.subscription?.lost()
+  }
+
+  restore (): void {
+    this.down = false
+    this.subscription?.restored()
+  }
+}
+
+/**
+ * c1 is live when the subscription is lost; two large events are published
+ * while it is down, and `liveCount` live events of 300 bytes come while the
+ * catch-up sends those two at the pace of a sink drained by hand.
+ */
+async function catchUpWith (t: Test, liveCount: number): Promise<{ names: string[], connection: StreamConnection }> {
+  const bus = new LosingBus(2)
+  const registry = new Registry('catch-up')
+  const streams = new StreamService(bus, new Hub(bus), registry, { retryMs: 1000, keepaliveMs: 60_000, maxBufferedBytes: 1024, historyTtlS: 3600 }, noEvents)
+  t.teardown(async () => {
+    streams.stop()
+    await bus.close()
+  })
+  const publish = (name: string, size: number): void => { bus.publishNow([{ channels: [USER], body: renderBody('e', `${name} ${'x'.repeat(size)}`) }]) }
+  const sink = new HandDrainedSink()
+  sink.auto = true
+  await streams.open(spec(sink, null))
+  const connection = registry.get('c1')
+  if (connection === undefined) throw new Error('c1 is not registered')
+  t.ok(connection.live, 'c1 is live before the loss')
+  sink.auto = false
+  bus.lose()
+  publish('missed0', 5000)
+  publish('missed1', 5000)
+  await turns(2)
+  bus.restore()
+  await turns(2)
+  for (let n = 0; n < liveCount; n++) publish(`live${n}`, 300)
+  await turns(2)
+  for (let guard = 0; guard < 50 && !connection.live && !connection.closed; guard++) {
+    sink.drain()
+    await turns(2)
+  }
+  sink.auto = true
+  sink.drain()
+  await turns(2)
+  return { names: sink.names(), connection }
+}
+
+t.test('a catch-up after a lost subscription: held live events within the bound go out after the missed ones', async (t) => {
+  const { names, connection } = await catchUpWith(t, 2)
+  t.ok(connection.live, 'live again')
+  t.same(names, ['missed0', 'missed1', 'live0', 'live1'], names.join(','))
+})
+
+t.test('a catch-up after a lost subscription: held live events past the bound close the stream as slow, without a gap', async (t) => {
+  const { names, connection } = await catchUpWith(t, 8)
+  t.equal(connection.closeReason, 'slow', 'closed as a slow consumer: it reconnects with its cursor')
+  t.same(names, ['missed0', 'missed1'], `nothing after the events let go is sent (${names.join(',')})`)
 })

@@ -1,4 +1,4 @@
-import { clockId, mergeById, type DeliveryListener, type EventBus, type HistoryEntry, type OnceOutcome, type PublishItem, type PublishOnce, type ReplayResult } from './bus'
+import { clockId, mergeById, type DeliveryListener, type EventBus, type HistoryEntry, type OnceOutcome, type PublishItem, type PublishOnce, type ReplayResult, type SubscriptionListeners } from './bus'
 import { frameWithId } from './framing'
 
 /** An event kept in history, once however many channels keep it. */
@@ -183,7 +183,8 @@ export class MemoryBus implements EventBus {
   async listen (): Promise<void> {}
   unlisten (): void {}
 
-  onSubscription (): void {}
+  // Never lost: the listeners are never called.
+  onSubscription (_listeners: SubscriptionListeners): void {}
 
   heardAt (): number {
     return performance.now()
