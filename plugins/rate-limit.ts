@@ -1,9 +1,8 @@
-import { createHash } from 'node:crypto'
-import { isIP } from 'node:net'
 import fp from 'fastify-plugin'
 import rateLimit, { type FastifyRateLimitStore, type FastifyRateLimitStoreCtor } from '@fastify/rate-limit'
 import type { FastifyBaseLogger, FastifyRequest, onRequestHookHandler, RouteOptions } from 'fastify'
 import { StoreUnavailableError, type RequestCounter } from '../src/core/state'
+import { clientAddress } from '../src/client-address'
 
 declare module 'fastify' {
   interface FastifyContextConfig {
@@ -41,17 +40,6 @@ function sharedStore (counter: RequestCounter, log: FastifyBaseLogger): FastifyR
 }
 
 /**
- * The client address a limit counts under. A trusted proxy's X-Forwarded-For
- * may carry anything where it should have put an address (one that passes
- * the header on without appending to it): that is counted under a digest of
- * it, so a key stays short whatever the header held.
- */
-function clientKey (request: FastifyRequest): string {
-  const address = request.ip
-  return isIP(address) !== 0 ? address : `other:${createHash('sha256').update(address).digest('base64url').slice(0, 22)}`
-}
-
-/**
  * Per-address limits on stream opens and on publisher routes. Each group
  * shares one counter across its routes, so a client cannot multiply its
  * allowance by spreading requests over several routes. The client address is
@@ -76,7 +64,7 @@ export default fp(async (app) => {
     })
   })
   const limiter = (group: string, max: number): onRequestHookHandler | null => max > 0
-    ? app.rateLimit({ max, timeWindow: WINDOW_MS, keyGenerator: (request: FastifyRequest) => `${group}:${clientKey(request)}` })
+    ? app.rateLimit({ max, timeWindow: WINDOW_MS, keyGenerator: (request: FastifyRequest) => `${group}:${clientAddress(request.ip)}` })
     : null
   const streams = limiter('streams', config.rateLimitStreamsPerMin)
   const publishers = limiter('publish', config.rateLimitPublishPerMin)

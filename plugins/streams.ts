@@ -16,6 +16,7 @@ import { TurnsPerKey } from '../src/core/in-turns'
 import { UnchunkedSink } from '../src/core/unchunked'
 import { closeGraceMs } from '../src/config'
 import { errors } from '../src/errors'
+import { clientAddress } from '../src/client-address'
 import { responseInFlight } from '../src/in-flight'
 import { refuseOnSocket } from '../src/raw-answer'
 import { authOf } from './auth'
@@ -478,7 +479,7 @@ export default fp(async (app) => {
           sink: http10 ? new UnchunkedSink(socket, head.length) : socket,
           tokenExpiresAt: auth.expiresAt,
           allowedTopics: auth.topics,
-          remoteAddress: request.ip,
+          remoteAddress: clientAddress(request.ip),
           requestId: request.id,
           cursor: cursorOf(request),
           windowChannels: options.windowChannels,

@@ -30,6 +30,7 @@ import { RouteMethods } from './route-methods'
 import { within } from './core/within'
 import { NonFiniteNumberError, parseJsonFinite } from './core/json'
 import { httpReason, refuseOnSocket } from './raw-answer'
+import { clientAddress } from './client-address'
 
 declare module 'fastify' {
   interface FastifyInstance {
@@ -175,7 +176,7 @@ function loggerOptions (config: Config, stream?: DestinationStream): FastifyServ
       req: (request: { method: string, url: string, ip?: string, socket?: { remoteAddress?: string } }) => ({
         method: request.method,
         url: redactUrl(request.url),
-        remoteAddress: request.ip ?? request.socket?.remoteAddress
+        remoteAddress: request.ip !== undefined ? clientAddress(request.ip) : request.socket?.remoteAddress
       }),
       err: errForLog
     },

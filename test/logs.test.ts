@@ -225,6 +225,22 @@ t.test('X-Forwarded-For without TRUST_PROXY: one warning naming TRUST_PROXY; wit
   t.equal(warnings(trusting).length, 0, 'not when the proxy is trusted')
 })
 
+t.test('a trusted proxy\'s X-Forwarded-For holding a token instead of an address: logged as a digest, never as sent', async (t) => {
+  const gateway = await startGateway(t, { TRUST_PROXY: '127.0.0.1' }, { captureLogs: true })
+  const asAddress = userToken('u-xff')
+  const { stream } = await openConnected(`${gateway.url}/v1/stream`, { t, headers: { authorization: `Bearer ${userToken('u-xff')}`, 'x-forwarded-for': asAddress } })
+  stream.close()
+  t.equal((await request(`${gateway.url}/v1/jobs/nope`, { headers: { 'x-forwarded-for': `10.0.0.1, ${asAddress}` } })).status, 401)
+  // A well-formed address is logged as it is.
+  t.equal((await request(`${gateway.url}/v1/jobs/nope`, { headers: { 'x-forwarded-for': '203.0.113.9' } })).status, 401)
+  await eventually(() => streamLines(gateway, 'stream closed').length === 1 && streamLines(gateway, 'request completed').length >= 2, 'the stream and both requests logged')
+  assertNoToken(t, gateway, [asAddress])
+  const addresses = [...streamLines(gateway, 'stream opened').map((line) => line.remoteAddress), ...streamLines(gateway, 'request completed').map((line) => (line.req as { remoteAddress?: unknown } | undefined)?.remoteAddress)]
+  t.match(addresses, [/^other:[\w-]{22}$/], 'the stream\'s address is a digest')
+  t.ok(addresses.filter((address) => typeof address === 'string' && address.startsWith('other:')).length >= 2, `the refused request's too (${addresses.join(', ')})`)
+  t.ok(addresses.includes('203.0.113.9'), 'an address is logged as sent')
+})
+
 t.test('redactUrl: a path or a value made of many "eyJ" without dots is handled in one pass', { timeout: 20_000 }, async (t) => {
   // Quadratic matching would take minutes on this; one pass takes milliseconds.
   const run = 'eyJ'.repeat(200_000)
