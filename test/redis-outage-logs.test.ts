@@ -2,11 +2,12 @@
  * While Redis is down, the log says so once per connection and then once a
  * minute, not at every reconnect attempt of every connection (a line or two
  * a second for as long as the outage lasts); its end says how long it lasted
- * and how many attempts were not logged.
+ * and how many attempts were not logged. So with a frozen Redis, whose
+ * commands time out instead.
  */
 import { createServer, type Socket } from 'node:net'
 import t from 'tap'
-import { eventually, loggedAs, openConnected, startGateway, userToken } from './helpers'
+import { eventually, loggedAs, openConnected, publish, publisherToken, startGateway, userToken } from './helpers'
 import { needRedis, startOwnRedis, uniquePrefix } from './helpers/redis'
 
 interface Line { msg: string, connection?: string, heldBack?: number, lastedMs?: number }
@@ -55,4 +56,21 @@ t.test('Redis gone: each connection\'s failure is logged once, however many reco
   const heldBack = ends.reduce((sum, line) => sum + (line.heldBack ?? 0), 0)
   t.ok(heldBack > 0, `the attempts not logged are counted (${heldBack} held back, ${attempts} refused in all)`)
   t.ok(ends.every((line) => typeof line.lastedMs === 'number' && line.lastedMs > 0), 'with how long the outage lasted')
+})
+
+t.test('Redis frozen (its connections up, nothing answered): the ingress lease checks failing several times a second are one warning, and its end counts the rest', async (t) => {
+  if (!(await needRedis(t))) return
+  const redis = await startOwnRedis(t)
+  const gateway = await startGateway(t, { REDIS_URL: redis.url, REDIS_PREFIX: uniquePrefix('frozenlog'), REDIS_COMMAND_TIMEOUT_MS: '300', LOG_LEVEL: 'warn' }, { captureLogs: true })
+  redis.freeze()
+  t.teardown(() => redis.thaw())
+  const checkFailures = (): Line[] => loggedAs<Line>(gateway.logText(), 'ingress lease check failed')
+  await eventually(() => checkFailures().length >= 1, 'a failed lease check logged', 10_000, 50)
+  // Each refused publish waits out one command timeout, as each lease check does (one every 250 ms).
+  for (let n = 0; n < 5; n++) t.equal((await publish(gateway.url, publisherToken(), { to: { user: 'u1' }, data: n })).status, 503, `publish ${n} refused while Redis is frozen`)
+  redis.thaw()
+  await eventually(() => loggedAs<Line>(gateway.logText(), 'ingress lease check failed: over').length === 1, 'the end of the failures logged', 10_000, 50)
+  t.equal(checkFailures().length, 1, 'one warning for the failed checks')
+  const [end] = loggedAs<Line>(gateway.logText(), 'ingress lease check failed: over')
+  t.ok((end.heldBack ?? 0) >= 1, `the checks that failed after it are counted (${end.heldBack ?? 0})`)
 })

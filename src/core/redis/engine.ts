@@ -145,6 +145,11 @@ export class IngressLeader {
   private handler: IngressHandler = async () => ({ published: Promise.resolve() })
   /** What every ingress message is published under: this instance holding the lease. */
   private readonly fence: LeaseFence
+  /**
+   * A Redis that keeps its connection but does not answer (frozen, or behind
+   * a network that drops packets) fails every check, several a second.
+   */
+  private readonly checkFailed: RepeatedWarning
 
   constructor (
     private readonly commands: ScriptedRedis,
@@ -190,6 +195,7 @@ export class IngressLeader {
       recheck()
     })
     commands.redis.on('ready', recheck)
+    this.checkFailed = new RepeatedWarning(log, 'ingress lease check failed')
     this.fence = { holder: state.instanceId, leaseMs }
     this.successionWaitMs = leaseMs + 2000
     this.checkEveryMs = Math.max(100, Math.floor(leaseMs / 3))
@@ -200,7 +206,8 @@ export class IngressLeader {
 
   private check (upkeep = true): void {
     if (this.stopped) return
-    this.tick(upkeep).catch((error: unknown) => this.log.warn({ err: error }, 'ingress lease check failed'))
+    // Every caller of a check that failed hears of it (see tick): once a minute at most.
+    this.tick(upkeep).catch((error: unknown) => this.checkFailed.warn({ reason: reasonOf(error) }))
   }
 
   /**
@@ -287,6 +294,8 @@ export class IngressLeader {
     const startedAt = Date.now()
     const wasHolding = this.holding
     const held = await this.commands.run('LEASE', [this.prefix, this.state.instanceId, this.leaseMs, this.staleMs]) === 1
+    // Over once Redis answers again (not when a reconnect skips the check).
+    this.checkFailed.clear()
     if (held) this.validUntil = startedAt + this.leaseMs - 200
     await this.step(held)
     if (this.holding && (upkeep || !wasHolding)) {
