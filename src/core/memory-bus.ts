@@ -20,10 +20,17 @@ interface ChannelHistory {
   /** Index of the oldest kept entry; entries before it were dropped. */
   head: number
   /**
-   * Highest id dropped from this channel (by size or age; with HISTORY_SIZE=0,
-   * its latest id, as nothing is kept); a cursor below it has a gap.
+   * Highest id trimmed from this channel (by HISTORY_SIZE or the memory cap;
+   * with HISTORY_SIZE=0, its latest id, as nothing is kept); a cursor below
+   * it has a gap ('trimmed').
    */
   droppedUpTo: number
+  /**
+   * Highest id dropped for its age. A cursor below it is older than the
+   * window ('expired'), unless the clock went back since the drop: it
+   * is checked too.
+   */
+  expiredUpTo: number
 }
 
 export interface MemoryBusOptions {
@@ -165,6 +172,9 @@ export class MemoryBus implements EventBus {
       lists.push(this.after(history, after))
     }
     if (after < cutoff) return { reset: 'expired', events: [] }
+    for (const name of channels) {
+      if ((this.histories.get(name)?.expiredUpTo ?? 0) > after) return { reset: 'expired', events: [] }
+    }
     return { reset: null, events: mergeById(lists) }
   }
 
@@ -242,7 +252,7 @@ export class MemoryBus implements EventBus {
   private history (name: string): ChannelHistory {
     let history = this.histories.get(name)
     if (history === undefined) {
-      history = { entries: [], head: 0, droppedUpTo: 0 }
+      history = { entries: [], head: 0, droppedUpTo: 0, expiredUpTo: 0 }
       this.histories.set(name, history)
     }
     return history
@@ -255,11 +265,12 @@ export class MemoryBus implements EventBus {
     this.prune(history, this.cutoff())
   }
 
-  /** Drops a channel's oldest entry. */
-  private dropHead (history: ChannelHistory): void {
+  /** Drops a channel's oldest entry: trimmed, or `expired` for its age. */
+  private dropHead (history: ChannelHistory, expired = false): void {
     const { stored } = history.entries[history.head]
     history.entries[history.head] = DROPPED
-    history.droppedUpTo = stored.id
+    if (expired) history.expiredUpTo = stored.id
+    else history.droppedUpTo = stored.id
     history.head++
     if (--stored.holders === 0) this.forget(stored)
   }
@@ -311,7 +322,7 @@ export class MemoryBus implements EventBus {
 
   private prune (history: ChannelHistory, cutoff: number): void {
     const { entries } = history
-    while (history.head < entries.length && entries[history.head].id < cutoff) this.dropHead(history)
+    while (history.head < entries.length && entries[history.head].id < cutoff) this.dropHead(history, true)
     this.compact(history)
   }
 
@@ -352,8 +363,8 @@ export class MemoryBus implements EventBus {
     const cutoff = this.cutoff()
     for (const [name, history] of this.histories) {
       this.prune(history, cutoff)
-      // Kept while its drop mark is inside the window: a cursor below it must still get 'trimmed'.
-      if (history.head >= history.entries.length && history.droppedUpTo < cutoff) this.histories.delete(name)
+      // Kept while a drop mark is inside the window: a cursor below it must still get its reset.
+      if (history.head >= history.entries.length && Math.max(history.droppedUpTo, history.expiredUpTo) < cutoff) this.histories.delete(name)
     }
   }
 }
