@@ -536,12 +536,13 @@ function cutConnectionsAfterGrace (app: FastifyInstance, config: Config, interna
 function answerKeptAliveBeforeClosing (app: FastifyInstance, config: Config, internalServer: Server | null, phase: ClosingPhase): void {
   /** Open connections whose last request was a write. */
   const writers = new Set<Socket>()
-  /** Connections whose close is listened to: once each, whatever their requests. */
-  const watched = new WeakSet<Socket>()
   let allGone: (() => void) | null = null
   const forget = (socket: Socket): void => {
     if (!writers.delete(socket)) return
     if (writers.size === 0) allGone?.()
+  }
+  function forgetOnClose (this: Socket): void {
+    forget(this)
   }
   // The internal listener hands its requests to this server (internalListener).
   app.server.on('request', (request: IncomingMessage) => {
@@ -551,10 +552,14 @@ function answerKeptAliveBeforeClosing (app: FastifyInstance, config: Config, int
       forget(socket)
       return
     }
+    if (writers.has(socket)) return
     writers.add(socket)
-    if (watched.has(socket)) return
-    watched.add(socket)
-    socket.once('close', () => forget(socket))
+    // Listened to again at each entry: a stream that held the connection
+    // meanwhile (handed back after it) dropped the listener, and a closed
+    // socket that stayed here would be held for ever, and hold every stop
+    // for its full wait. Removed first, so that there is one at most.
+    socket.removeListener('close', forgetOnClose)
+    socket.once('close', forgetOnClose)
   })
   app.addHook('preClose', async () => {
     phase.listenersClosed = true

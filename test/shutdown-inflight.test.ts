@@ -1,7 +1,10 @@
-import { once } from 'node:events'
-import { connect } from 'node:net'
+import { EventEmitter, once } from 'node:events'
+import { connect, type Socket } from 'node:net'
+import { setFlagsFromString } from 'node:v8'
+import { runInNewContext } from 'node:vm'
 import t from 'tap'
 import { forEachMode, listenInternalPort, openStream, publisherToken, request, startCluster, startGateway, userToken } from './helpers'
+import { rawConnect } from './helpers/raw'
 import { redisClient } from './helpers/redis'
 import { within } from './helpers/wait'
 import { beginDrain, gate } from './helpers/drain'
@@ -169,4 +172,39 @@ t.test('a kept-alive connection alternating writes and reads is watched once: it
   t.ok(closeListeners > 0, 'the server side of the connection is seen')
   for (let n = 2; n <= 15; n++) await pair(n)
   t.equal((serverSide as ReturnType<typeof connect> | null)?.listenerCount('close'), closeListeners, 'as many close listeners after 15 pairs as after one')
+})
+
+t.test('a kept-alive connection that a stream held, handed back, then written on, is let go once it closes (not kept for the stop\'s wait)', async (t) => {
+  setFlagsFromString('--expose-gc')
+  const gc = runInNewContext('gc') as () => void
+  const gateway = await startGateway(t)
+  let letGo = false
+  const sockets = new FinalizationRegistry<string>(() => { letGo = true })
+  // Held weakly, or the test itself would keep it.
+  let serverSide: WeakRef<Socket> | null = null
+  gateway.app.server.once('connection', (socket: Socket) => {
+    sockets.register(socket, 'server side')
+    serverSide = new WeakRef(socket)
+  })
+  const client = await rawConnect(t, gateway.port)
+  const ask = async (head: string, body: string, answered: () => boolean, what: string): Promise<void> => {
+    client.write(`${head}\r\nHost: 127.0.0.1\r\n${body === '' ? '' : `Content-Type: application/json\r\nContent-Length: ${Buffer.byteLength(body)}\r\n`}\r\n${body}`)
+    await client.until(answered, 5000, what)
+  }
+  const answers = (pattern: RegExp): number => (client.text().match(pattern) ?? []).length
+  const job = JSON.stringify({ userId: 'u1', status: 'completed' })
+  await ask(`PUT /v1/jobs/kept HTTP/1.1\r\nAuthorization: Bearer ${publisherToken()}`, job, () => answers(/HTTP\/1\.1 200/g) === 1, 'the job stored')
+  // A finished job's stream: connected, initial_status, then its end; the connection goes back to the server.
+  await ask(`GET /v1/jobs/kept/stream HTTP/1.1\r\nAuthorization: Bearer ${userToken('u1')}`, '', () => client.text().includes('\r\n0\r\n\r\n'), 'the job stream to end')
+  const publish = JSON.stringify({ to: { user: 'u1' }, data: 1 })
+  await ask(`POST /v1/publish HTTP/1.1\r\nAuthorization: Bearer ${publisherToken()}`, publish, () => answers(/HTTP\/1\.1 202/g) === 1, 'the publish on the same connection')
+  // Listened to only now: the stream dropped the close listeners it found.
+  const serverClosed = once((serverSide as WeakRef<Socket> | null)?.deref() ?? new EventEmitter(), 'close')
+  client.destroy()
+  await within(serverClosed, 5000, 'the server side to close')
+  for (let round = 0; round < 100 && !letGo; round++) {
+    gc()
+    await new Promise((resolve) => setTimeout(resolve, 20))
+  }
+  t.ok(letGo, 'the closed connection is collected')
 })
