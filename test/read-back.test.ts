@@ -10,7 +10,6 @@
  * but closes the stream as slow rather than read them back in its turn.
  */
 import t, { type Test } from 'tap'
-import { EventEmitter } from 'node:events'
 import { channel } from '../src/core/channels'
 import type { Sink, StreamConnection } from '../src/core/connection'
 import { renderBody } from '../src/core/framing'
@@ -18,46 +17,8 @@ import { Hub } from '../src/core/hub'
 import type { DeliveryListener, ReplayResult, SubscriptionListeners } from '../src/core/bus'
 import { MemoryBus } from '../src/core/memory-bus'
 import { Registry } from '../src/core/registry'
-import { StreamService, type StreamEvents, type StreamSpec } from '../src/core/streams'
-
-/** A socket that takes every write into its buffer and drains only when told (or at once, with `auto`). */
-class HandDrainedSink extends EventEmitter implements Sink {
-  readonly written: Buffer[] = []
-  writableLength = 0
-  destroyed = false
-  auto = false
-
-  write (chunk: Buffer): boolean {
-    this.written.push(Buffer.from(chunk))
-    if (this.auto) {
-      setImmediate(() => this.emit('drain'))
-      return false
-    }
-    this.writableLength += chunk.length
-    return false
-  }
-
-  drain (): void {
-    this.writableLength = 0
-    this.emit('drain')
-  }
-
-  end (): void {}
-
-  destroy (): void {
-    this.destroyed = true
-    this.emit('close')
-  }
-
-  text (): string {
-    return Buffer.concat(this.written).toString()
-  }
-
-  /** The names of the events sent, in order (each event's data starts with its name). */
-  names (): string[] {
-    return [...this.text().matchAll(/^id: \d+\nevent: e\ndata: (\S+)/gm)].map((match) => match[1])
-  }
-}
+import { StreamService, type StreamSpec } from '../src/core/streams'
+import { HandDrainedSink, noEvents } from './helpers/stream-core'
 
 class PagedBus extends MemoryBus {
   constructor (private readonly pageSize: number) {
@@ -69,18 +30,6 @@ class PagedBus extends MemoryBus {
     if (result.reset !== null || this.pageSize === 0 || result.events.length <= this.pageSize) return result
     return { reset: null, events: result.events.slice(0, this.pageSize), more: true }
   }
-}
-
-const noEvents: StreamEvents = {
-  opened () {},
-  closed () {},
-  replayed () {},
-  reset () {},
-  catchingUp () {},
-  catchUpFailed () {},
-  async topicsChanged () {},
-  superseded () {},
-  cursorsMoved () {}
 }
 
 const USER = channel.user('u')

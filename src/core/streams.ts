@@ -174,6 +174,17 @@ export class StreamService {
     connection.baseline = Math.max(this.bus.deliveredUpTo(), spec.issuedBefore)
     // Queued first, so whatever ends the stream from here on follows a head.
     connection.holdHead(spec.head)
+    const retry = retryFrame(this.options.retryMs)
+    const connectedFrame = (): Buffer => systemFrame('connected', {
+      connectionId: connection.id,
+      userId: connection.userId,
+      topics: [...connection.topics],
+      ...spec.connectedExtra
+    })
+    // And by `retry` and `connected`, as every stream answered 200 begins,
+    // even one ended before they are sent (superseded, evicted or drained
+    // while its user's topics are read): its client learns its id.
+    connection.framesBeforeClose = [retry, connectedFrame()]
     // Two reopens of one id can both pass the caller's check while it waits on
     // Redis: one id has one holder, the one admitted last (whichever gets here
     // first), or the other would live on outside the registry and its counts.
@@ -229,14 +240,7 @@ export class StreamService {
     // open waited found nothing joined to leave, so the spec's list may hold
     // a topic taken away since (and joining it would be for good).
     const channels = spec.channels.filter((name) => !name.startsWith(TOPIC_CHANNEL_PREFIX)).concat(connection.topics.map(channel.topic))
-    const connectedFrame = (): Buffer => systemFrame('connected', {
-      connectionId: connection.id,
-      userId: connection.userId,
-      topics: [...connection.topics],
-      ...spec.connectedExtra
-    })
     const topicsAtJoin = connection.topics
-    const retry = retryFrame(this.options.retryMs)
     const connected = connectedFrame()
     connection.framesBeforeClose = [retry, connected]
     await this.hub.join(connection, channels)
