@@ -3,10 +3,13 @@
  * its client the stream's id, even one ended before its open got to send
  * them: a reopen of its id admitted after it took the id first, or it was
  * evicted (or drained) while its user's topics were read, a Redis round trip
- * in Redis mode. On the stream core, with a sink that takes every write.
+ * in Redis mode. And a keepalive does not take a replay paced by its
+ * reader for a slow consumer. On the stream core, with a sink that takes
+ * every write.
  */
 import t, { type Test } from 'tap'
 import { channel } from '../src/core/channels'
+import { renderBody } from '../src/core/framing'
 import { Hub } from '../src/core/hub'
 import { MemoryBus } from '../src/core/memory-bus'
 import { Registry } from '../src/core/registry'
@@ -82,4 +85,32 @@ t.test('a stream evicted while its open reads the user\'s topics: connected, the
   answerTopics(['news'])
   await opening
   checkBegunThenEnded(t, sink, 'c2', 'evicted')
+})
+
+t.test('a keepalive due while a replay waits for its reader to drain: not a slow consumer, even past a small MAX_BUFFERED_BYTES', async (t) => {
+  const bus = new MemoryBus({ historySize: 100, historyTtlS: 3600 })
+  const registry = new Registry('keepalive-in-replay')
+  const streams = new StreamService(bus, new Hub(bus), registry, { retryMs: 1000, keepaliveMs: 60_000, maxBufferedBytes: 1024, historyTtlS: 3600 }, noEvents)
+  t.teardown(async () => {
+    streams.stop()
+    await bus.close()
+  })
+  const user = channel.user('u')
+  const [first] = bus.publishNow([{ channels: [user], body: renderBody('e', 'b0') }])
+  for (let n = 1; n <= 3; n++) bus.publishNow([{ channels: [user], body: renderBody('e', `b${n} ${'x'.repeat(40_000)}`) }])
+  await new Promise((resolve) => setImmediate(resolve))
+  const sink = new HandDrainedSink()
+  const opened = streams.open(spec('c3', 1, sink, { channels: [user], cursor: first }))
+  const connection = registry.get('c3')
+  if (connection === undefined) throw new Error('c3 is not registered')
+  await sink.until(() => sink.text().includes('data: b2'), 'the replay to wait for a drain')
+  // Idle since long before now, by the clock of the keepalive check: one is due.
+  connection.keepalive(Date.now() + 1)
+  await new Promise((resolve) => setImmediate(resolve))
+  t.notOk(connection.closed, 'not closed while its replay is paced by its reader')
+  sink.auto = true
+  sink.drain()
+  await opened
+  t.ok(connection.live, 'live once the reader took the backlog')
+  t.match(sink.text(), /data: b3 /, 'the whole backlog sent')
 })

@@ -203,6 +203,8 @@ export class StreamConnection {
    * catch-up after a lost subscription closes such a stream as slow instead.
    */
   private heldLetGo = false
+  /** A replay's write waits for the reader to drain it (writeAndPace). */
+  private pacing = false
   /**
    * What the held frames keep alive: each is a view of a shared arena slab,
    * which lives as long as one view of it does. A hold that lasts (a slow
@@ -554,6 +556,10 @@ export class StreamConnection {
   }
 
   keepalive (idleSince: number): void {
+    // Not while a replay waits for its reader: its bytes are on their way,
+    // and one more write would find them unsent, past a small bound, and
+    // take the stream for a slow consumer.
+    if (this.pacing) return
     if (!this.closed && this.lastWriteAt <= idleSince && this.pendingBytes === 0) this.enqueue(KEEPALIVE_FRAME, NOT_PLACED)
   }
 
@@ -758,8 +764,10 @@ export class StreamConnection {
   private async writeAndPace (chunk: Buffer[], bytes: number): Promise<void> {
     const flushed = this.writeRaw(chunk.length === 1 ? chunk[0] : Buffer.concat(chunk, bytes))
     if (flushed || this.closed) return
+    this.pacing = true
     await new Promise<void>((resolve) => {
       const done = (): void => {
+        this.pacing = false
         clearTimeout(timer)
         this.sink.off('drain', done)
         this.sink.off('close', done)
