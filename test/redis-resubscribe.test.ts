@@ -14,6 +14,7 @@ import { redisOptions, ScriptedRedis } from '../src/core/redis/client'
 import { RedisBus } from '../src/core/redis/redis-bus'
 import { RedisState } from '../src/core/redis/redis-state'
 import { eventually } from './helpers'
+import { FaultyProxy } from './helpers/proxy'
 import { needRedis, redisClient, REDIS_URL, startOwnRedis, subscriberCount, uniquePrefix } from './helpers/redis'
 import { Waiters, within } from './helpers/wait'
 
@@ -33,6 +34,7 @@ process.on('uncaughtExceptionMonitor', (error, origin) => {
 interface Rig {
   bus: RedisBus
   state: RedisState
+  commands: ScriptedRedis
   subscriber: Redis
   prefix: string
   warnings: string[]
@@ -74,7 +76,7 @@ async function rig (t: Test, urls: { commands: string, subscriber: string } = { 
     await waiters.until(() => found() !== undefined, { timeoutMs: WAIT_MS, what: `a delivery on ${channel}`, describe: () => `${deliveries.length - from} other deliveries` })
     return found()?.frame ?? ''
   }
-  return { bus, state, subscriber, prefix, warnings, delivered }
+  return { bus, state, commands, subscriber, prefix, warnings, delivered }
 }
 
 async function kill (t: Test, redis: Redis, subscriber: Redis): Promise<void> {
@@ -175,4 +177,43 @@ t.test('a resubscription that fails is logged, without secrets, and retried on t
   await subscribedExactly(t, redis, setup, ['a', 'b'], [])
   await flows(t, setup, 'a')
   t.same(crashes, [], 'no unhandled rejection or uncaught exception')
+})
+
+t.test('a subscriber dropped again after it subscribed again, while the other connection was down: the bus is not restored until it is subscribed', async (t) => {
+  if (!(await needRedis(t))) return
+  const redis = redisClient(t)
+  const proxy = await FaultyProxy.start(t, Number(new URL(REDIS_URL).port || 6379))
+  const setup = await rig(t, { commands: REDIS_URL, subscriber: proxy.url })
+  const subscriberName = 'redis-resubscribe-test'
+  const calls: string[] = []
+  const waiters = new Waiters()
+  setup.bus.onSubscription({
+    lost: () => { calls.push('lost'); waiters.wake() },
+    restored: () => { calls.push(`restored with the subscriber ${setup.subscriber.status}`); waiters.wake() }
+  })
+  await setup.bus.listen('a')
+  // A delivery first: a subscriber that never delivered has lost nothing.
+  await flows(t, setup, 'a')
+
+  // The commands connection goes down, and stays down until the test connects it.
+  setup.commands.redis.disconnect()
+  // The subscriber drops, comes back and subscribes again; the bus cannot be restored without the other connection.
+  const ready = once(setup.subscriber, 'ready')
+  proxy.cut(subscriberName)
+  await waiters.until(() => calls.includes('lost'), { timeoutMs: WAIT_MS, what: 'the loss', describe: () => calls.join(', ') })
+  await within(ready, WAIT_MS, 'the subscriber to be ready again')
+  await settled(setup, redis, [`${setup.prefix}ch:a`])
+  // Dropped again, and kept from Redis: its reconnects hear nothing back.
+  const closed = once(setup.subscriber, 'close')
+  proxy.cutOff(subscriberName)
+  await within(closed, WAIT_MS, 'the subscriber to drop again')
+  // The other connection comes back first.
+  await setup.commands.redis.connect()
+  await setup.commands.redis.ping()
+  t.same(calls, ['lost'], 'not restored while the subscriber is down')
+
+  proxy.restore(subscriberName)
+  await waiters.until(() => calls.length > 1, { timeoutMs: WAIT_MS, what: 'the restore', describe: () => calls.join(', ') })
+  t.same(calls, ['lost', 'restored with the subscriber ready'], 'restored once it is subscribed again')
+  await flows(t, setup, 'a')
 })

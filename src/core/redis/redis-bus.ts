@@ -158,10 +158,13 @@ export class RedisBus implements EventBus {
     subscriber.on('close', () => {
       this.subscriberCloses++
       this.dropping = false
+      // Also when the loss is known already: subscribed again after it, and
+      // dropped again before the other connection came back, the subscriber
+      // is not subscribed until its next 'ready' has subscribed it again.
+      this.resubscribed = false
       // Closed by close(): a stop, not a loss to warn about.
       if (this.lost || this.delivered === 0 || this.stopped) return
       this.lost = true
-      this.resubscribed = false
       this.log.warn({ channels: this.channels.size }, 'bus subscription lost; streams catch up from history once it is back')
       this.subscription.lost()
     })
@@ -206,7 +209,7 @@ export class RedisBus implements EventBus {
   }
 
   private restoreIfWhole (): void {
-    if (!this.lost || !this.resubscribed || this.commands.redis.status !== 'ready') return
+    if (!this.lost || !this.resubscribed || this.subscriber.status !== 'ready' || this.commands.redis.status !== 'ready') return
     this.lost = false
     this.subscription.restored()
   }
