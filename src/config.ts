@@ -241,6 +241,11 @@ export function loadConfig (env: Env = process.env): Config {
   if (!/^[A-Za-z0-9_.:{}-]{1,64}$/.test(redisPrefix)) {
     throw new ConfigError('REDIS_PREFIX', 'may hold only A-Z a-z 0-9 _ . : { } - (at most 64)')
   }
+  // The ingress listens to every channel named stream:* (seed 000's channels,
+  // outside the prefix): it would take the gateway's own for ingress messages.
+  if (redisPrefix.startsWith('stream:')) {
+    throw new ConfigError('REDIS_PREFIX', 'may not start with "stream:", the ingress channels\' names')
+  }
   // As a browser writes its Origin header: the host in lower case, no
   // default port. Listed as typed, `https://App.example.com:443` would never match.
   const corsOrigins = list(env, 'CORS_ORIGINS')?.map((origin) => {

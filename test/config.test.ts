@@ -210,6 +210,12 @@ t.test('invalid values throw a ConfigError naming the variable', async (t) => {
   refuses(t, { ...base, TRUST_PROXY: '127.0.0.1,nginx' }, 'TRUST_PROXY')
 })
 
+t.test('a REDIS_PREFIX under the ingress channels\' stream:* is refused: the ingress would take the gateway\'s own channels for its messages', async (t) => {
+  t.throws(() => loadConfig({ JWT_SECRET: 's', REDIS_PREFIX: 'stream:app:' }), { message: /REDIS_PREFIX.*stream:/ })
+  t.throws(() => loadConfig({ JWT_SECRET: 's', REDIS_PREFIX: 'stream:' }), { message: /REDIS_PREFIX/ })
+  t.equal(loadConfig({ JWT_SECRET: 's', REDIS_PREFIX: 'streams:' }).redisPrefix, 'streams:', 'a prefix that only looks like it is kept')
+})
+
 t.test('an empty REDIS_PREFIX is the default, as an empty value is for every variable', async (t) => {
   t.equal(loadConfig({ JWT_SECRET: 's', REDIS_PREFIX: '' }).redisPrefix, 'sse:')
   t.equal(loadConfig({ JWT_SECRET: 's', REDIS_PREFIX: '  ' }).redisPrefix, 'sse:')
