@@ -606,3 +606,25 @@ t.test('a stream\'s own subscribe held up joining its topic, and an unsubscribe 
   t.same((await unsubscribing).json, { topics: ['ps-own'] }, 'the unsubscribe with the topic it removed')
   t.same(viaProxy.app.registry.get(connectionId)?.topics, ['ps-own'], 'and the stream holds what the later unsubscribe left')
 })
+
+t.test('a user-wide subscription change while Redis answers later than the control wait: answered as made once Redis answers, not 409', async (t) => {
+  if (!(await needRedis(t))) return
+  const prefix = uniquePrefix('slowsub')
+  const { proxy, viaProxy } = await proxiedCluster(t, { REDIS_PREFIX: prefix })
+  // The wait for the instances' answers, short here: Redis answers after it.
+  const state = viaProxy.app.state as unknown as { options: { controlTimeoutMs?: number } }
+  state.options.controlTimeoutMs = 200
+  const redis = redisClient(t)
+  for (const [method, expected] of [['POST', ['late']], ['DELETE', []]] as const) {
+    proxy.holdReplies('sse-gateway')
+    const answer = request<{ topics: string[] }>(`${viaProxy.url}/v1/subscriptions`, { method, token: userToken('slow-u1'), body: { topics: ['late'] } })
+    // Made in Redis; its answer is held back.
+    await eventually(async () => (await redis.smembers(`${prefix}ut:slow-u1`)).includes('late') === (method === 'POST'), `the ${method} made in Redis`)
+    const early = await Promise.race([answer, new Promise<null>((resolve) => { const timer = setTimeout(resolve, 1000, null); t.teardown(() => clearTimeout(timer)) })])
+    t.equal(early?.status ?? null, null, `${method}: no answer before Redis answers (${early?.status ?? ''} ${JSON.stringify(early?.json ?? '')})`)
+    proxy.releaseReplies('sse-gateway')
+    const { status, json } = await answer
+    t.equal(status, 200, `${method}: 200 once it has`)
+    t.same(json, { topics: expected }, `${method}: the topics as changed`)
+  }
+})

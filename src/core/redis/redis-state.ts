@@ -39,7 +39,7 @@ interface ControlReply {
 interface PendingControl {
   answers: ControlAnswer[]
   repliedFrom: Set<string>
-  /** How many instances received it (PUBLISH's answer), once known. */
+  /** How many instances received it (PUBLISH's answer), once known: Infinity until it is sent. */
   receivers: number
   /**
    * Instances with a recent heartbeat, once known. A frozen or cut-off
@@ -51,6 +51,9 @@ interface PendingControl {
 }
 
 function allReplied (entry: PendingControl): boolean {
+  // Not before it is sent: an empty list of live instances would end the
+  // wait of a message still on its way, and of a change not made yet.
+  if (entry.receivers === Infinity) return false
   return entry.answers.length >= entry.receivers || (entry.live !== null && entry.live.every((instance) => entry.repliedFrom.has(instance)))
 }
 
@@ -579,7 +582,7 @@ export class RedisState implements SharedState {
     const requestId = randomBytes(8).toString('hex')
     const envelope: ControlEnvelope = { requestId, from: this.instanceId, message }
     return await new Promise<ControlAnswer>((resolve, reject) => {
-      const timer = setTimeout(() => finish(), this.options.controlTimeoutMs ?? 3000).unref()
+      let timer: NodeJS.Timeout | undefined
       const entry: PendingControl = {
         answers: [],
         repliedFrom: new Set(),
@@ -604,7 +607,15 @@ export class RedisState implements SharedState {
         // PUBLISH answers how many instances received it: wait for at most
         // that many replies. Not sent (null): nothing to wait for.
         entry.receivers = receivers ?? 0
-        if (allReplied(entry)) finish()
+        if (allReplied(entry)) {
+          finish()
+          return
+        }
+        // Timed from here: until Redis has taken the message (and made the
+        // change it carries), a slow Redis is the command's to time out, with
+        // a 503; a wait ended before would answer as if nobody held the
+        // stream, or as if the change was refused, and it would still be made.
+        timer = setTimeout(() => finish(), this.options.controlTimeoutMs ?? 3000).unref()
       }, (error: unknown) => {
         clearTimeout(timer)
         this.waiting.delete(requestId)
