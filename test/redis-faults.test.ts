@@ -628,3 +628,26 @@ t.test('a user-wide subscription change while Redis answers later than the contr
     t.same(json, { topics: expected }, `${method}: the topics as changed`)
   }
 })
+
+t.test('an admission that ran but whose answer was lost with its connection is given back: the id and the user\'s topics expire as after a close', async (t) => {
+  if (!(await needRedis(t))) return
+  const prefix = uniquePrefix('lostadmit')
+  const { proxy, viaProxy } = await proxiedCluster(t, { REDIS_PREFIX: prefix, INSTANCE_TTL_MS: '1500' })
+  const redis = redisClient(t)
+  const user = 'lost-admit-u1'
+  // User-wide topics without a stream: they expire with HISTORY_TTL_S.
+  t.equal((await request(`${viaProxy.url}/v1/subscriptions`, { method: 'POST', token: userToken(user), body: { topics: ['t1'] } })).status, 200)
+  t.ok(await redis.ttl(`${prefix}ut:${user}`) > 0, 'the topics expire')
+  proxy.holdReplies('sse-gateway')
+  const opening = openStream(`${viaProxy.url}/v1/stream?token=${userToken(user)}`, { t }).catch((error: Error) => error)
+  // The admission has run in Redis (the user counts a stream); its answer is held back, then lost.
+  await eventually(async () => await redis.zcard(`${prefix}uc:${user}`) === 1, 'the admission to run')
+  proxy.cut('sse-gateway')
+  const answered = await opening
+  t.equal(answered instanceof Error ? 'reset' : answered.status, 503, 'the open is refused')
+  const ids = (await redis.keys(`${prefix}conn:*`))
+  t.equal(ids.length, 1, 'the admission recorded its id')
+  // Given back once the connection is back: as after a close, with nothing left that never expires.
+  await eventually(async () => await redis.ttl(`${prefix}ut:${user}`) > 0 && await redis.ttl(ids[0]) > 0 && await redis.zcard(`${prefix}uc:${user}`) === 0, 'the topics and the id to expire again', 15_000, 100)
+  t.pass('the topics and the id expire, and the user counts no stream')
+})

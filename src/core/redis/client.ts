@@ -96,9 +96,15 @@ function isTimeout (error: unknown): boolean {
   return error instanceof Error && error.message === 'Command timed out'
 }
 
-/** A command's failure because Redis did not answer in time (it may run later), as `run` and `call` raise it. */
-export function timedOut (error: unknown): boolean {
-  return error instanceof StoreUnavailableError && isTimeout(error.cause)
+/**
+ * A command's failure, as `run` and `call` raise it, that leaves unknown
+ * whether it ran: unanswered in time (it may run when Redis wakes), or its
+ * connection gone under it (sent, its reply lost).
+ */
+export function mayHaveRun (error: unknown): boolean {
+  if (!(error instanceof StoreUnavailableError)) return false
+  const cause = error.cause
+  return isTimeout(cause) || isConnectionLoss(cause) || (cause instanceof Error && cause.message.startsWith('Reached the max retries per request limit'))
 }
 
 /**

@@ -9,7 +9,7 @@ import { StoreLostDataError, StoreUnavailableError, userWideChange, type Control
 import { inTurns, TurnsPerKey } from '../in-turns'
 import { within } from '../within'
 import { infoFields, selectConnections, type ConnectionFilter } from '../listing'
-import { reasonOf, RepeatedWarning, timedOut, type Log, type ScriptedRedis } from './client'
+import { mayHaveRun, reasonOf, RepeatedWarning, type Log, type ScriptedRedis } from './client'
 
 export interface RedisStateOptions {
   prefix: string
@@ -521,11 +521,13 @@ export class RedisState implements SharedState {
       this.prefix, request.userId, this.instanceId, request.connectionId,
       request.limit, request.policy, this.options.instanceTtlMs, JSON.stringify(info), this.options.historyTtlS
     ]).catch((error: unknown) => {
-      // Unanswered in time, the admission may still run when Redis wakes, and
-      // its entry would count against the user with no stream behind it: it
-      // is given back at the first beat that passes (after it, on the same
-      // connection), unless a stream of the id here holds it by then.
-      if (timedOut(error)) this.unreleased.set(request.connectionId, { userId: request.userId, ttlS: this.options.historyTtlS })
+      // Unanswered in time, the admission may still run when Redis wakes (or
+      // it ran, and its answer was lost with the connection), and its entry
+      // would count against the user with no stream behind it, its id and
+      // the user's topics kept without expiry: it is given back at the first
+      // beat that passes (after it, on the same connection), unless a stream
+      // of the id here holds it by then.
+      if (mayHaveRun(error)) this.unreleased.set(request.connectionId, { userId: request.userId, ttlS: this.options.historyTtlS })
       throw error
     }) as [number, number, string, number, string, ...string[]]
   }
