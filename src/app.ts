@@ -78,7 +78,13 @@ const HTTP_SERVER_OPTIONS = { requireHostHeader: false, requestTimeout: REQUEST_
  * maxParamLength), in the contract's error shape; Fastify's default echoes
  * the path, which may hold a token.
  */
-function routerError (error: Error & { code?: string }, request: FastifyRequest, reply: FastifyReply): void {
+function routerError (error: Error & { code?: string }, request: FastifyRequest, reply: FastifyReply, routeMethods: RouteMethods, internalPortSet: boolean): void {
+  // The router finds a route before its parameter is measured: on the public
+  // listener an internal route's 414 would tell that it exists. Its 404 instead.
+  if (error.code === 'FST_ERR_MAX_PARAM_LENGTH' && !routeMethods.servesWith(request.url.split('?')[0], request.method, internalHidden(request, internalPortSet))) {
+    reply.callNotFound()
+    return
+  }
   const refusals: Record<string, [number, string]> = {
     FST_ERR_BAD_URL: [400, 'the URL is not valid'],
     FST_ERR_MAX_PARAM_LENGTH: [414, 'a path parameter is too long']
@@ -185,8 +191,8 @@ function loggerOptions (config: Config, stream?: DestinationStream): FastifyServ
 }
 
 export async function buildApp (config: Config, options: BuildOptions = {}): Promise<FastifyInstance> {
-  const app = Fastify(fastifyOptions(config, options.logStream))
   const routeMethods = new RouteMethods()
+  const app = Fastify(fastifyOptions(config, options.logStream, routeMethods))
   app.addHook('onRoute', (route) => routeMethods.add(route.url, route.method, route.config?.internal === true))
   answerErrors(app, routeMethods, config.internalPort !== null)
   checkEveryRequest(app)
@@ -224,7 +230,7 @@ export async function buildApp (config: Config, options: BuildOptions = {}): Pro
   return app
 }
 
-function fastifyOptions (config: Config, logStream: DestinationStream | undefined): FastifyHttpOptions<Server> {
+function fastifyOptions (config: Config, logStream: DestinationStream | undefined, routeMethods: RouteMethods): FastifyHttpOptions<Server> {
   return {
     logger: loggerOptions(config, logStream),
     logController: new GatewayLogController(),
@@ -246,7 +252,7 @@ function fastifyOptions (config: Config, logStream: DestinationStream | undefine
     // Room for the longest id a schema allows (a user id: 256 characters, up
     // to 9 each percent-encoded), so the schema, not the router, refuses.
     routerOptions: { maxParamLength: 2304 },
-    frameworkErrors: routerError,
+    frameworkErrors: (error, request, reply) => routerError(error, request, reply, routeMethods, config.internalPort !== null),
     clientErrorHandler: clientError,
     http: HTTP_SERVER_OPTIONS,
     ajv: { customOptions: { removeAdditional: false, coerceTypes: false, allErrors: false } },

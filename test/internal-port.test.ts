@@ -89,6 +89,13 @@ t.test('the public 404 of an internal route is the same as that of a route that 
   const onInternal = await request(`${internal}/v1/jobs/j1`, { method: 'PATCH', token: admin })
   t.same([onInternal.status, onInternal.headers.get('allow')], [405, 'GET, HEAD, PUT'], 'on the internal listener: 405 naming them all')
   t.equal((await request(`${pub}/v1/publish`, { method: 'POST', token: userToken('u1'), body: { to: { user: 'u1' }, data: 1 } })).status, 404, 'with a user token: 404, not 403')
+  // A path parameter past the router's length: the router refuses it (414) where it finds a route.
+  const long = 'a'.repeat(2400)
+  for (const [method, path] of [['GET', `/v1/presence/${long}`], ['PUT', `/v1/conversations/${long}/members`], ['PUT', `/v1/jobs/${long}`]]) {
+    t.equal((await request(`${pub}${path}`, { method, token: admin, body: method === 'GET' ? undefined : {} })).status, 404, `${method} ${path.slice(0, 20)}… with a long parameter on the public port: 404, not 414`)
+    t.equal((await request(`${internal}${path}`, { method, token: admin, body: method === 'GET' ? undefined : {} })).status, 414, 'and 414 on the internal one')
+  }
+  t.equal((await request(`${pub}/v1/jobs/${long}`, { token: admin })).status, 414, 'a public route with a long parameter: 414')
 })
 
 t.test('/health and /ready answer on both listeners', async (t) => {
