@@ -1,14 +1,18 @@
 import type { FastifyPluginAsync } from 'fastify'
-import { Type } from '@sinclair/typebox'
+import { Type, type Static } from '@sinclair/typebox'
+import { ErrorSchema } from '../src/schemas/common'
 
 const StatusSchema = Type.Object({ status: Type.String() })
+// The contract's error shape, and `status` as the 200 has it, for probes that read it.
+const NotReadySchema = Type.Composite([ErrorSchema, StatusSchema])
 
 const opsRoutes: FastifyPluginAsync = async (app) => {
   app.get('/health', { logLevel: 'warn', schema: { response: { 200: StatusSchema } } }, async () => ({ status: 'ok' }))
 
-  app.get('/ready', { logLevel: 'warn', schema: { response: { 200: StatusSchema, 503: StatusSchema } } }, async (_request, reply) => {
-    if (app.streams.isDraining) return await reply.code(503).send({ status: 'draining' })
-    if (!app.bus.isAnswering()) return await reply.code(503).send({ status: 'store unavailable' })
+  const notReady = (status: string, message: string): Static<typeof NotReadySchema> => ({ statusCode: 503, code: 'GW_UNAVAILABLE', error: 'Service Unavailable', message, status })
+  app.get('/ready', { logLevel: 'warn', schema: { response: { 200: StatusSchema, 503: NotReadySchema } } }, async (_request, reply) => {
+    if (app.streams.isDraining) return await reply.code(503).send(notReady('draining', 'the gateway is shutting down'))
+    if (!app.bus.isAnswering()) return await reply.code(503).send(notReady('store unavailable', 'Redis does not answer'))
     return { status: 'ready' }
   })
 

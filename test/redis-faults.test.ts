@@ -357,7 +357,7 @@ t.test('a Redis that stops answering without dropping the connection: a publish 
   t.equal(open.status, 503, 'so is a stream open')
   // Its connections look up; its silence must still take the instance out of a load balancer's rotation.
   const ready = await request<{ status: string }>(`${viaProxy.url}/ready`)
-  t.same([ready.status, ready.json], [503, { status: 'store unavailable' }], '/ready says the store does not answer')
+  t.same([ready.status, ready.json], [503, { statusCode: 503, code: 'GW_UNAVAILABLE', error: 'Service Unavailable', message: 'Redis does not answer', status: 'store unavailable' }], '/ready says the store does not answer, in the error shape')
   t.equal(metricValue(await scrape(viaProxy.url), 'sse_redis_up'), 0, 'so does sse_redis_up')
   // Redis ran the publish; only its reply was lost. It was told it may not have.
   await stream.nextEvent('in-gap')
