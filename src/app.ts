@@ -81,8 +81,10 @@ const HTTP_SERVER_OPTIONS = { requireHostHeader: false, requestTimeout: REQUEST_
 function routerError (error: Error & { code?: string }, request: FastifyRequest, reply: FastifyReply, routeMethods: RouteMethods, internalPortSet: boolean): void {
   // The router finds a route before its parameter is measured: on the public
   // listener an internal route's 414 would tell that it exists. Its 404 instead.
+  // (The router's refusals reach no 404 handler: answered here the same way.)
   if (error.code === 'FST_ERR_MAX_PARAM_LENGTH' && !routeMethods.servesWith(request.url.split('?')[0], request.method, internalHidden(request, internalPortSet))) {
-    reply.callNotFound()
+    answerNotFound(request, reply)
+    logCompleted(request, reply)
     return
   }
   const refusals: Record<string, [number, string]> = {
@@ -316,12 +318,17 @@ function answerErrors (app: FastifyInstance, routeMethods: RouteMethods, interna
       })
       return
     }
-    reply.code(404).send({
-      statusCode: 404,
-      code: 'GW_NOT_FOUND',
-      error: 'Not Found',
-      message: `Route ${request.method} ${redactUrl(path)} not found`
-    })
+    answerNotFound(request, reply)
+  })
+}
+
+/** The 404 of a path no route (visible on this listener) serves. */
+function answerNotFound (request: FastifyRequest, reply: FastifyReply): void {
+  reply.code(404).send({
+    statusCode: 404,
+    code: 'GW_NOT_FOUND',
+    error: 'Not Found',
+    message: `Route ${request.method} ${redactUrl(request.url.split('?')[0])} not found`
   })
 }
 

@@ -92,8 +92,12 @@ t.test('the public 404 of an internal route is the same as that of a route that 
   // A path parameter past the router's length: the router refuses it (414) where it finds a route.
   const long = 'a'.repeat(2400)
   for (const [method, path] of [['GET', `/v1/presence/${long}`], ['PUT', `/v1/conversations/${long}/members`], ['PUT', `/v1/jobs/${long}`]]) {
-    t.equal((await request(`${pub}${path}`, { method, token: admin, body: method === 'GET' ? undefined : {} })).status, 404, `${method} ${path.slice(0, 20)}… with a long parameter on the public port: 404, not 414`)
-    t.equal((await request(`${internal}${path}`, { method, token: admin, body: method === 'GET' ? undefined : {} })).status, 414, 'and 414 on the internal one')
+    const body = method === 'GET' ? undefined : {}
+    const hiddenLong = await request(`${pub}${path}`, { method, token: admin, body })
+    const missingLong = await request(`${pub}${path.replace(/^\/v1\/[a-z]+\//, '/v1/nothing/')}`, { method, token: admin, body })
+    t.equal(hiddenLong.status, 404, `${method} ${path.slice(0, 20)}… with a long parameter on the public port: 404, not 414`)
+    t.same([hiddenLong.headers.get('content-type'), Object.keys((hiddenLong.json ?? {}) as object).sort()], [missingLong.headers.get('content-type'), Object.keys(missingLong.json as object).sort()], 'the same 404 as a path that does not exist')
+    t.equal((await request(`${internal}${path}`, { method, token: admin, body })).status, 414, 'and 414 on the internal one')
   }
   t.equal((await request(`${pub}/v1/jobs/${long}`, { token: admin })).status, 414, 'a public route with a long parameter: 414')
 })
