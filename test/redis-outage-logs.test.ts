@@ -62,15 +62,18 @@ t.test('Redis frozen (its connections up, nothing answered): the ingress lease c
   if (!(await needRedis(t))) return
   const redis = await startOwnRedis(t)
   const gateway = await startGateway(t, { REDIS_URL: redis.url, REDIS_PREFIX: uniquePrefix('frozenlog'), REDIS_COMMAND_TIMEOUT_MS: '300', LOG_LEVEL: 'warn' }, { captureLogs: true })
+  // Only what is logged from the freeze on: on a loaded machine a check may
+  // have timed out before it (300 ms), which is an outage of its own.
+  const atFreeze = gateway.logs.length
+  const sinceFreeze = (msg: string): Line[] => loggedAs<Line>(gateway.logs.slice(atFreeze).join('\n'), msg)
   redis.freeze()
   t.teardown(() => redis.thaw())
-  const checkFailures = (): Line[] => loggedAs<Line>(gateway.logText(), 'ingress lease check failed')
-  await eventually(() => checkFailures().length >= 1, 'a failed lease check logged', 10_000, 50)
   // Each refused publish waits out one command timeout, as each lease check does (one every 250 ms).
   for (let n = 0; n < 5; n++) t.equal((await publish(gateway.url, publisherToken(), { to: { user: 'u1' }, data: n })).status, 503, `publish ${n} refused while Redis is frozen`)
   redis.thaw()
-  await eventually(() => loggedAs<Line>(gateway.logText(), 'ingress lease check failed: over').length === 1, 'the end of the failures logged', 10_000, 50)
-  t.equal(checkFailures().length, 1, 'one warning for the failed checks')
-  const [end] = loggedAs<Line>(gateway.logText(), 'ingress lease check failed: over')
-  t.ok((end.heldBack ?? 0) >= 1, `the checks that failed after it are counted (${end.heldBack ?? 0})`)
+  await eventually(() => sinceFreeze('ingress lease check failed: over').length >= 1, 'the end of the failures logged', 10_000, 50)
+  t.ok(sinceFreeze('ingress lease check failed').length <= 1, `one warning at most for the failed checks (${sinceFreeze('ingress lease check failed').length})`)
+  const ends = sinceFreeze('ingress lease check failed: over')
+  t.equal(ends.length, 1, 'one end line')
+  t.ok((ends[0]?.heldBack ?? 0) >= 1, `the checks that failed after the warning are counted (${ends[0]?.heldBack ?? 0})`)
 })

@@ -150,6 +150,8 @@ export class IngressLeader {
    * a network that drops packets) fails every check, several a second.
    */
   private readonly checkFailed: RepeatedWarning
+  /** The last check's LEASE was answered (see check). */
+  private leaseAnswered = false
 
   constructor (
     private readonly commands: ScriptedRedis,
@@ -206,8 +208,15 @@ export class IngressLeader {
 
   private check (upkeep = true): void {
     if (this.stopped) return
-    // Every caller of a check that failed hears of it (see tick): once a minute at most.
-    this.tick(upkeep).catch((error: unknown) => this.checkFailed.warn({ reason: reasonOf(error) }))
+    // Every caller of a check that failed hears of it (see tick): once a
+    // minute at most. Over once a whole check has passed with Redis's answer
+    // (a reconnect skips it, and a failed reap after a renewal is no end).
+    this.tick(upkeep).then(() => {
+      if (this.leaseAnswered) this.checkFailed.clear()
+    }, (error: unknown) => {
+      // A fault of the gateway's own, not Redis's, keeps its stack.
+      this.checkFailed.warn({ reason: reasonOf(error), ...(error instanceof StoreUnavailableError ? {} : { err: error }) })
+    })
   }
 
   /**
@@ -287,6 +296,7 @@ export class IngressLeader {
   private async checkLease (): Promise<void> {
     const upkeep = this.upkeepAsked
     this.upkeepAsked = false
+    this.leaseAnswered = false
     // A successor that began to stop still takes the lease it was promised, and passes it on at its own stop.
     if (this.stopped || (this.stopping && !this.holding && this.succession === null)) return
     if (this.commands.redis.status !== 'ready') return await this.step(false)
@@ -294,8 +304,7 @@ export class IngressLeader {
     const startedAt = Date.now()
     const wasHolding = this.holding
     const held = await this.commands.run('LEASE', [this.prefix, this.state.instanceId, this.leaseMs, this.staleMs]) === 1
-    // Over once Redis answers again (not when a reconnect skips the check).
-    this.checkFailed.clear()
+    this.leaseAnswered = true
     if (held) this.validUntil = startedAt + this.leaseMs - 200
     await this.step(held)
     if (this.holding && (upkeep || !wasHolding)) {
