@@ -231,14 +231,17 @@ t.test('a trusted proxy\'s X-Forwarded-For holding a token instead of an address
   const { stream } = await openConnected(`${gateway.url}/v1/stream`, { t, headers: { authorization: `Bearer ${userToken('u-xff')}`, 'x-forwarded-for': asAddress } })
   stream.close()
   t.equal((await request(`${gateway.url}/v1/jobs/nope`, { headers: { 'x-forwarded-for': `10.0.0.1, ${asAddress}` } })).status, 401)
-  // A well-formed address is logged as it is.
+  // A well-formed address is logged as it is; one with its port, without it.
   t.equal((await request(`${gateway.url}/v1/jobs/nope`, { headers: { 'x-forwarded-for': '203.0.113.9' } })).status, 401)
-  await eventually(() => streamLines(gateway, 'stream closed').length === 1 && streamLines(gateway, 'request completed').length >= 2, 'the stream and both requests logged')
+  t.equal((await request(`${gateway.url}/v1/jobs/nope`, { headers: { 'x-forwarded-for': '198.51.100.4:50123' } })).status, 401)
+  t.equal((await request(`${gateway.url}/v1/jobs/nope`, { headers: { 'x-forwarded-for': '[2001:db8::7]:443' } })).status, 401)
+  await eventually(() => streamLines(gateway, 'stream closed').length === 1 && streamLines(gateway, 'request completed').length >= 4, 'the stream and the requests logged')
   assertNoToken(t, gateway, [asAddress])
   const addresses = [...streamLines(gateway, 'stream opened').map((line) => line.remoteAddress), ...streamLines(gateway, 'request completed').map((line) => (line.req as { remoteAddress?: unknown } | undefined)?.remoteAddress)]
   t.match(addresses, [/^other:[\w-]{22}$/], 'the stream\'s address is a digest')
   t.ok(addresses.filter((address) => typeof address === 'string' && address.startsWith('other:')).length >= 2, `the refused request's too (${addresses.join(', ')})`)
   t.ok(addresses.includes('203.0.113.9'), 'an address is logged as sent')
+  t.ok(addresses.includes('198.51.100.4') && addresses.includes('2001:db8::7'), 'an address with its port, as the address')
 })
 
 t.test('redactUrl: a path or a value made of many "eyJ" without dots is handled in one pass', { timeout: 20_000 }, async (t) => {

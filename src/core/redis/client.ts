@@ -99,12 +99,14 @@ function isTimeout (error: unknown): boolean {
 /**
  * A command's failure, as `run` and `call` raise it, that leaves unknown
  * whether it ran: unanswered in time (it may run when Redis wakes), or its
- * connection gone under it (sent, its reply lost).
+ * connection gone under it (sent, its reply lost). Not one refused before it
+ * was sent (the socket not writable).
  */
 export function mayHaveRun (error: unknown): boolean {
   if (!(error instanceof StoreUnavailableError)) return false
   const cause = error.cause
-  return isTimeout(cause) || isConnectionLoss(cause) || (cause instanceof Error && cause.message.startsWith('Reached the max retries per request limit'))
+  if (!(cause instanceof Error)) return false
+  return isTimeout(cause) || cause.message === 'Connection is closed.' || cause.message.startsWith('Reached the max retries per request limit')
 }
 
 /**
