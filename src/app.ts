@@ -82,7 +82,7 @@ function routerError (error: Error & { code?: string }, request: FastifyRequest,
   // The router finds a route before its parameter is measured: on the public
   // listener an internal route's 414 would tell that it exists. Its 404 instead.
   // (The router's refusals reach no 404 handler: answered here the same way.)
-  if (error.code === 'FST_ERR_MAX_PARAM_LENGTH' && !routeMethods.servesWith(request.url.split('?')[0], request.method, internalHidden(request, internalPortSet))) {
+  if (error.code === 'FST_ERR_MAX_PARAM_LENGTH' && !routeMethods.serves(request.url.split('?')[0], internalHidden(request, internalPortSet), request.method)) {
     answerNotFound(request, reply)
     logCompleted(request, reply)
     return

@@ -52,20 +52,11 @@ export class RouteMethods {
     return allowed.size === 0 ? null : [...allowed].sort()
   }
 
-  /** Whether a route visible on this listener serves `rawPath` with `method`. */
-  servesWith (rawPath: string, method: string, internalHidden: boolean): boolean {
+  /** Whether a route visible on this listener serves `rawPath`, with `method` or, without it, with any. */
+  serves (rawPath: string, internalHidden: boolean, method?: string): boolean {
     const path = decoded(rawPath)
     for (const candidate of this.paths.values()) {
-      if (candidate.methods.has(method) && candidate.pattern.test(path) && !(candidate.internal && internalHidden)) return true
-    }
-    return false
-  }
-
-  /** Whether a route visible on this listener serves `rawPath`, with any method. */
-  serves (rawPath: string, internalHidden: boolean): boolean {
-    const path = decoded(rawPath)
-    for (const candidate of this.paths.values()) {
-      if (candidate.pattern.test(path) && !(candidate.internal && internalHidden)) return true
+      if ((method === undefined || candidate.methods.has(method)) && candidate.pattern.test(path) && !(candidate.internal && internalHidden)) return true
     }
     return false
   }

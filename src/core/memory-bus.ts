@@ -164,17 +164,17 @@ export class MemoryBus implements EventBus {
     const cutoff = this.cutoff()
     // Trimming first, as the Redis bus does.
     const lists: HistoryEntry[][] = []
+    // Past the cursor by age: 'expired', unless trimmed too.
+    let expired = after < cutoff
     for (const name of channels) {
       const history = this.histories.get(name)
       if (history === undefined) continue
       this.prune(history, cutoff)
       if (history.droppedUpTo > after) return { reset: 'trimmed', events: [] }
+      if (history.expiredUpTo > after) expired = true
       lists.push(this.after(history, after))
     }
-    if (after < cutoff) return { reset: 'expired', events: [] }
-    for (const name of channels) {
-      if ((this.histories.get(name)?.expiredUpTo ?? 0) > after) return { reset: 'expired', events: [] }
-    }
+    if (expired) return { reset: 'expired', events: [] }
     return { reset: null, events: mergeById(lists) }
   }
 

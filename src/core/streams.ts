@@ -175,12 +175,17 @@ export class StreamService {
     // Queued first, so whatever ends the stream from here on follows a head.
     connection.holdHead(spec.head)
     const retry = retryFrame(this.options.retryMs)
-    const connectedFrame = (): Buffer => systemFrame('connected', {
-      connectionId: connection.id,
-      userId: connection.userId,
-      topics: [...connection.topics],
-      ...spec.connectedExtra
-    })
+    // `connected` with the stream's topics as they are when it is asked for:
+    // framed again only after a change (topics are replaced, never mutated).
+    let framedTopics = connection.topics
+    let framed: Buffer | null = null
+    const connectedFrame = (): Buffer => {
+      if (framed === null || connection.topics !== framedTopics) {
+        framedTopics = connection.topics
+        framed = systemFrame('connected', { connectionId: connection.id, userId: connection.userId, topics: [...framedTopics], ...spec.connectedExtra })
+      }
+      return framed
+    }
     // And by `retry` and `connected`, as every stream answered 200 begins,
     // even one ended before they are sent (superseded, evicted or drained
     // while its user's topics are read): its client learns its id.
@@ -240,24 +245,23 @@ export class StreamService {
     // open waited found nothing joined to leave, so the spec's list may hold
     // a topic taken away since (and joining it would be for good).
     const channels = spec.channels.filter((name) => !name.startsWith(TOPIC_CHANNEL_PREFIX)).concat(connection.topics.map(channel.topic))
-    const topicsAtJoin = connection.topics
-    const connected = connectedFrame()
-    connection.framesBeforeClose = [retry, connected]
+    connection.framesBeforeClose = [retry, connectedFrame()]
     await this.hub.join(connection, channels)
     connection.framesBeforeClose = null
     if (connection.closed) return connection
     connection.sendSystem(retry)
     // Its topics as they are now, if a change came while it joined.
-    connection.sendSystem(connection.topics === topicsAtJoin ? connected : connectedFrame())
+    connection.sendSystem(connectedFrame())
     connection.releaseHead()
     // Subscriptions changed from here until the stream goes live: its
     // replay and a read-back (readBackLetGo) read a topic joined meanwhile
     // from when it was joined, and no more one it left.
-    connection.replayChanges = { joined: new Map(), left: new Set() }
+    const changes: ReplayChanges = { joined: new Map(), left: new Set() }
+    connection.replayChanges = changes
     if (spec.prelude !== undefined) {
       await spec.prelude(connection)
     } else if (spec.cursor !== null) {
-      await this.replay(connection, spec.cursor)
+      await this.replay(connection, spec.cursor, changes)
     } else if (windowChannels !== null) {
       await this.sendWindow(connection, windowChannels, joinedAfter)
     }
@@ -270,7 +274,7 @@ export class StreamService {
       if (!this.subscriptionDown) this.runCatchUp()
       return connection
     }
-    await this.readBackLetGo(connection)
+    await this.readBackLetGo(connection, changes)
     connection.replayChanges = null
     connection.goLive()
     return connection
@@ -285,11 +289,11 @@ export class StreamService {
    * went out is read from when it was joined, as a replay reads it, and one
    * it left is read no more (see replayChanges).
    */
-  private async readBackLetGo (connection: StreamConnection): Promise<void> {
+  private async readBackLetGo (connection: StreamConnection, changes: ReplayChanges): Promise<void> {
     while (!connection.closed && connection.takeHeldLetGo()) {
       // Not below its baseline: what its channels had before it joined is not its own.
       const from = Math.max(connection.lastId, connection.baseline)
-      const reset = await this.sendPaced(connection, from, connection.replayChanges ?? { joined: new Map(), left: new Set() })
+      const reset = await this.sendPaced(connection, from, changes)
       if (reset !== null) {
         this.sendReset(connection, reset)
         return
@@ -405,13 +409,11 @@ export class StreamService {
    * subscribes gets none of it), and its history trimmed past the cursor
    * would reset the whole replay. One it leaves is read no more.
    */
-  private async replay (connection: StreamConnection, cursor: number | 'malformed'): Promise<void> {
+  private async replay (connection: StreamConnection, cursor: number | 'malformed', changes: ReplayChanges): Promise<void> {
     if (cursor === 'malformed') {
       this.sendReset(connection, 'malformed')
       return
     }
-    const changes = connection.replayChanges ?? { joined: new Map(), left: new Set() }
-    connection.replayChanges = changes
     const reset = await this.sendPaced(connection, cursor, changes)
     if (reset !== null) {
       this.sendReset(connection, reset)
