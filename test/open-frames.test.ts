@@ -14,6 +14,7 @@ import { Hub } from '../src/core/hub'
 import { MemoryBus } from '../src/core/memory-bus'
 import { Registry } from '../src/core/registry'
 import { StreamService, type StreamSpec } from '../src/core/streams'
+import { eventually } from './helpers/gateway'
 import { HandDrainedSink, noEvents } from './helpers/stream-core'
 
 const HEAD = 'HTTP/1.1 200 OK\r\n\r\n'
@@ -103,7 +104,7 @@ t.test('a keepalive due while a replay waits for its reader to drain: not a slow
   const opened = streams.open(spec('c3', 1, sink, { channels: [user], cursor: first }))
   const connection = registry.get('c3')
   if (connection === undefined) throw new Error('c3 is not registered')
-  await sink.until(() => sink.text().includes('data: b2'), 'the replay to wait for a drain')
+  await eventually(() => sink.text().includes('data: b2'), 'the replay to wait for a drain')
   // Idle since long before now, by the clock of the keepalive check: one is due.
   connection.keepalive(Date.now() + 1)
   await new Promise((resolve) => setImmediate(resolve))

@@ -23,15 +23,6 @@ export class HandDrainedSink extends EventEmitter implements Sink {
     return false
   }
 
-  /** Resolves once `check` holds after a write; rejects after 5 s. */
-  async until (check: () => boolean, what: string): Promise<void> {
-    const deadline = Date.now() + 5000
-    while (!check()) {
-      if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`)
-      await new Promise((resolve) => setImmediate(resolve))
-    }
-  }
-
   drain (): void {
     this.writableLength = 0
     this.emit('drain')
