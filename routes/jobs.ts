@@ -72,12 +72,9 @@ const jobRoutes: FastifyPluginAsync = async (app) => {
   app.get('/v1/jobs/:jobId', {
     config: { auth: 'user' },
     schema: { params: JobParams, response: errorResponses }
-  }, async (request, reply) => {
+  }, async (request) => {
     const auth = authOf(request)
     const { jobId } = request.params as Static<typeof JobParams>
-    // Only HEAD comes here for "stream" (no job has that name): the jobs
-    // stream's path, whose route has no HEAD, answers it 405.
-    if (jobId === 'stream') return reply.callNotFound()
     const publisher = hasRole(auth, 'publisher')
     return publicJob(await visibleJob(jobId, auth.userId, publisher))
   })

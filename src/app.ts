@@ -198,6 +198,7 @@ export async function buildApp (config: Config, options: BuildOptions = {}): Pro
   app.addHook('onRoute', (route) => routeMethods.add(route.url, route.method, route.config?.internal === true))
   answerErrors(app, routeMethods, config.internalPort !== null)
   checkEveryRequest(app)
+  answerShadowedPathsAsNotServed(app, routeMethods)
   parseEveryBodyAsJson(app)
   await app.register(configPlugin, { config })
   if (config.corsOrigins !== null) await allowOrigins(app, config.corsOrigins, routeMethods, config.internalPort !== null)
@@ -345,6 +346,21 @@ function checkEveryRequest (app: FastifyInstance): void {
     } else {
       done()
     }
+  })
+}
+
+function answerShadowedPathsAsNotServed (app: FastifyInstance, routeMethods: RouteMethods): void {
+  // The router takes a path with a route of its own, asked with HEAD that
+  // route does not take, for a parameter's value of a GET route's path (HEAD
+  // /v1/jobs/stream for a job named "stream"): it gets that path's 405
+  // before the other route's hooks ask for a token. (A PUT of a job named
+  // "stream" is the job route's to refuse, saying why.)
+  app.addHook('onRequest', (request, reply, done) => {
+    if (request.method === 'HEAD' && routeMethods.shadowedByExact(request.url.split('?')[0], request.routeOptions.url)) {
+      reply.callNotFound()
+      return
+    }
+    done()
   })
 }
 

@@ -15,10 +15,13 @@ interface RoutePath {
 
 export class RouteMethods {
   private readonly paths = new Map<string, RoutePath>()
+  /** The paths of routes without a parameter, as written. */
+  private readonly exactPaths = new Set<string>()
 
   add (url: string, methods: string | string[], internal: boolean): void {
     // A catch-all (CORS's preflight route) says nothing about which paths exist.
     if (url.startsWith('*') || url.startsWith('/*')) return
+    if (!url.includes(':')) this.exactPaths.add(url)
     const key = `${url}\n${String(internal)}`
     let path = this.paths.get(key)
     if (path === undefined) {
@@ -50,6 +53,16 @@ export class RouteMethods {
       for (const each of candidate.methods) allowed.add(each)
     }
     return allowed.size === 0 ? null : [...allowed].sort()
+  }
+
+  /**
+   * Whether `rawPath`, which the router matched to the parametric route
+   * `routeUrl`, is the path of a route of its own, so names that route's
+   * resource and not a parameter's value (`HEAD /v1/jobs/stream` is no job).
+   */
+  shadowedByExact (rawPath: string, routeUrl: string | undefined): boolean {
+    if (routeUrl === undefined || !routeUrl.includes(':')) return false
+    return this.exactPaths.has(rawPath.includes('%') ? decoded(rawPath) : rawPath)
   }
 
   /** Whether a route visible on this listener serves `rawPath`, with `method` or, without it, with any. */

@@ -176,6 +176,8 @@ t.test('HEAD on a stream route opens nothing and does not get round the stream-o
     t.same([response.status, response.headers.get('allow')], [405, 'GET'], `HEAD ${path}: 405, a GET route`)
     t.notMatch(response.headers.get('content-type') ?? '', /event-stream/, `HEAD ${path}: not a stream`)
     t.equal(await response.text(), '', `HEAD ${path}: no body`)
+    const withoutToken = await fetch(`${url}${path}`, { method: 'HEAD' })
+    t.same([withoutToken.status, withoutToken.headers.get('allow')], [405, 'GET'], `HEAD ${path} without a token: 405 too, not 401`)
   }
   t.equal(app.registry.size, 1, 'only the GET stream is open')
   t.equal((await openStream(`${url}/v1/stream?token=${user}`, { t })).status, 200, 'the second GET is within the limit')
