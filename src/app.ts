@@ -204,7 +204,7 @@ export async function buildApp (config: Config, options: BuildOptions = {}): Pro
   if (config.corsOrigins !== null) await allowOrigins(app, config.corsOrigins, routeMethods, config.internalPort !== null)
   // After CORS, so that a page can read the 503 of a request refused while draining.
   const closingPhase: ClosingPhase = { listenersClosed: false }
-  answerWhileClosing(app, closingPhase)
+  answerWhileClosing(app, closingPhase, config.internalPort !== null)
   if (config.trustProxy === null) warnOfUntrustedProxy(app)
   const internalServer = config.internalPort !== null ? internalListener(app) : null
   app.decorate('internalServer', internalServer)
@@ -449,7 +449,7 @@ async function allowOrigins (app: FastifyInstance, origins: string[], routeMetho
   })
 }
 
-function answerWhileClosing (app: FastifyInstance, phase: ClosingPhase): void {
+function answerWhileClosing (app: FastifyInstance, phase: ClosingPhase, internalPortSet: boolean): void {
   // Answers given while closing end their connection: a keep-alive connection
   // left idle would hold the close until its timeout (72 s).
   let closing = false
@@ -471,6 +471,10 @@ function answerWhileClosing (app: FastifyInstance, phase: ClosingPhase): void {
   // (routeOptions builds an object on every read: only while closing.)
   app.addHook('onRequest', (request, reply, done) => {
     if (!closing || STILL_ANSWERED_WHILE_CLOSING.has(request.routeOptions.url)) {
+      done()
+    } else if (request.routeOptions.config.internal === true && internalHidden(request, internalPortSet)) {
+      // Not served on this listener: its 404 (internalListener's hook), as
+      // before the close. A 503 would tell the route exists.
       done()
     } else if (phase.listenersClosed && request.routeOptions.config.opensStream === true) {
       // Once the listeners are closed, a stream reopened on a kept-alive

@@ -4,6 +4,7 @@ import { listenInternal } from '../src/app'
 import {
   adminToken, openConnected, openStream, publishOk, publisherToken, request, startGateway, userToken, type Gateway
 } from './helpers'
+import { FLOOD_EVENT_BYTES, floodData, floodMaxBytes, neverReadingStream } from './helpers/raw'
 
 const publisher = publisherToken()
 const admin = adminToken()
@@ -16,8 +17,8 @@ interface Split {
   internal: string
 }
 
-async function startSplit (t: Test): Promise<Split> {
-  const gateway = await startGateway(t, { INTERNAL_PORT: '0' })
+async function startSplit (t: Test, env: Record<string, string> = {}): Promise<Split> {
+  const gateway = await startGateway(t, { INTERNAL_PORT: '0', ...env })
   const server = await listenInternal(gateway.app, 0, '127.0.0.1')
   const address = server.address()
   if (address === null || typeof address === 'string') throw new Error('the internal listener has no TCP address')
@@ -100,6 +101,31 @@ t.test('the public 404 of an internal route is the same as that of a route that 
     t.equal((await request(`${internal}${path}`, { method, token: admin, body })).status, 414, 'and 414 on the internal one')
   }
   t.equal((await request(`${pub}/v1/jobs/${long}`, { token: admin })).status, 414, 'a public route with a long parameter: 414')
+})
+
+t.test('while a drain runs, the public listener still answers 404 to internal routes, not 503', async (t) => {
+  const maxBufferedBytes = 16 * 1024 * 1024
+  const { gateway, pub, internal } = await startSplit(t, { MAX_BUFFERED_BYTES: String(maxBufferedBytes) })
+  const stalled = await neverReadingStream(t, internal, Number(new URL(pub).port), 'stalled')
+  const connection = gateway.app.registry.get(stalled.connectionId)
+  if (connection === undefined) throw new Error('the stalled stream is not registered')
+  // Until the kernel takes no more: its end then cannot flush, and the drain waits on it.
+  const sink = connection['sink']
+  for (let n = 0; sink.writableLength === 0; n++) {
+    if (n * FLOOD_EVENT_BYTES > floodMaxBytes(maxBufferedBytes)) throw new Error('the stream never backed up')
+    await publishOk(internal, publisher, { to: { user: 'stalled' }, event: 'flood', data: floodData(n) })
+  }
+  const closing = gateway.app.close()
+  t.teardown(async () => await closing)
+  const draining = await request(`${pub}/v1/stream?token=${userToken('u1')}`)
+  t.equal(draining.status, 503, 'a public route: 503, the gateway drains')
+  for (const route of INTERNAL_ONLY) {
+    t.equal((await call(pub, route)).status, 404, `${route.name} on the public port: 404 as before the close`)
+  }
+  t.equal((await request(`${pub}/v1/stream?token=${userToken('u1')}`)).status, 503, 'still draining after them')
+  t.equal((await call(internal, INTERNAL_ONLY[0])).status, 503, 'the internal listener answers its own routes 503')
+  stalled.raw.destroy()
+  await closing
 })
 
 t.test('/health and /ready answer on both listeners', async (t) => {
