@@ -434,6 +434,10 @@ export default fp(async (app) => {
       pending.seq = admission.seq
       pending.entry = entry
       entryOwed = true
+      // Said at once, whatever becomes of this open: the state counts the user
+      // online from here, and giving the entry back (a refusal below) starts
+      // the grace whose end announces user:offline.
+      if (admission.cameOnline) announceSafely(auth.userId, 'user:online')
       await evictFor(admission, options.connectionId)
       // The drain began while this request waited on Redis: it has already ended
       // every registered stream, so this one would outlive it. Its slot goes
@@ -450,8 +454,6 @@ export default fp(async (app) => {
         reply.header('retry-after', retryAfterS)
         throw new errors.Unavailable('the gateway is shutting down')
       }
-      if (admission.cameOnline) announceSafely(auth.userId, 'user:online')
-
       reply.hijack()
       const socket = reply.raw.socket
       if (socket === null) return

@@ -8,9 +8,10 @@
  */
 import { setTimeout as delay } from 'node:timers/promises'
 import t, { type Test } from 'tap'
-import { eventually, openConnected, publishOk, request, spawnServer, startGateway, TEST_SECRET, userToken, type Gateway, type ServerProcess, type SseClient } from './helpers'
+import { eventually, openConnected, openStream, publishOk, request, spawnServer, startGateway, TEST_SECRET, userToken, type Gateway, type ServerProcess, type SseClient } from './helpers'
 import { connect, dataOf, namesOf, nonce, presence, PUBLISHER, settle, setMembers } from './helpers/channels'
 import { needRedis, REDIS_URL, uniquePrefix } from './helpers/redis'
+import { beginDrain, gate } from './helpers/drain'
 
 const INSTANCE_TTL_MS = 3000
 /** A lease holder that stopped cleanly is replaced within a check; a dead one within its lease and a check. */
@@ -106,6 +107,29 @@ t.test('a user who reconnects within the grace on another instance after a SIGTE
   await delay(Math.max(0, reconnectedAt + graceMs + SWEEP_BOUND_MS - Date.now()))
   t.same(namesOf(await settle(b, u1.stream, u1.connectionId)), [], 'neither user:offline nor a second user:online')
   t.same(await presence(b, 'u2'), { userId: 'u2', online: true, connections: 1 })
+})
+
+t.test('a stream admitted as the drain begins, then refused: its user:offline follows a user:online, never alone', async (t) => {
+  if (!(await needRedis(t))) return
+  const { start } = cluster(t, 300)
+  const a = await start()
+  const b = await start()
+  await setMembers(b, 'c1', ['u1', 'u2'])
+  const u1 = await connect(t, b, 'u1')
+  const admission = gate(a.app.state, 'admit')
+  const opening = openStream(`${a.url}/v1/stream?token=${userToken('u2')}`, { t }).catch((error: Error) => error)
+  await admission.entered
+  const { closed } = await beginDrain(t, a.app)
+  admission.open()
+  const refused = await opening
+  if (refused instanceof Error) throw new Error(`the open was not answered: ${refused.message}`)
+  t.equal(refused.status, 503, 'refused: the instance drains')
+  await closed
+
+  const offline = await u1.stream.nextEvent('user:offline', OFFLINE_TIMEOUT_MS)
+  t.same(dataOf(offline), { userId: 'u2' })
+  const aboutU2 = u1.stream.events.filter((event) => event.event.startsWith('user:') && dataOf(event).userId === 'u2')
+  t.same(namesOf(aboutU2), ['user:online', 'user:offline'], 'the members heard it come online before it went offline')
 })
 
 t.test('no instance stops: every user whose last stream closed gets exactly one user:offline', async (t) => {
