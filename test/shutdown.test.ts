@@ -1,5 +1,5 @@
 import t from 'tap'
-import { openConnected, openStream, publishOk, publisherToken, request, spawnServer, startGateway, TEST_SECRET, userToken, type SseClient } from './helpers'
+import { eventually, openConnected, openStream, publishOk, publisherToken, request, spawnServer, startGateway, TEST_SECRET, userToken, type SseClient } from './helpers'
 import { flood, floodData, floodMaxBytes, FLOOD_EVENT_BYTES, neverReadingStream, rawConnect } from './helpers/raw'
 import { needRedis, REDIS_URL, startOwnRedis, uniquePrefix } from './helpers/redis'
 
@@ -180,4 +180,30 @@ t.test('a drain whose watermark does not come (Redis frozen) still sends `shutdo
   await stream.nextEvent('shutdown', 5000)
   t.pass('shutdown arrived, the watermark\'s wait bounded by the grace')
   await server.waitExit(10_000)
+})
+
+t.test('a stop against a Redis that froze completes on its own, not cut short by SHUTDOWN_TIMEOUT_MS: the lease steps and the unsubscribe do not wait on it', async (t) => {
+  if (!(await needRedis(t))) return
+  const redis = await startOwnRedis(t)
+  const server = await spawnServer(t, {
+    JWT_SECRET: TEST_SECRET,
+    HOST: '127.0.0.1',
+    REDIS_URL: redis.url,
+    REDIS_COMMAND_TIMEOUT_MS: '1000',
+    // Lease checks far apart: most often none is in flight when Redis freezes,
+    // so the stop itself meets the frozen Redis (the hand-over, the unsubscribe).
+    INSTANCE_TTL_MS: '60000',
+    // Above the stop's own waits (a hand-over's PUBLISH timed out, 1 s for the
+    // UNSUBSCRIBE), below the bus's detection of a silent subscriber (about
+    // 8 s), which was what ended an UNSUBSCRIBE waiting on a frozen Redis.
+    SHUTDOWN_TIMEOUT_MS: '6000',
+    LOG_LEVEL: 'info'
+  })
+  await eventually(() => /took the ingress lease/.test(server.stdout()), 'the instance to hold the ingress lease')
+  redis.freeze()
+  t.teardown(() => redis.thaw())
+  t.ok(server.child.kill('SIGTERM'), 'SIGTERM sent')
+  t.same(await server.waitExit(20_000), { code: 0, signal: null }, 'exit code 0')
+  t.match(server.stdout(), /"msg":"stopped"/, 'the stop completed')
+  t.notMatch(server.stdout(), /drain timed out/, 'not cut short by the deadline')
 })

@@ -45,6 +45,8 @@ const HANDOVER_WAIT_MS = 1000
 const HANDOVER_DRAIN_MS = 10_000
 /** Time a stop keeps for itself after the hand-over: passing or letting the lease go, and saying so. */
 const HANDOVER_MARGIN_MS = 150
+/** How long a stop waits for the ingress channels' UNSUBSCRIBE. */
+const UNSUBSCRIBE_WAIT_MS = 1000
 
 /** This instance takes over from a stopping holder (IngressLeader.handOver). */
 interface Succession {
@@ -343,11 +345,20 @@ export class IngressLeader {
     // A check in flight may take the lease after this looked: it ends first.
     await this.rerun?.catch(() => {})
     await this.running?.catch(() => {})
-    if (this.holding && this.commands.redis.status === 'ready') {
+    // Not to a Redis that let a command time out and has not answered since
+    // (frozen): each step would wait its REDIS_COMMAND_TIMEOUT_MS, and the
+    // stop would end by SHUTDOWN_TIMEOUT_MS, cut short. The lease then
+    // expires on its own, as a dead holder's does.
+    if (this.holding && this.commands.redis.status === 'ready' && this.commands.isAnswering()) {
       const passed = await this.handOver()
-      await this.step(false)
-      if (!passed) await this.release()
-      await this.commands.redis.publish(`${this.prefix}leader-free`, this.state.instanceId).catch(() => {})
+      // The subscriber has no command timeout (the bus watches it with PINGs):
+      // frozen, it would hold the UNSUBSCRIBE, and the stop, for good. Its
+      // connection closes right after anyway.
+      await within(this.step(false), UNSUBSCRIBE_WAIT_MS, () => {})
+      if (this.commands.isAnswering()) {
+        if (!passed) await this.release()
+        await this.commands.redis.publish(`${this.prefix}leader-free`, this.state.instanceId).catch(() => {})
+      }
     }
     if (this.succession !== null) this.endSuccession(this.succession, false)
   }

@@ -734,7 +734,8 @@ export class RedisState implements SharedState {
     this.graceTimers.clear()
     for (const entry of this.waiting.values()) entry.done(null)
     this.waiting.clear()
-    if (this.commands.redis.status === 'ready') {
+    // (Not to a Redis frozen since a command timed out: see IngressLeader.stop.)
+    if (this.commands.redis.status === 'ready' && this.commands.isAnswering()) {
       // A clean stop leaves the instance list at once instead of after its TTL.
       await this.commands.redis.multi()
         .zrem(`${this.prefix}instances`, this.instanceId)
