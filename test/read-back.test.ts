@@ -237,3 +237,35 @@ t.test('a catch-up after a lost subscription: held live events past the bound cl
   t.equal(connection.closeReason, 'slow', 'closed as a slow consumer: it reconnects with its cursor')
   t.same(names, ['missed0', 'missed1'], `nothing after the events let go is sent (${names.join(',')})`)
 })
+
+t.test('a catch-up that finds the store issuing lower ids (it lost its data, and its clock is behind the ids it had issued): reset, then the new events', async (t) => {
+  const bus = new LosingBus(0)
+  const registry = new Registry('ids-back')
+  const streams = new StreamService(bus, new Hub(bus), registry, { retryMs: 1000, keepaliveMs: 60_000, maxBufferedBytes: 1024 * 1024, historyTtlS: 3600 }, noEvents)
+  const realNow = performance.now.bind(performance)
+  t.teardown(async () => {
+    performance.now = realNow
+    streams.stop()
+    await bus.close()
+  })
+  const publish = (name: string): void => { bus.publishNow([{ channels: [USER], body: renderBody('e', name) }]) }
+  const sink = new HandDrainedSink()
+  sink.auto = true
+  await streams.open(spec(sink, null))
+  publish('before')
+  await turns(2)
+  t.same(sink.names(), ['before'])
+
+  bus.lose()
+  // The store comes back empty, its clock a minute behind: every id it issues now is below the stream's last.
+  performance.now = () => realNow() - 60_000
+  bus['histories'].clear()
+  bus['last'] = 0
+  bus.restore()
+  await turns(4)
+  publish('after0')
+  publish('after1')
+  await turns(4)
+  t.match(sink.text(), /event: reset\ndata: \{"reason":"future"\}/, 'the stream is told it may have missed events')
+  t.same(sink.names(), ['before', 'after0', 'after1'], 'the events issued since, with their lower ids, are delivered')
+})

@@ -622,8 +622,15 @@ export class StreamService {
   private async missedSince (connection: StreamConnection, from: number): Promise<HistoryEntry[] | ResetReason> {
     const result = await this.replayWhole([...connection.channels], from)
     if (result.reset === null) return result.events
-    // 'future': nothing was issued after the bound, so nothing was missed.
-    if (result.reset === 'future') return []
+    // 'future': the store issues ids below the stream's last, which only a
+    // store that lost its data, with a clock behind the ids it had issued,
+    // does (a restart empty, a failover that lost writes): a reset, and the
+    // stream takes ids from where the store stands, or it would drop every
+    // event until the ids pass its last.
+    if (result.reset === 'future') {
+      connection.lastId = Math.min(connection.lastId, await this.bus.lastId())
+      return 'future'
+    }
     // Nothing was trimmed, and what the loss can have missed is younger
     // than the window: the window holds it (the bound is only older).
     // The stream's own outage counts: one held since an earlier loss

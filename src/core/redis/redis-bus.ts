@@ -115,7 +115,11 @@ export class RedisBus implements EventBus {
         this.log.warn({ channel: channelName.toString('utf8', skip, Math.min(channelName.length, skip + 200)), bytes: message.length, hint: 'the bus channels are the gateway\'s own: publish to <prefix>publish' }, 'malformed bus message dropped')
         return
       }
-      if (id > this.delivered) this.delivered = id
+      // Pub/sub delivers in id order: this is the highest. Lower than the
+      // last one only when the store's ids went back (it lost its data, and
+      // its clock is behind the ids it had issued): the mark follows them,
+      // or every stream opened since would count their events as before it.
+      this.delivered = id
       if (isMark) {
         this.heardMark(id)
         return
