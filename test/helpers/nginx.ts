@@ -1,7 +1,7 @@
 /**
  * The real nginx (Debian's package) in front of test gateways, running
  * deploy/nginx.conf with only its marked lines substituted: the two upstream
- * `server gateway-x:3000;` lines and `listen 80;` always, and for the tests
+ * `server gateway-x:3000 max_fails=0 resolve;` lines and `listen 80;` always, and for the tests
  * that ask, `worker_processes auto;`, `worker_shutdown_timeout 30s;` and the
  * commented-out HTTPS listener (uncommented on a free port, with a self-signed
  * certificate made by openssl where its `ssl_certificate*` lines point).
@@ -21,7 +21,7 @@ import { REDIS_URL } from './redis'
 /** deploy/nginx.conf of this checkout (the compiled helper lives in dist/test/helpers). */
 export const NGINX_CONF = join(__dirname, '..', '..', '..', 'deploy', 'nginx.conf')
 
-export const UPSTREAM_LINES = ['server gateway-a:3000 max_fails=0;', 'server gateway-b:3000 max_fails=0;'] as const
+export const UPSTREAM_LINES = ['server gateway-a:3000 max_fails=0 resolve;', 'server gateway-b:3000 max_fails=0 resolve;'] as const
 export const LISTEN_LINE = 'listen 80;'
 export const WORKER_PROCESSES_LINE = 'worker_processes auto;'
 export const SHUTDOWN_TIMEOUT_LINE = 'worker_shutdown_timeout 30s;'
@@ -101,8 +101,9 @@ export interface NginxOptions {
 export function nginxVariant (source: string, upstreams: readonly [string, string], port: number, options: NginxOptions = {}, tlsPort?: number): string {
   let text = source
   UPSTREAM_LINES.forEach((line, index) => {
-    // The address only: the line's parameters are part of what is tested.
-    text = substituteLine(text, line, line.replace(/gateway-[ab]:3000/, upstreams[index]))
+    // The address, and `resolve`, which an address has no use for (and
+    // Debian's nginx, 1.22, does not know): the other parameters are part of what is tested.
+    text = substituteLine(text, line, line.replace(/gateway-[ab]:3000/, upstreams[index]).replace(' resolve;', ';'))
   })
   text = substituteLine(text, LISTEN_LINE, `listen 127.0.0.1:${port};`)
   if (options.workerProcesses !== undefined) text = substituteLine(text, WORKER_PROCESSES_LINE, `worker_processes ${options.workerProcesses};`)
