@@ -184,7 +184,7 @@ function loggerOptions (config: Config, stream?: DestinationStream): FastifyServ
       req: (request: { method: string, url: string, ip?: string, socket?: { remoteAddress?: string } }) => ({
         method: request.method,
         url: redactUrl(request.url),
-        remoteAddress: request.ip !== undefined ? clientAddress(request.ip) : request.socket?.remoteAddress
+        remoteAddress: clientAddress(request.ip)
       }),
       err: errForLog
     },

@@ -1,4 +1,6 @@
 import t from 'tap'
+import { once } from 'node:events'
+import { connect } from 'node:net'
 import { createHmac } from 'node:crypto'
 import type { Test } from 'tap'
 import {
@@ -329,4 +331,25 @@ t.test('redactUrl and withoutJwts: dotted names that only look like a header (ex
   t.equal(withoutJwts('topic exchange.rates.usd is not allowed'), 'topic exchange.rates.usd is not allowed')
   t.equal(withoutJwts(`no stream abc-${jwt}`), 'no stream [redacted]')
   t.equal(withoutJwts(`no stream x_${jwt}`), 'no stream [redacted]')
+})
+
+forEachMode(t, 'requests whose client reset the connection at once (a tab closed while its stream opens): no error line, no 500', async (t, mode) => {
+  const [gateway] = await startCluster(t, mode, 1, { RATE_LIMIT_STREAMS_PER_MIN: '100000', RATE_LIMIT_PUBLISH_PER_MIN: '100000' }, { captureLogs: true })
+  const user = userToken('gone')
+  const publisher = publisherToken()
+  const body = JSON.stringify({ to: { user: 'gone' }, data: 1 })
+  for (let n = 0; n < 30; n++) {
+    const socket = connect(gateway.port, '127.0.0.1')
+    await once(socket, 'connect')
+    socket.write(n % 2 === 0
+      ? `GET /v1/stream?token=${user} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n`
+      : `POST /v1/publish HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer ${publisher}\r\nContent-Type: application/json\r\nContent-Length: ${body.length}\r\n\r\n${body}`)
+    socket.resetAndDestroy()
+    await once(socket, 'close')
+  }
+  // Each of them has been handled (or dropped) once the gateway answers one after them.
+  await openConnected(`${gateway.url}/v1/stream?token=${user}`, { t })
+  await eventually(() => gateway.app.registry.size === 1, 'the streams opened for gone clients to close')
+  const serious = lines(gateway).filter((line) => Number(line.level) >= 50 || (line.res as { statusCode?: number } | undefined)?.statusCode === 500)
+  t.same(serious.map((line) => `${String(line.msg)}: ${String((line.err as { message?: string } | undefined)?.message)}`), [], 'nothing logged as an error')
 })
