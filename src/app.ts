@@ -120,23 +120,54 @@ function timeFirstRequest (server: Server): void {
  * contract's error shape too, and one log line without their bytes, which
  * may hold a token. The connection closes.
  */
+/** Sockets whose refusal is under way: a parser in error reports each later chunk again. */
+const refusing = new WeakSet<Socket>()
+
 function clientError (this: FastifyInstance, error: Error & { code?: string }, socket: Socket): void {
-  if (error.code === 'ECONNRESET' || socket.destroyed) return
+  if (error.code === 'ECONNRESET' || socket.destroyed || refusing.has(socket)) return
+  refusing.add(socket)
   const [statusCode, code, message] = error.code === 'HPE_HEADER_OVERFLOW'
     ? [431, 'GW_TOO_LARGE', 'the request head is too large']
     : error.code === 'ERR_HTTP_REQUEST_TIMEOUT'
       ? [408, 'GW_TIMEOUT', 'the request was not received in time']
       : [400, 'GW_BAD_REQUEST', 'the request is not valid HTTP']
   this.log.info({ remoteAddress: socket.remoteAddress, res: { statusCode }, code, reason: error.code ?? error.message }, 'request refused by the HTTP parser')
-  refuseOnSocket(socket, statusCode, code, message)
-  socket.destroy(error)
+  refuseAfterAnswersAhead(socket, statusCode, code, message)
 }
 
-/** How long a refused CONNECT's connection may wait for the answers ahead of it. */
-const CONNECT_REFUSAL_TIMEOUT_MS = 30_000
+/** How long a refused request's connection may wait for the answers ahead of it. */
+const REFUSAL_WAIT_MS = 30_000
 
 function destroySocket (this: Socket): void {
   this.destroy()
+}
+
+/**
+ * Refuses the request that reached the socket last, once the answers to
+ * those pipelined ahead of it are written (Node gives the connection to the
+ * next queued one as each ends): a publish carried out must get its 202, not
+ * lose it to the refusal, or its client would publish it again. Then the
+ * connection closes, whatever the client does with its side (left half-open,
+ * it held the server's close until the drain's deadline). A stream request
+ * ahead refuses itself (plugins/streams.ts counts what follows it as a
+ * request behind it), so its answer ends too.
+ */
+function refuseAfterAnswersAhead (socket: Socket, statusCode: number, code: string, message: string): void {
+  socket.setTimeout(REFUSAL_WAIT_MS, destroySocket)
+  const whenAnswered = (): void => {
+    if (socket.destroyed) return
+    // Even one whose bytes are all written (see responseInFlight). Not the
+    // answer to the very request refused (its body timed out or broke after
+    // a route answered early): refuseOnSocket writes nothing into it.
+    const inFlight = responseInFlight(socket)
+    if (inFlight !== null && inFlight.req?.complete === true) {
+      inFlight.once('finish', whenAnswered)
+      return
+    }
+    refuseOnSocket(socket, statusCode, code, message)
+    socket.destroySoon()
+  }
+  whenAnswered()
 }
 
 /**
@@ -153,25 +184,8 @@ function answerWhatNodeWouldRefuse (app: FastifyInstance, server: Server): void 
     // handing it here: a client's reset would be an uncaught error (the
     // process ends), and an answer ahead that never comes would hold it.
     socket.on('error', destroySocket)
-    socket.setTimeout(CONNECT_REFUSAL_TIMEOUT_MS, destroySocket)
     app.log.info({ remoteAddress: socket.remoteAddress, res: { statusCode: 400 }, code: 'GW_BAD_REQUEST', reason: 'CONNECT' }, 'request refused by the HTTP parser')
-    const refuse = (): void => {
-      refuseOnSocket(socket, 400, 'GW_BAD_REQUEST', 'the CONNECT method is not served')
-      // Closed once written, whatever the client does with its side: left
-      // half-open, the socket held the server's close until the drain's deadline.
-      socket.destroySoon()
-    }
-    // Pipelined behind answers still to come (a publish's): after the last of
-    // them (Node gives the connection to the next queued one as each ends). A
-    // stream request ahead refuses itself (plugins/streams.ts counts this
-    // CONNECT as a request behind it), so its 400 ends too.
-    const whenAnswered = (): void => {
-      // Even one whose bytes are all written (see responseInFlight).
-      const inFlight = responseInFlight(socket)
-      if (inFlight !== null) inFlight.once('finish', whenAnswered)
-      else refuse()
-    }
-    whenAnswered()
+    refuseAfterAnswersAhead(socket, 400, 'GW_BAD_REQUEST', 'the CONNECT method is not served')
   })
 }
 

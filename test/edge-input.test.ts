@@ -410,6 +410,25 @@ t.test('requests Node would answer itself: an Expect other than 100-continue is 
   t.ok(loggedAs<{ reason?: string }>(logText(), 'request refused by the HTTP parser').filter((line) => line.reason === 'CONNECT').length >= 8, 'a log line for each CONNECT')
 })
 
+forEachMode(t, 'a malformed request pipelined behind a publish: the publish, carried out, is answered 202 first, then the malformed one 400', async (t, mode) => {
+  const [gateway] = await startCluster(t, mode)
+  const { stream } = await openConnected(`${gateway.url}/v1/stream?token=${userToken('behind-u1')}`, { t })
+  const body = JSON.stringify({ to: { user: 'behind-u1' }, event: 'carried', data: 1 })
+  const publishRequest = `POST /v1/publish HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${publisher}\r\nContent-Type: application/json\r\nContent-Length: ${body.length}\r\n\r\n${body}`
+  for (const malformed of ['GARBAGE\r\n\r\n', 'GET /health HTTP/1.1\r\nHost: x\r\nbad header line\r\n\r\n', `GET /health HTTP/1.1\r\nHost: x\r\nX-Long: ${'a'.repeat(20_000)}\r\n\r\n`]) {
+    const client = await rawConnect(t, gateway.port)
+    // One write: the parser meets the malformed request while the publish is still being carried out.
+    client.write(`${publishRequest}${malformed}`)
+    await client.waitClose(10_000)
+    const statuses = [...client.text().matchAll(/HTTP\/1\.1 (\d{3}) /g)].map((match) => Number(match[1]))
+    t.equal(statuses[0], 202, `the publish answered 202 (${malformed.slice(0, 20).trim()}…)`)
+    t.equal(statuses.length, 2, 'then the malformed request refused')
+    t.ok(statuses[1] === 400 || statuses[1] === 431, `with ${statuses[1]}`)
+    t.equal((await stream.nextEvent('carried')).event, 'carried', 'and the event was published, once')
+  }
+  t.same(stream.unread().filter((event) => event.event === 'carried'), [], 'no event twice')
+})
+
 t.test('data and job results holding `__proto__` or `constructor.prototype` keys pass through as written, and no prototype changes', async (t) => {
   const { url } = await startGateway(t)
   const { stream } = await openConnected(`${url}/v1/stream?token=${userToken('u1')}`, { t })
