@@ -70,7 +70,8 @@ const REQUEST_TIMEOUT_MS = 90_000
  * connectionsCheckingInterval (30 s by default): 5 s keeps a late answer near
  * its deadline, for a check of the requests under way alone.
  */
-const HTTP_SERVER_OPTIONS = { requireHostHeader: false, requestTimeout: REQUEST_TIMEOUT_MS, connectionsCheckingInterval: 5000 }
+const CONNECTIONS_CHECK_MS = 5000
+const HTTP_SERVER_OPTIONS = { requireHostHeader: false, requestTimeout: REQUEST_TIMEOUT_MS, connectionsCheckingInterval: CONNECTIONS_CHECK_MS }
 
 
 /**
@@ -104,15 +105,34 @@ function routerError (error: Error & { code?: string }, request: FastifyRequest,
   logCompleted(request, reply)
 }
 
+/** Connections that have sent a whole request head (see timeFirstRequest). */
+const requested = new WeakSet<Socket>()
+
 /**
  * Node times a request head from its first byte (headersTimeout): a
  * connection that never sends one would stay open for ever, holding a file
- * descriptor. Until its first request it gets as long as a head; Node's own
- * handler closes it then (nothing listens to the server's 'timeout').
+ * descriptor. Until its first request it gets as long as a head, then is
+ * closed without a word (a browser's preconnected socket, unused, must not
+ * find an answer there). One whose first head has begun but not ended gets
+ * Node's own 408 instead (its timer counts from the head's first byte, and
+ * Node checks it every CONNECTIONS_CHECK_MS): this idle timer counts from the
+ * last byte, and closing then took that answer away. Listening to the
+ * server's 'timeout' keeps Node from destroying every socket whose timer
+ * fires, so this does it for the others (kept-alive connections left idle).
  */
 function timeFirstRequest (server: Server): void {
   server.on('connection', (socket: Socket) => { socket.setTimeout(server.headersTimeout) })
+  server.on('timeout', (socket: Socket) => {
+    if (socket.bytesRead > 0 && !requested.has(socket) && socket.timeout === server.headersTimeout) {
+      socket.setTimeout(CONNECTIONS_CHECK_MS + 1000)
+      return
+    }
+    socket.destroy()
+  })
 }
+
+/** Sockets whose refusal is under way: a parser in error reports each later chunk again. */
+const refusing = new WeakSet<Socket>()
 
 /**
  * Requests Node's HTTP parser refuses (a malformed head, headers past its
@@ -120,8 +140,6 @@ function timeFirstRequest (server: Server): void {
  * contract's error shape too, and one log line without their bytes, which
  * may hold a token. The connection closes.
  */
-/** Sockets whose refusal is under way: a parser in error reports each later chunk again. */
-const refusing = new WeakSet<Socket>()
 
 function clientError (this: FastifyInstance, error: Error & { code?: string }, socket: Socket): void {
   if (error.code === 'ECONNRESET' || socket.destroyed || refusing.has(socket)) return
@@ -354,6 +372,7 @@ function checkEveryRequest (app: FastifyInstance): void {
   app.addHook('onRequest', (request, reply, done) => {
     // Its first request came (see timeFirstRequest); a stream may be quiet for longer.
     request.raw.socket.setTimeout(0)
+    requested.add(request.raw.socket)
     if (request.headers.host === undefined && request.raw.httpVersion === '1.1') {
       reply.header('connection', 'close')
       done(new errors.BadRequest('the Host header is missing'))

@@ -295,6 +295,12 @@ t.test('a connection that sends nothing is closed after the head timeout, on eit
     const silent = await rawConnect(t, to)
     await silent.waitClose(5000)
     t.equal(silent.raw().length, 0, `port ${to === port ? 'public' : 'internal'}: closed with nothing written`)
+    // A head begun on a new connection and never ended: Node's 408 (within one of its checks, every 5 s), not a silent close.
+    const halfHead = await rawConnect(t, to)
+    halfHead.write('GET /health HTTP/1.1\r\nHost: x\r\n')
+    await halfHead.waitClose(15_000)
+    t.equal(halfHead.response().status, 408, `port ${to === port ? 'public' : 'internal'}: a first head never ended gets 408`)
+    t.match(JSON.parse(halfHead.response().body), { code: 'GW_TIMEOUT' })
   }
   const { stream } = await openConnected(`${url}/v1/stream?token=${userToken('u-quiet')}`, { t })
   // Keepalives come every 200 ms: after six, the stream has outlived the head timeout many times over.
