@@ -195,8 +195,15 @@ function refuseAfterAnswersAhead (socket: Socket, statusCode: number, code: stri
  * destroyed without a byte. One is served as if it had no `Expect`, the
  * other refused in the contract's shape.
  */
-function answerWhatNodeWouldRefuse (app: FastifyInstance, server: Server): void {
+function answerWhatNodeWouldRefuse (app: FastifyInstance, server: Server, maxBodyBytes: number): void {
   server.on('checkExpectation', (request: IncomingMessage, response: ServerResponse) => server.emit('request', request, response))
+  // Node invites every body (100 Continue): one that says it is too large is
+  // not, and gets its 413 while the client still waits to send it.
+  server.on('checkContinue', (request: IncomingMessage, response: ServerResponse) => {
+    if (Number(request.headers['content-length']) > maxBodyBytes) continueWithheld.add(request)
+    else response.writeContinue()
+    server.emit('request', request, response)
+  })
   server.on('connect', (_request: IncomingMessage, socket: Socket) => {
     // Node took its own error handler and timeout off the socket before
     // handing it here: a client's reset would be an uncaught error (the
@@ -229,7 +236,7 @@ export async function buildApp (config: Config, options: BuildOptions = {}): Pro
   const app = Fastify(fastifyOptions(config, options.logStream, routeMethods))
   app.addHook('onRoute', (route) => routeMethods.add(route.url, route.method, route.config?.internal === true))
   answerErrors(app, routeMethods, config.internalPort !== null)
-  checkEveryRequest(app)
+  checkEveryRequest(app, config.maxBodyBytes)
   answerShadowedPathsAsNotServed(app, routeMethods)
   parseEveryBodyAsJson(app)
   await app.register(configPlugin, { config })
@@ -238,7 +245,7 @@ export async function buildApp (config: Config, options: BuildOptions = {}): Pro
   const closingPhase: ClosingPhase = { listenersClosed: false }
   answerWhileClosing(app, closingPhase, config.internalPort !== null)
   if (config.trustProxy === null) warnOfUntrustedProxy(app)
-  const internalServer = config.internalPort !== null ? internalListener(app) : null
+  const internalServer = config.internalPort !== null ? internalListener(app, config.maxBodyBytes) : null
   app.decorate('internalServer', internalServer)
 
   await app.register(registryPlugin, { instanceId: options.instanceId })
@@ -308,6 +315,7 @@ function fastifyOptions (config: Config, logStream: DestinationStream | undefine
 function answerErrors (app: FastifyInstance, routeMethods: RouteMethods, internalPortSet: boolean): void {
   app.setErrorHandler((error: Error & { statusCode?: number, validation?: unknown, code?: string }, request, reply) => {
     const statusCode = error.statusCode !== undefined && error.statusCode >= 400 && error.statusCode < 600 ? error.statusCode : 500
+    if (error.code === 'FST_ERR_CTP_BODY_TOO_LARGE') readRestOfRefusedBody(request.raw, reply)
     if (statusCode === 503) {
       // Expected while Redis is away or the instance drains: one line, no stack,
       // for every reconnect attempt of every browser.
@@ -365,9 +373,9 @@ function answerNotFound (request: FastifyRequest, reply: FastifyReply): void {
   })
 }
 
-function checkEveryRequest (app: FastifyInstance): void {
+function checkEveryRequest (app: FastifyInstance, maxBodyBytes: number): void {
   timeFirstRequest(app.server)
-  answerWhatNodeWouldRefuse(app, app.server)
+  answerWhatNodeWouldRefuse(app, app.server, maxBodyBytes)
   // RFC 9112 §3.2: an HTTP/1.1 request without Host is refused. HTTP/1.0 has none to send.
   app.addHook('onRequest', (request, reply, done) => {
     // Its first request came (see timeFirstRequest); a stream may be quiet for longer.
@@ -551,12 +559,12 @@ function internalHidden (request: FastifyRequest, internalPortSet: boolean): boo
 }
 
 /** The listener of INTERNAL_PORT: the same app, whose publisher and admin routes answer only there. */
-function internalListener (app: FastifyInstance): Server {
+function internalListener (app: FastifyInstance, maxBodyBytes: number): Server {
   const server = createServer(HTTP_SERVER_OPTIONS, (request, response) => app.server.emit('request', request, response))
   server.on('clientError', clientError.bind(app))
   server.on('connection', (socket: Socket) => internalSockets.add(socket))
   timeFirstRequest(server)
-  answerWhatNodeWouldRefuse(app, server)
+  answerWhatNodeWouldRefuse(app, server, maxBodyBytes)
   // Publisher and admin routes do not exist on the public listener.
   app.addHook('onRequest', async (request, reply) => {
     if (request.routeOptions.config.internal === true && !internalSockets.has(request.raw.socket)) {
@@ -648,6 +656,41 @@ function closeInternalListenerAfterDrain (app: FastifyInstance, server: Server):
     // connections are ended here, and the callback waits for the others.
     await new Promise<void>((resolve) => server.close(() => resolve()))
   })
+}
+
+/** Requests whose 100 Continue was not sent (their body is too large): the client may never send it. */
+const continueWithheld = new WeakSet<IncomingMessage>()
+
+/** How much of a refused body is read, and for how long, before the connection is cut. */
+const REFUSED_BODY_MAX_BYTES = 64 * 1024 * 1024
+const REFUSED_BODY_MAX_MS = 10_000
+
+/**
+ * Fastify closes the connection after a body too large, and the client, still
+ * sending it, got a reset (EPIPE) instead of the 413, which it had no time to
+ * read: a publisher saw a network error and retried. The rest of the body is
+ * read and dropped instead, as nginx's lingering close does, within bounds
+ * past which the connection is cut; the connection then serves the next
+ * request. Not when its 100 Continue was withheld: the client may not send
+ * the body at all, and what it sends next could be read as that body.
+ */
+function readRestOfRefusedBody (request: IncomingMessage, reply: FastifyReply): void {
+  if (request.complete || continueWithheld.has(request)) return
+  reply.removeHeader('connection')
+  let left = REFUSED_BODY_MAX_BYTES
+  const cut = (): void => { request.socket.destroy() }
+  const timer = setTimeout(cut, REFUSED_BODY_MAX_MS)
+  const count = (chunk: Buffer): void => {
+    left -= chunk.length
+    if (left < 0) cut()
+  }
+  const done = (): void => {
+    clearTimeout(timer)
+    request.removeListener('data', count)
+  }
+  request.on('data', count)
+  request.once('end', done)
+  request.once('close', done)
 }
 
 /** The gateway's codes for Fastify's own refusals of a request, by status. */

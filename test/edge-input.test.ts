@@ -435,6 +435,41 @@ forEachMode(t, 'a malformed request pipelined behind a publish: the publish, car
   t.same(stream.unread().filter((event) => event.event === 'carried'), [], 'no event twice')
 })
 
+t.test('a body over MAX_BODY_BYTES: the client sending it reads its 413, not a reset, and the connection serves the next request; one waiting on 100 Continue gets the 413 at once', async (t) => {
+  const { port } = await startGateway(t, { MAX_BODY_BYTES: '65536' })
+  const socket = net.connect(port, '127.0.0.1')
+  t.teardown(() => socket.destroy())
+  await once(socket, 'connect')
+  let received = ''
+  let failure: Error | null = null
+  socket.on('data', (chunk: Buffer) => { received += chunk.toString('latin1') })
+  socket.on('error', (error) => { failure = error })
+  const size = 4 * 1024 * 1024
+  socket.write(`POST /v1/publish HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${publisher}\r\nContent-Type: application/json\r\nContent-Length: ${size}\r\n\r\n`)
+  const chunk = Buffer.alloc(64 * 1024, 'a')
+  // The whole body, at the pace the gateway reads it: written on after the 413 has come.
+  for (let sent = 0; sent < size && failure === null && !socket.destroyed; sent += chunk.length) {
+    if (!socket.write(chunk)) await Promise.race([once(socket, 'drain'), once(socket, 'close')])
+  }
+  t.equal(failure, null, 'no reset while the body was sent')
+  socket.write('GET /health HTTP/1.1\r\nHost: x\r\n\r\n')
+  await eventually(() => /HTTP\/1\.1 200 /.test(received) || failure !== null || socket.destroyed, 'the answer to the next request')
+  t.same([...received.matchAll(/HTTP\/1\.1 (\d{3}) /g)].map((match) => Number(match[1])), [413, 200], 'the 413, then the next request served on the same connection')
+  t.match(received, /"code":"GW_TOO_LARGE"/)
+
+  const expecting = await rawConnect(t, port)
+  expecting.write(`POST /v1/publish HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${publisher}\r\nContent-Length: ${size}\r\nExpect: 100-continue\r\n\r\n`)
+  await expecting.waitClose(5000)
+  t.notMatch(expecting.text(), /100 Continue/, 'no invitation to send the body')
+  t.equal(expecting.response().status, 413, '413 before any of the body, and the connection closed')
+  const small = await rawConnect(t, port)
+  small.write(`POST /v1/publish HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${publisher}\r\nContent-Type: application/json\r\nContent-Length: 2\r\nExpect: 100-continue\r\nConnection: close\r\n\r\n`)
+  await small.until(() => /100 Continue/.test(small.text()), 5000, 'a body within the limit invited')
+  small.write('{}')
+  await small.waitClose(5000)
+  t.match(small.text(), /HTTP\/1\.1 400 /, 'and read (a publish without a target: 400)')
+})
+
 t.test('data and job results holding `__proto__` or `constructor.prototype` keys pass through as written, and no prototype changes', async (t) => {
   const { url } = await startGateway(t)
   const { stream } = await openConnected(`${url}/v1/stream?token=${userToken('u1')}`, { t })
