@@ -8,6 +8,16 @@ import { errorResponses, PathId, StreamQuery, type StreamQueryType } from '../sr
 import { errors } from '../src/errors'
 import { checkTopics, parseTopicList } from './topics'
 
+/**
+ * A list written the way qs and axios write one (`topics[]=a`, `topics[0]=a`)
+ * is not read: refused, where the stream would open subscribed to nothing.
+ */
+function refuseBracketedTopics (query: object): void {
+  for (const key in query) {
+    if (key.startsWith('topics[')) throw new errors.BadRequest('topics are read as topics=a,b or topics=a&topics=b, not topics[]=a')
+  }
+}
+
 /** The user's stream: its own id, the user, its topics, broadcast. */
 const streamRoutes: FastifyPluginAsync = async (app) => {
   const { state } = app
@@ -15,6 +25,7 @@ const streamRoutes: FastifyPluginAsync = async (app) => {
   const open = async (request: Parameters<typeof app.openStream>[0], reply: Parameters<typeof app.openStream>[1], connectionId: string, reopened: boolean): Promise<void> => {
     const auth = authOf(request)
     const query = request.query as StreamQueryType
+    refuseBracketedTopics(query)
     const topics = checkTopics(auth, parseTopicList(query.topics), app.config.maxTopics)
     await app.openStream(request, reply, {
       connectionId,

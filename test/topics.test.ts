@@ -39,6 +39,12 @@ t.test('?topics= repeated (topics=a&topics=b,c) is one list; more than 100 names
   const refused = await openStream(`${url}/v1/stream?token=${userToken('rep')}&${many}`, { t })
   t.equal(refused.status, 400)
   t.match(refused.json(), { statusCode: 400, error: 'Bad Request', message: String })
+  // The list styles of qs and axios would open a stream subscribed to nothing.
+  for (const query of ['topics[]=news&topics[]=sport', 'topics%5B%5D=news', 'topics[0]=news']) {
+    const bracketed = await openStream(`${url}/v1/stream?token=${userToken('rep')}&${query}`, { t })
+    t.equal(bracketed.status, 400, `${query}: 400`)
+    t.match(bracketed.json(), { code: 'GW_BAD_REQUEST', message: /topics=a,b/ })
+  }
 })
 
 forEachMode(t, 'POST /v1/subscriptions with a connectionId adds topics to that stream only; DELETE removes them', async (t, mode) => {
