@@ -384,6 +384,10 @@ function checkEveryRequest (app: FastifyInstance, maxBodyBytes: number): void {
     if (request.headers.host === undefined && request.raw.httpVersion === '1.1') {
       reply.header('connection', 'close')
       done(new errors.BadRequest('the Host header is missing'))
+    } else if (hostLines(request.raw.rawHeaders) > 1) {
+      // RFC 9112 §3.2 again: Node keeps the first, a proxy before it may have read another.
+      reply.header('connection', 'close')
+      done(new errors.BadRequest('the Host header is given more than once'))
     } else {
       done()
     }
@@ -403,6 +407,16 @@ function answerShadowedPathsAsNotServed (app: FastifyInstance, routeMethods: Rou
     }
     done()
   })
+}
+
+/** How many Host lines a request head holds (`rawHeaders`: name, value, name, value…). */
+function hostLines (rawHeaders: string[]): number {
+  let count = 0
+  for (let index = 0; index < rawHeaders.length; index += 2) {
+    const name = rawHeaders[index]
+    if (name.length === 4 && name.toLowerCase() === 'host') count++
+  }
+  return count
 }
 
 function parseEveryBodyAsJson (app: FastifyInstance): void {

@@ -336,7 +336,7 @@ t.test('a request whose body stops coming gets 408 GW_TIMEOUT and its connection
   t.notOk(stream.ended, 'a stream open past the request timeout is still open')
 })
 
-t.test('an HTTP/1.1 request without Host gets 400 in the contract\'s shape on either listener, with its log line; HTTP/1.0 needs none', async (t) => {
+t.test('an HTTP/1.1 request without Host, or with two, gets 400 in the contract\'s shape on either listener, with its log line; HTTP/1.0 needs none', async (t) => {
   const { port, app, logText } = await startGateway(t, { INTERNAL_PORT: '0' }, { captureLogs: true })
   const internalPort = await listenInternalPort(app)
   for (const to of [port, internalPort]) {
@@ -346,10 +346,13 @@ t.test('an HTTP/1.1 request without Host gets 400 in the contract\'s shape on ei
     t.same(JSON.parse(missing.body), { statusCode: 400, code: 'GW_BAD_REQUEST', error: 'Bad Request', message: 'the Host header is missing' })
     const http10 = (await rawExchange(to, 'GET /health HTTP/1.0\r\n\r\n')).response()
     t.equal(http10.status, 200, 'HTTP/1.0 has no Host to send')
+    const twice = (await rawExchange(to, 'GET /v1/presence/u1 HTTP/1.1\r\nHost: a.example\r\nhost: b.example\r\n\r\n')).response()
+    t.equal(twice.status, 400, 'two Host lines: 400')
+    t.match(JSON.parse(twice.body), { code: 'GW_BAD_REQUEST', message: 'the Host header is given more than once' })
   }
   const lines = (): Array<{ code?: string, res?: { statusCode: number } }> => loggedAs(logText(), 'request completed')
-  await eventually(() => lines().filter((line) => line.code === 'GW_BAD_REQUEST').length === 2, 'a line for each refusal')
-  t.same(lines().filter((line) => line.code === 'GW_BAD_REQUEST').map((line) => line.res?.statusCode), [400, 400])
+  await eventually(() => lines().filter((line) => line.code === 'GW_BAD_REQUEST').length === 4, 'a line for each refusal')
+  t.same(lines().filter((line) => line.code === 'GW_BAD_REQUEST').map((line) => line.res?.statusCode), [400, 400, 400, 400])
 })
 
 t.test('requests Node would answer itself: an Expect other than 100-continue is served as if absent, CONNECT gets 400 in the contract\'s shape, on either listener', async (t) => {
