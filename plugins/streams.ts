@@ -123,6 +123,20 @@ function noteConnectIfWaiting (_request: IncomingMessage, socket: Socket): void 
   requestsWaiting.set(socket, (requestsWaiting.get(socket) ?? 0) + 1)
 }
 
+/** Connections whose refused request is counted in requestsWaiting (see noteRefusalIfWaiting). */
+const refusalNoted = new WeakSet<Socket>()
+
+/**
+ * So does a request the HTTP parser refuses (src/app.ts waits alike), once
+ * per connection: the parser reports each later chunk again, and the
+ * connection closes after the refusal.
+ */
+function noteRefusalIfWaiting (error: Error & { code?: string }, socket: Socket): void {
+  if (error.code === 'ECONNRESET' || refusalNoted.has(socket) || responseInFlight(socket) === null) return
+  refusalNoted.add(socket)
+  requestsWaiting.set(socket, (requestsWaiting.get(socket) ?? 0) + 1)
+}
+
 function noteIfWaiting (request: IncomingMessage, response: ServerResponse): void {
   if (response.socket !== null) return
   const socket = request.socket
@@ -345,7 +359,10 @@ export default fp(async (app) => {
   // the same packet as a stream's is counted before the stream's handler
   // next yields. (The internal listener hands its requests to this server.)
   app.server.prependListener('request', noteIfWaiting)
-  for (const server of [app.server, app.internalServer]) server?.prependListener('connect', noteConnectIfWaiting)
+  for (const server of [app.server, app.internalServer]) {
+    server?.prependListener('connect', noteConnectIfWaiting)
+    server?.prependListener('clientError', noteRefusalIfWaiting)
+  }
 
   /** Streams past the MAX_CONNECTIONS check that are not in the registry yet. */
   let opening = 0

@@ -198,7 +198,8 @@ function refuseAfterAnswersAhead (socket: Socket, statusCode: number, code: stri
 function answerWhatNodeWouldRefuse (app: FastifyInstance, server: Server, maxBodyBytes: number): void {
   server.on('checkExpectation', (request: IncomingMessage, response: ServerResponse) => server.emit('request', request, response))
   // Node invites every body (100 Continue): one that says it is too large is
-  // not, and gets its 413 while the client still waits to send it.
+  // not, and gets its 413 while the client still waits to send it. (Node
+  // closes a connection whose 100 was never sent once it is answered.)
   server.on('checkContinue', (request: IncomingMessage, response: ServerResponse) => {
     if (Number(request.headers['content-length']) > maxBodyBytes) continueWithheld.add(request)
     else response.writeContinue()

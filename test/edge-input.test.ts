@@ -436,6 +436,12 @@ forEachMode(t, 'a malformed request pipelined behind a publish: the publish, car
     t.equal((await stream.nextEvent('carried')).event, 'carried', 'and the event was published, once')
   }
   t.same(stream.unread().filter((event) => event.event === 'carried'), [], 'no event twice')
+  // Behind a stream request: the stream refuses itself (it would never end), then the malformed request is refused.
+  const behindStream = await rawConnect(t, gateway.port)
+  behindStream.write(`GET /v1/stream?token=${userToken('behind-u2')} HTTP/1.1\r\nHost: x\r\n\r\nGARBAGE\r\n\r\n`)
+  await behindStream.waitClose(5000)
+  t.same([...behindStream.text().matchAll(/HTTP\/1\.1 (\d{3}) /g)].map((match) => Number(match[1])), [400, 400], 'the stream refused, then the malformed request')
+  t.match(behindStream.text(), /followed by other requests pipelined/)
 })
 
 t.test('a body over MAX_BODY_BYTES: the client sending it reads its 413, not a reset, and the connection serves the next request; one waiting on 100 Continue gets the 413 at once', async (t) => {
