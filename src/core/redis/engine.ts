@@ -387,7 +387,8 @@ export class IngressLeader {
     }), Math.min(HANDOVER_WAIT_MS, timeLeft() / 2), () => null)
     try {
       // Heard by this instance's own subscriber, and by any other.
-      if (await this.commands.redis.publish(`${this.prefix}leader-free`, `handing:${self}`) < 2) return false
+      // Through call(): one that times out marks Redis silent, and the stop skips its other steps.
+      if (await this.commands.call(async (redis) => await redis.publish(`${this.prefix}leader-free`, `handing:${self}`)) < 2) return false
       const successor = await successorMarked
       if (successor === null) return false
       // What came before the marker is this instance's alone: published before
@@ -531,10 +532,10 @@ export class IngressLeader {
 
   /** Deletes `key` while it still names this instance (the lease, a succession claim): never another's. */
   private async deleteOwn (key: string): Promise<void> {
-    await this.commands.redis.eval(
+    await this.commands.call(async (redis) => await redis.eval(
       "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0",
       1, key, this.state.instanceId
-    ).catch(() => {})
+    )).catch(() => {})
   }
 
   private dispatch (source: Parameters<IngressHandler>[0], payload: string): void {
