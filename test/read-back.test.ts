@@ -261,6 +261,8 @@ t.test('a catch-up that finds the store issuing lower ids (it lost its data, and
   performance.now = () => realNow() - 60_000
   bus['histories'].clear()
   bus['last'] = 0
+  // And its epoch starts anew, as INIT does for a store that restarted.
+  Object.assign(bus, { epoch: Math.floor((performance.timeOrigin + performance.now()) * 1000) })
   bus.restore()
   await turns(4)
   publish('after0')
@@ -268,4 +270,12 @@ t.test('a catch-up that finds the store issuing lower ids (it lost its data, and
   await turns(4)
   t.match(sink.text(), /event: reset\ndata: \{"reason":"future"\}/, 'the stream is told it may have missed events')
   t.same(sink.names(), ['before', 'after0', 'after1'], 'the events issued since, with their lower ids, are delivered')
+
+  // A later loss catches up from the new ids, not from the old ones: no second reset.
+  bus.lose()
+  publish('missed')
+  bus.restore()
+  await turns(4)
+  t.same(sink.names(), ['before', 'after0', 'after1', 'missed'], 'a later loss is caught up')
+  t.equal([...sink.text().matchAll(/event: reset/g)].length, 1, 'one reset in all')
 })

@@ -628,7 +628,12 @@ export class StreamService {
     // stream takes ids from where the store stands, or it would drop every
     // event until the ids pass its last.
     if (result.reset === 'future') {
-      connection.lastId = Math.min(connection.lastId, await this.bus.lastId())
+      // Unreadable: from nothing, so that none of the new events is dropped
+      // (a later catch-up from there is told `unknown`).
+      const issued = await this.bus.lastId().catch(() => 0)
+      connection.lastId = Math.min(connection.lastId, issued)
+      // Or the next loss's catch-up would start above the new ids again.
+      connection.baseline = Math.min(connection.baseline, issued)
       return 'future'
     }
     // Nothing was trimmed, and what the loss can have missed is younger
