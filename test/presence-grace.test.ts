@@ -8,10 +8,10 @@
  */
 import { setTimeout as delay } from 'node:timers/promises'
 import t, { type Test } from 'tap'
-import { eventually, openConnected, openStream, publishOk, request, spawnServer, startGateway, TEST_SECRET, userToken, type Gateway, type ServerProcess, type SseClient } from './helpers'
+import { eventually, openConnected, publishOk, request, spawnServer, startGateway, TEST_SECRET, userToken, type Gateway, type ServerProcess, type SseClient } from './helpers'
 import { connect, dataOf, namesOf, nonce, presence, PUBLISHER, settle, setMembers } from './helpers/channels'
 import { needRedis, REDIS_URL, uniquePrefix } from './helpers/redis'
-import { beginDrain, gate } from './helpers/drain'
+import { openAdmittedAsDrainBegins } from './helpers/drain'
 
 const INSTANCE_TTL_MS = 3000
 /** A lease holder that stopped cleanly is replaced within a check; a dead one within its lease and a check. */
@@ -116,13 +116,7 @@ t.test('a stream admitted as the drain begins, then refused: its user:offline fo
   const b = await start()
   await setMembers(b, 'c1', ['u1', 'u2'])
   const u1 = await connect(t, b, 'u1')
-  const admission = gate(a.app.state, 'admit')
-  const opening = openStream(`${a.url}/v1/stream?token=${userToken('u2')}`, { t }).catch((error: Error) => error)
-  await admission.entered
-  const { closed } = await beginDrain(t, a.app)
-  admission.open()
-  const refused = await opening
-  if (refused instanceof Error) throw new Error(`the open was not answered: ${refused.message}`)
+  const { answer: refused, closed } = await openAdmittedAsDrainBegins(t, a, 'u2')
   t.equal(refused.status, 503, 'refused: the instance drains')
   await closed
 

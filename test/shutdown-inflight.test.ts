@@ -3,23 +3,15 @@ import { connect, type Socket } from 'node:net'
 import { setFlagsFromString } from 'node:v8'
 import { runInNewContext } from 'node:vm'
 import t from 'tap'
-import { forEachMode, listenInternalPort, openStream, publisherToken, request, startCluster, startGateway, userToken } from './helpers'
+import { forEachMode, listenInternalPort, publisherToken, request, startCluster, startGateway, userToken } from './helpers'
 import { rawConnect } from './helpers/raw'
 import { redisClient } from './helpers/redis'
 import { within } from './helpers/wait'
-import { beginDrain, gate } from './helpers/drain'
+import { beginDrain, gate, openAdmittedAsDrainBegins } from './helpers/drain'
 
 forEachMode(t, 'a stream still waiting on admission when the drain begins is refused with 503, not reset, and holds no slot', async (t, mode) => {
   const [draining] = await startCluster(t, mode)
-  const admission = gate(draining.app.state, 'admit')
-  // A reset would reject: kept as a value, so the test fails on it, not the process.
-  const opening = openStream(`${draining.url}/v1/stream?token=${userToken('late')}`, { t }).catch((error: Error) => error)
-  await admission.entered
-  const { closed } = await beginDrain(t, draining.app)
-  admission.open()
-
-  const stream = await opening
-  if (stream instanceof Error) throw new Error(`the open was not answered: ${stream.message}`)
+  const { answer: stream, closed } = await openAdmittedAsDrainBegins(t, draining, 'late')
   t.equal(stream.status, 503, 'answered 503')
   t.match(stream.headers['retry-after'], /^\d+$/, 'with Retry-After')
   t.match(stream.json(), { statusCode: 503, error: 'Service Unavailable', message: /shutting down/ })

@@ -1,7 +1,7 @@
-import t from 'tap'
-import { eventually, openConnected, openStream, publishOk, publisherToken, request, spawnServer, startGateway, TEST_SECRET, userToken, type SseClient } from './helpers'
+import t, { type Test } from 'tap'
+import { eventually, openConnected, openStream, publishOk, publisherToken, request, spawnServer, startGateway, TEST_SECRET, userToken, type ServerProcess, type SseClient } from './helpers'
 import { flood, floodData, floodMaxBytes, FLOOD_EVENT_BYTES, neverReadingStream, rawConnect } from './helpers/raw'
-import { needRedis, REDIS_URL, startOwnRedis, uniquePrefix } from './helpers/redis'
+import { needRedis, REDIS_URL, startOwnRedis, uniquePrefix, type OwnRedis } from './helpers/redis'
 
 const SHUTDOWN_TIMEOUT_MS = 10_000
 
@@ -164,14 +164,7 @@ t.test('a stream that stopped reading and a request never finished do not outlas
 
 t.test('a drain whose watermark does not come (Redis frozen) still sends `shutdown` within a short SHUTDOWN_TIMEOUT_MS', async (t) => {
   if (!(await needRedis(t))) return
-  const redis = await startOwnRedis(t)
-  const server = await spawnServer(t, {
-    JWT_SECRET: TEST_SECRET,
-    HOST: '127.0.0.1',
-    REDIS_URL: redis.url,
-    SHUTDOWN_TIMEOUT_MS: '1000',
-    LOG_LEVEL: 'warn'
-  })
+  const { redis, server } = await spawnOnOwnRedis(t, { SHUTDOWN_TIMEOUT_MS: '1000', LOG_LEVEL: 'warn' })
   // Without an event: the drain asks for a watermark to give it a cursor.
   const { stream } = await openConnected(`${server.url}/v1/stream?token=${userToken('frozen-u1')}`, { t })
   redis.freeze()
@@ -184,11 +177,7 @@ t.test('a drain whose watermark does not come (Redis frozen) still sends `shutdo
 
 t.test('a stop against a Redis that froze completes on its own, not cut short by SHUTDOWN_TIMEOUT_MS: the lease steps and the unsubscribe do not wait on it', async (t) => {
   if (!(await needRedis(t))) return
-  const redis = await startOwnRedis(t)
-  const server = await spawnServer(t, {
-    JWT_SECRET: TEST_SECRET,
-    HOST: '127.0.0.1',
-    REDIS_URL: redis.url,
+  const { redis, server } = await spawnOnOwnRedis(t, {
     REDIS_COMMAND_TIMEOUT_MS: '1000',
     // Lease checks far apart: most often none is in flight when Redis freezes,
     // so the stop itself meets the frozen Redis (the hand-over, the unsubscribe).
@@ -207,3 +196,10 @@ t.test('a stop against a Redis that froze completes on its own, not cut short by
   t.match(server.stdout(), /"msg":"stopped"/, 'the stop completed')
   t.notMatch(server.stdout(), /drain timed out/, 'not cut short by the deadline')
 })
+
+/** A gateway process on a Redis server of its own, which the test may freeze. */
+async function spawnOnOwnRedis (t: Test, env: Record<string, string>): Promise<{ redis: OwnRedis, server: ServerProcess }> {
+  const redis = await startOwnRedis(t)
+  const server = await spawnServer(t, { JWT_SECRET: TEST_SECRET, HOST: '127.0.0.1', REDIS_URL: redis.url, ...env })
+  return { redis, server }
+}

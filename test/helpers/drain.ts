@@ -1,6 +1,8 @@
 /** Holding a gateway's internals at a chosen point while it starts to drain. */
 import type { Test } from 'tap'
-import { eventually } from './gateway'
+import { eventually, type Gateway } from './gateway'
+import { openStream, type SseClient } from './sse'
+import { userToken } from './tokens'
 
 /**
  * Holds calls to `target[method]` at a gate: `entered` resolves with the first
@@ -33,4 +35,20 @@ export async function beginDrain (t: Test, app: { close: () => Promise<unknown>,
   await eventually(() => app.streams.isDraining, 'the drain to begin')
   t.pass('draining')
   return { closed }
+}
+
+/**
+ * A stream of `user` held at its admission while `gateway` begins to drain,
+ * then let go: the answer it gets (a 503), and the close under way.
+ */
+export async function openAdmittedAsDrainBegins (t: Test, gateway: Gateway, user: string): Promise<{ answer: SseClient, closed: Promise<unknown> }> {
+  const admission = gate(gateway.app.state, 'admit')
+  // A reset would reject: kept as a value, so the test fails on it, not the process.
+  const opening = openStream(`${gateway.url}/v1/stream?token=${userToken(user)}`, { t }).catch((error: Error) => error)
+  await admission.entered
+  const { closed } = await beginDrain(t, gateway.app)
+  admission.open()
+  const answer = await opening
+  if (answer instanceof Error) throw new Error(`the open was not answered: ${answer.message}`)
+  return { answer, closed }
 }
