@@ -323,7 +323,7 @@ function answerErrors (app: FastifyInstance, routeMethods: RouteMethods, interna
       noteRefusal(reply, error.code, error instanceof StoreUnavailableError ? error.reason : error.message)
       return reply.code(503).send({ statusCode, code: 'GW_UNAVAILABLE', error: 'Service Unavailable', message: withoutJwts(error.message) })
     }
-    if (statusCode >= 500) {
+    if (statusCode >= 500 && error.code !== 'GW_NOT_IMPLEMENTED') {
       request.log.error({ err: error }, 'request failed')
       return reply.code(statusCode).send({ statusCode, code: 'GW_INTERNAL', error: 'Internal Server Error', message: 'Internal Server Error' })
     }
@@ -439,9 +439,21 @@ function parseEveryBodyAsJson (app: FastifyInstance): void {
   app.addHook('preParsing', (request, reply, payload, done) => {
     const encoding = request.headers['content-encoding']?.trim().toLowerCase()
     // GET and HEAD bodies are never read (a stream opens whatever it carries).
+    const transfer = request.headers['transfer-encoding']
     const hasBody = request.method !== 'GET' && request.method !== 'HEAD' &&
-      (request.headers['transfer-encoding'] !== undefined || Number(request.headers['content-length'] ?? 0) > 0)
-    if (!hasBody || encoding === undefined || encoding === '' || encoding === 'identity' || request.is404) {
+      (transfer !== undefined || Number(request.headers['content-length'] ?? 0) > 0)
+    if (!hasBody || request.is404) {
+      done(null, payload)
+      return
+    }
+    // Node's parser takes `gzip, chunked` for chunked and hands on the
+    // compressed bytes: refused for the coding (RFC 9112 §6.1), not as JSON
+    // that does not parse, nor read as JSON when it happens to be some.
+    if (transfer !== undefined && transfer.trim().toLowerCase() !== 'chunked') {
+      done(new errors.NotImplemented('Transfer-Encoding other than chunked is not supported: send the body uncompressed'), payload)
+      return
+    }
+    if (encoding === undefined || encoding === '' || encoding === 'identity') {
       done(null, payload)
       return
     }

@@ -16,5 +16,6 @@ export const errors = {
   UnsupportedMediaType: createError('GW_UNSUPPORTED_MEDIA_TYPE', '%s', 415),
   Unprocessable: createError('GW_UNPROCESSABLE', '%s', 422),
   Limited: createError('GW_LIMITED', '%s', 429),
+  NotImplemented: createError('GW_NOT_IMPLEMENTED', '%s', 501),
   Unavailable: createError('GW_UNAVAILABLE', '%s', 503)
 }

@@ -563,7 +563,7 @@ t.test('a JSON body is read as JSON whatever its Content-Type says (text/plain f
   t.equal((await stream.nextEvent('after')).id, id, 'the stream saw nothing from the refused ones')
 })
 
-t.test('a compressed body (Content-Encoding gzip) gets 415 naming the encoding as the trouble, with Accept-Encoding: identity; identity passes', async (t) => {
+t.test('a compressed body (Content-Encoding gzip) gets 415 naming the encoding as the trouble, with Accept-Encoding: identity, and a transfer coding besides chunked 501; identity passes', async (t) => {
   const { url, port } = await startGateway(t)
   const { stream } = await openConnected(`${url}/v1/stream?token=${userToken('u1')}`, { t })
   const body = JSON.stringify({ to: { user: 'u1' }, event: 'encoded', data: 1 })
@@ -583,6 +583,13 @@ t.test('a compressed body (Content-Encoding gzip) gets 415 naming the encoding a
   await getWithBody.until(() => getWithBody.events().some((event) => event.event === 'connected'), 5000, 'the stream to open')
   t.equal(getWithBody.response().status, 200, 'a GET with a compressed body opens its stream')
   getWithBody.destroy()
+  // A transfer coding besides chunked: 501 naming it, whether the bytes are compressed or not.
+  for (const payload of [gzipSync(body), Buffer.from(body)]) {
+    const chunked = `${payload.length.toString(16)}\r\n${payload.toString('latin1')}\r\n0\r\n\r\n`
+    const transferCoded = (await rawExchange(port, Buffer.from(`POST /v1/publish HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${publisher}\r\nContent-Type: application/json\r\nTransfer-Encoding: gzip, chunked\r\nConnection: close\r\n\r\n${chunked}`, 'latin1'))).response()
+    t.equal(transferCoded.status, 501, 'Transfer-Encoding: gzip, chunked: 501')
+    t.same(JSON.parse(transferCoded.body), { statusCode: 501, code: 'GW_NOT_IMPLEMENTED', error: 'Not Implemented', message: 'Transfer-Encoding other than chunked is not supported: send the body uncompressed' })
+  }
   const plain = await exchange('identity', Buffer.from(body))
   t.equal(plain.status, 202, `identity: ${plain.body}`)
   t.equal((await stream.nextEvent('encoded')).data, '1', 'and delivered, the only one')
