@@ -123,6 +123,7 @@ const requested = new WeakSet<Socket>()
 function timeFirstRequest (server: Server): void {
   server.on('connection', (socket: Socket) => { socket.setTimeout(server.headersTimeout) })
   server.on('timeout', (socket: Socket) => {
+    // (The first request's timer still, not the one set here for Node's check.)
     if (socket.bytesRead > 0 && !requested.has(socket) && socket.timeout === server.headersTimeout) {
       socket.setTimeout(CONNECTIONS_CHECK_MS + 1000)
       return
@@ -140,7 +141,6 @@ const refusing = new WeakSet<Socket>()
  * contract's error shape too, and one log line without their bytes, which
  * may hold a token. The connection closes.
  */
-
 function clientError (this: FastifyInstance, error: Error & { code?: string }, socket: Socket): void {
   if (error.code === 'ECONNRESET' || socket.destroyed || refusing.has(socket)) return
   refusing.add(socket)
