@@ -317,6 +317,11 @@ function answerErrors (app: FastifyInstance, routeMethods: RouteMethods, interna
   app.setErrorHandler((error: Error & { statusCode?: number, validation?: unknown, code?: string }, request, reply) => {
     const statusCode = error.statusCode !== undefined && error.statusCode >= 400 && error.statusCode < 600 ? error.statusCode : 500
     if (error.code === 'FST_ERR_CTP_BODY_TOO_LARGE') readRestOfRefusedBody(request.raw, reply)
+    // Fastify closes the connection after any body it could not parse, for
+    // a client that may send more of it. One read whole (not JSON) leaves the
+    // connection sound, and requests pipelined behind it, which run whatever
+    // this answer is, must get their answers: it goes on.
+    else if (unparsableBodies.has(error) && request.raw.complete) reply.removeHeader('connection')
     if (statusCode === 503) {
       // Expected while Redis is away or the instance drains: one line, no stack,
       // for every reconnect attempt of every browser.
@@ -378,16 +383,16 @@ function checkEveryRequest (app: FastifyInstance, maxBodyBytes: number): void {
   timeFirstRequest(app.server)
   answerWhatNodeWouldRefuse(app, app.server, maxBodyBytes)
   // RFC 9112 §3.2: an HTTP/1.1 request without Host is refused. HTTP/1.0 has none to send.
-  app.addHook('onRequest', (request, reply, done) => {
+  app.addHook('onRequest', (request, _reply, done) => {
     // Its first request came (see timeFirstRequest); a stream may be quiet for longer.
     request.raw.socket.setTimeout(0)
     requested.add(request.raw.socket)
+    // The request's framing is sound: the connection goes on, and requests
+    // pipelined behind it, which run whatever this answer is, get theirs.
     if (request.headers.host === undefined && request.raw.httpVersion === '1.1') {
-      reply.header('connection', 'close')
       done(new errors.BadRequest('the Host header is missing'))
     } else if (hostLines(request.raw.rawHeaders) > 1) {
       // RFC 9112 §3.2 again: Node keeps the first, a proxy before it may have read another.
-      reply.header('connection', 'close')
       done(new errors.BadRequest('the Host header is given more than once'))
     } else {
       done()
@@ -471,7 +476,9 @@ function parseEveryBodyAsJson (app: FastifyInstance): void {
       // A byte order mark, which some clients write first, is not JSON.
       done(null, parseJsonFinite(text.charCodeAt(0) === 0xfeff ? text.slice(1) : text))
     } catch (error) {
-      done(new errors.BadRequest(error instanceof NonFiniteNumberError ? `the body holds ${error.message}` : 'the body is not valid JSON'), undefined)
+      const refusal = new errors.BadRequest(error instanceof NonFiniteNumberError ? `the body holds ${error.message}` : 'the body is not valid JSON')
+      unparsableBodies.add(refusal)
+      done(refusal, undefined)
     }
   })
 }
@@ -684,6 +691,9 @@ function closeInternalListenerAfterDrain (app: FastifyInstance, server: Server):
     await new Promise<void>((resolve) => server.close(() => resolve()))
   })
 }
+
+/** The refusals of bodies read whole that are not JSON (see the error handler). */
+const unparsableBodies = new WeakSet<Error>()
 
 /** Requests whose 100 Continue was not sent (their body is too large): the client may never send it. */
 const continueWithheld = new WeakSet<IncomingMessage>()

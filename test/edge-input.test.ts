@@ -342,7 +342,7 @@ t.test('an HTTP/1.1 request without Host, or with two, gets 400 in the contract\
   for (const to of [port, internalPort]) {
     const missing = (await rawExchange(to, 'GET /v1/presence/u1 HTTP/1.1\r\n\r\n')).response()
     t.equal(missing.status, 400)
-    t.equal(missing.headers.connection, 'close')
+    t.not(missing.headers.connection, 'close', 'the connection goes on: its framing is sound')
     t.same(JSON.parse(missing.body), { statusCode: 400, code: 'GW_BAD_REQUEST', error: 'Bad Request', message: 'the Host header is missing' })
     const http10 = (await rawExchange(to, 'GET /health HTTP/1.0\r\n\r\n')).response()
     t.equal(http10.status, 200, 'HTTP/1.0 has no Host to send')
@@ -477,6 +477,24 @@ t.test('a body over MAX_BODY_BYTES: the client sending it reads its 413, not a r
   small.write('{}')
   await small.waitClose(5000)
   t.match(small.text(), /HTTP\/1\.1 400 /, 'and read (a publish without a target: 400)')
+})
+
+forEachMode(t, 'a publish pipelined behind a request refused 400 (no Host, two Hosts, a body that is not JSON) is answered too: the refusal does not close the connection under it', async (t, mode) => {
+  const [gateway] = await startCluster(t, mode)
+  const { stream } = await openConnected(`${gateway.url}/v1/stream?token=${userToken('ahead-u1')}`, { t })
+  const refusedAhead = [
+    'GET /health HTTP/1.1\r\n\r\n',
+    'GET /health HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n',
+    `POST /v1/publish HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${publisher}\r\nContent-Type: application/json\r\nContent-Length: 5\r\n\r\n{"to"`
+  ]
+  for (const [index, ahead] of refusedAhead.entries()) {
+    const body = JSON.stringify({ to: { user: 'ahead-u1' }, event: `behind${index}`, data: 1 })
+    const client = await rawConnect(t, gateway.port)
+    client.write(`${ahead}POST /v1/publish HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${publisher}\r\nContent-Type: application/json\r\nContent-Length: ${body.length}\r\nConnection: close\r\n\r\n${body}`)
+    await client.waitClose(5000)
+    t.same([...client.text().matchAll(/HTTP\/1\.1 (\d{3}) /g)].map((match) => Number(match[1])), [400, 202], `${ahead.split('\r\n')[0]}…: 400, then the publish's 202`)
+    t.equal((await stream.nextEvent(`behind${index}`)).event, `behind${index}`, 'delivered once')
+  }
 })
 
 t.test('data and job results holding `__proto__` or `constructor.prototype` keys pass through as written, and no prototype changes', async (t) => {
