@@ -15,13 +15,10 @@ interface RoutePath {
 
 export class RouteMethods {
   private readonly paths = new Map<string, RoutePath>()
-  /** The paths of routes without a parameter, as written. */
-  private readonly exactPaths = new Set<string>()
 
   add (url: string, methods: string | string[], internal: boolean): void {
     // A catch-all (CORS's preflight route) says nothing about which paths exist.
     if (url.startsWith('*') || url.startsWith('/*')) return
-    if (!url.includes(':')) this.exactPaths.add(url)
     const key = `${url}\n${String(internal)}`
     let path = this.paths.get(key)
     if (path === undefined) {
@@ -62,7 +59,9 @@ export class RouteMethods {
    */
   shadowedByExact (rawPath: string, routeUrl: string | undefined): boolean {
     if (routeUrl === undefined || !routeUrl.includes(':')) return false
-    return this.exactPaths.has(rawPath.includes('%') ? decoded(rawPath) : rawPath)
+    const path = decoded(rawPath)
+    for (const candidate of this.paths.values()) if (candidate.exact && candidate.pattern.test(path)) return true
+    return false
   }
 
   /** Whether a route visible on this listener serves `rawPath`, with `method` or, without it, with any. */
