@@ -382,19 +382,19 @@ t.test('requests Node would answer itself: an Expect other than 100-continue is 
   const publishBody = JSON.stringify({ to: { user: 'nobody' }, data: 1 })
   behind.write(`POST /v1/publish HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${publisher}\r\nContent-Length: ${publishBody.length}\r\n\r\n${publishBody}CONNECT /v1/stats HTTP/1.1\r\nHost: x\r\n\r\n`)
   await behind.waitClose(5000)
-  t.same([...behind.text().matchAll(/HTTP\/1\.1 (\d{3}) /g)].map((match) => Number(match[1])), [202, 400], 'the publish answered first, then the CONNECT refused')
+  t.same(statusesOf(behind.text()), [202, 400], 'the publish answered first, then the CONNECT refused')
   // Behind two answers to come: after both.
   const behindTwo = await rawConnect(t, internalPort)
   const onePublish = `POST /v1/publish HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${publisher}\r\nContent-Length: ${publishBody.length}\r\n\r\n${publishBody}`
   behindTwo.write(`${onePublish}${onePublish}CONNECT /v1/stats HTTP/1.1\r\nHost: x\r\n\r\n`)
   await behindTwo.waitClose(5000)
-  t.same([...behindTwo.text().matchAll(/HTTP\/1\.1 (\d{3}) /g)].map((match) => Number(match[1])), [202, 202, 400], 'both publishes answered, then the CONNECT refused')
+  t.same(statusesOf(behindTwo.text()), [202, 202, 400], 'both publishes answered, then the CONNECT refused')
   // Behind quick answers: a finished one still waits for Node to let go of it.
   for (const count of [2, 3]) {
     const behindQuick = await rawConnect(t, port)
     behindQuick.write(`${'GET /health HTTP/1.1\r\nHost: x\r\n\r\n'.repeat(count)}CONNECT /v1/stats HTTP/1.1\r\nHost: x\r\n\r\n`)
     await behindQuick.waitClose(5000)
-    t.same([...behindQuick.text().matchAll(/HTTP\/1\.1 (\d{3}) /g)].map((match) => Number(match[1])), [...Array(count).fill(200), 400], `${count} answers, then the CONNECT refused`)
+    t.same(statusesOf(behindQuick.text()), [...Array(count).fill(200), 400], `${count} answers, then the CONNECT refused`)
   }
   // A client that resets its CONNECT connection, behind an answer or not: the process goes on.
   for (let attempt = 0; attempt < 20; attempt++) {
@@ -412,7 +412,7 @@ t.test('requests Node would answer itself: an Expect other than 100-continue is 
   const behindStream = await rawConnect(t, port)
   behindStream.write(`GET /v1/stream?token=${userToken('connect-u1')} HTTP/1.1\r\nHost: x\r\n\r\nCONNECT /v1/stats HTTP/1.1\r\nHost: x\r\n\r\n`)
   await behindStream.waitClose(5000)
-  t.same([...behindStream.text().matchAll(/HTTP\/1\.1 (\d{3}) /g)].map((match) => Number(match[1])), [400, 400], 'the stream refused, then the CONNECT')
+  t.same(statusesOf(behindStream.text()), [400, 400], 'the stream refused, then the CONNECT')
   t.match(behindStream.text(), /followed by other requests pipelined/)
   const publishing = (await rawExchange(internalPort, `POST /v1/publish HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${publisher}\r\nExpect: 200-ok\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}`)).response()
   t.equal(publishing.status, 400, `a publish with an odd Expect is read and validated like any other: ${publishing.status} ${publishing.body}`)
@@ -429,7 +429,7 @@ forEachMode(t, 'a malformed request pipelined behind a publish: the publish, car
     // One write: the parser meets the malformed request while the publish is still being carried out.
     client.write(`${publishRequest}${malformed}`)
     await client.waitClose(10_000)
-    const statuses = [...client.text().matchAll(/HTTP\/1\.1 (\d{3}) /g)].map((match) => Number(match[1]))
+    const statuses = statusesOf(client.text())
     t.equal(statuses[0], 202, `the publish answered 202 (${malformed.slice(0, 20).trim()}…)`)
     t.equal(statuses.length, 2, 'then the malformed request refused')
     t.ok(statuses[1] === 400 || statuses[1] === 431, `with ${statuses[1]}`)
@@ -440,7 +440,7 @@ forEachMode(t, 'a malformed request pipelined behind a publish: the publish, car
   const behindStream = await rawConnect(t, gateway.port)
   behindStream.write(`GET /v1/stream?token=${userToken('behind-u2')} HTTP/1.1\r\nHost: x\r\n\r\nGARBAGE\r\n\r\n`)
   await behindStream.waitClose(5000)
-  t.same([...behindStream.text().matchAll(/HTTP\/1\.1 (\d{3}) /g)].map((match) => Number(match[1])), [400, 400], 'the stream refused, then the malformed request')
+  t.same(statusesOf(behindStream.text()), [400, 400], 'the stream refused, then the malformed request')
   t.match(behindStream.text(), /followed by other requests pipelined/)
 })
 
@@ -463,7 +463,7 @@ t.test('a body over MAX_BODY_BYTES: the client sending it reads its 413, not a r
   t.equal(failure, null, 'no reset while the body was sent')
   socket.write('GET /health HTTP/1.1\r\nHost: x\r\n\r\n')
   await eventually(() => /HTTP\/1\.1 200 /.test(received) || failure !== null || socket.destroyed, 'the answer to the next request')
-  t.same([...received.matchAll(/HTTP\/1\.1 (\d{3}) /g)].map((match) => Number(match[1])), [413, 200], 'the 413, then the next request served on the same connection')
+  t.same(statusesOf(received), [413, 200], 'the 413, then the next request served on the same connection')
   t.match(received, /"code":"GW_TOO_LARGE"/)
 
   const expecting = await rawConnect(t, port)
@@ -492,7 +492,7 @@ forEachMode(t, 'a publish pipelined behind a request refused 400 (no Host, two H
     const client = await rawConnect(t, gateway.port)
     client.write(`${ahead}POST /v1/publish HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${publisher}\r\nContent-Type: application/json\r\nContent-Length: ${body.length}\r\nConnection: close\r\n\r\n${body}`)
     await client.waitClose(5000)
-    t.same([...client.text().matchAll(/HTTP\/1\.1 (\d{3}) /g)].map((match) => Number(match[1])), [400, 202], `${ahead.split('\r\n')[0]}…: 400, then the publish's 202`)
+    t.same(statusesOf(client.text()), [400, 202], `${ahead.split('\r\n')[0]}…: 400, then the publish's 202`)
     t.equal((await stream.nextEvent(`behind${index}`)).event, `behind${index}`, 'delivered once')
   }
 })
