@@ -557,10 +557,12 @@ export default fp(async (app) => {
   })
 
   // Streams must end before the server closes, or close() waits on them
-  // forever. Until they have, the listener stays open and answers 503 (the
-  // server is closing): /ready says so to probes, and a publish on a kept-alive
-  // connection is refused in words, not reset. A client that does not read
-  // its last frames gets the same grace as a request in flight.
+  // forever. Until they have (or half of RETRY_MS has passed, if sooner: see
+  // stopTakingConnectionsBeforeReconnects), the listener stays open and
+  // answers 503 (the server is closing): /ready says so to probes, and a
+  // publish on a kept-alive connection is refused in words, not reset. A
+  // client that does not read its last frames gets the same grace as a
+  // request in flight.
   app.addHook('preClose', async () => {
     await streams.drain(closeGraceMs(config))
   })

@@ -255,6 +255,7 @@ export async function buildApp (config: Config, options: BuildOptions = {}): Pro
   await app.register(authPlugin)
   await app.register(rateLimitPlugin)
   cutConnectionsAfterGrace(app, config, internalServer)
+  stopTakingConnectionsBeforeReconnects(app, config, internalServer, closingPhase)
   await app.register(streamsPlugin)
 
   await app.register(opsRoutes)
@@ -539,7 +540,8 @@ function answerWhileClosing (app: FastifyInstance, phase: ClosingPhase, internal
     done(null, payload)
   })
 
-  // While the streams drain, the listener stays open so that clients are
+  // While the streams drain, the listener stays open (for half of RETRY_MS at
+  // most, see stopTakingConnectionsBeforeReconnects) so that clients are
   // told in words to go elsewhere (and a preflight is still answered, by
   // CORS's hook before this one). /ready says draining itself,
   // and /health and /metrics keep showing the process as it drains.
@@ -629,6 +631,34 @@ function cutConnectionsAfterGrace (app: FastifyInstance, config: Config, interna
   })
 }
 
+/** The listeners take no new connection; those open stay (their requests get 503 while closing). */
+function stopTakingConnections (app: FastifyInstance, internalServer: Server | null, phase: ClosingPhase): void {
+  phase.listenersClosed = true
+  // net.Server's own close: Node's HTTP one would also end the idle connections at once.
+  for (const server of [app.server, internalServer]) if (server?.listening === true) NetServer.prototype.close.call(server)
+}
+
+/**
+ * A browser's EventSource ends for good on a 503 and retries a refused
+ * connect. A client that stopped reading holds the drain, and with it the
+ * listener's 503s, for up to the grace (5 s), while the streams it ended
+ * reconnect RETRY_MS (3 s) after their `shutdown`: they met the 503 and
+ * stopped until their page was reloaded. So the listeners stop taking
+ * connections half of RETRY_MS into the close at the latest, and such a
+ * reconnect is refused (behind a proxy, sent to another instance), as
+ * after a drain. A drain without such a client ends well before.
+ */
+function stopTakingConnectionsBeforeReconnects (app: FastifyInstance, config: Config, internalServer: Server | null, phase: ClosingPhase): void {
+  let timer: NodeJS.Timeout | null = null
+  app.addHook('preClose', async () => {
+    const beforeReconnectsMs = Math.min(closeGraceMs(config), Math.floor(config.retryMs / 2))
+    timer = setTimeout(() => stopTakingConnections(app, internalServer, phase), beforeReconnectsMs).unref()
+  })
+  app.addHook('onClose', async () => {
+    if (timer !== null) clearTimeout(timer)
+  })
+}
+
 /**
  * Closing a listener ends its idle kept-alive connections, and a request
  * already on its way on one (a publisher sending back to back) meets a reset
@@ -670,9 +700,7 @@ function answerKeptAliveBeforeClosing (app: FastifyInstance, config: Config, int
     socket.once('close', forgetOnClose)
   })
   app.addHook('preClose', async () => {
-    phase.listenersClosed = true
-    // net.Server's own close: Node's HTTP one would also end the idle connections at once.
-    for (const server of [app.server, internalServer]) if (server?.listening === true) NetServer.prototype.close.call(server)
+    stopTakingConnections(app, internalServer, phase)
     if (writers.size === 0) return
     await within(new Promise<void>((resolve) => { allGone = resolve }), Math.min(1000, stopByMs(config) / 10), () => {})
     allGone = null

@@ -88,7 +88,8 @@ t.test('a log reader that stopped reading: the gateway still serves, and SIGTERM
 
 t.test('while a stream that stopped reading holds the drain, the listener stays open: /ready, publishes and new streams get 503 in the contract\'s shape, /health 200', async (t) => {
   const origin = 'https://app.example'
-  const { app, url, port } = await startGateway(t, { MAX_BUFFERED_BYTES: String(16 * 1024 * 1024), CORS_ORIGINS: origin })
+  // Half of it bounds how long the listener stays open: longer than the drain is held here.
+  const { app, url, port } = await startGateway(t, { MAX_BUFFERED_BYTES: String(16 * 1024 * 1024), CORS_ORIGINS: origin, RETRY_MS: '60000' })
   const { raw, connectionId } = await neverReadingStream(t, url, port, 'stalled')
   const connection = app.registry.get(connectionId)
   if (connection === undefined) throw new Error('the stalled stream is not registered')
@@ -145,6 +146,38 @@ t.test('while a stream that stopped reading holds the drain, the listener stays 
   t.same([...new Set(health)], ['200'], '/health and /metrics answered 200 throughout: the process is alive')
   t.same([...readableBy], [origin], 'a page of an allowed origin can read the refusal')
   t.same([...refusals].map((text) => JSON.parse(text)), [{ statusCode: 503, code: 'GW_UNAVAILABLE', error: 'Service Unavailable', message: 'the gateway is shutting down' }], 'every refusal in the contract\'s shape')
+})
+
+t.test('a stream that stopped reading holds the drain past half of RETRY_MS: the listener then takes no connection, so streams reconnecting RETRY_MS after their `shutdown` are refused (which EventSource retries), not answered 503 (which ends it)', async (t) => {
+  const { app, url, port } = await startGateway(t, { MAX_BUFFERED_BYTES: String(16 * 1024 * 1024), RETRY_MS: '1000' })
+  const { connectionId } = await neverReadingStream(t, url, port, 'stalled')
+  const connection = app.registry.get(connectionId)
+  if (connection === undefined) throw new Error('the stalled stream is not registered')
+  const sink = connection['sink']
+  for (let n = 0; sink.writableLength === 0; n++) {
+    if (n * FLOOD_EVENT_BYTES > floodMaxBytes(16 * 1024 * 1024)) throw new Error('the stream never backed up')
+    await publishOk(url, publisherToken(), { to: { user: 'stalled' }, event: 'flood', data: floodData(n) })
+  }
+  const reading = (await openConnected(`${url}/v1/stream?token=${userToken('u1')}`, { t })).stream
+  let stalledClosed = false
+  void connection.sinkClosed().then(() => { stalledClosed = true })
+  const closing = app.close()
+  await reading.nextEvent('shutdown', 5000)
+  await reading.waitEnd(5000)
+  // As the reading stream's EventSource would, until its connect is refused
+  // (the stalled stream is cut only after 5 s, the grace).
+  const answers: string[] = []
+  await eventually(async () => {
+    const answer = await refused(`${url}/v1/stream?token=${userToken('u1')}`)
+    answers.push(answer)
+    return answer === 'ECONNREFUSED'
+  }, 'a reconnect to be refused', 4000)
+  t.notOk(stalledClosed, 'while the stalled stream still holds the drain')
+  // A connect that raced the listener's close is reset, which EventSource retries too.
+  const notRetried = answers.filter((answer) => !/^(503|ECONNREFUSED|ECONNRESET|UND_ERR_SOCKET|network error)$/.test(answer))
+  t.same(notRetried, [], `before that, 503s or dropped connections only (${answers.length} tries)`)
+  await closing
+  t.ok(stalledClosed, 'the stalled stream was cut within the grace')
 })
 
 t.test('a stream that stopped reading and a request never finished do not outlast the stop: both are cut within the grace, and the stop completes before SHUTDOWN_TIMEOUT_MS', async (t) => {
