@@ -34,6 +34,15 @@ export type OnceOutcome =
   | { kind: 'published' | 'repeated', ids: number[] }
   | { kind: 'conflict' }
 
+/**
+ * Event bodies one replay page holds at most (one at least). A stream is
+ * written one page at a time: a client replaying a long history of large
+ * events slowly holds one page, not the whole history, and not events the
+ * history has let go meanwhile. (In Redis mode, Redis runs nothing else while
+ * it reads one.)
+ */
+export const REPLAY_PAGE_BYTES = 256 * 1024
+
 export interface HistoryEntry {
   id: number
   frame: Buffer
@@ -41,7 +50,7 @@ export interface HistoryEntry {
 
 /**
  * `more`: `events` is one page of what follows the cursor; a replay from the
- * last of them reads on. (The Redis bus reads long histories in pages.)
+ * last of them reads on.
  */
 export type ReplayResult =
   | { reset: null, events: HistoryEntry[], more?: boolean }

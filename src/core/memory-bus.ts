@@ -1,4 +1,4 @@
-import { clockId, mergeById, type DeliveryListener, type EventBus, type HistoryEntry, type OnceOutcome, type PublishItem, type PublishOnce, type ReplayResult, type SubscriptionListeners } from './bus'
+import { clockId, mergeById, REPLAY_PAGE_BYTES, type DeliveryListener, type EventBus, type HistoryEntry, type OnceOutcome, type PublishItem, type PublishOnce, type ReplayResult, type SubscriptionListeners } from './bus'
 import { frameWithId } from './framing'
 
 /** An event kept in history, once however many channels keep it. */
@@ -163,7 +163,7 @@ export class MemoryBus implements EventBus {
     if (after < this.epoch) return { reset: 'unknown', events: [] }
     const cutoff = this.cutoff()
     // Trimming first, as the Redis bus does.
-    const lists: HistoryEntry[][] = []
+    const tails: HistoryTail[] = []
     // Past the cursor by age: 'expired', unless trimmed too.
     let expired = after < cutoff
     for (const name of channels) {
@@ -172,10 +172,10 @@ export class MemoryBus implements EventBus {
       this.prune(history, cutoff)
       if (history.droppedUpTo > after) return { reset: 'trimmed', events: [] }
       if (history.expiredUpTo > after) expired = true
-      lists.push(this.after(history, after))
+      tails.push({ entries: history.entries, next: this.firstAfter(history, after) })
     }
     if (expired) return { reset: 'expired', events: [] }
-    return { reset: null, events: mergeById(lists) }
+    return { reset: null, ...firstPage(tails) }
   }
 
   async window (channels: string[]): Promise<HistoryEntry[]> {
@@ -335,7 +335,8 @@ export class MemoryBus implements EventBus {
     }
   }
 
-  private after (history: ChannelHistory, cursor: number): HistoryEntry[] {
+  /** The index of the first entry of `history` past `cursor`. */
+  private firstAfter (history: ChannelHistory, cursor: number): number {
     const { entries } = history
     let low = history.head
     let high = entries.length
@@ -344,7 +345,7 @@ export class MemoryBus implements EventBus {
       if (entries[mid].id <= cursor) low = mid + 1
       else high = mid
     }
-    return entries.slice(low)
+    return low
   }
 
   /** Forgets idempotency keys, oldest first, while `forget` says so. */
@@ -366,5 +367,33 @@ export class MemoryBus implements EventBus {
       // Kept while a drop mark is inside the window: a cursor below it must still get its reset.
       if (history.head >= history.entries.length && Math.max(history.droppedUpTo, history.expiredUpTo) < cutoff) this.histories.delete(name)
     }
+  }
+}
+
+/** A channel's history from a replay's cursor on: its entries from `next`. */
+interface HistoryTail {
+  entries: HistoryEntry[]
+  next: number
+}
+
+/**
+ * The first page of the tails merged in id order (an event on several of
+ * them once), up to REPLAY_PAGE_BYTES of frames: the page's entries are
+ * the only references a slow replay holds, so history can let go of the rest.
+ */
+function firstPage (tails: HistoryTail[]): { events: HistoryEntry[], more?: true } {
+  const events: HistoryEntry[] = []
+  let bytes = 0
+  for (;;) {
+    let lowest: HistoryEntry | null = null
+    for (const tail of tails) {
+      const entry = tail.entries[tail.next]
+      if (entry !== undefined && (lowest === null || entry.id < lowest.id)) lowest = entry
+    }
+    if (lowest === null) return { events }
+    if (bytes >= REPLAY_PAGE_BYTES) return { events, more: true }
+    for (const tail of tails) if (tail.entries[tail.next]?.id === lowest.id) tail.next++
+    events.push(lowest)
+    bytes += lowest.frame.length
   }
 }

@@ -1,6 +1,6 @@
 import type Redis from 'ioredis'
 import { randomBytes } from 'node:crypto'
-import { NotLeaseHolderError, type DeliveryListener, type EventBus, type HistoryEntry, type LeaseFence, type OnceOutcome, type PublishItem, type PublishOnce, type ReplayResult, type ResetReason, type SubscriptionListeners } from '../bus'
+import { NotLeaseHolderError, REPLAY_PAGE_BYTES, type DeliveryListener, type EventBus, type HistoryEntry, type LeaseFence, type OnceOutcome, type PublishItem, type PublishOnce, type ReplayResult, type ResetReason, type SubscriptionListeners } from '../bus'
 import { chunkOf, frameWithId, isEventBody } from '../framing'
 import { reasonOf, type Log, type ScriptedRedis } from './client'
 
@@ -16,14 +16,6 @@ export interface RedisBusOptions {
   historySize: number
   historyTtlS: number
 }
-
-/**
- * Event bodies one REPLAY call reads at most (one at least): Redis runs
- * nothing else meanwhile, and a stream is written one page at a time, so a
- * client replaying a long history of large events holds up neither other
- * clients of Redis nor this process's memory.
- */
-const REPLAY_PAGE_BYTES = 256 * 1024
 
 /** The id before the first newline of a bus message, as the scripts write it (1–16 digits, no leading zero), or null. */
 function idOf (message: Buffer, newline: number): number | null {
