@@ -139,6 +139,47 @@ t.test('a stream that joins its channels while the subscription is down gets, on
   t.notOk(second.ended || first.ended, 'both streams stayed open')
 })
 
+t.test('a catch-up longer than a page is read a page at a time, each written before the next is read (a slow reader holds one page); events arriving meanwhile go out in order: every event once, no reset', async (t) => {
+  if (!(await needRedis(t))) return
+  const rig = await startRig(t, 'pagedcatchup')
+  const redis = redisClient(t)
+  const { stream, send, before } = await liveStream(t, rig)
+  const [connection] = rig.viaProxy.app.registry.ofUser('u1')
+  const bus = rig.viaProxy.app.bus
+  let reads = 0
+  let written = 0
+  let mostAhead = 0
+  const read = bus.replay.bind(bus)
+  bus.replay = async (channels, after) => {
+    if (channels.includes(channel.user('u1'))) mostAhead = Math.max(mostAhead, ++reads - written)
+    return await read(channels, after)
+  }
+  let firstWritten = (): void => {}
+  const firstPageWritten = new Promise<void>((resolve) => { firstWritten = resolve })
+  const write = connection.replay.bind(connection)
+  connection.replay = async (entries, withHeld) => {
+    written++
+    firstWritten()
+    return await write(entries, withHeld)
+  }
+
+  await loseSubscription(rig, 1)
+  // 20 events of 200 KB: a page each.
+  const large = 'x'.repeat(200 * 1024)
+  const missed: string[] = []
+  for (let n = 1; n <= 20; n++) missed.push(...await publishOk(rig.direct.url, publisher, { to: { user: 'u1' }, event: 'seq', data: { n, large } }))
+  stream.pause()
+  const probe = await subscribeAgain(rig, redis, 21)
+  await firstPageWritten
+  const live = [await send(22), await send(23)]
+  stream.resume()
+  await stream.next((event) => event.id === live[1], 30_000, 'the last event')
+  t.same(seqIds(stream), [before, ...missed, probe, ...live], 'every event once, in id order')
+  t.same(otherEvents(stream), ['connected'], 'no reset')
+  t.ok(reads >= 10, `read in pages (${reads} reads)`)
+  t.equal(mostAhead, 1, 'never a page read before the one before it was written')
+})
+
 t.test('a stream still replaying its history when the subscription is lost is closed; reconnecting with its Last-Event-ID, it gets what it missed', async (t) => {
   if (!(await needRedis(t))) return
   const { proxy, viaProxy, direct } = await startRig(t, 'setuploss')

@@ -439,17 +439,18 @@ export class StreamConnection {
 
   /**
    * Writes history with backpressure: a slow reader is paced, not dropped.
-   * With `withHeld`, the live events held so far are written with it, in id
-   * order; only later arrivals stay held. A caller whose history does not
+   * With `withHeld`, the live events held so far up to the newest of
+   * `entries` are written with them, in id order; the others stay held, for
+   * the next page of history or `goLive`. A caller whose history does not
    * cover every channel needs it: an event held with an id below the
    * history's newest would otherwise be taken for a duplicate by `goLive`.
    */
   async replay (entries: HistoryEntry[], withHeld = false): Promise<number> {
-    if (withHeld && this.held !== null && this.held.length > 0) {
+    if (withHeld && entries.length > 0) {
+      const due = this.takeHeldUpTo(entries[entries.length - 1].id)
       // Held arrivals may repeat an id (one event on two channels) or one of
       // `entries`: sorted, the lastId check below writes each once.
-      entries = [...entries, ...this.held].sort((a, b) => a.id - b.id)
-      this.setHeld([])
+      if (due.length > 0) entries = [...entries, ...due].sort((a, b) => a.id - b.id)
     }
     // What is already queued (connected, reset) goes first.
     this.flush()
@@ -494,6 +495,22 @@ export class StreamConnection {
     if (!this.live) return false
     this.setHeld([])
     return true
+  }
+
+  /** Takes the held events up to `id` out of the hold; later ones stay. */
+  private takeHeldUpTo (id: number): HistoryEntry[] {
+    const held = this.held
+    if (held === null || held.length === 0) return []
+    const due = held.filter((entry) => entry.id <= id)
+    if (due.length === held.length) {
+      this.setHeld([])
+    } else if (due.length > 0) {
+      this.held = held.filter((entry) => entry.id > id)
+      this.heldBytes = this.held.reduce((bytes, entry) => bytes + entry.frame.length, 0)
+      // Which of them are copies is not kept: at worst one is copied again.
+      this.heldCompacted = 0
+    }
+    return due
   }
 
   private setHeld (held: HistoryEntry[] | null): void {

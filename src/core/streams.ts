@@ -591,17 +591,12 @@ export class StreamService {
       if (lostAgain()) return
       const from = connection.catchUpFrom ?? connection.lastId
       try {
-        const missed = await this.missedSince(connection, from)
-        // A read answered after a new loss must not be merged: what the
-        // stream held since may include events from after that loss's
-        // restore, and the events of the new gap are in neither, so the
-        // merge would move the stream past them. The next catch-up reads again.
+        const reset = await this.sendMissedSince(connection, from, lostAgain)
         if (lostAgain()) {
-          connection.catchUpFrom = from
+          connection.catchUpFrom = Math.max(from, connection.lastId)
           return
         }
-        if (Array.isArray(missed)) await this.sendHistory(connection, missed, true)
-        else this.sendReset(connection, missed)
+        if (reset !== null) this.sendReset(connection, reset)
         // Read back in turn, a reader slower than the live rate would hold
         // its turn, and every stream behind it held, for as long as history
         // keeps what it lacks: it reconnects and replays instead.
@@ -618,16 +613,29 @@ export class StreamService {
     })
   }
 
-  /** What a held stream may have missed since `from`, from history, or why it cannot be told. */
-  private async missedSince (connection: StreamConnection, from: number): Promise<HistoryEntry[] | ResetReason> {
-    const result = await this.replayWhole([...connection.channels], from)
-    if (result.reset === null) return result.events
+  /**
+   * Sends a held stream what it may have missed since `from`, from history,
+   * page by page with what it held (each page's copies are the only ones a
+   * slow reader keeps, whatever the number of streams caught up), or
+   * resolves with why it cannot be told. Stops at a new loss: a page read
+   * after it must not be merged, for what the stream held since may include
+   * events from after that loss's restore, and the events of the new gap are
+   * in neither, so the merge would move the stream past them. The next
+   * catch-up reads on from where it got to.
+   */
+  private async sendMissedSince (connection: StreamConnection, from: number, lostAgain: () => boolean): Promise<ResetReason | null> {
+    const reset = await this.eachReplayPage([...connection.channels], from, async (page) => {
+      if (lostAgain()) return false
+      await this.sendHistory(connection, page, true)
+      return !connection.closed && !lostAgain()
+    })
+    if (reset === null) return null
     // 'future': the store issues ids below the stream's last, which only a
     // store that lost its data, with a clock behind the ids it had issued,
     // does (a restart empty, a failover that lost writes): a reset, and the
     // stream takes ids from where the store stands, or it would drop every
     // event until the ids pass its last.
-    if (result.reset === 'future') {
+    if (reset === 'future') {
       // Unreadable: from nothing, so that none of the new events is dropped
       // (a later catch-up from there is told `unknown`).
       const issued = await this.bus.lastId().catch(() => 0)
@@ -641,10 +649,12 @@ export class StreamService {
     // The stream's own outage counts: one held since an earlier loss
     // (its read then overtaken) may have missed events older than this one.
     // (A tenth of the window is kept for the read to come, and clocks.)
-    if (result.reset === 'expired' && performance.now() - connection.catchUpSince < this.options.historyTtlS * 1000 * WINDOW_SHARE_FOR_OUTAGE) {
-      return (await this.bus.window([...connection.channels])).filter((entry) => entry.id > from)
+    if (reset === 'expired' && performance.now() - connection.catchUpSince < this.options.historyTtlS * 1000 * WINDOW_SHARE_FOR_OUTAGE) {
+      const window = await this.bus.window([...connection.channels])
+      if (!lostAgain()) await this.sendHistory(connection, window.filter((entry) => entry.id > from), true)
+      return null
     }
-    return result.reset
+    return reset
   }
 
   /** See StreamEvents.topicsChanged. */
