@@ -111,6 +111,26 @@ forEachMode(t, 'events published to a pre-created id before the browser joins ar
   t.same(received[1].data, '# Title\n\nbody')
 })
 
+forEachMode(t, 'a pre-created id sent more than HISTORY_SIZE before the browser joins: reset (trimmed) right after connected, then what history still holds, in order, then live; one within HISTORY_SIZE gets no reset', async (t, mode) => {
+  const [backend, browser] = await pair(t, mode, { HISTORY_SIZE: '5' })
+  const { connectionId } = await precreate(backend, 'alice')
+  const sent: string[] = []
+  for (let n = 1; n <= 8; n++) sent.push(await publishTo(backend, { to: { connection: connectionId }, event: 'content-chunk', data: `chunk ${n}` }))
+  const joined = await connect(t, browser, 'alice', { path: `/v1/stream/${connectionId}` })
+  const live = await publishTo(backend, { to: { connection: connectionId }, event: 'content-chunk', data: 'chunk 9' })
+  const received = await settle(browser, joined.stream, connectionId)
+  t.same(joined.stream.events.slice(0, 2).map((event) => event.event), ['connected', 'reset'], 'reset right after connected')
+  t.same(JSON.parse(joined.stream.events[1].data), { reason: 'trimmed' })
+  t.same(published(received).map((event) => event.id), [...sent.slice(-5), live], 'then the last HISTORY_SIZE in order, then live')
+
+  const { connectionId: within } = await precreate(backend, 'alice')
+  const early = [await publishTo(backend, { to: { connection: within }, event: 'content-chunk', data: 'only' })]
+  const second = await connect(t, browser, 'alice', { path: `/v1/stream/${within}` })
+  const got = await settle(browser, second.stream, within)
+  t.same(second.stream.events.filter((event) => event.event === 'reset'), [], 'within HISTORY_SIZE: no reset')
+  t.same(published(got).map((event) => event.id), early, 'and everything')
+})
+
 forEachMode(t, 'only the owner may join a pre-created id: another user and an unknown id get 404', async (t, mode) => {
   const [backend, browser] = await pair(t, mode)
   const { connectionId } = await precreate(backend, 'alice')

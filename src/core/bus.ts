@@ -95,6 +95,12 @@ export interface EventBus {
   replay (channels: string[], after: number): Promise<ReplayResult>
   /** Every event of `channels` still in the window, merged in id order. */
   window (channels: string[]): Promise<HistoryEntry[]>
+  /**
+   * Whether any of `channels` let an event go before its time (past
+   * HISTORY_SIZE, a memory cap, an event too large to keep): their window
+   * then lacks some of what they had.
+   */
+  trimmed (channels: string[]): Promise<boolean>
   /** Start delivering `channel` to the listener; resolves once no later event can be missed. */
   listen (channel: string): Promise<void>
   unlisten (channel: string): void

@@ -190,6 +190,10 @@ export class MemoryBus implements EventBus {
     return mergeById(lists)
   }
 
+  async trimmed (channels: string[]): Promise<boolean> {
+    return channels.some((name) => (this.histories.get(name)?.droppedUpTo ?? 0) > 0)
+  }
+
   async listen (): Promise<void> {}
   unlisten (): void {}
 

@@ -501,6 +501,11 @@ export class StreamService {
    */
   private async sendWindow (connection: StreamConnection, windowChannels: string[], joinedAfter: number | null): Promise<void> {
     const window = await this.bus.window(windowChannels)
+    // The window lacks events its channels let go (a connection that was
+    // sent more than HISTORY_SIZE before it was joined): the client hears
+    // so, as a replay past a trim does, then gets what is left. Asked after
+    // the window is read: a trim in between is told once too often, never missed.
+    if (await this.bus.trimmed(windowChannels)) this.sendReset(connection, 'trimmed')
     // A reset or a failed read leaves what the stream holds as the only
     // source of the join gap: still merged, only late arrivals may be missed.
     const recent = joinedAfter === null || connection.closed

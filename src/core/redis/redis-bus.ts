@@ -262,6 +262,13 @@ export class RedisBus implements EventBus {
     return events
   }
 
+  async trimmed (channels: string[]): Promise<boolean> {
+    if (channels.length === 0) return false
+    // The highest id each channel trimmed, kept as long as its history (see the publish scripts).
+    const dropped = await this.commands.call(async (redis) => await redis.mget(channels.map((name) => `${this.options.prefix}d:${name}`)))
+    return dropped.some((id) => id !== null)
+  }
+
   async listen (channel: string): Promise<void> {
     this.channels.add(channel)
     try {
