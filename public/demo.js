@@ -142,7 +142,7 @@ const systemHandlers = {
     notice('The token expired and the gateway closed the stream. Paste a fresh token and connect again.', 'auth-expired', 'error')
   },
   shutdown () {
-    notice('The gateway is shutting down this stream. The browser reconnects by itself and replays what it missed.', 'shutdown')
+    notice('The gateway is shutting down this stream. The browser reconnects by itself and replays what it missed on the topics it connected with; topics changed since are subscribed again, without what they published meanwhile (a per-stream subscription ends with its stream).', 'shutdown')
   },
   evicted (data, es) {
     es.close()
