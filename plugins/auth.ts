@@ -201,16 +201,17 @@ export default fp(async (app) => {
     if (headers['sec-fetch-site'] === 'same-origin') return mode === 'cors' || mode === 'same-origin'
     return mode === 'cors' && headers.origin !== undefined && allowedOrigins.has(headers.origin)
   }
-  const missingMessage = `no token: send Authorization: Bearer <jwt>, X-Auth-Token or ?token=${cookie !== null ? ` (or, on GET user routes, the ${cookie} cookie)` : ''}`
+  const missingMessage = `no token: send Authorization: Bearer <jwt>, X-Auth-Token or ?token=${cookie !== null ? ` (or, on user routes, the ${cookie} cookie)` : ''}`
   app.addHook('onRequest', async (request) => {
     const level = request.routeOptions.config.auth ?? 'none'
     if (level === 'none') return
     let token = extractToken(request)
     // A browser sends cookies by itself, so another page could make requests
-    // with them: the cookie is read only where a user reads (GET), only from
-    // a page of an allowed origin, and it carries no role.
+    // with them: the cookie is read only on user routes (streams, job state,
+    // the user's subscriptions), only from a script of a page of an allowed
+    // origin (a form or a link elsewhere is not one), and it carries no role.
     let fromCookie = false
-    if (token === null && cookie !== null && level === 'user' && request.method === 'GET') {
+    if (token === null && cookie !== null && level === 'user') {
       token = cookieValue(request, cookie)
       fromCookie = token !== null
       if (fromCookie && !originMayUseCookie(request)) {

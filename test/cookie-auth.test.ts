@@ -1,7 +1,7 @@
 /**
  * JWT_COOKIE: a browser's EventSource (withCredentials) can carry the user's
  * token in a cookie instead of the URL, where proxies and histories log it.
- * The cookie counts on GET user routes only; headers and ?token= come first.
+ * The cookie counts on user routes only; headers and ?token= come first.
  */
 import t from 'tap'
 import { openConnected, openStream, publishOk, publisherToken, request, startGateway, token, userToken } from './helpers'
@@ -85,13 +85,42 @@ t.test('a token in the cookie carries no role: a publisher\'s cannot read anothe
   t.equal(viaCookie.status, 404, 'in the cookie, it is only its subject')
 })
 
-t.test('the cookie is not read on other methods, publisher routes, or without JWT_COOKIE', async (t) => {
+t.test('the cookie changes the topics of a live stream (POST and DELETE /v1/subscriptions) from a script of an allowed page, and not from a form or a script elsewhere', async (t) => {
+  const gateway = await startGateway(t, { JWT_COOKIE: COOKIE, CORS_ORIGINS: 'https://app.example.com' })
+  const cookie = `${COOKIE}=${userToken('alice')}`
+  const { stream, connected } = await openConnected(`${gateway.url}/v1/stream`, { t, headers: { ...SAME_ORIGIN_SCRIPT, cookie } })
+  const change = async (method: 'POST' | 'DELETE', topics: string[], headers: Record<string, string>): Promise<{ status: number, json: unknown }> =>
+    await request(`${gateway.url}/v1/subscriptions`, { method, headers: { ...headers, cookie }, body: { topics, connectionId: connected.connectionId } })
+
+  const own = await change('POST', ['news'], SAME_ORIGIN_SCRIPT)
+  t.same([own.status, own.json], [200, { topics: ['news'] }], 'a script of the gateway\'s own origin')
+  const listed = await change('POST', ['sport'], scriptOf('https://app.example.com'))
+  t.same([listed.status, listed.json], [200, { topics: ['news', 'sport'] }], 'a script of an origin in CORS_ORIGINS')
+  await publishOk(gateway.url, publisherToken(), { to: { topic: 'sport' }, event: 'goal', data: 1 })
+  await stream.nextEvent('goal')
+  t.pass('the stream joined the topic')
+
+  const refused: Array<Record<string, string>> = [
+    scriptOf('https://evil.example'),
+    // A form posted from another site.
+    { origin: 'https://evil.example', 'sec-fetch-site': 'cross-site', 'sec-fetch-mode': 'navigate', 'sec-fetch-dest': 'document' },
+    {}
+  ]
+  for (const headers of refused) {
+    const answer = await change('DELETE', ['news'], headers)
+    t.equal(answer.status, 403, JSON.stringify(headers))
+  }
+  const left = await change('DELETE', ['news'], SAME_ORIGIN_SCRIPT)
+  t.same([left.status, left.json], [200, { topics: ['sport'] }], 'only the allowed DELETE left the topic')
+})
+
+t.test('the cookie is not read on publisher or admin routes, or without JWT_COOKIE', async (t) => {
   const gateway = await startGateway(t, { JWT_COOKIE: COOKIE })
   const asCookie = (value: string): Record<string, string> => ({ ...SAME_ORIGIN_SCRIPT, cookie: `${COOKIE}=${value}` })
 
-  const subscribe = await request(`${gateway.url}/v1/subscriptions`, { method: 'POST', headers: asCookie(userToken('alice')), body: { topics: ['news'] } })
-  t.equal(subscribe.status, 401, 'POST: a page on another site could send it')
-  t.match(subscribe.json, { statusCode: 401, error: 'Unauthorized', message: /cookie/ })
+  const publish = await request(`${gateway.url}/v1/publish`, { method: 'POST', headers: asCookie(publisherToken()), body: { to: { user: 'alice' }, data: 1 } })
+  t.equal(publish.status, 401, 'a publisher route, with a publisher\'s token')
+  t.match(publish.json, { statusCode: 401, error: 'Unauthorized', message: /cookie/ })
 
   const presence = await request(`${gateway.url}/v1/presence/alice`, { headers: asCookie(publisherToken()) })
   t.equal(presence.status, 401, 'a publisher route')
