@@ -197,6 +197,40 @@ t.test('a cross-origin page allowed by CORS_ORIGINS streams and fetches; a disal
   })
 })
 
+t.test('JWT_COOKIE: with the token in a cookie only, a page of the gateway\'s origin and one of an allowed origin open an EventSource and change its topics with a credentialed fetch', async (t) => {
+  if (!needChromium(t)) return
+  const allowed = await startOrigin(t, 'allowed origin')
+  const gateway = await startGateway(t, { JWT_COOKIE: 'sse_token', CORS_ORIGINS: allowed })
+  const browser = await launchBrowser(t)
+  const user = 'u-cookie'
+  // One host for both origins (ports differ): the cookie goes to the gateway from either page.
+  await browser.context.addCookies([{ name: 'sse_token', value: userToken(user), domain: '127.0.0.1', path: '/', httpOnly: true }])
+  const subscribe = `async (setup) => {
+    const response = await fetch(setup.url + '/v1/subscriptions', {
+      method: 'POST',
+      headers: { 'Content-Type': 'application/json' },
+      body: JSON.stringify({ topics: [setup.topic], connectionId: setup.connectionId }),
+      credentials: 'include'
+    });
+    return { status: response.status, body: await response.json() };
+  }`
+  for (const [name, origin] of [['the gateway\'s own origin', gateway.url], ['an allowed origin', allowed]]) {
+    const page = await browser.newPage()
+    await page.goto(`${origin}/${origin === gateway.url ? 'demo' : ''}`)
+    const recorder = await pageEventSource(page, `${gateway.url}/v1/stream`, { names: ['connected', 'headline'], withCredentials: true })
+    const [connected] = await recorder.waitEvents('connected', 1)
+    const { connectionId, userId } = parse(connected) as { connectionId: string, userId: string }
+    t.equal(userId, user, `${name}: the stream is the cookie's user's`)
+    const topic = `news-${origin === gateway.url ? 'own' : 'allowed'}`
+    const answer = await within(page.evaluate(`(${subscribe})(${JSON.stringify({ url: gateway.url, topic, connectionId })})`) as Promise<{ status: number, body: unknown }>, 10_000, 'the subscribe fetch')
+    t.same(answer, { status: 200, body: { topics: [topic] } }, `${name}: the fetch changed the stream's topics`)
+    const [id] = await publishOk(gateway.url, publisher, { to: { topic }, event: 'headline', data: { topic } })
+    const [headline] = await recorder.waitEvents('headline', 1)
+    t.equal(headline.lastEventId, id, `${name}: the topic's event arrives`)
+  }
+  t.same(browser.problems, [], 'no page errors')
+})
+
 t.test('the pages: an event sent from /admin appears on /demo', async (t) => {
   if (!needChromium(t)) return
   const gateway = await startGateway(t)
