@@ -255,7 +255,7 @@ export async function buildApp (config: Config, options: BuildOptions = {}): Pro
   await app.register(authPlugin)
   await app.register(rateLimitPlugin)
   cutConnectionsAfterGrace(app, config, internalServer)
-  stopTakingConnectionsBeforeReconnects(app, config, internalServer, closingPhase)
+  stopTakingConnectionsBeforeReconnects(app, config, closingPhase)
   await app.register(streamsPlugin)
 
   await app.register(opsRoutes)
@@ -571,7 +571,7 @@ function answerWhileClosing (app: FastifyInstance, phase: ClosingPhase, internal
 
 /** Where a close stands, for the hooks that answer requests meanwhile. */
 interface ClosingPhase {
-  /** Past the drain: the listeners take no connection any more (answerKeptAliveBeforeClosing). */
+  /** The public listener takes no connection any more: past the drain (answerKeptAliveBeforeClosing, the internal one too), or half of RETRY_MS into the stop (stopTakingConnectionsBeforeReconnects). */
   listenersClosed: boolean
 }
 
@@ -632,10 +632,10 @@ function cutConnectionsAfterGrace (app: FastifyInstance, config: Config, interna
 }
 
 /** The listeners take no new connection; those open stay (their requests get 503 while closing). */
-function stopTakingConnections (app: FastifyInstance, internalServer: Server | null, phase: ClosingPhase): void {
+function stopTakingConnections (servers: Array<Server | null>, phase: ClosingPhase): void {
   phase.listenersClosed = true
   // net.Server's own close: Node's HTTP one would also end the idle connections at once.
-  for (const server of [app.server, internalServer]) if (server?.listening === true) NetServer.prototype.close.call(server)
+  for (const server of servers) if (server?.listening === true) NetServer.prototype.close.call(server)
 }
 
 /**
@@ -643,16 +643,17 @@ function stopTakingConnections (app: FastifyInstance, internalServer: Server | n
  * connect. A client that stopped reading holds the drain, and with it the
  * listener's 503s, for up to the grace (5 s), while the streams it ended
  * reconnect RETRY_MS (3 s) after their `shutdown`: they met the 503 and
- * stopped until their page was reloaded. So the listeners stop taking
- * connections half of RETRY_MS into the close at the latest, and such a
- * reconnect is refused (behind a proxy, sent to another instance), as
- * after a drain. A drain without such a client ends well before.
+ * stopped until their page was reloaded. So the public listener stops
+ * taking connections half of RETRY_MS into the close at the latest, and
+ * such a reconnect is refused (behind a proxy, sent to another instance),
+ * as after a drain. A drain without such a client ends well before. The
+ * internal listener, which no browser reaches, still answers 503 until the drain ends.
  */
-function stopTakingConnectionsBeforeReconnects (app: FastifyInstance, config: Config, internalServer: Server | null, phase: ClosingPhase): void {
+function stopTakingConnectionsBeforeReconnects (app: FastifyInstance, config: Config, phase: ClosingPhase): void {
   let timer: NodeJS.Timeout | null = null
   app.addHook('preClose', async () => {
     const beforeReconnectsMs = Math.min(closeGraceMs(config), Math.floor(config.retryMs / 2))
-    timer = setTimeout(() => stopTakingConnections(app, internalServer, phase), beforeReconnectsMs).unref()
+    timer = setTimeout(() => stopTakingConnections([app.server], phase), beforeReconnectsMs).unref()
   })
   app.addHook('onClose', async () => {
     if (timer !== null) clearTimeout(timer)
@@ -700,7 +701,7 @@ function answerKeptAliveBeforeClosing (app: FastifyInstance, config: Config, int
     socket.once('close', forgetOnClose)
   })
   app.addHook('preClose', async () => {
-    stopTakingConnections(app, internalServer, phase)
+    stopTakingConnections([app.server, internalServer], phase)
     if (writers.size === 0) return
     await within(new Promise<void>((resolve) => { allGone = resolve }), Math.min(1000, stopByMs(config) / 10), () => {})
     allGone = null

@@ -2,6 +2,7 @@ import t, { type Test } from 'tap'
 import { eventually, openConnected, openStream, publishOk, publisherToken, request, spawnServer, startGateway, TEST_SECRET, userToken, type ServerProcess, type SseClient } from './helpers'
 import { flood, floodData, floodMaxBytes, FLOOD_EVENT_BYTES, neverReadingStream, rawConnect } from './helpers/raw'
 import { needRedis, REDIS_URL, startOwnRedis, uniquePrefix, type OwnRedis } from './helpers/redis'
+import { listenInternal } from '../src/app'
 
 const SHUTDOWN_TIMEOUT_MS = 10_000
 
@@ -148,15 +149,19 @@ t.test('while a stream that stopped reading holds the drain, the listener stays 
   t.same([...refusals].map((text) => JSON.parse(text)), [{ statusCode: 503, code: 'GW_UNAVAILABLE', error: 'Service Unavailable', message: 'the gateway is shutting down' }], 'every refusal in the contract\'s shape')
 })
 
-t.test('a stream that stopped reading holds the drain past half of RETRY_MS: the listener then takes no connection, so streams reconnecting RETRY_MS after their `shutdown` are refused (which EventSource retries), not answered 503 (which ends it)', async (t) => {
-  const { app, url, port } = await startGateway(t, { MAX_BUFFERED_BYTES: String(16 * 1024 * 1024), RETRY_MS: '1000' })
-  const { connectionId } = await neverReadingStream(t, url, port, 'stalled')
+t.test('a stream that stopped reading holds the drain past half of RETRY_MS: the public listener then takes no connection, so streams reconnecting RETRY_MS after their `shutdown` are refused (which EventSource retries), not answered 503 (which ends it); the internal one still answers 503', async (t) => {
+  const { app, url, port } = await startGateway(t, { MAX_BUFFERED_BYTES: String(16 * 1024 * 1024), RETRY_MS: '1000', INTERNAL_PORT: '0' })
+  const internalServer = await listenInternal(app, 0, '127.0.0.1')
+  const internalAddress = internalServer.address()
+  if (internalAddress === null || typeof internalAddress === 'string') throw new Error('the internal listener has no TCP address')
+  const internalUrl = `http://127.0.0.1:${internalAddress.port}`
+  const { connectionId } = await neverReadingStream(t, internalUrl, port, 'stalled')
   const connection = app.registry.get(connectionId)
   if (connection === undefined) throw new Error('the stalled stream is not registered')
   const sink = connection['sink']
   for (let n = 0; sink.writableLength === 0; n++) {
     if (n * FLOOD_EVENT_BYTES > floodMaxBytes(16 * 1024 * 1024)) throw new Error('the stream never backed up')
-    await publishOk(url, publisherToken(), { to: { user: 'stalled' }, event: 'flood', data: floodData(n) })
+    await publishOk(internalUrl, publisherToken(), { to: { user: 'stalled' }, event: 'flood', data: floodData(n) })
   }
   const reading = (await openConnected(`${url}/v1/stream?token=${userToken('u1')}`, { t })).stream
   let stalledClosed = false
@@ -176,6 +181,7 @@ t.test('a stream that stopped reading holds the drain past half of RETRY_MS: the
   // A connect that raced the listener's close is reset, which EventSource retries too.
   const notRetried = answers.filter((answer) => !/^(503|ECONNREFUSED|ECONNRESET|UND_ERR_SOCKET|network error)$/.test(answer))
   t.same(notRetried, [], `before that, 503s or dropped connections only (${answers.length} tries)`)
+  t.equal(await refused(`${internalUrl}/ready`), '503', 'the internal listener, which no browser reaches, still answers 503')
   await closing
   t.ok(stalledClosed, 'the stalled stream was cut within the grace')
 })
