@@ -180,6 +180,40 @@ t.test('a catch-up longer than a page is read a page at a time, each written bef
   t.equal(mostAhead, 1, 'never a page read before the one before it was written')
 })
 
+t.test('a catch-up reads history only up to what was issued when it began: a reader slower than its busy channel ends it (live, or closed as slow to replay on reconnect) instead of chasing the head of history for ever', async (t) => {
+  if (!(await needRedis(t))) return
+  const rig = await startRig(t, 'chase', { MAX_BUFFERED_BYTES: String(1024 * 1024), HISTORY_SIZE: '5000' })
+  const redis = redisClient(t)
+  await liveStream(t, rig)
+  const [connection] = rig.viaProxy.app.registry.ofUser('u1')
+  await loseSubscription(rig, 1)
+  const large = 'x'.repeat(50 * 1024)
+  for (let n = 1; n <= 40; n++) await publishOk(rig.direct.url, publisher, { to: { user: 'u1' }, event: 'seq', data: { n, large } })
+  // A slow reader: each page of the catch-up takes 300 ms to be written.
+  const write = connection.replay.bind(connection)
+  connection.replay = async (entries, withHeld) => {
+    await new Promise<void>((resolve) => setTimeout(resolve, 300))
+    return await write(entries, withHeld)
+  }
+  // The channel keeps publishing, faster than that reader reads.
+  let publishing = true
+  const publisherLoop = (async () => {
+    for (let n = 100; publishing && n < 2000; n++) {
+      await publishOk(rig.direct.url, publisher, { to: { user: 'u1' }, event: 'seq', data: { n, large } })
+      await new Promise<void>((resolve) => setTimeout(resolve, 20))
+    }
+  })()
+  t.teardown(async () => {
+    publishing = false
+    await publisherLoop
+  })
+  await subscribeAgain(rig, redis, 99)
+  await eventually(() => connection.catchUpFrom === null || connection.closed, 'the catch-up to end', 20_000)
+  publishing = false
+  await publisherLoop
+  t.ok(connection.live || connection.closed, `ended: ${connection.closed ? 'closed' : 'live'}`)
+})
+
 t.test('a stream still replaying its history when the subscription is lost is closed; reconnecting with its Last-Event-ID, it gets what it missed', async (t) => {
   if (!(await needRedis(t))) return
   const { proxy, viaProxy, direct } = await startRig(t, 'setuploss')

@@ -501,15 +501,25 @@ export class StreamConnection {
   private takeHeldUpTo (id: number): HistoryEntry[] {
     const held = this.held
     if (held === null || held.length === 0) return []
-    const due = held.filter((entry) => entry.id <= id)
-    if (due.length === held.length) {
-      this.setHeld([])
-    } else if (due.length > 0) {
-      this.held = held.filter((entry) => entry.id > id)
-      this.heldBytes = this.held.reduce((bytes, entry) => bytes + entry.frame.length, 0)
-      // Which of them are copies is not kept: at worst one is copied again.
-      this.heldCompacted = 0
+    const due: HistoryEntry[] = []
+    const kept: HistoryEntry[] = []
+    let keptBytes = 0
+    let keptCopies = 0
+    for (let index = 0; index < held.length; index++) {
+      const entry = held[index]
+      if (entry.id <= id) {
+        due.push(entry)
+        continue
+      }
+      kept.push(entry)
+      keptBytes += entry.frame.length
+      // The copies come first, in order: those kept stay first.
+      if (index < this.heldCompacted) keptCopies++
     }
+    if (due.length === 0) return due
+    this.held = kept
+    this.heldBytes = keptBytes
+    this.heldCompacted = keptCopies
     return due
   }
 

@@ -592,11 +592,16 @@ export class StreamService {
     // Lost again: the streams not done stay held, from where they got to,
     // for the next catch-up (a failed read then is no reason for a reset).
     const lostAgain = (): boolean => this.lossCount !== losses
+    // What was issued before the subscription was back at the latest: what
+    // comes after it arrives live, held. Read without this bound, history
+    // would be read up to its head at each page, and a reader slower than
+    // its channels would never be done, nor its turn given up.
+    const issued = await this.bus.lastId().catch((): null => null)
     await inTurns(streams, CATCH_UP_CONCURRENCY, async (connection) => {
       if (lostAgain()) return
       const from = connection.catchUpFrom ?? connection.lastId
       try {
-        const reset = await this.sendMissedSince(connection, from, lostAgain)
+        const reset = await this.sendMissedSince(connection, from, issued, lostAgain)
         if (lostAgain()) {
           connection.catchUpFrom = Math.max(from, connection.lastId)
           return
@@ -621,18 +626,20 @@ export class StreamService {
   /**
    * Sends a held stream what it may have missed since `from`, from history,
    * page by page with what it held (each page's copies are the only ones a
-   * slow reader keeps, whatever the number of streams caught up), or
-   * resolves with why it cannot be told. Stops at a new loss: a page read
+   * slow reader keeps, whatever the number of streams caught up), up to
+   * `upTo` (null: to the end), or resolves with why it cannot be told.
+   * Stops at a new loss: a page read
    * after it must not be merged, for what the stream held since may include
    * events from after that loss's restore, and the events of the new gap are
    * in neither, so the merge would move the stream past them. The next
    * catch-up reads on from where it got to.
    */
-  private async sendMissedSince (connection: StreamConnection, from: number, lostAgain: () => boolean): Promise<ResetReason | null> {
+  private async sendMissedSince (connection: StreamConnection, from: number, upTo: number | null, lostAgain: () => boolean): Promise<ResetReason | null> {
     const reset = await this.eachReplayPage([...connection.channels], from, async (page) => {
       if (lostAgain()) return false
       await this.sendHistory(connection, page, true)
-      return !connection.closed && !lostAgain()
+      const newest = page.length > 0 ? page[page.length - 1].id : Number.POSITIVE_INFINITY
+      return !connection.closed && !lostAgain() && (upTo === null || newest < upTo)
     })
     if (reset === null) return null
     // 'future': the store issues ids below the stream's last, which only a
