@@ -382,9 +382,8 @@ interface HistoryTail {
 
 /**
  * The first page of the tails merged in id order (an event on several of
- * them once), up to REPLAY_PAGE_BYTES of frames (one event at least): the
- * page's entries are the only references a slow replay holds, so history
- * can let go of the rest.
+ * them once), up to REPLAY_PAGE_BYTES of frames: the page's entries are
+ * the only references a slow replay holds, so history can let go of the rest.
  */
 function firstPage (tails: HistoryTail[]): { events: HistoryEntry[], more?: true } {
   const events: HistoryEntry[] = []
@@ -396,7 +395,7 @@ function firstPage (tails: HistoryTail[]): { events: HistoryEntry[], more?: true
       if (entry !== undefined && (lowest === null || entry.id < lowest.id)) lowest = entry
     }
     if (lowest === null) return { events }
-    if (events.length > 0 && bytes + lowest.frame.length > REPLAY_PAGE_BYTES) return { events, more: true }
+    if (bytes >= REPLAY_PAGE_BYTES) return { events, more: true }
     for (const tail of tails) if (tail.entries[tail.next]?.id === lowest.id) tail.next++
     events.push(lowest)
     bytes += lowest.frame.length
