@@ -35,7 +35,8 @@ export type OnceOutcome =
   | { kind: 'conflict' }
 
 /**
- * Event bodies one replay page holds at most (one at least). A stream is
+ * Where a replay page ends: once its events reach this many bytes (so one
+ * event may take it past them, and it holds one at least). A stream is
  * written one page at a time: a client replaying a long history of large
  * events slowly holds one page, not the whole history, and not events the
  * history has let go meanwhile. (In Redis mode, Redis runs nothing else while

@@ -382,7 +382,7 @@ interface HistoryTail {
 
 /**
  * The first page of the tails merged in id order (an event on several of
- * them once), up to REPLAY_PAGE_BYTES of frames: the page's entries are
+ * them once), ended once its frames reach REPLAY_PAGE_BYTES: the page's entries are
  * the only references a slow replay holds, so history can let go of the rest.
  */
 function firstPage (tails: HistoryTail[]): { events: HistoryEntry[], more?: true } {
