@@ -3,6 +3,8 @@ import { eventually, openConnected, openStream, publishOk, publisherToken, reque
 import { flood, floodData, floodMaxBytes, FLOOD_EVENT_BYTES, neverReadingStream, rawConnect } from './helpers/raw'
 import { needRedis, REDIS_URL, startOwnRedis, uniquePrefix, type OwnRedis } from './helpers/redis'
 import { listenInternal } from '../src/app'
+import type { StreamConnection } from '../src/core/connection'
+import type { Gateway } from './helpers/gateway'
 
 const SHUTDOWN_TIMEOUT_MS = 10_000
 
@@ -15,6 +17,24 @@ async function refused (url: string): Promise<string> {
     const cause = (error as { cause?: { code?: string } }).cause
     return cause?.code ?? 'network error'
   }
+}
+
+/**
+ * A stream of user `stalled` (on the listener of `port`) that stopped reading,
+ * published to (through `publishUrl`) until the kernel takes no more: its end then
+ * cannot flush, and a drain waits on it. (MAX_BUFFERED_BYTES 16 MB keeps it
+ * from being dropped as slow first.)
+ */
+async function backedUpStream (t: Test, app: Gateway['app'], publishUrl: string, port: number): Promise<{ raw: Awaited<ReturnType<typeof neverReadingStream>>['raw'], connection: StreamConnection }> {
+  const { raw, connectionId } = await neverReadingStream(t, publishUrl, port, 'stalled')
+  const connection = app.registry.get(connectionId)
+  if (connection === undefined) throw new Error('the stalled stream is not registered')
+  const sink = connection['sink']
+  for (let n = 0; sink.writableLength === 0; n++) {
+    if (n * FLOOD_EVENT_BYTES > floodMaxBytes(16 * 1024 * 1024)) throw new Error('the stream never backed up')
+    await publishOk(publishUrl, publisherToken(), { to: { user: 'stalled' }, event: 'flood', data: floodData(n) })
+  }
+  return { raw, connection }
 }
 
 for (const signal of ['SIGTERM', 'SIGINT'] as const) {
@@ -91,15 +111,7 @@ t.test('while a stream that stopped reading holds the drain, the listener stays 
   const origin = 'https://app.example'
   // Half of it bounds how long the listener stays open: longer than the drain is held here.
   const { app, url, port } = await startGateway(t, { MAX_BUFFERED_BYTES: String(16 * 1024 * 1024), CORS_ORIGINS: origin, RETRY_MS: '60000' })
-  const { raw, connectionId } = await neverReadingStream(t, url, port, 'stalled')
-  const connection = app.registry.get(connectionId)
-  if (connection === undefined) throw new Error('the stalled stream is not registered')
-  // Until the kernel takes no more: its end then cannot flush, and the drain waits on it.
-  const sink = connection['sink']
-  for (let n = 0; sink.writableLength === 0; n++) {
-    if (n * FLOOD_EVENT_BYTES > floodMaxBytes(16 * 1024 * 1024)) throw new Error('the stream never backed up')
-    await publishOk(url, publisherToken(), { to: { user: 'stalled' }, event: 'flood', data: floodData(n) })
-  }
+  const { raw, connection } = await backedUpStream(t, app, url, port)
   // fetch keeps its connections alive: the publishes after the first reuse one while it stays open.
   const refusals = new Set<string>()
   const publish = async (): Promise<number> => {
@@ -155,14 +167,7 @@ t.test('a stream that stopped reading holds the drain past half of RETRY_MS: the
   const internalAddress = internalServer.address()
   if (internalAddress === null || typeof internalAddress === 'string') throw new Error('the internal listener has no TCP address')
   const internalUrl = `http://127.0.0.1:${internalAddress.port}`
-  const { connectionId } = await neverReadingStream(t, internalUrl, port, 'stalled')
-  const connection = app.registry.get(connectionId)
-  if (connection === undefined) throw new Error('the stalled stream is not registered')
-  const sink = connection['sink']
-  for (let n = 0; sink.writableLength === 0; n++) {
-    if (n * FLOOD_EVENT_BYTES > floodMaxBytes(16 * 1024 * 1024)) throw new Error('the stream never backed up')
-    await publishOk(internalUrl, publisherToken(), { to: { user: 'stalled' }, event: 'flood', data: floodData(n) })
-  }
+  const { connection } = await backedUpStream(t, app, internalUrl, port)
   const reading = (await openConnected(`${url}/v1/stream?token=${userToken('u1')}`, { t })).stream
   let stalledClosed = false
   void connection.sinkClosed().then(() => { stalledClosed = true })
