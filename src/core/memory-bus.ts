@@ -16,7 +16,6 @@ interface StoredEntry extends HistoryEntry {
 }
 
 interface ChannelHistory {
-  name: string
   entries: StoredEntry[]
   /** Index of the oldest kept entry; entries before it were dropped. */
   head: number
@@ -50,11 +49,6 @@ export interface MemoryBusOptions {
  */
 const EVENT_BYTES = 320
 const ENTRY_BYTES = 64
-/**
- * What a channel's own record costs (its map entry, name, list and marks),
- * measured with --expose-gc: ≈ 360 bytes for a 17-character name.
- */
-const CHANNEL_BYTES = 360
 const NO_CHANNELS: string[] = []
 
 /**
@@ -95,18 +89,6 @@ export class MemoryBus implements EventBus {
   private storedBytes = 0
   /** Events of `stored` some channel still keeps. */
   private storedLive = 0
-  /**
-   * Channels that keep no event, only their drop marks, in the order they
-   * emptied: kept for HISTORY_TTL_S so that cursors below the marks get
-   * their reset, unless their records crowd the cap (see dropOldestOverBudget).
-   */
-  private readonly emptied = new Map<string, ChannelHistory>()
-  /**
-   * The highest drop mark of a channel whose record was forgotten under the
-   * cap: a channel without a record may be one of them, so a cursor below
-   * this gets 'trimmed' for it.
-   */
-  private forgottenUpTo = 0
 
   constructor (private readonly options: MemoryBusOptions) {
     // Channels that went quiet are dropped once all their events are past the window.
@@ -115,7 +97,7 @@ export class MemoryBus implements EventBus {
 
   /** What the history takes, estimated as HISTORY_MAX_BYTES counts it. */
   historyBytes (): number {
-    return this.storedBytes + this.histories.size * CHANNEL_BYTES
+    return this.storedBytes
   }
 
   /** Synchronous core of `publish`, for callers that must check state and publish in one step. */
@@ -133,11 +115,7 @@ export class MemoryBus implements EventBus {
         this.storedLive++
         for (const name of item.channels) this.append(name, { id, frame, stored })
       } else {
-        for (const name of item.channels) {
-          const history = this.history(name)
-          history.droppedUpTo = id
-          this.emptied.set(name, history)
-        }
+        for (const name of item.channels) this.history(name).droppedUpTo = id
       }
       this.outbox.push({ channels: item.channels, id, frame })
       ids.push(id)
@@ -190,10 +168,7 @@ export class MemoryBus implements EventBus {
     let expired = after < cutoff
     for (const name of channels) {
       const history = this.histories.get(name)
-      if (history === undefined) {
-        if (this.forgottenUpTo > after) return { reset: 'trimmed', events: [] }
-        continue
-      }
+      if (history === undefined) continue
       this.prune(history, cutoff)
       if (history.droppedUpTo > after) return { reset: 'trimmed', events: [] }
       if (history.expiredUpTo > after) expired = true
@@ -216,11 +191,7 @@ export class MemoryBus implements EventBus {
   }
 
   async trimmed (channels: string[]): Promise<boolean> {
-    // A channel without a record may be one forgotten under the cap, within the window.
-    return channels.some((name) => {
-      const history = this.histories.get(name)
-      return history === undefined ? this.forgottenUpTo >= this.cutoff() : history.droppedUpTo > 0
-    })
+    return channels.some((name) => (this.histories.get(name)?.droppedUpTo ?? 0) > 0)
   }
 
   async listen (): Promise<void> {}
@@ -263,7 +234,6 @@ export class MemoryBus implements EventBus {
   async close (): Promise<void> {
     clearInterval(this.sweepTimer)
     this.histories.clear()
-    this.emptied.clear()
     this.stored = []
     this.storedHead = 0
     this.storedBytes = 0
@@ -286,7 +256,7 @@ export class MemoryBus implements EventBus {
   private history (name: string): ChannelHistory {
     let history = this.histories.get(name)
     if (history === undefined) {
-      history = { name, entries: [], head: 0, droppedUpTo: 0, expiredUpTo: 0 }
+      history = { entries: [], head: 0, droppedUpTo: 0, expiredUpTo: 0 }
       this.histories.set(name, history)
     }
     return history
@@ -294,7 +264,6 @@ export class MemoryBus implements EventBus {
 
   private append (name: string, entry: StoredEntry): void {
     const history = this.history(name)
-    if (history.head >= history.entries.length) this.emptied.delete(name)
     history.entries.push(entry)
     if (history.entries.length - history.head > this.options.historySize) this.dropHead(history)
     this.prune(history, this.cutoff())
@@ -307,7 +276,6 @@ export class MemoryBus implements EventBus {
     if (expired) history.expiredUpTo = stored.id
     else history.droppedUpTo = stored.id
     history.head++
-    if (history.head >= history.entries.length) this.emptied.set(history.name, history)
     if (--stored.holders === 0) this.forget(stored)
   }
 
@@ -333,21 +301,12 @@ export class MemoryBus implements EventBus {
    * Past the history's memory cap, the oldest events (published before
    * `publishedFrom`) leave every channel that keeps them: those channels'
    * cursors below them get 'trimmed', as after HISTORY_SIZE; channels that
-   * never had them replay as before. Once channels' own records take half
-   * the cap (events to many distinct users, each soon trimmed), those that
-   * keep no event are forgotten first, oldest emptied first: a cursor below
-   * their marks then gets 'trimmed' on every channel without a record,
-   * rather than the records growing for HISTORY_TTL_S past the cap.
+   * never had them replay as before.
    */
   private dropOldestOverBudget (publishedFrom: number): void {
     const budget = this.options.maxHistoryBytes ?? 0
     if (budget === 0) return
-    while (this.historyBytes() > budget) {
-      if (this.emptied.size > 0 && (this.histories.size * CHANNEL_BYTES > budget / 2 || this.storedHead >= this.stored.length || this.stored[this.storedHead].id >= publishedFrom)) {
-        this.forgetOldestEmptied()
-        continue
-      }
-      if (this.storedHead >= this.stored.length) break
+    while (this.storedBytes > budget && this.storedHead < this.stored.length) {
       const oldest = this.stored[this.storedHead]
       // Never the events just published: one larger than the cap (many
       // lines, or a conversation of many members) stays until the next.
@@ -362,15 +321,6 @@ export class MemoryBus implements EventBus {
       }
       // Never the case (see above), but the loop must end whatever the state.
       if (oldest.holders > 0) this.forget(oldest)
-    }
-  }
-
-  private forgetOldestEmptied (): void {
-    for (const [name, history] of this.emptied) {
-      this.emptied.delete(name)
-      this.histories.delete(name)
-      this.forgottenUpTo = Math.max(this.forgottenUpTo, history.droppedUpTo, history.expiredUpTo)
-      return
     }
   }
 
@@ -419,10 +369,7 @@ export class MemoryBus implements EventBus {
     for (const [name, history] of this.histories) {
       this.prune(history, cutoff)
       // Kept while a drop mark is inside the window: a cursor below it must still get its reset.
-      if (history.head >= history.entries.length && Math.max(history.droppedUpTo, history.expiredUpTo) < cutoff) {
-        this.histories.delete(name)
-        this.emptied.delete(name)
-      }
+      if (history.head >= history.entries.length && Math.max(history.droppedUpTo, history.expiredUpTo) < cutoff) this.histories.delete(name)
     }
   }
 }
