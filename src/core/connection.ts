@@ -517,6 +517,10 @@ export class StreamConnection {
       if (index < this.heldCompacted) keptCopies++
     }
     if (due.length === 0) return due
+    if (kept.length === 0) {
+      this.setHeld([])
+      return due
+    }
     this.held = kept
     this.heldBytes = keptBytes
     this.heldCompacted = keptCopies
