@@ -619,15 +619,20 @@ function internalListener (app: FastifyInstance, maxBodyBytes: number): Server {
  * in the order they are added), which waits within the same grace.
  */
 function cutConnectionsAfterGrace (app: FastifyInstance, config: Config, internalServer: Server | null): void {
-  let forceTimer: NodeJS.Timeout | null = null
+  intoTheClose(app, closeGraceMs(config), () => {
+    app.server.closeAllConnections()
+    internalServer?.closeAllConnections()
+  })
+}
+
+/** Runs `action` `delayMs` after the close begins (its preClose hook), unless the close has ended by then. */
+function intoTheClose (app: FastifyInstance, delayMs: number, action: () => void): void {
+  let timer: NodeJS.Timeout | null = null
   app.addHook('preClose', async () => {
-    forceTimer = setTimeout(() => {
-      app.server.closeAllConnections()
-      internalServer?.closeAllConnections()
-    }, closeGraceMs(config)).unref()
+    timer = setTimeout(action, delayMs).unref()
   })
   app.addHook('onClose', async () => {
-    if (forceTimer !== null) clearTimeout(forceTimer)
+    if (timer !== null) clearTimeout(timer)
   })
 }
 
@@ -650,14 +655,8 @@ function stopTakingConnections (servers: Array<Server | null>, phase: ClosingPha
  * internal listener, which no browser reaches, still answers 503 until the drain ends.
  */
 function stopTakingConnectionsBeforeReconnects (app: FastifyInstance, config: Config, phase: ClosingPhase): void {
-  let timer: NodeJS.Timeout | null = null
-  app.addHook('preClose', async () => {
-    const beforeReconnectsMs = Math.min(closeGraceMs(config), Math.floor(config.retryMs / 2))
-    timer = setTimeout(() => stopTakingConnections([app.server], phase), beforeReconnectsMs).unref()
-  })
-  app.addHook('onClose', async () => {
-    if (timer !== null) clearTimeout(timer)
-  })
+  const beforeReconnectsMs = Math.min(closeGraceMs(config), Math.floor(config.retryMs / 2))
+  intoTheClose(app, beforeReconnectsMs, () => stopTakingConnections([app.server], phase))
 }
 
 /**
