@@ -1,16 +1,10 @@
 import t from 'tap'
 import {
-  eventually, forEachMode, interceptNextAdmission, nowS, openConnected, openStream, publishOk, publisherToken, startCluster, token
+  eventually, forEachMode, interceptNextAdmission, nowS, openConnected, openStream, publishOk, publisherToken, secondsAhead, startCluster, token
 } from './helpers'
 import { metricValue, scrape } from './helpers/raw'
 
 const publisher = publisherToken()
-
-/**
- * An `exp` at least `seconds` from now: a whole second from `nowS()` may be
- * nearly over, and a token minted then could expire before its stream opens.
- */
-const secondsAhead = (seconds: number): number => Math.ceil(Date.now() / 1000) + seconds
 
 forEachMode(t, 'a stream whose token expires in 2 s receives `auth-expired` (no id) and is closed', async (t, mode) => {
   const [gateway] = await startCluster(t, mode, 1, { KEEPALIVE_MS: '60000' })

@@ -4,7 +4,7 @@ import { connect } from 'node:net'
 import { createHmac } from 'node:crypto'
 import type { Test } from 'tap'
 import {
-  eventually, forEachMode, nowS, openConnected, publish, publishOk, publisherToken, request, startCluster, startGateway,
+  eventually, forEachMode, nowS, openConnected, publish, publishOk, publisherToken, request, secondsAhead, startCluster, startGateway,
   token, userToken, type Gateway
 } from './helpers'
 import { redisClient } from './helpers/redis'
@@ -261,9 +261,10 @@ t.test('close lines carry the reason: evicted, expired, slow', async (t) => {
   const { stream: evicted, connected: evictedInfo } = await openConnected(`${url}/v1/stream?token=${userToken('u1')}`, { t })
   await openConnected(`${url}/v1/stream?token=${userToken('u1')}`, { t })
   await evicted.nextEvent('evicted')
-  const expiringToken = token({ sub: 'u2', exp: nowS() + 1 })
+  // At least a second to open in: `nowS() + 1` may be a few ms away, and the open is then refused (401).
+  const expiringToken = token({ sub: 'u2', exp: secondsAhead(1) })
   const { stream: expiring, connected: expiringInfo } = await openConnected(`${url}/v1/stream?token=${expiringToken}`, { t })
-  await expiring.nextEvent('auth-expired', 5000)
+  await expiring.nextEvent('auth-expired', 8000)
   const slow = await neverReadingStream(t, url, port, 'u3')
   await flood(url, { user: 'u3' }, () => app.registry.get(slow.connectionId) === undefined, floodMaxBytes(128 * 1024))
   await eventually(async () => metricValue(await scrape(url), 'sse_slow_consumer_drops_total') === 1, 'the slow consumer to be dropped', 10_000)

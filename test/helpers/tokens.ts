@@ -27,6 +27,15 @@ export function nowS (): number {
 }
 
 /**
+ * An `exp` at least `seconds` from now. `nowS() + seconds` is not: the
+ * current second may be nearly over, and a token minted then with
+ * `nowS() + 1` can expire before its stream is even opened (401).
+ */
+export function secondsAhead (seconds: number): number {
+  return Math.ceil(Date.now() / 1000) + seconds
+}
+
+/**
  * Signs `claims` (with `iat`, and `exp` unless told otherwise). A claim set to
  * `undefined` is left out.
  */
