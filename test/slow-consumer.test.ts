@@ -170,7 +170,10 @@ t.test('a burst to many clients that stopped reading: each is dropped, and none 
   // 16 arrays of 4 events of 240 KB at once: 15 MB, too large for any one
   // stream, in pieces that lie in separate buffers.
   const burst = Array.from({ length: 4 }, (_, n) => ({ to: { user: 'stalled' }, event: 'big', data: String(n).repeat(240_000) }))
-  await Promise.all(Array.from({ length: 16 }, async () => await publishOk(server.url, publisher, burst)))
+  // The child writes the burst to 300 sockets (~1 GB into the kernel's socket
+  // buffers before the drops) in the turns that also answer these publishes:
+  // on a loaded machine the last 202 comes well past the usual 15 s.
+  await Promise.all(Array.from({ length: 16 }, async () => await publishOk(server.url, publisher, burst, { timeoutMs: 60_000 })))
   await eventually(async () => metricValue(await scrape(server.url), 'sse_slow_consumer_drops_total') === stalled, 'every stalled stream dropped', 30_000, 100)
   const growth = rssOf(pid, 'VmHWM') - peakBefore
   // A copy of its due bytes per stream came to ~1 GB here; shared, ~60 MB.

@@ -14,6 +14,8 @@ export interface RequestOptions {
   headers?: Record<string, string>
   /** An object is sent as JSON; a string is sent as it is (with a JSON content type). */
   body?: unknown
+  /** How long to wait for the whole answer; 15 s unless told. */
+  timeoutMs?: number
 }
 
 export async function request<T = unknown> (url: string, options: RequestOptions = {}): Promise<JsonResponse<T>> {
@@ -28,7 +30,7 @@ export async function request<T = unknown> (url: string, options: RequestOptions
     method: options.method ?? (body === undefined ? 'GET' : 'POST'),
     headers,
     body,
-    signal: AbortSignal.timeout(15_000)
+    signal: AbortSignal.timeout(options.timeoutMs ?? 15_000)
   })
   const text = await response.text()
   let json: unknown
@@ -49,14 +51,14 @@ export interface PublishAnswer {
 }
 
 /** POST /v1/publish with a Bearer token; a string body is sent unparsed. */
-export async function publish (url: string, token: string, body: unknown): Promise<{ status: number, json: PublishAnswer }> {
-  const { status, json } = await request<PublishAnswer>(`${url}/v1/publish`, { method: 'POST', token, body })
+export async function publish (url: string, token: string, body: unknown, options: { timeoutMs?: number } = {}): Promise<{ status: number, json: PublishAnswer }> {
+  const { status, json } = await request<PublishAnswer>(`${url}/v1/publish`, { method: 'POST', token, body, timeoutMs: options.timeoutMs })
   return { status, json }
 }
 
 /** Publishes and insists on 202; returns the ids in order. */
-export async function publishOk (url: string, token: string, body: unknown): Promise<string[]> {
-  const { status, json } = await publish(url, token, body)
+export async function publishOk (url: string, token: string, body: unknown, options: { timeoutMs?: number } = {}): Promise<string[]> {
+  const { status, json } = await publish(url, token, body, options)
   if (status !== 202) throw new Error(`publish answered ${status}: ${JSON.stringify(json)}`)
   if (json.ids !== undefined) return json.ids
   if (json.id !== undefined) return [json.id]
