@@ -16,7 +16,7 @@ import { clockWith, epochOffsetUs, sleep } from './lib/clock'
 import { fileLimit, hasTaskset, machine, pinSelf } from './lib/proc'
 import { renderProfile } from './lib/profile'
 import { findNchan } from './lib/nchan'
-import { freePort, ROOT, ServerProcess, TARGET_KINDS, type TargetKind } from './lib/server'
+import { freePort, PortTakenError, ROOT, ServerProcess, TARGET_KINDS, type TargetKind } from './lib/server'
 import { formatNumber, gatewayRatio, renderTable } from './lib/table'
 import { signToken, userTokens } from './lib/token'
 import { awaitQuiet, type Context, type Options, type Scenario, type ScenarioResult } from './scenarios/common'
@@ -255,7 +255,6 @@ async function main (): Promise<void> {
       if (options.clientCpu !== null) pinSelf(cpuList ?? allCpus)
     },
     async startServer (kind: TargetKind, start) {
-      const port = await freePort()
       const env: Record<string, string> = kind === 'gateway'
         ? {
             JWT_SECRET: secret,
@@ -267,21 +266,31 @@ async function main (): Promise<void> {
             ...start.env
           }
         : { ...start.env }
-      const server = new ServerProcess({
-        kind,
-        label: start.label,
-        host: '127.0.0.1',
-        port,
-        cpu: start.cpu,
-        env,
-        logFile: join(logDir, `${start.label}.log`),
-        maxConnections: largestStreams(options) + FD_RESERVE,
-        cpuProfDir: options.cpuProf && kind === 'gateway' ? profDir : undefined
-      })
-      servers.add(server)
-      await server.start()
-      log(`${start.label}: pid ${server.pid} on ${server.url}${start.cpu === null ? '' : ` (CPU ${start.cpu})`}`)
-      return server
+      // A port free when asked may be taken by another process before the server binds it: then another one.
+      for (let attempt = 1; ; attempt++) {
+        const server = new ServerProcess({
+          kind,
+          label: start.label,
+          host: '127.0.0.1',
+          port: await freePort(),
+          cpu: start.cpu,
+          env,
+          logFile: join(logDir, `${start.label}.log`),
+          maxConnections: largestStreams(options) + FD_RESERVE,
+          cpuProfDir: options.cpuProf && kind === 'gateway' ? profDir : undefined
+        })
+        servers.add(server)
+        try {
+          await server.start()
+        } catch (error) {
+          servers.delete(server)
+          if (!(error instanceof PortTakenError) || attempt >= 3) throw error
+          log(`${start.label}: ${error.message.split('\n')[0]}; another port`)
+          continue
+        }
+        log(`${start.label}: pid ${server.pid} on ${server.url}${start.cpu === null ? '' : ` (CPU ${start.cpu})`}`)
+        return server
+      }
     },
     async stopServer (server) {
       await server.stop()

@@ -5,7 +5,7 @@
  * limit, its logs sent to a file (so reading them costs the load client nothing).
  */
 import { spawn, type ChildProcess } from 'node:child_process'
-import { closeSync, mkdirSync, openSync, readFileSync, statSync, writeFileSync } from 'node:fs'
+import { closeSync, mkdirSync, openSync, readdirSync, readFileSync, readlinkSync, statSync, writeFileSync } from 'node:fs'
 import { createServer } from 'node:net'
 import { dirname, join } from 'node:path'
 import { sleep } from './clock'
@@ -64,6 +64,40 @@ export function freePort (): Promise<number> {
     })
   })
 }
+
+/**
+ * Whether one of `pids` holds the socket listening on `host:port` (IPv4),
+ * read from /proc; null where /proc cannot tell. `freePort` only finds a port
+ * free for a moment: on a busy machine another process may listen on it
+ * before the server does, and its /health would pass for the server's.
+ */
+export function listenerOwnedBy (pids: number[], host: string, port: number): boolean | null {
+  try {
+    const address = host.split('.').map(Number).reverse().map((byte) => byte.toString(16).padStart(2, '0')).join('').toUpperCase()
+    const local = `${address}:${port.toString(16).padStart(4, '0').toUpperCase()}`
+    const inodes = new Set<string>()
+    for (const line of readFileSync('/proc/net/tcp', 'utf8').split('\n').slice(1)) {
+      const fields = line.trim().split(/\s+/)
+      // st 0A: LISTEN
+      if (fields.length > 9 && fields[1] === local && fields[3] === '0A') inodes.add(fields[9])
+    }
+    if (inodes.size === 0) return false
+    for (const pid of pids) {
+      for (const fd of readdirSync(`/proc/${pid}/fd`)) {
+        let target = ''
+        try { target = readlinkSync(`/proc/${pid}/fd/${fd}`) } catch { continue }
+        const match = /^socket:\[(\d+)\]$/.exec(target)
+        if (match !== null && inodes.has(match[1])) return true
+      }
+    }
+    return false
+  } catch {
+    return null
+  }
+}
+
+/** The server could not listen on its port: another process took it after `freePort` found it free. */
+export class PortTakenError extends Error {}
 
 export class ServerProcess {
   private child: ChildProcess | null = null
@@ -124,7 +158,11 @@ export class ServerProcess {
     })
     const deadline = Date.now() + readyTimeoutMs
     while (Date.now() < deadline) {
-      if (!this.running) throw new Error(`${this.options.label} exited (${String(this.exitCode)}) while starting:\n${this.logTail()}`)
+      if (!this.running) {
+        const tail = this.logTail()
+        const Failure = /EADDRINUSE|Address already in use/.test(tail) ? PortTakenError : Error
+        throw new Failure(`${this.options.label} exited (${String(this.exitCode)}) while starting:\n${tail}`)
+      }
       let ready = false
       try {
         ready = (await httpRequest(`${this.url}/health`, { timeoutMs: 1000 })).status === 200
@@ -132,6 +170,11 @@ export class ServerProcess {
         // not listening yet
       }
       if (ready) {
+        // Answered, but maybe by whoever took the port first: then this server cannot bind it.
+        if (listenerOwnedBy([this.pid, ...childPids(this.pid)], this.options.host, this.options.port) === false) {
+          await this.stop()
+          throw new PortTakenError(`${this.options.label}: port ${this.options.port} is held by another process`)
+        }
         if (kind === 'nchan') await this.findWorkerOrStop()
         return
       }
