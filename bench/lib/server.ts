@@ -66,28 +66,30 @@ export function freePort (): Promise<number> {
 }
 
 /**
- * Whether one of `pids` holds the socket listening on `host:port` (IPv4),
- * read from /proc; null where /proc cannot tell. `freePort` only finds a port
- * free for a moment: on a busy machine another process may listen on it
- * before the server does, and its /health would pass for the server's.
+ * Whether one of `pids` holds a socket listening on TCP `port` (any address,
+ * IPv4 or IPv6), read from /proc; null where /proc cannot tell. `freePort`
+ * only finds a port free for a moment: on a busy machine another process may
+ * listen on it before the server does, and its /health would pass for the server's.
  */
-export function listenerOwnedBy (pids: number[], host: string, port: number): boolean | null {
+export function listenerOwnedBy (pids: number[], port: number): boolean | null {
   try {
-    const address = host.split('.').map(Number).reverse().map((byte) => byte.toString(16).padStart(2, '0')).join('').toUpperCase()
-    const local = `${address}:${port.toString(16).padStart(4, '0').toUpperCase()}`
-    const inodes = new Set<string>()
-    for (const line of readFileSync('/proc/net/tcp', 'utf8').split('\n').slice(1)) {
-      const fields = line.trim().split(/\s+/)
-      // st 0A: LISTEN
-      if (fields.length > 9 && fields[1] === local && fields[3] === '0A') inodes.add(fields[9])
+    const portHex = port.toString(16).toUpperCase().padStart(4, '0')
+    const listening = new Set<string>()
+    for (const table of ['/proc/net/tcp', '/proc/net/tcp6']) {
+      let text = ''
+      try { text = readFileSync(table, 'utf8') } catch { continue }
+      for (const line of text.split('\n').slice(1)) {
+        const fields = line.trim().split(/\s+/)
+        // local_address is ADDR:PORT, st 0A is LISTEN, the tenth field the inode.
+        if (fields[1]?.endsWith(`:${portHex}`) === true && fields[3] === '0A') listening.add(`socket:[${fields[9]}]`)
+      }
     }
-    if (inodes.size === 0) return false
+    if (listening.size === 0) return false
     for (const pid of pids) {
       for (const fd of readdirSync(`/proc/${pid}/fd`)) {
         let target = ''
         try { target = readlinkSync(`/proc/${pid}/fd/${fd}`) } catch { continue }
-        const match = /^socket:\[(\d+)\]$/.exec(target)
-        if (match !== null && inodes.has(match[1])) return true
+        if (listening.has(target)) return true
       }
     }
     return false
@@ -171,7 +173,7 @@ export class ServerProcess {
       }
       if (ready) {
         // Answered, but maybe by whoever took the port first: then this server cannot bind it.
-        if (listenerOwnedBy([this.pid, ...childPids(this.pid)], this.options.host, this.options.port) === false) {
+        if (listenerOwnedBy([this.pid, ...childPids(this.pid)], this.options.port) === false) {
           await this.stop()
           throw new PortTakenError(`${this.options.label}: port ${this.options.port} is held by another process`)
         }

@@ -3,9 +3,9 @@
  * real process shows: start-up errors, exit codes, signals.
  */
 import { spawn, type ChildProcess } from 'node:child_process'
-import { readdir, readFile, readlink } from 'node:fs/promises'
 import { createServer } from 'node:net'
 import { join } from 'node:path'
+import { listenerOwnedBy } from '../../bench/lib/server'
 import type { TestLike } from './gateway'
 
 export const SERVER_JS = join(__dirname, '..', '..', 'src', 'server.js')
@@ -93,22 +93,7 @@ export async function runServerToExit (t: TestLike, env: Record<string, string>,
 
 /** Whether process `pid` holds the socket listening on TCP `port` (Linux's /proc). */
 export async function listensOn (pid: number | undefined, port: number): Promise<boolean> {
-  if (pid === undefined) return false
-  const portHex = port.toString(16).toUpperCase().padStart(4, '0')
-  const listening = new Set<string>()
-  for (const table of ['/proc/net/tcp', '/proc/net/tcp6']) {
-    const text = await readFile(table, 'utf8').catch(() => '')
-    for (const line of text.split('\n').slice(1)) {
-      const fields = line.trim().split(/\s+/)
-      // local_address is ADDR:PORT, st 0A is LISTEN, the tenth field the inode.
-      if (fields[1]?.endsWith(`:${portHex}`) === true && fields[3] === '0A') listening.add(`socket:[${fields[9]}]`)
-    }
-  }
-  const descriptors = await readdir(`/proc/${pid}/fd`).catch(() => [])
-  for (const fd of descriptors) {
-    if (listening.has(await readlink(`/proc/${pid}/fd/${fd}`).catch(() => ''))) return true
-  }
-  return false
+  return pid !== undefined && listenerOwnedBy([pid], port) === true
 }
 
 /**
