@@ -10,6 +10,7 @@ import {
   publisherToken,
   request,
   rsaKeyPair,
+  secondsAhead,
   startGateway,
   token,
   userToken,
@@ -335,7 +336,7 @@ t.test('tokens never appear in any log line', async (t) => {
 
 t.test('a stream whose token expires while open gets `auth-expired` (no id line) and is closed', async (t) => {
   const { url, app } = await startGateway(t)
-  const exp = nowS() + 2
+  const exp = secondsAhead(2)
   const stream = await openStream(`${url}/v1/stream?token=${token({ sub: 'short-lived', exp })}`, { t })
   t.equal(await connectedUser(t, stream), 'short-lived')
   const bound = exp * 1000 - Date.now() + 3000

@@ -9,7 +9,7 @@ const publisher = publisherToken()
 forEachMode(t, 'a stream whose token expires in 2 s receives `auth-expired` (no id) and is closed', async (t, mode) => {
   const [gateway] = await startCluster(t, mode, 1, { KEEPALIVE_MS: '60000' })
   const { url, app } = gateway
-  const exp = nowS() + 2
+  const exp = secondsAhead(2)
   const { stream, connected } = await openConnected(`${url}/v1/stream?token=${token({ sub: 'u1', exp })}`, { t })
 
   // Still served before it expires.
@@ -34,7 +34,7 @@ forEachMode(t, 'a stream whose token expires in 2 s receives `auth-expired` (no 
 t.test('expiry closes only the expiring stream: one with a longer-lived token stays open and keeps receiving', async (t) => {
   const [gateway] = await startCluster(t, 'memory', 1)
   const { url } = gateway
-  const { stream: short } = await openConnected(`${url}/v1/stream?token=${token({ sub: 'u1', exp: nowS() + 2 })}`, { t })
+  const { stream: short } = await openConnected(`${url}/v1/stream?token=${token({ sub: 'u1', exp: secondsAhead(2) })}`, { t })
   const { stream: long } = await openConnected(`${url}/v1/stream?token=${token({ sub: 'u1' })}`, { t })
   await short.nextEvent('auth-expired', 8000)
   await short.waitEnd(3000)
@@ -46,7 +46,7 @@ t.test('expiry closes only the expiring stream: one with a longer-lived token st
 t.test('a job stream is a stream: its token expiring closes it with `auth-expired`', async (t) => {
   const [gateway] = await startCluster(t, 'memory', 1)
   const { url } = gateway
-  const { stream } = await openConnected(`${url}/v1/jobs/stream?token=${token({ sub: 'u1', exp: nowS() + 2 })}`, { t })
+  const { stream } = await openConnected(`${url}/v1/jobs/stream?token=${token({ sub: 'u1', exp: secondsAhead(2) })}`, { t })
   await stream.nextEvent('auth-expired', 8000)
   await stream.waitEnd(3000)
   t.ok(stream.ended)
