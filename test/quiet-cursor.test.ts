@@ -12,6 +12,10 @@ import { join } from 'node:path'
 import { eventually, forEachMode, openConnected, publishOk, publisherToken, spawnServer, startCluster, TEST_SECRET, userToken } from './helpers'
 import { needRedis, REDIS_URL, uniquePrefix } from './helpers/redis'
 
+// Its tests wait for events to grow old on the clock: about 80 s in all,
+// two thirds of the suite's per-file 120 s, whatever the machine's load.
+t.setTimeout(240_000)
+
 const publisher = publisherToken()
 const ENV = { HISTORY_TTL_S: '2', KEEPALIVE_MS: '60000' }
 const WINDOW_US = 2_000_000
