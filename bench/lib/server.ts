@@ -75,18 +75,29 @@ export function listenerOwnedBy (pids: number[], port: number): boolean | null {
   try {
     const portHex = port.toString(16).toUpperCase().padStart(4, '0')
     const listening = new Set<string>()
+    let tables = 0
     for (const table of ['/proc/net/tcp', '/proc/net/tcp6']) {
       let text = ''
       try { text = readFileSync(table, 'utf8') } catch { continue }
+      tables++
       for (const line of text.split('\n').slice(1)) {
         const fields = line.trim().split(/\s+/)
         // local_address is ADDR:PORT, st 0A is LISTEN, the tenth field the inode.
         if (fields[1]?.endsWith(`:${portHex}`) === true && fields[3] === '0A') listening.add(`socket:[${fields[9]}]`)
       }
     }
+    if (tables === 0) return null
     if (listening.size === 0) return false
     for (const pid of pids) {
-      for (const fd of readdirSync(`/proc/${pid}/fd`)) {
+      let fds: string[]
+      try {
+        fds = readdirSync(`/proc/${pid}/fd`)
+      } catch (error) {
+        // A process that has exited holds no socket; one whose descriptors cannot be read cannot tell.
+        if ((error as NodeJS.ErrnoException).code === 'ENOENT') continue
+        return null
+      }
+      for (const fd of fds) {
         let target = ''
         try { target = readlinkSync(`/proc/${pid}/fd/${fd}`) } catch { continue }
         if (listening.has(target)) return true
@@ -108,6 +119,8 @@ export class ServerProcess {
   private markExited: () => void = () => {}
   /** nginx's worker, where Nchan holds the streams: what memory and CPU are read from. */
   private workerPid = 0
+  /** Where this start's lines begin in the log file. */
+  private logStartsAt = 0
 
   constructor (readonly options: ServerOptions) {
     this.exited = new Promise((resolve) => { this.markExited = resolve })
@@ -146,6 +159,7 @@ export class ServerProcess {
     // taskset pins nginx's master and, through it, the worker it forks.
     if (cpu !== null && hasTaskset()) command.unshift('taskset', '-c', cpu)
     const log = openSync(logFile, 'a')
+    this.logStartsAt = statSync(logFile).size
     // sh raises the soft file limit to the hard one, then becomes the server (same pid).
     const child = spawn('/bin/sh', ['-c', 'ulimit -n "$(ulimit -Hn)" 2>/dev/null; exec "$@"', 'sh', ...command], {
       cwd: ROOT,
@@ -228,11 +242,11 @@ export class ServerProcess {
     return [install.nginx, '-p', dir, '-c', config, '-e', this.options.logFile]
   }
 
+  /** The end of what this start wrote to the log (a retry appends to the same file: an earlier attempt's EADDRINUSE is not this one's). */
   logTail (bytes = 3000): string {
     try {
-      const size = statSync(this.options.logFile).size
-      const text = readFileSync(this.options.logFile, 'utf8')
-      return text.slice(Math.max(0, size - bytes))
+      const log = readFileSync(this.options.logFile)
+      return log.subarray(Math.max(this.logStartsAt, log.length - bytes)).toString('utf8')
     } catch {
       return '(no log)'
     }
