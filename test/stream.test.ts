@@ -96,8 +96,9 @@ t.test('no gap between two writes to an idle stream reaches KEEPALIVE_MS, whenev
   }))
   for (const [n, times] of arrivals.entries()) {
     const gaps = times.slice(1).map((at, i) => at - times[i])
-    // 7/12 of the interval by the schedule; the rest is room for a late timer on a busy machine.
-    t.ok(gaps.every((gap) => gap < keepaliveMs), `stream ${n}: longest gap ${Math.round(Math.max(...gaps))} ms`)
+    // 7/12 of the interval by the schedule, 0.9 checked: 630 ms of room for a late timer, while the
+    // schedule before it (a check every half interval for streams idle for half of it) gives gaps of the whole interval.
+    t.ok(gaps.every((gap) => gap < keepaliveMs * 0.9), `stream ${n}: longest gap ${Math.round(Math.max(...gaps))} ms`)
   }
 })
 
