@@ -25,6 +25,7 @@ import {
   LISTEN_LINE,
   NGINX_CONF,
   nginxBinary,
+  opensslBinary,
   PROXY_HTTP_VERSION_LINE,
   SHUTDOWN_TIMEOUT_LINE,
   startGatewayProcess,
@@ -36,6 +37,7 @@ import {
   type StackGateway
 } from './helpers/nginx'
 import { needRedis, uniquePrefix } from './helpers/redis'
+import { launchBrowser, needChromium, pageEventSource, startServerOnPort, type PageRecord } from './helpers/browser'
 import { metricValue, scrape } from './helpers/raw'
 
 interface LogLine {
@@ -469,18 +471,61 @@ t.test('behind nginx left at its default upstream HTTP/1.0: streams open, events
   t.same([(await again.nextEvent('tick')).id, (await again.nextEvent('tick')).id], ids.slice(1), 'the replay after the cursor, in order')
 })
 
-t.test('through nginx with every gateway unreachable: 503 in the JSON shape with Retry-After, not nginx\'s HTML 502, on streams and other routes', async (t) => {
+t.test('through nginx with every gateway unreachable: other routes get 503 in the JSON shape with Retry-After, not nginx\'s HTML 502; a stream gets no answer at all', async (t) => {
   if (!(await haveNginx(t)) || !(await needRedis(t))) return
   const up = await startGatewayProcess(t, uniquePrefix('nginx-none'), {})
   const down = await freePort()
   const nginx = await startNginx(t, [`127.0.0.1:${up.port}`, `127.0.0.1:${down}`])
   up.child.kill('SIGKILL')
   await up.waitExit(10_000)
-  for (const path of [`/v1/stream?token=${userToken('u1')}`, '/health', '/v1/jobs/j1']) {
+  for (const path of ['/health', '/v1/jobs/j1']) {
     const answer = await request(`${nginx.url}${path}`)
-    t.equal(answer.status, 503, `${path.split('?')[0]}: 503`)
+    t.equal(answer.status, 503, `${path}: 503`)
     t.equal(answer.headers.get('retry-after'), '3', 'Retry-After')
     t.match(answer.headers.get('content-type'), /^application\/json/)
     t.same(answer.json, { statusCode: 503, code: 'GW_UNAVAILABLE', error: 'Service Unavailable', message: 'no gateway could answer right now' })
+  }
+  // An EventSource ends for good on a 503, and retries a connection closed unanswered.
+  for (const path of [`/v1/stream?token=${userToken('u1')}`, `/v1/jobs/stream?token=${userToken('u1')}`]) {
+    const failure = await request(`${nginx.url}${path}`).then((answer) => `answered ${answer.status}`, (error: unknown) => error)
+    t.type(failure, TypeError, `${path.split('?')[0]}: the connection closed without an answer (${String(failure)})`)
+  }
+})
+
+t.test('in Chromium, through nginx over HTTP/1.1 and over HTTPS with HTTP/2, a page\'s EventSource outlives an outage of every gateway: it retries and reconnects when one is back', async (t) => {
+  if (!(await haveNginx(t)) || !needChromium(t)) return
+  if (opensslBinary() === null) {
+    if (process.env.CI === 'true') t.fail('openssl is not installed (.ci/run must install it)')
+    else t.plan(0, 'skipped: openssl is not installed')
+    return
+  }
+  const env = { JWT_SECRET: TEST_SECRET, HOST: '127.0.0.1', RETRY_MS: '300', LOG_LEVEL: 'warn' }
+  const port = await freePort()
+  const first = await startServerOnPort(t, env, port)
+  const nginx = await startNginx(t, [`127.0.0.1:${port}`, `127.0.0.1:${await freePort()}`], { tls: true })
+  if (nginx.https === null) throw new Error('nginx started without its HTTPS listener')
+  const browser = await launchBrowser(t, ['--ignore-certificate-errors'])
+  const pages = await Promise.all([nginx.url, nginx.https.url].map(async (origin, n) => {
+    const page = await browser.newPage()
+    await page.goto(`${origin}/demo`)
+    const recorder = await pageEventSource(page, `/v1/stream?token=${encodeURIComponent(userToken(`u-outage-${n}`))}`, { names: ['connected'] })
+    await recorder.waitEvents('connected', 1)
+    return { what: origin.startsWith('https') ? 'HTTP/2' : 'HTTP/1.1', recorder }
+  }))
+
+  first.child.kill('SIGKILL')
+  await first.waitExit(10_000)
+  for (const { what, recorder } of pages) {
+    const failures = (): PageRecord[] => recorder.records.filter((record) => record.kind === 'error')
+    await recorder.until(() => failures().length >= 3, `three failed reconnects over ${what} while no gateway answers`)
+    t.same(failures().filter((record) => record.readyState === 2), [], `${what}: the EventSource kept retrying (readyState never CLOSED)`)
+  }
+  // What nginx did with them (its access log has the path without the query).
+  for (const protocol of ['HTTP/1.1', 'HTTP/2.0']) t.match(nginx.stdout(), `"GET /v1/stream ${protocol}" 444`, `reconnects over ${protocol} closed unanswered`)
+
+  await startServerOnPort(t, env, port)
+  for (const { what, recorder } of pages) {
+    await recorder.waitEvents('connected', 2, 15_000)
+    t.pass(`${what}: it reconnected by itself once a gateway was back`)
   }
 })
