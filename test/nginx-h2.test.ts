@@ -15,10 +15,9 @@ import {
 } from './helpers'
 import { connectH2, negotiatedProtocol, openH2Stream, type H2SseStream } from './helpers/h2'
 import {
+  haveNginx,
   LISTEN_LINE,
   NGINX_CONF,
-  nginxBinary,
-  opensslBinary,
   startGatewayProcess,
   startNginx,
   tlsLines,
@@ -30,14 +29,6 @@ import { launchBrowser, needChromium, pageEventSource, type PageRecorder } from 
 import { needRedis, uniquePrefix } from './helpers/redis'
 
 const publisher = publisherToken()
-
-async function haveTools (t: Test): Promise<boolean> {
-  const missing = [nginxBinary() === null ? 'nginx' : null, opensslBinary() === null ? 'openssl' : null].filter((name) => name !== null)
-  if (missing.length === 0) return true
-  if (process.env.CI === 'true') t.fail(`${missing.join(' and ')} not installed (.ci/run must install them)`)
-  else t.plan(0, `skipped: ${missing.join(' and ')} not installed`)
-  return false
-}
 
 interface Stack {
   /** Their internal listeners (publish), never reached through nginx. */
@@ -89,7 +80,7 @@ t.test('the HTTPS listener ships commented out, under a marker, next to the plai
 })
 
 t.test('through nginx over HTTPS with HTTP/2 (deploy/nginx.conf, HTTPS listener enabled)', async (t) => {
-  if (!(await haveTools(t)) || !(await needRedis(t))) return
+  if (!(await haveNginx(t, { tls: true })) || !(await needRedis(t))) return
   const { internalUrls, gateways, nginx, https } = await startTlsStack(t)
 
   t.test('the running config is the committed one with the marked lines changed, the HTTPS ones only uncommented', async (t) => {
@@ -142,7 +133,7 @@ t.test('through nginx over HTTPS with HTTP/2 (deploy/nginx.conf, HTTPS listener 
 })
 
 t.test('Chromium over HTTPS through nginx: the page arrives over h2 and its eight EventSources all connect and receive', async (t) => {
-  if (!(await haveTools(t)) || !needChromium(t) || !(await needRedis(t))) return
+  if (!(await haveNginx(t, { tls: true })) || !needChromium(t) || !(await needRedis(t))) return
   const { internalUrls, nginx, https } = await startTlsStack(t)
   const browser = await launchBrowser(t, ['--ignore-certificate-errors'])
   const page = await browser.newPage()

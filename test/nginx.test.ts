@@ -24,8 +24,7 @@ import {
   hardFileLimit,
   LISTEN_LINE,
   NGINX_CONF,
-  nginxBinary,
-  opensslBinary,
+  haveNginx,
   PROXY_HTTP_VERSION_LINE,
   SHUTDOWN_TIMEOUT_LINE,
   startGatewayProcess,
@@ -76,13 +75,6 @@ async function startStack (t: Test, env: Record<string, string> = {}, options: N
   const b = await startGatewayProcess(t, prefix, env)
   const nginx = await startNginx(t, [`127.0.0.1:${a.port}`, `127.0.0.1:${b.port}`], options)
   return { gateways: [a, b], nginx }
-}
-
-async function haveNginx (t: Test): Promise<boolean> {
-  if (nginxBinary() !== null) return true
-  if (process.env.CI === 'true') t.fail('nginx is not installed (.ci/run must install it)')
-  else t.plan(0, 'skipped: nginx is not installed')
-  return false
 }
 
 /** The lines of deploy/nginx.conf that the running config changed, trimmed. */
@@ -509,12 +501,7 @@ t.test('through nginx with every gateway unreachable: other routes get 503 in th
 })
 
 t.test('in Chromium, through nginx over HTTP/1.1 and over HTTPS with HTTP/2, a page\'s EventSource outlives an outage of every gateway: it retries and reconnects when one is back', async (t) => {
-  if (!(await haveNginx(t)) || !needChromium(t)) return
-  if (opensslBinary() === null) {
-    if (process.env.CI === 'true') t.fail('openssl is not installed (.ci/run must install it)')
-    else t.plan(0, 'skipped: openssl is not installed')
-    return
-  }
+  if (!(await haveNginx(t, { tls: true })) || !needChromium(t)) return
   const env = { JWT_SECRET: TEST_SECRET, HOST: '127.0.0.1', RETRY_MS: '300', LOG_LEVEL: 'warn' }
   const port = await freePort()
   const first = await startServerOnPort(t, env, port)

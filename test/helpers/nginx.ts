@@ -13,6 +13,7 @@ import { closeSync, constants, existsSync, openSync } from 'node:fs'
 import { Socket } from 'node:net'
 import { chmod, mkdir, mkdtemp, readFile, rm, writeFile } from 'node:fs/promises'
 import { tmpdir } from 'node:os'
+import type { Test } from 'tap'
 import { dirname, join, resolve } from 'node:path'
 import { TEST_SECRET, type TestLike } from './gateway'
 import { freePort, listensOn, listensToo, spawnServer, type ServerProcess } from './process'
@@ -51,6 +52,18 @@ export function nginxBinary (): string | null {
 /** The openssl binary (makes the test certificate). */
 export function opensslBinary (): string | null {
   return findBinary('openssl')
+}
+
+/**
+ * Whether nginx is installed, and openssl too with `tls` (the HTTPS listener's
+ * certificate). In CI a missing one fails the test; elsewhere the test is skipped.
+ */
+export async function haveNginx (t: Test, options: { tls?: boolean } = {}): Promise<boolean> {
+  const missing = [nginxBinary() === null ? 'nginx' : null, options.tls === true && opensslBinary() === null ? 'openssl' : null].filter((name) => name !== null)
+  if (missing.length === 0) return true
+  if (process.env.CI === 'true') t.fail(`${missing.join(' and ')} not installed (.ci/run must install ${missing.length > 1 ? 'them' : 'it'})`)
+  else t.plan(0, `skipped: ${missing.join(' and ')} not installed`)
+  return false
 }
 
 /** The HTTPS listener's lines of `source`, trimmed as the file has them (each must occur exactly once). */
