@@ -3,23 +3,14 @@
  * real process shows: start-up errors, exit codes, signals.
  */
 import { spawn, type ChildProcess } from 'node:child_process'
-import { createServer } from 'node:net'
 import { join } from 'node:path'
-import { listenerOwnedBy } from '../../bench/lib/server'
+import { freePort, listenerOwnedBy } from '../../bench/lib/server'
 import type { TestLike } from './gateway'
 
-export const SERVER_JS = join(__dirname, '..', '..', 'src', 'server.js')
+/** A port free right now on 127.0.0.1 (the bench's). */
+export { freePort }
 
-export async function freePort (): Promise<number> {
-  return await new Promise((resolve, reject) => {
-    const server = createServer()
-    server.once('error', reject)
-    server.listen(0, '127.0.0.1', () => {
-      const address = server.address()
-      server.close(() => resolve(typeof address === 'object' && address !== null ? address.port : 0))
-    })
-  })
-}
+export const SERVER_JS = join(__dirname, '..', '..', 'src', 'server.js')
 
 export interface Exit {
   code: number | null
