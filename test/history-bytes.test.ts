@@ -165,3 +165,87 @@ async function memoryOfNewest (bus: MemoryBus, channel: string): Promise<WeakRef
   const entries = await bus.window([channel])
   return new WeakRef(entries[entries.length - 1].frame.buffer)
 }
+
+/** Events to `count` channels of their own, a thousand channels a publish, as a notification to every user would be. */
+function publishToManyChannels (bus: MemoryBus, count: number): number[] {
+  const ids: number[] = []
+  const body = renderBody('e', '{"n":1}')
+  for (let first = 0; first < count; first += 1000) {
+    const channels = Array.from({ length: Math.min(1000, count - first) }, (_, n) => `user:m${first + n}`)
+    ids.push(...bus.publishNow([{ channels, body }]))
+  }
+  return ids
+}
+
+for (const historySize of [1000, 0]) {
+  t.test(`HISTORY_SIZE=${historySize}: the records of channels whose events left count under the cap too, so many channels do not grow the heap past it`, async (t) => {
+    const gc = exposedGc()
+    gc()
+    const before = process.memoryUsage().heapUsed
+    const bus = busWithCap(t, 1024 * 1024, historySize)
+    publishToManyChannels(bus, 300_000)
+    await new Promise((resolve) => setImmediate(resolve))
+    gc()
+    const grown = process.memoryUsage().heapUsed - before
+    // Kept whole, 300 000 channels' records take about 80 MB.
+    t.ok(grown < 24 * 1024 * 1024, `the heap grew by ${(grown / 1048576).toFixed(1)} MB`)
+    t.ok(bus.historyBytes() <= 1024 * 1024, `the estimate, records included, is under the cap (${bus.historyBytes()})`)
+  })
+}
+
+/** Publishes to new channels, one a publish, until `done` says so. */
+async function publishUntil (bus: MemoryBus, done: () => boolean | Promise<boolean>): Promise<void> {
+  for (let n = 0; n < 100_000; n++) {
+    bus.publishNow([{ channels: [`user:fill${n}`], body: renderBody('e', 'x') }])
+    if (await done()) return
+  }
+  throw new Error('never done')
+}
+
+/** Until the cap first lets a record go: with nothing kept but records, the estimate stops growing. */
+async function publishUntilARecordGoes (bus: MemoryBus): Promise<void> {
+  let before = bus.historyBytes()
+  await publishUntil(bus, () => {
+    const now = bus.historyBytes()
+    const grew = now > before
+    before = now
+    return !grew
+  })
+}
+
+t.test('a channel whose record the cap let go: a cursor below its last event gets trimmed, one at it does not', async (t) => {
+  const bus = busWithCap(t, 64 * 1024, 0)
+  const [before] = bus.publishNow([{ channels: ['user:other'], body: renderBody('e', 'first') }])
+  const [own] = bus.publishNow([{ channels: ['user:early'], body: renderBody('e', 'not kept') }])
+  // user:other's record goes first, user:early's after it.
+  await publishUntilARecordGoes(bus)
+  bus.publishNow([{ channels: ['user:fill-next'], body: renderBody('e', 'x') }])
+  t.same(await bus.replay(['user:early'], before), { reset: 'trimmed', events: [] }, 'its record gone: a cursor below its event, trimmed')
+  t.same(await bus.replay(['user:early'], own), { reset: null, events: [] }, 'a cursor at its last event: nothing missed')
+  t.same(await bus.replay(['user:never'], before), { reset: 'trimmed', events: [] }, 'a channel without a record cannot tell below the newest mark let go')
+  t.same(await bus.replay(['user:never'], own), { reset: null, events: [] }, 'at it or above, it can')
+  t.ok(await bus.trimmed(['user:never']), 'a window of a channel without a record may have lost events')
+  publishToManyChannels(bus, 5000)
+  t.same(await bus.replay(['user:early'], own), { reset: 'trimmed', events: [] }, 'once later records went, a cursor at its event is below their marks')
+  t.same(await bus.replay(['user:m4999'], own), { reset: 'trimmed', events: [] }, 'a record kept answers for itself')
+})
+
+t.test('without the cap reached, a channel that never had an event replays from any cursor without reset', async (t) => {
+  const bus = busWithCap(t, 64 * 1024, 0)
+  const [first] = bus.publishNow([{ channels: ['user:other'], body: renderBody('e', 'first') }])
+  publishToManyChannels(bus, 100)
+  t.same(await bus.replay(['user:never'], first), { reset: null, events: [] })
+  t.notOk(await bus.trimmed(['user:never']))
+})
+
+t.test('past the cap, the oldest event goes first', async (t) => {
+  const bus = busWithCap(t, 64 * 1024)
+  const [keptEarly] = bus.publishNow([{ channels: ['user:kept-early'], body: renderBody('e', 'a') }])
+  const [keptLate] = bus.publishNow([{ channels: ['user:kept-late'], body: renderBody('e', 'b') }])
+  await publishUntil(bus, async () => (await bus.replay(['user:kept-early'], keptEarly - 1)).reset !== null)
+  t.same(await bus.replay(['user:kept-early'], keptEarly - 1), { reset: 'trimmed', events: [] }, 'the oldest event went')
+  t.same(await bus.replay(['user:kept-early'], keptEarly), { reset: null, events: [] }, 'a cursor at it missed nothing')
+  const late = await bus.replay(['user:kept-late'], keptEarly)
+  t.equal(late.reset, null, 'the next one is kept')
+  t.same(late.events.map((entry) => entry.id), [keptLate])
+})

@@ -16,6 +16,7 @@ interface StoredEntry extends HistoryEntry {
 }
 
 interface ChannelHistory {
+  name: string
   entries: StoredEntry[]
   /** Index of the oldest kept entry; entries before it were dropped. */
   head: number
@@ -31,6 +32,10 @@ interface ChannelHistory {
    * is checked too.
    */
   expiredUpTo: number
+  /** Neighbours in the list of channels that keep no event (see `EmptyChannels`). */
+  emptyBefore: ChannelHistory | null
+  emptyAfter: ChannelHistory | null
+  listedEmpty: boolean
 }
 
 export interface MemoryBusOptions {
@@ -49,6 +54,12 @@ export interface MemoryBusOptions {
  */
 const EVENT_BYTES = 320
 const ENTRY_BYTES = 64
+/**
+ * What a channel's own record costs (its name, its map entry, its list),
+ * measured with --expose-gc: kept after its events leave, so that a cursor
+ * below them still gets its reset, it must count too.
+ */
+const CHANNEL_BYTES = 288
 const NO_CHANNELS: string[] = []
 
 /**
@@ -89,6 +100,18 @@ export class MemoryBus implements EventBus {
   private storedBytes = 0
   /** Events of `stored` some channel still keeps. */
   private storedLive = 0
+  /**
+   * Records of channels that keep no event, in the order they were emptied
+   * (with HISTORY_SIZE=0, last published to): past the cap they go, in
+   * turn with the oldest events.
+   */
+  private readonly emptyChannels = new EmptyChannels()
+  /**
+   * Highest drop mark of a channel record let go for the memory cap while
+   * still inside the window: a cursor below it, on a channel without a
+   * record, cannot tell whether it missed events.
+   */
+  private forgottenUpTo = 0
 
   constructor (private readonly options: MemoryBusOptions) {
     // Channels that went quiet are dropped once all their events are past the window.
@@ -97,7 +120,7 @@ export class MemoryBus implements EventBus {
 
   /** What the history takes, estimated as HISTORY_MAX_BYTES counts it. */
   historyBytes (): number {
-    return this.storedBytes
+    return this.storedBytes + this.histories.size * CHANNEL_BYTES
   }
 
   /** Synchronous core of `publish`, for callers that must check state and publish in one step. */
@@ -115,7 +138,13 @@ export class MemoryBus implements EventBus {
         this.storedLive++
         for (const name of item.channels) this.append(name, { id, frame, stored })
       } else {
-        for (const name of item.channels) this.history(name).droppedUpTo = id
+        for (const name of item.channels) {
+          const history = this.history(name)
+          history.droppedUpTo = id
+          // Moved to the back: the channels published to longest ago go first.
+          this.emptyChannels.delete(history)
+          this.emptyChannels.add(history)
+        }
       }
       this.outbox.push({ channels: item.channels, id, frame })
       ids.push(id)
@@ -168,7 +197,10 @@ export class MemoryBus implements EventBus {
     let expired = after < cutoff
     for (const name of channels) {
       const history = this.histories.get(name)
-      if (history === undefined) continue
+      if (history === undefined) {
+        if (this.forgottenUpTo > after) return { reset: 'trimmed', events: [] }
+        continue
+      }
       this.prune(history, cutoff)
       if (history.droppedUpTo > after) return { reset: 'trimmed', events: [] }
       if (history.expiredUpTo > after) expired = true
@@ -191,7 +223,11 @@ export class MemoryBus implements EventBus {
   }
 
   async trimmed (channels: string[]): Promise<boolean> {
-    return channels.some((name) => (this.histories.get(name)?.droppedUpTo ?? 0) > 0)
+    const cutoff = this.cutoff()
+    return channels.some((name) => {
+      const history = this.histories.get(name)
+      return history === undefined ? this.forgottenUpTo >= cutoff : history.droppedUpTo > 0
+    })
   }
 
   async listen (): Promise<void> {}
@@ -234,6 +270,7 @@ export class MemoryBus implements EventBus {
   async close (): Promise<void> {
     clearInterval(this.sweepTimer)
     this.histories.clear()
+    this.emptyChannels.clear()
     this.stored = []
     this.storedHead = 0
     this.storedBytes = 0
@@ -256,7 +293,7 @@ export class MemoryBus implements EventBus {
   private history (name: string): ChannelHistory {
     let history = this.histories.get(name)
     if (history === undefined) {
-      history = { entries: [], head: 0, droppedUpTo: 0, expiredUpTo: 0 }
+      history = { name, entries: [], head: 0, droppedUpTo: 0, expiredUpTo: 0, emptyBefore: null, emptyAfter: null, listedEmpty: false }
       this.histories.set(name, history)
     }
     return history
@@ -264,7 +301,14 @@ export class MemoryBus implements EventBus {
 
   private append (name: string, entry: StoredEntry): void {
     const history = this.history(name)
-    history.entries.push(entry)
+    if (history.head >= history.entries.length) {
+      this.emptyChannels.delete(history)
+      // A list of one, not push's room for 17: most of many channels keep one event or few.
+      history.entries = [entry]
+      history.head = 0
+    } else {
+      history.entries.push(entry)
+    }
     if (history.entries.length - history.head > this.options.historySize) this.dropHead(history)
     this.prune(history, this.cutoff())
   }
@@ -276,6 +320,7 @@ export class MemoryBus implements EventBus {
     if (expired) history.expiredUpTo = stored.id
     else history.droppedUpTo = stored.id
     history.head++
+    if (history.head >= history.entries.length) this.emptyChannels.add(history)
     if (--stored.holders === 0) this.forget(stored)
   }
 
@@ -301,27 +346,44 @@ export class MemoryBus implements EventBus {
    * Past the history's memory cap, the oldest events (published before
    * `publishedFrom`) leave every channel that keeps them: those channels'
    * cursors below them get 'trimmed', as after HISTORY_SIZE; channels that
-   * never had them replay as before.
+   * never had them replay as before. Records of channels that keep no
+   * event go too, in age order with the events: a cursor below the newest
+   * of their marks gets 'trimmed' on any channel without a record.
    */
   private dropOldestOverBudget (publishedFrom: number): void {
     const budget = this.options.maxHistoryBytes ?? 0
     if (budget === 0) return
-    while (this.storedBytes > budget && this.storedHead < this.stored.length) {
-      const oldest = this.stored[this.storedHead]
+    let cutoff: number | undefined
+    while (this.historyBytes() > budget) {
+      const oldest = this.storedHead < this.stored.length ? this.stored[this.storedHead] : undefined
       // Never the events just published: one larger than the cap (many
       // lines, or a conversation of many members) stays until the next.
-      if (oldest.id >= publishedFrom) break
-      for (const name of oldest.channels) {
+      const droppable = oldest !== undefined && oldest.id < publishedFrom ? oldest : undefined
+      const quietest = this.emptyChannels.oldest
+      if (quietest !== null && (droppable === undefined || lastMark(quietest) < droppable.id)) {
+        this.forgetChannel(quietest, cutoff ??= this.cutoff())
+        continue
+      }
+      if (droppable === undefined) break
+      for (const name of droppable.channels) {
         const history = this.histories.get(name)
         // Older entries of the channel left before it: it is the head if the channel still keeps it.
-        if (history !== undefined && history.head < history.entries.length && history.entries[history.head].stored === oldest) {
+        if (history !== undefined && history.head < history.entries.length && history.entries[history.head].stored === droppable) {
           this.dropHead(history)
           this.compact(history)
         }
       }
       // Never the case (see above), but the loop must end whatever the state.
-      if (oldest.holders > 0) this.forget(oldest)
+      if (droppable.holders > 0) this.forget(droppable)
     }
+  }
+
+  /** Lets an empty channel's record go; its mark, if still inside the window, moves `forgottenUpTo`. */
+  private forgetChannel (history: ChannelHistory, cutoff: number): void {
+    this.histories.delete(history.name)
+    this.emptyChannels.delete(history)
+    const mark = lastMark(history)
+    if (mark >= cutoff && mark > this.forgottenUpTo) this.forgottenUpTo = mark
   }
 
   private prune (history: ChannelHistory, cutoff: number): void {
@@ -332,6 +394,12 @@ export class MemoryBus implements EventBus {
 
   private compact (history: ChannelHistory): void {
     const { entries } = history
+    // An empty channel's list can be long (HISTORY_SIZE's worth of slots): it may stay for the window.
+    if (history.head > 0 && history.head >= entries.length) {
+      history.entries = []
+      history.head = 0
+      return
+    }
     // Compact now and then instead of shifting on every drop.
     if (history.head > 64 && history.head * 2 > entries.length) {
       history.entries = entries.slice(history.head)
@@ -369,9 +437,54 @@ export class MemoryBus implements EventBus {
     for (const [name, history] of this.histories) {
       this.prune(history, cutoff)
       // Kept while a drop mark is inside the window: a cursor below it must still get its reset.
-      if (history.head >= history.entries.length && Math.max(history.droppedUpTo, history.expiredUpTo) < cutoff) this.histories.delete(name)
+      if (history.head >= history.entries.length && lastMark(history) < cutoff) {
+        this.histories.delete(name)
+        this.emptyChannels.delete(history)
+      }
     }
   }
+}
+
+/**
+ * Channels' records that keep no event, oldest first: a list through the
+ * records themselves, as a Set's iteration would step over every entry
+ * deleted from its front since it was last rebuilt.
+ */
+class EmptyChannels {
+  oldest: ChannelHistory | null = null
+  private newest: ChannelHistory | null = null
+
+  add (history: ChannelHistory): void {
+    if (history.listedEmpty) return
+    history.listedEmpty = true
+    history.emptyBefore = this.newest
+    history.emptyAfter = null
+    if (this.newest === null) this.oldest = history
+    else this.newest.emptyAfter = history
+    this.newest = history
+  }
+
+  delete (history: ChannelHistory): void {
+    if (!history.listedEmpty) return
+    history.listedEmpty = false
+    const { emptyBefore: before, emptyAfter: after } = history
+    if (before === null) this.oldest = after
+    else before.emptyAfter = after
+    if (after === null) this.newest = before
+    else after.emptyBefore = before
+    history.emptyBefore = null
+    history.emptyAfter = null
+  }
+
+  clear (): void {
+    this.oldest = null
+    this.newest = null
+  }
+}
+
+/** The newest id a channel let go, by trim or age. */
+function lastMark (history: ChannelHistory): number {
+  return Math.max(history.droppedUpTo, history.expiredUpTo)
 }
 
 /** A channel's history from a replay's cursor on: its entries from `next`. */
