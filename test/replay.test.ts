@@ -43,6 +43,16 @@ for (const via of ['header', 'query'] as const) {
   })
 }
 
+t.test('a cursor with spaces around it replays as the same cursor, by query as by header', async (t) => {
+  const { url } = await startGateway(t)
+  const ids = await publishTo(url, 'u1', 3)
+  for (const via of ['header', 'query'] as const) {
+    const stream = await reconnect(t, url, 'u1', ` ${ids[0]}  `, via)
+    t.same(idsOf(await stream.take(2)), ids.slice(1), `${via}: the events after it, no reset`)
+    stream.close()
+  }
+})
+
 t.test('a cursor at the latest id replays nothing and goes live', async (t) => {
   const { url } = await startGateway(t)
   const ids = await publishTo(url, 'u1', 3)
