@@ -430,11 +430,22 @@ t.test('through nginx, a stream the only reachable gateway refuses with 503 (ful
   other.child.kill('SIGKILL')
   await other.waitExit(10_000)
   const answers: Array<number | string> = []
+  const bodies = new Set<string>()
   // least_conn with equal counts takes turns: ten requests ask each gateway first about half the time.
   for (let index = 0; index < 10; index++) {
-    answers.push(await request(`${nginx.url}/v1/stream?token=${userToken(`u503-down-${index}`)}`).then((answer) => answer.status, (error: unknown) => String(error)))
+    const answer = await request<{ code?: unknown }>(`${nginx.url}/v1/stream?token=${userToken(`u503-down-${index}`)}`).catch((error: unknown) => String(error))
+    if (typeof answer === 'string') {
+      answers.push(answer)
+      continue
+    }
+    answers.push(answer.status)
+    t.match(answer.json, { statusCode: 503, code: 'GW_UNAVAILABLE', error: 'Service Unavailable', message: String }, `answer ${index}: in the JSON shape (${answer.text})`)
+    t.ok(answer.headers.get('retry-after') !== null, `answer ${index}: with Retry-After`)
+    bodies.add(answer.text)
   }
   t.same(answers, Array(10).fill(503), `every stream refused with 503, as ${full.url} refused it`)
+  // One body is the gateway's own refusal, the other nginx's (the full gateway's 503 passed over before the other turned out down).
+  t.ok(bodies.has('{"statusCode":503,"code":"GW_UNAVAILABLE","error":"Service Unavailable","message":"no gateway could answer right now"}'), 'nginx\'s own 503 came too, in the same shape')
   // The case that turned into a closed connection: the full gateway asked first, its 503 passed over, then the other refused.
   const askedInOrder = [...nginx.stdout().matchAll(/upstream=(\S+), (\S+)/g)].map((match) => `${match[1]} ${match[2]}`)
   t.ok(askedInOrder.includes(`127.0.0.1:${full.port} 127.0.0.1:${other.port}`), `nginx asked the full gateway first at least once (${askedInOrder.length} requests went to both)`)
