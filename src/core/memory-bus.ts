@@ -109,7 +109,7 @@ export class MemoryBus implements EventBus {
   /**
    * Highest drop mark of a channel record let go for the memory cap while
    * still inside the window: a cursor below it, on a channel without a
-   * record, cannot tell whether it missed events.
+   * record or with one made since, cannot tell whether it missed events.
    */
   private forgottenUpTo = 0
 
@@ -293,7 +293,10 @@ export class MemoryBus implements EventBus {
   private history (name: string): ChannelHistory {
     let history = this.histories.get(name)
     if (history === undefined) {
-      history = { name, entries: [], head: 0, droppedUpTo: 0, expiredUpTo: 0, emptyBefore: null, emptyAfter: null, listedEmpty: false }
+      // The channel may be one whose record the cap let go, with its drop
+      // marks: from the watermark, it cannot tell what it lost below.
+      const droppedUpTo = this.forgottenUpTo >= this.cutoff() ? this.forgottenUpTo : 0
+      history = { name, entries: [], head: 0, droppedUpTo, expiredUpTo: 0, emptyBefore: null, emptyAfter: null, listedEmpty: false }
       this.histories.set(name, history)
     }
     return history
@@ -347,8 +350,9 @@ export class MemoryBus implements EventBus {
    * `publishedFrom`) leave every channel that keeps them: those channels'
    * cursors below them get 'trimmed', as after HISTORY_SIZE; channels that
    * never had them replay as before. Records of channels that keep no
-   * event go too, in age order with the events: a cursor below the newest
-   * of their marks gets 'trimmed' on any channel without a record.
+   * event go too, in turn with the events by id: a cursor below the newest
+   * of their marks gets 'trimmed' on a channel without a record (see
+   * `forgottenUpTo`).
    */
   private dropOldestOverBudget (publishedFrom: number): void {
     const budget = this.options.maxHistoryBytes ?? 0
@@ -436,7 +440,7 @@ export class MemoryBus implements EventBus {
     const cutoff = this.cutoff()
     for (const [name, history] of this.histories) {
       this.prune(history, cutoff)
-      // Kept while a drop mark is inside the window: a cursor below it must still get its reset.
+      // Kept while a drop mark is inside the window (unless the cap lets it go first: see `forgottenUpTo`): a cursor below it must still get its reset.
       if (history.head >= history.entries.length && lastMark(history) < cutoff) {
         this.histories.delete(name)
         this.emptyChannels.delete(history)

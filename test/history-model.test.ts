@@ -1,0 +1,90 @@
+/**
+ * Embedded history against a model: random publishes to hot, warm and new
+ * channels under a small HISTORY_MAX_BYTES, with replays and reopen windows
+ * between them. Whatever the cap and HISTORY_SIZE let go, a replay without
+ * `reset` holds every event of its channels after the cursor, in id order,
+ * once; a window that is not `trimmed` holds every event of its channels.
+ */
+import t from 'tap'
+import { MemoryBus } from '../src/core/memory-bus'
+import { renderBody } from '../src/core/framing'
+
+/** Deterministic, so that a failure replays the same way (mulberry32). */
+function randomFrom (seed: number): () => number {
+  let state = seed >>> 0
+  return () => {
+    state = (state + 0x6d2b79f5) >>> 0
+    let mixed = state
+    mixed = Math.imul(mixed ^ (mixed >>> 15), mixed | 1)
+    mixed ^= mixed + Math.imul(mixed ^ (mixed >>> 7), mixed | 61)
+    return ((mixed ^ (mixed >>> 14)) >>> 0) / 4294967296
+  }
+}
+
+interface Published {
+  id: number
+  channels: Set<string>
+}
+
+for (const historySize of [0, 1, 3, 1000]) {
+  t.test(`HISTORY_SIZE=${historySize}, a 64 KB cap: no replay or window misses an event without saying so`, async (t) => {
+    const random = randomFrom(7919 * (historySize + 1))
+    const pick = <T>(items: T[]): T => items[Math.floor(random() * items.length)]
+    const bus = new MemoryBus({ historySize, historyTtlS: 3600, maxHistoryBytes: 64 * 1024 })
+    t.teardown(async () => await bus.close())
+    const hot = ['user:hot', 'topic:hot']
+    const warm = Array.from({ length: 300 }, (_, n) => `user:warm${n}`)
+    let fresh = 0
+    const log: Published[] = []
+    const expectedOf = (channels: string[], after: number): number[] =>
+      log.filter((event) => event.id > after && channels.some((name) => event.channels.has(name))).map((event) => event.id)
+    let replaysWhole = 0
+    let windowsWhole = 0
+    let failures = 0
+
+    for (let step = 0; step < 6000 && failures < 5; step++) {
+      const roll = random()
+      if (roll < 0.6) {
+        const channels = new Set<string>()
+        const count = 1 + Math.floor(random() * (random() < 0.1 ? 120 : 4))
+        for (let n = 0; n < count; n++) {
+          const kind = random()
+          channels.add(kind < 0.2 ? pick(hot) : kind < 0.7 ? pick(warm) : `user:new${fresh++}`)
+        }
+        const body = renderBody('e', 'x'.repeat(random() < 0.05 ? 3000 : Math.floor(random() * 200)))
+        const [id] = bus.publishNow([{ channels: [...channels], body }])
+        log.push({ id, channels })
+      } else if (log.length > 0) {
+        const channels = Array.from({ length: 1 + Math.floor(random() * 3) }, () => {
+          const kind = random()
+          return kind < 0.1 ? pick(hot) : kind < 0.8 ? pick(warm) : `user:new${Math.floor(random() * (fresh + 1))}`
+        })
+        if (roll < 0.85) {
+          // Mostly recent cursors, as reconnects have: older ones are mostly reset.
+          const after = log[Math.max(0, log.length - 1 - Math.floor(random() ** 3 * 200))].id
+          const replayed = await bus.replay(channels, after)
+          if (replayed.reset !== null) continue
+          const ids = replayed.events.map((event) => event.id)
+          const expected = expectedOf(channels, after)
+          const whole = replayed.more === true ? expected.slice(0, ids.length) : expected
+          if (ids.join() !== whole.join()) {
+            failures++
+            t.fail(`step ${step}: replay of ${channels.join(' ')} after ${after} without reset: ${ids.length} events, ${expected.length} expected`)
+          }
+          replaysWhole++
+        } else {
+          const window = (await bus.window(channels)).map((event) => event.id)
+          if (await bus.trimmed(channels)) continue
+          const expected = expectedOf(channels, 0)
+          if (window.join() !== expected.join()) {
+            failures++
+            t.fail(`step ${step}: window of ${channels.join(' ')} not trimmed: ${window.length} events, ${expected.length} expected`)
+          }
+          windowsWhole++
+        }
+      }
+    }
+    t.equal(failures, 0, `${replaysWhole} replays without reset and ${windowsWhole} untrimmed windows were whole`)
+    t.ok(replaysWhole > 100, 'enough replays came without reset to mean something')
+  })
+}
