@@ -107,20 +107,21 @@ export class MemoryBus implements EventBus {
    */
   private readonly emptyChannels = new EmptyChannels()
   /**
-   * Highest drop mark of a channel record let go for the memory cap while
-   * still inside the window: a cursor below it, on a channel without a
-   * record or with one made since, cannot tell whether it missed events.
+   * Drop marks of channel records let go for the memory cap: a cursor
+   * below its channel's, on a channel without a record or with one made
+   * since, cannot tell whether it missed events.
    */
-  private forgottenUpTo = 0
+  private readonly forgotten: ForgottenMarks
 
   constructor (private readonly options: MemoryBusOptions) {
+    this.forgotten = new ForgottenMarks(options.maxHistoryBytes ?? 0)
     // Channels that went quiet are dropped once all their events are past the window.
     this.sweepTimer = setInterval(() => this.sweep(), Math.min(60_000, options.historyTtlS * 1000)).unref()
   }
 
   /** What the history takes, estimated as HISTORY_MAX_BYTES counts it. */
   historyBytes (): number {
-    return this.storedBytes + this.histories.size * CHANNEL_BYTES
+    return this.storedBytes + this.histories.size * CHANNEL_BYTES + this.forgotten.bytes()
   }
 
   /** Synchronous core of `publish`, for callers that must check state and publish in one step. */
@@ -198,7 +199,7 @@ export class MemoryBus implements EventBus {
     for (const name of channels) {
       const history = this.histories.get(name)
       if (history === undefined) {
-        if (this.forgottenUpTo > after) return { reset: 'trimmed', events: [] }
+        if (this.forgotten.of(name) > after) return { reset: 'trimmed', events: [] }
         continue
       }
       this.prune(history, cutoff)
@@ -226,7 +227,7 @@ export class MemoryBus implements EventBus {
     const cutoff = this.cutoff()
     return channels.some((name) => {
       const history = this.histories.get(name)
-      return history === undefined ? this.forgottenUpTo >= cutoff : history.droppedUpTo > 0
+      return history === undefined ? this.forgotten.of(name) >= cutoff : history.droppedUpTo > 0
     })
   }
 
@@ -271,6 +272,7 @@ export class MemoryBus implements EventBus {
     clearInterval(this.sweepTimer)
     this.histories.clear()
     this.emptyChannels.clear()
+    this.forgotten.clear()
     this.stored = []
     this.storedHead = 0
     this.storedBytes = 0
@@ -294,8 +296,9 @@ export class MemoryBus implements EventBus {
     let history = this.histories.get(name)
     if (history === undefined) {
       // The channel may be one whose record the cap let go, with its drop
-      // marks: from the watermark, it cannot tell what it lost below.
-      const droppedUpTo = this.forgottenUpTo >= this.cutoff() ? this.forgottenUpTo : 0
+      // marks: below its forgotten mark, it cannot tell what it lost.
+      const forgottenMark = this.forgotten.of(name)
+      const droppedUpTo = forgottenMark > 0 && forgottenMark >= this.cutoff() ? forgottenMark : 0
       history = { name, entries: [], head: 0, droppedUpTo, expiredUpTo: 0, emptyBefore: null, emptyAfter: null, listedEmpty: false }
       this.histories.set(name, history)
     }
@@ -352,7 +355,7 @@ export class MemoryBus implements EventBus {
    * never had them replay as before. Records of channels that keep no
    * event go too, in turn with the events by id: a cursor below the newest
    * of their marks gets 'trimmed' on a channel without a record (see
-   * `forgottenUpTo`).
+   * `forgotten`).
    */
   private dropOldestOverBudget (publishedFrom: number): void {
     const budget = this.options.maxHistoryBytes ?? 0
@@ -382,12 +385,12 @@ export class MemoryBus implements EventBus {
     }
   }
 
-  /** Lets an empty channel's record go; its mark, if still inside the window, moves `forgottenUpTo`. */
+  /** Lets an empty channel's record go, its mark kept in `forgotten` if still inside the window. */
   private forgetChannel (history: ChannelHistory, cutoff: number): void {
     this.histories.delete(history.name)
     this.emptyChannels.delete(history)
     const mark = lastMark(history)
-    if (mark >= cutoff && mark > this.forgottenUpTo) this.forgottenUpTo = mark
+    if (mark >= cutoff) this.forgotten.raise(history.name, mark)
   }
 
   private prune (history: ChannelHistory, cutoff: number): void {
@@ -440,7 +443,7 @@ export class MemoryBus implements EventBus {
     const cutoff = this.cutoff()
     for (const [name, history] of this.histories) {
       this.prune(history, cutoff)
-      // Kept while a drop mark is inside the window (unless the cap lets it go first: see `forgottenUpTo`): a cursor below it must still get its reset.
+      // Kept while a drop mark is inside the window (unless the cap lets it go first: see `forgotten`): a cursor below it must still get its reset.
       if (history.head >= history.entries.length && lastMark(history) < cutoff) {
         this.histories.delete(name)
         this.emptyChannels.delete(history)
@@ -483,6 +486,53 @@ class EmptyChannels {
   clear (): void {
     this.oldest = null
     this.newest = null
+  }
+}
+
+/**
+ * The drop marks of channel records let go, kept by a hash of the
+ * channel's name in a table of fixed size: a slot holds the highest mark
+ * of the channels that share it. One mark for all would tell every
+ * channel without a record that it may have missed events; the table
+ * tells only those that share a slot with one let go within the window.
+ * Allocated when the first record goes, an eighth of the cap (at most 32 MB).
+ */
+class ForgottenMarks {
+  private marks: Float64Array | null = null
+  private readonly slots: number
+
+  constructor (maxHistoryBytes: number) {
+    // A power of two, for the mask.
+    this.slots = 2 ** Math.floor(Math.log2(Math.max(1024, Math.min(maxHistoryBytes / 64, 4 * 1024 * 1024))))
+  }
+
+  bytes (): number {
+    return this.marks?.byteLength ?? 0
+  }
+
+  raise (name: string, mark: number): void {
+    this.marks ??= new Float64Array(this.slots)
+    const slot = this.slotOf(name)
+    if (mark > this.marks[slot]) this.marks[slot] = mark
+  }
+
+  /** The highest mark let go that `name` may have had; 0 if none. */
+  of (name: string): number {
+    return this.marks === null ? 0 : this.marks[this.slotOf(name)]
+  }
+
+  clear (): void {
+    this.marks = null
+  }
+
+  /** FNV-1a over the name's UTF-16 code units. */
+  private slotOf (name: string): number {
+    let hash = 0x811c9dc5
+    for (let index = 0; index < name.length; index++) {
+      hash ^= name.charCodeAt(index)
+      hash = Math.imul(hash, 0x01000193)
+    }
+    return (hash >>> 0) & (this.slots - 1)
   }
 }
 
