@@ -1,9 +1,10 @@
 /**
  * Embedded history against a model: random publishes to hot, warm and new
- * channels under a small HISTORY_MAX_BYTES, with replays and reopen windows
- * between them. Whatever the cap and HISTORY_SIZE let go, a replay without
- * `reset` holds every event of its channels after the cursor, in id order,
- * once; a window that is not `trimmed` holds every event of its channels.
+ * channels under a small HISTORY_MAX_BYTES, with replays (read page by page,
+ * as streams read them) and reopen windows between them. Whatever the cap
+ * and HISTORY_SIZE let go, a replay without `reset` holds every event of its
+ * channels after the cursor, in id order, once; a window that is not
+ * `trimmed` holds every event of its channels.
  */
 import t from 'tap'
 import { MemoryBus } from '../src/core/memory-bus'
@@ -26,11 +27,17 @@ interface Published {
   channels: Set<string>
 }
 
-for (const historySize of [0, 1, 3, 1000]) {
-  t.test(`HISTORY_SIZE=${historySize}, a 64 KB cap: no replay or window misses an event without saying so`, async (t) => {
-    const random = randomFrom(7919 * (historySize + 1))
+// The 1 MB cap with larger events makes replays span pages (REPLAY_PAGE_BYTES).
+const configs = [0, 1, 3, 1000].flatMap((historySize) => [
+  { historySize, cap: 64 * 1024, largeBytes: 3000, largeShare: 0.05 },
+  { historySize, cap: 1024 * 1024, largeBytes: 60_000, largeShare: 0.2 }
+])
+
+for (const { historySize, cap, largeBytes, largeShare } of configs) {
+  t.test(`HISTORY_SIZE=${historySize}, a ${cap / 1024} KB cap: no replay or window misses an event without saying so`, async (t) => {
+    const random = randomFrom(7919 * (historySize + 1) + cap)
     const pick = <T>(items: T[]): T => items[Math.floor(random() * items.length)]
-    const bus = new MemoryBus({ historySize, historyTtlS: 3600, maxHistoryBytes: 64 * 1024 })
+    const bus = new MemoryBus({ historySize, historyTtlS: 3600, maxHistoryBytes: cap })
     t.teardown(async () => await bus.close())
     const hot = ['user:hot', 'topic:hot']
     const warm = Array.from({ length: 300 }, (_, n) => `user:warm${n}`)
@@ -39,6 +46,7 @@ for (const historySize of [0, 1, 3, 1000]) {
     const expectedOf = (channels: string[], after: number): number[] =>
       log.filter((event) => event.id > after && channels.some((name) => event.channels.has(name))).map((event) => event.id)
     let replaysWhole = 0
+    let pagedReplays = 0
     let windowsWhole = 0
     let failures = 0
 
@@ -51,26 +59,37 @@ for (const historySize of [0, 1, 3, 1000]) {
           const kind = random()
           channels.add(kind < 0.2 ? pick(hot) : kind < 0.7 ? pick(warm) : `user:new${fresh++}`)
         }
-        const body = renderBody('e', 'x'.repeat(random() < 0.05 ? 3000 : Math.floor(random() * 200)))
+        const body = renderBody('e', 'x'.repeat(random() < largeShare ? largeBytes : Math.floor(random() * 200)))
         const [id] = bus.publishNow([{ channels: [...channels], body }])
         log.push({ id, channels })
       } else if (log.length > 0) {
         const channels = Array.from({ length: 1 + Math.floor(random() * 3) }, () => {
           const kind = random()
-          return kind < 0.1 ? pick(hot) : kind < 0.8 ? pick(warm) : `user:new${Math.floor(random() * (fresh + 1))}`
+          return kind < 0.1 ? pick(hot) : kind < 0.7 ? pick(warm) : kind < 0.9 ? `user:new${Math.floor(random() * (fresh + 1))}` : `user:none${Math.floor(random() * 1000)}`
         })
         if (roll < 0.85) {
           // Mostly recent cursors, as reconnects have: older ones are mostly reset.
           const after = log[Math.max(0, log.length - 1 - Math.floor(random() ** 3 * 200))].id
-          const replayed = await bus.replay(channels, after)
-          if (replayed.reset !== null) continue
-          const ids = replayed.events.map((event) => event.id)
-          const expected = expectedOf(channels, after)
-          const whole = replayed.more === true ? expected.slice(0, ids.length) : expected
-          if (ids.join() !== whole.join()) {
-            failures++
-            t.fail(`step ${step}: replay of ${channels.join(' ')} after ${after} without reset: ${ids.length} events, ${expected.length} expected`)
+          const ids: number[] = []
+          let reset = false
+          let pages = 0
+          for (let from = after; ; pages++) {
+            const page = await bus.replay(channels, from)
+            if (page.reset !== null) {
+              reset = true
+              break
+            }
+            ids.push(...page.events.map((event) => event.id))
+            if (page.more !== true) break
+            from = ids[ids.length - 1]
           }
+          if (reset) continue
+          const expected = expectedOf(channels, after)
+          if (ids.join() !== expected.join()) {
+            failures++
+            t.fail(`step ${step}: replay of ${channels.join(' ')} after ${after} without reset: ${ids.length} events in ${pages + 1} pages, ${expected.length} expected`)
+          }
+          if (pages > 0) pagedReplays++
           replaysWhole++
         } else {
           const window = (await bus.window(channels)).map((event) => event.id)
@@ -86,5 +105,8 @@ for (const historySize of [0, 1, 3, 1000]) {
     }
     t.equal(failures, 0, `${replaysWhole} replays without reset and ${windowsWhole} untrimmed windows were whole`)
     t.ok(replaysWhole > 100, 'enough replays came without reset to mean something')
+    t.ok(windowsWhole >= 10, 'and enough windows without trimmed')
+    // Fewer than HISTORY_SIZE=1000 keeps make no page of 256 KB.
+    if (cap > 256 * 1024 && historySize === 1000) t.ok(pagedReplays >= 5, `replays of several pages among them (${pagedReplays})`)
   })
 }

@@ -99,8 +99,9 @@ export interface EventBus {
   /**
    * Whether any of `channels` let an event go before its time (past
    * HISTORY_SIZE, a memory cap, an event too large to keep): their window
-   * then lacks some of what they had. Embedded mode past its memory cap
-   * also answers true for a channel whose record it may have let go.
+   * then lacks some of what they had. Embedded mode answers only for drops
+   * inside the window (older ones took nothing the window would hold), and
+   * past its memory cap also for a channel whose record it may have let go.
    */
   trimmed (channels: string[]): Promise<boolean>
   /** Start delivering `channel` to the listener; resolves once no later event can be missed. */

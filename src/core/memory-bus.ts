@@ -22,8 +22,9 @@ interface ChannelHistory {
   head: number
   /**
    * Highest id trimmed from this channel (by HISTORY_SIZE or the memory cap;
-   * with HISTORY_SIZE=0, its latest id, as nothing is kept); a cursor below
-   * it has a gap ('trimmed').
+   * with HISTORY_SIZE=0, its latest id, as nothing is kept; for a record
+   * made after the cap let an earlier one go, its slot's mark in
+   * `ForgottenMarks`); a cursor below it has a gap ('trimmed').
    */
   droppedUpTo: number
   /**
@@ -224,10 +225,13 @@ export class MemoryBus implements EventBus {
   }
 
   async trimmed (channels: string[]): Promise<boolean> {
-    const cutoff = this.cutoff()
+    // A drop older than the window took nothing the window would still
+    // hold. The caller read the window a moment before: a second's slack.
+    const since = this.cutoff() - 1_000_000
     return channels.some((name) => {
       const history = this.histories.get(name)
-      return history === undefined ? this.forgotten.of(name) >= cutoff : history.droppedUpTo > 0
+      const droppedUpTo = history === undefined ? this.forgotten.of(name) : history.droppedUpTo
+      return droppedUpTo > 0 && droppedUpTo >= since
     })
   }
 
@@ -353,9 +357,8 @@ export class MemoryBus implements EventBus {
    * `publishedFrom`) leave every channel that keeps them: those channels'
    * cursors below them get 'trimmed', as after HISTORY_SIZE; channels that
    * never had them replay as before. Records of channels that keep no
-   * event go too, in turn with the events by id: a cursor below the newest
-   * of their marks gets 'trimmed' on a channel without a record (see
-   * `forgotten`).
+   * event go too, in turn with the events by id, their marks kept in
+   * `forgotten`.
    */
   private dropOldestOverBudget (publishedFrom: number): void {
     const budget = this.options.maxHistoryBytes ?? 0
@@ -495,19 +498,22 @@ class EmptyChannels {
  * of the channels that share it. One mark for all would tell every
  * channel without a record that it may have missed events; the table
  * tells only those that share a slot with one let go within the window.
- * Allocated when the first record goes, an eighth of the cap (at most 32 MB).
+ * Its slots are a power of two of 8 bytes, a sixteenth to an eighth of the
+ * cap (at most 32 MB). Counted under the cap from the start, though
+ * allocated when the first record goes: counted only then, the first
+ * record let go under the default cap evicted 32 MB at once (0.2-0.5 s).
  */
 class ForgottenMarks {
   private marks: Float64Array | null = null
   private readonly slots: number
 
+  /** `maxHistoryBytes` 0: no cap, so no record is ever let go. */
   constructor (maxHistoryBytes: number) {
-    // A power of two, for the mask.
-    this.slots = 2 ** Math.floor(Math.log2(Math.max(1024, Math.min(maxHistoryBytes / 64, 4 * 1024 * 1024))))
+    this.slots = maxHistoryBytes === 0 ? 0 : 2 ** Math.floor(Math.log2(Math.max(1024, Math.min(maxHistoryBytes / 64, 4 * 1024 * 1024))))
   }
 
   bytes (): number {
-    return this.marks?.byteLength ?? 0
+    return this.slots * Float64Array.BYTES_PER_ELEMENT
   }
 
   raise (name: string, mark: number): void {
