@@ -55,7 +55,7 @@ export default fp(async (app) => {
   })
   const bus = app.bus
   if (bus instanceof MemoryBus) {
-    gauge('sse_history_bytes', 'Embedded mode: the memory the replay history takes, estimated (HISTORY_MAX_BYTES caps it)', function () {
+    gauge('sse_history_bytes', 'Embedded mode: the memory the replay history takes, estimated, with the table of marks it reserves (HISTORY_MAX_BYTES caps it)', function () {
       this.set(bus.historyBytes())
     })
   }

@@ -89,9 +89,12 @@ function integer (env: Env, name: string, fallback: number, min: number, max = N
 }
 
 /**
- * HISTORY_MAX_BYTES: 0 (no cap), or room for two of the largest events and
- * at least 64 KB: an event larger than the cap would leave history as it
- * is published, and every reconnect that needed it would get `reset`.
+ * HISTORY_MAX_BYTES: 0 (no cap), or at least 64 KB and twice the largest
+ * event: an event larger than the cap would leave history as it is
+ * published, and every reconnect that needed it would get `reset`. Beside
+ * the table of marks the memory bus reserves (an eighth of the cap at
+ * most) and the events' own overhead, that leaves room for the largest
+ * event and most of a second.
  */
 function historyBytes (env: Env, maxEventBytes: number): number {
   const least = Math.max(65_536, 2 * maxEventBytes)

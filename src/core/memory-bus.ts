@@ -61,6 +61,11 @@ const ENTRY_BYTES = 64
  * below them still gets its reset, it must count too.
  */
 const CHANNEL_BYTES = 288
+/**
+ * How far before the window's cutoff a drop still counts: a reopen reads
+ * its window a moment before it asks `trimmed`, whose cutoff is later.
+ */
+const DROP_SLACK_US = 1_000_000
 const NO_CHANNELS: string[] = []
 
 /**
@@ -225,9 +230,8 @@ export class MemoryBus implements EventBus {
   }
 
   async trimmed (channels: string[]): Promise<boolean> {
-    // A drop older than the window took nothing the window would still
-    // hold. The caller read the window a moment before: a second's slack.
-    const since = this.cutoff() - 1_000_000
+    // A drop older than the window took nothing the window would still hold.
+    const since = this.cutoff() - DROP_SLACK_US
     return channels.some((name) => {
       const history = this.histories.get(name)
       const droppedUpTo = history === undefined ? this.forgotten.of(name) : history.droppedUpTo
@@ -302,7 +306,7 @@ export class MemoryBus implements EventBus {
       // The channel may be one whose record the cap let go, with its drop
       // marks: below its forgotten mark, it cannot tell what it lost.
       const forgottenMark = this.forgotten.of(name)
-      const droppedUpTo = forgottenMark > 0 && forgottenMark >= this.cutoff() ? forgottenMark : 0
+      const droppedUpTo = forgottenMark > 0 && forgottenMark >= this.cutoff() - DROP_SLACK_US ? forgottenMark : 0
       history = { name, entries: [], head: 0, droppedUpTo, expiredUpTo: 0, emptyBefore: null, emptyAfter: null, listedEmpty: false }
       this.histories.set(name, history)
     }
@@ -371,7 +375,7 @@ export class MemoryBus implements EventBus {
       const droppable = oldest !== undefined && oldest.id < publishedFrom ? oldest : undefined
       const quietest = this.emptyChannels.oldest
       if (quietest !== null && (droppable === undefined || lastMark(quietest) < droppable.id)) {
-        this.forgetChannel(quietest, cutoff ??= this.cutoff())
+        this.forgetChannel(quietest, cutoff ??= this.cutoff() - DROP_SLACK_US)
         continue
       }
       if (droppable === undefined) break
@@ -388,12 +392,12 @@ export class MemoryBus implements EventBus {
     }
   }
 
-  /** Lets an empty channel's record go, its mark kept in `forgotten` if still inside the window. */
-  private forgetChannel (history: ChannelHistory, cutoff: number): void {
+  /** Lets an empty channel's record go, its mark kept in `forgotten` if still inside the window (`since`: its cutoff, less the slack). */
+  private forgetChannel (history: ChannelHistory, since: number): void {
     this.histories.delete(history.name)
     this.emptyChannels.delete(history)
     const mark = lastMark(history)
-    if (mark >= cutoff) this.forgotten.raise(history.name, mark)
+    if (mark >= since) this.forgotten.raise(history.name, mark)
   }
 
   private prune (history: ChannelHistory, cutoff: number): void {
