@@ -264,7 +264,8 @@ export class RedisBus implements EventBus {
 
   async trimmed (channels: string[]): Promise<boolean> {
     if (channels.length === 0) return false
-    // The highest id each channel trimmed, kept as long as its history (see the publish scripts).
+    // The highest id each channel trimmed, kept HISTORY_TTL_S from the trim (see the publish
+    // scripts): past that, what it took is older than the window too.
     const dropped = await this.commands.call(async (redis) => await redis.mget(channels.map((name) => `${this.options.prefix}d:${name}`)))
     return dropped.some((id) => id !== null)
   }
