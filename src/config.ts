@@ -90,11 +90,12 @@ function integer (env: Env, name: string, fallback: number, min: number, max = N
 
 /**
  * HISTORY_MAX_BYTES: 0 (no cap), or at least 64 KB and twice the largest
- * event: an event larger than the cap would leave history as it is
- * published, and every reconnect that needed it would get `reset`. Beside
- * the table of marks the memory bus reserves (an eighth of the cap at
- * most) and the events' own overhead, that leaves room for the largest
- * event and most of a second.
+ * event's data: an event larger than the cap leaves history at the next
+ * publish, and every reconnect that needed it gets `reset`. The floor only
+ * keeps the cap clear of the plain cases: an event costs more than its data
+ * (each line of data is framed as its own `data:` line, each channel adds
+ * an entry and a record) and the memory bus reserves a table of marks of
+ * up to an eighth of the cap.
  */
 function historyBytes (env: Env, maxEventBytes: number): number {
   const least = Math.max(65_536, 2 * maxEventBytes)

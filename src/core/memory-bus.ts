@@ -367,7 +367,7 @@ export class MemoryBus implements EventBus {
   private dropOldestOverBudget (publishedFrom: number): void {
     const budget = this.options.maxHistoryBytes ?? 0
     if (budget === 0) return
-    let cutoff: number | undefined
+    let since: number | undefined
     while (this.historyBytes() > budget) {
       const oldest = this.storedHead < this.stored.length ? this.stored[this.storedHead] : undefined
       // Never the events just published: one larger than the cap (many
@@ -375,7 +375,7 @@ export class MemoryBus implements EventBus {
       const droppable = oldest !== undefined && oldest.id < publishedFrom ? oldest : undefined
       const quietest = this.emptyChannels.oldest
       if (quietest !== null && (droppable === undefined || lastMark(quietest) < droppable.id)) {
-        this.forgetChannel(quietest, cutoff ??= this.cutoff() - DROP_SLACK_US)
+        this.forgetChannel(quietest, since ??= this.cutoff() - DROP_SLACK_US)
         continue
       }
       if (droppable === undefined) break
@@ -451,7 +451,7 @@ export class MemoryBus implements EventBus {
     for (const [name, history] of this.histories) {
       this.prune(history, cutoff)
       // Kept while a drop mark is inside the window (unless the cap lets it go first: see `forgotten`): a cursor below it must still get its reset.
-      if (history.head >= history.entries.length && lastMark(history) < cutoff) {
+      if (history.head >= history.entries.length && lastMark(history) < cutoff - DROP_SLACK_US) {
         this.histories.delete(name)
         this.emptyChannels.delete(history)
       }
