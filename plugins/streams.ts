@@ -219,13 +219,13 @@ function headOf (reply: FastifyReply, http10: boolean): Buffer {
   return streamHead({ ...headers, ...(http10 ? SSE_HEADERS_HTTP10 : SSE_HEADERS) }, !http10)
 }
 
-/** `Last-Event-ID` header first (browsers send it), then `?lastEventId=`; spaces around either are not part of the id. */
+/** `Last-Event-ID` header first (browsers send it), then `?lastEventId=`. */
 export function cursorOf (request: FastifyRequest): ReturnType<typeof parseCursor> {
   const header = request.headers['last-event-id']
-  if (typeof header === 'string' && header !== '') return parseCursor(header.trim())
+  if (typeof header === 'string' && header !== '') return parseCursor(header)
   const query = request.query as Record<string, unknown> | undefined
   const value = query?.lastEventId
-  return typeof value === 'string' ? parseCursor(value.trim()) : null
+  return typeof value === 'string' ? parseCursor(value) : null
 }
 
 export default fp(async (app) => {

@@ -135,15 +135,16 @@ export function streamHead (headers: Record<string, string | number | string[]>,
 }
 
 /**
- * Parses a `Last-Event-ID` cursor; anything but a decimal integer is
- * malformed. One past 2^53 is above every id ever issued (microseconds
+ * Parses a `Last-Event-ID` cursor; spaces around it are not part of it,
+ * and anything else but a decimal integer is malformed. One past 2^53 is above every id ever issued (microseconds
  * since 1970 stay below it until the year 2255), so it is read as the
  * largest exact one: a cursor from the future, as any id not yet issued.
  */
 export function parseCursor (raw: string | undefined): number | 'malformed' | null {
-  if (raw === undefined || raw === '') return null
-  if (!/^\d+$/.test(raw)) return 'malformed'
-  return Math.min(Number(raw), Number.MAX_SAFE_INTEGER)
+  const cursor = raw?.trim()
+  if (cursor === undefined || cursor === '') return null
+  if (!/^\d+$/.test(cursor)) return 'malformed'
+  return Math.min(Number(cursor), Number.MAX_SAFE_INTEGER)
 }
 
 /** `*` in a topic pattern matches any run of characters; nothing else is special. */
