@@ -231,11 +231,10 @@ export class MemoryBus implements EventBus {
 
   async trimmed (channels: string[]): Promise<boolean> {
     // A drop older than the window took nothing the window would still hold.
-    const since = this.cutoff() - DROP_SLACK_US
+    const since = this.dropsCountFrom()
     return channels.some((name) => {
       const history = this.histories.get(name)
-      const droppedUpTo = history === undefined ? this.forgotten.of(name) : history.droppedUpTo
-      return droppedUpTo > 0 && droppedUpTo >= since
+      return (history === undefined ? this.forgotten.of(name) : history.droppedUpTo) >= since
     })
   }
 
@@ -292,6 +291,11 @@ export class MemoryBus implements EventBus {
     return clockId() - this.options.historyTtlS * 1_000_000
   }
 
+  /** The oldest drop mark that still counts (see DROP_SLACK_US); always above 0, so an unset mark never does. */
+  private dropsCountFrom (cutoff = this.cutoff()): number {
+    return cutoff - DROP_SLACK_US
+  }
+
   private flush (): void {
     this.flushScheduled = false
     const batch = this.outbox.splice(0)
@@ -306,7 +310,8 @@ export class MemoryBus implements EventBus {
       // The channel may be one whose record the cap let go, with its drop
       // marks: below its forgotten mark, it cannot tell what it lost.
       const forgottenMark = this.forgotten.of(name)
-      const droppedUpTo = forgottenMark > 0 && forgottenMark >= this.cutoff() - DROP_SLACK_US ? forgottenMark : 0
+      // Most new channels have no mark: no clock read for them.
+      const droppedUpTo = forgottenMark > 0 && forgottenMark >= this.dropsCountFrom() ? forgottenMark : 0
       history = { name, entries: [], head: 0, droppedUpTo, expiredUpTo: 0, emptyBefore: null, emptyAfter: null, listedEmpty: false }
       this.histories.set(name, history)
     }
@@ -375,7 +380,7 @@ export class MemoryBus implements EventBus {
       const droppable = oldest !== undefined && oldest.id < publishedFrom ? oldest : undefined
       const quietest = this.emptyChannels.oldest
       if (quietest !== null && (droppable === undefined || lastMark(quietest) < droppable.id)) {
-        this.forgetChannel(quietest, since ??= this.cutoff() - DROP_SLACK_US)
+        this.forgetChannel(quietest, since ??= this.dropsCountFrom())
         continue
       }
       if (droppable === undefined) break
@@ -451,7 +456,7 @@ export class MemoryBus implements EventBus {
     for (const [name, history] of this.histories) {
       this.prune(history, cutoff)
       // Kept while a drop mark is inside the window (unless the cap lets it go first: see `forgotten`): a cursor below it must still get its reset.
-      if (history.head >= history.entries.length && lastMark(history) < cutoff - DROP_SLACK_US) {
+      if (history.head >= history.entries.length && lastMark(history) < this.dropsCountFrom(cutoff)) {
         this.histories.delete(name)
         this.emptyChannels.delete(history)
       }
