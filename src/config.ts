@@ -95,7 +95,7 @@ function integer (env: Env, name: string, fallback: number, min: number, max = N
  * keeps the cap clear of the plain cases: an event costs more than its data
  * (each line of data is framed as its own `data:` line, each channel adds
  * an entry and a record) and the memory bus reserves a table of marks of
- * up to an eighth of the cap.
+ * up to a sixth of the cap.
  */
 function historyBytes (env: Env, maxEventBytes: number): number {
   const least = Math.max(65_536, 2 * maxEventBytes)

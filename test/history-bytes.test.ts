@@ -7,7 +7,7 @@
 import { setFlagsFromString } from 'node:v8'
 import { runInNewContext } from 'node:vm'
 import t, { type Test } from 'tap'
-import { MemoryBus } from '../src/core/memory-bus'
+import { ForgottenMarks, MemoryBus } from '../src/core/memory-bus'
 import { renderBody } from '../src/core/framing'
 import { eventually, openStream, publishOk, publisherToken, startGateway, userToken } from './helpers'
 import { metricValue, scrape } from './helpers/raw'
@@ -225,7 +225,7 @@ t.test('a channel whose record the cap let go: a cursor below its last event get
   t.same(await bus.replay(['user:never'], before), { reset: null, events: [] }, 'a channel that never had a record, its slot of marks shared with none let go: no reset')
   t.notOk(await bus.trimmed(['user:never']), 'nor is its window trimmed')
   t.ok(await bus.trimmed(['user:early']), 'the window of the channel let go may have lost events')
-  // 20 000 records let go into 1 024 slots of marks: each slot gets one (a slot is missed with odds of e^-19).
+  // 20 000 records let go into 1 024 slots of marks: each slot is shared by several (a slot gets fewer than two with odds of 1 in 15 million).
   publishToManyChannels(bus, 20_000)
   t.same(await bus.replay(['user:early'], own), { reset: 'trimmed', events: [] }, 'once records sharing its slot went later, a cursor at its event is below their marks')
   t.same(await bus.replay(['user:never'], before), { reset: 'trimmed', events: [] }, 'and so is one on a channel that never had a record')
@@ -244,8 +244,45 @@ t.test('a channel whose record the cap let go, published to again: a cursor belo
   t.ok(await bus.trimmed(['user:again']), 'its window lacks what it lost')
 })
 
-t.test('the table of marks is counted under the cap from the start, an eighth of the 64 KB minimum', async (t) => {
-  t.equal(busWithCap(t, 64 * 1024).historyBytes(), 8 * 1024)
+t.test('a channel that never had a record is not told it may have missed events because one let go shares its slot of marks', async (t) => {
+  const bus = busWithCap(t, 64 * 1024, 0)
+  const [before] = bus.publishNow([{ channels: ['user:other'], body: renderBody('e', 'first') }])
+  bus.publishNow([{ channels: ['user:early'], body: renderBody('e', 'not kept') }])
+  await publishUntilARecordGoes(bus)
+  bus.publishNow([{ channels: ['user:fill-next'], body: renderBody('e', 'x') }])
+  t.same(await bus.replay(['user:early'], before), { reset: 'trimmed', events: [] }, 'the channel let go is told')
+  // Two records let go into 1 024 slots: about 20 of these names share a slot with one of them.
+  const told: string[] = []
+  for (let n = 0; n < 10_000; n++) {
+    const name = `user:never${n}`
+    if ((await bus.replay([name], before)).reset !== null || await bus.trimmed([name])) told.push(name)
+  }
+  t.same(told, [], 'none of 10 000 channels without a record is told')
+})
+
+t.test('the table of marks: a slot answers for the channel whose mark it holds, for every channel once two share it, and for nobody once its mark left the window', async (t) => {
+  const table = new ForgottenMarks(64 * 1024)
+  const names = Array.from({ length: 5000 }, (_, n) => `user:t${n}`)
+  const [first, second, third] = names.filter((name) => table.slotOf(name) === table.slotOf(names[0]))
+  t.ok(third !== undefined, 'three names share a slot')
+  const since = 1000
+  t.equal(table.of(first), 0, 'nothing let go yet')
+  table.raise(first, 2000, since)
+  t.equal(table.of(first), 2000, 'the channel let go gets its mark')
+  t.equal(table.of(second), 0, 'another channel in its slot does not')
+  table.raise(second, 1500, since)
+  t.equal(table.of(first), 2000, 'shared: the highest mark')
+  t.equal(table.of(second), 2000, 'for both channels let go')
+  t.equal(table.of(third), 2000, 'and for any other, as the slot cannot tell whose marks it holds')
+  table.raise(third, 5000, 3000)
+  t.equal(table.of(third), 5000, 'a mark older than the window is nobody\'s: the next channel let go there owns the slot')
+  t.equal(table.of(first), 0, 'and the others\' drops, out of the window, no longer answer')
+  t.equal(table.of(second), 0)
+})
+
+t.test('the table of marks is counted under the cap from the start, a thirteenth to a sixth of it', async (t) => {
+  t.equal(busWithCap(t, 64 * 1024).historyBytes(), 1024 * 10, '1 024 slots of 10 bytes at the 64 KB minimum')
+  t.equal(busWithCap(t, 256 * 1024 * 1024).historyBytes(), 40 * 1024 * 1024, 'at most 40 MB, as at the 256 MB default')
   t.equal(busWithCap(t, 0).historyBytes(), 0, 'no cap, no table')
 })
 

@@ -67,6 +67,12 @@ const CHANNEL_BYTES = 288
  */
 const DROP_SLACK_US = 1_000_000
 const NO_CHANNELS: string[] = []
+/** A slot of the table of forgotten drop marks: the mark (8 bytes) and whose it is (2). */
+const MARK_SLOT_BYTES = 10
+const MIN_MARK_SLOTS = 1024
+const MAX_MARK_SLOTS = 4 * 1024 * 1024
+/** The tag of a slot two channels let go within the window share: it answers for every channel. */
+const SHARED = 0xffff
 
 /**
  * Put in a dropped entry's slot until the channel's list is compacted: a
@@ -402,7 +408,7 @@ export class MemoryBus implements EventBus {
     this.histories.delete(history.name)
     this.emptyChannels.delete(history)
     const mark = lastMark(history)
-    if (mark >= since) this.forgotten.raise(history.name, mark)
+    if (mark >= since) this.forgotten.raise(history.name, mark, since)
   }
 
   private prune (history: ChannelHistory, cutoff: number): void {
@@ -503,51 +509,95 @@ class EmptyChannels {
 
 /**
  * The drop marks of channel records let go, kept by a hash of the
- * channel's name in a table of fixed size: a slot holds the highest mark
- * of the channels that share it. One mark for all would tell every
- * channel without a record that it may have missed events; the table
- * tells only those that share a slot with one let go within the window.
- * Its slots are a power of two of 8 bytes, a sixteenth to an eighth of the
- * cap (at most 32 MB). Counted under the cap from the start, though
- * allocated when the first record goes: counted only then, the first
- * record let go under the default cap evicted 32 MB at once (0.2-0.5 s).
+ * channel's name in a table of fixed size. One mark for all would tell
+ * every channel without a record that it may have missed events; the
+ * table tells only those whose slot holds a mark within the window, and a
+ * slot says whose mark it holds: a tag drawn from a second hash of the
+ * name, or SHARED once two channels let go within the window met there.
+ * So a channel that never had a record gets a reset only where two let
+ * go within the window share its slot, or one whose tag is the same (1 in
+ * 65 534), not wherever one let go hashed to its slot.
+ * A slot's mark is its channels' highest; one older than the window is
+ * nobody's any more and the next channel let go there takes the slot.
+ * There is a power of two of slots, one for each 64 to 128 bytes of the
+ * cap (at least 1 024, at most 4 M), of 10 bytes each: a thirteenth to a
+ * sixth of the cap, at most 40 MB. Counted under the cap from the start,
+ * though allocated when the first record goes: counted only then, the
+ * first record let go under the default cap evicted the whole table's
+ * worth of events at once (0.2-0.5 s with 32 MB).
  */
-class ForgottenMarks {
+export class ForgottenMarks {
   private marks: Float64Array | null = null
+  private tags: Uint16Array | null = null
   private readonly slots: number
+  /** Where the last `locate` put the name: its slot, and its tag there. */
+  private slot = 0
+  private tag = 0
 
   /** `maxHistoryBytes` 0: no cap, so no record is ever let go. */
   constructor (maxHistoryBytes: number) {
-    this.slots = maxHistoryBytes === 0 ? 0 : 2 ** Math.floor(Math.log2(Math.max(1024, Math.min(maxHistoryBytes / 64, 4 * 1024 * 1024))))
+    const wanted = Math.min(maxHistoryBytes / 64, MAX_MARK_SLOTS)
+    this.slots = maxHistoryBytes === 0 ? 0 : 2 ** Math.floor(Math.log2(Math.max(MIN_MARK_SLOTS, wanted)))
   }
 
   bytes (): number {
-    return this.slots * Float64Array.BYTES_PER_ELEMENT
+    return this.slots * MARK_SLOT_BYTES
   }
 
-  raise (name: string, mark: number): void {
+  /** Keeps `mark` for `name`; `since`: the oldest mark that still counts (older ones are nobody's). */
+  raise (name: string, mark: number, since: number): void {
     this.marks ??= new Float64Array(this.slots)
-    const slot = this.slotOf(name)
-    if (mark > this.marks[slot]) this.marks[slot] = mark
+    this.tags ??= new Uint16Array(this.slots)
+    this.locate(name)
+    const held = this.marks[this.slot]
+    if (held < since) {
+      // Empty, or its channels' drops have left the window: this one's alone.
+      this.marks[this.slot] = mark
+      this.tags[this.slot] = this.tag
+      return
+    }
+    if (this.tags[this.slot] !== this.tag) this.tags[this.slot] = SHARED
+    if (mark > held) this.marks[this.slot] = mark
   }
 
   /** The highest mark let go that `name` may have had; 0 if none. */
   of (name: string): number {
-    return this.marks === null ? 0 : this.marks[this.slotOf(name)]
+    if (this.marks === null || this.tags === null) return 0
+    this.locate(name)
+    const tag = this.tags[this.slot]
+    return tag === this.tag || tag === SHARED ? this.marks[this.slot] : 0
   }
 
   clear (): void {
     this.marks = null
+    this.tags = null
   }
 
-  /** FNV-1a over the name's UTF-16 code units. */
-  private slotOf (name: string): number {
-    let hash = 0x811c9dc5
+  /** The slot `name` hashes to. */
+  slotOf (name: string): number {
+    this.locate(name)
+    return this.slot
+  }
+
+  /**
+   * The slot: FNV-1a over the name's UTF-16 code units. The tag: a second
+   * hash whose shifts feed high bits back into low ones, so that names
+   * sharing FNV's low bits (a slot) do not share them here too.
+   */
+  private locate (name: string): void {
+    let slotHash = 0x811c9dc5
+    let tagHash = 0x9e3779b9
     for (let index = 0; index < name.length; index++) {
-      hash ^= name.charCodeAt(index)
-      hash = Math.imul(hash, 0x01000193)
+      const unit = name.charCodeAt(index)
+      slotHash = Math.imul(slotHash ^ unit, 0x01000193)
+      tagHash = Math.imul(tagHash ^ unit, 0x5bd1e995)
+      tagHash ^= tagHash >>> 15
     }
-    return (hash >>> 0) & (this.slots - 1)
+    tagHash = Math.imul(tagHash ^ (tagHash >>> 13), 0xc2b2ae35)
+    tagHash ^= tagHash >>> 16
+    this.slot = (slotHash >>> 0) & (this.slots - 1)
+    // 1 to 65 534: 0 is an empty slot's, 65 535 SHARED.
+    this.tag = 1 + ((tagHash >>> 0) % (SHARED - 1))
   }
 }
 
