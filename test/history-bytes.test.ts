@@ -306,6 +306,13 @@ t.test('a drop older than the window no longer marks the window trimmed: what it
   t.notOk(await bus.trimmed(['user:a']), 'and lacks nothing it should hold')
 })
 
+t.test('a window longer than the clock has run (a clock set early, a window set past the allowed 30 days) does not count an unset mark as a drop', async (t) => {
+  const bus = new MemoryBus({ historySize: 1000, historyTtlS: 1e10, maxHistoryBytes: 1024 * 1024 })
+  t.teardown(async () => await bus.close())
+  bus.publishNow([{ channels: ['user:a'], body: renderBody('e', 'kept') }])
+  t.notOk(await bus.trimmed(['user:a', 'user:fresh']), 'neither a channel with events nor one without is trimmed')
+})
+
 t.test('without the cap reached, a channel that never had an event replays from any cursor without reset', async (t) => {
   const bus = busWithCap(t, 64 * 1024, 0)
   const [first] = bus.publishNow([{ channels: ['user:other'], body: renderBody('e', 'first') }])

@@ -297,9 +297,9 @@ export class MemoryBus implements EventBus {
     return clockId() - this.options.historyTtlS * 1_000_000
   }
 
-  /** The oldest drop mark that still counts (see DROP_SLACK_US); always above 0, so an unset mark never does. */
+  /** The oldest drop mark that still counts (see DROP_SLACK_US); at least 1, so an unset mark (0) never does, whatever the clock and the window. */
   private dropsCountFrom (cutoff = this.cutoff()): number {
-    return cutoff - DROP_SLACK_US
+    return Math.max(1, cutoff - DROP_SLACK_US)
   }
 
   private flush (): void {
