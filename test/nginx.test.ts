@@ -195,13 +195,23 @@ t.test('through nginx (deploy/nginx.conf) in front of two Redis-mode gateways', 
     for (const gateway of gateways) t.notOk(gateway.stdout().includes(token), 'the gateway log holds no token')
   })
 
-  t.test('publisher routes are not reachable through nginx', async (t) => {
-    const response = await request(`${nginx.url}/v1/publish`, { method: 'POST', token: publisher, body: { to: { broadcast: true }, data: 'x' } })
-    t.equal(response.status, 404)
-    t.same(response.json, { statusCode: 404, code: 'GW_NOT_FOUND', error: 'Not Found', message: 'not found' }, 'in the gateway\'s own error shape')
-    const admin = await request(`${nginx.url}/admin`)
-    t.equal(admin.status, 404)
-    t.same(admin.json, { statusCode: 404, code: 'GW_NOT_FOUND', error: 'Not Found', message: 'not found' })
+  t.test('publisher and admin routes are not reachable through nginx: 404 in the gateway\'s JSON error shape', async (t) => {
+    const blocked: Array<[string, string, unknown?]> = [
+      ['POST', '/v1/publish', { to: { broadcast: true }, data: 'x' }],
+      ['GET', '/v1/connections'],
+      ['PUT', '/v1/conversations/c1/members', { members: ['u1'] }],
+      ['GET', '/v1/presence/u1'],
+      ['GET', '/v1/stats'],
+      ['GET', '/metrics'],
+      ['GET', '/admin'],
+      ['PUT', '/v1/jobs/j1', { status: 'running' }]
+    ]
+    for (const [method, path, body] of blocked) {
+      const response = await request(`${nginx.url}${path}`, { method, token: publisher, body })
+      t.equal(response.status, 404, `${method} ${path}: 404`)
+      t.match(response.headers.get('content-type'), /^application\/json/, `${method} ${path}: JSON`)
+      t.same(response.json, { statusCode: 404, code: 'GW_NOT_FOUND', error: 'Not Found', message: 'not found' }, `${method} ${path}: in the gateway's own error shape`)
+    }
   })
 })
 
