@@ -7,6 +7,7 @@
  * `trimmed` holds every event of its channels.
  */
 import t, { type Test } from 'tap'
+import { clockId } from '../src/core/bus'
 import { MemoryBus } from '../src/core/memory-bus'
 import { renderBody } from '../src/core/framing'
 
@@ -196,7 +197,7 @@ for (const { historySize, cap, ttlS } of [0, 3, 1000].flatMap((historySize) => [
         elapsedMs += random() < 0.01 ? random() * ttlS * 1000 : random() * 4
         if (random() < 0.005) bus['sweep']()
       },
-      windowStart: () => Math.floor((performance.timeOrigin + performance.now()) * 1000) - ttlS * 1_000_000,
+      windowStart: () => clockId() - ttlS * 1_000_000,
       beforeTrimmed: () => {
         // The open's own work before it asks: time, other publishes, maybe a sweep.
         elapsedMs += random() * 900

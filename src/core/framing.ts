@@ -135,8 +135,9 @@ export function streamHead (headers: Record<string, string | number | string[]>,
 }
 
 /**
- * Parses a `Last-Event-ID` cursor; whitespace around it (as String#trim reads it) is not part of it,
- * and anything else but a decimal integer is malformed. One past 2^53 is above every id ever issued (microseconds
+ * Parses a `Last-Event-ID` cursor; whitespace around it (as String#trim
+ * reads it) is not part of it, and anything else but a decimal integer is
+ * malformed. One past 2^53 is above every id ever issued (microseconds
  * since 1970 stay below it until the year 2255), so it is read as the
  * largest exact one: a cursor from the future, as any id not yet issued.
  */
