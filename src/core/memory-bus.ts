@@ -459,13 +459,11 @@ export class MemoryBus implements EventBus {
     const now = Date.now()
     this.forgetOldestOnceKeys((seen) => seen.expiresAt <= now)
     const cutoff = this.cutoff()
-    for (const [name, history] of this.histories) {
+    const since = this.dropsCountFrom(cutoff)
+    for (const history of this.histories.values()) {
       this.prune(history, cutoff)
       // Kept while a drop mark is inside the window (unless the cap lets it go first: see `forgotten`): a cursor below it must still get its reset.
-      if (history.head >= history.entries.length && lastMark(history) < this.dropsCountFrom(cutoff)) {
-        this.histories.delete(name)
-        this.emptyChannels.delete(history)
-      }
+      if (history.head >= history.entries.length && lastMark(history) < since) this.forgetChannel(history, since)
     }
   }
 }
