@@ -474,8 +474,7 @@ function parseEveryBodyAsJson (app: FastifyInstance): void {
     }
     const text = body as string
     try {
-      // A byte order mark, which some clients write first, is not JSON.
-      done(null, parseJsonFinite(text.charCodeAt(0) === 0xfeff ? text.slice(1) : text))
+      done(null, parseJsonFinite(text))
     } catch (error) {
       const refusal = new errors.BadRequest(error instanceof NonFiniteNumberError ? `the body holds ${error.message}` : 'the body is not valid JSON')
       unparsableBodies.add(refusal)

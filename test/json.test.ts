@@ -1,7 +1,7 @@
 /**
  * parseJsonFinite: numbers JSON.parse would read as ±Infinity (and
  * JSON.stringify write as null) are refused; everything else parses as
- * JSON.parse does, however deep.
+ * JSON.parse does, however deep; a byte order mark first is skipped.
  */
 import t from 'tap'
 import { NonFiniteNumberError, parseJsonFinite } from '../src/core/json'
@@ -21,4 +21,12 @@ t.test('finite numbers, however written, and text that only looks like an expone
   const deep = `${'['.repeat(100_000)}1e300${']'.repeat(100_000)}`
   t.doesNotThrow(() => parseJsonFinite(deep), 'a finite number 100 000 levels deep')
   t.throws(() => parseJsonFinite('{'), { name: 'SyntaxError' }, 'not JSON is still a SyntaxError')
+})
+
+t.test('one byte order mark first is skipped; one anywhere else, or a second, is not JSON', async (t) => {
+  t.same(parseJsonFinite('\ufeff{"a":[1]}'), { a: [1] })
+  t.equal(parseJsonFinite('\ufeff"text"'), 'text')
+  t.throws(() => parseJsonFinite('\ufeff\ufeff{}'), SyntaxError)
+  t.throws(() => parseJsonFinite(' \ufeff{}'), SyntaxError)
+  t.throws(() => parseJsonFinite('\ufeff'), SyntaxError)
 })

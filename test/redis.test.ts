@@ -281,9 +281,16 @@ t.test('bad ingress messages are counted, logged without their data, dropped; th
   await redis.publish(`${prefix}publish`, JSON.stringify({ to: { user: 'u1' }, event: 'bad\nname', data: secret }))
   await redis.publish(`${prefix}publish`, JSON.stringify([{ to: { user: 'u1' }, data: secret }, { to: {}, data: secret }]))
   await redis.publish(`stream:${connected.connectionId}`, JSON.stringify({ event: 'x', data: 'y'.repeat(300_000) + secret }))
+  // A byte order mark before the JSON is skipped, as POST /v1/publish skips it.
+  const bom = '\ufeff'
+  await redis.publish(`${prefix}publish`, bom + JSON.stringify({ to: { user: 'u1' }, event: 'bom', data: 'publish' }))
+  await redis.publish(`stream:${connected.connectionId}`, bom + JSON.stringify({ event: 'bom', data: 'stream' }))
+  await redis.xadd(`${prefix}ingress`, '*', 'payload', bom + JSON.stringify({ to: { user: 'u1' }, event: 'bom', data: 'durable' }))
+  await stream.next((event) => event.event === 'bom' && event.data === 'durable', undefined, 'the durable entry with a byte order mark')
   await redis.publish(`stream:${connected.connectionId}`, JSON.stringify({ event: 'ok', data: 'after the bad ones' }))
   const ok = await stream.nextEvent('ok')
   t.equal(ok.data, 'after the bad ones')
+  t.same(stream.events.filter((event) => event.event === 'bom').map((event) => event.data).sort(), ['durable', 'publish', 'stream'], 'messages starting with a byte order mark delivered, once each')
   t.notOk(stream.events.some((event) => event.data.includes(secret)), 'nothing of a bad message was delivered')
   const metrics = (await request(`${gateway.url}/metrics`)).text
   const rejected = [...metrics.matchAll(/^sse_ingress_rejected_total\{[^}]*\} (\d+)/gm)].reduce((sum, match) => sum + Number(match[1]), 0)

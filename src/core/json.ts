@@ -16,8 +16,13 @@ export class NonFiniteNumberError extends Error {
  */
 const MAY_OVERFLOW = /\d[eE]\+?\d|\d{309}/
 
-/** JSON.parse, throwing NonFiniteNumberError for a number read as ±Infinity. */
+/**
+ * JSON.parse, throwing NonFiniteNumberError for a number read as ±Infinity.
+ * A byte order mark, which some clients write first, is skipped: it is not
+ * JSON, but a body or an ingress message that starts with one is meant as JSON.
+ */
 export function parseJsonFinite (text: string): unknown {
+  if (text.charCodeAt(0) === 0xfeff) text = text.slice(1)
   const value: unknown = JSON.parse(text)
   if (MAY_OVERFLOW.test(text) && holdsNonFinite(value)) throw new NonFiniteNumberError()
   return value
