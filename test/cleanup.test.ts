@@ -4,7 +4,7 @@ import type { Socket } from 'node:net'
 import type { FastifyInstance } from 'fastify'
 import { CLOSE_GRACE_MS } from '../src/core/connection'
 import { eventually, openConnected, publishOk, publisherToken, request, startGateway, token, userToken, type SseClient } from './helpers'
-import { flood, floodMaxBytes, neverReadingStream } from './helpers/raw'
+import { flood, floodMaxBytes, neverReadingStream, serverSendQueue } from './helpers/raw'
 
 const publisher = publisherToken()
 
@@ -164,7 +164,7 @@ t.test('a stream whose socket dies while events are being written is removed', a
   t.equal((await request(`${url}/health`)).status, 200, 'the gateway keeps serving')
 })
 
-t.test('a stream the gateway closes while its client has stopped reading still lets go of its socket', async (t) => {
+t.test('a stream the gateway closes while its client has stopped reading still lets go of its socket, and the kernel of what it never read', async (t) => {
   const { app, url, port } = await startGateway(t, {
     MAX_CONNECTIONS_PER_USER: '1',
     CONNECTION_LIMIT_POLICY: 'evict-oldest',
@@ -188,4 +188,7 @@ t.test('a stream the gateway closes while its client has stopped reading still l
   await eventually(() => app.registry.get(connectionId) === undefined, 'the first stream evicted')
   await eventually(() => serverSide.destroyed, 'its socket destroyed', CLOSE_GRACE_MS + 5000)
   t.pass('the evicted stream\'s socket was destroyed though its client never read')
+  // Reset, with what it never read: closed behind it, the kernel kept those bytes while the client stayed.
+  await eventually(() => serverSendQueue(port, raw.socket.localPort ?? 0) === null, 'the kernel to let go of the connection and its unsent bytes', 5000)
+  t.pass('and the kernel holds nothing of it')
 })

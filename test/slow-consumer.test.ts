@@ -6,7 +6,7 @@ import {
 } from './helpers'
 import {
   flood, FLOOD_EVENT_BYTES as EVENT_BYTES, FLOOD_MIN_BYTES, FLOOD_PER_REQUEST as PER_REQUEST, floodData as bigData,
-  floodMaxBytes, getRequest, metricValue, neverReadingStream, rawConnect, scrape
+  floodMaxBytes, getRequest, metricValue, neverReadingStream, rawConnect, scrape, serverSendQueue
 } from './helpers/raw'
 
 const publisher = publisherToken()
@@ -37,6 +37,10 @@ forEachMode(t, 'a client that never reads while 2 MiB (and more, as long as the 
   t.notOk(other.ended, 'the reading stream is still open')
 
   // Reading again, the dropped client finds the server closed the socket part-way.
+  // The server's end of the connection is gone at once, with what was unsent
+  // (reset): closed behind those bytes, it stayed in the kernel holding them
+  // (megabytes) for as long as the client kept its end open without reading.
+  await eventually(() => serverSendQueue(port, raw.socket.localPort ?? 0) === null, 'the server\'s end of the dropped connection to go, unsent bytes and all', 5000)
   raw.resume()
   await raw.waitClose(10_000)
   const got = raw.events().filter((event) => event.event === 'chunk')

@@ -275,7 +275,7 @@ t.test('streams holding the same sparse events share one copy of each, not one e
   const sink = (id: string): Sink => {
     const chunks: Buffer[] = []
     written.set(id, chunks)
-    return { write: (chunk: Buffer) => chunks.push(Buffer.from(chunk)) > 0, end () {}, destroy () {}, writableLength: 0, destroyed: false, on: () => undefined, once: () => undefined, off: () => undefined }
+    return { write: (chunk: Buffer) => chunks.push(Buffer.from(chunk)) > 0, end () {}, destroy () {}, resetAndDestroy () {}, writableLength: 0, destroyed: false, on: () => undefined, once: () => undefined, off: () => undefined }
   }
   const scheduler = new WriteScheduler()
   const streams = Array.from({ length: 200 }, (_, index) => new StreamConnection({
@@ -324,7 +324,7 @@ t.test('streams holding the same sparse events share one copy of each, not one e
 
 t.test('more than the bound due in many small pieces (channels interleaved in the arena) to a socket that takes everything: a few grouped writes, every byte in order, not one write per piece', async (t) => {
   const writes: Buffer[] = []
-  const sink: Sink = { write: (chunk: Buffer) => writes.push(Buffer.from(chunk)) > 0, end () {}, destroy () {}, writableLength: 0, destroyed: false, on: () => undefined, once: () => undefined, off: () => undefined }
+  const sink: Sink = { write: (chunk: Buffer) => writes.push(Buffer.from(chunk)) > 0, end () {}, destroy () {}, resetAndDestroy () {}, writableLength: 0, destroyed: false, on: () => undefined, once: () => undefined, off: () => undefined }
   const connection = new StreamConnection({
     id: 'c-pieces', userId: 'u1', kind: 'stream', topics: [], sink, scheduler: new WriteScheduler(), maxBufferedBytes: 16 * 1024, tokenExpiresAt: null, remoteAddress: '127.0.0.1'
   })

@@ -7,6 +7,13 @@ export interface Sink {
   write (chunk: Buffer, callback?: (error?: Error | null) => void): boolean
   end (): void
   destroy (): void
+  /**
+   * Closes the connection at once with a reset, dropping what it has not
+   * sent: a graceful close (`destroy`) leaves the kernel holding the unsent
+   * bytes, up to the socket's send buffer (megabytes), for as long as the
+   * peer keeps its end open without reading.
+   */
+  resetAndDestroy (): unknown
   readonly writableLength: number
   readonly destroyed: boolean
   /** Bytes of what it was given that it did not send (an HTTP/1.0 stream's chunk framing). */
@@ -665,8 +672,8 @@ export class StreamConnection {
     const pending = this.takePending()
     if (!this.sink.destroyed) {
       if (reason === 'slow' || reason === 'error') {
-        // Whatever is unsent will never be read; release it now.
-        this.sink.destroy()
+        // Whatever is unsent will never be read; release it now, the kernel's copy too.
+        this.sink.resetAndDestroy()
       } else {
         const last: Buffer[] = pending === null ? [] : [pending]
         if (this.framesBeforeClose !== null) last.push(...this.framesBeforeClose)
@@ -685,7 +692,9 @@ export class StreamConnection {
         // goes after a grace period, with what it never read.
         const done = (flushed: boolean): void => {
           clearTimeout(grace)
-          if (flushed && handBack !== null && !sink.destroyed) handBack(sink)
+          if (sink.destroyed) return
+          if (!flushed) sink.resetAndDestroy()
+          else if (handBack !== null) handBack(sink)
           else sink.destroy()
         }
         const grace = setTimeout(done, graceMs, false)

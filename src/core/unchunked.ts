@@ -71,6 +71,10 @@ export class UnchunkedSink implements Sink {
     this.socket.destroy()
   }
 
+  resetAndDestroy (): void {
+    this.socket.resetAndDestroy()
+  }
+
   on (event: 'close', listener: () => void): unknown {
     return this.socket.on(event, listener)
   }

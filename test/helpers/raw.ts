@@ -347,6 +347,25 @@ export async function flood (url: string, to: unknown, dropped: () => boolean | 
   return ids
 }
 
+/**
+ * The bytes the kernel still holds to send on the server's end of the
+ * loopback connection from `clientPort` to `serverPort`, or null once that
+ * end is gone (Linux's /proc/net/tcp and tcp6: the socket outlives the
+ * process's close while the kernel still has bytes to send).
+ */
+export function serverSendQueue (serverPort: number, clientPort: number): number | null {
+  const local = `:${serverPort.toString(16).toUpperCase().padStart(4, '0')}`
+  const remote = `:${clientPort.toString(16).toUpperCase().padStart(4, '0')}`
+  for (const file of ['/proc/net/tcp', '/proc/net/tcp6']) {
+    for (const line of readFileSync(file, 'latin1').split('\n').slice(1)) {
+      // sl local_address rem_address st tx_queue:rx_queue ...
+      const [, localAddress, remoteAddress, , queues] = line.trim().split(/\s+/)
+      if (localAddress?.endsWith(local) === true && remoteAddress?.endsWith(remote) === true) return parseInt(queues.split(':')[0], 16)
+    }
+  }
+  return null
+}
+
 /** Both ends of a fresh loopback TCP connection, destroyed in teardown: `server` as a listener accepted it. */
 export async function loopbackPair (t: TestLike): Promise<{ server: net.Socket, client: net.Socket }> {
   const listener = net.createServer()

@@ -11,6 +11,8 @@ export class HandDrainedSink extends EventEmitter implements Sink {
   readonly written: Buffer[] = []
   writableLength = 0
   destroyed = false
+  /** Closed with a reset (what it held dropped). */
+  reset = false
   auto = false
 
   write (chunk: Buffer): boolean {
@@ -33,6 +35,11 @@ export class HandDrainedSink extends EventEmitter implements Sink {
   destroy (): void {
     this.destroyed = true
     this.emit('close')
+  }
+
+  resetAndDestroy (): void {
+    this.reset = true
+    this.destroy()
   }
 
   text (): string {
