@@ -195,15 +195,14 @@ function refuseAfterAnswersAhead (socket: Socket, statusCode: number, code: stri
  * destroyed without a byte. One is served as if it had no `Expect`, the
  * other refused in the contract's shape.
  */
-function answerWhatNodeWouldRefuse (app: FastifyInstance, server: Server): void {
+function answerWhatNodeWouldRefuse (app: FastifyInstance, server: Server, maxBodyBytes: number): void {
   server.on('checkExpectation', (request: IncomingMessage, response: ServerResponse) => server.emit('request', request, response))
-  // Node would invite every body (100 Continue) at once. It is invited only
-  // when it is about to be read (see inviteBodies): a request refused before
-  // (no token, a rate limit, a body that says it is too large) gets its
-  // answer while the client still waits to send the body. (Node closes a
-  // connection whose 100 was never sent once it is answered.)
+  // Node invites every body (100 Continue): one that says it is too large is
+  // not, and gets its 413 while the client still waits to send it. (Node
+  // closes a connection whose 100 was never sent once it is answered.)
   server.on('checkContinue', (request: IncomingMessage, response: ServerResponse) => {
-    continueWithheld.set(request, response)
+    if (Number(request.headers['content-length']) > maxBodyBytes) continueWithheld.add(request)
+    else response.writeContinue()
     server.emit('request', request, response)
   })
   server.on('connect', (_request: IncomingMessage, socket: Socket) => {
@@ -238,17 +237,16 @@ export async function buildApp (config: Config, options: BuildOptions = {}): Pro
   const app = Fastify(fastifyOptions(config, options.logStream, routeMethods))
   app.addHook('onRoute', (route) => routeMethods.add(route.url, route.method, route.config?.internal === true))
   answerErrors(app, routeMethods, config.internalPort !== null)
-  checkEveryRequest(app)
+  checkEveryRequest(app, config.maxBodyBytes)
   answerShadowedPathsAsNotServed(app, routeMethods)
   parseEveryBodyAsJson(app)
-  inviteBodies(app, config.maxBodyBytes)
   await app.register(configPlugin, { config })
   if (config.corsOrigins !== null) await allowOrigins(app, config.corsOrigins, routeMethods, config.internalPort !== null)
   // After CORS, so that a page can read the 503 of a request refused while draining.
   const closingPhase: ClosingPhase = { listenersClosed: false }
   answerWhileClosing(app, closingPhase, config.internalPort !== null)
   if (config.trustProxy === null) warnOfUntrustedProxy(app)
-  const internalServer = config.internalPort !== null ? internalListener(app) : null
+  const internalServer = config.internalPort !== null ? internalListener(app, config.maxBodyBytes) : null
   app.decorate('internalServer', internalServer)
 
   await app.register(registryPlugin, { instanceId: options.instanceId })
@@ -382,9 +380,9 @@ function answerNotFound (request: FastifyRequest, reply: FastifyReply): void {
   })
 }
 
-function checkEveryRequest (app: FastifyInstance): void {
+function checkEveryRequest (app: FastifyInstance, maxBodyBytes: number): void {
   timeFirstRequest(app.server)
-  answerWhatNodeWouldRefuse(app, app.server)
+  answerWhatNodeWouldRefuse(app, app.server, maxBodyBytes)
   // RFC 9112 §3.2: an HTTP/1.1 request without Host is refused. HTTP/1.0 has none to send.
   app.addHook('onRequest', (request, _reply, done) => {
     // Its first request came (see timeFirstRequest); a stream may be quiet for longer.
@@ -596,12 +594,12 @@ function internalHidden (request: FastifyRequest, internalPortSet: boolean): boo
 }
 
 /** The listener of INTERNAL_PORT: the same app, whose publisher and admin routes answer only there. */
-function internalListener (app: FastifyInstance): Server {
+function internalListener (app: FastifyInstance, maxBodyBytes: number): Server {
   const server = createServer(HTTP_SERVER_OPTIONS, (request, response) => app.server.emit('request', request, response))
   server.on('clientError', clientError.bind(app))
   server.on('connection', (socket: Socket) => internalSockets.add(socket))
   timeFirstRequest(server)
-  answerWhatNodeWouldRefuse(app, server)
+  answerWhatNodeWouldRefuse(app, server, maxBodyBytes)
   // Publisher and admin routes do not exist on the public listener.
   app.addHook('onRequest', async (request, reply) => {
     if (request.routeOptions.config.internal === true && !internalSockets.has(request.raw.socket)) {
@@ -724,26 +722,8 @@ function closeInternalListenerAfterDrain (app: FastifyInstance, server: Server):
 /** The refusals of bodies read whole that are not JSON (see the error handler). */
 const unparsableBodies = new WeakSet<Error>()
 
-/** Requests that asked for a 100 Continue not sent yet, with their response: the client may never send the body. */
-const continueWithheld = new WeakMap<IncomingMessage, ServerResponse>()
-
-/**
- * Sends the 100 Continue of a request whose body is about to be read: after
- * every onRequest hook (authentication, rate limits) and the checks of its
- * encoding, and only to a body within the limit. (An unknown route's 404
- * comes after its body, which Fastify reads whole.) Registered after every
- * other preParsing hook.
- */
-function inviteBodies (app: FastifyInstance, maxBodyBytes: number): void {
-  app.addHook('preParsing', (request, _reply, payload, done) => {
-    const response = continueWithheld.get(request.raw)
-    if (response !== undefined && !(Number(request.headers['content-length']) > maxBodyBytes)) {
-      continueWithheld.delete(request.raw)
-      response.writeContinue()
-    }
-    done(null, payload)
-  })
-}
+/** Requests whose 100 Continue was not sent (their body is too large): the client may never send it. */
+const continueWithheld = new WeakSet<IncomingMessage>()
 
 /** How much of a refused body is read, and for how long, before the connection is cut. */
 const REFUSED_BODY_MAX_BYTES = 64 * 1024 * 1024

@@ -479,41 +479,6 @@ t.test('a body over MAX_BODY_BYTES: the client sending it reads its 413, not a r
   t.match(small.text(), /HTTP\/1\.1 400 /, 'and read (a publish without a target: 400)')
 })
 
-t.test('Expect: 100-continue: a body is invited only once the request passed its checks; one refused before (no token, a user token on a publisher route) gets its answer without 100, and the connection closes; an unknown route reads the body it invites', async (t) => {
-  const { port, app } = await startGateway(t, { INTERNAL_PORT: '0' })
-  const internalPort = await listenInternalPort(app)
-  const refusals: Array<[string, number]> = [
-    ['POST /v1/publish HTTP/1.1\r\n', 401],
-    [`POST /v1/publish HTTP/1.1\r\nAuthorization: Bearer ${userToken('not-a-publisher')}\r\n`, 403]
-  ]
-  for (const [head, status] of refusals) {
-    const client = await rawConnect(t, internalPort)
-    client.write(`${head}Host: x\r\nContent-Type: application/json\r\nContent-Length: 2\r\nExpect: 100-continue\r\n\r\n`)
-    await client.waitClose(5000)
-    t.notMatch(client.text(), /100 Continue/, `${status}: no invitation to send the body`)
-    t.equal(client.response().status, status, `${status} before any of the body`)
-  }
-  // A publisher route on the public listener, which does not serve it, answers before reading.
-  const hidden = await rawConnect(t, port)
-  hidden.write(`POST /v1/publish HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${publisher}\r\nContent-Type: application/json\r\nContent-Length: 2\r\nExpect: 100-continue\r\n\r\n`)
-  await hidden.waitClose(5000)
-  t.notMatch(hidden.text(), /100 Continue/, 'a publisher route on the public listener: no invitation to send the body')
-  t.match(hidden.text(), /^HTTP\/1\.1 404 .*"code":"GW_NOT_FOUND"/s, 'its 404 before any of the body')
-  for (const listener of [internalPort, port]) {
-    const path = '/v1/nowhere'
-    const client = await rawConnect(t, listener)
-    client.write(`POST ${path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${publisher}\r\nContent-Type: application/json\r\nContent-Length: 2\r\nExpect: 100-continue\r\nConnection: close\r\n\r\n`)
-    await client.until(() => /100 Continue/.test(client.text()), 5000, `${path} on ${listener === port ? 'the public' : 'the internal'} listener invites its body`)
-    client.write('{}')
-    await client.waitClose(5000)
-    t.match(client.text(), /HTTP\/1\.1 404 .*"code":"GW_NOT_FOUND"/s, `${path} on ${listener === port ? 'the public' : 'the internal'} listener: 404 once the body came`)
-  }
-  const stream = await rawConnect(t, port)
-  stream.write(`GET /v1/stream?token=${userToken('expecting')} HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n\r\n`)
-  await stream.until(() => /event: connected/.test(stream.text()), 5000, 'the stream opened')
-  t.match(stream.text(), /^HTTP\/1\.1 100 Continue\r\n\r\nHTTP\/1\.1 200 /, 'a stream that passed its checks: 100, then its head')
-})
-
 forEachMode(t, 'a publish pipelined behind a request refused 400 (no Host, two Hosts, a body that is not JSON) is answered too: the refusal does not close the connection under it', async (t, mode) => {
   const [gateway] = await startCluster(t, mode)
   const { stream } = await openConnected(`${gateway.url}/v1/stream?token=${userToken('ahead-u1')}`, { t })
