@@ -192,7 +192,7 @@ class LosingBus extends PagedBus {
  * while it is down, and `liveCount` live events of 300 bytes come while the
  * catch-up sends those two at the pace of a sink drained by hand.
  */
-async function catchUpWith (t: Test, liveCount: number): Promise<{ names: string[], connection: StreamConnection }> {
+async function catchUpWith (t: Test, liveCount: number): Promise<{ names: string[], connection: StreamConnection, sink: HandDrainedSink }> {
   const bus = new LosingBus(2)
   const registry = new Registry('catch-up')
   const streams = new StreamService(bus, new Hub(bus), registry, { retryMs: 1000, keepaliveMs: 60_000, maxBufferedBytes: 1024, historyTtlS: 3600 }, noEvents)
@@ -223,7 +223,7 @@ async function catchUpWith (t: Test, liveCount: number): Promise<{ names: string
   sink.auto = true
   sink.drain()
   await turns(2)
-  return { names: sink.names(), connection }
+  return { names: sink.names(), connection, sink }
 }
 
 t.test('a catch-up after a lost subscription: held live events within the bound go out after the missed ones', async (t) => {
@@ -233,8 +233,9 @@ t.test('a catch-up after a lost subscription: held live events within the bound 
 })
 
 t.test('a catch-up after a lost subscription: held live events past the bound close the stream as slow, without a gap', async (t) => {
-  const { names, connection } = await catchUpWith(t, 8)
+  const { names, connection, sink } = await catchUpWith(t, 8)
   t.equal(connection.closeReason, 'slow', 'closed as a slow consumer: it reconnects with its cursor')
+  t.ok(sink.reset, 'its connection reset: what it held unsent is dropped, the kernel\'s copy too')
   t.same(names, ['missed0', 'missed1'], `nothing after the events let go is sent (${names.join(',')})`)
 })
 
