@@ -11,6 +11,7 @@ import { ForgottenMarks, MemoryBus } from '../src/core/memory-bus'
 import { renderBody } from '../src/core/framing'
 import { eventually, openStream, publishOk, publisherToken, startGateway, userToken } from './helpers'
 import { metricValue, scrape } from './helpers/raw'
+import { fakePerformanceNow } from './helpers/stream-core'
 
 const KB = 'x'.repeat(1000)
 
@@ -198,10 +199,11 @@ function namesSharingASlot (table: ForgottenMarks, count: number): string[] {
   const bySlot = new Map<number, string[]>()
   for (let n = 0; n < 100_000; n++) {
     const name = `user:t${n}`
-    const sharing = bySlot.get(table.slotOf(name)) ?? []
+    const slot = table.slotOf(name)
+    const sharing = bySlot.get(slot) ?? []
     sharing.push(name)
     if (sharing.length === count) return sharing
-    bySlot.set(table.slotOf(name), sharing)
+    bySlot.set(slot, sharing)
   }
   throw new Error(`no ${count} names share a slot`)
 }
@@ -292,14 +294,10 @@ t.test('the table of marks: a slot answers for the channel whose mark it holds, 
 })
 
 t.test('a channel let go whose drop is past the window but inside the second of slack, then another let go into its slot: trimmed() still counts its drop (the slot is shared, not taken over)', async (t) => {
-  const realNow = performance.now.bind(performance)
   const bus = new MemoryBus({ historySize: 0, historyTtlS: 1, maxHistoryBytes: 64 * 1024 })
-  t.teardown(async () => {
-    performance.now = realNow
-    await bus.close()
-  })
+  t.teardown(async () => await bus.close())
   let skew = 0
-  performance.now = () => realNow() + skew
+  fakePerformanceNow(t, (real) => real + skew)
   const table = new ForgottenMarks(64 * 1024)
   const [early, late] = namesSharingASlot(table, 2)
   bus.publishNow([{ channels: [early], body: renderBody('e', 'a') }])

@@ -10,6 +10,7 @@ import t, { type Test } from 'tap'
 import { clockId } from '../src/core/bus'
 import { MemoryBus } from '../src/core/memory-bus'
 import { renderBody } from '../src/core/framing'
+import { fakePerformanceNow } from './helpers/stream-core'
 
 /** Deterministic, so that a failure replays the same way (mulberry32). */
 function randomFrom (seed: number): () => number {
@@ -180,15 +181,11 @@ for (const { historySize, cap, ttlS } of [0, 3, 1000].flatMap((historySize) => [
   { historySize, cap: 1024 * 1024, ttlS: 2 }
 ])) {
   t.test(`HISTORY_SIZE=${historySize}, a ${cap / 1024} KB cap, a ${ttlS} s window on a moving clock: no replay or window misses an event without saying so`, async (t) => {
-    const realNow = performance.now.bind(performance)
-    const start = realNow()
+    const start = performance.now()
     let elapsedMs = 0
-    performance.now = () => start + elapsedMs
+    fakePerformanceNow(t, () => start + elapsedMs)
     const bus = new MemoryBus({ historySize, historyTtlS: ttlS, maxHistoryBytes: cap })
-    t.teardown(async () => {
-      performance.now = realNow
-      await bus.close()
-    })
+    t.teardown(async () => await bus.close())
     const traffic = new Traffic(randomFrom(104_729 * (historySize + 1) + cap + ttlS), bus, 3000, 0.05)
     const { random } = traffic
     await drive(t, bus, traffic, {

@@ -18,7 +18,7 @@ import type { DeliveryListener, ReplayResult, SubscriptionListeners } from '../s
 import { MemoryBus } from '../src/core/memory-bus'
 import { Registry } from '../src/core/registry'
 import { StreamService, type StreamSpec } from '../src/core/streams'
-import { HandDrainedSink, noEvents } from './helpers/stream-core'
+import { fakePerformanceNow, HandDrainedSink, noEvents } from './helpers/stream-core'
 
 class PagedBus extends MemoryBus {
   constructor (private readonly pageSize: number) {
@@ -243,9 +243,7 @@ t.test('a catch-up that finds the store issuing lower ids (it lost its data, and
   const bus = new LosingBus(0)
   const registry = new Registry('ids-back')
   const streams = new StreamService(bus, new Hub(bus), registry, { retryMs: 1000, keepaliveMs: 60_000, maxBufferedBytes: 1024 * 1024, historyTtlS: 3600 }, noEvents)
-  const realNow = performance.now.bind(performance)
   t.teardown(async () => {
-    performance.now = realNow
     streams.stop()
     await bus.close()
   })
@@ -259,7 +257,7 @@ t.test('a catch-up that finds the store issuing lower ids (it lost its data, and
 
   bus.lose()
   // The store comes back empty, its clock a minute behind: every id it issues now is below the stream's last.
-  performance.now = () => realNow() - 60_000
+  fakePerformanceNow(t, (real) => real - 60_000)
   bus['histories'].clear()
   bus['last'] = 0
   // And its epoch starts anew, as INIT does for a store that restarted.

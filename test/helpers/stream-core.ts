@@ -4,6 +4,7 @@
  */
 import { EventEmitter } from 'node:events'
 import type { Sink } from '../../src/core/connection'
+import type { TestLike } from './gateway'
 import type { StreamEvents } from '../../src/core/streams'
 
 /** A socket that takes every write into its buffer and drains only when told (or at once, with `auto`). */
@@ -62,4 +63,15 @@ export const noEvents: StreamEvents = {
   async topicsChanged () {},
   superseded () {},
   cursorsMoved () {}
+}
+
+/**
+ * Makes performance.now() answer `now(the real reading)` until the test
+ * ends; the restore is registered first, so that nothing after can leave
+ * the clock faked for the tests that follow.
+ */
+export function fakePerformanceNow (t: TestLike, now: (real: number) => number): void {
+  const real = performance.now.bind(performance)
+  t.teardown(() => { performance.now = real })
+  performance.now = () => now(real())
 }
