@@ -50,8 +50,11 @@ const SSE_HEADERS = {
   'x-accel-buffering': 'no',
   connection: 'keep-alive'
 }
+// Said when the stream's end also ends its connection (RFC 9112 §9.6):
+// the client asked for it.
+const SSE_HEADERS_CLOSE = { ...SSE_HEADERS, connection: 'close' }
 // HTTP/1.0 has no chunked coding: the body ends with the connection.
-const SSE_HEADERS_HTTP10 = { ...SSE_HEADERS, connection: 'close' }
+const SSE_HEADERS_HTTP10 = SSE_HEADERS_CLOSE
 
 // Node's own HTTP helpers, as the 'upgrade' path uses them; not in the typings.
 // eslint-disable-next-line @typescript-eslint/no-require-imports
@@ -205,18 +208,23 @@ function handBack (sink: Sink): void {
 
 // Most streams carry no header of their own (CORS adds some): they share one head.
 const PLAIN_HEAD = streamHead(SSE_HEADERS)
+const PLAIN_HEAD_CLOSE = streamHead(SSE_HEADERS_CLOSE)
 const PLAIN_HEAD_HTTP10 = streamHead(SSE_HEADERS_HTTP10, false)
 
-/** The stream's status line and headers: what hooks set on the reply, then the SSE ones. */
-function headOf (reply: FastifyReply, http10: boolean): Buffer {
+/**
+ * The stream's status line and headers: what hooks set on the reply, then the
+ * SSE ones. `endsConnection`: the connection ends with the stream.
+ */
+function headOf (reply: FastifyReply, http10: boolean, endsConnection: boolean): Buffer {
   const own = reply.getHeaders()
   let headers: Record<string, string | number | string[]> | null = null
   for (const name in own) {
     const value = own[name]
     if (value !== undefined) (headers ??= {})[name] = value
   }
-  if (headers === null) return http10 ? PLAIN_HEAD_HTTP10 : PLAIN_HEAD
-  return streamHead({ ...headers, ...(http10 ? SSE_HEADERS_HTTP10 : SSE_HEADERS) }, !http10)
+  const sse = http10 ? SSE_HEADERS_HTTP10 : endsConnection ? SSE_HEADERS_CLOSE : SSE_HEADERS
+  if (headers === null) return http10 ? PLAIN_HEAD_HTTP10 : endsConnection ? PLAIN_HEAD_CLOSE : PLAIN_HEAD
+  return streamHead({ ...headers, ...sse }, !http10)
 }
 
 /** `Last-Event-ID` header first (browsers send it), then `?lastEventId=`. */
@@ -474,11 +482,12 @@ export default fp(async (app) => {
       reply.hijack()
       const socket = reply.raw.socket
       if (socket === null) return
-      const head = headOf(reply, http10)
+      const endsConnection = http10 || /\bclose\b/i.test(request.headers.connection ?? '')
+      const head = headOf(reply, http10, endsConnection)
       // Events are written straight to the socket: Node's response object would
       // re-frame every write for every recipient.
       socket.setNoDelay(true)
-      if (http10 || /\bclose\b/i.test(request.headers.connection ?? '')) notReusable.add(socket)
+      if (endsConnection) notReusable.add(socket)
       releaseHttpState(reply.raw, socket)
       // Nothing waits behind it (checked above, and its parser is gone); if it
       // waited itself, its response never finishes to say so, and the count

@@ -238,6 +238,7 @@ t.test('a stream\'s connection is closed, not served again, when its request sai
   closing.write(`GET /v1/jobs/closing-job/stream?token=${token} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n`)
   await closing.waitClose()
   t.match(closing.text(), /event: initial_status\n[\s\S]*0\r\n\r\n$/, 'the whole answer, then the connection closed')
+  t.equal(closing.response().headers.connection, 'close', 'and its head said so')
 
   // A request pipelined behind a live stream is never answered: the connection must not be left waiting.
   const piped = await rawConnect(t, port)
@@ -249,5 +250,6 @@ t.test('a stream\'s connection is closed, not served again, when its request sai
   await piped.waitClose()
   t.match(piped.text(), /event: evicted\n[\s\S]*0\r\n\r\n$/, 'evicted, the answer ended, the connection closed')
   t.notMatch(piped.text(), /HTTP\/1\.1 200 OK[\s\S]*HTTP\/1\.1/, 'the pipelined request was not half-served')
+  t.equal(piped.response().headers.connection, 'keep-alive', 'a stream whose request did not ask to close says keep-alive')
   newer.close()
 })
