@@ -5,7 +5,7 @@ import type { FastifyBaseLogger, FastifyReply, FastifyRequest } from 'fastify'
 import { AdmissionLedger, LIMIT_EVICTION } from '../src/core/admissions'
 import { slabBytesFor } from '../src/core/arena'
 import { channel } from '../src/core/channels'
-import type { Sink, StreamKind } from '../src/core/connection'
+import type { CloseReason, Sink, StreamKind } from '../src/core/connection'
 import { parseCursor, streamHead } from '../src/core/framing'
 import { Hub } from '../src/core/hub'
 import { Publisher } from '../src/core/publish'
@@ -245,9 +245,9 @@ export default fp(async (app) => {
   let unrecordedSince = 0
   let unrecordedAtShutdownLogged = false
   /** Gives a closed (or refused) stream's id and slot back; a failure is logged, and retried by the Redis state once it reconnects. */
-  const recordClose = async (connectionId: string, userId: string, log: FastifyBaseLogger): Promise<void> => {
+  const recordClose = async (connectionId: string, userId: string, log: FastifyBaseLogger, graceMs?: number): Promise<void> => {
     try {
-      await state.release(connectionId, userId, config.historyTtlS)
+      await state.release(connectionId, userId, config.historyTtlS, graceMs)
     } catch (error) {
       if (!(error instanceof StoreUnavailableError)) {
         log.warn({ err: error, connectionId }, 'could not record stream close')
@@ -268,6 +268,14 @@ export default fp(async (app) => {
       unrecordedSince = 0
     }
   }
+  /**
+   * A stream the gateway ended for its client to reconnect (a drain, a slow
+   * consumer dropped) comes back no sooner than the `retry` it was sent: the
+   * grace runs from then, so that a deploy does not show every user's
+   * contacts user:offline and user:online. `0` (no grace) stays 0.
+   */
+  const presenceGraceAfter = (reason: CloseReason): number | undefined =>
+    (reason === 'shutdown' || reason === 'slow') && config.presenceGraceMs > 0 ? config.retryMs + config.presenceGraceMs : undefined
   const streams = new StreamService(bus, hub, registry, {
     retryMs: config.retryMs,
     keepaliveMs: config.keepaliveMs,
@@ -294,7 +302,7 @@ export default fp(async (app) => {
       }, 'stream closed')
       // Releasing a replaced stream's id would release the stream that holds it now.
       if (connection.replaced) return
-      void ledger.releaseUnlessHeld(connection.id, connection.userId, app.log)
+      void ledger.releaseUnlessHeld(connection.id, connection.userId, app.log, presenceGraceAfter(reason))
     },
     superseded: (connection, holder) => {
       app.log.info({

@@ -26,8 +26,8 @@ interface Cluster {
 }
 
 /** Instances of one cluster (one prefix), with that presence grace. */
-function cluster (t: Test, graceMs: number): Cluster {
-  const env = { REDIS_URL, REDIS_PREFIX: uniquePrefix('presgrace'), INSTANCE_TTL_MS: String(INSTANCE_TTL_MS), PRESENCE_GRACE_MS: String(graceMs) }
+function cluster (t: Test, graceMs: number, extraEnv: Record<string, string> = {}): Cluster {
+  const env = { REDIS_URL, REDIS_PREFIX: uniquePrefix('presgrace'), INSTANCE_TTL_MS: String(INSTANCE_TTL_MS), PRESENCE_GRACE_MS: String(graceMs), ...extraEnv }
   return {
     spawn: async () => await spawnServer(t, { ...env, JWT_SECRET: TEST_SECRET, HOST: '127.0.0.1', LOG_LEVEL: 'warn' }),
     start: async () => await startGateway(t, env)
@@ -45,8 +45,8 @@ async function openOn (t: Test, url: string, user: string, lastEventId?: string)
  * process) of one cluster; u1 on B and u2 on A share conversation c1, and u1
  * has heard u2 come online.
  */
-async function contactsOnTwoInstances (t: Test, graceMs: number): Promise<{ a: ServerProcess, b: Gateway, u1: Awaited<ReturnType<typeof connect>>, u2: { stream: SseClient, connectionId: string } }> {
-  const { spawn, start } = cluster(t, graceMs)
+async function contactsOnTwoInstances (t: Test, graceMs: number, extraEnv: Record<string, string> = {}): Promise<{ a: ServerProcess, b: Gateway, u1: Awaited<ReturnType<typeof connect>>, u2: { stream: SseClient, connectionId: string } }> {
+  const { spawn, start } = cluster(t, graceMs, extraEnv)
   const a = await spawn()
   const b = await start()
   await setMembers(b, 'c1', ['u1', 'u2'])
@@ -107,6 +107,24 @@ t.test('a user who reconnects within the grace on another instance after a SIGTE
   await delay(Math.max(0, reconnectedAt + graceMs + SWEEP_BOUND_MS - Date.now()))
   t.same(namesOf(await settle(b, u1.stream, u1.connectionId)), [], 'neither user:offline nor a second user:online')
   t.same(await presence(b, 'u2'), { userId: 'u2', online: true, connections: 1 })
+})
+
+t.test('a drain\'s grace runs from the retry it sent: a reconnect later than PRESENCE_GRACE_MS but within RETRY_MS of it passes unseen', async (t) => {
+  if (!(await needRedis(t))) return
+  const graceMs = 500
+  const retryMs = 6000
+  const { a, b, u1, u2 } = await contactsOnTwoInstances(t, graceMs, { RETRY_MS: String(retryMs) })
+
+  t.ok(a.child.kill('SIGTERM'))
+  await u2.stream.nextEvent('shutdown')
+  const closedAt = Date.now()
+  t.same(await a.waitExit(10_000), { code: 0, signal: null }, 'A drained and exited')
+  // A grace of PRESENCE_GRACE_MS from the close would have ended, and been
+  // swept by B, by now; a browser would still be waiting out its retry.
+  await delay(Math.max(0, closedAt + graceMs + SWEEP_BOUND_MS - Date.now()))
+  t.same(await presence(b, 'u2'), { userId: 'u2', online: true, connections: 0 }, 'still in its grace, no stream')
+  await connect(t, b, 'u2')
+  t.same(namesOf(await settle(b, u1.stream, u1.connectionId)), [], 'neither user:offline nor user:online')
 })
 
 t.test('a stream admitted as the drain begins, then refused: its user:offline follows a user:online, never alone', async (t) => {

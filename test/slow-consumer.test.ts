@@ -8,6 +8,7 @@ import {
   flood, FLOOD_EVENT_BYTES as EVENT_BYTES, FLOOD_MIN_BYTES, FLOOD_PER_REQUEST as PER_REQUEST, floodData as bigData,
   floodMaxBytes, getRequest, metricValue, neverReadingStream, rawConnect, scrape, serverSendQueue
 } from './helpers/raw'
+import { connect, dataOf, presence, setMembers } from './helpers/channels'
 
 const publisher = publisherToken()
 
@@ -72,6 +73,26 @@ t.test('a lower MAX_BUFFERED_BYTES (128 KiB) also drops a never-reading client; 
   const received = await other.take(ids.length, 20_000)
   t.same(received.map((event) => event.id), ids)
   t.equal(metricValue(await scrape(url), 'sse_slow_consumer_drops_total'), 1)
+})
+
+t.test('a user dropped as a slow consumer stays online until RETRY_MS + PRESENCE_GRACE_MS: its contacts hear nothing while its browser waits out the retry', async (t) => {
+  const maxBuffered = 128 * 1024
+  const [gateway] = await startCluster(t, 'memory', 1, { MAX_BUFFERED_BYTES: String(maxBuffered), PRESENCE_GRACE_MS: '300', RETRY_MS: '60000' })
+  const { url, port, app } = gateway
+  await setMembers(gateway, 'c1', ['watcher', 'slow', 'quiet'])
+  const watcher = await connect(t, gateway, 'watcher')
+  const { connectionId } = await neverReadingStream(t, url, port, 'slow')
+  const quiet = await connect(t, gateway, 'quiet')
+  await flood(url, { users: ['slow'] }, () => app.registry.get(connectionId) === undefined, floodMaxBytes(maxBuffered))
+  await eventually(() => app.registry.get(connectionId) === undefined, 'the slow stream to be dropped', 10_000)
+
+  quiet.stream.close()
+  // Timers of one length fire in the order they were set: a grace of
+  // PRESENCE_GRACE_MS from the drop would have ended before quiet's.
+  const offline = await watcher.stream.nextEvent('user:offline', 10_000)
+  t.same(dataOf(offline), { userId: 'quiet' }, 'quiet, which its client closed, went offline after PRESENCE_GRACE_MS')
+  t.same(await presence(gateway, 'slow'), { userId: 'slow', online: true, connections: 0 }, 'the dropped user is still in its grace')
+  t.notOk(watcher.stream.events.some((event) => event.event === 'user:offline' && dataOf(event).userId === 'slow'), 'no user:offline for it')
 })
 
 forEachMode(t, 'one event that renders larger than MAX_BUFFERED_BYTES (a string of many short lines) reaches readers that keep up; they stay open', async (t, mode) => {

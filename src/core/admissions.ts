@@ -49,7 +49,7 @@ export class AdmissionLedger<Context> {
   constructor (
     private readonly registry: Registry,
     private readonly streams: StreamService,
-    private readonly recordClose: (connectionId: string, userId: string, context: Context) => Promise<void>
+    private readonly recordClose: (connectionId: string, userId: string, context: Context, graceMs?: number) => Promise<void>
   ) {}
 
   /** Tracks an open of `connectionId` from its admission check on; each open keeps its own record. */
@@ -108,14 +108,18 @@ export class AdmissionLedger<Context> {
     return this.releaseLeftTo.get(connectionId)
   }
 
-  /** Gives back the id's entry, unless a stream or open of the id here still holds it: the last of them does. */
-  async releaseUnlessHeld (connectionId: string, userId: string, context: Context): Promise<void> {
+  /**
+   * Gives back the id's entry, unless a stream or open of the id here still
+   * holds it: the last of them does. `graceMs`: the user's presence grace if
+   * it was their last stream (see State.release).
+   */
+  async releaseUnlessHeld (connectionId: string, userId: string, context: Context, graceMs?: number): Promise<void> {
     if (this.registry.get(connectionId) !== undefined || this.pendingById.has(connectionId)) {
       this.releaseLeftTo.set(connectionId, userId)
       return
     }
     this.releaseLeftTo.delete(connectionId)
-    await this.recordClose(connectionId, userId, context)
+    await this.recordClose(connectionId, userId, context, graceMs)
   }
 
   /** The registered stream of the id that this admission opened, if it is the one registered. */

@@ -89,7 +89,7 @@ export class MemoryState implements SharedState {
     return { admitted: true, cameOnline: !wasOnline, evict: evict === null ? null : { connectionId: evict, instance: this.instanceId }, replacedOn: [], seq: ++this.admissions, issuedBefore: 0 }
   }
 
-  async release (connectionId: string, userId: string, ttlS: number): Promise<void> {
+  async release (connectionId: string, userId: string, ttlS: number, graceMs = this.presenceGraceMs): Promise<void> {
     const expiresAt = Date.now() + ttlS * 1000
     if ((this.liveOwners.get(connectionId) ?? this.closedOwners.get(connectionId)?.value) === userId) {
       this.liveOwners.delete(connectionId)
@@ -103,7 +103,7 @@ export class MemoryState implements SharedState {
     const timer = setTimeout(() => {
       this.graceTimers.delete(userId)
       this.offlineListener(userId)
-    }, this.presenceGraceMs).unref()
+    }, graceMs).unref()
     this.graceTimers.set(userId, timer)
   }
 

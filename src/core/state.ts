@@ -177,8 +177,12 @@ export interface SharedState {
 
   /** Admits a stream under the per-user limit and records it; says whether the user just came online. */
   admit (request: AdmitRequest): Promise<Admission>
-  /** Forgets a closed stream; its id stays reopenable for `ttlS`. */
-  release (connectionId: string, userId: string, ttlS: number): Promise<void>
+  /**
+   * Forgets a closed stream; its id stays reopenable for `ttlS`. If it was
+   * the user's last, the user counts as online for `graceMs` more
+   * (`PRESENCE_GRACE_MS` unless given).
+   */
+  release (connectionId: string, userId: string, ttlS: number, graceMs?: number): Promise<void>
   /**
    * A live stream's topics changed (for cluster-wide counts and listings):
    * records the topics of the stream registered under the id when the

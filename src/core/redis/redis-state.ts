@@ -532,12 +532,12 @@ export class RedisState implements SharedState {
     }) as [number, number, string, number, string, ...string[]]
   }
 
-  async release (connectionId: string, userId: string, ttlS: number): Promise<void> {
+  async release (connectionId: string, userId: string, ttlS: number, graceMs = this.options.presenceGraceMs): Promise<void> {
     const token = randomBytes(8).toString('hex')
     let last: unknown
     try {
       last = await this.commands.run('RELEASE', [
-        this.prefix, userId, this.instanceId, connectionId, ttlS, this.options.instanceTtlMs, this.options.presenceGraceMs, token
+        this.prefix, userId, this.instanceId, connectionId, ttlS, this.options.instanceTtlMs, graceMs, token
       ])
     } catch (error) {
       this.unreleased.set(connectionId, { userId, ttlS })
@@ -550,7 +550,7 @@ export class RedisState implements SharedState {
     const timer = setTimeout(() => {
       this.graceTimers.delete(userId)
       this.endGrace(userId, token).catch((error: unknown) => this.log.warn({ err: error, userId }, 'presence grace not settled'))
-    }, this.options.presenceGraceMs).unref()
+    }, graceMs).unref()
     this.graceTimers.set(userId, timer)
   }
 
