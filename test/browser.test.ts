@@ -20,6 +20,7 @@ import type { Page } from 'playwright-core'
 import { needRedis, REDIS_URL, uniquePrefix } from './helpers/redis'
 import { launchBrowser, needChromium, pageEventSource, startOrigin, startServerOnPort, type PageRecord } from './helpers/browser'
 import { within } from './helpers/wait'
+import { putJobOk } from './helpers/channels'
 
 const publisher = publisherToken()
 
@@ -54,6 +55,38 @@ t.test('a page opens a native EventSource with ?token= and receives named events
   t.equal(plain.data, 'line one\nline two\nline three', 'a multi-line string arrives intact as one event')
   t.equal(plain.lastEventId, ids[2])
   t.same(recorder.events().map((record) => record.type), ['connected', 'notification', 'message:new', 'message'], 'in order, nothing else')
+  t.same(browser.problems, [], 'no page errors')
+})
+
+t.test('evict-oldest: a page that does not close its EventSource on `evicted` does not come back to take the slot from the newer page', async (t) => {
+  if (!needChromium(t)) return
+  const gateway = await startGateway(t, { MAX_CONNECTIONS_PER_USER: '1', CONNECTION_LIMIT_POLICY: 'evict-oldest', RETRY_MS: '1000' })
+  const browser = await launchBrowser(t)
+  const user = 'u-tabs'
+  const token = encodeURIComponent(userToken(user))
+  const [older, newer] = [await browser.newPage(), await browser.newPage()]
+  for (const page of [older, newer]) await page.goto(`${gateway.url}/demo`)
+  // The seed's page: no handler for `evicted`, so the browser reconnects as after any end.
+  const olderTab = await pageEventSource(older, `/v1/stream?token=${token}`, { names: ['connected', 'evicted'] })
+  await olderTab.waitEvents('connected', 1)
+  const newerTab = await pageEventSource(newer, `/v1/stream?token=${token}`, { names: ['connected', 'evicted'] })
+  await newerTab.waitEvents('connected', 1)
+  await olderTab.waitEvents('evicted', 1)
+
+  // A clock in the browser: a job stream ended by its job's end reconnects
+  // RETRY_MS later and gets 204, so each round lets at least RETRY_MS pass
+  // after the eviction. Two rounds: the older page, back after its retry,
+  // would have taken the slot by the end of the second.
+  for (const jobId of ['clock-1', 'clock-2']) {
+    await putJobOk(gateway, jobId, { userId: 'u-clock', status: 'active' })
+    const clock = await pageEventSource(older, `/v1/jobs/${jobId}/stream?token=${encodeURIComponent(userToken('u-clock'))}`, { names: ['initial_status', 'job_update'] })
+    await clock.waitEvents('initial_status', 1)
+    await putJobOk(gateway, jobId, { userId: 'u-clock', status: 'completed' })
+    await clock.until(() => clock.records.some((record) => record.kind === 'error' && record.readyState === 2), 'the job stream\'s reconnect to get 204')
+  }
+  t.equal(olderTab.events('connected').length, 1, 'the evicted page did not reconnect')
+  t.equal(newerTab.events('evicted').length, 0, 'the newer page keeps the slot')
+  t.equal(gateway.app.registry.ofUser(user).length, 1, 'one stream for the user')
   t.same(browser.problems, [], 'no page errors')
 })
 

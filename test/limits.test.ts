@@ -8,6 +8,7 @@ import { interceptNextAdmission, startGateway, type Gateway } from './helpers/ga
 import { modeEnv } from './helpers/modes'
 import { uniquePrefix } from './helpers/redis'
 import { gate } from './helpers/drain'
+import { EVICTED_RETRY_MS } from '../src/core/streams'
 
 const publisher = publisherToken()
 
@@ -42,6 +43,7 @@ async function assertEvicted (t: Test, stream: SseClient): Promise<void> {
   const event = await stream.nextEvent('evicted')
   t.equal(event.id, undefined, '`evicted` carries no id line')
   t.doesNotThrow(() => JSON.parse(event.data), '`evicted` data is JSON')
+  t.equal(stream.retries.at(-1), EVICTED_RETRY_MS, 'and a retry of a day before it: a page that does not close its EventSource leaves the slot be')
   await stream.waitEnd()
   t.ok(stream.ended, 'the evicted stream is closed')
 }
@@ -333,6 +335,6 @@ forEachMode(t, 'evict-oldest: a stream evicted while it still joins its channels
   await second
   t.equal(first.status, 200)
   t.same(first.events.map((event) => event.event), ['connected', 'evicted'], 'connected, then evicted')
-  t.same(first.retries, [app.config.retryMs], 'with its retry')
+  t.same(first.retries, [app.config.retryMs, EVICTED_RETRY_MS], 'with its retry, then the evicted stream\'s day-long one')
   t.match(JSON.parse(first.events[0]?.data ?? '{}'), { userId: 'joining' })
 })

@@ -7,6 +7,10 @@ import type { Hub } from './hub'
 import type { Registry } from './registry'
 import { within } from './within'
 
+/** The reconnection time an evicted stream's browser is given (see StreamService.close): a day. */
+export const EVICTED_RETRY_MS = 86_400_000
+const EVICTED_RETRY_FRAME = retryFrame(EVICTED_RETRY_MS)
+
 /** What every topic's channel name starts with, and no other channel's. */
 const TOPIC_CHANNEL_PREFIX = channel.topic('')
 
@@ -329,7 +333,13 @@ export class StreamService {
   }
 
   close (connection: StreamConnection, reason: CloseReason, event?: string, data?: unknown): void {
-    connection.close(reason, event === undefined ? undefined : systemFrame(event, data ?? {}))
+    const frame = event === undefined ? undefined : systemFrame(event, data ?? {})
+    // A browser whose page does not close its EventSource on `evicted`
+    // would reconnect after its retry and evict the stream that took the
+    // slot, and the two would take it from each other for ever: told to
+    // wait a day, it leaves the slot to the newer one. A page that closes
+    // it, or opens a new EventSource later, is not affected.
+    connection.close(reason, reason === 'evicted' && frame !== undefined ? Buffer.concat([EVICTED_RETRY_FRAME, frame]) : frame)
   }
 
   /**
