@@ -1,3 +1,5 @@
+// First: stop signals are held from here on, while the rest loads.
+import { takeStopSignals } from './early-signals'
 import type { FastifyInstance } from 'fastify'
 import pino from 'pino'
 import { buildApp, listenInternal } from './app'
@@ -68,8 +70,7 @@ async function main (): Promise<void> {
       exitAfterLogs(1, exitBy)
     })
   }
-  process.on('SIGTERM', () => shutdown('SIGTERM'))
-  process.on('SIGINT', () => shutdown('SIGINT'))
+  takeStopSignals(shutdown)
 
   try {
     app = await buildApp(config, { logStream, startupSignal: startup.signal })

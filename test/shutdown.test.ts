@@ -1,5 +1,6 @@
 import t, { type Test } from 'tap'
-import { eventually, openConnected, openStream, publishOk, publisherToken, request, spawnServer, startGateway, TEST_SECRET, userToken, type ServerProcess, type SseClient } from './helpers'
+import { join } from 'node:path'
+import { eventually, launch, openConnected, openStream, publishOk, publisherToken, request, spawnServer, startGateway, TEST_SECRET, userToken, type ServerProcess, type SseClient } from './helpers'
 import { flood, floodData, floodMaxBytes, FLOOD_EVENT_BYTES, neverReadingStream, rawConnect } from './helpers/raw'
 import { needRedis, REDIS_URL, startOwnRedis, uniquePrefix, type OwnRedis } from './helpers/redis'
 import { listenInternal } from '../src/app'
@@ -74,6 +75,16 @@ for (const signal of ['SIGTERM', 'SIGINT'] as const) {
     t.equal(server.stderr(), '', 'nothing on stderr')
   })
 }
+
+t.test('a stop signal that comes while the server\'s modules still load is kept: the start is abandoned and the process exits 0 (as PID 1 in a container, a signal without a handler is ignored)', async (t) => {
+  for (const signal of ['SIGTERM', 'SIGINT'] as const) {
+    const server = launch(t, { JWT_SECRET: TEST_SECRET, HOST: '127.0.0.1', SLOW_LOAD_MS: '2000' }, 0, { nodeArgs: ['-r', join(__dirname, 'helpers', 'slow-load.js')], withoutRunnerPreload: true })
+    await eventually(() => server.stderr().includes('loading fastify') || server.child.exitCode !== null, 'the server to be loading its modules')
+    t.ok(server.child.kill(signal))
+    t.same(await server.waitExit(15_000), { code: 0, signal: null }, `${signal}: exit 0, not killed by the signal`)
+    t.notMatch(server.stdout(), /gateway ready/, 'it never started serving')
+  }
+})
 
 t.test('Redis mode: SIGTERM with streams open logs no warning or error (a stop is not a lost subscription)', async (t) => {
   if (!(await needRedis(t))) return

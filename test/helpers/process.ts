@@ -42,11 +42,21 @@ export interface LaunchOptions {
    * preload opens process.stdout, which a plain start does not.
    */
   unreadStdout?: boolean
+  /** Node options before the server's script (`-r` a preload). */
+  nodeArgs?: string[]
+  /**
+   * Without the test runner's preload (through env(1), as for
+   * `unreadStdout`): it handles stop signals itself, so a server without
+   * handlers of its own would not die of one.
+   */
+  withoutRunnerPreload?: boolean
 }
 
 /** Starts the server with `env` and returns at once (PORT as given; `port` is where its URL points). */
 export function launch (t: TestLike, env: Record<string, string>, port: number, options: LaunchOptions = {}): ServerProcess {
-  const [command, args] = options.unreadStdout === true ? ['env', ['-u', 'NODE_OPTIONS', process.execPath, SERVER_JS]] : [process.execPath, [SERVER_JS]]
+  const node = [...(options.nodeArgs ?? []), SERVER_JS]
+  const bare = options.unreadStdout === true || options.withoutRunnerPreload === true
+  const [command, args] = bare ? ['env', ['-u', 'NODE_OPTIONS', process.execPath, ...node]] : [process.execPath, node]
   const child = spawn(command, args, { env: childEnv(env), stdio: ['ignore', 'pipe', 'pipe'] })
   let stdout = ''
   let stderr = ''
