@@ -44,8 +44,16 @@ async function main (): Promise<void> {
   let app: FastifyInstance | null = null
   let closing = false
   const startup = new AbortController()
+  let exitBy = Number.POSITIVE_INFINITY
   const shutdown = (signal: string): void => {
-    if (closing) return
+    if (closing) {
+      // Someone at a terminal pressing Ctrl-C again, or a supervisor that
+      // will not wait: the drain is given up, with what it has not closed.
+      if (app === null) process.exit(1)
+      app.log.warn({ signal }, 'second stop signal: exiting without finishing the drain')
+      exitAfterLogs(1, Math.min(exitBy, Date.now() + 500))
+      return
+    }
     closing = true
     if (app === null) {
       startup.abort()
@@ -55,7 +63,7 @@ async function main (): Promise<void> {
     const running = app
     running.log.info({ signal, streams: running.registry.size }, 'draining')
     // The last lines get a share of the time, within SHUTDOWN_TIMEOUT_MS.
-    const exitBy = Date.now() + config.shutdownTimeoutMs
+    exitBy = Date.now() + config.shutdownTimeoutMs
     const drainBy = Date.now() + stopByMs(config)
     const deadline = setTimeout(() => {
       running.log.warn('drain timed out; exiting')

@@ -217,6 +217,22 @@ t.test('a stream that stopped reading and a request never finished do not outlas
   t.notMatch(server.stdout(), /drain timed out/, 'not cut short by the deadline')
 })
 
+t.test('a second stop signal during a drain held by a stalled stream exits at once, with code 1 and a line saying so', async (t) => {
+  for (const signal of ['SIGTERM', 'SIGINT'] as const) {
+    const server = await spawnServer(t, { JWT_SECRET: TEST_SECRET, HOST: '127.0.0.1', SHUTDOWN_TIMEOUT_MS: '60000', MAX_BUFFERED_BYTES: String(64 * 1024 * 1024), LOG_LEVEL: 'info' })
+    await neverReadingStream(t, server.url, server.port, 'stalled')
+    // More than the kernel holds on both ends: the stream's last frames cannot
+    // flush, so the drain would wait out its grace (5 s).
+    await flood(server.url, { user: 'stalled' }, () => false, floodMaxBytes(0))
+    t.ok(server.child.kill(signal))
+    await eventually(() => server.stdout().includes('"msg":"draining"'), 'the drain to begin')
+    t.ok(server.child.kill(signal))
+    t.same(await server.waitExit(10_000), { code: 1, signal: null }, `${signal} twice: exit code 1`)
+    t.match(server.stdout(), /second stop signal: exiting without finishing the drain/)
+    t.notMatch(server.stdout(), /"msg":"stopped"/, 'the drain did not complete')
+  }
+})
+
 t.test('a drain whose watermark does not come (Redis frozen) still sends `shutdown` within a short SHUTDOWN_TIMEOUT_MS', async (t) => {
   if (!(await needRedis(t))) return
   const { redis, server } = await spawnOnOwnRedis(t, { SHUTDOWN_TIMEOUT_MS: '1000', LOG_LEVEL: 'warn' })
