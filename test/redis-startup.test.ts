@@ -3,7 +3,7 @@
  * both at once): the gateway keeps trying until REDIS_STARTUP_TIMEOUT_MS, then
  * serves as soon as Redis answers; past the timeout it exits 1 with one line.
  */
-import { createServer, type Server } from 'node:net'
+import { createServer, type Server, type Socket } from 'node:net'
 import t, { type Test } from 'tap'
 import { eventually, freePort, launch, openConnected, publisherToken, publishOk, runServerToExit, spawnServer, TEST_SECRET, userToken } from './helpers'
 import { FaultyProxy } from './helpers/proxy'
@@ -90,6 +90,27 @@ t.test('a wait longer than Fastify\'s 10 s plugin timeout: the gateway still sta
   await redis.start()
   const gateway = await serving
   t.equal((await fetch(`${gateway.url}/ready`)).status, 200, 'ready')
+})
+
+t.test('a Redis that takes the connection and never answers (frozen): the wait is logged all the same, and SIGTERM still exits 0', async (t) => {
+  const port = await freePort()
+  const sockets = new Set<Socket>()
+  const silent = createServer((socket) => {
+    sockets.add(socket)
+    socket.on('close', () => sockets.delete(socket))
+  })
+  await new Promise<void>((resolve) => silent.listen(port, '127.0.0.1', resolve))
+  t.teardown(async () => {
+    for (const socket of sockets) socket.destroy()
+    await new Promise<void>((resolve) => silent.close(() => resolve()))
+  })
+  const server = launch(t, { REDIS_URL: `redis://127.0.0.1:${port}`, REDIS_STARTUP_TIMEOUT_MS: '60000', JWT_SECRET: TEST_SECRET, PORT: '0', HOST: '127.0.0.1', LOG_LEVEL: 'warn' }, 0)
+  await eventually(() => /waiting for redis/.test(server.stdout()), 'the wait to be logged', 15_000)
+  const line = JSON.parse(server.stdout().split('\n').find((text) => text.includes('waiting for redis')) ?? '{}') as { reason?: string, waitMs?: number }
+  t.equal(line.reason, 'no answer', 'it says why')
+  t.ok((line.waitMs ?? 0) > 0, 'and how much longer it waits')
+  server.child.kill('SIGTERM')
+  t.same(await server.waitExit(5000), { code: 0, signal: null })
 })
 
 t.test('SIGTERM while waiting for Redis: exit 0 at once', async (t) => {

@@ -859,6 +859,9 @@ function warnOfErrors (client: Redis, name: string, log: Log, logging = (): bool
   client.on('ready', () => warning.clear())
 }
 
+/** How long a start waits on a Redis that neither answers nor fails before saying so. */
+const UNANSWERED_LOG_MS = 2000
+
 /**
  * Connects `client` and resolves once it is ready. A refused or dropped first
  * attempt does not end start-up: ioredis keeps reconnecting, and Redis
@@ -896,6 +899,14 @@ async function untilReady (client: Redis, name: string, deadline: number, log: L
   }
   client.on('error', noteError)
   let timer: NodeJS.Timeout | undefined
+  // A Redis that takes the connection and then says nothing (frozen, its
+  // host paused, a proxy with no backend) gives no error to log: the wait
+  // is said after a while all the same.
+  const unanswered = setTimeout(() => {
+    if (waitLogged || deadline <= Date.now()) return
+    waitLogged = true
+    log.warn({ connection: name, reason: lastError || 'no answer', waitMs: Math.max(0, deadline - Date.now()) }, 'waiting for redis')
+  }, UNANSWERED_LOG_MS)
   try {
     const ready = await new Promise<boolean>((resolve) => {
       giveUp = () => resolve(false)
@@ -915,6 +926,7 @@ async function untilReady (client: Redis, name: string, deadline: number, log: L
     if (!ready) throw new Error(`redis did not become ready in time (REDIS_STARTUP_TIMEOUT_MS): ${lastError || 'no answer'}`)
   } finally {
     clearTimeout(timer)
+    clearTimeout(unanswered)
     client.off('error', noteError)
   }
 }
