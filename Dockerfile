@@ -28,9 +28,10 @@ COPY --from=build /app/scripts ./scripts
 USER node
 EXPOSE 3000
 
-# No curl in the slim image: Node's fetch does the probe.
+# No curl in the slim image: Node's fetch does the probe, at HOST (loopback
+# when HOST listens on every address) and PORT.
 HEALTHCHECK --interval=10s --timeout=3s --start-period=10s --retries=3 \
-  CMD node -e "fetch('http://127.0.0.1:'+(process.env.PORT||3000)+'/health').then(r=>process.exit(r.ok?0:1),()=>process.exit(1))"
+  CMD node -e "const h=process.env.HOST||'';const a=h===''||h==='0.0.0.0'||h==='::'?'127.0.0.1':h.includes(':')?'['+h+']':h;fetch('http://'+a+':'+(process.env.PORT||3000)+'/health').then(r=>process.exit(r.ok?0:1),()=>process.exit(1))"
 
 # On SIGTERM the gateway stops accepting streams, sends `shutdown` to each open
 # stream, closes them and exits 0 within SHUTDOWN_TIMEOUT_MS (default 10 s).

@@ -249,8 +249,14 @@ t.test('the runtime stage, step by step outside Docker: npm ci --omit=dev, copy,
   // HEALTHCHECK ... CMD node -e "fetch(...)": run in a shell, as Docker runs a shell-form CMD.
   const probeEnv = { PATH: process.env.PATH ?? '/usr/bin:/bin', PORT: String(port) }
   if (healthcheck !== undefined) {
-    const probe = await run('sh', ['-c', healthcheck], { cwd: dir, env: probeEnv, timeoutMs: 15_000 })
-    t.equal(probe.code, 0, `the image's HEALTHCHECK command passes while the gateway runs${probe.code !== 0 ? `: ${probe.output}` : ''}`)
+    // The image's HOST (every address), then the address the copy listens on.
+    for (const host of ['0.0.0.0', '127.0.0.1']) {
+      const probe = await run('sh', ['-c', healthcheck], { cwd: dir, env: { ...probeEnv, HOST: host }, timeoutMs: 15_000 })
+      t.equal(probe.code, 0, `the image's HEALTHCHECK command passes while the gateway runs (HOST=${host})${probe.code !== 0 ? `: ${probe.output}` : ''}`)
+    }
+    // It asks HOST: at an address the gateway does not listen on, it fails.
+    const elsewhere = await run('sh', ['-c', healthcheck], { cwd: dir, env: { ...probeEnv, HOST: '127.0.0.3' }, timeoutMs: 15_000 })
+    t.not(elsewhere.code, 0, 'with HOST=127.0.0.3, where nothing listens, it fails')
   }
 
   // The image ships scripts/token.js: mint the stream's token with it.
