@@ -209,6 +209,9 @@ forEachMode(t, 'a stream never joins a user-wide topic its own token does not al
   await publishTo(a, { to: { topic: 'secret' }, event: 'classified', data: 1 })
   t.same(namesOf(await settle(b, later.stream, later.connectionId)), [], 'the later stream does not receive it')
   t.same(namesOf(await settle(a, live.stream, live.connectionId)), [], 'the stream already open with the limited token does not receive it either')
+  const seenByLimited = await subscriptions(a, limited, 'POST', { topics: ['public'] })
+  t.same(seenByLimited.json.topics, ['public'], 'the limited token\'s answer leaves out the user-wide topic it does not allow')
+  t.same((await subscriptions(b, userToken('alice'), 'DELETE', { topics: ['public'] })).json.topics, ['secret'], 'a token without the claim sees it')
 
   // The same for one stream: its own token is the bound, whichever token asks.
   const direct = await subscriptions(b, userToken('alice'), 'POST', { topics: ['public', 'secret'], connectionId: live.connectionId })
