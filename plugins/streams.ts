@@ -7,6 +7,7 @@ import { slabBytesFor } from '../src/core/arena'
 import { channel } from '../src/core/channels'
 import type { CloseReason, Sink, StreamKind } from '../src/core/connection'
 import { parseCursor, streamHead } from '../src/core/framing'
+import { DESCRIPTORS_KEPT, openFileLimit, streamCapacity } from '../src/open-files'
 import { Hub } from '../src/core/hub'
 import { Publisher } from '../src/core/publish'
 import { StoreUnavailableError, type Admission, type ControlAnswer } from '../src/core/state'
@@ -238,6 +239,11 @@ export function cursorOf (request: FastifyRequest): ReturnType<typeof parseCurso
 
 export default fp(async (app) => {
   const { config, registry, bus, state } = app
+  const fileLimit = openFileLimit()
+  const streamCap = streamCapacity(config.maxConnections, fileLimit)
+  if (streamCap < config.maxConnections) {
+    app.log.info({ openFileLimit: fileLimit, maxConnections: config.maxConnections, streams: streamCap, descriptorsKept: DESCRIPTORS_KEPT }, 'streams capped below MAX_CONNECTIONS by the open-file limit (raise it: ulimit -n, docker run --ulimit nofile=N, systemd LimitNOFILE)')
+  }
   const hub = new Hub(bus, slabBytesFor(config.maxBufferedBytes))
   const publisher = new Publisher(bus, state, config.maxPublishChannels)
   /** When a close that could not be recorded was last logged (performance.now()), and how many since. */
@@ -397,9 +403,11 @@ export default fp(async (app) => {
     }
     // Streams between this check and the registry wait on Redis (admission,
     // control messages): counted here, concurrent opens cannot all pass it.
-    if (registry.size + opening >= config.maxConnections) {
+    if (registry.size + opening >= streamCap) {
       reply.header('retry-after', retryAfterS)
-      throw new errors.Unavailable('this instance holds its maximum number of streams')
+      throw new errors.Unavailable(streamCap < config.maxConnections
+        ? `this instance holds its maximum number of streams (${streamCap}, below MAX_CONNECTIONS for its open-file limit)`
+        : 'this instance holds its maximum number of streams')
     }
   }
 

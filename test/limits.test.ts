@@ -1,9 +1,10 @@
 import t from 'tap'
 import type { Test } from 'tap'
 import {
-  eventually, forEachMode, openConnected, openStream, publishOk, publisherToken, startCluster, userToken,
+  eventually, forEachMode, openConnected, openStream, publishOk, publisherToken, spawnServer, startCluster, TEST_SECRET, userToken,
   type SseClient
 } from './helpers'
+import { DESCRIPTORS_KEPT, openFileLimit, streamCapacity } from '../src/open-files'
 import { interceptNextAdmission, startGateway, type Gateway } from './helpers/gateway'
 import { modeEnv } from './helpers/modes'
 import { uniquePrefix } from './helpers/redis'
@@ -61,6 +62,35 @@ forEachMode(t, 'MAX_CONNECTIONS: past it a new stream gets 503 with Retry-After;
   await eventually(() => app.registry.size === 1, 'the closed stream to free its slot')
   const { connected } = await openConnected(streamUrl(url, 'u3'), { t })
   t.equal(connected.userId, 'u3', 'a freed slot takes a new stream')
+})
+
+t.test('the open-file limit is read from /proc/self/limits: a number, or none when unlimited or unreadable', async (t) => {
+  const limits = (soft: string): string => `Limit                     Soft Limit           Hard Limit           Units     \nMax processes             95403                95403                processes \nMax open files            ${soft}                 1048576              files     \n`
+  t.equal(openFileLimit(limits('1024')), 1024)
+  t.equal(openFileLimit(limits('unlimited')), null)
+  t.equal(openFileLimit(''), null)
+  t.equal(streamCapacity(100_000, null), 100_000, 'no limit known: MAX_CONNECTIONS')
+  t.equal(streamCapacity(500, 1_048_576), 500, 'a limit far above: MAX_CONNECTIONS')
+  t.equal(streamCapacity(100_000, 100), 1, 'a limit below what is kept: one stream, not none')
+  t.type(openFileLimit(), 'number', 'this machine\'s own')
+})
+
+t.test('an open-file limit below MAX_CONNECTIONS caps streams below it: past the cap 503, while probes, publishes and the streams held go on', async (t) => {
+  const fileLimit = 300
+  const cap = streamCapacity(100_000, fileLimit)
+  t.equal(cap, fileLimit - DESCRIPTORS_KEPT)
+  const server = await spawnServer(t, { JWT_SECRET: TEST_SECRET, HOST: '127.0.0.1', LOG_LEVEL: 'info' }, 20_000, { prefix: ['prlimit', `--nofile=${fileLimit}:${fileLimit}`, '--'] })
+  await eventually(() => server.stdout().includes('streams capped below MAX_CONNECTIONS'), 'the cap to be logged')
+  const line = JSON.parse(server.stdout().split('\n').find((text) => text.includes('streams capped')) ?? '{}') as Record<string, unknown>
+  t.match(line, { openFileLimit: fileLimit, maxConnections: 100_000, streams: cap }, 'the start says so, with the figures')
+  const held: SseClient[] = []
+  for (let n = 0; n < cap; n++) held.push((await openConnected(streamUrl(server.url, `cap-${n}`), { t })).stream)
+  const refused = await openStream(streamUrl(server.url, 'one-more'), { t })
+  assertRefused(t, refused, 503, 'Service Unavailable')
+  t.match(refused.json(), { message: /open-file limit/ }, 'saying why')
+  t.equal((await fetch(`${server.url}/health`)).status, 200, 'the health probe is answered')
+  const [id] = await publishOk(server.url, publisherToken(), { to: { user: `cap-${cap - 1}` }, event: 'still', data: 1 })
+  t.equal((await held[cap - 1].nextEvent('still')).id, id, 'a publish reaches a stream held')
 })
 
 forEachMode(t, 'MAX_CONNECTIONS holds when many streams open at once: concurrent opens cannot all pass the check while admission waits', async (t, mode) => {

@@ -44,6 +44,8 @@ export interface LaunchOptions {
   unreadStdout?: boolean
   /** Node options before the server's script (`-r` a preload). */
   nodeArgs?: string[]
+  /** A command that runs node (`prlimit --nofile=N:N`), with its arguments. */
+  prefix?: string[]
   /**
    * Without the test runner's preload (through env(1), as for
    * `unreadStdout`): it handles stop signals itself, so a server without
@@ -54,9 +56,9 @@ export interface LaunchOptions {
 
 /** Starts the server with `env` and returns at once (PORT as given; `port` is where its URL points). */
 export function launch (t: TestLike, env: Record<string, string>, port: number, options: LaunchOptions = {}): ServerProcess {
-  const node = [...(options.nodeArgs ?? []), SERVER_JS]
+  const node = [process.execPath, ...(options.nodeArgs ?? []), SERVER_JS]
   const bare = options.unreadStdout === true || options.withoutRunnerPreload === true
-  const [command, args] = bare ? ['env', ['-u', 'NODE_OPTIONS', process.execPath, ...node]] : [process.execPath, node]
+  const [command, ...args] = [...(options.prefix ?? []), ...(bare ? ['env', '-u', 'NODE_OPTIONS'] : []), ...node]
   const child = spawn(command, args, { env: childEnv(env), stdio: ['ignore', 'pipe', 'pipe'] })
   let stdout = ''
   let stderr = ''
