@@ -31,7 +31,7 @@ EXPOSE 3000
 # No curl in the slim image: Node's fetch does the probe, at HOST (loopback
 # when HOST listens on every address) and PORT.
 HEALTHCHECK --interval=10s --timeout=3s --start-period=10s --retries=3 \
-  CMD node -e "const h=process.env.HOST||'';const a=h===''||h==='0.0.0.0'||h==='::'?'127.0.0.1':h.includes(':')?'['+h+']':h;fetch('http://'+a+':'+(process.env.PORT||3000)+'/health').then(r=>process.exit(r.ok?0:1),()=>process.exit(1))"
+  CMD node -e "const h=process.env.HOST||'';const a=h===''||h==='0.0.0.0'||h==='::'?'127.0.0.1':h.includes(':')?'['+h.replace('%','%25')+']':h;fetch('http://'+a+':'+(process.env.PORT||3000)+'/health').then(r=>process.exit(r.ok?0:1),()=>process.exit(1))"
 
 # On SIGTERM the gateway stops accepting streams, sends `shutdown` to each open
 # stream, closes them and exits 0 within SHUTDOWN_TIMEOUT_MS (default 10 s).
@@ -40,7 +40,9 @@ HEALTHCHECK --interval=10s --timeout=3s --start-period=10s --retries=3 \
 # the process is SIGKILLed mid-drain. Docker's default grace is 10 s, so the
 # compose file sets stop_grace_period: 15s.
 STOPSIGNAL SIGTERM
-# Exec form: node is PID 1 and receives the signal itself. The young
+# Exec form: node is PID 1 and receives the signal itself (from its first
+# module on, tens of milliseconds after the start; `docker run --init` or
+# compose's `init: true` covers the instant before). The young
 # generation is capped at 8 MB semi-spaces (as `npm start` does): V8 would grow
 # it to 16 MB under the allocation bursts of opening thousands of streams,
 # which is RSS that idle streams then pay for.

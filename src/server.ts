@@ -45,8 +45,12 @@ async function main (): Promise<void> {
   let closing = false
   const startup = new AbortController()
   let exitBy = Number.POSITIVE_INFINITY
+  /** The drain is over (or given up): what is left is writing the last lines. */
+  let drained = false
   const shutdown = (signal: string): void => {
     if (closing) {
+      if (drained) return
+      drained = true
       // Someone at a terminal pressing Ctrl-C again, or a supervisor that
       // will not wait: the drain is given up, with what it has not closed.
       if (app === null) process.exit(1)
@@ -66,14 +70,17 @@ async function main (): Promise<void> {
     exitBy = Date.now() + config.shutdownTimeoutMs
     const drainBy = Date.now() + stopByMs(config)
     const deadline = setTimeout(() => {
+      drained = true
       running.log.warn('drain timed out; exiting')
       exitAfterLogs(0, exitBy)
     }, drainBy - Date.now())
     deadline.unref()
     running.close().then(() => {
+      drained = true
       running.log.info('stopped')
       exitAfterLogs(0, exitBy)
     }, (error: unknown) => {
+      drained = true
       running.log.error({ err: error }, 'error while stopping')
       exitAfterLogs(1, exitBy)
     })

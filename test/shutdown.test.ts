@@ -78,7 +78,7 @@ for (const signal of ['SIGTERM', 'SIGINT'] as const) {
 
 t.test('a stop signal that comes while the server\'s modules still load is kept: the start is abandoned and the process exits 0 (as PID 1 in a container, a signal without a handler is ignored)', async (t) => {
   for (const signal of ['SIGTERM', 'SIGINT'] as const) {
-    const server = launch(t, { JWT_SECRET: TEST_SECRET, HOST: '127.0.0.1', SLOW_LOAD_MS: '2000' }, 0, { nodeArgs: ['-r', join(__dirname, 'helpers', 'slow-load.js')], withoutRunnerPreload: true })
+    const server = launch(t, { JWT_SECRET: TEST_SECRET, HOST: '127.0.0.1', PORT: '0', SLOW_LOAD_MS: '2000' }, 0, { nodeArgs: ['-r', join(__dirname, 'helpers', 'slow-load.js')], withoutRunnerPreload: true })
     await eventually(() => server.stderr().includes('loading fastify') || server.child.exitCode !== null, 'the server to be loading its modules')
     t.ok(server.child.kill(signal))
     t.same(await server.waitExit(15_000), { code: 0, signal: null }, `${signal}: exit 0, not killed by the signal`)
