@@ -28,10 +28,11 @@ COPY --from=build /app/scripts ./scripts
 USER node
 EXPOSE 3000
 
-# No curl in the slim image: Node's fetch does the probe, at HOST (loopback
-# when HOST listens on every address) and PORT.
+# No curl in the slim image: Node does the probe, at HOST (loopback when
+# HOST listens on every address) and PORT. http.get, not fetch: a URL
+# cannot carry an IPv6 zone id (fe80::1%eth0), a host option can.
 HEALTHCHECK --interval=10s --timeout=3s --start-period=10s --retries=3 \
-  CMD node -e "const h=process.env.HOST||'';const a=h===''||h==='0.0.0.0'||h==='::'?'127.0.0.1':h.includes(':')?'['+h.replace('%','%25')+']':h;fetch('http://'+a+':'+(process.env.PORT||3000)+'/health').then(r=>process.exit(r.ok?0:1),()=>process.exit(1))"
+  CMD node -e "const h=process.env.HOST||'';require('http').get({host:h===''||h==='0.0.0.0'||h==='::'?'127.0.0.1':h,port:process.env.PORT||3000,path:'/health',timeout:2500},r=>process.exit(r.statusCode===200?0:1)).on('timeout',()=>process.exit(1)).on('error',()=>process.exit(1))"
 
 # On SIGTERM the gateway stops accepting streams, sends `shutdown` to each open
 # stream, closes them and exits 0 within SHUTDOWN_TIMEOUT_MS (default 10 s).

@@ -12,6 +12,14 @@ const SubscriptionBody = Type.Object({
 }, { additionalProperties: false })
 const TopicsReply = Type.Object({ topics: Type.Array(Type.String()) })
 
+/**
+ * A token held to some topics (a widget's, say) is not shown the names of
+ * the user's others, which its streams do not join either.
+ */
+function shownTo (auth: AuthContext, topics: string[]): string[] {
+  return auth.topics === null ? topics : topics.filter((topic) => topicAllowed(topic, auth.topics))
+}
+
 const subscriptionRoutes: FastifyPluginAsync = async (app) => {
   const { config, state } = app
 
@@ -23,15 +31,14 @@ const subscriptionRoutes: FastifyPluginAsync = async (app) => {
         ? await state.changeUserTopics(userId, 'add', add, config.historyTtlS, config.maxTopics)
         : await state.changeUserTopics(userId, 'remove', remove, config.historyTtlS, config.maxTopics)
       if (topics === null) throw new errors.Conflict(`a user holds at most ${config.maxTopics} user-wide topics`)
-      // A token held to some topics (a widget's, say) is not shown the names
-      // of the user's others, which its streams do not join either.
-      return { topics: auth.topics === null ? topics : topics.filter((topic) => topicAllowed(topic, auth.topics)) }
+      return { topics: shownTo(auth, topics) }
     }
     if (await state.connectionOwner(connectionId) !== userId) throw new errors.NotFound(`no stream ${connectionId}`)
     const answer = await state.broadcastControl({ type: 'topics', userId, connectionId, add, remove })
     if (answer === null) throw new errors.NotFound(`stream ${connectionId} is not open`)
     if (!Array.isArray(answer)) throw answer.forbidden ? new errors.Forbidden(answer.refused) : new errors.Conflict(answer.refused)
-    return { topics: answer }
+    // Another stream of the user, opened with a broader token, may hold others.
+    return { topics: shownTo(auth, answer) }
   }
 
   app.post('/v1/subscriptions', {

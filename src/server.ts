@@ -1,5 +1,6 @@
 // First: stop signals are held from here on, while the rest loads.
 import { takeStopSignals } from './early-signals'
+import { StopSequence } from './stop-sequence'
 import type { FastifyInstance } from 'fastify'
 import pino from 'pino'
 import { buildApp, listenInternal } from './app'
@@ -42,23 +43,18 @@ async function main (): Promise<void> {
   // stop signal ends a wait for Redis, and what the start had set up (its
   // instance record, the ingress lease) is closed before the exit.
   let app: FastifyInstance | null = null
-  let closing = false
   const startup = new AbortController()
   let exitBy = Number.POSITIVE_INFINITY
-  /** The drain is over (or given up): what is left is writing the last lines. */
-  let drained = false
+  const stops = new StopSequence()
   const shutdown = (signal: string): void => {
-    if (closing) {
-      if (drained) return
-      drained = true
-      // Someone at a terminal pressing Ctrl-C again, or a supervisor that
-      // will not wait: the drain is given up, with what it has not closed.
+    const step = stops.next()
+    if (step === 'ignore') return
+    if (step === 'give up') {
       if (app === null) process.exit(1)
       app.log.warn({ signal }, 'second stop signal: exiting without finishing the drain')
       exitAfterLogs(1, Math.min(exitBy, Date.now() + 500))
       return
     }
-    closing = true
     if (app === null) {
       startup.abort()
       setTimeout(() => process.exit(0), config.shutdownTimeoutMs).unref()
@@ -70,17 +66,17 @@ async function main (): Promise<void> {
     exitBy = Date.now() + config.shutdownTimeoutMs
     const drainBy = Date.now() + stopByMs(config)
     const deadline = setTimeout(() => {
-      drained = true
+      stops.drainOver()
       running.log.warn('drain timed out; exiting')
       exitAfterLogs(0, exitBy)
     }, drainBy - Date.now())
     deadline.unref()
     running.close().then(() => {
-      drained = true
+      stops.drainOver()
       running.log.info('stopped')
       exitAfterLogs(0, exitBy)
     }, (error: unknown) => {
-      drained = true
+      stops.drainOver()
       running.log.error({ err: error }, 'error while stopping')
       exitAfterLogs(1, exitBy)
     })

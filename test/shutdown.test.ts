@@ -4,6 +4,7 @@ import { eventually, launch, openConnected, openStream, publishOk, publisherToke
 import { flood, floodData, floodMaxBytes, FLOOD_EVENT_BYTES, neverReadingStream, rawConnect } from './helpers/raw'
 import { needRedis, REDIS_URL, startOwnRedis, uniquePrefix, type OwnRedis } from './helpers/redis'
 import { listenInternal } from '../src/app'
+import { StopSequence } from '../src/stop-sequence'
 import type { StreamConnection } from '../src/core/connection'
 import type { Gateway } from './helpers/gateway'
 
@@ -75,6 +76,15 @@ for (const signal of ['SIGTERM', 'SIGINT'] as const) {
     t.equal(server.stderr(), '', 'nothing on stderr')
   })
 }
+
+t.test('stop signals in turn: the first drains, a second gives the drain up, any later one, or one once the drain is over, changes nothing', async (t) => {
+  const during = new StopSequence()
+  t.same([during.next(), during.next(), during.next()], ['drain', 'give up', 'ignore'])
+  const after = new StopSequence()
+  t.equal(after.next(), 'drain')
+  after.drainOver()
+  t.equal(after.next(), 'ignore', 'a signal while the last lines are written does not turn exit 0 into 1')
+})
 
 t.test('a stop signal that comes while the server\'s modules still load is kept: the start is abandoned and the process exits 0 (as PID 1 in a container, a signal without a handler is ignored)', async (t) => {
   for (const signal of ['SIGTERM', 'SIGINT'] as const) {

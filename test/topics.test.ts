@@ -212,6 +212,11 @@ forEachMode(t, 'a stream never joins a user-wide topic its own token does not al
   const seenByLimited = await subscriptions(a, limited, 'POST', { topics: ['public'] })
   t.same(seenByLimited.json.topics, ['public'], 'the limited token\'s answer leaves out the user-wide topic it does not allow')
   t.same((await subscriptions(b, userToken('alice'), 'DELETE', { topics: ['public'] })).json.topics, ['secret'], 'a token without the claim sees it')
+  // Nor through another stream of the user's, opened with a broader token.
+  const broad = await connect(t, b, 'alice', { topics: 'secret' })
+  const throughOther = await subscriptions(a, limited, 'POST', { topics: ['public'], connectionId: broad.connectionId })
+  t.equal(throughOther.status, 200)
+  t.same(throughOther.json.topics, ['public'], 'naming a broader stream, the limited token is shown only the topics it allows')
 
   // The same for one stream: its own token is the bound, whichever token asks.
   const direct = await subscriptions(b, userToken('alice'), 'POST', { topics: ['public', 'secret'], connectionId: live.connectionId })
