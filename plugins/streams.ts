@@ -51,11 +51,10 @@ const SSE_HEADERS = {
   'x-accel-buffering': 'no',
   connection: 'keep-alive'
 }
-// Said when the stream's end also ends its connection (RFC 9112 §9.6):
-// the client asked for it.
+// Said when the stream's end also ends its connection (RFC 9112 §9.6): the
+// client asked for it, or speaks HTTP/1.0, which has no chunked coding (the
+// body ends with the connection).
 const SSE_HEADERS_CLOSE = { ...SSE_HEADERS, connection: 'close' }
-// HTTP/1.0 has no chunked coding: the body ends with the connection.
-const SSE_HEADERS_HTTP10 = SSE_HEADERS_CLOSE
 
 // Node's own HTTP helpers, as the 'upgrade' path uses them; not in the typings.
 // eslint-disable-next-line @typescript-eslint/no-require-imports
@@ -210,11 +209,12 @@ function handBack (sink: Sink): void {
 // Most streams carry no header of their own (CORS adds some): they share one head.
 const PLAIN_HEAD = streamHead(SSE_HEADERS)
 const PLAIN_HEAD_CLOSE = streamHead(SSE_HEADERS_CLOSE)
-const PLAIN_HEAD_HTTP10 = streamHead(SSE_HEADERS_HTTP10, false)
+const PLAIN_HEAD_HTTP10 = streamHead(SSE_HEADERS_CLOSE, false)
 
 /**
  * The stream's status line and headers: what hooks set on the reply, then the
- * SSE ones. `endsConnection`: the connection ends with the stream.
+ * SSE ones. `endsConnection`: the connection ends with the stream (always
+ * over HTTP/1.0).
  */
 function headOf (reply: FastifyReply, http10: boolean, endsConnection: boolean): Buffer {
   const own = reply.getHeaders()
@@ -223,9 +223,8 @@ function headOf (reply: FastifyReply, http10: boolean, endsConnection: boolean):
     const value = own[name]
     if (value !== undefined) (headers ??= {})[name] = value
   }
-  const sse = http10 ? SSE_HEADERS_HTTP10 : endsConnection ? SSE_HEADERS_CLOSE : SSE_HEADERS
   if (headers === null) return http10 ? PLAIN_HEAD_HTTP10 : endsConnection ? PLAIN_HEAD_CLOSE : PLAIN_HEAD
-  return streamHead({ ...headers, ...sse }, !http10)
+  return streamHead({ ...headers, ...(endsConnection ? SSE_HEADERS_CLOSE : SSE_HEADERS) }, !http10)
 }
 
 /** `Last-Event-ID` header first (browsers send it), then `?lastEventId=`. */
