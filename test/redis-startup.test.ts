@@ -92,7 +92,7 @@ t.test('a wait longer than Fastify\'s 10 s plugin timeout: the gateway still sta
   t.equal((await fetch(`${gateway.url}/ready`)).status, 200, 'ready')
 })
 
-t.test('a Redis that takes the connection and never answers (frozen): the wait is logged all the same, and SIGTERM still exits 0', async (t) => {
+t.test('a Redis that takes the connection and never answers (frozen): the wait is logged all the same, then the first error once it is gone, and SIGTERM still exits 0', async (t) => {
   const port = await freePort()
   const sockets = new Set<Socket>()
   const silent = createServer((socket) => {
@@ -102,13 +102,26 @@ t.test('a Redis that takes the connection and never answers (frozen): the wait i
   await new Promise<void>((resolve) => silent.listen(port, '127.0.0.1', resolve))
   t.teardown(async () => {
     for (const socket of sockets) socket.destroy()
-    await new Promise<void>((resolve) => silent.close(() => resolve()))
+    if (silent.listening) await new Promise<void>((resolve) => silent.close(() => resolve()))
   })
-  const server = launch(t, { REDIS_URL: `redis://127.0.0.1:${port}`, REDIS_STARTUP_TIMEOUT_MS: '60000', JWT_SECRET: TEST_SECRET, PORT: '0', HOST: '127.0.0.1', LOG_LEVEL: 'warn' }, 0)
-  await eventually(() => /waiting for redis/.test(server.stdout()), 'the wait to be logged', 15_000)
-  const line = JSON.parse(server.stdout().split('\n').find((text) => text.includes('waiting for redis')) ?? '{}') as { reason?: string, waitMs?: number }
+  // Beats every 333 ms: one sent before Redis first answered would be logged within the wait.
+  const server = launch(t, { REDIS_URL: `redis://127.0.0.1:${port}`, REDIS_STARTUP_TIMEOUT_MS: '60000', INSTANCE_TTL_MS: '1000', JWT_SECRET: TEST_SECRET, PORT: '0', HOST: '127.0.0.1', LOG_LEVEL: 'warn' }, 0)
+  // Whole lines only: the pipe may have delivered half of the last one.
+  const waits = (): Array<{ connection?: string, reason?: string, waitMs?: number }> => server.stdout().split('\n').slice(0, -1)
+    .filter((text) => text.includes('waiting for redis')).map((text) => JSON.parse(text))
+  await eventually(() => waits().length > 0, 'the wait to be logged', 15_000)
+  const [line] = waits()
   t.equal(line.reason, 'no answer', 'it says why')
   t.ok((line.waitMs ?? 0) > 0, 'and how much longer it waits')
+
+  // The frozen Redis goes: its port refuses from now on.
+  for (const socket of sockets) socket.destroy()
+  await new Promise<void>((resolve) => silent.close(() => resolve()))
+  const ofLine = (): typeof line[] => waits().filter((wait) => wait.connection === line.connection)
+  await eventually(() => ofLine().length > 1, 'what changed to be logged', 15_000)
+  t.match(ofLine()[1].reason, /connection closed before Redis answered|ECONNRESET|ECONNREFUSED/, 'in words an operator reads')
+  t.equal(ofLine().length, 2, 'said once more, not at every retry')
+  t.notMatch(server.stdout(), /heartbeat failed/, 'no beat is sent before Redis has answered')
   server.child.kill('SIGTERM')
   t.same(await server.waitExit(5000), { code: 0, signal: null })
 })

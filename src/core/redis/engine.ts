@@ -870,11 +870,13 @@ const UNANSWERED_LOG_MS = 2000
  */
 async function untilReady (client: Redis, name: string, deadline: number, log: Log, signal?: AbortSignal): Promise<void> {
   let lastError = ''
-  let waitLogged = false
+  let waitLogged: 'not yet' | 'without a reason' | 'with a reason' = 'not yet'
   let giveUp = (): void => {}
   let refused: string | null = null
   const noteError = (error: Error): void => {
-    lastError = error.message
+    // ioredis's words for a command sent on a connection that has just closed
+    // (its ready check, when Redis hung up without answering).
+    lastError = error.message.startsWith("Stream isn't writeable") ? 'the connection closed before Redis answered' : error.message
     // ioredis reports a failed SELECT (no such database, or an ACL user denied
     // it) and then turns ready on database 0, another deployment's keys maybe:
     // waiting cannot fix it, so start-up ends.
@@ -893,8 +895,10 @@ async function untilReady (client: Redis, name: string, deadline: number, log: L
     // error decides; through sentinels the connect call itself only settles
     // after ioredis has gone round all of them.
     if (deadline <= Date.now()) giveUp()
-    if (waitLogged || deadline <= Date.now()) return
-    waitLogged = true
+    // Once, or once more after a wait said with no reason: the first error
+    // then tells what changed (a frozen Redis gone, refusing now).
+    if (waitLogged === 'with a reason' || deadline <= Date.now()) return
+    waitLogged = 'with a reason'
     log.warn({ connection: name, reason: lastError, waitMs: Math.max(0, deadline - Date.now()) }, 'waiting for redis')
   }
   client.on('error', noteError)
@@ -903,8 +907,8 @@ async function untilReady (client: Redis, name: string, deadline: number, log: L
   // host paused, a proxy with no backend) gives no error to log: the wait
   // is said after a while all the same.
   const unanswered = setTimeout(() => {
-    if (waitLogged || deadline <= Date.now()) return
-    waitLogged = true
+    if (waitLogged !== 'not yet' || deadline <= Date.now()) return
+    waitLogged = lastError === '' ? 'without a reason' : 'with a reason'
     log.warn({ connection: name, reason: lastError || 'no answer', waitMs: Math.max(0, deadline - Date.now()) }, 'waiting for redis')
   }, UNANSWERED_LOG_MS)
   try {

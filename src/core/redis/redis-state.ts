@@ -106,7 +106,8 @@ export class RedisState implements SharedState {
   private readonly graceTimers = new Map<string, NodeJS.Timeout>()
   private readonly jobTurns = new TurnsPerKey()
   private readonly waiting = new Map<string, PendingControl>()
-  private readonly heartbeatTimer: NodeJS.Timeout
+  /** Set by start(): a beat before Redis first answered could only fail, and be logged as if Redis had been lost. */
+  private heartbeatTimer: NodeJS.Timeout | undefined
   private readonly prefix: string
   /** start() has subscribed (or tried to): from then on every reconnect subscribes again. */
   private started = false
@@ -195,6 +196,19 @@ export class RedisState implements SharedState {
         this.log.warn({ reason: reasonOf(error) }, 'could not subscribe again to the control channels')
       })
     })
+  }
+
+  /** Subscribes to control traffic and announces this instance. */
+  async start (): Promise<void> {
+    this.started = true
+    await this.subscribeControl()
+    await this.heartbeat()
+    this.epochSeen = await this.currentEpoch()
+    if (this.closed) return
+    this.beatPeriodically()
+  }
+
+  private beatPeriodically (): void {
     this.heartbeatTimer = setInterval(() => {
       const lastBeatAt = this.lastBeatAt
       this.heartbeat().then(async (unlisted) => {
@@ -210,7 +224,7 @@ export class RedisState implements SharedState {
         // are recorded again. So are they when this instance was no longer
         // listed (Redis emptied by FLUSHALL, with the connection kept: its
         // streams, counts and presence were gone), and after a failed resync.
-        if (this.resyncOwed || unlisted || silentMs >= (options.instanceTtlMs * 3) / 4) {
+        if (this.resyncOwed || unlisted || silentMs >= (this.options.instanceTtlMs * 3) / 4) {
           await this.resync()
           if (unlisted) await this.askOthersToRecordAgain()
         }
@@ -224,15 +238,7 @@ export class RedisState implements SharedState {
       }).catch((error: unknown) => {
         this.log.warn({ reason: reasonOf(error) }, 'streams not recorded again after beats were refused')
       })
-    }, Math.max(200, Math.floor(options.instanceTtlMs / 3))).unref()
-  }
-
-  /** Subscribes to control traffic and announces this instance. */
-  async start (): Promise<void> {
-    this.started = true
-    await this.subscribeControl()
-    await this.heartbeat()
-    this.epochSeen = await this.currentEpoch()
+    }, Math.max(200, Math.floor(this.options.instanceTtlMs / 3))).unref()
   }
 
   /** INIT starts a new epoch if Redis lost the one it had, so that a loss is seen by the first resync after it. */
