@@ -31,6 +31,9 @@ import { within } from './core/within'
 import { NonFiniteNumberError, parseJsonFinite } from './core/json'
 import { httpReason, refuseOnSocket } from './raw-answer'
 import { clientAddress } from './client-address'
+import { ConnectionReserve } from './connection-reserve'
+import { openFileLimit } from './open-files'
+import { RepeatedWarning } from './core/redis/client'
 
 declare module 'fastify' {
   interface FastifyInstance {
@@ -237,7 +240,8 @@ export async function buildApp (config: Config, options: BuildOptions = {}): Pro
   const app = Fastify(fastifyOptions(config, options.logStream, routeMethods))
   app.addHook('onRoute', (route) => routeMethods.add(route.url, route.method, route.config?.internal === true))
   answerErrors(app, routeMethods, config.internalPort !== null)
-  checkEveryRequest(app, config.maxBodyBytes)
+  const reserve = keepDescriptorReserve(app)
+  checkEveryRequest(app, config.maxBodyBytes, reserve)
   answerShadowedPathsAsNotServed(app, routeMethods)
   parseEveryBodyAsJson(app)
   await app.register(configPlugin, { config })
@@ -247,6 +251,7 @@ export async function buildApp (config: Config, options: BuildOptions = {}): Pro
   answerWhileClosing(app, closingPhase, config.internalPort !== null)
   if (config.trustProxy === null) warnOfUntrustedProxy(app)
   const internalServer = config.internalPort !== null ? internalListener(app, config.maxBodyBytes) : null
+  if (internalServer !== null) reserve?.watch(internalServer, false)
   app.decorate('internalServer', internalServer)
 
   await app.register(registryPlugin, { instanceId: options.instanceId })
@@ -380,7 +385,24 @@ function answerNotFound (request: FastifyRequest, reply: FastifyReply): void {
   })
 }
 
-function checkEveryRequest (app: FastifyInstance, maxBodyBytes: number): void {
+/**
+ * Where the open-file limit is known, connections doing nothing give way
+ * before they take the descriptors Redis and the health probe need.
+ */
+function keepDescriptorReserve (app: FastifyInstance): ConnectionReserve | null {
+  const fileLimit = openFileLimit()
+  if (fileLimit === null) return null
+  const reclaimed = new RepeatedWarning(app.log, 'connections near the open-file limit: idle ones closed')
+  const refused = new RepeatedWarning(app.log, 'connections near the open-file limit: new ones closed on arrival')
+  const reserve = new ConnectionReserve(fileLimit, {
+    reclaimed: (unrequested, connections) => reclaimed.warn({ openFileLimit: fileLimit, connections, closedBeforeFirstRequest: unrequested }),
+    refused: (connections) => refused.warn({ openFileLimit: fileLimit, connections })
+  })
+  reserve.watch(app.server, true)
+  return reserve
+}
+
+function checkEveryRequest (app: FastifyInstance, maxBodyBytes: number, reserve: ConnectionReserve | null): void {
   timeFirstRequest(app.server)
   answerWhatNodeWouldRefuse(app, app.server, maxBodyBytes)
   // RFC 9112 §3.2: an HTTP/1.1 request without Host is refused. HTTP/1.0 has none to send.
@@ -388,6 +410,7 @@ function checkEveryRequest (app: FastifyInstance, maxBodyBytes: number): void {
     // Its first request came (see timeFirstRequest); a stream may be quiet for longer.
     request.raw.socket.setTimeout(0)
     requested.add(request.raw.socket)
+    reserve?.requested(request.raw.socket)
     // The request's framing is sound: the connection goes on, and requests
     // pipelined behind it, which run whatever this answer is, get theirs.
     if (request.headers.host === undefined && request.raw.httpVersion === '1.1') {

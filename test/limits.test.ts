@@ -10,6 +10,8 @@ import { modeEnv } from './helpers/modes'
 import { uniquePrefix } from './helpers/redis'
 import { gate } from './helpers/drain'
 import { EVICTED_RETRY_MS } from '../src/core/streams'
+import { RawClient } from './helpers/raw'
+import { REFUSE_MARGIN } from '../src/connection-reserve'
 
 const publisher = publisherToken()
 
@@ -91,6 +93,65 @@ t.test('an open-file limit below MAX_CONNECTIONS caps streams below it: past the
   t.equal((await fetch(`${server.url}/health`)).status, 200, 'the health probe is answered')
   const [id] = await publishOk(server.url, publisherToken(), { to: { user: `cap-${cap - 1}` }, event: 'still', data: 1 })
   t.equal((await held[cap - 1].nextEvent('still')).id, id, 'a publish reaches a stream held')
+})
+
+t.test('near the open-file limit, connections doing nothing give way: those that never sent a request and kept-alive ones are closed, streams are kept, probes and publishes answered', async (t) => {
+  const fileLimit = 300
+  const cap = streamCapacity(100_000, fileLimit)
+  const server = await spawnServer(t, { JWT_SECRET: TEST_SECRET, HOST: '127.0.0.1', LOG_LEVEL: 'info' }, 20_000, { prefix: ['prlimit', `--nofile=${fileLimit}:${fileLimit}`, '--'] })
+  const port = Number(new URL(server.url).port)
+  const held: SseClient[] = []
+  for (let n = 0; n < cap; n++) held.push((await openConnected(streamUrl(server.url, `full-${n}`), { t })).stream)
+  const raw: RawClient[] = []
+  t.teardown(() => { for (const client of raw) client.destroy() })
+  // Kept-alive connections left idle after one request each.
+  const keptAlive: RawClient[] = []
+  for (let n = 0; n < 30; n++) {
+    const client = new RawClient(port)
+    raw.push(client)
+    keptAlive.push(client)
+    client.write('GET /health HTTP/1.1\r\nHost: gateway\r\n\r\n')
+    await client.until(() => client.response().complete && client.response().body.length > 0, 5000, 'the answer to /health')
+  }
+  // Then more connections that send nothing than the limit leaves room for.
+  for (let n = 0; n < fileLimit; n++) {
+    const client = new RawClient(port)
+    raw.push(client)
+    await client.connected()
+  }
+  const probe = await fetch(`${server.url}/health`, { signal: AbortSignal.timeout(10_000) })
+  t.equal(probe.status, 200, 'the health probe is answered')
+  await Promise.all(keptAlive.map(async (client) => await client.waitClose(10_000)))
+  t.pass('the kept-alive connections idle between requests were closed')
+  const [id] = await publishOk(server.url, publisherToken(), { to: { user: `full-${cap - 1}` }, event: 'still', data: 1 })
+  t.equal((await held[cap - 1].nextEvent('still')).id, id, 'a publish reaches a stream held')
+  t.equal(held.filter((stream) => stream.ended).length, 0, 'every stream is kept')
+  // (Lines are written in batches.)
+  const reclaimLine = (): string | undefined => server.stdout().split('\n').slice(0, -1).find((text) => text.includes('idle ones closed'))
+  await eventually(() => reclaimLine() !== undefined, 'the reclaim to be logged')
+  t.match(JSON.parse(reclaimLine() ?? '{}'), { openFileLimit: fileLimit, closedBeforeFirstRequest: Number }, 'with the figures')
+})
+
+t.test('64 connections short of the open-file limit, with none idle to close, the public listener closes new ones on arrival', async (t) => {
+  const fileLimit = 300
+  const server = await spawnServer(t, { JWT_SECRET: TEST_SECRET, HOST: '127.0.0.1', LOG_LEVEL: 'info' }, 20_000, { prefix: ['prlimit', `--nofile=${fileLimit}:${fileLimit}`, '--'] })
+  const port = Number(new URL(server.url).port)
+  const raw: RawClient[] = []
+  t.teardown(() => { for (const client of raw) client.destroy() })
+  // Connections with a request under way (a head begun), which are not idle.
+  const busy = fileLimit - REFUSE_MARGIN
+  for (let n = 0; n < busy; n++) {
+    const client = new RawClient(port)
+    raw.push(client)
+    client.write('GET /health HTTP/1.1\r\nHost: gateway\r\n\r\nGET /health HTTP/1.1\r\n')
+    await client.until(() => client.response().complete, 5000, 'the first answer')
+  }
+  const late = new RawClient(port)
+  raw.push(late)
+  await late.waitClose(10_000)
+  t.equal(late.bytes, 0, 'one more is closed without a word')
+  await eventually(() => server.stdout().includes('new ones closed on arrival'), 'the refusal to be logged')
+  t.equal(raw.slice(0, busy).filter((client) => client.closed).length, 0, 'the requests under way are kept')
 })
 
 forEachMode(t, 'MAX_CONNECTIONS holds when many streams open at once: concurrent opens cannot all pass the check while admission waits', async (t, mode) => {
