@@ -5,7 +5,7 @@ import {
   type SseClient
 } from './helpers'
 import { DESCRIPTORS_KEPT, openFileLimit, streamCapacity } from '../src/open-files'
-import { interceptNextAdmission, startGateway, type Gateway } from './helpers/gateway'
+import { interceptNextAdmission, loggedAs, startGateway, type Gateway } from './helpers/gateway'
 import { modeEnv } from './helpers/modes'
 import { uniquePrefix } from './helpers/redis'
 import { gate } from './helpers/drain'
@@ -83,7 +83,7 @@ t.test('an open-file limit below MAX_CONNECTIONS caps streams below it: past the
   t.equal(cap, fileLimit - DESCRIPTORS_KEPT)
   const server = await spawnServer(t, { JWT_SECRET: TEST_SECRET, HOST: '127.0.0.1', LOG_LEVEL: 'info' }, 20_000, { prefix: ['prlimit', `--nofile=${fileLimit}:${fileLimit}`, '--'] })
   await eventually(() => server.stdout().includes('streams capped below MAX_CONNECTIONS'), 'the cap to be logged')
-  const line = JSON.parse(server.stdout().split('\n').find((text) => text.includes('streams capped')) ?? '{}') as Record<string, unknown>
+  const [line] = loggedAs<Record<string, unknown>>(server.stdout(), 'streams capped below MAX_CONNECTIONS by the open-file limit (raise it: ulimit -n, docker run --ulimit nofile=N, systemd LimitNOFILE)')
   t.match(line, { openFileLimit: fileLimit, maxConnections: 100_000, streams: cap }, 'the start says so, with the figures')
   const held: SseClient[] = []
   for (let n = 0; n < cap; n++) held.push((await openConnected(streamUrl(server.url, `cap-${n}`), { t })).stream)
@@ -127,9 +127,9 @@ t.test('near the open-file limit, connections doing nothing give way: those that
   t.equal((await held[cap - 1].nextEvent('still')).id, id, 'a publish reaches a stream held')
   t.equal(held.filter((stream) => stream.ended).length, 0, 'every stream is kept')
   // (Lines are written in batches.)
-  const reclaimLine = (): string | undefined => server.stdout().split('\n').slice(0, -1).find((text) => text.includes('idle ones closed'))
-  await eventually(() => reclaimLine() !== undefined, 'the reclaim to be logged')
-  t.match(JSON.parse(reclaimLine() ?? '{}'), { openFileLimit: fileLimit, closedBeforeFirstRequest: Number }, 'with the figures')
+  const reclaims = (): Array<Record<string, unknown>> => loggedAs(server.stdout(), 'connections near the open-file limit: idle ones closed')
+  await eventually(() => reclaims().length > 0, 'the reclaim to be logged')
+  t.match(reclaims()[0], { openFileLimit: fileLimit, closedBeforeFirstRequest: Number }, 'with the figures')
 })
 
 t.test('64 connections short of the open-file limit, with none idle to close, the public listener closes new ones on arrival', async (t) => {

@@ -9,6 +9,7 @@ import { eventually, freePort, launch, openConnected, publisherToken, publishOk,
 import { FaultyProxy } from './helpers/proxy'
 import { needRedis, OwnRedis, redisClient, REDIS_URL, uniquePrefix } from './helpers/redis'
 import { within } from './helpers/wait'
+import { loggedAs } from './helpers/gateway'
 
 /** A listener on `port` that drops every connection at once, as a Redis still starting does; counts them. */
 async function refusingRedis (port: number): Promise<{ attempts: (count: number) => Promise<void>, close: () => Promise<void> }> {
@@ -106,9 +107,7 @@ t.test('a Redis that takes the connection and never answers (frozen): the wait i
   })
   // Beats every 333 ms: one sent before Redis first answered would be logged within the wait.
   const server = launch(t, { REDIS_URL: `redis://127.0.0.1:${port}`, REDIS_STARTUP_TIMEOUT_MS: '60000', INSTANCE_TTL_MS: '1000', JWT_SECRET: TEST_SECRET, PORT: '0', HOST: '127.0.0.1', LOG_LEVEL: 'warn' }, 0)
-  // Whole lines only: the pipe may have delivered half of the last one.
-  const waits = (): Array<{ connection?: string, reason?: string, waitMs?: number }> => server.stdout().split('\n').slice(0, -1)
-    .filter((text) => text.includes('waiting for redis')).map((text) => JSON.parse(text))
+  const waits = (): Array<{ connection?: string, reason?: string, waitMs?: number }> => loggedAs(server.stdout(), 'waiting for redis')
   await eventually(() => waits().length > 0, 'the wait to be logged', 15_000)
   const [line] = waits()
   t.equal(line.reason, 'no answer', 'it says why')

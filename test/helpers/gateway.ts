@@ -50,9 +50,21 @@ export async function listenInternalPort (app: FastifyInstance): Promise<number>
   return address.port
 }
 
-/** The captured log lines whose `msg` is `msg`, parsed. */
+/**
+ * The captured log lines whose `msg` is `msg`, parsed. A child's stdout read
+ * from its pipe may end in half a line, which no JSON parse takes: left out.
+ */
 export function loggedAs<T> (logText: string, msg: string): T[] {
-  return logText.split('\n').filter((line) => line !== '').map((line) => JSON.parse(line) as T & { msg: string }).filter((line) => line.msg === msg)
+  const lines = logText.split('\n').filter((line) => line !== '')
+  const parsed: Array<T & { msg: string }> = []
+  lines.forEach((line, index) => {
+    try {
+      parsed.push(JSON.parse(line))
+    } catch (error) {
+      if (index < lines.length - 1) throw error
+    }
+  })
+  return parsed.filter((line) => line.msg === msg)
 }
 
 /** A Writable that keeps each line pino writes. */
