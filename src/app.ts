@@ -200,12 +200,15 @@ function refuseAfterAnswersAhead (socket: Socket, statusCode: number, code: stri
  */
 function answerWhatNodeWouldRefuse (app: FastifyInstance, server: Server, maxBodyBytes: number): void {
   server.on('checkExpectation', (request: IncomingMessage, response: ServerResponse) => server.emit('request', request, response))
-  // Node invites every body (100 Continue): one that says it is too large is
-  // not, and gets its 413 while the client still waits to send it. (Node
-  // closes a connection whose 100 was never sent once it is answered.)
+  // Node invites every body (100 Continue) as soon as the head is read. Here
+  // a body is invited once the request has passed its checks (a token, a
+  // rate limit, the drain: see inviteBodiesPastChecks): one refused gets its
+  // answer while the client still waits to send it, as does one that says it
+  // is too large. (Node closes a connection whose 100 was never sent once it
+  // is answered.)
   server.on('checkContinue', (request: IncomingMessage, response: ServerResponse) => {
     if (Number(request.headers['content-length']) > maxBodyBytes) continueWithheld.add(request)
-    else response.writeContinue()
+    else continueOwed.add(request)
     server.emit('request', request, response)
   })
   server.on('connect', (_request: IncomingMessage, socket: Socket) => {
@@ -244,6 +247,8 @@ export async function buildApp (config: Config, options: BuildOptions = {}): Pro
   checkEveryRequest(app, config.maxBodyBytes, reserve)
   answerShadowedPathsAsNotServed(app, routeMethods)
   parseEveryBodyAsJson(app)
+  // After the preParsing check of the body's encoding: a refused one is not invited either.
+  inviteBodiesPastChecks(app)
   await app.register(configPlugin, { config })
   if (config.corsOrigins !== null) await allowOrigins(app, config.corsOrigins, routeMethods, config.internalPort !== null)
   // After CORS, so that a page can read the 503 of a request refused while draining.
@@ -747,6 +752,16 @@ const unparsableBodies = new WeakSet<Error>()
 
 /** Requests whose 100 Continue was not sent (their body is too large): the client may never send it. */
 const continueWithheld = new WeakSet<IncomingMessage>()
+/** Requests that asked for 100 Continue and get it once past their checks. */
+const continueOwed = new WeakSet<IncomingMessage>()
+
+/** preParsing comes after every onRequest hook: the request is to be carried out, and its body is wanted. */
+function inviteBodiesPastChecks (app: FastifyInstance): void {
+  app.addHook('preParsing', (request, reply, payload, done) => {
+    if (continueOwed.delete(request.raw)) reply.raw.writeContinue()
+    done(null, payload)
+  })
+}
 
 /** How much of a refused body is read, and for how long, before the connection is cut. */
 const REFUSED_BODY_MAX_BYTES = 64 * 1024 * 1024

@@ -479,6 +479,37 @@ t.test('a body over MAX_BODY_BYTES: the client sending it reads its 413, not a r
   t.match(small.text(), /HTTP\/1\.1 400 /, 'and read (a publish without a target: 400)')
 })
 
+t.test('Expect: 100-continue: the body is invited only once the request has passed its checks; a refused one gets its answer at once and its connection closes', async (t) => {
+  const { port } = await startGateway(t)
+  const body = JSON.stringify({ to: { topic: 'news' }, event: 'e', data: 1 })
+  const head = (headers: string): string => `POST /v1/publish HTTP/1.1\r\nHost: x\r\n${headers}Content-Type: application/json\r\nContent-Length: ${Buffer.byteLength(body)}\r\nExpect: 100-continue\r\n\r\n`
+
+  const unauthorized = await rawConnect(t, port)
+  unauthorized.write(head('Authorization: Bearer not-a-token\r\n'))
+  await unauthorized.waitClose(5000)
+  t.notMatch(unauthorized.text(), /100 Continue/, 'no invitation for a request without a valid token')
+  t.equal(unauthorized.response().status, 401, 'its 401 before any of the body')
+
+  const user = await rawConnect(t, port)
+  user.write(head(`Authorization: Bearer ${userToken('u1')}\r\n`))
+  await user.waitClose(5000)
+  t.notMatch(user.text(), /100 Continue/, 'nor for a token without the publisher role')
+  t.equal(user.response().status, 403)
+
+  const compressed = await rawConnect(t, port)
+  compressed.write(head(`Authorization: Bearer ${publisher}\r\nContent-Encoding: gzip\r\n`))
+  await compressed.waitClose(5000)
+  t.notMatch(compressed.text(), /100 Continue/, 'nor for a body in an encoding not read')
+  t.equal(compressed.response().status, 415)
+
+  const accepted = await rawConnect(t, port)
+  accepted.write(head(`Authorization: Bearer ${publisher}\r\n`))
+  await accepted.until(() => /100 Continue/.test(accepted.text()), 5000, 'the invitation')
+  accepted.write(body)
+  await accepted.until(() => /HTTP\/1\.1 202 /.test(accepted.text()), 5000, 'the 202')
+  t.pass('a publish that passes its checks is invited, then carried out')
+})
+
 forEachMode(t, 'a publish pipelined behind a request refused 400 (no Host, two Hosts, a body that is not JSON) is answered too: the refusal does not close the connection under it', async (t, mode) => {
   const [gateway] = await startCluster(t, mode)
   const { stream } = await openConnected(`${gateway.url}/v1/stream?token=${userToken('ahead-u1')}`, { t })
