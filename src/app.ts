@@ -33,7 +33,7 @@ import { httpReason, refuseOnSocket } from './raw-answer'
 import { clientAddress } from './client-address'
 import { ConnectionReserve } from './connection-reserve'
 import { openFileLimit } from './open-files'
-import { RepeatedWarning } from './core/redis/client'
+import { RepeatedWarning } from './core/repeated-warning'
 
 declare module 'fastify' {
   interface FastifyInstance {
@@ -400,7 +400,7 @@ function keepDescriptorReserve (app: FastifyInstance): ConnectionReserve | null 
   const reclaimed = new RepeatedWarning(app.log, 'connections near the open-file limit: idle ones closed')
   const refused = new RepeatedWarning(app.log, 'connections near the open-file limit: new ones closed on arrival')
   const reserve = new ConnectionReserve(fileLimit, {
-    reclaimed: (unrequested, connections) => reclaimed.warn({ openFileLimit: fileLimit, connections, closedBeforeFirstRequest: unrequested }),
+    reclaimed: (closed, connections) => reclaimed.warn({ openFileLimit: fileLimit, connections, closedBeforeFirstRequest: closed.beforeFirstRequest, closedBetweenRequests: closed.betweenRequests }),
     refused: (connections) => refused.warn({ openFileLimit: fileLimit, connections })
   })
   reserve.watch(app.server, true)
@@ -411,11 +411,11 @@ function checkEveryRequest (app: FastifyInstance, maxBodyBytes: number, reserve:
   timeFirstRequest(app.server)
   answerWhatNodeWouldRefuse(app, app.server, maxBodyBytes)
   // RFC 9112 §3.2: an HTTP/1.1 request without Host is refused. HTTP/1.0 has none to send.
-  app.addHook('onRequest', (request, _reply, done) => {
+  app.addHook('onRequest', (request, reply, done) => {
     // Its first request came (see timeFirstRequest); a stream may be quiet for longer.
     request.raw.socket.setTimeout(0)
     requested.add(request.raw.socket)
-    reserve?.requested(request.raw.socket)
+    reserve?.requested(request.raw.socket, reply.raw)
     // The request's framing is sound: the connection goes on, and requests
     // pipelined behind it, which run whatever this answer is, get theirs.
     if (request.headers.host === undefined && request.raw.httpVersion === '1.1') {
