@@ -16,10 +16,13 @@ export interface Log {
   error: (obj: object, msg: string) => void
 }
 
+/** reasonOf's words for a command cut off by a lost connection. */
+export const CUT_OFF = 'the connection to Redis was lost under the command'
+
 /** What went wrong, in one line, for logs that must not carry a Redis error's command arguments. */
 export function reasonOf (error: unknown): string {
   // ioredis's words for a command cut off by a lost connection, with resending off (see redisOptions).
-  if (error instanceof Error && error.message.startsWith('Reached the max retries per request limit')) return 'the connection to Redis was lost under the command'
+  if (error instanceof Error && error.message.startsWith('Reached the max retries per request limit')) return CUT_OFF
   return error instanceof Error ? error.message : String(error)
 }
 

@@ -1,7 +1,7 @@
 import Redis, { ReplyError, type RedisOptions } from 'ioredis'
 import { NotLeaseHolderError, type LeaseFence } from '../bus'
 import type { Registry } from '../registry'
-import { reasonOf, redisOptions, RepeatedWarning, ScriptedRedis, STORE_CONDITION_CODES, StoreUnavailableError, type Log } from './client'
+import { CUT_OFF, reasonOf, redisOptions, RepeatedWarning, ScriptedRedis, STORE_CONDITION_CODES, StoreUnavailableError, type Log } from './client'
 import { RedisBus } from './redis-bus'
 import { DROP_IDLE_CONSUMERS } from './scripts'
 import { within } from '../within'
@@ -874,9 +874,13 @@ async function untilReady (client: Redis, name: string, deadline: number, log: L
   let giveUp = (): void => {}
   let refused: string | null = null
   const noteError = (error: Error): void => {
+    const reason = reasonOf(error)
+    // A command Redis took and never answered (REDIS_COMMAND_TIMEOUT_MS): the
+    // silence the 'no answer' line tells of, not a change to say.
+    const silence = reason === 'Command timed out'
     // ioredis's words for a command sent on a connection that has just closed
-    // (its ready check, when Redis hung up without answering).
-    lastError = error.message.startsWith("Stream isn't writeable") ? 'the connection closed before Redis answered' : error.message
+    // (its ready check, when Redis hung up without answering), or cut off by it.
+    if (!silence) lastError = reason.startsWith("Stream isn't writeable") || reason === CUT_OFF ? 'the connection closed before Redis answered' : reason
     // ioredis reports a failed SELECT (no such database, or an ACL user denied
     // it) and then turns ready on database 0, another deployment's keys maybe:
     // waiting cannot fix it, so start-up ends.
@@ -897,7 +901,7 @@ async function untilReady (client: Redis, name: string, deadline: number, log: L
     if (deadline <= Date.now()) giveUp()
     // Once, or once more after a wait said with no reason: the first error
     // then tells what changed (a frozen Redis gone, refusing now).
-    if (waitLogged === 'with a reason' || deadline <= Date.now()) return
+    if (silence || waitLogged === 'with a reason' || deadline <= Date.now()) return
     waitLogged = 'with a reason'
     log.warn({ connection: name, reason: lastError, waitMs: Math.max(0, deadline - Date.now()) }, 'waiting for redis')
   }
