@@ -55,15 +55,12 @@ export async function listenInternalPort (app: FastifyInstance): Promise<number>
  * from its pipe may end in half a line, which no JSON parse takes: left out.
  */
 export function loggedAs<T> (logText: string, msg: string): T[] {
-  const lines = logText.split('\n').filter((line) => line !== '')
-  const parsed: Array<T & { msg: string }> = []
-  lines.forEach((line, index) => {
-    try {
-      parsed.push(JSON.parse(line))
-    } catch (error) {
-      if (index < lines.length - 1) throw error
-    }
-  })
+  const lines = logText.split('\n')
+  const cutShort = lines.pop() ?? ''
+  const parsed = lines.filter((line) => line !== '').map((line) => JSON.parse(line) as T & { msg: string })
+  try {
+    if (cutShort !== '') parsed.push(JSON.parse(cutShort))
+  } catch {}
   return parsed.filter((line) => line.msg === msg)
 }
 
