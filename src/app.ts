@@ -244,7 +244,7 @@ export async function buildApp (config: Config, options: BuildOptions = {}): Pro
   app.addHook('onRoute', (route) => routeMethods.add(route.url, route.method, route.config?.internal === true))
   answerErrors(app, routeMethods, config.internalPort !== null)
   const reserve = keepDescriptorReserve(app)
-  checkEveryRequest(app, config.maxBodyBytes, reserve)
+  checkEveryRequest(app, config.maxBodyBytes)
   answerShadowedPathsAsNotServed(app, routeMethods)
   parseEveryBodyAsJson(app)
   // After the preParsing check of the body's encoding: a refused one is not invited either.
@@ -404,18 +404,21 @@ function keepDescriptorReserve (app: FastifyInstance): ConnectionReserve | null 
     refused: (connections) => refused.warn({ openFileLimit: fileLimit, connections })
   })
   reserve.watch(app.server, true)
+  // Every request Node parsed, on either listener: also those the router
+  // refuses before any hook runs (a malformed escape), which would otherwise
+  // leave their connection never marked idle again.
+  app.server.on('request', (request: IncomingMessage, response: ServerResponse) => reserve.requested(request.socket, response))
   return reserve
 }
 
-function checkEveryRequest (app: FastifyInstance, maxBodyBytes: number, reserve: ConnectionReserve | null): void {
+function checkEveryRequest (app: FastifyInstance, maxBodyBytes: number): void {
   timeFirstRequest(app.server)
   answerWhatNodeWouldRefuse(app, app.server, maxBodyBytes)
   // RFC 9112 §3.2: an HTTP/1.1 request without Host is refused. HTTP/1.0 has none to send.
-  app.addHook('onRequest', (request, reply, done) => {
+  app.addHook('onRequest', (request, _reply, done) => {
     // Its first request came (see timeFirstRequest); a stream may be quiet for longer.
     request.raw.socket.setTimeout(0)
     requested.add(request.raw.socket)
-    reserve?.requested(request.raw.socket, reply.raw)
     // The request's framing is sound: the connection goes on, and requests
     // pipelined behind it, which run whatever this answer is, get theirs.
     if (request.headers.host === undefined && request.raw.httpVersion === '1.1') {

@@ -37,16 +37,17 @@ export interface ReserveLog {
  *
  * Closed, oldest first: connections past SPARED_MS without a whole first
  * request, and kept-alive ones whose last answer has gone out whole to the
- * kernel, with nothing queued behind it, for longer than that. Never a
+ * kernel, with nothing queued behind it, for longer than that, having read
+ * nothing meanwhile. Never a
  * stream (its first request came, and its response never finishes), an
  * answer still being written, or a connection of the internal listener
  * (publishers', counted but kept).
  */
 export class ConnectionReserve {
-  /** Public connections without a whole first request yet, by when they came: oldest first. */
-  private readonly unrequested = new Map<Socket, number>()
-  /** Public kept-alive connections between requests, by when their last answer finished: oldest first. */
-  private readonly idle = new Map<Socket, number>()
+  /** Public connections without a whole first request yet, since they came or last sent a byte: oldest first. */
+  private readonly unrequested = new Map<Socket, Quiet>()
+  /** Public kept-alive connections between requests, since their last answer finished or they last sent a byte: oldest first. */
+  private readonly idle = new Map<Socket, Quiet>()
   private readonly publicSockets = new WeakSet<Socket>()
   private readonly servers: Server[] = []
   private readonly reclaimAt: number
@@ -68,7 +69,7 @@ export class ConnectionReserve {
       const socket = this.req.socket as Socket & { _httpMessage?: ServerResponse | null }
       // A response to a request pipelined behind this one is on it now: not idle.
       if (socket.destroyed || (socket._httpMessage ?? null) !== null) return
-      idle.set(socket, Date.now())
+      idle.set(socket, { since: Date.now(), bytesRead: socket.bytesRead })
     }
   }
 
@@ -90,7 +91,7 @@ export class ConnectionReserve {
         return
       }
       this.publicSockets.add(socket)
-      this.unrequested.set(socket, Date.now())
+      this.unrequested.set(socket, { since: Date.now(), bytesRead: socket.bytesRead })
       socket.on('close', this.forgetClosed)
     })
   }
@@ -123,12 +124,27 @@ export class ConnectionReserve {
   }
 }
 
-/** Closes the sockets of `since` that date from before `spareFrom`; returns how many. */
-function closeOlder (since: Map<Socket, number>, spareFrom: number): number {
+/** Since when a connection has done nothing, by what it had read then. */
+interface Quiet {
+  since: number
+  bytesRead: number
+}
+
+/**
+ * Closes the sockets of `quiet` that have done nothing since before
+ * `spareFrom`; returns how many. One that has read bytes since it was
+ * stamped (a head or a body still coming, a refused body read to its end)
+ * is stamped again instead, and goes to the back.
+ */
+function closeOlder (quiet: Map<Socket, Quiet>, spareFrom: number): number {
   let closed = 0
-  for (const [socket, at] of since) {
-    if (at > spareFrom) break
-    since.delete(socket)
+  for (const [socket, stamp] of quiet) {
+    if (stamp.since > spareFrom) break
+    quiet.delete(socket)
+    if (socket.bytesRead > stamp.bytesRead) {
+      quiet.set(socket, { since: Date.now(), bytesRead: socket.bytesRead })
+      continue
+    }
     socket.destroy()
     closed++
   }

@@ -185,6 +185,34 @@ t.test('near the open-file limit, an answer still being written to a slow reader
   t.notOk(slow.closed, 'the slow reader got every answer, on a connection still open')
 })
 
+t.test('near the open-file limit, a connection still sending is kept, and one whose last request the router refused is closed when idle', async (t) => {
+  const fileLimit = 300
+  const server = await spawnServer(t, { JWT_SECRET: TEST_SECRET, HOST: '127.0.0.1', LOG_LEVEL: 'warn' }, 20_000, { prefix: ['prlimit', `--nofile=${fileLimit}:${fileLimit}`, '--'] })
+  const port = Number(new URL(server.url).port)
+  const raw: RawClient[] = []
+  t.teardown(() => { for (const client of raw) client.destroy() })
+  // Answered, then the next request's head sent a byte at a time, every 200 ms.
+  const sending = await answeredOn(port, raw)
+  const nextHead = 'GET /health HTTP/1.1\r\nHost: gateway\r\nX-Padding: ' + 'p'.repeat(200)
+  let sent = 0
+  const dribble = setInterval(() => { if (sent < nextHead.length) sending.write(nextHead[sent++]) }, 200)
+  t.teardown(() => clearInterval(dribble))
+  // Its second request refused by the router (a malformed escape), before any hook.
+  const refused = await answeredOn(port, raw, 'GET /health HTTP/1.1\r\nHost: gateway\r\n\r\nGET /v1/jobs/%zz HTTP/1.1\r\nHost: gateway\r\n\r\n')
+  await refused.until(() => /HTTP\/1\.1 400 /.test(refused.text()), 5000, 'the router\'s 400')
+  for (let n = 0; n < fileLimit; n++) {
+    const client = new RawClient(port)
+    raw.push(client)
+    await client.connected()
+  }
+  await pastSparedTime()
+  const probe = await answeredOn(port, raw)
+  t.equal(probe.response().status, 200, 'a new connection is answered')
+  await refused.waitClose(5000)
+  t.pass('the connection idle after the router\'s refusal was closed')
+  t.notOk(sending.closed, 'the connection still sending its next head is kept')
+})
+
 t.test('64 connections short of the open-file limit, with none idle to close, the public listener closes new ones on arrival', async (t) => {
   const fileLimit = 300
   const server = await spawnServer(t, { JWT_SECRET: TEST_SECRET, HOST: '127.0.0.1', LOG_LEVEL: 'info' }, 20_000, { prefix: ['prlimit', `--nofile=${fileLimit}:${fileLimit}`, '--'] })
