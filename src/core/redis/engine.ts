@@ -925,7 +925,10 @@ async function untilReady (client: Redis, name: string, deadline: number, log: L
       signal?.addEventListener('abort', () => resolve(false), { once: true })
       // A first attempt that fails is retried by ioredis; only the deadline ends the wait.
       client.connect().catch((error: unknown) => {
-        if (lastError === '') lastError = reasonOf(error)
+        // (ioredis's connect() rejects with this at any close, a silent
+        // Redis's too: it says nothing the wait's own lines do not.)
+        const reason = reasonOf(error)
+        if (lastError === '' && reason !== 'Connection is closed.') lastError = reason
         if (deadline <= Date.now()) resolve(false)
       })
     })
