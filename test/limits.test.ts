@@ -102,6 +102,15 @@ async function pastSparedTime (): Promise<void> {
   await new Promise((resolve) => setTimeout(resolve, SPARED_MS + 200))
 }
 
+/** `count` connections to `port` that send nothing (past the limit, some are closed on arrival). */
+async function silentConnections (port: number, raw: RawClient[], count: number): Promise<void> {
+  for (let n = 0; n < count; n++) {
+    const client = new RawClient(port)
+    raw.push(client)
+    await client.connected()
+  }
+}
+
 /** A raw connection to `port` that sends `request`, and resolves once its whole answer is read. */
 async function answeredOn (port: number, raw: RawClient[], request = 'GET /health HTTP/1.1\r\nHost: gateway\r\n\r\n'): Promise<RawClient> {
   const client = new RawClient(port)
@@ -127,11 +136,7 @@ t.test('near the open-file limit, connections doing nothing give way: public one
   const publisherKeptAlive = await answeredOn(internalPort, raw)
   await pastSparedTime()
   // Then more connections that send nothing than the limit leaves room for.
-  for (let n = 0; n < fileLimit; n++) {
-    const client = new RawClient(port)
-    raw.push(client)
-    await client.connected()
-  }
+  await silentConnections(port, raw, fileLimit)
   await Promise.all(keptAlive.map(async (client) => await client.waitClose(10_000)))
   t.pass('the public kept-alive connections idle between requests were closed')
   await pastSparedTime()
@@ -172,11 +177,7 @@ t.test('near the open-file limit, an answer still being written to a slow reader
   raw.push(slow)
   slow.pause()
   slow.write(`GET /v1/jobs/big HTTP/1.1\r\nHost: gateway\r\nAuthorization: Bearer ${publisher}\r\n\r\n`.repeat(count))
-  for (let n = 0; n < fileLimit; n++) {
-    const client = new RawClient(port)
-    raw.push(client)
-    await client.connected()
-  }
+  await silentConnections(port, raw, fileLimit)
   await pastSparedTime()
   const probe = await answeredOn(port, raw)
   t.equal(probe.response().status, 200, 'a new connection is answered (the silent ones gave way)')
@@ -200,11 +201,7 @@ t.test('near the open-file limit, a connection still sending is kept, and one wh
   // Its second request refused by the router (a malformed escape), before any hook.
   const refused = await answeredOn(port, raw, 'GET /health HTTP/1.1\r\nHost: gateway\r\n\r\nGET /v1/jobs/%zz HTTP/1.1\r\nHost: gateway\r\n\r\n')
   await refused.until(() => /HTTP\/1\.1 400 /.test(refused.text()), 5000, 'the router\'s 400')
-  for (let n = 0; n < fileLimit; n++) {
-    const client = new RawClient(port)
-    raw.push(client)
-    await client.connected()
-  }
+  await silentConnections(port, raw, fileLimit)
   await pastSparedTime()
   const probe = await answeredOn(port, raw)
   t.equal(probe.response().status, 200, 'a new connection is answered')
