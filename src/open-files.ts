@@ -9,20 +9,28 @@ import { readFileSync } from 'node:fs'
  */
 export const DESCRIPTORS_KEPT = 256
 
+/** This process's limit, once read: the streams' cap and the connection reserve both derive from it. */
+let ownLimit: number | null | undefined
+
 /**
  * The process's open-file limit as Linux reports it (Node raises the soft
- * limit to the hard one at start), or null where it cannot be read.
+ * limit to the hard one at start), or null where it cannot be read; of
+ * `limitsText` when given.
  */
 export function openFileLimit (limitsText?: string): number | null {
-  let text = limitsText
-  if (text === undefined) {
+  if (limitsText !== undefined) return limitOf(limitsText)
+  if (ownLimit === undefined) {
     try {
-      text = readFileSync('/proc/self/limits', 'utf8')
+      ownLimit = limitOf(readFileSync('/proc/self/limits', 'utf8'))
     } catch {
-      return null
+      ownLimit = null
     }
   }
-  const match = /^Max open files\s+(\d+|unlimited)\s/m.exec(text)
+  return ownLimit
+}
+
+function limitOf (limitsText: string): number | null {
+  const match = /^Max open files\s+(\d+|unlimited)\s/m.exec(limitsText)
   if (match === null || match[1] === 'unlimited') return null
   return Number(match[1])
 }
