@@ -5,7 +5,7 @@ import {
   type SseClient
 } from './helpers'
 import { DESCRIPTORS_KEPT, openFileLimit, streamCapacity } from '../src/open-files'
-import { freePort } from './helpers/process'
+import { freePort, type ServerProcess } from './helpers/process'
 import { interceptNextAdmission, loggedAs, startGateway, type Gateway } from './helpers/gateway'
 import { modeEnv } from './helpers/modes'
 import { uniquePrefix } from './helpers/redis'
@@ -78,15 +78,28 @@ t.test('the open-file limit is read from /proc/self/limits: a number, or none wh
   t.type(openFileLimit(), 'number', 'this machine\'s own')
 })
 
+/** The open-file limit the tests of the descriptor reserve run the gateway under. */
+const FILE_LIMIT = 300
+
+/**
+ * A gateway run under `prlimit --nofile=FILE_LIMIT`, its public port, and a
+ * list for the raw connections the test opens, destroyed at its end.
+ */
+async function underFileLimit (t: Test, env: Record<string, string> = {}): Promise<{ server: ServerProcess, port: number, raw: RawClient[] }> {
+  const server = await spawnServer(t, { JWT_SECRET: TEST_SECRET, HOST: '127.0.0.1', LOG_LEVEL: 'info', ...env }, 20_000, { prefix: ['prlimit', `--nofile=${FILE_LIMIT}:${FILE_LIMIT}`, '--'] })
+  const raw: RawClient[] = []
+  t.teardown(() => { for (const client of raw) client.destroy() })
+  return { server, port: Number(new URL(server.url).port), raw }
+}
+
 t.test('an open-file limit below MAX_CONNECTIONS caps streams below it: past the cap 503, while probes, publishes and the streams held go on', async (t) => {
-  const fileLimit = 300
-  const cap = streamCapacity(100_000, fileLimit)
-  t.equal(cap, fileLimit - DESCRIPTORS_KEPT)
-  const server = await spawnServer(t, { JWT_SECRET: TEST_SECRET, HOST: '127.0.0.1', LOG_LEVEL: 'info' }, 20_000, { prefix: ['prlimit', `--nofile=${fileLimit}:${fileLimit}`, '--'] })
+  const cap = streamCapacity(100_000, FILE_LIMIT)
+  t.equal(cap, FILE_LIMIT - DESCRIPTORS_KEPT)
+  const { server } = await underFileLimit(t)
   const capLines = (): Array<Record<string, unknown>> => loggedAs(server.stdout(), 'streams capped below MAX_CONNECTIONS by the open-file limit (raise it: ulimit -n, docker run --ulimit nofile=N, systemd LimitNOFILE)')
   await eventually(() => capLines().length > 0, 'the cap to be logged')
   const [line] = capLines()
-  t.match(line, { openFileLimit: fileLimit, maxConnections: 100_000, streams: cap }, 'the start says so, with the figures')
+  t.match(line, { openFileLimit: FILE_LIMIT, maxConnections: 100_000, streams: cap }, 'the start says so, with the figures')
   const held: SseClient[] = []
   for (let n = 0; n < cap; n++) held.push((await openConnected(streamUrl(server.url, `cap-${n}`), { t })).stream)
   const refused = await openStream(streamUrl(server.url, 'one-more'), { t })
@@ -121,22 +134,18 @@ async function answeredOn (port: number, raw: RawClient[], request = 'GET /healt
 }
 
 t.test('near the open-file limit, connections doing nothing give way: public ones that never sent a request and kept-alive ones are closed; streams, the internal listener\'s connections and new arrivals are kept', async (t) => {
-  const fileLimit = 300
-  const cap = streamCapacity(100_000, fileLimit)
+  const cap = streamCapacity(100_000, FILE_LIMIT)
   const internalPort = await freePort()
-  const server = await spawnServer(t, { JWT_SECRET: TEST_SECRET, HOST: '127.0.0.1', LOG_LEVEL: 'info', INTERNAL_PORT: String(internalPort) }, 20_000, { prefix: ['prlimit', `--nofile=${fileLimit}:${fileLimit}`, '--'] })
-  const port = Number(new URL(server.url).port)
+  const { server, port, raw } = await underFileLimit(t, { INTERNAL_PORT: String(internalPort) })
   const held: SseClient[] = []
   for (let n = 0; n < cap; n++) held.push((await openConnected(streamUrl(server.url, `full-${n}`), { t })).stream)
-  const raw: RawClient[] = []
-  t.teardown(() => { for (const client of raw) client.destroy() })
   // Kept-alive connections left idle after one request each, on both listeners.
   const keptAlive: RawClient[] = []
   for (let n = 0; n < 30; n++) keptAlive.push(await answeredOn(port, raw))
   const publisherKeptAlive = await answeredOn(internalPort, raw)
   await pastSparedTime()
   // Then more connections that send nothing than the limit leaves room for.
-  await silentConnections(port, raw, fileLimit)
+  await silentConnections(port, raw, FILE_LIMIT)
   await Promise.all(keptAlive.map(async (client) => await client.waitClose(10_000)))
   t.pass('the public kept-alive connections idle between requests were closed')
   await pastSparedTime()
@@ -153,15 +162,13 @@ t.test('near the open-file limit, connections doing nothing give way: public one
   const reclaims = (): Array<Record<string, unknown>> => loggedAs(server.stdout(), 'connections near the open-file limit: idle ones closed')
   // (Lines are written in batches.)
   await eventually(() => reclaims().length > 0, 'the reclaim to be logged')
-  t.match(reclaims()[0], { openFileLimit: fileLimit, closedBetweenRequests: Number, closedBeforeFirstRequest: Number }, 'with the figures')
+  t.match(reclaims()[0], { openFileLimit: FILE_LIMIT, closedBetweenRequests: Number, closedBeforeFirstRequest: Number }, 'with the figures')
   // (The start's own probe may have left one more kept alive.)
   t.ok(Number(reclaims()[0].closedBetweenRequests) >= 30, 'the kept-alive ones among them')
 })
 
 t.test('near the open-file limit, an answer still being written to a slow reader, and the requests pipelined behind it, are kept', async (t) => {
-  const fileLimit = 300
-  const server = await spawnServer(t, { JWT_SECRET: TEST_SECRET, HOST: '127.0.0.1', LOG_LEVEL: 'warn' }, 20_000, { prefix: ['prlimit', `--nofile=${fileLimit}:${fileLimit}`, '--'] })
-  const port = Number(new URL(server.url).port)
+  const { server, port, raw } = await underFileLimit(t, { LOG_LEVEL: 'warn' })
   const result = 'x'.repeat(250_000)
   const stored = await fetch(`${server.url}/v1/jobs/big`, {
     method: 'PUT',
@@ -169,15 +176,13 @@ t.test('near the open-file limit, an answer still being written to a slow reader
     body: JSON.stringify({ userId: 'u1', status: 'completed', result })
   })
   t.equal(stored.status, 200, 'a job with a large result')
-  const raw: RawClient[] = []
-  t.teardown(() => { for (const client of raw) client.destroy() })
   // 40 answers of 250 KB: more than the kernel's buffers hold for a reader that does not read.
   const count = 40
   const slow = new RawClient(port)
   raw.push(slow)
   slow.pause()
   slow.write(`GET /v1/jobs/big HTTP/1.1\r\nHost: gateway\r\nAuthorization: Bearer ${publisher}\r\n\r\n`.repeat(count))
-  await silentConnections(port, raw, fileLimit)
+  await silentConnections(port, raw, FILE_LIMIT)
   await pastSparedTime()
   const probe = await answeredOn(port, raw)
   t.equal(probe.response().status, 200, 'a new connection is answered (the silent ones gave way)')
@@ -187,11 +192,7 @@ t.test('near the open-file limit, an answer still being written to a slow reader
 })
 
 t.test('near the open-file limit, a connection still sending is kept, and one whose last request the router refused is closed when idle', async (t) => {
-  const fileLimit = 300
-  const server = await spawnServer(t, { JWT_SECRET: TEST_SECRET, HOST: '127.0.0.1', LOG_LEVEL: 'warn' }, 20_000, { prefix: ['prlimit', `--nofile=${fileLimit}:${fileLimit}`, '--'] })
-  const port = Number(new URL(server.url).port)
-  const raw: RawClient[] = []
-  t.teardown(() => { for (const client of raw) client.destroy() })
+  const { port, raw } = await underFileLimit(t, { LOG_LEVEL: 'warn' })
   // Answered, then the next request's head sent a byte at a time, every 200 ms.
   const sending = await answeredOn(port, raw)
   const nextHead = 'GET /health HTTP/1.1\r\nHost: gateway\r\nX-Padding: ' + 'p'.repeat(200)
@@ -201,7 +202,7 @@ t.test('near the open-file limit, a connection still sending is kept, and one wh
   // Its second request refused by the router (a malformed escape), before any hook.
   const refused = await answeredOn(port, raw, 'GET /health HTTP/1.1\r\nHost: gateway\r\n\r\nGET /v1/jobs/%zz HTTP/1.1\r\nHost: gateway\r\n\r\n')
   await refused.until(() => /HTTP\/1\.1 400 /.test(refused.text()), 5000, 'the router\'s 400')
-  await silentConnections(port, raw, fileLimit)
+  await silentConnections(port, raw, FILE_LIMIT)
   await pastSparedTime()
   const probe = await answeredOn(port, raw)
   t.equal(probe.response().status, 200, 'a new connection is answered')
@@ -211,15 +212,11 @@ t.test('near the open-file limit, a connection still sending is kept, and one wh
 })
 
 t.test('64 connections short of the open-file limit, with none idle to close, the public listener closes new ones on arrival', async (t) => {
-  const fileLimit = 300
-  const server = await spawnServer(t, { JWT_SECRET: TEST_SECRET, HOST: '127.0.0.1', LOG_LEVEL: 'info' }, 20_000, { prefix: ['prlimit', `--nofile=${fileLimit}:${fileLimit}`, '--'] })
-  const port = Number(new URL(server.url).port)
-  const raw: RawClient[] = []
-  t.teardown(() => { for (const client of raw) client.destroy() })
+  const { server, port, raw } = await underFileLimit(t)
   // Requests under way (a publish whose body has not come), which are not
   // idle: more than the listener takes. (The start's own probe may hold one
   // more connection, kept alive, until a reclaim closes it.)
-  const limit = fileLimit - REFUSE_MARGIN
+  const limit = FILE_LIMIT - REFUSE_MARGIN
   const busy: RawClient[] = []
   for (let n = 0; n < limit + 5; n++) {
     const client = new RawClient(port)
