@@ -50,7 +50,11 @@ async function main (): Promise<void> {
     const step = stops.next()
     if (step === 'ignore') return
     if (step === 'give up') {
-      if (app === null) process.exit(1)
+      if (app === null) {
+        // Before the app exists there is no logger; stderr is where start-up failures go.
+        process.stderr.write(`second stop signal (${signal}) while starting: exiting at once, before what the start set up in Redis is given back (it expires)\n`)
+        process.exit(1)
+      }
       app.log.warn({ signal }, 'second stop signal: exiting without finishing the drain')
       exitAfterLogs(1, Math.min(exitBy, Date.now() + 500))
       return

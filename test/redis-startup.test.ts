@@ -154,6 +154,26 @@ t.test('SIGTERM once the start has registered the instance and taken the ingress
   t.equal(await redis.exists(`${prefix}leader`), 0, 'the lease is free for the other instances')
 })
 
+t.test('a second SIGTERM while the stopped start gives back what it set up: exit 1 at once, with a line saying so', async (t) => {
+  if (!(await needRedis(t))) return
+  const prefix = uniquePrefix('startstop2')
+  const proxy = await FaultyProxy.start(t, Number(new URL(REDIS_URL).port || 6379))
+  proxy.holdReplies('sse-gateway-ingress')
+  const server = launch(t, { REDIS_URL: proxy.url, REDIS_PREFIX: prefix, JWT_SECRET: TEST_SECRET, PORT: '0', HOST: '127.0.0.1', LOG_LEVEL: 'warn', REDIS_COMMAND_TIMEOUT_MS: '30000' }, 0)
+  const redis = redisClient(t)
+  await eventually(async () => await redis.zcard(`${prefix}instances`) === 1 && await redis.exists(`${prefix}leader`) === 1, 'the instance registered, holding the lease', 15_000, 50)
+  // Every reply held: giving the instance record and the lease back waits.
+  proxy.holdReplies()
+  server.child.kill('SIGTERM')
+  // Commands still reach Redis: the give-back has begun, its answer held.
+  await eventually(async () => await redis.zcard(`${prefix}instances`) === 0 || await redis.exists(`${prefix}leader`) === 0, 'the start giving back its records', 10_000, 20)
+  t.equal(server.child.exitCode, null, 'the first signal waits for Redis')
+  server.child.kill('SIGTERM')
+  t.same(await server.waitExit(5000), { code: 1, signal: null })
+  t.match(server.stderr(), /second stop signal \(SIGTERM\) while starting: exiting at once/)
+  await redis.del(`${prefix}instances`, `${prefix}leader`)
+})
+
 t.test('a port already taken: exit 1, and the instance record and the lease are given back', async (t) => {
   if (!(await needRedis(t))) return
   const prefix = uniquePrefix('porttaken')
