@@ -46,7 +46,8 @@ export default fp(async (app) => {
       if (!isPlainObject(body)) return reject(kind, 'not an object')
       const content = validateEventAndData(body, config.maxEventBytes)
       if (!content.ok) return reject(kind, content.message)
-      requests = [{ target: { kind: 'connection', id: source.connectionId }, event: content.value.event, text: content.value.text }]
+      if (body.skipHistory !== undefined && typeof body.skipHistory !== 'boolean') return reject(kind, '"skipHistory" must be true or false')
+      requests = [{ target: { kind: 'connection', id: source.connectionId }, event: content.value.event, text: content.value.text, ...(body.skipHistory === true ? { transient: true as const } : {}) }]
     }
     let items: PublishItem[]
     try {

@@ -15,6 +15,12 @@ export interface PublishItem {
   channels: string[]
   /** Rendered `event:`/`data:` lines (see framing.ts), without the `id:` line. */
   body: string
+  /**
+   * Delivered live with an id, but kept in no channel's history: a reconnect
+   * does not replay it, it pushes no other event out of the window, and a
+   * cursor below it is not told of a gap (`skipHistory`).
+   */
+  transient?: boolean
 }
 
 /**

@@ -142,9 +142,11 @@ export class MemoryBus implements EventBus {
     for (const item of items) {
       const id = Math.max(this.last + 1, clockId())
       this.last = id
-      const kept = this.options.historySize > 0 && item.channels.length > 0
+      const kept = item.transient !== true && this.options.historySize > 0 && item.channels.length > 0
       const frame = frameWithId(id, item.body, kept)
-      if (kept) {
+      if (item.transient === true) {
+        // Nothing to replay, and so nothing missed: no drop mark either.
+      } else if (kept) {
         const stored: StoredEvent = { id, channels: item.channels, bytes: frame.length + EVENT_BYTES + ENTRY_BYTES * item.channels.length, holders: item.channels.length }
         this.stored.push(stored)
         this.storedBytes += stored.bytes

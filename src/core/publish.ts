@@ -16,6 +16,12 @@ export interface PublishRequest {
   event: string
   /** `data` as written on the wire. */
   text: string
+  /**
+   * `skipHistory`: delivered live only (PublishItem.transient). Set only
+   * when true, so that an idempotency fingerprint of any other request is
+   * what it was before the field existed.
+   */
+  transient?: true
 }
 
 /** A refusal is `invalid`, or `tooLarge` when size is its only fault (the routes answer 400 and 413). */
@@ -31,7 +37,7 @@ export const RESERVED_EVENTS = new Set(['connected', 'reset', 'auth-expired', 'e
  * make every tab that reconnects on error reconnect at once).
  */
 export const BROWSER_EVENTS = new Set(['error', 'open'])
-const ITEM_KEYS = new Set(['to', 'event', 'data'])
+const ITEM_KEYS = new Set(['to', 'event', 'data', 'skipHistory'])
 const TARGET_KEYS = ['user', 'users', 'connection', 'conversation', 'topic', 'broadcast'] as const
 
 export const MAX_ID_CHARACTERS = 256
@@ -162,9 +168,12 @@ export function validatePublishItem (raw: unknown, maxEventBytes: number): Valid
   }
   const target = validateTarget(raw.to)
   if (!target.ok) return target
+  if (raw.skipHistory !== undefined && typeof raw.skipHistory !== 'boolean') return bad('"skipHistory" must be true or false')
   const content = validateEventAndData(raw, maxEventBytes)
   if (!content.ok) return content
-  return { ok: true, value: { target: target.value, event: content.value.event, text: content.value.text } }
+  const request: PublishRequest = { target: target.value, event: content.value.event, text: content.value.text }
+  if (raw.skipHistory === true) request.transient = true
+  return { ok: true, value: request }
 }
 
 /** One event or an array of 1–1000, all-or-nothing; errors name the failing index. */
@@ -223,7 +232,8 @@ export class Publisher {
       const channels = await this.channelsOf(request.target)
       channelCount += channels.length
       if (channelCount > this.maxChannels) throw new FanoutTooLargeError(channelCount, this.maxChannels)
-      items.push({ channels, body: renderBody(request.event, request.text) })
+      const body = renderBody(request.event, request.text)
+      items.push(request.transient === true ? { channels, body, transient: true } : { channels, body })
     }
     return items
   }

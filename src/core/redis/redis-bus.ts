@@ -227,7 +227,7 @@ export class RedisBus implements EventBus {
     if (items.length === 0) return []
     const args: Array<string | number> = [this.options.prefix, this.options.historySize, this.options.historyTtlS]
     if (fence !== undefined) args.push(fence.holder, fence.leaseMs)
-    for (const item of items) args.push(JSON.stringify(item.channels), item.body)
+    pushItems(args, items)
     const ids = await this.commands.run(fence === undefined ? 'PUBLISH' : 'PUBLISH_AS_HOLDER', args) as string[]
     if (ids[0] === 'not-holder') throw new NotLeaseHolderError()
     return ids.map(Number)
@@ -235,7 +235,7 @@ export class RedisBus implements EventBus {
 
   async publishOnce (items: PublishItem[], once: PublishOnce): Promise<OnceOutcome> {
     const args: Array<string | number> = [this.options.prefix, this.options.historySize, this.options.historyTtlS, once.key, once.fingerprint, once.windowS]
-    for (const item of items) args.push(JSON.stringify(item.channels), item.body)
+    pushItems(args, items)
     return onceOutcomeOf(await this.commands.run('PUBLISH_ONCE', args) as string[])
   }
 
@@ -375,6 +375,11 @@ export class RedisBus implements EventBus {
 }
 
 /** PUBLISH_ONCE's (and ONCE_OUTCOME's) answer: its kind, then the ids. */
+/** The publish scripts' arguments for `items` (see PUBLISH in scripts.ts). */
+function pushItems (args: Array<string | number>, items: PublishItem[]): void {
+  for (const item of items) args.push(`${item.transient === true ? '!' : ''}${JSON.stringify(item.channels)}`, item.body)
+}
+
 function onceOutcomeOf ([kind, ...ids]: string[]): OnceOutcome {
   if (kind === 'conflict') return { kind }
   return { kind: kind === 'repeated' ? 'repeated' : 'published', ids: ids.map(Number) }

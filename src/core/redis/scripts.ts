@@ -56,10 +56,17 @@ local function ensure_epoch(prefix, now)
   return last
 end
 
--- Publishes one event on its channels; returns its id.
-local function publish_event(prefix, size, ttl_s, last, now, channels, body)
+-- Publishes one event on its channels; returns its id. A transient one
+-- (skipHistory) is only PUBLISHed: no history, and no drop mark, as a cursor
+-- below it misses nothing a reconnect would replay.
+local function publish_event(prefix, size, ttl_s, last, now, channels, body, transient)
   local id = math.max(last + 1, now)
   local ids = fmt(id)
+  if transient then
+    local message = ids .. '\\n' .. body
+    for _, ch in ipairs(channels) do redis.call('PUBLISH', prefix .. 'ch:' .. ch, message) end
+    return id
+  end
   if size > 0 and #channels > 0 then
     redis.call('SET', prefix .. 'e:' .. ids, body, 'EX', ttl_s)
   end
@@ -88,7 +95,7 @@ end
 `
 
 // Publishes the items from ARGV[first] on, each as (its channels as a JSON
-// array, body); returns their ids. Two arguments per event whatever its
+// array, prefixed with '!' for a transient event, body); returns their ids. Two arguments per event whatever its
 // channel count: a call's argument list is built on the caller's stack, and
 // one per channel overflowed it on a batch to a large conversation.
 const PUBLISH_ITEMS = `
@@ -97,8 +104,10 @@ local function publish_items(prefix, size, ttl_s, first)
   local last = ensure_epoch(prefix, now)
   local ids = {}
   for i = first, #ARGV, 2 do
-    local channels = cjson.decode(ARGV[i])
-    last = publish_event(prefix, size, ttl_s, last, now, channels, ARGV[i + 1])
+    local listed = ARGV[i]
+    local transient = string.sub(listed, 1, 1) == '!'
+    if transient then listed = string.sub(listed, 2) end
+    last = publish_event(prefix, size, ttl_s, last, now, cjson.decode(listed), ARGV[i + 1], transient)
     ids[#ids + 1] = fmt(last)
   end
   redis.call('SET', prefix .. 'id', fmt(last))
@@ -108,7 +117,7 @@ end
 
 /**
  * ARGV: prefix, historySize, historyTtlS, then per event: its channels as
- * a JSON array, the body. Returns the ids as strings, in order.
+ * a JSON array ('!' before it: a transient event), the body. Returns the ids as strings, in order.
  */
 export const PUBLISH = `${PUBLISH_FUNCTIONS}${PUBLISH_ITEMS}
 return publish_items(ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), 4)
