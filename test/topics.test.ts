@@ -35,6 +35,11 @@ t.test('?topics= repeated (topics=a&topics=b,c) is one list; more than 100 names
   const { url } = await startGateway(t)
   const { connected } = await openConnected(`${url}/v1/stream?token=${userToken('rep')}&topics=news&topics=sport,weather&topics=news`, { t })
   t.same([...connected.topics].sort(), ['news', 'sport', 'weather'], 'every name, each once')
+  // As a URL is typed or joined: spaces around names and empty entries do not count (README).
+  const loose = await openConnected(`${url}/v1/stream?token=${userToken('rep')}&topics=news,%20sport%20,,&topics=`, { t })
+  t.same([...loose.connected.topics].sort(), ['news', 'sport'], 'spaces and empty entries ignored')
+  const inner = await openStream(`${url}/v1/stream?token=${userToken('rep')}&topics=a%20b`, { t })
+  t.equal(inner.status, 400, 'a space inside a name: 400')
   const many = Array.from({ length: 101 }, (_, i) => `topics=t${i}`).join('&')
   const refused = await openStream(`${url}/v1/stream?token=${userToken('rep')}&${many}`, { t })
   t.equal(refused.status, 400)
