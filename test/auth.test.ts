@@ -1,6 +1,6 @@
 import { generateKeyPairSync } from 'node:crypto'
 import t from 'tap'
-import { metricValue, scrape } from './helpers/raw'
+import { metricValue, rawExchange, scrape } from './helpers/raw'
 import {
   adminToken,
   ecKeyPair,
@@ -80,6 +80,19 @@ t.test('the first source present is the only one verified', async (t) => {
   })
   t.test('a bad X-Auth-Token with a good query token: 401', async (t) => {
     await expect401(t, url, { 'x-auth-token': bad }, `?token=${good}`)
+  })
+  t.test('two Authorization headers are ambiguous (a proxy may read the other one): 401, whichever comes first', async (t) => {
+    const port = Number(new URL(url).port)
+    const publisher = publisherToken()
+    const body = JSON.stringify(event)
+    for (const [first, second] of [[`Bearer ${publisher}`, 'Bearer bad'], [`Bearer ${publisher}`, `Bearer ${publisher}`], [`Basic ${Buffer.from('a:b').toString('base64')}`, `Bearer ${publisher}`]]) {
+      const exchange = await rawExchange(port, `POST /v1/publish HTTP/1.1\r\nHost: x\r\nAuthorization: ${first}\r\nauthorization: ${second}\r\nContent-Type: application/json\r\nContent-Length: ${Buffer.byteLength(body)}\r\nConnection: close\r\n\r\n${body}`)
+      const answer = exchange.response()
+      t.equal(answer.status, 401, `${first.slice(0, 6)} then ${second.slice(0, 6)}: 401`)
+      t.match(JSON.parse(answer.body), { statusCode: 401, error: 'Unauthorized' })
+    }
+    const one = await rawExchange(port, `POST /v1/publish HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${publisher}\r\nContent-Type: application/json\r\nContent-Length: ${Buffer.byteLength(body)}\r\nConnection: close\r\n\r\n${body}`)
+    t.equal(one.response().status, 202, 'one header: 202')
   })
   t.test('a good Authorization header wins over a bad X-Auth-Token and a bad query token', async (t) => {
     const stream = await openStream(`${url}/v1/stream?token=${bad}`, { headers: { authorization: `Bearer ${good}`, 'x-auth-token': bad }, t })
