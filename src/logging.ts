@@ -89,7 +89,7 @@ function decodesTo (part: string, pattern: RegExp): boolean {
   return part.length >= 4 && pattern.test(Buffer.from(part.slice(0, 64), 'base64url').toString('latin1'))
 }
 
-function holdsJwt (text: string): boolean {
+export function holdsJwt (text: string): boolean {
   for (const [run] of text.matchAll(JWT_CHARACTER_RUNS)) if (runHoldsJwt(run)) return true
   return false
 }

@@ -240,6 +240,16 @@ t.test('the user id comes from JWT_USER_CLAIM (default sub), falling back to use
     const jwt = token({ sub: 'from-sub', userId: 'from-userId', id: 'from-id' })
     t.equal(await connectedUser(t, await openStream(`${url}/v1/stream?token=${jwt}`, { t })), 'from-sub')
   })
+  t.test('a user id that holds a JWT (it would be logged with each stream): 401; a dotted id is not one', async (t) => {
+    const { url } = await startGateway(t)
+    const inner = token({ sub: 'x' })
+    for (const sub of [inner, `user-${inner}`]) {
+      const refused = await openStream(`${url}/v1/stream?token=${token({ sub })}`, { t })
+      t.equal(refused.status, 401)
+      t.match(refused.json(), { statusCode: 401, message: /user id holds a JWT/ })
+    }
+    t.equal(await connectedUser(t, await openStream(`${url}/v1/stream?token=${token({ sub: 'first.last.example' })}`, { t })), 'first.last.example')
+  })
   t.test('no sub: userId', async (t) => {
     const { url } = await startGateway(t)
     const jwt = token({ userId: 'from-userId', id: 'from-id' })
