@@ -612,6 +612,22 @@ t.test('a JSON body is read as JSON whatever its Content-Type says (text/plain f
   t.equal((await stream.nextEvent('after')).id, id, 'the stream saw nothing from the refused ones')
 })
 
+t.test('a body that is not UTF-8 gets 400 saying so, rather than being read with U+FFFD in place of its bytes', async (t) => {
+  const { url } = await startGateway(t)
+  const { stream } = await openConnected(`${url}/v1/stream?token=${userToken('u1')}`, { t })
+  const [head, tail] = ['{"to":{"user":"u1"},"event":"bytes","data":"', '"}']
+  // A stray byte, a surrogate half encoded, an overlong slash, a sequence cut short.
+  for (const bytes of [[0xff], [0xed, 0xa0, 0x80], [0xc0, 0xaf], [0xe2, 0x82]]) {
+    const response = await fetch(`${url}/v1/publish`, { method: 'POST', headers: { authorization: `Bearer ${publisher}`, 'content-type': 'application/json' }, body: Buffer.concat([Buffer.from(head), Buffer.from(bytes), Buffer.from(tail)]) })
+    t.equal(response.status, 400, `${Buffer.from(bytes).toString('hex')}: 400`)
+    t.match(await response.json(), { statusCode: 400, code: 'GW_BAD_REQUEST', message: 'the body is not valid UTF-8' })
+  }
+  const text = 'é€😀'
+  const [id] = await publishOk(url, publisher, { to: { user: 'u1' }, event: 'bytes', data: text })
+  const received = await stream.nextEvent('bytes')
+  t.same([received.id, received.data], [id, text], 'well-formed UTF-8 of 2, 3 and 4 bytes passes, and is the only event delivered')
+})
+
 t.test('a compressed body (Content-Encoding gzip) gets 415 naming the encoding as the trouble, with Accept-Encoding: identity, and a transfer coding besides chunked 501; identity passes', async (t) => {
   const { url, port } = await startGateway(t)
   const { stream } = await openConnected(`${url}/v1/stream?token=${userToken('u1')}`, { t })
