@@ -92,11 +92,15 @@ async function tick (t: Test, leader: IngressLeader): Promise<void> {
   await leader.tick().catch((error: unknown) => t.fail(`the tick rejected: ${error instanceof Error ? error.message : String(error)}`))
 }
 
-/** The ingress channels reach the leader's handler: each message once. */
-async function ingressFlows (t: Test, redis: Redis, setup: Rig): Promise<void> {
+/**
+ * The ingress channels reach the leader's handler: each message once, and
+ * no other instance's (`others`: standbys listen too, but only keep them).
+ */
+async function ingressFlows (t: Test, redis: Redis, setup: Rig, others: Rig[] = []): Promise<void> {
   const before = setup.received.length
-  t.equal(await subscriberCount(redis, `${setup.prefix}publish`), 1, `PUBSUB NUMSUB ${setup.prefix}publish is 1`)
-  t.equal(await redis.publish(`${setup.prefix}publish`, '{"to":{"user":"u1"},"data":1}'), 1, 'a PUBLISH reaches one receiver')
+  const othersBefore = others.map((other) => other.received.length)
+  t.equal(await subscriberCount(redis, `${setup.prefix}publish`), 1 + others.filter((other) => other.leader.isStandby).length, `PUBSUB NUMSUB ${setup.prefix}publish: the holder and the standbys`)
+  t.ok(await redis.publish(`${setup.prefix}publish`, '{"to":{"user":"u1"},"data":1}') >= 1, 'a PUBLISH reaches the holder')
   const connectionId = `lease-${randomBytes(4).toString('hex')}`
   await redis.publish(`stream:${connectionId}`, '{"event":"x","data":2}')
   // Other tests' gateways and publishers share stream:* on the shared Redis: their messages are not this test's.
@@ -106,6 +110,7 @@ async function ingressFlows (t: Test, redis: Redis, setup: Rig): Promise<void> {
     { source: 'publish', payload: '{"to":{"user":"u1"},"data":1}' },
     { source: `stream:${connectionId}`, payload: '{"event":"x","data":2}' }
   ], 'both ingress channels are handled')
+  t.same(others.map((other) => other.received.length), othersBefore, 'by no other instance')
 }
 
 t.test('a lease taken while the subscriber cannot subscribe is not held; the next tick subscribes and ingress flows', async (t) => {
@@ -138,7 +143,7 @@ t.test('a holder that stops hands the lease over: another instance takes it with
   t.notOk(a.leader.isLeader, 'A gave the lease up')
   const handledBefore = a.received.length
   await eventually(() => b.leader.isLeader, 'B to take the lease', WAIT_MS)
-  await ingressFlows(t, redis, b)
+  await ingressFlows(t, redis, b, [a])
   t.same(a.received.slice(handledBefore), [], 'A handled nothing after it stopped')
 })
 
@@ -210,7 +215,7 @@ t.test('the hand-over notice still reaches an instance whose subscriber reconnec
   await a.leader.stop()
   await eventually(() => b.leader.isLeader, 'B to take the lease', WAIT_MS)
   t.notOk(c.leader.isLeader, 'not the stopping instance')
-  await ingressFlows(t, redis, b)
+  await ingressFlows(t, redis, b, [a, c])
   await b.leader.stop()
   await tick(t, c.leader)
   t.notOk(c.leader.isLeader, 'a stopping instance takes no lease, even a free one')
@@ -297,7 +302,7 @@ t.test('an alive: subscribe Redis refused is tried again at the next checks, not
   const admin = redisClient(t, own.url)
   const prefix = uniquePrefix('lease')
   // The subscriber's user may use every channel the gateway needs but its alive: one.
-  await admin.acl('SETUSER', 'gateway', 'on', '>secret', '~*', '+@all', 'resetchannels', `&${prefix}leader-free`, `&${prefix}publish`, '&stream:*')
+  await admin.acl('SETUSER', 'gateway', 'on', '>secret', '~*', '+@all', 'resetchannels', `&${prefix}leader-free`, `&${prefix}publish`, `&${prefix}ingress-mark`, '&stream:*')
   const setup = await rig(t, {}, { prefix, redisUrl: own.url, subscriberUrl: `redis://gateway:secret@127.0.0.1:${own.port}` })
   await setup.leader.start()
   const alive = `${prefix}alive:${setup.state.instanceId}`
@@ -331,7 +336,7 @@ t.test('a holder whose subscriber reconnects keeps the lease while it renews (th
   t.equal(await redis.get(`${a.prefix}leader`), a.state.instanceId, 'A still holds the lease')
   t.notOk(b.leader.isLeader, 'B did not take it')
   await eventually(() => a.leader.isLeader, 'A to count itself the holder again', WAIT_MS)
-  await ingressFlows(t, redis, a)
+  await ingressFlows(t, redis, a, [b])
 })
 
 t.test('a holder giving the lease up while its subscriber reconnects to a Redis that does not answer ends its check, and its stop, without waiting on it', async (t) => {
@@ -407,6 +412,35 @@ t.test('gateway: a lease holder killed with SIGKILL loses the lease as its conne
   await eventually(() => ingress.isLeader, 'the other instance to take the lease', WAIT_MS)
   t.equal(await redis.publish(`stream:${connected.connectionId}`, JSON.stringify({ event: 'chunk', data: 'after' })), 1, 'one instance listens')
   t.equal((await stream.nextEvent('chunk', WAIT_MS)).data, 'after', 'and handles it')
+})
+
+t.test('gateway: a holder killed with SIGKILL mid-flow: the standby that takes over publishes what the holder had not, so no plain PUBLISH is lost or handled twice, and their order holds', async (t) => {
+  if (!(await needRedis(t))) return
+  // A Redis of its own: other tests' stream:* messages would take places among the counted ones.
+  const own = await startOwnRedis(t)
+  const env = { REDIS_URL: own.url, REDIS_PREFIX: uniquePrefix('lease-kill'), INSTANCE_TTL_MS: '60000' }
+  const doomed = await spawnServer(t, { ...env, JWT_SECRET: TEST_SECRET, LOG_LEVEL: 'warn', HOST: '127.0.0.1' })
+  const survivor = await startGateway(t, env)
+  const ingress = survivor.app.ingress
+  if (ingress === null) throw new Error('no ingress leader in Redis mode')
+  t.ok(!ingress.isLeader && ingress.isStandby, 'the first instance holds the lease, the other stands by')
+  const { stream, connected } = await openConnected(`${survivor.url}/v1/stream?token=${userToken('u1')}`, { t })
+  const redis = redisClient(t, own.url)
+  // Paced over some seconds: the takeover, a second or so after the kill, falls inside the flow.
+  const total = 2000
+  for (let n = 0; n < total; n++) {
+    await redis.publish(`stream:${connected.connectionId}`, JSON.stringify({ event: 'seq', data: String(n) }))
+    if (n === 300) doomed.child.kill('SIGKILL')
+    await new Promise<void>((resolve) => setTimeout(resolve, 1))
+  }
+  t.ok(ingress.isLeader, 'the survivor holds the lease')
+  await stream.next((event) => event.event === 'seq' && event.data === String(total - 1), 20_000, 'the last message')
+  const seen = stream.events.filter((event) => event.event === 'seq').map((event) => Number(event.data))
+  const missing = Array.from({ length: total }, (_, n) => n).filter((n) => !seen.includes(n))
+  t.same(missing, [], 'none lost')
+  t.same(seen, Array.from({ length: total }, (_, n) => n), 'each once, in order')
+  const ids = stream.events.filter((event) => event.event === 'seq').map((event) => BigInt(event.id ?? '0'))
+  t.ok(ids.every((id, index) => index === 0 || id > ids[index - 1]), 'ids increasing')
 })
 
 t.test('gateway: a holder that stops passes the lease on: no plain PUBLISH sent meanwhile is lost or handled twice, and their order holds', async (t) => {

@@ -143,7 +143,7 @@ t.test('Redis ingress: <prefix>publish and stream:<id> are each delivered exactl
   const { stream, connected } = await openConnected(`${b.url}/v1/stream?token=${userToken('writer')}`, { t })
   await eventually(async () => [a, b, c].some((gateway) => gateway.app.ingress?.isLeader === true), 'an ingress lease holder')
   t.equal([a, b, c].filter((gateway) => gateway.app.ingress?.isLeader === true).length, 1, 'exactly one instance holds the lease')
-  t.equal(await redis.publish(`${prefix}publish`, JSON.stringify({ to: { user: 'writer' }, event: 'content-chunk', data: MARKDOWN })), 1, 'one instance listens to the ingress channel')
+  t.equal(await redis.publish(`${prefix}publish`, JSON.stringify({ to: { user: 'writer' }, event: 'content-chunk', data: MARKDOWN })), 3, 'every instance listens to the ingress channel (the holder, and two standbys)')
   const chunks = ['## Part one\n\nline\r\nline', '\n', 'data: looks like a field\n\nid: 99', 'last chunk ✓']
   for (const chunk of chunks) await redis.publish(`stream:${connected.connectionId}`, JSON.stringify({ event: 'content-chunk', data: chunk }))
   await redis.publish(`${prefix}publish`, JSON.stringify({ to: { connection: connected.connectionId }, event: 'done', data: {} }))

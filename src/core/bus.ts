@@ -67,6 +67,8 @@ export type ReplayResult =
 export interface LeaseFence {
   holder: string
   leaseMs: number
+  /** The ingress message's place, `<marker>:<n>` (see LEASE in redis/scripts.ts), recorded as it is published; '' when not known. */
+  position?: string
 }
 
 /** A fenced publish found another instance holding the lease: it published nothing. */

@@ -34,9 +34,26 @@ export const MAX_QUEUED_INGRESS_BYTES = 64 * 1024 * 1024
 /**
  * How often the holder renews the ingress lease, and the others ask whether
  * it still does and still listens (see LEASE): plain PUBLISH ingress messages
- * sent after a holder died reach no one until another takes the lease over.
+ * sent after a holder died wait in the standbys until one takes the lease over.
  */
 export const TAKEOVER_PROBE_MS = 250
+/**
+ * What a standby keeps of the ingress messages, for a takeover from a holder
+ * that died: past it (bytes), the oldest go first. Entries also go once
+ * older than a lease, past any takeover they could serve.
+ */
+const STANDBY_MAX_BYTES = 32 * 1024 * 1024
+
+/** An ingress message a standby kept, and its place: the `count`-th after marker `mark` (see LEASE). */
+interface KeptMessage {
+  source: { kind: 'publish' } | { kind: 'stream', connectionId: string }
+  payload: string
+  mark: number
+  count: number
+  at: number
+  bytes: number
+}
+
 /** Renewals a holder may miss before a silent one loses the lease: a slow turn of its event loop is not a death. */
 const MISSED_RENEWALS = 4
 /** How long a stopping holder waits for a successor to listen (then lets the lease go as a dying one would). */
@@ -75,10 +92,14 @@ export type IngressHandler = (source: { kind: 'publish' } | { kind: 'stream', co
 /**
  * Every instance receives a PUBLISH on an ingress channel, yet each message
  * must be handled once. One instance holds a lease in Redis (`<prefix>leader`)
- * and only it subscribes to the ingress channels; the others keep trying to
- * take the lease, so one takes over about a second after the holder's
- * process died (its connection closed, and it stopped renewing), and within
- * a lease when its connection stays open (a frozen process).
+ * and handles them; the others keep trying to take the lease, so one takes
+ * over about a second after the holder's process died (its connection
+ * closed, and it stopped renewing), and within a lease when its connection
+ * stays open (a frozen process). Started instances listen to the ingress
+ * channels as standbys, keeping what comes for a lease's time: one that
+ * takes over from a holder that died publishes what came after the last
+ * message the holder published (its place is recorded with each publish;
+ * see LEASE), so the second of silence loses nothing.
  * The same holder clears what dead instances left behind, and ends the
  * presence graces their (or stopped instances') timers can no longer end.
  */
@@ -104,6 +125,16 @@ export class IngressLeader {
    */
   private running: Promise<void> | null = null
   private rerun: Promise<void> | null = null
+  /** Listens to the ingress channels while not holding the lease (from start()), keeping what comes. */
+  private standby = false
+  /** The last marker heard on `<prefix>ingress-mark`, and the ingress messages since; 0: none heard since the subscriber (re)connected. */
+  private mark = 0
+  private markCount = 0
+  private readonly kept: KeptMessage[] = []
+  private keptHead = 0
+  private keptBytes = 0
+  /** The place the holder this check took the lease from had published up to (LEASE's answer). */
+  private takenAt: string | null = null
   /** A tick asked for the holder's upkeep (reaping, graces), not only a renewal: the next check does it. */
   private upkeepAsked = false
   private stopped = false
@@ -167,9 +198,11 @@ export class IngressLeader {
     // As Buffers, as the bus reads its events (see RedisState).
     const publishChannel = Buffer.from(`${prefix}publish`)
     const leaderFreeChannel = Buffer.from(`${prefix}leader-free`)
+    const markChannel = Buffer.from(`${prefix}ingress-mark`)
     subscriber.on('messageBuffer', (name: Buffer, message: Buffer) => {
       // In the order Redis sent them: a successor's marker among the ingress messages (see handOver).
       if (name.equals(publishChannel)) this.dispatch({ kind: 'publish' }, message.toString())
+      else if (name.equals(markChannel)) this.onMark(Number(message.toString()))
       else if (name.equals(leaderFreeChannel)) this.onLeaseNotice(message.toString())
     })
     subscriber.on('pmessage', (_pattern: string, name: string, message: string) => {
@@ -189,6 +222,8 @@ export class IngressLeader {
     subscriber.on('close', () => {
       unconfirm()
       this.heard = false
+      // Messages come unheard until the subscriptions are back: places are not known until the next marker.
+      this.mark = 0
     })
     commands.redis.on('close', unconfirm)
     subscriber.on('ready', () => {
@@ -227,6 +262,7 @@ export class IngressLeader {
    */
   async start (): Promise<void> {
     this.listening = true
+    this.standby = true
     await this.listen()
     await this.tick()
   }
@@ -240,6 +276,12 @@ export class IngressLeader {
     this.listenInFlight = true
     try {
       await this.subscriber.subscribe(`${this.prefix}leader-free`, `${this.prefix}alive:${this.state.instanceId}`)
+      if (this.standby) {
+        await this.subscribeIngress()
+        // Last: a marker heard here came after every ingress subscription was in place,
+        // so the messages counted after it are those every other instance counts.
+        await this.subscriber.subscribe(`${this.prefix}ingress-mark`)
+      }
       this.heard = true
       if (this.listenFailing) this.log.info({ instance: this.state.instanceId }, 'subscribed to lease hand-overs')
       this.listenFailing = false
@@ -269,6 +311,11 @@ export class IngressLeader {
   beginStop (deadline = Infinity): void {
     this.stopping = true
     this.stopDeadline = deadline
+  }
+
+  /** Listening to the ingress channels, keeping what comes, without holding the lease. */
+  get isStandby (): boolean {
+    return this.standby && !this.holding
   }
 
   get isLeader (): boolean {
@@ -305,7 +352,11 @@ export class IngressLeader {
     this.listenAgainIfRefused()
     const startedAt = Date.now()
     const wasHolding = this.holding
-    const held = await this.commands.run('LEASE', [this.prefix, this.state.instanceId, this.leaseMs, this.staleMs]) === 1
+    this.takenAt = null
+    this.pruneKept(startedAt)
+    const answer = await this.commands.run('LEASE', [this.prefix, this.state.instanceId, this.leaseMs, this.staleMs]) as number | [number, string]
+    const held = answer === 1 || Array.isArray(answer)
+    if (Array.isArray(answer)) this.takenAt = String(answer[1])
     this.leaseAnswered = true
     if (held) this.validUntil = startedAt + this.leaseMs - 200
     await this.step(held)
@@ -339,6 +390,11 @@ export class IngressLeader {
       await within(succession.leaseTaken, Math.min(this.successionWaitMs, this.stopDeadline - 4 * HANDOVER_MARGIN_MS - Date.now()), () => false)
     }
     this.stopped = true
+    // No longer a standby: it will not take over, and the ingress subscriptions go below.
+    this.standby = false
+    this.kept.length = 0
+    this.keptHead = 0
+    this.keptBytes = 0
     clearInterval(this.timer)
     clearInterval(this.probeTimer)
     clearTimeout(this.graceTimer)
@@ -359,6 +415,9 @@ export class IngressLeader {
         if (!passed) await this.release()
         await this.commands.redis.publish(`${this.prefix}leader-free`, this.state.instanceId).catch(() => {})
       }
+    } else if (this.subscribed && this.succession === null) {
+      // A standby's subscriptions (see step for why the wait is bounded).
+      await within(this.step(false), UNSUBSCRIBE_WAIT_MS, () => {})
     }
     if (this.succession !== null) this.endSuccession(this.succession, false)
   }
@@ -501,14 +560,17 @@ export class IngressLeader {
         return
       }
       if (!this.holding) this.log.info({ instance }, 'took the ingress lease')
+      const tookOver = !this.holding
       this.holding = true
+      // Before the successor's kept messages are let through: those come after the marker, these before.
+      if (tookOver) this.publishKept(this.succession === null ? this.takenAt : null)
       if (this.succession !== null) this.endSuccession(this.succession, true)
       return
     }
     if (this.holding) this.log.info({ instance }, 'gave up the ingress lease')
     this.holding = false
-    // A successor listens before it holds the lease.
-    if (!this.subscribed || this.succession !== null) return
+    // A successor listens before it holds the lease, and a standby all along.
+    if (!this.subscribed || this.succession !== null || this.standby) return
     if (this.subscriber.status !== 'ready') {
       // Its socket is gone, and a new one starts without subscriptions (client.ts):
       // nothing to undo. Asked meanwhile, UNSUBSCRIBE can wait on a socket that
@@ -538,14 +600,77 @@ export class IngressLeader {
     )).catch(() => {})
   }
 
+  private onMark (mark: number): void {
+    if (!Number.isFinite(mark)) return
+    this.mark = mark
+    this.markCount = 0
+  }
+
   private dispatch (source: Parameters<IngressHandler>[0], payload: string): void {
+    let position = ''
+    if (this.mark !== 0) position = `${this.mark}:${++this.markCount}`
     if (this.handedOff) return
     // A successor keeps what comes after its marker until the lease is passed to it.
     let succession: Succession | null = null
     if (!this.isLeader) {
-      if (this.succession?.marked !== true) return
+      if (this.succession?.marked !== true) {
+        if (this.standby && !this.holding && this.mark !== 0) this.keep(source, payload, this.mark, this.markCount)
+        return
+      }
       succession = this.succession
     }
+    this.enqueue(source, payload, position, succession)
+  }
+
+  private keep (source: KeptMessage['source'], payload: string, mark: number, count: number): void {
+    const now = Date.now()
+    // Characters, not bytes: near enough for a bound, without measuring each message.
+    const bytes = payload.length + 64
+    this.kept.push({ source, payload, mark, count, at: now, bytes })
+    this.keptBytes += bytes
+    this.pruneKept(now)
+  }
+
+  /** Lets kept messages go: those older than a lease, and past STANDBY_MAX_BYTES the oldest. */
+  private pruneKept (now: number): void {
+    while (this.keptHead < this.kept.length) {
+      const oldest = this.kept[this.keptHead]
+      if (now - oldest.at <= this.leaseMs && this.keptBytes <= STANDBY_MAX_BYTES) break
+      this.keptBytes -= oldest.bytes
+      this.keptHead++
+    }
+    if (this.keptHead === this.kept.length) {
+      this.kept.length = 0
+      this.keptHead = 0
+    } else if (this.keptHead > 1024 && this.keptHead * 2 > this.kept.length) {
+      this.kept.splice(0, this.keptHead)
+      this.keptHead = 0
+    }
+  }
+
+  /**
+   * On taking the lease: the kept messages after `after` (the place the
+   * holder it took over from had published up to) are this instance's to
+   * publish, before any that comes next. The rest are let go.
+   */
+  private publishKept (after: string | null): void {
+    const kept = this.kept.slice(this.keptHead)
+    this.kept.length = 0
+    this.keptHead = 0
+    this.keptBytes = 0
+    const place = after === null ? null : /^(\d+):(\d+)$/.exec(after)
+    if (place === null) return
+    const [mark, count] = [Number(place[1]), Number(place[2])]
+    let published = 0
+    for (const message of kept) {
+      if (message.mark < mark || (message.mark === mark && message.count <= count)) continue
+      this.enqueue(message.source, message.payload, `${message.mark}:${message.count}`, null)
+      published++
+    }
+    if (published > 0) this.log.info({ messages: published }, 'took the ingress lease from a holder that died: publishing the messages it had not')
+  }
+
+  private enqueue (source: Parameters<IngressHandler>[0], payload: string, position: string, succession: Succession | null): void {
     // A publisher faster than messages are published (a conversation
     // target takes a round trip first; a slow Redis) would grow the queue,
     // and the process, without end: past the bound, messages are dropped.
@@ -595,7 +720,7 @@ export class IngressLeader {
         }
         let published: Promise<void>
         try {
-          ({ published } = await this.handler(source, payload, this.fence))
+          ({ published } = await this.handler(source, payload, { ...this.fence, position }))
         } catch (error) {
           done()
           throw error

@@ -226,7 +226,7 @@ export class RedisBus implements EventBus {
   async publish (items: PublishItem[], fence?: LeaseFence): Promise<number[]> {
     if (items.length === 0) return []
     const args: Array<string | number> = [this.options.prefix, this.options.historySize, this.options.historyTtlS]
-    if (fence !== undefined) args.push(fence.holder, fence.leaseMs)
+    if (fence !== undefined) args.push(fence.holder, fence.leaseMs, fence.position ?? '')
     pushItems(args, items)
     const ids = await this.commands.run(fence === undefined ? 'PUBLISH' : 'PUBLISH_AS_HOLDER', args) as string[]
     if (ids[0] === 'not-holder') throw new NotLeaseHolderError()

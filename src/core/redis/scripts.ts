@@ -124,12 +124,13 @@ return publish_items(ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), 4)
 `
 
 /**
- * ARGV: prefix, historySize, historyTtlS, holder, leaseMs, then the events as
- * for PUBLISH. As PUBLISH while the holder holds the ingress lease; a lease key
- * gone while its holder still acts on it (the store emptied, the key evicted)
- * is taken back. Otherwise publishes nothing and returns { 'not-holder' }: an
- * instance that took the lease meanwhile handles the message too, and it
- * must not be published twice.
+ * ARGV: prefix, historySize, historyTtlS, holder, leaseMs, the message's
+ * place among the ingress messages ('' when not known; see LEASE), then the
+ * events as for PUBLISH. As PUBLISH while the holder holds the ingress lease;
+ * a lease key gone while its holder still acts on it (the store emptied, the
+ * key evicted) is taken back. Otherwise publishes nothing and returns
+ * { 'not-holder' }: an instance that took the lease meanwhile handles the
+ * message too, and it must not be published twice.
  */
 export const PUBLISH_AS_HOLDER = `${PUBLISH_FUNCTIONS}${PUBLISH_ITEMS}
 local lease = ARGV[1] .. 'leader'
@@ -139,7 +140,10 @@ if not holder then
 elseif holder ~= ARGV[4] then
   return { 'not-holder' }
 end
-return publish_items(ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), 6)
+local ids = publish_items(ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), 7)
+-- An unknown place is recorded too: a successor must not take an older one for it.
+redis.call('SET', ARGV[1] .. 'ingress-at', ARGV[4] .. '\\n' .. ARGV[6], 'PX', tonumber(ARGV[5]))
+return ids
 `
 
 // What a key used within its window answers: { 'repeated', its ids... } for
@@ -847,16 +851,34 @@ return 1
  * its connection, and its lease. It is taken by an instance heard there
  * itself: two that are not (their subscription failed) would otherwise take
  * it from each other at every probe.
+ *
+ * The holder, at each renewal, publishes a marker on `<prefix>ingress-mark`
+ * (a number above every earlier one). Every instance's subscriber gets it at
+ * the same place among the ingress messages, so "the n-th message after
+ * marker m" names one message alike on every instance. The holder records,
+ * as it publishes each message, that message's place (`ingress-at`, kept as
+ * long as its lease); an instance that takes the lease from a holder that
+ * died gets that record back ({ 1, place }) and publishes what it kept
+ * after it (see IngressLeader's standby).
  */
 export const LEASE = `${CLOCK}
 local key = ARGV[1] .. 'leader'
 local renewed = ARGV[1] .. 'leader-at'
+local at_key = ARGV[1] .. 'ingress-at'
 local lease_ms = tonumber(ARGV[3])
 local holder = redis.call('GET', key)
 local now = clock_ms()
+local function mark()
+  local mark_key = ARGV[1] .. 'ingress-mark'
+  local seq = math.max(clock_us(), tonumber(redis.call('GET', mark_key) or 0) + 1)
+  redis.call('SET', mark_key, fmt(seq))
+  redis.call('PUBLISH', mark_key, fmt(seq))
+end
 if holder == ARGV[2] then
   redis.call('PEXPIRE', key, lease_ms)
   redis.call('SET', renewed, fmt(now), 'PX', lease_ms)
+  redis.call('PEXPIRE', at_key, lease_ms)
+  mark()
   return 1
 end
 local function heard(instance)
@@ -870,8 +892,15 @@ end
 local successor = redis.call('GET', ARGV[1] .. 'successor')
 if successor and successor ~= ARGV[2] then return 0 end
 if successor then redis.call('DEL', ARGV[1] .. 'successor') end
+-- Only the record of the holder it takes over from: another's is older.
+local at = holder and redis.call('GET', at_key)
+redis.call('DEL', at_key)
 redis.call('SET', key, ARGV[2], 'PX', lease_ms)
 redis.call('SET', renewed, fmt(now), 'PX', lease_ms)
+mark()
+if at and string.sub(at, 1, #holder + 1) == holder .. '\\n' and #at > #holder + 1 then
+  return { 1, string.sub(at, #holder + 2) }
+end
 return 1
 `
 
