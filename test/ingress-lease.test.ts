@@ -100,7 +100,7 @@ async function ingressFlows (t: Test, redis: Redis, setup: Rig, others: Rig[] = 
   const before = setup.received.length
   const othersBefore = others.map((other) => other.received.length)
   t.equal(await subscriberCount(redis, `${setup.prefix}publish`), 1 + others.filter((other) => other.leader.isStandby).length, `PUBSUB NUMSUB ${setup.prefix}publish: the holder and the standbys`)
-  t.ok(await redis.publish(`${setup.prefix}publish`, '{"to":{"user":"u1"},"data":1}') >= 1, 'a PUBLISH reaches the holder')
+  t.equal(await redis.publish(`${setup.prefix}publish`, '{"to":{"user":"u1"},"data":1}'), 1 + others.filter((other) => other.leader.isStandby).length, 'a PUBLISH reaches the holder and the standbys')
   const connectionId = `lease-${randomBytes(4).toString('hex')}`
   await redis.publish(`stream:${connectionId}`, '{"event":"x","data":2}')
   // Other tests' gateways and publishers share stream:* on the shared Redis: their messages are not this test's.
@@ -414,11 +414,17 @@ t.test('gateway: a lease holder killed with SIGKILL loses the lease as its conne
   t.equal((await stream.nextEvent('chunk', WAIT_MS)).data, 'after', 'and handles it')
 })
 
-t.test('gateway: a holder killed with SIGKILL mid-flow: the standby that takes over publishes what the holder had not, so no plain PUBLISH is lost or handled twice, and their order holds', async (t) => {
-  if (!(await needRedis(t))) return
+/**
+ * A holder (a child process) SIGKILLed before or during a flow of plain
+ * PUBLISHes to a stream on the other instance, alternately on stream:<id>
+ * and <prefix>publish, paced so that the takeover (a second or so after the
+ * kill) falls inside the flow: each arrives once, in order.
+ */
+async function killHolderMidFlow (t: Test, options: { instanceTtlMs: number, killAt: number }): Promise<void> {
   // A Redis of its own: other tests' stream:* messages would take places among the counted ones.
   const own = await startOwnRedis(t)
-  const env = { REDIS_URL: own.url, REDIS_PREFIX: uniquePrefix('lease-kill'), INSTANCE_TTL_MS: '60000' }
+  const prefix = uniquePrefix('lease-kill')
+  const env = { REDIS_URL: own.url, REDIS_PREFIX: prefix, INSTANCE_TTL_MS: String(options.instanceTtlMs) }
   const doomed = await spawnServer(t, { ...env, JWT_SECRET: TEST_SECRET, LOG_LEVEL: 'warn', HOST: '127.0.0.1' })
   const survivor = await startGateway(t, env)
   const ingress = survivor.app.ingress
@@ -426,11 +432,15 @@ t.test('gateway: a holder killed with SIGKILL mid-flow: the standby that takes o
   t.ok(!ingress.isLeader && ingress.isStandby, 'the first instance holds the lease, the other stands by')
   const { stream, connected } = await openConnected(`${survivor.url}/v1/stream?token=${userToken('u1')}`, { t })
   const redis = redisClient(t, own.url)
-  // Paced over some seconds: the takeover, a second or so after the kill, falls inside the flow.
+  if (options.killAt < 0) {
+    doomed.child.kill('SIGKILL')
+    await doomed.waitExit(WAIT_MS)
+  }
   const total = 2000
   for (let n = 0; n < total; n++) {
-    await redis.publish(`stream:${connected.connectionId}`, JSON.stringify({ event: 'seq', data: String(n) }))
-    if (n === 300) doomed.child.kill('SIGKILL')
+    if (n % 2 === 0) await redis.publish(`stream:${connected.connectionId}`, JSON.stringify({ event: 'seq', data: String(n) }))
+    else await redis.publish(`${prefix}publish`, JSON.stringify({ to: { user: 'u1' }, event: 'seq', data: String(n) }))
+    if (n === options.killAt) doomed.child.kill('SIGKILL')
     await new Promise<void>((resolve) => setTimeout(resolve, 1))
   }
   t.ok(ingress.isLeader, 'the survivor holds the lease')
@@ -441,6 +451,21 @@ t.test('gateway: a holder killed with SIGKILL mid-flow: the standby that takes o
   t.same(seen, Array.from({ length: total }, (_, n) => n), 'each once, in order')
   const ids = stream.events.filter((event) => event.event === 'seq').map((event) => BigInt(event.id ?? '0'))
   t.ok(ids.every((id, index) => index === 0 || id > ids[index - 1]), 'ids increasing')
+}
+
+t.test('gateway: a holder killed with SIGKILL mid-flow: the standby that takes over publishes what the holder had not, so no plain PUBLISH is lost or handled twice, and their order holds', async (t) => {
+  if (!(await needRedis(t))) return
+  await killHolderMidFlow(t, { instanceTtlMs: 60_000, killAt: 300 })
+})
+
+t.test('gateway: a holder killed before it published anything: what came before the takeover is published all the same', async (t) => {
+  if (!(await needRedis(t))) return
+  await killHolderMidFlow(t, { instanceTtlMs: 60_000, killAt: -1 })
+})
+
+t.test('gateway: with the shortest leases (INSTANCE_TTL_MS=2000, a lease of one second) a dead holder is still taken over from before its lease expires, so nothing is lost', async (t) => {
+  if (!(await needRedis(t))) return
+  await killHolderMidFlow(t, { instanceTtlMs: 2000, killAt: 300 })
 })
 
 t.test('gateway: a holder that stops passes the lease on: no plain PUBLISH sent meanwhile is lost or handled twice, and their order holds', async (t) => {

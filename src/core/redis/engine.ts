@@ -133,6 +133,13 @@ export class IngressLeader {
   private readonly kept: KeptMessage[] = []
   private keptHead = 0
   private keptBytes = 0
+  /** Kept messages let go for their age or the bound since the last takeover: a replay may then have a gap. */
+  private keptDropped = false
+  /** The standby's subscriptions went through on the subscriber's current connection. */
+  private standbyHeard = false
+  private standbyInFlight = false
+  /** Failed since they last went through: warned once. */
+  private standbyFailing = false
   /** The place the holder this check took the lease from had published up to (LEASE's answer). */
   private takenAt: string | null = null
   /** A tick asked for the holder's upkeep (reaping, graces), not only a renewal: the next check does it. */
@@ -224,6 +231,10 @@ export class IngressLeader {
       this.heard = false
       // Messages come unheard until the subscriptions are back: places are not known until the next marker.
       this.mark = 0
+      this.standbyHeard = false
+      // Nor can what was kept be set against a record read after the
+      // reconnect: a Redis that restarted may have come back with an older one.
+      this.dropKept()
     })
     commands.redis.on('close', unconfirm)
     subscriber.on('ready', () => {
@@ -239,7 +250,10 @@ export class IngressLeader {
     this.successionWaitMs = leaseMs + 2000
     this.checkEveryMs = Math.max(100, Math.floor(leaseMs / 3))
     this.timer = setInterval(() => this.check(), this.checkEveryMs).unref()
-    this.staleMs = MISSED_RENEWALS * (probeEveryMs ?? TAKEOVER_PROBE_MS)
+    // Within the lease, so that a dead holder is taken over from, with its
+    // record (see LEASE), before its key expires and takes the record's worth with it.
+    const probeMs = probeEveryMs ?? TAKEOVER_PROBE_MS
+    this.staleMs = Math.max(probeMs, Math.min(MISSED_RENEWALS * probeMs, leaseMs - 2 * probeMs))
     this.probeTimer = probeEveryMs === null ? undefined : setInterval(() => this.check(false), probeEveryMs).unref()
   }
 
@@ -276,12 +290,6 @@ export class IngressLeader {
     this.listenInFlight = true
     try {
       await this.subscriber.subscribe(`${this.prefix}leader-free`, `${this.prefix}alive:${this.state.instanceId}`)
-      if (this.standby) {
-        await this.subscribeIngress()
-        // Last: a marker heard here came after every ingress subscription was in place,
-        // so the messages counted after it are those every other instance counts.
-        await this.subscriber.subscribe(`${this.prefix}ingress-mark`)
-      }
       this.heard = true
       if (this.listenFailing) this.log.info({ instance: this.state.instanceId }, 'subscribed to lease hand-overs')
       this.listenFailing = false
@@ -290,6 +298,28 @@ export class IngressLeader {
       this.listenFailing = true
     } finally {
       this.listenInFlight = false
+    }
+    if (this.standby) await this.listenAsStandby()
+  }
+
+  /** Never rejects: a failure is warned once and tried again at the next checks. */
+  private async listenAsStandby (): Promise<void> {
+    this.standbyInFlight = true
+    try {
+      await this.subscribeIngress()
+      // Last: a marker heard here came after every ingress subscription was in place,
+      // so the messages counted after it are those every other instance counts.
+      await this.subscriber.subscribe(`${this.prefix}ingress-mark`)
+      // Places are known from the first marker on: one now, not at the holder's next renewal.
+      await this.commands.run('MARK', [this.prefix])
+      this.standbyHeard = true
+      if (this.standbyFailing) this.log.info({ instance: this.state.instanceId }, 'listening to the ingress channels as a standby')
+      this.standbyFailing = false
+    } catch (error) {
+      if (!this.standbyFailing) this.log.warn({ reason: reasonOf(error) }, 'could not listen to the ingress channels as a standby: messages sent while a holder that died is replaced would be lost')
+      this.standbyFailing = true
+    } finally {
+      this.standbyInFlight = false
     }
   }
 
@@ -300,7 +330,9 @@ export class IngressLeader {
    * that a subscriber that never answers cannot hold up the lease checks.
    */
   private listenAgainIfRefused (): void {
-    if (this.listening && !this.heard && !this.listenInFlight && this.subscriber.status === 'ready') void this.listen()
+    if (this.subscriber.status !== 'ready' || this.listenInFlight || this.standbyInFlight) return
+    if (this.listening && !this.heard) void this.listen()
+    else if (this.standby && !this.standbyHeard) void this.listenAsStandby()
   }
 
   /**
@@ -392,9 +424,7 @@ export class IngressLeader {
     this.stopped = true
     // No longer a standby: it will not take over, and the ingress subscriptions go below.
     this.standby = false
-    this.kept.length = 0
-    this.keptHead = 0
-    this.keptBytes = 0
+    this.dropKept()
     clearInterval(this.timer)
     clearInterval(this.probeTimer)
     clearTimeout(this.graceTimer)
@@ -638,6 +668,7 @@ export class IngressLeader {
       if (now - oldest.at <= this.leaseMs && this.keptBytes <= STANDBY_MAX_BYTES) break
       this.keptBytes -= oldest.bytes
       this.keptHead++
+      this.keptDropped = true
     }
     if (this.keptHead === this.kept.length) {
       this.kept.length = 0
@@ -655,19 +686,30 @@ export class IngressLeader {
    */
   private publishKept (after: string | null): void {
     const kept = this.kept.slice(this.keptHead)
-    this.kept.length = 0
-    this.keptHead = 0
-    this.keptBytes = 0
+    const dropped = this.keptDropped
+    this.dropKept()
     const place = after === null ? null : /^(\d+):(\d+)$/.exec(after)
     if (place === null) return
     const [mark, count] = [Number(place[1]), Number(place[2])]
     let published = 0
     for (const message of kept) {
       if (message.mark < mark || (message.mark === mark && message.count <= count)) continue
+      // Every kept one is past the holder's last, older ones were let go, and
+      // the first is not the one right after it: some may be missing.
+      if (published === 0 && dropped && message === kept[0] && !(message.mark === mark && message.count === count + 1)) {
+        this.log.warn({}, 'took the ingress lease from a holder that died: messages it had not published may be lost (kept for a lease, 32 MB at most)')
+      }
       this.enqueue(message.source, message.payload, `${message.mark}:${message.count}`, null)
       published++
     }
     if (published > 0) this.log.info({ messages: published }, 'took the ingress lease from a holder that died: publishing the messages it had not')
+  }
+
+  private dropKept (): void {
+    this.kept.length = 0
+    this.keptHead = 0
+    this.keptBytes = 0
+    this.keptDropped = false
   }
 
   private enqueue (source: Parameters<IngressHandler>[0], payload: string, position: string, succession: Succession | null): void {

@@ -835,7 +835,37 @@ end
 redis.call('SET', key, ARGV[3], 'PX', tonumber(ARGV[4]))
 redis.call('SET', ARGV[1] .. 'leader-at', fmt(clock_ms()), 'PX', tonumber(ARGV[4]))
 redis.call('DEL', ARGV[1] .. 'successor')
+-- The holder's place becomes the successor's: what came after it (the
+-- messages after the successor's marker above all) is still to publish,
+-- should the successor die before it has.
+local at_key = ARGV[1] .. 'ingress-at'
+local at = redis.call('GET', at_key)
+if at and string.sub(at, 1, #ARGV[2] + 1) == ARGV[2] .. '\\n' then
+  redis.call('SET', at_key, ARGV[3] .. '\\n' .. string.sub(at, #ARGV[2] + 2), 'PX', tonumber(ARGV[4]))
+else
+  redis.call('DEL', at_key)
+end
 return 1
+`
+
+/** Publishes a marker on `<prefix>ingress-mark` (see LEASE): a number above every earlier one. Returns it. */
+const MARK_FUNCTION = `
+local function mark()
+  local mark_key = ARGV[1] .. 'ingress-mark'
+  local seq = math.max(clock_us(), tonumber(redis.call('GET', mark_key) or 0) + 1)
+  redis.call('SET', mark_key, fmt(seq))
+  redis.call('PUBLISH', mark_key, fmt(seq))
+  return seq
+end
+`
+
+/**
+ * ARGV: prefix. A marker published by a standby that just subscribed: every
+ * instance may publish one, and from it on the standby knows the places of
+ * what it keeps, without waiting for the holder's next renewal.
+ */
+export const MARK = `${CLOCK}${MARK_FUNCTION}
+return fmt(mark())
 `
 
 /**
@@ -857,23 +887,18 @@ return 1
  * the same place among the ingress messages, so "the n-th message after
  * marker m" names one message alike on every instance. The holder records,
  * as it publishes each message, that message's place (`ingress-at`, kept as
- * long as its lease); an instance that takes the lease from a holder that
- * died gets that record back ({ 1, place }) and publishes what it kept
- * after it (see IngressLeader's standby).
+ * long as its lease; from the marker it takes the lease with on, or the
+ * holder's it is passed from); an instance that takes the lease from a
+ * holder that died gets that record back ({ 1, place }) and publishes what
+ * it kept after it (see IngressLeader's standby).
  */
-export const LEASE = `${CLOCK}
+export const LEASE = `${CLOCK}${MARK_FUNCTION}
 local key = ARGV[1] .. 'leader'
 local renewed = ARGV[1] .. 'leader-at'
 local at_key = ARGV[1] .. 'ingress-at'
 local lease_ms = tonumber(ARGV[3])
 local holder = redis.call('GET', key)
 local now = clock_ms()
-local function mark()
-  local mark_key = ARGV[1] .. 'ingress-mark'
-  local seq = math.max(clock_us(), tonumber(redis.call('GET', mark_key) or 0) + 1)
-  redis.call('SET', mark_key, fmt(seq))
-  redis.call('PUBLISH', mark_key, fmt(seq))
-end
 if holder == ARGV[2] then
   redis.call('PEXPIRE', key, lease_ms)
   redis.call('SET', renewed, fmt(now), 'PX', lease_ms)
@@ -894,10 +919,11 @@ if successor and successor ~= ARGV[2] then return 0 end
 if successor then redis.call('DEL', ARGV[1] .. 'successor') end
 -- Only the record of the holder it takes over from: another's is older.
 local at = holder and redis.call('GET', at_key)
-redis.call('DEL', at_key)
 redis.call('SET', key, ARGV[2], 'PX', lease_ms)
 redis.call('SET', renewed, fmt(now), 'PX', lease_ms)
-mark()
+-- Its own place, published nothing yet: what comes after this marker is
+-- still to publish, should it die before it has.
+redis.call('SET', at_key, ARGV[2] .. '\\n' .. fmt(mark()) .. ':0', 'PX', lease_ms)
 if at and string.sub(at, 1, #holder + 1) == holder .. '\\n' and #at > #holder + 1 then
   return { 1, string.sub(at, #holder + 2) }
 end
