@@ -147,6 +147,49 @@ t.test('a holder that stops hands the lease over: another instance takes it with
   t.same(a.received.slice(handledBefore), [], 'A handled nothing after it stopped')
 })
 
+t.test('the place a taker publishes from: the dead holder\'s record, kept as the taker\'s until it publishes; without one, its own marker; a pass leaves none, and the successor\'s first renewal starts one; an ACL without ingress-mark fails none of it', async (t) => {
+  if (!(await needRedis(t))) return
+  // ACL users are server-wide: a Redis of the test's own.
+  const own = await startOwnRedis(t)
+  const prefix = uniquePrefix('lease-place')
+  const admin = redisClient(t, own.url)
+  // Every channel under the prefix but those starting with i (ingress-mark).
+  await admin.acl('SETUSER', 'gw', 'on', '>secret', '~*', '+@all', 'resetchannels', `&${prefix}[^i]*`, '&stream:*')
+  const commands = new ScriptedRedis(`redis://gw:secret@127.0.0.1:${own.port}`)
+  commands.redis.on('error', () => {})
+  t.teardown(() => commands.redis.disconnect())
+  await commands.redis.connect()
+  const listener = redisClient(t, own.url)
+  await listener.subscribe(`${prefix}alive:T`, `${prefix}alive:U`, `${prefix}alive:W`, `${prefix}alive:S`)
+  const lease = async (instance: string): Promise<unknown> => await commands.run('LEASE', [prefix, instance, 60_000, 1000])
+  const record = async (): Promise<string | null> => await admin.get(`${prefix}ingress-at`)
+  const deadHolder = async (name: string): Promise<void> => {
+    await admin.set(`${prefix}leader`, name, 'PX', 60_000)
+    await admin.set(`${prefix}leader-at`, '0', 'PX', 60_000)
+  }
+
+  await deadHolder('H')
+  await admin.set(`${prefix}ingress-at`, 'H\n100:5', 'PX', 60_000)
+  t.same(await lease('T'), [1, '100:5'], 'T takes the lease from H, with H\'s place')
+  t.equal(await record(), 'T\n100:5', 'kept as T\'s until T publishes: should T die first, the next taker starts there too')
+  await listener.unsubscribe(`${prefix}alive:T`)
+  await admin.set(`${prefix}leader-at`, '0', 'PX', 60_000)
+  t.same(await lease('U'), [1, '100:5'], 'U, taking over from T, gets H\'s place')
+
+  await deadHolder('V')
+  const taken = await lease('W') as [number, string]
+  t.match(taken, [1, /^\d+:0$/], 'no record of V (the record names U): W starts from the marker it takes the lease with')
+  t.equal(await record(), `W\n${taken[1]}`)
+  t.ok(Number(taken[1].split(':')[0]) > 100, 'a marker above the earlier ones')
+
+  await admin.set(`${prefix}successor`, 'S', 'PX', 60_000)
+  t.equal(await commands.run('PASS_LEASE', [prefix, 'W', 'S', 60_000]), 1, 'W passes the lease to S')
+  t.equal(await record(), null, 'and its record goes (an older successor would not keep it)')
+  t.equal(await lease('S'), 1, 'S renews')
+  t.match(await record(), /^S\n\d+:0$/, 'and starts its own from that renewal\'s marker')
+  t.equal(await admin.get(`${prefix}leader`), 'S', 'the lease held all along, though Redis refused every marker\'s PUBLISH')
+})
+
 t.test('while a stopping holder\'s successor waits, only it may take the lease; a pass goes only to the claimed successor, and only while it is heard', async (t) => {
   if (!(await needRedis(t))) return
   const prefix = uniquePrefix('lease-succession')
@@ -158,7 +201,11 @@ t.test('while a stopping holder\'s successor waits, only it may take the lease; 
   // S and C are heard on their alive: channels; H (the holder) and S2 are not: they died.
   const listener = redisClient(t)
   await listener.subscribe(`${prefix}alive:S`, `${prefix}alive:C`)
-  const lease = async (instance: string): Promise<unknown> => await commands.run('LEASE', [prefix, instance, 60_000, 1000])
+  // 1 renewed, { 1, place } taken, 0 not held.
+  const lease = async (instance: string): Promise<unknown> => {
+    const answer = await commands.run('LEASE', [prefix, instance, 60_000, 1000])
+    return Array.isArray(answer) ? answer[0] : answer
+  }
   const pass = async (holder: string, successor: string): Promise<unknown> => await commands.run('PASS_LEASE', [prefix, holder, successor, 60_000])
 
   // H died after S claimed the succession, its last renewal long ago.

@@ -140,7 +140,7 @@ export class IngressLeader {
   private standbyInFlight = false
   /** Failed since they last went through: warned once. */
   private standbyFailing = false
-  /** The place the holder this check took the lease from had published up to (LEASE's answer). */
+  /** The place from which what this instance kept is its to publish, when this check took the lease (LEASE's answer). */
   private takenAt: string | null = null
   /** A tick asked for the holder's upkeep (reaping, graces), not only a renewal: the next check does it. */
   private upkeepAsked = false
@@ -253,7 +253,7 @@ export class IngressLeader {
     // Within the lease, so that a dead holder is taken over from, with its
     // record (see LEASE), before its key expires and takes the record's worth with it.
     const probeMs = probeEveryMs ?? TAKEOVER_PROBE_MS
-    this.staleMs = Math.max(probeMs, Math.min(MISSED_RENEWALS * probeMs, leaseMs - 2 * probeMs))
+    this.staleMs = Math.max(probeMs, Math.min(MISSED_RENEWALS * probeMs, leaseMs - 3 * probeMs))
     this.probeTimer = probeEveryMs === null ? undefined : setInterval(() => this.check(false), probeEveryMs).unref()
   }
 
@@ -697,12 +697,12 @@ export class IngressLeader {
       // Every kept one is past the holder's last, older ones were let go, and
       // the first is not the one right after it: some may be missing.
       if (published === 0 && dropped && message === kept[0] && !(message.mark === mark && message.count === count + 1)) {
-        this.log.warn({}, 'took the ingress lease from a holder that died: messages it had not published may be lost (kept for a lease, 32 MB at most)')
+        this.log.warn({}, 'took the ingress lease: messages the holder before had not published may be lost (a standby keeps them for a lease, 32 MB at most)')
       }
       this.enqueue(message.source, message.payload, `${message.mark}:${message.count}`, null)
       published++
     }
-    if (published > 0) this.log.info({ messages: published }, 'took the ingress lease from a holder that died: publishing the messages it had not')
+    if (published > 0) this.log.info({ messages: published }, 'took the ingress lease: publishing the messages kept as a standby that no holder published')
   }
 
   private dropKept (): void {

@@ -835,16 +835,10 @@ end
 redis.call('SET', key, ARGV[3], 'PX', tonumber(ARGV[4]))
 redis.call('SET', ARGV[1] .. 'leader-at', fmt(clock_ms()), 'PX', tonumber(ARGV[4]))
 redis.call('DEL', ARGV[1] .. 'successor')
--- The holder's place becomes the successor's: what came after it (the
--- messages after the successor's marker above all) is still to publish,
--- should the successor die before it has.
-local at_key = ARGV[1] .. 'ingress-at'
-local at = redis.call('GET', at_key)
-if at and string.sub(at, 1, #ARGV[2] + 1) == ARGV[2] .. '\\n' then
-  redis.call('SET', at_key, ARGV[3] .. '\\n' .. string.sub(at, #ARGV[2] + 2), 'PX', tonumber(ARGV[4]))
-else
-  redis.call('DEL', at_key)
-end
+-- The holder's record goes: a successor of an older version would not keep
+-- it up to date, and a taker after it would publish again what it did.
+-- One of this version starts its own at its first renewal (LEASE).
+redis.call('DEL', ARGV[1] .. 'ingress-at')
 return 1
 `
 
@@ -854,7 +848,9 @@ local function mark()
   local mark_key = ARGV[1] .. 'ingress-mark'
   local seq = math.max(clock_us(), tonumber(redis.call('GET', mark_key) or 0) + 1)
   redis.call('SET', mark_key, fmt(seq))
-  redis.call('PUBLISH', mark_key, fmt(seq))
+  -- pcall: a Redis ACL that does not allow the channel must not fail the
+  -- lease with it (the writes before it would stay, and no one would hold it).
+  redis.pcall('PUBLISH', mark_key, fmt(seq))
   return seq
 end
 `
@@ -887,10 +883,11 @@ return fmt(mark())
  * the same place among the ingress messages, so "the n-th message after
  * marker m" names one message alike on every instance. The holder records,
  * as it publishes each message, that message's place (`ingress-at`, kept as
- * long as its lease; from the marker it takes the lease with on, or the
- * holder's it is passed from); an instance that takes the lease from a
- * holder that died gets that record back ({ 1, place }) and publishes what
- * it kept after it (see IngressLeader's standby).
+ * long as its lease). A taker starts from the record of the holder it takes
+ * over from, or from the marker it takes the lease with, and gets that
+ * place back ({ 1, place }): it publishes what it kept after it (see
+ * IngressLeader's standby). An instance passed the lease starts from the
+ * marker of its first renewal.
  */
 export const LEASE = `${CLOCK}${MARK_FUNCTION}
 local key = ARGV[1] .. 'leader'
@@ -902,8 +899,11 @@ local now = clock_ms()
 if holder == ARGV[2] then
   redis.call('PEXPIRE', key, lease_ms)
   redis.call('SET', renewed, fmt(now), 'PX', lease_ms)
-  redis.call('PEXPIRE', at_key, lease_ms)
-  mark()
+  local seq = mark()
+  -- Passed the lease (PASS_LEASE leaves no record): from this marker on.
+  if redis.call('PEXPIRE', at_key, lease_ms) == 0 then
+    redis.call('SET', at_key, ARGV[2] .. '\\n' .. fmt(seq) .. ':0', 'PX', lease_ms)
+  end
   return 1
 end
 local function heard(instance)
@@ -921,13 +921,15 @@ if successor then redis.call('DEL', ARGV[1] .. 'successor') end
 local at = holder and redis.call('GET', at_key)
 redis.call('SET', key, ARGV[2], 'PX', lease_ms)
 redis.call('SET', renewed, fmt(now), 'PX', lease_ms)
--- Its own place, published nothing yet: what comes after this marker is
--- still to publish, should it die before it has.
-redis.call('SET', at_key, ARGV[2] .. '\\n' .. fmt(mark()) .. ':0', 'PX', lease_ms)
+-- From the dead holder's place, or, without one, from this marker on: what
+-- comes after is the taker's to publish, and the next taker's should it
+-- die before it has.
+local place = fmt(mark()) .. ':0'
 if at and string.sub(at, 1, #holder + 1) == holder .. '\\n' and #at > #holder + 1 then
-  return { 1, string.sub(at, #holder + 2) }
+  place = string.sub(at, #holder + 2)
 end
-return 1
+redis.call('SET', at_key, ARGV[2] .. '\\n' .. place, 'PX', lease_ms)
+return { 1, place }
 `
 
 /**
