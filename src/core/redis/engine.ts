@@ -680,9 +680,10 @@ export class IngressLeader {
   }
 
   /**
-   * On taking the lease: the kept messages after `after` (the place the
-   * holder it took over from had published up to) are this instance's to
-   * publish, before any that comes next. The rest are let go.
+   * On taking the lease: the kept messages after `after` (LEASE's answer:
+   * the place the holder it took over from had published up to, or the
+   * marker it took the lease with) are this instance's to publish, before
+   * any that comes next. The rest are let go.
    */
   private publishKept (after: string | null): void {
     const kept = this.kept.slice(this.keptHead)
