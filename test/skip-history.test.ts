@@ -2,6 +2,7 @@ import t from 'tap'
 import type { Test } from 'tap'
 import { forEachMode, openConnected, openStream, publish as post, publishOk, publisherToken, startCluster, userToken, type SseClient } from './helpers'
 import { redisClient } from './helpers/redis'
+import { flood, FLOOD_EVENT_BYTES, floodMaxBytes, getRequest, rawConnect } from './helpers/raw'
 
 // `skipHistory: true` (a typing indicator, a cursor position): the event is
 // delivered live with an id like any other, but no reconnect replays it,
@@ -95,3 +96,22 @@ forEachMode(t, 'over Redis ingress too: <prefix>publish and stream:<id> take ski
   t.same(events, [], 'neither replayed')
   await redis.del(...await redis.keys(`${prefix}*`))
 }, ['redis'])
+
+forEachMode(t, 'a skipHistory event published while a reconnect is still replaying a backlog longer than the socket buffers is delivered in its place, not taken for a duplicate', async (t, mode) => {
+  const maxBuffered = 64 * 1024
+  const [{ url, port }] = await startCluster(t, mode, 1, { MAX_BUFFERED_BYTES: String(maxBuffered), KEEPALIVE_MS: '60000' })
+  const [cursor] = await publishOk(url, publisher, { to: { user: 'behind' }, event: 'marker', data: 'the cursor' })
+  const backlog = await flood(url, { user: 'behind' }, () => false, 2 * floodMaxBytes(maxBuffered))
+  const raw = await rawConnect(t, port)
+  raw.write(getRequest(`/v1/stream?token=${userToken('behind')}`, port, { 'Last-Event-ID': cursor }))
+  await raw.until(() => raw.bytes > 4 * FLOOD_EVENT_BYTES, 10_000, 'the replay to begin')
+  raw.pause()
+  // While the replay waits on the reader: a typing event, then a stored one after it.
+  const [typing] = await publishOk(url, publisher, { to: { user: 'behind' }, event: 'typing', data: 't', skipHistory: true })
+  const [after] = await publishOk(url, publisher, { to: { user: 'behind' }, event: 'after', data: 'a' })
+  raw.resume()
+  await raw.until(() => raw.closed || raw.events().some((event) => event.id === after), 30_000, 'the last event')
+  const events = raw.events().filter((event) => event.id !== undefined)
+  t.same(events.slice(-2).map((event) => [event.event, event.id]), [['typing', typing], ['after', after]], 'the typing event in its place, before the one after it')
+  t.equal(events.length, backlog.length + 2, 'the whole backlog too, each once')
+})

@@ -444,7 +444,9 @@ export class StreamService {
   private async sendPaced (connection: StreamConnection, after: number, changes: ReplayChanges): Promise<ResetReason | null> {
     const channels = [...connection.channels].filter((name) => !changes.joined.has(name))
     return await this.eachReplayPage(channels, after, async (events) => {
-      await this.sendHistory(connection, events)
+      // With what it holds: a skipHistory event that came meanwhile is in
+      // no history, and a later page would move the stream past its id.
+      await this.sendHistory(connection, events, true)
       return !connection.closed
     }, changes).catch((): ResetReason => 'unavailable')
   }
