@@ -3,7 +3,7 @@ import fastifyJwt, { type FastifyJWTOptions, type JWT } from '@fastify/jwt'
 import type { FastifyRequest } from 'fastify'
 import { hasLoneSurrogate, isEntityId, MAX_ID_CHARACTERS, tooManyCharacters } from '../src/core/publish'
 import { errors } from '../src/errors'
-import { holdsJwt } from '../src/logging'
+import { holdsDecodableJwt } from '../src/logging'
 import { unquoted } from '../src/headers'
 
 export type AuthLevel = 'none' | 'user' | 'publisher' | 'admin'
@@ -254,7 +254,7 @@ export default fp(async (app) => {
       throw unauthorized('no-user', hasLoneSurrogate(userId) ? 'the token\'s user id is not well-formed Unicode' : 'the token\'s user id holds control characters')
     }
     // Log lines name the user of each stream: a token there would be logged whole.
-    if (typeof userId === 'string' && holdsJwt(userId)) throw unauthorized('no-user', 'the token\'s user id holds a JWT, which logs would show')
+    if (typeof userId === 'string' && holdsDecodableJwt(userId)) throw unauthorized('no-user', 'the token\'s user id holds a JWT, which logs would show')
     // Roles count only in tokens sent explicitly, never in the cookie.
     const roles = fromCookie ? new Set<string>() : rolesOf(claims)
     // A restriction that is not a list of patterns allows nothing rather than everything.

@@ -67,6 +67,11 @@ function runHoldsJwt (run: string): boolean {
     const firstDot = run.indexOf('.', start + 3)
     if (firstDot !== -1 && run.indexOf('.', firstDot + 1) !== -1) return true
   }
+  return runHoldsDecodableJwt(run)
+}
+
+/** A header and a payload that decode to JSON objects, then a third part: a JWT for certain, not only its look. */
+function runHoldsDecodableJwt (run: string): boolean {
   for (let dot = run.indexOf('.'); dot !== -1; dot = run.indexOf('.', dot + 1)) {
     const secondDot = run.indexOf('.', dot + 1)
     if (secondDot === -1) return false
@@ -89,8 +94,18 @@ function decodesTo (part: string, pattern: RegExp): boolean {
   return part.length >= 4 && pattern.test(Buffer.from(part.slice(0, 64), 'base64url').toString('latin1'))
 }
 
-export function holdsJwt (text: string): boolean {
+function holdsJwt (text: string): boolean {
   for (const [run] of text.matchAll(JWT_CHARACTER_RUNS)) if (runHoldsJwt(run)) return true
+  return false
+}
+
+/**
+ * Whether `text` holds a JWT whose header and payload decode: not only
+ * `eyJ` and two dots, which redaction is content with, but which an email
+ * address (`mickeyJ.r.smith@…`) may have.
+ */
+export function holdsDecodableJwt (text: string): boolean {
+  for (const [run] of text.matchAll(JWT_CHARACTER_RUNS)) if (runHoldsDecodableJwt(run)) return true
   return false
 }
 

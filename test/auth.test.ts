@@ -248,7 +248,10 @@ t.test('the user id comes from JWT_USER_CLAIM (default sub), falling back to use
       t.equal(refused.status, 401)
       t.match(refused.json(), { statusCode: 401, message: /user id holds a JWT/ })
     }
-    t.equal(await connectedUser(t, await openStream(`${url}/v1/stream?token=${token({ sub: 'first.last.example' })}`, { t })), 'first.last.example')
+    // Ids that merely look like one (eyJ, then two dots): emails, dotted names.
+    for (const sub of ['first.last.example', 'MickeyJ.R.Smith@example.com', 'bob@heyJude.co.uk', 'tenant.surveyJobs.eu.42', 'eyJ.a.b']) {
+      t.equal(await connectedUser(t, await openStream(`${url}/v1/stream?token=${token({ sub })}`, { t })), sub)
+    }
   })
   t.test('no sub: userId', async (t) => {
     const { url } = await startGateway(t)
