@@ -52,7 +52,7 @@ async function main (): Promise<void> {
     if (step === 'give up') {
       if (app === null) {
         // Before the app exists there is no logger; stderr is where start-up failures go.
-        process.stderr.write(`second stop signal (${signal}) while starting: exiting at once, before what the start set up in Redis is given back (it expires)\n`)
+        process.stderr.write(`second stop signal (${signal}) while starting: exiting at once\n`)
         process.exit(1)
       }
       app.log.warn({ signal }, 'second stop signal: exiting without finishing the drain')
