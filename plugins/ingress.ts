@@ -71,7 +71,7 @@ export default fp(async (app) => {
     })
     return { published }
   }
-  ingress.onMessage(async (source, payload, fence) => await handle(source, payload, { fence }))
+  ingress.onMessage(async (source, payload, fence) => payload === null ? reject(source.kind, 'not UTF-8') : await handle(source, payload, { fence }))
   ingress.onOverflow((source) => app.metrics.ingressDropped(source))
   durableIngress.onDropped(() => app.metrics.ingressRejected('durable'))
   durableIngress.onMessage(async (payload, onceKey) => {

@@ -28,7 +28,7 @@ import statsRoutes from '../routes/stats'
 import pageRoutes from '../routes/pages'
 import { RouteMethods } from './route-methods'
 import { within } from './core/within'
-import { NonFiniteNumberError, parseJsonFinite } from './core/json'
+import { NonFiniteNumberError, parseJsonFinite, utf8OrNull } from './core/json'
 import { httpReason, refuseOnSocket } from './raw-answer'
 import { clientAddress } from './client-address'
 import { ConnectionReserve } from './connection-reserve'
@@ -497,20 +497,14 @@ function parseEveryBodyAsJson (app: FastifyInstance): void {
     reply.header('accept-encoding', 'identity')
     done(new errors.UnsupportedMediaType('Content-Encoding is not supported: send the body uncompressed'), payload)
   })
-  // JSON is UTF-8 (RFC 8259): a byte sequence that is not would be read as
-  // U+FFFD, and two different ids or texts published as the same one. (A
-  // byte-order mark is kept in the text: parseJsonFinite takes one.)
-  const utf8 = new TextDecoder('utf-8', { fatal: true, ignoreBOM: true })
   app.addContentTypeParser('*', { parseAs: 'buffer' }, (request, body, done) => {
     // An unknown route answers 404 whatever its body.
     if (request.is404) {
       done(null, undefined)
       return
     }
-    let text: string
-    try {
-      text = utf8.decode(body as Buffer)
-    } catch {
+    const text = utf8OrNull(body as Buffer)
+    if (text === null) {
       const refusal = new errors.BadRequest('the body is not valid UTF-8')
       unparsableBodies.add(refusal)
       done(refusal, undefined)

@@ -57,7 +57,7 @@ async function rig (t: Test, subscriberOptions: RedisOptions = {}, shared: { pre
   const received: Rig['received'] = []
   const waiters = new Waiters()
   leader.onMessage(async (source, payload) => {
-    received.push({ source: source.kind === 'stream' ? `stream:${source.connectionId}` : 'publish', payload })
+    received.push({ source: source.kind === 'stream' ? `stream:${source.connectionId}` : 'publish', payload: payload ?? '(not UTF-8)' })
     waiters.wake()
     return { published: Promise.resolve() }
   })
@@ -661,7 +661,7 @@ t.test('ingress messages waiting to be handed to Redis are bounded: past the bou
       first = false
       await stalled
     }
-    if (source.kind === 'publish') handled.push(payload)
+    if (source.kind === 'publish') handled.push(payload ?? '(not UTF-8)')
     return { published: Promise.resolve() }
   })
   const extra = 25
@@ -685,7 +685,7 @@ t.test('the ingress bound also counts messages handed over whose publish has not
   const slowRedis = new Promise<void>((resolve) => { release = resolve })
   const handed: string[] = []
   setup.leader.onMessage(async (source, payload) => {
-    if (source.kind === 'publish') handed.push(payload)
+    if (source.kind === 'publish') handed.push(payload ?? '(not UTF-8)')
     return { published: slowRedis }
   })
   const extra = 10

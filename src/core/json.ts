@@ -9,6 +9,22 @@ export class NonFiniteNumberError extends Error {
   }
 }
 
+// A byte-order mark is kept in the text: parseJsonFinite takes one.
+const UTF8 = new TextDecoder('utf-8', { fatal: true, ignoreBOM: true })
+
+/**
+ * The bytes as text, or null when they are not UTF-8. JSON is UTF-8 (RFC
+ * 8259): a stray byte, a surrogate half, an overlong or cut sequence read
+ * leniently would become U+FFFD, and two different ids or texts one.
+ */
+export function utf8OrNull (bytes: Uint8Array): string | null {
+  try {
+    return UTF8.decode(bytes)
+  } catch {
+    return null
+  }
+}
+
 /**
  * Only text with a positive exponent (a long mantissa takes a short one past
  * the range: 1 and 210 zeros, e99) or 309 digits in a row can hold one: the

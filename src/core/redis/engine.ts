@@ -4,6 +4,7 @@ import type { Registry } from '../registry'
 import { CUT_OFF, reasonOf, redisOptions, RepeatedWarning, ScriptedRedis, STORE_CONDITION_CODES, StoreUnavailableError, type Log } from './client'
 import { RedisBus } from './redis-bus'
 import { DROP_IDLE_CONSUMERS } from './scripts'
+import { utf8OrNull } from '../json'
 import { within } from '../within'
 import { RedisState } from './redis-state'
 import { RedisRequestCounter } from './request-counter'
@@ -47,7 +48,8 @@ const STANDBY_MAX_BYTES = 32 * 1024 * 1024
 /** An ingress message a standby kept, and its place: the `count`-th after marker `mark` (see LEASE). */
 interface KeptMessage {
   source: { kind: 'publish' } | { kind: 'stream', connectionId: string }
-  payload: string
+  /** null: not UTF-8 (see utf8OrNull). */
+  payload: string | null
   mark: number
   count: number
   at: number
@@ -87,7 +89,7 @@ interface Succession {
  * published under `fence` (EventBus.publish): a holder that lost its lease
  * without noticing yet publishes nothing.
  */
-export type IngressHandler = (source: { kind: 'publish' } | { kind: 'stream', connectionId: string }, payload: string, fence: LeaseFence) => Promise<{ published: Promise<void> }>
+export type IngressHandler = (source: { kind: 'publish' } | { kind: 'stream', connectionId: string }, payload: string | null, fence: LeaseFence) => Promise<{ published: Promise<void> }>
 
 /**
  * Every instance receives a PUBLISH on an ingress channel, yet each message
@@ -208,12 +210,14 @@ export class IngressLeader {
     const markChannel = Buffer.from(`${prefix}ingress-mark`)
     subscriber.on('messageBuffer', (name: Buffer, message: Buffer) => {
       // In the order Redis sent them: a successor's marker among the ingress messages (see handOver).
-      if (name.equals(publishChannel)) this.dispatch({ kind: 'publish' }, message.toString())
+      if (name.equals(publishChannel)) this.dispatch({ kind: 'publish' }, utf8OrNull(message))
       else if (name.equals(markChannel)) this.onMark(Number(message.toString()))
       else if (name.equals(leaderFreeChannel)) this.onLeaseNotice(message.toString())
     })
-    subscriber.on('pmessage', (_pattern: string, name: string, message: string) => {
-      if (name.startsWith('stream:')) this.dispatch({ kind: 'stream', connectionId: name.slice('stream:'.length) }, message)
+    subscriber.on('pmessageBuffer', (_pattern: string, name: Buffer, message: Buffer) => {
+      // A name that is not UTF-8 names no connection: the handler refuses it as such.
+      const channel = name.toString()
+      if (channel.startsWith('stream:')) this.dispatch({ kind: 'stream', connectionId: channel.slice('stream:'.length) }, utf8OrNull(message))
     })
     // A dropped connection may mean a Redis that restarted empty, its lease
     // key gone and free for another instance: the lease counts again only
@@ -636,7 +640,8 @@ export class IngressLeader {
     this.markCount = 0
   }
 
-  private dispatch (source: Parameters<IngressHandler>[0], payload: string): void {
+  /** `payload` null: bytes that are not UTF-8, which the handler refuses; they still take their place among the messages. */
+  private dispatch (source: Parameters<IngressHandler>[0], payload: string | null): void {
     let position = ''
     if (this.mark !== 0) position = `${this.mark}:${++this.markCount}`
     if (this.handedOff) return
@@ -652,10 +657,10 @@ export class IngressLeader {
     this.enqueue(source, payload, position, succession)
   }
 
-  private keep (source: KeptMessage['source'], payload: string, mark: number, count: number): void {
+  private keep (source: KeptMessage['source'], payload: string | null, mark: number, count: number): void {
     const now = Date.now()
     // Characters, not bytes: near enough for a bound, without measuring each message.
-    const bytes = payload.length + 64
+    const bytes = (payload?.length ?? 0) + 64
     this.kept.push({ source, payload, mark, count, at: now, bytes })
     this.keptBytes += bytes
     this.pruneKept(now)
@@ -713,11 +718,11 @@ export class IngressLeader {
     this.keptDropped = false
   }
 
-  private enqueue (source: Parameters<IngressHandler>[0], payload: string, position: string, succession: Succession | null): void {
+  private enqueue (source: Parameters<IngressHandler>[0], payload: string | null, position: string, succession: Succession | null): void {
     // A publisher faster than messages are published (a conversation
     // target takes a round trip first; a slow Redis) would grow the queue,
     // and the process, without end: past the bound, messages are dropped.
-    const bytes = Buffer.byteLength(payload)
+    const bytes = payload === null ? 0 : Buffer.byteLength(payload)
     if (this.queued >= MAX_QUEUED_INGRESS || this.queuedBytes + bytes > MAX_QUEUED_INGRESS_BYTES) {
       this.overflowListener(source.kind)
       if (!this.overflowing) {
