@@ -190,6 +190,28 @@ t.test('the place a taker publishes from: the dead holder\'s record, kept as the
   t.equal(await admin.get(`${prefix}leader`), 'S', 'the lease held all along, though Redis refused every marker\'s PUBLISH')
 })
 
+t.test('gateway: under a Redis ACL that does not allow ingress-mark, two instances start, one holds the lease, ingress flows once, and each standby warns once', async (t) => {
+  if (!(await needRedis(t))) return
+  const own = await startOwnRedis(t)
+  const prefix = uniquePrefix('lease-acl')
+  const admin = redisClient(t, own.url)
+  // Every channel under the prefix but those starting with i (ingress-mark).
+  await admin.acl('SETUSER', 'gw', 'on', '>secret', '~*', '+@all', 'resetchannels', `&${prefix}[^i]*`, '&stream:*')
+  const env = { REDIS_URL: `redis://gw:secret@127.0.0.1:${own.port}`, REDIS_PREFIX: prefix, INSTANCE_TTL_MS: '60000' }
+  const a = await startGateway(t, env, { captureLogs: true })
+  const b = await startGateway(t, env, { captureLogs: true })
+  const holders = [a, b].filter((gateway) => gateway.app.ingress?.isLeader === true)
+  t.equal(holders.length, 1, 'one instance holds the lease')
+  const { stream, connected } = await openConnected(`${b.url}/v1/stream?token=${userToken('u1')}`, { t })
+  await admin.publish(`stream:${connected.connectionId}`, JSON.stringify({ event: 'chunk', data: 'one' }))
+  await admin.publish(`${prefix}publish`, JSON.stringify({ to: { user: 'u1' }, event: 'chunk', data: 'two' }))
+  await stream.next((event) => event.data === 'two', WAIT_MS, 'both messages')
+  t.same(stream.events.filter((event) => event.event === 'chunk').map((event) => event.data), ['one', 'two'], 'each once, in order')
+  for (const gateway of [a, b]) {
+    t.equal(gateway.logs.filter((line) => line.includes('could not listen to the ingress channels as a standby')).length, 1, 'the standby subscription warned once')
+  }
+})
+
 t.test('while a stopping holder\'s successor waits, only it may take the lease; a pass goes only to the claimed successor, and only while it is heard', async (t) => {
   if (!(await needRedis(t))) return
   const prefix = uniquePrefix('lease-succession')
