@@ -4,7 +4,7 @@ import type { FastifyRequest } from 'fastify'
 import { hasLoneSurrogate, isEntityId, MAX_ID_CHARACTERS, tooManyCharacters } from '../src/core/publish'
 import { errors } from '../src/errors'
 import { holdsDecodableJwt } from '../src/logging'
-import { unquoted } from '../src/headers'
+import { headerLines, unquoted } from '../src/headers'
 
 export type AuthLevel = 'none' | 'user' | 'publisher' | 'admin'
 
@@ -35,15 +35,6 @@ const PUBLIC_KEY_ALGORITHMS: Algorithms = ['RS256', 'RS384', 'RS512', 'ES256', '
 /** Whether `list` names `alg`, a header's value, which may be anything. */
 const names = (list: Algorithms, alg: string): boolean => (list as readonly string[]).includes(alg)
 
-function authorizationHeaders (rawHeaders: string[]): number {
-  let count = 0
-  for (let index = 0; index < rawHeaders.length; index += 2) {
-    const name = rawHeaders[index]
-    if (name.length === 13 && name.toLowerCase() === 'authorization') count++
-  }
-  return count
-}
-
 /** Tokens are looked for in this order; the first one present is the only one verified. */
 export function extractToken (request: FastifyRequest): string | null {
   const authorization = request.headers.authorization
@@ -51,13 +42,15 @@ export function extractToken (request: FastifyRequest): string | null {
   // browser adds by itself on a site behind HTTP auth) is not a token, and
   // does not hide the later sources. A Bearer one that is malformed does, as
   // does a bare value with no scheme (a token sent without `Bearer `).
-  // Node keeps the first of two Authorization headers and drops the other:
-  // a proxy that reads the last would take another caller than the
-  // gateway. Ambiguous, so malformed (as two X-Auth-Token headers are).
-  if (authorization !== undefined && authorizationHeaders(request.raw.rawHeaders) > 1) return ''
-  if (authorization !== undefined && (/^\s*bearer(\s|$)/i.test(authorization) || !/^\s*\S+\s+\S/.test(authorization))) {
-    const match = /^\s*Bearer\s+(\S+)\s*$/i.exec(authorization)
-    return match === null ? '' : match[1]
+  if (authorization !== undefined) {
+    // Node keeps the first of two Authorization headers and drops the other:
+    // a proxy that reads the last would take another caller than the
+    // gateway. Ambiguous, so malformed (as two X-Auth-Token headers are).
+    if (headerLines(request.raw.rawHeaders, 'authorization') > 1) return ''
+    if (/^\s*bearer(\s|$)/i.test(authorization) || !/^\s*\S+\s+\S/.test(authorization)) {
+      const match = /^\s*Bearer\s+(\S+)\s*$/i.exec(authorization)
+      return match === null ? '' : match[1]
+    }
   }
   const header = request.headers['x-auth-token']
   if (header !== undefined) return Array.isArray(header) ? header[0] ?? '' : header.trim()

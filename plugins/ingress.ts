@@ -1,6 +1,6 @@
 import fp from 'fastify-plugin'
 import { NonFiniteNumberError, parseJsonFinite } from '../src/core/json'
-import { FanoutTooLargeError, isPathId, isPlainObject, validateEventAndData, validatePublishBody, type PublishRequest } from '../src/core/publish'
+import { FanoutTooLargeError, isPathId, isPlainObject, validateEventAndData, validatePublishBody, validateSkipHistory, type PublishRequest } from '../src/core/publish'
 import type { LeaseFence, PublishItem, PublishOnce } from '../src/core/bus'
 
 /**
@@ -46,8 +46,9 @@ export default fp(async (app) => {
       if (!isPlainObject(body)) return reject(kind, 'not an object')
       const content = validateEventAndData(body, config.maxEventBytes)
       if (!content.ok) return reject(kind, content.message)
-      if (body.skipHistory !== undefined && typeof body.skipHistory !== 'boolean') return reject(kind, '"skipHistory" must be true or false')
-      requests = [{ target: { kind: 'connection', id: source.connectionId }, event: content.value.event, text: content.value.text, ...(body.skipHistory === true ? { transient: true as const } : {}) }]
+      const transient = validateSkipHistory(body)
+      if (!transient.ok) return reject(kind, transient.message)
+      requests = [{ target: { kind: 'connection', id: source.connectionId }, event: content.value.event, text: content.value.text, ...transient.value }]
     }
     let items: PublishItem[]
     try {

@@ -33,6 +33,7 @@ import { httpReason, refuseOnSocket } from './raw-answer'
 import { clientAddress } from './client-address'
 import { ConnectionReserve } from './connection-reserve'
 import { openFileLimit } from './open-files'
+import { headerLines } from './headers'
 import { RepeatedWarning } from './core/repeated-warning'
 
 declare module 'fastify' {
@@ -423,7 +424,7 @@ function checkEveryRequest (app: FastifyInstance, maxBodyBytes: number): void {
     // pipelined behind it, which run whatever this answer is, get theirs.
     if (request.headers.host === undefined && request.raw.httpVersion === '1.1') {
       done(new errors.BadRequest('the Host header is missing'))
-    } else if (hostLines(request.raw.rawHeaders) > 1) {
+    } else if (headerLines(request.raw.rawHeaders, 'host') > 1) {
       // RFC 9112 §3.2 again: Node keeps the first, a proxy before it may have read another.
       done(new errors.BadRequest('the Host header is given more than once'))
     } else {
@@ -445,16 +446,6 @@ function answerShadowedPathsAsNotServed (app: FastifyInstance, routeMethods: Rou
     }
     done()
   })
-}
-
-/** How many Host lines a request head holds (`rawHeaders`: name, value, name, value…). */
-function hostLines (rawHeaders: string[]): number {
-  let count = 0
-  for (let index = 0; index < rawHeaders.length; index += 2) {
-    const name = rawHeaders[index]
-    if (name.length === 4 && name.toLowerCase() === 'host') count++
-  }
-  return count
 }
 
 function parseEveryBodyAsJson (app: FastifyInstance): void {

@@ -168,12 +168,18 @@ export function validatePublishItem (raw: unknown, maxEventBytes: number): Valid
   }
   const target = validateTarget(raw.to)
   if (!target.ok) return target
-  if (raw.skipHistory !== undefined && typeof raw.skipHistory !== 'boolean') return bad('"skipHistory" must be true or false')
+  const transient = validateSkipHistory(raw)
+  if (!transient.ok) return transient
   const content = validateEventAndData(raw, maxEventBytes)
   if (!content.ok) return content
-  const request: PublishRequest = { target: target.value, event: content.value.event, text: content.value.text }
-  if (raw.skipHistory === true) request.transient = true
-  return { ok: true, value: request }
+  return { ok: true, value: { target: target.value, event: content.value.event, text: content.value.text, ...transient.value } }
+}
+
+/** `skipHistory` of an event, as every way of publishing takes it: what the request then holds (PublishRequest.transient). */
+export function validateSkipHistory (raw: Record<string, unknown>): Validation<{ transient?: true }> {
+  if (raw.skipHistory === undefined || raw.skipHistory === false) return { ok: true, value: {} }
+  if (raw.skipHistory === true) return { ok: true, value: { transient: true } }
+  return bad('"skipHistory" must be true or false')
 }
 
 /** One event or an array of 1–1000, all-or-nothing; errors name the failing index. */

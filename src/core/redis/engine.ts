@@ -45,9 +45,12 @@ export const TAKEOVER_PROBE_MS = 250
  */
 const STANDBY_MAX_BYTES = 32 * 1024 * 1024
 
+/** Where an ingress message came: `<prefix>publish`, or `stream:<connectionId>`. */
+export type IngressSource = { kind: 'publish' } | { kind: 'stream', connectionId: string }
+
 /** An ingress message a standby kept, and its place: the `count`-th after marker `mark` (see LEASE). */
 interface KeptMessage {
-  source: { kind: 'publish' } | { kind: 'stream', connectionId: string }
+  source: IngressSource
   /** null: not UTF-8 (see utf8OrNull). */
   payload: string | null
   mark: number
@@ -89,7 +92,7 @@ interface Succession {
  * published under `fence` (EventBus.publish): a holder that lost its lease
  * without noticing yet publishes nothing.
  */
-export type IngressHandler = (source: { kind: 'publish' } | { kind: 'stream', connectionId: string }, payload: string | null, fence: LeaseFence) => Promise<{ published: Promise<void> }>
+export type IngressHandler = (source: IngressSource, payload: string | null, fence: LeaseFence) => Promise<{ published: Promise<void> }>
 
 /**
  * Every instance receives a PUBLISH on an ingress channel, yet each message
@@ -641,7 +644,7 @@ export class IngressLeader {
   }
 
   /** `payload` null: bytes that are not UTF-8, which the handler refuses; they still take their place among the messages. */
-  private dispatch (source: Parameters<IngressHandler>[0], payload: string | null): void {
+  private dispatch (source: IngressSource, payload: string | null): void {
     let position = ''
     if (this.mark !== 0) position = `${this.mark}:${++this.markCount}`
     if (this.handedOff) return
@@ -657,7 +660,7 @@ export class IngressLeader {
     this.enqueue(source, payload, position, succession)
   }
 
-  private keep (source: KeptMessage['source'], payload: string | null, mark: number, count: number): void {
+  private keep (source: IngressSource, payload: string | null, mark: number, count: number): void {
     const now = Date.now()
     // Characters, not bytes: near enough for a bound, without measuring each message.
     const bytes = (payload?.length ?? 0) + 64
@@ -718,7 +721,7 @@ export class IngressLeader {
     this.keptDropped = false
   }
 
-  private enqueue (source: Parameters<IngressHandler>[0], payload: string | null, position: string, succession: Succession | null): void {
+  private enqueue (source: IngressSource, payload: string | null, position: string, succession: Succession | null): void {
     // A publisher faster than messages are published (a conversation
     // target takes a round trip first; a slow Redis) would grow the queue,
     // and the process, without end: past the bound, messages are dropped.
