@@ -69,7 +69,7 @@ export class ConnectionReserve {
       const socket = this.req.socket as Socket & { _httpMessage?: ServerResponse | null }
       // A response to a request pipelined behind this one is on it now: not idle.
       if (socket.destroyed || (socket._httpMessage ?? null) !== null) return
-      idle.set(socket, { since: Date.now(), bytesRead: socket.bytesRead })
+      idle.set(socket, quietFromNow(socket))
     }
   }
 
@@ -91,7 +91,7 @@ export class ConnectionReserve {
         return
       }
       this.publicSockets.add(socket)
-      this.unrequested.set(socket, { since: Date.now(), bytesRead: socket.bytesRead })
+      this.unrequested.set(socket, quietFromNow(socket))
       socket.on('close', this.forgetClosed)
     })
   }
@@ -130,6 +130,10 @@ interface Quiet {
   bytesRead: number
 }
 
+function quietFromNow (socket: Socket): Quiet {
+  return { since: Date.now(), bytesRead: socket.bytesRead }
+}
+
 /**
  * Closes the sockets of `quiet` that have done nothing since before
  * `spareFrom`; returns how many. One that has read bytes since it was
@@ -142,7 +146,7 @@ function closeOlder (quiet: Map<Socket, Quiet>, spareFrom: number): number {
     if (stamp.since > spareFrom) break
     quiet.delete(socket)
     if (socket.bytesRead > stamp.bytesRead) {
-      quiet.set(socket, { since: Date.now(), bytesRead: socket.bytesRead })
+      quiet.set(socket, quietFromNow(socket))
       continue
     }
     socket.destroy()

@@ -144,15 +144,14 @@ export class MemoryBus implements EventBus {
       this.last = id
       const kept = item.transient !== true && this.options.historySize > 0 && item.channels.length > 0
       const frame = frameWithId(id, item.body, kept)
-      if (item.transient === true) {
-        // Nothing to replay, and so nothing missed: no drop mark either.
-      } else if (kept) {
+      if (kept) {
         const stored: StoredEvent = { id, channels: item.channels, bytes: frame.length + EVENT_BYTES + ENTRY_BYTES * item.channels.length, holders: item.channels.length }
         this.stored.push(stored)
         this.storedBytes += stored.bytes
         this.storedLive++
         for (const name of item.channels) this.append(name, { id, frame, stored })
-      } else {
+      } else if (item.transient !== true) {
+        // (A transient event is not for replay, so a cursor below it missed nothing: no drop mark.)
         for (const name of item.channels) {
           const history = this.history(name)
           history.droppedUpTo = id

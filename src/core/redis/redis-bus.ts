@@ -374,12 +374,12 @@ export class RedisBus implements EventBus {
   }
 }
 
-/** PUBLISH_ONCE's (and ONCE_OUTCOME's) answer: its kind, then the ids. */
 /** The publish scripts' arguments for `items` (see PUBLISH in scripts.ts). */
 function pushItems (args: Array<string | number>, items: PublishItem[]): void {
   for (const item of items) args.push(`${item.transient === true ? '!' : ''}${JSON.stringify(item.channels)}`, item.body)
 }
 
+/** PUBLISH_ONCE's (and ONCE_OUTCOME's) answer: its kind, then the ids. */
 function onceOutcomeOf ([kind, ...ids]: string[]): OnceOutcome {
   if (kind === 'conflict') return { kind }
   return { kind: kind === 'repeated' ? 'repeated' : 'published', ids: ids.map(Number) }
