@@ -147,19 +147,27 @@ t.test('a holder that stops hands the lease over: another instance takes it with
   t.same(a.received.slice(handledBefore), [], 'A handled nothing after it stopped')
 })
 
+/**
+ * A Redis of the test's own (ACL users are server-wide) with user `gw`,
+ * allowed every channel under `prefix` but those starting with i
+ * (ingress-mark); `url` logs in as it, `adminUrl` as the default user.
+ */
+async function redisRefusingIngressMark (t: Test, prefix: string): Promise<{ admin: Redis, adminUrl: string, url: string }> {
+  const own = await startOwnRedis(t)
+  const admin = redisClient(t, own.url)
+  await admin.acl('SETUSER', 'gw', 'on', '>secret', '~*', '+@all', 'resetchannels', `&${prefix}[^i]*`, '&stream:*')
+  return { admin, adminUrl: own.url, url: `redis://gw:secret@127.0.0.1:${own.port}` }
+}
+
 t.test('the place a taker publishes from: the dead holder\'s record, kept as the taker\'s until it publishes; without one, its own marker; a pass leaves none, and the successor\'s first renewal starts one; an ACL without ingress-mark fails none of it', async (t) => {
   if (!(await needRedis(t))) return
-  // ACL users are server-wide: a Redis of the test's own.
-  const own = await startOwnRedis(t)
   const prefix = uniquePrefix('lease-place')
-  const admin = redisClient(t, own.url)
-  // Every channel under the prefix but those starting with i (ingress-mark).
-  await admin.acl('SETUSER', 'gw', 'on', '>secret', '~*', '+@all', 'resetchannels', `&${prefix}[^i]*`, '&stream:*')
-  const commands = new ScriptedRedis(`redis://gw:secret@127.0.0.1:${own.port}`)
+  const { admin, adminUrl, url } = await redisRefusingIngressMark(t, prefix)
+  const commands = new ScriptedRedis(url)
   commands.redis.on('error', () => {})
   t.teardown(() => commands.redis.disconnect())
   await commands.redis.connect()
-  const listener = redisClient(t, own.url)
+  const listener = redisClient(t, adminUrl)
   await listener.subscribe(`${prefix}alive:T`, `${prefix}alive:U`, `${prefix}alive:W`, `${prefix}alive:S`)
   const lease = async (instance: string): Promise<unknown> => await commands.run('LEASE', [prefix, instance, 60_000, 1000])
   const record = async (): Promise<string | null> => await admin.get(`${prefix}ingress-at`)
@@ -192,12 +200,9 @@ t.test('the place a taker publishes from: the dead holder\'s record, kept as the
 
 t.test('gateway: under a Redis ACL that does not allow ingress-mark, two instances start, one holds the lease, ingress flows once, and each standby warns once', async (t) => {
   if (!(await needRedis(t))) return
-  const own = await startOwnRedis(t)
   const prefix = uniquePrefix('lease-acl')
-  const admin = redisClient(t, own.url)
-  // Every channel under the prefix but those starting with i (ingress-mark).
-  await admin.acl('SETUSER', 'gw', 'on', '>secret', '~*', '+@all', 'resetchannels', `&${prefix}[^i]*`, '&stream:*')
-  const env = { REDIS_URL: `redis://gw:secret@127.0.0.1:${own.port}`, REDIS_PREFIX: prefix, INSTANCE_TTL_MS: '60000' }
+  const { admin, url } = await redisRefusingIngressMark(t, prefix)
+  const env = { REDIS_URL: url, REDIS_PREFIX: prefix, INSTANCE_TTL_MS: '60000' }
   const a = await startGateway(t, env, { captureLogs: true })
   const b = await startGateway(t, env, { captureLogs: true })
   const holders = [a, b].filter((gateway) => gateway.app.ingress?.isLeader === true)
