@@ -62,17 +62,14 @@ end
 local function publish_event(prefix, size, ttl_s, last, now, channels, body, transient)
   local id = math.max(last + 1, now)
   local ids = fmt(id)
-  if transient then
-    local message = ids .. '\\n' .. body
-    for _, ch in ipairs(channels) do redis.call('PUBLISH', prefix .. 'ch:' .. ch, message) end
-    return id
-  end
-  if size > 0 and #channels > 0 then
+  if not transient and size > 0 and #channels > 0 then
     redis.call('SET', prefix .. 'e:' .. ids, body, 'EX', ttl_s)
   end
   local message = ids .. '\\n' .. body
   for _, ch in ipairs(channels) do
-    if size > 0 then
+    if transient then
+      -- Nothing kept, and nothing marked.
+    elseif size > 0 then
       local hk = prefix .. 'h:' .. ch
       redis.call('ZADD', hk, id, ids)
       local extra = redis.call('ZCARD', hk) - size
